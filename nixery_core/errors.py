@@ -1,0 +1,225 @@
+"""Every exception nixery_core raises.
+
+The tree is small on purpose; catch the branch you can act on::
+
+    NixeryError
+    ├── InvalidInput                 the caller's input is wrong (never retry)
+    │   ├── InvalidImageName         .name, .part
+    │   ├── InvalidDigest            .digest
+    │   └── InvalidSource            .detail
+    ├── NixError                     calling Nix failed
+    │   ├── UnknownPackages          .packages (every unknown name at once)
+    │   ├── NixBuildFailed           .argv, .returncode, .stderr_tail
+    │   ├── NixTimeout               .argv, .timeout, .stderr_tail
+    │   ├── NixOutputError           .argv, .output (unparseable answer)
+    │   └── CommandNotFound          .argv (nix itself is missing)
+    ├── LayerError                   packing a layer failed
+    │   ├── StorePathMissing         .path
+    │   ├── UnsafeStoreContent       .path, .detail (escapes, device files)
+    │   └── FileChangedDuringPacking .path
+    ├── StorageError                 the uploader failed; .key names the object
+    │   ├── BlobNotFound             .key
+    │   ├── DigestMismatch           .expected, .actual
+    │   └── StorageUnavailable       a backend error, transient or not
+    └── RegistryError                an OCI registry refused a push; .status, .body
+
+Backend errors (OSError, google.api_core exceptions, HTTP errors) are
+translated at the seam into one of these and chained with ``raise ... from``.
+Errors carry their context as attributes, so a registry can turn
+``UnknownPackages.packages`` into a ``MANIFEST_UNKNOWN`` answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BlobNotFound",
+    "CommandNotFound",
+    "DigestMismatch",
+    "FileChangedDuringPacking",
+    "InvalidDigest",
+    "InvalidImageName",
+    "InvalidInput",
+    "InvalidSource",
+    "LayerError",
+    "NixBuildFailed",
+    "NixError",
+    "NixOutputError",
+    "NixTimeout",
+    "NixeryError",
+    "RegistryError",
+    "StorageError",
+    "StorageUnavailable",
+    "StorePathMissing",
+    "UnknownPackages",
+    "UnsafeStoreContent",
+]
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class NixeryError(Exception):
+    """The root of every error this library raises."""
+
+
+# --- input -------------------------------------------------------------------
+
+
+class InvalidInput(NixeryError, ValueError):
+    """The caller's input is malformed; retrying will not help."""
+
+
+class InvalidImageName(InvalidInput):
+    """An image name or tag does not follow the registry grammar."""
+
+    def __init__(self, name: str, part: str, reason: str) -> None:
+        self.name = name
+        self.part = part
+        self.reason = reason
+        super().__init__(f"invalid image name {name!r}: {part!r} {reason}")
+
+
+class InvalidDigest(InvalidInput):
+    """A digest is not of the form ``sha256:<64 lower-case hex>``."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        super().__init__(f"invalid digest {digest!r}: expected 'sha256:' and 64 lower-case hex")
+
+
+class InvalidSource(InvalidInput):
+    """A package source is misconfigured (missing path, bad URL, bad revision)."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"invalid package source: {detail}")
+
+
+# --- nix ---------------------------------------------------------------------
+
+
+class NixError(NixeryError):
+    """Calling Nix failed."""
+
+
+class UnknownPackages(NixError):
+    """The package set has no attribute for these names (all of them, sorted)."""
+
+    def __init__(self, packages: Sequence[str]) -> None:
+        self.packages: tuple[str, ...] = tuple(sorted(set(packages)))
+        super().__init__("unknown packages: " + ", ".join(self.packages))
+
+
+class NixBuildFailed(NixError):
+    """Nix exited non-zero; ``stderr_tail`` holds the last lines it printed."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv: tuple[str, ...] = tuple(argv)
+        self.returncode = returncode
+        self.stderr_tail = _tail(stderr)
+        super().__init__(
+            f"{self.argv[0] if self.argv else 'nix'} exited with {returncode}:\n{self.stderr_tail}"
+        )
+
+
+class NixTimeout(NixError):
+    """Nix ran longer than the allowed time and was killed with its process group."""
+
+    def __init__(self, argv: Sequence[str], timeout: float, stderr: str = "") -> None:
+        self.argv: tuple[str, ...] = tuple(argv)
+        self.timeout = timeout
+        self.stderr_tail = _tail(stderr)
+        super().__init__(f"{self.argv[0] if self.argv else 'command'} timed out after {timeout}s")
+
+
+class NixOutputError(NixError):
+    """Nix answered, but not in the form expected."""
+
+    def __init__(self, argv: Sequence[str], output: str, detail: str) -> None:
+        self.argv: tuple[str, ...] = tuple(argv)
+        self.output = output[:2000]
+        self.detail = detail
+        super().__init__(f"unparseable output from {' '.join(self.argv[:2])}: {detail}")
+
+
+class CommandNotFound(NixError):
+    """The program to run (``nix-build``, ``nix``) is not installed."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv: tuple[str, ...] = tuple(argv)
+        super().__init__(f"command not found: {self.argv[0] if self.argv else '?'}")
+
+
+# --- layers ------------------------------------------------------------------
+
+
+class LayerError(NixeryError):
+    """Packing a layer failed; nothing was committed."""
+
+
+class StorePathMissing(LayerError):
+    """A store path named by the closure is not on disk."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"store path missing on disk: {path}")
+
+
+class UnsafeStoreContent(LayerError):
+    """A store path holds something a layer must not carry (device file, escape)."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"refusing to pack {path}: {detail}")
+
+
+class FileChangedDuringPacking(LayerError):
+    """A file's size or mtime changed while it was read into a layer."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"file changed while it was being packed: {path}")
+
+
+# --- storage -----------------------------------------------------------------
+
+
+class StorageError(NixeryError):
+    """The uploader failed; ``key`` names the blob or object concerned."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        self.key = key
+        super().__init__(message)
+
+
+class BlobNotFound(StorageError):
+    """No blob or object is stored under this key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"not found in storage: {key}", key)
+
+
+class DigestMismatch(StorageError):
+    """The bytes written do not hash to the digest they were committed under."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"digest mismatch: expected {expected}, wrote {actual}", expected)
+
+
+class StorageUnavailable(StorageError):
+    """The storage backend failed (I/O error, server gone, permission denied)."""
+
+
+class RegistryError(NixeryError):
+    """An OCI distribution registry refused a request."""
+
+    def __init__(self, message: str, status: int = 0, body: str = "") -> None:
+        self.status = status
+        self.body = body[:2000]
+        super().__init__(f"{message} (HTTP {status}): {self.body[:300]}" if status else message)

@@ -1,0 +1,176 @@
+"""Image names: from ``shell/git/htop:latest`` to a frozen :class:`Image`.
+
+The grammar is the OCI distribution spec's: a name is ``/``-separated path
+components of ``[a-z0-9]`` runs joined by ``.``, ``_``, ``__`` or runs of
+``-``; a tag is ``[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}``.  Each component is a
+package name, except the meta-packages ``shell`` and ``arm64``, which only
+count in the leading run of the name (as in Nixery).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import attrs
+
+from nixery_core.errors import InvalidImageName
+
+__all__ = [
+    "AMD64",
+    "ARM64",
+    "DEFAULT_ALWAYS_ADDED",
+    "SHELL_PACKAGES",
+    "Architecture",
+    "Image",
+]
+
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_MAX_NAME = 255
+
+
+@attrs.frozen
+class Architecture:
+    """A target platform: the Nix system string and the image architecture."""
+
+    nix_system: str
+    oci_arch: str
+    os: str = "linux"
+
+
+AMD64 = Architecture("x86_64-linux", "amd64")
+ARM64 = Architecture("aarch64-linux", "arm64")
+
+#: What the ``shell`` meta-package expands to.
+SHELL_PACKAGES: tuple[str, ...] = ("bashInteractive", "coreutils", "moreutils", "nano")
+#: Packages every image gets unless the caller says otherwise.
+DEFAULT_ALWAYS_ADDED: tuple[str, ...] = ("cacert", "iana-etc")
+
+_META = ("arm64", "shell")
+
+
+def _check_tag(name: str, tag: str) -> None:
+    if not _TAG.fullmatch(tag):
+        raise InvalidImageName(
+            name, tag, "is not a valid tag ([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})"
+        )
+
+
+@attrs.frozen
+class Image:
+    """What to build: a sorted, de-duplicated package list for one architecture.
+
+    Build values with :meth:`from_name` (registry names) or
+    :meth:`from_packages` (a package list from trusted code).
+    """
+
+    name: str
+    tag: str
+    packages: tuple[str, ...]
+    arch: Architecture = AMD64
+    requested: tuple[str, ...] = ()
+    meta: tuple[str, ...] = ()
+
+    @property
+    def canonical_name(self) -> str:
+        """The name with meta-packages first and the rest sorted and de-duplicated.
+
+        ``htop/git`` and ``git/htop/git`` share the canonical name ``git/htop``.
+        """
+        return "/".join([*self.meta, *self.requested])
+
+    @property
+    def reference(self) -> str:
+        """``canonical_name:tag``."""
+        return f"{self.canonical_name}:{self.tag}"
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str,
+        tag: str = "latest",
+        *,
+        always_added: Iterable[str] = DEFAULT_ALWAYS_ADDED,
+    ) -> Image:
+        """Parse a registry image name (``shell/git``) and tag into an image.
+
+        A ``name:tag`` string is accepted when ``tag`` is left at its default.
+        Raises :class:`~nixery_core.errors.InvalidImageName` naming the bad part.
+        """
+        if not isinstance(name, str):
+            raise InvalidImageName(repr(name), repr(name), "is not a string")
+        if tag == "latest" and ":" in name:
+            name, _, tag = name.rpartition(":")
+        _check_tag(name, tag)
+        if not name:
+            raise InvalidImageName(name, name, "is empty")
+        if len(name) > _MAX_NAME:
+            raise InvalidImageName(name, name[:40] + "...", f"is longer than {_MAX_NAME} bytes")
+        components = name.split("/")
+        for component in components:
+            if not _COMPONENT.fullmatch(component):
+                raise InvalidImageName(
+                    name,
+                    component,
+                    "is not a valid path component (lower-case [a-z0-9] runs joined by "
+                    "'.', '_', '__' or '-')",
+                )
+        arch = AMD64
+        meta_count = 0
+        meta: set[str] = set()
+        packages: set[str] = set()
+        for component in components:
+            if component not in _META:
+                break
+            meta_count += 1
+            meta.add(component)
+            if component == "arm64":
+                arch = ARM64
+            else:
+                packages.update(SHELL_PACKAGES)
+        requested = tuple(sorted(set(components[meta_count:])))
+        packages.update(requested)
+        packages.update(always_added)
+        return cls(
+            name=name,
+            tag=tag,
+            packages=tuple(sorted(packages)),
+            arch=arch,
+            requested=requested,
+            meta=tuple(m for m in _META if m in meta),
+        )
+
+    @classmethod
+    def from_packages(
+        cls,
+        packages: Iterable[str],
+        *,
+        tag: str = "latest",
+        arch: Architecture = AMD64,
+        always_added: Iterable[str] = DEFAULT_ALWAYS_ADDED,
+    ) -> Image:
+        """An image from a package list given by trusted code (no name grammar).
+
+        Package names may use any case (``bashInteractive``); they are still
+        only ever passed to Nix as data, never as Nix source.
+        """
+        requested = tuple(sorted(set(packages)))
+        for package in requested:
+            if not package or "\x00" in package or "/" in package:
+                raise InvalidImageName(package, package, "is not a package name")
+        _check_tag("/".join(requested), tag)
+        return cls(
+            name="/".join(requested),
+            tag=tag,
+            packages=tuple(sorted({*requested, *always_added})),
+            arch=arch,
+            requested=requested,
+        )
+
+    def with_arch(self, arch: Architecture) -> Image:
+        """The same packages for another architecture (for multi-arch indexes)."""
+        meta = tuple(m for m in self.meta if m != "arm64")
+        if arch == ARM64:
+            meta = ("arm64", *meta)
+        return attrs.evolve(self, arch=arch, meta=meta)

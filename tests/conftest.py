@@ -1,0 +1,50 @@
+"""Shared fixtures: real tools (an error in CI when missing), offline Nix, paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+OFFLINE_SET = REPO / "nix" / "offline"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+#: Nix settings for every test: no binary cache (it is unreachable offline and
+#: every build would wait on it), no sandbox (Debian's nix-bin runs without one).
+TEST_NIX_CONFIG = "substituters =\nsandbox = false\n"
+
+
+def require_tools(*tools: str) -> None:
+    """Skip when a real tool is missing on a developer machine; fail in CI.
+
+    A CI run that skips the real-component tests is a failed run.
+    """
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if not missing:
+        return
+    message = f"required tools not installed: {', '.join(missing)} (run scripts/setup.sh)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_nix() -> Iterator[None]:
+    """Point every Nix call at no binary cache."""
+    old = os.environ.get("NIX_CONFIG")
+    os.environ["NIX_CONFIG"] = TEST_NIX_CONFIG + (old or "")
+    yield
+    if old is None:
+        os.environ.pop("NIX_CONFIG", None)
+    else:
+        os.environ["NIX_CONFIG"] = old
+
+
+@pytest.fixture
+def nix() -> None:
+    """Real Nix is needed (an error in CI, a skip elsewhere)."""
+    require_tools("nix-build", "nix-instantiate", "nix-store", "nix")
