@@ -1,0 +1,1 @@
+"""Layering strategies: how a closure is grouped into image layers."""

@@ -1,0 +1,1 @@
+"""Where blobs go: the filesystem store here, GCS and OCI registries beside it."""
