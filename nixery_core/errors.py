@@ -6,6 +6,7 @@ The tree is small on purpose; catch the branch you can act on::
     ├── InvalidInput                 the caller's input is wrong (never retry)
     │   ├── InvalidImageName         .name, .part
     │   ├── InvalidDigest            .digest
+    │   ├── InvalidManifest          .detail (manifest, index, config or layout JSON)
     │   └── InvalidSource            .detail
     ├── NixError                     calling Nix failed
     │   ├── UnknownPackages          .packages (every unknown name at once)
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidDigest",
     "InvalidImageName",
     "InvalidInput",
+    "InvalidManifest",
     "InvalidSource",
     "LayerError",
     "NixBuildFailed",
@@ -88,6 +90,14 @@ class InvalidDigest(InvalidInput):
     def __init__(self, digest: str) -> None:
         self.digest = digest
         super().__init__(f"invalid digest {digest!r}: expected 'sha256:' and 64 lower-case hex")
+
+
+class InvalidManifest(InvalidInput):
+    """A manifest, image index, image config or OCI layout file is malformed."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"invalid manifest: {detail}")
 
 
 class InvalidSource(InvalidInput):
