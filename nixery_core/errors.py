@@ -6,6 +6,7 @@ The tree is small on purpose; catch the branch you can act on::
     ├── InvalidInput                 the caller's input is wrong (never retry)
     │   ├── InvalidImageName         .name, .part
     │   ├── InvalidDigest            .digest
+    │   ├── InvalidImageConfig       .field, .value, .reason (image config, user)
     │   ├── InvalidManifest          .detail (manifest, index, config or layout JSON)
     │   └── InvalidSource            .detail
     ├── NixError                     calling Nix failed
@@ -40,6 +41,7 @@ __all__ = [
     "DigestMismatch",
     "FileChangedDuringPacking",
     "InvalidDigest",
+    "InvalidImageConfig",
     "InvalidImageName",
     "InvalidInput",
     "InvalidManifest",
@@ -90,6 +92,16 @@ class InvalidDigest(InvalidInput):
     def __init__(self, digest: str) -> None:
         self.digest = digest
         super().__init__(f"invalid digest {digest!r}: expected 'sha256:' and 64 lower-case hex")
+
+
+class InvalidImageConfig(InvalidInput):
+    """An image configuration or user value is malformed; ``field`` names it (``user.home``)."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid image config {field} = {value!r}: {reason}")
 
 
 class InvalidManifest(InvalidInput):
