@@ -1,0 +1,423 @@
+"""The default :class:`~nixery_core.protocols.Uploader`: a directory on a local filesystem.
+
+The layout follows Nixery's storage bucket::
+
+    root/
+      layers/<hex>          blob content, named by the sha256 of its bytes
+      layers/<hex>.meta     {"mediaType": ..., "size": ...} (JSON)
+      manifests/<key>       objects, at their key ...
+      builds/<key>          ... (any key that validate_object_key accepts)
+      staging/              uploads in progress (unique names)
+
+Everything becomes visible by ``os.replace`` from ``staging/``, after the
+content has been fsynced; the directory is fsynced after each rename.  A
+reader therefore sees a blob or object complete or not at all, in this and
+any other process, and a blob is only ever visible under the digest of its
+bytes.  A blob's ``.meta`` sidecar is renamed into place before the blob
+itself, so a visible blob always has its media type (a blob placed by other
+tools, without a sidecar, reads as ``application/octet-stream``).
+
+Keys and digests are validated before they become paths, so nothing is ever
+written outside ``root``.  A crashed process may leave files in
+``staging/``; :meth:`FilesystemStore.cleanup_staging` removes old ones.
+Every ``OSError`` (``ENOSPC`` included) is raised as
+:class:`~nixery_core.errors.StorageUnavailable`, chained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Literal
+
+import attrs
+
+from nixery_core.digests import Sha256Counter, digest_hex, is_digest, sha256_digest
+from nixery_core.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    InvalidInput,
+    StorageUnavailable,
+)
+from nixery_core.media_types import OCTET_STREAM, validate_media_type
+from nixery_core.protocols import BlobInfo
+from nixery_core.storage.keys import RESERVED_PREFIXES, validate_object_key, validate_prefix
+
+__all__ = ["FilesystemBlobWriter", "FilesystemStore"]
+
+_META_SUFFIX = ".meta"
+_FILE_MODE = 0o644
+
+
+@contextlib.contextmanager
+def _translated(key: str) -> Iterator[None]:
+    """Raise every OSError inside as StorageUnavailable naming ``key``."""
+    try:
+        yield
+    except OSError as exc:
+        kind = "out of space" if exc.errno == errno.ENOSPC else "I/O error"
+        raise StorageUnavailable(f"filesystem store {kind} on {key}: {exc}", key) from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_object_key(key: str) -> bool:
+    try:
+        validate_object_key(key)
+    except InvalidInput:
+        return False
+    return True
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+@attrs.define
+class FilesystemStore:
+    """Blobs and objects under ``root`` (created if missing).
+
+    ``durable=False`` skips the fsyncs (atomicity is kept, durability across
+    a power loss is not): for tests and throw-away caches.  ``clock`` gives
+    the current time for :meth:`cleanup_staging`.
+    """
+
+    root: Path = attrs.field(converter=Path)
+    durable: bool = True
+    clock: Callable[[], float] = time.time
+
+    def __attrs_post_init__(self) -> None:
+        with _translated(str(self.root)):
+            self._layers.mkdir(parents=True, exist_ok=True)
+            self._staging.mkdir(parents=True, exist_ok=True)
+
+    # --- paths ---------------------------------------------------------------
+
+    @property
+    def _layers(self) -> Path:
+        return self.root / "layers"
+
+    @property
+    def _staging(self) -> Path:
+        return self.root / "staging"
+
+    def _blob_file(self, digest: str) -> Path:
+        return self._layers / digest_hex(digest)
+
+    def _meta_file(self, digest: str) -> Path:
+        return self._layers / (digest_hex(digest) + _META_SUFFIX)
+
+    def blob_path(self, digest: str) -> Path:
+        """The file holding a blob, for zero-copy readers (hard links, sendfile).
+
+        Blob files are never modified in place: treat them as read-only.
+        Raises :class:`~nixery_core.errors.BlobNotFound` when absent.
+        """
+        path = self._blob_file(digest)
+        if not self.has_blob(digest):
+            raise BlobNotFound(digest)
+        return path
+
+    # --- low-level writes ----------------------------------------------------
+
+    def _sync(self, fd: int) -> None:
+        if self.durable:
+            os.fsync(fd)
+
+    def _sync_dir(self, path: Path) -> None:
+        if self.durable:
+            _fsync_dir(path)
+
+    def _stage(self, prefix: str) -> tuple[BinaryIO, Path]:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=self._staging)
+        return os.fdopen(fd, "wb"), Path(name)
+
+    def _write_file_atomically(self, target: Path, data: bytes) -> None:
+        """Write ``data`` to a staging file, fsync it, rename it to ``target``."""
+        handle, staged = self._stage("obj-")
+        try:
+            with handle:
+                handle.write(data)
+                handle.flush()
+                os.fchmod(handle.fileno(), _FILE_MODE)
+                self._sync(handle.fileno())
+            staged.replace(target)
+        except BaseException:
+            _unlink_quietly(staged)
+            raise
+        self._sync_dir(target.parent)
+
+    def _write_meta(self, digest: str, media_type: str, size: int) -> None:
+        meta = json.dumps({"mediaType": media_type, "size": size}, sort_keys=True)
+        self._write_file_atomically(self._meta_file(digest), meta.encode())
+
+    def _publish_blob(self, staged: Path, digest: str, media_type: str, size: int) -> None:
+        """Move a complete, fsynced staging file into place (sidecar first)."""
+        with _translated(digest):
+            self._write_meta(digest, media_type, size)
+            staged.replace(self._blob_file(digest))
+            self._sync_dir(self._layers)
+
+    def _ensure_meta(self, digest: str, media_type: str, size: int) -> None:
+        with _translated(digest):
+            if not self._meta_file(digest).exists():
+                self._write_meta(digest, media_type, size)
+
+    # --- blobs ---------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether a blob with this digest is stored (InvalidDigest for bad digests)."""
+        path = self._blob_file(digest)
+        with _translated(digest):
+            try:
+                path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+        return True
+
+    def blob_info(self, digest: str) -> BlobInfo | None:
+        """Size and media type of a stored blob, ``None`` when absent."""
+        path = self._blob_file(digest)
+        with _translated(digest):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return None
+            media_type = OCTET_STREAM
+            try:
+                meta = json.loads(self._meta_file(digest).read_bytes())
+                if isinstance(meta, dict) and isinstance(meta.get("mediaType"), str):
+                    media_type = meta["mediaType"]
+            except (FileNotFoundError, ValueError):  # no or torn sidecar: a foreign blob
+                pass
+        return BlobInfo(digest, size, media_type)
+
+    def open_blob_writer(self, media_type: str) -> FilesystemBlobWriter:
+        """Start streaming a blob; see :class:`FilesystemBlobWriter`."""
+        validate_media_type(media_type)
+        with _translated("staging"):
+            handle, staged = self._stage("blob-")
+        return FilesystemBlobWriter(self, media_type, handle, staged)
+
+    def put_blob(self, data: bytes, media_type: str) -> BlobInfo:
+        """Store ``data`` (a no-op when a blob with its digest exists)."""
+        validate_media_type(media_type)
+        digest = sha256_digest(data)
+        if self.has_blob(digest):
+            self._ensure_meta(digest, media_type, len(data))
+            return BlobInfo(digest, len(data), media_type)
+        with self.open_blob_writer(media_type) as writer:
+            writer.write(data)
+            return writer.commit(digest)
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        """A binary stream of the blob; BlobNotFound when absent.
+
+        Blobs are replaced only by identical bytes, so an open stream always
+        reads one complete blob even while it is re-committed or deleted.
+        """
+        path = self._blob_file(digest)
+        with _translated(digest):
+            try:
+                return path.open("rb")
+            except FileNotFoundError:
+                raise BlobNotFound(digest) from None
+
+    def read_blob(self, digest: str) -> bytes:
+        """The whole blob in memory (for configs and manifests, not big layers)."""
+        with self.open_blob(digest) as stream, _translated(digest):
+            return stream.read()
+
+    def delete_blob(self, digest: str) -> None:
+        """Remove a blob and its sidecar; a no-op when absent."""
+        blob, meta = self._blob_file(digest), self._meta_file(digest)
+        with _translated(digest):
+            _unlink_quietly(blob)
+            _unlink_quietly(meta)
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        """Every stored blob, sorted by digest (staged uploads are not listed)."""
+        with _translated("layers"):
+            names = sorted(entry.name for entry in os.scandir(self._layers))
+        for name in names:
+            digest = "sha256:" + name
+            if is_digest(digest):
+                info = self.blob_info(digest)
+                if info is not None:  # deleted meanwhile
+                    yield info
+
+    # --- objects -------------------------------------------------------------
+
+    def put_object(self, key: str, data: bytes) -> None:
+        """Store ``data`` at ``key``, replacing any previous value atomically."""
+        target = self.root / validate_object_key(key)
+        with _translated(key):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._write_file_atomically(target, bytes(data))
+            except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
+                raise InvalidInput(
+                    f"object key {key!r} conflicts with an object or prefix already stored"
+                ) from exc
+
+    def get_object(self, key: str) -> bytes | None:
+        """The object at ``key``, ``None`` when absent."""
+        target = self.root / validate_object_key(key)
+        with _translated(key):
+            try:
+                return target.read_bytes()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+
+    def delete_object(self, key: str) -> None:
+        """Remove the object at ``key``; a no-op when absent."""
+        target = self.root / validate_object_key(key)
+        with (
+            _translated(key),
+            contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError),
+        ):
+            target.unlink()
+
+    def list_objects(self, prefix: str) -> Iterator[str]:
+        """Keys starting with ``prefix`` (a plain string prefix), sorted."""
+        validate_prefix(prefix)
+        directory = prefix.rpartition("/")[0]
+        start = self.root / directory if directory else self.root
+        keys: list[str] = []
+
+        def fail(exc: OSError) -> None:
+            if not isinstance(exc, FileNotFoundError | NotADirectoryError):
+                raise exc
+
+        with _translated(prefix or "/"):
+            for dirpath, dirnames, filenames in os.walk(start, onerror=fail):
+                here = Path(dirpath)
+                if here == self.root:
+                    dirnames[:] = [d for d in dirnames if d not in RESERVED_PREFIXES]
+                rel = here.relative_to(self.root).as_posix()
+                for name in filenames:
+                    key = name if rel == "." else f"{rel}/{name}"
+                    if key.startswith(prefix) and _is_object_key(key):
+                        keys.append(key)
+        return iter(sorted(keys))
+
+    # --- crash recovery ------------------------------------------------------
+
+    def staging_leftovers(self) -> list[Path]:
+        """Files in ``staging/``: uploads in progress, or left by crashed processes."""
+        with _translated("staging"):
+            return sorted(self._staging.iterdir())
+
+    def cleanup_staging(self, older_than: float) -> int:
+        """Remove staging files (and sidecars without a blob) older than ``older_than`` seconds.
+
+        Returns how many files were removed.  Pick ``older_than`` well above
+        the longest upload, or live uploads are cut off.
+        """
+        cutoff = self.clock() - older_than
+        removed = 0
+        with _translated("staging"):
+            candidates = list(self._staging.iterdir())
+            candidates += [
+                meta
+                for meta in self._layers.glob("*" + _META_SUFFIX)
+                if not (self._layers / meta.name.removesuffix(_META_SUFFIX)).exists()
+            ]
+            for path in candidates:
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+        return removed
+
+
+@attrs.define
+class FilesystemBlobWriter:
+    """A blob streamed to ``staging/``, hashed as it is written.
+
+    :meth:`commit` checks the digest, fsyncs, writes the sidecar and renames
+    the file into ``layers/``; committing a digest already stored is a no-op.
+    Any failure in :meth:`commit`, :meth:`abort`, or leaving the ``with``
+    block uncommitted removes the staging file.  One writer is used by one
+    thread.
+    """
+
+    _store: FilesystemStore
+    _media_type: str
+    _handle: BinaryIO
+    _staged: Path
+    _counter: Sha256Counter = attrs.field(factory=Sha256Counter, init=False)
+    _state: Literal["open", "committed", "aborted"] = attrs.field(default="open", init=False)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise InvalidInput(f"blob writer is already {self._state}")
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Append ``data``; returns its length."""
+        self._check_open()
+        with _translated(self._staged.name):
+            self._handle.write(data)
+        self._counter.update(data)
+        return len(data)
+
+    def commit(self, digest: str) -> BlobInfo:
+        """Publish the bytes written under ``digest`` (which must be their sha256)."""
+        self._check_open()
+        actual = self._counter.digest()
+        if not is_digest(digest) or actual != digest:
+            self.abort()
+            digest_hex(digest)  # raises InvalidDigest for a malformed digest
+            raise DigestMismatch(digest, actual)
+        info = BlobInfo(digest, self._counter.size, self._media_type)
+        try:
+            if self._store.has_blob(digest):
+                self._store._ensure_meta(digest, self._media_type, info.size)
+                self.abort()
+            else:
+                with _translated(digest):
+                    self._handle.flush()
+                    os.fchmod(self._handle.fileno(), _FILE_MODE)
+                    self._store._sync(self._handle.fileno())
+                    self._handle.close()
+                self._store._publish_blob(self._staged, digest, self._media_type, info.size)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        return info
+
+    def abort(self) -> None:
+        """Discard everything written; a no-op after commit or abort."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        with contextlib.suppress(OSError):  # a failed flush of discarded bytes is moot
+            self._handle.close()
+        with _translated(self._staged.name):
+            _unlink_quietly(self._staged)
+
+    def __enter__(self) -> FilesystemBlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()

@@ -1,0 +1,55 @@
+"""Object keys every store accepts: ``manifests/<k>``, ``builds/<k>`` and the like.
+
+A key is one or more segments of ``[A-Za-z0-9._-]`` joined by single ``/``;
+``.`` and ``..`` segments, empty segments, leading or trailing ``/`` are
+refused.  The first segments ``layers`` and ``staging`` are reserved for
+blobs and uploads in progress (the bucket layout Nixery uses), so an object
+can never shadow a blob.  Keys are therefore safe as relative file paths and
+as bucket object names.
+"""
+
+from __future__ import annotations
+
+import re
+
+from nixery_core.errors import InvalidInput
+
+__all__ = ["MAX_KEY_LENGTH", "RESERVED_PREFIXES", "validate_object_key", "validate_prefix"]
+
+MAX_KEY_LENGTH = 512
+#: First key segments that belong to the store itself.
+RESERVED_PREFIXES = frozenset({"layers", "staging"})
+
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _segments_ok(segments: list[str]) -> bool:
+    return all(_SEGMENT.fullmatch(s) and s not in {".", ".."} for s in segments)
+
+
+def validate_object_key(key: object) -> str:
+    """Return ``key`` if it is a safe object key, else raise InvalidInput naming it."""
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise InvalidInput(f"invalid object key {key!r}: empty, too long or not a string")
+    segments = key.split("/")
+    if not _segments_ok(segments):
+        raise InvalidInput(
+            f"invalid object key {key!r}: use [A-Za-z0-9._-] segments joined by '/', "
+            "without '.' or '..'"
+        )
+    if segments[0] in RESERVED_PREFIXES:
+        raise InvalidInput(f"invalid object key {key!r}: {segments[0]!r}/ is reserved for blobs")
+    return key
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it can start a valid key (``""``, ``manifests/``, ``buil``)."""
+    if not isinstance(prefix, str) or len(prefix) > MAX_KEY_LENGTH:
+        raise InvalidInput(f"invalid key prefix {prefix!r}")
+    segments = prefix.split("/")
+    # The last segment may be empty ("manifests/") or partial ("manif").
+    if not _segments_ok(segments[:-1]) or (segments[-1] and not _SEGMENT.fullmatch(segments[-1])):
+        raise InvalidInput(f"invalid key prefix {prefix!r}")
+    if prefix.startswith("/") or (len(segments) > 1 and segments[0] in RESERVED_PREFIXES):
+        raise InvalidInput(f"invalid key prefix {prefix!r}: reserved or absolute")
+    return prefix

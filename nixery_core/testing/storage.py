@@ -1,0 +1,260 @@
+"""An in-memory :class:`~nixery_core.protocols.Uploader` for tests: counts, fails on cue.
+
+:class:`MemoryStore` keeps the same promises as the filesystem store (it
+passes :mod:`nixery_core.storage.conformance`) and adds what a test wants to
+see: how many blobs and objects were written, how often ``has_blob`` was
+asked, which uploads are still staged, and injected failures::
+
+    store = MemoryStore()
+    store.fail_on_write(2)          # the second blob commit from now fails
+    ...build...
+    assert store.staged_blobs() == ()  # nothing left half-written
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from types import TracebackType
+from typing import BinaryIO, Literal
+
+import attrs
+
+from nixery_core.digests import Sha256Counter, digest_hex, is_digest, sha256_digest
+from nixery_core.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    InvalidInput,
+    StorageUnavailable,
+)
+from nixery_core.media_types import validate_media_type
+from nixery_core.protocols import BlobInfo
+from nixery_core.storage.keys import validate_object_key, validate_prefix
+
+__all__ = ["MemoryBlobWriter", "MemoryStore", "StagedBlob"]
+
+
+@attrs.frozen
+class StagedBlob:
+    """An upload that was opened and neither committed nor aborted yet."""
+
+    writer_id: int
+    media_type: str
+    size: int
+
+
+@attrs.define
+class MemoryStore:
+    """Blobs and objects in dictionaries; safe to share between threads.
+
+    Counters (read them as attributes, zero them with :meth:`reset_counters`):
+
+    - ``blob_writes``: commits that stored a new blob;
+    - ``blob_commits``: successful commits, including no-op re-commits;
+    - ``object_writes``: successful :meth:`put_object` calls;
+    - ``has_blob_calls``: :meth:`has_blob` calls.
+    """
+
+    blob_writes: int = attrs.field(default=0, init=False)
+    blob_commits: int = attrs.field(default=0, init=False)
+    object_writes: int = attrs.field(default=0, init=False)
+    has_blob_calls: int = attrs.field(default=0, init=False)
+    _blobs: dict[str, tuple[bytes, str]] = attrs.field(factory=dict, init=False)
+    _objects: dict[str, bytes] = attrs.field(factory=dict, init=False)
+    _staged: dict[int, MemoryBlobWriter] = attrs.field(factory=dict, init=False)
+    _lock: threading.RLock = attrs.field(factory=threading.RLock, init=False)
+    _next_writer: int = attrs.field(default=0, init=False)
+    _blob_attempts: int = attrs.field(default=0, init=False)
+    _object_attempts: int = attrs.field(default=0, init=False)
+    _fail_blob_at: set[int] = attrs.field(factory=set, init=False)
+    _fail_object_at: set[int] = attrs.field(factory=set, init=False)
+
+    # --- test controls -------------------------------------------------------
+
+    def fail_on_write(self, n: int = 1) -> None:
+        """Make the ``n``-th blob commit from now (1-based) raise StorageUnavailable.
+
+        The failing commit stores nothing and discards its staged bytes.
+        Call it several times to fail several commits.
+        """
+        if n < 1:
+            raise InvalidInput(f"fail_on_write counts from 1, not {n}")
+        with self._lock:
+            self._fail_blob_at.add(self._blob_attempts + n)
+
+    def fail_on_object_write(self, n: int = 1) -> None:
+        """Make the ``n``-th :meth:`put_object` from now raise StorageUnavailable."""
+        if n < 1:
+            raise InvalidInput(f"fail_on_object_write counts from 1, not {n}")
+        with self._lock:
+            self._fail_object_at.add(self._object_attempts + n)
+
+    def staged_blobs(self) -> tuple[StagedBlob, ...]:
+        """Uploads opened but neither committed nor aborted, oldest first."""
+        with self._lock:
+            return tuple(
+                StagedBlob(wid, w.media_type, w.size) for wid, w in sorted(self._staged.items())
+            )
+
+    def reset_counters(self) -> None:
+        """Zero every counter (stored content is kept)."""
+        with self._lock:
+            self.blob_writes = self.blob_commits = self.object_writes = self.has_blob_calls = 0
+
+    # --- writer support ------------------------------------------------------
+
+    def _register(self, writer: MemoryBlobWriter) -> int:
+        with self._lock:
+            self._next_writer += 1
+            self._staged[self._next_writer] = writer
+            return self._next_writer
+
+    def _unregister(self, writer_id: int) -> None:
+        with self._lock:
+            self._staged.pop(writer_id, None)
+
+    def _store_blob(self, digest: str, data: bytes, media_type: str) -> None:
+        with self._lock:
+            self._blob_attempts += 1
+            if self._blob_attempts in self._fail_blob_at:
+                self._fail_blob_at.discard(self._blob_attempts)
+                raise StorageUnavailable(f"injected failure committing {digest}", digest)
+            if digest not in self._blobs:
+                self._blobs[digest] = (data, media_type)
+                self.blob_writes += 1
+            self.blob_commits += 1
+
+    # --- blobs ---------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        digest_hex(digest)
+        with self._lock:
+            self.has_blob_calls += 1
+            return digest in self._blobs
+
+    def blob_info(self, digest: str) -> BlobInfo | None:
+        digest_hex(digest)
+        with self._lock:
+            entry = self._blobs.get(digest)
+        return None if entry is None else BlobInfo(digest, len(entry[0]), entry[1])
+
+    def open_blob_writer(self, media_type: str) -> MemoryBlobWriter:
+        validate_media_type(media_type)
+        return MemoryBlobWriter(self, media_type)
+
+    def put_blob(self, data: bytes, media_type: str) -> BlobInfo:
+        with self.open_blob_writer(media_type) as writer:
+            writer.write(data)
+            return writer.commit(sha256_digest(data))
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        return io.BytesIO(self.read_blob(digest))
+
+    def read_blob(self, digest: str) -> bytes:
+        digest_hex(digest)
+        with self._lock:
+            entry = self._blobs.get(digest)
+        if entry is None:
+            raise BlobNotFound(digest)
+        return entry[0]
+
+    def delete_blob(self, digest: str) -> None:
+        digest_hex(digest)
+        with self._lock:
+            self._blobs.pop(digest, None)
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        with self._lock:
+            items = sorted(self._blobs.items())
+        return iter([BlobInfo(d, len(data), mt) for d, (data, mt) in items])
+
+    # --- objects -------------------------------------------------------------
+
+    def put_object(self, key: str, data: bytes) -> None:
+        validate_object_key(key)
+        with self._lock:
+            self._object_attempts += 1
+            if self._object_attempts in self._fail_object_at:
+                self._fail_object_at.discard(self._object_attempts)
+                raise StorageUnavailable(f"injected failure writing {key}", key)
+            self._objects[key] = bytes(data)
+            self.object_writes += 1
+
+    def get_object(self, key: str) -> bytes | None:
+        validate_object_key(key)
+        with self._lock:
+            return self._objects.get(key)
+
+    def delete_object(self, key: str) -> None:
+        validate_object_key(key)
+        with self._lock:
+            self._objects.pop(key, None)
+
+    def list_objects(self, prefix: str) -> Iterator[str]:
+        validate_prefix(prefix)
+        with self._lock:
+            return iter(sorted(k for k in self._objects if k.startswith(prefix)))
+
+
+@attrs.define
+class MemoryBlobWriter:
+    """A staged in-memory upload; listed by :meth:`MemoryStore.staged_blobs` until done."""
+
+    _store: MemoryStore
+    media_type: str
+    _chunks: list[bytes] = attrs.field(factory=list, init=False)
+    _counter: Sha256Counter = attrs.field(factory=Sha256Counter, init=False)
+    _state: Literal["open", "committed", "aborted"] = attrs.field(default="open", init=False)
+    _id: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._id = self._store._register(self)
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._counter.size
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise InvalidInput(f"blob writer is already {self._state}")
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._check_open()
+        chunk = bytes(data)
+        self._chunks.append(chunk)
+        self._counter.update(chunk)
+        return len(chunk)
+
+    def commit(self, digest: str) -> BlobInfo:
+        self._check_open()
+        actual = self._counter.digest()
+        if not is_digest(digest) or actual != digest:
+            self.abort()
+            digest_hex(digest)  # raises InvalidDigest for a malformed digest
+            raise DigestMismatch(digest, actual)
+        try:
+            self._store._store_blob(digest, b"".join(self._chunks), self.media_type)
+        finally:
+            self.abort()
+        self._state = "committed"
+        return BlobInfo(digest, self._counter.size, self.media_type)
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._chunks.clear()
+        self._store._unregister(self._id)
+
+    def __enter__(self) -> MemoryBlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
