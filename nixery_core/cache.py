@@ -1,0 +1,359 @@
+"""BuildCache: never build, pack or upload the same thing twice.
+
+Two tiers, either of which may be absent:
+
+* **local**: a :mod:`diskcache` directory (SQLite; size-bounded, evicting the
+  least recently used entries), shared safely by threads and by processes on
+  one machine;
+* **shared**: small JSON objects inside the uploader's storage
+  (``manifests/<key>``, ``builds/<key>``, as Nixery lays out its bucket), so
+  several hosts that share a bucket share work.
+
+Invariants (each pinned by tests):
+
+* an entry is written only after every blob it names is stored;
+* an entry whose blob has since vanished is a miss (and is rebuilt), never served;
+* a corrupt entry (garbage, truncated, wrong shape) is a miss, logged as a
+  warning, and is overwritten by the rebuild;
+* moving targets (channels, branches) expire after ``moving_ttl`` seconds
+  (6 hours by default, as in the seed change; 0 disables caching them);
+  pinned sources never expire.
+
+Concurrency: threads asking for one key share one build (:meth:`single_flight`);
+processes sharing the cache directory serialise on a lock per key stored in
+the directory itself (:class:`diskcache.Lock`), so they do no duplicate work
+either.  Hosts that share only the bucket may each build a key once at the
+same time; their blobs are content-addressed and their entries identical, so
+the duplicate work is bounded by one build per host and harms nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import diskcache
+
+from nixery_core.errors import StorageError
+from nixery_core.protocols import Uploader
+
+__all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Bump when the meaning of a cache entry changes; it is part of every key.
+LAYOUT_VERSION = 1
+SIX_HOURS = 6 * 3600.0
+_LOCK_EXPIRE = 3600.0
+
+
+@attrs.frozen
+class LayerRecord:
+    """A layer already packed and stored: what the layer build cache holds."""
+
+    digest: str
+    diff_id: str
+    size: int
+    media_type: str
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LayerRecord:
+        return cls(
+            digest=_str(data, "digest"),
+            diff_id=_str(data, "diff_id"),
+            size=_int(data, "size"),
+            media_type=_str(data, "media_type"),
+        )
+
+
+@attrs.frozen
+class ManifestRecord:
+    """A built image as the manifest cache holds it.
+
+    ``body`` is the build result's own JSON description (see
+    :meth:`nixery_core.build.BuildResult.to_record`); ``blobs`` lists every
+    digest that must still exist for the entry to be served.
+    """
+
+    body: Mapping[str, Any]
+    blobs: tuple[str, ...]
+    expires_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"body": dict(self.body), "blobs": list(self.blobs), "expires_at": self.expires_at}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ManifestRecord:
+        body = data.get("body")
+        blobs = data.get("blobs")
+        expires_at = data.get("expires_at")
+        if not isinstance(body, dict) or not isinstance(blobs, list):
+            raise TypeError("manifest record lacks body or blobs")
+        if not all(isinstance(b, str) for b in blobs):
+            raise TypeError("manifest record blobs are not strings")
+        if expires_at is not None and not isinstance(expires_at, int | float):
+            raise TypeError("manifest record expires_at is not a number")
+        return cls(body, tuple(blobs), None if expires_at is None else float(expires_at))
+
+
+def _str(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise TypeError(f"{key} is not a string")
+    return value
+
+
+def _int(data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{key} is not an integer")
+    return value
+
+
+def _json_object(raw: object) -> Mapping[str, Any]:
+    if not isinstance(raw, bytes):
+        raise TypeError(f"entry is {type(raw).__name__}, not bytes")
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise TypeError("entry is not a JSON object")
+    return data
+
+
+@attrs.frozen
+class CacheStats:
+    """Hits and misses per tier for manifests and layers."""
+
+    manifest_local_hits: int = 0
+    manifest_shared_hits: int = 0
+    manifest_misses: int = 0
+    layer_local_hits: int = 0
+    layer_shared_hits: int = 0
+    layer_misses: int = 0
+    stale_entries: int = 0
+    corrupt_entries: int = 0
+
+    def __add__(self, other: CacheStats) -> CacheStats:
+        return CacheStats(
+            *(a + b for a, b in zip(attrs.astuple(self), attrs.astuple(other), strict=True))
+        )
+
+    @property
+    def manifest_hits(self) -> int:
+        return self.manifest_local_hits + self.manifest_shared_hits
+
+    @property
+    def layer_hits(self) -> int:
+        return self.layer_local_hits + self.layer_shared_hits
+
+
+class _Counter:
+    """A thread-safe mutable tally behind the frozen :class:`CacheStats`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = dict.fromkeys(attrs.fields_dict(CacheStats), 0)
+
+    def add(self, field: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[field] += n
+
+    def snapshot(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(**self._counts)
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+@attrs.define
+class BuildCache:
+    """The two-tier cache of built manifests and packed layers.
+
+    ``directory`` is the local tier (``None``: no local tier); ``shared``
+    says whether to use the uploader's storage as the shared tier.
+    ``size_limit`` bounds the local tier in bytes.  ``clock`` returns
+    seconds since the epoch; tests pass a fake one.
+    """
+
+    directory: Path | None = None
+    shared: bool = True
+    moving_ttl: float = SIX_HOURS
+    size_limit: int = 1 << 30
+    clock: Callable[[], float] = time.time
+    _local: diskcache.Cache | None = attrs.field(init=False, default=None)
+    _totals: _Counter = attrs.field(init=False, factory=_Counter)
+    _flights: dict[str, _Flight] = attrs.field(init=False, factory=dict)
+    _flights_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+
+    def __attrs_post_init__(self) -> None:
+        if self.directory is not None:
+            self.directory = Path(self.directory)
+            self._local = diskcache.Cache(
+                str(self.directory),
+                size_limit=self.size_limit,
+                eviction_policy="least-recently-used",
+            )
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+
+    def __enter__(self) -> BuildCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> CacheStats:
+        """Totals since this cache was opened."""
+        return self._totals.snapshot()
+
+    # --- concurrency -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def single_flight(self, key: str) -> Iterator[None]:
+        """Hold the build of ``key``: one thread and one process at a time.
+
+        Callers look the key up again after entering, so the threads that
+        waited find the first one's entry instead of building again.
+        """
+        with self._flights_lock:
+            flight = self._flights.setdefault(key, _Flight())
+            flight.users += 1
+        try:
+            with flight.lock, self._process_lock(key):
+                yield
+        finally:
+            with self._flights_lock:
+                flight.users -= 1
+                if flight.users == 0:
+                    del self._flights[key]
+
+    @contextlib.contextmanager
+    def _process_lock(self, key: str) -> Iterator[None]:
+        if self._local is None:
+            yield
+            return
+        lock = diskcache.Lock(self._local, f"lock:{key}", expire=_LOCK_EXPIRE)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # --- manifests ---------------------------------------------------------
+
+    def get_manifest(self, store: Uploader, key: str) -> ManifestRecord | None:
+        """The cached build for ``key``, if every blob it names is still stored."""
+        record, tier = self._get(store, f"manifests/{key}", ManifestRecord.from_json)
+        if record is None:
+            self._totals.add("manifest_misses")
+            return None
+        if record.expires_at is not None and record.expires_at <= self.clock():
+            self._totals.add("manifest_misses")
+            return None
+        missing = [d for d in record.blobs if not store.has_blob(d)]
+        if missing:
+            log.warning("manifest cache entry %s names vanished blobs %s; rebuilding", key, missing)
+            self._totals.add("stale_entries")
+            self._totals.add("manifest_misses")
+            return None
+        self._totals.add("manifest_local_hits" if tier == "local" else "manifest_shared_hits")
+        return record
+
+    def put_manifest(
+        self, store: Uploader, key: str, body: Mapping[str, Any], blobs: tuple[str, ...], *,
+        pinned: bool,
+    ) -> None:
+        """Record a build; call only once every blob in ``blobs`` is stored."""
+        if not pinned and self.moving_ttl <= 0:
+            return
+        expires_at = None if pinned else self.clock() + self.moving_ttl
+        record = ManifestRecord(body, blobs, expires_at)
+        self._put(store, f"manifests/{key}", record.to_json(), None if pinned else self.moving_ttl)
+
+    # --- layers ------------------------------------------------------------
+
+    def get_layer(self, store: Uploader, key: str) -> tuple[LayerRecord, str] | None:
+        """The packed layer for ``key`` and the tier it came from, if its blob exists."""
+        record, tier = self._get(store, f"builds/{key}", LayerRecord.from_json)
+        if record is None:
+            self._totals.add("layer_misses")
+            return None
+        if not store.has_blob(record.digest):
+            log.warning("layer cache entry %s names vanished blob %s; repacking", key,
+                        record.digest)
+            self._totals.add("stale_entries")
+            self._totals.add("layer_misses")
+            return None
+        self._totals.add("layer_local_hits" if tier == "local" else "layer_shared_hits")
+        return record, tier
+
+    def put_layer(self, store: Uploader, key: str, record: LayerRecord) -> None:
+        """Record a packed layer; call only once its blob is stored."""
+        self._put(store, f"builds/{key}", record.to_json(), None)
+
+    # --- tiers -------------------------------------------------------------
+
+    def _get(
+        self, store: Uploader, name: str, parse: Callable[[Mapping[str, Any]], T]
+    ) -> tuple[T | None, str]:
+        if self._local is not None:
+            raw = self._local.get(name)
+            if raw is not None:
+                parsed = self._parse(raw, name, "local", parse)
+                if parsed is not None:
+                    return parsed, "local"
+        if self.shared:
+            raw_shared = store.get_object(name)
+            if raw_shared is not None:
+                parsed = self._parse(raw_shared, name, "shared", parse)
+                if parsed is not None:
+                    if self._local is not None:
+                        self._local.set(name, raw_shared)
+                    return parsed, "shared"
+        return None, ""
+
+    def _parse(
+        self, raw: object, name: str, tier: str, parse: Callable[[Mapping[str, Any]], T]
+    ) -> T | None:
+        try:
+            return parse(_json_object(raw))
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("corrupt %s cache entry %s (%s); treating as a miss", tier, name, exc)
+            self._totals.add("corrupt_entries")
+            return None
+
+    def _put(
+        self, store: Uploader, name: str, data: Mapping[str, Any], ttl: float | None
+    ) -> None:
+        raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        if self.shared:
+            store.put_object(name, raw)
+        if self._local is not None:
+            self._local.set(name, raw, expire=ttl)
+
+    def forget(self, store: Uploader, name: str) -> None:
+        """Drop one entry (``manifests/<key>`` or ``builds/<key>``) from both tiers."""
+        if self._local is not None:
+            self._local.delete(name)
+        if self.shared:
+            with contextlib.suppress(StorageError):
+                store.delete_object(name)

@@ -1,0 +1,190 @@
+"""BuildCache on its own: tiers, invariants, expiry, corruption, single flight."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import diskcache
+import pytest
+
+from nixery_core.cache import BuildCache, LayerRecord
+from nixery_core.testing.storage import MemoryStore
+
+MEDIA = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def _stored_layer(store: MemoryStore, payload: bytes = b"layer bytes") -> LayerRecord:
+    info = store.put_blob(payload, MEDIA)
+    return LayerRecord(info.digest, "sha256:" + "d" * 64, info.size, MEDIA)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_layer_entry_is_served_from_local_then_shared_tier(tmp_path: Path) -> None:
+    """A layer recorded by one cache is a local hit there and a shared hit for a second host."""
+    store = MemoryStore()
+    record = _stored_layer(store)
+    with BuildCache(tmp_path / "a") as first:
+        first.put_layer(store, "k1", record)
+        assert first.get_layer(store, "k1") == (record, "local")
+        assert first.stats.layer_local_hits == 1
+    with BuildCache(tmp_path / "b") as second:
+        assert second.get_layer(store, "k1") == (record, "shared")
+        # The shared hit was copied into the local tier.
+        assert second.get_layer(store, "k1") == (record, "local")
+        assert second.stats.layer_shared_hits == 1
+        assert second.stats.layer_local_hits == 1
+
+
+def test_local_only_cache_does_not_touch_storage_objects(tmp_path: Path) -> None:
+    """With shared=False no cache object is written to the bucket."""
+    store = MemoryStore()
+    record = _stored_layer(store)
+    with BuildCache(tmp_path / "c", shared=False) as cache:
+        cache.put_layer(store, "k", record)
+        assert cache.get_layer(store, "k") is not None
+    assert list(store.list_objects("")) == []
+
+
+def test_shared_only_cache_works_without_a_directory() -> None:
+    """A cache with no local tier still shares work through the storage."""
+    store = MemoryStore()
+    record = _stored_layer(store)
+    cache = BuildCache(None)
+    cache.put_layer(store, "k", record)
+    assert cache.get_layer(store, "k") == (record, "shared")
+
+
+def test_entry_naming_a_vanished_blob_is_a_miss(tmp_path: Path) -> None:
+    """A cache entry whose blob was deleted from storage is never served."""
+    store = MemoryStore()
+    record = _stored_layer(store)
+    with BuildCache(tmp_path / "c") as cache:
+        cache.put_layer(store, "k", record)
+        store.delete_blob(record.digest)
+        assert cache.get_layer(store, "k") is None
+        assert cache.stats.stale_entries == 1
+        assert cache.stats.layer_misses == 1
+
+
+def test_manifest_entry_with_one_missing_blob_is_a_miss(tmp_path: Path) -> None:
+    """A manifest entry is served only while every blob it names exists."""
+    store = MemoryStore()
+    a = store.put_blob(b"a", MEDIA).digest
+    b = store.put_blob(b"b", MEDIA).digest
+    with BuildCache(tmp_path / "c") as cache:
+        cache.put_manifest(store, "m", {"x": 1}, (a, b), pinned=True)
+        hit = cache.get_manifest(store, "m")
+        assert hit is not None
+        assert hit.body == {"x": 1}
+        store.delete_blob(b)
+        assert cache.get_manifest(store, "m") is None
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xffnot json", b'{"digest": "sha256:ab', b"[1, 2]",
+                                     b'{"digest": 5}', "a str, not bytes"])
+def test_corrupt_local_entry_is_a_logged_miss_and_is_repaired(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, garbage: object
+) -> None:
+    """Garbage or truncated local entries are misses with a warning; the next put repairs them."""
+    store = MemoryStore()
+    record = _stored_layer(store)
+    with BuildCache(tmp_path / "c", shared=False) as cache:
+        raw = diskcache.Cache(str(tmp_path / "c"))
+        raw.set("builds/k", garbage)
+        raw.close()
+        with caplog.at_level(logging.WARNING, logger="nixery_core.cache"):
+            assert cache.get_layer(store, "k") is None
+        assert "corrupt" in caplog.text
+        assert cache.stats.corrupt_entries == 1
+        cache.put_layer(store, "k", record)
+        assert cache.get_layer(store, "k") == (record, "local")
+
+
+def test_corrupt_shared_entry_is_a_miss(tmp_path: Path) -> None:
+    """A torn object in the bucket is a miss, not an exception."""
+    store = MemoryStore()
+    store.put_object("builds/k", b'{"digest": "sha2')
+    with BuildCache(tmp_path / "c") as cache:
+        assert cache.get_layer(store, "k") is None
+        assert cache.stats.corrupt_entries == 1
+
+
+def test_moving_targets_expire_after_the_ttl(tmp_path: Path) -> None:
+    """A moving target's manifest entry is served until its time-to-live passes."""
+    store = MemoryStore()
+    blob = store.put_blob(b"m", MEDIA).digest
+    clock = FakeClock()
+    with BuildCache(tmp_path / "c", moving_ttl=60, clock=clock) as cache:
+        cache.put_manifest(store, "m", {}, (blob,), pinned=False)
+        clock.now += 59
+        assert cache.get_manifest(store, "m") is not None
+        clock.now += 2
+        assert cache.get_manifest(store, "m") is None
+
+
+def test_pinned_sources_never_expire(tmp_path: Path) -> None:
+    """A pinned source's entry is served however much time passes."""
+    store = MemoryStore()
+    blob = store.put_blob(b"m", MEDIA).digest
+    clock = FakeClock()
+    with BuildCache(tmp_path / "c", moving_ttl=60, clock=clock) as cache:
+        cache.put_manifest(store, "m", {}, (blob,), pinned=True)
+        clock.now += 10 * 365 * 86400
+        assert cache.get_manifest(store, "m") is not None
+
+
+def test_ttl_zero_never_caches_moving_targets(tmp_path: Path) -> None:
+    """moving_ttl=0 means moving targets are never cached at all."""
+    store = MemoryStore()
+    blob = store.put_blob(b"m", MEDIA).digest
+    with BuildCache(tmp_path / "c", moving_ttl=0) as cache:
+        cache.put_manifest(store, "m", {}, (blob,), pinned=False)
+        assert cache.get_manifest(store, "m") is None
+    assert list(store.list_objects("manifests/")) == []
+
+
+def test_single_flight_admits_one_thread_at_a_time(tmp_path: Path) -> None:
+    """Threads holding the same key never overlap; different keys do not wait on each other."""
+    inside = 0
+    peak = 0
+    guard = threading.Lock()
+    with BuildCache(tmp_path / "c") as cache:
+
+        def work(key: str) -> None:
+            nonlocal inside, peak
+            with cache.single_flight(key):
+                with guard:
+                    inside += 1
+                    peak = max(peak, inside)
+                time.sleep(0.01)
+                with guard:
+                    inside -= 1
+
+        threads = [threading.Thread(target=work, args=("same",)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert peak == 1
+        assert cache._flights == {}  # noqa: SLF001 - no per-key state is leaked
+
+
+def test_stats_add_up() -> None:
+    """CacheStats sum field by field, and hits add the tiers."""
+    from nixery_core.cache import CacheStats
+
+    total = CacheStats(manifest_local_hits=1, layer_shared_hits=2) + CacheStats(
+        manifest_shared_hits=3, layer_local_hits=4
+    )
+    assert total.manifest_hits == 4
+    assert total.layer_hits == 6
