@@ -1,0 +1,641 @@
+"""A Google Cloud Storage bucket as an :class:`~nixery_core.protocols.Uploader`.
+
+The layout is Nixery's, under an optional ``prefix``:
+
+- ``layers/<hex>``: blobs, content-addressed by the sha256 of their bytes,
+  with the media type kept as the object's ``Content-Type``;
+- ``<key>`` (``manifests/...``, ``builds/...``): small keyed objects;
+- ``staging/<name>``: blobs being written, before their digest is known.
+
+A blob writer streams to a staging object: blobs up to ``chunk_size`` are
+buffered and sent in one request at commit, larger ones go out as a
+resumable upload in ``chunk_size`` pieces while they are written.  sha256
+and CRC32C are computed while writing.  :meth:`GcsBlobWriter.commit` checks
+the sha256 (a mismatch deletes the staging object), then copies the staging
+object server-side to ``layers/<hex>`` with ``ifGenerationMatch=0``
+(create-only: when two writers race, the loser's copy fails its
+precondition, which means the blob is there, so it is a success), checks the
+CRC32C the server reports for the copy against its own, and deletes the
+staging object.  Nothing is therefore ever visible under a digest but the
+complete bytes of that digest.  ``fake-gcs-server`` does not enforce
+preconditions on copies; there the second copy replaces the first with the
+same bytes, which is equally harmless.
+
+Transient failures are retried by the client's own machinery
+(``google.api_core.retry.Retry``, :data:`google.cloud.storage.retry.DEFAULT_RETRY`
+unless another is passed).  Every retry is safe: staging names are unique,
+the copy and :meth:`GcsStore.put_blob` are create-only, objects are replaced
+with the same bytes, and deleting an absent name counts as done.  Every
+backend error (``google.api_core`` exceptions, auth, transport and
+checksum errors) is translated into
+:class:`~nixery_core.errors.BlobNotFound`,
+:class:`~nixery_core.errors.DigestMismatch` or
+:class:`~nixery_core.errors.StorageUnavailable`, chained with ``from``.
+
+Downloads pin the object generation seen at open, read ranges of
+``chunk_size`` and check the CRC32C of the whole object when it was read
+from start to end; :meth:`GcsStore.read_blob` also checks the sha256.
+
+An abandoned resumable upload leaves no object (GCS expires the session);
+:meth:`GcsBlobWriter.abort` cancels it and deletes any staging object.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any, BinaryIO, Final, Literal
+
+import google_crc32c
+from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry
+from google.auth import exceptions as auth_exc
+from google.cloud.storage import Bucket, Client
+from google.cloud.storage import exceptions as storage_exc
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from nixery_core.digests import Sha256Counter, digest_hex, sha256_digest, validate_digest
+from nixery_core.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    InvalidDigest,
+    InvalidInput,
+    StorageError,
+    StorageUnavailable,
+)
+from nixery_core.protocols import BlobInfo
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "GcsBlobWriter", "GcsStore"]
+
+#: Resumable-upload and download piece size; GCS wants a multiple of 256 KiB.
+DEFAULT_CHUNK_SIZE: Final = 8 * 1024 * 1024
+_CHUNK_MULTIPLE: Final = 256 * 1024
+#: ``put_blob`` data up to this size is sent with a create-only precondition
+#: straight away; larger data is first looked up so it is never sent twice.
+_SMALL_PUT: Final = 256 * 1024
+
+_BLOBS = "layers/"
+_STAGING = "staging/"
+_RESERVED = (_BLOBS, _STAGING)
+_HEX = re.compile(r"[0-9a-f]{64}")
+_OBJECT_TYPE = "application/octet-stream"
+
+#: Everything the client raises for a failed backend call.  requests'
+#: exceptions are OSErrors; resumable-media raises InvalidResponse and
+#: DataCorruption; credentials raise GoogleAuthError.
+_BACKEND_ERRORS: Final = (
+    gexc.GoogleAPIError,
+    auth_exc.GoogleAuthError,
+    storage_exc.InvalidResponse,
+    storage_exc.DataCorruption,
+    OSError,
+)
+
+Timeout = float | tuple[float, float]
+#: google_crc32c is untyped; one typed alias keeps mypy strict elsewhere.
+_Crc32c: Callable[..., Any] = google_crc32c.Checksum
+
+
+def _crc32c_b64(checksum: Any) -> str:
+    """The base64 big-endian form GCS reports (``crc32c`` object field)."""
+    return base64.b64encode(checksum.digest()).decode("ascii")
+
+
+def _unavailable(exc: BaseException, key: str, action: str) -> StorageUnavailable:
+    return StorageUnavailable(f"GCS {action} {key!r} failed: {type(exc).__name__}: {exc}", key)
+
+
+def _check_key(key: object, what: str, *, allow_empty: bool = False) -> str:
+    """A ``/``-separated name: no empty, ``.`` or ``..`` parts (a prefix may end in ``/``)."""
+    if not isinstance(key, str) or (not key and not allow_empty):
+        raise InvalidInput(f"invalid {what} {key!r}: expected a non-empty string")
+    if not key:
+        return key
+    parts = key.split("/")
+    inner = parts[:-1] if allow_empty else parts
+    if (
+        key.startswith("/")
+        or any(part in {"", ".", ".."} for part in inner)
+        or parts[-1] in {".", ".."}
+        or any(ord(char) < 0x20 or char == "\x7f" for char in key)
+    ):
+        raise InvalidInput(
+            f"invalid {what} {key!r}: expected '/'-separated names without "
+            "empty, '.' or '..' parts and without control characters"
+        )
+    return key
+
+
+class GcsStore:
+    """Content-addressed blobs and keyed objects in one GCS bucket (see the module docs).
+
+    ``bucket`` is a :class:`google.cloud.storage.Bucket`, or a bucket name
+    together with ``client``.  ``prefix`` places the whole layout under a
+    folder (``"nixery/"``) so stores can share a bucket.  ``retry`` is the
+    client's retry policy (``None`` turns retries off); ``timeout`` is each
+    request's (connect, read) timeout in seconds; ``staging_name`` makes the
+    unique part of staging object names (random by default).
+    """
+
+    def __init__(
+        self,
+        bucket: Bucket | str,
+        *,
+        client: Client | None = None,
+        prefix: str = "",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        retry: Retry | None = DEFAULT_RETRY,
+        timeout: Timeout = 60.0,
+        staging_name: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        if isinstance(bucket, str):
+            if client is None:
+                raise InvalidInput("GcsStore needs a client when the bucket is given by name")
+            bucket = client.bucket(bucket)
+        if isinstance(chunk_size, bool) or chunk_size <= 0 or chunk_size % _CHUNK_MULTIPLE:
+            raise InvalidInput(f"chunk_size {chunk_size!r} is not a positive multiple of 256 KiB")
+        if prefix:
+            prefix = _check_key(prefix.rstrip("/"), "GCS prefix") + "/"
+        self._bucket: Any = bucket
+        self._prefix = prefix
+        self._chunk_size = chunk_size
+        self._retry = retry
+        self._timeout = timeout
+        self._staging_name = staging_name
+
+    def __repr__(self) -> str:
+        return f"GcsStore(bucket={self._bucket.name!r}, prefix={self._prefix!r})"
+
+    # -- configuration (read by the writer and serving helpers) ----------------
+
+    @property
+    def bucket(self) -> Any:
+        """The :class:`google.cloud.storage.Bucket` in use."""
+        return self._bucket
+
+    @property
+    def prefix(self) -> str:
+        """The folder the layout lives under (``""`` or ending in ``/``)."""
+        return self._prefix
+
+    @property
+    def chunk_size(self) -> int:
+        """Upload and download piece size in bytes."""
+        return self._chunk_size
+
+    def blob_object_name(self, digest: str) -> str:
+        """The object name of a blob: ``<prefix>layers/<hex>`` (the digest is validated)."""
+        return f"{self._prefix}{_BLOBS}{digest_hex(digest)}"
+
+    def object_name(self, key: str) -> str:
+        """The object name of a keyed object (``layers/`` and ``staging/`` are reserved)."""
+        _check_key(key, "object key")
+        if key.startswith(_RESERVED):
+            raise InvalidInput(f"invalid object key {key!r}: {_BLOBS} and {_STAGING} are reserved")
+        return self._prefix + key
+
+    def _call(self, **kwargs: Any) -> dict[str, Any]:
+        return {"retry": self._retry, "timeout": self._timeout, **kwargs}
+
+    def _stat(self, name: str, key: str) -> Any:
+        """The object's metadata (one GET), ``None`` when absent."""
+        try:
+            return self._bucket.get_blob(name, **self._call())
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, key, "stat") from exc
+
+    # -- blobs -------------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether ``layers/<hex>`` exists (a metadata GET)."""
+        return self._stat(self.blob_object_name(digest), digest) is not None
+
+    def blob_info(self, digest: str) -> BlobInfo | None:
+        """Digest, size and media type of a stored blob, ``None`` when absent."""
+        meta = self._stat(self.blob_object_name(digest), digest)
+        return None if meta is None else _info(digest, meta)
+
+    def open_blob_writer(self, media_type: str) -> GcsBlobWriter:
+        """Start streaming a blob of ``media_type`` to a new staging object."""
+        return GcsBlobWriter(self, media_type, self._prefix + _STAGING + self._staging_name())
+
+    def put_blob(self, data: bytes, media_type: str) -> BlobInfo:
+        """Store ``data`` as a blob, create-only; a blob already there is not sent again."""
+        data = bytes(data)
+        digest = sha256_digest(data)
+        name = self.blob_object_name(digest)
+        if len(data) > _SMALL_PUT:
+            existing = self._stat(name, digest)
+            if existing is not None:
+                return _info(digest, existing)
+        crc = _Crc32c(data)
+        blob = self._bucket.blob(name)
+        try:
+            blob.upload_from_string(
+                data,
+                content_type=media_type,
+                if_generation_match=0,
+                checksum="crc32c",
+                **self._call(),
+            )
+        except gexc.PreconditionFailed:
+            return self._existing(digest, name, len(data), _crc32c_b64(crc))
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, digest, "upload of blob") from exc
+        _check_crc(blob, _crc32c_b64(crc), digest)
+        return BlobInfo(digest, len(data), media_type)
+
+    def _existing(self, digest: str, name: str, size: int, crc: str) -> BlobInfo:
+        """The blob another writer stored first: checked against ours, then reported."""
+        meta = self._stat(name, digest)
+        if meta is None:
+            raise StorageUnavailable(
+                f"GCS refused to create {name!r} as it exists, yet it cannot be read", digest
+            )
+        if meta.size != size or (meta.crc32c and meta.crc32c != crc):
+            raise StorageUnavailable(
+                f"GCS object {name!r} exists with other content "
+                f"(size {meta.size}, crc32c {meta.crc32c}; expected {size}, {crc})",
+                digest,
+            )
+        return _info(digest, meta)
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        """A buffered stream over the blob's bytes (BlobNotFound when absent).
+
+        The generation is pinned at open: a blob deleted while it is read
+        raises :class:`~nixery_core.errors.BlobNotFound` on the next read.
+        """
+        name = self.blob_object_name(digest)
+        meta = self._stat(name, digest)
+        if meta is None:
+            raise BlobNotFound(digest)
+        pinned = self._bucket.blob(name, generation=meta.generation)
+        raw = _GcsRawReader(self, pinned, digest, int(meta.size), meta.crc32c)
+        return io.BufferedReader(raw, buffer_size=self._chunk_size)
+
+    def read_blob(self, digest: str) -> bytes:
+        """All of a blob's bytes, CRC32C- and sha256-checked."""
+        name = self.blob_object_name(digest)
+        data = self._download(name, digest)
+        if data is None:
+            raise BlobNotFound(digest)
+        actual = sha256_digest(data)
+        if actual != digest:
+            raise DigestMismatch(digest, actual)
+        return data
+
+    def delete_blob(self, digest: str) -> None:
+        """Remove a blob; an absent blob is already removed."""
+        self._delete(self.blob_object_name(digest), digest)
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        """Every blob under ``layers/``, in name (digest) order."""
+        base = self._prefix + _BLOBS
+        for meta in self._list(base, "layers/"):
+            hex_part = meta.name[len(base) :]
+            if _HEX.fullmatch(hex_part):
+                yield _info(f"sha256:{hex_part}", meta)
+
+    # -- objects -----------------------------------------------------------------
+
+    def put_object(self, key: str, data: bytes) -> None:
+        """Create or replace object ``key`` (one request; GCS replaces atomically)."""
+        name = self.object_name(key)
+        try:
+            self._bucket.blob(name).upload_from_string(
+                bytes(data), content_type=_OBJECT_TYPE, checksum="crc32c", **self._call()
+            )
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, key, "upload of object") from exc
+
+    def get_object(self, key: str) -> bytes | None:
+        """Object ``key``'s bytes, ``None`` when absent."""
+        return self._download(self.object_name(key), key)
+
+    def delete_object(self, key: str) -> None:
+        """Remove object ``key``; an absent object is already removed."""
+        self._delete(self.object_name(key), key)
+
+    def list_objects(self, prefix: str) -> Iterator[str]:
+        """Keys starting with ``prefix``, in order (blobs and staging objects are not listed)."""
+        _check_key(prefix, "object prefix", allow_empty=True)
+        for meta in self._list(self._prefix + prefix, prefix):
+            key = meta.name[len(self._prefix) :]
+            if not key.startswith(_RESERVED):
+                yield key
+
+    # -- shared plumbing ---------------------------------------------------------
+
+    def _download(self, name: str, key: str) -> bytes | None:
+        try:
+            data: bytes = self._bucket.blob(name).download_as_bytes(
+                checksum="crc32c", raw_download=True, **self._call()
+            )
+        except gexc.NotFound:
+            return None
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, key, "download of") from exc
+        return data
+
+    def _delete(self, name: str, key: str) -> None:
+        try:
+            self._bucket.blob(name).delete(**self._call())
+        except gexc.NotFound:
+            return
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, key, "delete of") from exc
+
+    def _list(self, name_prefix: str, key: str) -> Iterator[Any]:
+        try:
+            yield from self._bucket.client.list_blobs(
+                self._bucket, prefix=name_prefix, **self._call()
+            )
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, key, "listing of") from exc
+
+
+def _info(digest: str, meta: Any) -> BlobInfo:
+    return BlobInfo(digest, int(meta.size), meta.content_type or _OBJECT_TYPE)
+
+
+def _check_crc(blob: Any, expected: str, key: str) -> None:
+    """The server's CRC32C for what it stored must be ours (when it reports one)."""
+    reported = blob.crc32c
+    if reported is not None and reported != expected:
+        raise StorageUnavailable(
+            f"GCS stored {blob.name!r} with crc32c {reported}, expected {expected}", key
+        )
+
+
+_State = Literal["open", "committed", "aborted", "failed"]
+
+
+class GcsBlobWriter:
+    """A blob streamed to ``staging/<name>``; see :class:`~nixery_core.protocols.BlobWriter`.
+
+    Made by :meth:`GcsStore.open_blob_writer`.  After a failed write the
+    writer only accepts :meth:`abort`.
+    """
+
+    def __init__(self, store: GcsStore, media_type: str, staging_name: str) -> None:
+        self._store = store
+        self._media_type = media_type
+        self._bucket: Any = store.bucket
+        self._staging: Any = self._bucket.blob(staging_name)
+        self._buffer = bytearray()
+        self._upload: Any = None  # google.cloud.storage.fileio.BlobWriter once resumable
+        self._maybe_stored = False  # an object may exist under the staging name
+        self._hash = Sha256Counter()
+        self._crc: Any = _Crc32c()
+        self._state: _State = "open"
+
+    @property
+    def staging_name(self) -> str:
+        """The staging object's name (for tests and diagnostics)."""
+        return str(self._staging.name)
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise StorageError(
+                f"blob writer for {self.staging_name!r} is {self._state}", self.staging_name
+            )
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Append bytes; sent in ``chunk_size`` pieces once past one chunk."""
+        self._require_open()
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        # google_crc32c's C extension takes only read-only buffers such as bytes.
+        self._crc.update(data if isinstance(data, bytes) else view.tobytes())
+        try:
+            if self._upload is None:
+                self._buffer += view
+                if len(self._buffer) > self._store.chunk_size:
+                    self._start_resumable()
+            else:
+                self._upload.write(view)
+        except _BACKEND_ERRORS as exc:
+            self._state = "failed"
+            raise _unavailable(exc, self.staging_name, "upload of staging object") from exc
+        return len(view)
+
+    def _start_resumable(self) -> None:
+        self._upload = self._staging.open(
+            "wb",
+            chunk_size=self._store.chunk_size,
+            ignore_flush=True,
+            content_type=self._media_type,
+            checksum="crc32c",
+            retry=self._store._retry,
+            timeout=self._store._timeout,
+        )
+        pending, self._buffer = bytes(self._buffer), bytearray()
+        self._upload.write(pending)
+
+    def _finish_upload(self) -> None:
+        """Make the staging object: one request for small blobs, the last chunk otherwise."""
+        self._maybe_stored = True
+        if self._upload is not None:
+            upload, self._upload = self._upload, None
+            upload.close()
+        else:
+            self._staging.upload_from_string(
+                bytes(self._buffer),
+                content_type=self._media_type,
+                checksum="crc32c",
+                **self._store._call(),
+            )
+            self._buffer = bytearray()
+
+    def commit(self, digest: str) -> BlobInfo:
+        """Check the digest, copy create-only to ``layers/<hex>``, delete the staging object."""
+        self._require_open()
+        try:
+            self._check_digest(digest)
+        except (InvalidDigest, DigestMismatch) as exc:
+            self._state = "aborted"
+            self._cleanup_after(exc)
+            raise
+        size, crc = self._hash.size, _crc32c_b64(self._crc)
+        name = self._store.blob_object_name(digest)
+        try:
+            info = self._copy(digest, name, size, crc)
+        except BaseException as exc:
+            self._state = "failed"
+            self._cleanup_after(exc)
+            raise
+        self._state = "committed"
+        self._delete_staging()
+        return info
+
+    def _check_digest(self, digest: str) -> None:
+        validate_digest(digest)
+        actual = self._hash.digest()
+        if actual != digest:
+            raise DigestMismatch(digest, actual)
+
+    def _copy(self, digest: str, name: str, size: int, crc: str) -> BlobInfo:
+        try:
+            self._finish_upload()
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, digest, "upload of staging object for") from exc
+        target = self._bucket.blob(name)
+        token = None
+        try:
+            while True:
+                token, _, _ = target.rewrite(
+                    self._staging,
+                    token=token,
+                    if_generation_match=0,
+                    **self._store._call(),
+                )
+                if token is None:
+                    break
+        except gexc.PreconditionFailed:
+            return self._store._existing(digest, name, size, crc)
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, digest, "copy of staging object to") from exc
+        _check_crc(target, crc, digest)
+        return BlobInfo(digest, size, self._media_type)
+
+    def _cleanup_after(self, exc: BaseException) -> None:
+        """Best-effort abort while ``exc`` is in flight: a failure becomes a note on it."""
+        try:
+            self._discard()
+        except StorageError as cleanup:
+            exc.add_note(f"staging object {self.staging_name!r} may remain: {cleanup}")
+
+    def _delete_staging(self) -> None:
+        try:
+            self._staging.delete(**self._store._call())
+        except gexc.NotFound:
+            pass
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, self.staging_name, "delete of staging object") from exc
+        self._maybe_stored = False
+
+    def _discard(self) -> None:
+        self._buffer = bytearray()
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            try:
+                upload.terminate()
+            except _BACKEND_ERRORS as exc:
+                raise _unavailable(exc, self.staging_name, "cancel of resumable upload") from exc
+        if self._maybe_stored:
+            self._delete_staging()
+
+    def abort(self) -> None:
+        """Cancel the upload and delete the staging object (a no-op once committed)."""
+        if self._state == "committed":
+            return
+        if self._state == "open":
+            self._state = "aborted"
+        self._discard()
+
+    def __enter__(self) -> GcsBlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state == "committed":
+            return
+        if exc is None:
+            self.abort()
+            return
+        if self._state == "open":
+            self._state = "aborted"
+        self._cleanup_after(exc)
+
+
+class _GcsRawReader(io.RawIOBase):
+    """Ranged reads of one object generation; CRC32C checked when read start to end."""
+
+    def __init__(self, store: GcsStore, blob: Any, key: str, size: int, crc32c: str | None) -> None:
+        super().__init__()
+        self._store = store
+        self._blob = blob
+        self._key = key
+        self._size = size
+        self._expected_crc = crc32c
+        self._pos = 0
+        self._crc: Any = _Crc32c()
+        self._sequential = True
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        position = base + offset
+        if position < 0:
+            raise InvalidInput(f"negative seek position {position}")
+        if position != self._pos:
+            self._sequential = False
+        self._pos = position
+        return position
+
+    def _fetch(self, start: int, length: int) -> bytes:
+        try:
+            data: bytes = self._blob.download_as_bytes(
+                start=start,
+                end=start + length - 1,
+                checksum=None,
+                raw_download=True,
+                **self._store._call(),
+            )
+        except gexc.NotFound as exc:
+            raise BlobNotFound(self._key) from exc
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, self._key, "download of") from exc
+        if not data:
+            raise StorageUnavailable(
+                f"GCS object for {self._key!r} ended at {start} of {self._size} bytes", self._key
+            )
+        if self._sequential:
+            self._crc.update(data)
+        self._pos = start + len(data)
+        if self._sequential and self._pos >= self._size:
+            self._verify()
+        return data
+
+    def _verify(self) -> None:
+        actual = _crc32c_b64(self._crc)
+        if self._expected_crc and actual != self._expected_crc:
+            raise StorageUnavailable(
+                f"GCS object for {self._key!r} read with crc32c {actual}, "
+                f"expected {self._expected_crc}",
+                self._key,
+            )
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = self._fetch(self._pos, want)
+        view[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        parts = []
+        while self._pos < self._size:
+            parts.append(
+                self._fetch(self._pos, min(self._store.chunk_size, self._size - self._pos))
+            )
+        return b"".join(parts)

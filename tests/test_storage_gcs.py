@@ -1,0 +1,372 @@
+"""GcsStore against a real fake-gcs-server through the real google-cloud-storage client."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud.storage import Blob
+from google.cloud.storage.retry import DEFAULT_RETRY
+from servers import FakeGcsServer, fake_gcs
+
+from nixery_core.digests import sha256_digest
+from nixery_core.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    InvalidDigest,
+    InvalidInput,
+    StorageError,
+    StorageUnavailable,
+)
+from nixery_core.protocols import BlobInfo, BlobWriter, Uploader
+from nixery_core.storage.gcs import GcsStore
+
+__all__ = ["fake_gcs"]
+
+pytestmark = pytest.mark.tools
+
+CHUNK = 256 * 1024
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+#: Retries that give up quickly: the fault tests stop the server on purpose.
+#: google.api_core's exception constructors are untyped.
+PRECONDITION_FAILED: Any = gexc.PreconditionFailed
+FAST_RETRY = DEFAULT_RETRY.with_timeout(1.0).with_delay(initial=0.05, maximum=0.2)
+
+
+def _payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic bytes that do not compress to nothing."""
+    out = bytearray()
+    block = hashlib.sha256(seed.to_bytes(8, "big")).digest()
+    while len(out) < size:
+        block = hashlib.sha256(block).digest()
+        out += block
+    return bytes(out[:size])
+
+
+def _names(bucket: Any, prefix: str = "") -> list[str]:
+    return sorted(blob.name for blob in bucket.client.list_blobs(bucket, prefix=prefix))
+
+
+@pytest.fixture
+def bucket(fake_gcs: FakeGcsServer) -> Any:
+    """A fresh, empty bucket on the module's emulator."""
+    return fake_gcs.make_bucket(f"t-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture
+def store(bucket: Any) -> GcsStore:
+    """A store with a small chunk size, so resumable uploads happen with small data."""
+    return GcsStore(bucket, chunk_size=CHUNK, retry=FAST_RETRY, timeout=5.0)
+
+
+def test_is_an_uploader(store: GcsStore) -> None:
+    """GcsStore and its writer satisfy the Uploader and BlobWriter protocols."""
+    assert isinstance(store, Uploader)
+    with store.open_blob_writer(LAYER) as writer:
+        assert isinstance(writer, BlobWriter)
+
+
+def test_put_blob_round_trip(store: GcsStore, bucket: Any) -> None:
+    """put_blob stores at layers/<hex> with its media type; reads return the same bytes."""
+    data = _payload(1000)
+    digest = sha256_digest(data)
+    info = store.put_blob(data, LAYER)
+    assert info == BlobInfo(digest, 1000, LAYER)
+    assert _names(bucket) == [f"layers/{digest[7:]}"]
+    assert store.has_blob(digest)
+    assert store.blob_info(digest) == info
+    assert store.read_blob(digest) == data
+    with store.open_blob(digest) as stream:
+        assert stream.read() == data
+    assert list(store.list_blobs()) == [info]
+    assert store.put_blob(data, LAYER) == info
+    store.delete_blob(digest)
+    assert not store.has_blob(digest)
+    assert store.blob_info(digest) is None
+    assert list(store.list_blobs()) == []
+
+
+@pytest.mark.parametrize("size", [0, 1000, CHUNK, 3 * CHUNK + 17])
+def test_writer_round_trip(store: GcsStore, bucket: Any, size: int) -> None:
+    """A streamed blob (one request or resumable) commits complete and leaves no staging object."""
+    data = _payload(size, seed=size)
+    digest = sha256_digest(data)
+    with store.open_blob_writer(LAYER) as writer:
+        for start in range(0, size, 100_000):
+            writer.write(memoryview(data)[start : start + 100_000])
+        info = writer.commit(digest)
+    assert info == BlobInfo(digest, size, LAYER)
+    assert _names(bucket) == [f"layers/{digest[7:]}"]
+    assert store.blob_info(digest) == info
+    assert store.read_blob(digest) == data
+
+
+def test_open_blob_reads_ranges_and_seeks(store: GcsStore) -> None:
+    """open_blob streams a multi-chunk blob in pieces and supports seeking."""
+    data = _payload(2 * CHUNK + 5, seed=7)
+    digest = store.put_blob(data, LAYER).digest
+    with store.open_blob(digest) as stream:
+        assert stream.read(10) == data[:10]
+        assert stream.read(CHUNK) == data[10 : CHUNK + 10]
+        stream.seek(-5, 2)
+        assert stream.read() == data[-5:]
+        stream.seek(3)
+        assert stream.read(4) == data[3:7]
+
+
+def test_missing_blob_is_blob_not_found(store: GcsStore) -> None:
+    """Reading an absent blob raises BlobNotFound naming the digest; deleting it is a no-op."""
+    digest = sha256_digest(b"absent")
+    with pytest.raises(BlobNotFound) as caught:
+        store.read_blob(digest)
+    assert caught.value.key == digest
+    with pytest.raises(BlobNotFound):
+        store.open_blob(digest)
+    store.delete_blob(digest)
+
+
+def test_invalid_digests_are_rejected(store: GcsStore) -> None:
+    """Digests that are not sha256:<64 hex> never become object names."""
+    for bad in ["sha256:../../etc/passwd", "md5:abc", "sha256:" + "A" * 64]:
+        with pytest.raises(InvalidDigest):
+            store.has_blob(bad)
+        with pytest.raises(InvalidDigest):
+            store.read_blob(bad)
+
+
+@pytest.mark.parametrize("size", [10, 2 * CHUNK])
+def test_digest_mismatch_leaves_nothing(store: GcsStore, bucket: Any, size: int) -> None:
+    """Committing under the wrong digest raises DigestMismatch and removes every staged byte."""
+    data = _payload(size)
+    wrong = sha256_digest(b"something else")
+    writer = store.open_blob_writer(LAYER)
+    writer.write(data)
+    with pytest.raises(DigestMismatch) as caught:
+        writer.commit(wrong)
+    assert caught.value.expected == wrong
+    assert caught.value.actual == sha256_digest(data)
+    assert _names(bucket) == []
+    with pytest.raises(StorageError):
+        writer.commit(sha256_digest(data))
+
+
+def test_invalid_commit_digest_aborts(store: GcsStore, bucket: Any) -> None:
+    """A malformed commit digest raises InvalidDigest and stages nothing."""
+    with store.open_blob_writer(LAYER) as writer:
+        writer.write(_payload(2 * CHUNK))
+        with pytest.raises(InvalidDigest):
+            writer.commit("sha256:nope")
+    assert _names(bucket) == []
+
+
+def test_abort_and_exceptions_remove_staging(store: GcsStore, bucket: Any) -> None:
+    """abort() and an exception in the with block cancel the upload; nothing is visible."""
+    writer = store.open_blob_writer(LAYER)
+    writer.write(_payload(3 * CHUNK))
+    writer.abort()
+
+    def fail_midway() -> None:
+        with store.open_blob_writer(LAYER) as second:
+            second.write(_payload(3 * CHUNK))
+            raise RuntimeError("builder failed")
+
+    with pytest.raises(RuntimeError):
+        fail_midway()
+    with store.open_blob_writer(LAYER) as third:
+        third.write(b"left without commit")
+    assert _names(bucket) == []
+
+
+def test_concurrent_commits_of_one_digest(store: GcsStore, bucket: Any) -> None:
+    """Two writers racing to commit the same bytes give one blob, no error, no staging left."""
+    data = _payload(2 * CHUNK + 1, seed=3)
+    digest = sha256_digest(data)
+    barrier = threading.Barrier(2)
+    results: list[BlobInfo | BaseException] = []
+
+    def upload() -> None:
+        try:
+            with store.open_blob_writer(LAYER) as writer:
+                writer.write(data)
+                barrier.wait(timeout=10)
+                results.append(writer.commit(digest))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=upload) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == [BlobInfo(digest, len(data), LAYER)] * 2
+    assert _names(bucket) == [f"layers/{digest[7:]}"]
+    assert store.read_blob(digest) == data
+
+
+def test_precondition_failure_means_already_stored(
+    store: GcsStore, bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create-only copy refused by its precondition (GCS's answer to a lost race) is a success.
+
+    fake-gcs-server ignores ifGenerationMatch on copies, so the refusal is
+    played here the way GCS gives it.
+    """
+    data = _payload(100, seed=9)
+    digest = sha256_digest(data)
+    store.put_blob(data, LAYER)
+    calls: list[dict[str, Any]] = []
+
+    def refuse(self: Any, source: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        raise PRECONDITION_FAILED("At least one of the pre-conditions did not hold.")
+
+    monkeypatch.setattr(Blob, "rewrite", refuse)
+    with store.open_blob_writer("application/other") as writer:
+        writer.write(data)
+        info = writer.commit(digest)
+    assert calls[0]["if_generation_match"] == 0
+    assert info == BlobInfo(digest, len(data), LAYER)
+    assert _names(bucket) == [f"layers/{digest[7:]}"]
+
+
+def test_existing_blob_with_other_bytes_is_reported(
+    store: GcsStore, bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob name holding other bytes is a StorageUnavailable, never silently accepted."""
+    data = _payload(100, seed=10)
+    digest = sha256_digest(data)
+    bucket.blob(f"layers/{digest[7:]}").upload_from_string(b"corrupt", content_type=LAYER)
+
+    def refuse(self: Any, source: Any, **kwargs: Any) -> Any:
+        raise PRECONDITION_FAILED("exists")
+
+    monkeypatch.setattr(Blob, "rewrite", refuse)
+
+    def commit() -> None:
+        with store.open_blob_writer(LAYER) as writer:
+            writer.write(data)
+            writer.commit(digest)
+
+    with pytest.raises(StorageUnavailable, match="other content"):
+        commit()
+    assert not any(name.startswith("staging/") for name in _names(bucket))
+    with pytest.raises(DigestMismatch):
+        store.read_blob(digest)
+
+
+def test_put_blob_precondition_on_existing_name(store: GcsStore, bucket: Any) -> None:
+    """put_blob is create-only: bytes already under the name are kept and checked."""
+    data = b"small config"
+    digest = sha256_digest(data)
+    bucket.blob(f"layers/{digest[7:]}").upload_from_string(b"other", content_type=LAYER)
+    with pytest.raises(StorageUnavailable, match="other content"):
+        store.put_blob(data, LAYER)
+    assert bucket.blob(f"layers/{digest[7:]}").download_as_bytes() == b"other"
+
+
+def test_objects(store: GcsStore, bucket: Any) -> None:
+    """Objects are created, replaced, listed by prefix, read and deleted; absent reads are None."""
+    assert store.get_object("manifests/a") is None
+    store.put_object("manifests/a", b"1")
+    store.put_object("manifests/a", b"2")
+    store.put_object("manifests/b", b"3")
+    store.put_object("builds/x", b"4")
+    store.put_blob(b"blob", LAYER)
+    assert store.get_object("manifests/a") == b"2"
+    assert list(store.list_objects("manifests/")) == ["manifests/a", "manifests/b"]
+    assert list(store.list_objects("")) == ["builds/x", "manifests/a", "manifests/b"]
+    store.delete_object("manifests/a")
+    store.delete_object("manifests/a")
+    assert store.get_object("manifests/a") is None
+    assert "manifests/b" in _names(bucket)
+
+
+@pytest.mark.parametrize(
+    "key", ["", "/abs", "a//b", "a/../b", "layers/x", "staging/x", "a\nb", "./a"]
+)
+def test_bad_object_keys(store: GcsStore, key: str) -> None:
+    """Object keys that are empty, not normalised or in the blob namespace are InvalidInput."""
+    with pytest.raises(InvalidInput):
+        store.put_object(key, b"x")
+
+
+def test_prefix_isolates_stores(bucket: Any) -> None:
+    """Two prefixes in one bucket do not see each other's blobs or objects."""
+    one = GcsStore(bucket, prefix="one", retry=FAST_RETRY)
+    two = GcsStore(bucket.name, client=bucket.client, prefix="two/", retry=FAST_RETRY)
+    info = one.put_blob(b"data", LAYER)
+    one.put_object("manifests/m", b"{}")
+    assert not two.has_blob(info.digest)
+    assert list(two.list_objects("")) == []
+    assert list(two.list_blobs()) == []
+    assert _names(bucket) == [f"one/layers/{info.digest[7:]}", "one/manifests/m"]
+
+
+def test_constructor_validation(bucket: Any) -> None:
+    """A bucket name without a client and chunk sizes GCS cannot use are InvalidInput."""
+    with pytest.raises(InvalidInput):
+        GcsStore("name-only")
+    with pytest.raises(InvalidInput):
+        GcsStore(bucket, chunk_size=1000)
+    with pytest.raises(InvalidInput):
+        GcsStore(bucket, prefix="../up")
+
+
+def test_missing_bucket_is_storage_unavailable(fake_gcs: FakeGcsServer) -> None:
+    """Backend errors (here a missing bucket) come out as StorageUnavailable, chained."""
+    store = GcsStore(fake_gcs.client().bucket("no-such-bucket"), retry=FAST_RETRY)
+    with pytest.raises(StorageUnavailable) as caught:
+        store.put_object("manifests/a", b"x")
+    assert isinstance(caught.value.__cause__, gexc.GoogleAPIError)
+    with pytest.raises(StorageUnavailable):
+        store.put_blob(b"x", LAYER)
+
+
+@pytest.fixture
+def own_server() -> Iterator[FakeGcsServer]:
+    """An emulator of this test's own, persistent so a restart shows what was left."""
+    with FakeGcsServer(persistent=True) as server:
+        yield server
+
+
+def test_server_stopped_mid_upload(own_server: FakeGcsServer) -> None:
+    """A server dying mid-upload gives a typed StorageError, no half state, a clean retry."""
+    bucket = own_server.make_bucket("faults")
+    store = GcsStore(bucket, chunk_size=CHUNK, retry=FAST_RETRY, timeout=2.0)
+    data = _payload(4 * CHUNK, seed=5)
+    digest = sha256_digest(data)
+
+    def upload_while_server_dies() -> None:
+        with store.open_blob_writer(LAYER) as writer:
+            writer.write(data[: 2 * CHUNK])
+            own_server.stop()
+            writer.write(data[2 * CHUNK :])
+            writer.commit(digest)
+
+    with pytest.raises(StorageError) as caught:
+        upload_while_server_dies()
+    assert isinstance(caught.value, StorageUnavailable)
+    assert caught.value.__cause__ is not None
+    with pytest.raises(StorageUnavailable):
+        store.has_blob(digest)
+
+    own_server.start()
+    assert _names(bucket) == []
+    with store.open_blob_writer(LAYER) as retry_writer:
+        retry_writer.write(data)
+        assert retry_writer.commit(digest).size == len(data)
+    assert _names(bucket) == [f"layers/{digest[7:]}"]
+    assert store.read_blob(digest) == data
+
+
+def test_read_checks_the_digest(store: GcsStore, bucket: Any) -> None:
+    """Bytes under a digest they do not hash to are reported, not returned."""
+    digest = sha256_digest(b"expected")
+    bucket.blob(f"layers/{digest[7:]}").upload_from_string(b"tampered", content_type=LAYER)
+    with pytest.raises(DigestMismatch):
+        store.read_blob(digest)
