@@ -24,6 +24,7 @@ from nixery_core.errors import (
     StorageUnavailable,
 )
 from nixery_core.protocols import BlobInfo, BlobWriter, Uploader
+from nixery_core.storage.conformance import CHECKS, Check
 from nixery_core.storage.gcs import GcsStore
 
 __all__ = ["fake_gcs"]
@@ -62,6 +63,15 @@ def bucket(fake_gcs: FakeGcsServer) -> Any:
 def store(bucket: Any) -> GcsStore:
     """A store with a small chunk size, so resumable uploads happen with small data."""
     return GcsStore(bucket, chunk_size=CHUNK, retry=FAST_RETRY, timeout=5.0)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.name)
+def test_conformance(check: Check, fake_gcs: FakeGcsServer) -> None:
+    """GcsStore keeps every promise of the Uploader conformance suite."""
+    bucket = fake_gcs.make_bucket(f"c-{uuid.uuid4().hex[:16]}")
+    store = GcsStore(bucket, chunk_size=CHUNK, retry=FAST_RETRY, timeout=5.0)
+    check.run(store)
+    assert store.staging_leftovers() == []
 
 
 def test_is_an_uploader(store: GcsStore) -> None:
@@ -151,7 +161,7 @@ def test_digest_mismatch_leaves_nothing(store: GcsStore, bucket: Any, size: int)
     assert caught.value.expected == wrong
     assert caught.value.actual == sha256_digest(data)
     assert _names(bucket) == []
-    with pytest.raises(StorageError):
+    with pytest.raises(InvalidInput):
         writer.commit(sha256_digest(data))
 
 

@@ -67,7 +67,9 @@ from nixery_core.errors import (
     StorageError,
     StorageUnavailable,
 )
+from nixery_core.media_types import validate_media_type
 from nixery_core.protocols import BlobInfo
+from nixery_core.storage.keys import validate_object_key, validate_prefix
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "GcsBlobWriter", "GcsStore"]
 
@@ -109,27 +111,6 @@ def _unavailable(exc: BaseException, key: str, action: str) -> StorageUnavailabl
     return StorageUnavailable(f"GCS {action} {key!r} failed: {type(exc).__name__}: {exc}", key)
 
 
-def _check_key(key: object, what: str, *, allow_empty: bool = False) -> str:
-    """A ``/``-separated name: no empty, ``.`` or ``..`` parts (a prefix may end in ``/``)."""
-    if not isinstance(key, str) or (not key and not allow_empty):
-        raise InvalidInput(f"invalid {what} {key!r}: expected a non-empty string")
-    if not key:
-        return key
-    parts = key.split("/")
-    inner = parts[:-1] if allow_empty else parts
-    if (
-        key.startswith("/")
-        or any(part in {"", ".", ".."} for part in inner)
-        or parts[-1] in {".", ".."}
-        or any(ord(char) < 0x20 or char == "\x7f" for char in key)
-    ):
-        raise InvalidInput(
-            f"invalid {what} {key!r}: expected '/'-separated names without "
-            "empty, '.' or '..' parts and without control characters"
-        )
-    return key
-
-
 class GcsStore:
     """Content-addressed blobs and keyed objects in one GCS bucket (see the module docs).
 
@@ -159,7 +140,7 @@ class GcsStore:
         if isinstance(chunk_size, bool) or chunk_size <= 0 or chunk_size % _CHUNK_MULTIPLE:
             raise InvalidInput(f"chunk_size {chunk_size!r} is not a positive multiple of 256 KiB")
         if prefix:
-            prefix = _check_key(prefix.rstrip("/"), "GCS prefix") + "/"
+            prefix = validate_object_key(prefix.rstrip("/")) + "/"
         self._bucket: Any = bucket
         self._prefix = prefix
         self._chunk_size = chunk_size
@@ -193,10 +174,7 @@ class GcsStore:
 
     def object_name(self, key: str) -> str:
         """The object name of a keyed object (``layers/`` and ``staging/`` are reserved)."""
-        _check_key(key, "object key")
-        if key.startswith(_RESERVED):
-            raise InvalidInput(f"invalid object key {key!r}: {_BLOBS} and {_STAGING} are reserved")
-        return self._prefix + key
+        return self._prefix + validate_object_key(key)
 
     def _call(self, **kwargs: Any) -> dict[str, Any]:
         return {"retry": self._retry, "timeout": self._timeout, **kwargs}
@@ -221,10 +199,12 @@ class GcsStore:
 
     def open_blob_writer(self, media_type: str) -> GcsBlobWriter:
         """Start streaming a blob of ``media_type`` to a new staging object."""
+        validate_media_type(media_type)
         return GcsBlobWriter(self, media_type, self._prefix + _STAGING + self._staging_name())
 
     def put_blob(self, data: bytes, media_type: str) -> BlobInfo:
         """Store ``data`` as a blob, create-only; a blob already there is not sent again."""
+        validate_media_type(media_type)
         data = bytes(data)
         digest = sha256_digest(data)
         name = self.blob_object_name(digest)
@@ -301,6 +281,10 @@ class GcsStore:
             if _HEX.fullmatch(hex_part):
                 yield _info(f"sha256:{hex_part}", meta)
 
+    def staging_leftovers(self) -> list[str]:
+        """Names of staging objects: uploads being committed, or left by crashed processes."""
+        return [meta.name for meta in self._list(self._prefix + _STAGING, "staging/")]
+
     # -- objects -----------------------------------------------------------------
 
     def put_object(self, key: str, data: bytes) -> None:
@@ -323,7 +307,7 @@ class GcsStore:
 
     def list_objects(self, prefix: str) -> Iterator[str]:
         """Keys starting with ``prefix``, in order (blobs and staging objects are not listed)."""
-        _check_key(prefix, "object prefix", allow_empty=True)
+        validate_prefix(prefix)
         for meta in self._list(self._prefix + prefix, prefix):
             key = meta.name[len(self._prefix) :]
             if not key.startswith(_RESERVED):
@@ -401,8 +385,8 @@ class GcsBlobWriter:
 
     def _require_open(self) -> None:
         if self._state != "open":
-            raise StorageError(
-                f"blob writer for {self.staging_name!r} is {self._state}", self.staging_name
+            raise InvalidInput(
+                f"blob writer for {self.staging_name!r} is {self._state}: writers are single-use"
             )
 
     def write(self, data: bytes | memoryview) -> int:
