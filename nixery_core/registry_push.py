@@ -200,13 +200,31 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), values
 
 
+def _merge_scopes(scopes: list[str]) -> list[str]:
+    """``type:name:actions`` scopes with the actions of one resource merged, in first-seen order."""
+    merged: dict[str, list[str]] = {}
+    for scope in scopes:
+        resource, _, actions = scope.rpartition(":")
+        if not resource:
+            resource, actions = scope, ""
+        known = merged.setdefault(resource, [])
+        known += [action for action in actions.split(",") if action and action not in known]
+    return [
+        f"{resource}:{','.join(sorted(actions))}" if actions else resource
+        for resource, actions in merged.items()
+    ]
+
+
 class _RegistryAuth(httpx.Auth):
     """Answers Basic and Bearer challenges; keeps the last token for later requests."""
 
     requires_response_body = True
 
-    def __init__(self, credentials: BasicAuth | BearerToken | None) -> None:
+    def __init__(
+        self, credentials: BasicAuth | BearerToken | None, scopes: tuple[str, ...] = ()
+    ) -> None:
         self._credentials = credentials
+        self._scopes = scopes
         self._header: str | None = None
         if isinstance(credentials, BearerToken):
             self._header = f"Bearer {credentials.token}"
@@ -243,7 +261,10 @@ class _RegistryAuth(httpx.Auth):
         query: list[tuple[str, str | int | float | bool | None]] = []
         if params.get("service"):
             query.append(("service", params["service"]))
-        query += [("scope", scope) for scope in params.get("scope", "").split()]
+        # The scopes the push will need are asked for up front (as docker does),
+        # so one token serves HEAD, upload, mount and manifest PUT.
+        scopes = _merge_scopes([*params.get("scope", "").split(), *self._scopes])
+        query += [("scope", scope) for scope in scopes]
         headers = {}
         basic = self._basic()
         if basic is not None:
@@ -458,6 +479,13 @@ def _plan(
     return [(manifest, media_type, parse_manifest(manifest, media_type).blobs)]
 
 
+def _scopes_needed(target: ImageTarget, mount_from: str | None) -> tuple[str, ...]:
+    scopes = [f"repository:{target.repository}:pull,push"]
+    if mount_from is not None and mount_from != target.repository:
+        scopes.append(f"repository:{mount_from}:pull")
+    return tuple(scopes)
+
+
 def push_image(
     *,
     store: Uploader,
@@ -504,7 +532,7 @@ def push_image(
         base=f"{'http' if insecure else 'https'}://{parsed.host}",
         target=parsed,
         store=store,
-        auth=_RegistryAuth(auth),
+        auth=_RegistryAuth(auth, _scopes_needed(parsed, mount_from)),
         chunk_size=chunk_size,
         mount_from=mount_from,
     )

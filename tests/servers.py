@@ -20,6 +20,10 @@ server that does not answer within ``ready_timeout`` seconds raises
   written to its own temporary directory (filesystem storage there,
   deletes enabled, no auth; or htpasswd basic auth with ``users=``, the
   bcrypt hashes made by the system's libcrypt, so no extra package).
+* :class:`TokenServer` is a Docker token server in a thread (RS256 JWTs
+  with an ``x5c`` chain to a throwaway self-signed root); pass its
+  :meth:`TokenServer.registry_config` as a registry's ``extra_config`` to
+  test the ``WWW-Authenticate: Bearer`` flow.
 
 Fixtures: ``fake_gcs`` (one per module, callers make their own buckets) and
 ``registry`` (one per module).  Import them into a test module with
@@ -29,18 +33,25 @@ yourself.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import ctypes.util
+import datetime
+import http.server
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -53,6 +64,7 @@ __all__ = [
     "DockerRegistry",
     "FakeGcsServer",
     "ServerFailed",
+    "TokenServer",
     "bcrypt_hash",
     "fake_gcs",
     "fake_gcs_binary",
@@ -384,6 +396,166 @@ class DockerRegistry(_Server):
         if not layers.is_dir():
             return set()
         return {f"sha256:{entry.name}" for entry in (layers / "sha256").iterdir()}
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class TokenServer:
+    """A Docker token server (the ``Bearer realm=...`` flow) for docker-registry.
+
+    It signs RS256 JWTs with a throwaway key whose self-signed certificate
+    is the registry's ``rootcertbundle`` (sent as the ``x5c`` chain).  With
+    ``users`` it demands those basic credentials; otherwise anyone gets a
+    token for whatever scope is asked.  ``requests`` records each token
+    request's query (service, scopes) and user.  Use :meth:`registry_config`
+    as a :class:`DockerRegistry`'s ``extra_config``.
+    """
+
+    service = "nixery-test-registry"
+    issuer = "nixery-test-token-server"
+
+    def __init__(self, *, users: Mapping[str, str] | None = None) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.users = dict(users or {})
+        self.requests: list[dict[str, Any]] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="nixery-token-")
+        self.workdir = Path(self._tmp.name)
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.issuer)])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.cert_path = self.workdir / "root.pem"
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self._x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``; tokens are at ``/token``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def registry_config(self) -> str:
+        """The ``auth: token:`` block for a DockerRegistry's ``extra_config``."""
+        return (
+            "auth:\n"
+            "  token:\n"
+            f"    realm: {self.url}/token\n"
+            f"    service: {self.service}\n"
+            f"    issuer: {self.issuer}\n"
+            f"    rootcertbundle: {self.cert_path}\n"
+        )
+
+    def make_token(self, scopes: list[str], subject: str = "") -> str:
+        """A signed JWT granting ``scopes`` (``repository:NAME:ACTIONS``)."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            resource, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": resource, "actions": actions.split(",")})
+        now = int(time.time())
+        header = {"alg": "RS256", "typ": "JWT", "x5c": [self._x5c]}
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": self.service,
+            "exp": now + 300,
+            "nbf": now - 60,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
+        signing_input = (
+            _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        )
+        signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return signing_input + "." + _b64url(signature)
+
+    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+                return
+
+            def do_GET(self) -> None:
+                parsed = urllib.parse.urlsplit(self.path)
+                query = urllib.parse.parse_qs(parsed.query)
+                user = ""
+                header = self.headers.get("Authorization", "")
+                if header.startswith("Basic "):
+                    user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+                    if server.users.get(user) != password:
+                        user = "!"
+                if parsed.path != "/token" or (server.users and user in {"", "!"}):
+                    self.send_response(401 if parsed.path == "/token" else 404)
+                    self.end_headers()
+                    return
+                scopes = query.get("scope", [])
+                server.requests.append(
+                    {"service": query.get("service"), "scopes": scopes, "user": user}
+                )
+                body = json.dumps(
+                    {"token": server.make_token(scopes, user), "expires_in": 300}
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+    def start(self) -> None:
+        """Serve on 127.0.0.1:PORT in a thread."""
+        if self._server is not None:
+            return
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        self._tmp.cleanup()
 
 
 @pytest.fixture(scope="module")

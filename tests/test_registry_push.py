@@ -16,12 +16,12 @@ import attrs
 import httpx
 import pytest
 from conftest import require_tools
-from servers import DockerRegistry, registry
+from servers import DockerRegistry, TokenServer, registry
 
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import BlobNotFound, InvalidImageName, InvalidInput, RegistryError
 from nixery_core.media_types import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST
-from nixery_core.registry_push import BasicAuth, ImageTarget, push_image
+from nixery_core.registry_push import BasicAuth, BearerToken, ImageTarget, push_image
 from nixery_core.testing.storage import MemoryStore
 
 __all__ = ["registry"]
@@ -383,3 +383,57 @@ def test_basic_auth(basic_registry: DockerRegistry, layer: tuple[bytes, str]) ->
     result = _push(image, target, auth=BasicAuth("pusher", "s3cret"))
     assert result.blobs_uploaded == 2
     _skopeo("inspect", "--tls-verify=false", "--creds", "pusher:s3cret", f"docker://{target}")
+
+
+@pytest.fixture(scope="module")
+def token_registry() -> Iterator[tuple[DockerRegistry, TokenServer]]:
+    """A registry behind Docker token auth, with a token server demanding ``pusher``."""
+    with (
+        TokenServer(users={"pusher": "s3cret"}) as tokens,
+        DockerRegistry(extra_config=tokens.registry_config()) as server,
+    ):
+        yield server, tokens
+
+
+def test_bearer_challenge_flow(
+    token_registry: tuple[DockerRegistry, TokenServer], layer: tuple[bytes, str]
+) -> None:
+    """A Bearer challenge is answered with a token fetched from its realm, then reused."""
+    server, tokens = token_registry
+    image = _image(layer, label="bearer")
+    target = f"{server.host}/tokened/app:v1"
+    with pytest.raises(RegistryError) as anonymous:
+        _push(image, target)
+    assert anonymous.value.status == 401
+    tokens.requests.clear()
+    result = _push(image, target, auth=BasicAuth("pusher", "s3cret"))
+    assert result.blobs_uploaded == 2
+    assert tokens.requests[0]["service"] == [TokenServer.service]
+    assert tokens.requests[0]["scopes"] == ["repository:tokened/app:pull,push"]
+    assert tokens.requests[0]["user"] == "pusher"
+    assert len(tokens.requests) == 1
+    token = tokens.make_token(["repository:tokened/app:pull,push"])
+    again = _push(image, target.replace(":v1", ":v2"), auth=BearerToken(token))
+    assert again.blobs_skipped == 2
+    assert len(tokens.requests) == 1
+    with pytest.raises(RegistryError) as wrong_scope:
+        _push(image, f"{server.host}/other:v1", auth=BearerToken(token))
+    assert wrong_scope.value.status == 401
+
+
+def test_bearer_token_covers_mounts(
+    token_registry: tuple[DockerRegistry, TokenServer], layer: tuple[bytes, str]
+) -> None:
+    """With token auth, one token asks for push on the target and pull on mount_from."""
+    server, tokens = token_registry
+    image = _image(layer, label="bearer-mount")
+    credentials = BasicAuth("pusher", "s3cret")
+    _push(image, f"{server.host}/tokened/base:v1", auth=credentials)
+    tokens.requests.clear()
+    result = _push(
+        image, f"{server.host}/tokened/copy:v1", auth=credentials, mount_from="tokened/base"
+    )
+    assert (result.blobs_mounted, result.blobs_uploaded) == (2, 0)
+    assert [request["scopes"] for request in tokens.requests] == [
+        ["repository:tokened/copy:pull,push", "repository:tokened/base:pull"]
+    ]
