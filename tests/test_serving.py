@@ -27,6 +27,8 @@ from nixery_core.testing.storage import MemoryStore
 
 __all__ = ["fake_gcs"]
 
+pytestmark = pytest.mark.tools
+
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 DATA = bytes(range(256)) * 4000
 

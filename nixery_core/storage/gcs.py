@@ -74,7 +74,7 @@ from nixery_core.storage.keys import validate_object_key, validate_prefix
 __all__ = ["DEFAULT_CHUNK_SIZE", "GcsBlobWriter", "GcsStore"]
 
 #: Resumable-upload and download piece size; GCS wants a multiple of 256 KiB.
-DEFAULT_CHUNK_SIZE: Final = 8 * 1024 * 1024
+DEFAULT_CHUNK_SIZE: Final = 16 * 1024 * 1024
 _CHUNK_MULTIPLE: Final = 256 * 1024
 #: ``put_blob`` data up to this size is sent with a create-only precondition
 #: straight away; larger data is first looked up so it is never sent twice.
