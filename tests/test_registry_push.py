@@ -20,7 +20,15 @@ from servers import DockerRegistry, TokenServer, registry
 
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import BlobNotFound, InvalidImageName, InvalidInput, RegistryError
-from nixery_core.media_types import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST
+from nixery_core.media_types import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+)
 from nixery_core.registry_push import BasicAuth, BearerToken, ImageTarget, push_image
 from nixery_core.testing.storage import MemoryStore
 
@@ -437,3 +445,23 @@ def test_bearer_token_covers_mounts(
     assert [request["scopes"] for request in tokens.requests] == [
         ["repository:tokened/copy:pull,push", "repository:tokened/base:pull"]
     ]
+
+
+def test_docker_schema2_push(registry: DockerRegistry, layer: tuple[bytes, str]) -> None:
+    """A Docker schema 2 manifest is pushed with its own Content-Type and read back as one."""
+    image = _image(layer, label="docker")
+    document = json.loads(image.manifest)
+    document["mediaType"] = DOCKER_MANIFEST
+    document["config"]["mediaType"] = DOCKER_CONFIG
+    document["layers"][0]["mediaType"] = DOCKER_LAYER_GZIP
+    manifest = json.dumps(document).encode()
+    result = push_image(
+        store=image.store,
+        manifest=manifest,
+        manifest_media_type=DOCKER_MANIFEST,
+        target=f"{registry.host}/docker:v1",
+        insecure=True,
+    )
+    assert result.manifest_digest == sha256_digest(manifest)
+    raw = _skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/docker:v1")
+    assert raw.encode() == manifest
