@@ -1,0 +1,258 @@
+"""The ``nixery-core`` command line (also ``python -m nixery_core``).
+
+``build``, ``push``, ``gc`` and ``demo``.  Progress goes to stderr by stage;
+the result (a layer table, a digest) to stdout.  Exit codes: 0 success,
+1 build or storage failure, 2 bad input (invalid name, unknown packages,
+missing source).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from nixery_core.archive import ArchiveOptions
+from nixery_core.build import ProgressEvent, build_image, default_store
+from nixery_core.cache import BuildCache
+from nixery_core.display import build_result_table
+from nixery_core.errors import InvalidInput, NixeryError, UnknownPackages
+from nixery_core.image_config import ImageConfig
+from nixery_core.names import ARM64, Image
+from nixery_core.nixexprs import nix_dir
+from nixery_core.oci_layout import write_oci_layout
+from nixery_core.protocols import Uploader
+from nixery_core.sources import (
+    GitSource,
+    LocalPathSource,
+    NixpkgsSource,
+    PackageSource,
+    source_from_env,
+)
+from nixery_core.storage.filesystem import FilesystemStore
+
+__all__ = ["main"]
+
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+def _progress(event: ProgressEvent) -> None:
+    print(f"[{event.stage}] {event.message}", file=sys.stderr, flush=True)
+
+
+def _source(args: argparse.Namespace) -> PackageSource:
+    if args.pkgs_path:
+        return LocalPathSource(Path(args.pkgs_path))
+    if args.pkgs_repo:
+        return GitSource(args.pkgs_repo)
+    if args.channel:
+        return NixpkgsSource(args.channel)
+    return source_from_env()
+
+
+def _store(args: argparse.Namespace) -> Uploader:
+    return FilesystemStore(Path(args.store)) if args.store else default_store()
+
+
+def _cache(args: argparse.Namespace) -> BuildCache | None:
+    if args.no_cache:
+        return None
+    directory = Path(args.cache) if args.cache else _default_cache_dir()
+    return BuildCache(directory)
+
+
+def _default_cache_dir() -> Path:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "nixery-core" / "cache"
+
+
+def _nix_options(args: argparse.Namespace) -> dict[str, str]:
+    options = dict(opt.split("=", 1) for opt in args.nix_option)
+    if args.offline:
+        options["substituters"] = ""
+    return options
+
+
+def _image(args: argparse.Namespace) -> Image:
+    image = Image.from_name(args.name)
+    return image.with_arch(ARM64) if args.arch == "arm64" else image
+
+
+def _config(args: argparse.Namespace) -> ImageConfig:
+    user = None
+    if args.user:
+        from nixery_core.image_config import parse_user  # noqa: PLC0415 - optional feature
+
+        user = parse_user(args.user)
+    env = dict(item.split("=", 1) for item in args.env)
+    return ImageConfig(env=env, user=user, cmd=args.cmd or None)
+
+
+def _add_build_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="image name, e.g. shell/hello or shell/hello:latest")
+    src = parser.add_argument_group("package source (default: NIXERY_* environment variables)")
+    src.add_argument("--pkgs-path", help="a local package set directory (NIXERY_PKGS_PATH)")
+    src.add_argument("--pkgs-repo", help="a git repository URL (NIXERY_PKGS_REPO)")
+    src.add_argument("--channel", help="a nixpkgs channel or commit (NIXERY_CHANNEL)")
+    parser.add_argument("--store", help="blob store directory (default: ~/.cache/nixery-core/store)")
+    parser.add_argument("--cache", help="local cache directory (default: ~/.cache/nixery-core/cache)")
+    parser.add_argument("--no-cache", action="store_true", help="build without the build cache")
+    parser.add_argument("--format", choices=["oci", "docker"], default="oci")
+    parser.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
+    parser.add_argument("--arch", choices=["amd64", "arm64"], default=None)
+    parser.add_argument("--user", help="run as NAME:UID:GID[:HOME]")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V")
+    parser.add_argument("--cmd", nargs="+", help="the image's command")
+    parser.add_argument("--timeout", type=float, default=600.0, help="Nix build timeout (s)")
+    parser.add_argument("--offline", action="store_true", help="no binary caches")
+    parser.add_argument("--nix-option", action="append", default=[], metavar="K=V")
+
+
+def _build(args: argparse.Namespace, store: Uploader) -> tuple[Image, object]:
+    image = _image(args)
+    cache = _cache(args)
+    try:
+        result = build_image(
+            image,
+            _source(args),
+            uploader=store,
+            cache=cache,
+            archive=ArchiveOptions(compression=args.compression),
+            config=_config(args),
+            manifest_format=args.format,
+            timeout=args.timeout,
+            nix_options=_nix_options(args),
+            progress=_progress,
+        )
+    finally:
+        if cache is not None:
+            cache.close()
+    return image, result
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    store = _store(args)
+    from nixery_core.build import BuildResult  # noqa: PLC0415 - typing of the tuple
+
+    image, result = _build(args, store)
+    assert isinstance(result, BuildResult)  # noqa: S101 - narrowing for mypy
+    print(build_result_table(result))
+    if args.oci:
+        write_oci_layout(
+            Path(args.oci), store=store, manifest=result.manifest,
+            media_type=result.manifest_media_type, ref_name=image.tag,
+        )
+        print(f"OCI layout: {args.oci} (ref {image.tag})")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from nixery_core.build import BuildResult  # noqa: PLC0415
+    from nixery_core.registry_push import push_image  # noqa: PLC0415 - optional dependency
+
+    store = _store(args)
+    _image_value, result = _build(args, store)
+    assert isinstance(result, BuildResult)  # noqa: S101 - narrowing for mypy
+    target = args.target.removeprefix("docker://")
+    pushed = push_image(
+        store=store, manifest=result.manifest, manifest_media_type=result.manifest_media_type,
+        target=target, insecure=args.insecure,
+    )
+    print(f"pushed {result.manifest_digest} to {target}: {pushed}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from nixery_core.gc import collect_garbage  # noqa: PLC0415
+
+    store = _store(args)
+    report = collect_garbage(store, grace_seconds=args.grace, dry_run=args.dry_run)
+    print(report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build shell/hello from the bundled package set, show it, run hello from it."""
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="nixery-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    store = FilesystemStore(work / "store")
+    cache = BuildCache(work / "cache")
+    image = Image.from_name("shell/hello")
+    try:
+        result = build_image(
+            image, LocalPathSource(nix_dir() / "offline"), uploader=store, cache=cache,
+            nix_options={"substituters": ""}, progress=_progress,
+        )
+    finally:
+        cache.close()
+    print(build_result_table(result))
+    layout = work / "oci"
+    write_oci_layout(layout, store=store, manifest=result.manifest,
+                     media_type=result.manifest_media_type, ref_name="latest")
+    print(f"\nOCI layout written to {layout}")
+    if shutil.which("skopeo"):
+        inspect = subprocess.run(
+            ["skopeo", "inspect", f"oci:{layout}:latest"], capture_output=True, text=True,
+            check=True,
+        )
+        print("skopeo inspect:", inspect.stdout[:600])
+    if shutil.which("umoci") and os.geteuid() == 0:
+        bundle = work / "bundle"
+        shutil.rmtree(bundle, ignore_errors=True)
+        subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)],
+                       check=True, capture_output=True)
+        rootfs = bundle / "rootfs"
+        for argv in (["/bin/hello"], ["/bin/bash", "-c", "echo ok from bash in the image"]):
+            ran = subprocess.run(["chroot", str(rootfs), *argv], capture_output=True, text=True,
+                                 check=True)
+            print(f"$ {' '.join(argv)}\n{ran.stdout.rstrip()}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="nixery-core", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="build an image from Nix package names")
+    _add_build_options(build)
+    build.add_argument("--oci", help="also write an OCI image layout to this directory")
+    build.set_defaults(func=cmd_build)
+
+    push = sub.add_parser("push", help="build an image and push it to an OCI registry")
+    _add_build_options(push)
+    push.add_argument("target", help="docker://HOST[:PORT]/REPO:TAG")
+    push.add_argument("--insecure", action="store_true", help="plain HTTP (loopback only)")
+    push.set_defaults(func=cmd_push)
+
+    gc = sub.add_parser("gc", help="delete blobs no cached manifest or build names")
+    gc.add_argument("--store", help="blob store directory")
+    gc.add_argument("--grace", type=float, default=86400.0, help="keep blobs younger than this")
+    gc.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+    gc.set_defaults(func=cmd_gc)
+
+    demo = sub.add_parser("demo", help="build shell/hello from the bundled set and run it")
+    demo.add_argument("--workdir", help="where to keep the store, cache and layout")
+    demo.set_defaults(func=cmd_demo)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except UnknownPackages as exc:
+        print(f"error: unknown packages: {', '.join(exc.packages)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except InvalidInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NixeryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return code
