@@ -1,0 +1,549 @@
+"""Garbage collection: delete stored blobs that nothing names any more.
+
+:func:`collect_garbage` works in two phases.
+
+**Mark.**  Every digest is *named* (and so kept) when it appears in
+
+* a manifest cache entry ``manifests/<key>``: its ``blobs`` list, the digest
+  of the manifest text and config text in its body, and every blob that
+  manifest lists;
+* a layer build entry ``builds/<key>``: its ``digest``;
+* the ``keep`` list passed by the caller;
+* a named blob that is itself an image manifest or index (by its stored media
+  type, or, for ``keep`` entries stored as ``application/octet-stream``, by
+  its content): its config and layers, or its manifests, transitively.
+
+Marking is conservative.  Besides parsing each entry, every
+``sha256:<64 hex>`` string in an entry's raw bytes counts as named, so a
+corrupt or truncated entry still protects every digest it visibly names; it
+is reported in :attr:`GcReport.unreadable` and left in place (pass
+``delete_unreadable=True`` to remove it, which a later run then honours).
+An entry that cannot be *read* (a :class:`~nixery_core.errors.StorageError`)
+aborts the run before anything is deleted.  The mark phase finishes before
+the first deletion.
+
+**Sweep.**  Every stored blob that is not named and was written at least
+``grace_seconds`` before ``now()`` is deleted (``dry_run=True``: listed in
+:attr:`GcReport.would_delete` instead).  A blob whose write time is unknown
+is kept.  Write times come from ``written_at(info)`` (seconds since the
+epoch, on the same clock as ``now``); by default :func:`default_written_at`
+reads the file mtime of a :class:`~nixery_core.storage.filesystem.FilesystemStore`
+blob and the object creation/update time of a
+:class:`~nixery_core.storage.gcs.GcsStore` blob, and knows no time for other
+stores (so nothing is deleted from them unless the caller supplies one).
+
+**Races with builds.**  A build stores every blob before it writes the
+entry naming it (:mod:`nixery_core.cache`).  So while a build runs, its new
+blobs are young, and a blob younger than the grace period is always kept: a
+concurrent build never loses a blob it has just written, provided
+``grace_seconds`` exceeds the longest build (the default is a day).  The
+remaining window is a build that *re-uses* an old unnamed blob (a
+``put_blob`` of bytes already stored is a no-op that does not refresh the
+blob's time) and names it in an entry written after the mark phase read the
+entries; the cache then finds the entry's blob missing and rebuilds it, so
+a later request heals, but an image handed out in that window may miss that
+blob.  Run gc when builds are quiet, or keep the grace period long.
+
+**Expired entries.**  A moving-target manifest entry past its
+``expires_at`` is never served, but it still names its blobs, so they are
+kept until the entry itself is removed.  ``drop_expired=True`` deletes such
+entries first (judged by ``now()``), which frees their blobs in the same run.
+Removing ``manifests/`` or ``builds/`` entries is always harmless: the cache
+rebuilds what is missing.  Entries in a :class:`~nixery_core.cache.BuildCache`
+*local* tier are invisible here; the cache checks that an entry's blobs exist
+before serving it, so deleting them costs a rebuild, never a broken image.
+
+**Staging.**  Uploads left behind by crashed processes are removed too when
+they are older than the grace period: through
+:meth:`~nixery_core.storage.filesystem.FilesystemStore.cleanup_staging` (which
+uses the store's own clock) on the filesystem store, and by their creation
+time on GCS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+from nixery_core.cache import LayerRecord, ManifestRecord
+from nixery_core.digests import sha256_digest, validate_digest
+from nixery_core.errors import BlobNotFound, InvalidInput, InvalidManifest, StorageUnavailable
+from nixery_core.manifest import MAX_MANIFEST_SIZE, parse_index, parse_manifest, sniff_media_type
+from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCTET_STREAM
+from nixery_core.protocols import BlobInfo, Uploader
+from nixery_core.storage.filesystem import FilesystemStore
+
+__all__ = [
+    "BUILD_PREFIX",
+    "DEFAULT_GRACE_SECONDS",
+    "MANIFEST_PREFIX",
+    "GcReport",
+    "UnreadableEntry",
+    "WrittenAt",
+    "collect_garbage",
+    "default_written_at",
+]
+
+#: One day: longer than any build, so a build running during gc keeps its blobs.
+DEFAULT_GRACE_SECONDS = 86400.0
+MANIFEST_PREFIX = "manifests/"
+BUILD_PREFIX = "builds/"
+
+#: When a blob was last written, in seconds since the epoch; ``None``: unknown.
+WrittenAt = Callable[[BlobInfo], float | None]
+
+_DIGEST_BYTES = re.compile(rb"sha256:[0-9a-f]{64}")
+_FOLLOWED_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
+_GCS_MODULE = "nixery_core.storage.gcs"
+#: What parsing a malformed entry raises: bad JSON or UTF-8 and InvalidInput are
+#: ValueErrors, a wrong shape TypeError or KeyError, absurd nesting RecursionError.
+_MALFORMED = (ValueError, TypeError, KeyError, RecursionError)
+
+
+@attrs.frozen
+class UnreadableEntry:
+    """A cache entry or manifest blob that could not be parsed (``key`` names it).
+
+    Nothing was deleted because of it: every digest visible in its bytes was kept.
+    """
+
+    key: str
+    reason: str
+
+
+@attrs.frozen
+class GcReport:
+    """What one :func:`collect_garbage` run did (or, with ``dry_run``, would do).
+
+    ``deleted`` lists the blobs removed (empty in a dry run); ``would_delete``
+    the blobs a real run would remove (only filled in a dry run).
+    ``bytes_freed``, ``dropped_entries`` and ``staging_removed`` count what
+    was removed, or in a dry run what a real run would remove.  Kept blobs
+    are counted by reason; ``missing`` lists digests that are named but not
+    stored (stale entries, which the cache rebuilds).
+    """
+
+    dry_run: bool
+    grace_seconds: float
+    deleted: tuple[str, ...] = ()
+    would_delete: tuple[str, ...] = ()
+    bytes_freed: int = 0
+    kept_named: int = 0
+    kept_young: int = 0
+    kept_unknown_age: int = 0
+    missing: tuple[str, ...] = ()
+    unreadable: tuple[UnreadableEntry, ...] = ()
+    dropped_entries: tuple[str, ...] = ()
+    staging_removed: int = 0
+
+    @property
+    def kept(self) -> int:
+        """Blobs kept, for any reason."""
+        return self.kept_named + self.kept_young + self.kept_unknown_age
+
+    def __str__(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        removed = self.would_delete if self.dry_run else self.deleted
+        lines = [
+            f"gc{' (dry run)' if self.dry_run else ''}: {verb} {len(removed)} blobs "
+            f"({_human(self.bytes_freed)}); kept {self.kept} "
+            f"({self.kept_named} named, {self.kept_young} younger than "
+            f"{_duration(self.grace_seconds)}, {self.kept_unknown_age} of unknown age)",
+        ]
+        lines += [f"  {verb} {digest}" for digest in removed]
+        if self.dropped_entries:
+            dropped = "would drop" if self.dry_run else "dropped"
+            lines.append(f"{dropped} {len(self.dropped_entries)} cache entries:")
+            lines += [f"  {key}" for key in self.dropped_entries]
+        if self.staging_removed:
+            staged = "would remove" if self.dry_run else "removed"
+            lines.append(f"{staged} {self.staging_removed} leftover staging uploads")
+        if self.missing:
+            lines.append(f"{len(self.missing)} named blobs are not stored (stale entries)")
+        if self.unreadable:
+            lines.append(f"{len(self.unreadable)} unreadable entries (kept what they name):")
+            lines += [f"  {entry.key}: {entry.reason}" for entry in self.unreadable]
+        return "\n".join(lines)
+
+
+def _human(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    unit = "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value /= 1024
+        unit = bigger
+    return f"{value:.1f} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    for unit, length in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= length:
+            return f"{seconds / length:g}{unit}"
+    return f"{seconds:g}s"
+
+
+# --- write times -------------------------------------------------------------
+
+
+def _timestamp(value: object) -> float | None:
+    return value.timestamp() if isinstance(value, datetime) else None
+
+
+def _filesystem_written_at(store: FilesystemStore) -> WrittenAt:
+    def written_at(info: BlobInfo) -> float | None:
+        try:
+            return store.blob_path(info.digest).stat().st_mtime
+        except (BlobNotFound, FileNotFoundError):  # deleted meanwhile: nothing to judge
+            return None
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot stat blob {info.digest}: {exc}", info.digest) from exc
+
+    return written_at
+
+
+def _google_exceptions() -> Any:
+    """``google.api_core.exceptions``, imported only once a GcsStore is in use."""
+    from google.api_core import exceptions  # noqa: PLC0415 - keeps google-cloud optional
+
+    return exceptions
+
+
+def _gcs_time(bucket: Any, name: str, key: str) -> float | None:
+    """Latest of the object's creation and update times; ``None`` when absent."""
+    gexc = _google_exceptions()
+    try:
+        meta = bucket.get_blob(name)
+    except (gexc.GoogleAPIError, OSError) as exc:
+        raise StorageUnavailable(f"GCS stat of {name!r} failed: {exc}", key) from exc
+    if meta is None:
+        return None
+    times = [t for t in (_timestamp(meta.time_created), _timestamp(meta.updated)) if t is not None]
+    return max(times) if times else None
+
+
+def _gcs_written_at(store: Any) -> WrittenAt:
+    def written_at(info: BlobInfo) -> float | None:
+        return _gcs_time(store.bucket, store.blob_object_name(info.digest), info.digest)
+
+    return written_at
+
+
+def _is_gcs_store(store: object) -> bool:
+    # A GcsStore can only exist once its module is imported; looking it up in
+    # sys.modules keeps google-cloud-storage an optional dependency.
+    module = sys.modules.get(_GCS_MODULE)
+    return module is not None and isinstance(store, module.GcsStore)
+
+
+def default_written_at(store: Uploader) -> WrittenAt:
+    """Blob write times for the stores this library ships; unknown (``None``) otherwise.
+
+    FilesystemStore: the blob file's mtime.  GcsStore: the later of the
+    object's ``timeCreated`` and ``updated``.  Anything else (MemoryStore,
+    an embedder's store): always ``None``, so gc keeps every unnamed blob;
+    pass ``written_at=`` to :func:`collect_garbage` for such stores.
+    """
+    if isinstance(store, FilesystemStore):
+        return _filesystem_written_at(store)
+    if _is_gcs_store(store):
+        return _gcs_written_at(store)
+    return lambda info: None
+
+
+# --- mark --------------------------------------------------------------------
+
+
+@attrs.define
+class _Marker:
+    """The set of named digests, grown entry by entry and blob by blob."""
+
+    store: Uploader
+    blobs: Mapping[str, BlobInfo]
+    named: set[str] = attrs.Factory(set)
+    #: Digests named by a parsed field (not merely seen in raw bytes): blobs
+    #: that should exist.  Raw bytes also hold diff_ids, which are no blobs.
+    expected: set[str] = attrs.Factory(set)
+    unreadable: list[UnreadableEntry] = attrs.Factory(list)
+    _followed: set[str] = attrs.Factory(set)
+    _pending: list[str] = attrs.Factory(list)
+
+    def name(self, digest: str, *, expected: bool = True) -> None:
+        if expected:
+            self.expected.add(digest)
+        if digest not in self.named:
+            self.named.add(digest)
+            self._pending.append(digest)
+
+    def salvage(self, raw: bytes) -> None:
+        """Name every digest that appears anywhere in ``raw``."""
+        for match in _DIGEST_BYTES.finditer(raw):
+            self.name(match.group().decode("ascii"), expected=False)
+
+    def manifest_entry(self, key: str, raw: bytes) -> ManifestRecord | None:
+        self.salvage(raw)
+        try:
+            record = ManifestRecord.from_json(_json_object(raw))
+            for digest in record.blobs:
+                self.name(validate_digest(digest))
+            self._body(record.body)
+        except _MALFORMED as exc:
+            self.unreadable.append(UnreadableEntry(key, str(exc) or type(exc).__name__))
+            return None
+        return record
+
+    def _body(self, body: Mapping[str, Any]) -> None:
+        manifest, config = body.get("manifest"), body.get("config")
+        if isinstance(config, str):
+            self.name(sha256_digest(config.encode()))
+        if isinstance(manifest, str):
+            data = manifest.encode()
+            self.name(sha256_digest(data))
+            media_type = body.get("manifest_media_type")
+            for descriptor in parse_manifest(
+                data, media_type if isinstance(media_type, str) else None
+            ).blobs:
+                self.name(descriptor.digest)
+
+    def build_entry(self, key: str, raw: bytes) -> None:
+        self.salvage(raw)
+        try:
+            self.name(validate_digest(LayerRecord.from_json(_json_object(raw)).digest))
+        except _MALFORMED as exc:
+            self.unreadable.append(UnreadableEntry(key, str(exc) or type(exc).__name__))
+
+    def follow(self, sniff: set[str]) -> None:
+        """Name what every named manifest or index blob refers to, transitively."""
+        while self._pending:
+            digest = self._pending.pop()
+            info = self.blobs.get(digest)
+            if info is None or digest in self._followed or info.size > MAX_MANIFEST_SIZE:
+                continue
+            self._followed.add(digest)
+            if info.media_type in _FOLLOWED_TYPES:
+                self._follow_blob(info, info.media_type, report=True)
+            elif info.media_type == OCTET_STREAM and digest in sniff:
+                self._follow_blob(info, None, report=False)
+
+    def _follow_blob(self, info: BlobInfo, media_type: str | None, *, report: bool) -> None:
+        try:
+            data = self.store.read_blob(info.digest)
+        except BlobNotFound:  # deleted by someone else meanwhile
+            return
+        if report:
+            self.salvage(data)
+        try:
+            kind = media_type or sniff_media_type(data)
+            if kind in INDEX_TYPES:
+                children = [d.digest for d in parse_index(data, media_type).manifests]
+            elif kind in IMAGE_MANIFEST_TYPES:
+                children = [d.digest for d in parse_manifest(data, media_type).blobs]
+            else:
+                return
+        except InvalidManifest as exc:
+            if report:
+                self.unreadable.append(UnreadableEntry(info.digest, exc.detail))
+            return
+        for child in children:
+            self.name(child)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise TypeError("entry is not a JSON object")
+    return data
+
+
+def _expired(record: ManifestRecord | None, now: float) -> bool:
+    return record is not None and record.expires_at is not None and record.expires_at <= now
+
+
+# --- staging -----------------------------------------------------------------
+
+
+def _clean_staging(store: Uploader, grace_seconds: float, now: float, *, dry_run: bool) -> int:
+    if isinstance(store, FilesystemStore):
+        if not dry_run:
+            return store.cleanup_staging(older_than=grace_seconds)
+        count = 0
+        for path in store.staging_leftovers():
+            try:
+                count += path.stat().st_mtime < now - grace_seconds
+            except FileNotFoundError:
+                continue
+        return count
+    if _is_gcs_store(store):
+        return _clean_gcs_staging(store, grace_seconds, now, dry_run=dry_run)
+    return 0
+
+
+def _clean_gcs_staging(store: Any, grace_seconds: float, now: float, *, dry_run: bool) -> int:
+    count = 0
+    for name in store.staging_leftovers():
+        written = _gcs_time(store.bucket, name, name)
+        if written is None or now - written < grace_seconds:
+            continue
+        count += 1
+        if not dry_run:
+            gexc = _google_exceptions()
+            try:
+                store.bucket.blob(name).delete()
+            except gexc.NotFound:  # gone already: done
+                continue
+            except (gexc.GoogleAPIError, OSError) as exc:
+                raise StorageUnavailable(f"GCS delete of {name!r} failed: {exc}", name) from exc
+    return count
+
+
+# --- the collector -----------------------------------------------------------
+
+
+def _mark(
+    store: Uploader,
+    blobs: Mapping[str, BlobInfo],
+    keep: list[str],
+    *,
+    drop_expired: bool,
+    now: float,
+) -> tuple[_Marker, list[str]]:
+    """Name everything that is kept; return the marker and the expired entries to drop."""
+    marker = _Marker(store, blobs)
+    for digest in keep:
+        marker.name(digest)
+    expired: list[str] = []
+    for key in list(store.list_objects(MANIFEST_PREFIX)):
+        raw = store.get_object(key)
+        if raw is None:  # removed meanwhile
+            continue
+        if drop_expired and _expired(_peek_manifest(raw), now):
+            expired.append(key)
+            continue
+        marker.manifest_entry(key, raw)
+    for key in list(store.list_objects(BUILD_PREFIX)):
+        raw = store.get_object(key)
+        if raw is not None:
+            marker.build_entry(key, raw)
+    marker.follow(set(keep))
+    return marker, expired
+
+
+@attrs.frozen
+class _Sweep:
+    doomed: tuple[BlobInfo, ...]
+    kept_named: int
+    kept_young: int
+    kept_unknown_age: int
+
+
+def _choose(
+    blobs: Mapping[str, BlobInfo],
+    named: set[str],
+    written_at: WrittenAt,
+    *,
+    grace_seconds: float,
+    now: float,
+) -> _Sweep:
+    doomed: list[BlobInfo] = []
+    named_count = young = unknown = 0
+    for digest in sorted(blobs):
+        info = blobs[digest]
+        if digest in named:
+            named_count += 1
+            continue
+        written = written_at(info)
+        if written is None:
+            unknown += 1
+        elif now - written < grace_seconds:
+            young += 1
+        else:
+            doomed.append(info)
+    return _Sweep(tuple(doomed), named_count, young, unknown)
+
+
+def collect_garbage(
+    store: Uploader,
+    *,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    keep: Iterable[str] = (),
+    dry_run: bool = False,
+    drop_expired: bool = False,
+    delete_unreadable: bool = False,
+    now: Callable[[], float] = time.time,
+    written_at: WrittenAt | None = None,
+) -> GcReport:
+    """Delete every blob nothing names that is older than ``grace_seconds``.
+
+    See the module documentation for what counts as named, how races with
+    builds are handled and what happens to expired and unreadable entries.
+    ``keep`` holds extra digests to keep (a manifest or index digest keeps
+    what it refers to as well); a malformed one raises
+    :class:`~nixery_core.errors.InvalidDigest` before anything is touched.
+    ``drop_expired`` removes expired manifest entries first;
+    ``delete_unreadable`` removes unparseable cache entries (after keeping
+    what they name in this run).  ``written_at`` gives a blob's write time
+    (default: :func:`default_written_at`).  Storage failures raise
+    :class:`~nixery_core.errors.StorageError`; a failure while marking
+    deletes nothing, and a re-run after a failure while sweeping is safe.
+    """
+    if not grace_seconds >= 0:  # also refuses NaN
+        raise InvalidInput(f"grace_seconds must be a number >= 0, not {grace_seconds!r}")
+    keep_list = [validate_digest(digest) for digest in keep]
+    when = now()
+    blobs = {info.digest: info for info in store.list_blobs()}
+    marker, dropped = _mark(store, blobs, keep_list, drop_expired=drop_expired, now=when)
+
+    # Everything is marked: only from here on is anything removed.
+    if delete_unreadable:
+        dropped += [
+            entry.key
+            for entry in marker.unreadable
+            if entry.key.startswith((MANIFEST_PREFIX, BUILD_PREFIX))
+        ]
+    sweep = _choose(
+        blobs,
+        marker.named,
+        written_at if written_at is not None else default_written_at(store),
+        grace_seconds=grace_seconds,
+        now=when,
+    )
+    if not dry_run:
+        for key in dropped:
+            store.delete_object(key)
+        for info in sweep.doomed:
+            store.delete_blob(info.digest)
+    staging = _clean_staging(store, grace_seconds, when, dry_run=dry_run)
+
+    removed = tuple(info.digest for info in sweep.doomed)
+    return GcReport(
+        dry_run=dry_run,
+        grace_seconds=grace_seconds,
+        deleted=() if dry_run else removed,
+        would_delete=removed if dry_run else (),
+        bytes_freed=sum(info.size for info in sweep.doomed),
+        kept_named=sweep.kept_named,
+        kept_young=sweep.kept_young,
+        kept_unknown_age=sweep.kept_unknown_age,
+        missing=tuple(sorted(d for d in marker.expected if d not in blobs)),
+        unreadable=tuple(marker.unreadable),
+        dropped_entries=tuple(dropped),
+        staging_removed=staging,
+    )
+
+
+def _peek_manifest(raw: bytes) -> ManifestRecord | None:
+    """The entry as a record, or ``None`` when it does not parse (never judged expired)."""
+    try:
+        return ManifestRecord.from_json(_json_object(raw))
+    except _MALFORMED:
+        return None
