@@ -34,7 +34,8 @@ from nixery_core.archive import ArchiveOptions, PackedLayer, pack_entries, pack_
 from nixery_core.cache import LAYOUT_VERSION, BuildCache, CacheStats, LayerRecord
 from nixery_core.customisation import customisation_entries
 from nixery_core.entries import TarEntry
-from nixery_core.graph import store_path_name
+from nixery_core.errors import StorePathMissing
+from nixery_core.graph import RuntimeGraph, store_path_name
 from nixery_core.image_config import ImageConfig
 from nixery_core.manifest import LayerDescriptor, render_config, render_manifest
 from nixery_core.names import Image
@@ -453,6 +454,7 @@ def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
     )
     now = build.timed("nix", now)
 
+    _check_on_disk(graph, build.store_root)
     build.emit("layering", f"grouping {len(graph)} store paths with {plan.strategy.name}")
     groups = plan.strategy.group(graph, plan.layer_budget - 1)
     now = build.timed("layering", now)
@@ -501,6 +503,15 @@ def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
     build.timed("metadata", now)
     build.emit("done", f"built {image.reference}: {manifest_info.digest}")
     return attrs.evolve(result, timings=dict(build.timings), cache_stats=build.stats)
+
+
+def _check_on_disk(graph: RuntimeGraph, store_root: Path) -> None:
+    """Every store path exists, so a missing one fails the build before any upload."""
+    for path in graph.paths:
+        try:
+            (store_root / path.lstrip("/")).lstat()
+        except FileNotFoundError as exc:
+            raise StorePathMissing(path) from exc
 
 
 def _history(layer: BuiltLayer) -> str:

@@ -22,7 +22,7 @@ from nixery_core.build import ProgressEvent, build_image, default_store
 from nixery_core.cache import BuildCache
 from nixery_core.display import build_result_table
 from nixery_core.errors import InvalidInput, NixeryError, UnknownPackages
-from nixery_core.image_config import ImageConfig
+from nixery_core.image_config import ImageConfig, User
 from nixery_core.names import ARM64, Image
 from nixery_core.nixexprs import nix_dir
 from nixery_core.oci_layout import write_oci_layout
@@ -87,9 +87,7 @@ def _image(args: argparse.Namespace) -> Image:
 def _config(args: argparse.Namespace) -> ImageConfig:
     user = None
     if args.user:
-        from nixery_core.image_config import parse_user  # noqa: PLC0415 - optional feature
-
-        user = parse_user(args.user)
+        user = User.from_spec(args.user)
     env = dict(item.split("=", 1) for item in args.env)
     return ImageConfig(env=env, user=user, cmd=args.cmd or None)
 
@@ -100,8 +98,8 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--pkgs-path", help="a local package set directory (NIXERY_PKGS_PATH)")
     src.add_argument("--pkgs-repo", help="a git repository URL (NIXERY_PKGS_REPO)")
     src.add_argument("--channel", help="a nixpkgs channel or commit (NIXERY_CHANNEL)")
-    parser.add_argument("--store", help="blob store directory (default: ~/.cache/nixery-core/store)")
-    parser.add_argument("--cache", help="local cache directory (default: ~/.cache/nixery-core/cache)")
+    parser.add_argument("--store", help="blob store directory (~/.cache/nixery-core/store)")
+    parser.add_argument("--cache", help="local cache directory (~/.cache/nixery-core/cache)")
     parser.add_argument("--no-cache", action="store_true", help="build without the build cache")
     parser.add_argument("--format", choices=["oci", "docker"], default="oci")
     parser.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
