@@ -102,7 +102,7 @@ def test_rootfs_tmp_mode_and_cert_on_disk(hello_layout: tuple[Path, str], tmp_pa
     assert (rootfs / "tmp").stat().st_mode & 0o7777 == 0o1777
     target = rootfs / "etc/ssl/certs/ca-bundle.crt"
     while target.is_symlink():
-        link = os.readlink(target)
+        link = str(target.readlink())
         target = rootfs / link.lstrip("/") if link.startswith("/") else target.parent / link
     assert target.is_file()
     assert b"BEGIN CERTIFICATE" in target.read_bytes() or target.stat().st_size > 0
