@@ -176,7 +176,7 @@ def test_single_flight_admits_one_thread_at_a_time(tmp_path: Path) -> None:
         for thread in threads:
             thread.join()
         assert peak == 1
-        assert cache._flights == {}  # noqa: SLF001 - no per-key state is leaked
+        assert cache._flights == {}  # no per-key state is leaked
 
 
 def test_stats_add_up() -> None:
