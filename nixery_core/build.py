@@ -207,21 +207,20 @@ def manifest_cache_key(
     config: ImageConfig,
     manifest_format: str,
     layer_budget: int,
+    expression: str | None = None,
 ) -> str:
     """A key over everything that changes the built manifest."""
-    return hashlib.sha256(
-        canonical_json(
-            {
-                "layout": LAYOUT_VERSION,
-                "image": image_cache_key(image, spec),
-                "strategy": {"name": strategy.name, "parameters": dict(strategy.parameters())},
-                "archive": archive.parameters(),
-                "config": config.parameters(),
-                "format": manifest_format,
-                "budget": layer_budget,
-            }
-        )
-    ).hexdigest()
+    payload: dict[str, object] = {
+        "layout": LAYOUT_VERSION,
+        "image": image_cache_key(image, spec),
+        "strategy": {"name": strategy.name, "parameters": dict(strategy.parameters())},
+        "archive": archive.parameters(),
+        "config": config.parameters(),
+        "format": manifest_format,
+        "budget": layer_budget,
+        "expression": expression,
+    }
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
 def layer_cache_key(paths: Iterable[str], archive: ArchiveOptions) -> str:
@@ -361,6 +360,7 @@ def build_image(
     progress: ProgressCallback | None = None,
     on_log_line: LogCallback | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    expression: str | None = None,
 ) -> BuildResult:
     """Build ``image`` from ``source``: blobs into ``uploader``, a manifest out.
 
@@ -370,7 +370,12 @@ def build_image(
     ``/nix/store`` is read from (fakes put a store in a temporary directory).
     Raises :class:`~nixery_core.errors.UnknownPackages` for unknown names and
     the other :class:`~nixery_core.errors.NixeryError` types for failures;
-    a failed build leaves no blob or cache entry behind.
+    a failed build leaves no partial blob and no cache entry behind.
+
+    ``expression`` is for trusted callers only: Nix source (a function from
+    the package set to derivations, e.g. ``"pkgs: [ pkgs.hello ]"``) whose
+    outputs join the image's packages.  Nothing derived from an image name
+    ever reaches it; its text is part of the cache key.
     """
     if runner is None:
         from nixery_core.runner import SubprocessRunner  # noqa: PLC0415 - default only
@@ -389,12 +394,12 @@ def build_image(
     spec = source.resolve(image.tag)
     key = manifest_cache_key(
         image, spec, strategy=strategy, archive=archive, config=config,
-        manifest_format=manifest_format, layer_budget=layer_budget,
+        manifest_format=manifest_format, layer_budget=layer_budget, expression=expression,
     )
 
     plan = _Plan(
         spec, key, runner, strategy, config, manifest_format, layer_budget, timeout,
-        nix_options, max_workers, on_log_line,
+        nix_options, max_workers, on_log_line, expression,
     )
 
     def lookup() -> BuildResult | None:
@@ -441,6 +446,7 @@ class _Plan:
     nix_options: Mapping[str, str] | None
     max_workers: int | None
     on_log_line: LogCallback | None
+    expression: str | None
 
 
 def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
@@ -448,10 +454,17 @@ def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
     now = build.timed("resolve", start)
 
     build.emit("nix", f"realising {len(image.packages)} packages with Nix")
-    graph = nix.realise(
-        image, plan.spec, runner=plan.runner, timeout=plan.timeout,
-        nix_options=plan.nix_options, on_log_line=plan.on_log_line,
-    )
+    if plan.expression is None:
+        graph = nix.realise(
+            image, plan.spec, runner=plan.runner, timeout=plan.timeout,
+            nix_options=plan.nix_options, on_log_line=plan.on_log_line,
+        )
+    else:
+        graph = nix.realise_expression(
+            plan.expression, plan.spec, runner=plan.runner, arch=image.arch,
+            packages=image.packages, timeout=plan.timeout, nix_options=plan.nix_options,
+            on_log_line=plan.on_log_line,
+        )
     now = build.timed("nix", now)
 
     _check_on_disk(graph, build.store_root)
