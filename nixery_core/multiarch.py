@@ -1,0 +1,355 @@
+"""Multi-architecture images: one name, one image per architecture, one index.
+
+:func:`build_multiarch` builds an :class:`~nixery_core.names.Image` once per
+architecture with :func:`~nixery_core.build.build_image` (``amd64`` and
+``arm64`` by default, in that order), renders an OCI image index
+(``format="oci"``) or a Docker manifest list (``format="docker"``) naming
+each manifest with its platform, stores the index as a blob and caches it.
+Each per-architecture manifest is rendered in the same format as the index,
+so a Docker manifest list only names Docker schema 2 manifests.
+
+Caching.  The index cache key is a hash over the format and the ordered
+``(architecture, manifest cache key)`` pairs, where each manifest key is the
+one :func:`~nixery_core.build.build_image` uses for that architecture (so
+every build input, the source revision and the expression included, is
+covered).  The entry is kept by :class:`~nixery_core.cache.BuildCache` under
+``manifests/index-<key>`` like any manifest entry: it is written only once
+the index and every blob of every architecture are stored, names all of
+them (so garbage collection keeps them), and is served only while they all
+exist.  A hit from a pinned source runs no Nix and builds nothing; a miss
+builds each architecture through ``build_image``, which uses the manifest
+and layer caches as usual.
+
+Architectures are built one after the other: Nix parallelises inside each
+build, and layers shared between architectures (none for real nixpkgs,
+whose store paths differ per system) are packed once.  Building a foreign
+architecture needs a Nix that can: ``extra-platforms`` with binfmt
+emulation, or remote builders (the offline package set only needs
+``nix_options={"extra-platforms": "aarch64-linux"}``, its arm64 packages
+are made by the host's busybox).
+
+Ordering matters: the index lists its manifests in ``archs`` order, so two
+orders are two indexes (and two cache keys); clients pick by platform and
+do not care.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from nixery_core.archive import ArchiveOptions
+from nixery_core.build import (
+    DEFAULT_LAYER_BUDGET,
+    BuildResult,
+    build_image,
+    default_store,
+    manifest_cache_key,
+)
+from nixery_core.cache import LAYOUT_VERSION, BuildCache, CacheStats
+from nixery_core.digests import sha256_digest
+from nixery_core.errors import InvalidInput
+from nixery_core.image_config import ImageConfig
+from nixery_core.manifest import Descriptor, Format, ManifestRef, render_index
+from nixery_core.names import AMD64, ARM64, Architecture, Image
+from nixery_core.oci_layout import write_oci_layout
+from nixery_core.protocols import LayeringStrategy, Uploader
+from nixery_core.sources import PackageSource, canonical_json
+
+__all__ = [
+    "DEFAULT_ARCHS",
+    "INDEX_KEY_PREFIX",
+    "MultiArchResult",
+    "build_multiarch",
+    "write_multiarch_layout",
+]
+
+log = logging.getLogger(__name__)
+
+#: The architectures :func:`build_multiarch` builds unless told otherwise.
+DEFAULT_ARCHS: tuple[Architecture, ...] = (AMD64, ARM64)
+#: Index cache keys start with this, so they never collide with a manifest key
+#: (a bare hex digest) in the shared ``manifests/`` namespace.
+INDEX_KEY_PREFIX = "index-"
+
+#: build_image keywords that build_multiarch sets itself.
+_RESERVED = frozenset({"image", "source", "manifest_format"})
+
+
+@attrs.frozen
+class MultiArchResult:
+    """A built multi-architecture image.
+
+    ``index`` is the OCI image index or Docker manifest list (stored as a blob
+    under ``index_digest`` with ``media_type``); ``manifests`` maps each OCI
+    architecture name (``amd64``, ``arm64``) to that architecture's build, in
+    index order.  ``from_cache`` says whether the index came from the index
+    cache (then no architecture was built and every ``BuildResult`` is
+    rebuilt from the entry, ``from_cache=True`` too).
+    """
+
+    image: Image
+    index: bytes
+    index_digest: str
+    media_type: str
+    manifests: Mapping[str, BuildResult]
+    cache_key: str
+    from_cache: bool = False
+    timings: Mapping[str, float] = attrs.field(factory=dict)
+    cache_stats: CacheStats = attrs.field(factory=CacheStats)
+
+    @property
+    def blobs(self) -> tuple[str, ...]:
+        """Every blob the index needs: the index, then each architecture's blobs."""
+        out = [self.index_digest]
+        for result in self.manifests.values():
+            out.extend(d for d in result.blobs if d not in out)
+        return tuple(out)
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        """The OCI architecture names, in index order."""
+        return tuple(self.manifests)
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON body the index cache keeps."""
+        return {
+            "kind": "index",
+            "index": self.index.decode(),
+            "media_type": self.media_type,
+            "manifests": [
+                {"arch": arch, "cache_key": result.cache_key, "record": result.to_record()}
+                for arch, result in self.manifests.items()
+            ],
+        }
+
+
+def _check_archs(archs: Sequence[Architecture]) -> tuple[Architecture, ...]:
+    if isinstance(archs, Architecture):
+        archs = (archs,)
+    out = tuple(archs)
+    if not out:
+        raise InvalidInput("build_multiarch needs at least one architecture")
+    seen: set[str] = set()
+    for arch in out:
+        if not isinstance(arch, Architecture):
+            raise InvalidInput(f"{arch!r} is not an Architecture (use names.AMD64, names.ARM64)")
+        if arch.oci_arch in seen:
+            raise InvalidInput(f"architecture {arch.oci_arch} is listed twice")
+        seen.add(arch.oci_arch)
+    return out
+
+
+def _check_format(format: str) -> None:  # noqa: A002 - the public keyword's name
+    if format not in ("oci", "docker"):
+        raise InvalidInput(f"unknown index format {format!r}: expected 'oci' or 'docker'")
+
+
+def _index_key(format: str, arch_keys: Sequence[tuple[str, str]]) -> str:  # noqa: A002 - as above
+    payload = {
+        "kind": "index",
+        "layout": LAYOUT_VERSION,
+        "format": format,
+        "manifests": [list(pair) for pair in arch_keys],
+    }
+    return INDEX_KEY_PREFIX + hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
+@attrs.define
+class _IndexBuild:
+    """One multi-architecture build with its defaults resolved; not public."""
+
+    image: Image
+    source: PackageSource
+    archs: tuple[Architecture, ...]
+    format: Format
+    store: Uploader
+    cache: BuildCache | None
+    pinned: bool
+    expected: dict[str, str]
+    key: str
+    build_kwargs: dict[str, Any]
+    clock: Callable[[], float]
+    start: float
+    timings: dict[str, float] = attrs.field(factory=dict)
+
+    def lookup(self) -> MultiArchResult | None:
+        """The cached index, or None (a corrupt entry is a miss, logged)."""
+        if self.cache is None:
+            return None
+        before = self.cache.stats
+        record = self.cache.get_manifest(self.store, self.key)
+        after = self.cache.stats
+        delta = CacheStats(
+            manifest_local_hits=after.manifest_local_hits - before.manifest_local_hits,
+            manifest_shared_hits=after.manifest_shared_hits - before.manifest_shared_hits,
+            manifest_misses=after.manifest_misses - before.manifest_misses,
+            stale_entries=after.stale_entries - before.stale_entries,
+            corrupt_entries=after.corrupt_entries - before.corrupt_entries,
+        )
+        if record is None:
+            return None
+        self.timings["resolve"] = self.clock() - self.start
+        try:
+            return self._from_record(record.body, delta)
+        except (TypeError, KeyError, ValueError) as exc:
+            log.warning("corrupt index cache entry %s (%s); rebuilding", self.key, exc)
+            return None
+
+    def _from_record(self, body: Mapping[str, Any], stats: CacheStats) -> MultiArchResult:
+        """Rebuild a result from an index cache entry (TypeError/KeyError if malformed)."""
+        index = str(body["index"]).encode()
+        entries = body["manifests"]
+        if not isinstance(entries, list) or [e["arch"] for e in entries] != list(self.expected):
+            raise TypeError("index entry architectures do not match the request")
+        manifests: dict[str, BuildResult] = {}
+        for arch, entry in zip(self.archs, entries, strict=True):
+            key = self.expected[arch.oci_arch]
+            if entry["cache_key"] != key:
+                raise TypeError(f"index entry for {arch.oci_arch} names another manifest key")
+            manifests[arch.oci_arch] = BuildResult.from_record(
+                self.image.with_arch(arch), key, entry["record"], stats, self.timings
+            )
+        return MultiArchResult(
+            image=self.image, index=index, index_digest=sha256_digest(index),
+            media_type=str(body["media_type"]), manifests=manifests, cache_key=self.key,
+            from_cache=True, timings=self.timings, cache_stats=stats,
+        )
+
+    def build(self) -> MultiArchResult:
+        """Build every architecture, store the index, then write the index entry."""
+        results: dict[str, BuildResult] = {}
+        stats = CacheStats()
+        for arch in self.archs:
+            built = build_image(
+                self.image.with_arch(arch), self.source, uploader=self.store, cache=self.cache,
+                manifest_format=self.format, clock=self.clock, **self.build_kwargs,
+            )
+            results[arch.oci_arch] = built
+            stats = stats + built.cache_stats
+            for stage, seconds in built.timings.items():
+                self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+        refs = [
+            ManifestRef(r.manifest_digest, len(r.manifest), r.manifest_media_type, arch)
+            for arch, r in zip(self.archs, results.values(), strict=True)
+        ]
+        index, media_type = render_index(refs, self.format)
+        info = self.store.put_blob(index, media_type)
+        result = MultiArchResult(
+            image=self.image, index=index, index_digest=info.digest, media_type=media_type,
+            manifests=results, cache_key=self.key, from_cache=False, timings=self.timings,
+            cache_stats=stats,
+        )
+        drift = [a for a, r in results.items() if r.cache_key != self.expected[a]]
+        if drift:
+            # Only when build_image's key inputs outgrow the arguments given to
+            # manifest_cache_key here; a test pins that this does not happen.
+            log.warning("manifest keys for %s differ from the index's; not caching %s",
+                        drift, self.key)
+        elif self.cache is not None:
+            self.cache.put_manifest(
+                self.store, self.key, result.to_record(), result.blobs, pinned=self.pinned
+            )
+        return result
+
+
+def build_multiarch(
+    image: Image,
+    source: PackageSource,
+    *,
+    archs: Sequence[Architecture] = DEFAULT_ARCHS,
+    format: Format = "oci",  # noqa: A002 - the same keyword as render_index
+    uploader: Uploader | None = None,
+    cache: BuildCache | None = None,
+    strategy: LayeringStrategy | None = None,
+    archive: ArchiveOptions | None = None,
+    config: ImageConfig | None = None,
+    layer_budget: int = DEFAULT_LAYER_BUDGET,
+    expression: str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    **build_kwargs: Any,
+) -> MultiArchResult:
+    """Build ``image`` for every architecture in ``archs`` and combine them in one index.
+
+    ``image``'s own architecture is ignored: each build uses
+    ``image.with_arch(arch)``.  ``format`` is the index's (and every
+    manifest's) format.  The keywords named here mean what they mean to
+    :func:`~nixery_core.build.build_image` and have its defaults; any other
+    keyword (``runner``, ``timeout``, ``nix_options``, ``progress``...) is
+    passed to each ``build_image`` call unchanged.  ``manifest_format`` is
+    refused (use ``format``).
+
+    Raises :class:`~nixery_core.errors.InvalidInput` for an empty or
+    duplicated ``archs`` list, an unknown ``format`` or a reserved keyword,
+    and whatever ``build_image`` raises for a failing architecture (the
+    first failure ends the build; nothing is cached for the index).
+    """
+    arch_list = _check_archs(archs)
+    _check_format(format)
+    reserved = sorted(_RESERVED & build_kwargs.keys())
+    if reserved:
+        raise InvalidInput(
+            f"build_multiarch sets {', '.join(reserved)} itself (the index format is `format`)"
+        )
+    if strategy is None:
+        from nixery_core.layering import DEFAULT_STRATEGY  # noqa: PLC0415 - import cycle
+
+        strategy = DEFAULT_STRATEGY
+    archive = archive if archive is not None else ArchiveOptions()
+    config = config if config is not None else ImageConfig()
+    store = uploader if uploader is not None else default_store()
+
+    start = clock()
+    spec = source.resolve(image.tag)
+    expected = {
+        arch.oci_arch: manifest_cache_key(
+            image.with_arch(arch), spec, strategy=strategy, archive=archive, config=config,
+            manifest_format=format, layer_budget=layer_budget, expression=expression,
+        )
+        for arch in arch_list
+    }
+    key = _index_key(format, list(expected.items()))
+    run = _IndexBuild(
+        image, source, arch_list, format, store, cache, spec.pinned, expected, key,
+        {**build_kwargs, "strategy": strategy, "archive": archive, "config": config,
+         "layer_budget": layer_budget, "expression": expression},
+        clock, start,
+    )
+    hit = run.lookup()
+    if hit is not None:
+        return hit
+    if cache is None:
+        return run.build()
+    with cache.single_flight(f"manifest:{key}"):
+        hit = run.lookup()
+        return hit if hit is not None else run.build()
+
+
+def write_multiarch_layout(
+    directory: Path,
+    result: MultiArchResult,
+    *,
+    store: Uploader,
+    ref_name: str | None = "latest",
+    link: bool = True,
+    durable: bool = True,
+) -> Descriptor:
+    """Write a multi-architecture image into an OCI layout at ``directory``.
+
+    The layout's ``index.json`` gets one entry (tagged ``ref_name``) for the
+    very index bytes in ``result`` (same digest), the per-architecture
+    manifests come from ``result`` and their configs and layers from
+    ``store``.  See :func:`~nixery_core.oci_layout.write_oci_layout` for the
+    errors and for ``link``/``durable``.
+    """
+    children = {r.manifest_digest: r.manifest for r in result.manifests.values()}
+    return write_oci_layout(
+        Path(directory), store=store, manifest=result.index, ref_name=ref_name,
+        media_type=result.media_type, extra_blobs=children, link=link, durable=durable,
+    )
