@@ -30,14 +30,17 @@
 #   system       the derivations' system (default: the evaluating host's)
 #   busyboxDir   directory holding a static `busybox` (default /usr/bin)
 #   caBundle     host CA bundle copied into cacert (a stand-in when missing)
+#   salt         a string added to every derivation (fresh paths for cold
+#                benchmarks); empty by default
 # The aarch64-linux set carries the host's (x86_64) busybox; see lib.nix.
 { system ? builtins.currentSystem
 , busyboxDir ? /usr/bin
 , caBundle ? /etc/ssl/certs/ca-certificates.crt
+, salt ? ""
 , ...
 }:
 let
-  inherit (import ./lib.nix { inherit system busyboxDir; }) mk busybox;
+  inherit (import ./lib.nix { inherit system busyboxDir salt; }) mk busybox;
 
   sh = "${busybox}/bin/sh";
 

@@ -9,7 +9,10 @@
 #               binary, so an aarch64-linux set built on an x86_64 host runs
 #               x86_64 busybox (realise it with `--option extra-platforms
 #               aarch64-linux`); its files are still marked with the target.
-{ system, busyboxDir }:
+#   salt        any string; when not empty it is added to every derivation, so
+#               a benchmark gets fresh (never built) store paths without
+#               deleting anything from a store others use.
+{ system, busyboxDir, salt ? "" }:
 let
   bbsrc = builtins.path {
     path = busyboxDir;
@@ -24,7 +27,7 @@ let
     inherit name system;
     builder = "${bbsrc}/busybox";
     args = [ "sh" "-c" ("set -eu\n" + script) ];
-  } // extra);
+  } // (if salt == "" then { } else { inherit salt; }) // extra);
 
   # busybox itself: bin/busybox (a copy) plus a relative symlink per applet,
   # and a marker naming the target system, so the x86_64 and aarch64 sets
