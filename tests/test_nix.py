@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import attrs
 import pytest
-from conftest import OFFLINE_SET
+from conftest import OFFLINE_SET, REPO
 
 from nixery_core.errors import (
     CommandNotFound,
     InvalidImageName,
+    InvalidInput,
     NixBuildFailed,
+    NixError,
     NixOutputError,
     NixTimeout,
     UnknownPackages,
@@ -35,6 +40,7 @@ from nixery_core.nix import (
     resolve,
     resolve_argv,
 )
+from nixery_core.nixexprs import Shape, SyntheticParams, nix_dir, write_synthetic_set
 from nixery_core.runner import SubprocessRunner
 from nixery_core.sources import LocalPathSource, SourceSpec
 from nixery_core.testing.runners import RecordingRunner
@@ -365,3 +371,109 @@ def test_not_found_answer_raises_unknown_packages() -> None:
     with pytest.raises(UnknownPackages) as caught:
         parse_resolve_output(ARGV, b'{"error": "not_found", "pkgs": ["b", "a"]}', ["a", "b"])
     assert caught.value.packages == ("a", "b")
+
+
+# --- expression files and the synthetic generator ------------------------------------
+
+
+def test_nix_dir_prefers_the_wheel_copy(tmp_path: Path) -> None:
+    """nix_dir finds nixery_core/_nix (a wheel) before <repo>/nix (a checkout)."""
+    assert nix_dir() == REPO / "nix"
+    package = tmp_path / "site" / "nixery_core"
+    (package / "_nix").mkdir(parents=True)
+    (package / "_nix" / "resolve.nix").write_text("{ ... }: { }\n")
+    (tmp_path / "site" / "nix").mkdir()
+    (tmp_path / "site" / "nix" / "resolve.nix").write_text("{ ... }: { }\n")
+    shutil.copy(REPO / "nixery_core" / "nixexprs.py", package / "nixexprs.py")
+    module_spec = importlib.util.spec_from_file_location("wheel_nixexprs", package / "nixexprs.py")
+    assert module_spec is not None
+    assert module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    assert module.nix_dir() == package / "_nix"
+    shutil.rmtree(package / "_nix")
+    assert module.nix_dir() == tmp_path / "site" / "nix"
+    shutil.rmtree(tmp_path / "site" / "nix")
+    with pytest.raises(NixError, match="missing"):
+        module.nix_dir()
+
+
+def _synthetic(tmp_path: Path, runner: SubprocessRunner, params: SyntheticParams) -> RuntimeGraph:
+    source = LocalPathSource(write_synthetic_set(tmp_path / "set", params))
+    image = Image.from_packages(params.names, always_added=())
+    return realise(image, source.resolve("latest"), runner=runner)
+
+
+def _deps(graph: RuntimeGraph) -> dict[str, list[str]]:
+    return {_name(p): sorted(_name(r) for r in sp.references) for p, sp in graph.paths.items()}
+
+
+@pytest.mark.usefixtures("nix")
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ("chain", {"p0000": [], "p0001": ["p0000"], "p0002": ["p0001"], "p0003": ["p0002"]}),
+        ("star", {"p0000": [], "p0001": ["p0000"], "p0002": ["p0000"], "p0003": ["p0000"]}),
+        ("none", {"p0000": [], "p0001": [], "p0002": [], "p0003": []}),
+    ],
+)
+def test_synthetic_shapes(
+    tmp_path: Path, runner: SubprocessRunner, shape: Shape, expected: dict[str, list[str]]
+) -> None:
+    """chain, star and none give exactly those reference graphs."""
+    params = SyntheticParams(count=4, shape=shape, min_size=100, max_size=300)
+    assert _deps(_synthetic(tmp_path, runner, params)) == expected
+
+
+@pytest.mark.usefixtures("nix")
+def test_synthetic_dag_is_seeded_and_sized(tmp_path: Path, runner: SubprocessRunner) -> None:
+    """A DAG only points backwards, within fanout; the same seed gives the same paths and sizes."""
+    params = SyntheticParams(count=12, shape="dag", fanout=3, seed=7, min_size=1000,
+                             max_size=5000, files=3)
+    graph = _synthetic(tmp_path / "a", runner, params)
+    deps = _deps(graph)
+    for name, refs in deps.items():
+        assert all(ref < name for ref in refs)
+        assert len(refs) <= 3
+        assert refs or name == "p0000"
+    assert graph == _synthetic(tmp_path / "b", runner, params)
+    other = _synthetic(tmp_path / "c", runner, attrs.evolve(params, seed=8))
+    assert set(other.paths).isdisjoint(graph.paths)
+    for path in graph.paths:
+        content = sum(f.stat().st_size for f in Path(path, "share/synthetic").iterdir())
+        assert 1000 <= content <= 5000
+        assert len(list(Path(path, "share/synthetic").iterdir())) == 3
+
+
+@pytest.mark.usefixtures("nix")
+def test_synthetic_host_mode_deals_out_host_files(
+    tmp_path: Path, runner: SubprocessRunner
+) -> None:
+    """Host mode copies every host file (with its exec bit) into exactly one package."""
+    host = tmp_path / "host"
+    (host / "sub").mkdir(parents=True)
+    files = {f"f{i}": bytes([i]) * (100 + i) for i in range(9)}
+    for name, data in files.items():
+        (host / "sub" / name).write_bytes(data)
+    (host / "sub" / "f0").chmod(0o755)
+    params = SyntheticParams(count=3, shape="none", mode="host", min_size=10_000,
+                             max_size=10_000, host_paths=(str(host),))
+    graph = _synthetic(tmp_path, runner, params)
+    seen: dict[str, bytes] = {}
+    for path in graph.paths:
+        for copied in Path(path, "share/synthetic").rglob("f*"):
+            assert copied.name not in seen
+            seen[copied.name] = copied.read_bytes()
+            assert bool(copied.stat().st_mode & 0o111) == (copied.name == "f0")
+    assert seen == files
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"count": -1}, {"fanout": 0}, {"files": 0}, {"min_size": 5, "max_size": 4},
+     {"shape": "tree"}, {"mode": "cloud"}, {"host_paths": ("relative",)}],
+)
+def test_synthetic_params_are_validated(kwargs: dict[str, object]) -> None:
+    """Impossible generator parameters raise InvalidInput before Nix runs."""
+    with pytest.raises(InvalidInput):
+        SyntheticParams(**kwargs)  # type: ignore[arg-type]
