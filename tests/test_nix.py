@@ -153,6 +153,7 @@ HOSTILE = [
     "..",
     ".",
     "a..b",
+    "héllo ☃",
 ]
 
 
@@ -288,6 +289,27 @@ def test_no_packages_means_no_calls(spec: SourceSpec) -> None:
     graph = realise(Image.from_packages([], always_added=()), spec, runner=recorder)
     assert len(graph) == 0
     assert recorder.calls == []
+
+
+OFFLINE_NAMES = ["busybox", "bashInteractive", "coreutils", "moreutils", "nano", "hello",
+                 "cacert", "iana-etc", "edge-cases", "multiout", "multiout.man", "xorg.xev",
+                 "camelCase", "1password"]
+
+
+@pytest.mark.usefixtures("nix")
+def test_offline_set_rebuilds_bit_for_bit_in_the_sandbox(
+    spec: SourceSpec, runner: SubprocessRunner
+) -> None:
+    """Every offline package builds again, identically, inside Nix's sandbox (--check)."""
+    realise(Image.from_packages(OFFLINE_NAMES, always_added=()), spec, runner=runner)
+    resolved = resolve(OFFLINE_NAMES, spec, "x86_64-linux", runner=runner)
+    check = subprocess.run(
+        ["nix-store", "--realise", "--check", "--option", "sandbox", "true",
+         *sorted({r.installable for r in resolved})],
+        capture_output=True, text=True, check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    assert check.stderr.count("checking outputs of") == len({r.drv_path for r in resolved})
 
 
 # --- argv and parsers ------------------------------------------------------------
