@@ -30,7 +30,7 @@ from nixery_core.manifest import (
     render_index,
     render_manifest,
 )
-from nixery_core.names import AMD64, ARM64
+from nixery_core.names import AMD64, ARM64, Image
 from nixery_core.protocols import BlobInfo, Uploader
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.testing.storage import MemoryStore
@@ -568,3 +568,71 @@ def test_gcs_store_by_object_times(gcs_store: Any) -> None:
     assert report.staging_removed == 1
     assert stored(gcs_store) == set(image.blobs)
     assert gcs_store.staging_leftovers() == []
+
+
+# --- after real builds, and from the command line ------------------------------
+
+
+def _age_all(store: FilesystemStore, when: float) -> None:
+    for info in store.list_blobs():
+        _age(store, info.digest, when)
+
+
+@pytest.mark.nix
+@pytest.mark.usefixtures("nix")
+def test_gc_after_real_builds_keeps_what_the_cache_needs(tmp_path: Path) -> None:
+    """After real builds, gc keeps every blob the entries name; dropping an entry frees its own."""
+    from conftest import OFFLINE_SET
+
+    from nixery_core.build import build_image
+    from nixery_core.sources import LocalPathSource
+
+    store = FilesystemStore(tmp_path / "store", durable=False)
+    source = LocalPathSource(OFFLINE_SET)
+
+    def build(name: str) -> Any:
+        with BuildCache(None) as cache:
+            return build_image(
+                Image.from_name(name), source, uploader=store, cache=cache,
+                nix_options={"substituters": ""},
+            )
+
+    hello, shell = build("hello"), build("shell/hello")
+    orphan = store.put_blob(b"no entry names me", OCI_LAYER_GZIP).digest
+    _age_all(store, time.time() - 3 * DAY)
+
+    report = collect_garbage(store)
+    assert report.deleted == (orphan,)
+    assert report.unreadable == ()
+    assert report.missing == ()
+    again = build("hello")
+    assert again.from_cache
+    assert all(store.has_blob(digest) for digest in (*hello.blobs, *shell.blobs))
+
+    # Forget hello's manifest entry: its manifest and config go, its layers are
+    # still named by layer build entries, and a rebuild gives the same image.
+    store.delete_object(f"manifests/{hello.cache_key}")
+    report = collect_garbage(store)
+    assert set(report.deleted) == {hello.manifest_digest, hello.config_digest} - set(shell.blobs)
+    rebuilt = build("hello")
+    assert not rebuilt.from_cache
+    assert rebuilt.manifest_digest == hello.manifest_digest
+    assert all(store.has_blob(digest) for digest in rebuilt.blobs)
+
+
+def test_command_line_gc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`nixery-core gc --dry-run` lists what would go; without it, it goes."""
+    from nixery_core.cli import main
+
+    store = FilesystemStore(tmp_path / "store")
+    cache_image(store, store_image(store, "cli"), "cli", clock=time.time)
+    orphan = store.put_blob(b"cli orphan", OCI_LAYER_GZIP).digest
+    _age_all(store, time.time() - 3 * DAY)
+
+    assert main(["gc", "--store", str(tmp_path / "store"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would delete {orphan}" in out
+    assert store.has_blob(orphan)
+    assert main(["gc", "--store", str(tmp_path / "store")]) == 0
+    assert f"deleted {orphan}" in capsys.readouterr().out
+    assert not store.has_blob(orphan)
