@@ -6,7 +6,8 @@
 
 * a manifest cache entry ``manifests/<key>``: its ``blobs`` list, the digest
   of the manifest text and config text in its body, and every blob that
-  manifest lists;
+  manifest lists (for a multi-arch entry, ``manifests/index-<key>``, the
+  index text, the manifests it lists and each architecture's record);
 * a layer build entry ``builds/<key>``: its ``digest``;
 * the ``keep`` list passed by the caller;
 * a named blob that is itself an image manifest or index (by its stored media
@@ -303,6 +304,20 @@ class _Marker:
         return record
 
     def _body(self, body: Mapping[str, Any]) -> None:
+        """Name what a build record (or a multi-arch index record) describes."""
+        index = body.get("index")
+        if isinstance(index, str):
+            data = index.encode()
+            self.name(sha256_digest(data))
+            media_type = body.get("media_type")
+            for descriptor in parse_index(
+                data, media_type if isinstance(media_type, str) else None
+            ).manifests:
+                self.name(descriptor.digest)
+            for entry in body.get("manifests") or ():
+                if not isinstance(entry, dict) or not isinstance(entry.get("record"), dict):
+                    raise TypeError("index record manifests are not {arch, record} objects")
+                self._body(entry["record"])
         manifest, config = body.get("manifest"), body.get("config")
         if isinstance(config, str):
             self.name(sha256_digest(config.encode()))

@@ -620,6 +620,39 @@ def test_gc_after_real_builds_keeps_what_the_cache_needs(tmp_path: Path) -> None
     assert all(store.has_blob(digest) for digest in rebuilt.blobs)
 
 
+@pytest.mark.nix
+@pytest.mark.usefixtures("nix")
+def test_multiarch_index_entry_protects_the_index_and_every_architecture(tmp_path: Path) -> None:
+    """A multi-arch index entry keeps its index and every architecture's blobs from its body."""
+    from conftest import OFFLINE_SET
+
+    from nixery_core.multiarch import build_multiarch
+    from nixery_core.sources import LocalPathSource
+
+    store = FilesystemStore(tmp_path / "store", durable=False)
+    with BuildCache(None) as cache:
+        result = build_multiarch(
+            Image.from_name("hello"), LocalPathSource(OFFLINE_SET), uploader=store, cache=cache,
+            nix_options={"substituters": ""},
+        )
+    # Only the index entry is left, and its blobs list is emptied: the body must suffice.
+    (index_key,) = store.list_objects("manifests/index-")
+    for key in [*store.list_objects("manifests/"), *store.list_objects("builds/")]:
+        if key != index_key:
+            store.delete_object(key)
+    entry = json.loads(store.get_object(index_key) or b"")
+    store.put_object(index_key, json.dumps({**entry, "blobs": []}).encode())
+    orphan = store.put_blob(b"not in the index", OCI_LAYER_GZIP).digest
+    _age_all(store, time.time() - 3 * DAY)
+
+    report = collect_garbage(store)
+
+    assert report.deleted == (orphan,)
+    assert report.unreadable == ()
+    assert result.index_digest in result.blobs
+    assert stored(store) == set(result.blobs)
+
+
 def test_command_line_gc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`nixery-core gc --dry-run` lists what would go; without it, it goes."""
     from nixery_core.cli import main
