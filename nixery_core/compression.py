@@ -1,0 +1,426 @@
+"""Streaming compressors for layer blobs: gzip (ISA-L or zlib), zstd, or none.
+
+One job: turn a stream of uncompressed bytes into compressed bytes whose
+value depends only on the input and on a :class:`CompressorSpec`, never on
+how the input was split into calls, on the number of threads, or on timing.
+
+**gzip** is compressed the way pigz does it, in independent blocks of
+:data:`BLOCK_SIZE` uncompressed bytes.  Each block is raw deflate primed with
+the previous block's last 32 KiB as dictionary and ends on a sync flush;
+an empty final block, our own 10-byte header and the CRC-32/size trailer
+frame the result as one ordinary gzip member that every gunzip, Python's
+``gzip`` module, Go's ``compress/gzip`` and containerd read.  Blocks are
+what make it parallel (a thread pool compresses several at once) and what
+make it deterministic: ISA-L's streaming output *does* depend on how the
+input is split into ``compress()`` calls (measured: four chunkings, four
+different outputs), so the input is always cut at fixed offsets.
+
+The header is pinned: ``1f 8b 08 00  00 00 00 00  00 ff`` (deflate, no flags,
+mtime 0, no extra flags, OS 255 "unknown").  zlib with ``wbits=31`` would
+write OS 3 and an XFL byte that depends on the level; ISA-L writes OS 255.
+One header for both backends means their outputs differ only inside the
+deflate blocks.
+
+**Backends.**  ISA-L (``isal.isal_zlib``) compresses several times faster
+than zlib at levels 0-3; zlib (levels 0-9) is the fallback when ``isal`` is
+not installed.  The two produce different compressed bytes for the same
+input (the uncompressed tar, and so the ``diff_id``, is identical).  To keep
+"same cache key, same bytes", :meth:`CompressorSpec.parameters` names the
+resolved backend, its library version and a *fingerprint*: the digest of a
+fixed 96 KiB sample compressed through the same block code.  Two machines
+whose compressors would disagree (another zlib build, another ISA-L version,
+a CPU on which ISA-L picks a code path that emits other bytes) therefore get
+different cache keys instead of different bytes under one key.  Pin
+``gzip_backend="isal"`` in production so every builder shares layers.
+
+**Default levels**, chosen on the benchmark closure (docs/performance.md):
+ISA-L level 2 (~600 MB/s per core; output about 1.11x ``pigz -6``; level 3
+is within 1.09-1.10x but 35% slower, level 1 is no faster and larger); zlib
+level 1 (~95 MB/s per core, about 1.09x level 6, which would be ~3x slower);
+zstd level 3 (zstd's own default).
+
+**zstd** uses ``zstandard`` in its multi-threaded streaming mode with at
+least one worker: that output is the same for any number of workers and any
+input chunking (measured), but differs from single-threaded mode, which is
+therefore never used.
+
+**none** passes the bytes through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from functools import cache
+from types import ModuleType
+from typing import Literal, Protocol
+
+import attrs
+
+from nixery_core.errors import InvalidInput
+from nixery_core.protocols import JSONValue
+
+__all__ = [
+    "BLOCK_SIZE",
+    "DEFAULT_LEVELS",
+    "GZIP_HEADER",
+    "Compression",
+    "CompressorSpec",
+    "GzipBackend",
+    "StreamCompressor",
+    "isal_available",
+    "open_compressor",
+    "resolve_compressor",
+    "zstd_available",
+]
+
+Compression = Literal["gzip", "zstd", "none"]
+GzipBackend = Literal["auto", "isal", "zlib"]
+_Backend = Literal["isal", "zlib", "zstd", "none"]
+
+#: Uncompressed bytes per independently compressed gzip block.
+BLOCK_SIZE = 1 << 20
+#: Deflate's window: the dictionary each block is primed with.
+WINDOW = 32 * 1024
+#: The pinned gzip member header (see the module docstring).
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+#: Level used when none is given, per backend.
+DEFAULT_LEVELS: dict[str, int] = {"isal": 2, "zlib": 1, "zstd": 3, "none": 0}
+#: zlib's memLevel.  For ISA-L it picks the size of the level buffer, and with
+#: it how often a deflate block with fresh Huffman tables starts: 3 (ISA-L's
+#: "small" buffer) gave level 2 the output size of level 3 (within 0.2%) at
+#: 30% more speed on the benchmark closure.  zlib keeps its default, 8.
+MEM_LEVELS: dict[str, int] = {"isal": 3, "zlib": 8}
+_LEVEL_RANGES: dict[str, tuple[int, int]] = {
+    "isal": (0, 3),
+    "zlib": (0, 9),
+    "zstd": (-7, 22),
+    "none": (0, 0),
+}
+_Z_SYNC_FLUSH = zlib.Z_SYNC_FLUSH
+#: An empty deflate block with BFINAL set (fixed Huffman, just the end code).
+_FINAL_BLOCK = b"\x03\x00"
+
+
+def _import_isal() -> ModuleType | None:
+    try:
+        from isal import isal_zlib  # noqa: PLC0415 - optional dependency, imported on demand
+    except ImportError:
+        return None
+    return isal_zlib
+
+
+def _import_zstd() -> ModuleType | None:
+    try:
+        import zstandard  # noqa: PLC0415 - optional dependency, imported on demand
+    except ImportError:
+        return None
+    return zstandard
+
+
+def isal_available() -> bool:
+    """Whether ``isal`` (ISA-L) is installed, so ``gzip_backend="auto"`` picks it."""
+    return _import_isal() is not None
+
+
+def zstd_available() -> bool:
+    """Whether ``zstandard`` is installed, so zstd layers can be made."""
+    return _import_zstd() is not None
+
+
+@attrs.frozen
+class CompressorSpec:
+    """Everything that decides the compressed bytes, resolved for this machine.
+
+    Build one with :func:`resolve_compressor`.  ``library`` is the version of
+    the C library doing the work; ``fingerprint`` is the short sha256 of a
+    fixed sample compressed with exactly this spec (empty for ``none``).
+    """
+
+    compression: Compression
+    backend: _Backend
+    level: int
+    library: str
+    block_size: int
+    fingerprint: str
+    mem_level: int = 8
+
+    def parameters(self) -> dict[str, JSONValue]:
+        """The spec as JSON, for cache keys."""
+        params: dict[str, JSONValue] = {"compression": self.compression}
+        if self.compression == "none":
+            return params
+        params.update(
+            backend=self.backend,
+            level=self.level,
+            library=self.library,
+            fingerprint=self.fingerprint,
+        )
+        if self.compression == "gzip":
+            params.update(block_size=self.block_size, mem_level=self.mem_level)
+        return params
+
+
+def resolve_compressor(
+    compression: Compression,
+    level: int | None = None,
+    gzip_backend: GzipBackend = "auto",
+) -> CompressorSpec:
+    """Pick the backend and level for ``compression`` on this machine.
+
+    ``gzip_backend="auto"`` means ISA-L when installed, else zlib.  Asking for
+    ``"isal"`` without it, or for zstd without ``zstandard``, raises
+    :class:`ImportError` naming the package to install; a level outside the
+    backend's range raises :class:`~nixery_core.errors.InvalidInput`.
+    """
+    return _resolve(compression, level, gzip_backend)
+
+
+@cache
+def _resolve(compression: str, level: int | None, gzip_backend: str) -> CompressorSpec:
+    # Cached: the fingerprint compresses a 96 KiB sample; the answer cannot
+    # change while the process runs (the libraries are loaded once).
+    backend: _Backend
+    if compression == "none":
+        backend, library = "none", ""
+    elif compression == "zstd":
+        zstandard = _import_zstd()
+        if zstandard is None:
+            raise ImportError(
+                "zstd layers need the 'zstandard' package: pip install 'nixery-core[fast]'"
+            )
+        backend, library = "zstd", "zstd " + ".".join(map(str, zstandard.ZSTD_VERSION))
+    elif compression == "gzip":
+        if gzip_backend not in ("auto", "isal", "zlib"):
+            raise InvalidInput(f"unknown gzip backend {gzip_backend!r}: use auto, isal or zlib")
+        isal = _import_isal() if gzip_backend != "zlib" else None
+        if gzip_backend == "isal" and isal is None:
+            raise ImportError(
+                "gzip_backend='isal' needs the 'isal' package: pip install 'nixery-core[fast]'"
+            )
+        if isal is not None:
+            from isal import _isal  # noqa: PLC0415 - only present with isal
+
+            backend, library = "isal", f"isa-l {_isal.ISAL_VERSION}"
+        else:
+            backend, library = "zlib", f"zlib {zlib.ZLIB_RUNTIME_VERSION}"
+    else:
+        raise InvalidInput(f"unknown compression {compression!r}: use gzip, zstd or none")
+    if level is None:
+        level = DEFAULT_LEVELS[backend]
+    low, high = _LEVEL_RANGES[backend]
+    if isinstance(level, bool) or not isinstance(level, int) or not low <= level <= high:
+        raise InvalidInput(
+            f"{compression} level {level!r} is out of range for the {backend} backend "
+            f"({low}..{high})"
+        )
+    spec = CompressorSpec(
+        compression,  # type: ignore[arg-type]  # checked just above
+        backend,
+        level,
+        library,
+        BLOCK_SIZE,
+        "",
+        MEM_LEVELS.get(backend, 8),
+    )
+    if backend == "none":
+        return spec
+    return attrs.evolve(spec, fingerprint=_fingerprint(spec))
+
+
+def _canary() -> bytes:
+    """96 KiB mixing text, structured binary and incompressible bytes (fixed forever)."""
+    text = b"".join(
+        b"line %d: the quick brown fox jumps over the lazy dog %x\n" % (i, i * 2654435761)
+        for i in range(600)
+    )
+    binary = b"".join(struct.pack("<IHHQ", i, i % 7, i * 31 % 65536, i * i) for i in range(2000))
+    noise = b"".join(hashlib.sha256(b"nixery %d" % i).digest() for i in range(1024))
+    return (text + binary + noise)[: 96 * 1024].ljust(96 * 1024, b"\0")
+
+
+def _fingerprint(spec: CompressorSpec) -> str:
+    sample = _canary()
+    # Small blocks, so the dictionary path of the block code is exercised too.
+    compressor = _make(attrs.evolve(spec, block_size=WINDOW), executor=None, threads=1)
+    digest = hashlib.sha256()
+    for chunk in (*compressor.compress(sample), *compressor.finish()):
+        digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+class StreamCompressor(Protocol):
+    """A compressor being fed.
+
+    It promises: the concatenation of everything :meth:`compress` and
+    :meth:`finish` return depends only on the concatenated input and the
+    spec.  ``compress`` may keep a reference to ``data`` until ``finish``
+    (callers hand over a buffer they no longer change).  :meth:`close`
+    releases workers and is safe after errors and after ``finish``.
+    """
+
+    def compress(self, data: bytes | bytearray) -> list[bytes]: ...
+
+    def finish(self) -> list[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+def open_compressor(
+    spec: CompressorSpec, *, executor: Executor | None = None, threads: int = 1
+) -> StreamCompressor:
+    """A fresh compressor for one blob.
+
+    gzip blocks are compressed on ``executor`` when given (at most
+    ``2 * threads`` blocks in flight), else on the calling thread; zstd runs
+    ``threads`` (at least 1) of its own workers.  The bytes are the same
+    either way.
+    """
+    return _make(spec, executor=executor, threads=threads)
+
+
+def _make(spec: CompressorSpec, *, executor: Executor | None, threads: int) -> StreamCompressor:
+    if spec.backend == "none":
+        return _Passthrough()
+    if spec.backend == "zstd":
+        return _Zstd(spec.level, max(1, threads))
+    module = _import_isal() if spec.backend == "isal" else zlib
+    if module is None:  # pragma: no cover - the spec was resolved with isal present
+        raise ImportError("the isal package disappeared after the spec was resolved")
+    return _GzipBlocks(
+        module,
+        spec.level,
+        mem_level=spec.mem_level,
+        block_size=spec.block_size,
+        executor=executor,
+        threads=max(1, threads),
+    )
+
+
+class _Passthrough:
+    def compress(self, data: bytes | bytearray) -> list[bytes]:
+        return [bytes(data)] if data else []
+
+    def finish(self) -> list[bytes]:
+        return []
+
+    def close(self) -> None:
+        return None
+
+
+class _Zstd:
+    def __init__(self, level: int, threads: int) -> None:
+        zstandard = _import_zstd()
+        if zstandard is None:  # pragma: no cover - the spec was resolved with zstandard
+            raise ImportError("the zstandard package disappeared after the spec was resolved")
+        self._obj = zstandard.ZstdCompressor(
+            level=level, threads=threads, write_content_size=False, write_checksum=False
+        ).compressobj()
+
+    def compress(self, data: bytes | bytearray) -> list[bytes]:
+        out: bytes = self._obj.compress(data)
+        return [out] if out else []
+
+    def finish(self) -> list[bytes]:
+        out: bytes = self._obj.flush()
+        return [out] if out else []
+
+    def close(self) -> None:
+        return None
+
+
+def _deflate_block(
+    module: ModuleType, level: int, mem_level: int, block: bytes | bytearray, zdict: bytes
+) -> bytes:
+    """Raw deflate of one block, primed with ``zdict``, ending on a sync flush."""
+    if zdict:
+        obj = module.compressobj(level, module.DEFLATED, -15, mem_level, 0, zdict)
+    else:
+        obj = module.compressobj(level, module.DEFLATED, -15, mem_level, 0)
+    out: bytes = obj.compress(block) + obj.flush(_Z_SYNC_FLUSH)
+    return out
+
+
+class _GzipBlocks:
+    """One gzip member made of independently deflated blocks (see module docstring)."""
+
+    def __init__(
+        self,
+        module: ModuleType,
+        level: int,
+        *,
+        mem_level: int,
+        block_size: int,
+        executor: Executor | None,
+        threads: int,
+    ) -> None:
+        self._module = module
+        self._level = level
+        self._mem_level = mem_level
+        self._block_size = block_size
+        self._executor = executor
+        self._max_in_flight = 2 * threads
+        self._crc32: Callable[[bytes | bytearray, int], int] = module.crc32
+        self._crc = 0
+        self._length = 0
+        self._pending = bytearray()
+        self._previous_tail = b""
+        self._in_flight: deque[Future[bytes]] = deque()
+        self._started = False
+
+    def compress(self, data: bytes | bytearray) -> list[bytes]:
+        out: list[bytes] = []
+        if not self._started:
+            self._started = True
+            out.append(GZIP_HEADER)
+        size = self._block_size
+        if not self._pending and len(data) == size:
+            # The archive writer hands over whole blocks: no copy.
+            self._submit(data, out)
+            return out
+        self._pending += data
+        while len(self._pending) >= size:
+            block = bytes(self._pending[:size])
+            del self._pending[:size]
+            self._submit(block, out)
+        return out
+
+    def finish(self) -> list[bytes]:
+        out: list[bytes] = []
+        if not self._started:
+            self._started = True
+            out.append(GZIP_HEADER)
+        if self._pending:
+            block, self._pending = bytes(self._pending), bytearray()
+            self._submit(block, out)
+        while self._in_flight:
+            out.append(self._in_flight.popleft().result())
+        out.append(_FINAL_BLOCK)
+        out.append(struct.pack("<II", self._crc, self._length & 0xFFFFFFFF))
+        return out
+
+    def close(self) -> None:
+        while self._in_flight:
+            self._in_flight.popleft().cancel()
+
+    def _submit(self, block: bytes | bytearray, out: list[bytes]) -> None:
+        self._crc = self._crc32(block, self._crc)
+        self._length += len(block)
+        zdict, self._previous_tail = self._previous_tail, bytes(block[-WINDOW:])
+        if self._executor is None:
+            out.append(_deflate_block(self._module, self._level, self._mem_level, block, zdict))
+            return
+        self._in_flight.append(
+            self._executor.submit(
+                _deflate_block, self._module, self._level, self._mem_level, block, zdict
+            )
+        )
+        # Hand back every block already done, in order; wait when too many are queued.
+        while self._in_flight and (
+            self._in_flight[0].done() or len(self._in_flight) > self._max_in_flight
+        ):
+            out.append(self._in_flight.popleft().result())

@@ -1,0 +1,244 @@
+"""nixery_core.compression: deterministic block gzip (ISA-L and zlib), zstd, none."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nixery_core import compression
+from nixery_core.compression import (
+    BLOCK_SIZE,
+    GZIP_HEADER,
+    CompressorSpec,
+    open_compressor,
+    resolve_compressor,
+)
+from nixery_core.errors import InvalidInput
+
+isal = pytest.importorskip("isal", reason="the isal backend is tested where isal is installed")
+zstandard = pytest.importorskip("zstandard")
+
+
+def _sample(size: int, seed: int = 0) -> bytes:
+    """Compressible but varied bytes: text lines mixed with hash noise."""
+    parts = []
+    total = 0
+    i = 0
+    while total < size:
+        part = (
+            b"%d: lorem ipsum dolor sit amet %x\n" % (i, i * 7919)
+            if i % 3
+            else hashlib.sha256(b"%d-%d" % (seed, i)).digest()
+        )
+        parts.append(part)
+        total += len(part)
+        i += 1
+    return b"".join(parts)[:size]
+
+
+def _compress(spec: CompressorSpec, data: bytes, cuts: list[int] | None = None,
+              threads: int = 1) -> bytes:
+    """Feed ``data`` split at ``cuts`` and return the whole output."""
+    bounds = [0, *sorted(cuts or []), len(data)]
+    executor = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        compressor = open_compressor(spec, executor=executor, threads=threads)
+        out = []
+        for start, end in itertools.pairwise(bounds):
+            out.extend(compressor.compress(data[start:end]))
+        out.extend(compressor.finish())
+        compressor.close()
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    return b"".join(out)
+
+
+@pytest.fixture
+def fresh_resolution() -> Iterator[None]:
+    """Resolution is cached per process; tests that fake a missing package clear it."""
+    compression._resolve.cache_clear()
+    yield
+    compression._resolve.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["isal", "zlib"])
+def test_gzip_header_is_pinned(backend: str) -> None:
+    """Both backends write the same gzip header: deflate, no flags, mtime 0, XFL 0, OS 255."""
+    out = _compress(resolve_compressor("gzip", None, backend), b"hello")  # type: ignore[arg-type]
+    magic, method, flags, mtime, xfl, os_byte = struct.unpack("<HBBIBB", out[:10])
+    assert (magic, method, flags, mtime, xfl, os_byte) == (0x8B1F, 8, 0, 0, 0, 255)
+    assert out[:10] == GZIP_HEADER
+
+
+@pytest.mark.parametrize("backend", ["isal", "zlib"])
+@pytest.mark.parametrize(
+    "size", [0, 1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 2 * BLOCK_SIZE + 12345]
+)
+def test_gzip_round_trips_with_valid_trailer(backend: str, size: int) -> None:
+    """The output is one gzip member whose CRC-32 and ISIZE match the input."""
+    data = _sample(size)
+    out = _compress(resolve_compressor("gzip", None, backend), data)  # type: ignore[arg-type]
+    assert gzip.decompress(out) == data
+    assert zlib.decompress(out, wbits=31) == data
+    crc, isize = struct.unpack("<II", out[-8:])
+    assert (crc, isize) == (zlib.crc32(data), size)
+
+
+def test_gzip_stream_is_readable_by_gunzip() -> None:
+    """The system gzip accepts the stream (pigz-style blocks, sync flushes, empty final block)."""
+    data = _sample(3 * BLOCK_SIZE // 2)
+    out = _compress(resolve_compressor("gzip"), data)
+    result = subprocess.run(["gzip", "-dc"], input=out, capture_output=True, check=True)
+    assert result.stdout == data
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    backend=st.sampled_from(["isal", "zlib"]),
+    cuts=st.lists(st.integers(0, 2 * BLOCK_SIZE + 5000), max_size=6),
+)
+def test_gzip_output_does_not_depend_on_chunking(backend: str, cuts: list[int]) -> None:
+    """However the input is split into calls, the bytes are the same (ISA-L alone would differ)."""
+    data = _sample(2 * BLOCK_SIZE + 5000, seed=1)
+    spec = resolve_compressor("gzip", 1, backend)  # type: ignore[arg-type]
+    assert _compress(spec, data, cuts) == _compress(spec, data)
+
+
+@pytest.mark.parametrize("backend", ["isal", "zlib"])
+def test_gzip_output_does_not_depend_on_threads(backend: str) -> None:
+    """Compressing blocks on 1, 2 or 3 threads gives the same bytes."""
+    data = _sample(5 * BLOCK_SIZE + 77, seed=2)
+    spec = resolve_compressor("gzip", 1, backend)  # type: ignore[arg-type]
+    outputs = {_compress(spec, data, threads=n) for n in (1, 2, 3)}
+    assert len(outputs) == 1
+
+
+def test_isal_and_zlib_differ_only_inside_deflate_blocks() -> None:
+    """Same framing and same content, different deflate bytes: why the backend is in the key."""
+    data = _sample(BLOCK_SIZE + 999, seed=3)
+    by_isal = _compress(resolve_compressor("gzip", 1, "isal"), data)
+    by_zlib = _compress(resolve_compressor("gzip", 1, "zlib"), data)
+    assert by_isal != by_zlib
+    assert by_isal[:10] == by_zlib[:10]
+    assert by_isal[-8:] == by_zlib[-8:]
+    assert gzip.decompress(by_isal) == gzip.decompress(by_zlib) == data
+
+
+_CHILD = """
+import hashlib, sys
+from nixery_core.compression import open_compressor, resolve_compressor
+data = open(sys.argv[1], "rb").read()
+for level in range(4):
+    c = open_compressor(resolve_compressor("gzip", level, "isal"))
+    out = b"".join([*c.compress(data), *c.finish()])
+    print(level, hashlib.sha256(out).hexdigest())
+"""
+
+
+def test_isal_output_is_identical_in_a_separate_process(tmp_path: Path) -> None:
+    """ISA-L gives the same bytes at every level in another process (no hidden state or seed)."""
+    data = _sample(3 * BLOCK_SIZE, seed=4)
+    (tmp_path / "data").write_bytes(data)
+    here = []
+    for level in range(4):
+        out = _compress(resolve_compressor("gzip", level, "isal"), data)
+        here.append(f"{level} {hashlib.sha256(out).hexdigest()}")
+    there = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(tmp_path / "data")],
+        capture_output=True, text=True, check=True,
+    ).stdout.split("\n")
+    assert here == there[:4]
+    assert len({line.split()[1] for line in here}) == 4  # and the levels really differ
+
+
+def test_levels_out_of_range_are_refused() -> None:
+    """ISA-L has levels 0-3, zlib 0-9; anything else is InvalidInput naming the range."""
+    with pytest.raises(InvalidInput, match=r"0\.\.3"):
+        resolve_compressor("gzip", 6, "isal")
+    with pytest.raises(InvalidInput, match=r"0\.\.9"):
+        resolve_compressor("gzip", 10, "zlib")
+    assert resolve_compressor("gzip", 9, "zlib").level == 9
+    with pytest.raises(InvalidInput):
+        resolve_compressor("lz4")  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("fresh_resolution")
+def test_auto_falls_back_to_zlib_and_explicit_isal_needs_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without isal, auto means zlib; asking for isal says which package to install."""
+    assert resolve_compressor("gzip").backend == "isal"
+    monkeypatch.setattr(compression, "_import_isal", lambda: None)
+    compression._resolve.cache_clear()
+    assert resolve_compressor("gzip").backend == "zlib"
+    assert resolve_compressor("gzip").level == compression.DEFAULT_LEVELS["zlib"]
+    with pytest.raises(ImportError, match="isal"):
+        resolve_compressor("gzip", None, "isal")
+
+
+@pytest.mark.usefixtures("fresh_resolution")
+def test_zstd_without_zstandard_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing zstandard package is an ImportError naming it."""
+    monkeypatch.setattr(compression, "_import_zstd", lambda: None)
+    with pytest.raises(ImportError, match="zstandard"):
+        resolve_compressor("zstd")
+
+
+def test_parameters_name_what_changes_the_bytes() -> None:
+    """Backend, library, level and fingerprint are in the key; none has nothing else."""
+    by_isal = resolve_compressor("gzip", 1, "isal").parameters()
+    by_zlib = resolve_compressor("gzip", 1, "zlib").parameters()
+    assert by_isal != by_zlib
+    assert str(by_isal["library"]).startswith("isa-l ")
+    assert by_zlib["library"] == f"zlib {zlib.ZLIB_RUNTIME_VERSION}"
+    assert by_isal["fingerprint"] != resolve_compressor("gzip", 2, "isal").fingerprint
+    assert resolve_compressor("none").parameters() == {"compression": "none"}
+    json.dumps([by_isal, by_zlib, resolve_compressor("zstd").parameters()])
+
+
+def test_fingerprint_is_the_digest_of_the_canary() -> None:
+    """The fingerprint really is what this machine's compressor makes of the fixed sample."""
+    spec = resolve_compressor("gzip", 2, "isal")
+    canary = compression._canary()
+    small_blocks = CompressorSpec(
+        spec.compression, spec.backend, spec.level, spec.library, compression.WINDOW, "",
+        spec.mem_level,
+    )
+    out = _compress(small_blocks, canary)
+    assert gzip.decompress(out) == canary
+    assert spec.fingerprint == hashlib.sha256(out).hexdigest()[:16]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    threads=st.sampled_from([1, 2, 4]),
+    cuts=st.lists(st.integers(0, 3 * BLOCK_SIZE), max_size=4),
+)
+def test_zstd_output_does_not_depend_on_threads_or_chunking(threads: int, cuts: list[int]) -> None:
+    """zstd runs in multi-threaded mode; any worker count and any chunking give the same bytes."""
+    data = _sample(3 * BLOCK_SIZE, seed=5)
+    spec = resolve_compressor("zstd")
+    out = _compress(spec, data, cuts, threads=threads)
+    assert out == _compress(spec, data, threads=1)
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(out) == data
+
+
+def test_none_passes_bytes_through() -> None:
+    """compression="none" returns the input unchanged."""
+    data = os.urandom(1000)
+    assert _compress(resolve_compressor("none"), data, [10, 500]) == data
