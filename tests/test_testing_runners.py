@@ -179,6 +179,14 @@ def test_bad_declarations_are_rejected(
         FakeNix(tmp_path, packages)
 
 
+def test_bad_fake_settings_are_rejected(tmp_path: Path) -> None:
+    """An unknown fault kind or path-info format raises InvalidInput."""
+    with pytest.raises(InvalidInput, match="fault kind"):
+        FakeFault("explode")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="path_info_format"):
+        FakeNix(tmp_path, {}, path_info_format="xml")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("step", "fault", "error"),
     [

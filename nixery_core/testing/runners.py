@@ -355,6 +355,10 @@ class FakeFault:
     stdout: bytes = b"this is not JSON"
     times: int | None = None
 
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in ("fail", "hang", "garbage", "not-installed"):
+            raise InvalidInput(f"unknown fault kind {self.kind!r}")
+
 
 _BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's base-32 alphabet
 _STORE_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
@@ -424,15 +428,18 @@ class FakeNix:
     _drv_of: dict[tuple[str, str], str] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
+        if self.path_info_format not in ("list", "object"):
+            raise InvalidInput(
+                f"path_info_format must be list or object: {self.path_info_format!r}"
+            )
         for name, package in self.packages.items():
             for rel, raw in package.files.items():
                 _check_relative(name, rel)
                 entry = _entry(raw)
                 if isinstance(entry, FakeHardLink):
                     _check_relative(name, entry.target)
-                    if not isinstance(_entry(package.files.get(entry.target, b"")), FakeFile) or (
-                        entry.target not in package.files
-                    ):
+                    linked = package.files.get(entry.target)
+                    if linked is None or not isinstance(_entry(linked), FakeFile):
                         raise InvalidInput(
                             f"fake package {name!r}: hard link {rel!r} must name a file "
                             f"of the same package, not {entry.target!r}"
