@@ -50,11 +50,35 @@ DEFAULT_ALWAYS_ADDED: tuple[str, ...] = ("cacert", "iana-etc")
 _META = ("arm64", "shell")
 
 
-def _check_tag(name: str, tag: str) -> None:
-    if not _TAG.fullmatch(tag):
+def _check_tag(name: str, tag: object) -> None:
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
         raise InvalidImageName(
-            name, tag, "is not a valid tag ([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})"
+            name, str(tag), "is not a valid tag ([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})"
         )
+
+
+#: Longest package name from trusted code; Nix attribute names are far shorter.
+_MAX_PACKAGE = 255
+
+
+def _check_package(package: object) -> None:
+    """A package name from trusted code: text Nix can take as data, of a sane size.
+
+    Anything else is allowed (it reaches Nix only as a JSON string, never as
+    Nix source): control characters and quotes come back as unknown packages.
+    """
+    if not isinstance(package, str):
+        raise InvalidImageName(repr(package), repr(package), "is not a string")
+    try:
+        encoded = package.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidImageName(package, package, "is not valid Unicode text") from exc
+    if not package or len(encoded) > _MAX_PACKAGE:
+        raise InvalidImageName(
+            package[:40], package[:40], f"is not a package name (1 to {_MAX_PACKAGE} bytes)"
+        )
+    if "/" in package or "\x00" in package:
+        raise InvalidImageName(package, package, "is not a package name")
 
 
 @attrs.frozen
@@ -77,8 +101,12 @@ class Image:
         """The name with meta-packages first and the rest sorted and de-duplicated.
 
         ``htop/git`` and ``git/htop/git`` share the canonical name ``git/htop``.
+        Packages that happen to be called ``arm64`` or ``shell`` (only possible
+        after another package) go last, so the canonical name parses back to
+        the same image instead of turning them into meta-packages.
         """
-        return "/".join([*self.meta, *self.requested])
+        packages = sorted(self.requested, key=lambda p: (p in _META, p))
+        return "/".join([*self.meta, *packages])
 
     @property
     def reference(self) -> str:
@@ -100,7 +128,7 @@ class Image:
         """
         if not isinstance(name, str):
             raise InvalidImageName(repr(name), repr(name), "is not a string")
-        if tag == "latest" and ":" in name:
+        if isinstance(tag, str) and tag == "latest" and ":" in name:
             name, _, tag = name.rpartition(":")
         _check_tag(name, tag)
         if not name:
@@ -157,8 +185,7 @@ class Image:
         """
         requested = tuple(sorted(set(packages)))
         for package in requested:
-            if not package or "\x00" in package or "/" in package:
-                raise InvalidImageName(package, package, "is not a package name")
+            _check_package(package)
         _check_tag("/".join(requested), tag)
         return cls(
             name="/".join(requested),

@@ -16,7 +16,7 @@ from typing import IO
 
 import attrs
 
-from nixery_core.errors import CommandNotFound, NixTimeout
+from nixery_core.errors import CommandNotFound, NixBuildFailed, NixTimeout
 from nixery_core.protocols import LogCallback, RunResult
 
 __all__ = ["SubprocessRunner"]
@@ -70,6 +70,8 @@ class SubprocessRunner:
             )
         except FileNotFoundError as exc:
             raise CommandNotFound(argv) from exc
+        except OSError as exc:  # E2BIG (argument list too long), EACCES, ...
+            raise NixBuildFailed(argv[:1], -1, f"could not start {argv[0]}: {exc}") from exc
         assert proc.stdout is not None  # noqa: S101 - PIPE was requested
         assert proc.stderr is not None  # noqa: S101 - PIPE was requested
         out: list[bytes] = []

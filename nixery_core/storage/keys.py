@@ -20,7 +20,9 @@ MAX_KEY_LENGTH = 512
 #: First key segments that belong to the store itself.
 RESERVED_PREFIXES = frozenset({"layers", "staging"})
 
-_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+#: One key segment becomes one file name in the filesystem store, so it stays
+#: well under the 255-byte NAME_MAX (room for suffixes a store may add).
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 def _segments_ok(segments: list[str]) -> bool:
@@ -34,8 +36,8 @@ def validate_object_key(key: object) -> str:
     segments = key.split("/")
     if not _segments_ok(segments):
         raise InvalidInput(
-            f"invalid object key {key!r}: use [A-Za-z0-9._-] segments joined by '/', "
-            "without '.' or '..'"
+            f"invalid object key {key!r}: use [A-Za-z0-9._-] segments of at most 200 "
+            "characters joined by '/', without '.' or '..'"
         )
     if segments[0] in RESERVED_PREFIXES:
         raise InvalidInput(f"invalid object key {key!r}: {segments[0]!r}/ is reserved for blobs")
