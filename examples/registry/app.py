@@ -1,0 +1,351 @@
+"""The read side of the Docker Registry HTTP API V2, building images on demand.
+
+Routes (``HEAD`` is answered wherever ``GET`` is, with the same headers and
+no body):
+
+- ``GET /v2/``: ``200 {}``, the API version check every client starts with;
+- ``GET /v2/<name>/manifests/<tag>``: the image named by ``<name>`` (package
+  names, as Nixery reads them), built on a miss; the manifest form is chosen
+  from the ``Accept`` header (:mod:`examples.registry.negotiation`);
+- ``GET /v2/<name>/manifests/<digest>``: a manifest this registry stored,
+  by digest (what Docker and containerd fetch after a ``HEAD`` by tag);
+- ``GET /v2/<name>/blobs/<digest>``: a config or layer blob, streamed from
+  the store, or a ``307`` redirect to ``config.blob_url(digest)`` (a GCS
+  signed URL);
+- ``GET /v2/<name>/tags/list``: ``["latest"]`` (any tag is accepted; what it
+  means depends on the package source), so ``skopeo inspect`` works;
+- ``GET /``: a plain-text page with the most recent build failures.
+
+Manifests carry ``Content-Type``, ``Content-Length`` and
+``Docker-Content-Digest``; blobs carry the same, the stored media type as
+``Content-Type``.  Errors use the registry's JSON form
+``{"errors": [{"code", "message", "detail"}]}``:
+
+==================  ======  =================================================
+code                status  when
+==================  ======  =================================================
+``NAME_INVALID``    400     the name or tag breaks the grammar (``..``,
+                            upper case, empty components: path tricks)
+``DIGEST_INVALID``  400     a digest is not ``sha256:`` + 64 lower-case hex
+``MANIFEST_UNKNOWN`` 404    unknown packages (``detail.packages`` names every
+                            one), an unknown manifest digest, or no form the
+                            client accepts
+``BLOB_UNKNOWN``    404     no such blob
+``UNSUPPORTED``     404/405 any other path or method (this registry is
+                            read-only)
+``UNAVAILABLE``     503     the store failed
+``UNKNOWN``         500/504 Nix failed or timed out (``detail`` says how)
+==================  ======  =================================================
+
+Names are checked with :meth:`nixery_core.names.Image.from_name` and digests
+with :func:`nixery_core.digests.validate_digest` before either touches the
+store, so percent-encoded ``..``, slashes in digests and the like never name
+a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import BinaryIO
+
+import attrs
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from examples.registry.builds import Builder, BuiltImage, ServedManifest
+from examples.registry.config import RegistryConfig
+from examples.registry.negotiation import preferences
+from nixery_core.digests import validate_digest
+from nixery_core.errors import (
+    BlobNotFound,
+    InvalidDigest,
+    InvalidImageName,
+    InvalidInput,
+    NixeryError,
+    NixTimeout,
+    StorageError,
+    UnknownPackages,
+)
+from nixery_core.media_types import DOCKER_MANIFEST, IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCI_MANIFEST
+from nixery_core.names import Image
+from nixery_core.recent_errors import RecentErrors
+from nixery_core.storage.serving import ServedBlob, open_blob_for_serving
+
+__all__ = ["API_VERSION", "RegistryError", "create_app"]
+
+log = logging.getLogger(__name__)
+
+#: The header value every V2 registry answers with.
+API_VERSION = "registry/2.0"
+_CHUNK = 1 << 20
+_MANIFEST_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
+
+
+class RegistryError(Exception):
+    """An error answer in the registry's JSON form."""
+
+    def __init__(
+        self, status: int, code: str, message: str, detail: object = None
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+    def response(self) -> JSONResponse:
+        error: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return JSONResponse({"errors": [error]}, status_code=self.status)
+
+
+#: Library errors as registry answers: status and code, most specific class first.
+_ANSWERS: tuple[tuple[type[NixeryError], int, str], ...] = (
+    (BlobNotFound, 404, "BLOB_UNKNOWN"),
+    (StorageError, 503, "UNAVAILABLE"),
+    (NixTimeout, 504, "UNKNOWN"),
+    (InvalidInput, 400, "UNSUPPORTED"),
+    (NixeryError, 500, "UNKNOWN"),
+)
+
+
+def _translate(exc: NixeryError) -> RegistryError:
+    """The registry answer for a library error."""
+    if isinstance(exc, UnknownPackages):
+        return RegistryError(
+            404, "MANIFEST_UNKNOWN", f"unknown packages: {', '.join(exc.packages)}",
+            {"packages": list(exc.packages)},
+        )
+    if isinstance(exc, InvalidImageName):
+        return RegistryError(400, "NAME_INVALID", str(exc), {"name": exc.name, "part": exc.part})
+    if isinstance(exc, InvalidDigest):
+        return RegistryError(400, "DIGEST_INVALID", str(exc), {"digest": exc.digest})
+    status, code = next((s, c) for kind, s, c in _ANSWERS if isinstance(exc, kind))
+    return RegistryError(status, code, str(exc), {"error": type(exc).__name__})
+
+
+def _image(name: str, tag: str = "latest") -> Image:
+    try:
+        return Image.from_name(name, tag)
+    except InvalidImageName as exc:
+        raise _translate(exc) from exc
+
+
+def _digest(value: str) -> str:
+    try:
+        return validate_digest(value)
+    except InvalidDigest as exc:
+        raise _translate(exc) from exc
+
+
+def _manifest_response(request: Request, manifest: ServedManifest) -> Response:
+    headers = {
+        "Content-Type": manifest.media_type,
+        "Content-Length": str(len(manifest.data)),
+        "Docker-Content-Digest": manifest.digest,
+        "ETag": f'"{manifest.digest}"',
+    }
+    body = b"" if request.method == "HEAD" else manifest.data
+    return Response(body, headers=headers)
+
+
+def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    with stream:
+        while chunk := stream.read(_CHUNK):
+            yield chunk
+
+
+class _ApiVersionHeader:
+    """ASGI middleware: ``Docker-Distribution-API-Version`` on every answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"docker-distribution-api-version", API_VERSION.encode()),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+@attrs.define
+class _Endpoints:
+    """The route handlers, over one configuration, builder and failure record."""
+
+    config: RegistryConfig
+    builder: Builder
+    recent: RecentErrors
+
+    async def index(self, request: Request) -> Response:
+        del request
+        failures = self.recent.snapshot()
+        lines = [
+            "nixery_core example registry: docker pull HOST/shell/hello",
+            "",
+            f"recent build failures ({len(failures)}):",
+            *(f"  {f.image_reference}: {f.error_type}: {f.message}" for f in failures),
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    async def api_root(self, request: Request) -> Response:
+        del request
+        return JSONResponse({})
+
+    async def manifests(self, request: Request) -> Response:
+        name: str = request.path_params["name"]
+        reference: str = request.path_params["reference"]
+        if ":" in reference:
+            _image(name)
+            return await self._manifest_by_digest(request, _digest(reference))
+        image = _image(name, reference)
+        accepted = preferences(request.headers.getlist("accept"), self.config.default_format)
+        if not accepted:
+            raise RegistryError(
+                404, "MANIFEST_UNKNOWN",
+                "no manifest in a media type the client accepts; this registry serves "
+                f"{OCI_MANIFEST} and {DOCKER_MANIFEST}",
+            )
+        try:
+            built: BuiltImage = await self.builder.build(image)
+        except NixeryError as exc:
+            self.recent.record(image, exc)
+            raise _translate(exc) from exc
+        for fmt in accepted:
+            manifest = built.manifest(fmt)
+            if manifest is not None:
+                return _manifest_response(request, manifest)
+        raise RegistryError(
+            404, "MANIFEST_UNKNOWN",
+            f"{image.reference} has zstd layers, which Docker schema 2 cannot describe; "
+            f"accept {OCI_MANIFEST}",
+        )
+
+    async def _manifest_by_digest(self, request: Request, digest: str) -> Response:
+        store = self.config.store
+        info = await self.builder.run_io(lambda: store.blob_info(digest))
+        if info is None or info.media_type not in _MANIFEST_TYPES:
+            raise RegistryError(
+                404, "MANIFEST_UNKNOWN", f"manifest unknown to registry: {digest}",
+                {"digest": digest},
+            )
+        data = await self.builder.run_io(lambda: store.read_blob(digest))
+        return _manifest_response(request, ServedManifest(data, digest, info.media_type))
+
+    async def blobs(self, request: Request) -> Response:
+        _image(request.path_params["name"])
+        digest = _digest(request.path_params["digest"])
+        store, blob_url = self.config.store, self.config.blob_url
+        if blob_url is None:
+            return await self._stream_blob(request, digest)
+        info = await self.builder.run_io(lambda: store.blob_info(digest))
+        if info is None:
+            raise _translate(BlobNotFound(digest))
+        headers = {"Docker-Content-Digest": digest}
+        if request.method == "HEAD":
+            headers |= {"Content-Length": str(info.size), "Content-Type": info.media_type}
+            return Response(b"", headers=headers)
+        url = await self.builder.run_io(lambda: blob_url(digest))
+        return Response(b"", status_code=307, headers={**headers, "Location": url})
+
+    async def _stream_blob(self, request: Request, digest: str) -> Response:
+        store = self.config.store
+        served: ServedBlob = await self.builder.run_io(
+            lambda: open_blob_for_serving(store, digest)
+        )
+        headers = {
+            "Content-Length": str(served.size),
+            "Content-Type": served.media_type,
+            "Docker-Content-Digest": digest,
+            "ETag": f'"{digest}"',
+        }
+        if request.method == "HEAD":
+            served.stream.close()
+            return Response(b"", headers=headers)
+        return StreamingResponse(_read_chunks(served.stream), headers=headers)
+
+    async def tags(self, request: Request) -> Response:
+        image = _image(request.path_params["name"])
+        return JSONResponse({"name": image.name, "tags": ["latest"]})
+
+    # --- error answers ---
+
+    async def registry_error(self, request: Request, exc: Exception) -> Response:
+        del request
+        if not isinstance(exc, RegistryError):  # pragma: no cover - registered for this type
+            raise exc
+        return exc.response()
+
+    async def library_error(self, request: Request, exc: Exception) -> Response:
+        del request
+        if not isinstance(exc, NixeryError):  # pragma: no cover - registered for this type
+            raise exc
+        return _translate(exc).response()
+
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, HTTPException):  # pragma: no cover - registered for this type
+            raise exc
+        if exc.status_code == 405:
+            message = f"{request.method} is not supported: this registry is read-only"
+        else:
+            message = f"no such endpoint: {request.url.path}"
+        response = RegistryError(exc.status_code, "UNSUPPORTED", message).response()
+        response.headers.update(exc.headers or {})
+        return response
+
+
+def create_app(config: RegistryConfig) -> Starlette:
+    """The registry as an ASGI app; serve it with uvicorn (see :mod:`examples.registry.server`).
+
+    The app owns a :class:`~examples.registry.builds.Builder` (its thread
+    pool is shut down when the app's lifespan ends); ``app.state.builder``
+    and ``app.state.recent_errors`` are there for tests and status pages.
+    The store and cache stay the caller's to close.
+    """
+    endpoints = _Endpoints(config, Builder(config), RecentErrors(capacity=50))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        del app
+        try:
+            yield
+        finally:
+            endpoints.builder.shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/", endpoints.index, methods=["GET"]),
+            Route("/v2/", endpoints.api_root, methods=["GET"]),
+            Route("/v2/{name:path}/manifests/{reference}", endpoints.manifests, methods=["GET"]),
+            Route("/v2/{name:path}/blobs/{digest}", endpoints.blobs, methods=["GET"]),
+            Route("/v2/{name:path}/tags/list", endpoints.tags, methods=["GET"]),
+        ],
+        exception_handlers={
+            RegistryError: endpoints.registry_error,
+            NixeryError: endpoints.library_error,
+            HTTPException: endpoints.http_error,
+        },
+        lifespan=lifespan,
+    )
+    # A trailing slash is not silently redirected: paths that do not fit the API
+    # (a slash inside a digest) get a JSON error, not a 307 to another path.
+    app.router.redirect_slashes = False
+    app.add_middleware(_ApiVersionHeader)
+    app.state.builder = endpoints.builder
+    app.state.recent_errors = endpoints.recent
+    return app

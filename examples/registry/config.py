@@ -1,0 +1,183 @@
+"""What the example registry needs, and how Nixery's environment variables describe it.
+
+:class:`RegistryConfig` is the value :func:`~examples.registry.app.create_app`
+takes: a package source, a blob store, an optional build cache, and the
+build knobs.  Embedders build it in code (tests inject a fake runner or an
+in-memory store); :meth:`RegistryConfig.from_env` reads it from the
+environment, with Nixery's variable names where Nixery has one:
+
+=========================== ==================================================
+variable                    meaning
+=========================== ==================================================
+``NIXERY_PKGS_PATH``        a local package set directory, or
+``NIXERY_PKGS_REPO``        a git repository URL (the image tag is the ref), or
+``NIXERY_CHANNEL``          a nixpkgs channel or commit (checked in this order)
+``NIXERY_STORAGE_BACKEND``  ``filesystem`` (default) or ``gcs``
+``STORAGE_PATH``            the filesystem store's directory (filesystem backend)
+``GCS_BUCKET``              the bucket (gcs backend); blobs are redirected to it
+``GOOGLE_CLOUD_PROJECT``    the project for the GCS client (optional)
+``STORAGE_EMULATOR_HOST``   a GCS emulator URL (anonymous credentials)
+``NIX_TIMEOUT``             seconds each Nix call may take (default 60)
+``NIXERY_CACHE_DIR``        the local cache tier (default: none, the bucket's
+                            ``manifests/`` and ``builds/`` tier only)
+``NIXERY_MOVING_TTL``       seconds a moving target's manifest is cached (6 h)
+``NIXERY_BUILD_WORKERS``    builds run at once (default 4)
+``NIXERY_SIGNED_URL_TTL``   seconds a GCS signed URL is valid (default 300)
+``NIXERY_DEFAULT_FORMAT``   ``docker`` (default) or ``oci``: the manifest for
+                            clients whose ``Accept`` header allows both equally
+                            only through a wildcard, or sends none
+=========================== ==================================================
+
+``GOOGLE_APPLICATION_CREDENTIALS`` is read by the Google client library
+itself: a service-account key makes blob redirects V4 signed URLs, other
+credentials give the public object URL (as Nixery does).  Nix itself reads
+``NIX_CONFIG`` (``substituters =`` for an offline machine).  The listening
+address (``HOST``, ``PORT``) belongs to the server, see
+:mod:`examples.registry.server`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from nixery_core.cache import SIX_HOURS, BuildCache
+from nixery_core.errors import InvalidInput, InvalidSource
+from nixery_core.protocols import Runner, Uploader
+from nixery_core.sources import PackageSource, source_from_env
+from nixery_core.storage.filesystem import FilesystemStore
+
+__all__ = ["BlobUrl", "ManifestFormat", "RegistryConfig"]
+
+ManifestFormat = Literal["oci", "docker"]
+#: Turns a stored blob's digest into a URL clients are redirected to.
+BlobUrl = Callable[[str], str]
+
+_DEFAULT_SIGNED_URL_TTL = 300.0
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise InvalidInput(f"{attribute.name} must be a positive number, not {value!r}")
+
+
+def _format(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in ("oci", "docker"):
+        raise InvalidInput(f"{attribute.name} must be 'oci' or 'docker', not {value!r}")
+
+
+@attrs.frozen
+class RegistryConfig:
+    """Everything the registry app uses; IO objects are injected, none is global.
+
+    ``runner=None`` runs real Nix.  ``cache=None`` builds every request
+    (identical concurrent requests still share one build).  ``blob_url``
+    set makes ``GET /v2/<name>/blobs/<digest>`` answer ``307`` to that URL
+    instead of streaming the blob (the GCS backend sets it to a signed URL).
+    ``store_root`` is where ``/nix/store`` is read from (fakes use a
+    temporary directory).
+    """
+
+    source: PackageSource
+    store: Uploader
+    cache: BuildCache | None = None
+    runner: Runner | None = None
+    timeout: float = attrs.field(default=60.0, validator=_positive)
+    nix_options: Mapping[str, str] = attrs.field(factory=dict)
+    blob_url: BlobUrl | None = None
+    default_format: ManifestFormat = attrs.field(default="docker", validator=_format)
+    build_workers: int = attrs.field(default=4, validator=_positive)
+    store_root: Path = Path("/")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RegistryConfig:
+        """The configuration the environment describes (``os.environ`` by default).
+
+        Raises :class:`~nixery_core.errors.InvalidSource` when no package
+        source is set and :class:`~nixery_core.errors.InvalidInput` for other
+        missing or malformed values, naming the variable.
+        """
+        env = os.environ if env is None else env
+        source = source_from_env(env)
+        backend = env.get("NIXERY_STORAGE_BACKEND", "filesystem")
+        blob_url: BlobUrl | None = None
+        store: Uploader
+        if backend == "filesystem":
+            path = env.get("STORAGE_PATH")
+            if not path:
+                raise InvalidInput("STORAGE_PATH must name a directory for the filesystem backend")
+            store = FilesystemStore(Path(path))
+        elif backend == "gcs":
+            store, blob_url = _gcs_store(env)
+        else:
+            raise InvalidInput(
+                f"NIXERY_STORAGE_BACKEND={backend!r}: expected 'filesystem' or 'gcs'"
+            )
+        cache_dir = env.get("NIXERY_CACHE_DIR")
+        cache = BuildCache(
+            Path(cache_dir) if cache_dir else None,
+            moving_ttl=_number(env, "NIXERY_MOVING_TTL", SIX_HOURS, allow_zero=True),
+        )
+        default_format = env.get("NIXERY_DEFAULT_FORMAT", "docker")
+        if default_format not in ("oci", "docker"):
+            raise InvalidInput(
+                f"NIXERY_DEFAULT_FORMAT={default_format!r}: expected 'docker' or 'oci'"
+            )
+        return cls(
+            source=source,
+            store=store,
+            cache=cache,
+            timeout=_number(env, "NIX_TIMEOUT", 60.0),
+            blob_url=blob_url,
+            default_format="oci" if default_format == "oci" else "docker",
+            build_workers=int(_number(env, "NIXERY_BUILD_WORKERS", 4)),
+        )
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False
+) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput(f"{name}={raw!r} is not a number") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InvalidInput(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _gcs_store(env: Mapping[str, str]) -> tuple[Uploader, BlobUrl]:
+    """A GcsStore for ``GCS_BUCKET`` and a signed-URL maker for blob redirects."""
+    # Imported here: the filesystem backend needs no Google libraries.
+    from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
+    from google.cloud import storage  # noqa: PLC0415
+
+    from nixery_core.storage.gcs import GcsStore  # noqa: PLC0415
+    from nixery_core.storage.serving import signed_url  # noqa: PLC0415
+
+    bucket = env.get("GCS_BUCKET")
+    if not bucket:
+        raise InvalidSource("GCS_BUCKET must name a bucket for the gcs backend")
+    emulator = env.get("STORAGE_EMULATOR_HOST")
+    project = env.get("GOOGLE_CLOUD_PROJECT")
+    if emulator:
+        anonymous: Any = AnonymousCredentials
+        client = storage.Client(
+            project=project or "emulator",
+            credentials=anonymous(),
+            client_options={"api_endpoint": emulator},
+        )
+    else:
+        client = storage.Client(project=project)
+    store = GcsStore(bucket, client=client)
+    expiry = timedelta(seconds=_number(env, "NIXERY_SIGNED_URL_TTL", _DEFAULT_SIGNED_URL_TTL))
+    return store, functools.partial(signed_url, store, expiry=expiry)
