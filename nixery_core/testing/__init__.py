@@ -1,4 +1,43 @@
-"""Fakes for embedders' tests: a recording/replaying Nix runner, an in-memory store.
+"""Fakes for embedders' tests: fake Nix, recording/replaying runners, an in-memory store.
 
-Filled in by nixery_core.testing.runners and nixery_core.testing.storage.
+* :class:`FakeNix` plays Nix for a declared package set (no Nix needed);
+  :class:`RecordingRunner` and :class:`ReplayRunner` record real runs and
+  replay them.
+* :class:`MemoryStore` is an :class:`~nixery_core.protocols.Uploader` in
+  memory with counters and fault injection.
+* :mod:`nixery_core.storage.conformance` checks any uploader against the
+  protocol.
 """
+
+from nixery_core.testing.runners import (
+    FakeDirectory,
+    FakeFault,
+    FakeFile,
+    FakeHardLink,
+    FakeNix,
+    FakePackage,
+    FakeSymlink,
+    RecordedCall,
+    RecordingRunner,
+    ReplayRunner,
+    UnexpectedCall,
+    default_fake_packages,
+)
+from nixery_core.testing.storage import MemoryStore, StagedBlob
+
+__all__ = [
+    "FakeDirectory",
+    "FakeFault",
+    "FakeFile",
+    "FakeHardLink",
+    "FakeNix",
+    "FakePackage",
+    "FakeSymlink",
+    "MemoryStore",
+    "RecordedCall",
+    "RecordingRunner",
+    "ReplayRunner",
+    "StagedBlob",
+    "UnexpectedCall",
+    "default_fake_packages",
+]
