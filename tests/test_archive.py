@@ -1,0 +1,676 @@
+"""nixery_core.archive: deterministic layer tarballs from a store on disk or from entries."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import require_tools
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nixery_core.archive import (
+    ArchiveOptions,
+    PackedLayer,
+    pack_entries,
+    pack_store_paths,
+)
+from nixery_core.entries import TarEntry
+from nixery_core.errors import (
+    FileChangedDuringPacking,
+    InvalidInput,
+    LayerError,
+    StorePathMissing,
+    UnsafeStoreContent,
+)
+
+pytest.importorskip("isal", reason="the isal backend is tested where isal is installed")
+
+HELLO = "/nix/store/0c3jvnm1i8ir0n1ixcj9i4ypqhq3bg2l-hello-2.12"
+LIBS = "/nix/store/1vxdwb5zsf6hiw5y38rbaqzkybl1z5vl-libs"
+SCRIPT = "/nix/store/2bw1l2c3p2xg0n5d8q6k5wxh1v0vkmqv-script.sh"
+ALIAS = "/nix/store/3ad8s1q8nrx7jlw9xzwg7nbh7qx6pr5y-alias"
+PATHS = [HELLO, LIBS, SCRIPT, ALIAS]
+LONG_NAME = "a-file-name-that-goes-on-" + "and-on-" * 12 + "end.txt"  # > 100 bytes
+DEEP = "/".join(["d" * 60] * 3)  # no ustar split fits: needs a pax path
+MID = "p" * 50 + "/" + "q" * 50  # fits ustar's prefix + name split
+
+
+class Sink:
+    """Stands in for a blob writer: keeps every chunk it is given."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.chunks.append(bytes(data))
+        return len(data)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def make_store(root: Path) -> Path:
+    """A fake store with every kind of thing a layer holds; returns ``root``."""
+    store = root / "nix" / "store"
+    hello = store / HELLO.rsplit("/", 1)[1]
+    (hello / "bin").mkdir(parents=True)
+    (hello / "bin" / "hello").write_bytes(b"\x7fELF" + bytes(range(256)) * 40)
+    (hello / "bin" / "hello").chmod(0o755)
+    (hello / "share" / "doc").mkdir(parents=True)
+    (hello / "share" / "doc" / "README").write_text("hello, world\n" * 50)
+    (hello / "share" / "empty").mkdir()
+    (hello / "share" / LONG_NAME).write_text("long name\n")
+    (hello / "share" / "ünïcödé.txt").write_text("unicode\n")
+    (hello / "share" / DEEP).mkdir(parents=True)
+    (hello / "share" / DEEP / "leaf").write_text("deep\n")
+    (hello / "share" / MID).mkdir(parents=True)
+    (hello / "share" / MID / "file.txt").write_text("split\n")
+    (hello / "lib").mkdir()
+    (hello / "lib" / "libhello.so.1").write_bytes(os.urandom(3000))
+    (hello / "lib" / "libhello.so").symlink_to("libhello.so.1")
+    (hello / "etc-passwd").symlink_to("/etc/passwd")
+    (hello / "dangling").symlink_to("../missing/nothing")
+    (hello / "escape").symlink_to("../../../../etc/shadow")
+    (hello / "long-link").symlink_to("/nix/store/" + "x" * 40 + "/" + LONG_NAME)
+    libs = store / LIBS.rsplit("/", 1)[1]
+    libs.mkdir(parents=True)
+    os.link(hello / "bin" / "hello", libs / "hello-again")  # across store paths
+    (libs / "a").write_text("twin\n")
+    os.link(libs / "a", libs / "b")  # inside one store path
+    script = store / SCRIPT.rsplit("/", 1)[1]
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    (store / ALIAS.rsplit("/", 1)[1]).symlink_to(hello.name)
+    return root
+
+
+def copy_store(src: Path, dst: Path, *, file_mode: int, dir_mode: int, mtime: int) -> Path:
+    """A copy with new inodes, other modes and other timestamps; hard links kept."""
+    seen: dict[int, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in dirnames + filenames:
+            source, target = Path(dirpath) / name, dst / rel / name
+            st_ = source.lstat()
+            if stat.S_ISLNK(st_.st_mode):
+                target.symlink_to(source.readlink())
+            elif stat.S_ISREG(st_.st_mode):
+                if st_.st_ino in seen:
+                    os.link(seen[st_.st_ino], target)
+                    continue
+                seen[st_.st_ino] = target
+                shutil.copyfile(source, target)
+                executable = st_.st_mode & 0o100
+                target.chmod(file_mode | (0o100 if executable else 0))
+                os.utime(target, (mtime, mtime))
+    for dirpath, _dirs, _files in os.walk(dst):
+        Path(dirpath).chmod(dir_mode)
+        os.utime(dirpath, (mtime, mtime))
+    return dst
+
+
+def pack(root: Path, options: ArchiveOptions | None = None, paths: list[str] | None = None,
+         **kwargs: int) -> tuple[PackedLayer, bytes]:
+    sink = Sink()
+    packed = pack_store_paths(
+        PATHS if paths is None else paths, sink.write, options or ArchiveOptions(),
+        store_root=root, **kwargs,
+    )
+    return packed, sink.data
+
+
+def members(blob: bytes, compression: str = "gzip") -> list[tarfile.TarInfo]:
+    raw = gzip.decompress(blob) if compression == "gzip" else blob
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as archive:
+        return archive.getmembers()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return make_store(tmp_path / "one")
+
+
+# --- determinism ---------------------------------------------------------------------------
+
+
+def test_packing_twice_gives_identical_bytes(store: Path) -> None:
+    """The same store packed twice gives the same blob and the same PackedLayer."""
+    assert pack(store) == pack(store)
+
+
+def test_copies_with_other_inodes_modes_and_times_give_identical_bytes(
+    store: Path, tmp_path: Path
+) -> None:
+    """Inode numbers, timestamps, umask-style modes and readdir order do not reach the bytes."""
+    first = copy_store(store, tmp_path / "two", file_mode=0o600, dir_mode=0o700, mtime=10**9)
+    second = copy_store(store, tmp_path / "three", file_mode=0o644, dir_mode=0o755, mtime=7)
+    assert pack(first) == pack(second) == pack(store)
+
+
+def test_threads_and_path_order_do_not_change_the_bytes(store: Path) -> None:
+    """One or three compression threads, paths in any order and repeated: same blob."""
+    reference = pack(store, threads=1)
+    assert pack(store, threads=3) == reference
+    assert pack(store, paths=[*reversed(PATHS), HELLO]) == reference
+
+
+def test_backends_share_the_diff_id_but_not_the_digest(store: Path) -> None:
+    """isal and zlib (and zstd, none) compress the same tar: one diff_id, different blobs."""
+    by_isal, _ = pack(store, ArchiveOptions(gzip_backend="isal"))
+    by_zlib, _ = pack(store, ArchiveOptions(gzip_backend="zlib"))
+    by_zstd, _ = pack(store, ArchiveOptions(compression="zstd"))
+    plain, _ = pack(store, ArchiveOptions(compression="none"))
+    assert by_isal.diff_id == by_zlib.diff_id == by_zstd.diff_id == plain.diff_id
+    assert len({by_isal.digest, by_zlib.digest, by_zstd.digest}) == 3
+    assert plain.digest == plain.diff_id
+
+
+# --- the numbers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+def test_digest_diff_id_and_size_match_the_written_bytes(store: Path, compression: str) -> None:
+    """digest and size are those of the bytes written; diff_id that of the tar inside."""
+    options = ArchiveOptions(compression=compression)  # type: ignore[arg-type]
+    packed, blob = pack(store, options)
+    if compression == "gzip":
+        tar = gzip.decompress(blob)
+    elif compression == "zstd":
+        import zstandard
+
+        tar = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+    else:
+        tar = blob
+    assert packed.digest == "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert packed.size == len(blob)
+    assert packed.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert packed.media_type == options.media_type
+    assert len(tar) % 512 == 0
+    assert tar.endswith(bytes(1024))
+
+
+@pytest.mark.parametrize(("threads", "mib", "pieces"), [(1, 5, 4), (2, 12, 2)])
+def test_write_gets_large_pieces(tmp_path: Path, threads: int, mib: int, pieces: int) -> None:
+    """Output is streamed to ``write`` in pieces of at least 1 MiB (except the last)."""
+    root = tmp_path / "big"
+    path = root / "nix" / "store" / "abc-big"
+    path.mkdir(parents=True)
+    (path / "noise").write_bytes(os.urandom(mib << 20))
+    sink = Sink()
+    pack_store_paths(
+        ["/nix/store/abc-big"], sink.write, ArchiveOptions(), store_root=root, threads=threads
+    )
+    assert len(sink.chunks) >= pieces
+    assert all(len(chunk) >= 1 << 20 for chunk in sink.chunks[:-1])
+
+
+# --- what is in the archive ----------------------------------------------------------------
+
+
+def _expected_order(root: Path) -> list[str]:
+    """Depth first, children sorted by the bytes of their names: computed independently."""
+    order = ["nix/", "nix/store/"]
+
+    def walk(path: Path, name: str) -> None:
+        if path.is_dir() and not path.is_symlink():
+            order.append(name + "/")
+            for child in sorted(os.listdir(os.fsencode(path))):  # noqa: PTH208 - byte order
+                walk(path / os.fsdecode(child), name + "/" + os.fsdecode(child))
+        else:
+            order.append(name)
+
+    for store_path in sorted(PATHS):
+        walk(root / store_path.lstrip("/"), store_path.lstrip("/"))
+    return order
+
+
+def test_members_are_ordered_parents_first(store: Path) -> None:
+    """nix/ and nix/store/ come first (0755), then each store path depth first in byte order."""
+    found = members(pack(store)[1])
+    names = [m.name + ("/" if m.isdir() else "") for m in found]
+    assert names == _expected_order(store)
+    assert [(m.name, m.mode) for m in found[:2]] == [("nix", 0o755), ("nix/store", 0o755)]
+
+
+def test_metadata_is_normalised(store: Path) -> None:
+    """Owner 0:0 without names, the options' mtime, Nix's modes for files, dirs and links."""
+    found = members(pack(store, ArchiveOptions(mtime=12345))[1])
+    for member in found:
+        assert (member.uid, member.gid, member.uname, member.gname) == (0, 0, "", "")
+        assert member.mtime == 12345
+        if member.name.count("/") < 2:
+            continue
+        if member.isdir():
+            assert member.mode == 0o555
+        elif member.issym():
+            assert member.mode == 0o777
+        else:
+            assert member.mode in (0o444, 0o555)
+    by_name = {m.name: m for m in found}
+    assert by_name[HELLO[1:] + "/bin/hello"].mode == 0o555
+    assert by_name[HELLO[1:] + "/share/doc/README"].mode == 0o444
+    assert by_name[SCRIPT[1:]].mode == 0o555
+    assert by_name[HELLO[1:] + "/share/empty"].isdir()
+
+
+def test_contents_and_links_are_stored_as_on_disk(store: Path) -> None:
+    """File bytes, symlink targets (relative, absolute, dangling, escaping) as read, unfollowed."""
+    raw = gzip.decompress(pack(store)[1])
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as archive:
+        by_name = {m.name: m for m in archive.getmembers()}
+        for member in archive.getmembers():
+            on_disk = store / member.name
+            if member.isfile():
+                extracted = archive.extractfile(member)
+                assert extracted is not None
+                assert extracted.read() == on_disk.read_bytes()
+            elif member.issym():
+                assert member.linkname == str(on_disk.readlink())
+    hello = HELLO[1:]
+    assert by_name[hello + "/etc-passwd"].issym()
+    assert by_name[hello + "/etc-passwd"].linkname == "/etc/passwd"
+    assert by_name[hello + "/escape"].linkname == "../../../../etc/shadow"
+    assert by_name[ALIAS[1:]].issym()
+    assert b"root:" not in raw  # /etc/passwd was never read
+
+
+def test_hard_links_are_stored_once(store: Path) -> None:
+    """A file linked across and inside store paths has its bytes once; later names link to it."""
+    found = members(pack(store)[1])
+    by_name = {m.name: m for m in found}
+    hello, libs = HELLO[1:], LIBS[1:]
+    assert by_name[hello + "/bin/hello"].isfile()
+    assert by_name[libs + "/hello-again"].islnk()
+    assert by_name[libs + "/hello-again"].linkname == hello + "/bin/hello"
+    assert by_name[libs + "/hello-again"].mode == 0o555
+    assert by_name[libs + "/a"].isfile()
+    assert by_name[libs + "/b"].islnk()
+    assert by_name[libs + "/b"].linkname == libs + "/a"
+    assert len(found) == len(by_name)  # every name exactly once
+
+
+def test_long_and_unicode_names_survive(store: Path) -> None:
+    """Names over 100 bytes (ustar prefix or pax path) and UTF-8 names read back exactly."""
+    by_name = {m.name: m for m in members(pack(store)[1])}
+    hello = HELLO[1:]
+    long_name = f"{hello}/share/{LONG_NAME}"
+    assert by_name[long_name].pax_headers == {"path": long_name}
+    assert "path" in by_name[f"{hello}/share/ünïcödé.txt"].pax_headers
+    assert "path" in by_name[f"{hello}/share/{DEEP}/leaf"].pax_headers
+    split = by_name[f"{hello}/share/{MID}/file.txt"]
+    assert len(split.name) > 100
+    assert split.pax_headers == {}  # carried by the ustar prefix field
+
+
+def test_only_path_records_in_pax_headers(store: Path) -> None:
+    """No pax record varies between runs: only path/linkpath (never atime, ctime, mtime)."""
+    for member in members(pack(store)[1]):
+        assert set(member.pax_headers) <= {"path", "linkpath"}
+    found = members(pack(store)[1])
+    assert any("path" in m.pax_headers for m in found)
+    assert any("linkpath" in m.pax_headers for m in found)
+
+
+def test_non_utf8_names_round_trip(tmp_path: Path) -> None:
+    """A file name that is not UTF-8 is kept byte for byte (pax hdrcharset=BINARY)."""
+    root = tmp_path / "r"
+    base = root / "nix" / "store" / "abc-odd"
+    base.mkdir(parents=True)
+    odd = os.fsencode(base) + b"/caf\xe9"
+    with open(odd, "wb") as handle:  # noqa: PTH123 - a bytes path that is not UTF-8
+        handle.write(b"x")
+    raw = pack(root, ArchiveOptions(compression="none"), paths=["/nix/store/abc-odd"])[1]
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:", encoding="utf-8",
+                      errors="surrogateescape") as archive:
+        names = [os.fsencode(m.name) for m in archive.getmembers()]
+    assert b"nix/store/abc-odd/caf\xe9" in names
+    assert b"hdrcharset=BINARY" in raw
+
+
+def test_gnu_tar_lists_and_extracts_the_layer(store: Path, tmp_path: Path) -> None:
+    """GNU tar reads the gzip blob: same listing, and extraction recreates the tree."""
+    require_tools("tar")
+    blob = tmp_path / "layer.tar.gz"
+    blob.write_bytes(pack(store)[1])
+    listing = subprocess.run(
+        ["tar", "--numeric-owner", "-tvzf", str(blob)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert listing[0].startswith("drwxr-xr-x 0/0")
+    assert listing[0].endswith(" nix/")
+    assert listing[1].endswith(" nix/store/")
+    assert len(listing) == len(_expected_order(store))
+    assert all(" 0/0 " in line for line in listing)
+    out = tmp_path / "extracted"
+    out.mkdir()
+    subprocess.run(["tar", "-xzf", str(blob), "-C", str(out)], check=True)
+    hello, libs = out / HELLO[1:], out / LIBS[1:]
+    assert (hello / "bin" / "hello").read_bytes() == (store / HELLO[1:] / "bin/hello").read_bytes()
+    assert (hello / "bin" / "hello").stat().st_ino == (libs / "hello-again").stat().st_ino
+    assert str((hello / "etc-passwd").readlink()) == "/etc/passwd"
+    assert (hello / "share" / DEEP / "leaf").read_text() == "deep\n"
+    assert stat.S_IMODE((hello / "share").stat().st_mode) == 0o555
+    for dirpath, _dirs, _files in os.walk(out):
+        Path(dirpath).chmod(0o755)
+
+
+# --- refusals and errors -------------------------------------------------------------------
+
+
+def test_missing_store_path_is_reported_before_writing(store: Path) -> None:
+    """A missing path raises StorePathMissing naming it, and nothing is written."""
+    missing = "/nix/store/9zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-gone"
+    sink = Sink()
+    with pytest.raises(StorePathMissing) as excinfo:
+        pack_store_paths([HELLO, missing], sink.write, ArchiveOptions(), store_root=store)
+    assert excinfo.value.path == missing
+    assert sink.chunks == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/nix/store/a/b", "nix/store/a", "/etc/passwd", "/nix/store/..", "/nix/store/"]
+)
+def test_paths_outside_the_store_are_refused(store: Path, path: str) -> None:
+    """Only /nix/store/<name> is accepted; anything else is UnsafeStoreContent."""
+    with pytest.raises(UnsafeStoreContent):
+        pack_store_paths([path], Sink().write, ArchiveOptions(), store_root=store)
+
+
+def test_fifo_is_refused(store: Path) -> None:
+    """A fifo inside a store path is UnsafeStoreContent naming it (and is never opened)."""
+    fifo = store / HELLO[1:] / "share" / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsafeStoreContent, match="fifo") as excinfo:
+        pack(store)
+    assert excinfo.value.path == HELLO + "/share/pipe"
+
+
+def test_device_file_is_refused(store: Path) -> None:
+    """A character device inside a store path is UnsafeStoreContent."""
+    try:
+        os.mknod(store / HELLO[1:] / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating device files needs root")
+    with pytest.raises(UnsafeStoreContent, match="character device"):
+        pack(store)
+
+
+def test_fifo_as_store_path_is_refused_before_writing(tmp_path: Path) -> None:
+    """A store path that is itself a fifo is refused up front."""
+    root = tmp_path / "r"
+    (root / "nix" / "store").mkdir(parents=True)
+    os.mkfifo(root / "nix" / "store" / "abc-fifo")
+    sink = Sink()
+    with pytest.raises(UnsafeStoreContent):
+        pack_store_paths(["/nix/store/abc-fifo"], sink.write, ArchiveOptions(), store_root=root)
+    assert sink.chunks == []
+
+
+def _append(path: Path, data: bytes) -> None:
+    with path.open("ab") as handle:
+        handle.write(data)
+
+
+def _growing_store(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "r"
+    base = root / "nix" / "store" / "abc-growing"
+    base.mkdir(parents=True)
+    victim = base / "data"
+    victim.write_bytes(os.urandom(3 << 20))
+    return root, victim
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda p: _append(p, b"more"), id="appended"),
+        pytest.param(lambda p: os.truncate(p, 10), id="truncated"),
+        pytest.param(lambda p: os.utime(p, (1, 1)), id="touched"),
+    ],
+)
+def test_file_changing_while_packed_is_detected(
+    tmp_path: Path, change: Callable[[Path], object]
+) -> None:
+    """A file whose size, length read or mtime changes mid-read raises FileChangedDuringPacking."""
+    root, victim = _growing_store(tmp_path)
+    changed: list[object] = []
+
+    def write(data: bytes) -> None:
+        if not changed:  # the first MiB is out: the file is being read
+            changed.append(change(victim))
+
+    with pytest.raises(FileChangedDuringPacking) as excinfo:
+        pack_store_paths(
+            ["/nix/store/abc-growing"], write, ArchiveOptions(compression="none"),
+            store_root=root, threads=1,
+        )
+    assert excinfo.value.path == "/nix/store/abc-growing/data"
+
+
+def test_exceptions_from_write_propagate_unchanged(store: Path) -> None:
+    """Whatever ``write`` raises (even an OSError) reaches the caller as it was raised."""
+    for error in (RuntimeError("uploader broke"), OSError(errno.ENOSPC, "disk full")):
+
+        def write(data: bytes, error: Exception = error) -> None:
+            raise error
+
+        with pytest.raises(type(error)) as excinfo:
+            pack_store_paths(PATHS, write, ArchiveOptions(compression="none"), store_root=store)
+        assert excinfo.value is error
+
+
+def test_unreadable_file_is_a_layer_error(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error while reading is translated into a typed error naming the file."""
+
+    def failing_readv(fd: int, buffers: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "readv", failing_readv)
+    with pytest.raises(LayerError, match=r"cannot read /nix/store/.*Input/output error"):
+        pack(store)
+
+
+# --- options -------------------------------------------------------------------------------
+
+
+def test_options_media_types_and_parameters() -> None:
+    """Media types follow the compression; parameters change with everything that changes bytes."""
+    assert ArchiveOptions().media_type == "application/vnd.oci.image.layer.v1.tar+gzip"
+    assert ArchiveOptions(compression="zstd").media_type.endswith("tar+zstd")
+    assert ArchiveOptions(compression="none").media_type == "application/vnd.oci.image.layer.v1.tar"
+    keys = [
+        ArchiveOptions().parameters(),
+        ArchiveOptions(mtime=2).parameters(),
+        ArchiveOptions(level=1).parameters(),
+        ArchiveOptions(gzip_backend="zlib").parameters(),
+        ArchiveOptions(compression="zstd").parameters(),
+        ArchiveOptions(compression="none").parameters(),
+    ]
+    assert len({repr(sorted(k.items())) for k in keys}) == len(keys)
+    assert ArchiveOptions().parameters() == ArchiveOptions(level=None).parameters()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"compression": "lz4"},
+        {"level": "9"},
+        {"mtime": -1},
+        {"mtime": 8**11},
+        {"gzip_backend": "libdeflate"},
+    ],
+)
+def test_bad_options_are_invalid_input(kwargs: dict[str, object]) -> None:
+    """Malformed options are refused at construction with InvalidInput."""
+    with pytest.raises(InvalidInput):
+        ArchiveOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_level_out_of_the_backends_range_is_invalid_input(store: Path) -> None:
+    """Level 6 exists for zlib but not for ISA-L: refused when packing, before writing."""
+    sink = Sink()
+    with pytest.raises(InvalidInput):
+        pack_store_paths(PATHS, sink.write, ArchiveOptions(level=6, gzip_backend="isal"),
+                         store_root=store)
+    assert sink.chunks == []
+    assert pack(store, ArchiveOptions(level=6, gzip_backend="zlib"))[0].size > 0
+
+
+# --- synthesised entries -------------------------------------------------------------------
+
+ENTRIES = [
+    TarEntry("usr/bin/env", "symlink", 0o777, target="/nix/store/abc-coreutils/bin/env"),
+    TarEntry("tmp", "dir", 0o1777),
+    TarEntry("etc/passwd", "file", 0o644, data=b"root:x:0:0::/root:/bin/sh\n"),
+    TarEntry("etc/passwd-", "hardlink", target="etc/passwd"),
+    TarEntry("home/user", "dir", 0o755, uid=1000, gid=100),
+    TarEntry("home/big", "dir", 0o700, uid=1000680000, gid=1000680000),
+]
+
+
+def _pack_entries(entries: list[TarEntry], **options: object) -> tuple[PackedLayer, bytes]:
+    sink = Sink()
+    packed = pack_entries(entries, sink.write, ArchiveOptions(**options))  # type: ignore[arg-type]
+    return packed, sink.data
+
+
+def test_entries_are_sorted_with_parents_added() -> None:
+    """Entries come out parents first in byte order; missing parents are 0755 dirs owned by 0."""
+    found = members(_pack_entries(ENTRIES)[1])
+    assert [m.name for m in found] == [
+        "etc", "etc/passwd", "etc/passwd-", "home", "home/big", "home/user", "tmp", "usr",
+        "usr/bin", "usr/bin/env",
+    ]
+    by_name = {m.name: m for m in found}
+    assert (by_name["usr"].mode, by_name["usr"].uid, by_name["usr"].isdir()) == (0o755, 0, True)
+    assert by_name["tmp"].mode == 0o1777
+    assert (by_name["home/user"].uid, by_name["home/user"].gid) == (1000, 100)
+    assert by_name["home/big"].uid == 1000680000  # beyond ustar: a pax uid record
+    assert by_name["etc/passwd-"].islnk()
+    assert by_name["etc/passwd-"].linkname == "etc/passwd"
+    assert by_name["usr/bin/env"].linkname == "/nix/store/abc-coreutils/bin/env"
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.permutations(ENTRIES))
+def test_entry_order_does_not_matter(entries: list[TarEntry]) -> None:
+    """Any order of the same entries gives the same layer."""
+    assert _pack_entries(entries) == _pack_entries(ENTRIES)
+
+
+def test_hard_link_group_carries_data_on_its_first_member() -> None:
+    """When the link sorts before its target, the link's name carries the bytes instead."""
+    entries = [
+        TarEntry("z/file", "file", 0o600, data=b"payload"),
+        TarEntry("a/link", "hardlink", target="z/file"),
+    ]
+    found = members(_pack_entries(entries)[1])
+    by_name = {m.name: m for m in found}
+    assert by_name["a/link"].isfile()
+    assert by_name["a/link"].size == 7
+    assert by_name["a/link"].mode == 0o600
+    assert by_name["z/file"].islnk()
+    assert by_name["z/file"].linkname == "a/link"
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [TarEntry("a", "file"), TarEntry("a", "dir")],
+        [TarEntry("a", "file"), TarEntry("a/b", "file")],
+        [TarEntry("a", "hardlink", target="missing")],
+        [TarEntry("a", "dir"), TarEntry("b", "hardlink", target="a")],
+        [TarEntry("a", "symlink")],
+        [TarEntry("a", "dir", data=b"x")],
+        [TarEntry("a", "file", uid=-1)],
+    ],
+)
+def test_contradictory_entries_are_invalid_input(entries: list[TarEntry]) -> None:
+    """Duplicates, files used as parents, dangling hard links and the like are refused."""
+    with pytest.raises(InvalidInput):
+        _pack_entries(entries)
+
+
+def test_entry_layer_numbers_match_the_bytes() -> None:
+    """pack_entries reports the digest, diff_id and size of what it wrote."""
+    packed, blob = _pack_entries(ENTRIES)
+    assert packed.digest == "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert packed.diff_id == "sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest()
+    assert packed.size == len(blob)
+
+
+# --- properties ----------------------------------------------------------------------------
+
+_names = st.text(
+    alphabet=st.sampled_from("abcXYZ019-._é€"), min_size=1, max_size=12
+).filter(lambda n: n not in (".", ".."))
+_trees = st.recursive(
+    st.one_of(st.binary(max_size=600), st.builds(lambda t: ("link", t), _names)),
+    lambda children: st.dictionaries(_names, children, max_size=4),
+    max_leaves=12,
+)
+
+
+def _build(base: Path, tree: object) -> None:
+    if isinstance(tree, dict):
+        base.mkdir()
+        for name, child in tree.items():
+            _build(base / name, child)
+    elif isinstance(tree, tuple):
+        base.symlink_to(tree[1])
+    else:
+        assert isinstance(tree, bytes)
+        base.write_bytes(tree)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_names, _trees, min_size=1, max_size=3))
+def test_random_trees_pack_deterministically_with_every_file_once(
+    tree: dict[str, object],
+) -> None:
+    """Random trees in two separate copies pack identically; every file appears exactly once."""
+    paths = [f"/nix/store/{hashlib.sha256(n.encode()).hexdigest()[:32]}-{n}" for n in tree]
+    layers = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for copy in ("one", "two"):
+            store = Path(tmp) / copy / "nix" / "store"
+            store.mkdir(parents=True)
+            for path, subtree in zip(paths, tree.values(), strict=True):
+                _build(store / path.rsplit("/", 1)[1], subtree)
+            layers.append(pack(Path(tmp) / copy, ArchiveOptions(compression="none"), paths=paths))
+        on_disk = sorted(
+            str(Path(dirpath, name).relative_to(Path(tmp) / "one"))
+            for dirpath, dirs, files in os.walk(Path(tmp) / "one" / "nix" / "store")
+            for name in dirs + files
+        )
+    assert layers[0] == layers[1]
+    names = [m.name for m in members(layers[0][1], "none")]
+    assert len(names) == len(set(names))
+    assert sorted(names[2:]) == sorted(n for n in on_disk if n.count("/") >= 2)
+
+
+def test_sizes_beyond_ustar_get_a_pax_size_record() -> None:
+    """A file of 8 GiB or more keeps its exact size in a pax record (ustar has 11 octal digits)."""
+    from nixery_core.archive import _Headers
+
+    size = 8**11 + 12345
+    header = _Headers(1)(b"nix/store/abc-big/blob", 0o444, size, b"0")
+    with tarfile.TarFile(fileobj=io.BytesIO(header + bytes(1024))) as archive:
+        member = archive.next()
+    assert member is not None
+    assert (member.name, member.size, member.pax_headers) == (
+        "nix/store/abc-big/blob", size, {"size": str(size)},
+    )
