@@ -3,8 +3,8 @@
 Two tiers, either of which may be absent:
 
 * **local**: a :mod:`diskcache` directory (SQLite; size-bounded, evicting the
-  least recently used entries), shared safely by threads and by processes on
-  one machine;
+  entries stored longest ago, so that a hit never writes), shared safely by
+  threads and by processes on one machine;
 * **shared**: small JSON objects inside the uploader's storage
   (``manifests/<key>``, ``builds/<key>``, as Nixery lays out its bucket), so
   several hosts that share a bucket share work.
@@ -205,7 +205,8 @@ class BuildCache:
             self._local = diskcache.Cache(
                 str(self.directory),
                 size_limit=self.size_limit,
-                eviction_policy="least-recently-used",
+                # Evict by storage time: LRU would turn every hit into a write.
+                eviction_policy="least-recently-stored",
             )
 
     # --- lifecycle ---------------------------------------------------------

@@ -167,6 +167,12 @@ class LocalPathSource:
 
     path: Path = attrs.field(converter=_absolute_path)
     hash_content: bool = True
+    # (stat signature, content hash) of the last resolve: the content is read
+    # again only when some file's size, mtime, mode or inode changed, as git's
+    # index does.  Not part of the value.
+    _memo: list[tuple[tuple[tuple[object, ...], ...], str]] = attrs.field(
+        factory=list, init=False, eq=False, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         if not self.path.exists():
@@ -177,8 +183,30 @@ class LocalPathSource:
         args = {"type": "path", "path": str(self.path)}
         if not self.hash_content:
             return SourceSpec(args, _identity(args), pinned=False)
+        return SourceSpec(args, _identity(args, {"content": self._content_hash()}), pinned=True)
+
+    def _content_hash(self) -> str:
+        signature = _stat_signature(self.path)
+        if self._memo and self._memo[0][0] == signature:
+            return self._memo[0][1]
         content = hash_directory(self.path) if self.path.is_dir() else _hash_file(self.path)
-        return SourceSpec(args, _identity(args, {"content": content}), pinned=True)
+        self._memo[:] = [(signature, content)]
+        return content
+
+
+def _stat_signature(root: Path) -> tuple[tuple[object, ...], ...]:
+    """What changes when any file under ``root`` (or ``root`` itself) changes."""
+    entries: list[tuple[object, ...]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != ".git")
+        for name in sorted(filenames):
+            info = os.lstat(os.path.join(dirpath, name))  # noqa: PTH118 - per-file hot path
+            entries.append((dirpath, name, info.st_mode, info.st_size, info.st_mtime_ns,
+                            info.st_ino, info.st_dev))
+    if not entries:
+        info = root.stat()
+        entries.append((str(root), info.st_mode, info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(entries)
 
 
 def _hash_file(path: Path) -> str:

@@ -180,11 +180,15 @@ class FilesystemStore:
     # --- blobs ---------------------------------------------------------------
 
     def has_blob(self, digest: str) -> bool:
-        """Whether a blob with this digest is stored (InvalidDigest for bad digests)."""
-        path = self._blob_file(digest)
+        """Whether a blob with this digest is stored (InvalidDigest for bad digests).
+
+        The cache calls this for every blob of every hit, so it stats a plain
+        string path rather than building :class:`~pathlib.Path` objects.
+        """
+        path = os.path.join(self.root, "layers", digest_hex(digest))  # noqa: PTH118 - hot path
         with _translated(digest):
             try:
-                path.stat()
+                os.stat(path)  # noqa: PTH116 - hot path, see above
             except (FileNotFoundError, NotADirectoryError):
                 return False
         return True
