@@ -33,9 +33,30 @@ def _drain_lines(stream: IO[bytes], sink: list[bytes], on_line: LogCallback | No
             on_line(line.decode("utf-8", "replace").rstrip("\n"))
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):  # already gone
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the group, so Nix can stop builders it moved to their own sessions;
+    SIGKILL whatever is left after ``grace`` seconds."""
+    _kill_group(proc, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    _kill_group(proc)
+    proc.wait()
+
+
+def _close(proc: subprocess.Popen[bytes], readers: list[threading.Thread]) -> None:
+    """Join the pipe readers and close the pipes (a reader still blocked, on a pipe
+    held open by an escaped grandchild, keeps its pipe; it is a daemon thread)."""
+    for reader in readers:
+        reader.join(timeout=2)
+    if not any(reader.is_alive() for reader in readers):
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 @attrs.define
@@ -43,10 +64,13 @@ class SubprocessRunner:
     """Runs commands with :mod:`subprocess`.
 
     ``env`` given to :meth:`run` is merged over ``base_env`` (``os.environ``
-    when ``None``).
+    when ``None``).  On timeout the process group gets SIGTERM, then SIGKILL
+    after ``term_grace`` seconds: Nix moves its builders to sessions of their
+    own, and only Nix can stop those, so it must get the chance to.
     """
 
     base_env: Mapping[str, str] | None = None
+    term_grace: float = 3.0
 
     def run(
         self,
@@ -87,15 +111,13 @@ class SubprocessRunner:
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
-            _kill_group(proc)
-            proc.wait()
-            for reader in readers:
-                reader.join(timeout=5)
+            _stop(proc, self.term_grace)
+            _close(proc, readers)
             stderr = b"".join(err).decode("utf-8", "replace")
             raise NixTimeout(argv, timeout or 0.0, stderr) from exc
         except BaseException:
-            _kill_group(proc)
-            proc.wait()
+            _stop(proc, self.term_grace)
+            _close(proc, readers)
             raise
         # The command is done; children it left behind in its group would keep
         # the pipes open, so they go too.

@@ -123,11 +123,6 @@ def test_children_left_behind_after_exit_are_killed(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings(LEAKED_PIPES)
-@pytest.mark.xfail(
-    reason="SubprocessRunner SIGKILLs the group at once; a command cannot stop children it "
-    "moved to their own session (as Nix does with its builders). SIGTERM first would let it.",
-    strict=True,
-)
 def test_timeout_lets_the_command_stop_children_in_other_sessions(tmp_path: Path) -> None:
     """On timeout the command gets a chance (SIGTERM) to stop children outside its group."""
     pidfile = tmp_path / "child"
