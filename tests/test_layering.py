@@ -1,0 +1,480 @@
+"""Layering strategies: the protocol's promises for all, each strategy's documented behaviour."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+import pytest
+from graph_strategies import closures, new_leaf_packages, store_path, with_package
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nixery_core import layering
+from nixery_core.errors import InvalidInput
+from nixery_core.graph import RuntimeGraph, StorePath
+from nixery_core.layering import (
+    DEFAULT_STRATEGY,
+    ChurnAwareDominators,
+    NixeryPopularity,
+    PopularityTable,
+    PullingClient,
+    ReferencesByPopularity,
+    SizeFirst,
+    package_name,
+    route_counts,
+    unique_layer_bytes,
+    validate_grouping,
+)
+from nixery_core.layering.common import IndexedGraph
+from nixery_core.protocols import LayerGroup, LayeringStrategy
+
+STRATEGIES: list[LayeringStrategy] = [
+    ChurnAwareDominators(),
+    NixeryPopularity(),
+    NixeryPopularity({"glibc": 500, "zlib": 120, "bash": 3}),
+    ReferencesByPopularity(),
+    SizeFirst(),
+]
+IDS = [f"{s.name}-{i}" for i, s in enumerate(STRATEGIES)]
+MB = 1_000_000
+
+
+def make(
+    spec: Mapping[str, tuple[int, Sequence[str]]], requested: Sequence[str] = ()
+) -> tuple[RuntimeGraph, dict[str, str]]:
+    """A graph from ``name -> (size, references)``; unreferenced names are requested."""
+    paths = {name: store_path(i, name) for i, name in enumerate(spec)}
+    referenced = {r for _, refs in spec.values() for r in refs}
+    wanted = [n for n in spec if n not in referenced] + list(requested)
+    graph = RuntimeGraph.build(
+        [
+            StorePath(paths[n], size, tuple(paths[r] for r in refs))
+            for n, (size, refs) in spec.items()
+        ],
+        {n: (paths[n],) for n in wanted},
+    )
+    return graph, paths
+
+
+def names(groups: Sequence[LayerGroup]) -> list[list[str]]:
+    """Each layer as sorted package names, in manifest order."""
+    return [sorted(package_name(p) for p in g.paths) for g in groups]
+
+
+def shuffled(graph: RuntimeGraph, seed: int) -> RuntimeGraph:
+    """The same graph with every mapping and reference list in another order."""
+    rng = random.Random(seed)  # noqa: S311 -- a seeded shuffle, not cryptography
+    items = list(graph.paths.values())
+    rng.shuffle(items)
+    paths = {}
+    for sp in items:
+        refs = list(sp.references)
+        rng.shuffle(refs)
+        paths[sp.path] = StorePath(sp.path, sp.nar_size, tuple(refs))
+    requested = list(graph.requested.items())
+    rng.shuffle(requested)
+    return RuntimeGraph(paths, dict(requested))
+
+
+# --- every strategy ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=closures(), budget=st.integers(1, 45))
+def test_every_path_in_exactly_one_layer_within_budget(
+    strategy: LayeringStrategy, graph: RuntimeGraph, budget: int
+) -> None:
+    """Every store path lands in exactly one sorted, non-empty layer; never more than the budget."""
+    validate_grouping(graph, strategy.group(graph, budget), budget)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=closures(), budget=st.integers(1, 45), seed=st.integers(0, 2**16))
+def test_deterministic_whatever_the_input_order(
+    strategy: LayeringStrategy, graph: RuntimeGraph, budget: int, seed: int
+) -> None:
+    """The same graph gives the same layers in the same order, however its mappings are ordered."""
+    first = list(strategy.group(graph, budget))
+    assert list(strategy.group(graph, budget)) == first
+    assert list(strategy.group(shuffled(graph, seed), budget)) == first
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
+@pytest.mark.parametrize("budget", [0, -3])
+def test_budget_below_one_is_refused(strategy: LayeringStrategy, budget: int) -> None:
+    """A budget below one layer is an InvalidInput, not an empty or oversized answer."""
+    graph, _ = make({"a": (10, ())})
+    with pytest.raises(InvalidInput, match="budget"):
+        strategy.group(graph, budget)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
+def test_reference_cycle_is_refused(strategy: LayeringStrategy) -> None:
+    """A closure whose references form a cycle is an InvalidInput."""
+    a, b, c = store_path(1, "a"), store_path(2, "b"), store_path(3, "c")
+    graph = RuntimeGraph.build(
+        [StorePath(a, 1, (b,)), StorePath(b, 1, (c,)), StorePath(c, 1, (b,))], {"a": (a,)}
+    )
+    with pytest.raises(InvalidInput, match="cycle"):
+        strategy.group(graph, 5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
+def test_empty_closure_gives_no_layers(strategy: LayeringStrategy) -> None:
+    """An empty closure groups into no layers."""
+    assert list(strategy.group(RuntimeGraph.build([], {}), 3)) == []
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
+def test_parameters_are_json_and_strategies_are_hashable_values(
+    strategy: LayeringStrategy,
+) -> None:
+    """Parameters are plain JSON values; equal strategies are equal and hash alike."""
+    import json
+
+    json.dumps(dict(strategy.parameters()), sort_keys=True)
+    assert isinstance(strategy, LayeringStrategy)
+    assert hash(strategy) == hash(type(strategy)(**_fields(strategy)))
+
+
+def _fields(strategy: LayeringStrategy) -> dict[str, object]:
+    import attrs
+
+    return attrs.asdict(strategy, recurse=False)  # type: ignore[arg-type]
+
+
+# --- ours ----------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), graph=closures())
+def test_ours_adding_a_small_package_moves_no_existing_layer(
+    data: st.DataObject, graph: RuntimeGraph
+) -> None:
+    """When leaf_stable() says so, adding a new root package leaves every existing layer whole."""
+    roots = len(IndexedGraph.of(graph).roots)
+    slots = data.draw(st.integers(roots + 1, roots + 3), label="root_slots")
+    budget = data.draw(
+        st.integers(slots + 1, slots + len(graph) + 1).filter(lambda b: b != len(graph)),
+        label="budget",
+    )
+    strategy = ChurnAwareDominators(root_slots=slots)
+    assert strategy.leaf_stable(graph, budget)
+    leaf, name = data.draw(new_leaf_packages(graph))
+    before = {g.paths for g in strategy.group(graph, budget)}
+    after = {g.paths for g in strategy.group(with_package(graph, leaf, name), budget)}
+    assert before <= after
+    assert after - before == {(leaf.path,)}
+
+
+@settings(max_examples=100, deadline=None)
+@given(graph=closures(), budget=st.integers(1, 45), slots=st.integers(0, 8))
+def test_ours_leaf_stable_is_false_only_near_a_mode_change(
+    graph: RuntimeGraph, budget: int, slots: int
+) -> None:
+    """leaf_stable() refuses only where one more path or root crosses the budget or the slots."""
+    strategy = ChurnAwareDominators(root_slots=slots)
+    roots = len(IndexedGraph.of(graph).roots)
+    crossing = len(graph) == budget or roots + 1 > slots or slots >= budget
+    assert strategy.leaf_stable(graph, budget) or crossing
+
+
+def test_ours_leaf_stability_covers_images_beyond_the_budget() -> None:
+    """With few roots, a closure larger than the budget is still leaf-stable (roots set apart)."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    for i in range(30):
+        spec[f"lib{i}"] = (200_000 + i, ("libc", f"lib{i - 1}") if i % 3 == 1 else ("libc",))
+    spec["app"] = (5 * MB, tuple(f"lib{i}" for i in range(30)))
+    graph, paths = make(spec)
+    strategy = ChurnAwareDominators(root_slots=4)
+    assert len(graph) > 10
+    assert strategy.leaf_stable(graph, 10)
+    leaf = StorePath(store_path(99, "newleaf"), 10, (paths["lib3"], paths["libc"]))
+    before = {g.paths for g in strategy.group(graph, 10)}
+    after = {g.paths for g in strategy.group(with_package(graph, leaf, "newleaf"), 10)}
+    assert before | {(leaf.path,)} == after
+
+
+def test_ours_keeps_one_layer_per_path_when_the_closure_fits() -> None:
+    """A closure within the budget gets a layer per store path (no tiny merges asked for)."""
+    graph, _ = make({"a": (MB, ("b", "c")), "b": (MB, ("c",)), "c": (MB, ())})
+    groups = ChurnAwareDominators(min_layer_bytes=0).group(graph, 3)
+    assert sorted(len(g.paths) for g in groups) == [1, 1, 1]
+
+
+def test_ours_merges_tiny_dependencies_into_their_dominator() -> None:
+    """A group under min_layer_bytes joins the layer of the path every route to it passes."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {
+        "app": (MB, ("mid",)),
+        "mid": (MB, ("tiny", "libc")),
+        "tiny": (1_000, ("libc",)),
+        "libc": (MB, ()),
+    }
+    graph, _ = make(spec)
+    assert sorted(names(ChurnAwareDominators().group(graph, 10))) == [
+        ["app"],
+        ["libc"],
+        ["mid", "tiny"],
+    ]
+    separate = ChurnAwareDominators(min_layer_bytes=0).group(graph, 10)
+    assert sorted(names(separate)) == [["app"], ["libc"], ["mid"], ["tiny"]]
+
+
+def test_ours_keeps_a_big_rarely_changing_library_apart() -> None:
+    """Under pressure, private dependencies ride with their package; the shared base stays apart."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    for app in ("vim", "git", "jq"):
+        for i in range(3):
+            spec[f"{app}dep{i}"] = (300_000, ("libc",))
+        spec[app] = (4 * MB, ("libc", *(f"{app}dep{i}" for i in range(3))))
+    graph, _ = make(spec)
+    groups = names(ChurnAwareDominators(root_slots=0).group(graph, 4))
+    assert ["libc"] in groups
+    for app in ("vim", "git", "jq"):
+        assert sorted([app, *(f"{app}dep{i}" for i in range(3))]) in groups
+
+
+def test_ours_puts_surplus_top_level_packages_in_one_catch_all() -> None:
+    """Top-level packages beyond the budget, cheapest first, share one catch-all layer."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    for i in range(6):
+        spec[f"tool{i}"] = ((i + 1) * 100_000, ("libc",))
+    graph, _ = make(spec)
+    groups = names(ChurnAwareDominators(root_slots=0, min_layer_bytes=0).group(graph, 4))
+    assert len(groups) == 4
+    assert ["libc"] in groups
+    assert ["tool0", "tool1", "tool2", "tool3"] in groups
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("change_rate", 0), ("change_rate", 1.5), ("root_slots", -1), ("min_layer_bytes", -5)],
+)
+def test_ours_refuses_bad_parameters(field: str, value: float) -> None:
+    """Out-of-range parameters are an InvalidInput naming the parameter."""
+    with pytest.raises(InvalidInput, match=field):
+        ChurnAwareDominators(**{field: value})  # type: ignore[arg-type]
+
+
+def test_default_strategy_is_ours() -> None:
+    """The builder's default is the churn-aware dominator strategy with default parameters."""
+    assert ChurnAwareDominators() == DEFAULT_STRATEGY
+
+
+# --- references by popularity ---------------------------------------------------
+
+
+def _nixpkgs_example() -> tuple[RuntimeGraph, dict[str, str]]:
+    # The graph from nixpkgs' closure-graph.py: A-B-C-D-F, C-E-F, B-E, A-G.
+    return make(
+        {
+            "a": (1, ("b", "g")),
+            "b": (1, ("c", "e")),
+            "c": (1, ("d", "e")),
+            "d": (1, ("f",)),
+            "e": (1, ("f",)),
+            "f": (1, ()),
+            "g": (1, ()),
+        }
+    )
+
+
+def test_route_counts_count_every_route_from_the_roots() -> None:
+    """A path's popularity is the number of routes from the roots that reach it."""
+    graph, paths = _nixpkgs_example()
+    ig = IndexedGraph.of(graph)
+    counts = dict(zip(ig.paths, route_counts(ig), strict=True))
+    expected = {"a": 1, "b": 1, "c": 1, "d": 1, "e": 2, "f": 3, "g": 1}
+    assert {n: counts[p] for n, p in paths.items()} == expected
+
+
+def test_references_by_popularity_puts_the_least_popular_in_the_catch_all() -> None:
+    """The budget-1 most reached paths get own layers; the rest share the last layer."""
+    graph, _ = _nixpkgs_example()
+    groups = names(ReferencesByPopularity().group(graph, 3))
+    assert groups == [["f"], ["e"], ["a", "b", "c", "d", "g"]]
+
+
+def test_references_by_popularity_breaks_ties_by_name_without_hash() -> None:
+    """Equally popular paths are ordered by their name, not by their hash."""
+    graph, _ = make({"zeta": (1, ()), "alpha": (1, ()), "mid": (1, ())})
+    assert names(ReferencesByPopularity().group(graph, 3)) == [["alpha"], ["mid"], ["zeta"]]
+
+
+def test_references_by_popularity_gives_each_path_a_layer_when_it_fits() -> None:
+    """No catch-all is made when every path fits in the budget."""
+    graph, _ = _nixpkgs_example()
+    assert all(len(g.paths) == 1 for g in ReferencesByPopularity().group(graph, 7))
+
+
+# --- nixery popularity ----------------------------------------------------------
+
+
+def test_nixery_layers_are_dominator_subtrees() -> None:
+    """Each requested package with what only it uses is one layer; shared paths stand apart."""
+    graph, _ = make(
+        {
+            "git": (MB, ("curl", "libc")),
+            "curl": (MB, ("libc",)),
+            "htop": (MB, ("ncurses", "libc")),
+            "ncurses": (MB, ("libc",)),
+            "libc": (MB, ()),
+        }
+    )
+    groups = names(NixeryPopularity().group(graph, 10))
+    assert sorted(groups) == [["curl", "git"], ["htop", "ncurses"], ["libc"]]
+
+
+def test_nixery_merges_the_lowest_ratings_first() -> None:
+    """Over budget, the two layers with the lowest popularity x size merge first."""
+    graph, _ = make({"a": (10, ()), "b": (20, ()), "c": (30, ()), "d": (40, ())})
+    table = {"a": 6, "b": 1, "c": 1, "d": 2}  # ratings 60, 20, 30, 80
+    groups = names(NixeryPopularity(table).group(graph, 3))
+    assert groups == [["d"], ["a"], ["b", "c"]]
+
+
+def test_nixery_keeps_cacert_in_a_layer_of_its_own() -> None:
+    """cacert counts as most popular, so it is not swallowed by the package that uses it."""
+    graph, _ = make({"app": (MB, ("nss-cacert", "zlib")), "nss-cacert": (1, ()), "zlib": (1, ())})
+    groups = names(NixeryPopularity({"app": 1}).group(graph, 5))
+    assert sorted(groups) == [["app", "zlib"], ["nss-cacert"]]
+
+
+def test_nixery_gives_big_closures_their_own_layer() -> None:
+    """A path whose closure exceeds the big threshold is not swallowed by its dominator."""
+    spec = {"app": (MB, ("llvm",)), "llvm": (150 * MB, ())}
+    graph, _ = make(spec)
+    assert sorted(names(NixeryPopularity().group(graph, 5))) == [["app"], ["llvm"]]
+    small = NixeryPopularity(big_closure_bytes=200 * MB)
+    assert names(small.group(graph, 5)) == [["app", "llvm"]]
+
+
+def test_nixery_gives_popular_paths_their_own_layer() -> None:
+    """A path at or above the popularity threshold gets an edge from the root."""
+    graph, _ = make({"app": (MB, ("zlib",)), "zlib": (MB, ())})
+    groups = NixeryPopularity({"zlib": 150, "app": 1}).group(graph, 5)
+    assert sorted(names(groups)) == [["app"], ["zlib"]]
+
+
+def test_popularity_table_is_a_hashable_value_with_a_digest() -> None:
+    """Equal tables are equal, hash alike and share a digest used in cache keys."""
+    one, two = PopularityTable({"a": 1, "b": 2}), PopularityTable({"b": 2, "a": 1})
+    assert one == two
+    assert hash(one) == hash(two)
+    assert one.digest == two.digest
+    assert (
+        NixeryPopularity({"a": 1}).parameters()["popularity_sha256"]
+        == PopularityTable({"a": 1}).digest
+    )
+    assert dict(one) == {"a": 1, "b": 2}
+
+
+@pytest.mark.parametrize("table", [{"a": -1}, {"a": 1.5}, {"a": True}, {3: 1}])
+def test_popularity_table_refuses_bad_values(table: dict[object, object]) -> None:
+    """Popularity must map package names to non-negative integers."""
+    with pytest.raises(InvalidInput, match="popularity"):
+        PopularityTable(table)  # type: ignore[arg-type]
+
+
+# --- size first -----------------------------------------------------------------
+
+
+def test_size_first_gives_the_largest_paths_their_own_layers() -> None:
+    """Primaries are the largest paths; a dependency only one primary uses joins it."""
+    graph, _ = make(
+        {
+            "app": (5 * MB, ("big", "small")),
+            "big": (90 * MB, ("libc",)),
+            "small": (10_000, ("libc",)),
+            "libc": (30 * MB, ()),
+        }
+    )
+    groups = names(SizeFirst().group(graph, 3))
+    assert groups == [["libc"], ["big"], ["app", "small"]]
+
+
+def test_size_first_groups_shared_dependencies_by_the_primaries_using_them() -> None:
+    """A path used by two primaries gets a layer of its own, labelled by both."""
+    graph, _ = make(
+        {
+            "x": (50 * MB, ("shared", "onlyx")),
+            "y": (40 * MB, ("shared",)),
+            "shared": (10, ()),
+            "onlyx": (10, ()),
+        }
+    )
+    groups = names(SizeFirst().group(graph, 3))
+    assert sorted(groups) == [["onlyx", "x"], ["shared"], ["y"]]
+
+
+def test_size_first_stops_before_exceeding_the_budget() -> None:
+    """No more primaries are added once one more would need a layer beyond the budget."""
+    graph, _ = make({"a": (5, ()), "b": (4, ()), "c": (3, ()), "d": (2, ())})
+    assert names(SizeFirst().group(graph, 2)) == [["a"], ["b", "c", "d"]]
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-openssl-3.0.8-bin", "openssl"),
+        ("python3.11-numpy-1.26.0", "python3.11-numpy"),
+        ("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-iana-etc-20231227", "iana-etc"),
+        ("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello", "hello"),
+        ("bash-5.2-p15", "bash"),
+    ],
+)
+def test_package_name_drops_hash_version_and_output(path: str, expected: str) -> None:
+    """Package names drop the store hash, the version and any output suffix."""
+    assert package_name(path) == expected
+
+
+def test_validate_grouping_names_what_is_wrong() -> None:
+    """A grouping that misses, repeats or invents paths, or exceeds the budget, is refused."""
+    graph, p = make({"a": (1, ("b",)), "b": (1, ())})
+    validate_grouping(graph, [LayerGroup((p["a"],)), LayerGroup((p["b"],))], 2)
+    bad = {
+        "exceed": ([LayerGroup((p["a"],)), LayerGroup((p["b"],))], 1),
+        "no layer": ([LayerGroup((p["a"],))], 2),
+        "more than one": ([LayerGroup((p["a"],)), LayerGroup(tuple(sorted(p.values())))], 2),
+        "not in the closure": ([LayerGroup(tuple(sorted([*p.values(), "/nix/store/x"])))], 2),
+        "empty": ([LayerGroup(())], 2),
+    }
+    for message, (groups, budget) in bad.items():
+        with pytest.raises(InvalidInput, match=message):
+            validate_grouping(graph, groups, budget)
+
+
+def test_pulling_client_fetches_each_layer_once() -> None:
+    """A caching client pulls a layer's bytes only the first time it sees that path set."""
+    graph, p = make({"a": (3, ("b",)), "b": (5, ())})
+    client = PullingClient()
+    groups = [LayerGroup((p["b"],)), LayerGroup((p["a"],))]
+    assert client.pull(graph, groups) == 8
+    assert client.pull(graph, groups) == 0
+    assert client.pull(graph, [LayerGroup(tuple(sorted(p.values())))]) == 8
+    assert client.pulled == 16
+
+
+def test_unique_layer_bytes_counts_shared_layers_once() -> None:
+    """A registry stores a layer shared by two images once."""
+    graph, p = make({"a": (3, ("b",)), "b": (5, ())})
+    shared = LayerGroup((p["b"],))
+    images = [(graph, [shared, LayerGroup((p["a"],))]), (graph, [shared])]
+    assert unique_layer_bytes(images) == 8
+
+
+def test_public_names_are_sorted_and_importable() -> None:
+    """__all__ is sorted (constants, classes, functions) and every name in it exists."""
+
+    def isort_style(name: str) -> tuple[bool, bool, str]:
+        return (not name.isupper(), name[0].islower(), name)
+
+    assert list(layering.__all__) == sorted(layering.__all__, key=isort_style)
+    for name in layering.__all__:
+        assert hasattr(layering, name)
