@@ -127,7 +127,7 @@ def test_storage_server_gone_mid_build_then_back(gcs: FakeGcsServer, tmp_path: P
     source = LocalPathSource(OFFLINE_SET)
     image = Image.from_name("shell/hello")
     with BuildCache(tmp_path / "cache") as cache, pytest.raises(StorageError):
-        build_image(image, source, uploader=_StopsServer(store, gcs),  # type: ignore[arg-type]
+        build_image(image, source, uploader=_StopsServer(store, gcs),
                     cache=cache, nix_options={"substituters": ""}, max_workers=1)
     gcs.start()
     bucket = gcs.make_bucket("images")
