@@ -28,16 +28,18 @@ input (the uncompressed tar, and so the ``diff_id``, is identical).  To keep
 "same cache key, same bytes", :meth:`CompressorSpec.parameters` names the
 resolved backend, its library version and a *fingerprint*: the digest of a
 fixed 96 KiB sample compressed through the same block code.  Two machines
-whose compressors would disagree (another zlib build, another ISA-L version,
-a CPU on which ISA-L picks a code path that emits other bytes) therefore get
-different cache keys instead of different bytes under one key.  Pin
+whose compressors would disagree (another zlib build, another ISA-L version)
+therefore get different cache keys instead of different bytes under one key.
+ISA-L picks code paths by CPU features; upstream does not promise identical
+output across them, and the fingerprint only catches a difference that the
+sample shows.  The ``diff_id`` never depends on any of this.  Pin
 ``gzip_backend="isal"`` in production so every builder shares layers.
 
-**Default levels**, chosen on the benchmark closure (docs/performance.md):
-ISA-L level 2 (~600 MB/s per core; output about 1.11x ``pigz -6``; level 3
-is within 1.09-1.10x but 35% slower, level 1 is no faster and larger); zlib
-level 1 (~95 MB/s per core, about 1.09x level 6, which would be ~3x slower);
-zstd level 3 (zstd's own default).
+**Default levels**, chosen on the 300 MB benchmark closure
+(docs/performance.md): ISA-L level 2 with memLevel 3 (output 1.09x
+``pigz -6``'s; level 3 is 1.075x for ~18% more CPU, level 1 1.11x for ~7%
+less); zlib level 1 (1.09x ``pigz -6``, half of pigz's CPU time; level 6
+takes 2.3x the CPU of level 1); zstd level 3 (zstd's own default).
 
 **zstd** uses ``zstandard`` in its multi-threaded streaming mode with at
 least one worker: that output is the same for any number of workers and any
