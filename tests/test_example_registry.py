@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import OFFLINE_SET, REPO, require_tools
+from hostile_corpus import URL_PATHS, Sample, ids
 from servers import FakeGcsServer, fake_gcs
 
 from examples.registry import RegistryConfig, create_app, serving
@@ -330,6 +331,30 @@ def test_path_tricks_are_rejected(
     base, config, fake = fake_registry
     answer, body = raw_get(base, path)
     assert (answer, body["errors"][0]["code"]) == (status, code)
+    assert fake.count("resolve") == 0
+    assert isinstance(config.store, MemoryStore)
+    assert list(config.store.list_blobs()) == []
+
+
+@pytest.mark.parametrize("sample", URL_PATHS, ids=ids(URL_PATHS))
+def test_hostile_url_paths_get_registry_errors(
+    fake_registry: tuple[str, RegistryConfig, FakeNix], sample: Sample
+) -> None:
+    """Every hostile URL of the shared corpus gets a 4xx JSON error; nothing is built or stored."""
+    base, config, fake = fake_registry
+    url = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=30)
+    try:
+        connection.request("GET", sample.value)
+        response = connection.getresponse()
+        body = response.read()
+        headers = {name.lower() for name, _ in response.getheaders()}
+    finally:
+        connection.close()
+    assert 400 <= response.status < 500, (sample.why, response.status)
+    codes = {"NAME_INVALID", "DIGEST_INVALID", "UNSUPPORTED"}
+    assert json.loads(body)["errors"][0]["code"] in codes
+    assert "x-injected" not in headers
     assert fake.count("resolve") == 0
     assert isinstance(config.store, MemoryStore)
     assert list(config.store.list_blobs()) == []
