@@ -46,7 +46,6 @@ a file.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import BinaryIO
 
@@ -78,8 +77,6 @@ from nixery_core.recent_errors import RecentErrors
 from nixery_core.storage.serving import ServedBlob, open_blob_for_serving
 
 __all__ = ["API_VERSION", "RegistryError", "create_app"]
-
-log = logging.getLogger(__name__)
 
 #: The header value every V2 registry answers with.
 API_VERSION = "registry/2.0"
