@@ -19,10 +19,11 @@ often ``h`` changes than ``g``::
 
 ``exposure`` estimates how likely a path is to have changed after an update
 of the package set: the more store paths under it, the more likely.  Paths
-that no other path depends on have no dominator; they can only move into
-one catch-all layer whose exposure is 1 (it is assumed to change every
-time).  Ties are broken by store path, so the result depends on the graph
-alone.
+dominated by nothing but the synthetic root (top-level packages, and
+libraries used by several of them) can only move into one catch-all layer
+whose exposure is 1 (it is assumed to change every time), so the cheapest
+of them, small ones, go there.  Ties are broken by store path, so the
+result depends on the graph alone.
 
 Why each part:
 
@@ -31,8 +32,10 @@ Why each part:
 - merging by cost keeps big paths that change rarely (``glibc``, ``icu``,
   ``llvm``) in layers of their own, where other images share them, and lets
   small or equally volatile paths ride along with their dependents;
-- tiny layers (under ``min_layer_bytes``) are merged into their dominator's
-  layer first: a layer of a few kilobytes is not worth a pull round-trip.
+- tiny groups (under ``min_layer_bytes``) are merged into their dominator's
+  group first when that group is itself small (under 16 x
+  ``min_layer_bytes``): a layer of a few kilobytes is not worth a pull
+  round-trip, and a big path keeps the layer other images share.
 
 Stability: the requested outputs (the roots) get a layer each, and the rest
 of the closure is grouped as if they were absent, so adding one more
@@ -85,7 +88,8 @@ class ChurnAwareDominators:
     an update of the package set replaces it; only its order of magnitude
     matters.  ``root_slots`` is how many roots get a layer of their own
     while the rest of the closure is grouped without them.
-    ``min_layer_bytes``: smaller groups are merged into their dominator's.
+    ``min_layer_bytes``: smaller groups are merged into their dominator's
+    when that one is small too.
     """
 
     change_rate: float = attrs.field(default=0.01, validator=_rate)
@@ -194,7 +198,7 @@ class _Merger:
         self.count -= 1
 
     def merge_tiny(self, min_bytes: int) -> None:
-        """Merge every group under ``min_bytes`` into its dominator's, dependencies first."""
+        """Merge groups under ``min_bytes`` into a small dominator's group, dependencies first."""
         if not min_bytes:
             return
         for v in self.ig.topo:

@@ -14,7 +14,8 @@ added while the number of distinct labels stays within the budget.
 
 Layers are ordered by the total size of their closure, smallest first, so
 every layer comes after the layers it depends on.  Adding a small leaf path
-(a root below every primary's size) moves no primary's layer.
+(a root below every primary's size) moves no primary's layer; it joins the
+layer of paths under no primary.
 """
 
 from __future__ import annotations

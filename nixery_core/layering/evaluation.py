@@ -1,0 +1,316 @@
+"""Measure strategies against each other: pull churn, registry sharing, layer count, time.
+
+:func:`measure` walks a series of revisions of a set of images (each a
+:class:`~nixery_core.graph.RuntimeGraph`) and groups every image with every
+strategy.  Per strategy it reports:
+
+- churn: the bytes one client pulls across the revisions after the first,
+  pulling every image at every revision and keeping every blob it pulled (a
+  layer is the same blob exactly when it holds the same store paths, since
+  store paths are input-addressed); ``churn_by_kind`` is the same with one
+  client per image, summed by image kind;
+- sharing: the unique layer bytes a registry stores for the images of the
+  first revision;
+- layers per image and grouping time (CPU seconds).
+
+Two baselines frame the numbers: one layer per image (:class:`SingleLayer`)
+and one layer per store path (:class:`PerPath`), the floor no grouping can
+beat.  :func:`simulate` runs it all on a synthetic
+:class:`~nixery_core.layering.universe.Universe`; pass your own strategy in
+``ours`` to compare it with the published ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+
+from nixery_core.errors import InvalidInput
+from nixery_core.graph import RuntimeGraph
+from nixery_core.layering.churn_aware import ChurnAwareDominators
+from nixery_core.layering.common import package_name
+from nixery_core.layering.metrics import PullingClient, unique_layer_bytes
+from nixery_core.layering.nixery import NixeryPopularity
+from nixery_core.layering.references import ReferencesByPopularity
+from nixery_core.layering.size_first import SizeFirst
+from nixery_core.layering.universe import Universe, UniverseConfig, choose_images, image_graph
+from nixery_core.nix import parse_path_info_output
+from nixery_core.protocols import JSONValue, LayerGroup, LayeringStrategy
+
+__all__ = [
+    "PUBLISHED",
+    "TARGET_CHURN_VS_BEST",
+    "TARGET_CHURN_VS_FLOOR",
+    "TARGET_SHARING_VS_BEST",
+    "PerPath",
+    "Report",
+    "SingleLayer",
+    "Tally",
+    "Verdict",
+    "closure_from_json",
+    "format_by_kind",
+    "format_report",
+    "measure",
+    "published_strategies",
+    "simulate",
+    "verdict",
+]
+
+
+@attrs.frozen
+class SingleLayer:
+    """Baseline: the whole closure in one layer."""
+
+    @property
+    def name(self) -> str:
+        return "single-layer"
+
+    def parameters(self) -> Mapping[str, JSONValue]:
+        return {}
+
+    def group(self, graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
+        return [LayerGroup(tuple(sorted(graph.paths)))] if graph.paths else []
+
+
+@attrs.frozen
+class PerPath:
+    """Baseline and floor: every store path its own layer, budget ignored."""
+
+    @property
+    def name(self) -> str:
+        return "per-path (floor)"
+
+    def parameters(self) -> Mapping[str, JSONValue]:
+        return {}
+
+    def group(self, graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
+        return [LayerGroup((p,)) for p in sorted(graph.paths)]
+
+
+@attrs.define
+class Tally:
+    """What one strategy scored."""
+
+    name: str
+    churn: int = 0
+    shared: int = 0
+    layers: list[int] = attrs.Factory(list)
+    seconds: float = 0.0
+    churn_by_kind: dict[str, int] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class Report:
+    """Every strategy's tally, plus the image bytes the ratios are taken against."""
+
+    tallies: tuple[Tally, ...]
+    total_image_bytes: int
+    budget: int
+    images: int
+    revisions: int
+
+    def tally(self, name: str) -> Tally:
+        return next(t for t in self.tallies if t.name == name)
+
+
+_Grouper = Callable[[RuntimeGraph, int], Sequence[LayerGroup]]
+
+
+def _timed(
+    strategy: _Grouper, graph: RuntimeGraph, budget: int, tally: Tally
+) -> Sequence[LayerGroup]:
+    start = time.process_time()
+    groups = strategy(graph, budget)
+    tally.seconds += time.process_time() - start
+    tally.layers.append(len(groups))
+    return groups
+
+
+def measure(
+    series: Sequence[Sequence[tuple[str, RuntimeGraph]]],
+    strategies: Sequence[tuple[str, _Grouper]],
+    budget: int,
+) -> Report:
+    """Churn over ``series`` (revisions, each a list of (kind, image graph)); sharing at the first.
+
+    ``churn`` is what one client pulling every image at every revision
+    fetches after the first revision; ``churn_by_kind`` is what a client per
+    image fetches, summed by image kind.
+    """
+    tallies = [Tally(name) for name, _ in strategies]
+    for (_, group), tally in zip(strategies, tallies, strict=True):
+        shared_client = PullingClient()
+        clients = [PullingClient() for _ in series[0]]
+        for rev, images in enumerate(series):
+            corpus = []
+            for (kind, graph), client in zip(images, clients, strict=True):
+                groups = _timed(group, graph, budget, tally)
+                fetched = client.pull(graph, groups)
+                fetched_shared = shared_client.pull(graph, groups)
+                if rev:
+                    tally.churn += fetched_shared
+                    tally.churn_by_kind[kind] = tally.churn_by_kind.get(kind, 0) + fetched
+                corpus.append((graph, groups))
+            if rev == 0:
+                tally.shared = unique_layer_bytes(corpus)
+    total = sum(g.total_size for _, g in series[0])
+    return Report(tuple(tallies), total, budget, len(series[0]), len(series) - 1)
+
+
+def simulate(
+    config: UniverseConfig,
+    budget: int,
+    ours: Sequence[LayeringStrategy] = (ChurnAwareDominators(),),
+) -> Report:
+    """Build the universe, walk its revisions, measure the baselines, the published and ``ours``.
+
+    Nixery's strategy gets a popularity table computed over the whole
+    universe at the first revision, as Nixery's was over all of nixpkgs.
+    """
+    universe = Universe(config)
+    strategies: list[LayeringStrategy] = [
+        SingleLayer(),
+        PerPath(),
+        *published_strategies(universe.popularity()),
+        *ours,
+    ]
+    images = choose_images(universe)
+    series = []
+    for rev in range(config.revisions + 1):
+        if rev:
+            universe.advance()
+        paths = universe.store_paths()
+        series.append([(img.kind, image_graph(universe, paths, img)) for img in images])
+    return measure(series, [(s.name, s.group) for s in strategies], budget)
+
+
+def published_strategies(popularity: Mapping[str, int] | None) -> list[LayeringStrategy]:
+    """Nixery's, nixpkgs' referencesByPopularity and nixpkgs' auto-layer."""
+    return [NixeryPopularity(popularity), ReferencesByPopularity(), SizeFirst()]
+
+
+PUBLISHED = ("nixery-popularity", "references-by-popularity", "size-first")
+
+
+#: The targets ours was set: churn at most 0.7x the best published strategy
+#: and within 1.3x of the per-path floor; sharing no worse than the best.
+TARGET_CHURN_VS_BEST = 0.7
+TARGET_CHURN_VS_FLOOR = 1.3
+TARGET_SHARING_VS_BEST = 1.0
+
+
+@attrs.frozen
+class Verdict:
+    """Ours against the best published strategy and the floor (ratios; lower is better)."""
+
+    churn_vs_best: float
+    churn_vs_floor: float
+    sharing_vs_best: float
+    #: The per-path floor against the best published strategy: no grouping
+    #: can get ``churn_vs_best`` below this.
+    floor_vs_best: float
+
+    def lines(self, name: str) -> list[str]:
+        def mark(value: float, target: float) -> str:
+            return f"{value:.3f}x (target <= {target}: {'met' if value <= target else 'MISSED'})"
+
+        return [
+            f"{name}: churn vs the best published {mark(self.churn_vs_best, TARGET_CHURN_VS_BEST)}",
+            f"{name}: churn vs the per-path floor "
+            f"{mark(self.churn_vs_floor, TARGET_CHURN_VS_FLOOR)}",
+            f"{name}: sharing vs the best published "
+            f"{mark(self.sharing_vs_best, TARGET_SHARING_VS_BEST)}",
+            f"the per-path floor itself is {self.floor_vs_best:.3f}x the best published churn",
+        ]
+
+
+def verdict(report: Report, ours: str) -> Verdict:
+    """How ``ours`` compares with the best published strategy and the floor."""
+    published = [report.tally(n) for n in PUBLISHED if any(t.name == n for t in report.tallies)]
+    mine = report.tally(ours)
+    floor = report.tally(PerPath().name)
+    best_churn = min(t.churn for t in published)
+    best_shared = min(t.shared for t in published)
+    return Verdict(
+        mine.churn / max(1, best_churn),
+        mine.churn / max(1, floor.churn),
+        mine.shared / max(1, best_shared),
+        floor.churn / max(1, best_churn),
+    )
+
+
+def format_report(report: Report) -> str:
+    single = report.tally("single-layer")
+    floor = report.tally("per-path (floor)")
+    gb = 1e9
+    lines = [
+        f"{report.images} images, {report.revisions} revisions after the first, "
+        f"budget {report.budget} layers per image, "
+        f"{report.total_image_bytes / gb:.2f} GB of images per revision",
+        "",
+        "| strategy | churn GB | /single | /floor | sharing GB | /sum | /floor "
+        "| layers mean | max | time s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in report.tallies:
+        mean = sum(t.layers) / max(1, len(t.layers))
+        lines.append(
+            f"| {t.name} | {t.churn / gb:.2f} | {t.churn / max(1, single.churn):.3f} "
+            f"| {t.churn / max(1, floor.churn):.3f} | {t.shared / gb:.2f} "
+            f"| {t.shared / max(1, report.total_image_bytes):.3f} "
+            f"| {t.shared / max(1, floor.shared):.3f} | {mean:.1f} | {max(t.layers, default=0)} "
+            f"| {t.seconds:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_by_kind(report: Report) -> str:
+    kinds = sorted({k for t in report.tallies for k in t.churn_by_kind})
+    lines = [
+        "| churn GB, client per image | " + " | ".join(kinds) + " |",
+        "| --- |" + " ---: |" * len(kinds),
+    ]
+    for t in report.tallies:
+        cells = " | ".join(f"{t.churn_by_kind.get(k, 0) / 1e9:.2f}" for k in kinds)
+        lines.append(f"| {t.name} | {cells} |")
+    return "\n".join(lines)
+
+
+def closure_from_json(text: str | bytes, source: str = "closure") -> RuntimeGraph:
+    """A graph from ``nix path-info --json -r`` output, or ``{"paths": ..., "requested": ...}``.
+
+    ``paths`` takes either form Nix prints (a list, or a mapping keyed by
+    store path).  Without ``requested``, every path nothing references is
+    requested under its package name.  Malformed path entries raise
+    :class:`~nixery_core.errors.NixOutputError`; an inconsistent graph
+    raises :class:`~nixery_core.errors.InvalidInput`.
+    """
+    raw = text.encode() if isinstance(text, str) else text
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"{source} is not JSON: {exc}") from exc
+    requested_data: object = None
+    if isinstance(data, dict) and "paths" in data:
+        requested_data = data.get("requested")
+        raw = json.dumps(data["paths"]).encode()
+    store_paths = parse_path_info_output(("closure-from-json", source), raw)
+    if requested_data is None:
+        referenced = {r for sp in store_paths for r in sp.references if r != sp.path}
+        requested = {
+            package_name(sp.path): (sp.path,) for sp in store_paths if sp.path not in referenced
+        }
+    elif isinstance(requested_data, dict) and all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(p, str) for p in v)
+        for k, v in requested_data.items()
+    ):
+        requested = {k: tuple(v) for k, v in requested_data.items()}
+    else:
+        raise InvalidInput(f"{source}: requested must map package names to lists of store paths")
+    try:
+        return RuntimeGraph.build(store_paths, requested)
+    except ValueError as exc:
+        raise InvalidInput(f"{source}: {exc}") from exc
