@@ -32,6 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 from conftest import OFFLINE_SET, REPO, require_tools
@@ -42,11 +43,12 @@ from examples.registry import RegistryConfig, create_app, serving
 from examples.registry.builds import docker_manifest
 from examples.registry.negotiation import choose_format, parse_accept, preferences
 from examples.registry.server import main
+from nixery_core.archive import ArchiveOptions
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import InvalidInput, InvalidSource
-from nixery_core.media_types import DOCKER_MANIFEST, OCI_MANIFEST
+from nixery_core.media_types import DOCKER_MANIFEST, OCI_LAYER_ZSTD, OCI_MANIFEST
 from nixery_core.names import Image
 from nixery_core.nix import ResolveCall, parse_argv
 from nixery_core.protocols import LogCallback, RunResult
@@ -418,6 +420,23 @@ def test_failed_build_is_retried_next_time(tmp_path: Path) -> None:
     assert fake.count("realise") == 2
 
 
+def test_zstd_layers_are_served_to_oci_clients_only(tmp_path: Path) -> None:
+    """With zstd layers, Docker-first clients that also accept OCI get OCI; Docker-only get 404."""
+    config, _ = fake_config(tmp_path, cache=BuildCache(None))
+    config = attrs.evolve(config, archive=ArchiveOptions(compression="zstd"))
+    with serving(create_app(config)) as base:
+        url = f"{base}/v2/shell/hello/manifests/latest"
+        docker_first = httpx.get(url, headers=DOCKER_ACCEPT)
+        docker_only = httpx.get(url, headers={"Accept": DOCKER_MANIFEST})
+    manifest = check_manifest_headers(docker_first)
+    assert manifest["mediaType"] == OCI_MANIFEST
+    assert {layer["mediaType"] for layer in manifest["layers"]} == {OCI_LAYER_ZSTD}
+    assert docker_only.status_code == 404
+    error = error_of(docker_only)
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert "zstd" in error["message"]
+
+
 def test_docker_rendering_equals_a_docker_build(tmp_path: Path) -> None:
     """The Docker manifest rendered from an OCI build is byte-identical to a Docker build."""
     fake = FakeNix(tmp_path / "root", default_fake_packages())
@@ -457,6 +476,10 @@ def test_config_from_env_errors_name_the_variable(tmp_path: Path) -> None:
         RegistryConfig.from_env({**base, "NIXERY_STORAGE_BACKEND": "s3"})
     with pytest.raises(InvalidInput, match="NIX_TIMEOUT"):
         RegistryConfig.from_env({**base, "STORAGE_PATH": str(tmp_path), "NIX_TIMEOUT": "soon"})
+    with pytest.raises(InvalidInput, match="NIXERY_LAYER_COMPRESSION"):
+        RegistryConfig.from_env(
+            {**base, "STORAGE_PATH": str(tmp_path), "NIXERY_LAYER_COMPRESSION": "lz4"}
+        )
     with pytest.raises(InvalidInput, match="GCS_BUCKET"):
         RegistryConfig.from_env({**base, "NIXERY_STORAGE_BACKEND": "gcs"})
     config = RegistryConfig.from_env(

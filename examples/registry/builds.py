@@ -135,6 +135,7 @@ class Builder:
             timeout=config.timeout,
             nix_options=dict(config.nix_options),
             store_root=config.store_root,
+            archive=config.archive,
         )
         log.info(
             "%s %s: %s", "cached" if result.from_cache else "built", image.reference,

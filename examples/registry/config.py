@@ -26,6 +26,8 @@ variable                    meaning
 ``NIXERY_DEFAULT_FORMAT``   ``docker`` (default) or ``oci``: the manifest for
                             clients whose ``Accept`` header allows both equally
                             only through a wildcard, or sends none
+``NIXERY_LAYER_COMPRESSION`` ``gzip`` (default), ``zstd`` (OCI clients only:
+                            Docker schema 2 has no zstd layer type) or ``none``
 =========================== ==================================================
 
 ``GOOGLE_APPLICATION_CREDENTIALS`` is read by the Google client library
@@ -47,7 +49,9 @@ from typing import Any, Literal
 
 import attrs
 
+from nixery_core.archive import ArchiveOptions
 from nixery_core.cache import SIX_HOURS, BuildCache
+from nixery_core.compression import Compression
 from nixery_core.errors import InvalidInput, InvalidSource
 from nixery_core.protocols import Runner, Uploader
 from nixery_core.sources import PackageSource, source_from_env
@@ -81,7 +85,8 @@ class RegistryConfig:
     set makes ``GET /v2/<name>/blobs/<digest>`` answer ``307`` to that URL
     instead of streaming the blob (the GCS backend sets it to a signed URL).
     ``store_root`` is where ``/nix/store`` is read from (fakes use a
-    temporary directory).
+    temporary directory).  ``archive`` picks the layer compression (gzip
+    by default); with zstd, only clients accepting OCI manifests can pull.
     """
 
     source: PackageSource
@@ -94,6 +99,7 @@ class RegistryConfig:
     default_format: ManifestFormat = attrs.field(default="docker", validator=_format)
     build_workers: int = attrs.field(default=4, validator=_positive)
     store_root: Path = Path("/")
+    archive: ArchiveOptions = attrs.field(factory=ArchiveOptions)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RegistryConfig:
@@ -129,10 +135,17 @@ class RegistryConfig:
             raise InvalidInput(
                 f"NIXERY_DEFAULT_FORMAT={default_format!r}: expected 'docker' or 'oci'"
             )
+        compressions: dict[str, Compression] = {"gzip": "gzip", "zstd": "zstd", "none": "none"}
+        compression = env.get("NIXERY_LAYER_COMPRESSION", "gzip")
+        if compression not in compressions:
+            raise InvalidInput(
+                f"NIXERY_LAYER_COMPRESSION={compression!r}: expected 'gzip', 'zstd' or 'none'"
+            )
         return cls(
             source=source,
             store=store,
             cache=cache,
+            archive=ArchiveOptions(compression=compressions[compression]),
             timeout=_number(env, "NIX_TIMEOUT", 60.0),
             blob_url=blob_url,
             default_format="oci" if default_format == "oci" else "docker",
