@@ -20,18 +20,23 @@ Invariants (each pinned by tests):
   pinned sources never expire.
 
 Concurrency: threads asking for one key share one build (:meth:`single_flight`);
-processes sharing the cache directory serialise on a lock per key stored in
-the directory itself (:class:`diskcache.Lock`), so they do no duplicate work
-either.  Hosts that share only the bucket may each build a key once at the
-same time; their blobs are content-addressed and their entries identical, so
-the duplicate work is bounded by one build per host and harms nothing.
+processes sharing the cache directory serialise on a lock per key in the
+directory itself (``flock`` on a ``lock-<hash>`` file, which the kernel
+releases when its holder dies, so a killed build never blocks the next one),
+so they do no duplicate work either.  Hosts that share only the bucket may
+each build a key once at the same time; their blobs are content-addressed
+and their entries identical, so the duplicate work is bounded by one build
+per host and harms nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -52,7 +57,6 @@ T = TypeVar("T")
 #: Bump when the meaning of a cache entry changes; it is part of every key.
 LAYOUT_VERSION = 1
 SIX_HOURS = 6 * 3600.0
-_LOCK_EXPIRE = 3600.0
 
 
 @attrs.frozen
@@ -119,6 +123,16 @@ def _int(data: Mapping[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{key} is not an integer")
     return value
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _json_object(raw: object) -> Mapping[str, Any]:
@@ -249,15 +263,41 @@ class BuildCache:
 
     @contextlib.contextmanager
     def _process_lock(self, key: str) -> Iterator[None]:
-        if self._local is None:
+        """Hold ``key`` against other processes (and other caches) on this directory.
+
+        An exclusive ``flock`` on ``<directory>/lock-<sha256(key)>``: the
+        kernel drops it when the holder exits or is killed, so a crashed
+        build never blocks the next one (a lock stored as a diskcache entry
+        would, until it expired).  The holder unlinks the file before
+        unlocking, and a waiter that then gets the lock on the unlinked file
+        tries again on the path's new file, so the directory keeps no file
+        per key ever built.  Lock files of killed holders stay until the
+        next holder of their key removes them; ``diskcache``'s
+        ``check(fix=True)`` would delete the files of live holders too, so
+        do not run it while builds run.
+        """
+        if self.directory is None:
             yield
             return
-        lock = diskcache.Lock(self._local, f"lock:{key}", expire=_LOCK_EXPIRE)
-        lock.acquire()
+        path = self.directory / f"lock-{hashlib.sha256(key.encode()).hexdigest()}"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if _same_file(fd, path):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the holder before us unlinked it: lock the new file
         try:
             yield
         finally:
-            lock.release()
+            try:
+                if _same_file(fd, path):
+                    path.unlink()
+            finally:
+                os.close(fd)
 
     # --- manifests ---------------------------------------------------------
 
