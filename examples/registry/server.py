@@ -85,16 +85,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         host, port = _address(env)
         config = RegistryConfig.from_env(env)
-    except (InvalidInput, NixeryError) as exc:
+    except NixeryError as exc:  # InvalidInput, InvalidSource: a bad variable, named
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
 
-    thread_done = threading.Event()
+    stopped = threading.Event()
 
     def report() -> None:
-        while not server.started and not thread_done.is_set():
+        while not server.started and not stopped.is_set():
             time.sleep(0.01)
         if server.started:
             print(f"listening on http://{host}:{_bound_port(server)}", flush=True)
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         server.run()
     finally:
-        thread_done.set()
+        stopped.set()
         if config.cache is not None:
             config.cache.close()
     return 0
