@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nixery_core.errors import InvalidInput, NixOutputError
+from nixery_core.graph import RuntimeGraph
 from nixery_core.layering import DEFAULT_MAX_LAYERS, DEFAULT_STRATEGY
 from nixery_core.layering.common import IndexedGraph
 from nixery_core.layering.evaluation import (
@@ -18,10 +19,12 @@ from nixery_core.layering.evaluation import (
     Report,
     SingleLayer,
     closure_from_json,
+    measure,
     simulate,
     verdict,
 )
 from nixery_core.layering.universe import Universe, UniverseConfig, random_closure
+from nixery_core.protocols import LayerGroup
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -178,3 +181,29 @@ def test_speed_benchmark_prints_a_row_per_strategy_and_size() -> None:
     )
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 4 * 2
+
+
+def test_measure_refuses_a_strategy_that_breaks_its_promise() -> None:
+    """A strategy that drops a path or exceeds the budget is refused, not scored."""
+    graph = random_closure(50, seed=4)
+
+    def drops_one(g: RuntimeGraph, budget: int) -> list[LayerGroup]:
+        return [LayerGroup(tuple(sorted(g.paths)[1:]))]
+
+    def too_many(g: RuntimeGraph, budget: int) -> list[LayerGroup]:
+        return [LayerGroup((p,)) for p in sorted(g.paths)]
+
+    for faulty in (drops_one, too_many):
+        with pytest.raises(InvalidInput):
+            measure([[("tool", graph)]], [("faulty", faulty)], 10)
+    report = measure([[("tool", graph)]], [(PerPath().name, PerPath().group)], 10)
+    assert report.tally(PerPath().name).layers == [50]
+
+
+@pytest.mark.parametrize(
+    "knobs", [{"packages": 10}, {"revisions": -1}, {"update_rate": 1.5}, {"large_images": -2}]
+)
+def test_universe_config_refuses_out_of_range_knobs(knobs: dict[str, float]) -> None:
+    """Out-of-range simulator knobs are an InvalidInput naming the knob."""
+    with pytest.raises(InvalidInput, match=next(iter(knobs))):
+        UniverseConfig(**knobs)  # type: ignore[arg-type]

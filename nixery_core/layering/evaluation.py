@@ -31,7 +31,7 @@ import attrs
 from nixery_core.errors import InvalidInput
 from nixery_core.graph import RuntimeGraph
 from nixery_core.layering.churn_aware import ChurnAwareDominators
-from nixery_core.layering.common import package_name
+from nixery_core.layering.common import package_name, validate_grouping
 from nixery_core.layering.metrics import PullingClient, unique_layer_bytes
 from nixery_core.layering.nixery import NixeryPopularity
 from nixery_core.layering.references import ReferencesByPopularity
@@ -113,18 +113,24 @@ class Report:
     revisions: int
 
     def tally(self, name: str) -> Tally:
-        return next(t for t in self.tallies if t.name == name)
+        """The tally of the strategy called ``name`` (KeyError if none)."""
+        for t in self.tallies:
+            if t.name == name:
+                return t
+        raise KeyError(name)
 
 
 _Grouper = Callable[[RuntimeGraph, int], Sequence[LayerGroup]]
+_BASELINES = frozenset({SingleLayer().name, PerPath().name})
 
 
 def _timed(
-    strategy: _Grouper, graph: RuntimeGraph, budget: int, tally: Tally
+    strategy: _Grouper, graph: RuntimeGraph, limit: int, budget: int, tally: Tally
 ) -> Sequence[LayerGroup]:
     start = time.process_time()
     groups = strategy(graph, budget)
     tally.seconds += time.process_time() - start
+    validate_grouping(graph, groups, limit)
     tally.layers.append(len(groups))
     return groups
 
@@ -138,16 +144,23 @@ def measure(
 
     ``churn`` is what one client pulling every image at every revision
     fetches after the first revision; ``churn_by_kind`` is what a client per
-    image fetches, summed by image kind.
+    image fetches, summed by image kind.  Every grouping is checked with
+    :func:`~nixery_core.layering.common.validate_grouping` (the baselines
+    may exceed the budget), so a faulty strategy raises
+    :class:`~nixery_core.errors.InvalidInput` instead of scoring.
     """
+    if not series or not series[0]:
+        raise InvalidInput("measure needs at least one revision of at least one image")
     tallies = [Tally(name) for name, _ in strategies]
-    for (_, group), tally in zip(strategies, tallies, strict=True):
+    for (name, group), tally in zip(strategies, tallies, strict=True):
+        baseline = name in _BASELINES
         shared_client = PullingClient()
         clients = [PullingClient() for _ in series[0]]
         for rev, images in enumerate(series):
             corpus = []
             for (kind, graph), client in zip(images, clients, strict=True):
-                groups = _timed(group, graph, budget, tally)
+                limit = max(budget, len(graph)) if baseline else budget
+                groups = _timed(group, graph, limit, budget, tally)
                 fetched = client.pull(graph, groups)
                 fetched_shared = shared_client.pull(graph, groups)
                 if rev:

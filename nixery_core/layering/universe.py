@@ -28,10 +28,11 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
+from nixery_core.errors import InvalidInput
 from nixery_core.graph import RuntimeGraph, StorePath
 from nixery_core.layering.common import package_name
 
@@ -135,27 +136,49 @@ _RUNTIMES = ("python3", "perl")
 _NAMED_BIG = {"texlive-core": 900_000_000, "ghc": 1_500_000_000, "qt": 280_000_000}
 
 
+def _at_least(minimum: int) -> Callable[[object, attrs.Attribute[int], int], None]:
+    def check(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise InvalidInput(f"{attribute.name} must be an integer >= {minimum}, got {value!r}")
+
+    return check
+
+
+def _share(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise InvalidInput(f"{attribute.name} must be a number in [0, 1], got {value!r}")
+
+
 @attrs.frozen
 class UniverseConfig:
-    """The knobs of the synthetic package set and its weekly revisions."""
+    """The knobs of the synthetic package set and its weekly revisions.
+
+    Out-of-range values raise :class:`~nixery_core.errors.InvalidInput`.
+    """
 
     seed: int = 1
-    packages: int = 3000
-    revisions: int = 26
+    #: Packages in the set (at least 200: the core and enough to pick images from).
+    packages: int = attrs.field(default=3000, validator=_at_least(200))
+    #: Weekly revisions after the first.
+    revisions: int = attrs.field(default=26, validator=_at_least(0))
     #: Chance that a package outside staging gets a new version in a given week.
-    update_rate: float = 0.04
-    #: A mass rebuild (staging merge) every this many weeks.
-    mass_rebuild_every: int = 6
+    update_rate: float = attrs.field(default=0.04, validator=_share)
+    #: A mass rebuild (staging merge) every this many weeks; 0 for never.
+    mass_rebuild_every: int = attrs.field(default=6, validator=_at_least(0))
     #: Share of the staging packages updated in a mass rebuild.
-    staging_update_rate: float = 0.35
-    #: A package that more than this share of the universe depends on goes through staging.
-    staging_share: float = 0.03
-    median_size: int = 250_000
+    staging_update_rate: float = attrs.field(default=0.35, validator=_share)
+    #: A package that more than this share of the set depends on goes through staging.
+    staging_share: float = attrs.field(default=0.03, validator=_share)
+    #: Median NAR size of a generated package, in bytes.
+    median_size: int = attrs.field(default=250_000, validator=_at_least(1))
+    #: Spread of the log-normal NAR sizes (sigma of the natural log).
     size_sigma: float = 1.9
     #: Chance that an update also adds or drops a dependency.
-    dependency_change_rate: float = 0.1
-    small_images: int = 8
-    large_images: int = 1
+    dependency_change_rate: float = attrs.field(default=0.1, validator=_share)
+    #: Images of small tools (one to three packages).
+    small_images: int = attrs.field(default=8, validator=_at_least(0))
+    #: Large images (60 large applications and a very large package each).
+    large_images: int = attrs.field(default=1, validator=_at_least(0))
 
     @classmethod
     def quick(cls, seed: int = 1) -> UniverseConfig:
@@ -378,17 +401,18 @@ def choose_images(universe: Universe) -> list[ImageSpec]:
     small = [i for i in apps if 5 <= sizes[i] <= 80]
     images = []
     for _ in range(cfg.small_images):
-        picks = rng.sample(small, rng.choice((1, 1, 2, 3)))
+        picks = rng.sample(small, min(len(small), rng.choice((1, 1, 2, 3))))
         images.append(ImageSpec("tool", tuple(universe.packages[i].name for i in picks)))
     for runtime in _RUNTIMES:
         prefix = {"python3": "python3.11-", "perl": "perl5.38-"}[runtime]
         libs = [p.name for p in universe.packages if p.name.startswith(prefix)]
         images.append(ImageSpec("runtime", (runtime, *rng.sample(libs, min(5, len(libs))))))
-    images.append(ImageSpec("runtime", ("nodejs", universe.packages[rng.choice(small)].name)))
+    tool = (universe.packages[rng.choice(small)].name,) if small else ()
+    images.append(ImageSpec("runtime", ("nodejs", *tool)))
     large = sorted(apps, key=lambda i: (-sizes[i], i))[:300]
     for n in range(cfg.large_images):
         big = universe.index_of(("ghc", "qt", "texlive-core")[n % 3])
-        picks = [*rng.sample(large, 60), big]
+        picks = [*rng.sample(large, min(60, len(large))), big]
         images.append(ImageSpec("large", tuple(universe.packages[i].name for i in picks)))
     return [ImageSpec(img.kind, tuple(sorted({*img.packages, *always}))) for img in images]
 
