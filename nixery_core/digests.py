@@ -15,7 +15,7 @@ from typing import TypeGuard
 
 import attrs
 
-from nixery_core.errors import InvalidDigest
+from nixery_core.errors import DigestMismatch, InvalidDigest
 
 __all__ = [
     "SHA256_EMPTY",
@@ -79,3 +79,14 @@ class Sha256Counter:
     def digest(self) -> str:
         """``sha256:<hex>`` of everything fed so far (the counter stays usable)."""
         return _PREFIX + self._hash.hexdigest()
+
+    def check(self, expected: str) -> None:
+        """What every blob writer's commit does first: the bytes fed hash to ``expected``.
+
+        Raises :class:`~nixery_core.errors.InvalidDigest` for a malformed
+        ``expected``, :class:`~nixery_core.errors.DigestMismatch` when it differs.
+        """
+        validate_digest(expected)
+        actual = self.digest()
+        if actual != expected:
+            raise DigestMismatch(expected, actual)

@@ -43,6 +43,7 @@ from nixery_core.digests import Sha256Counter, digest_hex, is_digest, sha256_dig
 from nixery_core.errors import (
     BlobNotFound,
     DigestMismatch,
+    InvalidDigest,
     InvalidInput,
     StorageUnavailable,
 )
@@ -382,11 +383,11 @@ class FilesystemBlobWriter:
     def commit(self, digest: str) -> BlobInfo:
         """Publish the bytes written under ``digest`` (which must be their sha256)."""
         self._check_open()
-        actual = self._counter.digest()
-        if not is_digest(digest) or actual != digest:
+        try:
+            self._counter.check(digest)
+        except (InvalidDigest, DigestMismatch):
             self.abort()
-            digest_hex(digest)  # raises InvalidDigest for a malformed digest
-            raise DigestMismatch(digest, actual)
+            raise
         info = BlobInfo(digest, self._counter.size, self._media_type)
         try:
             if self._store.has_blob(digest):

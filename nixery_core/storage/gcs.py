@@ -58,7 +58,7 @@ from google.cloud.storage import Bucket, Client
 from google.cloud.storage import exceptions as storage_exc
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from nixery_core.digests import Sha256Counter, digest_hex, sha256_digest, validate_digest
+from nixery_core.digests import Sha256Counter, digest_hex, sha256_digest
 from nixery_core.errors import (
     BlobNotFound,
     DigestMismatch,
@@ -440,7 +440,7 @@ class GcsBlobWriter:
         """Check the digest, copy create-only to ``layers/<hex>``, delete the staging object."""
         self._require_open()
         try:
-            self._check_digest(digest)
+            self._hash.check(digest)
         except (InvalidDigest, DigestMismatch) as exc:
             self._state = "aborted"
             self._cleanup_after(exc)
@@ -456,12 +456,6 @@ class GcsBlobWriter:
         self._state = "committed"
         self._delete_staging()
         return info
-
-    def _check_digest(self, digest: str) -> None:
-        validate_digest(digest)
-        actual = self._hash.digest()
-        if actual != digest:
-            raise DigestMismatch(digest, actual)
 
     def _copy(self, digest: str, name: str, size: int, crc: str) -> BlobInfo:
         try:

@@ -21,10 +21,11 @@ from typing import BinaryIO, Literal
 
 import attrs
 
-from nixery_core.digests import Sha256Counter, digest_hex, is_digest, sha256_digest
+from nixery_core.digests import Sha256Counter, digest_hex, sha256_digest
 from nixery_core.errors import (
     BlobNotFound,
     DigestMismatch,
+    InvalidDigest,
     InvalidInput,
     StorageUnavailable,
 )
@@ -229,11 +230,11 @@ class MemoryBlobWriter:
 
     def commit(self, digest: str) -> BlobInfo:
         self._check_open()
-        actual = self._counter.digest()
-        if not is_digest(digest) or actual != digest:
+        try:
+            self._counter.check(digest)
+        except (InvalidDigest, DigestMismatch):
             self.abort()
-            digest_hex(digest)  # raises InvalidDigest for a malformed digest
-            raise DigestMismatch(digest, actual)
+            raise
         try:
             self._store._store_blob(digest, b"".join(self._chunks), self.media_type)
         finally:
