@@ -593,7 +593,7 @@ def _worker(tmp_path: Path, n: int, point: str) -> subprocess.Popen[str]:
     )
 
 
-def _cache_problems(cache_dir: Path) -> list[str]:
+def cache_problems(cache_dir: Path) -> list[str]:
     """What diskcache's own consistency check reports (SQLite integrity, stray files)."""
     BuildCache(cache_dir).close()  # a new BuildCache opens the directory
     with diskcache.Cache(str(cache_dir)) as local, warnings.catch_warnings():
@@ -641,7 +641,7 @@ def test_build_process_killed_mid_way(tmp_path: Path, point: str) -> None:
         assert leftovers == []
     assert bool(stored) == (point != "nix")  # layers committed before the kill stay, complete
     # diskcache opens and checks clean; the only strangers are the dead holder's lock files.
-    problems = _cache_problems(tmp_path / "cache")
+    problems = cache_problems(tmp_path / "cache")
     assert problems
     assert all(re.search(r"unknown file: .*/lock-[0-9a-f]{64}$", p) for p in problems), problems
     metas = [m for m in (tmp_path / "store" / "layers").glob("*.meta")
@@ -658,7 +658,7 @@ def test_build_process_killed_mid_way(tmp_path: Path, point: str) -> None:
     if point == "metadata":
         assert all(answer["reused"])
     assert_no_partial_state(FilesystemStore(tmp_path / "store"), tmp_path / "cache", built=True)
-    assert _cache_problems(tmp_path / "cache") == []  # the next holders removed the lock files
+    assert cache_problems(tmp_path / "cache") == []  # the next holders removed the lock files
 
 
 # --- the cross-process lock ---------------------------------------------------------------

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -406,8 +407,11 @@ class FakeNix:
     and a changed file changes the path and every path depending on it.
     On realise, each package of the closure not yet on disk is written under
     ``store_root`` (files 0444/0555, directories 0755, mtime 1 like Nix)
-    and a ``building '...'`` line is logged.  ``narSize`` is computed from
-    the files written, exactly as Nix would (see :func:`nar_size`).
+    and a ``building '...'`` line is logged; realisations from several
+    threads take turns, as Nix's path locks make them (one FakeNix per
+    ``store_root``: processes sharing a root are not coordinated).
+    ``narSize`` is computed from the files written, exactly as Nix would
+    (see :func:`nar_size`).
 
     ``fail_with`` makes a step misbehave; ``path_info_format`` picks the JSON
     form of Nix 2.8 (``"list"``) or Nix >= 2.19 (``"object"``);
@@ -426,6 +430,8 @@ class FakeNix:
     _paths: dict[tuple[str, str], str] = attrs.Factory(dict)
     _drvs: dict[str, tuple[str, str]] = attrs.Factory(dict)
     _drv_of: dict[tuple[str, str], str] = attrs.Factory(dict)
+    # Realisations write the store one at a time, as Nix's path locks make them.
+    _realise_lock: threading.Lock = attrs.Factory(threading.Lock)
 
     def __attrs_post_init__(self) -> None:
         if self.path_info_format not in ("list", "object"):
@@ -518,7 +524,8 @@ class FakeNix:
         if isinstance(call, ResolveCall):
             result = self._resolve(argv, call)
         elif isinstance(call, RealiseCall):
-            result = self._realise(argv, call)
+            with self._realise_lock:
+                result = self._realise(argv, call)
         else:
             result = self._path_info(argv, call)
         _emit(on_log_line, result.stderr)
