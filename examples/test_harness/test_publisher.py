@@ -1,5 +1,3 @@
-# Asserts are pytest's idiom; pyproject's per-file ignores cover tests/ only, not examples/.
-# ruff: noqa: S101
 """Tests of the embedder's publisher, with nixery_core's fakes: no Nix, no disk store.
 
 Copy the fixtures: ``fake_nix`` (a declared package set written into a
