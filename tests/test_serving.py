@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -12,6 +16,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 import pytest
+from conftest import REPO
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from google.oauth2 import service_account
@@ -146,3 +151,35 @@ def test_signed_url_expiry_bounds(gcs_store: GcsStore, expiry: timedelta) -> Non
         signed_url(gcs_store, sha256_digest(b"x"), expiry, credentials=credentials)
     with pytest.raises(InvalidDigest):
         signed_url(gcs_store, "sha256:nope", timedelta(minutes=1), credentials=credentials)
+
+
+#: Serves one blob from a filesystem and an in-memory store with every Google
+#: module unimportable (``None`` in sys.modules makes ``import google...`` fail).
+_WITHOUT_GOOGLE = textwrap.dedent("""
+    import json, sys, tempfile
+    from pathlib import Path
+    for name in ("google", "google_crc32c"):
+        sys.modules[name] = None
+    from nixery_core.storage.filesystem import FilesystemStore
+    from nixery_core.storage.serving import open_blob_for_serving
+    from nixery_core.testing.storage import MemoryStore
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, store in (("filesystem", FilesystemStore(Path(tmp))), ("memory", MemoryStore())):
+            digest = store.put_blob(b"layer bytes", "application/octet-stream").digest
+            served = open_blob_for_serving(store, digest)
+            with served.stream as stream:
+                out[kind] = [stream.read().decode(), served.size, served.media_type]
+    print(json.dumps(out))
+""")
+
+
+def test_open_blob_for_serving_needs_no_google_libraries() -> None:
+    """Without the gcs extra (``google`` unimportable) open_blob_for_serving still serves."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_GOOGLE], cwd=REPO, capture_output=True, text=True,
+        timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = ["layer bytes", len(b"layer bytes"), "application/octet-stream"]
+    assert json.loads(done.stdout) == {"filesystem": expected, "memory": expected}

@@ -11,20 +11,25 @@
   to answer 404 for an absent blob.  The URL points at the client's API
   endpoint, so with an emulator it points at the emulator.  The signing
   time is the client library's clock (it does not take one).
+
+The Google libraries (the ``gcs`` extra) are imported only when
+:func:`signed_url` is called, so serving from a filesystem or in-memory
+store does not need them.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, BinaryIO, Final, NamedTuple
-
-from google.auth import credentials as auth_credentials
-from google.auth import exceptions as auth_exc
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, NamedTuple
 
 from nixery_core.digests import validate_digest
 from nixery_core.errors import BlobNotFound, InvalidInput, StorageUnavailable
 from nixery_core.protocols import Uploader
-from nixery_core.storage.gcs import GcsStore
+
+if TYPE_CHECKING:
+    from google.auth import credentials as auth_credentials
+
+    from nixery_core.storage.gcs import GcsStore
 
 __all__ = ["MAX_SIGNED_URL_EXPIRY", "ServedBlob", "open_blob_for_serving", "signed_url"]
 
@@ -69,6 +74,10 @@ def signed_url(
     others give the public URL, which works only for a publicly readable
     bucket.
     """
+    # Imported here: only GCS stores need the Google libraries (the gcs extra).
+    from google.auth import credentials as auth_credentials  # noqa: PLC0415
+    from google.auth import exceptions as auth_exc  # noqa: PLC0415
+
     name = store.blob_object_name(digest)
     if not isinstance(expiry, timedelta) or not timedelta(0) < expiry <= MAX_SIGNED_URL_EXPIRY:
         raise InvalidInput(f"signed URL expiry {expiry!r} must be within (0, 7 days]")
