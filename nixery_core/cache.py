@@ -281,7 +281,8 @@ class BuildCache:
             return
         path = self.directory / f"lock-{hashlib.sha256(key.encode()).hexdigest()}"
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # read-only: flock needs no write access, so users sharing the directory can lock
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if _same_file(fd, path):
