@@ -41,15 +41,27 @@ from servers import FakeGcsServer, fake_gcs
 
 from examples.registry import RegistryConfig, create_app, serving
 from examples.registry.builds import docker_manifest
-from examples.registry.negotiation import choose_format, parse_accept, preferences
+from examples.registry.config import parse_archs
+from examples.registry.negotiation import (
+    choose_format,
+    index_preferences,
+    parse_accept,
+    preferences,
+)
 from examples.registry.server import main
 from nixery_core.archive import ArchiveOptions
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import InvalidInput, InvalidSource
-from nixery_core.media_types import DOCKER_MANIFEST, OCI_LAYER_ZSTD, OCI_MANIFEST
-from nixery_core.names import Image
+from nixery_core.media_types import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+)
+from nixery_core.names import AMD64, ARM64, Image
 from nixery_core.nix import ResolveCall, parse_argv
 from nixery_core.protocols import LogCallback, RunResult
 from nixery_core.runner import SubprocessRunner
@@ -80,6 +92,15 @@ CONTAINERD_ACCEPT = [
 ]
 #: What skopeo and podman send: OCI first.
 SKOPEO_ACCEPT = [("Accept", f"{OCI_MANIFEST}, {DOCKER_MANIFEST}")]
+#: What skopeo 1.9 really sends (captured): one header each, both index types last.
+SKOPEO_INDEX_ACCEPT = [
+    ("Accept", OCI_MANIFEST),
+    ("Accept", DOCKER_MANIFEST),
+    ("Accept", "application/vnd.docker.distribution.manifest.v1+prettyjws"),
+    ("Accept", "application/vnd.docker.distribution.manifest.v1+json"),
+    ("Accept", DOCKER_MANIFEST_LIST),
+    ("Accept", OCI_INDEX),
+]
 
 
 def check_manifest_headers(response: httpx.Response) -> dict[str, Any]:
@@ -450,7 +471,210 @@ def test_docker_rendering_equals_a_docker_build(tmp_path: Path) -> None:
     assert docker_manifest(oci) == docker.manifest
 
 
+# --- multi-architecture indexes over fake Nix ----------------------------------
+
+
+@pytest.fixture
+def multiarch_registry(tmp_path: Path) -> Iterator[tuple[str, RegistryConfig, FakeNix]]:
+    """A registry configured for amd64 and arm64 over fake Nix and an in-memory store."""
+    config, fake = fake_config(tmp_path, cache=BuildCache(None))
+    config = attrs.evolve(config, archs=(AMD64, ARM64))
+    with serving(create_app(config)) as base:
+        yield base, config, fake
+
+
+def check_index(response: httpx.Response, media_type: str) -> dict[str, Any]:
+    """Assert an index answer's headers agree with its body; return the parsed index."""
+    assert response.status_code == 200, response.text
+    document: dict[str, Any] = json.loads(response.content)
+    assert document["mediaType"] == response.headers["content-type"] == media_type
+    assert response.headers["docker-content-digest"] == sha256_digest(response.content)
+    assert int(response.headers["content-length"]) == len(response.content)
+    return document
+
+
+@pytest.mark.parametrize(
+    ("accept", "media_type"),
+    [
+        (SKOPEO_INDEX_ACCEPT, OCI_INDEX),
+        (DOCKER_ACCEPT, DOCKER_MANIFEST_LIST),
+        (CONTAINERD_ACCEPT, DOCKER_MANIFEST_LIST),
+        ([("Accept", f"{OCI_MANIFEST}, {OCI_INDEX}")], OCI_INDEX),
+        ([("Accept", f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}, */*")], DOCKER_MANIFEST_LIST),
+    ],
+    ids=["skopeo", "docker", "containerd", "oci-only", "docker-and-wildcard"],
+)
+def test_index_when_accept_names_it(
+    multiarch_registry: tuple[str, RegistryConfig, FakeNix],
+    accept: list[tuple[str, str]],
+    media_type: str,
+) -> None:
+    """A client naming an index type gets that index over amd64 and arm64, children by digest."""
+    base, _, _ = multiarch_registry
+    url = f"{base}/v2/shell/hello/manifests/latest"
+    got = httpx.get(url, headers=accept)
+    index = check_index(got, media_type)
+    child_type = OCI_MANIFEST if media_type == OCI_INDEX else DOCKER_MANIFEST
+    assert [(m["platform"]["architecture"], m["platform"]["os"]) for m in index["manifests"]] == [
+        ("amd64", "linux"), ("arm64", "linux"),
+    ]
+    for entry in index["manifests"]:
+        assert entry["mediaType"] == child_type
+        child = httpx.get(f"{base}/v2/shell/hello/manifests/{entry['digest']}")
+        manifest = check_manifest_headers(child)
+        assert (manifest["mediaType"], len(child.content)) == (child_type, entry["size"])
+        config = httpx.get(f"{base}/v2/shell/hello/blobs/{manifest['config']['digest']}").json()
+        assert config["architecture"] == entry["platform"]["architecture"]
+    wire = ("content-type", "content-length", "docker-content-digest")
+    head = httpx.head(url, headers=accept)
+    assert (head.status_code, head.content) == (200, b"")
+    assert [head.headers[h] for h in wire] == [got.headers[h] for h in wire]
+    digest = got.headers["docker-content-digest"]
+    for method in ("GET", "HEAD"):
+        by_digest = httpx.request(method, f"{base}/v2/shell/hello/manifests/{digest}")
+        assert by_digest.status_code == 200
+        assert [by_digest.headers[h] for h in wire] == [got.headers[h] for h in wire]
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        [],
+        [("Accept", "*/*")],
+        [("Accept", "application/*")],
+        SKOPEO_ACCEPT,
+        [("Accept", f"{OCI_MANIFEST}, {OCI_INDEX};q=0")],
+        # an index whose children the client cannot read
+        [("Accept", f"{OCI_MANIFEST}, {DOCKER_MANIFEST_LIST}")],
+    ],
+    ids=["none", "wildcard", "type-wildcard", "manifests-only", "index-q0", "list-no-children"],
+)
+def test_no_index_unless_named(
+    multiarch_registry: tuple[str, RegistryConfig, FakeNix], accept: list[tuple[str, str]]
+) -> None:
+    """Clients that do not name an index type (wildcards do not count) get the amd64 manifest."""
+    base, _, fake = multiarch_registry
+    response = httpx.get(f"{base}/v2/shell/hello/manifests/latest", headers=accept)
+    manifest = check_manifest_headers(response)
+    assert manifest["mediaType"] in (OCI_MANIFEST, DOCKER_MANIFEST)
+    config = httpx.get(f"{base}/v2/shell/hello/blobs/{manifest['config']['digest']}").json()
+    assert config["architecture"] == "amd64"
+    assert fake.count("realise") == 1
+
+
+def test_single_manifest_is_the_index_amd64_child(
+    multiarch_registry: tuple[str, RegistryConfig, FakeNix],
+) -> None:
+    """The OCI manifest a non-index client gets is the amd64 entry of the OCI index, one build."""
+    base, _, fake = multiarch_registry
+    url = f"{base}/v2/shell/hello/manifests/latest"
+    index = check_index(httpx.get(url, headers=SKOPEO_INDEX_ACCEPT), OCI_INDEX)
+    single = httpx.get(url, headers=SKOPEO_ACCEPT)
+    assert single.headers["docker-content-digest"] == index["manifests"][0]["digest"]
+    assert fake.count("realise") == 2  # one per architecture; the single manifest was cached
+
+
+def test_arm64_names_stay_single_architecture(
+    multiarch_registry: tuple[str, RegistryConfig, FakeNix],
+) -> None:
+    """``arm64/...`` names get the arm64 manifest even from a client that accepts indexes."""
+    base, _, _ = multiarch_registry
+    response = httpx.get(f"{base}/v2/arm64/hello/manifests/latest", headers=SKOPEO_INDEX_ACCEPT)
+    manifest = check_manifest_headers(response)
+    assert manifest["mediaType"] == OCI_MANIFEST
+    config = httpx.get(f"{base}/v2/arm64/hello/blobs/{manifest['config']['digest']}").json()
+    assert config["architecture"] == "arm64"
+
+
+def test_index_unknown_packages_are_named(
+    multiarch_registry: tuple[str, RegistryConfig, FakeNix],
+) -> None:
+    """An index of unknown packages is MANIFEST_UNKNOWN naming each, recorded on the index page."""
+    base, _, _ = multiarch_registry
+    response = httpx.get(
+        f"{base}/v2/hello/nosuchpkg/zzmissing/manifests/latest", headers=SKOPEO_INDEX_ACCEPT
+    )
+    assert response.status_code == 404
+    error = error_of(response)
+    assert (error["code"], error["detail"]) == (
+        "MANIFEST_UNKNOWN", {"packages": ["nosuchpkg", "zzmissing"]},
+    )
+    assert "zzmissing" in httpx.get(f"{base}/").text
+
+
+def test_index_build_failure_is_retried(tmp_path: Path) -> None:
+    """A failing architecture fails the index with 500 UNKNOWN; the next request builds it."""
+    config, _ = fake_config(
+        tmp_path, cache=BuildCache(None), faults={"realise": FakeFault("fail", times=1)}
+    )
+    config = attrs.evolve(config, archs=(AMD64, ARM64))
+    with serving(create_app(config)) as base:
+        url = f"{base}/v2/hello/manifests/latest"
+        first = httpx.get(url, headers=SKOPEO_INDEX_ACCEPT)
+        second = httpx.get(url, headers=SKOPEO_INDEX_ACCEPT)
+    assert (first.status_code, error_of(first)["code"]) == (500, "UNKNOWN")
+    check_index(second, OCI_INDEX)
+
+
+def test_concurrent_index_requests_share_one_build(tmp_path: Path) -> None:
+    """Without a cache, 8 concurrent index requests build once: one realise per architecture."""
+    fake = FakeNix(tmp_path / "root", default_fake_packages())
+    config, _ = fake_config(tmp_path, cache=None, runner=SlowFirstCall(fake, hold=0.5))
+    app = create_app(attrs.evolve(config, archs=(AMD64, ARM64)))
+
+    async def fetch_all(base: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            return list(await asyncio.gather(*(
+                client.get("/v2/shell/hello/manifests/latest", headers=SKOPEO_INDEX_ACCEPT)
+                for _ in range(8)
+            )))
+
+    with serving(app) as base:
+        responses = asyncio.run(fetch_all(base))
+    assert {check_index(r, OCI_INDEX)["mediaType"] for r in responses} == {OCI_INDEX}
+    assert len({r.headers["docker-content-digest"] for r in responses}) == 1
+    assert (fake.count("realise"), app.state.builder.builds_started) == (2, 1)
+
+
+def test_zstd_index_is_always_oci(tmp_path: Path) -> None:
+    """With zstd layers a Docker-first client that names both index types gets an OCI index."""
+    config, _ = fake_config(tmp_path, cache=BuildCache(None))
+    config = attrs.evolve(
+        config, archs=(AMD64, ARM64), archive=ArchiveOptions(compression="zstd")
+    )
+    with serving(create_app(config)) as base:
+        response = httpx.get(f"{base}/v2/hello/manifests/latest", headers=DOCKER_ACCEPT)
+    index = check_index(response, OCI_INDEX)
+    assert {m["mediaType"] for m in index["manifests"]} == {OCI_MANIFEST}
+
+
 # --- Accept parsing, configuration -------------------------------------------
+
+
+def test_index_preferences() -> None:
+    """Index forms count only when named exactly with q > 0 and their manifests are accepted."""
+    skopeo = [value for _, value in SKOPEO_INDEX_ACCEPT]
+    assert index_preferences(skopeo, "docker") == ("oci", "docker")
+    assert index_preferences([value for _, value in DOCKER_ACCEPT], "oci") == ("docker", "oci")
+    assert index_preferences([f"{OCI_MANIFEST}, {OCI_INDEX}, */*"], "docker") == ("oci",)
+    assert index_preferences(["*/*", "application/*"], "oci") == ()
+    assert index_preferences([f"{OCI_INDEX};q=0, {OCI_MANIFEST}"], "oci") == ()
+    assert index_preferences([OCI_INDEX, f"{OCI_MANIFEST};q=0"], "oci") == ()
+    assert index_preferences([OCI_INDEX], "docker") == ()
+
+
+def test_archs_configuration(tmp_path: Path) -> None:
+    """NIXERY_ARCHS parses to architectures in order; unknown or repeated ones are refused."""
+    assert parse_archs("") == ()
+    assert parse_archs("arm64, amd64") == (ARM64, AMD64)
+    for bad in ("amd64,riscv64", "amd64,amd64", "x86_64-linux"):
+        with pytest.raises(InvalidInput, match="NIXERY_ARCHS"):
+            parse_archs(bad)
+    env = {"NIXERY_PKGS_PATH": str(OFFLINE_SET), "STORAGE_PATH": str(tmp_path)}
+    assert RegistryConfig.from_env(env).archs == ()
+    assert RegistryConfig.from_env({**env, "NIXERY_ARCHS": "amd64,arm64"}).archs == (AMD64, ARM64)
+    with pytest.raises(InvalidInput, match="twice"):
+        attrs.evolve(RegistryConfig.from_env(env), archs=(ARM64, ARM64))
 
 
 def test_accept_parsing_and_ties() -> None:
@@ -525,11 +749,10 @@ def test_gcs_blobs_redirect_to_the_bucket(tmp_path: Path, fake_gcs: FakeGcsServe
 # --- the one-command registry over real Nix, with real clients ------------------
 
 
-@pytest.fixture(scope="module")
-def real_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def one_command_registry(work: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[str]:
     """``python -m examples.registry`` over the offline package set; yields host:port."""
     require_tools("nix-build", "nix-instantiate", "nix-store", "nix")
-    work = tmp_path_factory.mktemp("registry")
     env = {
         **os.environ,
         "NIXERY_PKGS_PATH": str(OFFLINE_SET),
@@ -537,6 +760,7 @@ def real_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "NIXERY_CACHE_DIR": str(work / "cache"),
         "HOST": "127.0.0.1",
         "PORT": "0",
+        **(extra_env or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "examples.registry"], cwd=REPO, env=env,
@@ -574,6 +798,13 @@ def real_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pumping.join(timeout=10)
         assert process.stdout is not None
         process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def real_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The one-command registry, single-architecture (the default); yields host:port."""
+    with one_command_registry(tmp_path_factory.mktemp("registry")) as address:
+        yield address
 
 
 def skopeo(*args: str) -> subprocess.CompletedProcess[str]:
@@ -655,6 +886,87 @@ def test_docker_style_head_then_get_by_digest(real_registry: str) -> None:
     config = httpx.get(f"{base}/v2/shell/hello/blobs/{document['config']['digest']}")
     assert sha256_digest(config.content) == document["config"]["digest"]
     assert json.loads(config.content)["architecture"] == "amd64"
+
+
+# --- the one-command registry serving indexes, with real skopeo -----------------
+
+
+@pytest.fixture(scope="module")
+def real_multiarch_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The one-command registry with NIXERY_ARCHS=amd64,arm64 (Nix may build aarch64-linux)."""
+    nix_config = os.environ.get("NIX_CONFIG", "") + "\nextra-platforms = aarch64-linux\n"
+    extra = {"NIXERY_ARCHS": "amd64,arm64", "NIX_CONFIG": nix_config}
+    with one_command_registry(tmp_path_factory.mktemp("multiarch"), extra) as address:
+        yield address
+
+
+def raw_index(address: str) -> dict[str, Any]:
+    """``skopeo inspect --raw`` of shell/hello, parsed."""
+    result = skopeo(
+        "inspect", "--raw", "--tls-verify=false", f"docker://{address}/shell/hello:latest"
+    )
+    assert result.returncode == 0, result.stderr
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def layout_manifest_digest(layout: Path) -> str:
+    """The digest of the one manifest an OCI layout's index.json names."""
+    entries = json.loads((layout / "index.json").read_text())["manifests"]
+    assert len(entries) == 1
+    digest: str = entries[0]["digest"]
+    return digest
+
+
+@pytest.mark.nix
+@pytest.mark.tools
+def test_skopeo_sees_an_index_of_both_architectures(real_multiarch_registry: str) -> None:
+    """skopeo (which names both index types) gets an OCI index listing amd64 and arm64."""
+    require_tools("skopeo")
+    index = raw_index(real_multiarch_registry)
+    assert index["mediaType"] == OCI_INDEX
+    platforms = [(m["platform"]["os"], m["platform"]["architecture"]) for m in index["manifests"]]
+    assert platforms == [("linux", "amd64"), ("linux", "arm64")]
+
+
+@pytest.mark.nix
+@pytest.mark.tools
+@pytest.mark.parametrize("arch", [None, "arm64"], ids=["default", "arm64"])
+def test_skopeo_copy_picks_the_architecture(
+    real_multiarch_registry: str, tmp_path: Path, arch: str | None
+) -> None:
+    """skopeo copy takes the index entry of its platform: amd64 here, arm64 when overridden."""
+    require_tools("skopeo")
+    index = raw_index(real_multiarch_registry)
+    entries = {m["platform"]["architecture"]: m for m in index["manifests"]}
+    layout = tmp_path / "oci"
+    override = ["--override-arch", arch] if arch else []
+    copy = skopeo(
+        "copy", *override, "--src-tls-verify=false",
+        f"docker://{real_multiarch_registry}/shell/hello:latest", f"oci:{layout}:latest",
+    )
+    assert copy.returncode == 0, copy.stderr
+    digest = layout_manifest_digest(layout)
+    assert digest == entries[arch or "amd64"]["digest"]
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / digest.removeprefix("sha256:")).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"].removeprefix("sha256:")).read_bytes())
+    assert config["architecture"] == (arch or "amd64")
+
+
+@pytest.mark.nix
+def test_clients_without_index_support_get_one_manifest(real_multiarch_registry: str) -> None:
+    """A client that names no index type gets the amd64 manifest, the index's amd64 entry."""
+    base = f"http://{real_multiarch_registry}"
+    index = httpx.get(f"{base}/v2/shell/hello/manifests/latest", headers=SKOPEO_INDEX_ACCEPT)
+    amd64 = check_index(index, OCI_INDEX)["manifests"][0]
+    single = httpx.get(f"{base}/v2/shell/hello/manifests/latest", headers=SKOPEO_ACCEPT)
+    assert check_manifest_headers(single)["mediaType"] == OCI_MANIFEST
+    assert single.headers["docker-content-digest"] == amd64["digest"]
+    docker = httpx.get(
+        f"{base}/v2/shell/hello/manifests/latest", headers={"Accept": DOCKER_MANIFEST}
+    )
+    assert check_manifest_headers(docker)["mediaType"] == DOCKER_MANIFEST
 
 
 # --- load ------------------------------------------------------------------------

@@ -6,9 +6,14 @@ no body):
 - ``GET /v2/``: ``200 {}``, the API version check every client starts with;
 - ``GET /v2/<name>/manifests/<tag>``: the image named by ``<name>`` (package
   names, as Nixery reads them), built on a miss; the manifest form is chosen
-  from the ``Accept`` header (:mod:`examples.registry.negotiation`);
-- ``GET /v2/<name>/manifests/<digest>``: a manifest this registry stored,
-  by digest (what Docker and containerd fetch after a ``HEAD`` by tag);
+  from the ``Accept`` header (:mod:`examples.registry.negotiation`).  With
+  architectures configured (``RegistryConfig.archs``, ``NIXERY_ARCHS``) a
+  client that names an index type gets an OCI image index or a Docker
+  manifest list over them instead (names starting ``arm64/`` stay
+  single-architecture);
+- ``GET /v2/<name>/manifests/<digest>``: a manifest or index this registry
+  stored, by digest (what Docker and containerd fetch after a ``HEAD`` by
+  tag, and an index's per-architecture manifests);
 - ``GET /v2/<name>/blobs/<digest>``: a config or layer blob, streamed from
   the store, or a ``307`` redirect to ``config.blob_url(digest)`` (a GCS
   signed URL);
@@ -28,8 +33,9 @@ code                status  when
                             upper case, empty components: path tricks)
 ``DIGEST_INVALID``  400     a digest is not ``sha256:`` + 64 lower-case hex
 ``MANIFEST_UNKNOWN`` 404    unknown packages (``detail.packages`` names every
-                            one), an unknown manifest digest, or no form the
-                            client accepts
+                            one, for any architecture of an index), an
+                            unknown manifest digest, or no form the client
+                            accepts
 ``BLOB_UNKNOWN``    404     no such blob
 ``UNSUPPORTED``     404/405 any other path or method (this registry is
                             read-only)
@@ -58,8 +64,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from examples.registry.builds import Builder, BuiltImage, ServedManifest
-from examples.registry.config import RegistryConfig
-from examples.registry.negotiation import preferences
+from examples.registry.config import ManifestFormat, RegistryConfig
+from examples.registry.negotiation import index_preferences, preferences
 from nixery_core.digests import validate_digest
 from nixery_core.errors import (
     BlobNotFound,
@@ -71,7 +77,13 @@ from nixery_core.errors import (
     StorageError,
     UnknownPackages,
 )
-from nixery_core.media_types import DOCKER_MANIFEST, IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCI_MANIFEST
+from nixery_core.media_types import (
+    DOCKER_MANIFEST,
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
+    OCI_MANIFEST,
+    docker_layer_media_type,
+)
 from nixery_core.names import Image
 from nixery_core.recent_errors import RecentErrors
 from nixery_core.storage.serving import ServedBlob, open_blob_for_serving
@@ -211,7 +223,11 @@ class _Endpoints:
             _image(name)
             return await self._manifest_by_digest(request, _digest(reference))
         image = _image(name, reference)
-        accepted = preferences(request.headers.getlist("accept"), self.config.default_format)
+        accept = request.headers.getlist("accept")
+        index_forms = self._index_forms(image, accept)
+        if index_forms:
+            return await self._index(request, image, index_forms[0])
+        accepted = preferences(accept, self.config.default_format)
         if not accepted:
             raise RegistryError(
                 404, "MANIFEST_UNKNOWN",
@@ -232,6 +248,31 @@ class _Endpoints:
             f"{image.reference} has zstd layers, which Docker schema 2 cannot describe; "
             f"accept {OCI_MANIFEST}",
         )
+
+    def _index_forms(self, image: Image, accept: list[str]) -> tuple[ManifestFormat, ...]:
+        """The index forms to answer with, best first; empty for a single manifest.
+
+        Empty unless architectures are configured, the name does not pick one
+        (``arm64/...``) and the client names an index type.  A Docker manifest
+        list is left out when the layers have no Docker type (zstd).
+        """
+        config = self.config
+        if not config.archs or "arm64" in image.meta:
+            return ()
+        forms = index_preferences(accept, config.default_format)
+        try:
+            docker_layer_media_type(config.archive.media_type)
+        except InvalidInput:
+            forms = tuple(fmt for fmt in forms if fmt != "docker")
+        return forms
+
+    async def _index(self, request: Request, image: Image, fmt: ManifestFormat) -> Response:
+        try:
+            index = await self.builder.build_index(image, fmt)
+        except NixeryError as exc:
+            self.recent.record(image, exc)
+            raise _translate(exc) from exc
+        return _manifest_response(request, index)
 
     async def _manifest_by_digest(self, request: Request, digest: str) -> Response:
         store = self.config.store

@@ -15,6 +15,16 @@ rendered from the same config and layers and stored beside it, so both can
 be fetched by digest.  Rendering is byte for byte what ``build_image(...,
 manifest_format="docker")`` produces (pinned by a test), without a second
 Nix call.  A failed build is not remembered: the next request tries again.
+
+With architectures configured (:attr:`RegistryConfig.archs
+<examples.registry.config.RegistryConfig.archs>`), :meth:`Builder.build_index`
+builds an OCI image index or a Docker manifest list with
+:func:`~nixery_core.multiarch.build_multiarch` in the same pool, shared
+between identical requests the same way (keyed by the index format too).
+Its children are built in the index's format, so a Docker manifest list
+names Docker schema 2 manifests; the amd64 OCI child is the very manifest a
+single-architecture request gets (same manifest cache entry).  The index
+and every child are stored as blobs, so clients fetch them by digest.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 
@@ -31,6 +41,7 @@ from examples.registry.config import ManifestFormat, RegistryConfig
 from nixery_core.build import BuildResult, build_image
 from nixery_core.errors import InvalidInput
 from nixery_core.manifest import DOCKER_MANIFEST, OCI_CONFIG, LayerDescriptor, render_manifest
+from nixery_core.multiarch import build_multiarch
 from nixery_core.names import Image
 from nixery_core.protocols import BlobInfo, Uploader
 
@@ -88,14 +99,14 @@ def _store_docker_manifest(store: Uploader, result: BuildResult) -> ServedManife
 class Builder:
     """Runs builds in a bounded thread pool; identical concurrent requests share one.
 
-    ``builds_started`` counts calls to ``build_image`` (cache hits included);
-    close the pool with :meth:`shutdown`.
+    ``builds_started`` counts calls to ``build_image`` and ``build_multiarch``
+    (cache hits included); close the pool with :meth:`shutdown`.
     """
 
     config: RegistryConfig
     builds_started: int = 0
     _executor: ThreadPoolExecutor = attrs.field(init=False)
-    _in_flight: dict[tuple[object, ...], asyncio.Future[BuiltImage]] = attrs.field(
+    _in_flight: dict[tuple[object, ...], asyncio.Future[Any]] = attrs.field(
         init=False, factory=dict
     )
 
@@ -106,18 +117,38 @@ class Builder:
 
     async def build(self, image: Image) -> BuiltImage:
         """The image's manifests, building it (or joining a running build) when needed."""
-        key = (image.packages, image.arch.nix_system, image.tag)
+        key = ("image", image.packages, image.arch.nix_system, image.tag)
+        return await self._shared(key, lambda: self._build_sync(image))
+
+    async def build_index(self, image: Image, fmt: ManifestFormat) -> ServedManifest:
+        """The index over the configured architectures in form ``fmt``, built when needed.
+
+        ``image``'s own architecture is ignored (each child uses
+        ``image.with_arch``).  Raises :class:`~nixery_core.errors.InvalidInput`
+        when no architectures are configured, and whatever
+        :func:`~nixery_core.multiarch.build_multiarch` raises (the first
+        failing architecture's error).
+        """
+        if not self.config.archs:
+            raise InvalidInput("this registry is not configured for several architectures")
+        archs = tuple(arch.nix_system for arch in self.config.archs)
+        key = ("index", fmt, image.packages, archs, image.tag)
+        return await self._shared(key, lambda: self._build_index_sync(image, fmt))
+
+    async def _shared(self, key: tuple[object, ...], work: Callable[[], T]) -> T:
+        """Run ``work`` in the pool, or join the running call with the same key."""
         future = self._in_flight.get(key)
         if future is None:
             loop = asyncio.get_running_loop()
             self.builds_started += 1
-            future = loop.run_in_executor(self._executor, self._build_sync, image)
+            future = loop.run_in_executor(self._executor, work)
             self._in_flight[key] = future
             future.add_done_callback(lambda done: self._finished(key, done))
         # shield: a client that hangs up cancels its wait, never the shared build.
-        return await asyncio.shield(future)
+        result: T = await asyncio.shield(future)
+        return result
 
-    def _finished(self, key: tuple[object, ...], future: asyncio.Future[BuiltImage]) -> None:
+    def _finished(self, key: tuple[object, ...], future: asyncio.Future[Any]) -> None:
         if self._in_flight.get(key) is future:
             del self._in_flight[key]
         if not future.cancelled():
@@ -143,6 +174,27 @@ class Builder:
         )
         oci = ServedManifest(result.manifest, result.manifest_digest, result.manifest_media_type)
         return BuiltImage(result, oci, _store_docker_manifest(config.store, result))
+
+    def _build_index_sync(self, image: Image, fmt: ManifestFormat) -> ServedManifest:
+        config = self.config
+        result = build_multiarch(
+            image,
+            config.source,
+            archs=config.archs,
+            format=fmt,
+            uploader=config.store,
+            cache=config.cache,
+            archive=config.archive,
+            runner=config.runner,
+            timeout=config.timeout,
+            nix_options=dict(config.nix_options),
+            store_root=config.store_root,
+        )
+        log.info(
+            "%s %s index of %s: %s", "cached" if result.from_cache else "built", fmt,
+            image.reference, result.index_digest,
+        )
+        return ServedManifest(result.index, result.index_digest, result.media_type)
 
     async def run_io(self, function: Callable[[], T]) -> T:
         """Run a blocking storage call in the event loop's default thread pool."""

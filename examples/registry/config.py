@@ -28,12 +28,18 @@ variable                    meaning
                             only through a wildcard, or sends none
 ``NIXERY_LAYER_COMPRESSION`` ``gzip`` (default), ``zstd`` (OCI clients only:
                             Docker schema 2 has no zstd layer type) or ``none``
+``NIXERY_ARCHS``            unset (default): one image per name; else a comma
+                            list such as ``amd64,arm64``: clients that accept
+                            an index get one over these architectures (the
+                            Nix must be able to build them, see below)
 =========================== ==================================================
 
 ``GOOGLE_APPLICATION_CREDENTIALS`` is read by the Google client library
 itself: a service-account key makes blob redirects V4 signed URLs, other
 credentials give the public object URL (as Nixery does).  Nix itself reads
-``NIX_CONFIG`` (``substituters =`` for an offline machine).  The listening
+``NIX_CONFIG`` (``substituters =`` for an offline machine; with
+``NIXERY_ARCHS`` naming a foreign architecture, ``extra-platforms =
+aarch64-linux`` plus binfmt emulation, or remote builders).  The listening
 address (``HOST``, ``PORT``) belongs to the server, see
 :mod:`examples.registry.server`.
 """
@@ -53,17 +59,20 @@ from nixery_core.archive import ArchiveOptions
 from nixery_core.cache import SIX_HOURS, BuildCache
 from nixery_core.compression import Compression
 from nixery_core.errors import InvalidInput, InvalidSource
+from nixery_core.names import AMD64, ARM64, Architecture
 from nixery_core.protocols import Runner, Uploader
 from nixery_core.sources import PackageSource, source_from_env
 from nixery_core.storage.filesystem import FilesystemStore
 
-__all__ = ["BlobUrl", "ManifestFormat", "RegistryConfig"]
+__all__ = ["ARCHITECTURES", "BlobUrl", "ManifestFormat", "RegistryConfig", "parse_archs"]
 
 ManifestFormat = Literal["oci", "docker"]
 #: Turns a stored blob's digest into a URL clients are redirected to.
 BlobUrl = Callable[[str], str]
 
 _DEFAULT_SIGNED_URL_TTL = 300.0
+#: The architectures ``NIXERY_ARCHS`` may name, by their OCI names.
+ARCHITECTURES: Mapping[str, Architecture] = {arch.oci_arch: arch for arch in (AMD64, ARM64)}
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -74,6 +83,32 @@ def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
 def _format(_: object, attribute: attrs.Attribute[str], value: str) -> None:
     if value not in ("oci", "docker"):
         raise InvalidInput(f"{attribute.name} must be 'oci' or 'docker', not {value!r}")
+
+
+def _archs(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(a, Architecture) for a in value):
+        raise InvalidInput(f"{attribute.name} must be a tuple of Architecture, not {value!r}")
+    names = [arch.oci_arch for arch in value]
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"{attribute.name} names an architecture twice: {', '.join(names)}")
+
+
+def parse_archs(raw: str) -> tuple[Architecture, ...]:
+    """The architectures of a ``NIXERY_ARCHS`` value (``amd64,arm64``); empty for ``""``.
+
+    Raises :class:`~nixery_core.errors.InvalidInput` naming the variable for
+    an unknown or repeated architecture.
+    """
+    names = [part.strip() for part in raw.split(",") if part.strip()]
+    unknown = [name for name in names if name not in ARCHITECTURES]
+    if unknown:
+        raise InvalidInput(
+            f"NIXERY_ARCHS={raw!r}: unknown architecture {unknown[0]!r}; "
+            f"expected a comma list of {', '.join(sorted(ARCHITECTURES))}"
+        )
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"NIXERY_ARCHS={raw!r} names an architecture twice")
+    return tuple(ARCHITECTURES[name] for name in names)
 
 
 @attrs.frozen
@@ -87,6 +122,13 @@ class RegistryConfig:
     ``store_root`` is where ``/nix/store`` is read from (fakes use a
     temporary directory).  ``archive`` picks the layer compression (gzip
     by default); with zstd, only clients accepting OCI manifests can pull.
+    ``archs`` empty (the default) serves one image per name; otherwise a
+    client that names an index type in ``Accept`` gets an index over these
+    architectures (in this order), built with
+    :func:`~nixery_core.multiarch.build_multiarch`, while other clients and
+    ``arm64/...`` names get a single manifest as before.  Building a foreign
+    architecture needs a Nix that can (``nix_options`` or ``NIX_CONFIG``
+    with ``extra-platforms``), which is why this is off by default.
     """
 
     source: PackageSource
@@ -100,6 +142,7 @@ class RegistryConfig:
     build_workers: int = attrs.field(default=4, validator=_positive)
     store_root: Path = Path("/")
     archive: ArchiveOptions = attrs.field(factory=ArchiveOptions)
+    archs: tuple[Architecture, ...] = attrs.field(default=(), validator=_archs)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RegistryConfig:
@@ -150,6 +193,7 @@ class RegistryConfig:
             blob_url=blob_url,
             default_format="oci" if default_format == "oci" else "docker",
             build_workers=int(_number(env, "NIXERY_BUILD_WORKERS", 4)),
+            archs=parse_archs(env.get("NIXERY_ARCHS", "")),
         )
 
 

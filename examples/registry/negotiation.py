@@ -1,4 +1,4 @@
-"""``Accept`` negotiation between an OCI manifest and a Docker schema 2 manifest.
+"""``Accept`` negotiation: an OCI or Docker schema 2 manifest, or an index of either.
 
 Every image this registry builds exists in both forms; they share the
 config and every layer blob, only the manifest document differs.  Clients
@@ -18,6 +18,19 @@ rule, in order:
 
 A client that accepts neither (``Accept: application/vnd.docker.distribution.manifest.v1+json``
 alone) gets ``None``, which the app answers with ``MANIFEST_UNKNOWN``.
+
+Indexes (:func:`index_preferences`, used only when the registry is
+configured for several architectures).  A client gets an index only when it
+names the index type exactly, with a quality above zero:
+``application/vnd.oci.image.index.v1+json`` for an OCI image index,
+``application/vnd.docker.distribution.manifest.list.v2+json`` for a Docker
+manifest list.  A wildcard never selects an index: a client that sends
+``*/*`` may well not know what to do with one, while every client that can
+follow an index (Docker, containerd, skopeo, podman) names it.  The index's
+children are manifests of the same form, so the client must accept those
+too, and the forms are ranked like the manifests above: Docker (manifest
+list named, schema 2 first) gets a manifest list, skopeo (OCI first, both
+index types named) gets an OCI index.
 """
 
 from __future__ import annotations
@@ -27,11 +40,12 @@ from collections.abc import Iterable
 import attrs
 
 from examples.registry.config import ManifestFormat
-from nixery_core.media_types import DOCKER_MANIFEST, OCI_MANIFEST
+from nixery_core.media_types import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
-__all__ = ["MediaRange", "choose_format", "parse_accept", "preferences"]
+__all__ = ["MediaRange", "choose_format", "index_preferences", "parse_accept", "preferences"]
 
 _TYPES: dict[ManifestFormat, str] = {"oci": OCI_MANIFEST, "docker": DOCKER_MANIFEST}
+_INDEX_TYPES: dict[ManifestFormat, str] = {"oci": OCI_INDEX, "docker": DOCKER_MANIFEST_LIST}
 
 
 @attrs.frozen
@@ -118,3 +132,22 @@ def choose_format(headers: Iterable[str], default: ManifestFormat) -> ManifestFo
     """The best form for these ``Accept`` values, ``None`` when neither is acceptable."""
     best = preferences(headers, default)
     return best[0] if best else None
+
+
+def index_preferences(
+    headers: Iterable[str], default: ManifestFormat
+) -> tuple[ManifestFormat, ...]:
+    """The index forms the client accepts, best first; empty when it names no index type.
+
+    A form counts when its index type is named exactly with ``q > 0`` and its
+    manifest type is acceptable (see the module docs); forms are ranked as
+    :func:`preferences` ranks the manifests.
+    """
+    headers = list(headers)
+    ranges = parse_accept(headers)
+
+    def named(fmt: ManifestFormat) -> bool:
+        quality, position = _grade(ranges, _INDEX_TYPES[fmt])
+        return position is not None and quality > 0
+
+    return tuple(fmt for fmt in preferences(headers, default) if named(fmt))
