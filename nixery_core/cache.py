@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -46,7 +47,7 @@ from typing import Any, TypeVar
 import attrs
 import diskcache
 
-from nixery_core.errors import StorageError
+from nixery_core.errors import StorageError, StorageUnavailable
 from nixery_core.protocols import Uploader
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
@@ -216,12 +217,17 @@ class BuildCache:
     def __attrs_post_init__(self) -> None:
         if self.directory is not None:
             self.directory = Path(self.directory)
-            self._local = diskcache.Cache(
-                str(self.directory),
-                size_limit=self.size_limit,
-                # Evict by storage time: LRU would turn every hit into a write.
-                eviction_policy="least-recently-stored",
-            )
+            try:
+                self._local = diskcache.Cache(
+                    str(self.directory),
+                    size_limit=self.size_limit,
+                    # Evict by storage time: LRU would turn every hit into a write.
+                    eviction_policy="least-recently-stored",
+                )
+            except (OSError, sqlite3.Error) as exc:
+                raise StorageUnavailable(
+                    f"cannot open the local cache in {self.directory}: {exc}", str(self.directory)
+                ) from exc
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -282,11 +288,17 @@ class BuildCache:
         path = self.directory / f"lock-{hashlib.sha256(key.encode()).hexdigest()}"
         while True:
             # read-only: flock needs no write access, so users sharing the directory can lock
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StorageUnavailable(f"cannot create cache lock {path}: {exc}", key) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if _same_file(fd, path):
                     break
+            except OSError as exc:
+                os.close(fd)
+                raise StorageUnavailable(f"cannot lock {path}: {exc}", key) from exc
             except BaseException:
                 os.close(fd)
                 raise
@@ -358,7 +370,7 @@ class BuildCache:
         self, store: Uploader, name: str, parse: Callable[[Mapping[str, Any]], T]
     ) -> tuple[T | None, str]:
         if self._local is not None:
-            raw = self._local.get(name)
+            raw = self._local_get(name)
             if raw is not None:
                 parsed = self._parse(raw, name, "local", parse)
                 if parsed is not None:
@@ -368,8 +380,7 @@ class BuildCache:
             if raw_shared is not None:
                 parsed = self._parse(raw_shared, name, "shared", parse)
                 if parsed is not None:
-                    if self._local is not None:
-                        self._local.set(name, raw_shared)
+                    self._local_set(name, raw_shared, None)
                     return parsed, "shared"
         return None, ""
 
@@ -389,13 +400,33 @@ class BuildCache:
         raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         if self.shared:
             store.put_object(name, raw)
-        if self._local is not None:
+        self._local_set(name, raw, ttl)
+
+    # The local tier only saves work: when its disk or database fails, a read
+    # is a miss and a write is skipped, each with a warning; the build goes on.
+
+    def _local_get(self, name: str) -> object:
+        if self._local is None:
+            return None
+        try:
+            return self._local.get(name)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("local cache read of %s failed (%s); treating as a miss", name, exc)
+            return None
+
+    def _local_set(self, name: str, raw: bytes, ttl: float | None) -> None:
+        if self._local is None:
+            return
+        try:
             self._local.set(name, raw, expire=ttl)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("local cache write of %s failed (%s); not cached locally", name, exc)
 
     def forget(self, store: Uploader, name: str) -> None:
         """Drop one entry (``manifests/<key>`` or ``builds/<key>``) from both tiers."""
         if self._local is not None:
-            self._local.delete(name)
+            with contextlib.suppress(OSError, sqlite3.Error):
+                self._local.delete(name)
         if self.shared:
             with contextlib.suppress(StorageError):
                 store.delete_object(name)

@@ -188,3 +188,56 @@ def test_stats_add_up() -> None:
     )
     assert total.manifest_hits == 4
     assert total.layer_hits == 6
+
+
+def test_unusable_cache_directory_is_a_typed_error(tmp_path: Path) -> None:
+    """A cache directory that cannot be opened raises StorageUnavailable naming it."""
+    from nixery_core.errors import StorageUnavailable
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(StorageUnavailable) as info:
+        BuildCache(not_a_dir)
+    assert str(not_a_dir) in str(info.value)
+    assert info.value.__cause__ is not None
+
+
+def test_failing_local_tier_degrades_to_the_shared_tier(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local tier whose database fails is a logged miss; the shared tier still serves."""
+    import sqlite3
+
+    store = MemoryStore()
+    record = _stored_layer(store)
+    with BuildCache(tmp_path / "c") as cache:
+        cache.put_layer(store, "k", record)
+        local = cache._local
+        assert local is not None
+
+        def broken(*args: object, **kwargs: object) -> object:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(local, "get", broken)
+        monkeypatch.setattr(local, "set", broken)
+        with caplog.at_level(logging.WARNING, logger="nixery_core.cache"):
+            assert cache.get_layer(store, "k") == (record, "shared")
+            cache.put_layer(store, "k2", record)  # the write is skipped, not fatal
+        assert "local cache read" in caplog.text
+        assert "local cache write" in caplog.text
+        assert cache.get_layer(store, "k2") == (record, "shared")
+
+
+def test_lock_that_cannot_be_taken_is_a_typed_error(tmp_path: Path) -> None:
+    """When the lock file cannot be created, single_flight raises StorageUnavailable."""
+    import shutil
+
+    from nixery_core.errors import StorageUnavailable
+
+    cache = BuildCache(tmp_path / "c")
+    try:
+        shutil.rmtree(tmp_path / "c")
+        with pytest.raises(StorageUnavailable), cache.single_flight("key"):
+            pass
+    finally:
+        cache.close()
