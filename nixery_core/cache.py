@@ -31,6 +31,7 @@ per host and harms nothing.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -42,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import diskcache
@@ -58,6 +59,8 @@ T = TypeVar("T")
 #: Bump when the meaning of a cache entry changes; it is part of every key.
 LAYOUT_VERSION = 1
 SIX_HOURS = 6 * 3600.0
+#: Parsed local entries kept in memory per cache (a few hundred bytes each).
+_MEMO_ENTRIES = 4096
 
 
 @attrs.frozen
@@ -213,6 +216,14 @@ class BuildCache:
     _totals: _Counter = attrs.field(init=False, factory=_Counter)
     _flights: dict[str, _Flight] = attrs.field(init=False, factory=dict)
     _flights_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    # Parsed local-tier entries, most recently used last: a hit skips SQLite
+    # and JSON.  Entries are immutable facts about content-addressed blobs, and
+    # every hit still checks expiry and that each blob exists, so a memoised
+    # entry is exactly as safe as the row it came from.
+    _memo: collections.OrderedDict[str, object] = attrs.field(
+        init=False, factory=collections.OrderedDict
+    )
+    _memo_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
 
     def __attrs_post_init__(self) -> None:
         if self.directory is not None:
@@ -370,10 +381,16 @@ class BuildCache:
         self, store: Uploader, name: str, parse: Callable[[Mapping[str, Any]], T]
     ) -> tuple[T | None, str]:
         if self._local is not None:
+            with self._memo_lock:
+                memoised = self._memo.get(name)
+                if memoised is not None:
+                    self._memo.move_to_end(name)
+                    return cast(T, memoised), "local"
             raw = self._local_get(name)
             if raw is not None:
                 parsed = self._parse(raw, name, "local", parse)
                 if parsed is not None:
+                    self._remember(name, parsed)
                     return parsed, "local"
         if self.shared:
             raw_shared = store.get_object(name)
@@ -383,6 +400,16 @@ class BuildCache:
                     self._local_set(name, raw_shared, None)
                     return parsed, "shared"
         return None, ""
+
+    def _remember(self, name: str, parsed: object) -> None:
+        with self._memo_lock:
+            self._memo[name] = parsed
+            while len(self._memo) > _MEMO_ENTRIES:
+                self._memo.popitem(last=False)
+
+    def _forget_memo(self, name: str) -> None:
+        with self._memo_lock:
+            self._memo.pop(name, None)
 
     def _parse(
         self, raw: object, name: str, tier: str, parse: Callable[[Mapping[str, Any]], T]
@@ -398,6 +425,7 @@ class BuildCache:
         self, store: Uploader, name: str, data: Mapping[str, Any], ttl: float | None
     ) -> None:
         raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        self._forget_memo(name)
         if self.shared:
             store.put_object(name, raw)
         self._local_set(name, raw, ttl)
@@ -424,6 +452,7 @@ class BuildCache:
 
     def forget(self, store: Uploader, name: str) -> None:
         """Drop one entry (``manifests/<key>`` or ``builds/<key>``) from both tiers."""
+        self._forget_memo(name)
         if self._local is not None:
             with contextlib.suppress(OSError, sqlite3.Error):
                 self._local.delete(name)
