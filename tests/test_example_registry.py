@@ -340,6 +340,8 @@ def test_unknown_packages_are_named(fake_registry: tuple[str, RegistryConfig, Fa
         ("/v2/Shell/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/hello/manifests/..", 400, "NAME_INVALID"),
         ("/v2/hello%00/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello:1.0/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello:1.0/blobs/sha256:" + "0" * 64, 400, "NAME_INVALID"),
         ("/v2/hello/blobs/sha256:%2E%2E", 400, "DIGEST_INVALID"),
         ("/v2/hello/blobs/sha256:" + "0" * 64 + "%00", 400, "DIGEST_INVALID"),
         # a slash inside a digest or tag: the path no longer fits the API

@@ -141,6 +141,15 @@ def _translate(exc: NixeryError) -> RegistryError:
 
 
 def _image(name: str, tag: str = "latest") -> Image:
+    """The image a URL's name and tag (or reference) describe.
+
+    A ``:`` in the name is refused here: ``Image.from_name`` reads
+    ``hello:1.0`` with the default tag as name and tag, which would let
+    ``/v2/hello:1.0/manifests/latest`` build tag ``1.0``.
+    """
+    if ":" in name:
+        bad = InvalidImageName(name, name, "contains ':' (the tag goes after /manifests/)")
+        raise _translate(bad)
     try:
         return Image.from_name(name, tag)
     except InvalidImageName as exc:
