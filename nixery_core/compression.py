@@ -35,11 +35,12 @@ output across them, and the fingerprint only catches a difference that the
 sample shows.  The ``diff_id`` never depends on any of this.  Pin
 ``gzip_backend="isal"`` in production so every builder shares layers.
 
-**Default levels**, chosen on the 300 MB benchmark closure
-(docs/performance.md): ISA-L level 2 with memLevel 3 (output 1.09x
-``pigz -6``'s; level 3 is 1.075x for ~18% more CPU, level 1 1.11x for ~7%
-less); zlib level 1 (1.09x ``pigz -6``, half of pigz's CPU time; level 6
-takes 2.3x the CPU of level 1); zstd level 3 (zstd's own default).
+**Default levels**, chosen on the benchmark closures (docs/performance.md):
+ISA-L level 3 with memLevel 3: output 1.075x ``pigz -6``'s on the 300 MB
+closure and 1.09x on the 60 MB one, the only ISA-L level within 1.10x on
+both (level 2: 1.094x and 1.105x for ~15% less CPU; level 1: 1.107x and
+1.12x).  zlib level 1: 1.095x ``pigz -6``, half of pigz's CPU time (level 6
+takes 2.3x the CPU of level 1).  zstd level 3, zstd's own default.
 
 **zstd** uses ``zstandard`` in its multi-threaded streaming mode with at
 least one worker: that output is the same for any number of workers and any
@@ -91,11 +92,12 @@ WINDOW = 32 * 1024
 #: The pinned gzip member header (see the module docstring).
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 #: Level used when none is given, per backend.
-DEFAULT_LEVELS: dict[str, int] = {"isal": 2, "zlib": 1, "zstd": 3, "none": 0}
+DEFAULT_LEVELS: dict[str, int] = {"isal": 3, "zlib": 1, "zstd": 3, "none": 0}
 #: zlib's memLevel.  For ISA-L it picks the size of the level buffer, and with
 #: it how often a deflate block with fresh Huffman tables starts: 3 (ISA-L's
-#: "small" buffer) gave level 2 the output size of level 3 (within 0.2%) at
-#: 30% more speed on the benchmark closure.  zlib keeps its default, 8.
+#: "small" buffer) made level 3 output 1% smaller than memLevel 8 and level 2
+#: output as small as level 3 with memLevel 8, on 200 MB of binaries and
+#: libraries.  zlib keeps its default, 8.
 MEM_LEVELS: dict[str, int] = {"isal": 3, "zlib": 8}
 _LEVEL_RANGES: dict[str, tuple[int, int]] = {
     "isal": (0, 3),
