@@ -34,6 +34,7 @@ from nixery_core.errors import (
     UnknownPackages,
     UnsafeStoreContent,
 )
+from nixery_core.expressions import NixExpression
 from nixery_core.gc import GcReport, collect_garbage
 from nixery_core.graph import RuntimeGraph, StorePath
 from nixery_core.image_config import ImageConfig, User
@@ -95,6 +96,7 @@ __all__ = [
     "MultiArchResult",
     "NixBuildFailed",
     "NixError",
+    "NixExpression",
     "NixOutputError",
     "NixTimeout",
     "NixeryError",

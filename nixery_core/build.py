@@ -35,6 +35,7 @@ from nixery_core.cache import LAYOUT_VERSION, BuildCache, CacheStats, LayerRecor
 from nixery_core.customisation import customisation_entries
 from nixery_core.entries import TarEntry
 from nixery_core.errors import StorePathMissing
+from nixery_core.expressions import NixExpression
 from nixery_core.graph import RuntimeGraph, store_path_name
 from nixery_core.image_config import ImageConfig
 from nixery_core.manifest import LayerDescriptor, render_config, render_manifest
@@ -207,9 +208,10 @@ def manifest_cache_key(
     config: ImageConfig,
     manifest_format: str,
     layer_budget: int,
-    expression: str | None = None,
+    expression: str | NixExpression | None = None,
 ) -> str:
     """A key over everything that changes the built manifest."""
+    expr = _expression(expression)
     payload: dict[str, object] = {
         "layout": LAYOUT_VERSION,
         "image": image_cache_key(image, spec),
@@ -218,9 +220,15 @@ def manifest_cache_key(
         "config": config.parameters(),
         "format": manifest_format,
         "budget": layer_budget,
-        "expression": expression,
+        "expression": None if expr is None else expr.key,
     }
     return hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
+def _expression(expression: str | NixExpression | None) -> NixExpression | None:
+    if isinstance(expression, str):
+        return NixExpression.from_text(expression)
+    return expression
 
 
 def layer_cache_key(paths: Iterable[str], archive: ArchiveOptions) -> str:
@@ -360,7 +368,7 @@ def build_image(
     progress: ProgressCallback | None = None,
     on_log_line: LogCallback | None = None,
     clock: Callable[[], float] = time.perf_counter,
-    expression: str | None = None,
+    expression: str | NixExpression | None = None,
 ) -> BuildResult:
     """Build ``image`` from ``source``: blobs into ``uploader``, a manifest out.
 
@@ -373,9 +381,11 @@ def build_image(
     a failed build leaves no partial blob and no cache entry behind.
 
     ``expression`` is for trusted callers only: Nix source (a function from
-    the package set to derivations, e.g. ``"pkgs: [ pkgs.hello ]"``) whose
-    outputs join the image's packages.  Nothing derived from an image name
-    ever reaches it; its text is part of the cache key.
+    the package set to derivations, e.g. ``"pkgs: [ pkgs.hello ]"``), or a
+    :class:`~nixery_core.expressions.NixExpression` (``from_file(path,
+    attribute)``), whose outputs join the image's packages.  Nothing derived
+    from an image name ever reaches it; what it evaluates (the text, or the
+    file's directory content) is part of the cache key.
     """
     if runner is None:
         from nixery_core.runner import SubprocessRunner  # noqa: PLC0415 - default only
@@ -399,7 +409,7 @@ def build_image(
 
     plan = _Plan(
         spec, key, runner, strategy, config, manifest_format, layer_budget, timeout,
-        nix_options, max_workers, on_log_line, expression,
+        nix_options, max_workers, on_log_line, _expression(expression),
     )
 
     def lookup() -> BuildResult | None:
@@ -446,7 +456,7 @@ class _Plan:
     nix_options: Mapping[str, str] | None
     max_workers: int | None
     on_log_line: LogCallback | None
-    expression: str | None
+    expression: NixExpression | None
 
 
 def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
@@ -461,7 +471,7 @@ def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
         )
     else:
         graph = nix.realise_expression(
-            plan.expression, plan.spec, runner=plan.runner, arch=image.arch,
+            plan.expression.text, plan.spec, runner=plan.runner, arch=image.arch,
             packages=image.packages, timeout=plan.timeout, nix_options=plan.nix_options,
             on_log_line=plan.on_log_line,
         )

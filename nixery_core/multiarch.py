@@ -55,6 +55,7 @@ from nixery_core.build import (
 from nixery_core.cache import LAYOUT_VERSION, BuildCache, CacheStats
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import InvalidInput
+from nixery_core.expressions import NixExpression
 from nixery_core.image_config import ImageConfig
 from nixery_core.manifest import Descriptor, Format, ManifestRef, render_index
 from nixery_core.names import AMD64, ARM64, Architecture, Image
@@ -271,7 +272,7 @@ def build_multiarch(
     archive: ArchiveOptions | None = None,
     config: ImageConfig | None = None,
     layer_budget: int = DEFAULT_LAYER_BUDGET,
-    expression: str | None = None,
+    expression: str | NixExpression | None = None,
     clock: Callable[[], float] = time.perf_counter,
     **build_kwargs: Any,
 ) -> MultiArchResult:

@@ -16,7 +16,8 @@ from containers import run_in_bundle, unpack
 
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
-from nixery_core.errors import NixBuildFailed, NixError
+from nixery_core.errors import InvalidInput, NixBuildFailed, NixError
+from nixery_core.expressions import NixExpression
 from nixery_core.names import Image
 from nixery_core.oci_layout import write_oci_layout
 from nixery_core.runner import SubprocessRunner
@@ -46,7 +47,7 @@ GREETER = r"""pkgs: [
 
 def _build(
     store: FilesystemStore,
-    expression: str | None,
+    expression: str | NixExpression | None,
     *,
     cache: BuildCache | None = None,
     runner: RecordingRunner | None = None,
@@ -145,3 +146,49 @@ def test_bad_expression_is_a_typed_nix_error(
     assert isinstance(caught.value, NixError)
     assert nix_says in caught.value.stderr_tail
     assert list(store.list_blobs()) == []
+
+
+def test_file_and_attribute_expression_runs_and_is_keyed_by_content(tmp_path: Path) -> None:
+    """A file + attribute expression builds; editing the file (or a neighbour) changes the key."""
+    tools = tmp_path / "exprs" / "tools.nix"
+    tools.parent.mkdir()
+    tools.write_text("pkgs: { sets = { small = [ pkgs.hello ]; }; }\n")
+    store = FilesystemStore(tmp_path / "store")
+    with BuildCache(tmp_path / "cache") as cache:
+        first = _build(store, NixExpression.from_file(tools, "sets.small"), cache=cache)
+        assert any("hello" in layer.packages for layer in first.layers)
+        again = _build(store, NixExpression.from_file(tools, "sets.small"), cache=cache)
+        assert again.from_cache
+        tools.write_text("pkgs: { sets = { small = [ pkgs.hello pkgs.nano ]; }; }\n")
+        edited = _build(store, NixExpression.from_file(tools, "sets.small"), cache=cache)
+        assert not edited.from_cache
+        assert any("nano" in layer.packages for layer in edited.layers)
+    assert edited.cache_key != first.cache_key
+    before = NixExpression.from_file(tools, "sets.small").key
+    (tools.parent / "helper.nix").write_text("{ }\n")  # a neighbour it could import
+    assert NixExpression.from_file(tools, "sets.small").key != before
+    assert NixExpression.from_file(tools, "sets").key != NixExpression.from_file(tools).key
+
+
+def test_file_expression_runs_its_program(tmp_path: Path) -> None:
+    """An image whose content comes from a file's attribute runs that program under runc."""
+    tools = tmp_path / "tools.nix"
+    tools.write_text("pkgs: { greeting = [ pkgs.hello ]; }\n")
+    store = FilesystemStore(tmp_path / "store")
+    result = _build(store, NixExpression.from_file(tools, "greeting"))
+    assert _run(store, result, ["hello"], tmp_path) == "Hello, world!\n"
+
+
+@pytest.mark.parametrize("attribute", ["a..b", "x; builtins.abort 1", "${x}", "", ".a"])
+def test_file_expression_rejects_bad_attribute_paths(tmp_path: Path, attribute: str) -> None:
+    """An attribute path that is not dotted identifiers is refused before Nix sees it."""
+    tools = tmp_path / "tools.nix"
+    tools.write_text("{ }\n")
+    with pytest.raises(InvalidInput):
+        NixExpression.from_file(tools, attribute)
+
+
+def test_file_expression_needs_an_existing_file(tmp_path: Path) -> None:
+    """A missing expression file is a typed error naming it."""
+    with pytest.raises(InvalidInput, match="does not exist"):
+        NixExpression.from_file(tmp_path / "nowhere.nix")
