@@ -18,12 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nixery_core.archive import ArchiveOptions
-from nixery_core.build import ProgressEvent, build_image, default_store
+from nixery_core.build import BuildResult, ProgressEvent, build_image, default_store
 from nixery_core.cache import BuildCache
 from nixery_core.display import build_result_table
 from nixery_core.errors import InvalidInput, NixeryError, UnknownPackages
+from nixery_core.expressions import NixExpression
 from nixery_core.image_config import ImageConfig, User
-from nixery_core.names import ARM64, Image
+from nixery_core.multiarch import MultiArchResult, build_multiarch
+from nixery_core.names import AMD64, ARM64, Architecture, Image
 from nixery_core.nixexprs import nix_dir
 from nixery_core.oci_layout import write_oci_layout
 from nixery_core.protocols import Uploader
@@ -72,24 +74,43 @@ def _default_cache_dir() -> Path:
     return Path(cache_home) / "nixery-core" / "cache"
 
 
+def _pairs(items: Sequence[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{option} takes KEY=VALUE, not {item!r}")
+        pairs[key] = value
+    return pairs
+
+
 def _nix_options(args: argparse.Namespace) -> dict[str, str]:
-    options = dict(opt.split("=", 1) for opt in args.nix_option)
+    options = _pairs(args.nix_option, "--nix-option")
     if args.offline:
         options["substituters"] = ""
     return options
 
 
-def _image(args: argparse.Namespace) -> Image:
-    image = Image.from_name(args.name)
-    return image.with_arch(ARM64) if args.arch == "arm64" else image
+def _archs(args: argparse.Namespace) -> tuple[Architecture, ...]:
+    known = {arch.oci_arch: arch for arch in (AMD64, ARM64)}
+    names = [name.strip() for name in (args.arch or "amd64").split(",")]
+    unknown = [name for name in names if name not in known]
+    if unknown or len(set(names)) != len(names):
+        raise InvalidInput(f"--arch takes amd64 and/or arm64 (comma-separated), not {args.arch!r}")
+    return tuple(known[name] for name in names)
 
 
 def _config(args: argparse.Namespace) -> ImageConfig:
-    user = None
-    if args.user:
-        user = User.from_spec(args.user)
-    env = dict(item.split("=", 1) for item in args.env)
-    return ImageConfig(env=env, user=user, cmd=args.cmd or None)
+    user = User.from_spec(args.user) if args.user else None
+    return ImageConfig(env=_pairs(args.env, "--env"), user=user, cmd=args.cmd or None)
+
+
+def _expression(args: argparse.Namespace) -> NixExpression | None:
+    if args.expr_file is None:
+        if args.expr_attr is not None:
+            raise InvalidInput("--expr-attr needs --expr-file")
+        return None
+    return NixExpression.from_file(Path(args.expr_file), args.expr_attr)
 
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
@@ -103,66 +124,84 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="build without the build cache")
     parser.add_argument("--format", choices=["oci", "docker"], default="oci")
     parser.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
-    parser.add_argument("--arch", choices=["amd64", "arm64"], default=None)
+    parser.add_argument("--arch", help="amd64 (default), arm64, or amd64,arm64 for an index")
     parser.add_argument("--user", help="run as NAME:UID:GID[:HOME]")
     parser.add_argument("--env", action="append", default=[], metavar="K=V")
     parser.add_argument("--cmd", nargs="+", help="the image's command")
     parser.add_argument("--timeout", type=float, default=600.0, help="Nix build timeout (s)")
     parser.add_argument("--offline", action="store_true", help="no binary caches")
     parser.add_argument("--nix-option", action="append", default=[], metavar="K=V")
+    parser.add_argument("--expr-file", help="a trusted Nix file whose value joins the image")
+    parser.add_argument("--expr-attr", help="the attribute path to take from --expr-file")
 
 
-def _build(args: argparse.Namespace, store: Uploader) -> tuple[Image, object]:
-    image = _image(args)
+def _build(args: argparse.Namespace, store: Uploader) -> BuildResult | MultiArchResult:
+    """One image, or an index when --arch names several architectures."""
+    image = Image.from_name(args.name)
+    archs = _archs(args)
     cache = _cache(args)
+    options = {
+        "uploader": store,
+        "cache": cache,
+        "archive": ArchiveOptions(compression=args.compression),
+        "config": _config(args),
+        "timeout": args.timeout,
+        "nix_options": _nix_options(args),
+        "progress": _progress,
+        "expression": _expression(args),
+    }
     try:
-        result = build_image(
-            image,
-            _source(args),
-            uploader=store,
-            cache=cache,
-            archive=ArchiveOptions(compression=args.compression),
-            config=_config(args),
-            manifest_format=args.format,
-            timeout=args.timeout,
-            nix_options=_nix_options(args),
-            progress=_progress,
-        )
+        if len(archs) > 1:
+            return build_multiarch(image, _source(args), archs=archs, format=args.format,
+                                   **options)
+        return build_image(image.with_arch(archs[0]), _source(args),
+                           manifest_format=args.format, **options)
     finally:
         if cache is not None:
             cache.close()
-    return image, result
+
+
+def _manifest(result: BuildResult | MultiArchResult) -> tuple[bytes, str, str]:
+    """(bytes, media type, digest) of what a registry or layout should point at."""
+    if isinstance(result, MultiArchResult):
+        return result.index, result.media_type, result.index_digest
+    return result.manifest, result.manifest_media_type, result.manifest_digest
+
+
+def _show(result: BuildResult | MultiArchResult) -> None:
+    if isinstance(result, MultiArchResult):
+        for arch, single in result.manifests.items():
+            print(f"[{arch}]\n{build_result_table(single)}")
+        print(f"index {result.index_digest} ({result.media_type})")
+    else:
+        print(build_result_table(result))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     store = _store(args)
-    from nixery_core.build import BuildResult  # noqa: PLC0415 - typing of the tuple
-
-    image, result = _build(args, store)
-    assert isinstance(result, BuildResult)  # noqa: S101 - narrowing for mypy
-    print(build_result_table(result))
+    result = _build(args, store)
+    _show(result)
     if args.oci:
-        write_oci_layout(
-            Path(args.oci), store=store, manifest=result.manifest,
-            media_type=result.manifest_media_type, ref_name=image.tag,
-        )
-        print(f"OCI layout: {args.oci} (ref {image.tag})")
+        manifest, media_type, _digest = _manifest(result)
+        tag = result.image.tag
+        write_oci_layout(Path(args.oci), store=store, manifest=manifest,
+                         media_type=media_type, ref_name=tag)
+        print(f"OCI layout: {args.oci} (ref {tag})")
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from nixery_core.build import BuildResult  # noqa: PLC0415
     from nixery_core.registry_push import push_image  # noqa: PLC0415 - optional dependency
 
     store = _store(args)
-    _image_value, result = _build(args, store)
-    assert isinstance(result, BuildResult)  # noqa: S101 - narrowing for mypy
+    result = _build(args, store)
+    manifest, media_type, digest = _manifest(result)
     target = args.target.removeprefix("docker://")
     pushed = push_image(
-        store=store, manifest=result.manifest, manifest_media_type=result.manifest_media_type,
+        store=store, manifest=manifest, manifest_media_type=media_type,
         target=target, insecure=args.insecure,
     )
-    print(f"pushed {result.manifest_digest} to {target}: {pushed}")
+    print(f"pushed {digest} to {target}: {pushed}")
     return 0
 
 

@@ -157,3 +157,52 @@ def test_demo_command_runs_hello(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "Hello, world!" in done.stdout
     assert "ok from bash in the image" in done.stdout
+
+
+def test_cli_builds_a_multiarch_index(tmp_path: Path) -> None:
+    """--arch amd64,arm64 writes an index listing both architectures, which skopeo reads."""
+    require_tools("skopeo")
+    layout = tmp_path / "oci"
+    done = cli("build", "shell/hello", "--arch", "amd64,arm64", "--pkgs-path", str(OFFLINE_SET),
+               "--offline", "--nix-option", "extra-platforms=aarch64-linux",
+               "--store", str(tmp_path / "s"), "--cache", str(tmp_path / "c"),
+               "--oci", str(layout))
+    assert done.returncode == 0, done.stderr
+    assert "[arm64]" in done.stdout
+    raw = json.loads(subprocess.run(
+        ["skopeo", "inspect", "--raw", f"oci:{layout}:latest"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout)
+    assert raw["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    assert sorted(m["platform"]["architecture"] for m in raw["manifests"]) == ["amd64", "arm64"]
+
+
+def test_cli_expression_file_joins_the_image(tmp_path: Path) -> None:
+    """--expr-file/--expr-attr add a trusted file's derivations to the image."""
+    tools = tmp_path / "tools.nix"
+    tools.write_text("pkgs: { extra = [ pkgs.nano ]; }\n")
+    done = cli("build", "hello", "--expr-file", str(tools), "--expr-attr", "extra",
+               "--pkgs-path", str(OFFLINE_SET), "--offline",
+               "--store", str(tmp_path / "s"), "--cache", str(tmp_path / "c"))
+    assert done.returncode == 0, done.stderr
+    assert "nano" in done.stdout
+    assert "hello" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--env", "NOEQUALS"], "--env takes KEY=VALUE"),
+        (["--nix-option", "=x"], "--nix-option takes KEY=VALUE"),
+        (["--arch", "amd64,sparc"], "--arch takes amd64"),
+        (["--expr-attr", "x"], "--expr-attr needs --expr-file"),
+        (["--user", "root:0:0"], "user"),
+    ],
+)
+def test_cli_bad_options_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    """Malformed options are clear errors with exit code 2, never a traceback."""
+    done = cli("build", "hello", "--pkgs-path", str(OFFLINE_SET), "--offline",
+               "--store", str(tmp_path / "s"), *args)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
