@@ -9,11 +9,11 @@ missing source).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -216,7 +216,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build shell/hello from the bundled package set, show it, run hello from it."""
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="nixery-demo-"))
+    # A fixed default directory: a second run shows the cache at work (layers reused).
+    work = Path(args.workdir) if args.workdir else _default_cache_dir().parent / "demo"
     work.mkdir(parents=True, exist_ok=True)
     store = FilesystemStore(work / "store")
     cache = BuildCache(work / "cache")
@@ -238,7 +239,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ["skopeo", "inspect", f"oci:{layout}:latest"], capture_output=True, text=True,
             check=True,
         )
-        print("skopeo inspect:", inspect.stdout[:600])
+        info = json.loads(inspect.stdout)
+        print(f"skopeo inspect oci:{layout}:latest -> {info['Digest']}, "
+              f"{info['Os']}/{info['Architecture']}, {len(info['Layers'])} layers")
     if shutil.which("umoci") and os.geteuid() == 0:
         bundle = work / "bundle"
         shutil.rmtree(bundle, ignore_errors=True)
@@ -274,7 +277,8 @@ def parser() -> argparse.ArgumentParser:
     gc.set_defaults(func=cmd_gc)
 
     demo = sub.add_parser("demo", help="build shell/hello from the bundled set and run it")
-    demo.add_argument("--workdir", help="where to keep the store, cache and layout")
+    demo.add_argument("--workdir", help="where to keep the store, cache and layout "
+                      "(default: ~/.cache/nixery-core/demo)")
     demo.set_defaults(func=cmd_demo)
     return top
 
