@@ -1,21 +1,34 @@
 """Pull churn and registry sharing of every layering strategy, on one simulated package set.
 
-Prints one table: per strategy, the bytes a caching client pulls across
-weekly revisions (against one layer per image and against one layer per
-store path, the floor), the unique bytes a registry stores for all images
-at one revision (against the sum of image sizes and the floor), layers per
-image and grouping time; then how ours does against its targets.  See
-:mod:`nixery_core.layering.universe` for the simulated package set and
+Prints, in this order:
+
+1. how the simulated universe compares with the published measurements it
+   is calibrated against (the published strategies' churn against one layer
+   per image, ``referencesByPopularity``'s catch-all share, store paths per
+   image, NAR sizes), so that a reader can check it was not tuned for ours;
+2. one table: per strategy, the bytes pulled across weekly revisions by a
+   client per image and by one client pulling every image (against one
+   layer per image and against one layer per store path, the floor), the
+   unique bytes a registry stores for all images at one revision (against
+   the sum of image sizes and the floor), layers per image and grouping time;
+3. with ``--by-kind``, churn per image summed by image kind;
+4. how ours does against its targets.
+
+See :mod:`nixery_core.layering.universe` for the simulated package set and
 :mod:`nixery_core.layering.evaluation` for the measures.
 
-    .venv/bin/python benchmarks/layering_sim.py            # the default universe
-    .venv/bin/python benchmarks/layering_sim.py --quick    # a small one
+    .venv/bin/python benchmarks/layering_sim.py --by-kind     # the calibrated universe
+    .venv/bin/python benchmarks/layering_sim.py --quick       # a small one
     .venv/bin/python benchmarks/layering_sim.py --closure a.json --closure b.json [--series]
+    .venv/bin/python benchmarks/layering_sim.py --offline-set [--max-layers 4]
 
 ``--closure`` measures real closures instead: files in the shape of
 ``nix path-info --json -r`` or ``{"paths": [...], "requested": {...}}``,
 as a corpus (sharing), and with ``--series`` also as consecutive revisions
-of one image (churn).
+of one image (churn).  ``--offline-set`` realises images of the repository's
+offline package set (``nix/offline``) with Nix, no binary cache, and
+measures them as a corpus; their closures hold a handful of paths, so give
+a small ``--max-layers`` to see grouping at work.
 """
 
 from __future__ import annotations
@@ -27,28 +40,54 @@ from pathlib import Path
 
 import attrs
 
+from nixery_core.graph import RuntimeGraph
 from nixery_core.layering import DEFAULT_MAX_LAYERS, DEFAULT_STRATEGY
 from nixery_core.layering.evaluation import (
     PerPath,
     SingleLayer,
     closure_from_json,
     format_by_kind,
+    format_calibration,
     format_report,
     measure,
     published_strategies,
+    realise_corpus,
     simulate,
     verdict,
 )
 from nixery_core.layering.universe import UniverseConfig
+from nixery_core.names import Image
+from nixery_core.nixexprs import offline_package_set
 from nixery_core.protocols import LayeringStrategy
+from nixery_core.runner import SubprocessRunner
+from nixery_core.sources import LocalPathSource
+
+#: Images of the offline package set measured by ``--offline-set``.
+OFFLINE_IMAGES = ("shell", "hello", "shell/hello", "edge-cases", "xorg.xev/multiout")
+
+
+def measure_real(
+    series: Sequence[Sequence[tuple[str, RuntimeGraph]]], budget: int, *, by_kind: bool
+) -> str:
+    """The table for real closures (no popularity table: Nixery counts references)."""
+    strategies: list[LayeringStrategy] = [
+        SingleLayer(),
+        PerPath(),
+        *published_strategies(None),
+        DEFAULT_STRATEGY,
+    ]
+    report = measure(series, [(s.name, s.group) for s in strategies], budget)
+    text = format_report(report)
+    return text + ("\n\n" + format_by_kind(report) if by_kind else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--packages", type=int, help="packages in the universe")
+    parser.add_argument("--packages", type=int, help="generated packages in the universe")
     parser.add_argument("--revisions", type=int, help="weekly revisions after the first")
     parser.add_argument("--update-rate", type=float, help="weekly update chance per package")
+    parser.add_argument("--security-fixes", type=float, help="patched libraries per week")
     parser.add_argument("--mass-rebuild-every", type=int, help="weeks between staging merges")
     parser.add_argument("--small-images", type=int)
     parser.add_argument("--large-images", type=int)
@@ -71,32 +110,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="the --closure files are consecutive revisions of one image",
     )
+    parser.add_argument(
+        "--offline-set",
+        action="store_true",
+        help="realise images of nix/offline with Nix and measure them as a corpus",
+    )
     parser.add_argument("--by-kind", action="store_true", help="also print churn per image kind")
     args = parser.parse_args(argv)
     budget = args.max_layers - 1
     if args.closure:
         graphs = [closure_from_json(p.read_bytes(), str(p)) for p in args.closure]
         series = [[("real", g)] for g in graphs] if args.series else [[("real", g) for g in graphs]]
-        strategies: list[LayeringStrategy] = [
-            SingleLayer(),
-            PerPath(),
-            *published_strategies(None),
-            DEFAULT_STRATEGY,
-        ]
-        report = measure(series, [(s.name, s.group) for s in strategies], budget)
-        print(format_report(report))
+        print(measure_real(series, budget, by_kind=args.by_kind))
+        return 0
+    if args.offline_set:
+        spec = LocalPathSource(offline_package_set()).resolve("latest")
+        images = [Image.from_name(name) for name in OFFLINE_IMAGES]
+        corpus = realise_corpus(
+            images, spec, runner=SubprocessRunner(), nix_options={"substituters": ""}
+        )
+        for name, graph in corpus:
+            print(f"{name}: {len(graph)} store paths, {graph.total_size / 1e6:.2f} MB")
+        print()
+        print(measure_real([corpus], budget, by_kind=False))
         return 0
     config = UniverseConfig.quick(args.seed) if args.quick else UniverseConfig(seed=args.seed)
     overrides = {
         "packages": args.packages,
         "revisions": args.revisions,
         "update_rate": args.update_rate,
+        "security_fixes": args.security_fixes,
         "mass_rebuild_every": args.mass_rebuild_every,
         "small_images": args.small_images,
         "large_images": args.large_images,
     }
     config = attrs.evolve(config, **{k: v for k, v in overrides.items() if v is not None})
     report = simulate(config, budget, [DEFAULT_STRATEGY])
+    if report.calibration is not None:
+        print(format_calibration(report.calibration))
+        print()
     print(format_report(report))
     if args.by_kind:
         print()

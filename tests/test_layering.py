@@ -199,14 +199,14 @@ def test_ours_leaf_stability_covers_images_beyond_the_budget() -> None:
 
 
 def test_ours_keeps_one_layer_per_path_when_the_closure_fits() -> None:
-    """A closure within the budget gets a layer per store path (no tiny merges asked for)."""
+    """A closure within the budget gets a layer per store path (no small merges asked for)."""
     graph, _ = make({"a": (MB, ("b", "c")), "b": (MB, ("c",)), "c": (MB, ())})
     groups = ChurnAwareDominators(min_layer_bytes=0).group(graph, 3)
     assert sorted(len(g.paths) for g in groups) == [1, 1, 1]
 
 
-def test_ours_merges_tiny_dependencies_into_their_dominator() -> None:
-    """A group under min_layer_bytes joins the layer of the path every route to it passes."""
+def test_ours_merges_a_small_path_where_it_costs_least_even_when_it_fits() -> None:
+    """Under min_layer_bytes, a path joins the package using it, not the shared base below it."""
     spec: dict[str, tuple[int, Sequence[str]]] = {
         "app": (MB, ("mid",)),
         "mid": (MB, ("tiny", "libc")),
@@ -214,16 +214,13 @@ def test_ours_merges_tiny_dependencies_into_their_dominator() -> None:
         "libc": (MB, ()),
     }
     graph, _ = make(spec)
-    assert sorted(names(ChurnAwareDominators().group(graph, 10))) == [
-        ["app"],
-        ["libc"],
-        ["mid", "tiny"],
-    ]
+    merged = ChurnAwareDominators(min_layer_bytes=64 * 1024).group(graph, 10)
+    assert sorted(names(merged)) == [["app"], ["libc"], ["mid", "tiny"]]
     separate = ChurnAwareDominators(min_layer_bytes=0).group(graph, 10)
     assert sorted(names(separate)) == [["app"], ["libc"], ["mid"], ["tiny"]]
 
 
-def test_ours_keeps_a_big_rarely_changing_library_apart() -> None:
+def test_ours_keeps_a_big_widely_used_library_apart() -> None:
     """Under pressure, private dependencies ride with their package; the shared base stays apart."""
     spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
     for app in ("vim", "git", "jq"):
@@ -237,21 +234,59 @@ def test_ours_keeps_a_big_rarely_changing_library_apart() -> None:
         assert sorted([app, *(f"{app}dep{i}" for i in range(3))]) in groups
 
 
-def test_ours_puts_surplus_top_level_packages_in_one_catch_all() -> None:
-    """Top-level packages beyond the budget, cheapest first, share one catch-all layer."""
+def test_ours_has_no_catch_all_layer() -> None:
+    """Top-level packages beyond the budget merge in small sets; no layer collects the surplus."""
     spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
-    for i in range(6):
-        spec[f"tool{i}"] = ((i + 1) * 100_000, ("libc",))
+    for i in range(8):
+        spec[f"dep{i}"] = (500_000, ("libc",))
+        spec[f"tool{i}"] = (2 * MB, ("libc", f"dep{i}"))
     graph, _ = make(spec)
-    groups = names(ChurnAwareDominators(root_slots=0, min_layer_bytes=0).group(graph, 4))
-    assert len(groups) == 4
+    groups = names(ChurnAwareDominators(root_slots=0).group(graph, 5))
+    assert len(groups) == 5
     assert ["libc"] in groups
-    assert ["tool0", "tool1", "tool2", "tool3"] in groups
+    tools_per_layer = [sum(n.startswith("tool") for n in g) for g in groups]
+    assert sum(tools_per_layer) == 8
+    assert max(tools_per_layer) <= 3
+    for group in groups:
+        assert {n.removeprefix("dep") for n in group if n.startswith("dep")} == {
+            n.removeprefix("tool") for n in group if n.startswith("tool")
+        }
+
+
+def test_ours_merges_the_paths_that_change_together() -> None:
+    """With one merge to make, a package's two outputs (same change causes) go together."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {
+        "app": (MB, ("curl", "onig")),
+        "libc": (30 * MB, ()),
+        "ssl": (6 * MB, ("libc",)),
+        "curl-lib": (2 * MB, ("libc", "ssl")),
+        "curl": (2 * MB, ("curl-lib", "libc", "ssl")),
+        "onig": (2 * MB, ("libc",)),
+    }
+    graph, _ = make(spec)
+    groups = names(ChurnAwareDominators(root_slots=1).group(graph, 5))
+    assert sorted(groups) == [["app"], ["curl", "curl-lib"], ["libc"], ["onig"], ["ssl"]]
+
+
+def test_ours_orders_layers_least_exposed_first() -> None:
+    """The bottom layer holds what changes least (the smallest closure); ratings fall upwards."""
+    graph, _ = make({"app": (MB, ("lib",)), "lib": (MB, ("libc",)), "libc": (MB, ())})
+    groups = ChurnAwareDominators().group(graph, 3)
+    assert names(groups) == [["libc"], ["lib"], ["app"]]
+    ratings = [g.rating for g in groups]
+    assert ratings == sorted(ratings, reverse=True)
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("change_rate", 0), ("change_rate", 1.5), ("root_slots", -1), ("min_layer_bytes", -5)],
+    [
+        ("change_rate", 0),
+        ("change_rate", 1.5),
+        ("root_slots", -1),
+        ("other_images", -0.5),
+        ("other_images", float("inf")),
+        ("min_layer_bytes", -5),
+    ],
 )
 def test_ours_refuses_bad_parameters(field: str, value: float) -> None:
     """Out-of-range parameters are an InvalidInput naming the parameter."""
@@ -260,7 +295,7 @@ def test_ours_refuses_bad_parameters(field: str, value: float) -> None:
 
 
 def test_default_strategy_is_ours() -> None:
-    """The builder's default is the churn-aware dominator strategy with default parameters."""
+    """The builder's default is the churn-aware strategy with default parameters."""
     assert ChurnAwareDominators() == DEFAULT_STRATEGY
 
 
@@ -334,6 +369,22 @@ def test_nixery_merges_the_lowest_ratings_first() -> None:
     table = {"a": 6, "b": 1, "c": 1, "d": 2}  # ratings 60, 20, 30, 80
     groups = names(NixeryPopularity(table).group(graph, 3))
     assert groups == [["d"], ["a"], ["b", "c"]]
+
+
+def test_nixery_folds_all_the_lowest_rated_layers_into_one() -> None:
+    """As Nixery sorts once and folds the first layer into the next, the surplus becomes one
+    layer even where merging the two lowest each time would make two."""
+    graph, _ = make({"a": (10, ()), "b": (10, ()), "c": (10, ()), "d": (10, ())})
+    table = {"a": 3, "b": 3, "c": 4, "d": 5}  # ratings 30, 30, 40, 50
+    groups = names(NixeryPopularity(table).group(graph, 2))
+    assert groups == [["a", "b", "c"], ["d"]]
+
+
+def test_nixery_counts_packages_missing_from_the_table_as_one() -> None:
+    """A package the popularity table does not list rates as popularity 1, not 0."""
+    graph, _ = make({"a": (10, ()), "b": (25, ()), "c": (30, ())})
+    groups = names(NixeryPopularity({"a": 2}).group(graph, 2))  # ratings 20, 25, 30
+    assert groups == [["a", "b"], ["c"]]
 
 
 def test_nixery_keeps_cacert_in_a_layer_of_its_own() -> None:

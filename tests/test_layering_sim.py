@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 
 from nixery_core.errors import InvalidInput, NixOutputError
@@ -29,6 +32,20 @@ from nixery_core.protocols import LayerGroup
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _offline_images() -> tuple[str, ...]:
+    spec = importlib.util.spec_from_file_location(
+        "layering_sim", REPO / "benchmarks" / "layering_sim.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tuple(module.OFFLINE_IMAGES)
+
+
+OFFLINE_IMAGES = _offline_images()
+
+
 @pytest.fixture(scope="module")
 def quick_report() -> Report:
     """The quick universe (seed 1), measured once for the tests below."""
@@ -36,10 +53,12 @@ def quick_report() -> Report:
 
 
 def test_ours_beats_every_published_strategy_on_the_quick_universe(quick_report: Report) -> None:
-    """Ours pulls fewer bytes than the best published strategy, within 1.3x of the floor,
-    and stores no more bytes than the best of them."""
+    """Ours pulls less than the best published strategy (a client per image and one node),
+    within 1.3x of the floor, and stores no more bytes than the best of them."""
     result = verdict(quick_report, DEFAULT_STRATEGY.name)
+    assert result.per_image_vs_best < 1.0
     assert result.churn_vs_best < 1.0
+    assert result.per_image_vs_floor <= 1.3
     assert result.churn_vs_floor <= 1.3
     assert result.sharing_vs_best <= 1.0
     assert max(quick_report.tally(DEFAULT_STRATEGY.name).layers) <= DEFAULT_MAX_LAYERS - 1
@@ -51,13 +70,26 @@ def test_measures_sit_between_the_floor_and_a_single_layer(quick_report: Report)
     single = quick_report.tally(SingleLayer().name)
     for tally in quick_report.tallies:
         assert floor.churn <= tally.churn <= single.churn
+        assert floor.churn_per_image <= tally.churn_per_image <= single.churn_per_image
         assert floor.shared <= tally.shared <= single.shared
 
 
-def test_universe_reproduces_the_published_ordering(quick_report: Report) -> None:
-    """As measured in the field, size-first pulls well under what popularity layering pulls."""
-    churn = {name: quick_report.tally(name).churn for name in PUBLISHED}
-    assert churn["size-first"] < 0.75 * churn["references-by-popularity"]
+def test_quick_universe_is_shaped_and_calibrated_like_the_field(quick_report: Report) -> None:
+    """Realistic path counts and sizes; size-first pulls about half of popularity layering
+    and well under references-by-popularity, whose catch-all holds most of a large image."""
+    calibration = quick_report.calibration
+    assert calibration is not None
+    assert 0.35 <= calibration.size_first_vs_single <= 0.6
+    assert calibration.size_first_vs_single < 0.8 * calibration.references_vs_single
+    assert 0.5 <= calibration.catch_all_share <= 0.85
+    assert calibration.paths["tool"][0] >= 30
+    assert calibration.paths["tool"][2] <= 200
+    assert calibration.paths["runtime"][2] >= 250
+    assert calibration.paths["large"][0] >= 500
+    assert calibration.tiny_share >= 0.2
+    assert calibration.huge_paths >= 3
+    churn = {name: quick_report.tally(name).churn_per_image for name in PUBLISHED}
+    assert churn["size-first"] < churn["nixery-popularity"] < churn["references-by-popularity"]
 
 
 def test_updates_change_exactly_the_updated_packages_and_their_dependents() -> None:
@@ -84,6 +116,34 @@ def test_universe_is_the_same_for_the_same_seed() -> None:
     one, two = Universe(UniverseConfig.quick(seed=5)), Universe(UniverseConfig.quick(seed=5))
     assert one.advance() == two.advance()
     assert one.store_paths() == two.store_paths()
+
+
+def test_mass_rebuilds_replace_every_store_path_and_only_they_touch_the_bottom() -> None:
+    """The bottom (glibc) is updated only in mass rebuilds, which change every path above it."""
+    config = attrs.evolve(UniverseConfig.quick(seed=2), mass_rebuild_every=3)
+    universe = Universe(config)
+    glibc = universe.index_of("glibc")
+    before = universe.store_paths()
+    for week in (1, 2):
+        assert glibc not in universe.advance(), week
+    after_two = universe.store_paths()
+    assert any(before[k].path == after_two[k].path for k in before)
+    assert glibc in universe.advance()
+    after_mass = universe.store_paths()
+    above = {k for k in after_two if glibc in universe.closure([k[0]])}
+    assert len(above) > 0.9 * len(after_two)
+    assert all(after_two[k].path != after_mass[k].path for k in above)
+
+
+def test_security_fixes_patch_widely_used_libraries() -> None:
+    """With no other updates, weekly patches hit staging libraries (never the bottom)."""
+    config = attrs.evolve(
+        UniverseConfig.quick(seed=4), update_rate=0.0, mass_rebuild_every=0, security_fixes=3.0
+    )
+    universe = Universe(config)
+    patched = set().union(*(universe.advance() for _ in range(4)))
+    assert patched
+    assert patched <= universe.staging - universe.bottom
 
 
 def test_random_closure_has_the_asked_size_and_few_roots() -> None:
@@ -155,8 +215,9 @@ def test_command_line_measures_real_closures(tmp_path: Path) -> None:
     assert "| per-path (floor) | 0.00 |" in out
 
 
-def test_quick_run_of_the_script_prints_every_strategy_and_the_verdict() -> None:
-    """``layering_sim.py --quick`` prints the table for all strategies and ours' verdict."""
+def test_quick_run_of_the_script_prints_calibration_every_strategy_and_the_verdict() -> None:
+    """``layering_sim.py --quick`` prints the calibration, the table for all strategies and
+    ours' verdict on both churn measures."""
     script = REPO / "benchmarks" / "layering_sim.py"
     run = subprocess.run(
         [sys.executable, str(script), "--quick", "--by-kind"],
@@ -164,10 +225,37 @@ def test_quick_run_of_the_script_prints_every_strategy_and_the_verdict() -> None
         text=True,
         check=True,
     )
+    assert "| calibration | published |" in run.stdout
     for name in (*PUBLISHED, "single-layer", "per-path (floor)", DEFAULT_STRATEGY.name):
         assert f"| {name} |" in run.stdout
-    assert "churn vs the per-path floor" in run.stdout
+    assert "churn per image vs the per-path floor" in run.stdout
+    assert "churn on one node vs the per-path floor" in run.stdout
     assert "| churn GB, client per image |" in run.stdout
+
+
+@pytest.mark.usefixtures("nix")
+def test_script_measures_images_of_the_offline_set_realised_by_nix() -> None:
+    """``--offline-set`` realises real images with Nix and measures every strategy on them."""
+    script = REPO / "benchmarks" / "layering_sim.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--offline-set", "--max-layers", "4"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    for image in OFFLINE_IMAGES:
+        assert re.search(rf"^{re.escape(image)}: [1-9][0-9]* store paths", run.stdout, re.M)
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[1:-1]
+        for line in run.stdout.splitlines()
+        if line.startswith("| ") and "---" not in line and "strategy" not in line
+    }
+    assert set(rows) == {*PUBLISHED, "single-layer", "per-path (floor)", DEFAULT_STRATEGY.name}
+    sharing = {name: float(cells[7]) for name, cells in rows.items()}
+    assert sharing["per-path (floor)"] < sharing["single-layer"]
+    assert all(sharing["per-path (floor)"] <= value for value in sharing.values())
+    assert float(rows[DEFAULT_STRATEGY.name][11]) == 3  # most layers: the budget
 
 
 def test_speed_benchmark_prints_a_row_per_strategy_and_size() -> None:
@@ -201,7 +289,15 @@ def test_measure_refuses_a_strategy_that_breaks_its_promise() -> None:
 
 
 @pytest.mark.parametrize(
-    "knobs", [{"packages": 10}, {"revisions": -1}, {"update_rate": 1.5}, {"large_images": -2}]
+    "knobs",
+    [
+        {"packages": 10},
+        {"revisions": -1},
+        {"update_rate": 1.5},
+        {"security_fixes": -1.0},
+        {"large_images": -2},
+        {"large_apps": 0},
+    ],
 )
 def test_universe_config_refuses_out_of_range_knobs(knobs: dict[str, float]) -> None:
     """Out-of-range simulator knobs are an InvalidInput naming the knob."""

@@ -1,73 +1,77 @@
-"""Ours: merge paths along the dominator tree where the fewest unchanged bytes get re-pulled.
+"""Ours: merge the store paths that change together, where the fewest bytes get pulled again.
 
 What makes a client pull again: a layer is a new blob as soon as any of its
 store paths changes, and a store path changes whenever anything in its
-closure changes (input addressing).  So a layer made of a path ``h`` and
-paths in ``h``'s closure changes exactly when ``h`` changes, and the bytes
-pulled in vain are those of its members that did not change.
+closure changes (input addressing).  So a layer changes exactly when
+something in the union of its members' closures is updated, and every byte
+of it is pulled again then, changed or not.  Two paths whose closures are
+(nearly) the same change in the same revisions and cost (nearly) nothing to
+put together; two paths that change for different reasons make each other
+be pulled again.
 
-The strategy therefore works on the dominator tree of the closure: a path's
-immediate dominator is the nearest path every route to it passes through,
-so a subtree is one package with the dependencies only it uses.  It starts
-with one layer per store path and, while there are more layers than the
-budget, makes the cheapest merge, where the cost of merging group ``g``
-into the group holding its dominator ``h`` is its size times how much more
-often ``h`` changes than ``g``::
+The strategy is an agglomerative clustering on that cost:
 
-    cost = bytes(g) * (exposure(h) - exposure(g))
-    exposure(p) = 1 - exp(-change_rate * |closure(p)|)
+1. The requested outputs (the roots) get a layer each when there are at
+   most ``root_slots`` of them, and the rest of the closure is grouped as if
+   they were absent (leaf stability, see :meth:`ChurnAwareDominators.leaf_stable`).
+   Otherwise every path takes part.
+2. Every other path starts as a group of its own.  A group's *exposure* is
+   the chance that it changed since the last revision, estimated from the
+   number of store paths in the union of its members' closures::
 
-``exposure`` estimates how likely a path is to have changed after an update
-of the package set: the more store paths under it, the more likely.  Paths
-dominated by nothing but the synthetic root (top-level packages, and
-libraries used by several of them) can only move into one catch-all layer
-whose exposure is 1 (it is assumed to change every time), so the cheapest
-of them, small ones, go there.  Ties are broken by store path, so the
-result depends on the graph alone.
+       exposure(g) = 1 - exp(-change_rate * |closure(g)|)
 
-Why each part:
+   and its expected re-pulled bytes are ``bytes(g) * exposure(g)``.
+3. Groups are merged cheapest first until the budget holds.  Merging ``a``
+   and ``b`` costs the expected bytes it adds::
 
-- dominator subtrees keep a package with what only it uses, so a changed
-  dependency never drags in an unrelated package;
-- merging by cost keeps big paths that change rarely (``glibc``, ``icu``,
-  ``llvm``) in layers of their own, where other images share them, and lets
-  small or equally volatile paths ride along with their dependents;
-- tiny groups (under ``min_layer_bytes``) are merged into their dominator's
-  group first when that group is itself small (under 16 x
-  ``min_layer_bytes``): a layer of a few kilobytes is not worth a pull
-  round-trip, and a big path keeps the layer other images share.
+       bytes(a+b) * exposure(a+b) - bytes(a) * exposure(a) - bytes(b) * exposure(b)
 
-Stability: the requested outputs (the roots) get a layer each, and the rest
-of the closure is grouped as if they were absent, so adding one more
-package to an image moves no existing layer (see :meth:`leaf_stable` for
-the exact condition).  Up to ``root_slots`` roots are kept apart like this;
-the rest of the budget is for the remaining paths.  An image that fits in
-the budget gets one layer per path (less the tiny merges).
+   which is nothing when the closures are the same, little when a small
+   path joins a path whose closure holds its own, and much when two big
+   paths that change for different reasons meet.  Only groups joined by a
+   reference are candidates (a path and a dependency, and what they grew
+   into), plus neighbours in exposure order when no reference is left.
+4. A layer that other images share only stays shared if every image groups
+   it the same way; merging it with anything makes it image-specific.  So
+   the first merge that takes a group out of its original form also costs
+   ``other_images`` times its members' expected re-pulled bytes, weighted
+   by the share of the closure that depends on each member (a path most of
+   the closure uses is likely in other images too): widely used, big,
+   volatile paths such as ``python3`` stay alone unless nothing else fits.
+5. Before any of that, groups under ``min_layer_bytes`` are merged with
+   their cheapest candidate, even when the closure fits the budget: a
+   layer of a few kilobytes is not worth a pull round-trip.
 
-The strategy takes no popularity table: in the simulator
-(``benchmarks/layering_sim.py``) weighting by Nixery-style popularity made
-no difference, and a grouping that depends only on the closure is one fewer
-input to keep in sync.
+Costs depend only on the closures below the groups and their sizes, and
+ties are broken by store path names without hashes, so the same package
+set gives the same layers in every image and revision that holds it, as
+far as the budget allows.  The name is historical: the first version of
+this strategy merged along the dominator tree, which grouped the shared
+libraries of a large image into one catch-all layer; the clustering above
+replaced it (``docs/layering.md`` has both measured).
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 
 import attrs
-import networkx as nx
 
 from nixery_core.errors import InvalidInput
-from nixery_core.graph import RuntimeGraph
+from nixery_core.graph import RuntimeGraph, store_path_name
 from nixery_core.layering.common import IndexedGraph, check_budget
 from nixery_core.protocols import JSONValue, LayerGroup
 
 __all__ = ["ChurnAwareDominators"]
 
-_ROOT = -1  # the synthetic root of the dominator tree
-_CATCH_ALL = -2  # the group of paths with no dominator that had to be merged
+#: A copy of a layer stored again, against pulling it again once.
+_STORED_COPY = 0.2
+#: The least chance that a store path is in some other image too.
+_ELSEWHERE = 0.05
 
 
 def _non_negative_int(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -80,21 +84,29 @@ def _rate(_instance: object, attribute: attrs.Attribute[float], value: float) ->
         raise InvalidInput(f"{attribute.name} must be a number in (0, 1), got {value!r}")
 
 
+def _weight(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise InvalidInput(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
 @attrs.frozen
 class ChurnAwareDominators:
-    """Dominator subtrees merged where the expected re-pulled bytes are smallest.
+    """Store paths that change together share a layer; cheapest merges first.
 
-    ``change_rate`` is the chance, per store path in a path's closure, that
-    an update of the package set replaces it; only its order of magnitude
-    matters.  ``root_slots`` is how many roots get a layer of their own
-    while the rest of the closure is grouped without them.
-    ``min_layer_bytes``: smaller groups are merged into their dominator's
-    when that one is small too.
+    ``change_rate``: the chance, per store path in a group's closure, that a
+    revision of the package set replaces it; it sets how fast a closure's
+    exposure saturates (only its order of magnitude matters).
+    ``root_slots``: up to this many roots get a layer of their own and the
+    rest of the closure is grouped without them.  ``other_images``: how many
+    other images a client or registry is assumed to hold, which is what a
+    shared path that is grouped differently here costs.  ``min_layer_bytes``:
+    smaller groups are merged even when the closure fits the budget.
     """
 
-    change_rate: float = attrs.field(default=0.01, validator=_rate)
+    change_rate: float = attrs.field(default=0.003, validator=_rate)
     root_slots: int = attrs.field(default=12, validator=_non_negative_int)
-    min_layer_bytes: int = attrs.field(default=64 * 1024, validator=_non_negative_int)
+    other_images: float = attrs.field(default=1.0, validator=_weight)
+    min_layer_bytes: int = attrs.field(default=0, validator=_non_negative_int)
 
     @property
     def name(self) -> str:
@@ -104,6 +116,7 @@ class ChurnAwareDominators:
         return {
             "change_rate": self.change_rate,
             "root_slots": self.root_slots,
+            "other_images": self.other_images,
             "min_layer_bytes": self.min_layer_bytes,
         }
 
@@ -135,44 +148,75 @@ class ChurnAwareDominators:
             pinned, cap = roots, budget - self.root_slots
         else:
             pinned, cap = (), budget
-        bits = ig.closure_bits()
-        exposure = [1.0 - math.exp(-self.change_rate * b.bit_count()) for b in bits]
-        del bits
-        merger = _Merger(ig, frozenset(pinned), exposure)
-        merger.merge_tiny(self.min_layer_bytes)
-        layers = [[v] for v in pinned] + merger.merge_down_to(cap)
-        layers.sort(key=lambda m: (max(exposure[v] for v in m), m[0]))
-        return [ig.group(m, 1.0 - max(exposure[v] for v in m)) for m in layers]
+        clustering = _Clustering(ig, frozenset(pinned), self)
+        clustering.merge_small(self.min_layer_bytes)
+        clustering.merge_down_to(cap)
+        # Least exposed first: the bottom of the image changes least.
+        layers = sorted(clustering.layers())
+        return [ig.group(members, 1.0 - exposure) for exposure, _, members in layers]
 
 
-class _Merger:
-    """Groups of the closure minus the pinned roots, merged cheapest first.
+class _Clustering:
+    """The groups of the closure minus the pinned roots, and their merges.
 
-    A group is named by its head, the member every other member is
-    dominated by; its exposure is the head's.  Costs only grow as groups
-    merge (a group's size grows; the group holding its dominator can only be
-    replaced by one further up, with higher exposure), so the heap is kept
-    lazily: a popped entry is re-costed and pushed back if it went up.
+    Groups are kept in a union-find forest; each group holds its members,
+    bytes, closure (a bitset of path indices) and exposure.  Candidate
+    merges sit in a heap keyed by cost; a popped candidate is merged only
+    if its cost is still what it was pushed with, and pushed back with its
+    new cost otherwise, so the heap needs no updates when a neighbour
+    merges.  A candidate whose cost fell meanwhile (a group that already
+    lost its original form has no sharing cost left to pay) waits until it
+    is popped at its old cost: re-offering every such pair at once was
+    measured slower and worse, as it lets groups that lost their form
+    snowball.
     """
 
-    def __init__(self, ig: IndexedGraph, pinned: frozenset[int], exposure: list[float]) -> None:
+    def __init__(self, ig: IndexedGraph, pinned: frozenset[int], strategy: ChurnAwareDominators):
         self.ig = ig
-        self.rest = [v for v in range(len(ig)) if v not in pinned]
-        edges = [(_ROOT, v) for v in self.rest if all(u in pinned for u in ig.users[v])]
-        edges.extend((v, r) for v in self.rest for r in ig.refs[v] if r not in pinned)
-        dg: nx.DiGraph[int] = nx.DiGraph(edges)
-        dg.add_node(_ROOT)
-        self.idom: dict[int, int] = dict(nx.immediate_dominators(dg, _ROOT))
-        self.idom[_ROOT] = _ROOT
-        self.up = {v: v for v in self.rest}
-        self.up[_CATCH_ALL] = _CATCH_ALL
-        self.size = {v: ig.sizes[v] for v in self.rest}
-        self.size[_CATCH_ALL] = 0
+        self.rate = strategy.change_rate
+        n = len(ig)
+        order = sorted(range(n), key=lambda i: (store_path_name(ig.paths[i]), ig.paths[i]))
+        self.rank = [0] * n
+        for position, i in enumerate(order):
+            self.rank[i] = position
+        self.rest = [v for v in range(n) if v not in pinned]
+        self.pinned = pinned
+        self.up = list(range(n))
+        self.size = list(ig.sizes)
+        self.closure = ig.closure_bits()
+        # exposure by closure size, for every size a union can have
+        self.table = [1.0 - math.exp(-self.rate * k) for k in range(n + 1)]
+        self.exposure = [self.table[c.bit_count()] for c in self.closure]
         self.members: dict[int, list[int]] = {v: [v] for v in self.rest}
-        self.members[_CATCH_ALL] = []
-        self.exposure = {v: exposure[v] for v in self.rest}
-        self.exposure[_CATCH_ALL] = 1.0
-        self.count = len(self.rest)
+        # What grouping a path differently from other images costs: its
+        # expected re-pulled bytes plus a stored copy, times how likely it is
+        # to be in another image: the share of the unpinned closure that
+        # depends on it, but at least _ELSEWHERE.  ``intact`` groups still
+        # have the form other images may share.
+        share = self._dependent_share()
+        self.shared = [
+            strategy.other_images
+            * self.size[v]
+            * (self.exposure[v] + _STORED_COPY)
+            * max(_ELSEWHERE, share[v])
+            for v in range(n)
+        ]
+        self.intact = [True] * n
+
+    def _dependent_share(self) -> list[float]:
+        """For each path, the share of unpinned paths that depend on it (itself excluded)."""
+        ig, pinned = self.ig, self.pinned
+        dependents = [0] * len(ig)
+        for v in reversed(ig.topo):  # users before what they use
+            if v in pinned:
+                continue
+            acc = 1 << v
+            for u in ig.users[v]:
+                if u not in pinned:
+                    acc |= dependents[u]
+            dependents[v] = acc
+        total = max(1, len(self.rest))
+        return [(d.bit_count() - 1) / total if d else 0.0 for d in dependents]
 
     def find(self, v: int) -> int:
         up = self.up
@@ -181,48 +225,91 @@ class _Merger:
             v = up[v]
         return v
 
-    def target(self, g: int) -> int:
-        """The group holding ``g``'s dominator, or the catch-all for a top-level group."""
-        head = self.idom[g]
-        return _CATCH_ALL if head == _ROOT else self.find(head)
+    def cost(self, a: int, b: int) -> float:
+        union = self.table[(self.closure[a] | self.closure[b]).bit_count()]
+        size, exposure = self.size, self.exposure
+        churn = (size[a] + size[b]) * union - size[a] * exposure[a] - size[b] * exposure[b]
+        return (
+            churn
+            + (self.shared[a] if self.intact[a] else 0.0)
+            + (self.shared[b] if self.intact[b] else 0.0)
+        )
 
-    def cost(self, g: int, target: int) -> float:
-        return self.size[g] * (self.exposure[target] - self.exposure[g])
+    def merge(self, a: int, b: int) -> None:
+        if len(self.members[a]) < len(self.members[b]):
+            a, b = b, a
+        self.up[b] = a
+        self.size[a] += self.size[b]
+        self.closure[a] |= self.closure[b]
+        self.exposure[a] = self.table[self.closure[a].bit_count()]
+        self.shared[a] += self.shared[b]
+        self.intact[a] = False
+        self.members[a].extend(self.members.pop(b))
 
-    def merge(self, g: int, target: int) -> None:
-        if target == _CATCH_ALL and not self.members[_CATCH_ALL]:
-            self.count += 1
-        self.up[g] = target
-        self.size[target] += self.size.pop(g)
-        self.members[target].extend(self.members.pop(g))
-        self.count -= 1
+    def _candidates(self, small: int) -> list[tuple[float, int, int, int, int]]:
+        """A heap of candidate pairs; with ``small``, only pairs with a group under it.
 
-    def merge_tiny(self, min_bytes: int) -> None:
-        """Merge groups under ``min_bytes`` into a small dominator's group, dependencies first."""
-        if not min_bytes:
-            return
-        for v in self.ig.topo:
-            if v in self.members and self.size[v] < min_bytes and self.idom[v] != _ROOT:
-                target = self.target(v)
-                if self.size[target] < 16 * min_bytes:
-                    self.merge(v, target)
-
-    def merge_down_to(self, cap: int) -> list[list[int]]:
-        """Merge cheapest first until at most ``cap`` groups remain; return them."""
-        heap = []
-        for g in self.members:
-            if g != _CATCH_ALL:
-                target = self.target(g)
-                heap.append((self.cost(g, target), g, target))
+        Candidates are a path and each path it references, and the roots
+        taking part (nothing references them) with their neighbours in
+        exposure order.
+        """
+        rank, pinned, size = self.rank, self.pinned, self.ig.sizes
+        roots = sorted(
+            (v for v in self.ig.roots if v not in pinned),
+            key=lambda v: (self.exposure[v], rank[v]),
+        )
+        pairs = itertools.chain(
+            ((v, r) for v in self.rest for r in self.ig.refs[v] if r not in pinned),
+            itertools.pairwise(roots),
+        )
+        heap = [
+            (self.cost(a, b), rank[a], rank[b], a, b)
+            for a, b in pairs
+            if not small or min(size[a], size[b]) < small
+        ]
         heapq.heapify(heap)
-        while self.count > cap and heap:
-            cost, g, target = heapq.heappop(heap)
-            if g not in self.members:
+        return heap
+
+    def _run(self, heap: list[tuple[float, int, int, int, int]], cap: int, small: int) -> None:
+        """Merge the cheapest candidate whose cost is current, until ``cap`` groups or none left."""
+        while len(self.members) > cap and heap:
+            cost, _, _, a, b = heapq.heappop(heap)
+            ga, gb = self.find(a), self.find(b)
+            if ga == gb or (small and min(self.size[ga], self.size[gb]) >= small):
                 continue
-            now = self.target(g)
-            fresh = self.cost(g, now)
-            if now != target or fresh > cost:
-                heapq.heappush(heap, (fresh, g, now))
+            fresh = self.cost(ga, gb)
+            if _stale(fresh, cost):
+                heapq.heappush(heap, (fresh, self.rank[a], self.rank[b], a, b))
                 continue
-            self.merge(g, target)
-        return [sorted(m) for m in self.members.values() if m]
+            self.merge(ga, gb)
+
+    def merge_small(self, small: int) -> None:
+        """Merge every group under ``small`` bytes with its cheapest candidate partner."""
+        if small:
+            self._run(self._candidates(small), 0, small)
+
+    def merge_down_to(self, cap: int) -> None:
+        """Merge cheapest first until at most ``cap`` groups remain."""
+        heap = self._candidates(0)
+        while True:
+            self._run(heap, cap, 0)
+            if len(self.members) <= cap:
+                return
+            # No candidate joins two groups any more: neighbours in exposure order.
+            heads = sorted(self.members, key=lambda g: (self.exposure[g], self.rank[g]))
+            heap = [
+                (self.cost(a, b), self.rank[a], self.rank[b], a, b)
+                for a, b in itertools.pairwise(heads)
+            ]
+            heapq.heapify(heap)
+
+    def layers(self) -> list[tuple[float, int, list[int]]]:
+        """Every pinned root and every group: (exposure, rank of its head, sorted members)."""
+        out = [(self.exposure[v], self.rank[v], [v]) for v in self.pinned]
+        out.extend((self.exposure[g], self.rank[g], sorted(m)) for g, m in self.members.items())
+        return out
+
+
+def _stale(fresh: float, cost: float) -> bool:
+    """Whether a candidate's cost changed since it was pushed (then it goes back in)."""
+    return abs(fresh - cost) > 1e-9 * max(1.0, abs(cost))

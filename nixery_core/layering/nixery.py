@@ -7,23 +7,25 @@ an extra edge from the root, so it cannot hide inside another package's
 layer.  In the dominator tree from the root (networkx'
 ``immediate_dominators``), each child of the root together with everything
 it dominates is one candidate layer, rated ``popularity x layer size`` with
-the popularity of that child.  While there are more layers than the budget,
-the two lowest-rated layers merge into one rated the sum of both (ties
-broken by the smallest path in the layer).  Layers come out highest rating
-first, so widely shared layers sit at the bottom.
+the popularity of that child.  As Nixery does (``layers.go``: the layers are
+sorted by rating once, then the first is folded into the second until the
+budget holds, without sorting again), the ``candidates - budget + 1``
+lowest-rated layers become one layer rated the sum of theirs (ties broken by
+the smallest path in the layer).  Layers come out highest rating first, so
+widely shared layers sit at the bottom.
 
 Popularity is keyed by :func:`~nixery_core.layering.common.package_name`
 (no hash, no version: ``openssl`` for ``...-openssl-3.0.8-bin``), so one
 table serves every output and every version of a package.  Without a table
 a path's popularity is the number of paths in this closure that reference
-it.  ``cacert`` (``nss-cacert``) and ``iana-etc`` count as more popular than
+it; with a table, a package the table does not list counts 1, as in Nixery.
+``cacert`` (``nss-cacert``) and ``iana-etc`` count as more popular than
 anything else, as in Nixery, since every image carries them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -104,7 +106,7 @@ _ROOT = -1
 
 @attrs.frozen
 class NixeryPopularity:
-    """Candidate layers from the dominator tree, lowest ``popularity x size`` merged first."""
+    """Candidate layers from the dominator tree; the lowest ``popularity x size`` become one."""
 
     popularity: PopularityTable | None = attrs.field(default=None, converter=_to_table)
     big_closure_bytes: int = attrs.field(default=100_000_000, validator=_positive)
@@ -142,18 +144,19 @@ class NixeryPopularity:
         members: dict[int, list[int]] = {}
         for v in range(len(ig)):
             members.setdefault(top[v], []).append(v)
-        layers = [
+        layers = sorted(
             (popularity[head] * sum(ig.sizes[i] for i in paths), min(paths), paths)
             for head, paths in members.items()
-        ]
-        heapq.heapify(layers)
-        while len(layers) > budget:
-            low_rating, low_first, low_paths = heapq.heappop(layers)
-            next_rating, next_first, next_paths = heapq.heappop(layers)
-            heapq.heappush(
-                layers,
-                (low_rating + next_rating, min(low_first, next_first), low_paths + next_paths),
-            )
+        )
+        if len(layers) > budget:
+            # Nixery sorts once and folds the lowest-rated layer into the next
+            # one until the budget holds, without sorting again: the lowest
+            # ``len - budget + 1`` layers become one.
+            cut = len(layers) - budget + 1
+            low = layers[:cut]
+            merged = (sum(r for r, _, _ in low), min(f for _, f, _ in low),
+                      [i for _, _, paths in low for i in paths])
+            layers = [merged, *layers[cut:]]
         layers.sort(key=lambda layer: (-layer[0], layer[1]))
         return [ig.group(paths, float(rating)) for rating, _, paths in layers]
 
@@ -162,7 +165,7 @@ class NixeryPopularity:
         if self.popularity is None:
             counts = [len(users) for users in ig.users]
         else:
-            counts = [self.popularity.get(name, 0) for name in names]
+            counts = [self.popularity.get(name, 1) for name in names]
         most = max([*counts, self.popular_threshold]) + 1
         return [
             most if name in ALWAYS_POPULAR else c for name, c in zip(names, counts, strict=True)
