@@ -211,8 +211,10 @@ def test_command_line_measures_real_closures(tmp_path: Path) -> None:
     script = REPO / "benchmarks" / "layering_sim.py"
     args = [sys.executable, str(script), "--closure", str(first), "--closure", str(second)]
     out = subprocess.run([*args, "--series"], capture_output=True, text=True, check=True).stdout
+    assert "30.20 MB of images per revision" in out
     assert "| churn-aware-dominators |" in out
-    assert "| per-path (floor) | 0.00 |" in out
+    assert "| per-path (floor) | 0.20 |" in out  # hello changed: 200 kB pulled again
+    assert "| single-layer | 30.20 |" in out
 
 
 def test_quick_run_of_the_script_prints_calibration_every_strategy_and_the_verdict() -> None:

@@ -371,17 +371,17 @@ def verdict(report: Report, ours: str) -> Verdict:
 
 
 def format_report(report: Report) -> str:
-    """The table: churn per image, churn on one node, sharing, layers, time."""
+    """The table: churn per image, churn on one node, sharing, layers, time (GB, or MB if small)."""
     single = report.tally(SingleLayer().name)
     floor = report.tally(PerPath().name)
-    gb = 1e9
+    gb, unit = (1e9, "GB") if report.total_image_bytes >= 1e9 else (1e6, "MB")
     lines = [
         f"{report.images} images, {report.revisions} revisions after the first, "
         f"budget {report.budget} layers per image, "
-        f"{report.total_image_bytes / gb:.2f} GB of images per revision",
+        f"{report.total_image_bytes / gb:.2f} {unit} of images per revision",
         "",
-        "| strategy | churn per image GB | /single | /floor | churn one node GB | /single "
-        "| /floor | sharing GB | /sum | /floor | layers mean | max | time s |",
+        f"| strategy | churn per image {unit} | /single | /floor | churn one node {unit} "
+        f"| /single | /floor | sharing {unit} | /sum | /floor | layers mean | max | time s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: |",
     ]

@@ -8,19 +8,19 @@ layer; ``docs/layering.md`` lists the calibration figures):
 
 - **Size and shape.** A hand-written core (``glibc``, ``gcc-libs``,
   ``openssl``, ``python3``, ``perl``, ``nodejs``, ``llvm``, a GUI stack from
-  ``libpng`` to ``gtk3`` and ``mesa``...) and a few thousand generated
-  packages in ecosystems: C libraries, Python, Perl and Haskell packages, GUI
+  ``libpng`` to ``gtk3`` and ``mesa``...) and 10,000 generated packages
+  in ecosystems: C libraries, Python, Perl and Haskell packages, GUI
   libraries and applications.  A new package references a few earlier ones,
   picked with a heavy-tailed attractiveness, so a few libraries are used by
   very many packages and most by a handful.  Closures come out as in
   nixpkgs: a shell tool image has 50-150 store paths, a Python or Haskell
   image several hundred, a large desktop-like image a few thousand.
 - **Sizes.** Log-normal NAR sizes per ecosystem (Perl modules of tens of
-  kilobytes, applications of megabytes), about a third of all paths under
-  100 kB, and a few paths over 100 MB (``python3``, ``llvm``, ``mesa``,
+  kilobytes, applications of megabytes), more than a quarter of all paths
+  under 100 kB, and a few paths over 100 MB (``python3``, ``llvm``, ``mesa``,
   ``ghc``, ``texlive``, ``qtbase``, ``openjdk``...).  A quarter of the
   packages are split into ``out`` and ``lib`` outputs.
-- **Revisions.** One revision a week, as a stable channel moves: each
+- **Revisions.** One revision a week, as a channel moves: each
   package outside staging gets a new version with probability
   ``update_rate``; about ``security_fixes`` widely used libraries are
   patched (weighted by how many packages use them); every
@@ -33,8 +33,8 @@ layer; ``docs/layering.md`` lists the calibration figures):
   update gives the package *and every package that depends on it, however
   deep,* new store paths.
 
-:func:`choose_images` picks fixed images of four kinds (shell tools,
-language runtimes, and a large desktop-like image) whose closures
+:func:`choose_images` picks fixed images of three kinds (shell tools,
+language runtimes, a large desktop-like image) whose closures
 :func:`image_graph` returns at the current revision.  :func:`random_closure`
 makes one large closure of an exact size, for speed measurements.
 """
@@ -200,6 +200,8 @@ _ECOSYSTEMS = (
     _Ecosystem("gui", 0.12, "", 400_000, ("gtk3",), 4.0, 1.5, library=True),
     _Ecosystem("app", 0.22, "", 1_500_000, (), 0.0, 5.0, library=False),
 )
+#: Pareto shape of a generated library's attractiveness (smaller: a few
+#: libraries get nearly all references).
 _ALPHA = 1.6
 #: Core packages in the C library and GUI library families (others may reference them).
 _CORE_LIBS = (
