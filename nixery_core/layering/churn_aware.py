@@ -29,19 +29,22 @@ The strategy is an agglomerative clustering on that cost:
 
    which is nothing when the closures are the same, little when a small
    path joins a path whose closure holds its own, and much when two big
-   paths that change for different reasons meet.  Only groups joined by a
-   reference are candidates (a path and a dependency, and what they grew
-   into), plus neighbours in exposure order when no reference is left.
+   paths that change for different reasons meet.  Candidates are a path
+   and each path it references (and what they grew into), and the roots
+   taking part with their neighbours in exposure order; when none is left,
+   all groups' neighbours in exposure order.
 4. A layer that other images share only stays shared if every image groups
    it the same way; merging it with anything makes it image-specific.  So
-   the first merge that takes a group out of its original form also costs
-   ``other_images`` times its members' expected re-pulled bytes, weighted
-   by the share of the closure that depends on each member (a path most of
-   the closure uses is likely in other images too): widely used, big,
-   volatile paths such as ``python3`` stay alone unless nothing else fits.
-5. Before any of that, groups under ``min_layer_bytes`` are merged with
-   their cheapest candidate, even when the closure fits the budget: a
-   layer of a few kilobytes is not worth a pull round-trip.
+   the first merge that takes a group out of its original form also costs,
+   for each member, ``other_images * bytes * (exposure + 0.2) * max(0.05,
+   share)``: its expected re-pulled bytes plus a stored copy (a fifth of a
+   re-pull), weighted by the share of the closure that depends on it (a
+   path most of the closure uses is likely in other images too).  Widely
+   used, big, volatile paths such as ``python3`` stay alone unless nothing
+   else fits.
+5. Before any of that, groups under ``min_layer_bytes`` (off by default)
+   are merged with their cheapest candidate, even when the closure fits the
+   budget, for images with fewer pull round-trips.
 
 Costs depend only on the closures below the groups and their sizes, and
 ties are broken by store path names without hashes, so the same package
