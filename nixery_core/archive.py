@@ -4,16 +4,17 @@
 packs synthesised :class:`~nixery_core.entries.TarEntry` values.  Both
 stream the archive through a compressor into ``write`` and return a
 :class:`PackedLayer` with the compressed digest, the uncompressed
-``diff_id`` and the size, all computed in the same pass.  Memory stays
-constant: files are read in pieces straight into a 1 MiB block buffer, and
-at most a few blocks are in flight (peak RSS for a 2 GB layer is in
-docs/performance.md).
+``diff_id`` and the size, all computed in the same pass.  Memory does not
+grow with file sizes: files are read in pieces straight into a 1 MiB block
+buffer, and at most a few blocks are in flight (peak RSS for a 2 GB layer
+is in docs/performance.md); finding duplicate files keeps about 200 bytes
+per distinct file.
 
 **What the bytes depend on**: the content, names and executable bits of the
-files, symlink targets, which files are hard links of each other, and
-:meth:`ArchiveOptions.parameters`.  Nothing else: not inode numbers, not
-timestamps, not owners, not the umask, not the order ``readdir`` returns,
-not the number of threads.
+files, symlink targets, and :meth:`ArchiveOptions.parameters`.  Nothing
+else: not inode numbers or which files are hard links of each other on disk
+(so not whether the store was optimised), not timestamps, not owners, not
+the umask, not the order ``readdir`` returns, not the number of threads.
 
 The format, written by hand (``tarfile`` takes ~18 µs per member, this ~1.3 µs):
 
@@ -49,12 +50,21 @@ Store layers (:func:`pack_store_paths`):
   which Nix forbids, never appear.
 * Symlinks are never followed (``lstat``/``O_NOFOLLOW`` everywhere); each
   is stored with its target as read, absolute, relative or dangling.
-* Regular files that are hard links of each other (same ``st_dev`` and
-  ``st_ino``, found across all store paths of the layer) are stored once;
-  later names are tar hard links to the first name in archive order.  Note
-  that such links only come from ``nix-store --optimise`` (NARs cannot
-  express them), so a layer's bytes depend on whether the builder's store
-  was optimised.
+* Duplicate files are stored once, decided by content, never by inode: a
+  non-empty regular file whose bytes and normalised mode equal those of a
+  file earlier in the layer (across all its store paths) is a tar hard link
+  to that earliest member, whatever the link counts on disk.  Hard links in
+  a Nix store only come from ``nix-store --optimise`` (NARs cannot express
+  them), so deciding by inode would make the bytes depend on whether the
+  builder's store was optimised; by content, optimised and unoptimised
+  stores give the same layer (format ``nixery-tar/2``; ``nixery-tar/1``
+  went by inode).  Empty files are always stored: a link member is no
+  smaller.  Duplicates are found with SHA-256 at little cost: files of at
+  most 16 KiB are read whole and hashed (one read, as before); a larger file
+  is hashed only when an earlier file of the layer has its size and mode,
+  and that earlier file is then opened again to be hashed once.  Memory
+  grows with the number of distinct files (a digest and a name each, about
+  200 bytes), as it grew with linked files before.
 * Refused with :class:`~nixery_core.errors.UnsafeStoreContent`: fifos,
   sockets, device files, and paths that are not ``/nix/store/<name>``.
   Extended attributes are never read.
@@ -62,7 +72,13 @@ Store layers (:func:`pack_store_paths`):
   before anything is written.  A file whose size or mtime changes while it
   is read, that yields fewer or more bytes than its size, or that vanishes
   or changes type mid-walk raises
-  :class:`~nixery_core.errors.FileChangedDuringPacking`; other read errors
+  :class:`~nixery_core.errors.FileChangedDuringPacking`; so does a file read
+  twice (hashed, then packed) whose two reads differ, and an earlier file
+  opened again for its hash that is no longer the file packed (other
+  device, inode, size or mtime: as elsewhere, a rewrite that keeps size and
+  mtime goes unseen; ctime is not compared because a concurrent
+  ``nix-store --optimise`` changes it without changing the bytes); other
+  read errors
   raise :class:`~nixery_core.errors.LayerError`.  In every error case bytes
   may already have been passed to ``write``: abort the blob writer.
 * Exceptions raised by ``write`` propagate unchanged.
@@ -121,7 +137,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the tar layout changes, so cached layers are rebuilt.
-FORMAT_VERSION = "nixery-tar/1"
+FORMAT_VERSION = "nixery-tar/2"
 MEDIA_TYPES: dict[str, str] = {
     "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -388,7 +404,7 @@ class _TarStream:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def put(self, data: bytes) -> None:
+    def put(self, data: bytes | bytearray | memoryview) -> None:
         pos = self._pos
         end = pos + len(data)
         if end < BLOCK_SIZE:
@@ -404,8 +420,13 @@ class _TarStream:
             if self._pos == BLOCK_SIZE:
                 self._flush_block()
 
-    def read_file(self, fd: int, size: int, member: bytes) -> int:
-        """Copy up to ``size`` bytes of ``fd`` into the stream; how many there were."""
+    def read_file(
+        self, fd: int, size: int, member: bytes, digest: hashlib._Hash | None = None
+    ) -> int:
+        """Copy up to ``size`` bytes of ``fd`` into the stream; how many there were.
+
+        The bytes copied are also fed to ``digest`` when one is given.
+        """
         remaining = size
         while remaining:
             pos = self._pos
@@ -416,11 +437,31 @@ class _TarStream:
                 raise _read_error(_display(member), exc) from exc
             if not got:
                 break
+            if digest is not None:
+                digest.update(self._view[pos : pos + got])
             self._pos = pos + got
             remaining -= got
             if self._pos == BLOCK_SIZE:
                 self._flush_block()
         return size - remaining
+
+    def staging(self, offset: int, size: int) -> memoryview | None:
+        """Room for ``size`` bytes ``offset`` bytes past the end of the stream, if the block has it.
+
+        Bytes read into it join the stream only through :meth:`commit`, which
+        must come next; anything put before overwrites them.
+        """
+        start = self._pos + offset
+        if start + size >= BLOCK_SIZE:
+            return None
+        return self._view[start : start + size]
+
+    def commit(self, header: bytes, size: int) -> None:
+        """Put ``header`` in front of the ``size`` bytes staged right after it, and pad."""
+        pos = self._pos
+        self._block[pos : pos + len(header)] = header
+        self._pos = pos + len(header) + size
+        self.pad(size)
 
     def pad(self, size: int) -> None:
         if size % 512:
@@ -541,12 +582,12 @@ def pack_store_paths(
     """
     spec = options.compressor()
     tops = [_top_level(path, store_root) for path in _store_names(paths)]
-    hard_links: dict[tuple[int, int], bytes] = {}
+    same = _SameContent(_SMALL_FILE)
     with _TarStream(write, spec, threads, options.mtime) as tar:
         tar.put(tar.headers(b"nix/", 0o755, 0, _DIRTYPE))
         tar.put(tar.headers(b"nix/store/", 0o755, 0, _DIRTYPE))
         for member, full, kind in tops:
-            _pack_tree(tar, member, full, kind, hard_links)
+            _pack_tree(tar, member, full, kind, same)
         return tar.finish(options.media_type)
 
 
@@ -621,7 +662,7 @@ def _pack_tree(
     member: bytes,
     full: bytes,
     kind: _Kind,
-    hard_links: dict[tuple[int, int], bytes],
+    same: _SameContent,
 ) -> None:
     """Depth first, children in byte order of their names."""
     stack: list[tuple[bytes, bytes, _Kind | os.DirEntry[bytes]]] = [(member, full, kind)]
@@ -629,7 +670,7 @@ def _pack_tree(
         member, full, item = stack.pop()
         kind = item if isinstance(item, str) else _entry_kind(item, member)
         if kind == "file":
-            _pack_file(tar, member, full, hard_links)
+            _pack_file(tar, member, full, same)
         elif kind == "symlink":
             try:
                 target = os.readlink(full)  # noqa: PTH115 - bytes in, bytes out: the target is not decoded
@@ -650,40 +691,208 @@ def _pack_tree(
 
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: Files up to this size are read whole into memory and hashed as they are packed.
+_SMALL_FILE = 16 << 10
+#: Larger files are hashed only when an earlier file has their size: read whole
+#: into a buffer of this size when they fit it, else hashed through it first.
+_HASH_CHUNK = 1 << 20
 
 
-def _pack_file(
-    tar: _TarStream,
-    member: bytes,
-    full: bytes,
-    hard_links: dict[tuple[int, int], bytes],
-) -> None:
-    try:
-        fd = os.open(full, _OPEN_FLAGS)
-    except OSError as exc:
-        raise _read_error(_display(member), exc) from exc
+@attrs.frozen
+class _Unhashed:
+    """A large file written without hashing it: how to hash it later, and see it changed."""
+
+    member: bytes
+    full: bytes
+    #: (st_dev, st_ino, st_size, st_mtime_ns) when it was written.
+    identity: tuple[int, int, int, int]
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _SameContent:
+    """For each file of one layer, the earlier member with the same content and mode.
+
+    The first member (in archive order) with a given content and normalised
+    mode carries the bytes; later ones become tar hard links to it.  Inodes
+    play no part, so an optimised store (``nix-store --optimise``) and an
+    unoptimised one give the same layer.  Empty files are always stored:
+    a link header is no smaller than an empty file's, and linking them would
+    only tie unrelated files together.
+
+    Hashing costs little: a file of at most :data:`_SMALL_FILE` bytes is read
+    once into :attr:`scratch` and hashed from there (the bytes packed are the
+    bytes hashed).  A larger file is hashed only when an earlier file of the
+    same size and mode exists: then that earlier file is hashed too, if it
+    was not yet, by opening it again (:class:`_Unhashed`).
+    """
+
+    def __init__(self, small: int) -> None:
+        self.small = small
+        self.scratch = memoryview(bytearray(max(small, _HASH_CHUNK)))
+        #: sha256 -> the first member with that content, for 0444 and 0555 files.
+        self._first: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
+        #: size * 2 + executable -> the unhashed first large file of that size
+        #: and mode, or None once every large file of that size is in ``_first``.
+        self._large: dict[int, _Unhashed | None] = {}
+
+    def claim(self, digest: bytes, mode: int, member: bytes) -> bytes | None:
+        """The earlier member with this content and mode; None (and ``member`` noted) if new."""
+        first = self._first[mode == 0o555].setdefault(digest, member)
+        return None if first is member else first
+
+    def seen_size(self, st: os.stat_result, mode: int, member: bytes, full: bytes) -> bool:
+        """Whether an earlier large file had this size and mode; if so, it is now hashed.
+
+        When none had, ``member`` is noted as the unhashed first of its size.
+        """
+        key = st.st_size * 2 + (mode == 0o555)
+        if key not in self._large:
+            self._large[key] = _Unhashed(member, full, _identity(st))
+            return False
+        earlier = self._large[key]
+        if earlier is not None:
+            self.claim(_rehash(earlier, self.scratch), mode, earlier.member)
+            self._large[key] = None
+        return True
+
+
+def _pack_file(tar: _TarStream, member: bytes, full: bytes, same: _SameContent) -> None:
+    fd = _open(full, member)
     try:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             raise FileChangedDuringPacking(_display(member))
         mode = 0o555 if before.st_mode & stat.S_IXUSR else 0o444
-        if before.st_nlink > 1:
-            key = (before.st_dev, before.st_ino)
-            first = hard_links.get(key)
+        size = before.st_size
+        if size == 0:
+            tar.put(tar.headers(member, mode, 0, _REGTYPE))
+            _check_unchanged(fd, before, member)
+        elif size <= same.small:
+            _pack_whole(tar, fd, before, mode=mode, member=member, same=same)
+        elif not same.seen_size(before, mode, member, full):
+            _write_content(tar, fd, before, mode=mode, member=member, digest=None)
+        elif size <= len(same.scratch):
+            _pack_whole(tar, fd, before, mode=mode, member=member, same=same)
+        else:
+            # Hashed before anything is written: a duplicate becomes a link.
+            digest = _hash_fd(fd, size, same.scratch, member)
+            _check_unchanged(fd, before, member)
+            first = same.claim(digest, mode, member)
             if first is not None:
                 tar.put(tar.headers(member, mode, 0, _LNKTYPE, linkname=first))
-                return
-            hard_links[key] = member
-        size = before.st_size
-        tar.put(tar.headers(member, mode, size, _REGTYPE))
-        if tar.read_file(fd, size, member) != size:
-            raise FileChangedDuringPacking(_display(member))
-        after = os.fstat(fd)
-        if after.st_size != size or after.st_mtime_ns != before.st_mtime_ns:
-            raise FileChangedDuringPacking(_display(member))
-        tar.pad(size)
+            else:
+                written = _write_content(
+                    tar, fd, before, mode=mode, member=member, digest=hashlib.sha256()
+                )
+                if written != digest:
+                    raise FileChangedDuringPacking(_display(member))
     finally:
         os.close(fd)
+
+
+def _pack_whole(
+    tar: _TarStream,
+    fd: int,
+    before: os.stat_result,
+    *,
+    mode: int,
+    member: bytes,
+    same: _SameContent,
+) -> None:
+    """Read whole, hash, then write either the bytes read or a link.
+
+    The bytes are read straight into the tar block, behind room for the
+    header, when they fit there (else into the scratch buffer).
+    """
+    size = before.st_size
+    header = tar.headers(member, mode, size, _REGTYPE)
+    staged = tar.staging(len(header), size)
+    data = same.scratch[:size] if staged is None else staged
+    done = 0
+    while done < size:
+        try:
+            got = os.readv(fd, (data[done:],))
+        except OSError as exc:
+            raise _read_error(_display(member), exc) from exc
+        if not got:
+            raise FileChangedDuringPacking(_display(member))
+        done += got
+    _check_unchanged(fd, before, member)
+    first = same.claim(hashlib.sha256(data).digest(), mode, member)
+    if first is not None:
+        tar.put(tar.headers(member, mode, 0, _LNKTYPE, linkname=first))
+    elif staged is not None:
+        tar.commit(header, size)
+    else:
+        tar.put(header)
+        tar.put(data)
+        tar.pad(size)
+
+
+def _write_content(
+    tar: _TarStream,
+    fd: int,
+    before: os.stat_result,
+    *,
+    mode: int,
+    member: bytes,
+    digest: hashlib._Hash | None,
+) -> bytes | None:
+    """Stream a file into the layer as a regular member; its sha256 if ``digest`` is given."""
+    size = before.st_size
+    tar.put(tar.headers(member, mode, size, _REGTYPE))
+    if tar.read_file(fd, size, member, digest) != size:
+        raise FileChangedDuringPacking(_display(member))
+    _check_unchanged(fd, before, member)
+    tar.pad(size)
+    return None if digest is None else digest.digest()
+
+
+def _rehash(earlier: _Unhashed, scratch: memoryview) -> bytes:
+    """The sha256 of a file packed earlier, which must be the file it was then."""
+    fd = _open(earlier.full, earlier.member)
+    try:
+        before = os.fstat(fd)
+        if _identity(before) != earlier.identity:
+            raise FileChangedDuringPacking(_display(earlier.member))
+        digest = _hash_fd(fd, before.st_size, scratch, earlier.member)
+        _check_unchanged(fd, before, earlier.member)
+    finally:
+        os.close(fd)
+    return digest
+
+
+def _hash_fd(fd: int, size: int, scratch: memoryview, member: bytes) -> bytes:
+    """sha256 of the first ``size`` bytes of ``fd`` (read with ``preadv``: the offset stays)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        want = min(len(scratch), size - offset)
+        try:
+            got = os.preadv(fd, (scratch[:want],), offset)
+        except OSError as exc:
+            raise _read_error(_display(member), exc) from exc
+        if not got:
+            raise FileChangedDuringPacking(_display(member))
+        digest.update(scratch[:got])
+        offset += got
+    return digest.digest()
+
+
+def _open(full: bytes, member: bytes) -> int:
+    try:
+        return os.open(full, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _read_error(_display(member), exc) from exc
+
+
+def _check_unchanged(fd: int, before: os.stat_result, member: bytes) -> None:
+    after = os.fstat(fd)
+    if after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns:
+        raise FileChangedDuringPacking(_display(member))
 
 
 # --- synthesised entries -----------------------------------------------------

@@ -12,15 +12,19 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import require_tools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nixery_core import archive
 from nixery_core.archive import (
+    FORMAT_VERSION,
     ArchiveOptions,
     PackedLayer,
     pack_entries,
@@ -97,8 +101,10 @@ def make_store(root: Path) -> Path:
     return root
 
 
-def copy_store(src: Path, dst: Path, *, file_mode: int, dir_mode: int, mtime: int) -> Path:
-    """A copy with new inodes, other modes and other timestamps; hard links kept."""
+def copy_store(
+    src: Path, dst: Path, *, file_mode: int, dir_mode: int, mtime: int, keep_links: bool = True
+) -> Path:
+    """A copy with new inodes, other modes and other timestamps; hard links kept or not."""
     seen: dict[int, Path] = {}
     for dirpath, dirnames, filenames in os.walk(src):
         rel = Path(dirpath).relative_to(src)
@@ -109,7 +115,7 @@ def copy_store(src: Path, dst: Path, *, file_mode: int, dir_mode: int, mtime: in
             if stat.S_ISLNK(st_.st_mode):
                 target.symlink_to(source.readlink())
             elif stat.S_ISREG(st_.st_mode):
-                if st_.st_ino in seen:
+                if keep_links and st_.st_ino in seen:
                     os.link(seen[st_.st_ino], target)
                     continue
                 seen[st_.st_ino] = target
@@ -289,7 +295,7 @@ def test_contents_and_links_are_stored_as_on_disk(store: Path) -> None:
 
 
 def test_hard_links_are_stored_once(store: Path) -> None:
-    """A file linked across and inside store paths has its bytes once; later names link to it."""
+    """A file linked on disk (across or inside store paths) has its bytes once; later names link."""
     found = members(pack(store)[1])
     by_name = {m.name: m for m in found}
     hello, libs = HELLO[1:], LIBS[1:]
@@ -365,6 +371,290 @@ def test_gnu_tar_lists_and_extracts_the_layer(store: Path, tmp_path: Path) -> No
     assert stat.S_IMODE((hello / "share").stat().st_mode) == 0o555
     for dirpath, _dirs, _files in os.walk(out):
         Path(dirpath).chmod(0o755)
+
+
+# --- duplicate content: decided by bytes, never by inode ----------------------------------
+
+#: One size per way a file is read: whole and hashed (small), whole when its size was seen
+#: (medium, over 16 KiB), hashed before it is streamed (large, over the 1 MiB hash buffer).
+SIZES = [pytest.param(3000, id="small"), pytest.param(200_000, id="medium"),
+         pytest.param(3 << 20, id="large")]
+
+
+def test_format_version_names_content_based_links() -> None:
+    """The cache key's format changed with the link rule, so layers cached by inode are rebuilt."""
+    assert FORMAT_VERSION == "nixery-tar/2"
+    assert ArchiveOptions().parameters()["format"] == FORMAT_VERSION
+
+
+def test_linked_and_unlinked_copies_give_identical_layers(store: Path, tmp_path: Path) -> None:
+    """The same store with its hard links broken into separate copies packs to the same bytes."""
+    unlinked = copy_store(store, tmp_path / "unlinked", file_mode=0o644, dir_mode=0o755,
+                          mtime=5, keep_links=False)
+    libs = unlinked / LIBS[1:]
+    assert (libs / "a").stat().st_ino != (libs / "b").stat().st_ino
+    assert pack(unlinked) == pack(store)
+    assert pack(unlinked, ArchiveOptions(compression="zstd")) == pack(
+        store, ArchiveOptions(compression="zstd")
+    )
+
+
+def _duplicates_store(root: Path, size: int, *, link: bool) -> list[str]:
+    """Three store paths sharing content of ``size`` bytes, hard-linked on disk or not."""
+    payload = hashlib.sha256(str(size).encode()).digest() * (size // 32) + b"!" * (size % 32)
+    other = bytes(reversed(payload))  # the same size, other bytes
+    names = ["1aaa-first", "2bbb-second", "3ccc-third"]
+    bases = [root / "nix" / "store" / name for name in names]
+    for base in bases:
+        (base / "sub").mkdir(parents=True)
+    (bases[0] / "data").write_bytes(payload)
+    (bases[0] / "tool").write_bytes(payload)
+    (bases[0] / "tool").chmod(0o755)  # same bytes, executable: stored again
+    (bases[1] / "a-other").write_bytes(other)  # same size, other bytes: stored
+    (bases[2] / "sub" / "other-again").write_bytes(other)  # links to a-other
+    for base in bases[1:]:
+        copy = base / "sub" / "copy"
+        if link:
+            os.link(bases[0] / "data", copy)
+        else:
+            copy.write_bytes(payload)
+    return ["/nix/store/" + name for name in names]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_identical_content_is_stored_once_and_linked(tmp_path: Path, size: int) -> None:
+    """Separate files with equal bytes and mode: the first carries the data, later ones link."""
+    paths = _duplicates_store(tmp_path / "r", size, link=False)
+    _packed, blob = pack(tmp_path / "r", ArchiveOptions(compression="none"), paths=paths)
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
+        by_name = {m.name: m for m in tar.getmembers()}
+        contents = {
+            m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar.getmembers() if m.isfile()
+        }
+    first, second, third = (p[1:] for p in paths)
+    data = (tmp_path / "r" / first / "data").read_bytes()
+    other = (tmp_path / "r" / second / "a-other").read_bytes()
+    assert len(data) == len(other) == size
+    assert contents == {f"{first}/data": data, f"{first}/tool": data, f"{second}/a-other": other}
+    assert (by_name[f"{first}/data"].mode, by_name[f"{first}/tool"].mode) == (0o444, 0o555)
+    for name in (f"{second}/sub/copy", f"{third}/sub/copy"):
+        assert by_name[name].islnk()
+        assert (by_name[name].linkname, by_name[name].mode) == (f"{first}/data", 0o444)
+    assert by_name[f"{third}/sub/other-again"].linkname == f"{second}/a-other"
+    assert len(blob) < 3 * size + 20 * 1024  # three bodies, not six
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_hard_links_on_disk_do_not_change_the_layer(tmp_path: Path, size: int) -> None:
+    """Duplicates as hard links (an optimised store) or as copies: same digest and diff_id."""
+    linked = _duplicates_store(tmp_path / "linked", size, link=True)
+    copies = _duplicates_store(tmp_path / "copies", size, link=False)
+    assert linked == copies
+    assert (tmp_path / "linked" / linked[1][1:] / "sub" / "copy").stat().st_nlink == 3
+    assert pack(tmp_path / "linked", paths=linked) == pack(tmp_path / "copies", paths=copies)
+
+
+def test_many_files_across_block_boundaries_keep_their_bytes(tmp_path: Path) -> None:
+    """Files read whole land intact wherever they fall in the 1 MiB blocks, duplicates linked."""
+    base = tmp_path / "r" / "nix" / "store" / "abc-many"
+    base.mkdir(parents=True)
+    bodies = [os.urandom(size) for size in (9_000, 15_000, 16_383, 40_000, 300_000)]
+    for number in range(150):  # f120 to f149 repeat f000 to f029
+        (base / f"f{number:03d}").write_bytes(bodies[number % 5] + bytes([number % 120]))
+    raw = pack(tmp_path / "r", ArchiveOptions(compression="none"), paths=["/nix/store/abc-many"])[1]
+    assert len(raw) > 8 << 20
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        found = [m for m in tar.getmembers() if not m.isdir()]
+        for member in found:
+            source = tar.extractfile(member)
+            assert source is not None
+            assert source.read() == (tmp_path / "r" / member.name).read_bytes()
+    assert sum(m.isfile() for m in found) == 120
+    assert [m.linkname for m in found if m.islnk()] == [
+        f"nix/store/abc-many/f{number:03d}" for number in range(30)
+    ]
+
+
+def test_empty_files_are_always_stored(tmp_path: Path) -> None:
+    """Zero-length files are never hard links, linked on disk or not (a link is no smaller)."""
+    base = tmp_path / "r" / "nix" / "store" / "abc-empty"
+    base.mkdir(parents=True)
+    (base / "a").touch()
+    os.link(base / "a", base / "b")
+    (base / "c").touch()
+    found = members(pack(tmp_path / "r", paths=["/nix/store/abc-empty"])[1])
+    assert [(m.name, m.isfile(), m.size) for m in found[3:]] == [
+        (f"nix/store/abc-empty/{name}", True, 0) for name in "abc"
+    ]
+
+
+def test_real_nix_store_packs_the_same_before_and_after_optimise(nix: None, tmp_path: Path) -> None:
+    """`nix-store --optimise` hard-links a real store's duplicates; the layer stays the same."""
+    source = tmp_path / "src"
+    payload = os.urandom(200_000)
+    for name in ("one", "two"):
+        (source / name).mkdir(parents=True)
+        (source / name / f"{name}.bin").write_bytes(payload)
+        (source / name / "note").write_text("identical\n")
+    root = tmp_path / "root"
+    store = ["nix-store", "--store", str(root)]
+    paths = subprocess.run(
+        [*store, "--add", str(source / "one"), str(source / "two")],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    before = pack(root, paths=paths)
+    subprocess.run([*store, "--optimise"], check=True, capture_output=True)
+    assert (root / paths[1][1:] / "two.bin").stat().st_nlink > 1  # really optimised
+    assert pack(root, paths=paths) == before
+    by_name = {m.name: m for m in members(before[1])}
+    carrier, linked = sorted(f"{p[1:]}/{p.rsplit('-', 1)[1]}.bin" for p in paths)
+    assert by_name[carrier].isfile()
+    assert by_name[linked].linkname == carrier
+    for dirpath, _dirs, _files in os.walk(root):
+        Path(dirpath).chmod(0o755)
+
+
+def _rewrite_in_place(path: Path) -> None:
+    """Other bytes, same size, same mtime: only a content check can notice."""
+    st_ = path.stat()
+    path.chmod(0o644)
+    with path.open("r+b") as handle:
+        handle.seek(st_.st_size // 2)
+        handle.write(b"CHANGED")
+    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+
+
+def _replace(path: Path) -> None:
+    """The same bytes in a new file renamed over the old one (another inode)."""
+    fresh = path.with_name(path.name + ".new")
+    shutil.copy2(path, fresh)
+    fresh.replace(path)
+
+
+@contextmanager
+def _after_hashing(member: str, change: Callable[[], object]) -> Iterator[None]:
+    """Run ``change`` right after the packer hashes ``member`` (and before anything else)."""
+    original = archive._hash_fd
+
+    def hooked(fd: int, size: int, scratch: memoryview, name: bytes) -> bytes:
+        digest = original(fd, size, scratch, name)
+        if name == member.encode():
+            change()
+        return digest
+
+    with mock.patch.object(archive, "_hash_fd", hooked):
+        yield
+
+
+def test_file_changing_between_its_hash_and_its_packing_is_detected(tmp_path: Path) -> None:
+    """A large file rewritten (same size and mtime) after its pre-hash fails the written hash."""
+    paths = _duplicates_store(tmp_path / "r", 3 << 20, link=False)
+    victim = tmp_path / "r" / paths[1][1:] / "a-other"  # same size as data: hashed, then packed
+    with (
+        _after_hashing(f"{paths[1][1:]}/a-other", lambda: _rewrite_in_place(victim)),
+        pytest.raises(FileChangedDuringPacking) as excinfo,
+    ):
+        pack(tmp_path / "r", paths=paths)
+    assert excinfo.value.path == f"{paths[1]}/a-other"
+
+
+@pytest.mark.parametrize(
+    "change", [_replace, lambda p: os.utime(p, (9, 9)), lambda p: os.truncate(p, 10)],
+    ids=["replaced", "touched", "truncated"],
+)
+def test_earlier_file_changed_before_its_late_hash_is_detected(
+    tmp_path: Path, change: Callable[[Path], object]
+) -> None:
+    """A large file packed unhashed, then replaced or touched before a same-size file needs its
+    hash, raises FileChangedDuringPacking naming it (its packed bytes can no longer be known)."""
+    paths = _duplicates_store(tmp_path / "r", 3 << 20, link=False)
+    first = tmp_path / "r" / paths[0][1:] / "data"
+    original = archive._rehash
+    changed: list[bool] = []
+
+    def hooked(earlier: archive._Unhashed, scratch: memoryview) -> bytes:
+        if earlier.member == f"{paths[0][1:]}/data".encode() and not changed:
+            changed.append(True)
+            change(first)
+        return original(earlier, scratch)
+
+    with (
+        mock.patch.object(archive, "_rehash", hooked),
+        pytest.raises(FileChangedDuringPacking) as excinfo,
+    ):
+        pack(tmp_path / "r", paths=paths)
+    assert changed
+    assert excinfo.value.path == f"{paths[0]}/data"
+
+
+@contextmanager
+def _thresholds(small: int, chunk: int) -> Iterator[None]:
+    """Tiny size thresholds, so that tiny files take every path of duplicate detection."""
+    with mock.patch.object(archive, "_SMALL_FILE", small), \
+            mock.patch.object(archive, "_HASH_CHUNK", chunk):
+        yield
+
+
+#: Few sizes, so that equal sizes with other bytes are common; with the tiny thresholds,
+#: 3 is small, 6 is read whole when its size was seen, 20 is hashed in chunks first.
+_contents = st.lists(
+    st.sampled_from([0, 3, 6, 20]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    min_size=1, max_size=5, unique=True,
+)
+_files = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4), st.booleans()),
+                  min_size=1, max_size=14)
+
+
+@pytest.mark.parametrize("small_and_chunk", [(4, 8), (16 << 10, 1 << 20)], ids=["tiny", "real"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(contents=_contents, files=_files, link_choices=st.lists(st.integers(0, 50), max_size=14))
+def test_random_hard_linking_never_changes_the_layer(
+    small_and_chunk: tuple[int, int],
+    contents: list[bytes],
+    files: list[tuple[int, int, bool]],
+    link_choices: list[int],
+) -> None:
+    """Random files with repeated contents pack identically as copies and as random hard links,
+    and every distinct (content, executable) pair is stored exactly once."""
+    paths = [f"/nix/store/{n}{n}{n}-path{n}" for n in range(3)]
+    specs = [
+        (f"{paths[where]}/d{index % 2}/f{index}", contents[which % len(contents)], executable)
+        for index, (where, which, executable) in enumerate(files)
+    ]
+    layers = []
+    with tempfile.TemporaryDirectory() as tmp, _thresholds(*small_and_chunk):
+        for variant in ("copies", "links"):
+            root = Path(tmp) / variant
+            made: dict[tuple[bytes, bool], list[Path]] = {}
+            for number, (name, data, executable) in enumerate(specs):
+                target = root / name.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                group = made.setdefault((data, executable), [])
+                choice = link_choices[number] if number < len(link_choices) else 0
+                if variant == "links" and group and choice % 3:  # link to some earlier twin
+                    os.link(group[choice % len(group)], target)
+                else:
+                    target.write_bytes(data)
+                    target.chmod(0o755 if executable else 0o644)
+                group.append(target)
+            for path in paths:
+                (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            layers.append(pack(root, ArchiveOptions(compression="none"), paths=paths))
+    assert layers[0] == layers[1]
+    with tarfile.open(fileobj=io.BytesIO(layers[0][1]), mode="r:") as tar:
+        found = {m.name: m for m in tar.getmembers()}
+        bodies = {
+            m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in found.values() if m.isfile()
+        }
+    stored = [(bodies[m.name], m.mode == 0o555) for m in found.values() if m.isfile() and m.size]
+    assert sorted(stored) == sorted({(d, x) for _name, d, x in specs if d})  # each once
+    for name, data, executable in specs:
+        member = found[name.lstrip("/")]
+        carrier = found[member.linkname] if member.islnk() else member
+        assert bodies[carrier.name] == data
+        assert carrier.mode == member.mode == (0o555 if executable else 0o444)
 
 
 # --- refusals and errors -------------------------------------------------------------------
