@@ -723,10 +723,14 @@ class _SameContent:
     only tie unrelated files together.
 
     Hashing costs little: a file of at most :data:`_SMALL_FILE` bytes is read
-    once into :attr:`scratch` and hashed from there (the bytes packed are the
-    bytes hashed).  A larger file is hashed only when an earlier file of the
-    same size and mode exists: then that earlier file is hashed too, if it
-    was not yet, by opening it again (:class:`_Unhashed`).
+    once, whole, into the tar block (or :attr:`scratch` where the block has
+    no room) and hashed from there, so the bytes packed are the bytes hashed.
+    A larger file is hashed only when an earlier file of the same size and
+    mode exists; that earlier file is then hashed too, if it was not yet, by
+    opening it again (:class:`_Unhashed`).  Such a file is read whole the
+    same way when it fits :attr:`scratch` (1 MiB); a bigger one is hashed
+    first and packed after, the hash of the packed bytes compared with it.
+    Zero-length files never reach this class.
     """
 
     def __init__(self, small: int) -> None:
