@@ -155,7 +155,12 @@ def build_corpus(root: Path, size_mb: int) -> list[str]:
 
 
 def replicate(root: Path, paths: Sequence[str], size_mb: int) -> list[str]:
-    """Copy the closure under new names (real copies, no hard links) until ``size_mb``."""
+    """Copy the closure under new names until ``size_mb``, each copy's files made distinct.
+
+    The packer stores identical content once per layer (as a hard link), so
+    plain copies would collapse; a marker appended to every file of copy
+    ``n`` keeps the layer really ``size_mb`` large.
+    """
     store = root / "nix" / "store"
     base = sum(_tree_size(store / p.rsplit("/", 1)[1]) for p in paths)
     out = list(paths)
@@ -166,8 +171,24 @@ def replicate(root: Path, paths: Sequence[str], size_mb: int) -> list[str]:
             dest = store / f"{_fake_hash(f'{name}#{n}')}-{name}"
             if not dest.exists():
                 shutil.copytree(store / path.rsplit("/", 1)[1], dest, symlinks=True)
+                _make_distinct(dest, n)
             out.append(f"/nix/store/{dest.name}")
     return sorted(out)
+
+
+def _make_distinct(tree: Path, n: int) -> None:
+    """Append a per-copy marker to every regular file under ``tree``."""
+    marker = f"\n# copy {n}\n".encode()
+    for dirpath, _dirs, files in os.walk(tree):
+        for name in files:
+            file = Path(dirpath) / name
+            info = file.lstat()
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            file.chmod(info.st_mode | stat.S_IWUSR)
+            with file.open("ab") as handle:
+                handle.write(marker)
+            file.chmod(info.st_mode)
 
 
 def _tree_size(path: Path) -> int:

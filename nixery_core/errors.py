@@ -200,7 +200,8 @@ class UnsafeStoreContent(LayerError):
 
 
 class FileChangedDuringPacking(LayerError):
-    """A file's size or mtime changed while it was read into a layer."""
+    """A file changed while it was packed: its size, mtime or inode moved, or its
+    bytes hashed differently on two reads (content-based hard links read twice)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
