@@ -28,22 +28,10 @@ from nixery_core.errors import StorageUnavailable, StorePathMissing, UnknownPack
 from nixery_core.manifest import parse_manifest
 from nixery_core.names import Image
 from nixery_core.protocols import LogCallback, RunResult
-from nixery_core.sources import SourceSpec
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.testing.runners import FakeFile, FakeNix, FakePackage, default_fake_packages
+from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore
-
-
-@attrs.frozen
-class FixedSource:
-    """A package source that resolves to a fixed spec (FakeNix ignores it)."""
-
-    pinned: bool = True
-    revision: str = "r1"
-
-    def resolve(self, tag: str) -> SourceSpec:
-        del tag
-        return SourceSpec({"type": "path", "path": "/fake"}, f"fake-{self.revision}", self.pinned)
 
 
 def fake_nix(root: Path, extra: dict[str, FakePackage] | None = None) -> FakeNix:
@@ -350,7 +338,8 @@ _WORKER = r"""
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])
-from test_build import FixedSource, fake_nix
+from test_build import fake_nix
+from nixery_core.testing.sources import FixedSource
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
 from nixery_core.names import Image

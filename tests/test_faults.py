@@ -64,25 +64,17 @@ from nixery_core.names import Image
 from nixery_core.nix import NixStep, parse_argv
 from nixery_core.protocols import BlobInfo, BlobWriter, LogCallback, Runner, RunResult, Uploader
 from nixery_core.runner import SubprocessRunner
-from nixery_core.sources import LocalPathSource, SourceSpec
+from nixery_core.sources import LocalPathSource
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.storage.gcs import GcsStore
 from nixery_core.testing.runners import FakeFault, FakeNix, FakePackage, default_fake_packages
+from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore
 
 TESTS = Path(__file__).resolve().parent
 HEX = re.compile(r"[0-9a-f]{64}")
 NIX_OPTIONS = {"substituters": ""}
 FaultKind = Literal["fail", "hang", "garbage", "not-installed"]
-
-
-@attrs.frozen
-class FixedSource:
-    """A package source that resolves to a fixed pinned spec (FakeNix ignores it)."""
-
-    def resolve(self, tag: str) -> SourceSpec:
-        del tag
-        return SourceSpec({"type": "path", "path": "/fake"}, "fake-faults", True)
 
 
 def bulky(size: int) -> dict[str, FakePackage]:

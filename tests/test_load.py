@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from test_faults import FixedSource, assert_no_partial_state, cache_problems
+from test_faults import assert_no_partial_state, cache_problems
 
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
@@ -31,6 +31,7 @@ from nixery_core.names import Image
 from nixery_core.protocols import Uploader
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.testing.runners import FakeNix, FakePackage, default_fake_packages
+from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore
 
 TESTS = Path(__file__).resolve().parent

@@ -5,6 +5,7 @@
   replay them.
 * :class:`MemoryStore` is an :class:`~nixery_core.protocols.Uploader` in
   memory with counters and fault injection.
+* :class:`FixedSource` is a package source for use with :class:`FakeNix`.
 * :mod:`nixery_core.storage.conformance` checks any uploader against the
   protocol.
 """
@@ -23,6 +24,7 @@ from nixery_core.testing.runners import (
     UnexpectedCall,
     default_fake_packages,
 )
+from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore, StagedBlob
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "FakeNix",
     "FakePackage",
     "FakeSymlink",
+    "FixedSource",
     "MemoryStore",
     "RecordedCall",
     "RecordingRunner",
