@@ -277,9 +277,10 @@ class _Build:
         if self.progress is not None:
             self.progress(ProgressEvent(stage, message, layer))
 
-    def count(self, **fields: int) -> None:
+    def count(self, field: str) -> None:
+        """Tally one cache counter for this build (the cache's ``on_count``)."""
         with self._stats_lock:
-            self.stats = self.stats + CacheStats(**fields)
+            self.stats = self.stats + CacheStats(**{field: 1})
 
     def timed(self, stage: str, start: float) -> float:
         now = self.clock()
@@ -298,7 +299,7 @@ class _Build:
         cached = self._cached_layer(key)
         if cached is None and self.cache is not None:
             with self.cache.single_flight(f"layer:{key}"):
-                cached = self._cached_layer(key, count=False)
+                cached = self._cached_layer(key, recheck=True)
                 if cached is None:
                     return self._pack(key, paths, packages, kind, pack)
         elif cached is None:
@@ -310,18 +311,11 @@ class _Build:
         self.emit("layers", f"reused {built.digest[:19]} ({', '.join(packages[:3])})", built)
         return built
 
-    def _cached_layer(self, key: str, *, count: bool = True) -> LayerRecord | None:
+    def _cached_layer(self, key: str, *, recheck: bool = False) -> LayerRecord | None:
+        """The cached layer; a recheck after waiting for the key is not counted twice."""
         if self.cache is None:
             return None
-        before = self.cache.stats
-        found = self.cache.get_layer(self.store, key)
-        if count:
-            after = self.cache.stats
-            self.count(
-                layer_local_hits=after.layer_local_hits - before.layer_local_hits,
-                layer_shared_hits=after.layer_shared_hits - before.layer_shared_hits,
-                layer_misses=after.layer_misses - before.layer_misses,
-            )
+        found = self.cache.get_layer(self.store, key, on_count=None if recheck else self.count)
         return None if found is None else found[0]
 
     def _pack(
@@ -412,32 +406,31 @@ def build_image(
         nix_options, max_workers, on_log_line, _expression(expression),
     )
 
-    def lookup() -> BuildResult | None:
-        if cache is None:
-            return None
-        before = cache.stats
-        record = cache.get_manifest(store, key)
-        after = cache.stats
-        build.count(
-            manifest_local_hits=after.manifest_local_hits - before.manifest_local_hits,
-            manifest_shared_hits=after.manifest_shared_hits - before.manifest_shared_hits,
-            manifest_misses=after.manifest_misses - before.manifest_misses,
-        )
+    def lookup(cache: BuildCache) -> BuildResult | None:
+        """One manifest lookup; a miss is counted once by the caller, when it builds."""
+        counted: list[str] = []
+        record = cache.get_manifest(store, key, on_count=counted.append)
+        for field in counted:
+            if field != "manifest_misses":  # stale and corrupt entries still count
+                build.count(field)
         if record is None:
             return None
         build.timed("resolve", start)
         build.emit("done", f"cache hit for {image.reference}")
         return BuildResult.from_record(image, key, record.body, build.stats, build.timings)
 
-    hit = lookup()
-    if hit is not None:
-        return hit
     if cache is None:
         return _build_uncached(build, plan, start)
+    # Each build reports one manifest outcome: the hit, or one miss when it builds
+    # (a thread that waited for another's build and then hits reports the hit).
+    hit = lookup(cache)
+    if hit is not None:
+        return hit
     with cache.single_flight(f"manifest:{key}"):
-        hit = lookup()
+        hit = lookup(cache)
         if hit is not None:
             return hit
+        build.count("manifest_misses")
         return _build_uncached(build, plan, start)
 
 

@@ -55,6 +55,8 @@ __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Receives the name of a :class:`CacheStats` counter each time a lookup adds to it.
+Counted = Callable[[str], None]
 
 #: Bump when the meaning of a cache entry changes; it is part of every key.
 LAYOUT_VERSION = 1
@@ -325,22 +327,30 @@ class BuildCache:
 
     # --- manifests ---------------------------------------------------------
 
-    def get_manifest(self, store: Uploader, key: str) -> ManifestRecord | None:
-        """The cached build for ``key``, if every blob it names is still stored."""
-        record, tier = self._get(store, f"manifests/{key}", ManifestRecord.from_json)
+    def get_manifest(
+        self, store: Uploader, key: str, *, on_count: Counted | None = None
+    ) -> ManifestRecord | None:
+        """The cached build for ``key``, if every blob it names is still stored.
+
+        ``on_count`` receives the name of each :class:`CacheStats` counter
+        this lookup adds to, so a caller can tally its own lookups exactly
+        while other threads use the same cache.
+        """
+        count = self._counter(on_count)
+        record, tier = self._get(store, f"manifests/{key}", ManifestRecord.from_json, count)
         if record is None:
-            self._totals.add("manifest_misses")
+            count("manifest_misses")
             return None
         if record.expires_at is not None and record.expires_at <= self.clock():
-            self._totals.add("manifest_misses")
+            count("manifest_misses")
             return None
         missing = [d for d in record.blobs if not store.has_blob(d)]
         if missing:
             log.warning("manifest cache entry %s names vanished blobs %s; rebuilding", key, missing)
-            self._totals.add("stale_entries")
-            self._totals.add("manifest_misses")
+            count("stale_entries")
+            count("manifest_misses")
             return None
-        self._totals.add("manifest_local_hits" if tier == "local" else "manifest_shared_hits")
+        count("manifest_local_hits" if tier == "local" else "manifest_shared_hits")
         return record
 
     def put_manifest(
@@ -356,20 +366,33 @@ class BuildCache:
 
     # --- layers ------------------------------------------------------------
 
-    def get_layer(self, store: Uploader, key: str) -> tuple[LayerRecord, str] | None:
+    def get_layer(
+        self, store: Uploader, key: str, *, on_count: Counted | None = None
+    ) -> tuple[LayerRecord, str] | None:
         """The packed layer for ``key`` and the tier it came from, if its blob exists."""
-        record, tier = self._get(store, f"builds/{key}", LayerRecord.from_json)
+        count = self._counter(on_count)
+        record, tier = self._get(store, f"builds/{key}", LayerRecord.from_json, count)
         if record is None:
-            self._totals.add("layer_misses")
+            count("layer_misses")
             return None
         if not store.has_blob(record.digest):
             log.warning("layer cache entry %s names vanished blob %s; repacking", key,
                         record.digest)
-            self._totals.add("stale_entries")
-            self._totals.add("layer_misses")
+            count("stale_entries")
+            count("layer_misses")
             return None
-        self._totals.add("layer_local_hits" if tier == "local" else "layer_shared_hits")
+        count("layer_local_hits" if tier == "local" else "layer_shared_hits")
         return record, tier
+
+    def _counter(self, on_count: Counted | None) -> Counted:
+        if on_count is None:
+            return self._totals.add
+
+        def both(field: str) -> None:
+            self._totals.add(field)
+            on_count(field)
+
+        return both
 
     def put_layer(self, store: Uploader, key: str, record: LayerRecord) -> None:
         """Record a packed layer; call only once its blob is stored."""
@@ -378,7 +401,7 @@ class BuildCache:
     # --- tiers -------------------------------------------------------------
 
     def _get(
-        self, store: Uploader, name: str, parse: Callable[[Mapping[str, Any]], T]
+        self, store: Uploader, name: str, parse: Callable[[Mapping[str, Any]], T], count: Counted
     ) -> tuple[T | None, str]:
         if self._local is not None:
             with self._memo_lock:
@@ -388,14 +411,14 @@ class BuildCache:
                     return cast(T, memoised), "local"
             raw = self._local_get(name)
             if raw is not None:
-                parsed = self._parse(raw, name, "local", parse)
+                parsed = self._parse(raw, name, "local", parse, count)
                 if parsed is not None:
                     self._remember(name, parsed)
                     return parsed, "local"
         if self.shared:
             raw_shared = store.get_object(name)
             if raw_shared is not None:
-                parsed = self._parse(raw_shared, name, "shared", parse)
+                parsed = self._parse(raw_shared, name, "shared", parse, count)
                 if parsed is not None:
                     self._local_set(name, raw_shared, None)
                     return parsed, "shared"
@@ -412,13 +435,18 @@ class BuildCache:
             self._memo.pop(name, None)
 
     def _parse(
-        self, raw: object, name: str, tier: str, parse: Callable[[Mapping[str, Any]], T]
+        self,
+        raw: object,
+        name: str,
+        tier: str,
+        parse: Callable[[Mapping[str, Any]], T],
+        count: Counted,
     ) -> T | None:
         try:
             return parse(_json_object(raw))
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("corrupt %s cache entry %s (%s); treating as a miss", tier, name, exc)
-            self._totals.add("corrupt_entries")
+            count("corrupt_entries")
             return None
 
     def _put(

@@ -184,16 +184,9 @@ class _IndexBuild:
         """The cached index, or None (a corrupt entry is a miss, logged)."""
         if self.cache is None:
             return None
-        before = self.cache.stats
-        record = self.cache.get_manifest(self.store, self.key)
-        after = self.cache.stats
-        delta = CacheStats(
-            manifest_local_hits=after.manifest_local_hits - before.manifest_local_hits,
-            manifest_shared_hits=after.manifest_shared_hits - before.manifest_shared_hits,
-            manifest_misses=after.manifest_misses - before.manifest_misses,
-            stale_entries=after.stale_entries - before.stale_entries,
-            corrupt_entries=after.corrupt_entries - before.corrupt_entries,
-        )
+        counted: list[str] = []
+        record = self.cache.get_manifest(self.store, self.key, on_count=counted.append)
+        delta = CacheStats(**{field: counted.count(field) for field in set(counted)})
         if record is None:
             return None
         self.timings["resolve"] = self.clock() - self.start

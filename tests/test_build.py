@@ -377,3 +377,34 @@ def test_processes_sharing_cache_and_store_agree_and_build_once(tmp_path: Path) 
     assert sum(a["resolves"] for a in answers) == 1
     store = FilesystemStore(tmp_path / "store")
     assert store.staging_leftovers() == []
+
+
+def test_build_stats_count_only_this_builds_lookups(tmp_path: Path) -> None:
+    """Concurrent builds of other images on one cache do not leak into a build's stats."""
+    runner = fake_nix(tmp_path / "root")
+    store = MemoryStore()
+    with BuildCache(tmp_path / "cache") as cache:
+        build(tmp_path, "hello", runner=runner, store=store, cache=cache)
+        stop = threading.Event()
+
+        def noise() -> None:
+            while not stop.is_set():
+                build(tmp_path, "hello", runner=runner, store=store, cache=cache)
+
+        threads = [threading.Thread(target=noise) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        try:
+            results = [build(tmp_path, "shell/hello", runner=runner, store=store, cache=cache)
+                       for _ in range(3)]
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    first, *hits = results
+    assert first.cache_stats.manifest_misses == 1
+    assert first.cache_stats.manifest_hits == 0
+    for hit in hits:
+        assert hit.cache_stats.manifest_local_hits == 1
+        assert hit.cache_stats.manifest_misses == 0
+        assert hit.cache_stats.layer_misses == 0
