@@ -233,9 +233,20 @@ def render_manifest(
         "config": config_descriptor.to_json(),
         "layers": rendered_layers,
     }
+    return _finish(document, media_type, format, annotations, "Docker schema 2 manifests")
+
+
+def _finish(
+    document: dict[str, JSONValue],
+    media_type: str,
+    format: Format,  # noqa: A002 - as in the public functions
+    annotations: Mapping[str, str] | None,
+    docker_kind: str,
+) -> tuple[bytes, str]:
+    """Add annotations (OCI only) and render canonical JSON with its media type."""
     if annotations:
         if format == "docker":
-            raise InvalidInput("Docker schema 2 manifests carry no annotations; use format='oci'")
+            raise InvalidInput(f"{docker_kind} carry no annotations; use format='oci'")
         document["annotations"] = dict(_pairs(annotations))
     return canonical_json(document), media_type
 
@@ -272,11 +283,7 @@ def render_index(
         "mediaType": media_type,
         "manifests": entries,
     }
-    if annotations:
-        if format == "docker":
-            raise InvalidInput("Docker manifest lists carry no annotations; use format='oci'")
-        document["annotations"] = dict(_pairs(annotations))
-    return canonical_json(document), media_type
+    return _finish(document, media_type, format, annotations, "Docker manifest lists")
 
 
 # --- parsing -----------------------------------------------------------------
