@@ -187,10 +187,13 @@ def default_store() -> Uploader:
     from nixery_core.storage.filesystem import FilesystemStore  # noqa: PLC0415 - default only
 
     root = os.environ.get("NIXERY_CORE_STORE")
-    if not root:
-        cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = str(Path(cache_home) / "nixery-core" / "store")
-    return FilesystemStore(Path(root))
+    return FilesystemStore(Path(root) if root else user_cache_dir() / "store")
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/nixery-core`` (``~/.cache/nixery-core``): the defaults' home."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "nixery-core"
 
 
 def _default_strategy() -> LayeringStrategy:

@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nixery_core.archive import ArchiveOptions
-from nixery_core.build import BuildResult, ProgressEvent, build_image, default_store
+from nixery_core.build import (
+    BuildResult,
+    ProgressEvent,
+    build_image,
+    default_store,
+    user_cache_dir,
+)
 from nixery_core.cache import BuildCache
 from nixery_core.display import build_result_table
 from nixery_core.errors import InvalidInput, NixeryError, UnknownPackages
@@ -70,8 +76,7 @@ def _cache(args: argparse.Namespace) -> BuildCache | None:
 
 
 def _default_cache_dir() -> Path:
-    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache_home) / "nixery-core" / "cache"
+    return user_cache_dir() / "cache"
 
 
 def _pairs(items: Sequence[str], option: str) -> dict[str, str]:
