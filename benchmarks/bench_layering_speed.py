@@ -1,7 +1,7 @@
 """How grouping time scales with closure size, for every layering strategy.
 
 Each strategy groups synthetic closures of 1k, 5k, 10k and 20k store paths
-(:func:`~nixery_core.layering.universe.random_closure`: a libc-like bottom,
+(:func:`~nixery_core_sim.universe.random_closure`: a libc-like bottom,
 heavy-tailed sizes, popular libraries, 20 requested packages) into 93
 layers.  Times are CPU seconds, best of ``--repeat`` runs, so other load on
 the machine does not count.  Ratios are against nixpkgs'
@@ -26,8 +26,8 @@ from nixery_core.layering import (
     ReferencesByPopularity,
     SizeFirst,
 )
-from nixery_core.layering.universe import random_closure
 from nixery_core.protocols import LayeringStrategy
+from nixery_core_sim.universe import random_closure
 
 BASELINE = ReferencesByPopularity()
 

@@ -14,8 +14,8 @@ Prints, in this order:
 3. with ``--by-kind``, churn per image summed by image kind;
 4. how ours does against its targets.
 
-See :mod:`nixery_core.layering.universe` for the simulated package set and
-:mod:`nixery_core.layering.evaluation` for the measures.
+See :mod:`nixery_core_sim.universe` for the simulated package set and
+:mod:`nixery_core_sim.evaluation` for the measures.
 
     .venv/bin/python benchmarks/layering_sim.py --by-kind     # the calibrated universe
     .venv/bin/python benchmarks/layering_sim.py --quick       # a small one
@@ -42,7 +42,12 @@ import attrs
 
 from nixery_core.graph import RuntimeGraph
 from nixery_core.layering import DEFAULT_MAX_LAYERS, DEFAULT_STRATEGY
-from nixery_core.layering.evaluation import (
+from nixery_core.names import Image
+from nixery_core.nixexprs import offline_package_set
+from nixery_core.protocols import LayeringStrategy
+from nixery_core.runner import SubprocessRunner
+from nixery_core.sources import LocalPathSource
+from nixery_core_sim.evaluation import (
     PerPath,
     SingleLayer,
     closure_from_json,
@@ -55,12 +60,7 @@ from nixery_core.layering.evaluation import (
     simulate,
     verdict,
 )
-from nixery_core.layering.universe import UniverseConfig
-from nixery_core.names import Image
-from nixery_core.nixexprs import offline_package_set
-from nixery_core.protocols import LayeringStrategy
-from nixery_core.runner import SubprocessRunner
-from nixery_core.sources import LocalPathSource
+from nixery_core_sim.universe import UniverseConfig
 
 #: Images of the offline package set measured by ``--offline-set``.
 OFFLINE_IMAGES = ("shell", "hello", "shell/hello", "edge-cases", "xorg.xev/multiout")

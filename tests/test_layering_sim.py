@@ -16,7 +16,8 @@ from nixery_core.errors import InvalidInput, NixOutputError
 from nixery_core.graph import RuntimeGraph
 from nixery_core.layering import DEFAULT_MAX_LAYERS, DEFAULT_STRATEGY
 from nixery_core.layering.common import IndexedGraph
-from nixery_core.layering.evaluation import (
+from nixery_core.protocols import LayerGroup
+from nixery_core_sim.evaluation import (
     PUBLISHED,
     PerPath,
     Report,
@@ -26,8 +27,7 @@ from nixery_core.layering.evaluation import (
     simulate,
     verdict,
 )
-from nixery_core.layering.universe import Universe, UniverseConfig, random_closure
-from nixery_core.protocols import LayerGroup
+from nixery_core_sim.universe import Universe, UniverseConfig, random_closure
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ strategy.  Per strategy it reports:
 Two baselines frame the numbers: one layer per image (:class:`SingleLayer`)
 and one layer per store path (:class:`PerPath`), the floor no grouping can
 beat.  :func:`simulate` runs it all on a synthetic
-:class:`~nixery_core.layering.universe.Universe` and measures how the
+:class:`~nixery_core_sim.universe.Universe` and measures how the
 universe compares with the published measurements (:class:`Calibration`);
 pass your own strategy in ``ours`` to compare it with the published ones.
 :func:`realise_corpus` realises real images with Nix for the same measures.
@@ -43,11 +43,11 @@ from nixery_core.layering.metrics import PullingClient, unique_layer_bytes
 from nixery_core.layering.nixery import NixeryPopularity
 from nixery_core.layering.references import ReferencesByPopularity
 from nixery_core.layering.size_first import SizeFirst
-from nixery_core.layering.universe import Universe, UniverseConfig, choose_images, image_graph
 from nixery_core.names import Image
 from nixery_core.nix import parse_path_info_output, realise
 from nixery_core.protocols import JSONValue, LayerGroup, LayeringStrategy, Runner
 from nixery_core.sources import SourceSpec
+from nixery_core_sim.universe import Universe, UniverseConfig, choose_images, image_graph
 
 __all__ = [
     "CALIBRATION_TARGETS",

@@ -1,6 +1,6 @@
 """A synthetic, nixpkgs-like package set that evolves week by week.
 
-Used to measure layering strategies (see :mod:`nixery_core.layering.evaluation`
+Used to measure layering strategies (see :mod:`nixery_core_sim.evaluation`
 and ``benchmarks/layering_sim.py``); nothing else in the library needs it.
 
 What it models, and why (each part is what makes real closures hard to
