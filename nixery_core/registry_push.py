@@ -26,6 +26,15 @@ challenge is answered by ``GET realm?service=...&scope=...`` (with the basic
 credentials when given, anonymously otherwise) and the token is reused for
 later requests.  :class:`BearerToken` sends a token you already have.
 
+Credentials stay with their origin.  The ``Authorization`` header goes only
+to the registry's own origin (scheme, host and port); a request elsewhere
+(an upload ``Location`` at another host, say) carries none, and a challenge
+from elsewhere is not answered.  A token ``realm`` gets the basic
+credentials only over HTTPS, or over plain HTTP to a loopback host when
+``insecure=True``; any other realm is asked anonymously.  Redirects are not
+followed unless an injected ``client`` says so, and httpx then drops the
+header on a redirect to another origin.
+
 HTTPS is the default.  ``insecure=True`` speaks plain HTTP, and only to a
 loopback host (``localhost``, ``127.0.0.0/8``, ``::1``) unless
 ``allow_insecure_remote=True`` says otherwise.  Every transport error and
@@ -108,14 +117,27 @@ def _check_repository(target: str, repository: str) -> str:
     return repository
 
 
-def _is_loopback(host: str) -> bool:
-    name = host[1 : host.index("]")] if host.startswith("[") else host.split(":", 1)[0]
-    if name == "localhost":
+def _is_loopback_name(name: str) -> bool:
+    """Whether a bare host name (no port, no brackets) is a loopback host."""
+    if name.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def _is_loopback(host: str) -> bool:
+    name = host[1 : host.index("]")] if host.startswith("[") else host.split(":", 1)[0]
+    return _is_loopback_name(name)
+
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """A URL's origin: scheme, host and port (the scheme's default port filled in)."""
+    return url.scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(url.scheme)
 
 
 @attrs.frozen
@@ -216,18 +238,36 @@ def _merge_scopes(scopes: list[str]) -> list[str]:
 
 
 class _RegistryAuth(httpx.Auth):
-    """Answers Basic and Bearer challenges; keeps the last token for later requests."""
+    """Answers Basic and Bearer challenges; keeps the last token for later requests.
+
+    Only requests to ``origin`` (the registry's scheme, host and port) get
+    an ``Authorization`` header or have their challenges answered.
+    """
 
     requires_response_body = True
 
     def __init__(
-        self, credentials: BasicAuth | BearerToken | None, scopes: tuple[str, ...] = ()
+        self,
+        credentials: BasicAuth | BearerToken | None,
+        origin: httpx.URL,
+        *,
+        insecure: bool = False,
+        scopes: tuple[str, ...] = (),
     ) -> None:
         self._credentials = credentials
+        self._origin = _origin(origin)
+        self._insecure = insecure
         self._scopes = scopes
         self._header: str | None = None
+        self._withheld: str | None = None
         if isinstance(credentials, BearerToken):
             self._header = f"Bearer {credentials.token}"
+
+    def _realm_may_have_basic(self, realm: httpx.URL) -> bool:
+        """Basic credentials go to a realm over HTTPS, or plain HTTP to loopback if insecure."""
+        if realm.scheme == "https":
+            return True
+        return realm.scheme == "http" and self._insecure and _is_loopback_name(realm.host)
 
     def _basic(self) -> str | None:
         if not isinstance(self._credentials, BasicAuth):
@@ -236,6 +276,12 @@ class _RegistryAuth(httpx.Auth):
         return "Basic " + base64.b64encode(pair).decode("ascii")
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if _origin(request.url) != self._origin:
+            # Another origin (an upload Location elsewhere): no credentials, and
+            # its challenges are not answered with ours.
+            request.headers.pop("Authorization", None)
+            yield request
+            return
         if self._header is not None:
             request.headers["Authorization"] = self._header
         response = yield request
@@ -265,17 +311,25 @@ class _RegistryAuth(httpx.Auth):
         # so one token serves HEAD, upload, mount and manifest PUT.
         scopes = _merge_scopes([*params.get("scope", "").split(), *self._scopes])
         query += [("scope", scope) for scope in scopes]
+        realm = httpx.URL(params["realm"])
         headers = {}
         basic = self._basic()
         if basic is not None:
-            headers["Authorization"] = basic
-        return httpx.Request("GET", params["realm"], params=query, headers=headers)
+            if self._realm_may_have_basic(realm):
+                headers["Authorization"] = basic
+            else:
+                self._withheld = (
+                    f" (credentials withheld from {realm.scheme}://{realm.netloc.decode()}: "
+                    "a token realm gets them over HTTPS, or plain HTTP to loopback with insecure)"
+                )
+        return httpx.Request("GET", realm, params=query, headers=headers)
 
-    @staticmethod
-    def _token_header(response: httpx.Response, realm: str) -> str:
+    def _token_header(self, response: httpx.Response, realm: str) -> str:
         if response.status_code != 200:
             raise RegistryError(
-                f"token server {realm} refused a token", response.status_code, response.text
+                f"token server {realm} refused a token{self._withheld or ''}",
+                response.status_code,
+                response.text,
             )
         try:
             body = response.json()
@@ -527,12 +581,18 @@ def push_image(
 
     own_client = client is None
     http = client if client is not None else httpx.Client(timeout=timeout)
+    base = f"{'http' if insecure else 'https'}://{parsed.host}"
     pusher = _Pusher(
         client=http,
-        base=f"{'http' if insecure else 'https'}://{parsed.host}",
+        base=base,
         target=parsed,
         store=store,
-        auth=_RegistryAuth(auth, _scopes_needed(parsed, mount_from)),
+        auth=_RegistryAuth(
+            auth,
+            httpx.URL(base),
+            insecure=insecure,
+            scopes=_scopes_needed(parsed, mount_from),
+        ),
         chunk_size=chunk_size,
         mount_from=mount_from,
     )
