@@ -52,18 +52,19 @@ a file.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
-from typing import BinaryIO
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import attrs
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from examples.registry.blobs import answer_blob
 from examples.registry.builds import Builder, BuiltImage, ServedManifest
+from examples.registry.conditional import etag, none_match
 from examples.registry.config import ManifestFormat, RegistryConfig
 from examples.registry.negotiation import index_preferences, preferences
 from nixery_core.digests import validate_digest
@@ -86,13 +87,11 @@ from nixery_core.media_types import (
 )
 from nixery_core.names import Image
 from nixery_core.recent_errors import RecentErrors
-from nixery_core.storage.serving import ServedBlob, open_blob_for_serving
 
 __all__ = ["API_VERSION", "RegistryError", "create_app"]
 
 #: The header value every V2 registry answers with.
 API_VERSION = "registry/2.0"
-_CHUNK = 1 << 20
 _MANIFEST_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
 
 
@@ -164,20 +163,18 @@ def _digest(value: str) -> str:
 
 
 def _manifest_response(request: Request, manifest: ServedManifest) -> Response:
+    tag = etag(manifest.digest)
+    if none_match(request.headers.getlist("if-none-match"), tag):
+        headers = {"Docker-Content-Digest": manifest.digest, "ETag": tag}
+        return Response(b"", status_code=304, headers=headers)
     headers = {
         "Content-Type": manifest.media_type,
         "Content-Length": str(len(manifest.data)),
         "Docker-Content-Digest": manifest.digest,
-        "ETag": f'"{manifest.digest}"',
+        "ETag": tag,
     }
     body = b"" if request.method == "HEAD" else manifest.data
     return Response(body, headers=headers)
-
-
-def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:
-    with stream:
-        while chunk := stream.read(_CHUNK):
-            yield chunk
 
 
 class _ApiVersionHeader:
@@ -298,33 +295,23 @@ class _Endpoints:
         _image(request.path_params["name"])
         digest = _digest(request.path_params["digest"])
         store, blob_url = self.config.store, self.config.blob_url
-        if blob_url is None:
-            return await self._stream_blob(request, digest)
         info = await self.builder.run_io(lambda: store.blob_info(digest))
         if info is None:
             raise _translate(BlobNotFound(digest))
-        headers = {"Docker-Content-Digest": digest}
-        if request.method == "HEAD":
-            headers |= {"Content-Length": str(info.size), "Content-Type": info.media_type}
-            return Response(b"", headers=headers)
-        url = await self.builder.run_io(lambda: blob_url(digest))
-        return Response(b"", status_code=307, headers={**headers, "Location": url})
 
-    async def _stream_blob(self, request: Request, digest: str) -> Response:
-        store = self.config.store
-        served: ServedBlob = await self.builder.run_io(
-            lambda: open_blob_for_serving(store, digest)
+        redirect: Callable[[], Awaitable[str]] | None = None
+        if blob_url is not None:
+            url_of = blob_url
+
+            async def to_storage() -> str:
+                return await self.builder.run_io(lambda: url_of(digest))
+
+            redirect = to_storage
+        return await answer_blob(
+            request, digest=digest, size=info.size, media_type=info.media_type,
+            open_stream=lambda: store.open_blob(digest), run_io=self.builder.run_io,
+            redirect=redirect,
         )
-        headers = {
-            "Content-Length": str(served.size),
-            "Content-Type": served.media_type,
-            "Docker-Content-Digest": digest,
-            "ETag": f'"{digest}"',
-        }
-        if request.method == "HEAD":
-            served.stream.close()
-            return Response(b"", headers=headers)
-        return StreamingResponse(_read_chunks(served.stream), headers=headers)
 
     async def tags(self, request: Request) -> Response:
         image = _image(request.path_params["name"])

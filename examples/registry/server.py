@@ -31,6 +31,9 @@ from nixery_core.errors import InvalidInput, NixeryError
 __all__ = ["ServerFailed", "main", "serving"]
 
 _START_TIMEOUT = 30.0
+#: Largest request head uvicorn's h11 parser accepts (h11's default is 16 KiB):
+#: podman's partial pulls send ``Range`` headers with a thousand ranges.
+MAX_REQUEST_HEAD = 256 * 1024
 
 
 class ServerFailed(RuntimeError):
@@ -60,7 +63,10 @@ def serving(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[st
     ``port=0`` picks a free port.  Leaving the block stops the server and
     runs the app's lifespan shutdown.
     """
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="on",
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="registry-server", daemon=True)
     thread.start()
@@ -89,7 +95,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="info",
+            h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
+        )
+    )
 
     stopped = threading.Event()
 
