@@ -10,7 +10,10 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import functools
+import http.client
 import io
+import json
+import urllib.parse
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +27,7 @@ from servers import FakeGcsServer, fake_gcs
 
 from examples.registry import RegistryConfig, create_app, serving
 from examples.registry.conditional import etag, if_range_holds, none_match
+from examples.registry.error_bodies import MAX_BODY, MAX_ITEMS, MAX_TEXT, error_body
 from examples.registry.ranges import (
     MAX_RANGES,
     ByteRange,
@@ -354,3 +358,32 @@ def test_a_thousand_ranges_in_one_request(blob_registry: tuple[str, str]) -> Non
     assert response.status_code == 206
     parts = parse_multipart(response.headers["content-type"], response.content)
     assert [payload for _, payload in parts] == [BLOB[a : b + 1] for a, b in ranges]
+
+
+def test_error_bodies_are_bounded(blob_registry: tuple[str, str]) -> None:
+    """A 100 KB name comes back cut, in an error body of at most MAX_BODY bytes."""
+    url, _ = blob_registry
+    address = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname or "", address.port, timeout=30)
+    try:  # httpx refuses URLs over 64 KiB; a hostile client does not
+        connection.request("GET", f"/v2/{'a' * 100_000}/manifests/{'B' * 1000}")
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    assert response.status == 400
+    assert len(body) <= MAX_BODY
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "NAME_INVALID"
+    assert "more]" in error["message"]
+
+
+def test_error_body_rules() -> None:
+    """Strings and lists are cut with a count of what was left out; detail goes if still big."""
+    body = json.loads(error_body("X", "m" * 5000, {"packages": ["p"] * 100}))
+    error = body["errors"][0]
+    assert error["message"] == "m" * MAX_TEXT + f"...[{5000 - MAX_TEXT} more]"
+    assert error["detail"]["packages"][-1] == f"...[{100 - MAX_ITEMS} more]"
+    assert len(error["detail"]["packages"]) == MAX_ITEMS + 1
+    huge = {f"k{i}": "v" * MAX_TEXT for i in range(MAX_ITEMS)}
+    assert "detail" not in json.loads(error_body("X", "m", huge))["errors"][0]

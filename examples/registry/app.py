@@ -66,6 +66,7 @@ from examples.registry.blobs import answer_blob
 from examples.registry.builds import Builder, BuiltImage, ServedManifest
 from examples.registry.conditional import etag, none_match
 from examples.registry.config import ManifestFormat, RegistryConfig
+from examples.registry.error_bodies import error_body
 from examples.registry.negotiation import index_preferences, preferences
 from nixery_core.digests import validate_digest
 from nixery_core.errors import (
@@ -107,11 +108,10 @@ class RegistryError(Exception):
         self.message = message
         self.detail = detail
 
-    def response(self) -> JSONResponse:
-        error: dict[str, object] = {"code": self.code, "message": self.message}
-        if self.detail is not None:
-            error["detail"] = self.detail
-        return JSONResponse({"errors": [error]}, status_code=self.status)
+    def response(self) -> Response:
+        """The JSON answer, bounded (:mod:`examples.registry.error_bodies`)."""
+        body = error_body(self.code, self.message, self.detail)
+        return Response(body, status_code=self.status, media_type="application/json")
 
 
 #: Library errors as registry answers: status and code, most specific class first.
