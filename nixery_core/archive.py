@@ -176,7 +176,7 @@ class ArchiveOptions:
 
     ``level`` ``None`` means the backend's default
     (:data:`~nixery_core.compression.DEFAULT_LEVELS`: ISA-L 3, zlib 1, zstd 3).
-    ``gzip_backend`` ``"auto"`` uses ISA-L when installed, else zlib; the two
+    ``gzip_backend`` ``"auto"`` uses ISA-L (required); ``"zlib"`` picks zlib; the two
     give the same ``diff_id`` but different compressed bytes, so the
     resolved backend is part of :meth:`parameters` (see
     :mod:`nixery_core.compression`).

@@ -22,9 +22,13 @@ One header for both backends means their outputs differ only inside the
 deflate blocks.
 
 **Backends.**  ISA-L (``isal.isal_zlib``) compresses several times faster
-than zlib at levels 0-3; zlib (levels 0-9) is the fallback when ``isal`` is
-not installed.  The two produce different compressed bytes for the same
-input (the uncompressed tar, and so the ``diff_id``, is identical).  To keep
+than zlib at levels 0-3; it is a required dependency and the default
+(``"auto"`` means ISA-L).  zlib (levels 0-9) is used only when asked for by
+name.  The two produce different compressed bytes for the same input (the
+uncompressed tar, and so the ``diff_id``, is identical), so a missing
+``isal`` (or ``zstandard`` for zstd) raises
+:class:`~nixery_core.errors.MissingEncoder` instead of switching encoders:
+two installs sharing a bucket must agree on every digest.  To keep
 "same cache key, same bytes", :meth:`CompressorSpec.parameters` names the
 resolved backend, its library version and a *fingerprint*: the digest of a
 fixed 96 KiB sample compressed through the same block code.  Two machines
@@ -32,8 +36,7 @@ whose compressors would disagree (another zlib build, another ISA-L version)
 therefore get different cache keys instead of different bytes under one key.
 ISA-L picks code paths by CPU features; upstream does not promise identical
 output across them, and the fingerprint only catches a difference that the
-sample shows.  The ``diff_id`` never depends on any of this.  Pin
-``gzip_backend="isal"`` in production so every builder shares layers.
+sample shows.  The ``diff_id`` never depends on any of this.
 
 **Default levels**, chosen on the benchmark closures (docs/performance.md):
 ISA-L level 3 with memLevel 3: output 1.075x ``pigz -6``'s on the 300 MB
@@ -64,7 +67,7 @@ from typing import Literal, Protocol
 
 import attrs
 
-from nixery_core.errors import InvalidInput
+from nixery_core.errors import InvalidInput, MissingEncoder
 from nixery_core.protocols import JSONValue
 
 __all__ = [
@@ -112,7 +115,7 @@ _FINAL_BLOCK = b"\x03\x00"
 
 def _import_isal() -> ModuleType | None:
     try:
-        from isal import isal_zlib  # noqa: PLC0415 - optional dependency, imported on demand
+        from isal import isal_zlib  # noqa: PLC0415 - imported on demand, so a missing one is a typed error
     except ImportError:
         return None
     return isal_zlib
@@ -120,19 +123,19 @@ def _import_isal() -> ModuleType | None:
 
 def _import_zstd() -> ModuleType | None:
     try:
-        import zstandard  # noqa: PLC0415 - optional dependency, imported on demand
+        import zstandard  # noqa: PLC0415 - imported on demand, so a missing one is a typed error
     except ImportError:
         return None
     return zstandard
 
 
 def isal_available() -> bool:
-    """Whether ``isal`` (ISA-L) is installed, so ``gzip_backend="auto"`` picks it."""
+    """Whether ``isal`` (ISA-L) is importable (it is a required dependency)."""
     return _import_isal() is not None
 
 
 def zstd_available() -> bool:
-    """Whether ``zstandard`` is installed, so zstd layers can be made."""
+    """Whether ``zstandard`` is importable (it is a required dependency)."""
     return _import_zstd() is not None
 
 
@@ -176,10 +179,12 @@ def resolve_compressor(
 ) -> CompressorSpec:
     """Pick the backend and level for ``compression`` on this machine.
 
-    ``gzip_backend="auto"`` means ISA-L when installed, else zlib.  Asking for
-    ``"isal"`` without it, or for zstd without ``zstandard``, raises
-    :class:`ImportError` naming the package to install; a level outside the
-    backend's range raises :class:`~nixery_core.errors.InvalidInput`.
+    ``gzip_backend="auto"`` means ISA-L (a required dependency); ``"zlib"``
+    picks zlib by name.  A missing ``isal`` (for gzip) or ``zstandard`` (for
+    zstd) raises :class:`~nixery_core.errors.MissingEncoder` naming the
+    package: another encoder would write other bytes, so nothing falls back.
+    A level outside the backend's range raises
+    :class:`~nixery_core.errors.InvalidInput`.
     """
     return _resolve(compression, level, gzip_backend)
 
@@ -194,18 +199,14 @@ def _resolve(compression: str, level: int | None, gzip_backend: str) -> Compress
     elif compression == "zstd":
         zstandard = _import_zstd()
         if zstandard is None:
-            raise ImportError(
-                "zstd layers need the 'zstandard' package: pip install 'nixery-core[fast]'"
-            )
+            raise MissingEncoder("zstandard", "zstd layers")
         backend, library = "zstd", "zstd " + ".".join(map(str, zstandard.ZSTD_VERSION))
     elif compression == "gzip":
         if gzip_backend not in ("auto", "isal", "zlib"):
             raise InvalidInput(f"unknown gzip backend {gzip_backend!r}: use auto, isal or zlib")
         isal = _import_isal() if gzip_backend != "zlib" else None
-        if gzip_backend == "isal" and isal is None:
-            raise ImportError(
-                "gzip_backend='isal' needs the 'isal' package: pip install 'nixery-core[fast]'"
-            )
+        if gzip_backend != "zlib" and isal is None:
+            raise MissingEncoder("isal", f"gzip layers (gzip_backend={gzip_backend!r})")
         if isal is not None:
             from isal import _isal  # noqa: PLC0415 - only present with isal
 

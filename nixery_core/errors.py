@@ -16,6 +16,7 @@ The tree is small on purpose; catch the branch you can act on::
     │   ├── NixOutputError           .argv, .output (unparseable answer)
     │   └── CommandNotFound          .argv (nix itself is missing)
     ├── LayerError                   packing a layer failed
+    │   ├── MissingEncoder           .package (a compressor that defines layer bytes)
     │   ├── StorePathMissing         .path
     │   ├── UnsafeStoreContent       .path, .detail (escapes, device files)
     │   └── FileChangedDuringPacking .path
@@ -47,6 +48,7 @@ __all__ = [
     "InvalidManifest",
     "InvalidSource",
     "LayerError",
+    "MissingEncoder",
     "NixBuildFailed",
     "NixError",
     "NixOutputError",
@@ -180,6 +182,23 @@ class CommandNotFound(NixError):
 
 class LayerError(NixeryError):
     """Packing a layer failed; nothing was committed."""
+
+
+class MissingEncoder(LayerError, ImportError):
+    """The compressor library that defines a layer's bytes is not installed.
+
+    ``isal`` (gzip) and ``zstandard`` (zstd) are required dependencies, because
+    another encoder would write other bytes and so other digests for the same
+    input.  Nothing falls back silently; reinstall the package.  Also an
+    :class:`ImportError`, for callers that caught that before.
+    """
+
+    def __init__(self, package: str, what: str) -> None:
+        self.package = package
+        super().__init__(
+            f"{what} needs the {package!r} package, a required dependency of nixery-core that "
+            f"is not importable here: pip install {package!r} (or reinstall nixery-core)"
+        )
 
 
 class StorePathMissing(LayerError):

@@ -242,7 +242,7 @@ def _gcs_written_at(store: Any) -> WrittenAt:
 
 def _is_gcs_store(store: object) -> bool:
     # A GcsStore can only exist once its module is imported; looking it up in
-    # sys.modules keeps google-cloud-storage an optional dependency.
+    # sys.modules keeps `import nixery_core` from loading the Google libraries.
     module = sys.modules.get(_GCS_MODULE)
     return module is not None and isinstance(store, module.GcsStore)
 

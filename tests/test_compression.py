@@ -27,7 +27,7 @@ from nixery_core.compression import (
     open_compressor,
     resolve_compressor,
 )
-from nixery_core.errors import InvalidInput
+from nixery_core.errors import InvalidInput, MissingEncoder
 
 isal = pytest.importorskip("isal", reason="the isal backend is tested where isal is installed")
 zstandard = pytest.importorskip("zstandard")
@@ -178,24 +178,26 @@ def test_levels_out_of_range_are_refused() -> None:
 
 
 @pytest.mark.usefixtures("fresh_resolution")
-def test_auto_falls_back_to_zlib_and_explicit_isal_needs_it(
+def test_missing_isal_is_a_typed_error_never_a_switch_to_zlib(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Without isal, auto means zlib; asking for isal says which package to install."""
+    """Without isal, auto and isal raise MissingEncoder naming it; only zlib by name is zlib."""
     assert resolve_compressor("gzip").backend == "isal"
     monkeypatch.setattr(compression, "_import_isal", lambda: None)
     compression._resolve.cache_clear()
-    assert resolve_compressor("gzip").backend == "zlib"
-    assert resolve_compressor("gzip").level == compression.DEFAULT_LEVELS["zlib"]
-    with pytest.raises(ImportError, match="isal"):
-        resolve_compressor("gzip", None, "isal")
+    for backend in ("auto", "isal"):
+        with pytest.raises(MissingEncoder, match="isal") as caught:
+            resolve_compressor("gzip", None, backend)
+        assert caught.value.package == "isal"
+        assert isinstance(caught.value, ImportError)
+    assert resolve_compressor("gzip", None, "zlib").backend == "zlib"
 
 
 @pytest.mark.usefixtures("fresh_resolution")
 def test_zstd_without_zstandard_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A missing zstandard package is an ImportError naming it."""
+    """A missing zstandard package is a MissingEncoder naming it."""
     monkeypatch.setattr(compression, "_import_zstd", lambda: None)
-    with pytest.raises(ImportError, match="zstandard"):
+    with pytest.raises(MissingEncoder, match="zstandard"):
         resolve_compressor("zstd")
 
 

@@ -74,7 +74,7 @@ def signed_url(
     others give the public URL, which works only for a publicly readable
     bucket.
     """
-    # Imported here: only GCS stores need the Google libraries (the gcs extra).
+    # Imported here: only GCS stores load the Google libraries (import time).
     from google.auth import credentials as auth_credentials  # noqa: PLC0415
     from google.auth import exceptions as auth_exc  # noqa: PLC0415
 
