@@ -13,7 +13,15 @@
 #
 #   {"packages":[{"name":"xorg.xev","attrPath":["xorg","xev"],
 #                 "drvPath":"/nix/store/...-xev.drv","outputName":"out",
-#                 "outputPath":"/nix/store/...-xev"}, ...]}
+#                 "outputPath":"/nix/store/...-xev",
+#                 "meta":{"pname":"xev","version":"1.2.5","description":"...",
+#                         "homepage":["https://..."],
+#                         "licenses":[{"spdxId":"MIT","name":"MIT License","url":"..."}]}}, ...]}
+#
+# `meta` is package metadata for SBOMs, read as data: only strings from known
+# fields (`pname`, `version`, `meta.description`, `meta.homepage`,
+# `meta.license`), each forced under `tryEval`, so a field that is missing,
+# of another type or throws is just null (or left out of its list).
 #
 # (Not "outPath": Nix prints any attribute set holding an outPath as that string.)
 # `--read-write-mode` makes Nix write the .drv files, so that
@@ -50,11 +58,37 @@ let
   looked = map (name: { inherit name; r = lookup name; }) checkedNames;
   missing = sortedUnique (map (x: x.name) (builtins.filter (x: !x.r.found) looked));
 
+  # --- metadata, as data (never evaluated beyond these fields) ---
+  try = v: default: let r = builtins.tryEval v; in if r.success then r.value else default;
+  str = v: try (if builtins.isString v then v else null) null;
+  strings = v:
+    let l = try (if builtins.isList v then v else [ v ]) [ ];
+    in builtins.filter (x: x != null) (map str l);
+  license = l:
+    if try (builtins.isString l) false then { spdxId = null; name = str l; url = null; }
+    else if try (builtins.isAttrs l) false then {
+      spdxId = str (l.spdxId or null);
+      name = let full = str (l.fullName or null); in if full != null then full else str (l.shortName or null);
+      url = str (l.url or null);
+    }
+    else null;
+  metaOf = drv:
+    let m = try (let v = drv.meta or { }; in if builtins.isAttrs v then v else { }) { };
+    in {
+      pname = str (drv.pname or null);
+      version = str (drv.version or null);
+      description = str (m.description or null);
+      homepage = strings (m.homepage or [ ]);
+      licenses = builtins.filter (x: x != null)
+        (map license (try (let l = m.license or [ ]; in if builtins.isList l then l else [ l ]) [ ]));
+    };
+
   record = name: attrPath: drv: {
     inherit name attrPath;
     drvPath = drv.drvPath;
     outputName = drv.outputName or "out";
     outputPath = drv.outPath;
+    meta = metaOf drv;
   };
 
   exprValue = let v = if builtins.isFunction expr then expr pkgs else expr; in

@@ -38,9 +38,10 @@ from nixery_core.errors import StorePathMissing
 from nixery_core.expressions import NixExpression
 from nixery_core.graph import RuntimeGraph, store_path_name
 from nixery_core.image_config import ImageConfig
-from nixery_core.manifest import LayerDescriptor, render_config, render_manifest
+from nixery_core.manifest import Descriptor, LayerDescriptor, render_config, render_manifest
 from nixery_core.names import Image
 from nixery_core.protocols import BlobInfo, LayeringStrategy, LogCallback, Runner, Uploader
+from nixery_core.sbom import attach
 from nixery_core.sources import PackageSource, SourceSpec, canonical_json, image_cache_key
 
 __all__ = [
@@ -127,11 +128,24 @@ class BuildResult:
     from_cache: bool = False
     timings: Mapping[str, float] = attrs.field(factory=dict)
     cache_stats: CacheStats = attrs.field(factory=CacheStats)
+    sboms: tuple[attach.SbomArtifact, ...] = ()
 
     @property
     def blobs(self) -> tuple[str, ...]:
-        """Every blob the image needs: manifest, config, layers."""
-        return (self.manifest_digest, self.config_digest, *(layer.digest for layer in self.layers))
+        """Every blob the image needs: manifest, config, layers, then its SBOMs' blobs."""
+        sbom_blobs = [d for a in self.sboms for d in a.blobs]
+        return (
+            self.manifest_digest, self.config_digest, *(layer.digest for layer in self.layers),
+            *dict.fromkeys(sbom_blobs),
+        )
+
+    def sbom(self, store: Uploader, format: attach.SbomFormat = "spdx") -> bytes:  # noqa: A002
+        """The image's SBOM document (``"spdx"`` or ``"cyclonedx"`` JSON), read from ``store``.
+
+        See :mod:`nixery_core.sbom`; raises
+        :class:`~nixery_core.errors.InvalidInput` for a format this build has not.
+        """
+        return attach.sbom_document(self.sboms, store, format)
 
     @property
     def total_size(self) -> int:
@@ -144,6 +158,7 @@ class BuildResult:
             "manifest_media_type": self.manifest_media_type,
             "config": self.config.decode(),
             "layers": [layer.to_json() for layer in self.layers],
+            "sboms": [artifact.to_json() for artifact in self.sboms],
         }
 
     @classmethod
@@ -165,6 +180,7 @@ class BuildResult:
             from_cache=True,
             timings=timings,
             cache_stats=stats,
+            sboms=tuple(attach.SbomArtifact.from_json(a) for a in body["sboms"]),
         )
 
     def _repr_html_(self) -> str:
@@ -224,6 +240,7 @@ def manifest_cache_key(
         "format": manifest_format,
         "budget": layer_budget,
         "expression": None if expr is None else expr.key,
+        "sbom": attach.SBOM_VERSION,
     }
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 
@@ -485,6 +502,7 @@ def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
 
     build.emit("metadata", "writing config and manifest")
     has_shell = "bashInteractive" in image.packages
+    config = attach.with_labels(config, plan.spec)
     config_bytes = render_config(
         arch=image.arch,
         diff_ids=[layer.diff_id for layer in layers],
@@ -500,8 +518,14 @@ def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
             for layer in layers
         ],
         format=plan.manifest_format,
+        annotations=attach.manifest_annotations(config, plan.spec, plan.manifest_format),
     )
     manifest_info: BlobInfo = store.put_blob(manifest_bytes, media_type)
+    sboms = attach.attach_sboms(
+        store, attach.Inventory.from_graph(graph, image, created=config.created,
+                                           source=attach.source_labels(plan.spec)),
+        Descriptor(media_type, manifest_info.digest, manifest_info.size),
+    )
     result = BuildResult(
         image=image,
         manifest=manifest_bytes,
@@ -514,6 +538,7 @@ def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
         from_cache=False,
         timings=build.timings,
         cache_stats=build.stats,
+        sboms=sboms,
     )
     if build.cache is not None:
         build.cache.put_manifest(

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 
+from nixery_core.package_meta import PackageMeta
+
 __all__ = ["RuntimeGraph", "StorePath", "store_path_name"]
 
 STORE_DIR = "/nix/store"
@@ -37,15 +39,21 @@ class RuntimeGraph:
 
     ``requested`` maps each package name the image asked for to its output
     paths (the roots of the closure).  References are only ever to paths in
-    ``paths``; self references are dropped on construction.
+    ``paths``; self references are dropped on construction.  ``meta`` holds
+    what the package set says of requested outputs (keyed by output path),
+    for SBOMs; it never changes layering.
     """
 
     paths: Mapping[str, StorePath]
     requested: Mapping[str, tuple[str, ...]]
+    meta: Mapping[str, PackageMeta] = attrs.field(factory=dict)
 
     @classmethod
     def build(
-        cls, store_paths: Iterable[StorePath], requested: Mapping[str, Iterable[str]]
+        cls,
+        store_paths: Iterable[StorePath],
+        requested: Mapping[str, Iterable[str]],
+        meta: Mapping[str, PackageMeta] | None = None,
     ) -> RuntimeGraph:
         """Normalise: drop self references, sort references, check closure."""
         by_path: dict[str, StorePath] = {}
@@ -61,7 +69,8 @@ class RuntimeGraph:
             for out in outs:
                 if out not in by_path:
                     raise ValueError(f"requested output {out} of {name} is not in the graph")
-        return cls(dict(sorted(by_path.items())), req)
+        known = {path: m for path, m in sorted((meta or {}).items()) if path in by_path}
+        return cls(dict(sorted(by_path.items())), req, known)
 
     @property
     def roots(self) -> tuple[str, ...]:

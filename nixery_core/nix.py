@@ -36,6 +36,7 @@ from nixery_core.errors import NixBuildFailed, NixOutputError, UnknownPackages
 from nixery_core.graph import RuntimeGraph, StorePath
 from nixery_core.names import AMD64, Architecture, Image
 from nixery_core.nixexprs import resolve_expression
+from nixery_core.package_meta import PackageMeta
 from nixery_core.protocols import LogCallback, Runner, RunResult
 from nixery_core.sources import SourceSpec
 
@@ -229,6 +230,7 @@ class ResolvedPackage:
     drv_path: str
     output_name: str
     output_path: str
+    meta: PackageMeta | None = None
 
     @property
     def installable(self) -> str:
@@ -281,6 +283,10 @@ def parse_resolve_output(
         attr_path = record.get("attrPath")
         if not isinstance(attr_path, list):
             raise NixOutputError(argv, text, "attrPath is not a list")
+        try:
+            meta = None if record.get("meta") is None else PackageMeta.from_json(record["meta"])
+        except TypeError as exc:
+            raise NixOutputError(argv, text, f"meta: {exc}") from exc
         resolved.append(
             ResolvedPackage(
                 name=_str(argv, text, record.get("name"), "name"),
@@ -288,6 +294,7 @@ def parse_resolve_output(
                 drv_path=_str(argv, text, record.get("drvPath"), "drvPath", path=True),
                 output_name=_str(argv, text, record.get("outputName"), "outputName"),
                 output_path=_str(argv, text, record.get("outputPath"), "outputPath", path=True),
+                meta=meta,
             )
         )
     missing = set(expected or ()) - {r.name for r in resolved}
@@ -386,8 +393,9 @@ def _realise_resolved(
     requested: dict[str, set[str]] = {}
     for r in resolved:
         requested.setdefault(r.name, set()).add(r.output_path)
+    meta = {r.output_path: r.meta for r in resolved if r.meta is not None}
     try:
-        return RuntimeGraph.build(store_paths, requested)
+        return RuntimeGraph.build(store_paths, requested, meta)
     except ValueError as exc:
         raise NixOutputError(argv, _decode(result.stdout), str(exc)) from exc
 

@@ -48,12 +48,15 @@ class SourceSpec:
 
     ``nix_args`` is passed to the Nix expressions as one JSON string argument.
     ``identity`` names the source unambiguously; ``pinned`` says whether the
-    same identity always yields the same package set.
+    same identity always yields the same package set.  ``revision`` is what
+    pins a source that has no commit (a local directory's content hash), for
+    the image's ``org.opencontainers.image.revision`` label.
     """
 
     nix_args: Mapping[str, str]
     identity: str
     pinned: bool
+    revision: str | None = None
 
     @property
     def cache_key(self) -> str | None:
@@ -183,7 +186,10 @@ class LocalPathSource:
         args = {"type": "path", "path": str(self.path)}
         if not self.hash_content:
             return SourceSpec(args, _identity(args), pinned=False)
-        return SourceSpec(args, _identity(args, {"content": self._content_hash()}), pinned=True)
+        content = self._content_hash()
+        return SourceSpec(
+            args, _identity(args, {"content": content}), pinned=True, revision=content
+        )
 
     def _content_hash(self) -> str:
         signature = _stat_signature(self.path)

@@ -609,11 +609,14 @@ def test_gc_after_real_builds_keeps_what_the_cache_needs(tmp_path: Path) -> None
     assert again.from_cache
     assert all(store.has_blob(digest) for digest in (*hello.blobs, *shell.blobs))
 
-    # Forget hello's manifest entry: its manifest and config go, its layers are
-    # still named by layer build entries, and a rebuild gives the same image.
+    # Forget hello's manifest entry: its manifest, config and SBOMs go, its layers
+    # are still named by layer build entries, and a rebuild gives the same image.
     store.delete_object(f"manifests/{hello.cache_key}")
     report = collect_garbage(store)
-    assert set(report.deleted) == {hello.manifest_digest, hello.config_digest} - set(shell.blobs)
+    sboms = {d for artifact in hello.sboms for d in artifact.blobs}
+    assert set(report.deleted) == (
+        {hello.manifest_digest, hello.config_digest} | sboms
+    ) - set(shell.blobs)
     rebuilt = build("hello")
     assert not rebuilt.from_cache
     assert rebuilt.manifest_digest == hello.manifest_digest

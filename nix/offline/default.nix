@@ -7,6 +7,13 @@
 #   moreutils (sponge, ts, ifne), nano (busybox vi), hello (prints
 #   "Hello, world!"), cacert (etc/ssl/certs/ca-bundle.crt, the host's bundle),
 #   iana-etc (etc/protocols, etc/services).
+# Versioned packages (SBOM examples: a `pname-version` derivation name, and
+# `pname`, `version` and `meta` as nixpkgs gives them):
+#   openssl (3.0.13), openssl_1_1 (1.1.1w), curl (8.4.0, references openssl),
+#   socat (1.7.4.4, references openssl_1_1).
+# `meta` (description, homepage, license in nixpkgs' `lib.licenses` shape) is
+# added with `//`, which leaves the derivation and its store path alone; it
+# says what nixpkgs says of the real package each stand-in is named after.
 # Name-resolution cases:
 #   xorg.xev, xorg.libX11          nested, reached with a dot (xorg.libx11 too)
 #   camelCase                      reached as `camelcase`
@@ -73,8 +80,36 @@ let
 
   repeat = n: s: builtins.concatStringsSep "" (builtins.genList (_: s) n);
 
+  # nixpkgs' lib.licenses entries used below (same attribute names).
+  licenses = {
+    gpl2Only = { spdxId = "GPL-2.0-only"; fullName = "GNU General Public License v2.0 only"; url = "https://spdx.org/licenses/GPL-2.0-only.html"; free = true; };
+    gpl3Plus = { spdxId = "GPL-3.0-or-later"; fullName = "GNU General Public License v3.0 or later"; url = "https://spdx.org/licenses/GPL-3.0-or-later.html"; free = true; };
+    asl20 = { spdxId = "Apache-2.0"; fullName = "Apache License 2.0"; url = "https://spdx.org/licenses/Apache-2.0.html"; free = true; };
+    openssl = { spdxId = "OpenSSL"; fullName = "OpenSSL License"; url = "https://spdx.org/licenses/OpenSSL.html"; free = true; };
+    curl = { spdxId = "curl"; fullName = "curl License"; url = "https://spdx.org/licenses/curl.html"; free = true; };
+    mpl20 = { spdxId = "MPL-2.0"; fullName = "Mozilla Public License 2.0"; url = "https://spdx.org/licenses/MPL-2.0.html"; free = true; };
+    mit = { spdxId = "MIT"; fullName = "MIT License"; url = "https://spdx.org/licenses/MIT.html"; free = true; };
+  };
+  # Metadata on a derivation without changing it (drvPath, outPath stay).
+  withMeta = drv: meta: drv // { inherit meta; };
+
+  # A versioned stand-in: `<pname>-<version>` store path holding a marker file
+  # and, for each dependency, a file naming it (which makes it a reference).
+  versioned = pname: version: deps: meta:
+    (mk "${pname}-${version}" ''
+      mkdir -p $out/share/${pname} $out/bin
+      printf '%s %s (offline stand-in)\n' ${pname} ${version} > $out/share/${pname}/VERSION
+      for d in $deps; do printf '%s\n' "$d" >> $out/share/${pname}/depends; done
+      printf '#!%s\necho "%s %s (offline stand-in)"\n' ${sh} ${pname} ${version} > $out/bin/${pname}
+      chmod 0555 $out/bin/${pname}
+    '' { inherit deps; }) // { inherit pname version meta; };
+
   self = {
-    inherit busybox;
+    busybox = withMeta busybox {
+      description = "Tiny versions of common UNIX utilities in a single small executable";
+      homepage = "https://busybox.net/";
+      license = licenses.gpl2Only;
+    };
 
     bashInteractive = mk "bash-interactive" ''
       mkdir -p $out/bin
@@ -121,11 +156,36 @@ let
       '';
     };
 
-    hello = scripts "hello" {
+    hello = withMeta (scripts "hello" {
       hello = ''
         #!${sh}
         echo "Hello, world!"
       '';
+    }) {
+      description = "A program that produces a familiar, friendly greeting";
+      homepage = "https://www.gnu.org/software/hello/manual/";
+      license = licenses.gpl3Plus;
+    };
+
+    openssl = versioned "openssl" "3.0.13" [ ] {
+      description = "A cryptographic library that implements the SSL and TLS protocols";
+      homepage = "https://www.openssl.org/";
+      license = licenses.asl20;
+    };
+    openssl_1_1 = versioned "openssl" "1.1.1w" [ ] {
+      description = "A cryptographic library that implements the SSL and TLS protocols";
+      homepage = "https://www.openssl.org/";
+      license = licenses.openssl;
+    };
+    curl = versioned "curl" "8.4.0" [ self.openssl ] {
+      description = "A command line tool for transferring files with URL syntax";
+      homepage = "https://curl.se/";
+      license = licenses.curl;
+    };
+    socat = versioned "socat" "1.7.4.4" [ self.openssl_1_1 ] {
+      description = "Utility for bidirectional data transfer between two independent data channels";
+      homepage = "http://www.dest-unreach.org/socat/";
+      license = licenses.gpl2Only;
     };
 
     cacert = mk "nss-cacert" ''
