@@ -203,21 +203,22 @@ def test_api_root_answers_200(fake_registry: tuple[str, RegistryConfig, FakeNix]
 @pytest.mark.parametrize(
     ("accept", "media_type"),
     [
-        (DOCKER_ACCEPT, DOCKER_MANIFEST),
-        (CONTAINERD_ACCEPT, DOCKER_MANIFEST),
+        (DOCKER_ACCEPT, OCI_MANIFEST),
+        (CONTAINERD_ACCEPT, OCI_MANIFEST),
         (SKOPEO_ACCEPT, OCI_MANIFEST),
-        ([("Accept", f"{DOCKER_MANIFEST};q=0.5, {OCI_MANIFEST};q=0.9")], OCI_MANIFEST),
-        ([("Accept", "*/*")], DOCKER_MANIFEST),
-        ([], DOCKER_MANIFEST),
+        ([("Accept", f"{OCI_MANIFEST};q=0.5, {DOCKER_MANIFEST};q=0.9")], DOCKER_MANIFEST),
+        ([("Accept", DOCKER_MANIFEST)], DOCKER_MANIFEST),
+        ([("Accept", "*/*")], OCI_MANIFEST),
+        ([], OCI_MANIFEST),
     ],
-    ids=["docker", "containerd", "skopeo", "quality", "wildcard", "no-accept"],
+    ids=["docker", "containerd", "skopeo", "quality", "docker-only", "wildcard", "no-accept"],
 )
 def test_manifest_form_follows_accept(
     fake_registry: tuple[str, RegistryConfig, FakeNix],
     accept: list[tuple[str, str]],
     media_type: str,
 ) -> None:
-    """The manifest form is the client's preferred one; headers match the body."""
+    """The manifest form is the best the client accepts, ties going to the server (OCI)."""
     base, _, _ = fake_registry
     response = httpx.get(f"{base}/v2/shell/hello/manifests/latest", headers=accept)
     assert response.status_code == 200, response.text
@@ -499,8 +500,8 @@ def check_index(response: httpx.Response, media_type: str) -> dict[str, Any]:
     ("accept", "media_type"),
     [
         (SKOPEO_INDEX_ACCEPT, OCI_INDEX),
-        (DOCKER_ACCEPT, DOCKER_MANIFEST_LIST),
-        (CONTAINERD_ACCEPT, DOCKER_MANIFEST_LIST),
+        (DOCKER_ACCEPT, OCI_INDEX),
+        (CONTAINERD_ACCEPT, OCI_INDEX),
         ([("Accept", f"{OCI_MANIFEST}, {OCI_INDEX}")], OCI_INDEX),
         ([("Accept", f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}, */*")], DOCKER_MANIFEST_LIST),
     ],
@@ -656,13 +657,17 @@ def test_zstd_index_is_always_oci(tmp_path: Path) -> None:
 def test_index_preferences() -> None:
     """Index forms count only when named exactly with q > 0 and their manifests are accepted."""
     skopeo = [value for _, value in SKOPEO_INDEX_ACCEPT]
-    assert index_preferences(skopeo, "docker") == ("oci", "docker")
-    assert index_preferences([value for _, value in DOCKER_ACCEPT], "oci") == ("docker", "oci")
+    assert index_preferences(skopeo, "docker") == ("docker", "oci")
+    assert index_preferences(skopeo, "oci") == ("oci", "docker")
+    assert index_preferences([value for _, value in DOCKER_ACCEPT], "oci") == ("oci", "docker")
     assert index_preferences([f"{OCI_MANIFEST}, {OCI_INDEX}, */*"], "docker") == ("oci",)
+    assert index_preferences([f"{OCI_INDEX};q=0.5, {DOCKER_MANIFEST_LIST}, */*"], "oci") == (
+        "docker", "oci",
+    )
     assert index_preferences(["*/*", "application/*"], "oci") == ()
     assert index_preferences([f"{OCI_INDEX};q=0, {OCI_MANIFEST}"], "oci") == ()
     assert index_preferences([OCI_INDEX, f"{OCI_MANIFEST};q=0"], "oci") == ()
-    assert index_preferences([OCI_INDEX], "docker") == ()
+    assert index_preferences([OCI_INDEX], "docker") == ("oci",)
 
 
 def test_archs_configuration(tmp_path: Path) -> None:
@@ -680,11 +685,12 @@ def test_archs_configuration(tmp_path: Path) -> None:
 
 
 def test_accept_parsing_and_ties() -> None:
-    """q-values rank forms; ties go to the form named first; malformed entries are dropped."""
+    """q-values rank forms; ties go to the server's preference; malformed entries are dropped."""
     assert parse_accept(["a/b;q=0.5, c/d;q=x, e/f;q=2, */*"]) == [
         *parse_accept(["a/b;q=0.5"]), *parse_accept(["x/y, */*"])[1:],
     ]
-    assert preferences([f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"], "docker") == ("oci", "docker")
+    assert preferences([f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"], "docker") == ("docker", "oci")
+    assert preferences([f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"], "oci") == ("oci", "docker")
     assert preferences([f"{DOCKER_MANIFEST};q=0, {OCI_MANIFEST}"], "docker") == ("oci",)
     assert preferences(["application/*"], "oci") == ("oci", "docker")
     assert preferences([f"{DOCKER_MANIFEST}, */*;q=0.1"], "oci") == ("docker", "oci")
@@ -880,7 +886,7 @@ def test_docker_style_head_then_get_by_digest(real_registry: str) -> None:
     base = f"http://{real_registry}"
     head = httpx.head(f"{base}/v2/shell/hello/manifests/latest", headers=DOCKER_ACCEPT)
     assert head.status_code == 200
-    assert head.headers["content-type"] == DOCKER_MANIFEST
+    assert head.headers["content-type"] == OCI_MANIFEST  # the server's preference on a tie
     digest = head.headers["docker-content-digest"]
     manifest = httpx.get(f"{base}/v2/shell/hello/manifests/{digest}", headers=DOCKER_ACCEPT)
     document = check_manifest_headers(manifest)

@@ -23,9 +23,10 @@ variable                    meaning
 ``NIXERY_MOVING_TTL``       seconds a moving target's manifest is cached (6 h)
 ``NIXERY_BUILD_WORKERS``    builds run at once (default 4)
 ``NIXERY_SIGNED_URL_TTL``   seconds a GCS signed URL is valid (default 300)
-``NIXERY_DEFAULT_FORMAT``   ``docker`` (default) or ``oci``: the manifest for
-                            clients whose ``Accept`` header allows both equally
-                            only through a wildcard, or sends none
+``NIXERY_DEFAULT_FORMAT``   ``oci`` (default) or ``docker``: the server's
+                            preference, which decides whenever a client's
+                            ``Accept`` header allows both forms with the same
+                            quality (see :mod:`examples.registry.negotiation`)
 ``NIXERY_LAYER_COMPRESSION`` ``gzip`` (default), ``zstd`` (OCI clients only:
                             Docker schema 2 has no zstd layer type) or ``none``
 ``NIXERY_ARCHS``            unset (default): one image per name; else a comma
@@ -126,7 +127,10 @@ class RegistryConfig:
     client that names an index type in ``Accept`` gets an index over these
     architectures (in this order), built with
     :func:`~nixery_core.multiarch.build_multiarch`, while other clients and
-    ``arm64/...`` names get a single manifest as before.  Building a foreign
+    ``arm64/...`` names get a single manifest as before.  ``default_format``
+    is the server's preference between the OCI and Docker forms when a
+    client accepts both equally (OCI by default; Docker 20.10 and every
+    client tested read OCI manifests).  Building a foreign
     architecture needs a Nix that can (``nix_options`` or ``NIX_CONFIG``
     with ``extra-platforms``), which is why this is off by default.
     """
@@ -138,7 +142,7 @@ class RegistryConfig:
     timeout: float = attrs.field(default=60.0, validator=_positive)
     nix_options: Mapping[str, str] = attrs.field(factory=dict)
     blob_url: BlobUrl | None = None
-    default_format: ManifestFormat = attrs.field(default="docker", validator=_format)
+    default_format: ManifestFormat = attrs.field(default="oci", validator=_format)
     build_workers: int = attrs.field(default=4, validator=_positive)
     store_root: Path = Path("/")
     archive: ArchiveOptions = attrs.field(factory=ArchiveOptions)
@@ -173,7 +177,7 @@ class RegistryConfig:
             Path(cache_dir) if cache_dir else None,
             moving_ttl=_number(env, "NIXERY_MOVING_TTL", SIX_HOURS, allow_zero=True),
         )
-        default_format = env.get("NIXERY_DEFAULT_FORMAT", "docker")
+        default_format = env.get("NIXERY_DEFAULT_FORMAT", "oci")
         if default_format not in ("oci", "docker"):
             raise InvalidInput(
                 f"NIXERY_DEFAULT_FORMAT={default_format!r}: expected 'docker' or 'oci'"
@@ -191,7 +195,7 @@ class RegistryConfig:
             archive=ArchiveOptions(compression=compressions[compression]),
             timeout=_number(env, "NIX_TIMEOUT", 60.0),
             blob_url=blob_url,
-            default_format="oci" if default_format == "oci" else "docker",
+            default_format="docker" if default_format == "docker" else "oci",
             build_workers=int(_number(env, "NIXERY_BUILD_WORKERS", 4)),
             archs=parse_archs(env.get("NIXERY_ARCHS", "")),
         )

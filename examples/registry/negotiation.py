@@ -2,22 +2,28 @@
 
 Every image this registry builds exists in both forms; they share the
 config and every layer blob, only the manifest document differs.  Clients
-say what they can read: Docker and containerd list Docker schema 2 first,
-skopeo and podman list OCI first, all of them with the same quality.  The
-rule, in order:
+say what they can read, and the answer must not depend on the order they
+say it in: Docker 20.10 sends its ``Accept`` list in random order, and a
+registry that picked "whichever is named first" gave the same tag a
+different digest from pull to pull.  The rule, in order:
 
 1. each form gets the quality (``q``) of the most specific media range that
    matches it (``application/vnd.oci.image.manifest.v1+json`` beats
-   ``application/*`` beats ``*/*``); no match means ``q=0``;
+   ``application/*`` beats ``*/*``); no match means "not acceptable";
 2. the higher quality wins;
-3. on a tie, the form the client named explicitly first wins (a client that
-   lists Docker first gets Docker);
-4. when both are reached only through wildcards, or there is no ``Accept``
-   header at all, the registry's default wins (Docker schema 2 unless
-   configured otherwise, as old clients that send nothing expect).
+3. on a tie, the server's fixed preference wins
+   (:attr:`RegistryConfig.default_format
+   <examples.registry.config.RegistryConfig.default_format>`, OCI unless
+   configured otherwise), never the position in the list;
+4. leniency, as the reference registry (distribution) has it: a client that
+   names no manifest type at all but asks for ``application/json`` or
+   names an index type gets a manifest anyway (the form of the index type
+   it named, else the server's preference).  No ``Accept`` header at all
+   counts as ``*/*``.
 
 A client that accepts neither (``Accept: application/vnd.docker.distribution.manifest.v1+json``
-alone) gets ``None``, which the app answers with ``MANIFEST_UNKNOWN``.
+alone, or both forms with ``q=0``) gets an empty preference, which the app
+answers with ``MANIFEST_UNKNOWN``.
 
 Indexes (:func:`index_preferences`, used only when the registry is
 configured for several architectures).  A client gets an index only when it
@@ -28,9 +34,9 @@ manifest list.  A wildcard never selects an index: a client that sends
 ``*/*`` may well not know what to do with one, while every client that can
 follow an index (Docker, containerd, skopeo, podman) names it.  The index's
 children are manifests of the same form, so the client must accept those
-too, and the forms are ranked like the manifests above: Docker (manifest
-list named, schema 2 first) gets a manifest list, skopeo (OCI first, both
-index types named) gets an OCI index.
+too (or name no manifest type at all, as a client asking only for an index
+does).  Index forms are ranked by the index type's quality, then by the
+server's preference.
 """
 
 from __future__ import annotations
@@ -42,7 +48,14 @@ import attrs
 from examples.registry.config import ManifestFormat
 from nixery_core.media_types import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
-__all__ = ["MediaRange", "choose_format", "index_preferences", "parse_accept", "preferences"]
+__all__ = [
+    "MediaRange",
+    "choose_format",
+    "index_preferences",
+    "parse_accept",
+    "preferences",
+    "server_order",
+]
 
 _TYPES: dict[ManifestFormat, str] = {"oci": OCI_MANIFEST, "docker": DOCKER_MANIFEST}
 _INDEX_TYPES: dict[ManifestFormat, str] = {"oci": OCI_INDEX, "docker": DOCKER_MANIFEST_LIST}
@@ -96,36 +109,49 @@ def parse_accept(headers: Iterable[str]) -> list[MediaRange]:
     return ranges
 
 
-def _grade(ranges: list[MediaRange], media_type: str) -> tuple[float, int | None]:
-    """The quality for ``media_type`` and the position where it is named exactly."""
-    best: MediaRange | None = None
-    best_specificity = -1
-    for entry in ranges:
-        specificity = entry.specificity(media_type)
-        if specificity > best_specificity:
-            best, best_specificity = entry, specificity
-    if best is None:
-        return 0.0, None
-    return best.quality, best.position if best_specificity == 2 else None
+def _quality(ranges: list[MediaRange], media_type: str) -> float | None:
+    """The quality of the most specific ranges matching ``media_type``; ``None`` if none does.
+
+    Several equally specific ranges (a type named twice) give their highest
+    quality, so the answer does not depend on their order.
+    """
+    matches = [(entry.specificity(media_type), entry.quality) for entry in ranges]
+    matches = [match for match in matches if match[0] >= 0]
+    return max(matches)[1] if matches else None
+
+
+def _named(ranges: list[MediaRange], media_type: str) -> float | None:
+    """The highest quality ``media_type`` is named with exactly, ``None`` if it is not named."""
+    qualities = [entry.quality for entry in ranges if entry.media_type == media_type]
+    return max(qualities) if qualities else None
+
+
+def server_order(preference: ManifestFormat) -> tuple[ManifestFormat, ManifestFormat]:
+    """Both forms, the server's preferred one first."""
+    return (preference, "docker" if preference == "oci" else "oci")
 
 
 def preferences(headers: Iterable[str], default: ManifestFormat) -> tuple[ManifestFormat, ...]:
     """The manifest forms the client accepts, best first (see the module docs).
 
-    Empty when the client accepts neither form.
+    ``default`` is the server's preference for ties.  Empty when the client
+    accepts neither form.  The result depends on the set of media ranges
+    and their qualities, never on their order.
     """
-    other: ManifestFormat = "oci" if default == "docker" else "docker"
+    order = server_order(default)
     ranges = parse_accept(headers)
     if not ranges:
-        return (default, other)
-    grades = {fmt: _grade(ranges, _TYPES[fmt]) for fmt in (default, other)}
-
-    def rank(fmt: ManifestFormat) -> tuple[float, int, int]:
-        quality, position = grades[fmt]
-        explicit = position if position is not None else len(ranges)
-        return (-quality, explicit, 0 if fmt == default else 1)
-
-    return tuple(sorted((fmt for fmt in grades if grades[fmt][0] > 0), key=rank))
+        return order
+    quality = {fmt: _quality(ranges, _TYPES[fmt]) for fmt in order}
+    if any(q is not None for q in quality.values()):
+        accepted = [fmt for fmt in order if (quality[fmt] or 0.0) > 0]
+        return tuple(sorted(accepted, key=lambda fmt: (-(quality[fmt] or 0.0), order.index(fmt))))
+    # Leniency: no manifest type matched at all (not even through a wildcard).
+    index_named = [fmt for fmt in order if (_named(ranges, _INDEX_TYPES[fmt]) or 0.0) > 0]
+    json_named = (_named(ranges, "application/json") or 0.0) > 0
+    if not index_named and not json_named:
+        return ()
+    return (*index_named, *(fmt for fmt in order if fmt not in index_named))
 
 
 def choose_format(headers: Iterable[str], default: ManifestFormat) -> ManifestFormat | None:
@@ -139,15 +165,19 @@ def index_preferences(
 ) -> tuple[ManifestFormat, ...]:
     """The index forms the client accepts, best first; empty when it names no index type.
 
-    A form counts when its index type is named exactly with ``q > 0`` and its
-    manifest type is acceptable (see the module docs); forms are ranked as
-    :func:`preferences` ranks the manifests.
+    A form counts when its index type is named exactly with ``q > 0`` and
+    its manifests are acceptable to the client (see the module docs); forms
+    are ranked by the index type's quality, then the server's preference.
     """
-    headers = list(headers)
+    order = server_order(default)
     ranges = parse_accept(headers)
-
-    def named(fmt: ManifestFormat) -> bool:
-        quality, position = _grade(ranges, _INDEX_TYPES[fmt])
-        return position is not None and quality > 0
-
-    return tuple(fmt for fmt in preferences(headers, default) if named(fmt))
+    manifest_quality = {fmt: _quality(ranges, _TYPES[fmt]) for fmt in order}
+    names_manifests = any(q is not None for q in manifest_quality.values())
+    graded: list[tuple[float, int, ManifestFormat]] = []
+    for position, fmt in enumerate(order):
+        index_quality = _named(ranges, _INDEX_TYPES[fmt]) or 0.0
+        children = manifest_quality[fmt]
+        children_ok = (children or 0.0) > 0 if names_manifests else True
+        if index_quality > 0 and children_ok:
+            graded.append((-index_quality, position, fmt))
+    return tuple(fmt for _, _, fmt in sorted(graded))
