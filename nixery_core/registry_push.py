@@ -63,8 +63,9 @@ from nixery_core.errors import (
     RegistryError,
 )
 from nixery_core.manifest import Descriptor, parse_index, parse_manifest
-from nixery_core.media_types import INDEX_TYPES
+from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES
 from nixery_core.protocols import Uploader
+from nixery_core.sbom.push import ReferrersPushed, push_referrers
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -198,7 +199,10 @@ class PushResult:
     ``blobs_uploaded`` were sent, ``blobs_skipped`` were already in the
     repository (HEAD), ``blobs_mounted`` were linked from ``mount_from``;
     ``bytes_sent`` counts blob bytes uploaded (not manifests);
-    ``manifests_pushed`` is 1, or 1 plus the children of an index.
+    ``manifests_pushed`` is 1, or 1 plus the children of an index;
+    ``referrers`` are the artifact manifests (SBOMs) pushed for them, and
+    ``fallback_tags`` the ``sha256-<hex>`` tags written for a registry
+    without the referrers API (see :mod:`nixery_core.sbom.push`).
     """
 
     target: str
@@ -208,6 +212,8 @@ class PushResult:
     blobs_mounted: int = 0
     bytes_sent: int = 0
     manifests_pushed: int = 0
+    referrers: tuple[str, ...] = ()
+    fallback_tags: tuple[str, ...] = ()
 
 
 # --- authentication --------------------------------------------------------------
@@ -482,6 +488,18 @@ class _Pusher:
     # -- manifests ------------------------------------------------------------------
 
     def push_manifest(self, data: bytes, media_type: str, reference: str) -> str:
+        self.put_manifest(data, media_type, reference)
+        return sha256_digest(data)
+
+    def get_manifest(self, reference: str, accept: str) -> bytes | None:
+        """The manifest under ``reference``, ``None`` when there is none (404)."""
+        response = self._request(
+            "GET", self._url(f"manifests/{reference}"), f"GET manifest {reference}", (200, 404),
+            headers={"Accept": accept},
+        )
+        return response.content if response.status_code == 200 else None
+
+    def put_manifest(self, data: bytes, media_type: str, reference: str) -> httpx.Response:
         digest = sha256_digest(data)
         response = self._request(
             "PUT",
@@ -499,7 +517,7 @@ class _Pusher:
                 response.text,
             )
         self.manifests += 1
-        return digest
+        return response
 
 
 def _check_blobs(store: Uploader, blobs: tuple[Descriptor, ...]) -> None:
@@ -553,6 +571,7 @@ def push_image(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     client: httpx.Client | None = None,
     timeout: float = 60.0,
+    referrers: bool = True,
 ) -> PushResult:
     """Push the image ``manifest`` names (blobs from ``store``) to ``target``.
 
@@ -561,7 +580,9 @@ def push_image(
     blobs first.  ``mount_from`` names another repository of the same
     registry to mount blobs from.  ``client`` injects the ``httpx.Client``
     (transport, event hooks, TLS settings); without it one is made with
-    ``timeout`` and closed afterwards.
+    ``timeout`` and closed afterwards.  ``referrers`` pushes each image
+    manifest's SBOMs too (those the store's referrers index names), with the
+    referrers API or its fallback tag (:func:`~nixery_core.sbom.push.push_referrers`).
     """
     parsed = ImageTarget.parse(target)
     if mount_from is not None:
@@ -596,6 +617,7 @@ def push_image(
         chunk_size=chunk_size,
         mount_from=mount_from,
     )
+    attached = ReferrersPushed()
     try:
         digest = ""
         for position, (data, media_type, blobs) in enumerate(plan, start=1):
@@ -605,6 +627,8 @@ def push_image(
             digest = pusher.push_manifest(
                 data, media_type, parsed.reference if is_top else sha256_digest(data)
             )
+            if referrers and media_type in IMAGE_MANIFEST_TYPES:
+                attached = attached + push_referrers(pusher, store, sha256_digest(data))
     finally:
         if own_client:
             http.close()
@@ -615,5 +639,7 @@ def push_image(
         blobs_skipped=pusher.skipped,
         blobs_mounted=pusher.mounted,
         bytes_sent=pusher.bytes_sent,
-        manifests_pushed=pusher.manifests,
+        manifests_pushed=pusher.manifests - len(attached.manifests) - len(attached.fallback_tags),
+        referrers=attached.manifests,
+        fallback_tags=attached.fallback_tags,
     )
