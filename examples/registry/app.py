@@ -17,6 +17,10 @@ no body):
 - ``GET /v2/<name>/blobs/<digest>``: a config or layer blob, streamed from
   the store, or a ``307`` redirect to ``config.blob_url(digest)`` (a GCS
   signed URL);
+- ``GET /v2/<name>/referrers/<digest>``: the OCI 1.1 referrers of a
+  manifest built here (its SBOMs, :mod:`nixery_core.sbom`), an OCI image
+  index, empty when there are none; ``?artifactType=`` filters it (and the
+  answer says so in ``OCI-Filters-Applied``);
 - ``GET /v2/<name>/tags/list``: ``["latest"]`` (any tag is accepted; what it
   means depends on the package source), so ``skopeo inspect`` works;
 - ``GET /``: a plain-text page with the most recent build failures.
@@ -83,11 +87,13 @@ from nixery_core.media_types import (
     DOCKER_MANIFEST,
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
+    OCI_INDEX,
     OCI_MANIFEST,
     docker_layer_media_type,
 )
 from nixery_core.names import Image
 from nixery_core.recent_errors import RecentErrors
+from nixery_core.sbom.referrers import referrers_index
 
 __all__ = ["API_VERSION", "RegistryError", "create_app"]
 
@@ -313,6 +319,16 @@ class _Endpoints:
             redirect=redirect,
         )
 
+    async def referrers(self, request: Request) -> Response:
+        """OCI 1.1 referrers of a manifest (its SBOMs), optionally filtered by artifactType."""
+        _image(request.path_params["name"])
+        digest = _digest(request.path_params["digest"])
+        artifact_type = request.query_params.get("artifactType")
+        store = self.config.store
+        body = await self.builder.run_io(lambda: referrers_index(store, digest, artifact_type))
+        headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type is not None else {}
+        return Response(body, media_type=OCI_INDEX, headers=headers)
+
     async def tags(self, request: Request) -> Response:
         image = _image(request.path_params["name"])
         return JSONResponse({"name": image.name, "tags": ["latest"]})
@@ -368,6 +384,7 @@ def create_app(config: RegistryConfig) -> Starlette:
             Route("/v2/{name:path}/manifests/{reference}", endpoints.manifests, methods=["GET"]),
             Route("/v2/{name:path}/blobs/{digest}", endpoints.blobs, methods=["GET"]),
             Route("/v2/{name:path}/tags/list", endpoints.tags, methods=["GET"]),
+            Route("/v2/{name:path}/referrers/{digest}", endpoints.referrers, methods=["GET"]),
         ],
         exception_handlers={
             RegistryError: endpoints.registry_error,
