@@ -19,6 +19,7 @@ Nixery's error-shaped result, so no caller can mistake it for an image.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -52,6 +53,8 @@ __all__ = [
     "build_image",
     "default_store",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Layers an image may have, customisation layer included (Nixery's figure;
 #: Docker's limit is about 125, the rest is room for extension).
@@ -336,6 +339,13 @@ class _Build:
         if self.cache is None:
             return None
         found = self.cache.get_layer(self.store, key, on_count=None if recheck else self.count)
+        if found is not None and found[0].media_type != self.archive.media_type:
+            # The key fixes the archive options, so another media type is a bad entry.
+            log.warning("layer cache entry %s has media type %.80r; repacking", key,
+                        found[0].media_type)
+            if not recheck:
+                self.count("corrupt_entries")
+            return None
         return None if found is None else found[0]
 
     def _pack(
@@ -348,10 +358,9 @@ class _Build:
     ) -> BuiltLayer:
         with self.store.open_blob_writer(self.archive.media_type) as writer:
             packed = pack(writer.write)
-            if self.store.has_blob(packed.digest):
-                writer.abort()
-            else:
-                writer.commit(packed.digest)
+            # Always commit: a store keeps an intact copy it has and replaces
+            # one that does not hash to its name (a corrupt blob is repaired).
+            writer.commit(packed.digest)
         record = LayerRecord(packed.digest, packed.diff_id, packed.size, packed.media_type)
         if self.cache is not None:
             self.cache.put_layer(self.store, key, record)

@@ -12,9 +12,12 @@ Two tiers, either of which may be absent:
 Invariants (each pinned by tests):
 
 * an entry is written only after every blob it names is stored;
-* an entry whose blob has since vanished is a miss (and is rebuilt), never served;
-* a corrupt entry (garbage, truncated, wrong shape) is a miss, logged as a
-  warning, and is overwritten by the rebuild;
+* an entry whose blob has since vanished, or is stored with another size
+  than the entry gives it (a truncated file), is a miss (and is rebuilt),
+  never served;
+* a corrupt entry (garbage, truncated, wrong shape, a missing field or one
+  of the wrong type: see :mod:`nixery_core.record_schema`) is a miss, logged
+  as a warning, and is overwritten by the rebuild;
 * moving targets (channels, branches) expire after ``moving_ttl`` seconds
   (6 hours by default, as in the seed change; 0 disables caching them);
   pinned sources never expire.
@@ -48,8 +51,10 @@ from typing import Any, TypeVar, cast
 import attrs
 import diskcache
 
+from nixery_core.digests import validate_digest
 from nixery_core.errors import StorageError, StorageUnavailable
 from nixery_core.protocols import Uploader
+from nixery_core.record_schema import MalformedRecord, record_blob_sizes
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
 
@@ -79,10 +84,14 @@ class LayerRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerRecord:
+        """Parse an entry (TypeError or ValueError when a field is missing or malformed)."""
+        size = _int(data, "size")
+        if size < 0:
+            raise ValueError("size is negative")
         return cls(
-            digest=_str(data, "digest"),
-            diff_id=_str(data, "diff_id"),
-            size=_int(data, "size"),
+            digest=validate_digest(_str(data, "digest")),
+            diff_id=validate_digest(_str(data, "diff_id")),
+            size=size,
             media_type=_str(data, "media_type"),
         )
 
@@ -99,6 +108,9 @@ class ManifestRecord:
     body: Mapping[str, Any]
     blobs: tuple[str, ...]
     expires_at: float | None = None
+    #: Every blob's size as the body describes it (filled in when an entry is
+    #: read for serving, so a hit can compare them with the stored sizes).
+    sizes: Mapping[str, int] = attrs.field(factory=dict, eq=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"body": dict(self.body), "blobs": list(self.blobs), "expires_at": self.expires_at}
@@ -115,6 +127,25 @@ class ManifestRecord:
         if expires_at is not None and not isinstance(expires_at, int | float):
             raise TypeError("manifest record expires_at is not a number")
         return cls(body, tuple(blobs), None if expires_at is None else float(expires_at))
+
+
+def _served_manifest(data: Mapping[str, Any]) -> ManifestRecord:
+    """A manifest entry checked for serving: a well-formed body naming exactly its blobs."""
+    record = ManifestRecord.from_json(data)
+    sizes = record_blob_sizes(record.body)
+    if set(record.blobs) != set(sizes):
+        raise MalformedRecord("the entry's blobs differ from those its body describes")
+    return attrs.evolve(record, sizes=sizes)
+
+
+def _stored_size(store: Uploader, digest: str) -> int | None:
+    """The stored blob's size (a stat where the store offers ``blob_size``), None if absent."""
+    sizer = getattr(store, "blob_size", None)
+    if callable(sizer):
+        size = sizer(digest)
+        return size if isinstance(size, int) else None
+    info = store.blob_info(digest)
+    return None if info is None else info.size
 
 
 def _str(data: Mapping[str, Any], key: str) -> str:
@@ -162,6 +193,8 @@ class CacheStats:
     layer_misses: int = 0
     stale_entries: int = 0
     corrupt_entries: int = 0
+    #: Entries not served because a blob they name is stored with another size.
+    corrupt_blobs: int = 0
 
     def __add__(self, other: CacheStats) -> CacheStats:
         return CacheStats(
@@ -330,24 +363,21 @@ class BuildCache:
     def get_manifest(
         self, store: Uploader, key: str, *, on_count: Counted | None = None
     ) -> ManifestRecord | None:
-        """The cached build for ``key``, if every blob it names is still stored.
+        """The cached build for ``key``, if every blob it names is stored with its size.
 
         ``on_count`` receives the name of each :class:`CacheStats` counter
         this lookup adds to, so a caller can tally its own lookups exactly
         while other threads use the same cache.
         """
         count = self._counter(on_count)
-        record, tier = self._get(store, f"manifests/{key}", ManifestRecord.from_json, count)
+        record, tier = self._get(store, f"manifests/{key}", _served_manifest, count)
         if record is None:
             count("manifest_misses")
             return None
         if record.expires_at is not None and record.expires_at <= self.clock():
             count("manifest_misses")
             return None
-        missing = [d for d in record.blobs if not store.has_blob(d)]
-        if missing:
-            log.warning("manifest cache entry %s names vanished blobs %s; rebuilding", key, missing)
-            count("stale_entries")
+        if not self._blobs_intact(store, f"manifests/{key}", record.sizes, count):
             count("manifest_misses")
             return None
         count("manifest_local_hits" if tier == "local" else "manifest_shared_hits")
@@ -375,14 +405,37 @@ class BuildCache:
         if record is None:
             count("layer_misses")
             return None
-        if not store.has_blob(record.digest):
-            log.warning("layer cache entry %s names vanished blob %s; repacking", key,
-                        record.digest)
-            count("stale_entries")
+        if not self._blobs_intact(store, f"builds/{key}", {record.digest: record.size}, count):
             count("layer_misses")
             return None
         count("layer_local_hits" if tier == "local" else "layer_shared_hits")
         return record, tier
+
+    @staticmethod
+    def _blobs_intact(
+        store: Uploader, name: str, sizes: Mapping[str, int], count: Counted
+    ) -> bool:
+        """Whether every blob is stored with its size; logs and counts the first that is not.
+
+        A size compare costs what the existence check did (a stat), and
+        catches a truncated or extended blob; the rebuild that follows
+        writes the blob again, which replaces a stored copy that does not
+        hash to its name.
+        """
+        for digest, size in sizes.items():
+            stored = _stored_size(store, digest)
+            if stored is None:
+                log.warning("cache entry %s names vanished blob %s; rebuilding", name, digest)
+                count("stale_entries")
+                return False
+            if stored != size:
+                log.warning(
+                    "cache entry %s names blob %s of %d bytes, stored with %d: corrupt; "
+                    "rebuilding", name, digest, size, stored,
+                )
+                count("corrupt_blobs")
+                return False
+        return True
 
     def _counter(self, on_count: Counted | None) -> Counted:
         if on_count is None:
@@ -444,7 +497,7 @@ class BuildCache:
     ) -> T | None:
         try:
             return parse(_json_object(raw))
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             log.warning("corrupt %s cache entry %s (%s); treating as a miss", tier, name, exc)
             count("corrupt_entries")
             return None

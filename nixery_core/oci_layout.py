@@ -18,21 +18,24 @@ concurrent writers to one layout do not lose each other's tags.  An entry
 with the same ref name is replaced in place; other entries (and fields this
 library does not know) are kept.
 
-When the store is a :class:`~nixery_core.storage.filesystem.FilesystemStore`
-on the same filesystem, blobs are hard-linked instead of copied
-(``link=False`` turns that off; blobs are never modified in place, so the
-link is safe as long as nobody edits layout blobs by hand).
+A layout never shares an inode with the store: a hard link would let a
+store blob corrupted later (a flipped bit, a truncated file) corrupt every
+layout exported from it.  Blobs are copied, or with ``link=True`` (the
+default) cloned copy-on-write where the filesystem can (``FICLONE``:
+btrfs, XFS, bcachefs), and every blob written, or already in the layout,
+is hashed and checked against its digest: a store blob that does not
+match raises :class:`~nixery_core.errors.DigestMismatch` and nothing names
+it in ``index.json``; a layout blob that does not match is replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
+import io
 import json
 import os
 import re
-import secrets
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -62,7 +65,6 @@ from nixery_core.manifest import (
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES
 from nixery_core.names import Architecture
 from nixery_core.protocols import JSONValue, Uploader
-from nixery_core.storage.filesystem import FilesystemStore
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -75,6 +77,8 @@ __all__ = [
 
 LAYOUT_VERSION = "1.0.0"
 _CHUNK = 1 << 20
+#: ioctl(dest_fd, FICLONE, src_fd): share the source's extents copy-on-write (linux/fs.h).
+_FICLONE = 0x40049409
 # image-spec annotations.md: the grammar of org.opencontainers.image.ref.name.
 _REF_NAME = re.compile(
     r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*(?:/[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*)*"
@@ -152,40 +156,29 @@ class _Layout:
         actual = sha256_digest(data)
         if actual != descriptor.digest or len(data) != descriptor.size:
             raise DigestMismatch(descriptor.digest, actual)
-        if not self.blob(descriptor.digest).exists():
+        if not _file_matches(self.blob(descriptor.digest), descriptor):
             self.write_file(self.blob(descriptor.digest), data)
 
     def copy_blob(self, store: Uploader, descriptor: Descriptor, *, link: bool) -> None:
         target = self.blob(descriptor.digest)
-        if target.exists():
-            return
-        if link and isinstance(store, FilesystemStore) and self._link(store, descriptor, target):
+        if _file_matches(target, descriptor):
             return
         with self.temp() as (fd, temp), store.open_blob(descriptor.digest) as source:
             counter = Sha256Counter()
-            with os.fdopen(os.dup(fd), "wb") as handle:
-                while chunk := source.read(_CHUNK):
+            if link and _clone(source, fd):
+                # Shared extents, not a shared inode: hash what the clone holds.
+                offset = 0
+                while chunk := os.pread(fd, _CHUNK, offset):
                     counter.update(chunk)
-                    handle.write(chunk)
+                    offset += len(chunk)
+            else:
+                with os.fdopen(os.dup(fd), "wb") as handle:
+                    while chunk := source.read(_CHUNK):
+                        counter.update(chunk)
+                        handle.write(chunk)
             if counter.digest() != descriptor.digest or counter.size != descriptor.size:
                 raise DigestMismatch(descriptor.digest, counter.digest())
             self.publish(fd, temp, target)
-
-    def _link(self, store: FilesystemStore, descriptor: Descriptor, target: Path) -> bool:
-        source = store.blob_path(descriptor.digest)
-        if source.stat().st_size != descriptor.size:
-            raise DigestMismatch(descriptor.digest, f"a blob of {source.stat().st_size} bytes")
-        temp = self.root / f".tmp-link-{secrets.token_hex(8)}"
-        try:
-            os.link(source, temp)
-        except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                return False  # another filesystem, or links not allowed: copy instead
-            raise
-        temp.replace(target)
-        if self.durable:
-            _sync_dir(target.parent)
-        return True
 
     def add_to_index(self, descriptor: Descriptor) -> None:
         """Add ``descriptor`` to index.json under a lock, replacing its ref name."""
@@ -208,6 +201,32 @@ class _Layout:
             self.write_file(index_file, canonical_json(cast(JSONValue, document)))
         finally:
             os.close(fd)  # releases the lock
+
+
+def _file_matches(path: Path, descriptor: Descriptor) -> bool:
+    """Whether ``path`` exists with the descriptor's size and digest."""
+    counter = Sha256Counter()
+    try:
+        with path.open("rb") as stream:
+            if os.fstat(stream.fileno()).st_size != descriptor.size:
+                return False
+            while chunk := stream.read(_CHUNK):
+                counter.update(chunk)
+    except FileNotFoundError:
+        return False
+    return counter.digest() == descriptor.digest
+
+
+def _clone(source: object, fd: int) -> bool:
+    """Clone ``source``'s extents into ``fd`` (copy-on-write); False where unsupported."""
+    fileno = getattr(source, "fileno", None)
+    if not callable(fileno):
+        return False
+    try:
+        fcntl.ioctl(fd, _FICLONE, fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False  # another filesystem, no reflinks here, or not a real file
+    return True
 
 
 def _ref_of(entry: object) -> str | None:
@@ -288,6 +307,9 @@ def write_oci_layout(
     ``ref_name`` is the tag (``latest``, ``shell-git``); ``None`` adds an
     untagged entry.  The directory is created if needed; an existing layout
     keeps its other images.  Returns the descriptor added to ``index.json``.
+    ``link=True`` clones blobs copy-on-write where the filesystem can, else
+    copies them (``link=False`` always copies); a layout never shares an
+    inode with the store, and every blob is hashed on the way.
 
     Raises :class:`~nixery_core.errors.BlobNotFound` for a blob the store
     lacks, :class:`~nixery_core.errors.DigestMismatch` when a stored blob

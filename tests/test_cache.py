@@ -9,6 +9,7 @@ from pathlib import Path
 
 import diskcache
 import pytest
+from cache_records import stored_image_record
 
 from nixery_core.cache import BuildCache, LayerRecord
 from nixery_core.testing.storage import MemoryStore
@@ -79,14 +80,13 @@ def test_entry_naming_a_vanished_blob_is_a_miss(tmp_path: Path) -> None:
 def test_manifest_entry_with_one_missing_blob_is_a_miss(tmp_path: Path) -> None:
     """A manifest entry is served only while every blob it names exists."""
     store = MemoryStore()
-    a = store.put_blob(b"a", MEDIA).digest
-    b = store.put_blob(b"b", MEDIA).digest
+    body, blobs = stored_image_record(store)
     with BuildCache(tmp_path / "c") as cache:
-        cache.put_manifest(store, "m", {"x": 1}, (a, b), pinned=True)
+        cache.put_manifest(store, "m", body, blobs, pinned=True)
         hit = cache.get_manifest(store, "m")
         assert hit is not None
-        assert hit.body == {"x": 1}
-        store.delete_blob(b)
+        assert hit.body == body
+        store.delete_blob(blobs[-1])
         assert cache.get_manifest(store, "m") is None
 
 
@@ -122,10 +122,10 @@ def test_corrupt_shared_entry_is_a_miss(tmp_path: Path) -> None:
 def test_moving_targets_expire_after_the_ttl(tmp_path: Path) -> None:
     """A moving target's manifest entry is served until its time-to-live passes."""
     store = MemoryStore()
-    blob = store.put_blob(b"m", MEDIA).digest
+    body, blobs = stored_image_record(store)
     clock = FakeClock()
     with BuildCache(tmp_path / "c", moving_ttl=60, clock=clock) as cache:
-        cache.put_manifest(store, "m", {}, (blob,), pinned=False)
+        cache.put_manifest(store, "m", body, blobs, pinned=False)
         clock.now += 59
         assert cache.get_manifest(store, "m") is not None
         clock.now += 2
@@ -135,10 +135,10 @@ def test_moving_targets_expire_after_the_ttl(tmp_path: Path) -> None:
 def test_pinned_sources_never_expire(tmp_path: Path) -> None:
     """A pinned source's entry is served however much time passes."""
     store = MemoryStore()
-    blob = store.put_blob(b"m", MEDIA).digest
+    body, blobs = stored_image_record(store)
     clock = FakeClock()
     with BuildCache(tmp_path / "c", moving_ttl=60, clock=clock) as cache:
-        cache.put_manifest(store, "m", {}, (blob,), pinned=True)
+        cache.put_manifest(store, "m", body, blobs, pinned=True)
         clock.now += 10 * 365 * 86400
         assert cache.get_manifest(store, "m") is not None
 
@@ -146,9 +146,9 @@ def test_pinned_sources_never_expire(tmp_path: Path) -> None:
 def test_ttl_zero_never_caches_moving_targets(tmp_path: Path) -> None:
     """moving_ttl=0 means moving targets are never cached at all."""
     store = MemoryStore()
-    blob = store.put_blob(b"m", MEDIA).digest
+    body, blobs = stored_image_record(store)
     with BuildCache(tmp_path / "c", moving_ttl=0) as cache:
-        cache.put_manifest(store, "m", {}, (blob,), pinned=False)
+        cache.put_manifest(store, "m", body, blobs, pinned=False)
         assert cache.get_manifest(store, "m") is None
     assert list(store.list_objects("manifests/")) == []
 

@@ -138,17 +138,36 @@ def test_layout_holds_marker_index_and_every_blob(tmp_path: Path) -> None:
     ]
 
 
-def test_filesystem_store_blobs_are_hard_linked(tmp_path: Path) -> None:
-    """From a FilesystemStore on the same filesystem, layers are links, not copies (unless off)."""
+def test_layout_never_shares_an_inode_with_the_store(tmp_path: Path) -> None:
+    """Layouts get their own files, so a store blob corrupted later leaves them intact."""
     store = FilesystemStore(tmp_path / "store")
     manifest = _small(store)
     layer = parse_manifest(manifest).layers[0]
-    write_oci_layout(tmp_path / "linked", store=store, manifest=manifest, ref_name="x")
+    good = store.read_blob(layer.digest)
+    write_oci_layout(tmp_path / "cloned", store=store, manifest=manifest, ref_name="x")
     write_oci_layout(tmp_path / "copied", store=store, manifest=manifest, ref_name="x", link=False)
-    source = store.blob_path(layer.digest).stat()
-    assert layout_blob_path(tmp_path / "linked", layer.digest).stat().st_ino == source.st_ino
-    assert layout_blob_path(tmp_path / "copied", layer.digest).stat().st_ino != source.st_ino
-    assert read_layout_blob(tmp_path / "copied", layer.digest) == store.read_blob(layer.digest)
+    source = store.blob_path(layer.digest)
+    for layout in ("cloned", "copied"):
+        exported = layout_blob_path(tmp_path / layout, layer.digest)
+        assert exported.stat().st_ino != source.stat().st_ino
+        assert exported.stat().st_nlink == 1
+    # Corrupt the store in place (what a disk or a stray write does).
+    with source.open("r+b") as handle:
+        handle.write(bytes([good[0] ^ 0xFF]))
+    for layout in ("cloned", "copied"):
+        assert read_layout_blob(tmp_path / layout, layer.digest) == good
+
+
+def test_corrupt_layout_blob_is_replaced_on_export(tmp_path: Path) -> None:
+    """A blob already in the layout that does not hash to its name is written again."""
+    store = FilesystemStore(tmp_path / "store")
+    manifest = _small(store)
+    layer = parse_manifest(manifest).layers[0]
+    write_oci_layout(tmp_path / "img", store=store, manifest=manifest, ref_name="x")
+    exported = layout_blob_path(tmp_path / "img", layer.digest)
+    exported.write_bytes(exported.read_bytes()[:-1])
+    write_oci_layout(tmp_path / "img", store=store, manifest=manifest, ref_name="y")
+    assert read_layout_blob(tmp_path / "img", layer.digest) == store.read_blob(layer.digest)
 
 
 def test_existing_layout_gains_tags_and_replaces_same_tag(tmp_path: Path) -> None:
@@ -203,10 +222,13 @@ def test_corrupt_store_blob_is_refused(tmp_path: Path) -> None:
     layer = parse_manifest(manifest).layers[0]
     path = store.blob_path(layer.digest)
     path.write_bytes(bytes(len(path.read_bytes())))  # same size, other bytes
-    with pytest.raises(DigestMismatch):
-        write_oci_layout(tmp_path / "img", store=store, manifest=manifest, ref_name="x", link=False)
-    assert not layout_blob_path(tmp_path / "img", layer.digest).exists()
-    assert not (tmp_path / "img" / "index.json").exists()
+    for link in (True, False):
+        with pytest.raises(DigestMismatch):
+            write_oci_layout(
+                tmp_path / "img", store=store, manifest=manifest, ref_name="x", link=link
+            )
+        assert not layout_blob_path(tmp_path / "img", layer.digest).exists()
+        assert not (tmp_path / "img" / "index.json").exists()
 
 
 def test_bad_inputs_are_typed_errors(tmp_path: Path) -> None:

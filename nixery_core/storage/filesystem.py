@@ -20,6 +20,11 @@ tools, without a sidecar, reads as ``application/octet-stream``).
 Keys and digests are validated before they become paths, so nothing is ever
 written outside ``root``.  A crashed process may leave files in
 ``staging/``; :meth:`FilesystemStore.cleanup_staging` removes old ones.
+
+A blob written again under a digest already stored is checked against the
+stored copy (size, then a streaming re-hash): a stored copy that does not
+hash to its name (a flipped bit, a truncated file) is replaced by the new,
+verified bytes and a warning is logged; a good one is kept.
 Every ``OSError`` (``ENOSPC`` included) is raised as
 :class:`~nixery_core.errors.StorageUnavailable`, chained.
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import tempfile
 import time
@@ -52,6 +58,9 @@ from nixery_core.protocols import BlobInfo
 from nixery_core.storage.keys import RESERVED_PREFIXES, validate_object_key, validate_prefix
 
 __all__ = ["FilesystemBlobWriter", "FilesystemStore"]
+
+log = logging.getLogger(__name__)
+_HASH_CHUNK = 1 << 20
 
 _META_SUFFIX = ".meta"
 _FILE_MODE = 0o644
@@ -173,6 +182,20 @@ class FilesystemStore:
             staged.replace(self._blob_file(digest))
             self._sync_dir(self._layers)
 
+    def _stored_copy_intact(self, digest: str, size: int) -> bool:
+        """Whether the stored blob has ``size`` bytes hashing to ``digest`` (False if absent)."""
+        counter = Sha256Counter()
+        with _translated(digest):
+            try:
+                with self._blob_file(digest).open("rb") as stream:
+                    if os.fstat(stream.fileno()).st_size != size:
+                        return False
+                    while chunk := stream.read(_HASH_CHUNK):
+                        counter.update(chunk)
+            except FileNotFoundError:
+                return False
+        return counter.size == size and counter.digest() == digest
+
     def _ensure_meta(self, digest: str, media_type: str, size: int) -> None:
         with _translated(digest):
             if not self._meta_file(digest).exists():
@@ -193,6 +216,18 @@ class FilesystemStore:
             except (FileNotFoundError, NotADirectoryError):
                 return False
         return True
+
+    def blob_size(self, digest: str) -> int | None:
+        """The stored blob's size in bytes (one stat), ``None`` when absent.
+
+        The cache compares it with the size an entry gives on every hit.
+        """
+        path = os.path.join(self.root, "layers", digest_hex(digest))  # noqa: PTH118 - hot path
+        with _translated(digest):
+            try:
+                return os.stat(path).st_size  # noqa: PTH116 - hot path, see has_blob
+            except (FileNotFoundError, NotADirectoryError):
+                return None
 
     def blob_info(self, digest: str) -> BlobInfo | None:
         """Size and media type of a stored blob, ``None`` when absent."""
@@ -219,10 +254,10 @@ class FilesystemStore:
         return FilesystemBlobWriter(self, media_type, handle, staged)
 
     def put_blob(self, data: bytes, media_type: str) -> BlobInfo:
-        """Store ``data`` (a no-op when a blob with its digest exists)."""
+        """Store ``data`` (a no-op when an intact blob with its digest exists)."""
         validate_media_type(media_type)
         digest = sha256_digest(data)
-        if self.has_blob(digest):
+        if self._stored_copy_intact(digest, len(data)):
             self._ensure_meta(digest, media_type, len(data))
             return BlobInfo(digest, len(data), media_type)
         with self.open_blob_writer(media_type) as writer:
@@ -355,7 +390,8 @@ class FilesystemBlobWriter:
     """A blob streamed to ``staging/``, hashed as it is written.
 
     :meth:`commit` checks the digest, fsyncs, writes the sidecar and renames
-    the file into ``layers/``; committing a digest already stored is a no-op.
+    the file into ``layers/``; committing a digest already stored is a no-op
+    when the stored copy hashes to it, and replaces the stored copy otherwise.
     Any failure in :meth:`commit`, :meth:`abort`, or leaving the ``with``
     block uncommitted removes the staging file.  One writer is used by one
     thread.
@@ -390,10 +426,12 @@ class FilesystemBlobWriter:
             raise
         info = BlobInfo(digest, self._counter.size, self._media_type)
         try:
-            if self._store.has_blob(digest):
+            if self._store._stored_copy_intact(digest, info.size):
                 self._store._ensure_meta(digest, self._media_type, info.size)
                 self.abort()
             else:
+                if self._store.has_blob(digest):
+                    log.warning("stored blob %s does not hash to its name; replacing it", digest)
                 with _translated(digest):
                     self._handle.flush()
                     os.fchmod(self._handle.fileno(), _FILE_MODE)

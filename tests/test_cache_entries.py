@@ -1,0 +1,202 @@
+"""A malformed cache entry, in either tier, is a logged corrupt miss that the build repairs.
+
+Entries come from other hosts' buckets, older releases, torn writes and hand
+edits.  Hypothesis takes the entries a real build wrote (manifest and layer
+entries), drops fields, retypes them or swaps in other JSON, writes the
+result into the local tier (diskcache) or the shared tier (the bucket's
+``manifests/`` and ``builds/``), and builds again: the build must succeed
+with the image's real digest, never raise ``KeyError``/``TypeError``, and
+leave a well-formed entry behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import diskcache
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nixery_core.build import BuildResult, build_image
+from nixery_core.cache import BuildCache
+from nixery_core.names import Image
+from nixery_core.record_schema import MalformedRecord, record_blob_sizes
+from nixery_core.testing.runners import FakeNix, default_fake_packages
+from nixery_core.testing.sources import FixedSource
+from nixery_core.testing.storage import MemoryStore
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@attrs.frozen
+class Built:
+    """One real build's store, Nix root, digest and the raw entries it wrote."""
+
+    store: MemoryStore
+    fake: FakeNix
+    digest: str
+    manifest_key: str
+    entries: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """shell/hello built once with a shared-tier cache; its entries are the fuzzing seeds."""
+    root = tmp_path_factory.mktemp("entries")
+    fake = FakeNix(root / "nix", default_fake_packages())
+    store = MemoryStore()
+    result = _build(store, fake, BuildCache(None))
+    entries = {
+        name: data
+        for prefix in ("manifests/", "builds/")
+        for name in store.list_objects(prefix)
+        if (data := store.get_object(name)) is not None
+    }
+    return Built(store, fake, result.manifest_digest, f"manifests/{result.cache_key}", entries)
+
+
+def _build(store: MemoryStore, fake: FakeNix, cache: BuildCache) -> BuildResult:
+    return build_image(
+        Image.from_name("shell/hello"), FixedSource(), runner=fake, uploader=store,
+        cache=cache, store_root=fake.store_root, max_workers=1,
+    )
+
+
+# --- mutations ---------------------------------------------------------------------
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every path to a value inside nested dicts and lists."""
+    yield prefix
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _paths(inner, (*prefix, key))
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            yield from _paths(inner, (*prefix, index))
+
+
+@st.composite
+def mutated(draw: st.DrawFn, raw: bytes) -> bytes:
+    """``raw`` with one field dropped or replaced by other JSON, or other bytes altogether."""
+    kind = draw(st.sampled_from(["drop", "replace", "replace", "garbage"]))
+    if kind == "garbage":
+        return draw(st.binary(max_size=40) | JSON.map(lambda v: json.dumps(v).encode()))
+    document = json.loads(raw)
+    paths = [p for p in _paths(document) if p]
+    path = draw(st.sampled_from(paths))
+    parent = document
+    for step in path[:-1]:
+        parent = parent[step]
+    if kind == "drop":
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = draw(JSON)
+    return json.dumps(document).encode()
+
+
+def _write(tier: str, directory: Path, store: MemoryStore, name: str, raw: bytes) -> None:
+    if tier == "shared":
+        store.put_object(name, raw)
+        return
+    local = diskcache.Cache(str(directory))
+    try:
+        local.set(name, raw)
+    finally:
+        local.close()
+
+
+# --- properties --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tier", ["local", "shared"])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_malformed_entry_is_a_repaired_miss(
+    built: Built, tier: str, tmp_path: Path, data: st.DataObject
+) -> None:
+    """A mutated manifest or layer entry in either tier: the build succeeds and repairs it."""
+    name = data.draw(st.sampled_from(sorted(built.entries)))
+    raw = data.draw(mutated(built.entries[name]))
+    store = built.store
+    directory = tmp_path / f"cache-{tier}"
+    shutil.rmtree(directory, ignore_errors=True)
+    for entry in built.entries:
+        store.delete_object(entry)
+    # Seed the tier under test with the good entries, then break one.  Without
+    # the manifest entry a broken layer entry is what the build reads.
+    for entry, good in built.entries.items():
+        if name.startswith("builds/") and entry == built.manifest_key:
+            continue
+        _write(tier, directory, store, entry, good)
+    _write(tier, directory, store, name, raw)
+    with BuildCache(directory, shared=tier == "shared") as cache:
+        result = _build(store, built.fake, cache)
+        assert result.manifest_digest == built.digest
+    # The tier now holds well-formed entries: a fresh cache hits without rebuilding.
+    check = directory if tier == "local" else tmp_path / "fresh"
+    shutil.rmtree(tmp_path / "fresh", ignore_errors=True)
+    with BuildCache(check, shared=tier == "shared") as cache:
+        if name.startswith("builds/"):
+            assert cache.get_layer(store, name.removeprefix("builds/")) is not None
+        again = _build(store, built.fake, cache)
+        assert again.from_cache
+        assert again.manifest_digest == built.digest
+        assert again.cache_stats.corrupt_entries == 0
+
+
+def test_missing_config_is_a_logged_corrupt_miss(
+    built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reported case: an entry without ``config`` is counted corrupt, logged and rebuilt."""
+    store = built.store
+    for entry, good in built.entries.items():
+        store.put_object(entry, good)
+    document = json.loads(built.entries[built.manifest_key])
+    del document["body"]["config"]
+    store.put_object(built.manifest_key, json.dumps(document).encode())
+    with (
+        BuildCache(tmp_path / "c") as cache,
+        caplog.at_level(logging.WARNING, logger="nixery_core.cache"),
+    ):
+        result = _build(store, built.fake, cache)
+    assert result.manifest_digest == built.digest
+    assert not result.from_cache
+    assert result.cache_stats.corrupt_entries >= 1
+    assert "'config' is missing" in caplog.text
+    repaired = store.get_object(built.manifest_key)
+    assert repaired is not None
+    assert "config" in json.loads(repaired)["body"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"manifest": 7},
+        {"layers": [3]},
+        {"layers": "x"},
+        {"manifest_media_type": None},
+        {"config": '{"other": 1}'},
+    ],
+)
+def test_record_schema_names_what_is_wrong(built: Built, change: dict[str, Any]) -> None:
+    """Wrong types and contradicting fields are MalformedRecord, a ValueError."""
+    body = json.loads(built.entries[built.manifest_key])["body"]
+    record_blob_sizes(body)
+    with pytest.raises(MalformedRecord):
+        record_blob_sizes({**body, **change})
