@@ -15,7 +15,9 @@
 
 ``nix_options`` become ``--option K V`` pairs (sorted by key) on every call.
 ``timeout`` applies to each call separately; the runner kills the call's
-process group and raises :class:`~nixery_core.errors.NixTimeout`.
+process group and raises :class:`~nixery_core.errors.NixTimeout`.  Realise
+calls take turns per Nix store (:mod:`nixery_core.nix_lock`, which says
+why); waiting for the turn has its own ``timeout``.
 
 The argv builders (:func:`resolve_argv`, :func:`realise_argv`,
 :func:`path_info_argv`) and their inverse :func:`parse_argv` are public so
@@ -35,6 +37,7 @@ import attrs
 from nixery_core.errors import NixBuildFailed, NixOutputError, UnknownPackages
 from nixery_core.graph import RuntimeGraph, StorePath
 from nixery_core.names import AMD64, Architecture, Image
+from nixery_core.nix_lock import realise_lock
 from nixery_core.nixexprs import resolve_expression
 from nixery_core.package_meta import PackageMeta
 from nixery_core.protocols import LogCallback, Runner, RunResult
@@ -385,8 +388,11 @@ def _realise_resolved(
 ) -> RuntimeGraph:
     if not resolved:
         return RuntimeGraph.build([], {})
-    _run(runner, realise_argv((r.installable for r in resolved), nix_options=nix_options),
-         timeout, on_log_line)
+    argv = realise_argv((r.installable for r in resolved), nix_options=nix_options)
+    # One realisation per store at a time: concurrent ones deadlock on Nix's
+    # output locks (see nixery_core.nix_lock).
+    with realise_lock(argv, timeout):
+        _run(runner, argv, timeout, on_log_line)
     argv = path_info_argv((r.output_path for r in resolved), nix_options=nix_options)
     result = _run(runner, argv, timeout, on_log_line)
     store_paths = parse_path_info_output(argv, result.stdout)

@@ -2,35 +2,145 @@
 
 argv lists only, never a shell.  Each command gets its own session (process
 group) so a timeout kills Nix and everything it started.
+
+**Nix never outlives us.**  Every child is started with
+``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (Linux), so the kernel kills it when
+the thread that started it dies, SIGKILL of our process included; Nix in
+turn starts its builders with the same setting, so they go too.  The
+``preexec_fn`` doing this calls one pre-resolved libc function and
+``getppid``: no import, no allocation-heavy Python between ``fork`` and
+``exec``.  A child whose parent died before the setting took effect exits
+at once.
+
+**Bounded memory.**  stderr keeps only its last ``stderr_tail_bytes`` (for
+error messages; every line still reaches ``on_log_line``), so a Nix printing
+gigabytes of build log keeps the memory flat.  stdout is what the parsers
+read: beyond ``max_stdout_bytes`` the command is stopped and
+:class:`~nixery_core.errors.NixOutputError` raised.
+
+**A failing log callback is reported as itself.**  When ``on_log_line``
+raises, the reader keeps draining stderr (so the command never blocks on a
+full pipe), the command's process group is stopped, and :meth:`run` raises
+the callback's own exception at once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 import attrs
 
-from nixery_core.errors import CommandNotFound, NixBuildFailed, NixTimeout
+from nixery_core.errors import CommandNotFound, NixBuildFailed, NixOutputError, NixTimeout
 from nixery_core.protocols import LogCallback, RunResult
 
 __all__ = ["SubprocessRunner"]
 
+#: What :class:`SubprocessRunner` keeps of stderr by default (the tail).
+DEFAULT_STDERR_TAIL = 1 << 20
+#: The most stdout the parsers need (a path-info answer for ~100 000 paths).
+DEFAULT_MAX_STDOUT = 256 << 20
+_PR_SET_PDEATHSIG = 1
+_CHUNK = 1 << 16
+#: How often the waiting thread looks for a failed callback or an overflow.
+_POLL = 0.05
 
-def _drain(stream: IO[bytes], sink: list[bytes]) -> None:
-    sink.extend(iter(lambda: stream.read(1 << 16), b""))
+
+def _libc_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        return None
+    return prctl
 
 
-def _drain_lines(stream: IO[bytes], sink: list[bytes], on_line: LogCallback | None) -> None:
-    for line in iter(stream.readline, b""):
-        sink.append(line)
+# Resolved once here, in the parent, so the child never loads anything.
+_PRCTL = _libc_prctl()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """The ``preexec_fn`` that ties a child's life to ``parent``."""
+    prctl = _PRCTL
+    if prctl is None:  # pragma: no cover - not Linux
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: go now
+            os._exit(127)
+
+    return preexec
+
+
+class _Failure:
+    """The first exception a reader thread hit (a failing callback, an overflow)."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.event = threading.Event()
+
+    def set(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+            self.event.set()
+
+
+def _drain(stream: IO[bytes], sink: list[bytes], limit: int, failure: _Failure,
+           overflow: Callable[[bytes], BaseException]) -> None:
+    size = 0
+    for chunk in iter(lambda: stream.read(_CHUNK), b""):
+        if size + len(chunk) > limit:
+            failure.set(overflow(b"".join(sink)))
+            # Keep reading (and dropping) so the command is never blocked on us.
+            for _ in iter(lambda: stream.read(_CHUNK), b""):
+                pass
+            return
+        sink.append(chunk)
+        size += len(chunk)
+
+
+class _Tail:
+    """The last ``limit`` bytes of a stream, kept as lines."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lines: collections.deque[bytes] = collections.deque()
+        self.size = 0
+
+    def add(self, line: bytes) -> None:
+        if len(line) > self.limit:
+            line = line[-self.limit :]
+        self.lines.append(line)
+        self.size += len(line)
+        while self.size > self.limit:
+            self.size -= len(self.lines.popleft())
+
+    def text(self) -> bytes:
+        return b"".join(self.lines)
+
+
+def _drain_lines(stream: IO[bytes], tail: _Tail, on_line: LogCallback | None,
+                 failure: _Failure) -> None:
+    # readline(limit): a line without newline never grows beyond one chunk.
+    for line in iter(lambda: stream.readline(_CHUNK), b""):
+        tail.add(line)
         if on_line is not None:
-            on_line(line.decode("utf-8", "replace").rstrip("\n"))
+            try:
+                on_line(line.decode("utf-8", "replace").rstrip("\n"))
+            except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+                failure.set(exc)
+                on_line = None  # keep draining, call no more
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -59,6 +169,20 @@ def _close(proc: subprocess.Popen[bytes], readers: list[threading.Thread]) -> No
                 stream.close()
 
 
+def _wait(proc: subprocess.Popen[bytes], timeout: float | None, failure: _Failure) -> int:
+    """The exit code; TimeoutExpired after ``timeout``; returns early on a reader failure."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = _POLL if deadline is None else min(_POLL, max(0.0, deadline - time.monotonic()))
+        try:
+            return proc.wait(timeout=step)
+        except subprocess.TimeoutExpired:
+            if failure.event.is_set():
+                return -1
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+
+
 @attrs.define
 class SubprocessRunner:
     """Runs commands with :mod:`subprocess`.
@@ -67,10 +191,14 @@ class SubprocessRunner:
     when ``None``).  On timeout the process group gets SIGTERM, then SIGKILL
     after ``term_grace`` seconds: Nix moves its builders to sessions of their
     own, and only Nix can stop those, so it must get the chance to.
+    ``stderr_tail_bytes`` and ``max_stdout_bytes`` bound the memory kept
+    (see the module documentation).
     """
 
     base_env: Mapping[str, str] | None = None
     term_grace: float = 3.0
+    stderr_tail_bytes: int = DEFAULT_STDERR_TAIL
+    max_stdout_bytes: int = DEFAULT_MAX_STDOUT
 
     def run(
         self,
@@ -91,6 +219,7 @@ class SubprocessRunner:
                 stderr=subprocess.PIPE,
                 env=full_env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 - see module doc
             )
         except FileNotFoundError as exc:
             raise CommandNotFound(argv) from exc
@@ -99,26 +228,40 @@ class SubprocessRunner:
         assert proc.stdout is not None  # noqa: S101 - PIPE was requested
         assert proc.stderr is not None  # noqa: S101 - PIPE was requested
         out: list[bytes] = []
-        err: list[bytes] = []
+        tail = _Tail(self.stderr_tail_bytes)
+        failure = _Failure()
+        limit = self.max_stdout_bytes
+
+        def overflow(head: bytes) -> BaseException:
+            return NixOutputError(
+                argv, head[:2000].decode("utf-8", "replace"),
+                f"stdout exceeds {limit} bytes",
+            )
+
         readers = [
-            threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True),
             threading.Thread(
-                target=_drain_lines, args=(proc.stderr, err, on_log_line), daemon=True
+                target=_drain, args=(proc.stdout, out, limit, failure, overflow), daemon=True
+            ),
+            threading.Thread(
+                target=_drain_lines, args=(proc.stderr, tail, on_log_line, failure), daemon=True
             ),
         ]
         for reader in readers:
             reader.start()
         try:
-            returncode = proc.wait(timeout=timeout)
+            returncode = _wait(proc, timeout, failure)
         except subprocess.TimeoutExpired as exc:
             _stop(proc, self.term_grace)
             _close(proc, readers)
-            stderr = b"".join(err).decode("utf-8", "replace")
-            raise NixTimeout(argv, timeout or 0.0, stderr) from exc
+            raise NixTimeout(argv, timeout or 0.0, tail.text().decode("utf-8", "replace")) from exc
         except BaseException:
             _stop(proc, self.term_grace)
             _close(proc, readers)
             raise
+        if failure.error is not None:
+            _stop(proc, self.term_grace)
+            _close(proc, readers)
+            raise failure.error
         # The command is done; children it left behind in its group would keep
         # the pipes open, so they go too.
         _kill_group(proc)
@@ -126,4 +269,6 @@ class SubprocessRunner:
             reader.join()
         proc.stdout.close()
         proc.stderr.close()
-        return RunResult(argv, returncode, b"".join(out), b"".join(err))
+        if failure.error is not None:  # the last bytes overflowed, or the last line failed
+            raise failure.error
+        return RunResult(argv, returncode, b"".join(out), tail.text())

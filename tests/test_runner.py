@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import resource
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from nixery_core.errors import CommandNotFound, NixTimeout
+from nixery_core.errors import CommandNotFound, NixOutputError, NixTimeout
 from nixery_core.protocols import Runner
 from nixery_core.runner import SubprocessRunner
 
@@ -136,3 +139,94 @@ def test_timeout_lets_the_command_stop_children_in_other_sessions(tmp_path: Path
         assert _wait_gone(child, seconds=2)
     finally:
         _kill(child)
+
+
+class _CallbackBroke(Exception):
+    """What the failing log callback raises."""
+
+
+def test_a_failing_log_callback_is_raised_as_itself_and_stops_the_command() -> None:
+    """An on_log_line exception reaches the caller as itself, long before the timeout,
+    while the command (printing far more than a pipe holds) is stopped, not left blocked."""
+    calls: list[str] = []
+
+    def broken(line: str) -> None:
+        calls.append(line)
+        raise _CallbackBroke(line)
+
+    script = "i=0; while [ $i -lt 100000 ]; do echo line $i >&2; i=$((i+1)); done; sleep 60"
+    with pytest.raises(_CallbackBroke, match="line 0"):
+        SubprocessRunner().run(["sh", "-c", script], timeout=60, on_log_line=broken)
+    assert calls == ["line 0"]  # called no more after it failed
+
+
+def _max_rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def test_stderr_keeps_a_bounded_tail_while_every_line_reaches_the_callback() -> None:
+    """200 MiB of stderr keep the runner's memory flat: only the last bytes are kept,
+    the callback still sees every line."""
+    seen = [0]
+
+    def count(line: str) -> None:
+        seen[0] += 1
+
+    before = _max_rss_kib()
+    result = SubprocessRunner(stderr_tail_bytes=4096).run(
+        ["sh", "-c", "yes 0123456789012345678901234567890123456789 | head -n 5000000 >&2; "
+                     "echo last >&2"],
+        timeout=300,
+        on_log_line=count,
+    )
+    grown_mib = (_max_rss_kib() - before) / 1024
+    assert result.returncode == 0
+    assert result.stderr.endswith(b"last\n")
+    assert len(result.stderr) <= 4096
+    assert seen[0] == 5_000_001
+    assert grown_mib < 64  # the old runner kept all 205 MiB
+
+
+def test_stdout_beyond_the_bound_is_a_typed_error() -> None:
+    """More stdout than the parsers need stops the command with NixOutputError."""
+    with pytest.raises(NixOutputError, match="stdout exceeds 1048576 bytes") as caught:
+        SubprocessRunner(max_stdout_bytes=1 << 20).run(
+            ["sh", "-c", "head -c 5000000 /dev/zero; sleep 60"], timeout=60
+        )
+    assert caught.value.argv[0] == "sh"
+
+
+_ORPHAN_PARENT = """
+import sys
+from nixery_core.runner import SubprocessRunner
+print("ready", flush=True)
+SubprocessRunner().run(["sh", "-c", "echo $$ > " + sys.argv[1] + "; exec sleep 300"])
+"""
+
+
+def test_a_sigkilled_caller_leaves_no_child_behind(tmp_path: Path) -> None:
+    """When the process that runs a command is SIGKILLed, the kernel kills the command too."""
+    pidfile = tmp_path / "child"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_PARENT, str(pidfile)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline, "the command never started"
+            time.sleep(0.02)
+        child = int(pidfile.read_text())
+        assert _alive(child)
+        parent.kill()
+        parent.wait()
+        try:
+            assert _wait_gone(child)
+        finally:
+            _kill(child)
+    finally:
+        parent.kill()
+        parent.wait()
+        assert parent.stdout is not None
+        parent.stdout.close()
