@@ -367,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4, help="layers packed in parallel")
     parser.add_argument("--repeats", type=int, default=5, help="runs per contender (best kept)")
     parser.add_argument("--quick", action="store_true", help="60 MB closure, 300 MB RSS layer")
+    parser.add_argument(
+        "--chunked-rss", action="store_true", help="also the peak RSS of estargz and zstd-chunked"
+    )
     parser.add_argument("--keep", type=Path, help="build (or reuse) the corpus here, keep it")
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -411,6 +414,17 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         ("ours, 1 layer", ours(root, [paths], options), tar_bytes),
         (f"ours, {args.layers} layers in threads", ours(root, groups, options), tar_bytes),
     ]
+    chunked = [ArchiveOptions(compression="estargz"), ArchiveOptions(compression="zstd-chunked")]
+    for chunked_options in chunked:
+        name = chunked_options.compression
+        contenders += [
+            (f"ours {name}, 1 layer", ours(root, [paths], chunked_options), tar_bytes),
+            (
+                f"ours {name}, {args.layers} layers",
+                ours(root, groups, chunked_options),
+                tar_bytes,
+            ),
+        ]
     print(f"measuring, best of {args.repeats} ...", flush=True)
     results = measure(root, paths, contenders, args.repeats)
     if not args.quick:
@@ -419,6 +433,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
             root, paths, [("tar -c | gzip -6", tool(root, list_file, "gzip -6"), tar_bytes)], 1
         )
     read, pigz, single, parallel = results[:4]
+    chunked_results = results[4:8]
     print("\nthroughput = uncompressed tar bytes / wall time; size ratio against pigz -6:")
     print(f"  {'':<32} {'wall':>8} {'cpu':>12} {'rate':>11} {'output':>11}   size/pigz")
     for result in results:
@@ -451,6 +466,21 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     print(_check("ours / tar read throughput", best.rate / read.rate, 0.5))
     print(_check("ours / pigz -6 size", single.output_bytes / pigz.output_bytes, 1.10, below=True))
     print(_check("peak RSS, MB", rss["pack_vmhwm_kb"] / 1024, 150, below=True))
+    print("\ntargets (file-granular formats, issue 17):")
+    pairs = zip(chunked, chunked_results[::2], chunked_results[1::2], strict=True)
+    for options, one, many in pairs:
+        name = options.compression
+        fastest = max(one, many, key=lambda r: r.rate)
+        size = one.output_bytes / pigz.output_bytes
+        print(_check(f"{name} / pigz -p2 -6 throughput", fastest.rate / pigz.rate, 3.0))
+        print(_check(f"{name} / pigz -6 size", size, 1.15, below=True))
+    if args.chunked_rss:
+        for options in chunked:
+            rss = measure_rss(root, big, options)
+            print(
+                f"  {options.compression}: peak RSS (VmHWM) {rss['pack_vmhwm_kb'] / 1024:.0f} MB "
+                f"for {rss['pack_file_bytes'] / MB:.0f} MB of files"
+            )
     return 0
 
 

@@ -108,12 +108,15 @@ from typing import Any, Literal
 
 import attrs
 
+from nixery_core.chunked import ChunkedCompressor, FrameFormat, chunker_parameters
 from nixery_core.compression import (
     BLOCK_SIZE,
+    CHUNKED,
     Compression,
     CompressorSpec,
     GzipBackend,
     StreamCompressor,
+    frame_compressor,
     open_compressor,
     resolve_compressor,
 )
@@ -125,7 +128,9 @@ from nixery_core.errors import (
     StorePathMissing,
     UnsafeStoreContent,
 )
+from nixery_core.estargz import EStargzFormat
 from nixery_core.protocols import JSONValue
+from nixery_core.zstd_chunked import ZstdChunkedFormat
 
 __all__ = [
     "FORMAT_VERSION",
@@ -142,6 +147,8 @@ MEDIA_TYPES: dict[str, str] = {
     "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
     "none": "application/vnd.oci.image.layer.v1.tar",
+    "estargz": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd-chunked": "application/vnd.oci.image.layer.v1.tar+zstd",
 }
 #: Compressed output is handed to ``write`` in pieces of at least this size.
 WRITE_SIZE = 1 << 20
@@ -152,7 +159,9 @@ _WriteFn = Callable[[bytes], object]
 
 def _check_compression(_inst: object, _attr: object, value: Any) -> None:
     if value not in MEDIA_TYPES:
-        raise InvalidInput(f"unknown compression {value!r}: use gzip, zstd or none")
+        raise InvalidInput(
+            f"unknown compression {value!r}: use gzip, zstd, none, estargz or zstd-chunked"
+        )
 
 
 def _check_level(_inst: object, _attr: object, value: Any) -> None:
@@ -174,6 +183,11 @@ def _check_backend(_inst: object, _attr: object, value: Any) -> None:
 class ArchiveOptions:
     """How layers are archived and compressed.
 
+    ``compression`` ``"estargz"`` and ``"zstd-chunked"`` make file-granular
+    layers that podman fetches file by file (:mod:`nixery_core.chunked`);
+    their :class:`PackedLayer` carries the annotations the OCI manifest's
+    layer descriptor needs.
+
     ``level`` ``None`` means the backend's default
     (:data:`~nixery_core.compression.DEFAULT_LEVELS`: ISA-L 3, zlib 1, zstd 3).
     ``gzip_backend`` ``"auto"`` uses ISA-L (required); ``"zlib"`` picks zlib; the two
@@ -194,7 +208,7 @@ class ArchiveOptions:
 
     def compressor(self) -> CompressorSpec:
         """The compressor these options resolve to on this machine."""
-        backend = self.gzip_backend if self.compression == "gzip" else "auto"
+        backend = self.gzip_backend if self.compression in ("gzip", "estargz") else "auto"
         return resolve_compressor(self.compression, self.level, backend)
 
     def parameters(self) -> dict[str, JSONValue]:
@@ -204,22 +218,31 @@ class ArchiveOptions:
         backend asked for is not installed, and
         :class:`~nixery_core.errors.InvalidInput` for a level it does not have.
         """
-        return {
+        params: dict[str, JSONValue] = {
             "format": FORMAT_VERSION,
             "mtime": self.mtime,
             "media_type": self.media_type,
             **self.compressor().parameters(),
         }
+        if self.compression in CHUNKED:
+            params.update(chunker_parameters())
+        return params
 
 
 @attrs.frozen
 class PackedLayer:
-    """A packed layer: ``digest``/``size`` of the blob, ``diff_id`` of the tar."""
+    """A packed layer: ``digest``/``size`` of the blob, ``diff_id`` of the tar.
+
+    ``annotations`` are for the layer's descriptor in an OCI manifest (the
+    TOC position and digest of eStargz and zstd:chunked layers; empty
+    otherwise).
+    """
 
     digest: str
     diff_id: str
     size: int
     media_type: str
+    annotations: tuple[tuple[str, str], ...] = ()
 
 
 # --- tar headers -------------------------------------------------------------
@@ -373,11 +396,17 @@ class _TarStream:
         self.headers = _Headers(mtime)
         count = _thread_count(threads)
         self._executor: Executor | None = None
-        if spec.compression == "gzip" and count > 1:
+        if spec.compression in ("gzip", *CHUNKED) and count > 1:
             self._executor = ThreadPoolExecutor(count, thread_name_prefix="nixery-deflate")
-        self._compressor: StreamCompressor = open_compressor(
-            spec, executor=self._executor, threads=count
-        )
+        self._chunked: ChunkedCompressor | None = None
+        self._compressor: StreamCompressor
+        if spec.chunked:
+            self._chunked = ChunkedCompressor(
+                _frame_format(spec, mtime), mtime=mtime, executor=self._executor, threads=count
+            )
+            self._compressor = self._chunked
+        else:
+            self._compressor = open_compressor(spec, executor=self._executor, threads=count)
         self._hashing = _OrderedHashing(background=count > 1)
         self._write = write
         self._passthrough = spec.compression == "none"
@@ -468,16 +497,22 @@ class _TarStream:
             self.put(_NUL512[: 512 - size % 512])
 
     def finish(self, media_type: str) -> PackedLayer:
-        self.put(_NUL512 * 2)
+        if self._chunked is None:
+            # A chunked format writes its own end (eStargz puts its TOC before it).
+            self.put(_NUL512 * 2)
         if self._pos:
             self._flush_block(partial=True)
         self._emit(self._compressor.finish())
+        annotations: tuple[tuple[str, str], ...] = ()
+        if self._chunked is not None and self._chunked.trailer is not None:
+            self._hashing.update(self._diff, self._chunked.trailer.uncompressed)
+            annotations = self._chunked.trailer.annotations
         if self._out:
             self._flush_output()
         self._hashing.wait()
         diff_id = "sha256:" + self._diff.hexdigest()
         digest = diff_id if self._passthrough else "sha256:" + self._digest.hexdigest()
-        return PackedLayer(digest, diff_id, self._size, media_type)
+        return PackedLayer(digest, diff_id, self._size, media_type, annotations)
 
     def _flush_block(self, *, partial: bool = False) -> None:
         block = self._block[: self._pos] if partial else self._block
@@ -538,6 +573,12 @@ class _OrderedHashing:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _frame_format(spec: CompressorSpec, mtime: int) -> FrameFormat:
+    if spec.compression == "estargz":
+        return EStargzFormat(frame_compressor(spec), mtime=mtime)
+    return ZstdChunkedFormat(frame_compressor(spec))
 
 
 def _thread_count(threads: int | None) -> int:

@@ -92,11 +92,17 @@ class BuiltLayer:
     packages: tuple[str, ...]
     reused: bool = False
     kind: Literal["store", "customisation"] = "store"
+    #: For the layer's OCI descriptor (eStargz and zstd:chunked TOC position).
+    annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = attrs.asdict(self)
         data["paths"] = list(self.paths)
         data["packages"] = list(self.packages)
+        if self.annotations:
+            data["annotations"] = dict(self.annotations)
+        else:
+            del data["annotations"]
         return data
 
     @classmethod
@@ -113,6 +119,7 @@ class BuiltLayer:
             packages=tuple(str(p) for p in data["packages"]),
             reused=reused,
             kind=kind,
+            annotations=tuple(sorted(dict(data.get("annotations", {})).items())),
         )
 
 
@@ -329,7 +336,7 @@ class _Build:
             return self._pack(key, paths, packages, kind, pack)
         built = BuiltLayer(
             cached.digest, cached.diff_id, cached.size, cached.media_type, paths, packages,
-            reused=True, kind=kind,
+            reused=True, kind=kind, annotations=cached.annotations,
         )
         self.emit("layers", f"reused {built.digest[:19]} ({', '.join(packages[:3])})", built)
         return built
@@ -361,12 +368,14 @@ class _Build:
             # Always commit: a store keeps an intact copy it has and replaces
             # one that does not hash to its name (a corrupt blob is repaired).
             writer.commit(packed.digest)
-        record = LayerRecord(packed.digest, packed.diff_id, packed.size, packed.media_type)
+        record = LayerRecord(
+            packed.digest, packed.diff_id, packed.size, packed.media_type, packed.annotations
+        )
         if self.cache is not None:
             self.cache.put_layer(self.store, key, record)
         built = BuiltLayer(
             packed.digest, packed.diff_id, packed.size, packed.media_type, paths, packages,
-            reused=False, kind=kind,
+            reused=False, kind=kind, annotations=packed.annotations,
         )
         self.emit("layers", f"packed {built.digest[:19]} ({', '.join(packages[:3])})", built)
         return built
@@ -523,7 +532,9 @@ def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
     manifest_bytes, media_type = render_manifest(
         config=config_info,
         layers=[
-            LayerDescriptor(layer.digest, layer.size, layer.media_type, layer.diff_id)
+            LayerDescriptor(
+                layer.digest, layer.size, layer.media_type, layer.diff_id, layer.annotations
+            )
             for layer in layers
         ],
         format=plan.manifest_format,

@@ -78,9 +78,16 @@ class LayerRecord:
     diff_id: str
     size: int
     media_type: str
+    #: For the layer's OCI descriptor (eStargz and zstd:chunked TOC position).
+    annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        data = attrs.asdict(self)
+        if self.annotations:
+            data["annotations"] = dict(self.annotations)
+        else:
+            del data["annotations"]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerRecord:
@@ -93,7 +100,18 @@ class LayerRecord:
             diff_id=validate_digest(_str(data, "diff_id")),
             size=size,
             media_type=_str(data, "media_type"),
+            annotations=_annotations(data),
         )
+
+
+def _annotations(data: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A record's optional ``annotations`` object, as sorted pairs."""
+    value = data.get("annotations", {})
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise TypeError("annotations must map strings to strings")
+    return tuple(sorted(value.items()))
 
 
 @attrs.frozen

@@ -128,7 +128,12 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", help="local cache directory (~/.cache/nixery-core/cache)")
     parser.add_argument("--no-cache", action="store_true", help="build without the build cache")
     parser.add_argument("--format", choices=["oci", "docker"], default="oci")
-    parser.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
+    parser.add_argument(
+        "--compression",
+        choices=["gzip", "zstd", "none", "estargz", "zstd-chunked"],
+        default="gzip",
+        help="layer compression; estargz and zstd-chunked are file-granular (partial pulls)",
+    )
     parser.add_argument("--arch", help="amd64 (default), arm64, or amd64,arm64 for an index")
     parser.add_argument("--user", help="run as NAME:UID:GID[:HOME]")
     parser.add_argument("--env", action="append", default=[], metavar="K=V")

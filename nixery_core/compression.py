@@ -51,6 +51,12 @@ input chunking (measured), but differs from single-threaded mode, which is
 therefore never used.
 
 **none** passes the bytes through.
+
+**estargz** and **zstd-chunked** are file-granular layers
+(:mod:`nixery_core.chunked`): their frames are compressed one-shot and
+independently by :func:`frame_compressor` (an ordinary gzip member with the
+pinned header, or a single-threaded zstd frame with its content size), with
+the gzip backends and levels above and zstd as for ``zstd``.
 """
 
 from __future__ import annotations
@@ -78,13 +84,16 @@ __all__ = [
     "CompressorSpec",
     "GzipBackend",
     "StreamCompressor",
+    "frame_compressor",
     "isal_available",
     "open_compressor",
     "resolve_compressor",
     "zstd_available",
 ]
 
-Compression = Literal["gzip", "zstd", "none"]
+Compression = Literal["gzip", "zstd", "none", "estargz", "zstd-chunked"]
+#: The file-granular compressions (see :mod:`nixery_core.chunked`).
+CHUNKED: frozenset[str] = frozenset({"estargz", "zstd-chunked"})
 GzipBackend = Literal["auto", "isal", "zlib"]
 _Backend = Literal["isal", "zlib", "zstd", "none"]
 
@@ -171,6 +180,11 @@ class CompressorSpec:
             params.update(block_size=self.block_size, mem_level=self.mem_level)
         return params
 
+    @property
+    def chunked(self) -> bool:
+        """Whether this is a file-granular compression (eStargz, zstd:chunked)."""
+        return self.compression in CHUNKED
+
 
 def resolve_compressor(
     compression: Compression,
@@ -196,12 +210,12 @@ def _resolve(compression: str, level: int | None, gzip_backend: str) -> Compress
     backend: _Backend
     if compression == "none":
         backend, library = "none", ""
-    elif compression == "zstd":
+    elif compression in ("zstd", "zstd-chunked"):
         zstandard = _import_zstd()
         if zstandard is None:
-            raise MissingEncoder("zstandard", "zstd layers")
+            raise MissingEncoder("zstandard", f"{compression} layers")
         backend, library = "zstd", "zstd " + ".".join(map(str, zstandard.ZSTD_VERSION))
-    elif compression == "gzip":
+    elif compression in ("gzip", "estargz"):
         if gzip_backend not in ("auto", "isal", "zlib"):
             raise InvalidInput(f"unknown gzip backend {gzip_backend!r}: use auto, isal or zlib")
         isal = _import_isal() if gzip_backend != "zlib" else None
@@ -214,7 +228,9 @@ def _resolve(compression: str, level: int | None, gzip_backend: str) -> Compress
         else:
             backend, library = "zlib", f"zlib {zlib.ZLIB_RUNTIME_VERSION}"
     else:
-        raise InvalidInput(f"unknown compression {compression!r}: use gzip, zstd or none")
+        raise InvalidInput(
+            f"unknown compression {compression!r}: use gzip, zstd, none, estargz or zstd-chunked"
+        )
     if level is None:
         level = DEFAULT_LEVELS[backend]
     low, high = _LEVEL_RANGES[backend]
@@ -250,6 +266,12 @@ def _canary() -> bytes:
 
 def _fingerprint(spec: CompressorSpec) -> str:
     sample = _canary()
+    if spec.chunked:
+        frame = frame_compressor(spec)
+        digest = hashlib.sha256()
+        for start in range(0, len(sample), 16 * 1024):
+            digest.update(frame(sample[start : start + 16 * 1024]))
+        return digest.hexdigest()[:16]
     # Small blocks, so the dictionary path of the block code is exercised too.
     compressor = _make(attrs.evolve(spec, block_size=WINDOW), executor=None, threads=1)
     digest = hashlib.sha256()
@@ -289,6 +311,10 @@ def open_compressor(
 
 
 def _make(spec: CompressorSpec, *, executor: Executor | None, threads: int) -> StreamCompressor:
+    if spec.chunked:
+        raise InvalidInput(
+            f"{spec.compression} layers are written by nixery_core.chunked, not as a stream"
+        )
     if spec.backend == "none":
         return _Passthrough()
     if spec.backend == "zstd":
@@ -429,3 +455,53 @@ class _GzipBlocks:
             self._in_flight[0].done() or len(self._in_flight) > self._max_in_flight
         ):
             out.append(self._in_flight.popleft().result())
+
+
+def frame_compressor(spec: CompressorSpec) -> Callable[[bytes], bytes]:
+    """One-shot compression of one independent frame, safe to call from many threads.
+
+    gzip backends give one complete gzip member (pinned header, raw deflate
+    at ``spec.level``, CRC-32 and size); zstd gives one frame with its content
+    size and no checksum, from a single-threaded compressor per thread.
+    The output depends only on ``data`` and ``spec``.
+    """
+    if spec.backend == "zstd":
+        return _zstd_frames(spec.level)
+    if spec.backend in ("isal", "zlib"):
+        module = _import_isal() if spec.backend == "isal" else zlib
+        if module is None:  # pragma: no cover - the spec was resolved with isal present
+            raise ImportError("the isal package disappeared after the spec was resolved")
+        return _gzip_members(module, spec.level)
+    raise InvalidInput(f"no frame compressor for the {spec.backend} backend")
+
+
+def _gzip_members(module: ModuleType, level: int) -> Callable[[bytes], bytes]:
+    compress = module.compress
+    crc32 = module.crc32
+
+    def member(data: bytes) -> bytes:
+        body: bytes = compress(data, level, -15)
+        trailer = struct.pack("<II", crc32(data) & 0xFFFFFFFF, len(data) & 0xFFFFFFFF)
+        return GZIP_HEADER + body + trailer
+
+    return member
+
+
+def _zstd_frames(level: int) -> Callable[[bytes], bytes]:
+    import threading  # noqa: PLC0415 - only the zstd frame path needs it
+
+    zstandard = _import_zstd()
+    if zstandard is None:  # pragma: no cover - the spec was resolved with zstandard
+        raise ImportError("the zstandard package disappeared after the spec was resolved")
+    local = threading.local()
+
+    def frame(data: bytes) -> bytes:
+        compressor = getattr(local, "compressor", None)
+        if compressor is None:
+            compressor = local.compressor = zstandard.ZstdCompressor(
+                level=level, write_content_size=True, write_checksum=False
+            )
+        out: bytes = compressor.compress(data)
+        return out
+
+    return frame

@@ -183,6 +183,9 @@ class LayerDescriptor:
     size: int = attrs.field(validator=_check_size)
     media_type: str = attrs.field(validator=_check_media_type)
     diff_id: str = attrs.field(validator=_check_digest)
+    #: Written on the OCI descriptor only: Docker schema 2 has no annotations,
+    #: so there an eStargz layer is an ordinary gzip layer.
+    annotations: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
 
 
 @attrs.frozen
@@ -225,7 +228,10 @@ def render_manifest(
         media_type = (
             layer.media_type if format == "oci" else docker_layer_media_type(layer.media_type)
         )
-        rendered_layers.append(Descriptor(media_type, layer.digest, layer.size).to_json())
+        annotations_of_layer = layer.annotations if format == "oci" else ()
+        rendered_layers.append(
+            Descriptor(media_type, layer.digest, layer.size, annotations_of_layer).to_json()
+        )
     media_type = OCI_MANIFEST if format == "oci" else DOCKER_MANIFEST
     document: dict[str, JSONValue] = {
         "schemaVersion": 2,

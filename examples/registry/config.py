@@ -28,7 +28,11 @@ variable                    meaning
                             ``Accept`` header allows both forms with the same
                             quality (see :mod:`examples.registry.negotiation`)
 ``NIXERY_LAYER_COMPRESSION`` ``gzip`` (default), ``zstd`` (OCI clients only:
-                            Docker schema 2 has no zstd layer type) or ``none``
+                            Docker schema 2 has no zstd layer type), ``none``,
+                            ``estargz`` (file-granular, served as plain gzip
+                            in Docker schema 2) or ``zstd-chunked``
+                            (file-granular, OCI clients only); see
+                            docs/performance.md, partial pulls
 ``NIXERY_ARCHS``            unset (default): one image per name; else a comma
                             list such as ``amd64,arm64``: clients that accept
                             an index get one over these architectures (the
@@ -182,11 +186,18 @@ class RegistryConfig:
             raise InvalidInput(
                 f"NIXERY_DEFAULT_FORMAT={default_format!r}: expected 'docker' or 'oci'"
             )
-        compressions: dict[str, Compression] = {"gzip": "gzip", "zstd": "zstd", "none": "none"}
+        compressions: dict[str, Compression] = {
+            "gzip": "gzip",
+            "zstd": "zstd",
+            "none": "none",
+            "estargz": "estargz",
+            "zstd-chunked": "zstd-chunked",
+        }
         compression = env.get("NIXERY_LAYER_COMPRESSION", "gzip")
         if compression not in compressions:
             raise InvalidInput(
-                f"NIXERY_LAYER_COMPRESSION={compression!r}: expected 'gzip', 'zstd' or 'none'"
+                f"NIXERY_LAYER_COMPRESSION={compression!r}: expected 'gzip', 'zstd', 'none', "
+                "'estargz' or 'zstd-chunked'"
             )
         return cls(
             source=source,

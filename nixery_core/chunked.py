@@ -1,0 +1,506 @@
+"""File-granular layer blobs: the framing eStargz and zstd:chunked share.
+
+One job: turn the uncompressed tar stream of a layer into independently
+compressed *frames* cut at file boundaries, and describe every file in a
+table of contents (TOC) with the compressed byte range that holds it, so a
+client that already has a file (or a piece of one) fetches only the rest
+with HTTP ``Range`` requests.  The two formats differ only in how a frame
+is compressed and how the TOC and footer are written; each lives in its own
+module (:mod:`nixery_core.estargz`, :mod:`nixery_core.zstd_chunked`) as a
+:class:`FrameFormat`.
+
+**Input.**  The tar stream the archive writer produces (ustar headers,
+optional pax ``x`` headers, regular files, hard links, symlinks,
+directories), fed in pieces of any size, *without* its end-of-archive
+blocks: the format writes its own end (eStargz puts its TOC entry before
+it).  The parser reads exactly what :mod:`nixery_core.archive` writes;
+other tar features (GNU long names, sparse files, global pax headers) raise
+:class:`~nixery_core.errors.LayerError`.
+
+**Frames.**  Tar headers (and the padding before them) go in *metadata*
+pieces; the content of each regular file is cut into *chunks* by
+content-defined chunking (FastCDC 2020, :data:`CHUNK_AVERAGE` bytes on
+average, between :data:`CHUNK_MIN` and :data:`CHUNK_MAX`; the cut points
+restart at each file).  Content-defined cut points are what make an edit
+near the start of a big file (a changed store path in a RUNPATH or a
+shebang) cost one chunk instead of the file: the chunks after it are
+byte-identical, so their digests match what the client already holds.
+The format decides how pieces become frames (zstd:chunked: every piece its
+own frame; eStargz: a chunk plus the metadata that follows it, as the
+stargz writer does).
+
+**Determinism.**  Cut points depend only on file content and the chunk
+parameters; frames are compressed one-shot, each independently, so the
+bytes depend only on the input, the format and the compressor spec, never
+on how the input was split into calls or on the number of threads.
+
+**Parallelism and memory.**  Sealed frames are grouped into batches of
+about :data:`BATCH_BYTES` and compressed on an executor (at most
+``2 * threads`` batches in flight, output in order).  Memory holds a file's
+current chunk window (at most :data:`CHUNK_MAX` plus one input piece), the
+batches in flight, and the TOC: one small dict per tar member, about 300
+bytes each (the TOC must be complete before it is written at the end).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, Protocol
+
+import attrs
+
+from nixery_core.errors import LayerError, MissingEncoder
+
+__all__ = [
+    "BATCH_BYTES",
+    "CHUNK_AVERAGE",
+    "CHUNK_MAX",
+    "CHUNK_MIN",
+    "ChunkedCompressor",
+    "FrameFormat",
+    "Trailer",
+    "chunker_parameters",
+    "cut_points",
+    "modtime_rfc3339",
+    "ordered_entries",
+]
+
+#: FastCDC's average chunk size parameter (the real average is about this
+#: plus :data:`CHUNK_MIN`).
+CHUNK_AVERAGE = 32 * 1024
+#: Smallest chunk (except a file's last); files up to this size are one chunk.
+CHUNK_MIN = 8 * 1024
+#: Largest chunk.
+CHUNK_MAX = 256 * 1024
+#: Uncompressed bytes per batch of frames handed to a worker.
+BATCH_BYTES = 1 << 20
+#: A metadata piece (headers of directories, symlinks, links) is sealed into
+#: a frame of its own once it reaches this size, so it never grows unbounded.
+_META_LIMIT = 1 << 20
+
+
+def _import_fastcdc() -> Any:
+    try:
+        import pyfastcdc  # noqa: PLC0415 - imported on demand, a required dependency
+    except ImportError as exc:
+        raise MissingEncoder("pyfastcdc", "eStargz and zstd:chunked layers") from exc
+    return pyfastcdc
+
+
+def chunker_parameters() -> dict[str, int | str]:
+    """The content-defined chunking parameters, for cache keys."""
+    return {
+        "chunker": "fastcdc2020",
+        "chunk_average": CHUNK_AVERAGE,
+        "chunk_min": CHUNK_MIN,
+        "chunk_max": CHUNK_MAX,
+    }
+
+
+def _new_chunker() -> Any:
+    return _import_fastcdc().FastCDC(
+        CHUNK_AVERAGE, min_size=CHUNK_MIN, max_size=CHUNK_MAX, normalized_chunking=1, seed=0
+    )
+
+
+def cut_points(data: bytes | bytearray | memoryview) -> list[int]:
+    """Lengths of the chunks ``data`` is cut into, as if it were a whole file."""
+    return [chunk.length for chunk in _new_chunker().cut_buf(data)]
+
+
+#: The order of TOC entry keys: insertion order depends on when a frame's
+#: offsets arrive from a worker, so the TOC is always written in this order.
+TOC_KEYS = (
+    "name",
+    "type",
+    "linkName",
+    "mode",
+    "size",
+    "modtime",
+    "uid",
+    "gid",
+    "digest",
+    "offset",
+    "endOffset",
+    "chunkOffset",
+    "chunkSize",
+    "chunkDigest",
+)
+
+
+def ordered_entries(
+    entries: list[dict[str, Any]], keys: tuple[str, ...] = TOC_KEYS
+) -> list[dict[str, Any]]:
+    """The entries with their keys in a fixed order (only ``keys`` kept)."""
+    return [{key: entry[key] for key in keys if key in entry} for entry in entries]
+
+
+def modtime_rfc3339(mtime: int) -> str:
+    """A tar mtime as the TOC's RFC 3339 UTC timestamp."""
+    import time  # noqa: PLC0415 - only for this conversion
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))
+
+
+@attrs.frozen
+class Trailer:
+    """What a format appends after the last frame.
+
+    ``uncompressed`` is the tar tail it adds to the layer (part of the
+    ``diff_id``); ``compressed`` the bytes after the frames; ``annotations``
+    go on the layer's descriptor in an OCI manifest.
+    """
+
+    uncompressed: bytes
+    compressed: bytes
+    annotations: tuple[tuple[str, str], ...]
+
+
+class FrameFormat(Protocol):
+    """A file-granular format: how frames are compressed and the TOC is written.
+
+    It promises: :meth:`compress_frame` is a pure function of its input
+    (safe to call from several threads at once); :meth:`trailer` turns the
+    finished TOC entries and the offset where the trailer starts into the
+    blob's tail (``tar_size`` is the length of the tar fed in so far).
+    """
+
+    #: Whether the metadata after a file's last chunk joins that chunk's frame
+    #: (eStargz) instead of a frame of its own (zstd:chunked).
+    merge_metadata: bool
+
+    def compress_frame(self, data: bytes) -> bytes: ...
+
+    def trailer(self, entries: list[dict[str, Any]], offset: int, tar_size: int) -> Trailer: ...
+
+
+@attrs.define
+class _Frame:
+    """Uncompressed bytes of one frame and the TOC fields that wait for its offsets."""
+
+    data: bytearray
+    #: TOC entries whose ``offset`` is this frame's start.
+    starts: list[dict[str, Any]] = attrs.Factory(list)
+    #: TOC entries whose ``endOffset`` is this frame's end.
+    ends: list[dict[str, Any]] = attrs.Factory(list)
+    #: The chunk entry whose ``chunkDigest`` this frame's (first) bytes give.
+    chunk: dict[str, Any] | None = None
+    #: Bytes of the chunk at the start of ``data`` (metadata may follow it).
+    chunk_size: int = 0
+
+
+def _compress_batch(
+    compress: Callable[[bytes], bytes], frames: list[tuple[bytes, int]]
+) -> list[tuple[bytes, str]]:
+    """Each frame compressed, with the sha256 of the chunk it starts with (``""`` if none)."""
+    out = []
+    for data, chunk_size in frames:
+        digest = ""
+        if chunk_size:
+            with memoryview(data) as view:
+                digest = "sha256:" + hashlib.sha256(view[:chunk_size]).hexdigest()
+        out.append((compress(data), digest))
+    return out
+
+
+_NUL = 0
+_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
+_HEADER = 512
+
+
+def _octal(field: bytes) -> int:
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    return int(text, 8) if text else 0
+
+
+class ChunkedCompressor:
+    """Tar bytes in (no end-of-archive), framed and compressed bytes out.
+
+    Use like a :class:`~nixery_core.compression.StreamCompressor`:
+    :meth:`compress` and :meth:`finish` return compressed bytes in order;
+    after :meth:`finish`, :attr:`trailer` holds the tar tail the format
+    added (for the ``diff_id``) and the manifest annotations.
+    """
+
+    def __init__(
+        self,
+        fmt: FrameFormat,
+        *,
+        mtime: int,
+        executor: Executor | None,
+        threads: int,
+    ) -> None:
+        self._fmt = fmt
+        self._executor = executor
+        self._max_in_flight = 2 * max(1, threads)
+        self._modtime = modtime_rfc3339(mtime)
+        self._chunker = _new_chunker()
+        # Parser state.
+        self._buf = bytearray()
+        self._pax: dict[bytes, bytes] = {}
+        self._pax_size = 0
+        self._pax_left = 0
+        self._pax_bytes = bytearray()
+        self._remaining = 0  # content bytes of the current file still to come
+        self._padding = 0  # padding after the current file's content
+        self._window = bytearray()  # content not yet cut into chunks
+        self._file: dict[str, Any] | None = None
+        self._file_digest: Any = None
+        self._chunk_offset = 0
+        self._chunks_of_file: list[dict[str, Any]] = []
+        # Framing state.
+        self._meta = _Frame(bytearray())
+        self._batch: list[_Frame] = []
+        self._batch_bytes = 0
+        self._in_flight: deque[
+            tuple[list[_Frame], Future[list[tuple[bytes, str]]] | list[tuple[bytes, str]]]
+        ] = deque()
+        self._offset = 0
+        self._tar_size = 0
+        self.entries: list[dict[str, Any]] = []
+        self.trailer: Trailer | None = None
+
+    # --- input ---------------------------------------------------------------
+
+    def compress(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        out: list[bytes] = []
+        view = memoryview(data)
+        self._tar_size += len(view)
+        while view:
+            if self._remaining:
+                take = min(self._remaining, len(view))
+                self._content(view[:take], out)
+                view = view[take:]
+            elif self._padding:
+                take = min(self._padding, len(view))
+                self._meta.data += view[:take]
+                self._padding -= take
+                view = view[take:]
+            elif self._pax_left:
+                take = min(self._pax_left, len(view))
+                self._meta.data += view[:take]
+                self._pax_bytes += view[:take]
+                self._pax_left -= take
+                view = view[take:]
+                if not self._pax_left:
+                    self._pax = _parse_pax(bytes(self._pax_bytes[: self._pax_size]))
+            else:
+                need = _HEADER - len(self._buf)
+                self._buf += view[:need]
+                view = view[need:]
+                if len(self._buf) == _HEADER:
+                    self._header(out)
+        return out
+
+    def finish(self) -> list[bytes]:
+        out: list[bytes] = []
+        if self._remaining or self._padding or self._buf or self._pax or self._pax_left:
+            raise LayerError("tar stream ended inside a member")
+        self._seal_meta(out)
+        self._submit(out, force=True)
+        while self._in_flight:
+            self._collect(out, wait=True)
+        for entry in self.entries:
+            if entry["type"] == "reg" and "digest" not in entry and entry.get("size"):
+                entry["digest"] = entry.pop("chunkDigest")
+        self.trailer = self._fmt.trailer(self.entries, self._offset, self._tar_size)
+        out.append(self.trailer.compressed)
+        return out
+
+    def close(self) -> None:
+        while self._in_flight:
+            pending = self._in_flight.popleft()[1]
+            if isinstance(pending, Future):
+                pending.cancel()
+
+    # --- tar parsing -----------------------------------------------------------
+
+    def _header(self, out: list[bytes]) -> None:
+        block = bytes(self._buf)
+        self._buf.clear()
+        if block.count(_NUL) == _HEADER:
+            raise LayerError("unexpected end-of-archive block inside the layer stream")
+        typeflag = block[156:157]
+        size = _octal(block[124:136])
+        if typeflag == b"x":
+            # The pax payload (and its padding) follows; it belongs to the next member.
+            self._meta.data += block
+            self._pax_size = size
+            self._pax_left = size + (-size % _HEADER)
+            self._pax_bytes = bytearray()
+            return
+        pax, self._pax = self._pax, {}
+        name = pax.get(b"path")
+        if name is None:
+            name = block[:100].split(b"\0", 1)[0]
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        linkname = pax.get(b"linkpath", block[157:257].split(b"\0", 1)[0])
+        if b"size" in pax:
+            size = int(pax[b"size"])
+        entry: dict[str, Any] = {
+            "name": name.decode("utf-8", "surrogateescape"),
+            "type": "",
+            "mode": _octal(block[100:108]),
+            "uid": int(pax.get(b"uid", b"%d" % _octal(block[108:116]))),
+            "gid": int(pax.get(b"gid", b"%d" % _octal(block[116:124]))),
+            "modtime": self._modtime,
+        }
+        self._meta.data += block
+        if len(self._meta.data) >= _META_LIMIT:
+            self._seal_meta(out)
+        if typeflag in (b"0", b"\0"):
+            entry["type"] = "reg"
+            entry["size"] = size
+            self.entries.append(entry)
+            if size:
+                self._start_file(entry, size, out)
+            else:
+                entry["digest"] = _EMPTY_DIGEST
+        elif typeflag == b"5":
+            entry["type"] = "dir"
+            self.entries.append(entry)
+        elif typeflag in (b"1", b"2"):
+            entry["type"] = "hardlink" if typeflag == b"1" else "symlink"
+            entry["linkName"] = linkname.decode("utf-8", "surrogateescape")
+            self.entries.append(entry)
+        else:
+            raise LayerError(f"tar member type {typeflag!r} is not supported in chunked layers")
+
+    # --- file content ----------------------------------------------------------
+
+    def _start_file(self, entry: dict[str, Any], size: int, out: list[bytes]) -> None:
+        self._file = entry
+        self._remaining = size
+        self._padding = -size % _HEADER
+        self._chunk_offset = 0
+        self._chunks_of_file = []
+        # The metadata before this file's content becomes (or ends) a frame.
+        self._seal_meta(out)
+
+    def _content(self, data: memoryview, out: list[bytes]) -> None:
+        self._window += data
+        self._remaining -= len(data)
+        last = not self._remaining
+        window = self._window
+        if not last and len(window) < CHUNK_MAX + BATCH_BYTES:
+            return
+        lengths = [chunk.length for chunk in self._chunker.cut_buf(window)]
+        start = 0
+        with memoryview(window) as view:
+            for length in lengths:
+                # A cut point depends on at most CHUNK_MAX bytes from the chunk's
+                # start: chunks starting later wait for more data.
+                if not last and start + CHUNK_MAX > len(window):
+                    break
+                chunk_last = last and start + length == len(window)
+                self._chunk(view[start : start + length].tobytes(), out, last=chunk_last)
+                start += length
+        # A new buffer: the chunker may still hold a view of the old one.
+        self._window = window[start:]
+        if last:
+            self._end_file(out)
+
+    def _chunk(self, data: bytes, out: list[bytes], *, last: bool) -> None:
+        file = self._file
+        if file is None:  # pragma: no cover - content only comes after a header
+            raise LayerError("file content outside a file")
+        if self._chunk_offset == 0:
+            entry = file
+            # Files of one chunk take their digest from the chunk's (in a worker).
+            self._file_digest = None if last else hashlib.sha256(data)
+        else:
+            entry = {"name": file["name"], "type": "chunk"}
+            self.entries.append(entry)
+            self._file_digest.update(data)
+        entry["chunkOffset"] = self._chunk_offset
+        entry["chunkSize"] = len(data)
+        self._chunks_of_file.append(entry)
+        self._chunk_offset += len(data)
+        frame = _Frame(
+            bytearray(data), starts=[entry], ends=[entry], chunk=entry, chunk_size=len(data)
+        )
+        if self._fmt.merge_metadata:
+            # The headers that follow join this frame (see FrameFormat.merge_metadata).
+            self._seal_meta(out)
+            self._meta = frame
+        else:
+            self._queue(frame, out)
+
+    def _end_file(self, out: list[bytes]) -> None:
+        file = self._file
+        if file is None:  # pragma: no cover - only called at a file's end
+            raise LayerError("file end outside a file")
+        if len(self._chunks_of_file) == 1:
+            # A one-chunk file: its digest says it all, as containers-storage
+            # writes it; the chunk's digest becomes the file's when it is known.
+            del file["chunkOffset"], file["chunkSize"]
+        else:
+            file["digest"] = "sha256:" + self._file_digest.hexdigest()
+        self._file = None
+        self._file_digest = None
+
+    # --- frames and batches ------------------------------------------------------
+
+    def _seal_meta(self, out: list[bytes]) -> None:
+        if self._meta.data or self._meta.starts:
+            self._queue(self._meta, out)
+        self._meta = _Frame(bytearray())
+
+    def _queue(self, frame: _Frame, out: list[bytes]) -> None:
+        self._batch.append(frame)
+        self._batch_bytes += len(frame.data)
+        if self._batch_bytes >= BATCH_BYTES:
+            self._submit(out)
+
+    def _submit(self, out: list[bytes], *, force: bool = False) -> None:
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        payloads = [(bytes(frame.data), frame.chunk_size) for frame in batch]
+        for frame in batch:
+            frame.data = bytearray()
+        if self._executor is None:
+            self._in_flight.append((batch, _compress_batch(self._fmt.compress_frame, payloads)))
+        else:
+            self._in_flight.append(
+                (batch, self._executor.submit(_compress_batch, self._fmt.compress_frame, payloads))
+            )
+        self._collect(out, wait=False)
+
+    def _collect(self, out: list[bytes], *, wait: bool) -> None:
+        while self._in_flight:
+            batch, pending = self._in_flight[0]
+            if isinstance(pending, Future):
+                if not (wait or pending.done() or len(self._in_flight) > self._max_in_flight):
+                    return
+                compressed = pending.result()
+            else:
+                compressed = pending
+            self._in_flight.popleft()
+            for frame, (blob, digest) in zip(batch, compressed, strict=True):
+                if frame.chunk is not None:
+                    frame.chunk["chunkDigest"] = digest
+                for entry in frame.starts:
+                    entry["offset"] = self._offset
+                self._offset += len(blob)
+                for entry in frame.ends:
+                    entry["endOffset"] = self._offset
+                out.append(blob)
+
+
+def _parse_pax(payload: bytes) -> dict[bytes, bytes]:
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(payload):
+        space = payload.index(b" ", pos)
+        length = int(payload[pos:space])
+        record = payload[space + 1 : pos + length - 1]
+        key, _, value = record.partition(b"=")
+        records[key] = value
+        pos += length
+    return records

@@ -1,0 +1,95 @@
+"""zstd:chunked layers, as containers-storage (podman, CRI-O) reads them.
+
+* Media type ``application/vnd.oci.image.layer.v1.tar+zstd``: concatenated
+  zstd frames that ``zstd -d`` (and every zstd reader) decompresses to one
+  ordinary tar, so clients without partial pulls read it as a zstd layer.
+* Tar headers (with the padding before them) and file contents are in
+  separate frames; a file's content is cut into chunks by content
+  (:mod:`nixery_core.chunked`), each its own frame.  The last frame holds
+  the end-of-archive blocks.
+* Then a skippable frame (magic ``0x184D2A50``) holding the zstd-compressed
+  TOC JSON ``{"version": 1, "entries": [...]}``: ``reg`` entries with
+  name, mode, size, modtime, uid, gid, ``digest`` (sha256 of the file),
+  ``offset``/``endOffset`` (the compressed range of its first chunk, or of
+  the whole file when it is one chunk) and, for files of several chunks,
+  ``chunkSize``/``chunkDigest``, followed by one ``chunk`` entry per further
+  chunk (``chunkOffset``, ``chunkSize``, ``chunkDigest``,
+  ``offset``/``endOffset``); ``dir``, ``symlink`` and ``hardlink`` entries
+  (``linkName``).
+* Last, a 48-byte skippable frame whose payload is four little-endian u64
+  (TOC offset, compressed length, uncompressed length, type 1) and the
+  magic ``GNUlInUx``.
+
+The OCI layer descriptor carries ``io.containers.zstd-chunked.manifest-checksum``
+(sha256 of the compressed TOC) and ``io.containers.zstd-chunked.manifest-position``
+(``offset:compressed:uncompressed:1``).  Docker schema 2 has no zstd layer
+type: these layers need an OCI manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from nixery_core.chunked import Trailer, ordered_entries
+
+__all__ = [
+    "FOOTER_MAGIC",
+    "MANIFEST_CHECKSUM_ANNOTATION",
+    "MANIFEST_POSITION_ANNOTATION",
+    "SKIPPABLE_MAGIC",
+    "ZstdChunkedFormat",
+    "skippable_frame",
+]
+
+MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
+MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
+SKIPPABLE_MAGIC = 0x184D2A50
+FOOTER_MAGIC = b"GNUlInUx"
+#: The TOC type containers-storage reads: 1, the CRFS-compatible JSON TOC.
+_MANIFEST_TYPE_CRFS = 1
+
+
+def skippable_frame(payload: bytes) -> bytes:
+    """A zstd skippable frame (magic ``0x184D2A50``) holding ``payload``."""
+    return struct.pack("<II", SKIPPABLE_MAGIC, len(payload)) + payload
+
+
+def toc_json(entries: list[dict[str, Any]]) -> bytes:
+    """The TOC JSON, compact with keys in a fixed order (byte-for-byte reproducible)."""
+    document = {"version": 1, "entries": ordered_entries(entries)}
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+class ZstdChunkedFormat:
+    """The zstd:chunked :class:`~nixery_core.chunked.FrameFormat` over one zstd frame compressor."""
+
+    merge_metadata = False
+
+    def __init__(self, compress_frame: Callable[[bytes], bytes]) -> None:
+        self.compress_frame = compress_frame
+
+    def trailer(self, entries: list[dict[str, Any]], offset: int, tar_size: int) -> Trailer:
+        """End-of-archive frame, TOC and footer, for frames ending at ``offset``."""
+        del tar_size  # zstd:chunked records no uncompressed size
+        tail = bytes(1024)
+        end = self.compress_frame(tail)
+        toc = toc_json(entries)
+        compressed_toc = self.compress_frame(toc)
+        toc_offset = offset + len(end) + 8  # past the skippable frame's magic and length
+        footer = (
+            struct.pack("<QQQQ", toc_offset, len(compressed_toc), len(toc), _MANIFEST_TYPE_CRFS)
+            + FOOTER_MAGIC
+        )
+        compressed = end + skippable_frame(compressed_toc) + skippable_frame(footer)
+        annotations = (
+            (MANIFEST_CHECKSUM_ANNOTATION, "sha256:" + hashlib.sha256(compressed_toc).hexdigest()),
+            (
+                MANIFEST_POSITION_ANNOTATION,
+                f"{toc_offset}:{len(compressed_toc)}:{len(toc)}:{_MANIFEST_TYPE_CRFS}",
+            ),
+        )
+        return Trailer(tail, compressed, annotations)

@@ -1,0 +1,314 @@
+"""eStargz and zstd:chunked layers (nixery_core.chunked, .estargz, .zstd_chunked).
+
+Checked by independent readers: the gzip and zstd CLIs, GNU tar, Python's
+tarfile, and a TOC walk that decompresses every recorded range on its own
+(what a partial-pull client does).  The real client, podman, is in
+tests/test_partial_pull.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import struct
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import require_tools
+
+from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
+from nixery_core.chunked import CHUNK_MAX, cut_points
+from nixery_core.errors import InvalidInput
+from nixery_core.estargz import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_NAME, footer
+from nixery_core.manifest import LayerDescriptor, render_manifest
+from nixery_core.media_types import OCI_CONFIG
+from nixery_core.protocols import BlobInfo
+from nixery_core.zstd_chunked import (
+    MANIFEST_CHECKSUM_ANNOTATION,
+    MANIFEST_POSITION_ANNOTATION,
+)
+
+zstandard = pytest.importorskip("zstandard")
+
+FORMATS = ("estargz", "zstd-chunked")
+
+
+def _noise(size: int, seed: int) -> bytes:
+    """Incompressible-ish bytes mixed with text, so chunks are cut by content."""
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d/%d" % (seed, i)).digest()
+        out += b"text line %d of the sample\n" % i
+        i += 1
+    return bytes(out[:size])
+
+
+def make_store(root: Path) -> list[str]:
+    """A fake store: big, small, empty, duplicate, long-named files, symlinks, dirs."""
+    store = root / "nix" / "store"
+    a = store / "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-big"
+    (a / "lib").mkdir(parents=True)
+    (a / "lib" / "libbig.so").write_bytes(_noise(3 * CHUNK_MAX + 12345, 1))
+    (a / "lib" / "copy.so").write_bytes(_noise(3 * CHUNK_MAX + 12345, 1))  # a hard link
+    (a / "empty").write_bytes(b"")
+    (a / "lib" / "link.so").symlink_to("libbig.so")
+    b = store / "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-small"
+    deep = b / ("d" * 90) / ("e" * 90)
+    deep.mkdir(parents=True)
+    (deep / ("f" * 99)).write_bytes(b"a file under a name no ustar split can hold\n")
+    (b / "bin").mkdir()
+    script = b / "bin" / "run"
+    script.write_bytes(b"#!" + str(a).encode() + b"/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    for i in range(20):
+        (b / f"note-{i}.txt").write_bytes(b"note %d\n" % i * (i + 1))
+    return sorted("/nix/store/" + p.name for p in store.iterdir())
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("chunked-store")
+    return root, make_store(root)
+
+
+def _pack(
+    store: tuple[Path, list[str]], compression: str, threads: int
+) -> tuple[bytes, PackedLayer]:
+    root, paths = store
+    out = io.BytesIO()
+    packed = pack_store_paths(
+        paths,
+        out.write,
+        ArchiveOptions(compression=compression),  # type: ignore[arg-type]
+        store_root=root,
+        threads=threads,
+    )
+    return out.getvalue(), packed
+
+
+def _decompress(compression: str, blob: bytes) -> bytes:
+    tool = ["gzip", "-dc"] if compression == "estargz" else ["zstd", "-dcq"]
+    return subprocess.run(tool, input=blob, capture_output=True, check=True).stdout
+
+
+def _toc(compression: str, blob: bytes) -> tuple[dict[str, Any], int]:
+    """The TOC as a reader finds it from the footer, and where the TOC region starts."""
+    if compression == "estargz":
+        toc_offset = int(blob[-FOOTER_SIZE:][16:32], 16)
+        assert blob[-FOOTER_SIZE:][32:38] == b"STARGZ"
+        with tarfile.open(
+            fileobj=io.BytesIO(gzip.decompress(blob[toc_offset:-FOOTER_SIZE]))
+        ) as tar:
+            member = tar.extractfile(TOC_NAME)
+            assert member is not None
+            return json.loads(member.read()), toc_offset
+    magic, size = struct.unpack("<II", blob[-48:-40])
+    assert (magic, size, blob[-8:]) == (0x184D2A50, 40, b"GNUlInUx")
+    offset, length, raw, kind = struct.unpack("<QQQQ", blob[-40:-8])
+    assert kind == 1
+    toc = zstandard.ZstdDecompressor().decompress(
+        blob[offset : offset + length], max_output_size=raw
+    )
+    return json.loads(toc), offset - 8
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_same_bytes_for_any_thread_count(store: tuple[Path, list[str]], compression: str) -> None:
+    """A chunked layer's bytes and annotations do not depend on the number of threads."""
+    first = _pack(store, compression, 1)
+    assert all(_pack(store, compression, n) == first for n in (2, 5))
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_cli_tools_read_the_same_tree_as_gzip(
+    store: tuple[Path, list[str]], compression: str
+) -> None:
+    """gzip/zstd CLIs and GNU tar read the plain gzip layer's tree (eStargz adds its TOC)."""
+    require_tools("gzip", "zstd", "tar")
+    blob, packed = _pack(store, compression, 2)
+    tar_bytes = _decompress(compression, blob)
+    assert "sha256:" + hashlib.sha256(tar_bytes).hexdigest() == packed.diff_id
+    plain = _decompress("estargz", _pack(store, "gzip", 2)[0])
+
+    def listing(data: bytes) -> list[str]:
+        return (
+            subprocess.run(["tar", "-tvf", "-"], input=data, capture_output=True, check=True)
+            .stdout.decode()
+            .splitlines()
+        )
+
+    expected = listing(plain)
+    got = listing(tar_bytes)
+    if compression == "estargz":
+        assert got[-1].endswith(" " + TOC_NAME)
+        got = got[:-1]
+    assert got == expected
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_every_toc_range_decompresses_alone_to_its_bytes(
+    store: tuple[Path, list[str]], compression: str
+) -> None:
+    """Each TOC entry's compressed range, fetched alone, holds exactly its file or chunk."""
+    blob, packed = _pack(store, compression, 2)
+    toc, toc_region = _toc(compression, blob)
+    with tarfile.open(fileobj=io.BytesIO(_decompress(compression, blob))) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}  # type: ignore[union-attr]
+    entries = toc["entries"]
+    starts = sorted({e["offset"] for e in entries if "offset" in e} | {toc_region})
+    seen_chunks = 0
+    for entry in entries:
+        if entry["type"] == "reg":
+            assert entry["digest"] == "sha256:" + hashlib.sha256(files[entry["name"]]).hexdigest()
+        if "offset" not in entry:
+            continue
+        start = entry["offset"]
+        end = entry.get("endOffset") or starts[starts.index(start) + 1]
+        part = blob[start:end]
+        if compression == "estargz":
+            raw = gzip.GzipFile(fileobj=io.BytesIO(part)).read()
+        else:
+            raw = zstandard.ZstdDecompressor().decompressobj().decompress(part)
+        content = files[entry["name"]]
+        at, size = entry.get("chunkOffset", 0), entry.get("chunkSize", len(content))
+        assert raw[:size] == content[at : at + size]
+        if "chunkDigest" in entry:
+            seen_chunks += 1
+            assert entry["chunkDigest"] == "sha256:" + hashlib.sha256(raw[:size]).hexdigest()
+    assert seen_chunks >= 4  # the big files were cut into several chunks
+    annotations = dict(packed.annotations)
+    if compression == "estargz":
+        toc_bytes = gzip.decompress(blob[toc_region:-FOOTER_SIZE])[512:]
+        toc_json = toc_bytes[: toc_bytes.index(b"\0")]
+        assert (
+            annotations[TOC_DIGEST_ANNOTATION] == "sha256:" + hashlib.sha256(toc_json).hexdigest()
+        )
+    else:
+        offset, length, raw_length, _ = struct.unpack("<QQQQ", blob[-40:-8])
+        compressed_toc = blob[offset : offset + length]
+        assert annotations[MANIFEST_CHECKSUM_ANNOTATION] == (
+            "sha256:" + hashlib.sha256(compressed_toc).hexdigest()
+        )
+        assert annotations[MANIFEST_POSITION_ANNOTATION] == f"{offset}:{length}:{raw_length}:1"
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_hard_links_symlinks_and_long_names_are_in_the_toc(
+    store: tuple[Path, list[str]], compression: str
+) -> None:
+    """Duplicates are TOC hard links, symlinks keep targets, pax long names arrive whole."""
+    blob, _ = _pack(store, compression, 1)
+    entries = {e["name"]: e for e in _toc(compression, blob)[0]["entries"] if e["type"] != "chunk"}
+    big = "nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-big/lib/"
+    assert entries[big + "libbig.so"]["type"] == "hardlink"
+    assert entries[big + "libbig.so"]["linkName"] == big + "copy.so"
+    assert entries[big + "link.so"] == {
+        "name": big + "link.so",
+        "type": "symlink",
+        "linkName": "libbig.so",
+        "mode": 0o777,
+        "modtime": "1970-01-01T00:00:01Z",
+        "uid": 0,
+        "gid": 0,
+    }
+    long = [name for name in entries if name.endswith("f" * 99)]
+    assert len(long) == 1
+    assert len(long[0]) > 256
+    empty = entries["nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-big/empty"]
+    assert empty["size"] == 0
+    assert "offset" not in empty
+
+
+def test_an_edit_near_the_start_changes_one_chunk() -> None:
+    """Content-defined cut points resynchronise: an inserted path changes the chunks near it."""
+    data = _noise(20 * CHUNK_MAX // 4, 7)
+    edited = data[:3000] + b"/nix/store/00000000000000000000000000000000-new/lib" + data[3000:]
+
+    def chunks(blob: bytes) -> set[bytes]:
+        out, at = set(), 0
+        for length in cut_points(blob):
+            out.add(hashlib.sha256(blob[at : at + length]).digest())
+            at += length
+        return out
+
+    before, after = chunks(data), chunks(edited)
+    assert len(after - before) <= 2 < len(before)
+
+
+def test_footers_match_the_reference_layouts() -> None:
+    """The eStargz footer is byte-for-byte the stargz writer's (gzip-readable, empty)."""
+    out = footer(0x1234)
+    assert len(out) == 51
+    assert out.hex() == (
+        "1f8b0804000000000"
+        "0ff1a00534716003030303030303030303030303132333453544152475a"
+        "010000ffff0000000000000000"
+    )
+    with gzip.GzipFile(fileobj=io.BytesIO(out)) as reader:
+        assert reader.read() == b""
+
+
+def test_oci_manifest_carries_annotations_docker_drops_them() -> None:
+    """OCI layer descriptors carry the TOC annotations; Docker schema 2 serves eStargz as gzip."""
+    config = BlobInfo("sha256:" + "1" * 64, 10, OCI_CONFIG)
+    layer = LayerDescriptor(
+        "sha256:" + "2" * 64,
+        100,
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "sha256:" + "3" * 64,
+        ((TOC_DIGEST_ANNOTATION, "sha256:" + "4" * 64),),
+    )
+    oci, _ = render_manifest(config=config, layers=[layer], format="oci")
+    docker, _ = render_manifest(config=config, layers=[layer], format="docker")
+    assert json.loads(oci)["layers"][0]["annotations"] == {
+        TOC_DIGEST_ANNOTATION: "sha256:" + "4" * 64
+    }
+    assert json.loads(docker)["layers"][0] == {
+        "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "digest": "sha256:" + "2" * 64,
+        "size": 100,
+    }
+    zstd_layer = LayerDescriptor(
+        "sha256:" + "2" * 64,
+        100,
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "sha256:" + "3" * 64,
+    )
+    with pytest.raises(InvalidInput, match="OCI"):
+        render_manifest(config=config, layers=[zstd_layer], format="docker")
+
+
+def test_cache_keys_name_the_format_and_chunker() -> None:
+    """Options parameters differ per format and name the chunker, so caches never mix them."""
+    params = {
+        "gzip": ArchiveOptions(compression="gzip").parameters(),
+        "estargz": ArchiveOptions(compression="estargz").parameters(),
+    }
+    assert params["gzip"] != params["estargz"]
+    assert params["estargz"]["chunker"] == "fastcdc2020"
+    assert "chunker" not in params["gzip"]
+    with pytest.raises(InvalidInput, match="zstd-chunked"):
+        ArchiveOptions(compression="stargz")  # type: ignore[arg-type]
+
+
+def test_unsupported_tar_members_are_refused(tmp_path: Path) -> None:
+    """A fifo never reaches the chunked writer: packing refuses it with a typed error."""
+    store = tmp_path / "nix" / "store" / ("c" * 32 + "-fifo")
+    store.mkdir(parents=True)
+    os.mkfifo(store / "pipe")
+    from nixery_core.errors import UnsafeStoreContent
+
+    with pytest.raises(UnsafeStoreContent):
+        pack_store_paths(
+            ["/nix/store/" + store.name],
+            io.BytesIO().write,
+            ArchiveOptions(compression="zstd-chunked"),
+            store_root=tmp_path,
+        )
