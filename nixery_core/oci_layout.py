@@ -26,6 +26,11 @@ btrfs, XFS, bcachefs), and every blob written, or already in the layout,
 is hashed and checked against its digest: a store blob that does not
 match raises :class:`~nixery_core.errors.DigestMismatch` and nothing names
 it in ``index.json``; a layout blob that does not match is replaced.
+
+The image's referrers that the store records (its SBOMs, see
+:mod:`nixery_core.sbom.referrers`) are written too, as untagged
+``index.json`` entries whose manifests name the image as ``subject``, where
+OCI 1.1 layout readers (``oras discover --oci-layout``) find them.
 """
 
 from __future__ import annotations
@@ -62,9 +67,10 @@ from nixery_core.manifest import (
     render_index,
     sniff_media_type,
 )
-from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES
+from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCI_MANIFEST
 from nixery_core.names import Architecture
 from nixery_core.protocols import JSONValue, Uploader
+from nixery_core.sbom.referrers import referrer_digests
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -297,6 +303,7 @@ def write_oci_layout(
     extra_blobs: Mapping[str, bytes] | None = None,
     link: bool = True,
     durable: bool = True,
+    referrers: bool = True,
 ) -> Descriptor:
     """Write an image (manifest or index) and its blobs into an OCI layout at ``directory``.
 
@@ -310,6 +317,8 @@ def write_oci_layout(
     ``link=True`` clones blobs copy-on-write where the filesystem can, else
     copies them (``link=False`` always copies); a layout never shares an
     inode with the store, and every blob is hashed on the way.
+    ``referrers`` also writes each image manifest's referrers (SBOMs) the
+    store records, as untagged entries.
 
     Raises :class:`~nixery_core.errors.BlobNotFound` for a blob the store
     lacks, :class:`~nixery_core.errors.DigestMismatch` when a stored blob
@@ -331,6 +340,16 @@ def write_oci_layout(
         layout.prepare()
         _write_tree(layout, store, descriptor, bytes(manifest), extra_blobs or {}, link=link)
         layout.add_to_index(descriptor)
+    if referrers:
+        subjects = [descriptor.digest]
+        if kind in INDEX_TYPES:
+            subjects = [m.digest for m in parse_index(manifest, kind).manifests]
+        for subject in subjects:
+            for digest in referrer_digests(store, subject):
+                write_oci_layout(
+                    directory, store=store, manifest=store.read_blob(digest), ref_name=None,
+                    media_type=OCI_MANIFEST, link=link, durable=durable, referrers=False,
+                )
     return descriptor
 
 

@@ -23,7 +23,7 @@ from servers import DockerRegistry, registry
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache, ManifestRecord
 from nixery_core.errors import InvalidInput
-from nixery_core.manifest import parse_index, parse_manifest
+from nixery_core.manifest import REF_NAME_ANNOTATION, parse_index, parse_manifest
 from nixery_core.media_types import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -126,9 +126,12 @@ def test_result_names_both_architectures_in_order(built: Built) -> None:
 
 
 def test_layout_tags_the_very_index_bytes(built: Built) -> None:
-    """The layout's ``latest`` entry is the result's index, by digest and media type."""
-    (entry,) = read_oci_layout(built.layout).manifests
+    """The layout's ``latest`` entry is the result's index; the others are each arch's SBOMs."""
+    entries = read_oci_layout(built.layout).manifests
+    (entry,) = [e for e in entries if e.annotation(REF_NAME_ANNOTATION) == "latest"]
     assert (entry.digest, entry.media_type) == (built.result.index_digest, OCI_INDEX)
+    sboms = {a.manifest_digest for r in built.result.manifests.values() for a in r.sboms}
+    assert {e.digest for e in entries if e is not entry} == sboms
 
 
 def test_skopeo_raw_lists_both_architectures(built: Built) -> None:

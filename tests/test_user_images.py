@@ -165,7 +165,9 @@ def test_skopeo_sees_every_configured_field(built: Built) -> None:
     assert runtime["Cmd"] == ["hello"]
     assert runtime["WorkingDir"] == "/home/app"
     assert runtime["ExposedPorts"] == {"53/udp": {}, "8080/tcp": {}}
-    assert runtime["Labels"] == {"org.opencontainers.image.title": "hello", "team": "nixery"}
+    labels = {"org.opencontainers.image.title": "hello", "team": "nixery"}
+    assert runtime["Labels"].items() >= labels.items()  # the standard keys join them
+    assert runtime["Labels"]["org.opencontainers.image.created"] == "1970-01-01T00:00:00Z"
     assert runtime["User"] == "1000:1000"
     summary = _skopeo_json("inspect", f"oci:{built.layout}:user")
     assert summary["Labels"] == runtime["Labels"]
@@ -183,12 +185,15 @@ def test_created_defaults_to_the_epoch(built: Built) -> None:
 
 
 def test_root_image_has_no_user_and_the_default_cmd(built: Built) -> None:
-    """Without configuration the image has no User, Cmd ``bash`` (shell) and default Env."""
+    """Without configuration: no User, Cmd ``bash`` (shell), default Env, standard Labels."""
     runtime = _skopeo_json("inspect", "--config", f"oci:{built.layout}:root")["config"]
     assert isinstance(runtime, dict)
     assert "User" not in runtime
     assert runtime["Cmd"] == ["bash"]
-    assert sorted(runtime) == ["Cmd", "Env"]
+    assert sorted(runtime) == ["Cmd", "Env", "Labels"]
+    assert sorted(runtime["Labels"]) == [
+        "org.opencontainers.image.created", "org.opencontainers.image.revision"
+    ]
 
 
 # --- every field is part of the cache key --------------------------------------------

@@ -43,6 +43,7 @@ __all__ = [
     "SbomFormat",
     "attach_sboms",
     "fallback_tag",
+    "referrer_digests",
     "referrers_index",
     "render_artifact_manifest",
     "render_referrers_index",
@@ -218,3 +219,9 @@ def referrers_index(
         and store.has_blob(str(e["digest"]))
     ]
     return render_referrers_index(entries)
+
+
+def referrer_digests(store: Uploader, subject_digest: str) -> list[str]:
+    """The digests of the stored artifact manifests whose subject is ``subject_digest``."""
+    index = json.loads(referrers_index(store, subject_digest))
+    return [str(entry["digest"]) for entry in index["manifests"]]
