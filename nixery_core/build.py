@@ -190,7 +190,7 @@ class BuildResult:
             from_cache=True,
             timings=timings,
             cache_stats=stats,
-            sboms=tuple(attach.SbomArtifact.from_json(a) for a in body["sboms"]),
+            sboms=tuple(attach.SbomArtifact.from_json(a) for a in body.get("sboms", [])),
         )
 
     def _repr_html_(self) -> str:

@@ -9,7 +9,9 @@ checks every body it is about to serve with :func:`record_blob_sizes`:
   a list of ``layers`` objects, each with digest, diff_id, size,
   media_type, paths, packages and kind of the right types; the manifest
   must parse, name the config by its sha256 and size, and list exactly the
-  entry's layers (digest, size, media type);
+  entry's layers (digest, size, media type); ``sboms`` (optional) lists the
+  image's SBOM artifacts, each naming its artifact manifest and document by
+  digest and size (and, implicitly, the two-byte empty config);
 * an index record (``kind: "index"``, what
   :meth:`nixery_core.multiarch.MultiArchResult.to_record` writes): an
   ``index`` naming, in order, the manifest of each image record in
@@ -33,6 +35,8 @@ from nixery_core.manifest import parse_index, parse_manifest
 __all__ = ["MalformedRecord", "record_blob_sizes"]
 
 _LAYER_KINDS = ("store", "customisation")
+#: The empty config (``{}``) every SBOM artifact manifest names.
+_EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 
 
 class MalformedRecord(ValueError):
@@ -97,6 +101,15 @@ def _image_sizes(body: Mapping[str, Any]) -> dict[str, int]:
         raise MalformedRecord("the manifest names another config")
     if [(d.digest, d.size, d.media_type) for d in parsed.layers] != described:
         raise MalformedRecord("the manifest's layers differ from the entry's")
+    for artifact in _field(body, "sboms", list) if "sboms" in body else []:
+        for digest_field, size_field in (
+            ("manifest_digest", "manifest_size"), ("document_digest", "document_size")
+        ):
+            digest = _digest(artifact, digest_field)
+            size = _field(artifact, size_field, int)
+            if size < 0 or sizes.setdefault(digest, size) != size:
+                raise MalformedRecord(f"SBOM blob {digest} has a bad or second size")
+        sizes[_EMPTY_DIGEST] = 2
     return sizes
 
 
