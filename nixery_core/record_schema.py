@@ -9,9 +9,9 @@ checks every body it is about to serve with :func:`record_blob_sizes`:
   a list of ``layers`` objects, each with digest, diff_id, size,
   media_type, paths, packages and kind of the right types; the manifest
   must parse, name the config by its sha256 and size, and list exactly the
-  entry's layers (digest, size, media type); ``sboms`` (optional) lists the
-  image's SBOM artifacts, each naming its artifact manifest and document by
-  digest and size (and, implicitly, the two-byte empty config);
+  entry's layers (digest, size, media type); ``sboms`` (optional: entries
+  written before SBOMs have none) is a list of SBOM artifacts (:class:`~nixery_core.sbom.referrers.SbomArtifact`), each
+  adding its artifact manifest, the empty config and its document;
 * an index record (``kind: "index"``, what
   :meth:`nixery_core.multiarch.MultiArchResult.to_record` writes): an
   ``index`` naming, in order, the manifest of each image record in
@@ -31,12 +31,11 @@ from typing import Any
 from nixery_core.digests import is_digest, sha256_digest
 from nixery_core.errors import InvalidManifest
 from nixery_core.manifest import parse_index, parse_manifest
+from nixery_core.sbom.referrers import EMPTY_DESCRIPTOR, SbomArtifact
 
 __all__ = ["MalformedRecord", "record_blob_sizes"]
 
 _LAYER_KINDS = ("store", "customisation")
-#: The empty config (``{}``) every SBOM artifact manifest names.
-_EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 
 
 class MalformedRecord(ValueError):
@@ -102,15 +101,28 @@ def _image_sizes(body: Mapping[str, Any]) -> dict[str, int]:
     if [(d.digest, d.size, d.media_type) for d in parsed.layers] != described:
         raise MalformedRecord("the manifest's layers differ from the entry's")
     for artifact in _field(body, "sboms", list) if "sboms" in body else []:
-        for digest_field, size_field in (
-            ("manifest_digest", "manifest_size"), ("document_digest", "document_size")
-        ):
-            digest = _digest(artifact, digest_field)
-            size = _field(artifact, size_field, int)
-            if size < 0 or sizes.setdefault(digest, size) != size:
-                raise MalformedRecord(f"SBOM blob {digest} has a bad or second size")
-        sizes[_EMPTY_DIGEST] = 2
+        for digest, size in _sbom_sizes(artifact):
+            if sizes.setdefault(digest, size) != size:
+                raise MalformedRecord(f"{digest} is given two sizes")
     return sizes
+
+
+def _sbom_sizes(data: object) -> list[tuple[str, int]]:
+    if not isinstance(data, Mapping):
+        raise MalformedRecord(f"an SBOM entry is {type(data).__name__}, not an object")
+    try:
+        artifact = SbomArtifact.from_json(data)
+    except (TypeError, KeyError) as exc:
+        raise MalformedRecord(f"an SBOM entry is malformed: {str(exc)[:80]}") from exc
+    _digest(data, "manifest_digest")
+    _digest(data, "document_digest")
+    if artifact.manifest_size < 0 or artifact.document_size < 0:
+        raise MalformedRecord("an SBOM size is negative")
+    return [
+        (artifact.manifest_digest, artifact.manifest_size),
+        (EMPTY_DESCRIPTOR.digest, EMPTY_DESCRIPTOR.size),
+        (artifact.document_digest, artifact.document_size),
+    ]
 
 
 def _index_sizes(body: Mapping[str, Any]) -> dict[str, int]:

@@ -41,5 +41,6 @@ def stored_image_record(
                 "reused": False,
             }
         ],
+        "sboms": [],
     }
     return body, (stored.digest, config.digest, layer.digest)
