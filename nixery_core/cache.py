@@ -549,6 +549,21 @@ class BuildCache:
         except (OSError, sqlite3.Error) as exc:
             log.warning("local cache write of %s failed (%s); not cached locally", name, exc)
 
+    def local_entries(self) -> Iterator[tuple[str, bytes]]:
+        """Every ``(name, raw entry)`` in the local tier (for maintenance: verify, inspection)."""
+        if self._local is None:
+            return
+        try:
+            names = list(self._local.iterkeys())
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageUnavailable(
+                f"cannot list the local cache in {self.directory}: {exc}", str(self.directory)
+            ) from exc
+        for name in names:
+            raw = self._local_get(name)
+            if isinstance(name, str) and isinstance(raw, bytes):
+                yield name, raw
+
     def forget(self, store: Uploader, name: str) -> None:
         """Drop one entry (``manifests/<key>`` or ``builds/<key>``) from both tiers."""
         self._forget_memo(name)

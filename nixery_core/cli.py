@@ -1,6 +1,6 @@
 """The ``nixery-core`` command line (also ``python -m nixery_core``).
 
-``build``, ``push``, ``gc`` and ``demo``.  Progress goes to stderr by stage;
+``build``, ``push``, ``gc``, ``verify`` and ``demo``.  Progress goes to stderr by stage;
 the result (a layer table, a digest) to stdout.  Exit codes: 0 success,
 1 build or storage failure, 2 bad input (invalid name, unknown packages,
 missing source).
@@ -224,6 +224,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-hash every blob; exit 1 when any is corrupt (removed too with --repair)."""
+    from nixery_core.verify import verify_store  # noqa: PLC0415
+
+    directory = Path(args.cache) if args.cache else _default_cache_dir()
+    cache = BuildCache(directory) if directory.is_dir() else None
+    try:
+        report = verify_store(_store(args), repair=args.repair, cache=cache)
+    finally:
+        if cache is not None:
+            cache.close()
+    print(report)
+    return 0 if report.ok else EXIT_FAILURE
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build shell/hello from the bundled package set, show it, run hello from it."""
     # A fixed default directory: a second run shows the cache at work (layers reused).
@@ -285,6 +300,13 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--grace", type=float, default=86400.0, help="keep blobs younger than this")
     gc.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     gc.set_defaults(func=cmd_gc)
+
+    verify = sub.add_parser("verify", help="re-hash every blob and report corrupt ones")
+    verify.add_argument("--store", help="blob store directory")
+    verify.add_argument("--cache", help="local cache directory whose entries to repair too")
+    verify.add_argument("--repair", action="store_true",
+                        help="remove corrupt blobs and the cache entries naming them")
+    verify.set_defaults(func=cmd_verify)
 
     demo = sub.add_parser("demo", help="build shell/hello from the bundled set and run it")
     demo.add_argument("--workdir", help="where to keep the store, cache and layout "

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import BinaryIO, cast
 
 import attrs
 from starlette.applications import Starlette
@@ -94,6 +95,7 @@ from nixery_core.media_types import (
 from nixery_core.names import Image
 from nixery_core.recent_errors import RecentErrors
 from nixery_core.sbom.referrers import referrers_index
+from nixery_core.verify import VerifyingReader
 
 __all__ = ["API_VERSION", "RegistryError", "create_app"]
 
@@ -313,10 +315,15 @@ class _Endpoints:
                 return await self.builder.run_io(lambda: url_of(digest))
 
             redirect = to_storage
+        def open_stream() -> BinaryIO:
+            stream = store.open_blob(digest)
+            if self.config.verify_blobs:  # a mismatch is logged once the whole blob is sent
+                return cast(BinaryIO, VerifyingReader(stream, digest))
+            return stream
+
         return await answer_blob(
             request, digest=digest, size=info.size, media_type=info.media_type,
-            open_stream=lambda: store.open_blob(digest), run_io=self.builder.run_io,
-            redirect=redirect,
+            open_stream=open_stream, run_io=self.builder.run_io, redirect=redirect,
         )
 
     async def referrers(self, request: Request) -> Response:

@@ -137,6 +137,9 @@ class RegistryConfig:
     client tested read OCI manifests).  Building a foreign
     architecture needs a Nix that can (``nix_options`` or ``NIX_CONFIG``
     with ``extra-platforms``), which is why this is off by default.
+    ``verify_blobs`` hashes every whole blob streamed from here and logs a
+    warning when its bytes do not match its digest
+    (:class:`~nixery_core.verify.VerifyingReader`; ``NIXERY_VERIFY_BLOBS=1``).
     """
 
     source: PackageSource
@@ -151,6 +154,7 @@ class RegistryConfig:
     store_root: Path = Path("/")
     archive: ArchiveOptions = attrs.field(factory=ArchiveOptions)
     archs: tuple[Architecture, ...] = attrs.field(default=(), validator=_archs)
+    verify_blobs: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RegistryConfig:
@@ -209,6 +213,7 @@ class RegistryConfig:
             default_format="docker" if default_format == "docker" else "oci",
             build_workers=int(_number(env, "NIXERY_BUILD_WORKERS", 4)),
             archs=parse_archs(env.get("NIXERY_ARCHS", "")),
+            verify_blobs=env.get("NIXERY_VERIFY_BLOBS", "") in ("1", "true", "yes"),
         )
 
 
