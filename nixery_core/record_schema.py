@@ -10,8 +10,10 @@ checks every body it is about to serve with :func:`record_blob_sizes`:
   media_type, paths, packages and kind of the right types; the manifest
   must parse, name the config by its sha256 and size, and list exactly the
   entry's layers (digest, size, media type); ``sboms`` (optional: entries
-  written before SBOMs have none) is a list of SBOM artifacts (:class:`~nixery_core.sbom.referrers.SbomArtifact`), each
-  adding its artifact manifest, the empty config and its document;
+  written before SBOMs have none) is a list of SBOM artifacts
+  (:class:`~nixery_core.sbom.referrers.SbomArtifact`, every field checked
+  as that class reads it), each adding its artifact manifest, the empty
+  config and its document;
 * an index record (``kind: "index"``, what
   :meth:`nixery_core.multiarch.MultiArchResult.to_record` writes): an
   ``index`` naming, in order, the manifest of each image record in
