@@ -16,8 +16,8 @@ too.
 Every answer must be a success or a well-formed registry JSON error (never
 a 5xx, never an exception out of the app), every answer carries the API
 version header, and Nix is called only for a ``GET``/``HEAD`` of
-``/v2/<name>/manifests/<tag>`` whose name and tag the library's parser
-accepts.  Once over a :class:`~nixery_core.testing.storage.MemoryStore`
+``/v2/<name>/manifests/<tag>`` or ``/v2/<name>/tags/list`` whose name and
+tag the library's parser accepts.  Once over a :class:`~nixery_core.testing.storage.MemoryStore`
 (no filesystem at all) and once over a
 :class:`~nixery_core.storage.filesystem.FilesystemStore` in a temporary
 directory, whose surroundings are snapshotted: nothing is written outside
@@ -61,6 +61,8 @@ ERROR_STATUSES: dict[str, set[int]] = {
 }
 #: The one route that may build: Starlette's pattern for it, on the decoded path.
 BUILD_ROUTE = re.compile(r"/v2/(?P<name>.*)/manifests/(?P<reference>[^/]+)", re.DOTALL)
+#: tags/list builds too: a name is listed only when its image builds.
+TAGS_ROUTE = re.compile(r"/v2/(?P<name>.*)/tags/list", re.DOTALL)
 
 # --- strategies ----------------------------------------------------------------------
 
@@ -321,11 +323,17 @@ def check_success(request: Request, answer: Answer) -> None:
 
 
 def may_build(request: Request) -> bool:
-    """Whether the request names an image by tag that the library's parser accepts."""
+    """Whether the request names an image by tag (or lists its tags) that the parser accepts."""
     route = BUILD_ROUTE.fullmatch(request.path)
-    if request.method not in ("GET", "HEAD") or route is None:
+    tags_route = TAGS_ROUTE.fullmatch(request.path)
+    if request.method not in ("GET", "HEAD"):
         return False
-    name, reference = route["name"], route["reference"]
+    if route is not None:
+        name, reference = route["name"], route["reference"]
+    elif tags_route is not None:
+        name, reference = tags_route["name"], "latest"
+    else:
+        return False
     if ":" in name or ":" in reference:
         return False
     try:

@@ -10,7 +10,12 @@ or embed it: ``create_app(RegistryConfig(source=..., store=..., cache=...))``
 gives an ASGI app.  Modules: :mod:`~examples.registry.config` (the
 configuration), :mod:`~examples.registry.negotiation` (``Accept`` handling),
 :mod:`~examples.registry.builds` (builds off the event loop, shared between
-identical requests), :mod:`~examples.registry.app` (routes and errors),
+identical requests), :mod:`~examples.registry.blobs` (blob answers) with
+:mod:`~examples.registry.ranges` and :mod:`~examples.registry.conditional`
+(``Range``, ``If-None-Match``), :mod:`~examples.registry.tags` (tag
+pagination), :mod:`~examples.registry.failures` (one record per failed
+build), :mod:`~examples.registry.error_bodies` (bounded errors),
+:mod:`~examples.registry.app` (routes and errors),
 :mod:`~examples.registry.server` (starting it), :mod:`~examples.registry.bench`
 (latency figures).
 """

@@ -16,36 +16,47 @@ no body):
   tag, and an index's per-architecture manifests);
 - ``GET /v2/<name>/blobs/<digest>``: a config or layer blob, streamed from
   the store, or a ``307`` redirect to ``config.blob_url(digest)`` (a GCS
-  signed URL);
+  signed URL); ``Range`` requests, single or multiple, and ``If-None-Match``
+  are answered as :mod:`examples.registry.blobs` says;
 - ``GET /v2/<name>/referrers/<digest>``: the OCI 1.1 referrers of a
   manifest built here (its SBOMs, :mod:`nixery_core.sbom`), an OCI image
   index, empty when there are none; ``?artifactType=`` filters it (and the
   answer says so in ``OCI-Filters-Applied``);
-- ``GET /v2/<name>/tags/list``: ``["latest"]`` (any tag is accepted; what it
-  means depends on the package source), so ``skopeo inspect`` works;
-- ``GET /``: a plain-text page with the most recent build failures.
+- ``GET /v2/<name>/tags/list``: ``["latest"]`` once the image builds (any tag
+  is accepted; what it means depends on the package source), paginated with
+  ``n`` and ``last`` (:mod:`examples.registry.tags`); ``NAME_UNKNOWN`` when
+  the name's packages do not exist;
+- ``GET /``: a plain-text page with the most recent build failures and their
+  ids (:mod:`examples.registry.failures`).
 
 Manifests carry ``Content-Type``, ``Content-Length`` and
 ``Docker-Content-Digest``; blobs carry the same, the stored media type as
 ``Content-Type``.  Errors use the registry's JSON form
 ``{"errors": [{"code", "message", "detail"}]}``:
 
-==================  ======  =================================================
-code                status  when
-==================  ======  =================================================
-``NAME_INVALID``    400     the name or tag breaks the grammar (``..``,
-                            upper case, empty components: path tricks)
-``DIGEST_INVALID``  400     a digest is not ``sha256:`` + 64 lower-case hex
-``MANIFEST_UNKNOWN`` 404    unknown packages (``detail.packages`` names every
-                            one, for any architecture of an index), an
-                            unknown manifest digest, or no form the client
-                            accepts
-``BLOB_UNKNOWN``    404     no such blob
-``UNSUPPORTED``     404/405 any other path or method (this registry is
-                            read-only)
-``UNAVAILABLE``     503     the store failed
-``UNKNOWN``         500/504 Nix failed or timed out (``detail`` says how)
-==================  ======  =================================================
+=============================  ======  =================================================
+code                           status  when
+=============================  ======  =================================================
+``NAME_INVALID``               400     the name or tag breaks the grammar (``..``,
+                                       upper case, empty components: path tricks)
+``DIGEST_INVALID``             400     a digest is not ``sha256:`` + 64 lower-case hex
+``MANIFEST_UNKNOWN``           404     unknown packages (``detail.packages`` names every
+                                       one, for any architecture of an index), an
+                                       unknown manifest digest, or no form the client
+                                       accepts
+``NAME_UNKNOWN``               404     tags/list of a name whose packages do not exist
+``BLOB_UNKNOWN``               404     no such blob
+``RANGE_INVALID``              416     no requested byte range lies within the blob
+``PAGINATION_NUMBER_INVALID``  400     ``n`` is not a non-negative integer
+``UNSUPPORTED``                404/405 any other path or method (this registry is
+                                       read-only)
+``UNAVAILABLE``                503     the store failed
+``UNKNOWN``                    500/504 Nix failed or timed out (``detail`` names the error
+                                       type and the failure id; the log stays on the
+                                       server)
+=============================  ======  =================================================
+
+Error bodies are bounded (:mod:`examples.registry.error_bodies`).
 
 Names are checked with :meth:`nixery_core.names.Image.from_name` and digests
 with :func:`nixery_core.digests.validate_digest` before either touches the
@@ -72,7 +83,9 @@ from examples.registry.builds import Builder, BuiltImage, ServedManifest
 from examples.registry.conditional import etag, none_match
 from examples.registry.config import ManifestFormat, RegistryConfig
 from examples.registry.error_bodies import error_body
+from examples.registry.failures import FailureLog, client_message, failure_id
 from examples.registry.negotiation import index_preferences, preferences
+from examples.registry.tags import page, parse_n
 from nixery_core.digests import validate_digest
 from nixery_core.errors import (
     BlobNotFound,
@@ -214,6 +227,10 @@ class _Endpoints:
     config: RegistryConfig
     builder: Builder
     recent: RecentErrors
+    failures: FailureLog = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.failures = FailureLog(self.recent)
 
     async def index(self, request: Request) -> Response:
         del request
@@ -222,9 +239,22 @@ class _Endpoints:
             "nixery_core example registry: docker pull HOST/shell/hello",
             "",
             f"recent build failures ({len(failures)}):",
-            *(f"  {f.image_reference}: {f.error_type}: {f.message}" for f in failures),
+            *(
+                f"  failure {failure_id(f)}: {f.image_reference}: {f.error_type}: {f.message}"
+                for f in failures
+            ),
         ]
         return PlainTextResponse("\n".join(lines) + "\n")
+
+    def _build_failed(self, image: Image, exc: NixeryError) -> RegistryError:
+        """Record a failed build once; the answer names the failure, never the build log."""
+        failure = self.failures.record(image, exc)
+        answer = _translate(exc)
+        if isinstance(exc, UnknownPackages | InvalidInput):
+            return answer
+        detail = {"error": type(exc).__name__, "failure": failure.failure_id}
+        message = client_message(image, exc, failure)
+        return RegistryError(answer.status, answer.code, message, detail)
 
     async def api_root(self, request: Request) -> Response:
         del request
@@ -251,8 +281,7 @@ class _Endpoints:
         try:
             built: BuiltImage = await self.builder.build(image)
         except NixeryError as exc:
-            self.recent.record(image, exc)
-            raise _translate(exc) from exc
+            raise self._build_failed(image, exc) from exc
         for fmt in accepted:
             manifest = built.manifest(fmt)
             if manifest is not None:
@@ -284,8 +313,7 @@ class _Endpoints:
         try:
             index = await self.builder.build_index(image, fmt)
         except NixeryError as exc:
-            self.recent.record(image, exc)
-            raise _translate(exc) from exc
+            raise self._build_failed(image, exc) from exc
         return _manifest_response(request, index)
 
     async def _manifest_by_digest(self, request: Request, digest: str) -> Response:
@@ -337,8 +365,30 @@ class _Endpoints:
         return Response(body, media_type=OCI_INDEX, headers=headers)
 
     async def tags(self, request: Request) -> Response:
-        image = _image(request.path_params["name"])
-        return JSONResponse({"name": image.name, "tags": ["latest"]})
+        """The tags of a name whose image builds; ``NAME_UNKNOWN`` when its packages do not exist.
+
+        Listing builds the image (or finds it cached), so a name is listed
+        exactly when its manifest can be pulled.
+        """
+        name = request.path_params["name"]
+        image = _image(name)
+        try:
+            n = parse_n(request.query_params.get("n"))
+        except ValueError as exc:
+            raise RegistryError(400, "PAGINATION_NUMBER_INVALID", str(exc)) from exc
+        try:
+            await self.builder.build(image)
+        except UnknownPackages as exc:
+            self._build_failed(image, exc)
+            raise RegistryError(
+                404, "NAME_UNKNOWN", f"repository name not known to registry: {exc}",
+                {"name": name, "packages": list(exc.packages)},
+            ) from exc
+        except NixeryError as exc:
+            raise self._build_failed(image, exc) from exc
+        listed = page(name, ["latest"], n=n, last=request.query_params.get("last"))
+        headers = {"Link": listed.next_link} if listed.next_link else None
+        return JSONResponse({"name": name, "tags": list(listed.tags)}, headers=headers)
 
     # --- error answers ---
 
