@@ -222,8 +222,10 @@ def blob_registry(tmp_path: Path) -> Iterator[tuple[str, str]]:
     store = MemoryStore()
     info = store.put_blob(BLOB, MEDIA_TYPE)
     root = tmp_path / "root"
+    pkgs = tmp_path / "pkgs"  # apart from the fake store, whose writes would change its hash
+    pkgs.mkdir()
     config = RegistryConfig(
-        source=LocalPathSource(tmp_path), store=store,
+        source=LocalPathSource(pkgs), store=store,
         runner=FakeNix(root, default_fake_packages()), store_root=root,
     )
     with serving(create_app(config)) as base:
@@ -327,8 +329,10 @@ def test_redirected_blobs_single_range_at_storage_multi_range_here(
     store = GcsStore(bucket)
     info = store.put_blob(BLOB, MEDIA_TYPE)
     root = tmp_path / "root"
+    pkgs = tmp_path / "pkgs"  # apart from the fake store, whose writes would change its hash
+    pkgs.mkdir()
     config = RegistryConfig(
-        source=LocalPathSource(tmp_path), store=store, cache=BuildCache(None),
+        source=LocalPathSource(pkgs), store=store, cache=BuildCache(None),
         runner=FakeNix(root, default_fake_packages()), store_root=root,
         blob_url=functools.partial(signed_url, store, expiry=timedelta(minutes=5)),
     )
