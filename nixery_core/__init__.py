@@ -1,14 +1,15 @@
 """nixery_core: Nix package names in, container images out, the work cached.
 
-The heart of it: :meth:`Image.from_name`, :func:`build_image` and
-:class:`BuildCache`.  Seams are protocols (:class:`Runner`,
+The heart of it: :meth:`Image.from_name`, :class:`Builder` (and its
+one-shot form :func:`build_image`) and :class:`BuildCache`.  Seams are protocols (:class:`Runner`,
 :class:`Uploader`, :class:`LayeringStrategy`) with real defaults; fakes for
 tests live in :mod:`nixery_core.testing`.  Everything here is re-exported
 from the module that implements it.
 """
 
 from nixery_core.archive import ArchiveOptions, PackedLayer
-from nixery_core.build import BuildResult, BuiltLayer, ProgressEvent, build_image
+from nixery_core.build import BuildSettings, build_image
+from nixery_core.builder import Builder
 from nixery_core.cache import BuildCache, CacheStats
 from nixery_core.errors import (
     BlobNotFound,
@@ -39,7 +40,7 @@ from nixery_core.expressions import NixExpression
 from nixery_core.gc import GcReport, collect_garbage
 from nixery_core.graph import RuntimeGraph, StorePath
 from nixery_core.image_config import ImageConfig, User
-from nixery_core.multiarch import MultiArchResult, build_multiarch, write_multiarch_layout
+from nixery_core.multiarch import build_multiarch, write_multiarch_layout
 from nixery_core.names import AMD64, ARM64, Architecture, Image
 from nixery_core.oci_layout import write_oci_layout
 from nixery_core.protocols import (
@@ -52,6 +53,7 @@ from nixery_core.protocols import (
     Uploader,
 )
 from nixery_core.recent_errors import BuildFailure, RecentErrors
+from nixery_core.results import BuildResult, BuiltLayer, MultiArchResult, ProgressEvent
 from nixery_core.runner import SubprocessRunner
 from nixery_core.sources import (
     GitSource,
@@ -74,6 +76,8 @@ __all__ = [
     "BuildCache",
     "BuildFailure",
     "BuildResult",
+    "BuildSettings",
+    "Builder",
     "BuiltLayer",
     "CacheStats",
     "CommandNotFound",

@@ -1,13 +1,20 @@
-"""``build_image``: from an :class:`~nixery_core.names.Image` to stored blobs and a manifest.
+"""One image: from an :class:`~nixery_core.names.Image` to stored blobs and a manifest.
 
-The pipeline, each stage timed on the result:
+:class:`BuildSettings` holds what stays the same for every build of a
+service (runner, uploader, cache, strategy, archive options, Nix options
+and timeout, workers, callbacks), each default defined here once.
+:class:`~nixery_core.builder.Builder` keeps one for its whole life;
+:func:`build_image` makes one for a single call.
+
+The pipeline (:func:`run_build`), each stage timed on the result:
 
 1. ``resolve``: the package source and the manifest cache key;
    a cache hit ends the build here (a pinned source runs no Nix at all);
 2. ``nix``: evaluate, realise and query the runtime closure;
 3. ``layering``: group store paths into layers;
-4. ``layers``: pack and upload every layer not already stored, in parallel
-   threads (the compressors release the GIL), each under its layer-key lock;
+4. ``layers``: pack and upload every layer not already stored, on the
+   build's bounded executor (the compressors release the GIL), each under
+   its layer-key lock;
 5. ``metadata``: config, manifest, and the manifest cache entry, written
    last so that an entry always names blobs that exist.
 
@@ -24,9 +31,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 
@@ -35,23 +42,40 @@ from nixery_core.archive import ArchiveOptions, PackedLayer, pack_entries, pack_
 from nixery_core.cache import LAYOUT_VERSION, BuildCache, CacheStats, LayerRecord
 from nixery_core.customisation import customisation_entries
 from nixery_core.entries import TarEntry
-from nixery_core.errors import StorePathMissing
+from nixery_core.errors import InvalidInput, StorePathMissing
 from nixery_core.expressions import NixExpression
 from nixery_core.graph import RuntimeGraph, store_path_name
 from nixery_core.image_config import ImageConfig
+from nixery_core.layering import DEFAULT_STRATEGY
 from nixery_core.manifest import Descriptor, LayerDescriptor, render_config, render_manifest
 from nixery_core.names import Image
 from nixery_core.protocols import BlobInfo, LayeringStrategy, LogCallback, Runner, Uploader
+from nixery_core.results import (
+    BuildResult,
+    BuiltLayer,
+    ProgressCallback,
+    ProgressEvent,
+    Stage,
+)
+from nixery_core.runner import SubprocessRunner
 from nixery_core.sbom import attach
 from nixery_core.sources import PackageSource, SourceSpec, canonical_json, image_cache_key
+from nixery_core.storage.filesystem import FilesystemStore
 
 __all__ = [
     "DEFAULT_LAYER_BUDGET",
+    "DEFAULT_TIMEOUT",
     "BuildResult",
+    "BuildSettings",
     "BuiltLayer",
+    "ManifestFormat",
+    "ProgressCallback",
     "ProgressEvent",
     "build_image",
     "default_store",
+    "default_workers",
+    "run_build",
+    "user_cache_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,149 +83,12 @@ log = logging.getLogger(__name__)
 #: Layers an image may have, customisation layer included (Nixery's figure;
 #: Docker's limit is about 125, the rest is room for extension).
 DEFAULT_LAYER_BUDGET = 94
+#: Seconds each Nix call may take.
+DEFAULT_TIMEOUT = 60.0
+#: Most packing threads a build uses unless told otherwise.
+MAX_DEFAULT_WORKERS = 8
 
-Stage = Literal["resolve", "nix", "layering", "layers", "metadata", "done"]
-
-
-@attrs.frozen
-class ProgressEvent:
-    """One step of a build, for progress displays: a stage start or a layer done."""
-
-    stage: Stage
-    message: str
-    layer: BuiltLayer | None = None
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
-
-
-@attrs.frozen
-class BuiltLayer:
-    """A layer of a built image.
-
-    ``packages`` are the store path names (without hashes) the layer holds;
-    ``reused`` says whether it came from the layer cache instead of being
-    packed by this build.
-    """
-
-    digest: str
-    diff_id: str
-    size: int
-    media_type: str
-    paths: tuple[str, ...]
-    packages: tuple[str, ...]
-    reused: bool = False
-    kind: Literal["store", "customisation"] = "store"
-    #: For the layer's OCI descriptor (eStargz and zstd:chunked TOC position).
-    annotations: tuple[tuple[str, str], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        data = attrs.asdict(self)
-        data["paths"] = list(self.paths)
-        data["packages"] = list(self.packages)
-        if self.annotations:
-            data["annotations"] = dict(self.annotations)
-        else:
-            del data["annotations"]
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], *, reused: bool) -> BuiltLayer:
-        kind = data["kind"]
-        if kind not in ("store", "customisation"):
-            raise TypeError(f"unknown layer kind {kind!r}")
-        return cls(
-            digest=str(data["digest"]),
-            diff_id=str(data["diff_id"]),
-            size=int(data["size"]),
-            media_type=str(data["media_type"]),
-            paths=tuple(str(p) for p in data["paths"]),
-            packages=tuple(str(p) for p in data["packages"]),
-            reused=reused,
-            kind=kind,
-            annotations=tuple(sorted(dict(data.get("annotations", {})).items())),
-        )
-
-
-@attrs.frozen
-class BuildResult:
-    """Everything a registry or a notebook needs about one built image."""
-
-    image: Image
-    manifest: bytes
-    manifest_digest: str
-    manifest_media_type: str
-    config: bytes
-    config_digest: str
-    layers: tuple[BuiltLayer, ...]
-    cache_key: str
-    from_cache: bool = False
-    timings: Mapping[str, float] = attrs.field(factory=dict)
-    cache_stats: CacheStats = attrs.field(factory=CacheStats)
-    sboms: tuple[attach.SbomArtifact, ...] = ()
-
-    @property
-    def blobs(self) -> tuple[str, ...]:
-        """Every blob the image needs: manifest, config, layers, then its SBOMs' blobs."""
-        sbom_blobs = [d for a in self.sboms for d in a.blobs]
-        return (
-            self.manifest_digest, self.config_digest, *(layer.digest for layer in self.layers),
-            *dict.fromkeys(sbom_blobs),
-        )
-
-    def sbom(self, store: Uploader, format: attach.SbomFormat = "spdx") -> bytes:  # noqa: A002
-        """The image's SBOM document (``"spdx"`` or ``"cyclonedx"`` JSON), read from ``store``.
-
-        See :mod:`nixery_core.sbom`; raises
-        :class:`~nixery_core.errors.InvalidInput` for a format this build has not.
-        """
-        return attach.sbom_document(self.sboms, store, format)
-
-    @property
-    def total_size(self) -> int:
-        return sum(layer.size for layer in self.layers) + len(self.config)
-
-    def to_record(self) -> dict[str, Any]:
-        """The JSON body the manifest cache keeps."""
-        return {
-            "manifest": self.manifest.decode(),
-            "manifest_media_type": self.manifest_media_type,
-            "config": self.config.decode(),
-            "layers": [layer.to_json() for layer in self.layers],
-            "sboms": [artifact.to_json() for artifact in self.sboms],
-        }
-
-    @classmethod
-    def from_record(
-        cls, image: Image, key: str, body: Mapping[str, Any], stats: CacheStats,
-        timings: Mapping[str, float],
-    ) -> BuildResult:
-        manifest = str(body["manifest"]).encode()
-        config = str(body["config"]).encode()
-        return cls(
-            image=image,
-            manifest=manifest,
-            manifest_digest=_sha256(manifest),
-            manifest_media_type=str(body["manifest_media_type"]),
-            config=config,
-            config_digest=_sha256(config),
-            layers=tuple(BuiltLayer.from_json(layer, reused=True) for layer in body["layers"]),
-            cache_key=key,
-            from_cache=True,
-            timings=timings,
-            cache_stats=stats,
-            sboms=tuple(attach.SbomArtifact.from_json(a) for a in body.get("sboms", [])),
-        )
-
-    def _repr_html_(self) -> str:
-        """A table of layers for Jupyter."""
-        from nixery_core.display import build_result_html  # noqa: PLC0415 - display only
-
-        return build_result_html(self)
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+ManifestFormat = Literal["oci", "docker"]
 
 
 def default_store() -> Uploader:
@@ -210,8 +97,6 @@ def default_store() -> Uploader:
     ``$NIXERY_CORE_STORE`` overrides the location, else
     ``$XDG_CACHE_HOME/nixery-core/store`` (``~/.cache/nixery-core/store``).
     """
-    from nixery_core.storage.filesystem import FilesystemStore  # noqa: PLC0415 - default only
-
     root = os.environ.get("NIXERY_CORE_STORE")
     return FilesystemStore(Path(root) if root else user_cache_dir() / "store")
 
@@ -222,10 +107,105 @@ def user_cache_dir() -> Path:
     return Path(cache_home) / "nixery-core"
 
 
-def _default_strategy() -> LayeringStrategy:
-    from nixery_core.layering import DEFAULT_STRATEGY  # noqa: PLC0415 - avoids an import cycle
+def default_workers(max_workers: int | None = None) -> int:
+    """The packing threads of a build: ``max_workers``, else ``min(8, CPUs)``.
 
-    return DEFAULT_STRATEGY
+    Raises :class:`~nixery_core.errors.InvalidInput` for anything but a
+    positive int or ``None``.
+    """
+    if max_workers is None:
+        return min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+        raise InvalidInput(f"max_workers must be a positive int or None, not {max_workers!r}")
+    return max_workers
+
+
+# --- settings ----------------------------------------------------------------
+# Each converter turns None into the one default, so Builder, build_image and
+# build_multiarch all accept None and agree on what it means.
+
+
+def _runner(value: Runner | None) -> Runner:
+    return SubprocessRunner() if value is None else value
+
+
+def _uploader(value: Uploader | None) -> Uploader:
+    return default_store() if value is None else value
+
+
+def _strategy(value: LayeringStrategy | None) -> LayeringStrategy:
+    return DEFAULT_STRATEGY if value is None else value
+
+
+def _archive(value: ArchiveOptions | None) -> ArchiveOptions:
+    if value is None:
+        return ArchiveOptions()
+    if not isinstance(value, ArchiveOptions):
+        raise InvalidInput(f"archive must be ArchiveOptions, not {value!r}")
+    return value
+
+
+def _nix_options(value: Mapping[str, str] | None) -> Mapping[str, str]:
+    options = dict(value or {})
+    for key, item in options.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise InvalidInput(f"nix_options must map strings to strings, not {key!r}: {item!r}")
+    return options
+
+
+def _check_budget(_inst: object, _attr: object, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise InvalidInput(
+            f"layer_budget must be at least 2 (one store layer, one customisation), not {value!r}"
+        )
+
+
+def _check_timeout(_inst: object, _attr: object, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidInput(f"timeout must be a positive number of seconds, not {value!r}")
+
+
+def _check_workers(_inst: object, _attr: object, value: int | None) -> None:
+    default_workers(value)
+
+
+@attrs.frozen(kw_only=True)
+class BuildSettings:
+    """What every build of a service shares, each default defined here once.
+
+    ``runner`` ``None``: a :class:`~nixery_core.runner.SubprocessRunner`;
+    ``uploader`` ``None``: :func:`default_store`; ``cache`` ``None``: no
+    caching; ``strategy`` ``None``: the default layering strategy;
+    ``archive`` ``None``: gzip layers.  ``store_root`` is where
+    ``/nix/store`` is read from (fakes put a store in a temporary
+    directory).  ``max_workers`` bounds the threads packing and hashing
+    layers (:func:`default_workers`).  ``progress`` gets every
+    :class:`~nixery_core.results.ProgressEvent`, ``on_log_line`` every line
+    Nix prints on stderr.  Bad values raise
+    :class:`~nixery_core.errors.InvalidInput`.
+    """
+
+    runner: Runner = attrs.field(default=None, converter=_runner)
+    uploader: Uploader = attrs.field(default=None, converter=_uploader)
+    cache: BuildCache | None = None
+    strategy: LayeringStrategy = attrs.field(default=None, converter=_strategy)
+    archive: ArchiveOptions = attrs.field(default=None, converter=_archive)
+    layer_budget: int = attrs.field(default=DEFAULT_LAYER_BUDGET, validator=_check_budget)
+    timeout: float = attrs.field(default=DEFAULT_TIMEOUT, validator=_check_timeout)
+    nix_options: Mapping[str, str] = attrs.field(default=None, converter=_nix_options)
+    store_root: Path = attrs.field(default=Path("/"), converter=Path)
+    max_workers: int | None = attrs.field(default=None, validator=_check_workers)
+    progress: ProgressCallback | None = None
+    on_log_line: LogCallback | None = None
+    clock: Callable[[], float] = time.perf_counter
+
+    @property
+    def workers(self) -> int:
+        """The packing threads these settings allow (:func:`default_workers`)."""
+        return default_workers(self.max_workers)
+
+
+# --- cache keys --------------------------------------------------------------
 
 
 def manifest_cache_key(
@@ -293,19 +273,35 @@ class _Build:
     """The state of one build; not public."""
 
     image: Image
-    store: Uploader
-    cache: BuildCache | None
-    archive: ArchiveOptions
-    store_root: Path
-    progress: ProgressCallback | None
-    clock: Callable[[], float]
+    settings: BuildSettings
+    executor: Executor | None
     stats: CacheStats = attrs.field(factory=CacheStats)
     _stats_lock: threading.Lock = attrs.field(factory=threading.Lock)
     timings: dict[str, float] = attrs.field(factory=dict)
 
-    def emit(self, stage: Stage, message: str, layer: BuiltLayer | None = None) -> None:
-        if self.progress is not None:
-            self.progress(ProgressEvent(stage, message, layer))
+    @property
+    def store(self) -> Uploader:
+        return self.settings.uploader
+
+    @property
+    def cache(self) -> BuildCache | None:
+        return self.settings.cache
+
+    @property
+    def archive(self) -> ArchiveOptions:
+        return self.settings.archive
+
+    @property
+    def store_root(self) -> Path:
+        return self.settings.store_root
+
+    def emit(
+        self, stage: Stage, message: str, layer: BuiltLayer | None = None,
+        total: int | None = None,
+    ) -> None:
+        progress = self.settings.progress
+        if progress is not None:
+            progress(ProgressEvent(stage, message, layer, self.image, total))
 
     def count(self, field: str) -> None:
         """Tally one cache counter for this build (the cache's ``on_count``)."""
@@ -313,7 +309,7 @@ class _Build:
             self.stats = self.stats + CacheStats(**{field: 1})
 
     def timed(self, stage: str, start: float) -> float:
-        now = self.clock()
+        now = self.settings.clock()
         self.timings[stage] = self.timings.get(stage, 0.0) + (now - start)
         return now
 
@@ -391,9 +387,9 @@ def build_image(
     strategy: LayeringStrategy | None = None,
     archive: ArchiveOptions | None = None,
     config: ImageConfig | None = None,
-    manifest_format: Literal["oci", "docker"] = "oci",
+    manifest_format: ManifestFormat = "oci",
     layer_budget: int = DEFAULT_LAYER_BUDGET,
-    timeout: float = 60.0,
+    timeout: float = DEFAULT_TIMEOUT,
     nix_options: Mapping[str, str] | None = None,
     store_root: Path = Path("/"),
     max_workers: int | None = None,
@@ -402,15 +398,17 @@ def build_image(
     clock: Callable[[], float] = time.perf_counter,
     expression: str | NixExpression | None = None,
 ) -> BuildResult:
-    """Build ``image`` from ``source``: blobs into ``uploader``, a manifest out.
+    """Build ``image`` from ``source`` once: blobs into ``uploader``, a manifest out.
 
-    Every injectable has a real default: a :class:`~nixery_core.runner.SubprocessRunner`,
-    the :func:`default_store`, the default layering strategy, gzip archives.
-    ``cache=None`` builds without caching.  ``store_root`` is where
-    ``/nix/store`` is read from (fakes put a store in a temporary directory).
-    Raises :class:`~nixery_core.errors.UnknownPackages` for unknown names and
-    the other :class:`~nixery_core.errors.NixeryError` types for failures;
-    a failed build leaves no partial blob and no cache entry behind.
+    The one-shot form of :meth:`Builder.build <nixery_core.builder.Builder.build>`:
+    it makes the :class:`BuildSettings` from these keywords (each ``None``
+    means the default documented there), opens a packing executor of
+    ``max_workers`` threads, builds, and closes the executor.  A program
+    that builds more than once keeps a :class:`~nixery_core.builder.Builder`.
+    ``cache=None`` builds without caching.  Raises
+    :class:`~nixery_core.errors.UnknownPackages` for unknown names and the
+    other :class:`~nixery_core.errors.NixeryError` types for failures; a
+    failed build leaves no partial blob and no cache entry behind.
 
     ``expression`` is for trusted callers only: Nix source (a function from
     the package set to derivations, e.g. ``"pkgs: [ pkgs.hello ]"``), or a
@@ -419,30 +417,67 @@ def build_image(
     from an image name ever reaches it; what it evaluates (the text, or the
     file's directory content) is part of the cache key.
     """
-    if runner is None:
-        from nixery_core.runner import SubprocessRunner  # noqa: PLC0415 - default only
+    settings = BuildSettings(
+        runner=runner, uploader=uploader, cache=cache, strategy=strategy, archive=archive,
+        layer_budget=layer_budget, timeout=timeout, nix_options=nix_options,
+        store_root=store_root, max_workers=max_workers, progress=progress,
+        on_log_line=on_log_line, clock=clock,
+    )
+    with open_executor(settings.workers) as executor:
+        return run_build(
+            settings, executor, image, source, config=config, manifest_format=manifest_format,
+            expression=expression,
+        )
 
-        runner = SubprocessRunner()
-    store = uploader if uploader is not None else default_store()
-    strategy = strategy if strategy is not None else _default_strategy()
-    archive = archive if archive is not None else ArchiveOptions()
+
+class open_executor:  # noqa: N801 - used as a context manager, like open()
+    """A ``ThreadPoolExecutor`` of ``workers`` threads, or ``None`` for one worker."""
+
+    def __init__(self, workers: int) -> None:
+        self._pool = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nixery-pack")
+            if workers > 1 else None
+        )
+
+    def __enter__(self) -> Executor | None:
+        return self._pool
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_build(
+    settings: BuildSettings,
+    executor: Executor | None,
+    image: Image,
+    source: PackageSource,
+    *,
+    config: ImageConfig | None = None,
+    manifest_format: ManifestFormat = "oci",
+    expression: str | NixExpression | None = None,
+) -> BuildResult:
+    """The pipeline itself: ``image`` from ``source`` with ``settings``.
+
+    Layers are packed on ``executor`` (``None``: one after the other on the
+    calling thread).  :class:`~nixery_core.builder.Builder` and
+    :func:`build_image` call this; see the latter for the errors.
+    """
     config = config if config is not None else ImageConfig()
-    if layer_budget < 2:
-        raise ValueError("layer_budget must be at least 2 (one store layer, one customisation)")
-    build = _Build(image, store, cache, archive, store_root, progress, clock)
+    if manifest_format not in ("oci", "docker"):
+        raise InvalidInput(f"unknown manifest format {manifest_format!r}: use 'oci' or 'docker'")
+    build = _Build(image, settings, executor)
+    clock, cache, store = settings.clock, settings.cache, settings.uploader
 
     start = clock()
     build.emit("resolve", f"resolving {image.reference} for {image.arch.oci_arch}")
     spec = source.resolve(image.tag)
     key = manifest_cache_key(
-        image, spec, strategy=strategy, archive=archive, config=config,
-        manifest_format=manifest_format, layer_budget=layer_budget, expression=expression,
+        image, spec, strategy=settings.strategy, archive=settings.archive, config=config,
+        manifest_format=manifest_format, layer_budget=settings.layer_budget,
+        expression=expression,
     )
-
-    plan = _Plan(
-        spec, key, runner, strategy, config, manifest_format, layer_budget, timeout,
-        nix_options, max_workers, on_log_line, _expression(expression),
-    )
+    plan = _Plan(spec, key, config, manifest_format, _expression(expression))
 
     def lookup(cache: BuildCache) -> BuildResult | None:
         """One manifest lookup; a miss is counted once by the caller, when it builds."""
@@ -474,48 +509,43 @@ def build_image(
 
 @attrs.frozen
 class _Plan:
-    """What one uncached build needs besides its state; not public."""
+    """What one uncached build needs besides its state and settings; not public."""
 
     spec: SourceSpec
     key: str
-    runner: Runner
-    strategy: LayeringStrategy
     config: ImageConfig
-    manifest_format: Literal["oci", "docker"]
-    layer_budget: int
-    timeout: float
-    nix_options: Mapping[str, str] | None
-    max_workers: int | None
-    on_log_line: LogCallback | None
+    manifest_format: ManifestFormat
     expression: NixExpression | None
 
 
 def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
     image, store, config, key = build.image, build.store, plan.config, plan.key
+    settings = build.settings
     now = build.timed("resolve", start)
 
     build.emit("nix", f"realising {len(image.packages)} packages with Nix")
     if plan.expression is None:
         graph = nix.realise(
-            image, plan.spec, runner=plan.runner, timeout=plan.timeout,
-            nix_options=plan.nix_options, on_log_line=plan.on_log_line,
+            image, plan.spec, runner=settings.runner, timeout=settings.timeout,
+            nix_options=settings.nix_options, on_log_line=settings.on_log_line,
         )
     else:
         graph = nix.realise_expression(
-            plan.expression.text, plan.spec, runner=plan.runner, arch=image.arch,
-            packages=image.packages, timeout=plan.timeout, nix_options=plan.nix_options,
-            on_log_line=plan.on_log_line,
+            plan.expression.text, plan.spec, runner=settings.runner, arch=image.arch,
+            packages=image.packages, timeout=settings.timeout,
+            nix_options=settings.nix_options, on_log_line=settings.on_log_line,
         )
     now = build.timed("nix", now)
 
     _check_on_disk(graph, build.store_root)
-    build.emit("layering", f"grouping {len(graph)} store paths with {plan.strategy.name}")
-    groups = plan.strategy.group(graph, plan.layer_budget - 1)
+    strategy = settings.strategy
+    build.emit("layering", f"grouping {len(graph)} store paths with {strategy.name}")
+    groups = strategy.group(graph, settings.layer_budget - 1)
     now = build.timed("layering", now)
 
     entries = customisation_entries(graph, config=config, store_root=build.store_root)
-    build.emit("layers", f"packing up to {len(groups) + 1} layers")
-    layers = _pack_layers(build, [g.paths for g in groups], entries, plan.max_workers)
+    build.emit("layers", f"packing up to {len(groups) + 1} layers", total=len(groups) + 1)
+    layers = _pack_layers(build, [g.paths for g in groups], entries)
     now = build.timed("layers", now)
 
     build.emit("metadata", "writing config and manifest")
@@ -587,10 +617,7 @@ def _history(layer: BuiltLayer) -> str:
 
 
 def _pack_layers(
-    build: _Build,
-    groups: Sequence[tuple[str, ...]],
-    entries: Sequence[TarEntry],
-    max_workers: int | None,
+    build: _Build, groups: Sequence[tuple[str, ...]], entries: Sequence[TarEntry]
 ) -> list[BuiltLayer]:
     archive, root = build.archive, build.store_root
 
@@ -610,10 +637,17 @@ def _pack_layers(
             lambda write: pack_entries(entries, write, archive),
         )
 
-    workers = max_workers if max_workers is not None else min(8, os.cpu_count() or 1)
-    if workers <= 1:
+    pool = build.executor
+    if pool is None:
         return [*(store_layer(g) for g in groups), custom_layer()]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nixery-pack") as pool:
-        futures = [pool.submit(store_layer, g) for g in groups]
-        custom = pool.submit(custom_layer)
+    futures = [pool.submit(store_layer, g) for g in groups]
+    custom = pool.submit(custom_layer)
+    try:
         return [*(f.result() for f in futures), custom.result()]
+    finally:
+        # A failed layer ends the build: drop the layers not started yet, wait for the rest.
+        for future in (*futures, custom):
+            future.cancel()
+        for future in (*futures, custom):
+            if not future.cancelled():
+                future.exception()

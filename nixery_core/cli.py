@@ -18,23 +18,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nixery_core.archive import ArchiveOptions
-from nixery_core.build import (
-    BuildResult,
-    ProgressEvent,
-    build_image,
-    default_store,
-    user_cache_dir,
-)
+from nixery_core.build import default_store, user_cache_dir
+from nixery_core.builder import Builder
 from nixery_core.cache import BuildCache
 from nixery_core.display import build_result_table
 from nixery_core.errors import InvalidInput, NixeryError, UnknownPackages
 from nixery_core.expressions import NixExpression
 from nixery_core.image_config import ImageConfig, User
-from nixery_core.multiarch import MultiArchResult, build_multiarch
 from nixery_core.names import AMD64, ARM64, Architecture, Image
 from nixery_core.nixexprs import nix_dir
 from nixery_core.oci_layout import write_oci_layout
 from nixery_core.protocols import Uploader
+from nixery_core.results import BuildResult, MultiArchResult, ProgressEvent
 from nixery_core.sources import (
     GitSource,
     LocalPathSource,
@@ -150,22 +145,25 @@ def _build(args: argparse.Namespace, store: Uploader) -> BuildResult | MultiArch
     image = Image.from_name(args.name)
     archs = _archs(args)
     cache = _cache(args)
-    options = {
-        "uploader": store,
-        "cache": cache,
-        "archive": ArchiveOptions(compression=args.compression),
-        "config": _config(args),
-        "timeout": args.timeout,
-        "nix_options": _nix_options(args),
-        "progress": _progress,
-        "expression": _expression(args),
-    }
     try:
-        if len(archs) > 1:
-            return build_multiarch(image, _source(args), archs=archs, format=args.format,
-                                   **options)
-        return build_image(image.with_arch(archs[0]), _source(args),
-                           manifest_format=args.format, **options)
+        with Builder(
+            uploader=store,
+            cache=cache,
+            archive=ArchiveOptions(compression=args.compression),
+            timeout=args.timeout,
+            nix_options=_nix_options(args),
+            progress=_progress,
+        ) as builder:
+            config, expression = _config(args), _expression(args)
+            if len(archs) > 1:
+                return builder.build_multiarch(
+                    image, _source(args), archs=archs, format=args.format, config=config,
+                    expression=expression,
+                )
+            return builder.build(
+                image.with_arch(archs[0]), _source(args), format=args.format, config=config,
+                expression=expression,
+            )
     finally:
         if cache is not None:
             cache.close()
@@ -245,15 +243,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     work = Path(args.workdir) if args.workdir else _default_cache_dir().parent / "demo"
     work.mkdir(parents=True, exist_ok=True)
     store = FilesystemStore(work / "store")
-    cache = BuildCache(work / "cache")
     image = Image.from_name("shell/hello")
-    try:
-        result = build_image(
-            image, LocalPathSource(nix_dir() / "offline"), uploader=store, cache=cache,
-            nix_options={"substituters": ""}, progress=_progress,
-        )
-    finally:
-        cache.close()
+    with (
+        BuildCache(work / "cache") as cache,
+        Builder(
+            uploader=store, cache=cache, nix_options={"substituters": ""}, progress=_progress
+        ) as builder,
+    ):
+        result = builder.build(image, LocalPathSource(nix_dir() / "offline"))
     print(build_result_table(result))
     layout = work / "oci"
     write_oci_layout(layout, store=store, manifest=result.manifest,

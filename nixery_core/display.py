@@ -3,12 +3,56 @@
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from nixery_core.build import BuildResult
+__all__ = ["LayerView", "ResultView", "build_result_html", "build_result_table", "human_size"]
 
-__all__ = ["build_result_html", "build_result_table", "human_size"]
+
+class LayerView(Protocol):
+    """What the tables show of a layer (a :class:`~nixery_core.results.BuiltLayer`)."""
+
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def packages(self) -> tuple[str, ...]: ...
+
+    @property
+    def reused(self) -> bool: ...
+
+
+class _ImageView(Protocol):
+    @property
+    def reference(self) -> str: ...
+
+
+class ResultView(Protocol):
+    """What the tables show of a build (a :class:`~nixery_core.results.BuildResult`).
+
+    Structural, so this module depends on no build module (they import it).
+    """
+
+    @property
+    def image(self) -> _ImageView: ...
+
+    @property
+    def layers(self) -> Sequence[LayerView]: ...
+
+    @property
+    def manifest_digest(self) -> str: ...
+
+    @property
+    def manifest_media_type(self) -> str: ...
+
+    @property
+    def from_cache(self) -> bool: ...
+
+    @property
+    def total_size(self) -> int: ...
 
 
 def human_size(size: int) -> str:
@@ -26,7 +70,7 @@ def _packages(names: tuple[str, ...], limit: int = 4) -> str:
     return shown + (f" +{len(names) - limit}" if len(names) > limit else "") or "(customisation)"
 
 
-def build_result_table(result: BuildResult) -> str:
+def build_result_table(result: ResultView) -> str:
     """The layers as a fixed-width table: number, state, size, digest, packages."""
     rows = [f"{'#':>3}  {'state':<7} {'size':>10}  {'digest':<19}  packages"]
     for index, layer in enumerate(result.layers, 1):
@@ -43,7 +87,7 @@ def build_result_table(result: BuildResult) -> str:
     return "\n".join(rows)
 
 
-def build_result_html(result: BuildResult) -> str:
+def build_result_html(result: ResultView) -> str:
     """The layers as an HTML table, for Jupyter's rich display."""
     cells = []
     for index, layer in enumerate(result.layers, 1):

@@ -1,7 +1,7 @@
 """Multi-architecture images: one name, one image per architecture, one index.
 
 :func:`build_multiarch` builds an :class:`~nixery_core.names.Image` once per
-architecture with :func:`~nixery_core.build.build_image` (``amd64`` and
+architecture with :func:`~nixery_core.build.run_build` (``amd64`` and
 ``arm64`` by default, in that order), renders an OCI image index
 (``format="oci"``) or a Docker manifest list (``format="docker"``) naming
 each manifest with its platform, stores the index as a blob and caches it.
@@ -39,6 +39,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,11 @@ import attrs
 from nixery_core.archive import ArchiveOptions
 from nixery_core.build import (
     DEFAULT_LAYER_BUDGET,
-    BuildResult,
-    build_image,
-    default_store,
+    DEFAULT_TIMEOUT,
+    BuildSettings,
     manifest_cache_key,
+    open_executor,
+    run_build,
 )
 from nixery_core.cache import LAYOUT_VERSION, BuildCache, CacheStats
 from nixery_core.digests import sha256_digest
@@ -60,7 +62,8 @@ from nixery_core.image_config import ImageConfig
 from nixery_core.manifest import Descriptor, Format, ManifestRef, render_index
 from nixery_core.names import AMD64, ARM64, Architecture, Image
 from nixery_core.oci_layout import write_oci_layout
-from nixery_core.protocols import LayeringStrategy, Uploader
+from nixery_core.protocols import LayeringStrategy, LogCallback, Runner, Uploader
+from nixery_core.results import BuildResult, MultiArchResult, ProgressCallback
 from nixery_core.sources import PackageSource, canonical_json
 
 __all__ = [
@@ -68,6 +71,7 @@ __all__ = [
     "INDEX_KEY_PREFIX",
     "MultiArchResult",
     "build_multiarch",
+    "run_multiarch",
     "write_multiarch_layout",
 ]
 
@@ -78,57 +82,6 @@ DEFAULT_ARCHS: tuple[Architecture, ...] = (AMD64, ARM64)
 #: Index cache keys start with this, so they never collide with a manifest key
 #: (a bare hex digest) in the shared ``manifests/`` namespace.
 INDEX_KEY_PREFIX = "index-"
-
-#: build_image keywords that build_multiarch sets itself.
-_RESERVED = frozenset({"image", "source", "manifest_format"})
-
-
-@attrs.frozen
-class MultiArchResult:
-    """A built multi-architecture image.
-
-    ``index`` is the OCI image index or Docker manifest list (stored as a blob
-    under ``index_digest`` with ``media_type``); ``manifests`` maps each OCI
-    architecture name (``amd64``, ``arm64``) to that architecture's build, in
-    index order.  ``from_cache`` says whether the index came from the index
-    cache (then no architecture was built and every ``BuildResult`` is
-    rebuilt from the entry, ``from_cache=True`` too).
-    """
-
-    image: Image
-    index: bytes
-    index_digest: str
-    media_type: str
-    manifests: Mapping[str, BuildResult]
-    cache_key: str
-    from_cache: bool = False
-    timings: Mapping[str, float] = attrs.field(factory=dict)
-    cache_stats: CacheStats = attrs.field(factory=CacheStats)
-
-    @property
-    def blobs(self) -> tuple[str, ...]:
-        """Every blob the index needs: the index, then each architecture's blobs."""
-        out = [self.index_digest]
-        for result in self.manifests.values():
-            out.extend(d for d in result.blobs if d not in out)
-        return tuple(out)
-
-    @property
-    def architectures(self) -> tuple[str, ...]:
-        """The OCI architecture names, in index order."""
-        return tuple(self.manifests)
-
-    def to_record(self) -> dict[str, Any]:
-        """The JSON body the index cache keeps."""
-        return {
-            "kind": "index",
-            "index": self.index.decode(),
-            "media_type": self.media_type,
-            "manifests": [
-                {"arch": arch, "cache_key": result.cache_key, "record": result.to_record()}
-                for arch, result in self.manifests.items()
-            ],
-        }
 
 
 def _check_archs(archs: Sequence[Architecture]) -> tuple[Architecture, ...]:
@@ -170,15 +123,23 @@ class _IndexBuild:
     source: PackageSource
     archs: tuple[Architecture, ...]
     format: Format
-    store: Uploader
-    cache: BuildCache | None
+    settings: BuildSettings
+    executor: Executor | None
+    config: ImageConfig
+    expression: str | NixExpression | None
     pinned: bool
     expected: dict[str, str]
     key: str
-    build_kwargs: dict[str, Any]
-    clock: Callable[[], float]
     start: float
     timings: dict[str, float] = attrs.field(factory=dict)
+
+    @property
+    def store(self) -> Uploader:
+        return self.settings.uploader
+
+    @property
+    def cache(self) -> BuildCache | None:
+        return self.settings.cache
 
     def lookup(self) -> MultiArchResult | None:
         """The cached index, or None (a corrupt entry is a miss, logged)."""
@@ -189,7 +150,7 @@ class _IndexBuild:
         delta = CacheStats(**{field: counted.count(field) for field in set(counted)})
         if record is None:
             return None
-        self.timings["resolve"] = self.clock() - self.start
+        self.timings["resolve"] = self.settings.clock() - self.start
         try:
             return self._from_record(record.body, delta)
         except (TypeError, KeyError, ValueError) as exc:
@@ -221,9 +182,9 @@ class _IndexBuild:
         results: dict[str, BuildResult] = {}
         stats = CacheStats()
         for arch in self.archs:
-            built = build_image(
-                self.image.with_arch(arch), self.source, uploader=self.store, cache=self.cache,
-                manifest_format=self.format, clock=self.clock, **self.build_kwargs,
+            built = run_build(
+                self.settings, self.executor, self.image.with_arch(arch), self.source,
+                config=self.config, manifest_format=self.format, expression=self.expression,
             )
             results[arch.oci_arch] = built
             stats = stats + built.cache_stats
@@ -259,68 +220,86 @@ def build_multiarch(
     *,
     archs: Sequence[Architecture] = DEFAULT_ARCHS,
     format: Format = "oci",  # noqa: A002 - the same keyword as render_index
+    config: ImageConfig | None = None,
+    expression: str | NixExpression | None = None,
+    runner: Runner | None = None,
     uploader: Uploader | None = None,
     cache: BuildCache | None = None,
     strategy: LayeringStrategy | None = None,
     archive: ArchiveOptions | None = None,
-    config: ImageConfig | None = None,
     layer_budget: int = DEFAULT_LAYER_BUDGET,
-    expression: str | NixExpression | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    nix_options: Mapping[str, str] | None = None,
+    store_root: Path = Path("/"),
+    max_workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    on_log_line: LogCallback | None = None,
     clock: Callable[[], float] = time.perf_counter,
-    **build_kwargs: Any,
 ) -> MultiArchResult:
     """Build ``image`` for every architecture in ``archs`` and combine them in one index.
 
+    The one-shot form of :meth:`Builder.build_multiarch
+    <nixery_core.builder.Builder.build_multiarch>`: the keywords after
+    ``expression`` are the :class:`~nixery_core.build.BuildSettings` (the
+    same as :func:`~nixery_core.build.build_image`'s, with its defaults).
     ``image``'s own architecture is ignored: each build uses
     ``image.with_arch(arch)``.  ``format`` is the index's (and every
-    manifest's) format.  The keywords named here mean what they mean to
-    :func:`~nixery_core.build.build_image` and have its defaults; any other
-    keyword (``runner``, ``timeout``, ``nix_options``, ``progress``...) is
-    passed to each ``build_image`` call unchanged.  ``manifest_format`` is
-    refused (use ``format``).
+    manifest's) format.
 
     Raises :class:`~nixery_core.errors.InvalidInput` for an empty or
-    duplicated ``archs`` list, an unknown ``format`` or a reserved keyword,
-    and whatever ``build_image`` raises for a failing architecture (the
-    first failure ends the build; nothing is cached for the index).
+    duplicated ``archs`` list or an unknown ``format``, and whatever
+    ``build_image`` raises for a failing architecture (the first failure
+    ends the build; nothing is cached for the index).
     """
+    settings = BuildSettings(
+        runner=runner, uploader=uploader, cache=cache, strategy=strategy, archive=archive,
+        layer_budget=layer_budget, timeout=timeout, nix_options=nix_options,
+        store_root=store_root, max_workers=max_workers, progress=progress,
+        on_log_line=on_log_line, clock=clock,
+    )
+    with open_executor(settings.workers) as executor:
+        return run_multiarch(
+            settings, executor, image, source, archs=archs, format=format, config=config,
+            expression=expression,
+        )
+
+
+def run_multiarch(
+    settings: BuildSettings,
+    executor: Executor | None,
+    image: Image,
+    source: PackageSource,
+    *,
+    archs: Sequence[Architecture] = DEFAULT_ARCHS,
+    format: Format = "oci",  # noqa: A002 - the same keyword as render_index
+    config: ImageConfig | None = None,
+    expression: str | NixExpression | None = None,
+) -> MultiArchResult:
+    """The multi-architecture pipeline with ``settings``; see :func:`build_multiarch`."""
     arch_list = _check_archs(archs)
     _check_format(format)
-    reserved = sorted(_RESERVED & build_kwargs.keys())
-    if reserved:
-        raise InvalidInput(
-            f"build_multiarch sets {', '.join(reserved)} itself (the index format is `format`)"
-        )
-    if strategy is None:
-        from nixery_core.layering import DEFAULT_STRATEGY  # noqa: PLC0415 - import cycle
-
-        strategy = DEFAULT_STRATEGY
-    archive = archive if archive is not None else ArchiveOptions()
     config = config if config is not None else ImageConfig()
-    store = uploader if uploader is not None else default_store()
-
-    start = clock()
+    start = settings.clock()
     spec = source.resolve(image.tag)
     expected = {
         arch.oci_arch: manifest_cache_key(
-            image.with_arch(arch), spec, strategy=strategy, archive=archive, config=config,
-            manifest_format=format, layer_budget=layer_budget, expression=expression,
+            image.with_arch(arch), spec, strategy=settings.strategy, archive=settings.archive,
+            config=config, manifest_format=format, layer_budget=settings.layer_budget,
+            expression=expression,
         )
         for arch in arch_list
     }
     key = _index_key(format, list(expected.items()))
     run = _IndexBuild(
-        image, source, arch_list, format, store, cache, spec.pinned, expected, key,
-        {**build_kwargs, "strategy": strategy, "archive": archive, "config": config,
-         "layer_budget": layer_budget, "expression": expression},
-        clock, start,
+        image, source, arch_list, format, settings, executor, config, expression, spec.pinned,
+        expected, key, start,
     )
     hit = run.lookup()
     if hit is not None:
         return hit
-    if cache is None:
+    if settings.cache is None:
         return run.build()
-    with cache.single_flight(f"manifest:{key}"):
+    with settings.cache.single_flight(f"manifest:{key}"):
         hit = run.lookup()
         return hit if hit is not None else run.build()
 

@@ -306,13 +306,12 @@ def test_order_archs_and_format_change_the_key(
         ({"archs": (AMD64, Architecture("x86_64-linux", "amd64"))}, "amd64 is listed twice"),
         ({"archs": ("amd64",)}, "is not an Architecture"),
         ({"format": "v1"}, "unknown index format"),
-        ({"manifest_format": "docker"}, "sets manifest_format itself"),
     ],
 )
 def test_bad_requests_are_typed_errors(
     tmp_path: Path, kwargs: dict[str, Any], message: str
 ) -> None:
-    """Empty or duplicated architectures, unknown formats and reserved keywords: InvalidInput."""
+    """Empty or duplicated architectures and unknown formats are InvalidInput, before Nix runs."""
     runner = RecordingRunner(SubprocessRunner())
     with pytest.raises(InvalidInput, match=message):
         build_multiarch(

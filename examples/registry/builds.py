@@ -1,13 +1,14 @@
 """Builds off the event loop, one per distinct image at a time, in both manifest forms.
 
-:class:`Builder` runs :func:`nixery_core.build.build_image` in its own
-thread pool (``build_workers`` threads), so a build never blocks the event
-loop that serves blobs and cached manifests.  Requests for the same image
-that arrive while it is being built await the same build (an in-flight
-table keyed by packages, system and tag); the next request after it
-finished finds the manifest in the :class:`~nixery_core.cache.BuildCache`.
-Threads and processes sharing that cache are deduplicated by the cache's
-own single flight underneath.
+:class:`Builder` wraps one :class:`nixery_core.builder.Builder` made from
+the :class:`~examples.registry.config.RegistryConfig` and awaits its async
+facade: :meth:`~nixery_core.builder.Builder.abuild` runs each build on the
+library builder's build threads (``build_workers`` of them), so a build
+never blocks the event loop that serves blobs and cached manifests, and
+requests for the same image that arrive while it is being built await the
+same build.  The next request after it finished finds the manifest in the
+:class:`~nixery_core.cache.BuildCache`.  Threads and processes sharing that
+cache are deduplicated by the cache's own single flight underneath.
 
 Every build produces the OCI manifest (the library's default and the
 manifest cache's one entry per image); the Docker schema 2 manifest is
@@ -19,10 +20,10 @@ Nix call.  A failed build is not remembered: the next request tries again.
 With architectures configured (:attr:`RegistryConfig.archs
 <examples.registry.config.RegistryConfig.archs>`), :meth:`Builder.build_index`
 builds an OCI image index or a Docker manifest list with
-:func:`~nixery_core.multiarch.build_multiarch` in the same pool, shared
-between identical requests the same way (keyed by the index format too).
-Its children are built in the index's format, so a Docker manifest list
-names Docker schema 2 manifests; the amd64 OCI child is the very manifest a
+:meth:`~nixery_core.builder.Builder.abuild_multiarch`, shared between
+identical requests the same way (keyed by the index format too).  Its
+children are built in the index's format, so a Docker manifest list names
+Docker schema 2 manifests; the amd64 OCI child is the very manifest a
 single-architecture request gets (same manifest cache entry).  The index
 and every child are stored as blobs, so clients fetch them by digest.
 """
@@ -32,18 +33,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 
 from examples.registry.config import ManifestFormat, RegistryConfig
-from nixery_core.build import BuildResult, build_image
+from nixery_core import builder as library
 from nixery_core.errors import InvalidInput
 from nixery_core.manifest import DOCKER_MANIFEST, OCI_CONFIG, LayerDescriptor, render_manifest
-from nixery_core.multiarch import build_multiarch
 from nixery_core.names import Image
 from nixery_core.protocols import BlobInfo, Uploader
+from nixery_core.results import BuildResult
 
 __all__ = ["Builder", "BuiltImage", "ServedManifest", "docker_manifest"]
 
@@ -95,30 +95,50 @@ def _store_docker_manifest(store: Uploader, result: BuildResult) -> ServedManife
     return ServedManifest(data, info.digest, DOCKER_MANIFEST)
 
 
+def library_builder(config: RegistryConfig) -> library.Builder:
+    """The :class:`nixery_core.builder.Builder` for ``config``: its settings, its build threads."""
+    return library.Builder(
+        runner=config.runner,
+        uploader=config.store,
+        cache=config.cache,
+        archive=config.archive,
+        timeout=config.timeout,
+        nix_options=config.nix_options,
+        store_root=config.store_root,
+        max_concurrent_builds=config.build_workers,
+    )
+
+
 @attrs.define
 class Builder:
-    """Runs builds in a bounded thread pool; identical concurrent requests share one.
+    """The registry's builds: a library builder's async facade, plus the Docker manifest.
 
-    ``builds_started`` counts calls to ``build_image`` and ``build_multiarch``
-    (cache hits included); close the pool with :meth:`shutdown`.
+    ``builds_started`` counts builds the library builder started (cache hits
+    included; identical concurrent requests count once); close its threads
+    with :meth:`shutdown`.
     """
 
     config: RegistryConfig
-    builds_started: int = 0
-    _executor: ThreadPoolExecutor = attrs.field(init=False)
-    _in_flight: dict[tuple[object, ...], asyncio.Future[Any]] = attrs.field(
-        init=False, factory=dict
-    )
+    _library: library.Builder = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.config.build_workers, thread_name_prefix="registry-build"
-        )
+        self._library = library_builder(self.config)
+
+    @property
+    def builds_started(self) -> int:
+        return self._library.builds_started
 
     async def build(self, image: Image) -> BuiltImage:
         """The image's manifests, building it (or joining a running build) when needed."""
-        key = ("image", image.packages, image.arch.nix_system, image.tag)
-        return await self._shared(key, lambda: self._build_sync(image))
+        result = await self._library.abuild(image, self.config.source)
+        log.info(
+            "%s %s: %s", "cached" if result.from_cache else "built", image.reference,
+            result.manifest_digest,
+        )
+        oci = ServedManifest(result.manifest, result.manifest_digest, result.manifest_media_type)
+        store = self.config.store
+        docker = await self.run_io(lambda: _store_docker_manifest(store, result))
+        return BuiltImage(result, oci, docker)
 
     async def build_index(self, image: Image, fmt: ManifestFormat) -> ServedManifest:
         """The index over the configured architectures in form ``fmt``, built when needed.
@@ -126,69 +146,13 @@ class Builder:
         ``image``'s own architecture is ignored (each child uses
         ``image.with_arch``).  Raises :class:`~nixery_core.errors.InvalidInput`
         when no architectures are configured, and whatever
-        :func:`~nixery_core.multiarch.build_multiarch` raises (the first
+        :meth:`~nixery_core.builder.Builder.build_multiarch` raises (the first
         failing architecture's error).
         """
         if not self.config.archs:
             raise InvalidInput("this registry is not configured for several architectures")
-        archs = tuple(arch.nix_system for arch in self.config.archs)
-        key = ("index", fmt, image.packages, archs, image.tag)
-        return await self._shared(key, lambda: self._build_index_sync(image, fmt))
-
-    async def _shared(self, key: tuple[object, ...], work: Callable[[], T]) -> T:
-        """Run ``work`` in the pool, or join the running call with the same key."""
-        future = self._in_flight.get(key)
-        if future is None:
-            loop = asyncio.get_running_loop()
-            self.builds_started += 1
-            future = loop.run_in_executor(self._executor, work)
-            self._in_flight[key] = future
-            future.add_done_callback(lambda done: self._finished(key, done))
-        # shield: a client that hangs up cancels its wait, never the shared build.
-        result: T = await asyncio.shield(future)
-        return result
-
-    def _finished(self, key: tuple[object, ...], future: asyncio.Future[Any]) -> None:
-        if self._in_flight.get(key) is future:
-            del self._in_flight[key]
-        if not future.cancelled():
-            future.exception()  # retrieved here, so an unawaited failure is not logged as lost
-
-    def _build_sync(self, image: Image) -> BuiltImage:
-        config = self.config
-        result = build_image(
-            image,
-            config.source,
-            runner=config.runner,
-            uploader=config.store,
-            cache=config.cache,
-            manifest_format="oci",
-            timeout=config.timeout,
-            nix_options=dict(config.nix_options),
-            store_root=config.store_root,
-            archive=config.archive,
-        )
-        log.info(
-            "%s %s: %s", "cached" if result.from_cache else "built", image.reference,
-            result.manifest_digest,
-        )
-        oci = ServedManifest(result.manifest, result.manifest_digest, result.manifest_media_type)
-        return BuiltImage(result, oci, _store_docker_manifest(config.store, result))
-
-    def _build_index_sync(self, image: Image, fmt: ManifestFormat) -> ServedManifest:
-        config = self.config
-        result = build_multiarch(
-            image,
-            config.source,
-            archs=config.archs,
-            format=fmt,
-            uploader=config.store,
-            cache=config.cache,
-            archive=config.archive,
-            runner=config.runner,
-            timeout=config.timeout,
-            nix_options=dict(config.nix_options),
-            store_root=config.store_root,
+        result = await self._library.abuild_multiarch(
+            image, self.config.source, archs=self.config.archs, format=fmt
         )
         log.info(
             "%s %s index of %s: %s", "cached" if result.from_cache else "built", fmt,
@@ -202,4 +166,4 @@ class Builder:
 
     def shutdown(self) -> None:
         """Stop the build threads (running builds finish; queued ones are dropped)."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._library.close()

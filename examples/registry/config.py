@@ -61,6 +61,8 @@ from typing import Any, Literal
 import attrs
 
 from nixery_core.archive import ArchiveOptions
+from nixery_core.build import DEFAULT_TIMEOUT
+from nixery_core.builder import DEFAULT_CONCURRENT_BUILDS
 from nixery_core.cache import SIX_HOURS, BuildCache
 from nixery_core.compression import Compression
 from nixery_core.errors import InvalidInput, InvalidSource
@@ -146,11 +148,11 @@ class RegistryConfig:
     store: Uploader
     cache: BuildCache | None = None
     runner: Runner | None = None
-    timeout: float = attrs.field(default=60.0, validator=_positive)
+    timeout: float = attrs.field(default=DEFAULT_TIMEOUT, validator=_positive)
     nix_options: Mapping[str, str] = attrs.field(factory=dict)
     blob_url: BlobUrl | None = None
     default_format: ManifestFormat = attrs.field(default="oci", validator=_format)
-    build_workers: int = attrs.field(default=4, validator=_positive)
+    build_workers: int = attrs.field(default=DEFAULT_CONCURRENT_BUILDS, validator=_positive)
     store_root: Path = Path("/")
     archive: ArchiveOptions = attrs.field(factory=ArchiveOptions)
     archs: tuple[Architecture, ...] = attrs.field(default=(), validator=_archs)
@@ -208,10 +210,10 @@ class RegistryConfig:
             store=store,
             cache=cache,
             archive=ArchiveOptions(compression=compressions[compression]),
-            timeout=_number(env, "NIX_TIMEOUT", 60.0),
+            timeout=_number(env, "NIX_TIMEOUT", DEFAULT_TIMEOUT),
             blob_url=blob_url,
             default_format="docker" if default_format == "docker" else "oci",
-            build_workers=int(_number(env, "NIXERY_BUILD_WORKERS", 4)),
+            build_workers=int(_number(env, "NIXERY_BUILD_WORKERS", DEFAULT_CONCURRENT_BUILDS)),
             archs=parse_archs(env.get("NIXERY_ARCHS", "")),
             verify_blobs=env.get("NIXERY_VERIFY_BLOBS", "") in ("1", "true", "yes"),
         )

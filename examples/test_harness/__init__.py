@@ -1,8 +1,9 @@
-"""How an embedder tests code that calls ``build_image``, without Nix.
+"""How an embedder tests code that builds with a ``Builder``, without Nix.
 
 ``publisher.py`` is the embedder's code: it publishes one image per
 service and writes a lock file of digests.  ``test_publisher.py`` is its
-test suite, built on the fakes :mod:`nixery_core.testing` ships:
+test suite: the code under test takes a :class:`~nixery_core.builder.Builder`,
+and the tests pass one made of the fakes :mod:`nixery_core.testing` ships:
 
 - :class:`~nixery_core.testing.runners.FakeNix` plays Nix for a declared
   package set, writing real files into a temporary ``/nix/store``, so the

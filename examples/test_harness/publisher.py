@@ -1,7 +1,9 @@
 """The embedder's code under test: publish one image per service, keep a lock file.
 
-A CI job calls :func:`publish` with ``{service: [packages]}``; it builds
-each image with :func:`nixery_core.build.build_image` and reports, per
+A CI job calls :func:`publish` with ``{service: [packages]}`` and a
+:class:`nixery_core.builder.Builder` (which holds the runner, the store and
+the cache: the test suite passes one made of fakes); it builds each image
+with :meth:`~nixery_core.builder.Builder.build` and reports, per
 service, the manifest digest and how many layers were new.  Failures are
 reported in the embedder's own terms (:class:`PublishError` names the
 service), which is exactly what its tests want to pin.
@@ -11,15 +13,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import attrs
 
-from nixery_core.build import build_image
-from nixery_core.cache import BuildCache
+from nixery_core.builder import Builder
 from nixery_core.errors import NixBuildFailed, NixeryError, UnknownPackages
 from nixery_core.names import Image
-from nixery_core.protocols import Runner, Uploader
 from nixery_core.sources import PackageSource
 
 __all__ = ["PublishError", "Published", "lock_file", "publish"]
@@ -45,23 +44,14 @@ class Published:
 
 
 def publish(
-    services: Mapping[str, Sequence[str]],
-    *,
-    source: PackageSource,
-    uploader: Uploader,
-    cache: BuildCache | None = None,
-    runner: Runner | None = None,
-    store_root: Path = Path("/"),
+    services: Mapping[str, Sequence[str]], *, source: PackageSource, builder: Builder
 ) -> list[Published]:
-    """Build every service's image (sorted by service name) into ``uploader``."""
+    """Build every service's image (sorted by service name) with ``builder``."""
     published = []
     for service, packages in sorted(services.items()):
         image = Image.from_packages(packages)
         try:
-            result = build_image(
-                image, source, runner=runner, uploader=uploader, cache=cache,
-                store_root=store_root,
-            )
+            result = builder.build(image, source)
         except UnknownPackages as exc:
             raise PublishError(service, f"no such packages: {', '.join(exc.packages)}") from exc
         except NixBuildFailed as exc:

@@ -2,7 +2,9 @@
 
 Copy the fixtures: ``fake_nix`` (a declared package set written into a
 temporary store root), ``store`` (an in-memory blob store) and
-``source`` (any package source; the fake runner ignores what it names).
+``source`` (any package source; the fake runner ignores what it names),
+and :func:`fake_builder`, the :class:`~nixery_core.builder.Builder` the
+code under test receives, made of those fakes.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from examples.test_harness.publisher import PublishError, lock_file, publish
+from nixery_core.builder import Builder
 from nixery_core.cache import BuildCache
 from nixery_core.errors import StorageError
 from nixery_core.manifest import parse_manifest
 from nixery_core.names import Image
 from nixery_core.nix import resolve_argv
+from nixery_core.protocols import Runner
 from nixery_core.sources import LocalPathSource
 from nixery_core.testing.runners import (
     FakeFault,
@@ -33,6 +37,16 @@ from nixery_core.testing.runners import (
 from nixery_core.testing.storage import MemoryStore
 
 SERVICES = {"greeter": ["hello"], "toolbox": ["bashInteractive", "coreutils", "hello"]}
+
+
+def fake_builder(
+    runner: Runner, store: MemoryStore, *, cache: BuildCache | None = None,
+    store_root: Path = Path("/"),
+) -> Builder:
+    """A Builder of fakes: ``runner`` plays Nix, ``store`` holds the blobs, one worker thread."""
+    return Builder(
+        runner=runner, uploader=store, cache=cache, store_root=store_root, max_workers=1
+    )
 
 
 @pytest.fixture
@@ -61,9 +75,8 @@ def test_publish_stores_every_blob(
     fake_nix: FakeNix, store: MemoryStore, source: LocalPathSource
 ) -> None:
     """Each service gets a manifest whose config and layers are all in the store."""
-    published = publish(
-        SERVICES, source=source, uploader=store, runner=fake_nix, store_root=fake_nix.store_root
-    )
+    builder = fake_builder(fake_nix, store, store_root=fake_nix.store_root)
+    published = publish(SERVICES, source=source, builder=builder)
     assert [p.service for p in published] == ["greeter", "toolbox"]
     for entry in published:
         manifest = parse_manifest(store.read_blob(entry.digest))
@@ -75,10 +88,10 @@ def test_shared_packages_share_layers(
     fake_nix: FakeNix, store: MemoryStore, source: LocalPathSource
 ) -> None:
     """With a cache, the second service reuses layers it shares with the first (busybox...)."""
-    greeter, toolbox = publish(
-        SERVICES, source=source, uploader=store, cache=BuildCache(None), runner=fake_nix,
-        store_root=fake_nix.store_root,
+    builder = fake_builder(
+        fake_nix, store, cache=BuildCache(None), store_root=fake_nix.store_root
     )
+    greeter, toolbox = publish(SERVICES, source=source, builder=builder)
     assert greeter.reused_layers == 0
     assert toolbox.reused_layers > 0
 
@@ -88,11 +101,10 @@ def test_republishing_runs_no_nix(
 ) -> None:
     """With a build cache, publishing again is all cache hits: no Nix call, no upload."""
     cache = BuildCache(None)  # only the shared tier, kept in the store itself
-    first = publish(SERVICES, source=source, uploader=store, cache=cache, runner=fake_nix,
-                    store_root=fake_nix.store_root)
+    builder = fake_builder(fake_nix, store, cache=cache, store_root=fake_nix.store_root)
+    first = publish(SERVICES, source=source, builder=builder)
     calls, writes = len(fake_nix.calls), store.blob_writes
-    again = publish(SERVICES, source=source, uploader=store, cache=cache, runner=fake_nix,
-                    store_root=fake_nix.store_root)
+    again = publish(SERVICES, source=source, builder=builder)
     assert [p.digest for p in again] == [p.digest for p in first]
     assert (len(fake_nix.calls), store.blob_writes) == (calls, writes)
 
@@ -102,13 +114,16 @@ def test_recorded_session_replays_without_nix(
 ) -> None:
     """A recorded session replays from JSON: same questions asked, same images built."""
     recorder = RecordingRunner(fake_nix)
-    first = publish(SERVICES, source=source, uploader=MemoryStore(), runner=recorder,
-                    store_root=fake_nix.store_root)
+    root = fake_nix.store_root
+    first = publish(
+        SERVICES, source=source, builder=fake_builder(recorder, MemoryStore(), store_root=root)
+    )
     recorder.save(tmp_path / "session.json")
 
     replay = ReplayRunner.load(tmp_path / "session.json")
-    again = publish(SERVICES, source=source, uploader=MemoryStore(), runner=replay,
-                    store_root=fake_nix.store_root)
+    again = publish(
+        SERVICES, source=source, builder=fake_builder(replay, MemoryStore(), store_root=root)
+    )
     assert [p.digest for p in again] == [p.digest for p in first]
     assert replay.calls == [call.argv for call in recorder.calls]
 
@@ -120,7 +135,9 @@ def test_unknown_packages_name_the_service(source: LocalPathSource) -> None:
     answer = {"error": "not_found", "pkgs": ["helo"]}
     replay = ReplayRunner([RecordedCall(argv, stdout=json.dumps(answer).encode())])
     with pytest.raises(PublishError, match="no such packages: helo") as caught:
-        publish({"typo": ["hello", "helo"]}, source=source, uploader=MemoryStore(), runner=replay)
+        publish(
+            {"typo": ["hello", "helo"]}, source=source, builder=fake_builder(replay, MemoryStore())
+        )
     assert caught.value.service == "typo"
 
 
@@ -133,8 +150,10 @@ def test_nix_failure_carries_the_log(
         fail_with={"realise": FakeFault("fail", stderr="error: builder for 'hello.drv' failed")},
     )
     with pytest.raises(PublishError, match=re.escape("builder for 'hello.drv' failed")):
-        publish(SERVICES, source=source, uploader=store, runner=broken,
-                store_root=broken.store_root)
+        publish(
+            SERVICES, source=source,
+            builder=fake_builder(broken, store, store_root=broken.store_root),
+        )
     assert list(store.list_blobs()) == []
 
 
@@ -144,8 +163,12 @@ def test_storage_failure_leaves_nothing_half_written(
     """An upload failure surfaces as PublishError; no upload is left staged, no cache entry."""
     store.fail_on_write(1)
     with pytest.raises(PublishError) as caught:
-        publish(SERVICES, source=source, uploader=store, cache=BuildCache(None),
-                runner=fake_nix, store_root=fake_nix.store_root)
+        publish(
+            SERVICES, source=source,
+            builder=fake_builder(
+                fake_nix, store, cache=BuildCache(None), store_root=fake_nix.store_root
+            ),
+        )
     assert isinstance(caught.value.__cause__, StorageError)
     assert store.staged_blobs() == ()
     assert list(store.list_objects("manifests/")) == []
@@ -160,9 +183,13 @@ def test_both_nix_output_formats_give_one_image(
         tmp_path / "root", default_fake_packages(),
         path_info_format="list" if path_info_format == "list" else "object",
     )
-    (greeter, _) = publish(SERVICES, source=source, uploader=MemoryStore(), runner=fake,
-                           store_root=fake.store_root)
     reference = FakeNix(tmp_path / "other-root", default_fake_packages())
-    (expected, _) = publish(SERVICES, source=source, uploader=MemoryStore(), runner=reference,
-                            store_root=reference.store_root)
+    (greeter, _) = publish(
+        SERVICES, source=source,
+        builder=fake_builder(fake, MemoryStore(), store_root=fake.store_root),
+    )
+    (expected, _) = publish(
+        SERVICES, source=source,
+        builder=fake_builder(reference, MemoryStore(), store_root=reference.store_root),
+    )
     assert greeter.digest == expected.digest
