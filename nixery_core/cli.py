@@ -213,6 +213,24 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sbom(args: argparse.Namespace) -> int:
+    """Build (or find in the cache) one image and print or write its SBOM."""
+    store = _store(args)
+    if len(_archs(args)) > 1:
+        raise InvalidInput("sbom takes one architecture at a time (--arch amd64 or arm64)")
+    result = _build(args, store)
+    if isinstance(result, MultiArchResult):  # not reached: one architecture
+        raise InvalidInput("sbom takes one architecture at a time")
+    document = result.sbom(store, args.sbom_format)
+    if args.output:
+        Path(args.output).write_bytes(document)
+        print(f"{args.sbom_format} SBOM of {result.manifest_digest}: {args.output}",
+              file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(document + b"\n")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from nixery_core.gc import collect_garbage  # noqa: PLC0415
 
@@ -291,6 +309,13 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("target", help="docker://HOST[:PORT]/REPO:TAG")
     push.add_argument("--insecure", action="store_true", help="plain HTTP (loopback only)")
     push.set_defaults(func=cmd_push)
+
+    sbom = sub.add_parser("sbom", help="build an image and print its SBOM (SPDX or CycloneDX)")
+    _add_build_options(sbom)
+    sbom.add_argument("--sbom-format", choices=["spdx", "cyclonedx"], default="spdx",
+                      help="SPDX 2.3 JSON (default) or CycloneDX 1.5 JSON")
+    sbom.add_argument("-o", "--output", help="write the document to this file, not stdout")
+    sbom.set_defaults(func=cmd_sbom)
 
     gc = sub.add_parser("gc", help="delete blobs no cached manifest or build names")
     gc.add_argument("--store", help="blob store directory")

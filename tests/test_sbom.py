@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import attrs
@@ -245,3 +247,29 @@ def test_purls_of_odd_names_round_trip_through_packageurl() -> None:
         purl = PackageURL.from_string(component.purl)
         assert (purl.name, purl.version) == (name, version)
         assert purl.qualifiers == {"store_hash": "a" * 32}
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "nixery_core", *args], capture_output=True, timeout=300,
+        check=False, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.usefixtures("nix")
+def test_cli_prints_the_sbom_then_writes_it_from_the_cache_without_nix(tmp_path: Path) -> None:
+    """`nixery-core sbom` prints valid SPDX; a second run, with no Nix on PATH, writes CycloneDX."""
+    common = ["--pkgs-path", str(OFFLINE_SET), "--offline", "--store", str(tmp_path / "store"),
+              "--cache", str(tmp_path / "cache")]
+    first = _cli("sbom", "shell/hello", *common)
+    assert first.returncode == 0, first.stderr
+    assert spdx_problems(first.stdout) == []
+    out = tmp_path / "hello.cdx.json"
+    no_nix = tmp_path / "bin"  # nothing on PATH: a Nix call would fail the run
+    no_nix.mkdir()
+    second = _cli("sbom", "shell/hello", *common, "--sbom-format", "cyclonedx", "-o", str(out),
+                  env={"PATH": str(no_nix)})
+    assert second.returncode == 0, second.stderr
+    assert cyclonedx_problem(out.read_bytes()) is None
+    names = {c["name"] for c in json.loads(out.read_bytes())["components"]}
+    assert {"hello", "busybox", "bash-interactive"} <= names
