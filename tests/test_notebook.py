@@ -27,7 +27,8 @@ def outputs(cell: Any) -> list[dict[str, Any]]:
 
 @pytest.mark.nix
 def test_notebook_executes_with_rich_outputs() -> None:
-    """Every cell runs; builds show as layer tables (new, then reused); the plot is a PNG."""
+    """Every cell runs; builds show as layer tables (new, then reused); the plot is a PNG;
+    the SBOM query names the images with openssl below 3."""
     require_tools("nix-build", "nix-instantiate", "nix-store", "nix")
     read: Any = nbformat.read  # untyped in nbformat
     notebook = read(NOTEBOOK, as_version=4)
@@ -61,5 +62,15 @@ def test_notebook_executes_with_rich_outputs() -> None:
     assert len(pngs) == 1
     assert pngs[0].startswith(b"\x89PNG\r\n\x1a\n")
 
-    streams = "".join(o.get("text", "") for o in outputs(code[-1]) if o["output_type"] == "stream")
-    assert streams.split() == ["True", "True"]
+    def stream(cell: Any) -> str:
+        return "".join(o.get("text", "") for o in outputs(cell) if o["output_type"] == "stream")
+
+    again = next(cell for cell in code if "again = build_image" in cell.source)
+    assert stream(again).split() == ["True", "True"]
+
+    # The SBOM query: only the images holding socat have openssl below 3.
+    sbom_lines = stream(code[-1]).splitlines()
+    assert [line.split(" (")[0] for line in sbom_lines[:-1]] == [
+        "curl/socat: openssl 1.1.1w", "shell/socat: openssl 1.1.1w",
+    ]
+    assert sbom_lines[-1] == "not affected: shell/curl, shell/hello"
