@@ -71,7 +71,9 @@ Store layers (:func:`pack_store_paths`):
 * A missing store path raises :class:`~nixery_core.errors.StorePathMissing`
   before anything is written.  A file whose size or mtime changes while it
   is read, that yields fewer or more bytes than its size, or that vanishes
-  or changes type mid-walk raises
+  or changes type mid-walk, and a directory whose entries change while it is
+  listed (its mtime, ctime, link count or inode differ after the listing:
+  Nix's GC deleting it), raise
   :class:`~nixery_core.errors.FileChangedDuringPacking`; so does a file read
   twice (hashed, then packed) whose two reads differ, and an earlier file
   opened again for its hash that is no longer the file packed (other
@@ -589,6 +591,11 @@ def _thread_count(threads: int | None) -> int:
     return threads
 
 
+def directory_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a directory gains, loses or renames an entry (or is replaced)."""
+    return (st.st_dev, st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _display(member: bytes) -> str:
     """The absolute path of a member, for error messages."""
     return "/" + os.fsdecode(member)
@@ -721,10 +728,16 @@ def _pack_tree(
         else:
             tar.put(tar.headers(member + b"/", 0o555, 0, _DIRTYPE))
             try:
+                before = os.lstat(full)
                 with os.scandir(full) as listing:
                     children = sorted(listing, key=_by_name)
+                after = os.lstat(full)
             except OSError as exc:
                 raise _read_error(_display(member), exc) from exc
+            if directory_identity(before) != directory_identity(after):
+                # An entry came or went while listing (Nix's GC deleting it):
+                # never a smaller layer.
+                raise FileChangedDuringPacking(_display(member))
             prefix = member + b"/"
             stack.extend(
                 (prefix + child.name, child.path, child) for child in reversed(children)

@@ -44,6 +44,7 @@ from nixery_core.customisation import customisation_entries
 from nixery_core.entries import TarEntry
 from nixery_core.errors import InvalidInput, StorePathMissing
 from nixery_core.expressions import NixExpression
+from nixery_core.gc_roots import BuildRoots
 from nixery_core.graph import RuntimeGraph, store_path_name
 from nixery_core.image_config import ImageConfig
 from nixery_core.layering import DEFAULT_STRATEGY
@@ -519,6 +520,12 @@ class _Plan:
 
 
 def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
+    # The closure stays rooted against Nix's GC from before realising until packed.
+    with BuildRoots() as roots:
+        return _build_rooted(build, plan, start, roots.prefix)
+
+
+def _build_rooted(build: _Build, plan: _Plan, start: float, gc_root: Path) -> BuildResult:
     image, store, config, key = build.image, build.store, plan.config, plan.key
     settings = build.settings
     now = build.timed("resolve", start)
@@ -527,13 +534,13 @@ def _build_uncached(build: _Build, plan: _Plan, start: float) -> BuildResult:
     if plan.expression is None:
         graph = nix.realise(
             image, plan.spec, runner=settings.runner, timeout=settings.timeout,
-            nix_options=settings.nix_options, on_log_line=settings.on_log_line,
+            nix_options=settings.nix_options, on_log_line=settings.on_log_line, gc_root=gc_root,
         )
     else:
         graph = nix.realise_expression(
             plan.expression.text, plan.spec, runner=settings.runner, arch=image.arch,
             packages=image.packages, timeout=settings.timeout,
-            nix_options=settings.nix_options, on_log_line=settings.on_log_line,
+            nix_options=settings.nix_options, on_log_line=settings.on_log_line, gc_root=gc_root,
         )
     now = build.timed("nix", now)
 

@@ -61,8 +61,14 @@ from pathlib import Path
 
 import attrs
 
+from nixery_core.archive import directory_identity
 from nixery_core.entries import TarEntry
-from nixery_core.errors import InvalidImageConfig, StorePathMissing, UnsafeStoreContent
+from nixery_core.errors import (
+    FileChangedDuringPacking,
+    InvalidImageConfig,
+    StorePathMissing,
+    UnsafeStoreContent,
+)
 from nixery_core.graph import RuntimeGraph, store_path_name
 from nixery_core.image_config import ImageConfig, User
 
@@ -284,10 +290,19 @@ def _origin(node: _Node) -> str:
 def _scan(disk: Path, target: str) -> list[tuple[str, bool]]:
     """``(name, is_dir)`` of a store directory's children, sorted, via lstat only."""
     try:
+        before = os.lstat(disk)
         with os.scandir(disk) as children:
-            return sorted((child.name, child.is_dir(follow_symlinks=False)) for child in children)
+            listing = sorted(
+                (child.name, child.is_dir(follow_symlinks=False)) for child in children
+            )
+        after = os.lstat(disk)
     except OSError as exc:
         raise _read_error(target, exc) from exc
+    if directory_identity(before) != directory_identity(after):
+        # An entry came or went while listing (Nix's GC deleting the output):
+        # an error, never a forest with fewer links.
+        raise FileChangedDuringPacking(target)
+    return listing
 
 
 def _read_error(target: str, exc: OSError) -> StorePathMissing | UnsafeStoreContent:

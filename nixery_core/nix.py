@@ -7,7 +7,7 @@
    The answer is every unknown name at once (raised as
    :class:`~nixery_core.errors.UnknownPackages`) or, per name, the
    derivation and the path of its default output.
-2. **realise**: ``nix-store --realise <drv>!<output> ...``.
+2. **realise**: ``nix-store --realise [--add-root <dir>/out] <drv>!<output> ...``.
 3. **closure**: ``nix path-info --extra-experimental-features nix-command
    --json --recursive <output> ...``: every store path with its NAR size and
    references.  Nix 2.8 prints a list of objects, Nix >= 2.19 an object keyed
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import attrs
@@ -118,10 +119,21 @@ def resolve_argv(
 
 
 def realise_argv(
-    installables: Iterable[str], *, nix_options: Mapping[str, str] | None = None
+    installables: Iterable[str],
+    *,
+    nix_options: Mapping[str, str] | None = None,
+    add_root: str | None = None,
 ) -> tuple[str, ...]:
-    """The realise call for ``<drv>!<output>`` installables (sorted, de-duplicated)."""
-    return (REALISE_PROGRAM, "--realise", *option_args(nix_options), *sorted(set(installables)))
+    """The realise call for ``<drv>!<output>`` installables (sorted, de-duplicated).
+
+    ``add_root`` registers indirect GC roots ``<add_root>[-N]`` for the outputs
+    (see :mod:`nixery_core.gc_roots`).
+    """
+    roots = ("--add-root", add_root) if add_root is not None else ()
+    return (
+        REALISE_PROGRAM, "--realise", *roots, *option_args(nix_options),
+        *sorted(set(installables)),
+    )
 
 
 def path_info_argv(
@@ -149,6 +161,7 @@ class RealiseCall:
 
     installables: tuple[str, ...]
     options: Mapping[str, str]
+    add_root: str | None = None
     step: NixStep = "realise"
 
 
@@ -164,11 +177,14 @@ class PathInfoCall:
 NixCall = ResolveCall | RealiseCall | PathInfoCall
 
 # Flags the builders emit that take values, and how many.
-_ARITY = {"--option": 2, "--argstr": 2, "--arg": 2, "--extra-experimental-features": 1}
+_ARITY = {
+    "--option": 2, "--argstr": 2, "--arg": 2, "--extra-experimental-features": 1,
+    "--add-root": 1,
+}
 
 
 def _split(argv: Sequence[str]) -> tuple[dict[str, str], dict[str, str], list[str]] | None:
-    """(options, --arg/--argstr values, positionals), or None for an unknown shape."""
+    """(options, --arg/--argstr/--add-root values, positionals), or None for an unknown shape."""
     options: dict[str, str] = {}
     args: dict[str, str] = {}
     positional: list[str] = []
@@ -182,6 +198,8 @@ def _split(argv: Sequence[str]) -> tuple[dict[str, str], dict[str, str], list[st
             options[argv[i + 1]] = argv[i + 2]
         elif flag in ("--argstr", "--arg"):
             args[argv[i + 1]] = argv[i + 2]
+        elif flag == "--add-root":
+            args[flag] = argv[i + 1]
         elif not flag.startswith("--"):
             positional.append(flag)
         i += 1 + arity
@@ -213,7 +231,7 @@ def parse_argv(argv: Sequence[str]) -> NixCall | None:
     if program == RESOLVE_PROGRAM and all(f in argv for f in _RESOLVE_FLAGS):
         call = _resolve_call(options, args)
     elif program == REALISE_PROGRAM and len(argv) > 1 and argv[1] == "--realise":
-        call = RealiseCall(tuple(positional), options)
+        call = RealiseCall(tuple(positional), options, args.get("--add-root"))
     elif program == PATH_INFO_PROGRAM and (
         tuple(argv[1 : 1 + len(_PATH_INFO_FLAGS)]) == _PATH_INFO_FLAGS
     ):
@@ -385,10 +403,14 @@ def _realise_resolved(
     timeout: float,
     nix_options: Mapping[str, str] | None,
     on_log_line: LogCallback | None,
+    gc_root: Path | None = None,
 ) -> RuntimeGraph:
     if not resolved:
         return RuntimeGraph.build([], {})
-    argv = realise_argv((r.installable for r in resolved), nix_options=nix_options)
+    argv = realise_argv(
+        (r.installable for r in resolved), nix_options=nix_options,
+        add_root=None if gc_root is None else str(gc_root),
+    )
     # One realisation per store at a time: concurrent ones deadlock on Nix's
     # output locks (see nixery_core.nix_lock).
     with realise_lock(argv, timeout):
@@ -414,8 +436,12 @@ def realise(
     timeout: float = 60.0,
     nix_options: Mapping[str, str] | None = None,
     on_log_line: LogCallback | None = None,
+    gc_root: Path | None = None,
 ) -> RuntimeGraph:
     """Resolve, build and measure ``image.packages`` for ``image.arch``.
+
+    ``gc_root`` (a :attr:`nixery_core.gc_roots.BuildRoots.prefix`) roots the
+    outputs, and so the closure, against Nix's garbage collector.
 
     ``RuntimeGraph.requested`` maps each package name of the image to its
     output path.  Raises UnknownPackages (every unknown name), NixBuildFailed
@@ -435,7 +461,8 @@ def realise(
         on_log_line=on_log_line,
     )
     return _realise_resolved(
-        resolved, runner=runner, timeout=timeout, nix_options=nix_options, on_log_line=on_log_line
+        resolved, runner=runner, timeout=timeout, nix_options=nix_options,
+        on_log_line=on_log_line, gc_root=gc_root,
     )
 
 
@@ -449,6 +476,7 @@ def realise_expression(
     timeout: float = 60.0,
     nix_options: Mapping[str, str] | None = None,
     on_log_line: LogCallback | None = None,
+    gc_root: Path | None = None,
 ) -> RuntimeGraph:
     """Realise a *trusted* Nix expression (plus optional package names) as image content.
 
@@ -463,5 +491,6 @@ def realise_expression(
     result = _run(runner, argv, timeout, on_log_line)
     resolved = parse_resolve_output(argv, result.stdout, packages)
     return _realise_resolved(
-        resolved, runner=runner, timeout=timeout, nix_options=nix_options, on_log_line=on_log_line
+        resolved, runner=runner, timeout=timeout, nix_options=nix_options,
+        on_log_line=on_log_line, gc_root=gc_root,
     )

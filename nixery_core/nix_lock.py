@@ -38,7 +38,7 @@ from pathlib import Path
 
 from nixery_core.errors import NixTimeout
 
-__all__ = ["LOCK_ENV", "default_lock_path", "realise_lock"]
+__all__ = ["LOCK_ENV", "default_lock_path", "realise_lock", "state_dir"]
 
 LOCK_ENV = "NIXERY_CORE_NIX_LOCK"
 _POLL = 0.05
@@ -47,18 +47,23 @@ _POLL = 0.05
 _THREADS = threading.Lock()
 
 
-def default_lock_path() -> Path:
-    """The lock file every process using this machine's Nix store agrees on."""
-    if override := os.environ.get(LOCK_ENV):
-        return Path(override)
+def state_dir() -> Path:
+    """``$NIX_STATE_DIR/nixery-core`` when it can be written, else a private temp dir."""
     state = Path(os.environ.get("NIX_STATE_DIR") or "/nix/var/nix") / "nixery-core"
     with contextlib.suppress(OSError):  # not ours to create: fall back below
         state.mkdir(mode=0o755, exist_ok=True)
     if os.access(state, os.W_OK):
-        return state / "realise.lock"
+        return state
     private = Path(tempfile.gettempdir()) / f"nixery-core-{os.getuid()}"
     private.mkdir(mode=0o700, exist_ok=True)
-    return private / "realise.lock"
+    return private
+
+
+def default_lock_path() -> Path:
+    """The lock file every process using this machine's Nix store agrees on."""
+    if override := os.environ.get(LOCK_ENV):
+        return Path(override)
+    return state_dir() / "realise.lock"
 
 
 @contextlib.contextmanager
