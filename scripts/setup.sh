@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(nix-bin busybox-static skopeo umoci runc docker-registry pigz bubblewrap git ca-certificates python3-venv podman stargz-snapshotter zstd)
+APT_PACKAGES=(nix-bin busybox-static skopeo umoci runc docker-registry pigz bubblewrap git ca-certificates python3-venv podman containerd docker.io stargz-snapshotter zstd)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

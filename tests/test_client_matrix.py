@@ -1,0 +1,161 @@
+"""Real clients pull ``shell/hello`` and run ``hello``: podman, containerd's ``ctr``, Docker.
+
+Each client runs with private state (tests/client_daemons.py) and pulls the
+same image from two registries: the example registry building it on demand
+(over the offline package set with real Nix), and Debian's
+``docker-registry`` after ``nixery-core push``.  skopeo, the fourth client,
+is covered in tests/test_example_registry.py and tests/test_push_e2e.py.
+
+Module-scoped: one registry pair, one image, one daemon per client.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from client_daemons import Containerd, Dockerd, Podman, started
+from conftest import IN_CI, OFFLINE_SET, REPO, require_tools
+from servers import DockerRegistry
+
+from examples.registry import RegistryConfig, create_app, serving
+from nixery_core.cache import BuildCache
+from nixery_core.sources import LocalPathSource
+from nixery_core.storage.filesystem import FilesystemStore
+
+pytestmark = [pytest.mark.nix, pytest.mark.tools, pytest.mark.usefixtures("nix")]
+
+IMAGE = "shell/hello"
+PUSHED_REPO = "nixery/hello"
+
+
+def require_root(what: str) -> None:
+    """Skip without root on a developer machine; fail in CI, which runs as root."""
+    if os.geteuid() == 0:
+        return
+    message = f"{what} needs root here (private daemons, runc)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The example registry and a docker-registry holding the pushed image; name -> reference."""
+    require_tools("nix-build", "nix-store", "docker-registry")
+    work = tmp_path_factory.mktemp("client-matrix")
+    with BuildCache(work / "cache") as cache:
+        config = RegistryConfig(
+            source=LocalPathSource(OFFLINE_SET), store=FilesystemStore(work / "store"),
+            cache=cache, nix_options={"substituters": ""},
+        )
+        with serving(create_app(config)) as base, DockerRegistry() as registry:
+            pushed = f"{registry.host}/{PUSHED_REPO}:v1"
+            push = subprocess.run(
+                [sys.executable, "-m", "nixery_core", "push", IMAGE, f"docker://{pushed}",
+                 "--insecure", "--pkgs-path", str(OFFLINE_SET), "--offline",
+                 "--store", str(work / "push-store"), "--cache", str(work / "push-cache")],
+                capture_output=True, text=True, timeout=300, check=False,
+            )
+            assert push.returncode == 0, push.stderr
+            example = base.removeprefix("http://")
+            yield {"example": f"{example}/{IMAGE}:latest", "pushed": pushed}
+
+
+@pytest.fixture(scope="module")
+def podman() -> Iterator[Podman]:
+    """podman with private storage and configuration."""
+    require_tools("podman", "runc")
+    require_root("podman")
+    client = Podman()
+    with started(client):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def containerd() -> Iterator[Containerd]:
+    """containerd on a private root and socket."""
+    require_tools("containerd", "ctr", "runc")
+    require_root("containerd")
+    daemon = Containerd()
+    with started(daemon):
+        daemon.start()
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def dockerd(registries: dict[str, str]) -> Iterator[Dockerd]:
+    """dockerd on a private data root and socket, trusting both registries over plain HTTP."""
+    require_tools("dockerd", "docker", "runc")
+    require_root("dockerd")
+    daemon = Dockerd()
+    hosts = sorted({reference.split("/", 1)[0] for reference in registries.values()})
+    with started(daemon):
+        daemon.start(insecure_registries=hosts)
+        yield daemon
+
+
+SOURCES = ["example", "pushed"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_podman_pulls_and_runs_hello(
+    podman: Podman, registries: dict[str, str], source: str
+) -> None:
+    """podman (private root, --tls-verify=false) pulls the image and runs hello."""
+    reference = registries[source]
+    assert podman.pull(reference).startswith("sha256:")
+    assert podman.run_hello(reference).strip() == "Hello, world!"
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_containerd_pulls_and_runs_hello(
+    containerd: Containerd, registries: dict[str, str], source: str
+) -> None:
+    """ctr (private containerd, --plain-http) pulls the image and runs hello."""
+    reference = registries[source]
+    assert containerd.pull(reference).startswith("sha256:")
+    assert containerd.run_hello(reference).strip() == "Hello, world!"
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_docker_pulls_and_runs_hello(
+    dockerd: Dockerd, registries: dict[str, str], source: str
+) -> None:
+    """docker (private dockerd, insecure registry) pulls the image and runs hello."""
+    reference = registries[source]
+    assert dockerd.pull(reference).startswith("sha256:")
+    assert dockerd.run_hello(reference).strip() == "Hello, world!"
+
+
+def test_repeated_docker_pulls_give_one_digest(
+    dockerd: Dockerd, registries: dict[str, str]
+) -> None:
+    """Docker shuffles its Accept list on every pull; six pulls of one tag resolve one digest."""
+    digests = {dockerd.pull(registries["example"]) for _ in range(6)}
+    assert len(digests) == 1
+
+
+def test_clients_agree_on_the_digest(
+    podman: Podman, containerd: Containerd, dockerd: Dockerd, registries: dict[str, str]
+) -> None:
+    """podman, containerd and Docker resolve the example registry's tag to the same manifest."""
+    reference = registries["example"]
+    assert podman.pull(reference) == containerd.pull(reference) == dockerd.pull(reference)
+
+
+def test_compatibility_table_names_the_tested_versions(
+    podman: Podman, containerd: Containerd, dockerd: Dockerd
+) -> None:
+    """docs/clients.md's compatibility table names the client versions these tests ran."""
+    rows = {}
+    for line in (REPO / "docs" / "clients.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 2:
+            rows[cells[0]] = cells[1]
+    assert rows["podman"] == podman.version
+    assert rows["containerd `ctr`"] == containerd.version
+    assert rows["Docker"] == dockerd.version
