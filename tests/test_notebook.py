@@ -65,7 +65,7 @@ def test_notebook_executes_with_rich_outputs() -> None:
     def stream(cell: Any) -> str:
         return "".join(o.get("text", "") for o in outputs(cell) if o["output_type"] == "stream")
 
-    again = next(cell for cell in code if "again = build_image" in cell.source)
+    again = next(cell for cell in code if "again = builder.build" in cell.source)
     assert stream(again).split() == ["True", "True"]
 
     # The SBOM query: only the images holding socat have openssl below 3.
