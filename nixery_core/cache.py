@@ -4,7 +4,9 @@ Two tiers, either of which may be absent:
 
 * **local**: a :mod:`diskcache` directory (SQLite; size-bounded, evicting the
   entries stored longest ago, so that a hit never writes), shared safely by
-  threads and by processes on one machine;
+  threads and by processes on one machine.  A directory that cannot be
+  opened (read-only, full) leaves the shared tier alone, with a logged
+  warning: the local tier only saves work, it never fails a build;
 * **shared**: small JSON objects inside the uploader's storage
   (``manifests/<key>``, ``builds/<key>``, as Nixery lays out its bucket), so
   several hosts that share a bucket share work.
@@ -289,9 +291,13 @@ class BuildCache:
                     eviction_policy="least-recently-stored",
                 )
             except (OSError, sqlite3.Error) as exc:
-                raise StorageUnavailable(
-                    f"cannot open the local cache in {self.directory}: {exc}", str(self.directory)
-                ) from exc
+                # The local tier only saves work: a read-only or full directory
+                # leaves the shared tier, never a failed build.
+                log.warning(
+                    "cannot open the local cache in %s (%s); using the shared tier only",
+                    self.directory, exc,
+                )
+                self._local = None
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -355,7 +361,12 @@ class BuildCache:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
-                raise StorageUnavailable(f"cannot create cache lock {path}: {exc}", key) from exc
+                # A read-only or full cache directory: threads still share one
+                # build (single_flight); other processes may build it too.
+                log.warning("cannot create cache lock %s (%s); not locking across processes",
+                            path, exc)
+                yield
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if _same_file(fd, path):

@@ -190,16 +190,17 @@ def test_stats_add_up() -> None:
     assert total.layer_hits == 6
 
 
-def test_unusable_cache_directory_is_a_typed_error(tmp_path: Path) -> None:
-    """A cache directory that cannot be opened raises StorageUnavailable naming it."""
-    from nixery_core.errors import StorageUnavailable
-
+def test_unusable_cache_directory_leaves_the_shared_tier_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache directory that cannot be opened is a warning naming it, not an error."""
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    with pytest.raises(StorageUnavailable) as info:
-        BuildCache(not_a_dir)
-    assert str(not_a_dir) in str(info.value)
-    assert info.value.__cause__ is not None
+    with caplog.at_level(logging.WARNING, "nixery_core.cache"):
+        cache = BuildCache(not_a_dir)
+    assert str(not_a_dir) in caplog.text
+    assert "using the shared tier only" in caplog.text
+    assert list(cache.local_entries()) == []
 
 
 def test_failing_local_tier_degrades_to_the_shared_tier(
@@ -228,16 +229,43 @@ def test_failing_local_tier_degrades_to_the_shared_tier(
         assert cache.get_layer(store, "k2") == (record, "shared")
 
 
-def test_lock_that_cannot_be_taken_is_a_typed_error(tmp_path: Path) -> None:
-    """When the lock file cannot be created, single_flight raises StorageUnavailable."""
+def test_lock_that_cannot_be_created_still_holds_the_key_in_this_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the lock file cannot be created (directory gone, read-only, full), single_flight
+    warns and still admits one thread of this process at a time."""
     import shutil
-
-    from nixery_core.errors import StorageUnavailable
+    import threading
 
     cache = BuildCache(tmp_path / "c")
     try:
         shutil.rmtree(tmp_path / "c")
-        with pytest.raises(StorageUnavailable), cache.single_flight("key"):
-            pass
+        inside = threading.Event()
+        release = threading.Event()
+        entered: list[str] = []
+
+        def holder() -> None:
+            with cache.single_flight("key"):
+                inside.set()
+                release.wait(10)
+
+        thread = threading.Thread(target=holder)
+        with caplog.at_level(logging.WARNING, "nixery_core.cache"):
+            thread.start()
+            assert inside.wait(10)
+            waiter = threading.Thread(target=lambda: _enter(cache, entered))
+            waiter.start()
+            waiter.join(0.3)
+            assert entered == []  # the first holder still has the key
+            release.set()
+            thread.join(10)
+            waiter.join(10)
+        assert entered == ["in"]
+        assert "not locking across processes" in caplog.text
     finally:
         cache.close()
+
+
+def _enter(cache: BuildCache, entered: list[str]) -> None:
+    with cache.single_flight("key"):
+        entered.append("in")
