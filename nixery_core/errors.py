@@ -26,6 +26,12 @@ The tree is small on purpose; catch the branch you can act on::
     │   └── StorageUnavailable       a backend error, transient or not
     └── RegistryError                an OCI registry refused a push; .status, .body
 
+Messages stay readable whatever the input: a value quoted from the caller
+shows at most :data:`QUOTE_LIMIT` characters and its length
+(:func:`bounded_repr`), and no message exceeds :data:`MESSAGE_LIMIT`
+characters (a 10 MB image name gives a message of a few hundred bytes).
+The attributes keep the values whole.
+
 Backend errors (OSError, google.api_core exceptions, HTTP errors) are
 translated at the seam into one of these and chained with ``raise ... from``.
 Errors carry their context as attributes, so a registry can turn
@@ -34,7 +40,9 @@ Errors carry their context as attributes, so a registry can turn
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
+from typing import Final
 
 __all__ = [
     "BlobNotFound",
@@ -60,7 +68,39 @@ __all__ = [
     "StorePathMissing",
     "UnknownPackages",
     "UnsafeStoreContent",
+    "bounded_repr",
 ]
+
+#: Characters of one caller-supplied value an error message quotes.
+QUOTE_LIMIT: Final = 120
+#: Characters of any error message (a longer one is cut, saying how much).
+MESSAGE_LIMIT: Final = 2000
+#: Package names an UnknownPackages message lists (all are in ``.packages``).
+_NAMES_LISTED: Final = 20
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = QUOTE_LIMIT
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def bounded_repr(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` showing at most a ``limit``-character prefix of a long string.
+
+    A cut string reads ``'abc...'... (10000000 characters)``; containers
+    show their first few items (:mod:`reprlib`).
+    """
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return _REPR.repr(value)
+
+
+def _cut(message: str) -> str:
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    return f"{message[:MESSAGE_LIMIT]}... ({len(message) - MESSAGE_LIMIT} more characters)"
 
 
 def _tail(text: str, lines: int = 20) -> str:
@@ -68,7 +108,12 @@ def _tail(text: str, lines: int = 20) -> str:
 
 
 class NixeryError(Exception):
-    """The root of every error this library raises."""
+    """The root of every error this library raises (its message at most MESSAGE_LIMIT long)."""
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str):
+            args = (_cut(args[0]), *args[1:])
+        super().__init__(*args)
 
 
 # --- input -------------------------------------------------------------------
@@ -85,7 +130,10 @@ class InvalidImageName(InvalidInput):
         self.name = name
         self.part = part
         self.reason = reason
-        super().__init__(f"invalid image name {name!r}: {part!r} {reason}")
+        quoted = bounded_repr(name)
+        if part != name:
+            quoted += f": {bounded_repr(part)}"
+        super().__init__(f"invalid image name {quoted} {reason}")
 
 
 class InvalidDigest(InvalidInput):
@@ -93,7 +141,9 @@ class InvalidDigest(InvalidInput):
 
     def __init__(self, digest: str) -> None:
         self.digest = digest
-        super().__init__(f"invalid digest {digest!r}: expected 'sha256:' and 64 lower-case hex")
+        super().__init__(
+            f"invalid digest {bounded_repr(digest)}: expected 'sha256:' and 64 lower-case hex"
+        )
 
 
 class InvalidImageConfig(InvalidInput):
@@ -103,7 +153,9 @@ class InvalidImageConfig(InvalidInput):
         self.field = field
         self.value = value
         self.reason = reason
-        super().__init__(f"invalid image config {field} = {value!r}: {reason}")
+        super().__init__(
+            f"invalid image config {bounded_repr(field)} = {bounded_repr(value)}: {reason}"
+        )
 
 
 class InvalidManifest(InvalidInput):
@@ -134,7 +186,10 @@ class UnknownPackages(NixError):
 
     def __init__(self, packages: Sequence[str]) -> None:
         self.packages: tuple[str, ...] = tuple(sorted(set(packages)))
-        super().__init__("unknown packages: " + ", ".join(self.packages))
+        listed = ", ".join(bounded_repr(p)[1:-1] if len(p) <= QUOTE_LIMIT else bounded_repr(p)
+                           for p in self.packages[:_NAMES_LISTED])
+        more = len(self.packages) - _NAMES_LISTED
+        super().__init__(f"unknown packages: {listed}" + (f" and {more} more" if more > 0 else ""))
 
 
 class NixBuildFailed(NixError):
@@ -242,7 +297,7 @@ class BlobNotFound(StorageError):
     """No blob or object is stored under this key."""
 
     def __init__(self, key: str) -> None:
-        super().__init__(f"not found in storage: {key}", key)
+        super().__init__(f"not found in storage: {bounded_repr(key)[1:-1]}", key)
 
 
 class DigestMismatch(StorageError):

@@ -39,6 +39,7 @@ from nixery_core.errors import NixBuildFailed, NixOutputError, UnknownPackages
 from nixery_core.graph import RuntimeGraph, StorePath
 from nixery_core.names import AMD64, Architecture, Image
 from nixery_core.nix_lock import realise_lock
+from nixery_core.nix_probe import is_uncatchable_eval_error, unevaluable_names
 from nixery_core.nixexprs import resolve_expression
 from nixery_core.package_meta import PackageMeta
 from nixery_core.protocols import LogCallback, Runner, RunResult
@@ -390,9 +391,25 @@ def resolve(
     nix_options: Mapping[str, str] | None = None,
     on_log_line: LogCallback | None = None,
 ) -> tuple[ResolvedPackage, ...]:
-    """Step 1 alone: names to derivations (one Nix call); UnknownPackages names all misses."""
+    """Step 1 alone: names to derivations (one Nix call); UnknownPackages names all misses.
+
+    A name whose attribute aborts or recurses when forced (which
+    ``builtins.tryEval`` cannot catch, so it fails the whole call) is
+    unknown too, as a throwing alias is: see :mod:`nixery_core.nix_probe`.
+    """
     argv = resolve_argv(packages, spec, system, nix_options=nix_options)
-    result = _run(runner, argv, timeout, on_log_line)
+    try:
+        result = _run(runner, argv, timeout, on_log_line)
+    except NixBuildFailed as exc:
+        if not is_uncatchable_eval_error(exc.stderr_tail):
+            raise
+        unknown = unevaluable_names(
+            packages, spec, system, runner=runner, timeout=timeout,
+            option_args=option_args(nix_options),
+        )
+        if not unknown:
+            raise
+        raise UnknownPackages(unknown) from exc
     return parse_resolve_output(argv, result.stdout, packages)
 
 

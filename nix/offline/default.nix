@@ -21,6 +21,8 @@
 #   _1password                     reached as `1password`
 #   lib                            an attribute set, not a package (unknown)
 #   removed-alias                  throws when forced, like a removed alias (unknown)
+#   aborting-alias                 aborts when forced (uncatchable by tryEval; unknown)
+#   recursive-alias                infinite recursion when forced (uncatchable; unknown)
 # Content cases (one package each, for packers):
 #   edge-cases     hard links, paths and names longer than 100 bytes, relative,
 #                  absolute (in and outside the store), dangling, looping and
@@ -240,6 +242,8 @@ let
     lib = { version = "offline"; };
 
     removed-alias = throw "removed-alias has been removed (offline set test case)";
+    aborting-alias = abort "aborting-alias: aborts when forced (offline set test case)";
+    recursive-alias = let loop = loop; in loop;
 
     edge-cases = mk "edge-cases" ''
       mkdir -p $out/bin $out/lib $out/share/empty/nested $out/var/empty
