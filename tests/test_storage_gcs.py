@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -244,39 +245,48 @@ def test_precondition_failure_means_already_stored(
     assert _names(bucket) == [f"layers/{digest[7:]}"]
 
 
-def test_existing_blob_with_other_bytes_is_reported(
-    store: GcsStore, bucket: Any, monkeypatch: pytest.MonkeyPatch
+def test_existing_blob_with_other_bytes_is_replaced(
+    store: GcsStore, bucket: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A blob name holding other bytes is a StorageUnavailable, never silently accepted."""
+    """A blob name holding other bytes is replaced by the verified bytes written again, logged."""
     data = _payload(100, seed=10)
     digest = sha256_digest(data)
     bucket.blob(f"layers/{digest[7:]}").upload_from_string(b"corrupt", content_type=LAYER)
+    rewrite = Blob.rewrite
 
-    def refuse(self: Any, source: Any, **kwargs: Any) -> Any:
-        raise PRECONDITION_FAILED("exists")
+    def create_only(self: Any, source: Any, **kwargs: Any) -> Any:
+        # fake-gcs-server does not enforce preconditions on copies; GCS does.
+        if kwargs.get("if_generation_match") == 0:
+            raise PRECONDITION_FAILED("exists")
+        return rewrite(self, source, **kwargs)
 
-    monkeypatch.setattr(Blob, "rewrite", refuse)
-
-    def commit() -> None:
-        with store.open_blob_writer(LAYER) as writer:
-            writer.write(data)
-            writer.commit(digest)
-
-    with pytest.raises(StorageUnavailable, match="other content"):
-        commit()
-    assert not any(name.startswith("staging/") for name in _names(bucket))
+    monkeypatch.setattr(Blob, "rewrite", create_only)
     with pytest.raises(DigestMismatch):
         store.read_blob(digest)
+    with (
+        caplog.at_level(logging.WARNING, logger="nixery_core.storage.gcs"),
+        store.open_blob_writer(LAYER) as writer,
+    ):
+        writer.write(data)
+        writer.commit(digest)
+    assert "replacing it" in caplog.text
+    assert not any(name.startswith("staging/") for name in _names(bucket))
+    assert store.read_blob(digest) == data
 
 
-def test_put_blob_precondition_on_existing_name(store: GcsStore, bucket: Any) -> None:
-    """put_blob is create-only: bytes already under the name are kept and checked."""
-    data = b"small config"
-    digest = sha256_digest(data)
-    bucket.blob(f"layers/{digest[7:]}").upload_from_string(b"other", content_type=LAYER)
-    with pytest.raises(StorageUnavailable, match="other content"):
-        store.put_blob(data, LAYER)
-    assert bucket.blob(f"layers/{digest[7:]}").download_as_bytes() == b"other"
+def test_put_blob_replaces_other_bytes_under_its_name(store: GcsStore, bucket: Any) -> None:
+    """put_blob is create-only, but bytes under the name that are not its own are replaced."""
+    for data in (b"small config", _payload(3 << 20, seed=11)):
+        digest = sha256_digest(data)
+        bucket.blob(f"layers/{digest[7:]}").upload_from_string(b"other", content_type=LAYER)
+        assert store.put_blob(data, LAYER).size == len(data)
+        assert bucket.blob(f"layers/{digest[7:]}").download_as_bytes() == data
+        assert store.read_blob(digest) == data
+    good = b"kept as is"
+    store.put_blob(good, LAYER)
+    generation = bucket.get_blob(f"layers/{sha256_digest(good)[7:]}").generation
+    store.put_blob(good, LAYER)
+    assert bucket.get_blob(f"layers/{sha256_digest(good)[7:]}").generation == generation
 
 
 def test_objects(store: GcsStore, bucket: Any) -> None:

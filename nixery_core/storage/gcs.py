@@ -17,7 +17,10 @@ object server-side to ``layers/<hex>`` with ``ifGenerationMatch=0``
 precondition, which means the blob is there, so it is a success), checks the
 CRC32C the server reports for the copy against its own, and deletes the
 staging object.  Nothing is therefore ever visible under a digest but the
-complete bytes of that digest.  ``fake-gcs-server`` does not enforce
+complete bytes of that digest.  A blob name already holding other bytes
+(another size or CRC32C: written by something else, or damaged) is
+replaced by the new, verified bytes, conditionally on the bad object's
+generation, with a warning logged.  ``fake-gcs-server`` does not enforce
 preconditions on copies; there the second copy replaces the first with the
 same bytes, which is equally harmless.
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -70,6 +74,8 @@ from nixery_core.errors import (
 from nixery_core.media_types import validate_media_type
 from nixery_core.protocols import BlobInfo
 from nixery_core.storage.keys import validate_object_key, validate_prefix
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "GcsBlobWriter", "GcsStore"]
 
@@ -208,11 +214,23 @@ class GcsStore:
         data = bytes(data)
         digest = sha256_digest(data)
         name = self.blob_object_name(digest)
+        crc = _Crc32c(data)
+
+        def upload(generation: int) -> None:
+            blob = self._bucket.blob(name)
+            blob.upload_from_string(
+                data,
+                content_type=media_type,
+                if_generation_match=generation,
+                checksum="crc32c",
+                **self._call(),
+            )
+            _check_crc(blob, _crc32c_b64(crc), digest)
+
         if len(data) > _SMALL_PUT:
             existing = self._stat(name, digest)
             if existing is not None:
-                return _info(digest, existing)
-        crc = _Crc32c(data)
+                return self._existing(digest, name, len(data), _crc32c_b64(crc), upload)
         blob = self._bucket.blob(name)
         try:
             blob.upload_from_string(
@@ -223,26 +241,49 @@ class GcsStore:
                 **self._call(),
             )
         except gexc.PreconditionFailed:
-            return self._existing(digest, name, len(data), _crc32c_b64(crc))
+            return self._existing(digest, name, len(data), _crc32c_b64(crc), upload)
         except _BACKEND_ERRORS as exc:
             raise _unavailable(exc, digest, "upload of blob") from exc
         _check_crc(blob, _crc32c_b64(crc), digest)
         return BlobInfo(digest, len(data), media_type)
 
-    def _existing(self, digest: str, name: str, size: int, crc: str) -> BlobInfo:
-        """The blob another writer stored first: checked against ours, then reported."""
+    def _existing(
+        self, digest: str, name: str, size: int, crc: str, replace: Callable[[int], None]
+    ) -> BlobInfo:
+        """The blob already under ``name``: kept when it matches ours, else replaced by ours.
+
+        ``replace(generation)`` writes our (verified) bytes conditionally on
+        the stored object's generation.
+        """
         meta = self._stat(name, digest)
         if meta is None:
             raise StorageUnavailable(
                 f"GCS refused to create {name!r} as it exists, yet it cannot be read", digest
             )
-        if meta.size != size or (meta.crc32c and meta.crc32c != crc):
+        if _matches(meta, size, crc):
+            return _info(digest, meta)
+        log.warning(
+            "GCS object %s exists with other content (size %s, crc32c %s; expected %d, %s); "
+            "replacing it with the verified bytes", name, meta.size, meta.crc32c, size, crc,
+        )
+        try:
+            replace(int(meta.generation))
+        except gexc.PreconditionFailed:
+            again = self._stat(name, digest)
+            if again is not None and _matches(again, size, crc):
+                return _info(digest, again)
             raise StorageUnavailable(
                 f"GCS object {name!r} exists with other content "
-                f"(size {meta.size}, crc32c {meta.crc32c}; expected {size}, {crc})",
+                f"(size {meta.size}, crc32c {meta.crc32c}; expected {size}, {crc}) "
+                "and could not be replaced",
                 digest,
-            )
-        return _info(digest, meta)
+            ) from None
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, digest, "replacement of") from exc
+        replaced = self._stat(name, digest)
+        if replaced is None or not _matches(replaced, size, crc):
+            raise StorageUnavailable(f"GCS object {name!r} did not take the replacement", digest)
+        return _info(digest, replaced)
 
     def open_blob(self, digest: str) -> BinaryIO:
         """A buffered stream over the blob's bytes (BlobNotFound when absent).
@@ -345,6 +386,11 @@ class GcsStore:
 
 def _info(digest: str, meta: Any) -> BlobInfo:
     return BlobInfo(digest, int(meta.size), meta.content_type or _OBJECT_TYPE)
+
+
+def _matches(meta: Any, size: int, crc: str) -> bool:
+    """Whether stored metadata has our size and (when reported) our CRC32C."""
+    return bool(int(meta.size) == size and (not meta.crc32c or meta.crc32c == crc))
 
 
 def _check_crc(blob: Any, expected: str, key: str) -> None:
@@ -462,23 +508,26 @@ class GcsBlobWriter:
             self._finish_upload()
         except _BACKEND_ERRORS as exc:
             raise _unavailable(exc, digest, "upload of staging object for") from exc
-        target = self._bucket.blob(name)
-        token = None
-        try:
+        def copy(generation: int) -> None:
+            target = self._bucket.blob(name)
+            token = None
             while True:
                 token, _, _ = target.rewrite(
                     self._staging,
                     token=token,
-                    if_generation_match=0,
+                    if_generation_match=generation,
                     **self._store._call(),
                 )
                 if token is None:
                     break
+            _check_crc(target, crc, digest)
+
+        try:
+            copy(0)
         except gexc.PreconditionFailed:
-            return self._store._existing(digest, name, size, crc)
+            return self._store._existing(digest, name, size, crc, copy)
         except _BACKEND_ERRORS as exc:
             raise _unavailable(exc, digest, "copy of staging object to") from exc
-        _check_crc(target, crc, digest)
         return BlobInfo(digest, size, self._media_type)
 
     def _cleanup_after(self, exc: BaseException) -> None:
