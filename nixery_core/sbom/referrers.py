@@ -19,6 +19,7 @@ image in the store object ``referrers/sha256-<hex>``, which
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -64,6 +65,7 @@ EMPTY_DESCRIPTOR = Descriptor(
 #: Store objects ``referrers/sha256-<hex>`` hold each image's referrers index.
 REFERRERS_PREFIX = "referrers/"
 _TITLE = "org.opencontainers.image.title"
+_EMPTY_LOCK = threading.Lock()
 
 
 @attrs.frozen
@@ -180,7 +182,9 @@ def attach_sboms(
     artifacts in ``formats`` order.
     """
     renderers = {"spdx": render_spdx, "cyclonedx": render_cyclonedx}
-    store.put_blob(EMPTY_CONFIG, EMPTY_MEDIA_TYPE)
+    with _EMPTY_LOCK:  # every image shares it: write it once, not once per build
+        if not store.has_blob(EMPTY_DESCRIPTOR.digest):
+            store.put_blob(EMPTY_CONFIG, EMPTY_MEDIA_TYPE)
     artifacts: list[SbomArtifact] = []
     for fmt in formats:
         media_type = FORMATS[fmt]
