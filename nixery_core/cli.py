@@ -84,6 +84,13 @@ def _pairs(items: Sequence[str], option: str) -> dict[str, str]:
     return pairs
 
 
+def _positive_int(raw: str) -> int:
+    """An argparse type: a positive integer (argparse turns the error into exit 2)."""
+    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive integer")
+    return int(raw)
+
+
 def _nix_options(args: argparse.Namespace) -> dict[str, str]:
     options = _pairs(args.nix_option, "--nix-option")
     if args.offline:
@@ -199,17 +206,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from nixery_core.registry_push import push_image  # noqa: PLC0415 - optional dependency
+    """Build (or find in the cache) one image and push it to every target."""
+    from nixery_core.push_command import push_targets  # noqa: PLC0415 - optional dependency
 
     store = _store(args)
     result = _build(args, store)
-    manifest, media_type, digest = _manifest(result)
-    target = args.target.removeprefix("docker://")
-    pushed = push_image(
-        store=store, manifest=manifest, manifest_media_type=media_type,
-        target=target, insecure=args.insecure,
+    manifest, media_type, _ = _manifest(result)
+    push_targets(
+        store, manifest, media_type, args.target, out=sys.stdout, insecure=args.insecure,
+        mount_from=args.mount_from, jobs=args.jobs,
     )
-    print(f"pushed {digest} to {target}: {pushed}")
     return 0
 
 
@@ -306,8 +312,20 @@ def parser() -> argparse.ArgumentParser:
 
     push = sub.add_parser("push", help="build an image and push it to an OCI registry")
     _add_build_options(push)
-    push.add_argument("target", help="docker://HOST[:PORT]/REPO:TAG")
+    push.add_argument(
+        "target", nargs="+",
+        help="[docker://]HOST[:PORT]/REPO[:TAG] (tag latest by default); several targets "
+        "share what was pushed, so a second repository mounts instead of uploading",
+    )
     push.add_argument("--insecure", action="store_true", help="plain HTTP (loopback only)")
+    push.add_argument(
+        "--mount-from", metavar="REPO",
+        help="mount blobs the target lacks from this repository of the same registry",
+    )
+    push.add_argument(
+        "--jobs", type=_positive_int, default=4, metavar="N",
+        help="blobs pushed at once (default 4; 1 pushes one after another)",
+    )
     push.set_defaults(func=cmd_push)
 
     sbom = sub.add_parser("sbom", help="build an image and print its SBOM (SPDX or CycloneDX)")

@@ -48,7 +48,9 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
+import threading
 from collections.abc import Generator, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import attrs
@@ -65,10 +67,14 @@ from nixery_core.errors import (
 from nixery_core.manifest import Descriptor, parse_index, parse_manifest
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES
 from nixery_core.protocols import Uploader
+from nixery_core.push_ledger import PushLedger
+from nixery_core.push_report import plain_http_to_tls_hint, transport_hint
 from nixery_core.sbom.push import ReferrersPushed, push_referrers
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_TAG",
+    "DEFAULT_WORKERS",
     "BasicAuth",
     "BearerToken",
     "ImageTarget",
@@ -78,6 +84,10 @@ __all__ = [
 
 #: Blobs up to this size go up in one PUT; larger ones in PATCH chunks of it.
 DEFAULT_CHUNK_SIZE: Final = 16 * 1024 * 1024
+#: The tag of a target named without one.
+DEFAULT_TAG: Final = "latest"
+#: Blobs pushed at once by default (each a HEAD, then an upload or mount).
+DEFAULT_WORKERS: Final = 4
 
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -152,10 +162,12 @@ class ImageTarget:
 
     @classmethod
     def parse(cls, target: str) -> ImageTarget:
-        """Read ``HOST[:PORT]/REPO:TAG`` or ``HOST[:PORT]/REPO@sha256:<hex>``.
+        """Read ``HOST[:PORT]/REPO:TAG``, ``HOST[:PORT]/REPO`` or ``HOST[:PORT]/REPO@sha256:<hex>``.
 
-        The host part is required (there is no default registry); a bad
-        reference raises :class:`~nixery_core.errors.InvalidImageName`.
+        Without a tag or digest the tag is :data:`DEFAULT_TAG` (``latest``),
+        as Docker assumes.  The host part is required (there is no default
+        registry); a bad reference raises
+        :class:`~nixery_core.errors.InvalidImageName`.
         """
         if not isinstance(target, str) or "/" not in target:
             raise InvalidImageName(str(target), str(target), "needs the form HOST[:PORT]/REPO:TAG")
@@ -174,7 +186,7 @@ class ImageTarget:
             if not _TAG.fullmatch(tag):
                 raise InvalidImageName(target, tag, "is not a valid tag")
         else:
-            raise InvalidImageName(target, rest, "needs a :TAG or an @sha256: digest")
+            tag = DEFAULT_TAG  # as docker and skopeo read a reference without one
         return cls(host, _check_repository(target, rest), tag, digest)
 
     @property
@@ -363,12 +375,14 @@ class _Pusher:
     auth: _RegistryAuth
     chunk_size: int
     mount_from: str | None
+    ledger: PushLedger | None = None
     uploaded: int = 0
     skipped: int = 0
     mounted: int = 0
     bytes_sent: int = 0
     manifests: int = 0
     done: set[str] = attrs.Factory(set)
+    _lock: threading.Lock = attrs.Factory(threading.Lock)
 
     def _url(self, path: str) -> str:
         return f"{self.base}/v2/{self.target.repository}/{path}"
@@ -377,7 +391,13 @@ class _Pusher:
         try:
             response = self.client.send(request, auth=self.auth)
         except httpx.HTTPError as exc:
-            raise RegistryError(f"{what} at {self.target.host} failed: {exc}") from exc
+            hint = transport_hint(exc, insecure=self.base.startswith("http:"))
+            raise RegistryError(f"{what} at {self.target.host} failed: {exc}{hint}") from exc
+        if response.status_code == 400 and self.base.startswith("http:"):
+            hint = plain_http_to_tls_hint(response.text)
+            if hint:
+                message = f"{what} at {self.target.host} failed{hint}"
+                raise RegistryError(message, 400, response.text)
         if response.status_code not in ok:
             challenge = response.headers.get("WWW-Authenticate")
             hint = f" (challenge: {challenge})" if response.status_code == 401 and challenge else ""
@@ -412,30 +432,94 @@ class _Pusher:
 
     # -- blobs ----------------------------------------------------------------------
 
-    def push_blob(self, blob: Descriptor) -> None:
-        if blob.digest in self.done:
-            return
-        self.done.add(blob.digest)
+    def _count(self, **increments: int) -> None:
+        with self._lock:
+            for name, value in increments.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def _held(self, digest: str) -> None:
+        if self.ledger is not None:
+            self.ledger.record(self.target.host, self.target.repository, digest)
+
+    def _mount_source(self, digest: str) -> str | None:
+        """The repository to mount ``digest`` from: ``mount_from``, else one the ledger knows."""
+        repository = self.target.repository
+        if self.mount_from is not None and self.mount_from != repository:
+            return self.mount_from
+        if self.ledger is not None:
+            return self.ledger.source_for(self.target.host, digest, besides=repository)
+        return None
+
+    def _claim(self, blob: Descriptor) -> bool:
+        """Whether this call is the first to push ``blob`` (each digest goes up once)."""
+        with self._lock:
+            if blob.digest in self.done:
+                return False
+            self.done.add(blob.digest)
+            return True
+
+    def _head(self, blob: Descriptor) -> bool:
+        """Whether the target repository has ``blob`` already."""
         head = self._request("HEAD", self._url(f"blobs/{blob.digest}"), "HEAD blob", (200, 404))
-        if head.status_code == 200:
-            self.skipped += 1
+        return head.status_code == 200
+
+    def push_blob(self, blob: Descriptor, present: bool | None = None) -> None:
+        """Push one blob unless the repository has it (``present``: HEAD already answered)."""
+        if present is None:
+            if not self._claim(blob):
+                return
+            present = self._head(blob)
+        if present:
+            self._count(skipped=1)
+            self._held(blob.digest)
             return
-        if self.mount_from is not None and self.mount_from != self.target.repository:
+        source = self._mount_source(blob.digest)
+        if source is not None:
             start = self._request(
                 "POST",
                 self._url("blobs/uploads/"),
-                f"mount of {blob.digest} from {self.mount_from}",
+                f"mount of {blob.digest} from {source}",
                 (201, 202),
-                params={"mount": blob.digest, "from": self.mount_from},
+                params={"mount": blob.digest, "from": source},
             )
             if start.status_code == 201:
-                self.mounted += 1
+                self._count(mounted=1)
+                self._held(blob.digest)
                 return
         else:
             start = self._request("POST", self._url("blobs/uploads/"), "start of upload", (202,))
         self._upload(blob, self._location(start, "start of upload"))
-        self.uploaded += 1
-        self.bytes_sent += blob.size
+        self._count(uploaded=1, bytes_sent=blob.size)
+        self._held(blob.digest)
+
+    def _head_and_push(self, blob: Descriptor) -> None:
+        self.push_blob(blob, self._head(blob))
+
+    def push_blobs(self, blobs: tuple[Descriptor, ...], workers: int) -> None:
+        """Push ``blobs``, up to ``workers`` at a time; the first failure is raised.
+
+        The first blob's ``HEAD`` goes alone, so an authentication challenge
+        is answered (and a token fetched) once, before the others start.
+        """
+        pending = [blob for blob in blobs if self._claim(blob)]
+        if not pending:
+            return
+        first_present = self._head(pending[0])
+        if workers == 1 or len(pending) == 1:
+            self.push_blob(pending[0], first_present)
+            for blob in pending[1:]:
+                self._head_and_push(blob)
+            return
+        pool = ThreadPoolExecutor(
+            max_workers=min(workers, len(pending)), thread_name_prefix="push-blob"
+        )
+        try:
+            futures = [pool.submit(self.push_blob, pending[0], first_present)]
+            futures += [pool.submit(self._head_and_push, blob) for blob in pending[1:]]
+            for future in futures:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _chunks(self, blob: Descriptor) -> Iterator[bytes]:
         """The blob's bytes in ``chunk_size`` pieces, checked against its size and digest."""
@@ -488,6 +572,7 @@ class _Pusher:
     # -- manifests ------------------------------------------------------------------
 
     def push_manifest(self, data: bytes, media_type: str, reference: str) -> str:
+        """PUT a manifest under ``reference``; its digest."""
         self.put_manifest(data, media_type, reference)
         return sha256_digest(data)
 
@@ -516,7 +601,7 @@ class _Pusher:
                 response.status_code,
                 response.text,
             )
-        self.manifests += 1
+        self._count(manifests=1)
         return response
 
 
@@ -551,10 +636,14 @@ def _plan(
     return [(manifest, media_type, parse_manifest(manifest, media_type).blobs)]
 
 
-def _scopes_needed(target: ImageTarget, mount_from: str | None) -> tuple[str, ...]:
+def _scopes_needed(
+    target: ImageTarget, mount_from: str | None, ledger: PushLedger | None = None
+) -> tuple[str, ...]:
     scopes = [f"repository:{target.repository}:pull,push"]
-    if mount_from is not None and mount_from != target.repository:
-        scopes.append(f"repository:{mount_from}:pull")
+    sources = {mount_from} if mount_from is not None else set()
+    if ledger is not None:
+        sources.update(ledger.repositories(target.host))
+    scopes += [f"repository:{repo}:pull" for repo in sorted(sources - {target.repository})]
     return tuple(scopes)
 
 
@@ -572,6 +661,8 @@ def push_image(
     client: httpx.Client | None = None,
     timeout: float = 60.0,
     referrers: bool = True,
+    workers: int = DEFAULT_WORKERS,
+    ledger: PushLedger | None = None,
 ) -> PushResult:
     """Push the image ``manifest`` names (blobs from ``store``) to ``target``.
 
@@ -583,12 +674,19 @@ def push_image(
     ``timeout`` and closed afterwards.  ``referrers`` pushes each image
     manifest's SBOMs too (those the store's referrers index names), with the
     referrers API or its fallback tag (:func:`~nixery_core.sbom.push.push_referrers`).
+    ``workers`` blobs are pushed at once (1: one after another; the
+    manifests always go last, in order).  ``ledger`` (one per process,
+    shared by its pushes) records where blobs went, and a blob the target
+    repository lacks is mounted from another repository of the same
+    registry that the ledger names (:mod:`nixery_core.push_ledger`).
     """
     parsed = ImageTarget.parse(target)
     if mount_from is not None:
         _check_repository(mount_from, mount_from)
     if isinstance(chunk_size, bool) or chunk_size <= 0:
         raise InvalidInput(f"chunk_size {chunk_size!r} must be a positive number of bytes")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InvalidInput(f"workers {workers!r} must be a positive integer")
     if insecure and not parsed.is_loopback and not allow_insecure_remote:
         raise InvalidInput(
             f"refusing plain HTTP to {parsed.host}: insecure=True is for loopback hosts "
@@ -612,17 +710,17 @@ def push_image(
             auth,
             httpx.URL(base),
             insecure=insecure,
-            scopes=_scopes_needed(parsed, mount_from),
+            scopes=_scopes_needed(parsed, mount_from, ledger),
         ),
         chunk_size=chunk_size,
         mount_from=mount_from,
+        ledger=ledger,
     )
     attached = ReferrersPushed()
     try:
         digest = ""
         for position, (data, media_type, blobs) in enumerate(plan, start=1):
-            for blob in blobs:
-                pusher.push_blob(blob)
+            pusher.push_blobs(blobs, workers)
             is_top = position == len(plan)
             digest = pusher.push_manifest(
                 data, media_type, parsed.reference if is_top else sha256_digest(data)
