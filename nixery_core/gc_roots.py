@@ -16,7 +16,7 @@ packed:
   in ``gcroots/auto`` until Nix's next collection drops them) when the
   build is done, failed or interrupted;
 * a build killed outright cannot remove its directory, so each holds an
-  exclusive ``flock`` on ``<dir>/.lock`` (dropped by the kernel when the
+  exclusive ``flock`` on ``<dir>.lock`` (dropped by the kernel when the
   process dies); a new :class:`BuildRoots` removes every directory under
   the base whose lock is free.
 
@@ -52,33 +52,37 @@ def default_roots_base() -> Path:
     return state_dir() / "roots"
 
 
-def _holds_nothing(directory: Path) -> bool:
-    """Whether no live build holds ``directory`` (its lock is free or gone)."""
+def _try_lock(path: Path) -> int | None:
+    """An open, exclusively locked fd on ``path``; ``None`` when held or gone."""
     try:
-        fd = os.open(directory / _LOCK, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return True
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
+    except OSError:
         os.close(fd)
-    return True
+        return None
+    return fd
 
 
 class BuildRoots:
     """A per-build directory of indirect GC roots, held while the build runs.
 
     Use as a context manager; :attr:`prefix` is what ``--add-root`` takes.
+    The directory ``<base>/<name>/`` is held by a lock on ``<base>/<name>.lock``,
+    which is locked before it gets that name (created as ``.tmp-<name>``, locked,
+    renamed), so no other build ever sees it free while its owner lives.
     """
 
     def __init__(self, base: Path | None = None) -> None:
         self.base = base if base is not None else default_roots_base()
-        self.directory = self.base / f"{os.getpid()}-{secrets.token_hex(8)}"
+        self.name = f"{os.getpid()}-{secrets.token_hex(8)}"
         self._fd: int | None = None
+
+    @property
+    def directory(self) -> Path:
+        return self.base / self.name
 
     @property
     def prefix(self) -> Path:
@@ -88,10 +92,22 @@ class BuildRoots:
     def __enter__(self) -> BuildRoots:
         self.base.mkdir(parents=True, exist_ok=True)
         self.remove_stale()
-        self.directory.mkdir()
-        fd = os.open(self.directory / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # new and ours: never contended
+        while True:
+            temporary = self.base / f".tmp-{self.name}"
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                temporary.rename(self.base / f"{self.name}{_LOCK}")
+            except FileNotFoundError:  # taken for a dead build's file and removed: again
+                os.close(fd)
+                self.name = f"{os.getpid()}-{secrets.token_hex(8)}"
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            break
         self._fd = fd
+        self.directory.mkdir()
         return self
 
     def __exit__(
@@ -102,17 +118,32 @@ class BuildRoots:
     ) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
         if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.base / f"{self.name}{_LOCK}").unlink()
             os.close(self._fd)
             self._fd = None
 
     def remove_stale(self) -> list[Path]:
         """Remove the root directories of builds that died; return them."""
         removed: list[Path] = []
+        entries: list[Path] = []
         with contextlib.suppress(FileNotFoundError):
-            for directory in sorted(self.base.iterdir()):
-                if directory == self.directory or not directory.is_dir():
+            entries = sorted(self.base.iterdir())
+        names = {p.name for p in entries}
+        for path in entries:
+            if path.name.endswith(_LOCK) or path.name.startswith(".tmp-"):
+                fd = _try_lock(path)
+                if fd is None:
                     continue
-                if _holds_nothing(directory):
-                    shutil.rmtree(directory, ignore_errors=True)
-                    removed.append(directory)
+                try:
+                    owner = path.name.removeprefix(".tmp-").removesuffix(_LOCK)
+                    shutil.rmtree(self.base / owner, ignore_errors=True)
+                    removed.append(self.base / owner)
+                    path.unlink(missing_ok=True)
+                finally:
+                    os.close(fd)
+            elif path.is_dir() and f"{path.name}{_LOCK}" not in names and path.name != self.name:
+                # A directory whose lock file is gone: its remover died half-way.
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
         return removed

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,8 @@ def _built_by(path: Path, tmp_path: Path) -> bool:
         deriver).read_text()
 
 
-def _hold(directory: Path) -> int:
-    directory.mkdir(parents=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT)
+def _hold(lock: Path) -> int:
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
@@ -126,20 +126,44 @@ def test_root_directories_of_dead_builds_are_removed(tmp_path: Path) -> None:
     base = tmp_path / "roots"
     dead = base / "1-dead"
     dead.mkdir(parents=True)
-    (dead / ".lock").touch()
+    (base / "1-dead.lock").touch()
     (dead / "out").symlink_to("/nix/store/x-gone")
-    unlocked = base / "2-nolock"
-    unlocked.mkdir()
-    live_fd = _hold(base / "3-live")
+    (base / "2-nolock").mkdir()
+    (base / ".tmp-4-half").touch()  # killed between creating and naming its lock
+    (base / "3-live").mkdir()
+    live_fd = _hold(base / "3-live.lock")
     try:
         with BuildRoots(base) as roots:
             assert roots.directory.is_dir()
             assert sorted(p.name for p in base.iterdir()) == sorted(
-                ["3-live", roots.directory.name]
+                ["3-live", "3-live.lock", roots.name, f"{roots.name}.lock"]
             )
-        assert [p.name for p in base.iterdir()] == ["3-live"]
+        assert sorted(p.name for p in base.iterdir()) == ["3-live", "3-live.lock"]
     finally:
         os.close(live_fd)
+
+
+def test_concurrent_builds_never_remove_each_others_roots(tmp_path: Path) -> None:
+    """Builds entering at once (each removing stale directories) keep every live one."""
+    base = tmp_path / "roots"
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            for _ in range(50):
+                with BuildRoots(base) as roots:
+                    (roots.prefix).symlink_to("/nix/store/x")
+                    assert roots.prefix.is_symlink()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert list(base.iterdir()) == []
 
 
 def _deleting_scandir(victim: str) -> Callable[..., Any]:
