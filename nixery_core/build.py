@@ -92,7 +92,7 @@ MAX_DEFAULT_WORKERS = 8
 ManifestFormat = Literal["oci", "docker"]
 
 
-def default_store() -> Uploader:
+def default_store() -> FilesystemStore:
     """The default uploader: a filesystem store under the user's cache directory.
 
     ``$NIXERY_CORE_STORE`` overrides the location, else

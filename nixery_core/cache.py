@@ -55,7 +55,7 @@ import diskcache
 
 from nixery_core.digests import validate_digest
 from nixery_core.errors import StorageError, StorageUnavailable
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import SupportsDeletion, Uploader
 from nixery_core.record_schema import MalformedRecord, record_blob_sizes
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
@@ -581,6 +581,7 @@ class BuildCache:
         if self._local is not None:
             with contextlib.suppress(OSError, sqlite3.Error):
                 self._local.delete(name)
-        if self.shared:
+        # A store that cannot delete keeps the entry; the rebuild overwrites it.
+        if self.shared and isinstance(store, SupportsDeletion):
             with contextlib.suppress(StorageError):
                 store.delete_object(name)

@@ -28,7 +28,6 @@ from nixery_core.image_config import ImageConfig, User
 from nixery_core.names import AMD64, ARM64, Architecture, Image
 from nixery_core.nixexprs import nix_dir
 from nixery_core.oci_layout import write_oci_layout
-from nixery_core.protocols import Uploader
 from nixery_core.results import BuildResult, MultiArchResult, ProgressEvent
 from nixery_core.sources import (
     GitSource,
@@ -59,7 +58,7 @@ def _source(args: argparse.Namespace) -> PackageSource:
     return source_from_env()
 
 
-def _store(args: argparse.Namespace) -> Uploader:
+def _store(args: argparse.Namespace) -> FilesystemStore:
     return FilesystemStore(Path(args.store)) if args.store else default_store()
 
 
@@ -147,7 +146,7 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expr-attr", help="the attribute path to take from --expr-file")
 
 
-def _build(args: argparse.Namespace, store: Uploader) -> BuildResult | MultiArchResult:
+def _build(args: argparse.Namespace, store: FilesystemStore) -> BuildResult | MultiArchResult:
     """One image, or an index when --arch names several architectures."""
     image = Image.from_name(args.name)
     archs = _archs(args)

@@ -28,10 +28,14 @@ the first deletion.
 :attr:`GcReport.would_delete` instead).  A blob whose write time is unknown
 is kept.  Write times come from ``written_at(info)`` (seconds since the
 epoch, on the same clock as ``now``); by default :func:`default_written_at`
-reads the file mtime of a :class:`~nixery_core.storage.filesystem.FilesystemStore`
-blob and the object creation/update time of a
-:class:`~nixery_core.storage.gcs.GcsStore` blob, and knows no time for other
-stores (so nothing is deleted from them unless the caller supplies one).
+asks a store that offers :class:`~nixery_core.protocols.SupportsWriteTimes`
+(the filesystem store, GcsStore and MemoryStore do), and knows no time for
+other stores (so nothing is deleted from them unless the caller supplies one).
+
+**What a store needs.**  Listing and deletion
+(:class:`~nixery_core.protocols.CollectableStore`); write times and staging
+clean-up are optional capabilities, found structurally (never by the
+store's class), so an embedder's store gets them by offering the methods.
 
 **Races with builds.**  A build stores every blob before it writes the
 entry naming it (:mod:`nixery_core.cache`).  So while a build runs, its new
@@ -55,31 +59,32 @@ rebuilds what is missing.  Entries in a :class:`~nixery_core.cache.BuildCache`
 before serving it, so deleting them costs a rebuild, never a broken image.
 
 **Staging.**  Uploads left behind by crashed processes are removed too when
-they are older than the grace period: through
-:meth:`~nixery_core.storage.filesystem.FilesystemStore.cleanup_staging` (which
-uses the store's own clock) on the filesystem store, and by their creation
-time on GCS.
+they are older than the grace period (judged at ``now()``), by a store that
+offers :class:`~nixery_core.protocols.SupportsStagingCleanup`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
 from typing import Any
 
 import attrs
 
 from nixery_core.cache import LayerRecord, ManifestRecord
 from nixery_core.digests import sha256_digest, validate_digest
-from nixery_core.errors import BlobNotFound, InvalidInput, InvalidManifest, StorageUnavailable
+from nixery_core.errors import BlobNotFound, InvalidInput, InvalidManifest
 from nixery_core.manifest import MAX_MANIFEST_SIZE, parse_index, parse_manifest, sniff_media_type
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCTET_STREAM
-from nixery_core.protocols import BlobInfo, Uploader
-from nixery_core.storage.filesystem import FilesystemStore
+from nixery_core.protocols import (
+    BlobInfo,
+    CollectableStore,
+    SupportsStagingCleanup,
+    SupportsWriteTimes,
+    Uploader,
+)
 
 __all__ = [
     "BUILD_PREFIX",
@@ -102,7 +107,6 @@ WrittenAt = Callable[[BlobInfo], float | None]
 
 _DIGEST_BYTES = re.compile(rb"sha256:[0-9a-f]{64}")
 _FOLLOWED_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
-_GCS_MODULE = "nixery_core.storage.gcs"
 #: What parsing a malformed entry raises: bad JSON or UTF-8 and InvalidInput are
 #: ValueErrors, a wrong shape TypeError or KeyError, absurd nesting RecursionError.
 _MALFORMED = (ValueError, TypeError, KeyError, RecursionError)
@@ -197,68 +201,19 @@ def _duration(seconds: float) -> str:
 # --- write times -------------------------------------------------------------
 
 
-def _timestamp(value: object) -> float | None:
-    return value.timestamp() if isinstance(value, datetime) else None
-
-
-def _filesystem_written_at(store: FilesystemStore) -> WrittenAt:
-    def written_at(info: BlobInfo) -> float | None:
-        try:
-            return store.blob_path(info.digest).stat().st_mtime
-        except (BlobNotFound, FileNotFoundError):  # deleted meanwhile: nothing to judge
-            return None
-        except OSError as exc:
-            raise StorageUnavailable(f"cannot stat blob {info.digest}: {exc}", info.digest) from exc
-
-    return written_at
-
-
-def _google_exceptions() -> Any:
-    """``google.api_core.exceptions``, imported only once a GcsStore is in use."""
-    from google.api_core import exceptions  # noqa: PLC0415 - keeps google-cloud optional
-
-    return exceptions
-
-
-def _gcs_time(bucket: Any, name: str, key: str) -> float | None:
-    """Latest of the object's creation and update times; ``None`` when absent."""
-    gexc = _google_exceptions()
-    try:
-        meta = bucket.get_blob(name)
-    except (gexc.GoogleAPIError, OSError) as exc:
-        raise StorageUnavailable(f"GCS stat of {name!r} failed: {exc}", key) from exc
-    if meta is None:
-        return None
-    times = [t for t in (_timestamp(meta.time_created), _timestamp(meta.updated)) if t is not None]
-    return max(times) if times else None
-
-
-def _gcs_written_at(store: Any) -> WrittenAt:
-    def written_at(info: BlobInfo) -> float | None:
-        return _gcs_time(store.bucket, store.blob_object_name(info.digest), info.digest)
-
-    return written_at
-
-
-def _is_gcs_store(store: object) -> bool:
-    # A GcsStore can only exist once its module is imported; looking it up in
-    # sys.modules keeps `import nixery_core` from loading the Google libraries.
-    module = sys.modules.get(_GCS_MODULE)
-    return module is not None and isinstance(store, module.GcsStore)
-
-
 def default_written_at(store: Uploader) -> WrittenAt:
-    """Blob write times for the stores this library ships; unknown (``None``) otherwise.
+    """Blob write times from the store, when it offers them; unknown (``None``) otherwise.
 
-    FilesystemStore: the blob file's mtime.  GcsStore: the later of the
-    object's ``timeCreated`` and ``updated``.  Anything else (MemoryStore,
-    an embedder's store): always ``None``, so gc keeps every unnamed blob;
-    pass ``written_at=`` to :func:`collect_garbage` for such stores.
+    A store with :class:`~nixery_core.protocols.SupportsWriteTimes` (the
+    filesystem store: the blob file's mtime; GcsStore: the later of the
+    object's ``timeCreated`` and ``updated``; MemoryStore: its clock) answers
+    through ``blob_written_at``.  Any other store: always ``None``, so gc
+    keeps every unnamed blob; pass ``written_at=`` to :func:`collect_garbage`
+    for such stores.
     """
-    if isinstance(store, FilesystemStore):
-        return _filesystem_written_at(store)
-    if _is_gcs_store(store):
-        return _gcs_written_at(store)
+    if isinstance(store, SupportsWriteTimes):
+        times = store
+        return lambda info: times.blob_written_at(info.digest)
     return lambda info: None
 
 
@@ -269,7 +224,7 @@ def default_written_at(store: Uploader) -> WrittenAt:
 class _Marker:
     """The set of named digests, grown entry by entry and blob by blob."""
 
-    store: Uploader
+    store: CollectableStore
     blobs: Mapping[str, BlobInfo]
     named: set[str] = attrs.Factory(set)
     #: Digests named by a parsed field (not merely seen in raw bytes): blobs
@@ -388,44 +343,17 @@ def _expired(record: ManifestRecord | None, now: float) -> bool:
 
 
 def _clean_staging(store: Uploader, grace_seconds: float, now: float, *, dry_run: bool) -> int:
-    if isinstance(store, FilesystemStore):
-        if not dry_run:
-            return store.cleanup_staging(older_than=grace_seconds)
-        count = 0
-        for path in store.staging_leftovers():
-            try:
-                count += path.stat().st_mtime < now - grace_seconds
-            except FileNotFoundError:
-                continue
-        return count
-    if _is_gcs_store(store):
-        return _clean_gcs_staging(store, grace_seconds, now, dry_run=dry_run)
+    """Staged uploads older than the grace period, through the store's own capability."""
+    if isinstance(store, SupportsStagingCleanup):
+        return store.clean_staging(older_than=grace_seconds, now=now, dry_run=dry_run)
     return 0
-
-
-def _clean_gcs_staging(store: Any, grace_seconds: float, now: float, *, dry_run: bool) -> int:
-    count = 0
-    for name in store.staging_leftovers():
-        written = _gcs_time(store.bucket, name, name)
-        if written is None or now - written < grace_seconds:
-            continue
-        count += 1
-        if not dry_run:
-            gexc = _google_exceptions()
-            try:
-                store.bucket.blob(name).delete()
-            except gexc.NotFound:  # gone already: done
-                continue
-            except (gexc.GoogleAPIError, OSError) as exc:
-                raise StorageUnavailable(f"GCS delete of {name!r} failed: {exc}", name) from exc
-    return count
 
 
 # --- the collector -----------------------------------------------------------
 
 
 def _mark(
-    store: Uploader,
+    store: CollectableStore,
     blobs: Mapping[str, BlobInfo],
     keep: list[str],
     *,
@@ -487,7 +415,7 @@ def _choose(
 
 
 def collect_garbage(
-    store: Uploader,
+    store: CollectableStore,
     *,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
     keep: Iterable[str] = (),

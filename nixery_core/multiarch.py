@@ -62,7 +62,7 @@ from nixery_core.image_config import ImageConfig
 from nixery_core.manifest import Descriptor, Format, ManifestRef, render_index
 from nixery_core.names import AMD64, ARM64, Architecture, Image
 from nixery_core.oci_layout import write_oci_layout
-from nixery_core.protocols import LayeringStrategy, LogCallback, Runner, Uploader
+from nixery_core.protocols import LayeringStrategy, LogCallback, ReadableStore, Runner, Uploader
 from nixery_core.results import BuildResult, MultiArchResult, ProgressCallback
 from nixery_core.sources import PackageSource, canonical_json
 
@@ -308,7 +308,7 @@ def write_multiarch_layout(
     directory: Path,
     result: MultiArchResult,
     *,
-    store: Uploader,
+    store: ReadableStore,
     ref_name: str | None = "latest",
     link: bool = True,
     durable: bool = True,

@@ -69,7 +69,7 @@ from nixery_core.manifest import (
 )
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCI_MANIFEST
 from nixery_core.names import Architecture
-from nixery_core.protocols import JSONValue, Uploader
+from nixery_core.protocols import JSONValue, ReadableStore
 from nixery_core.sbom.referrers import referrer_digests
 
 __all__ = [
@@ -165,7 +165,7 @@ class _Layout:
         if not _file_matches(self.blob(descriptor.digest), descriptor):
             self.write_file(self.blob(descriptor.digest), data)
 
-    def copy_blob(self, store: Uploader, descriptor: Descriptor, *, link: bool) -> None:
+    def copy_blob(self, store: ReadableStore, descriptor: Descriptor, *, link: bool) -> None:
         target = self.blob(descriptor.digest)
         if _file_matches(target, descriptor):
             return
@@ -264,7 +264,7 @@ def _replace_entry(entries: list[object], descriptor: Descriptor) -> list[object
 
 
 def _child_bytes(
-    store: Uploader, extra_blobs: Mapping[str, bytes], descriptor: Descriptor
+    store: ReadableStore, extra_blobs: Mapping[str, bytes], descriptor: Descriptor
 ) -> bytes:
     if descriptor.digest in extra_blobs:
         return extra_blobs[descriptor.digest]
@@ -273,7 +273,7 @@ def _child_bytes(
 
 def _write_tree(
     layout: _Layout,
-    store: Uploader,
+    store: ReadableStore,
     descriptor: Descriptor,
     data: bytes,
     extra_blobs: Mapping[str, bytes],
@@ -296,7 +296,7 @@ def _write_tree(
 def write_oci_layout(
     directory: Path,
     *,
-    store: Uploader,
+    store: ReadableStore,
     manifest: bytes,
     ref_name: str | None,
     media_type: str | None = None,
@@ -356,7 +356,7 @@ def write_oci_layout(
 def write_oci_index(
     directory: Path,
     *,
-    store: Uploader,
+    store: ReadableStore,
     manifests: Sequence[tuple[bytes, Architecture]],
     ref_name: str | None,
     format: Format = "oci",  # noqa: A002 - the same keyword as render_index

@@ -18,12 +18,19 @@ from nixery_core.graph import RuntimeGraph
 __all__ = [
     "BlobInfo",
     "BlobWriter",
+    "CollectableStore",
     "JSONValue",
     "LayerGroup",
     "LayeringStrategy",
     "LogCallback",
+    "ReadableStore",
     "RunResult",
     "Runner",
+    "SupportsDeletion",
+    "SupportsListing",
+    "SupportsReading",
+    "SupportsStagingCleanup",
+    "SupportsWriteTimes",
     "Uploader",
 ]
 
@@ -81,11 +88,22 @@ class BlobInfo:
 class BlobWriter(Protocol):
     """A blob being streamed before its digest is known.
 
-    It promises: nothing is visible under any digest until :meth:`commit`;
-    :meth:`commit` checks the bytes written hash to ``digest`` (raising
-    :class:`~nixery_core.errors.DigestMismatch` otherwise) and is atomic;
-    :meth:`abort` (or leaving the ``with`` block by an exception) removes
-    every staged byte.
+    It promises:
+
+    - nothing is visible under any digest until :meth:`commit`;
+    - :meth:`commit` checks ``digest`` is well formed (raising
+      :class:`~nixery_core.errors.InvalidDigest`) and that the bytes written
+      hash to it (raising :class:`~nixery_core.errors.DigestMismatch`), then
+      publishes atomically and returns the blob's :class:`BlobInfo`;
+      committing bytes already stored succeeds and keeps one blob;
+    - :meth:`abort`, a failed commit, or leaving the ``with`` block without
+      a commit (by an exception or not) removes every staged byte; a second
+      ``abort`` is harmless;
+    - a writer is single-use: :meth:`write` or :meth:`commit` after a commit
+      or an abort raises :class:`~nixery_core.errors.InvalidInput`.
+
+    :class:`~nixery_core.storage.base.BaseBlobWriter` keeps these rules for
+    you.
     """
 
     def write(self, data: bytes | memoryview) -> int: ...
@@ -106,16 +124,37 @@ class BlobWriter(Protocol):
 
 @runtime_checkable
 class Uploader(Protocol):
-    """Content-addressed blob storage plus small keyed objects for the cache.
+    """What a build needs of storage: content-addressed blobs in, small keyed objects.
 
-    It promises: a blob is only ever visible complete and under the digest of
-    its bytes; objects are replaced atomically; every backend failure is a
-    :class:`~nixery_core.errors.StorageError`.  Blob keys are digests
-    (``sha256:<hex>``); object keys are ``/``-separated names such as
-    ``manifests/<key>`` or ``builds/<key>``.
+    It promises:
+
+    - a blob is only ever visible complete and under the sha256 of its
+      bytes (:class:`BlobWriter` streams one whose digest is not known yet;
+      :meth:`put_blob` stores bytes in hand, and storing them again is
+      harmless); :meth:`blob_info` is ``None`` for an absent blob;
+    - a digest is ``sha256:`` and 64 lower-case hex digits, anything else
+      raises :class:`~nixery_core.errors.InvalidDigest` before any IO; a
+      media type is ``type/subtype`` (else
+      :class:`~nixery_core.errors.InvalidInput`);
+    - object keys are segments of 1 to 200 ``[A-Za-z0-9._-]`` characters
+      joined by single ``/`` (``manifests/<key>``, ``builds/<key>``): no
+      ``.`` or ``..`` segment, no leading or trailing ``/``, at most 512
+      characters, first segment not ``layers`` or ``staging`` (reserved for
+      blobs and uploads); anything else raises
+      :class:`~nixery_core.errors.InvalidInput` before any IO
+      (:func:`~nixery_core.storage.keys.validate_object_key`);
+      :meth:`put_object` replaces atomically (a reader sees the old or the
+      new bytes, never a mix); :meth:`get_object` is ``None`` when absent;
+    - every backend failure is a :class:`~nixery_core.errors.StorageError`.
+
+    Everything else is an optional capability, checked structurally where
+    it is used: :class:`SupportsReading` (serving, layouts, pushing),
+    :class:`SupportsListing` and :class:`SupportsDeletion` (garbage
+    collection, ``verify``), :class:`SupportsWriteTimes` and
+    :class:`SupportsStagingCleanup` (what garbage collection can judge and
+    clean).  :class:`~nixery_core.storage.base.BaseStore` implements the
+    rules; :mod:`nixery_core.storage.conformance` checks them.
     """
-
-    def has_blob(self, digest: str) -> bool: ...
 
     def blob_info(self, digest: str) -> BlobInfo | None: ...
 
@@ -123,21 +162,96 @@ class Uploader(Protocol):
 
     def put_blob(self, data: bytes, media_type: str) -> BlobInfo: ...
 
+    def get_object(self, key: str) -> bytes | None: ...
+
+    def put_object(self, key: str, data: bytes) -> None: ...
+
+
+@runtime_checkable
+class SupportsReading(Protocol):
+    """Reads stored blobs back: serving them, writing layouts, pushing, following manifests.
+
+    It promises: :meth:`open_blob` and :meth:`read_blob` give exactly the
+    committed bytes; an absent blob raises
+    :class:`~nixery_core.errors.BlobNotFound`; a malformed digest raises
+    :class:`~nixery_core.errors.InvalidDigest` before any IO.
+    """
+
     def open_blob(self, digest: str) -> BinaryIO: ...
 
     def read_blob(self, digest: str) -> bytes: ...
 
-    def delete_blob(self, digest: str) -> None: ...
+
+@runtime_checkable
+class SupportsListing(Protocol):
+    """Lists what is stored (garbage collection, ``verify``).
+
+    It promises: :meth:`list_blobs` yields each committed blob once (never a
+    staged upload), sorted by digest, with size and media type;
+    :meth:`list_objects` yields the object keys starting with ``prefix`` (a
+    plain string prefix: ``""``, ``manifests/`` or ``manif``; a prefix no
+    key could start with, such as ``/``, ``../`` or ``layers/x``, raises
+    :class:`~nixery_core.errors.InvalidInput`,
+    :func:`~nixery_core.storage.keys.validate_prefix`), each once, sorted;
+    blobs and uploads are never listed as objects.
+    """
 
     def list_blobs(self) -> Iterator[BlobInfo]: ...
 
-    def put_object(self, key: str, data: bytes) -> None: ...
+    def list_objects(self, prefix: str) -> Iterator[str]: ...
 
-    def get_object(self, key: str) -> bytes | None: ...
+
+@runtime_checkable
+class SupportsDeletion(Protocol):
+    """Deletes blobs and objects (garbage collection, ``verify --repair``).
+
+    It promises: deletion removes only what it names; deleting something
+    absent is a no-op; digests and keys are checked as everywhere else.
+    """
+
+    def delete_blob(self, digest: str) -> None: ...
 
     def delete_object(self, key: str) -> None: ...
 
-    def list_objects(self, prefix: str) -> Iterator[str]: ...
+
+@runtime_checkable
+class SupportsWriteTimes(Protocol):
+    """Knows when each blob was last written, so garbage collection can judge its age.
+
+    It promises: :meth:`blob_written_at` is the wall-clock time
+    (``time.time()`` seconds) the blob was last written, or ``None`` when
+    the blob is absent or its time unknown (garbage collection keeps a blob
+    of unknown age).
+    """
+
+    def blob_written_at(self, digest: str) -> float | None: ...
+
+
+@runtime_checkable
+class SupportsStagingCleanup(Protocol):
+    """Removes uploads that crashed writers left staged.
+
+    It promises: :meth:`clean_staging` removes (with ``dry_run`` only
+    counts) staged uploads written before ``now - older_than`` (wall-clock
+    seconds, as :class:`SupportsWriteTimes`) and returns how many; it never
+    touches a committed blob, and an upload written since is left alone.
+    """
+
+    def clean_staging(self, *, older_than: float, now: float, dry_run: bool = False) -> int: ...
+
+
+@runtime_checkable
+class ReadableStore(Uploader, SupportsReading, Protocol):
+    """A store a build writes and a server, layout writer or pusher reads back."""
+
+
+@runtime_checkable
+class CollectableStore(ReadableStore, SupportsListing, SupportsDeletion, Protocol):
+    """A store garbage collection and ``verify`` can walk and prune.
+
+    Write times and staging clean-up stay optional (:class:`SupportsWriteTimes`,
+    :class:`SupportsStagingCleanup`).
+    """
 
 
 # --- layering ----------------------------------------------------------------

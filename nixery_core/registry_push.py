@@ -11,7 +11,8 @@
    mounted; 202 means it opened an upload instead, which is then used).
 4. Otherwise ``POST /v2/<repo>/blobs/uploads/`` opens an upload; blobs up
    to ``chunk_size`` bytes go in one ``PUT ?digest=``, larger ones as
-   ``PATCH`` chunks of ``chunk_size`` read from :meth:`Uploader.open_blob`
+   ``PATCH`` chunks of ``chunk_size`` read from
+   :meth:`~nixery_core.protocols.SupportsReading.open_blob`
    (a blob is never held in memory whole) and a closing ``PUT ?digest=``.
    The bytes are hashed while they are sent; a store returning other bytes
    raises :class:`~nixery_core.errors.DigestMismatch` before the closing PUT.
@@ -66,7 +67,7 @@ from nixery_core.errors import (
 )
 from nixery_core.manifest import Descriptor, parse_index, parse_manifest
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import ReadableStore
 from nixery_core.push_ledger import PushLedger
 from nixery_core.push_report import plain_http_to_tls_hint, transport_hint
 from nixery_core.sbom.push import ReferrersPushed, push_referrers
@@ -371,7 +372,7 @@ class _Pusher:
     client: httpx.Client
     base: str
     target: ImageTarget
-    store: Uploader
+    store: ReadableStore
     auth: _RegistryAuth
     chunk_size: int
     mount_from: str | None
@@ -605,7 +606,7 @@ class _Pusher:
         return response
 
 
-def _check_blobs(store: Uploader, blobs: tuple[Descriptor, ...]) -> None:
+def _check_blobs(store: ReadableStore, blobs: tuple[Descriptor, ...]) -> None:
     """Every blob is in the store with the size the manifest says (BlobNotFound otherwise)."""
     for blob in blobs:
         info = store.blob_info(blob.digest)
@@ -619,7 +620,7 @@ def _check_blobs(store: Uploader, blobs: tuple[Descriptor, ...]) -> None:
 
 
 def _plan(
-    store: Uploader, manifest: bytes, media_type: str
+    store: ReadableStore, manifest: bytes, media_type: str
 ) -> list[tuple[bytes, str, tuple[Descriptor, ...]]]:
     """The manifests to push, children first: (bytes, media type, blobs)."""
     if media_type in INDEX_TYPES:
@@ -649,7 +650,7 @@ def _scopes_needed(
 
 def push_image(
     *,
-    store: Uploader,
+    store: ReadableStore,
     manifest: bytes,
     manifest_media_type: str,
     target: str,

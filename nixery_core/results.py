@@ -17,7 +17,7 @@ from nixery_core.cache import CacheStats
 from nixery_core.digests import sha256_digest
 from nixery_core.display import build_result_html
 from nixery_core.names import Image
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import ReadableStore
 from nixery_core.sbom import attach
 
 __all__ = [
@@ -127,7 +127,7 @@ class BuildResult:
             *dict.fromkeys(sbom_blobs),
         )
 
-    def sbom(self, store: Uploader, format: attach.SbomFormat = "spdx") -> bytes:  # noqa: A002
+    def sbom(self, store: ReadableStore, format: attach.SbomFormat = "spdx") -> bytes:  # noqa: A002
         """The image's SBOM document (``"spdx"`` or ``"cyclonedx"`` JSON), read from ``store``.
 
         See :mod:`nixery_core.sbom`; raises

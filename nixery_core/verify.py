@@ -41,7 +41,7 @@ import attrs
 from nixery_core.cache import BuildCache
 from nixery_core.digests import Sha256Counter
 from nixery_core.errors import BlobNotFound
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import CollectableStore
 
 __all__ = ["CorruptBlob", "VerifyReport", "VerifyingReader", "verify_store"]
 
@@ -105,7 +105,7 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _hash_blob(store: Uploader, digest: str) -> Sha256Counter | None:
+def _hash_blob(store: CollectableStore, digest: str) -> Sha256Counter | None:
     """The streamed hash of a stored blob, ``None`` when it vanished meanwhile."""
     counter = Sha256Counter()
     try:
@@ -117,7 +117,7 @@ def _hash_blob(store: Uploader, digest: str) -> Sha256Counter | None:
     return counter
 
 
-def _entries_naming(store: Uploader, digests: set[str]) -> list[str]:
+def _entries_naming(store: CollectableStore, digests: set[str]) -> list[str]:
     names = []
     for prefix in _ENTRY_PREFIXES:
         for name in store.list_objects(prefix):
@@ -137,7 +137,7 @@ def _local_entries_naming(cache: BuildCache, digests: set[str]) -> list[str]:
 
 
 def verify_store(
-    store: Uploader,
+    store: CollectableStore,
     *,
     repair: bool = False,
     cache: BuildCache | None = None,

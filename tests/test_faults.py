@@ -62,7 +62,14 @@ from nixery_core.errors import (
 from nixery_core.media_types import OCI_CONFIG
 from nixery_core.names import Image
 from nixery_core.nix import NixStep, parse_argv
-from nixery_core.protocols import BlobInfo, BlobWriter, LogCallback, Runner, RunResult, Uploader
+from nixery_core.protocols import (
+    BlobInfo,
+    BlobWriter,
+    CollectableStore,
+    LogCallback,
+    Runner,
+    RunResult,
+)
 from nixery_core.runner import SubprocessRunner
 from nixery_core.sources import LocalPathSource
 from nixery_core.storage.filesystem import FilesystemStore
@@ -90,7 +97,7 @@ def build(
     name: str,
     runner: Runner,
     store_root: Path,
-    store: Uploader,
+    store: CollectableStore,
     cache: BuildCache | None,
     **kwargs: Any,
 ) -> BuildResult:
@@ -131,7 +138,8 @@ def named_blobs(name: str, raw: bytes) -> list[str]:
 
 
 def assert_no_partial_state(
-    store: Uploader, cache_dir: Path | None, *, after_crash: bool = False, built: bool = False
+    store: CollectableStore, cache_dir: Path | None, *, after_crash: bool = False,
+    built: bool = False,
 ) -> set[str]:
     """No partial blob, no entry naming a missing blob, no manifest entry; returns the blobs.
 
@@ -235,7 +243,9 @@ def _wait_no_builders(timeout: float = 10.0) -> None:
     assert _builders_alive() == [], "a builder outlived its Nix"
 
 
-def _real_build(name: str, store: Uploader, cache: BuildCache | None, **kwargs: Any) -> BuildResult:
+def _real_build(
+    name: str, store: CollectableStore, cache: BuildCache | None, **kwargs: Any
+) -> BuildResult:
     return build_image(Image.from_name(name), LocalPathSource(OFFLINE_SET), uploader=store,
                        cache=cache, nix_options=NIX_OPTIONS, **kwargs)
 

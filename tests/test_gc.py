@@ -8,8 +8,9 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 import pytest
@@ -31,7 +32,13 @@ from nixery_core.manifest import (
     render_manifest,
 )
 from nixery_core.names import AMD64, ARM64, Image
-from nixery_core.protocols import BlobInfo, Uploader
+from nixery_core.protocols import (
+    BlobInfo,
+    BlobWriter,
+    CollectableStore,
+    SupportsStagingCleanup,
+    SupportsWriteTimes,
+)
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.testing.storage import MemoryStore
 
@@ -80,7 +87,7 @@ class StoredImage:
         }
 
 
-def store_image(store: Uploader, name: str, n_layers: int = 2) -> StoredImage:
+def store_image(store: CollectableStore, name: str, n_layers: int = 2) -> StoredImage:
     """Store layers, a config and an OCI manifest for a made-up image."""
     layers = tuple(
         store.put_blob(f"{name} layer {i}".encode(), OCI_LAYER_GZIP) for i in range(n_layers)
@@ -97,7 +104,7 @@ def store_image(store: Uploader, name: str, n_layers: int = 2) -> StoredImage:
 
 
 def cache_image(
-    store: Uploader, image: StoredImage, key: str, *, pinned: bool = True,
+    store: CollectableStore, image: StoredImage, key: str, *, pinned: bool = True,
     clock: Any = lambda: NOW,
 ) -> None:
     """Record the image in the manifest cache, exactly as BuildCache writes it."""
@@ -106,7 +113,7 @@ def cache_image(
     )
 
 
-def cache_layer(store: Uploader, key: str, payload: bytes) -> str:
+def cache_layer(store: CollectableStore, key: str, payload: bytes) -> str:
     """Store a layer blob and record it in the layer build cache; return its digest."""
     info = store.put_blob(payload, OCI_LAYER_GZIP)
     diff_id = sha256_digest(b"tar" + payload)
@@ -115,11 +122,11 @@ def cache_layer(store: Uploader, key: str, payload: bytes) -> str:
     return info.digest
 
 
-def stored(store: Uploader) -> set[str]:
+def stored(store: CollectableStore) -> set[str]:
     return {info.digest for info in store.list_blobs()}
 
 
-def gc(store: Uploader, times: Times, **kwargs: Any) -> GcReport:
+def gc(store: CollectableStore, times: Times, **kwargs: Any) -> GcReport:
     return collect_garbage(store, now=lambda: NOW, written_at=times, **kwargs)
 
 
@@ -204,14 +211,71 @@ def test_named_but_missing_blobs_are_reported() -> None:
     assert gc(store, times).missing == (image.layers[0].digest,)
 
 
-def test_memory_store_without_times_keeps_everything_by_default() -> None:
-    """With no way to know blob ages (MemoryStore), the default deletes nothing."""
-    store = MemoryStore()
+@attrs.frozen
+class Timeless:
+    """A store offering only listing and deletion: no write times, no staging clean-up."""
+
+    inner: MemoryStore
+
+    def blob_info(self, digest: str) -> BlobInfo | None:
+        return self.inner.blob_info(digest)
+
+    def open_blob_writer(self, media_type: str) -> BlobWriter:
+        return self.inner.open_blob_writer(media_type)
+
+    def put_blob(self, data: bytes, media_type: str) -> BlobInfo:
+        return self.inner.put_blob(data, media_type)
+
+    def get_object(self, key: str) -> bytes | None:
+        return self.inner.get_object(key)
+
+    def put_object(self, key: str, data: bytes) -> None:
+        self.inner.put_object(key, data)
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        return self.inner.open_blob(digest)
+
+    def read_blob(self, digest: str) -> bytes:
+        return self.inner.read_blob(digest)
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        return self.inner.list_blobs()
+
+    def list_objects(self, prefix: str) -> Iterator[str]:
+        return self.inner.list_objects(prefix)
+
+    def delete_blob(self, digest: str) -> None:
+        self.inner.delete_blob(digest)
+
+    def delete_object(self, key: str) -> None:
+        self.inner.delete_object(key)
+
+
+def test_a_store_without_write_times_keeps_everything_by_default() -> None:
+    """With no way to know blob ages (no SupportsWriteTimes), the default deletes nothing."""
+    store = Timeless(MemoryStore())
+    assert isinstance(store, CollectableStore)
+    assert not isinstance(store, SupportsWriteTimes | SupportsStagingCleanup)
     store.put_blob(b"orphan", OCI_LAYER_GZIP)
     report = collect_garbage(store, now=lambda: NOW)
     assert report.deleted == ()
     assert report.kept_unknown_age == 1
+    assert report.staging_removed == 0
     assert default_written_at(store)(next(store.list_blobs())) is None
+
+
+def test_write_times_and_staging_come_from_the_store_capabilities() -> None:
+    """A store's blob_written_at and clean_staging drive gc, whatever its class."""
+    store = MemoryStore(clock=lambda: NOW - 2 * DAY)
+    old = store.put_blob(b"old orphan", OCI_LAYER_GZIP)
+    crashed = store.open_blob_writer(OCI_LAYER_GZIP)
+    crashed.write(b"left behind")
+    # The same content behind a store without the capabilities: nothing to judge by.
+    assert collect_garbage(Timeless(store), now=lambda: NOW).deleted == ()
+    report = collect_garbage(store, now=lambda: NOW)
+    assert report.deleted == (old.digest,)
+    assert report.staging_removed == 1
+    assert store.staged_blobs() == ()
 
 
 # --- keep list -----------------------------------------------------------------

@@ -38,7 +38,7 @@ from nixery_core.errors import (
     UnknownPackages,
 )
 from nixery_core.names import DEFAULT_ALWAYS_ADDED, SHELL_PACKAGES, Image
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import CollectableStore
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.storage.keys import validate_object_key, validate_prefix
 from nixery_core.testing.storage import MemoryStore
@@ -161,7 +161,7 @@ def tree(top: Path) -> dict[str, tuple[bool, int]]:
     return out
 
 
-def make_store(kind: str, root: Path) -> Uploader:
+def make_store(kind: str, root: Path) -> CollectableStore:
     return FilesystemStore(root, durable=False) if kind == "filesystem" else MemoryStore()
 
 

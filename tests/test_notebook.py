@@ -69,7 +69,8 @@ def test_notebook_executes_with_rich_outputs() -> None:
     assert stream(again).split() == ["True", "True"]
 
     # The SBOM query: only the images holding socat have openssl below 3.
-    sbom_lines = stream(code[-1]).splitlines()
+    query = next(cell for cell in code if "find_components(sboms" in cell.source)
+    sbom_lines = stream(query).splitlines()
     assert [line.split(" (")[0] for line in sbom_lines[:-1]] == [
         "curl/socat: openssl 1.1.1w", "shell/socat: openssl 1.1.1w",
     ]

@@ -45,7 +45,7 @@ from nixery_core.oci_layout import (
     write_oci_index,
     write_oci_layout,
 )
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import ReadableStore, Uploader
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.testing.storage import MemoryStore
 
@@ -345,7 +345,7 @@ def test_oci_image_is_inspected_unpacked_and_run(tmp_path: Path) -> None:
     assert _unpack_and_run(tmp_path, layout, "latest") == "ok\n"
 
 
-def _write_dir_transport(directory: Path, store: Uploader, manifest: bytes) -> None:
+def _write_dir_transport(directory: Path, store: ReadableStore, manifest: bytes) -> None:
     """containers/image's ``dir:`` layout: manifest.json, version and blobs named by hex."""
     directory.mkdir()
     (directory / "version").write_text("Directory Transport Version: 1.1\n")

@@ -45,7 +45,7 @@ from starlette.types import Message
 from examples.registry import RegistryConfig, create_app
 from nixery_core.errors import InvalidImageName
 from nixery_core.names import AMD64, ARM64, Image
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import CollectableStore
 from nixery_core.sources import LocalPathSource
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.testing.runners import FakeNix, RecordingRunner, default_fake_packages
@@ -225,13 +225,13 @@ class Harness:
     """The app over fake Nix, one event loop for every request, the calls Nix saw."""
 
     app: Starlette
-    store: Uploader
+    store: CollectableStore
     nix: RecordingRunner
     loop: asyncio.Runner
     statuses: Counter[int] = attrs.Factory(Counter)
 
     @classmethod
-    def create(cls, tmp_path: Path, store: Uploader) -> Harness:
+    def create(cls, tmp_path: Path, store: CollectableStore) -> Harness:
         (tmp_path / "pkgs").mkdir()
         nix_root = tmp_path / "nix"
         nix = RecordingRunner(FakeNix(nix_root, default_fake_packages()))

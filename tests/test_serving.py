@@ -24,7 +24,7 @@ from servers import FakeGcsServer, fake_gcs
 
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import BlobNotFound, InvalidDigest, InvalidInput
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import CollectableStore
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.storage.gcs import GcsStore
 from nixery_core.storage.serving import ServedBlob, open_blob_for_serving, signed_url
@@ -44,7 +44,7 @@ def gcs_store(fake_gcs: FakeGcsServer) -> GcsStore:
     return GcsStore(fake_gcs.make_bucket(f"s-{uuid.uuid4().hex[:16]}"))
 
 
-STORES: dict[str, Callable[[Path, Any], Uploader]] = {
+STORES: dict[str, Callable[[Path, Any], CollectableStore]] = {
     "filesystem": lambda tmp, request: FilesystemStore(tmp / "store", durable=False),
     "memory": lambda tmp, request: MemoryStore(),
     "gcs": lambda tmp, request: request.getfixturevalue("gcs_store"),

@@ -67,7 +67,7 @@ from nixery_core.cache import SIX_HOURS, BuildCache
 from nixery_core.compression import Compression
 from nixery_core.errors import InvalidInput, InvalidSource
 from nixery_core.names import AMD64, ARM64, Architecture
-from nixery_core.protocols import Runner, Uploader
+from nixery_core.protocols import ReadableStore, Runner
 from nixery_core.sources import PackageSource, source_from_env
 from nixery_core.storage.filesystem import FilesystemStore
 
@@ -145,7 +145,7 @@ class RegistryConfig:
     """
 
     source: PackageSource
-    store: Uploader
+    store: ReadableStore
     cache: BuildCache | None = None
     runner: Runner | None = None
     timeout: float = attrs.field(default=DEFAULT_TIMEOUT, validator=_positive)
@@ -170,7 +170,7 @@ class RegistryConfig:
         source = source_from_env(env)
         backend = env.get("NIXERY_STORAGE_BACKEND", "filesystem")
         blob_url: BlobUrl | None = None
-        store: Uploader
+        store: ReadableStore
         if backend == "filesystem":
             path = env.get("STORAGE_PATH")
             if not path:
@@ -234,7 +234,7 @@ def _number(
     return value
 
 
-def _gcs_store(env: Mapping[str, str]) -> tuple[Uploader, BlobUrl]:
+def _gcs_store(env: Mapping[str, str]) -> tuple[ReadableStore, BlobUrl]:
     """A GcsStore for ``GCS_BUCKET`` and a signed-URL maker for blob redirects."""
     # Imported here: the filesystem backend needs no Google libraries.
     from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415

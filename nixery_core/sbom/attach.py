@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from nixery_core.errors import InvalidInput
 from nixery_core.image_config import ImageConfig
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import ReadableStore
 from nixery_core.sbom.inventory import Inventory
 from nixery_core.sbom.provenance import source_labels, standard_labels, with_labels
 from nixery_core.sbom.referrers import FORMATS, SbomArtifact, SbomFormat, attach_sboms
@@ -41,7 +41,7 @@ def manifest_annotations(
 
 
 def sbom_document(
-    artifacts: Sequence[SbomArtifact], store: Uploader, format: SbomFormat  # noqa: A002
+    artifacts: Sequence[SbomArtifact], store: ReadableStore, format: SbomFormat  # noqa: A002
 ) -> bytes:
     """The document of the ``format`` SBOM among ``artifacts``, read from ``store``."""
     for artifact in artifacts:

@@ -20,7 +20,7 @@ import httpx
 
 from nixery_core.manifest import Descriptor, parse_manifest
 from nixery_core.media_types import OCI_INDEX, OCI_MANIFEST
-from nixery_core.protocols import JSONValue, Uploader
+from nixery_core.protocols import JSONValue, ReadableStore
 from nixery_core.sbom.referrers import fallback_tag, referrers_index, render_referrers_index
 
 __all__ = ["ReferrersPushed", "ReferrersPusher", "push_referrers"]
@@ -65,7 +65,7 @@ def _existing_entries(data: bytes | None) -> list[dict[str, JSONValue]]:
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
-def push_referrers(pusher: ReferrersPusher, store: Uploader, subject: str) -> ReferrersPushed:
+def push_referrers(pusher: ReferrersPusher, store: ReadableStore, subject: str) -> ReferrersPushed:
     """Push the referrers of image manifest ``subject`` that ``store`` records."""
     entries = json.loads(referrers_index(store, subject))["manifests"]
     if not entries:

@@ -220,7 +220,7 @@ def referrers_index(
     entries = [
         e for e in _index_entries(stored)
         if (artifact_type is None or e.get("artifactType") == artifact_type)
-        and store.has_blob(str(e["digest"]))
+        and store.blob_info(str(e["digest"])) is not None
     ]
     return render_referrers_index(entries)
 

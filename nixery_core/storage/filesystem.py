@@ -362,13 +362,33 @@ class FilesystemStore:
         with _translated("staging"):
             return sorted(self._staging.iterdir())
 
+    def blob_written_at(self, digest: str) -> float | None:
+        """The blob file's mtime (:class:`~nixery_core.protocols.SupportsWriteTimes`)."""
+        path = self._blob_file(digest)
+        try:
+            return path.stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot stat blob {digest}: {exc}", digest) from exc
+
+    def clean_staging(self, *, older_than: float, now: float, dry_run: bool = False) -> int:
+        """Staging files (and sidecars without a blob) older than ``older_than`` at ``now``.
+
+        Removes them (``dry_run``: only counts) and returns how many
+        (:class:`~nixery_core.protocols.SupportsStagingCleanup`).
+        """
+        return self._clean_staging(now - older_than, dry_run=dry_run)
+
     def cleanup_staging(self, older_than: float) -> int:
         """Remove staging files (and sidecars without a blob) older than ``older_than`` seconds.
 
         Returns how many files were removed.  Pick ``older_than`` well above
         the longest upload, or live uploads are cut off.
         """
-        cutoff = self.clock() - older_than
+        return self._clean_staging(self.clock() - older_than, dry_run=False)
+
+    def _clean_staging(self, cutoff: float, *, dry_run: bool) -> int:
         removed = 0
         with _translated("staging"):
             candidates = list(self._staging.iterdir())
@@ -380,7 +400,8 @@ class FilesystemStore:
             for path in candidates:
                 with contextlib.suppress(FileNotFoundError):
                     if path.stat().st_mtime < cutoff:
-                        path.unlink()
+                        if not dry_run:
+                            path.unlink()
                         removed += 1
         return removed
 

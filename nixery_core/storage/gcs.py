@@ -51,6 +51,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from types import TracebackType
 from typing import Any, BinaryIO, Final, Literal
 
@@ -326,6 +327,30 @@ class GcsStore:
         """Names of staging objects: uploads being committed, or left by crashed processes."""
         return [meta.name for meta in self._list(self._prefix + _STAGING, "staging/")]
 
+    def blob_written_at(self, digest: str) -> float | None:
+        """The later of the blob object's creation and update times (one metadata GET).
+
+        :class:`~nixery_core.protocols.SupportsWriteTimes`; ``None`` when absent.
+        """
+        return _written_at(self._stat(self.blob_object_name(digest), digest))
+
+    def clean_staging(self, *, older_than: float, now: float, dry_run: bool = False) -> int:
+        """Staging objects written before ``now - older_than``: deleted (or counted).
+
+        :class:`~nixery_core.protocols.SupportsStagingCleanup`; the listing
+        carries each object's times, so this makes no request per object
+        besides the deletion.
+        """
+        count = 0
+        for meta in self._list(self._prefix + _STAGING, "staging/"):
+            written = _written_at(meta)
+            if written is None or now - written < older_than:
+                continue
+            count += 1
+            if not dry_run:
+                self._delete(meta.name, meta.name)
+        return count
+
     # -- objects -----------------------------------------------------------------
 
     def put_object(self, key: str, data: bytes) -> None:
@@ -382,6 +407,18 @@ class GcsStore:
             )
         except _BACKEND_ERRORS as exc:
             raise _unavailable(exc, key, "listing of") from exc
+
+
+def _written_at(meta: Any) -> float | None:
+    """The later of an object's ``timeCreated`` and ``updated``; ``None`` when unknown."""
+    if meta is None:
+        return None
+    times = [
+        moment.timestamp()
+        for moment in (meta.time_created, meta.updated)
+        if isinstance(moment, datetime)
+    ]
+    return max(times) if times else None
 
 
 def _info(digest: str, meta: Any) -> BlobInfo:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final, NamedTuple
 
 from nixery_core.digests import validate_digest
 from nixery_core.errors import BlobNotFound, InvalidInput, StorageUnavailable
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import ReadableStore
 
 if TYPE_CHECKING:
     from google.auth import credentials as auth_credentials
@@ -45,7 +45,7 @@ class ServedBlob(NamedTuple):
     media_type: str
 
 
-def open_blob_for_serving(store: Uploader, digest: str) -> ServedBlob:
+def open_blob_for_serving(store: ReadableStore, digest: str) -> ServedBlob:
     """Open blob ``digest`` of any store with its size and media type.
 
     Raises :class:`~nixery_core.errors.InvalidDigest` for a malformed digest

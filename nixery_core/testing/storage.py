@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import BinaryIO, Literal
 
@@ -55,7 +56,13 @@ class MemoryStore:
     - ``blob_commits``: successful commits, including no-op re-commits;
     - ``object_writes``: successful :meth:`put_object` calls;
     - ``has_blob_calls``: :meth:`has_blob` calls.
+
+    ``clock`` (wall-clock seconds) stamps each blob's write time and each
+    upload's start, for :meth:`blob_written_at` and :meth:`clean_staging`:
+    garbage collection judges ages on it as on a real store.
     """
+
+    clock: Callable[[], float] = attrs.field(default=time.time, kw_only=True)
 
     blob_writes: int = attrs.field(default=0, init=False)
     blob_commits: int = attrs.field(default=0, init=False)
@@ -64,6 +71,8 @@ class MemoryStore:
     _blobs: dict[str, tuple[bytes, str]] = attrs.field(factory=dict, init=False)
     _objects: dict[str, bytes] = attrs.field(factory=dict, init=False)
     _staged: dict[int, MemoryBlobWriter] = attrs.field(factory=dict, init=False)
+    _written: dict[str, float] = attrs.field(factory=dict, init=False)
+    _opened: dict[int, float] = attrs.field(factory=dict, init=False)
     _lock: threading.RLock = attrs.field(factory=threading.RLock, init=False)
     _next_writer: int = attrs.field(default=0, init=False)
     _blob_attempts: int = attrs.field(default=0, init=False)
@@ -109,11 +118,13 @@ class MemoryStore:
         with self._lock:
             self._next_writer += 1
             self._staged[self._next_writer] = writer
+            self._opened[self._next_writer] = self.clock()
             return self._next_writer
 
     def _unregister(self, writer_id: int) -> None:
         with self._lock:
             self._staged.pop(writer_id, None)
+            self._opened.pop(writer_id, None)
 
     def _store_blob(self, digest: str, data: bytes, media_type: str) -> None:
         with self._lock:
@@ -123,6 +134,7 @@ class MemoryStore:
                 raise StorageUnavailable(f"injected failure committing {digest}", digest)
             if digest not in self._blobs:
                 self._blobs[digest] = (data, media_type)
+                self._written[digest] = self.clock()
                 self.blob_writes += 1
             self.blob_commits += 1
 
@@ -164,11 +176,30 @@ class MemoryStore:
         digest_hex(digest)
         with self._lock:
             self._blobs.pop(digest, None)
+            self._written.pop(digest, None)
 
     def list_blobs(self) -> Iterator[BlobInfo]:
         with self._lock:
             items = sorted(self._blobs.items())
         return iter([BlobInfo(d, len(data), mt) for d, (data, mt) in items])
+
+    def blob_written_at(self, digest: str) -> float | None:
+        """When the blob was stored, on ``clock``; ``None`` when absent."""
+        digest_hex(digest)
+        with self._lock:
+            return self._written.get(digest)
+
+    def clean_staging(self, *, older_than: float, now: float, dry_run: bool = False) -> int:
+        """Abort (``dry_run``: count) uploads opened before ``now - older_than``."""
+        with self._lock:
+            stale = [
+                self._staged[wid] for wid, opened in self._opened.items()
+                if opened < now - older_than
+            ]
+        if not dry_run:
+            for writer in stale:
+                writer.abort()
+        return len(stale)
 
     # --- objects -------------------------------------------------------------
 
