@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from nixery_core.protocols import Uploader
+from nixery_core.protocols import ReadableStore
 from nixery_core.push_ledger import PushLedger
 from nixery_core.push_report import describe
 from nixery_core.registry_push import DEFAULT_WORKERS, push_image
@@ -30,7 +30,7 @@ __all__ = ["push_targets"]
 
 
 def push_targets(
-    store: Uploader,
+    store: ReadableStore,
     manifest: bytes,
     media_type: str,
     targets: Sequence[str],

@@ -183,7 +183,7 @@ def attach_sboms(
     """
     renderers = {"spdx": render_spdx, "cyclonedx": render_cyclonedx}
     with _EMPTY_LOCK:  # every image shares it: write it once, not once per build
-        if not store.has_blob(EMPTY_DESCRIPTOR.digest):
+        if store.blob_info(EMPTY_DESCRIPTOR.digest) is None:
             store.put_blob(EMPTY_CONFIG, EMPTY_MEDIA_TYPE)
     artifacts: list[SbomArtifact] = []
     for fmt in formats:
