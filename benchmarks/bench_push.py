@@ -113,12 +113,20 @@ def delaying_proxy(target: str, delay: float) -> Iterator[str]:
             pipe(reader, upstream_writer, delay), pipe(upstream_reader, writer, 0.0)
         )
 
+    stop: list[asyncio.Event] = []
+
     async def serve() -> None:
+        stop.append(asyncio.Event())
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         address.append(server.sockets[0].getsockname()[1])
         ready.set()
-        async with server:
-            await server.serve_forever()
+        await stop[0].wait()
+        server.close()
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await server.wait_closed()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     thread.start()
@@ -126,7 +134,9 @@ def delaying_proxy(target: str, delay: float) -> Iterator[str]:
     try:
         yield f"127.0.0.1:{address[0]}"
     finally:
-        loop.call_soon_threadsafe(loop.stop)
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(timeout=10)
+        loop.close()
 
 
 def layer_sizes(seed: int) -> list[int]:
