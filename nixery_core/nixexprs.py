@@ -97,6 +97,13 @@ class SyntheticParams:
     host_paths: tuple[str, ...] | None = None
     host_store_paths: tuple[str, ...] | None = None
     prefix: str = "p"
+    #: "host" mode: executables and shared libraries embed their dependencies'
+    #: store paths (after their first 512 bytes), as RUNPATHs and shebangs do.
+    embed_references: bool = False
+    #: "host" mode: package index -> revision; a revision above 0 gives that
+    #: package other content (a new version), so it and its dependents get
+    #: new store paths.
+    revisions: tuple[tuple[int, int], ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if self.shape not in ("none", "chain", "star", "dag"):
@@ -128,6 +135,10 @@ class SyntheticParams:
             "files": self.files,
             "prefix": self.prefix,
         }
+        if self.embed_references:
+            args["embedReferences"] = True
+        if self.revisions:
+            args["revisions"] = {str(index): revision for index, revision in self.revisions}
         if self.host_paths is not None:
             args["hostPaths"] = list(self.host_paths)
         if self.host_store_paths is not None:

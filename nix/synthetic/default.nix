@@ -34,6 +34,17 @@
 #              `nix-store --add /usr/bin`); used instead of hostPaths and
 #              not hashed again (builtins.storePath), for repeated builds
 #   prefix     package name prefix (default "p")
+#   embedReferences  "host" mode: every executable or shared-library file
+#              gets its package's dependency paths written into it after its
+#              first 512 bytes, as a RUNPATH or a shebang puts them there
+#              (default false).  A dependency with a new store path then
+#              changes these files in a few bytes only, as in Nix.
+#   revisions  attribute set from package index (as a string) to a revision
+#              number (default {}): "host" mode package i at revision r > 0
+#              takes other host files (the r-th next run of its share of
+#              the index, files no package has at revision 0): a new version
+#              of that package, and so a new store path for it and for every
+#              package that depends on it.
 #   busyboxDir directory holding a static `busybox` (default /usr/bin)
 #
 # Every package also has nix-support/depends listing its dependencies' store
@@ -53,6 +64,8 @@
 , hostPaths ? [ /usr/bin /usr/lib/x86_64-linux-gnu /usr/share/doc ]
 , hostStorePaths ? null
 , prefix ? "p"
+, embedReferences ? false
+, revisions ? { }
 , busyboxDir ? /usr/bin
 , ...
 }:
@@ -155,9 +168,14 @@ let
   # size (the first file is always taken), keeping the path below the tree.
   hostScript = ''
     mkdir -p $out/share/synthetic
-    awk -v count="$count" -v idx="$index" -v size="$size" '
+    awk -v count="$count" -v idx="$index" -v size="$size" -v skip="$revision" '
       (NR - 1) % count == idx {
         s = $1
+        if (phase < skip) {
+          skipped += s
+          if (skipped >= size) { phase++; skipped = 0 }
+          next
+        }
         if (total == 0 || total + s <= size) { p = $0; sub(/^[0-9]+ /, "", p); print p; total += s }
         if (total >= size) exit
       }' $hostIndex > $TMPDIR/files
@@ -165,7 +183,18 @@ let
       rel=''${f#/nix/store/*-}
       rel=''${rel#synthetic-host-}
       mkdir -p "$out/share/synthetic/$(dirname "$rel")"
-      cp "$f" "$out/share/synthetic/$rel"
+      dest="$out/share/synthetic/$rel"
+      embed=
+      if [ -n "$embedReferences" ]; then
+        case "$rel" in *.so|*.so.*) embed=1 ;; esac
+        [ -x "$f" ] && embed=1
+      fi
+      if [ -n "$embed" ] && [ -n "$deps" ]; then
+        { head -c 512 "$f"; printf 'RUNPATH=%s\0' "$deps"; tail -c +513 "$f"; } > "$dest"
+        [ -x "$f" ] && chmod 0555 "$dest"
+      else
+        cp "$f" "$dest"
+      fi
     done < $TMPDIR/files
   '';
 
@@ -180,7 +209,12 @@ let
       size = sizeOf i;
     } // (if mode == "random"
       then { inherit files; contentSeed = mod (seed * 100003 + i) 2147483647; }
-      else { inherit hostIndex count; index = i; }));
+      else {
+        inherit hostIndex count;
+        index = i;
+        revision = revisions.${toString i} or 0;
+        embedReferences = if embedReferences then "1" else "";
+      }));
 
   names = builtins.genList nameOf count;
 
