@@ -70,8 +70,9 @@ def test_second_push_uploads_no_blob(registry: DockerRegistry, tmp_path: Path) -
     second = push_image(store=store, manifest=result.manifest,
                         manifest_media_type=result.manifest_media_type, target=target,
                         insecure=True)
-    assert first.blobs_uploaded == len(result.layers) + 1  # layers and config
+    # layers and config, then the SBOMs' blobs: the shared empty config and two documents
+    assert first.blobs_uploaded == len(result.layers) + 1 + 3
     assert first.manifest_digest == result.manifest_digest
     assert second.blobs_uploaded == 0
     assert second.bytes_sent == 0
-    assert second.blobs_skipped == len(result.layers) + 1
+    assert second.blobs_skipped == len(result.layers) + 1 + 3
