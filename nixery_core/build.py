@@ -50,7 +50,14 @@ from nixery_core.image_config import ImageConfig
 from nixery_core.layering import DEFAULT_STRATEGY
 from nixery_core.manifest import Descriptor, LayerDescriptor, render_config, render_manifest
 from nixery_core.names import Image
-from nixery_core.protocols import BlobInfo, LayeringStrategy, LogCallback, Runner, Uploader
+from nixery_core.protocols import (
+    BlobInfo,
+    LayeringStrategy,
+    LogCallback,
+    Runner,
+    SupportsRefresh,
+    Uploader,
+)
 from nixery_core.results import (
     BuildResult,
     BuiltLayer,
@@ -350,6 +357,8 @@ class _Build:
             if not recheck:
                 self.count("corrupt_entries")
             return None
+        if found is not None and not refresh_blob(self.store, found[0].digest):
+            return None  # collected since the lookup: pack it again
         return None if found is None else found[0]
 
     def _pack(
@@ -604,6 +613,14 @@ def _build_rooted(build: _Build, plan: _Plan, start: float, gc_root: Path) -> Bu
     build.timed("metadata", now)
     build.emit("done", f"built {image.reference}: {manifest_info.digest}")
     return attrs.evolve(result, timings=dict(build.timings), cache_stats=build.stats)
+
+
+def refresh_blob(store: Uploader, digest: str) -> bool:
+    """Whether the blob is stored; a store with :class:`SupportsRefresh` also restarts its
+    age, so gc's grace period protects a blob this build is about to name again."""
+    if isinstance(store, SupportsRefresh):
+        return store.touch_blob(digest)
+    return store.blob_info(digest) is not None
 
 
 def _check_on_disk(graph: RuntimeGraph, store_root: Path) -> None:

@@ -38,16 +38,21 @@ clean-up are optional capabilities, found structurally (never by the
 store's class), so an embedder's store gets them by offering the methods.
 
 **Races with builds.**  A build stores every blob before it writes the
-entry naming it (:mod:`nixery_core.cache`).  So while a build runs, its new
-blobs are young, and a blob younger than the grace period is always kept: a
-concurrent build never loses a blob it has just written, provided
-``grace_seconds`` exceeds the longest build (the default is a day).  The
-remaining window is a build that *re-uses* an old unnamed blob (a
-``put_blob`` of bytes already stored is a no-op that does not refresh the
-blob's time) and names it in an entry written after the mark phase read the
-entries; the cache then finds the entry's blob missing and rebuilds it, so
-a later request heals, but an image handed out in that window may miss that
-blob.  Run gc when builds are quiet, or keep the grace period long.
+entry naming it (:mod:`nixery_core.cache`), so while a build runs its new
+blobs are young and kept.  A build that *re-uses* a stored blob (a layer
+cache hit, a layer packed again, the same config or manifest stored again)
+restarts its age: a store offering
+:class:`~nixery_core.protocols.SupportsRefresh` refreshes a blob's write
+time when its bytes are stored again, and the build calls ``touch_blob`` on
+each layer it takes from the cache (a blob gone by then is packed again).
+Deletion from such a store is conditional: ``delete_blob_if_older``
+removes a blob only if its time is still before the cutoff at that moment
+(the filesystem store renames it aside, checks, and puts it back if
+touched; GCS deletes on the metageneration it judged; MemoryStore under its
+lock), so a refresh that returned before the deletion always wins, and one
+that comes after finds the blob absent and the build stores it again.  A
+caller passing ``written_at`` gets plain deletion (its clock is not the
+store's): keep builds quiet during such a run.
 
 **Expired entries.**  A moving-target manifest entry past its
 ``expires_at`` is never served, but it still names its blobs, so they are
@@ -58,9 +63,11 @@ rebuilds what is missing.  Entries in a :class:`~nixery_core.cache.BuildCache`
 *local* tier are invisible here; the cache checks that an entry's blobs exist
 before serving it, so deleting them costs a rebuild, never a broken image.
 
-**Staging.**  Uploads left behind by crashed processes are removed too when
-they are older than the grace period (judged at ``now()``), by a store that
-offers :class:`~nixery_core.protocols.SupportsStagingCleanup`.
+**Staging.**  Uploads left behind by crashed processes are removed too, by
+a store that offers :class:`~nixery_core.protocols.SupportsStagingCleanup`,
+when older than the grace period and never younger than
+:data:`STAGING_MIN_AGE` (six hours), so ``grace_seconds=0`` cannot cut off
+an upload in flight.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCTET_STR
 from nixery_core.protocols import (
     BlobInfo,
     CollectableStore,
+    SupportsRefresh,
     SupportsStagingCleanup,
     SupportsWriteTimes,
     Uploader,
@@ -90,6 +98,7 @@ __all__ = [
     "BUILD_PREFIX",
     "DEFAULT_GRACE_SECONDS",
     "MANIFEST_PREFIX",
+    "STAGING_MIN_AGE",
     "GcReport",
     "UnreadableEntry",
     "WrittenAt",
@@ -99,6 +108,9 @@ __all__ = [
 
 #: One day: longer than any build, so a build running during gc keeps its blobs.
 DEFAULT_GRACE_SECONDS = 86400.0
+#: Staged uploads younger than this are never removed, whatever the grace period
+#: (``--grace 0`` must not cut off a layer being packed).
+STAGING_MIN_AGE = 6 * 3600.0
 MANIFEST_PREFIX = "manifests/"
 BUILD_PREFIX = "builds/"
 
@@ -345,7 +357,8 @@ def _expired(record: ManifestRecord | None, now: float) -> bool:
 def _clean_staging(store: Uploader, grace_seconds: float, now: float, *, dry_run: bool) -> int:
     """Staged uploads older than the grace period, through the store's own capability."""
     if isinstance(store, SupportsStagingCleanup):
-        return store.clean_staging(older_than=grace_seconds, now=now, dry_run=dry_run)
+        older_than = max(grace_seconds, STAGING_MIN_AGE)  # never an upload in flight
+        return store.clean_staging(older_than=older_than, now=now, dry_run=dry_run)
     return 0
 
 
@@ -414,6 +427,21 @@ def _choose(
     return _Sweep(tuple(doomed), named_count, young, unknown)
 
 
+def _delete(store: CollectableStore, sweep: _Sweep, cutoff: float, *, own_ages: bool) -> _Sweep:
+    """Delete the doomed blobs; judged by the store's own ages, only those still older
+    than ``cutoff`` when deleted (a build that reused one meanwhile refreshed it)."""
+    if not (own_ages and isinstance(store, SupportsRefresh)):
+        for info in sweep.doomed:
+            store.delete_blob(info.digest)
+        return sweep
+    deleted = tuple(
+        info for info in sweep.doomed if store.delete_blob_if_older(info.digest, cutoff)
+    )
+    return attrs.evolve(
+        sweep, doomed=deleted, kept_young=sweep.kept_young + len(sweep.doomed) - len(deleted)
+    )
+
+
 def collect_garbage(
     store: CollectableStore,
     *,
@@ -463,8 +491,7 @@ def collect_garbage(
     if not dry_run:
         for key in dropped:
             store.delete_object(key)
-        for info in sweep.doomed:
-            store.delete_blob(info.digest)
+        sweep = _delete(store, sweep, when - grace_seconds, own_ages=written_at is None)
     staging = _clean_staging(store, grace_seconds, when, dry_run=dry_run)
 
     removed = tuple(info.digest for info in sweep.doomed)

@@ -29,6 +29,7 @@ __all__ = [
     "SupportsDeletion",
     "SupportsListing",
     "SupportsReading",
+    "SupportsRefresh",
     "SupportsStagingCleanup",
     "SupportsWriteTimes",
     "Uploader",
@@ -238,6 +239,24 @@ class SupportsStagingCleanup(Protocol):
     """
 
     def clean_staging(self, *, older_than: float, now: float, dry_run: bool = False) -> int: ...
+
+
+@runtime_checkable
+class SupportsRefresh(Protocol):
+    """Restarts a reused blob's age, and deletes a blob only while it is still old.
+
+    It promises (on the clock of :class:`SupportsWriteTimes`, which a store
+    offering this also offers): :meth:`touch_blob` sets the blob's write
+    time to now and says whether it is stored; storing bytes already stored
+    refreshes that time the same way; :meth:`delete_blob_if_older` deletes
+    the blob only if its write time is still before ``cutoff`` at the moment
+    it deletes, so a :meth:`touch_blob` that returned ``True`` is never
+    undone by a concurrent garbage collection.
+    """
+
+    def touch_blob(self, digest: str) -> bool: ...
+
+    def delete_blob_if_older(self, digest: str, cutoff: float) -> bool: ...
 
 
 @runtime_checkable

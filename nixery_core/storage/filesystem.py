@@ -257,7 +257,7 @@ class FilesystemStore:
         """Store ``data`` (a no-op when an intact blob with its digest exists)."""
         validate_media_type(media_type)
         digest = sha256_digest(data)
-        if self._stored_copy_intact(digest, len(data)):
+        if self._stored_copy_intact(digest, len(data)) and self.touch_blob(digest):
             self._ensure_meta(digest, media_type, len(data))
             return BlobInfo(digest, len(data), media_type)
         with self.open_blob_writer(media_type) as writer:
@@ -372,6 +372,39 @@ class FilesystemStore:
         except OSError as exc:
             raise StorageUnavailable(f"cannot stat blob {digest}: {exc}", digest) from exc
 
+    def touch_blob(self, digest: str) -> bool:
+        """Set the blob's mtime to now (``clock``); ``False`` when it is not stored
+        (:class:`~nixery_core.protocols.SupportsRefresh`)."""
+        now = self.clock()
+        with _translated(digest):
+            try:
+                os.utime(self._blob_file(digest), (now, now))
+            except FileNotFoundError:
+                return False
+        return True
+
+    def delete_blob_if_older(self, digest: str, cutoff: float) -> bool:
+        """Delete the blob if its mtime is before ``cutoff``, atomically against touch_blob.
+
+        The blob is first renamed into ``staging/`` (readers and touches then
+        see it absent), its mtime read there, and it is put back if a touch
+        came first.  Its sidecar goes with it unless the blob was stored again.
+        """
+        blob = self._blob_file(digest)
+        trash = self._staging / f"gc-{digest_hex(digest)}-{os.urandom(6).hex()}"
+        with _translated(digest):
+            try:
+                blob.rename(trash)
+            except FileNotFoundError:
+                return False
+            if trash.stat().st_mtime >= cutoff:  # reused meanwhile: it stays
+                trash.replace(blob)
+                return False
+            trash.unlink()
+            if not blob.exists():
+                _unlink_quietly(self._meta_file(digest))
+        return True
+
     def clean_staging(self, *, older_than: float, now: float, dry_run: bool = False) -> int:
         """Staging files (and sidecars without a blob) older than ``older_than`` at ``now``.
 
@@ -447,7 +480,9 @@ class FilesystemBlobWriter:
             raise
         info = BlobInfo(digest, self._counter.size, self._media_type)
         try:
-            if self._store._stored_copy_intact(digest, info.size):
+            if self._store._stored_copy_intact(digest, info.size) and self._store.touch_blob(
+                digest
+            ):
                 self._store._ensure_meta(digest, self._media_type, info.size)
                 self.abort()
             else:

@@ -49,6 +49,7 @@ import base64
 import io
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -262,6 +263,8 @@ class GcsStore:
                 f"GCS refused to create {name!r} as it exists, yet it cannot be read", digest
             )
         if _matches(meta, size, crc):
+            if not self.touch_blob(digest):  # stored again: its age starts again (gc)
+                replace(0)  # collected in between: ours goes in
             return _info(digest, meta)
         log.warning(
             "GCS object %s exists with other content (size %s, crc32c %s; expected %d, %s); "
@@ -326,6 +329,37 @@ class GcsStore:
     def staging_leftovers(self) -> list[str]:
         """Names of staging objects: uploads being committed, or left by crashed processes."""
         return [meta.name for meta in self._list(self._prefix + _STAGING, "staging/")]
+
+    def touch_blob(self, digest: str) -> bool:
+        """Patch the object's metadata (which sets ``updated``); ``False`` when absent
+        (:class:`~nixery_core.protocols.SupportsRefresh`)."""
+        blob = self._bucket.blob(self.blob_object_name(digest))
+        blob.metadata = {"nixery-reused": str(int(time.time()))}
+        try:
+            blob.patch(**self._call())
+        except gexc.NotFound:
+            return False
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, digest, "refresh of") from exc
+        return True
+
+    def delete_blob_if_older(self, digest: str, cutoff: float) -> bool:
+        """Delete the blob if last written before ``cutoff``: a delete conditional on the
+        metageneration judged, so a touch in between (a new metageneration) keeps it."""
+        name = self.blob_object_name(digest)
+        meta = self._stat(name, digest)
+        written = _written_at(meta)
+        if meta is None or written is None or written >= cutoff:
+            return False
+        try:
+            self._bucket.blob(name).delete(
+                if_metageneration_match=meta.metageneration, **self._call()
+            )
+        except (gexc.NotFound, gexc.PreconditionFailed):
+            return False
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, digest, "delete of") from exc
+        return True
 
     def blob_written_at(self, digest: str) -> float | None:
         """The later of the blob object's creation and update times (one metadata GET).

@@ -134,8 +134,8 @@ class MemoryStore:
                 raise StorageUnavailable(f"injected failure committing {digest}", digest)
             if digest not in self._blobs:
                 self._blobs[digest] = (data, media_type)
-                self._written[digest] = self.clock()
                 self.blob_writes += 1
+            self._written[digest] = self.clock()  # stored again: its age starts again
             self.blob_commits += 1
 
     # --- blobs ---------------------------------------------------------------
@@ -188,6 +188,26 @@ class MemoryStore:
         digest_hex(digest)
         with self._lock:
             return self._written.get(digest)
+
+    def touch_blob(self, digest: str) -> bool:
+        """Restart the blob's age (on ``clock``); ``False`` when absent."""
+        digest_hex(digest)
+        with self._lock:
+            if digest not in self._blobs:
+                return False
+            self._written[digest] = self.clock()
+            return True
+
+    def delete_blob_if_older(self, digest: str, cutoff: float) -> bool:
+        """Delete the blob if stored (or touched) before ``cutoff``; whether it was."""
+        digest_hex(digest)
+        with self._lock:
+            written = self._written.get(digest)
+            if digest not in self._blobs or written is None or written >= cutoff:
+                return False
+            self._blobs.pop(digest, None)
+            self._written.pop(digest, None)
+            return True
 
     def clean_staging(self, *, older_than: float, now: float, dry_run: bool = False) -> int:
         """Abort (``dry_run``: count) uploads opened before ``now - older_than``."""
