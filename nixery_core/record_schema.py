@@ -45,7 +45,7 @@ class MalformedRecord(ValueError):
 
 
 def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(body, Mapping):
+    if not isinstance(body, dict):  # JSON objects are dicts, and the check is fast
         raise MalformedRecord(f"expected an object holding {name!r}, got {type(body).__name__}")
     if name not in body:
         raise MalformedRecord(f"{name!r} is missing")
@@ -110,7 +110,7 @@ def _image_sizes(body: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _sbom_sizes(data: object) -> list[tuple[str, int]]:
-    if not isinstance(data, Mapping):
+    if not isinstance(data, dict):
         raise MalformedRecord(f"an SBOM entry is {type(data).__name__}, not an object")
     try:
         artifact = SbomArtifact.from_json(data)
