@@ -103,7 +103,7 @@ def test_registry_error_body_for_a_huge_name_is_small() -> None:
 
 
 @pytest.mark.usefixtures("nix")
-@pytest.mark.parametrize("hostile", ["aborting-alias", "recursive-alias"])
+@pytest.mark.parametrize("hostile", ["aborting-alias", "recursive-alias", "overflowing-alias"])
 def test_attribute_that_aborts_or_recurses_is_unknown(hostile: str) -> None:
     """An attribute failing uncatchably when forced is UnknownPackages with the other misses."""
     spec = LocalPathSource(OFFLINE_SET).resolve("latest")

@@ -23,6 +23,7 @@
 #   removed-alias                  throws when forced, like a removed alias (unknown)
 #   aborting-alias                 aborts when forced (uncatchable by tryEval; unknown)
 #   recursive-alias                infinite recursion when forced (uncatchable; unknown)
+#   overflowing-alias              overflows Nix's stack when forced (uncatchable; unknown)
 # Content cases (one package each, for packers):
 #   edge-cases     hard links, paths and names longer than 100 bytes, relative,
 #                  absolute (in and outside the store), dangling, looping and
@@ -244,6 +245,7 @@ let
     removed-alias = throw "removed-alias has been removed (offline set test case)";
     aborting-alias = abort "aborting-alias: aborts when forced (offline set test case)";
     recursive-alias = let loop = loop; in loop;
+    overflowing-alias = let deeper = n: 1 + deeper (n + 1); in deeper 0;
 
     edge-cases = mk "edge-cases" ''
       mkdir -p $out/bin $out/lib $out/share/empty/nested $out/var/empty
