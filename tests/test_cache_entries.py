@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
-from nixery_core.names import Image
+from nixery_core.multiarch import MultiArchResult, build_multiarch
+from nixery_core.names import AMD64, ARM64, Image
 from nixery_core.record_schema import MalformedRecord, record_blob_sizes
 from nixery_core.testing.runners import FakeNix, default_fake_packages
 from nixery_core.testing.sources import FixedSource
@@ -200,3 +201,60 @@ def test_record_schema_names_what_is_wrong(built: Built, change: dict[str, Any])
     record_blob_sizes(body)
     with pytest.raises(MalformedRecord):
         record_blob_sizes({**body, **change})
+
+
+@attrs.frozen
+class BuiltIndex:
+    """One multi-architecture build: store, Nix root, index digest, its entry name and bytes."""
+
+    store: MemoryStore
+    fake: FakeNix
+    digest: str
+    name: str
+    raw: bytes
+
+
+@pytest.fixture(scope="module")
+def built_index(tmp_path_factory: pytest.TempPathFactory) -> BuiltIndex:
+    """shell/hello for amd64 and arm64 built once; its index entry is the fuzzing seed."""
+    root = tmp_path_factory.mktemp("index-entries")
+    fake = FakeNix(root / "nix", default_fake_packages())
+    store = MemoryStore()
+    result = _build_index(store, fake, BuildCache(None))
+    name = f"manifests/{result.cache_key}"
+    raw = store.get_object(name)
+    assert raw is not None
+    return BuiltIndex(store, fake, result.index_digest, name, raw)
+
+
+def _build_index(store: MemoryStore, fake: FakeNix, cache: BuildCache) -> MultiArchResult:
+    return build_multiarch(
+        Image.from_name("shell/hello"), FixedSource(), archs=(AMD64, ARM64), runner=fake,
+        uploader=store, cache=cache, store_root=fake.store_root, max_workers=1,
+    )
+
+
+@pytest.mark.parametrize("tier", ["local", "shared"])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_malformed_index_entry_is_a_repaired_miss(
+    built_index: BuiltIndex, tier: str, tmp_path: Path, data: st.DataObject
+) -> None:
+    """A mutated multi-architecture index entry in either tier: the build succeeds, repairs it."""
+    raw = data.draw(mutated(built_index.raw))
+    store = built_index.store
+    directory = tmp_path / f"index-cache-{tier}"
+    shutil.rmtree(directory, ignore_errors=True)
+    store.delete_object(built_index.name)
+    _write(tier, directory, store, built_index.name, raw)
+    with BuildCache(directory, shared=tier == "shared") as cache:
+        result = _build_index(store, built_index.fake, cache)
+        assert result.index_digest == built_index.digest
+    check = directory if tier == "local" else tmp_path / "fresh-index"
+    shutil.rmtree(tmp_path / "fresh-index", ignore_errors=True)
+    with BuildCache(check, shared=tier == "shared") as cache:
+        again = _build_index(store, built_index.fake, cache)
+        assert again.from_cache
+        assert again.index_digest == built_index.digest
