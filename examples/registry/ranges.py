@@ -195,7 +195,8 @@ def read_ranges(
     """
     current = stream
     position = 0
-    seekable = stream.seekable()
+    # Wrappers (a verifying reader) may offer seek() without seekable().
+    seekable = stream.seekable() if hasattr(stream, "seekable") else hasattr(stream, "seek")
     opened: list[BinaryIO] = []
     try:
         for byte_range in ranges:
