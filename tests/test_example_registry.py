@@ -54,6 +54,7 @@ from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import InvalidInput, InvalidSource
+from nixery_core.gc import collect_garbage
 from nixery_core.media_types import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -236,6 +237,29 @@ def test_both_forms_share_config_and_layers(
     assert oci["config"]["digest"] == docker["config"]["digest"]
     assert [d["digest"] for d in oci["layers"]] == [d["digest"] for d in docker["layers"]]
     assert fake.count("realise") == 1
+
+
+def test_gc_keeps_both_manifest_forms(
+    fake_registry: tuple[str, RegistryConfig, FakeNix],
+) -> None:
+    """After gc deletes every old blob nothing names, the Docker manifest a client got is
+    still served by digest: an entry names it, as the OCI one is named."""
+    base, config, _ = fake_registry
+    url = f"{base}/v2/shell/hello/manifests/latest"
+    docker = httpx.get(url, headers=[("Accept", DOCKER_MANIFEST)])
+    oci = httpx.get(url, headers=[("Accept", OCI_MANIFEST)])
+    assert docker.headers["content-type"] == DOCKER_MANIFEST
+    assert oci.headers["content-type"] == OCI_MANIFEST
+    later = time.time() + 3 * 86400
+    report = collect_garbage(config.store, now=lambda: later)  # type: ignore[arg-type]
+    assert report.kept_named >= 4  # both manifests, the config, the layers
+    for response in (docker, oci):
+        digest = response.headers["docker-content-digest"]
+        assert config.store.blob_info(digest) is not None, digest
+        again = httpx.get(f"{base}/v2/shell/hello/manifests/{digest}",
+                          headers=DOCKER_ACCEPT + SKOPEO_ACCEPT)
+        assert again.status_code == 200, (digest, again.text)
+        assert again.content == response.content
 
 
 def test_only_unservable_forms_accepted_is_manifest_unknown(

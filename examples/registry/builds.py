@@ -13,7 +13,9 @@ cache are deduplicated by the cache's own single flight underneath.
 Every build produces the OCI manifest (the library's default and the
 manifest cache's one entry per image); the Docker schema 2 manifest is
 rendered from the same config and layers and stored beside it, so both can
-be fetched by digest.  Rendering is byte for byte what ``build_image(...,
+be fetched by digest; an entry of its own (``manifests/docker-<key>``, in the
+manifest entry's form and expiring with it) names it, so garbage collection
+keeps it as long as the OCI one.  Rendering is byte for byte what ``build_image(...,
 manifest_format="docker")`` produces (pinned by a test), without a second
 Nix call.  A failed build is not remembered: the next request tries again.
 
@@ -31,6 +33,8 @@ and every child are stored as blobs, so clients fetch them by digest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -39,13 +43,16 @@ import attrs
 
 from examples.registry.config import ManifestFormat, RegistryConfig
 from nixery_core import builder as library
+from nixery_core.cache import ManifestRecord
+from nixery_core.digests import sha256_digest
 from nixery_core.errors import InvalidInput
 from nixery_core.manifest import DOCKER_MANIFEST, OCI_CONFIG, LayerDescriptor, render_manifest
 from nixery_core.names import Image
 from nixery_core.protocols import BlobInfo, Uploader
 from nixery_core.results import BuildResult
+from nixery_core.sources import canonical_json
 
-__all__ = ["Builder", "BuiltImage", "ServedManifest", "docker_manifest"]
+__all__ = ["Builder", "BuiltImage", "ServedManifest", "docker_entry_key", "docker_manifest"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,12 +94,40 @@ def docker_manifest(result: BuildResult) -> bytes | None:
     return data
 
 
-def _store_docker_manifest(store: Uploader, result: BuildResult) -> ServedManifest | None:
+def docker_entry_key(result: BuildResult) -> str:
+    """The cache entry that names an image's Docker manifest: ``manifests/docker-<key>``."""
+    return f"manifests/docker-{result.cache_key}"
+
+
+def _store_docker_manifest(
+    store: Uploader, result: BuildResult, named: set[str]
+) -> ServedManifest | None:
     data = docker_manifest(result)
     if data is None:
         return None
     info = store.put_blob(data, DOCKER_MANIFEST)
+    if info.digest not in named:
+        _name_docker_manifest(store, result, data)
+        named.add(info.digest)
     return ServedManifest(data, info.digest, DOCKER_MANIFEST)
+
+
+def _name_docker_manifest(store: Uploader, result: BuildResult, data: bytes) -> None:
+    """Garbage collection keeps what an entry names: the Docker manifest gets an entry
+    beside the image's OCI one (same config and layers), expiring when that one does."""
+    expires_at = None
+    raw = store.get_object(f"manifests/{result.cache_key}")
+    if raw is not None:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            expires_at = ManifestRecord.from_json(json.loads(raw)).expires_at
+    body = {
+        "manifest": data.decode(),
+        "manifest_media_type": DOCKER_MANIFEST,
+        "config": result.config.decode(),
+    }
+    blobs = (sha256_digest(data), result.config_digest, *(layer.digest for layer in result.layers))
+    record = ManifestRecord(body, blobs, expires_at)
+    store.put_object(docker_entry_key(result), canonical_json(record.to_json()))
 
 
 def library_builder(config: RegistryConfig) -> library.Builder:
@@ -120,6 +155,8 @@ class Builder:
 
     config: RegistryConfig
     _library: library.Builder = attrs.field(init=False)
+    #: Docker manifests this process has named by an entry (written once each).
+    _named_docker: set[str] = attrs.field(init=False, factory=set)
 
     def __attrs_post_init__(self) -> None:
         self._library = library_builder(self.config)
@@ -137,7 +174,8 @@ class Builder:
         )
         oci = ServedManifest(result.manifest, result.manifest_digest, result.manifest_media_type)
         store = self.config.store
-        docker = await self.run_io(lambda: _store_docker_manifest(store, result))
+        named = self._named_docker
+        docker = await self.run_io(lambda: _store_docker_manifest(store, result, named))
         return BuiltImage(result, oci, docker)
 
     async def build_index(self, image: Image, fmt: ManifestFormat) -> ServedManifest:
