@@ -21,11 +21,16 @@ def store_path_name(path: str) -> str:
 
 @attrs.frozen
 class StorePath:
-    """One store path: its NAR size and the store paths it references (self excluded)."""
+    """One store path: its NAR size and the store paths it references (self excluded).
+
+    ``nar_hash`` is the NAR's hash as Nix printed it (``sha256-<base64>`` or
+    ``sha256:<base-32>``), when known; SBOMs report it.
+    """
 
     path: str
     nar_size: int
     references: tuple[str, ...] = ()
+    nar_hash: str | None = None
 
     @property
     def name(self) -> str:
@@ -59,7 +64,7 @@ class RuntimeGraph:
         by_path: dict[str, StorePath] = {}
         for sp in store_paths:
             refs = tuple(sorted({r for r in sp.references if r != sp.path}))
-            by_path[sp.path] = StorePath(sp.path, sp.nar_size, refs)
+            by_path[sp.path] = StorePath(sp.path, sp.nar_size, refs, sp.nar_hash)
         for sp in by_path.values():
             missing = [r for r in sp.references if r not in by_path]
             if missing:

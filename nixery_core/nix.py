@@ -347,7 +347,10 @@ def _store_path(argv: Sequence[str], text: str, path: str, info: object) -> Stor
         if not ref_path.startswith("/"):
             ref_path = f"{_store_dir(path)}/{ref_path}"
         references.append(ref_path)
-    return StorePath(path, size, tuple(references))
+    nar_hash = info.get("narHash")
+    if nar_hash is not None and not isinstance(nar_hash, str):
+        raise NixOutputError(argv, text, f"narHash of {path} is not a string")
+    return StorePath(path, size, tuple(references), nar_hash)
 
 
 def parse_path_info_output(argv: Sequence[str], stdout: bytes) -> tuple[StorePath, ...]:

@@ -21,10 +21,13 @@ from nixery_core.errors import InvalidInput
 from nixery_core.image_config import ImageConfig
 from nixery_core.manifest import parse_manifest
 from nixery_core.names import Image
+from nixery_core.package_meta import License, PackageMeta
 from nixery_core.runner import SubprocessRunner
 from nixery_core.sbom import fallback_tag, parse_store_path_name, referrers_index
-from nixery_core.sbom.inventory import Component
+from nixery_core.sbom.cyclonedx import render_cyclonedx
+from nixery_core.sbom.inventory import Component, Inventory
 from nixery_core.sbom.provenance import CREATED, REVISION
+from nixery_core.sbom.spdx import render_spdx
 from nixery_core.sources import LocalPathSource
 from nixery_core.testing.runners import RecordingRunner
 from nixery_core.testing.storage import MemoryStore
@@ -91,7 +94,7 @@ def test_every_store_path_is_a_component_with_its_nix_references(socat: Built) -
 
 
 def test_components_carry_name_version_purl_with_store_hash_and_size(socat: Built) -> None:
-    """Each purl parses as pkg:nix with the store hash; sizes are Nix's NAR sizes."""
+    """Each purl parses as pkg:nix with the store hash; size and hash are Nix's NAR's."""
     document = _cdx(socat)
     by_name = {c["name"]: c for c in document["components"]}  # type: ignore[attr-defined]
     openssl = by_name["openssl"]
@@ -105,6 +108,11 @@ def test_components_carry_name_version_purl_with_store_hash_and_size(socat: Buil
         ["nix", "--extra-experimental-features", "nix-command", "path-info", "--json",
          openssl["bom-ref"]], check=True, capture_output=True).stdout)
     assert int(props["nix:nar_size"]) == info[0]["narSize"]
+    base16 = subprocess.run(
+        ["nix", "--extra-experimental-features", "nix-command", "hash", "to-base16",
+         "--type", "sha256", info[0]["narHash"]], check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    assert openssl["hashes"] == [{"alg": "SHA-256", "content": base16}]
 
 
 def test_requested_packages_are_marked_with_the_package_sets_meta(socat: Built) -> None:
@@ -273,3 +281,30 @@ def test_cli_prints_the_sbom_then_writes_it_from_the_cache_without_nix(tmp_path:
     assert cyclonedx_problem(out.read_bytes()) is None
     names = {c["name"] for c in json.loads(out.read_bytes())["components"]}
     assert {"hello", "busybox", "bash-interactive"} <= names
+
+
+def test_licences_without_spdx_ids_and_odd_names_still_validate() -> None:
+    """A licence known only by name becomes a LicenseRef (SPDX) or a named licence (CycloneDX)."""
+    meta = PackageMeta(
+        pname="odd pkg+", version="1.0 beta", description="ünïcödé",
+        homepage=("https://a.example/", "https://b.example/"),
+        licenses=(License(None, "Custom: Some Licence (v2)", None), License("MIT", "MIT", None)),
+    )
+    path = f"/nix/store/{'b' * 32}-odd-pkg-1.0"
+    dep = f"/nix/store/{'c' * 32}-dep-2.0-lib"
+    inventory = Inventory(
+        name="odd/image", tag="v1", architecture="arm64", created="2024-05-01T12:00:00Z",
+        source={}, components=(
+            Component(path, "odd pkg+", "1.0 beta", None, 10, (dep,), ("odd",), meta,
+                      "sha256-" + "A" * 43 + "="),
+            Component(dep, "dep", "2.0", "lib", 5, ()),
+        ),
+    )
+    digest = "sha256:" + "d" * 64
+    spdx = render_spdx(inventory, digest)
+    assert spdx_problems(spdx) == []
+    declared = {p["name"]: p["licenseDeclared"] for p in json.loads(spdx)["packages"]}
+    assert declared["odd pkg+"] == "LicenseRef-Custom-Some-Licence-v2 AND MIT"
+    cdx = render_cyclonedx(inventory, digest)
+    assert cyclonedx_problem(cdx) is None
+    assert render_spdx(inventory, digest) == spdx

@@ -85,6 +85,7 @@ let
 
   # nixpkgs' lib.licenses entries used below (same attribute names).
   licenses = {
+    gpl2Plus = { spdxId = "GPL-2.0-or-later"; fullName = "GNU General Public License v2.0 or later"; url = "https://spdx.org/licenses/GPL-2.0-or-later.html"; free = true; };
     gpl2Only = { spdxId = "GPL-2.0-only"; fullName = "GNU General Public License v2.0 only"; url = "https://spdx.org/licenses/GPL-2.0-only.html"; free = true; };
     gpl3Plus = { spdxId = "GPL-3.0-or-later"; fullName = "GNU General Public License v3.0 or later"; url = "https://spdx.org/licenses/GPL-3.0-or-later.html"; free = true; };
     asl20 = { spdxId = "Apache-2.0"; fullName = "Apache License 2.0"; url = "https://spdx.org/licenses/Apache-2.0.html"; free = true; };
@@ -107,7 +108,7 @@ let
       chmod 0555 $out/bin/${pname}
     '' { inherit deps; }) // { inherit pname version meta; };
 
-  self = {
+  base = {
     busybox = withMeta busybox {
       description = "Tiny versions of common UNIX utilities in a single small executable";
       homepage = "https://busybox.net/";
@@ -307,5 +308,41 @@ let
       exit 1
     '' { };
   };
+
+  # What nixpkgs' meta says of the real packages these stand in for.
+  metas = {
+    bashInteractive = {
+      description = "GNU Bourne-Again Shell, the de facto standard shell on Linux";
+      homepage = "https://www.gnu.org/software/bash/";
+      license = licenses.gpl3Plus;
+    };
+    coreutils = {
+      description = "The GNU Core Utilities";
+      homepage = "https://www.gnu.org/software/coreutils/";
+      license = licenses.gpl3Plus;
+    };
+    moreutils = {
+      description = "Growing collection of the unix tools that nobody thought to write long ago when unix was young";
+      homepage = "https://joeyh.name/code/moreutils/";
+      license = licenses.gpl2Plus;
+    };
+    nano = {
+      description = "A small, user-friendly console text editor";
+      homepage = "https://www.nano-editor.org/";
+      license = licenses.gpl3Plus;
+    };
+    cacert = {
+      description = "A bundle of X.509 certificates of public Certificate Authorities (CA)";
+      homepage = "https://curl.se/docs/caextract.html";
+      license = licenses.mpl20;
+    };
+    iana-etc = {
+      description = "IANA protocol and port number assignments (/etc/protocols and /etc/services)";
+      homepage = "https://www.iana.org/protocols";
+      license = licenses.mit;
+    };
+  };
+
+  self = base // builtins.mapAttrs (name: meta: withMeta base.${name} meta) metas;
 in
 self

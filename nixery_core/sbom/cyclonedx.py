@@ -4,6 +4,7 @@
 purl); ``components`` has one entry per store path (``bom-ref`` is the store
 path; type ``application`` when requested, else ``library``) with name,
 version, ``pkg:nix`` purl, description, licences (by SPDX id, else by name),
+the NAR's SHA-256 as its hash,
 homepages as ``website`` references, and properties ``nix:store_path``,
 ``nix:nar_size`` and ``nixery-core:requested_as``.  ``dependencies`` holds
 the image's dependency on the requested paths and every reference edge.
@@ -62,6 +63,8 @@ def _component(component: Component) -> dict[str, JSONValue]:
     }
     if component.version:
         entry["version"] = component.version
+    if component.nar_sha256:
+        entry["hashes"] = [{"alg": "SHA-256", "content": component.nar_sha256}]
     if component.description:
         entry["description"] = component.description
     licenses = _licenses(component)

@@ -23,6 +23,7 @@ import attrs
 from nixery_core.graph import RuntimeGraph
 from nixery_core.names import Image
 from nixery_core.package_meta import License, PackageMeta
+from nixery_core.sbom.nar_hash import nar_sha256_hex
 
 __all__ = ["Component", "Inventory", "parse_store_path_name"]
 
@@ -73,6 +74,12 @@ class Component:
     references: tuple[str, ...]
     requested_as: tuple[str, ...] = ()
     meta: PackageMeta | None = None
+    nar_hash: str | None = None
+
+    @property
+    def nar_sha256(self) -> str | None:
+        """The NAR's SHA-256 in hex, when Nix gave it."""
+        return nar_sha256_hex(self.nar_hash)
 
     @property
     def store_hash(self) -> str:
@@ -151,6 +158,7 @@ class Inventory:
                     references=sp.references,
                     requested_as=tuple(sorted(requested.get(sp.path, ()))),
                     meta=meta,
+                    nar_hash=sp.nar_hash,
                 )
             )
         return cls(

@@ -2,8 +2,9 @@
 
 One package for the image (``SPDXRef-Image``, purpose ``CONTAINER``) and one
 per store path (``SPDXRef-StorePath-<hash>``) with its name, version,
-``pkg:nix`` purl, homepage, description and declared licence (the package
-set's; ``NOASSERTION`` when it gives none).  The NAR size and the store path
+``pkg:nix`` purl, homepage, description, declared licence (the package
+set's; ``NOASSERTION`` when it gives none) and, as its SHA256 checksum, the
+hash of the store path's NAR serialisation (Nix's ``narHash``).  The NAR size and the store path
 are in the package comment (SPDX 2.3 has no size field).  Relationships:
 the document ``DESCRIBES`` the image; the image ``CONTAINS`` every store path
 and ``DEPENDS_ON`` each requested one (commented ``requested as <name>``);
@@ -56,6 +57,8 @@ def _declared(component: Component, extracted: dict[str, str]) -> str:
 
 def _comment(component: Component) -> str:
     text = f"Nix store path {component.path}; NAR size {component.size} bytes"
+    if component.nar_sha256:
+        text += "; the checksum is the NAR's"
     if component.requested_as:
         text += "; requested as " + ", ".join(component.requested_as)
     return text
@@ -85,6 +88,8 @@ def _package(component: Component, extracted: dict[str, str]) -> dict[str, JSONV
         package["homepage"] = component.homepages[0]
     if component.description:
         package["summary"] = component.description
+    if component.nar_sha256:
+        package["checksums"] = [{"algorithm": "SHA256", "checksumValue": component.nar_sha256}]
     return package
 
 
