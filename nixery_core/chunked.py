@@ -22,9 +22,13 @@ pieces; the content of each regular file is cut into *chunks* by
 content-defined chunking (FastCDC 2020, :data:`CHUNK_AVERAGE` bytes on
 average, between :data:`CHUNK_MIN` and :data:`CHUNK_MAX`; the cut points
 restart at each file).  Content-defined cut points are what make an edit
-near the start of a big file (a changed store path in a RUNPATH or a
-shebang) cost one chunk instead of the file: the chunks after it are
-byte-identical, so their digests match what the client already holds.
+near the start of a big file cost one chunk instead of the file: the chunks
+after it are byte-identical, so their digests match what the client already
+holds.  In files of at least :data:`REFERENCE_SPLIT_MIN` bytes, each cluster
+of store path references (``/nix/store/<hash>``) is moreover a chunk of its
+own (:func:`plan_chunks`): when a dependency gets a new store path, as every
+package above a rebuilt one does in Nix, only those few-dozen-byte chunks
+differ, not the ~40 KiB chunk around a RUNPATH or shebang.
 The format decides how pieces become frames (zstd:chunked: every piece its
 own frame; eStargz: a chunk plus the metadata that follows it, as the
 stargz writer does).
@@ -66,6 +70,7 @@ __all__ = [
     "cut_points",
     "modtime_rfc3339",
     "ordered_entries",
+    "plan_chunks",
 ]
 
 #: FastCDC's average chunk size parameter (the real average is about this
@@ -75,6 +80,19 @@ CHUNK_AVERAGE = 32 * 1024
 CHUNK_MIN = 8 * 1024
 #: Largest chunk.
 CHUNK_MAX = 256 * 1024
+#: Files at least this big get each cluster of store path references in a
+#: chunk of its own (see :func:`plan_chunks`); smaller files are one or a
+#: few chunks anyway.
+REFERENCE_SPLIT_MIN = 4 * 1024
+#: References closer than this (bytes between one's hash and the next's
+#: ``/nix/store/``) share a chunk, as the entries of a RUNPATH do.
+REFERENCE_GAP = 256
+_REFERENCE = b"/nix/store/"
+#: ``/nix/store/`` and the 32 characters of the hash: what a rebuild changes.
+_REFERENCE_LENGTH = len(_REFERENCE) + 32
+#: Chunks must end this far before the data seen so far, so a reference
+#: that starts near the end of a window is never inside an emitted chunk.
+_MARGIN = 64
 #: Uncompressed bytes per batch of frames handed to a worker.
 BATCH_BYTES = 1 << 20
 #: A metadata piece (headers of directories, symlinks, links) is sealed into
@@ -97,6 +115,8 @@ def chunker_parameters() -> dict[str, int | str]:
         "chunk_average": CHUNK_AVERAGE,
         "chunk_min": CHUNK_MIN,
         "chunk_max": CHUNK_MAX,
+        "reference_split_min": REFERENCE_SPLIT_MIN,
+        "reference_gap": REFERENCE_GAP,
     }
 
 
@@ -136,6 +156,59 @@ def ordered_entries(
 ) -> list[dict[str, Any]]:
     """The entries with their keys in a fixed order (only ``keys`` kept)."""
     return [{key: entry[key] for key in keys if key in entry} for entry in entries]
+
+
+def plan_chunks(
+    chunker: Any, window: bytes | bytearray, *, last: bool, split_references: bool
+) -> list[int]:
+    """Lengths of the chunks to emit from the start of ``window`` (a file's pending content).
+
+    With ``split_references``, every cluster of store path references
+    (``/nix/store/`` and its 32-character hash; references less than
+    :data:`REFERENCE_GAP` apart form one cluster, at most :data:`CHUNK_MAX`
+    long) is a chunk of its own, and content-defined chunking cuts the
+    stretches between clusters.  A Nix rebuild that renames a dependency
+    changes exactly those hash characters, so the chunks around them stay
+    byte-identical and a client that has the old file fetches only the
+    tiny reference chunks.  Unless ``last`` (the window ends the file),
+    chunks whose cut point could still depend on data not yet seen are
+    held back: the result is the same however the file is split into
+    windows.
+    """
+    size = len(window)
+    lengths: list[int] = []
+    pos = 0
+    with memoryview(window) as view:
+        while pos < size:
+            found = window.find(_REFERENCE, pos) if split_references else -1
+            region: tuple[int, int] | None = None
+            wait = False
+            segment_end = size
+            if found != -1:
+                segment_end = found
+                end = found + _REFERENCE_LENGTH
+                while True:
+                    if not last and end + REFERENCE_GAP + len(_REFERENCE) > size:
+                        wait = True  # the cluster's end is not known yet
+                        break
+                    following = window.find(_REFERENCE, end, end + REFERENCE_GAP + len(_REFERENCE))
+                    if following == -1 or following + _REFERENCE_LENGTH - found > CHUNK_MAX:
+                        break
+                    end = following + _REFERENCE_LENGTH
+                region = (found, min(end, size))
+            fixed_end = found != -1 or last
+            start = pos
+            if segment_end > pos:
+                for chunk in chunker.cut_buf(view[pos:segment_end]):
+                    if not fixed_end and start + CHUNK_MAX > size - _MARGIN:
+                        return lengths
+                    lengths.append(chunk.length)
+                    start += chunk.length
+            if region is None or wait:
+                return lengths
+            lengths.append(region[1] - region[0])
+            pos = region[1]
+    return lengths
 
 
 def modtime_rfc3339(mtime: int) -> str:
@@ -247,6 +320,7 @@ class ChunkedCompressor:
         self._remaining = 0  # content bytes of the current file still to come
         self._padding = 0  # padding after the current file's content
         self._window = bytearray()  # content not yet cut into chunks
+        self._split = False  # whether the current file's store references get chunks of their own
         self._file: dict[str, Any] | None = None
         self._file_digest: Any = None
         self._chunk_offset = 0
@@ -375,6 +449,7 @@ class ChunkedCompressor:
 
     def _start_file(self, entry: dict[str, Any], size: int, out: list[bytes]) -> None:
         self._file = entry
+        self._split = size >= REFERENCE_SPLIT_MIN
         self._remaining = size
         self._padding = -size % _HEADER
         self._chunk_offset = 0
@@ -389,14 +464,10 @@ class ChunkedCompressor:
         window = self._window
         if not last and len(window) < CHUNK_MAX + BATCH_BYTES:
             return
-        lengths = [chunk.length for chunk in self._chunker.cut_buf(window)]
+        lengths = plan_chunks(self._chunker, window, last=last, split_references=self._split)
         start = 0
         with memoryview(window) as view:
             for length in lengths:
-                # A cut point depends on at most CHUNK_MAX bytes from the chunk's
-                # start: chunks starting later wait for more data.
-                if not last and start + CHUNK_MAX > len(window):
-                    break
                 chunk_last = last and start + length == len(window)
                 self._chunk(view[start : start + length].tobytes(), out, last=chunk_last)
                 start += length

@@ -23,7 +23,7 @@ import pytest
 from conftest import require_tools
 
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
-from nixery_core.chunked import CHUNK_MAX, cut_points
+from nixery_core.chunked import CHUNK_MAX, cut_points, plan_chunks
 from nixery_core.errors import InvalidInput
 from nixery_core.estargz import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_NAME, footer
 from nixery_core.manifest import LayerDescriptor, render_manifest
@@ -55,8 +55,9 @@ def make_store(root: Path) -> list[str]:
     store = root / "nix" / "store"
     a = store / "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-big"
     (a / "lib").mkdir(parents=True)
-    (a / "lib" / "libbig.so").write_bytes(_noise(3 * CHUNK_MAX + 12345, 1))
-    (a / "lib" / "copy.so").write_bytes(_noise(3 * CHUNK_MAX + 12345, 1))  # a hard link
+    # Past CHUNK_MAX + BATCH_BYTES: cut while it streams in, references held back.
+    (a / "lib" / "libbig.so").write_bytes(_with_references(2_500_000, 1, "kq"))
+    (a / "lib" / "copy.so").write_bytes(_with_references(2_500_000, 1, "kq"))  # a hard link
     (a / "empty").write_bytes(b"")
     (a / "lib" / "link.so").symlink_to("libbig.so")
     b = store / "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-small"
@@ -312,3 +313,61 @@ def test_unsupported_tar_members_are_refused(tmp_path: Path) -> None:
             ArchiveOptions(compression="zstd-chunked"),
             store_root=tmp_path,
         )
+
+
+def _with_references(size: int, seed: int, hashes: str) -> bytes:
+    """Noise with store references every ~50 KiB, RUNPATH-like clusters among them."""
+    data = bytearray(_noise(size, seed))
+    for n, at in enumerate(range(700, size - 200, 50_000)):
+        ref = b"/nix/store/" + (hashes[n % len(hashes)] * 32).encode() + b"-dep/lib"
+        cluster = ref + b":" + ref if n % 3 == 0 else ref
+        data[at : at + len(cluster)] = cluster
+    return bytes(data)
+
+
+def _streamed(data: bytes, step: int) -> list[int]:
+    """plan_chunks fed as ChunkedCompressor feeds it: growing windows, held-back tails."""
+    chunker = _chunker()
+    lengths: list[int] = []
+    window = b""
+    for start in range(0, len(data), step):
+        window += data[start : start + step]
+        last = start + step >= len(data)
+        planned = plan_chunks(chunker, window, last=last, split_references=True)
+        lengths += planned
+        window = window[sum(planned) :]
+    assert window == b""
+    return lengths
+
+
+def _chunker() -> object:
+    from nixery_core.chunked import _new_chunker
+
+    return _new_chunker()
+
+
+@pytest.mark.parametrize("step", [9_999, 123_457])
+def test_reference_chunks_do_not_depend_on_windows(step: int) -> None:
+    """Reference-aware cut points are the same however the file arrives."""
+    data = _with_references(700_000, 3, "abc")
+    whole = plan_chunks(_chunker(), data, last=True, split_references=True)
+    assert sum(whole) == len(data)
+    assert _streamed(data, step) == whole
+
+
+def test_a_renamed_dependency_changes_only_reference_chunks() -> None:
+    """Rewriting every store hash in a file changes only the chunks holding them (tiny)."""
+    old = _with_references(600_000, 4, "abc")
+    new = _with_references(600_000, 4, "xyz")
+
+    def chunks(data: bytes) -> dict[bytes, int]:
+        out, at = {}, 0
+        for length in plan_chunks(_chunker(), data, last=True, split_references=True):
+            out[hashlib.sha256(data[at : at + length]).digest()] = length
+            at += length
+        return out
+
+    before, after = chunks(old), chunks(new)
+    changed = [length for digest, length in after.items() if digest not in before]
+    assert changed
+    assert sum(changed) < 2 * 12 * 100  # a dozen clusters of at most two references
