@@ -100,9 +100,9 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
@@ -132,6 +132,7 @@ from nixery_core.errors import (
 )
 from nixery_core.estargz import EStargzFormat
 from nixery_core.protocols import JSONValue
+from nixery_core.workers import WorkerPool
 from nixery_core.zstd_chunked import ZstdChunkedFormat
 
 __all__ = [
@@ -393,23 +394,42 @@ class _TarStream:
     """Tar bytes in, compressed bytes out to ``write``; sha256 of both on the way."""
 
     def __init__(
-        self, write: _WriteFn, spec: CompressorSpec, threads: int | None, mtime: int
+        self,
+        write: _WriteFn,
+        spec: CompressorSpec,
+        threads: int | None,
+        mtime: int,
+        executor: WorkerPool | None = None,
     ) -> None:
         self.headers = _Headers(mtime)
-        count = _thread_count(threads)
-        self._executor: Executor | None = None
-        if spec.compression in ("gzip", *CHUNKED) and count > 1:
-            self._executor = ThreadPoolExecutor(count, thread_name_prefix="nixery-deflate")
+        # One pool for the whole build when given (never one inside it); else
+        # one for this layer, closed with it.
+        self._own: WorkerPool | None = None
+        self._executor: WorkerPool | None = executor
+        if executor is not None:
+            count = executor.max_workers if threads is None else _thread_count(threads)
+        else:
+            count = _thread_count(threads)
+            if count > 1:
+                self._own = self._executor = WorkerPool(count, thread_name_prefix="nixery-deflate")
+        parallel = self._executor if spec.compression in ("gzip", *CHUNKED) else None
         self._chunked: ChunkedCompressor | None = None
         self._compressor: StreamCompressor
         if spec.chunked:
             self._chunked = ChunkedCompressor(
-                _frame_format(spec, mtime), mtime=mtime, executor=self._executor, threads=count
+                _frame_format(spec, mtime), mtime=mtime, executor=parallel, threads=count
             )
             self._compressor = self._chunked
         else:
-            self._compressor = open_compressor(spec, executor=self._executor, threads=count)
-        self._hashing = _OrderedHashing(background=count > 1)
+            # zstd runs its own (native) workers: one per layer when a build
+            # shares a pool, since its multi-threaded frames are the same bytes
+            # for any number of workers.
+            zstd_threads = 1 if executor is not None else count
+            self._compressor = open_compressor(
+                spec, executor=parallel,
+                threads=zstd_threads if spec.compression == "zstd" else count,
+            )
+        self._hashing = _OrderedHashing(self._executor if count > 1 else None)
         self._write = write
         self._passthrough = spec.compression == "none"
         self._block = bytearray(BLOCK_SIZE)
@@ -432,8 +452,8 @@ class _TarStream:
     ) -> None:
         self._compressor.close()
         self._hashing.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._own is not None:
+            self._own.shutdown(wait=True, cancel_futures=True)
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
         pos = self._pos
@@ -544,37 +564,57 @@ class _TarStream:
 
 
 class _OrderedHashing:
-    """sha256 updates, in the order given, on one background thread (or inline).
+    """sha256 updates, in the order given, on the build's pool (or inline without one).
 
     hashlib releases the GIL, so hashing the tar and the blob overlaps with
-    reading files and compressing.  At most a few updates are queued, so
-    memory stays bounded; the caller never changes a buffer it handed over.
+    reading files and compressing.  Updates queue up and one drain task at a
+    time applies them in order (a drain holds ``_busy``); when more than a
+    few are queued, or at :meth:`wait`, the producing thread drains itself,
+    so memory stays bounded and a pool busy with other layers never stalls
+    the stream.  The caller never changes a buffer it handed over.
     """
 
     _MAX_QUEUED = 8
 
-    def __init__(self, *, background: bool) -> None:
-        self._pool = (
-            ThreadPoolExecutor(1, thread_name_prefix="nixery-sha256") if background else None
-        )
-        self._queued: deque[Future[None]] = deque()
+    def __init__(self, executor: WorkerPool | None) -> None:
+        self._executor = executor
+        self._queue: deque[tuple[hashlib._Hash, bytes | bytearray]] = deque()
+        self._lock = threading.Lock()
+        self._busy = threading.Lock()
+        self._scheduled = False
 
     def update(self, digest: hashlib._Hash, data: bytes | bytearray) -> None:
-        if self._pool is None:
+        if self._executor is None:
             digest.update(data)
             return
-        queued = self._queued
-        queued.append(self._pool.submit(digest.update, data))
-        while queued and (queued[0].done() or len(queued) > self._MAX_QUEUED):
-            queued.popleft().result()
+        with self._lock:
+            self._queue.append((digest, data))
+            backlog = len(self._queue)
+            schedule = not self._scheduled
+            self._scheduled = True
+        if schedule:
+            self._executor.submit(self._drain)
+        if backlog > self._MAX_QUEUED:
+            self._drain()
+
+    def _drain(self) -> None:
+        with self._busy:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        self._scheduled = False
+                        return
+                    digest, data = self._queue.popleft()
+                digest.update(data)
 
     def wait(self) -> None:
-        while self._queued:
-            self._queued.popleft().result()
+        """Every update given so far is applied when this returns."""
+        self._drain()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        """Drop what is queued (the stream failed); a running drain finishes first."""
+        with self._busy, self._lock:
+            self._queue.clear()
 
 
 def _frame_format(spec: CompressorSpec, mtime: int) -> FrameFormat:
@@ -583,9 +623,13 @@ def _frame_format(spec: CompressorSpec, mtime: int) -> FrameFormat:
     return ZstdChunkedFormat(frame_compressor(spec))
 
 
+#: The most threads a layer packed on its own uses by default, whatever the CPU count.
+MAX_THREADS = 8
+
+
 def _thread_count(threads: int | None) -> int:
     if threads is None:
-        return max(1, len(os.sched_getaffinity(0)))
+        return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InvalidInput(f"threads must be a positive int or None, not {threads!r}")
     return threads
@@ -619,19 +663,23 @@ def pack_store_paths(
     *,
     store_root: Path = Path("/"),
     threads: int | None = None,
+    executor: WorkerPool | None = None,
 ) -> PackedLayer:
     """Pack store paths into one layer, streaming the blob into ``write``.
 
     ``paths`` are absolute (``/nix/store/<hash>-name``), in any order,
     duplicates ignored; each is read from ``store_root / path.lstrip("/")``.
-    ``threads`` compress gzip blocks in parallel (default: the CPUs this
-    process may run on); it never changes the bytes.  See the module
+    Blocks are compressed and hashed in parallel on ``executor`` (a build's
+    one :class:`~nixery_core.workers.WorkerPool`, shared by every layer it
+    packs); without one, on a pool of ``threads`` opened for this layer
+    (default: the CPUs this process may run on, at most
+    :data:`MAX_THREADS`).  Neither ever changes the bytes.  See the module
     docstring for the format and the errors.
     """
     spec = options.compressor()
     tops = [_top_level(path, store_root) for path in _store_names(paths)]
     same = _SameContent(_SMALL_FILE)
-    with _TarStream(write, spec, threads, options.mtime) as tar:
+    with _TarStream(write, spec, threads, options.mtime, executor) as tar:
         tar.put(tar.headers(b"nix/", 0o755, 0, _DIRTYPE))
         tar.put(tar.headers(b"nix/store/", 0o755, 0, _DIRTYPE))
         for member, full, kind in tops:
@@ -966,15 +1014,17 @@ def pack_entries(
     options: ArchiveOptions,
     *,
     threads: int | None = None,
+    executor: WorkerPool | None = None,
 ) -> PackedLayer:
     """Pack synthesised entries into one layer, streaming the blob into ``write``.
 
-    See the module docstring for ordering, added parents and hard links.
+    ``threads`` and ``executor`` as for :func:`pack_store_paths`.  See the
+    module docstring for ordering, added parents and hard links.
     """
     spec = options.compressor()
     ordered = _complete_entries(entries)
     carrier = _hard_link_carriers(ordered)
-    with _TarStream(write, spec, threads, options.mtime) as tar:
+    with _TarStream(write, spec, threads, options.mtime, executor) as tar:
         for entry in ordered:
             name = os.fsencode(entry.path)
             if entry.kind in ("dir", "symlink"):

@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, wait
 from pathlib import Path
 from typing import Literal
 
@@ -69,6 +69,7 @@ from nixery_core.runner import SubprocessRunner
 from nixery_core.sbom import attach
 from nixery_core.sources import PackageSource, SourceSpec, canonical_json, image_cache_key
 from nixery_core.storage.filesystem import FilesystemStore
+from nixery_core.workers import WorkerPool
 
 __all__ = [
     "DEFAULT_LAYER_BUDGET",
@@ -282,7 +283,7 @@ class _Build:
 
     image: Image
     settings: BuildSettings
-    executor: Executor | None
+    executor: WorkerPool | None
     stats: CacheStats = attrs.field(factory=CacheStats)
     _stats_lock: threading.Lock = attrs.field(factory=threading.Lock)
     timings: dict[str, float] = attrs.field(factory=dict)
@@ -441,15 +442,12 @@ def build_image(
 
 
 class open_executor:  # noqa: N801 - used as a context manager, like open()
-    """A ``ThreadPoolExecutor`` of ``workers`` threads, or ``None`` for one worker."""
+    """A :class:`~nixery_core.workers.WorkerPool` of ``workers`` threads; ``None`` for one."""
 
     def __init__(self, workers: int) -> None:
-        self._pool = (
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nixery-pack")
-            if workers > 1 else None
-        )
+        self._pool = WorkerPool(workers) if workers > 1 else None
 
-    def __enter__(self) -> Executor | None:
+    def __enter__(self) -> WorkerPool | None:
         return self._pool
 
     def __exit__(self, *exc: object) -> None:
@@ -459,7 +457,7 @@ class open_executor:  # noqa: N801 - used as a context manager, like open()
 
 def run_build(
     settings: BuildSettings,
-    executor: Executor | None,
+    executor: WorkerPool | None,
     image: Image,
     source: PackageSource,
     *,
@@ -643,14 +641,18 @@ def _history(layer: BuiltLayer) -> str:
 def _pack_layers(
     build: _Build, groups: Sequence[tuple[str, ...]], entries: Sequence[TarEntry]
 ) -> list[BuiltLayer]:
-    archive, root = build.archive, build.store_root
+    archive, root, pool = build.archive, build.store_root, build.executor
+    # Everything runs on the build's one pool; without one, on this thread alone.
+    threads = None if pool is not None else 1
 
     def store_layer(paths: tuple[str, ...]) -> BuiltLayer:
         return build.layer(
             layer_cache_key(paths, archive),
             paths,
             "store",
-            lambda write: pack_store_paths(paths, write, archive, store_root=root),
+            lambda write: pack_store_paths(
+                paths, write, archive, store_root=root, threads=threads, executor=pool
+            ),
         )
 
     def custom_layer() -> BuiltLayer:
@@ -658,15 +660,17 @@ def _pack_layers(
             entries_cache_key(entries, archive),
             (),
             "customisation",
-            lambda write: pack_entries(entries, write, archive),
+            lambda write: pack_entries(entries, write, archive, threads=threads, executor=pool),
         )
 
-    pool = build.executor
     if pool is None:
         return [*(store_layer(g) for g in groups), custom_layer()]
     futures = [pool.submit(store_layer, g) for g in groups]
     custom = pool.submit(custom_layer)
     try:
+        # Wait without helping: this thread is the caller's, the pool's workers
+        # pack (so no more than max_workers threads ever work on layers).
+        wait([*futures, custom], return_when=FIRST_EXCEPTION)
         return [*(f.result() for f in futures), custom.result()]
     finally:
         # A failed layer ends the build: drop the layers not started yet, wait for the rest.

@@ -60,6 +60,7 @@ from nixery_core.names import Architecture, Image
 from nixery_core.protocols import LayeringStrategy, LogCallback, Runner, Uploader
 from nixery_core.results import BuildResult, MultiArchResult, ProgressCallback
 from nixery_core.sources import PackageSource
+from nixery_core.workers import WorkerPool
 
 __all__ = ["DEFAULT_CONCURRENT_BUILDS", "Builder"]
 
@@ -128,7 +129,7 @@ class Builder:
             )
         self._max_concurrent_builds = max_concurrent_builds
         self._given_executor = executor
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: WorkerPool | None = None
         self._build_threads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -287,18 +288,16 @@ class Builder:
 
     # --- internals -----------------------------------------------------------
 
-    def _packing_executor(self) -> Executor | None:
-        """The shared packing executor for a build starting now (``None``: one worker)."""
+    def _packing_executor(self) -> WorkerPool | None:
+        """The shared packing pool for a build starting now (``None``: one worker)."""
         with self._lock:
             if self._closed:
                 raise InvalidInput("this Builder is closed")
             self._started += 1
-            if self._given_executor is not None:
-                return self._given_executor
-            if self._executor is None and self._settings.workers > 1:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=self._settings.workers, thread_name_prefix="nixery-pack"
-                )
+            if self._executor is None and self._given_executor is not None:
+                self._executor = WorkerPool.wrapping(self._given_executor, self._settings.workers)
+            elif self._executor is None and self._settings.workers > 1:
+                self._executor = WorkerPool(self._settings.workers)
             return self._executor
 
     def _build_pool(self) -> ThreadPoolExecutor:

@@ -39,7 +39,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,7 @@ from nixery_core.oci_layout import write_oci_layout
 from nixery_core.protocols import LayeringStrategy, LogCallback, ReadableStore, Runner, Uploader
 from nixery_core.results import BuildResult, MultiArchResult, ProgressCallback
 from nixery_core.sources import PackageSource, canonical_json
+from nixery_core.workers import WorkerPool
 
 __all__ = [
     "DEFAULT_ARCHS",
@@ -124,7 +124,7 @@ class _IndexBuild:
     archs: tuple[Architecture, ...]
     format: Format
     settings: BuildSettings
-    executor: Executor | None
+    executor: WorkerPool | None
     config: ImageConfig
     expression: str | NixExpression | None
     pinned: bool
@@ -266,7 +266,7 @@ def build_multiarch(
 
 def run_multiarch(
     settings: BuildSettings,
-    executor: Executor | None,
+    executor: WorkerPool | None,
     image: Image,
     source: PackageSource,
     *,
