@@ -5,7 +5,8 @@
 * after ``push_image`` to Debian's docker-registry 2.8 (no referrers API),
   skopeo reads the ``sha256-<hex>`` fallback tag and the artifact manifests,
   and oras-py downloads the documents;
-* a registry that acknowledges ``OCI-Subject`` gets no fallback tag (httpx mock).
+* a registry that acknowledges ``OCI-Subject`` gets no fallback tag (httpx mock);
+* an OCI layout holds them as untagged entries (oras-py validates it, skopeo reads the tag).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import oras.provider
 import pytest
 from conftest import OFFLINE_SET, require_tools
+from oras.layout.layout import NewLayout
 from sbom_validators import cyclonedx_problem, spdx_problems
 from servers import DockerRegistry, registry
 
@@ -26,8 +29,10 @@ from examples.registry import RegistryConfig, create_app, serving
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
 from nixery_core.digests import sha256_digest
+from nixery_core.manifest import REF_NAME_ANNOTATION
 from nixery_core.media_types import OCI_INDEX, OCI_MANIFEST
 from nixery_core.names import Image
+from nixery_core.oci_layout import read_layout_blob, read_oci_layout, write_oci_layout
 from nixery_core.registry_push import push_image
 from nixery_core.sbom import fallback_tag
 from nixery_core.sources import LocalPathSource
@@ -209,3 +214,26 @@ def test_registry_acknowledging_the_subject_gets_no_fallback_tag(
     assert puts == ["v1", *(d for d in pushed.referrers)]
     assert not any(p.startswith("sha256-") for p in puts)
 
+
+
+def test_oci_layout_holds_the_sboms_beside_the_tagged_image(
+    tmp_path: Path, built_hello: tuple[MemoryStore, BuildResult],
+) -> None:
+    """write_oci_layout adds untagged artifact entries; oras-py validates, skopeo reads the tag."""
+    store, result = built_hello
+    layout = tmp_path / "oci"
+    write_oci_layout(layout, store=store, manifest=result.manifest, ref_name="latest")
+    NewLayout(str(layout), validate=True)  # oras-py's own checks of oci-layout, index, blobs
+    entries = read_oci_layout(layout).manifests
+    untagged = {e.digest for e in entries if e.annotation(REF_NAME_ANNOTATION) is None}
+    assert untagged == {a.manifest_digest for a in result.sboms}
+    for artifact in result.sboms:
+        manifest = json.loads(read_layout_blob(layout, artifact.manifest_digest))
+        assert manifest["subject"]["digest"] == result.manifest_digest
+        document = read_layout_blob(layout, manifest["layers"][0]["digest"])
+        assert document == result.sbom(store, artifact.format)
+    require_tools("skopeo")
+    inspected = subprocess.run(
+        ["skopeo", "inspect", f"oci:{layout}:latest"], check=True, capture_output=True, timeout=60,
+    )
+    assert json.loads(inspected.stdout)["Digest"] == result.manifest_digest
