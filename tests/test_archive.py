@@ -130,11 +130,11 @@ def copy_store(
 
 
 def pack(root: Path, options: ArchiveOptions | None = None, paths: list[str] | None = None,
-         **kwargs: int) -> tuple[PackedLayer, bytes]:
+         *, threads: int | None = None) -> tuple[PackedLayer, bytes]:
     sink = Sink()
     packed = pack_store_paths(
         PATHS if paths is None else paths, sink.write, options or ArchiveOptions(),
-        store_root=root, **kwargs,
+        store_root=root, threads=threads,
     )
     return packed, sink.data
 
