@@ -156,6 +156,10 @@ def test_compatibility_table_names_the_tested_versions(
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) >= 2:
             rows[cells[0]] = cells[1]
+    skopeo = subprocess.run(
+        ["skopeo", "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()[-1]
+    assert rows["skopeo"] == skopeo
     assert rows["podman"] == podman.version
     assert rows["containerd `ctr`"] == containerd.version
     assert rows["Docker"] == dockerd.version
