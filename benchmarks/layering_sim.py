@@ -12,7 +12,10 @@ Prints, in this order:
    unique bytes a registry stores for all images at one revision (against
    the sum of image sizes and the floor), layers per image and grouping time;
 3. with ``--by-kind``, churn per image summed by image kind;
-4. how ours does against its targets.
+4. the same churn for a partial-pull client (podman with eStargz or
+   zstd:chunked layers: it fetches only the files and chunks it lacks,
+   :mod:`nixery_core_sim.files`) next to the whole-layer client;
+5. how ours does against its targets.
 
 See :mod:`nixery_core_sim.universe` for the simulated package set and
 :mod:`nixery_core_sim.evaluation` for the measures.
@@ -53,6 +56,7 @@ from nixery_core_sim.evaluation import (
     closure_from_json,
     format_by_kind,
     format_calibration,
+    format_partial,
     format_report,
     measure,
     published_strategies,
@@ -150,6 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_calibration(report.calibration))
         print()
     print(format_report(report))
+    print()
+    print("Whole-layer clients against partial-pull clients (files and chunks, see")
+    print("nixery_core_sim.files; eStargz or zstd:chunked layers pulled by podman):")
+    print()
+    print(format_partial(report))
     if args.by_kind:
         print()
         print(format_by_kind(report))

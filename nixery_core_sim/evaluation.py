@@ -15,6 +15,10 @@ strategy.  Per strategy it reports:
   again (a node running all the images; layers shared between images count);
 - sharing: the unique layer bytes a registry stores for the images of the
   first revision;
+- with content keys per revision, the same two churn measures for a
+  partial-pull client (``Tally.partial_churn``, ``partial_churn_by_kind``):
+  one that fetches only the files and chunks it lacks
+  (:class:`~nixery_core_sim.files.PartialPullingClient`);
 - layers per image and grouping time (CPU seconds).
 
 Two baselines frame the numbers: one layer per image (:class:`SingleLayer`)
@@ -31,7 +35,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import attrs
 
@@ -47,6 +51,7 @@ from nixery_core.names import Image
 from nixery_core.nix import parse_path_info_output, realise
 from nixery_core.protocols import JSONValue, LayerGroup, LayeringStrategy, Runner
 from nixery_core.sources import SourceSpec
+from nixery_core_sim.files import FileModel, PartialPullingClient
 from nixery_core_sim.universe import Universe, UniverseConfig, choose_images, image_graph
 
 __all__ = [
@@ -65,6 +70,7 @@ __all__ = [
     "closure_from_json",
     "format_by_kind",
     "format_calibration",
+    "format_partial",
     "format_report",
     "measure",
     "published_strategies",
@@ -118,10 +124,17 @@ class Tally:
     layers: list[int] = attrs.Factory(list)
     seconds: float = 0.0
     churn_by_kind: dict[str, int] = attrs.Factory(dict)
+    #: The same churn measures for a partial-pull client (0 when not measured).
+    partial_churn: int = 0
+    partial_churn_by_kind: dict[str, int] = attrs.Factory(dict)
 
     @property
     def churn_per_image(self) -> int:
         return sum(self.churn_by_kind.values())
+
+    @property
+    def partial_churn_per_image(self) -> int:
+        return sum(self.partial_churn_by_kind.values())
 
 
 @attrs.frozen
@@ -199,6 +212,8 @@ def measure(
     series: Sequence[Sequence[tuple[str, RuntimeGraph]]],
     strategies: Sequence[tuple[str, _Grouper]],
     budget: int,
+    contents: Sequence[Mapping[str, Hashable]] | None = None,
+    files: FileModel | None = None,
 ) -> Report:
     """Churn over ``series`` (revisions, each a list of (kind, image graph)); sharing at the first.
 
@@ -208,17 +223,25 @@ def measure(
     :func:`~nixery_core.layering.common.validate_grouping` (the baselines
     may exceed the budget), so a faulty strategy raises
     :class:`~nixery_core.errors.InvalidInput` instead of scoring.
+    ``contents`` (per revision, store path -> content key, see
+    :mod:`nixery_core_sim.files`) adds the partial-pull client's churn,
+    with ``files`` (default :class:`~nixery_core_sim.files.FileModel`).
     """
     if not series or not series[0]:
         raise InvalidInput("measure needs at least one revision of at least one image")
+    if contents is not None and len(contents) != len(series):
+        raise InvalidInput("measure needs one content map per revision")
+    model = files or FileModel()
     tallies = [Tally(name) for name, _ in strategies]
     for (name, group), tally in zip(strategies, tallies, strict=True):
         baseline = name in _BASELINES
         shared_client = PullingClient()
         clients = [PullingClient() for _ in series[0]]
+        partial_shared = PartialPullingClient(model)
+        partial_clients = [PartialPullingClient(model) for _ in series[0]]
         for rev, images in enumerate(series):
             corpus = []
-            for (kind, graph), client in zip(images, clients, strict=True):
+            for index, ((kind, graph), client) in enumerate(zip(images, clients, strict=True)):
                 limit = max(budget, len(graph)) if baseline else budget
                 groups = _timed(group, graph, limit, budget, tally)
                 fetched = client.pull(graph, groups)
@@ -226,6 +249,14 @@ def measure(
                 if rev:
                     tally.churn += fetched_shared
                     tally.churn_by_kind[kind] = tally.churn_by_kind.get(kind, 0) + fetched
+                if contents is not None:
+                    keys = contents[rev]
+                    partial = partial_clients[index].pull(graph, groups, keys)
+                    partial_one_node = partial_shared.pull(graph, groups, keys)
+                    if rev:
+                        tally.partial_churn += partial_one_node
+                        by_kind = tally.partial_churn_by_kind
+                        by_kind[kind] = by_kind.get(kind, 0) + partial
                 corpus.append((graph, groups))
             if rev == 0:
                 tally.shared = unique_layer_bytes(corpus)
@@ -253,12 +284,14 @@ def simulate(
     ]
     images = choose_images(universe)
     series = []
+    contents = []
     for rev in range(config.revisions + 1):
         if rev:
             universe.advance()
         paths = universe.store_paths()
         series.append([(img.kind, image_graph(universe, paths, img)) for img in images])
-    report = measure(series, [(s.name, s.group) for s in strategies], budget)
+        contents.append(universe.content_keys(paths))
+    report = measure(series, [(s.name, s.group) for s in strategies], budget, contents)
     return attrs.evolve(report, calibration=calibrate(report, series[0]))
 
 
@@ -397,6 +430,28 @@ def format_report(report: Report) -> str:
             f"| {t.shared / max(1, report.total_image_bytes):.3f} "
             f"| {t.shared / max(1, floor.shared):.3f} | {mean:.1f} | {max(t.layers, default=0)} "
             f"| {t.seconds:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_partial(report: Report) -> str:
+    """Churn for a whole-layer client next to a partial-pull client, per strategy."""
+    floor = report.tally(PerPath().name)
+    gb, unit = (1e9, "GB") if report.total_image_bytes >= 1e9 else (1e6, "MB")
+    lines = [
+        f"| strategy | whole-layer, per image {unit} | partial-pull, per image {unit} "
+        f"| partial / whole | partial / per-path floor (whole) "
+        f"| whole-layer, one node {unit} | partial-pull, one node {unit} | partial / whole |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in report.tallies:
+        whole, partial = t.churn_per_image, t.partial_churn_per_image
+        lines.append(
+            f"| {t.name} | {whole / gb:.2f} | {partial / gb:.2f} "
+            f"| {partial / max(1, whole):.3f} "
+            f"| {partial / max(1, floor.churn_per_image):.3f} "
+            f"| {t.churn / gb:.2f} | {t.partial_churn / gb:.2f} "
+            f"| {t.partial_churn / max(1, t.churn):.3f} |"
         )
     return "\n".join(lines)
 

@@ -480,6 +480,21 @@ class Universe:
                 out[(i, output)] = StorePath(path, pkg.sizes[output], tuple(refs))
         return out
 
+    def content_keys(
+        self, paths: Mapping[tuple[int, str], StorePath]
+    ) -> dict[str, tuple[str, str, tuple[int, int, int], int]]:
+        """For each store path, what names its files' content: package, output, version, build.
+
+        Two store paths with the same key differ only in the store paths
+        their files embed (a dependency was rebuilt); see
+        :mod:`nixery_core_sim.files`.
+        """
+        out = {}
+        for (i, output), store_path in paths.items():
+            pkg = self.packages[i]
+            out[store_path.path] = (pkg.name, output, pkg.version, pkg.build)
+        return out
+
     def _main_path(self, paths: Mapping[tuple[int, str], StorePath], dep: int) -> str:
         outputs = self.packages[dep].outputs
         return paths[(dep, "lib" if "lib" in outputs else "out")].path
