@@ -6,7 +6,8 @@ same image from two registries: the example registry building it on demand
 ``docker-registry`` after ``nixery-core push``.  skopeo, the fourth client,
 is covered in tests/test_example_registry.py and tests/test_push_e2e.py.
 
-Module-scoped: one registry pair, one image, one daemon per client.
+Module-scoped: the registries (one of them serving amd64 and arm64 for Docker's index
+pull), one image, one daemon per client.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import attrs
+import httpx
 import pytest
 from client_daemons import Containerd, Dockerd, Podman, started
 from conftest import IN_CI, OFFLINE_SET, REPO, require_tools
@@ -23,6 +26,8 @@ from servers import DockerRegistry
 
 from examples.registry import RegistryConfig, create_app, serving
 from nixery_core.cache import BuildCache
+from nixery_core.media_types import OCI_INDEX
+from nixery_core.names import AMD64, ARM64
 from nixery_core.sources import LocalPathSource
 from nixery_core.storage.filesystem import FilesystemStore
 
@@ -52,7 +57,15 @@ def registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
             source=LocalPathSource(OFFLINE_SET), store=FilesystemStore(work / "store"),
             cache=cache, nix_options={"substituters": ""},
         )
-        with serving(create_app(config)) as base, DockerRegistry() as registry:
+        multiarch = attrs.evolve(
+            config, archs=(AMD64, ARM64),
+            nix_options={"substituters": "", "extra-platforms": "aarch64-linux"},
+        )
+        with (
+            serving(create_app(config)) as base,
+            serving(create_app(multiarch)) as multiarch_base,
+            DockerRegistry() as registry,
+        ):
             pushed = f"{registry.host}/{PUSHED_REPO}:v1"
             push = subprocess.run(
                 [sys.executable, "-m", "nixery_core", "push", IMAGE, f"docker://{pushed}",
@@ -62,7 +75,12 @@ def registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
             )
             assert push.returncode == 0, push.stderr
             example = base.removeprefix("http://")
-            yield {"example": f"{example}/{IMAGE}:latest", "pushed": pushed}
+            indexed = multiarch_base.removeprefix("http://")
+            yield {
+                "example": f"{example}/{IMAGE}:latest",
+                "pushed": pushed,
+                "multiarch": f"{indexed}/{IMAGE}:latest",
+            }
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +155,22 @@ def test_repeated_docker_pulls_give_one_digest(
     """Docker shuffles its Accept list on every pull; six pulls of one tag resolve one digest."""
     digests = {dockerd.pull(registries["example"]) for _ in range(6)}
     assert len(digests) == 1
+
+
+def test_docker_pulls_an_index_with_one_digest(
+    dockerd: Dockerd, registries: dict[str, str]
+) -> None:
+    """From a registry serving amd64 and arm64, Docker's shuffled pulls resolve one index
+    digest (never alternating between an index and a manifest list) and run hello."""
+    reference = registries["multiarch"]
+    digests = {dockerd.pull(reference) for _ in range(4)}
+    assert len(digests) == 1
+    host, _ = reference.split("/", 1)
+    index = httpx.get(
+        f"http://{host}/v2/{IMAGE}/manifests/{digests.pop()}",
+    )
+    assert index.headers["content-type"] == OCI_INDEX
+    assert dockerd.run_hello(reference).strip() == "Hello, world!"
 
 
 def test_clients_agree_on_the_digest(
