@@ -11,6 +11,8 @@ from pathlib import Path
 import attrs
 import pytest
 from conftest import OFFLINE_SET, require_tools
+from graph_strategies import closures
+from hypothesis import given, settings
 from packageurl import PackageURL
 from sbom_validators import cyclonedx_problem, spdx_problems
 
@@ -18,6 +20,7 @@ from nixery_core import nix
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
 from nixery_core.errors import InvalidInput
+from nixery_core.graph import RuntimeGraph
 from nixery_core.image_config import ImageConfig
 from nixery_core.manifest import parse_manifest
 from nixery_core.names import Image
@@ -308,3 +311,26 @@ def test_licences_without_spdx_ids_and_odd_names_still_validate() -> None:
     cdx = render_cyclonedx(inventory, digest)
     assert cyclonedx_problem(cdx) is None
     assert render_spdx(inventory, digest) == spdx
+
+
+@settings(max_examples=12, deadline=None)
+@given(closures(max_paths=25))
+def test_any_closure_gives_valid_documents_listing_every_path_and_edge(graph: RuntimeGraph) -> None:
+    """For random closures both documents validate, list every path once and every edge."""
+    inventory = Inventory.from_graph(
+        graph, Image.from_name("random"), created="1970-01-01T00:00:00Z", source={}
+    )
+    digest = "sha256:" + "e" * 64
+    spdx = render_spdx(inventory, digest)
+    cdx = render_cyclonedx(inventory, digest)
+    assert spdx_problems(spdx) == []
+    assert cyclonedx_problem(cdx) is None
+    document = json.loads(cdx)
+    assert [c["bom-ref"] for c in document["components"]] == list(graph.paths)
+    edges = {(d["ref"], target) for d in document["dependencies"] for target in d["dependsOn"]}
+    expected = {(p.path, r) for p in graph for r in p.references}
+    expected |= {("image", root) for root in graph.roots}
+    assert edges == expected
+    relationships = json.loads(spdx)["relationships"]
+    depends = [r for r in relationships if r["relationshipType"] == "DEPENDS_ON"]
+    assert len(depends) == len(expected)
