@@ -46,15 +46,22 @@ def _offline_images() -> tuple[str, ...]:
 OFFLINE_IMAGES = _offline_images()
 
 
+#: Seeds 1 and 3 were used to tune the default strategy (docs/layering.md):
+#: claims are checked on a seed held out from tuning.
+HELD_OUT_SEED = 2
+
+
 @pytest.fixture(scope="module")
 def quick_report() -> Report:
-    """The quick universe (seed 1), measured once for the tests below."""
-    return simulate(UniverseConfig.quick(seed=1), DEFAULT_MAX_LAYERS - 1, [DEFAULT_STRATEGY])
+    """The quick universe on a held-out seed, measured once for the tests below."""
+    return simulate(
+        UniverseConfig.quick(seed=HELD_OUT_SEED), DEFAULT_MAX_LAYERS - 1, [DEFAULT_STRATEGY]
+    )
 
 
 def test_ours_beats_every_published_strategy_on_the_quick_universe(quick_report: Report) -> None:
-    """Ours pulls less than the best published strategy (a client per image and one node),
-    within 1.3x of the floor, and stores no more bytes than the best of them."""
+    """On a held-out seed, ours pulls less than the best published strategy (a client per
+    image and one node), within 1.3x of the floor, and stores no more than the best of them."""
     result = verdict(quick_report, DEFAULT_STRATEGY.name)
     assert result.per_image_vs_best < 1.0
     assert result.churn_vs_best < 1.0
