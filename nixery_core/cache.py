@@ -54,8 +54,8 @@ import attrs
 import diskcache
 
 from nixery_core.digests import validate_digest
-from nixery_core.errors import StorageError, StorageUnavailable
-from nixery_core.protocols import SupportsDeletion, Uploader
+from nixery_core.errors import InvalidInput, StorageError, StorageUnavailable
+from nixery_core.protocols import SupportsBlobSizes, SupportsDeletion, Uploader
 from nixery_core.record_schema import MalformedRecord, record_blob_sizes
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
@@ -246,6 +246,11 @@ class _Counter:
             return CacheStats(**self._counts)
 
 
+def _check_recheck(_inst: object, _attr: object, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise InvalidInput(f"recheck_after must be a number of seconds >= 0, not {value!r}")
+
+
 class _Flight:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -260,6 +265,16 @@ class BuildCache:
     says whether to use the uploader's storage as the shared tier.
     ``size_limit`` bounds the local tier in bytes.  ``clock`` returns
     seconds since the epoch; tests pass a fake one.
+
+    ``recheck_after`` (seconds, default 0: every hit) lets a hit skip the
+    blob checks of an entry whose blobs this cache found intact less than
+    that long ago.  On a remote store those checks are the whole cost of a
+    hit (one metadata request per blob, sent concurrently where the store
+    offers :class:`~nixery_core.protocols.SupportsBlobSizes`).  The price:
+    a blob removed behind the cache's back (by hand, or by ``verify
+    --repair``; garbage collection never removes a blob a live entry
+    names) is noticed up to ``recheck_after`` seconds late, and an image
+    served in that window misses it.
     """
 
     directory: Path | None = None
@@ -267,6 +282,7 @@ class BuildCache:
     moving_ttl: float = SIX_HOURS
     size_limit: int = 1 << 30
     clock: Callable[[], float] = time.time
+    recheck_after: float = attrs.field(default=0.0, validator=_check_recheck)
     _local: diskcache.Cache | None = attrs.field(init=False, default=None)
     _totals: _Counter = attrs.field(init=False, factory=_Counter)
     _flights: dict[str, _Flight] = attrs.field(init=False, factory=dict)
@@ -279,6 +295,10 @@ class BuildCache:
         init=False, factory=collections.OrderedDict
     )
     _memo_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    # Entry name -> when its blobs were last found intact (for recheck_after).
+    _verified: collections.OrderedDict[str, float] = attrs.field(
+        init=False, factory=collections.OrderedDict
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.directory is not None:
@@ -440,8 +460,30 @@ class BuildCache:
         count("layer_local_hits" if tier == "local" else "layer_shared_hits")
         return record, tier
 
-    @staticmethod
     def _blobs_intact(
+        self, store: Uploader, name: str, sizes: Mapping[str, int], count: Counted
+    ) -> bool:
+        """:meth:`_check_blobs`, skipped while ``recheck_after`` says a check is recent."""
+        if self.recheck_after <= 0:
+            return self._check_blobs(store, name, sizes, count)
+        now = self.clock()
+        with self._memo_lock:
+            checked = self._verified.get(name)
+        if checked is not None and now - checked < self.recheck_after:
+            return True
+        intact = self._check_blobs(store, name, sizes, count)
+        with self._memo_lock:
+            if intact:
+                self._verified[name] = now
+                self._verified.move_to_end(name)
+                while len(self._verified) > _MEMO_ENTRIES:
+                    self._verified.popitem(last=False)
+            else:
+                self._verified.pop(name, None)
+        return intact
+
+    @staticmethod
+    def _check_blobs(
         store: Uploader, name: str, sizes: Mapping[str, int], count: Counted
     ) -> bool:
         """Whether every blob is stored with its size; logs and counts the first that is not.
@@ -451,8 +493,13 @@ class BuildCache:
         writes the blob again, which replaces a stored copy that does not
         hash to its name.
         """
+        if isinstance(store, SupportsBlobSizes) and len(sizes) > 1:
+            answers = store.blob_sizes(list(sizes))  # about one round trip for all of them
+            found = {digest: answers.get(digest) for digest in sizes}
+        else:
+            found = {digest: _stored_size(store, digest) for digest in sizes}
         for digest, size in sizes.items():
-            stored = _stored_size(store, digest)
+            stored = found[digest]
             if stored is None:
                 log.warning("cache entry %s names vanished blob %s; rebuilding", name, digest)
                 count("stale_entries")
@@ -578,6 +625,8 @@ class BuildCache:
     def forget(self, store: Uploader, name: str) -> None:
         """Drop one entry (``manifests/<key>`` or ``builds/<key>``) from both tiers."""
         self._forget_memo(name)
+        with self._memo_lock:
+            self._verified.pop(name, None)
         if self._local is not None:
             with contextlib.suppress(OSError, sqlite3.Error):
                 self._local.delete(name)

@@ -26,6 +26,7 @@ __all__ = [
     "ReadableStore",
     "RunResult",
     "Runner",
+    "SupportsBlobSizes",
     "SupportsDeletion",
     "SupportsListing",
     "SupportsReading",
@@ -213,6 +214,19 @@ class SupportsDeletion(Protocol):
     def delete_blob(self, digest: str) -> None: ...
 
     def delete_object(self, key: str) -> None: ...
+
+
+@runtime_checkable
+class SupportsBlobSizes(Protocol):
+    """Sizes of many blobs at once, so a cache hit checks a whole image in about one round trip.
+
+    It promises: :meth:`blob_sizes` maps every digest given to the stored
+    blob's size, or ``None`` when it is absent; digests are checked as
+    everywhere else.  A remote store asks for them concurrently (or in one
+    request); a local one may simply stat each.
+    """
+
+    def blob_sizes(self, digests: Sequence[str]) -> Mapping[str, int | None]: ...
 
 
 @runtime_checkable

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import stat
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -21,6 +22,7 @@ import attrs
 
 from nixery_core.errors import InvalidSource
 from nixery_core.names import Image
+from nixery_core.watch import TreeWatch, stat_signature
 
 __all__ = [
     "GitSource",
@@ -159,6 +161,58 @@ def _absolute_path(value: str | os.PathLike[str]) -> Path:
     return Path(value).resolve()
 
 
+class _ContentMemo:
+    """A directory's content hash, kept until the kernel says something changed.
+
+    Hash once and watch: a :class:`~nixery_core.watch.TreeWatch` is armed on
+    the tree *before* it is hashed, so any change during or after hashing
+    marks the memo stale; a resolve while nothing changed costs one
+    non-blocking read of the inotify queue, whatever the tree's size.
+    Without inotify (or out of watches) it compares a stat walk of every
+    file instead (size, mtime, mode, inode: as git's index does), O(files).
+    A single file is compared by one stat.  Pickling gives a fresh, empty
+    memo (watches do not cross processes).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watch: TreeWatch | None = None
+        self._signature: object = None
+        self._content: str | None = None
+
+    def __reduce__(self) -> tuple[type[_ContentMemo], tuple[()]]:
+        return (_ContentMemo, ())
+
+    def content_hash(self, path: Path) -> str:
+        with self._lock:
+            if self._content is not None and not self._stale(path):
+                return self._content
+            if self._watch is not None:
+                self._watch.close()
+            self._watch, self._signature = None, None
+            if path.is_dir():
+                self._watch = TreeWatch.open(path)
+                if self._watch is None:
+                    self._signature = stat_signature(path)
+                self._content = hash_directory(path)
+            else:
+                self._signature = _file_signature(path)
+                self._content = _hash_file(path)
+            return self._content
+
+    def _stale(self, path: Path) -> bool:
+        if self._watch is not None:
+            return self._watch.changed()
+        if not path.is_dir():
+            return _file_signature(path) != self._signature
+        return stat_signature(path) != self._signature
+
+
+def _file_signature(path: Path) -> tuple[int, ...]:
+    info = path.stat()
+    return (info.st_mode, info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
+
+
 @attrs.frozen
 class LocalPathSource:
     """A package set in a local directory (``import path { system = ...; }``).
@@ -170,11 +224,10 @@ class LocalPathSource:
 
     path: Path = attrs.field(converter=_absolute_path)
     hash_content: bool = True
-    # (stat signature, content hash) of the last resolve: the content is read
-    # again only when some file's size, mtime, mode or inode changed, as git's
-    # index does.  Not part of the value.
-    _memo: list[tuple[tuple[tuple[object, ...], ...], str]] = attrs.field(
-        factory=list, init=False, eq=False, repr=False
+    # The last content hash and what tells it is stale (see _ContentMemo).
+    # Not part of the value.
+    _memo: _ContentMemo = attrs.field(
+        factory=_ContentMemo, init=False, eq=False, repr=False
     )
 
     def __attrs_post_init__(self) -> None:
@@ -192,27 +245,9 @@ class LocalPathSource:
         )
 
     def _content_hash(self) -> str:
-        signature = _stat_signature(self.path)
-        if self._memo and self._memo[0][0] == signature:
-            return self._memo[0][1]
-        content = hash_directory(self.path) if self.path.is_dir() else _hash_file(self.path)
-        self._memo[:] = [(signature, content)]
-        return content
+        return self._memo.content_hash(self.path)
 
 
-def _stat_signature(root: Path) -> tuple[tuple[object, ...], ...]:
-    """What changes when any file under ``root`` (or ``root`` itself) changes."""
-    entries: list[tuple[object, ...]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != ".git")
-        for name in sorted(filenames):
-            info = os.lstat(os.path.join(dirpath, name))  # noqa: PTH118 - per-file hot path
-            entries.append((dirpath, name, info.st_mode, info.st_size, info.st_mtime_ns,
-                            info.st_ino, info.st_dev))
-    if not entries:
-        info = root.stat()
-        entries.append((str(root), info.st_mode, info.st_size, info.st_mtime_ns, info.st_ino))
-    return tuple(entries)
 
 
 def _hash_file(path: Path) -> str:

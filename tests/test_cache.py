@@ -5,13 +5,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import diskcache
 import pytest
 from cache_records import stored_image_record
 
+from nixery_core.build import build_image
 from nixery_core.cache import BuildCache, LayerRecord
+from nixery_core.errors import InvalidInput
+from nixery_core.names import Image
+from nixery_core.testing.runners import FakeNix, default_fake_packages
+from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore
 
 MEDIA = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -269,3 +275,69 @@ def test_lock_that_cannot_be_created_still_holds_the_key_in_this_process(
 def _enter(cache: BuildCache, entered: list[str]) -> None:
     with cache.single_flight("key"):
         entered.append("in")
+
+
+def test_a_hit_checks_every_blob_with_one_batch_question(tmp_path: Path) -> None:
+    """A store offering blob_sizes is asked once per hit for all the image's blobs."""
+    asked: list[int] = []
+
+    class Counting(MemoryStore):
+        def blob_sizes(self, digests: Sequence[str]) -> dict[str, int | None]:
+            asked.append(len(digests))
+            return super().blob_sizes(digests)
+
+    store = Counting()
+    fake = FakeNix(tmp_path / "root", default_fake_packages())
+    with BuildCache(tmp_path / "cache") as cache:
+        built = build_image(
+            Image.from_name("shell/hello"), FixedSource(), runner=fake, uploader=store,
+            cache=cache, store_root=fake.store_root,
+        )
+        asked.clear()
+        hit = build_image(
+            Image.from_name("shell/hello"), FixedSource(), runner=fake, uploader=store,
+            cache=cache, store_root=fake.store_root,
+        )
+    assert hit.from_cache
+    assert asked == [len(set(built.blobs))]
+
+
+def test_recheck_after_skips_recent_blob_checks_and_only_those(tmp_path: Path) -> None:
+    """Within recheck_after a hit asks the store nothing; after it, a vanished blob is a miss."""
+    now = [1_000_000.0]
+    asked: list[int] = []
+
+    class Counting(MemoryStore):
+        def blob_sizes(self, digests: Sequence[str]) -> dict[str, int | None]:
+            asked.append(len(digests))
+            return super().blob_sizes(digests)
+
+    store = Counting()
+    fake = FakeNix(tmp_path / "root", default_fake_packages())
+    image = Image.from_name("shell/hello")
+    with BuildCache(None, clock=lambda: now[0], recheck_after=60.0) as cache:
+
+        def build() -> bool:
+            return build_image(
+                image, FixedSource(), runner=fake, uploader=store, cache=cache,
+                store_root=fake.store_root,
+            ).from_cache
+
+        assert not build()
+        assert build()  # checked: the blobs are found intact now
+        asked.clear()
+        layer = next(info for info in store.list_blobs() if "tar" in info.media_type)
+        store.delete_blob(layer.digest)
+        now[0] += 30
+        assert build()  # within the window: served without asking (the documented price)
+        assert asked == []
+        now[0] += 31
+        assert not build()  # past it: checked again, the blob is missing, rebuilt
+        assert store.has_blob(layer.digest)
+
+
+def test_recheck_after_refuses_nonsense() -> None:
+    """A negative or non-numeric recheck_after is an InvalidInput."""
+    for bad in (-1, "60", True, float("nan")):
+        with pytest.raises(InvalidInput, match="recheck_after"):
+            BuildCache(None, recheck_after=bad)  # type: ignore[arg-type]

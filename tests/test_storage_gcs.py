@@ -390,3 +390,43 @@ def test_read_checks_the_digest(store: GcsStore, bucket: Any) -> None:
     bucket.blob(f"layers/{digest[7:]}").upload_from_string(b"tampered", content_type=LAYER)
     with pytest.raises(DigestMismatch):
         store.read_blob(digest)
+
+
+# --- concurrent blob checks ---------------------------------------------------------
+
+
+def test_blob_sizes_answer_for_every_digest(store: GcsStore) -> None:
+    """blob_sizes gives each stored blob's size and None for an absent one."""
+    infos = [store.put_blob(_payload(100 + i, i), "application/octet-stream") for i in range(12)]
+    absent = sha256_digest(b"never stored")
+    sizes = store.blob_sizes([info.digest for info in infos] + [absent])
+    assert sizes == {**{info.digest: info.size for info in infos}, absent: None}
+    store.close()
+
+
+def test_blob_sizes_run_concurrently_within_the_bound(
+    store: GcsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metadata requests overlap, never more than concurrent_checks at once."""
+    infos = [store.put_blob(_payload(50, i), "application/octet-stream") for i in range(30)]
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, most
+    real = store._stat
+
+    def slow_stat(name: str, key: str) -> Any:
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+        try:
+            threading.Event().wait(0.02)
+            return real(name, key)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(store, "_stat", slow_stat)
+    sizes = store.blob_sizes([info.digest for info in infos])
+    assert set(sizes.values()) == {50}
+    assert 1 < in_flight[1] <= 10
+    store.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("nixery-gcs-check")]

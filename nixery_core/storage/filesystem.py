@@ -38,7 +38,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Literal
@@ -228,6 +228,10 @@ class FilesystemStore:
                 return os.stat(path).st_size  # noqa: PTH116 - hot path, see has_blob
             except (FileNotFoundError, NotADirectoryError):
                 return None
+
+    def blob_sizes(self, digests: Sequence[str]) -> dict[str, int | None]:
+        """Each blob's size, ``None`` when absent: one stat each (they are local)."""
+        return {digest: self.blob_size(digest) for digest in digests}
 
     def blob_info(self, digest: str) -> BlobInfo | None:
         """Size and media type of a stored blob, ``None`` when absent."""

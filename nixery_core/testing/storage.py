@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import BinaryIO, Literal
 
@@ -145,6 +145,13 @@ class MemoryStore:
         with self._lock:
             self.has_blob_calls += 1
             return digest in self._blobs
+
+    def blob_sizes(self, digests: Sequence[str]) -> dict[str, int | None]:
+        """Each blob's size, ``None`` when absent."""
+        for digest in digests:
+            digest_hex(digest)
+        with self._lock:
+            return {d: len(self._blobs[d][0]) if d in self._blobs else None for d in digests}
 
     def blob_info(self, digest: str) -> BlobInfo | None:
         digest_hex(digest)
