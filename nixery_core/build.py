@@ -37,7 +37,7 @@ from typing import Literal
 
 import attrs
 
-from nixery_core import nix
+from nixery_core import nix, outside_reads
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_entries, pack_store_paths
 from nixery_core.cache import LAYOUT_VERSION, BuildCache, CacheStats, LayerRecord
 from nixery_core.customisation import customisation_entries
@@ -606,7 +606,8 @@ def _build_rooted(build: _Build, plan: _Plan, start: float, gc_root: Path) -> Bu
     )
     if build.cache is not None:
         build.cache.put_manifest(
-            store, key, result.to_record(), result.blobs, pinned=plan.spec.pinned
+            store, key, result.to_record(), result.blobs,
+            pinned=outside_reads.entry_pinned(plan.spec),
         )
     build.timed("metadata", now)
     build.emit("done", f"built {image.reference}: {manifest_info.digest}")

@@ -44,6 +44,7 @@ from typing import Any
 
 import attrs
 
+from nixery_core import outside_reads
 from nixery_core.archive import ArchiveOptions
 from nixery_core.build import (
     DEFAULT_LAYER_BUDGET,
@@ -209,7 +210,9 @@ class _IndexBuild:
                         drift, self.key)
         elif self.cache is not None:
             self.cache.put_manifest(
-                self.store, self.key, result.to_record(), result.blobs, pinned=self.pinned
+                self.store, self.key, result.to_record(), result.blobs,
+                pinned=self.pinned
+                and outside_reads.entry_pinned(self.source.resolve(self.image.tag)),
             )
         return result
 

@@ -35,6 +35,7 @@ from typing import Literal
 
 import attrs
 
+from nixery_core import outside_reads
 from nixery_core.errors import NixBuildFailed, NixOutputError, UnknownPackages
 from nixery_core.graph import RuntimeGraph, StorePath
 from nixery_core.names import AMD64, Architecture, Image
@@ -97,12 +98,15 @@ def resolve_argv(
     *,
     nix_options: Mapping[str, str] | None = None,
     expr: str | None = None,
+    restrict: Sequence[str] = (),
 ) -> tuple[str, ...]:
-    """The resolve call.  ``expr`` (Nix source) is for trusted callers only."""
+    """The resolve call.  ``expr`` (Nix source) is for trusted callers only;
+    ``restrict`` is :func:`nixery_core.outside_reads.restricted_args`."""
     argv = [
         RESOLVE_PROGRAM,
         *_RESOLVE_FLAGS,
         *option_args(nix_options),
+        *restrict,
         str(resolve_expression()),
         "--argstr",
         "packages",
@@ -180,7 +184,7 @@ NixCall = ResolveCall | RealiseCall | PathInfoCall
 # Flags the builders emit that take values, and how many.
 _ARITY = {
     "--option": 2, "--argstr": 2, "--arg": 2, "--extra-experimental-features": 1,
-    "--add-root": 1,
+    "--add-root": 1, "-I": 1,
 }
 
 
@@ -201,6 +205,8 @@ def _split(argv: Sequence[str]) -> tuple[dict[str, str], dict[str, str], list[st
             args[argv[i + 1]] = argv[i + 2]
         elif flag == "--add-root":
             args[flag] = argv[i + 1]
+        elif flag == "-I":
+            pass  # a search path entry (restricted evaluation)
         elif not flag.startswith("--"):
             positional.append(flag)
         i += 1 + arity
@@ -401,8 +407,16 @@ def resolve(
     unknown too, as a throwing alias is: see :mod:`nixery_core.nix_probe`.
     """
     argv = resolve_argv(packages, spec, system, nix_options=nix_options)
+    restrict = outside_reads.restricted_args(spec)
     try:
-        result = _run(runner, argv, timeout, on_log_line)
+        if restrict is not None:
+            result = _resolve_confined(
+                argv, resolve_argv(packages, spec, system, nix_options=nix_options,
+                                   restrict=restrict),
+                spec, runner, timeout=timeout, on_log_line=on_log_line,
+            )
+        else:
+            result = _run(runner, argv, timeout, on_log_line)
     except NixBuildFailed as exc:
         if not is_uncatchable_eval_error(exc.stderr_tail):
             raise
@@ -414,6 +428,29 @@ def resolve(
             raise
         raise UnknownPackages(unknown) from exc
     return parse_resolve_output(argv, result.stdout, packages)
+
+
+def _resolve_confined(
+    argv: tuple[str, ...],
+    confined: tuple[str, ...],
+    spec: SourceSpec,
+    runner: Runner,
+    *,
+    timeout: float,
+    on_log_line: LogCallback | None,
+) -> RunResult:
+    """Resolve a pinned path source confined to its directory; when Nix refuses a path
+    outside it, note the set as a moving target and resolve unconfined."""
+    try:
+        result = _run(runner, confined, timeout, on_log_line)
+    except NixBuildFailed as exc:
+        outside = outside_reads.outside_path(exc.stderr_tail)
+        if outside is None:
+            raise
+        outside_reads.record(spec, outside)
+        return _run(runner, argv, timeout, on_log_line)
+    outside_reads.record(spec, None)
+    return result
 
 
 def _realise_resolved(

@@ -220,6 +220,9 @@ class LocalPathSource:
     Unlike Nixery, the directory's content is hashed, so builds from a path
     are cacheable and change key when a file changes.  Pass
     ``hash_content=False`` to treat the path as a moving target instead.
+    A set whose evaluation reads files outside the directory is found out at
+    its first uncached build and its entries then expire like a moving
+    target's (:mod:`nixery_core.outside_reads`).
     """
 
     path: Path = attrs.field(converter=_absolute_path)

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from nixery_core import outside_reads
+from nixery_core.sources import LocalPathSource
+
 REPO = Path(__file__).resolve().parent.parent
 OFFLINE_SET = REPO / "nix" / "offline"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -42,6 +45,14 @@ def _offline_nix() -> Iterator[None]:
         os.environ.pop("NIX_CONFIG", None)
     else:
         os.environ["NIX_CONFIG"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_set_reads_outside() -> None:
+    """The bundled offline set reads /usr/bin/busybox and the host CA bundle, so its
+    first uncached resolve in a process is evaluated twice (nixery_core.outside_reads);
+    note that once here, so tests counting Nix calls do not depend on test order."""
+    outside_reads.record(LocalPathSource(OFFLINE_SET).resolve("latest"), "/usr/bin")
 
 
 @pytest.fixture
