@@ -14,14 +14,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import httpx
 
-if TYPE_CHECKING:
-    from nixery_core.registry_push import PushResult
-
-__all__ = ["describe", "human_bytes", "plain_http_to_tls_hint", "transport_hint"]
+__all__ = ["PushSummary", "describe", "human_bytes", "plain_http_to_tls_hint", "transport_hint"]
 
 _TLS_TO_PLAIN = (
     "WRONG_VERSION_NUMBER", "wrong version number", "record layer failure",
@@ -55,6 +53,29 @@ def plain_http_to_tls_hint(body: str) -> str:
     return ""
 
 
+class PushSummary(Protocol):
+    """What :func:`describe` reads of a push: the fields of
+    :class:`~nixery_core.registry_push.PushResult` (a protocol, so this module
+    does not import the one that imports its hints)."""
+
+    @property
+    def blobs_uploaded(self) -> int: ...
+    @property
+    def blobs_skipped(self) -> int: ...
+    @property
+    def blobs_mounted(self) -> int: ...
+    @property
+    def bytes_sent(self) -> int: ...
+    @property
+    def manifests_pushed(self) -> int: ...
+    @property
+    def referrers(self) -> Sequence[str]: ...
+    @property
+    def manifest_digest(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+
+
 def human_bytes(count: int) -> str:
     """``count`` bytes as ``512 B``, ``1.5 kB``, ``12.3 MB`` or ``1.02 GB`` (powers of 1000)."""
     if count < 1000:
@@ -67,7 +88,7 @@ def human_bytes(count: int) -> str:
     return f"{count} B"  # pragma: no cover - the loop always returns
 
 
-def describe(result: PushResult, seconds: float, *, mount_from: str | None = None) -> str:
+def describe(result: PushSummary, seconds: float, *, mount_from: str | None = None) -> str:
     """The summary of one push, for people (see the module docs)."""
     blobs = result.blobs_uploaded + result.blobs_skipped + result.blobs_mounted
     parts = [
