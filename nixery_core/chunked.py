@@ -252,17 +252,31 @@ class FrameFormat(Protocol):
 
 @attrs.define
 class _Frame:
-    """Uncompressed bytes of one frame and the TOC fields that wait for its offsets."""
+    """Uncompressed bytes of one frame and the TOC fields that wait for its offsets.
+
+    The frame is ``head`` (a chunk, kept as it came: no copy) then ``data``
+    (headers and padding).
+    """
 
     data: bytearray
+    head: bytes = b""
     #: TOC entries whose ``offset`` is this frame's start.
     starts: list[dict[str, Any]] = attrs.Factory(list)
     #: TOC entries whose ``endOffset`` is this frame's end.
     ends: list[dict[str, Any]] = attrs.Factory(list)
     #: The chunk entry whose ``chunkDigest`` this frame's (first) bytes give.
     chunk: dict[str, Any] | None = None
-    #: Bytes of the chunk at the start of ``data`` (metadata may follow it).
+    #: Bytes of the chunk at the start of the frame (``len(head)``).
     chunk_size: int = 0
+
+    def payload(self) -> bytes:
+        """The frame's bytes (one copy only when metadata follows a chunk)."""
+        if not self.data:
+            return self.head
+        return self.head + self.data if self.head else bytes(self.data)
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.data)
 
 
 def _compress_batch(
@@ -493,7 +507,7 @@ class ChunkedCompressor:
         self._chunks_of_file.append(entry)
         self._chunk_offset += len(data)
         frame = _Frame(
-            bytearray(data), starts=[entry], ends=[entry], chunk=entry, chunk_size=len(data)
+            bytearray(), data, starts=[entry], ends=[entry], chunk=entry, chunk_size=len(data)
         )
         if self._fmt.merge_metadata:
             # The headers that follow join this frame (see FrameFormat.merge_metadata).
@@ -518,13 +532,13 @@ class ChunkedCompressor:
     # --- frames and batches ------------------------------------------------------
 
     def _seal_meta(self, out: list[bytes]) -> None:
-        if self._meta.data or self._meta.starts:
+        if self._meta.data or self._meta.head or self._meta.starts:
             self._queue(self._meta, out)
         self._meta = _Frame(bytearray())
 
     def _queue(self, frame: _Frame, out: list[bytes]) -> None:
         self._batch.append(frame)
-        self._batch_bytes += len(frame.data)
+        self._batch_bytes += len(frame)
         if self._batch_bytes >= BATCH_BYTES:
             self._submit(out)
 
@@ -532,9 +546,9 @@ class ChunkedCompressor:
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
-        payloads = [(bytes(frame.data), frame.chunk_size) for frame in batch]
+        payloads = [(frame.payload(), frame.chunk_size) for frame in batch]
         for frame in batch:
-            frame.data = bytearray()
+            frame.data, frame.head = bytearray(), b""
         if self._executor is None:
             self._in_flight.append((batch, _compress_batch(self._fmt.compress_frame, payloads)))
         else:
