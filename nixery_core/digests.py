@@ -18,6 +18,7 @@ import attrs
 from nixery_core.errors import DigestMismatch, InvalidDigest
 
 __all__ = [
+    "DIGEST_BYTES_PATTERN",
     "SHA256_EMPTY",
     "Sha256Counter",
     "digest_hex",
@@ -28,6 +29,8 @@ __all__ = [
 
 _PREFIX = "sha256:"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+#: The same rule for scanning raw bytes (cache entries) for every digest they mention.
+DIGEST_BYTES_PATTERN = re.compile(rb"sha256:[0-9a-f]{64}")
 
 #: The digest of zero bytes.
 SHA256_EMPTY = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -73,7 +73,6 @@ an upload in flight.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -81,7 +80,7 @@ from typing import Any
 import attrs
 
 from nixery_core.cache import LayerRecord, ManifestRecord
-from nixery_core.digests import sha256_digest, validate_digest
+from nixery_core.digests import DIGEST_BYTES_PATTERN, sha256_digest, validate_digest
 from nixery_core.errors import BlobNotFound, InvalidInput, InvalidManifest
 from nixery_core.manifest import MAX_MANIFEST_SIZE, parse_index, parse_manifest, sniff_media_type
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCTET_STREAM
@@ -117,7 +116,7 @@ BUILD_PREFIX = "builds/"
 #: When a blob was last written, in seconds since the epoch; ``None``: unknown.
 WrittenAt = Callable[[BlobInfo], float | None]
 
-_DIGEST_BYTES = re.compile(rb"sha256:[0-9a-f]{64}")
+_DIGEST_BYTES = DIGEST_BYTES_PATTERN
 _FOLLOWED_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
 #: What parsing a malformed entry raises: bad JSON or UTF-8 and InvalidInput are
 #: ValueErrors, a wrong shape TypeError or KeyError, absurd nesting RecursionError.

@@ -9,10 +9,10 @@ document this library renders byte-stable.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
+from nixery_core.canonical import canonical_json
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput
 from nixery_core.image_config import DEFAULT_ENV as _DEFAULT_ENV_PAIRS
@@ -25,13 +25,6 @@ __all__ = ["DEFAULT_ENV", "canonical_json", "render_config"]
 #: Environment every image gets under the caller's own ``env``
 #: (:data:`nixery_core.image_config.DEFAULT_ENV` as a mapping).
 DEFAULT_ENV: Mapping[str, str] = MappingProxyType(dict(_DEFAULT_ENV_PAIRS))
-
-
-def canonical_json(value: JSONValue) -> bytes:
-    """Deterministic JSON: sorted keys, compact separators, UTF-8 (not ASCII-escaped)."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 def _env(default_env: Mapping[str, str], config: ImageConfig) -> list[JSONValue]:

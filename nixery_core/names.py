@@ -11,32 +11,60 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
-from nixery_core.errors import InvalidImageName
+from nixery_core.errors import InvalidImageName, InvalidInput
 
 __all__ = [
     "AMD64",
     "ARM64",
+    "COMPONENT_PATTERN",
     "DEFAULT_ALWAYS_ADDED",
     "SHELL_PACKAGES",
+    "TAG_PATTERN",
     "Architecture",
     "Image",
+    "is_name_component",
+    "is_tag",
 ]
 
-_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: One ``/``-separated part of a repository name (the OCI distribution grammar).
+COMPONENT_PATTERN = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+#: A tag (the OCI distribution grammar).
+TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_COMPONENT = COMPONENT_PATTERN
+_TAG = TAG_PATTERN
 _MAX_NAME = 255
+_PLATFORM_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def is_name_component(value: object) -> bool:
+    """Whether ``value`` is one valid repository path component (``shell``, ``git``)."""
+    return isinstance(value, str) and COMPONENT_PATTERN.fullmatch(value) is not None
+
+
+def is_tag(value: object) -> bool:
+    """Whether ``value`` is a valid tag (``latest``, a 40-hex commit, ``v1.2``)."""
+    return isinstance(value, str) and TAG_PATTERN.fullmatch(value) is not None
+
+
+def _platform_part(_inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not _PLATFORM_PART.fullmatch(value):
+        raise InvalidInput(f"Architecture.{attribute.name} {value!r} is not a platform name")
 
 
 @attrs.frozen
 class Architecture:
-    """A target platform: the Nix system string and the image architecture."""
+    """A target platform: the Nix system string and the image architecture.
 
-    nix_system: str
-    oci_arch: str
-    os: str = "linux"
+    Each part is a short name of ``[A-Za-z0-9_.-]`` (checked on construction).
+    """
+
+    nix_system: str = attrs.field(validator=_platform_part)
+    oci_arch: str = attrs.field(validator=_platform_part)
+    os: str = attrs.field(default="linux", validator=_platform_part)
 
 
 AMD64 = Architecture("x86_64-linux", "amd64")
@@ -81,20 +109,61 @@ def _check_package(package: object) -> None:
         raise InvalidImageName(package, package, "is not a package name")
 
 
+def _image_name(_inst: object, _attr: object, value: Any) -> None:
+    if not isinstance(value, str) or len(value) > _MAX_NAME * 8 or "\x00" in value:
+        raise InvalidImageName(repr(value)[:40], repr(value)[:40], "is not an image name")
+
+
+def _image_tag(inst: Image, _attr: object, value: Any) -> None:
+    _check_tag(inst.name, value)
+
+
+def _sorted_packages(_inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple):
+        raise InvalidImageName(
+            repr(value)[:40], repr(value)[:40], f"{attribute.name} is not a tuple"
+        )
+    for package in value:
+        _check_package(package)
+    if list(value) != sorted(set(value)):
+        raise InvalidImageName(
+            repr(value)[:40], repr(value)[:40], f"{attribute.name} are not sorted and unique"
+        )
+
+
+def _architecture(_inst: object, _attr: object, value: Any) -> None:
+    if not isinstance(value, Architecture):
+        raise InvalidInput(
+            f"arch must be an Architecture (names.AMD64, names.ARM64), not {value!r}"
+        )
+
+
+def _meta(_inst: object, _attr: object, value: Any) -> None:
+    if not isinstance(value, tuple) or list(value) != [m for m in _META if m in value]:
+        raise InvalidImageName(
+            repr(value)[:40], repr(value)[:40], f"meta must be a tuple of {_META}"
+        )
+
+
 @attrs.frozen
 class Image:
     """What to build: a sorted, de-duplicated package list for one architecture.
 
     Build values with :meth:`from_name` (registry names) or
-    :meth:`from_packages` (a package list from trusted code).
+    :meth:`from_packages` (a package list from trusted code).  Constructing
+    one directly checks every field the same way (the tag's grammar,
+    package names, sorted and unique package lists, the architecture), so
+    an ``Image`` with a bad tag cannot exist: the checks raise
+    :class:`~nixery_core.errors.InvalidImageName` (or
+    :class:`~nixery_core.errors.InvalidInput` for the architecture).
     """
 
-    name: str
-    tag: str
-    packages: tuple[str, ...]
-    arch: Architecture = AMD64
-    requested: tuple[str, ...] = ()
-    meta: tuple[str, ...] = ()
+    name: str = attrs.field(validator=_image_name)
+    tag: str = attrs.field(validator=_image_tag)
+    packages: tuple[str, ...] = attrs.field(validator=_sorted_packages)
+    arch: Architecture = attrs.field(default=AMD64, validator=_architecture)
+    requested: tuple[str, ...] = attrs.field(default=(), validator=_sorted_packages)
+    meta: tuple[str, ...] = attrs.field(default=(), validator=_meta)
 
     @property
     def canonical_name(self) -> str:

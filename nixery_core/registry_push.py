@@ -67,6 +67,7 @@ from nixery_core.errors import (
 )
 from nixery_core.manifest import Descriptor, parse_index, parse_manifest
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES
+from nixery_core.names import is_name_component, is_tag
 from nixery_core.protocols import ReadableStore
 from nixery_core.push_ledger import PushLedger
 from nixery_core.push_report import plain_http_to_tls_hint, transport_hint
@@ -90,8 +91,6 @@ DEFAULT_TAG: Final = "latest"
 #: Blobs pushed at once by default (each a HEAD, then an upload or mount).
 DEFAULT_WORKERS: Final = 4
 
-_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _HOST = re.compile(
     r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)(?::[0-9]{1,5})?"
@@ -122,7 +121,7 @@ def _check_repository(target: str, repository: str) -> str:
     if not repository or len(repository) > 255:
         raise InvalidImageName(target, repository, "is empty or longer than 255 characters")
     for component in repository.split("/"):
-        if not _COMPONENT.fullmatch(component):
+        if not is_name_component(component):
             raise InvalidImageName(
                 target, component, "is not a lower-case repository path component"
             )
@@ -184,7 +183,7 @@ class ImageTarget:
             validate_digest(digest)
         elif ":" in rest:
             rest, tag = rest.rsplit(":", 1)
-            if not _TAG.fullmatch(tag):
+            if not is_tag(tag):
                 raise InvalidImageName(target, tag, "is not a valid tag")
         else:
             tag = DEFAULT_TAG  # as docker and skopeo read a reference without one

@@ -9,7 +9,6 @@ is not hashed).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
@@ -20,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from nixery_core.canonical import canonical_json
 from nixery_core.errors import InvalidSource
 from nixery_core.names import Image
 from nixery_core.watch import TreeWatch, stat_signature
@@ -32,16 +32,17 @@ __all__ = [
     "SourceSpec",
     "canonical_json",
     "image_cache_key",
+    "is_commit",
     "source_from_env",
 ]
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def is_commit(value: str) -> bool:
+    """Whether ``value`` is a full git commit id (40 lower-case hex digits): a pinned revision."""
+    return _COMMIT.fullmatch(value) is not None
 _CHANNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def canonical_json(value: object) -> bytes:
-    """JSON with sorted keys and no white space: the form every key is hashed in."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 @attrs.frozen
@@ -101,7 +102,7 @@ class NixpkgsSource:
             "type": "nixpkgs",
             "url": f"https://github.com/NixOS/nixpkgs/archive/{self.channel}.tar.gz",
         }
-        return SourceSpec(args, _identity(args), pinned=bool(_COMMIT.fullmatch(self.channel)))
+        return SourceSpec(args, _identity(args), pinned=is_commit(self.channel))
 
 
 @attrs.frozen
@@ -121,7 +122,7 @@ class GitSource:
             raise InvalidSource(f"git URL {self.url!r} is not usable")
 
     def resolve(self, tag: str) -> SourceSpec:
-        if _COMMIT.fullmatch(tag):
+        if is_commit(tag):
             args = {"type": "git", "url": self.url, "rev": tag}
             return SourceSpec(args, _identity(args), pinned=True)
         ref = self.default_ref if tag == "latest" else tag

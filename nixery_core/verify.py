@@ -31,7 +31,6 @@ one a concurrent build has just replaced with good bytes is kept.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import BinaryIO, Final
@@ -39,7 +38,7 @@ from typing import BinaryIO, Final
 import attrs
 
 from nixery_core.cache import BuildCache
-from nixery_core.digests import Sha256Counter
+from nixery_core.digests import DIGEST_BYTES_PATTERN, Sha256Counter
 from nixery_core.errors import BlobNotFound
 from nixery_core.protocols import CollectableStore
 
@@ -49,7 +48,7 @@ log = logging.getLogger(__name__)
 
 #: Bytes read per call while hashing.
 CHUNK: Final = 1 << 20
-_DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
+_DIGEST = DIGEST_BYTES_PATTERN
 _ENTRY_PREFIXES: Final = ("manifests/", "builds/")
 
 

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nixery_core.errors import InvalidImageName
+import nixery_core
+from nixery_core.errors import InvalidImageName, InvalidInput
 from nixery_core.names import (
     AMD64,
     ARM64,
     DEFAULT_ALWAYS_ADDED,
     SHELL_PACKAGES,
+    Architecture,
     Image,
+    is_name_component,
+    is_tag,
 )
 from nixery_core.sources import SourceSpec, image_cache_key
 
@@ -208,3 +215,65 @@ def test_with_arch_changes_arch_and_key_only(packages: list[str]) -> None:
     assert arm.meta[:1] == ("arm64",)
     assert image_cache_key(arm, SPEC) != image_cache_key(image, SPEC)
     _same_image(arm.with_arch(AMD64), image)
+
+
+# --- values check themselves --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"tag": "--upload-pack=/bin/sh"}, InvalidImageName),
+        ({"tag": ""}, InvalidImageName),
+        ({"tag": "a b"}, InvalidImageName),
+        ({"packages": ("hello", "bash")}, InvalidImageName),  # not sorted
+        ({"packages": ("bash", "bash")}, InvalidImageName),  # not unique
+        ({"packages": ("a/b",)}, InvalidImageName),
+        ({"packages": ["hello"]}, InvalidImageName),  # not a tuple
+        ({"requested": ("z", "a")}, InvalidImageName),
+        ({"meta": ("shell", "arm64")}, InvalidImageName),  # not in canonical order
+        ({"meta": ("root",)}, InvalidImageName),
+        ({"arch": "amd64"}, InvalidInput),
+        ({"name": None}, InvalidImageName),
+    ],
+)
+def test_an_image_with_a_bad_field_cannot_be_constructed(
+    changes: dict[str, Any], error: type[Exception]
+) -> None:
+    """Constructing or evolving an Image checks every field: no bad tag ever exists."""
+    image = Image.from_name("shell/hello")
+    with pytest.raises(error):
+        attrs.evolve(image, **changes)
+    fields = {**attrs.asdict(image, recurse=False), **changes}
+    with pytest.raises(error):
+        Image(**fields)
+
+
+def test_a_valid_image_built_by_hand_equals_the_parsed_one() -> None:
+    """The validators accept exactly what the named constructors make."""
+    parsed = Image.from_name("arm64/shell/git:v1")
+    assert Image(**attrs.asdict(parsed, recurse=False)) == parsed
+
+
+@pytest.mark.parametrize("bad", ["", "../amd64", "amd64/x", "a b", 64])
+def test_an_architecture_checks_its_names(bad: object) -> None:
+    """Architecture parts are short platform names; anything else is InvalidInput."""
+    with pytest.raises(InvalidInput):
+        Architecture("x86_64-linux", bad)  # type: ignore[arg-type]
+
+
+def test_name_rules_are_written_once() -> None:
+    """The tag and component grammars are compiled only in names.py; others import them."""
+    package = Path(nixery_core.__file__).parent
+    tag_rule = "[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+    component_rule = "[a-z0-9]+(?:(?:\\\\.|_|__|-+)[a-z0-9]+)*"
+    holders = {
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*.py")
+        if tag_rule in (text := path.read_text(encoding="utf-8")) or component_rule in text
+    }
+    assert holders == {"names.py"}
+    assert is_tag("latest")
+    assert not is_tag("--upload-pack")
+    assert is_name_component("git")
+    assert not is_name_component("Git")

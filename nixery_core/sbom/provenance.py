@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import attrs
 
 from nixery_core.image_config import ImageConfig
-from nixery_core.sources import SourceSpec
+from nixery_core.sources import SourceSpec, is_commit
 
 __all__ = ["CREATED", "REVISION", "SOURCE", "source_labels", "standard_labels", "with_labels"]
 
@@ -32,7 +32,6 @@ SOURCE = "org.opencontainers.image.source"
 REVISION = "org.opencontainers.image.revision"
 
 _NIXPKGS_ARCHIVE = re.compile(r"(https://github\.com/[^/]+/[^/]+)/archive/([^/]+)\.tar\.gz")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def source_labels(spec: SourceSpec) -> dict[str, str]:
@@ -44,7 +43,7 @@ def source_labels(spec: SourceSpec) -> dict[str, str]:
         url = args.get("url", "")
         match = _NIXPKGS_ARCHIVE.fullmatch(url)
         labels[SOURCE] = match.group(1) if match else url
-        if match and _COMMIT.fullmatch(match.group(2)):
+        if match and is_commit(match.group(2)):
             labels[REVISION] = match.group(2)
     elif kind == "git":
         labels[SOURCE] = args.get("url", "")
