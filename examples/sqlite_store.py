@@ -4,7 +4,7 @@ Everything here follows the docstrings of :mod:`nixery_core.protocols` and
 :mod:`nixery_core.storage.base`: the base classes check digests, keys,
 media types and writer use; this module only stores bytes.  It offers every
 optional capability (reading, listing, deletion, write times, staging
-clean-up), so the conformance kit checks all of them and garbage collection
+clean-up, refresh), so the conformance kit checks all of them and garbage collection
 can judge and prune it (``tests/test_sqlite_store.py`` shows both, and a
 build served from it).
 
@@ -125,6 +125,26 @@ class SqliteStore(BaseStore):
         rows = self._run(digest, "SELECT written_at FROM blobs WHERE digest = ?", digest)
         return float(rows[0][0]) if rows else None
 
+    def touch_blob(self, digest: str) -> bool:
+        """Set the blob's write time to now (``clock``); ``False`` when absent."""
+        digest = self.checked_digest(digest)
+        return self._changed(digest, "UPDATE blobs SET written_at = ? WHERE digest = ?",
+                             self._clock(), digest)
+
+    def delete_blob_if_older(self, digest: str, cutoff: float) -> bool:
+        """Delete the blob if written before ``cutoff`` (one statement: atomic with touches)."""
+        digest = self.checked_digest(digest)
+        return self._changed(digest, "DELETE FROM blobs WHERE digest = ? AND written_at < ?",
+                             digest, cutoff)
+
+    def _changed(self, key: str, sql: str, *args: object) -> bool:
+        """Run one statement; whether it changed a row."""
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).rowcount > 0
+            except sqlite3.Error as exc:
+                raise StorageUnavailable(f"SQLite failed on {key!r}: {exc}", key) from exc
+
     def clean_staging(self, *, older_than: float, now: float, dry_run: bool = False) -> int:
         """Remove (``dry_run``: count) uploads started before ``now - older_than``."""
         cutoff = now - older_than
@@ -153,6 +173,10 @@ class SqliteStore(BaseStore):
                     self._db.execute(
                         "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?)",
                         (digest, media_type, size, data, self._clock()),
+                    )
+                    # Stored again: its age starts again (SupportsRefresh).
+                    self._db.execute(
+                        "UPDATE blobs SET written_at = ? WHERE digest = ?", (self._clock(), digest)
                     )
                     self._db.execute("DELETE FROM chunks WHERE upload = ?", (upload,))
                     self._db.execute("DELETE FROM uploads WHERE id = ?", (upload,))

@@ -6,7 +6,7 @@ Each :class:`Check` takes a fresh, empty store and raises
 rule.  A check that needs a capability the store does not offer
 (:class:`~nixery_core.protocols.SupportsReading`, ``SupportsListing``,
 ``SupportsDeletion``, ``SupportsWriteTimes``, ``SupportsStagingCleanup``,
-tested structurally) does not apply to it.  No test framework is needed;
+``SupportsRefresh``, tested structurally) does not apply to it.  No test framework is needed;
 with pytest::
 
     from nixery_core.storage.conformance import CHECKS
@@ -52,6 +52,7 @@ from nixery_core.protocols import (
     SupportsDeletion,
     SupportsListing,
     SupportsReading,
+    SupportsRefresh,
     SupportsStagingCleanup,
     SupportsWriteTimes,
     Uploader,
@@ -555,6 +556,40 @@ def check_staging_cleanup(store: Uploader) -> None:
     _expect_bytes(store, kept.digest, b"committed", "a committed blob after cleaning")
 
 
+# --- checks: SupportsRefresh ---------------------------------------------------------
+
+
+def check_refresh(store: Uploader) -> None:
+    """touch_blob restarts a blob's age; delete_blob_if_older deletes only old blobs.
+
+    A blob is judged against a cut-off an hour ahead (old: deleted) and one an
+    hour back (young: kept); a touched blob is young; touching or deleting an
+    absent blob answers ``False``; storing the same bytes again restarts the age.
+    """
+    if not isinstance(store, SupportsRefresh):
+        raise _lacks(SupportsRefresh)
+    absent = sha256_digest(b"never stored")
+    _expect(store.touch_blob(absent) is False, "touch_blob of an absent blob is not False")
+    _expect(
+        store.delete_blob_if_older(absent, time.time() + 3600.0) is False,
+        "delete_blob_if_older of an absent blob is not False",
+    )
+    info = store.put_blob(b"refreshed", _TYPE)
+    _expect(store.touch_blob(info.digest) is True, "touch_blob of a stored blob is not True")
+    _expect(
+        store.delete_blob_if_older(info.digest, time.time() - 3600.0) is False,
+        "a blob touched just now was deleted as older than an hour ago",
+    )
+    _expect(store.blob_info(info.digest) is not None, "a young blob vanished")
+    _expect(
+        store.delete_blob_if_older(info.digest, time.time() + 3600.0) is True,
+        "a blob older than the cut-off was not deleted",
+    )
+    _expect_absent(store, info.digest, "after delete_blob_if_older")
+    again = store.put_blob(b"refreshed", _TYPE)
+    _expect(store.blob_info(again.digest) is not None, "a blob stored again is missing")
+
+
 @attrs.frozen
 class Check:
     """One rule of the store protocols; ``needs`` names the capabilities it tests."""
@@ -609,6 +644,7 @@ CHECKS: tuple[Check, ...] = (
     *_checks((SupportsDeletion,), check_delete_blob, check_delete_object),
     *_checks((SupportsWriteTimes,), check_write_times),
     *_checks((SupportsStagingCleanup,), check_staging_cleanup),
+    *_checks((SupportsRefresh,), check_refresh),
 )
 
 
