@@ -23,6 +23,7 @@ from nixery_core.testing.runners import (
     ReplayRunner,
     UnexpectedCall,
     default_fake_packages,
+    replay_key,
 )
 from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore, StagedBlob
@@ -43,4 +44,5 @@ __all__ = [
     "StagedBlob",
     "UnexpectedCall",
     "default_fake_packages",
+    "replay_key",
 ]

@@ -57,6 +57,7 @@ __all__ = [
     "UnexpectedCall",
     "default_fake_packages",
     "nar_size",
+    "replay_key",
 ]
 
 
@@ -188,9 +189,27 @@ class RecordingRunner:
         path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
+#: Flags whose value differs from run to run by design: the per-build GC
+#: root directory (``--add-root``, see :mod:`nixery_core.gc_roots`).
+_PER_RUN_FLAGS = frozenset({"--add-root"})
+
+
+def replay_key(argv: Sequence[str]) -> tuple[str, ...]:
+    """``argv`` with the values of per-run flags (``--add-root``) blanked out.
+
+    Two calls with equal keys ask Nix the same question; :class:`ReplayRunner`
+    matches recordings by this key.
+    """
+    key = list(argv)
+    for i, arg in enumerate(key[:-1]):
+        if arg in _PER_RUN_FLAGS:
+            key[i + 1] = "<per-run>"
+    return tuple(key)
+
+
 @attrs.define
 class ReplayRunner:
-    """Answers calls from recordings, matched by exact argv.
+    """Answers calls from recordings, matched by argv (see :func:`replay_key`).
 
     An argv recorded several times is answered in recording order; once
     those answers are used up, the last one repeats.  Any other argv raises
@@ -226,12 +245,13 @@ class ReplayRunner:
         del timeout, env  # a replay answers as recorded
         argv = tuple(argv)
         self.calls.append(argv)
-        matches = [r for r in self.recordings if r.argv == argv]
+        key = replay_key(argv)
+        matches = [r for r in self.recordings if replay_key(r.argv) == key]
         if not matches:
             known = sorted({" ".join(r.argv[:2]) for r in self.recordings})
             raise UnexpectedCall(argv, f"not in the recording (recorded: {known})")
-        index = self._used.get(argv, 0)
-        self._used[argv] = index + 1
+        index = self._used.get(key, 0)
+        self._used[key] = index + 1
         return matches[min(index, len(matches) - 1)].replay(on_log_line)
 
 
