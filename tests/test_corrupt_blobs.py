@@ -30,6 +30,7 @@ from nixery_core.errors import DigestMismatch
 from nixery_core.names import Image
 from nixery_core.oci_layout import write_oci_layout
 from nixery_core.storage.filesystem import FilesystemStore
+from nixery_core.storage.serving import open_blob_for_serving
 from nixery_core.testing.runners import FakeNix, default_fake_packages
 from nixery_core.testing.sources import FixedSource
 from nixery_core.verify import VerifyingReader, verify_store
@@ -236,3 +237,22 @@ def test_registry_logs_a_corrupt_blob_it_serves(
         assert good.status_code == 200
     assert f"served blob {layer} does not match its digest" in caplog.text
     assert result.config_digest not in caplog.text
+
+
+def test_open_blob_for_serving_can_verify(
+    tmp_path: Path, fake: FakeNix, caplog: pytest.LogCaptureFixture
+) -> None:
+    """open_blob_for_serving(verify=True) logs a corrupt blob once it has been read whole."""
+    store = FilesystemStore(tmp_path / "store", durable=False)
+    result = _build(store, fake, None)
+    layer = _biggest_layer(result)
+    _flip(store.blob_path(layer))
+    with caplog.at_level(logging.WARNING, logger="nixery_core.verify"):
+        served = open_blob_for_serving(store, layer, verify=True)
+        with served.stream as stream:
+            while stream.read(4096):
+                pass
+        plain = open_blob_for_serving(store, layer)
+        with plain.stream as stream:
+            stream.read()
+    assert caplog.text.count(f"served blob {layer} does not match") == 1

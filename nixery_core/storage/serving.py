@@ -20,7 +20,7 @@ store does not need them.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, BinaryIO, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, NamedTuple, cast
 
 from nixery_core.digests import validate_digest
 from nixery_core.errors import BlobNotFound, InvalidInput, StorageUnavailable
@@ -45,18 +45,28 @@ class ServedBlob(NamedTuple):
     media_type: str
 
 
-def open_blob_for_serving(store: ReadableStore, digest: str) -> ServedBlob:
+def open_blob_for_serving(
+    store: ReadableStore, digest: str, *, verify: bool = False
+) -> ServedBlob:
     """Open blob ``digest`` of any store with its size and media type.
 
-    Raises :class:`~nixery_core.errors.InvalidDigest` for a malformed digest
-    and :class:`~nixery_core.errors.BlobNotFound` when the blob is absent
-    (also when it is deleted between the lookup and the open).
+    ``verify=True`` hashes the bytes as they are read and logs a warning
+    when a whole blob read from the start does not match its digest
+    (:class:`~nixery_core.verify.VerifyingReader`).  Raises
+    :class:`~nixery_core.errors.InvalidDigest` for a malformed digest and
+    :class:`~nixery_core.errors.BlobNotFound` when the blob is absent (also
+    when it is deleted between the lookup and the open).
     """
     validate_digest(digest)
     info = store.blob_info(digest)
     if info is None:
         raise BlobNotFound(digest)
-    return ServedBlob(store.open_blob(digest), info.size, info.media_type)
+    stream = store.open_blob(digest)
+    if verify:
+        from nixery_core.verify import VerifyingReader  # noqa: PLC0415 - avoids an import cycle
+
+        stream = cast(BinaryIO, VerifyingReader(stream, digest))
+    return ServedBlob(stream, info.size, info.media_type)
 
 
 def signed_url(
