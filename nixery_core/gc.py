@@ -81,6 +81,7 @@ import attrs
 
 from nixery_core.cache import LayerRecord, ManifestRecord
 from nixery_core.digests import DIGEST_BYTES_PATTERN, sha256_digest, validate_digest
+from nixery_core.display import human_size
 from nixery_core.errors import BlobNotFound, InvalidInput, InvalidManifest
 from nixery_core.manifest import MAX_MANIFEST_SIZE, parse_index, parse_manifest, sniff_media_type
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCTET_STREAM
@@ -169,7 +170,7 @@ class GcReport:
         removed = self.would_delete if self.dry_run else self.deleted
         lines = [
             f"gc{' (dry run)' if self.dry_run else ''}: {verb} {len(removed)} blobs "
-            f"({_human(self.bytes_freed)}); kept {self.kept} "
+            f"({human_size(self.bytes_freed)}); kept {self.kept} "
             f"({self.kept_named} named, {self.kept_young} younger than "
             f"{_duration(self.grace_seconds)}, {self.kept_unknown_age} of unknown age)",
         ]
@@ -187,19 +188,6 @@ class GcReport:
             lines.append(f"{len(self.unreadable)} unreadable entries (kept what they name):")
             lines += [f"  {entry.key}: {entry.reason}" for entry in self.unreadable]
         return "\n".join(lines)
-
-
-def _human(size: int) -> str:
-    if size < 1024:
-        return f"{size} B"
-    value = size / 1024
-    unit = "KiB"
-    for bigger in ("MiB", "GiB"):
-        if value < 1024:
-            break
-        value /= 1024
-        unit = bigger
-    return f"{value:.1f} {unit}"
 
 
 def _duration(seconds: float) -> str:
