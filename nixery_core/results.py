@@ -14,6 +14,7 @@ from typing import Any, Literal
 import attrs
 
 from nixery_core.cache import CacheStats
+from nixery_core.comparison import BuildComparison, compare_layers
 from nixery_core.digests import sha256_digest
 from nixery_core.display import build_result_html
 from nixery_core.names import Image
@@ -170,6 +171,15 @@ class BuildResult:
             cache_stats=stats,
             sboms=tuple(attach.SbomArtifact.from_json(a) for a in body.get("sboms", [])),
         )
+
+    def compare(self, other: BuildResult) -> BuildComparison:
+        """What this build changed against ``other`` (an earlier build): layers and bytes.
+
+        Layers are matched by digest: ``added`` are what a client holding
+        ``other`` downloads, ``reused`` what it already has, ``removed``
+        what ``other`` had and this build has not.
+        """
+        return compare_layers(self.layers, other.layers)
 
     def _repr_html_(self) -> str:
         """A table of layers for Jupyter."""

@@ -27,8 +27,8 @@ def outputs(cell: Any) -> list[dict[str, Any]]:
 
 @pytest.mark.nix
 def test_notebook_executes_with_rich_outputs() -> None:
-    """Every cell runs; builds show as layer tables (new, then reused); the plot is a PNG;
-    the SBOM query names the images with openssl below 3."""
+    """Every cell runs; builds show progress bars and layer tables (new, then reused); the
+    comparison, closure sizes (table and plot) and SBOM query show what they should."""
     require_tools("nix-build", "nix-instantiate", "nix-store", "nix")
     read: Any = nbformat.read  # untyped in nbformat
     notebook = read(NOTEBOOK, as_version=4)
@@ -41,26 +41,48 @@ def test_notebook_executes_with_rich_outputs() -> None:
     for cell in code:
         assert not [o for o in outputs(cell) if o["output_type"] == "error"], cell.source
 
-    html = [
-        o["data"]["text/html"]
-        for cell in code for o in outputs(cell)
-        if o["output_type"] == "execute_result" and "text/html" in o.get("data", {})
-    ]
-    first, second, table = html
+    def html_of(marker: str) -> str:
+        cell = next(cell for cell in code if marker in cell.source)
+        found = [
+            o["data"]["text/html"] for o in outputs(cell)
+            if o["output_type"] == "execute_result" and "text/html" in o.get("data", {})
+        ]
+        assert len(found) == 1, cell.source
+        return str(found[0])
+
+    first, second = html_of("hello = builder.build"), html_of("shell = builder.build")
     assert "sha256:" in first
     assert "new" in first
     assert "reused" not in first
     assert "reused" in second
     assert "new" in second
+    table = html_of("rows = ")
     assert "<th>packages</th>" in table
     assert "hello" in table
+
+    # The progress bar: each build cell shows tqdm's Jupyter widget.
+    build_cell = next(cell for cell in code if "hello = builder.build" in cell.source)
+    assert any(
+        "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+        for o in outputs(build_cell)
+    )
+    # Comparing the two builds: layers added and reused, with bytes.
+    diff = html_of("shell.compare(hello)")
+    assert "layers added" in diff
+    assert "<td>reused</td>" in diff
+    assert "<td>added</td>" in diff
+    # Closure sizes by package: the table names the top-level packages.
+    sizes = html_of("closure_sizes(shell")
+    assert "<th>only this package</th>" in sizes
+    assert "hello" in sizes
+    assert sizes.count("<tr>") >= 5  # header, several top-level packages, the total
 
     pngs = [
         base64.b64decode(o["data"]["image/png"])
         for cell in code for o in outputs(cell) if "image/png" in o.get("data", {})
     ]
-    assert len(pngs) == 1
-    assert pngs[0].startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(pngs) == 2  # layer sizes, closure sizes
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in pngs)
 
     def stream(cell: Any) -> str:
         return "".join(o.get("text", "") for o in outputs(cell) if o["output_type"] == "stream")
