@@ -125,7 +125,7 @@ def _write(tier: str, directory: Path, store: MemoryStore, name: str, raw: bytes
 
 @pytest.mark.parametrize("tier", ["local", "shared"])
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_malformed_entry_is_a_repaired_miss(
