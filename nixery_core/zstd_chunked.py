@@ -18,12 +18,16 @@
   (``linkName``).
 * Last, a 48-byte skippable frame whose payload is four little-endian u64
   (TOC offset, compressed length, uncompressed length, type 1) and the
-  magic ``GNUlInUx``.
+  magic ``GnUlInUx`` (bytes ``47 6e 55 6c 49 6e 55 78``, as containers-storage
+  and stargz-snapshotter define it).
 
 The OCI layer descriptor carries ``io.containers.zstd-chunked.manifest-checksum``
 (sha256 of the compressed TOC) and ``io.containers.zstd-chunked.manifest-position``
-(``offset:compressed:uncompressed:1``).  Docker schema 2 has no zstd layer
-type: these layers need an OCI manifest.
+(``offset:compressed:uncompressed:1``), which containers-storage reads, and
+``containerd.io/snapshot/stargz/toc.digest`` (sha256 of the TOC JSON) and
+``io.containers.estargz.uncompressed-size``, which the stargz snapshotter
+reads, as ``ctr-remote --zstdchunked`` writes them.  Docker schema 2 has no
+zstd layer type: these layers need an OCI manifest.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nixery_core.chunked import Trailer, ordered_entries
+from nixery_core.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 
 __all__ = [
     "FOOTER_MAGIC",
@@ -48,7 +53,7 @@ __all__ = [
 MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
 MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
 SKIPPABLE_MAGIC = 0x184D2A50
-FOOTER_MAGIC = b"GNUlInUx"
+FOOTER_MAGIC = b"GnUlInUx"
 #: The TOC type containers-storage reads: 1, the CRFS-compatible JSON TOC.
 _MANIFEST_TYPE_CRFS = 1
 
@@ -74,7 +79,6 @@ class ZstdChunkedFormat:
 
     def trailer(self, entries: list[dict[str, Any]], offset: int, tar_size: int) -> Trailer:
         """End-of-archive frame, TOC and footer, for frames ending at ``offset``."""
-        del tar_size  # zstd:chunked records no uncompressed size
         tail = bytes(1024)
         end = self.compress_frame(tail)
         toc = toc_json(entries)
@@ -86,6 +90,11 @@ class ZstdChunkedFormat:
         )
         compressed = end + skippable_frame(compressed_toc) + skippable_frame(footer)
         annotations = (
+            # What the stargz snapshotter reads zstd:chunked layers by, as its
+            # own writer (ctr-remote --zstdchunked) sets it; containers-storage
+            # looks for the manifest checksum first.
+            (TOC_DIGEST_ANNOTATION, "sha256:" + hashlib.sha256(toc).hexdigest()),
+            (UNCOMPRESSED_SIZE_ANNOTATION, str(tar_size + len(tail))),
             (MANIFEST_CHECKSUM_ANNOTATION, "sha256:" + hashlib.sha256(compressed_toc).hexdigest()),
             (
                 MANIFEST_POSITION_ANNOTATION,

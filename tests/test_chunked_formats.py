@@ -111,7 +111,7 @@ def _toc(compression: str, blob: bytes) -> tuple[dict[str, Any], int]:
             assert member is not None
             return json.loads(member.read()), toc_offset
     magic, size = struct.unpack("<II", blob[-48:-40])
-    assert (magic, size, blob[-8:]) == (0x184D2A50, 40, b"GNUlInUx")
+    assert (magic, size, blob[-8:]) == (0x184D2A50, 40, b"GnUlInUx")
     offset, length, raw, kind = struct.unpack("<QQQQ", blob[-40:-8])
     assert kind == 1
     toc = zstandard.ZstdDecompressor().decompress(

@@ -191,3 +191,78 @@ def test_docker_ctr_and_podman_run_the_estargz_image(estargz_hello: str) -> None
 
 if __name__ == "__main__":  # pragma: no cover - run the module alone
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# --- against the reference writer: ctr-remote (stargz-snapshotter) ----------------------
+
+
+def _layers_of_export(archive: Path, name: str) -> list[tuple[bytes, dict[str, str]]]:
+    """(blob, annotations) of each layer of ``name`` in a ``ctr images export`` tarball."""
+    import json
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+
+        def blob(digest: str) -> bytes:
+            member = tar.extractfile("blobs/sha256/" + digest.removeprefix("sha256:"))
+            assert member is not None
+            return member.read()
+
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        (entry,) = [m for m in index["manifests"]
+                    if m.get("annotations", {}).get("io.containerd.image.name") == name]
+        manifest = json.loads(blob(entry["digest"]))
+        return [(blob(layer["digest"]), layer.get("annotations", {}))
+                for layer in manifest["layers"]]
+
+
+@pytest.mark.parametrize(("flag", "compression"), [("--estargz", "estargz"),
+                                                    ("--zstdchunked", "zstd-chunked")])
+def test_ctr_remote_reference_layers_list_the_same_files_and_digests(
+    tmp_path: Path, flag: str, compression: str
+) -> None:
+    """ctr-remote (the stargz-snapshotter's writer) converts our gzip image; its TOCs, read by
+    the same code as ours, name the same files with the same digests as our layers' TOCs."""
+    require_tools("ctr-remote", "containerd", "nix-build", "docker-registry")
+    _require_root("containerd")
+    from test_chunked_formats import _toc
+
+    store = FilesystemStore(tmp_path / "store")
+    built = {
+        kind: build_image(
+            Image.from_name("shell/hello"), LocalPathSource(OFFLINE_SET), uploader=store,
+            archive=ArchiveOptions(compression=kind),  # type: ignore[arg-type]
+            nix_options={"substituters": ""},
+        )
+        for kind in ("gzip", compression)
+    }
+    containerd = Containerd()
+    with DockerRegistry() as registry, started(containerd):
+        containerd.start()
+        source = f"{registry.host}/hello:gzip"
+        push_image(store=store, manifest=built["gzip"].manifest,
+                   manifest_media_type=built["gzip"].manifest_media_type, target=source,
+                   insecure=True, referrers=False)
+        ctr = ["ctr-remote", "--address", str(containerd.socket), "--namespace", "nixery-test"]
+        converted = f"{registry.host}/hello:converted"
+        for argv in (
+            ["images", "pull", "--plain-http", source],
+            ["images", "convert", flag, "--oci", source, converted],
+            ["images", "export", str(tmp_path / "export.tar"), converted],
+        ):
+            run = subprocess.run([*ctr, *argv], capture_output=True, text=True, timeout=300,
+                                 check=False)
+            assert run.returncode == 0, run.stderr[-2000:]
+        theirs = _layers_of_export(tmp_path / "export.tar", converted)
+    ours = [(store.read_blob(layer.digest), dict(layer.annotations))
+            for layer in built[compression].layers]
+    assert len(theirs) == len(ours)
+
+    def files(blob: bytes) -> dict[str, str]:
+        entries = _toc(compression, blob)[0]["entries"]
+        return {e["name"]: e["digest"] for e in entries
+                if e["type"] == "reg" and e["size"] and not e["name"].startswith(".")}
+
+    for (their_blob, their_notes), (our_blob, our_notes) in zip(theirs, ours, strict=True):
+        assert set(their_notes) <= set(our_notes)
+        assert files(their_blob) == files(our_blob)
