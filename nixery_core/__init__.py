@@ -40,6 +40,7 @@ from nixery_core.expressions import NixExpression
 from nixery_core.gc import GcReport, collect_garbage
 from nixery_core.graph import RuntimeGraph, StorePath
 from nixery_core.image_config import ImageConfig, User
+from nixery_core.lease import FleetFlight, LeasePolicy
 from nixery_core.multiarch import build_multiarch, write_multiarch_layout
 from nixery_core.names import AMD64, ARM64, Architecture, Image
 from nixery_core.oci_layout import write_oci_layout
@@ -50,6 +51,7 @@ from nixery_core.protocols import (
     LayeringStrategy,
     Runner,
     RunResult,
+    SupportsLeases,
     Uploader,
 )
 from nixery_core.recent_errors import BuildFailure, RecentErrors
@@ -84,6 +86,7 @@ __all__ = [
     "DigestMismatch",
     "FileChangedDuringPacking",
     "FilesystemStore",
+    "FleetFlight",
     "GcReport",
     "GitSource",
     "Image",
@@ -97,6 +100,7 @@ __all__ = [
     "LayerError",
     "LayerGroup",
     "LayeringStrategy",
+    "LeasePolicy",
     "LocalPathSource",
     "MissingEncoder",
     "MultiArchResult",
@@ -121,6 +125,7 @@ __all__ = [
     "StorePath",
     "StorePathMissing",
     "SubprocessRunner",
+    "SupportsLeases",
     "UnknownPackages",
     "UnsafeStoreContent",
     "Uploader",

@@ -332,13 +332,28 @@ class _Build:
         """Reuse the layer stored under ``key``, or pack and upload it once."""
         packages = tuple(sorted({store_path_name(p) for p in paths}))
         cached = self._cached_layer(key)
-        if cached is None and self.cache is not None:
-            with self.cache.single_flight(f"layer:{key}"):
-                cached = self._cached_layer(key, recheck=True)
-                if cached is None:
-                    return self._pack(key, paths, packages, kind, pack)
-        elif cached is None:
+        if cached is not None:
+            return self._reused(cached, paths, packages, kind)
+        if self.cache is None:
             return self._pack(key, paths, packages, kind, pack)
+
+        def ready() -> BuiltLayer | None:
+            found = self._cached_layer(key, recheck=True)
+            return None if found is None else self._reused(found, paths, packages, kind)
+
+        with self.cache.single_flight(f"layer:{key}"):
+            return self.cache.fleet_flight(
+                self.store, f"layer-{key}", ready,
+                lambda: self._pack(key, paths, packages, kind, pack),
+            )
+
+    def _reused(
+        self,
+        cached: LayerRecord,
+        paths: tuple[str, ...],
+        packages: tuple[str, ...],
+        kind: Literal["store", "customisation"],
+    ) -> BuiltLayer:
         built = BuiltLayer(
             cached.digest, cached.diff_id, cached.size, cached.media_type, paths, packages,
             reused=True, kind=kind, annotations=cached.annotations,
@@ -507,12 +522,12 @@ def run_build(
     hit = lookup(cache)
     if hit is not None:
         return hit
-    with cache.single_flight(f"manifest:{key}"):
-        hit = lookup(cache)
-        if hit is not None:
-            return hit
+    def build_it() -> BuildResult:
         build.count("manifest_misses")
         return _build_uncached(build, plan, start)
+
+    with cache.single_flight(f"manifest:{key}"):
+        return cache.fleet_flight(store, f"manifest-{key}", lambda: lookup(cache), build_it)
 
 
 @attrs.frozen

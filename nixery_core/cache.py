@@ -28,10 +28,12 @@ Concurrency: threads asking for one key share one build (:meth:`single_flight`);
 processes sharing the cache directory serialise on a lock per key in the
 directory itself (``flock`` on a ``lock-<hash>`` file, which the kernel
 releases when its holder dies, so a killed build never blocks the next one),
-so they do no duplicate work either.  Hosts that share only the bucket may
-each build a key once at the same time; their blobs are content-addressed
-and their entries identical, so the duplicate work is bounded by one build
-per host and harms nothing.
+so they do no duplicate work either.  Hosts that share only the bucket
+coordinate through a lease in it (:meth:`fleet_flight`, :mod:`nixery_core.lease`)
+when the store supports leases (:class:`~nixery_core.protocols.SupportsLeases`:
+the filesystem, GCS and memory stores do); without one they may each build
+a key once at the same time, which harms nothing: blobs are content-addressed
+and entries identical.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ import diskcache
 
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput, StorageError, StorageUnavailable
-from nixery_core.protocols import SupportsBlobSizes, SupportsDeletion, Uploader
+from nixery_core.lease import FleetFlight
+from nixery_core.protocols import SupportsBlobSizes, SupportsDeletion, SupportsLeases, Uploader
 from nixery_core.record_schema import MalformedRecord, record_blob_sizes
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
@@ -264,7 +267,9 @@ class BuildCache:
     ``directory`` is the local tier (``None``: no local tier); ``shared``
     says whether to use the uploader's storage as the shared tier.
     ``size_limit`` bounds the local tier in bytes.  ``clock`` returns
-    seconds since the epoch; tests pass a fake one.
+    seconds since the epoch; tests pass a fake one.  ``fleet`` runs builds
+    under leases in the store, so hosts sharing it build each key once
+    (``None``: no leases; used only with the shared tier).
 
     ``recheck_after`` (seconds, default 0: every hit) lets a hit skip the
     blob checks of an entry whose blobs this cache found intact less than
@@ -283,6 +288,7 @@ class BuildCache:
     size_limit: int = 1 << 30
     clock: Callable[[], float] = time.time
     recheck_after: float = attrs.field(default=0.0, validator=_check_recheck)
+    fleet: FleetFlight | None = attrs.field(factory=FleetFlight)
     _local: diskcache.Cache | None = attrs.field(init=False, default=None)
     _totals: _Counter = attrs.field(init=False, factory=_Counter)
     _flights: dict[str, _Flight] = attrs.field(init=False, factory=dict)
@@ -406,6 +412,23 @@ class BuildCache:
                     path.unlink()
             finally:
                 os.close(fd)
+
+    def fleet_flight(
+        self, store: Uploader, name: str, ready: Callable[[], T | None], build: Callable[[], T]
+    ) -> T:
+        """``ready()``, or else ``build()`` once across every host sharing ``store``.
+
+        Call it while holding :meth:`single_flight` for the same key.  With
+        a lease-capable store and the shared tier, other hosts building the
+        same ``name`` wait for this one's entry (``ready``) instead of
+        building; otherwise this is ``ready() or build()``.
+        """
+        found = ready()
+        if found is not None:
+            return found
+        if self.fleet is None or not self.shared or not isinstance(store, SupportsLeases):
+            return build()
+        return self.fleet.run(store, name, ready, build)
 
     # --- manifests ---------------------------------------------------------
 

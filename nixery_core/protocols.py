@@ -28,6 +28,7 @@ __all__ = [
     "Runner",
     "SupportsBlobSizes",
     "SupportsDeletion",
+    "SupportsLeases",
     "SupportsListing",
     "SupportsReading",
     "SupportsRefresh",
@@ -285,6 +286,38 @@ class CollectableStore(ReadableStore, SupportsListing, SupportsDeletion, Protoco
     Write times and staging clean-up stay optional (:class:`SupportsWriteTimes`,
     :class:`SupportsStagingCleanup`).
     """
+
+
+@runtime_checkable
+class SupportsLeases(Protocol):
+    """Optional store capability: small ``leases/<name>`` objects written on a precondition.
+
+    It promises: :meth:`create_lease` succeeds for exactly one of several
+    concurrent callers (``ifGenerationMatch=0`` on GCS, ``O_EXCL`` on a
+    filesystem); :meth:`replace_lease` and :meth:`delete_lease` act only when
+    the lease is still at ``generation``; every successful write gives a new
+    generation (an opaque string).  A lost race is a ``None``/``False``
+    answer, never an error; backend failures are
+    :class:`~nixery_core.errors.StorageError`.  ``name`` is one key segment
+    (``[A-Za-z0-9_-]``).  :mod:`nixery_core.lease` builds fleet-wide single
+    flight on it.
+    """
+
+    def create_lease(self, name: str, data: bytes) -> str | None:
+        """Create ``leases/<name>``; its generation, or ``None`` when it exists."""
+        ...
+
+    def read_lease(self, name: str) -> tuple[bytes, str] | None:
+        """The lease's bytes and generation, ``None`` when absent."""
+        ...
+
+    def replace_lease(self, name: str, data: bytes, generation: str) -> str | None:
+        """Replace the lease if still at ``generation``; the new generation, else ``None``."""
+        ...
+
+    def delete_lease(self, name: str, generation: str) -> bool:
+        """Delete the lease if still at ``generation``; whether it was deleted."""
+        ...
 
 
 # --- layering ----------------------------------------------------------------

@@ -6,7 +6,9 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +145,162 @@ def test_storage_server_gone_mid_build_then_back(gcs: FakeGcsServer, tmp_path: P
                              nix_options={"substituters": ""})
     assert all(store.has_blob(d) for d in result.blobs)
     assert any(layer.reused for layer in result.layers)  # layers committed before the fault
+
+
+# --- fleet-wide single flight: leases in the bucket ----------------------------------
+
+_FLEET_INSTANCE = r"""
+import json, sys, threading, time
+from pathlib import Path
+from google.api_core.client_options import ClientOptions
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from nixery_core.build import build_image
+from nixery_core.cache import BuildCache
+from nixery_core.lease import FleetFlight, LeasePolicy
+from nixery_core.names import Image
+from nixery_core.runner import SubprocessRunner
+from nixery_core.sources import LocalPathSource
+from nixery_core.storage.gcs import GcsStore
+from nixery_core.testing.runners import RecordingRunner
+
+url, bucket, cache_dir, offline, ttl, stall = sys.argv[1:7]
+client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                        client_options=ClientOptions(api_endpoint=url))
+store = GcsStore(client.bucket(bucket))
+
+
+class Stalling:
+    # A store whose second layer upload never ends: the holder is killed there.
+    def __init__(self, inner):
+        self._inner, self._writers = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def open_blob_writer(self, media_type):
+        writer = self._inner.open_blob_writer(media_type)
+        self._writers += 1
+        if self._writers == 2:
+            def write(data):
+                print("stalled", flush=True)
+                threading.Event().wait()
+            writer.write = write
+        return writer
+
+
+class Timed:
+    # Records when the first Nix call starts (the build really began).
+    def __init__(self, inner):
+        self.inner, self.first = inner, None
+
+    def run(self, *args, **kwargs):
+        self.first = self.first or time.time()
+        return self.inner.run(*args, **kwargs)
+
+
+recording = RecordingRunner(SubprocessRunner())
+runner = Timed(recording)
+fleet = FleetFlight(LeasePolicy(ttl=float(ttl), poll_min=0.05, poll_max=0.5))
+with BuildCache(Path(cache_dir), fleet=fleet) as cache:
+    result = build_image(Image.from_name("shell/hello"), LocalPathSource(offline),
+                         runner=runner, uploader=Stalling(store) if stall == "yes" else store,
+                         cache=cache, nix_options={"substituters": ""}, max_workers=1)
+stats = fleet.stats
+print(json.dumps({
+    "digest": result.manifest_digest, "from_cache": result.from_cache,
+    "realisations": sum(1 for c in recording.calls if "--realise" in c.argv),
+    "nix_calls": len(recording.calls), "first_nix_call": runner.first,
+    "packed": [l.digest for l in result.layers if not l.reused and not result.from_cache],
+    "layers": len(result.layers), "taken_over": stats.taken_over, "waited": stats.waited,
+    "acquired": stats.acquired}))
+"""
+
+
+Spawn = Callable[..., "subprocess.Popen[str]"]
+
+
+@pytest.fixture
+def spawn(gcs: FakeGcsServer) -> Iterator[Spawn]:
+    """Starts instance processes on the emulator; kills any still running at teardown."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(
+        bucket: str, cache: Path, *, ttl: float, stall: bool = False
+    ) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _FLEET_INSTANCE, gcs.url, bucket, str(cache),
+             str(OFFLINE_SET), str(ttl), "yes" if stall else "no"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def _answer(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    answer: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return answer
+
+
+def _check_bucket_is_whole(bucket: Any) -> None:
+    """No staging object or lease is left, and every manifest entry's blobs are there, intact."""
+    names = set(objects(bucket))
+    assert not any(n.startswith(("staging/", "leases/")) for n in names), sorted(names)
+    entries = [n for n in names if n.startswith("manifests/")]
+    assert entries
+    for entry in entries:
+        record = json.loads(bucket.blob(entry).download_as_bytes())
+        for digest in record["blobs"]:
+            hex_part = digest.removeprefix("sha256:")
+            data = bucket.blob(f"layers/{hex_part}").download_as_bytes()
+            assert hashlib.sha256(data).hexdigest() == hex_part
+
+
+def test_three_instances_asked_at_once_build_the_image_once(
+    gcs: FakeGcsServer, spawn: Spawn, tmp_path: Path
+) -> None:
+    """Three processes, own local caches, one bucket, same new image at once: one realisation."""
+    bucket = gcs.make_bucket("images")
+    procs = [spawn("images", tmp_path / f"host-{i}", ttl=30) for i in range(3)]
+    answers = [_answer(p) for p in procs]
+    assert sum(a["realisations"] for a in answers) == 1
+    assert len({a["digest"] for a in answers}) == 1
+    builders = [a for a in answers if not a["from_cache"]]
+    assert len(builders) == 1
+    packed = [d for a in answers for d in a["packed"]]
+    assert len(packed) == len(set(packed)) == builders[0]["layers"]  # each layer packed once
+    assert sum(a["waited"] for a in answers) >= 1  # the others waited rather than built
+    _check_bucket_is_whole(bucket)
+
+
+def test_killed_holder_delays_the_others_by_at_most_the_lease_time(
+    gcs: FakeGcsServer, spawn: Spawn, tmp_path: Path
+) -> None:
+    """SIGKILL the lease holder mid-pack: a waiter takes over within the ttl and finishes."""
+    bucket = gcs.make_bucket("images")
+    ttl = 3.0
+    holder = spawn("images", tmp_path / "host-a", ttl=ttl, stall=True)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "stalled"  # it holds the image and a layer lease
+    leases = [n for n in objects(bucket) if n.startswith("leases/")]
+    assert len(leases) == 2
+    waiter = spawn("images", tmp_path / "host-b", ttl=ttl)
+    threading.Event().wait(ttl)  # the waiter is polling; the holder keeps renewing meanwhile
+    holder.kill()
+    killed_at = time.time()
+    holder.wait(timeout=10)
+    answer = _answer(waiter)
+    assert not answer["from_cache"]
+    assert answer["taken_over"] == 2  # the image lease, then the layer lease at once
+    # The bound the lease promises (ttl, one poll, process noise), not a speed target.
+    assert answer["first_nix_call"] - killed_at < ttl + 2.0
+    assert answer["realisations"] == 1
+    _check_bucket_is_whole(bucket)

@@ -8,6 +8,7 @@ The layout follows Nixery's storage bucket::
       manifests/<key>       objects, at their key ...
       builds/<key>          ... (any key that validate_object_key accepts)
       staging/              uploads in progress (unique names)
+      leases/<name>         fleet leases (SupportsLeases), leases/.lock serialises them
 
 Everything becomes visible by ``os.replace`` from ``staging/``, after the
 content has been fsynced; the directory is fsynced after each rename.  A
@@ -33,10 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -55,7 +58,12 @@ from nixery_core.errors import (
 )
 from nixery_core.media_types import OCTET_STREAM, validate_media_type
 from nixery_core.protocols import BlobInfo
-from nixery_core.storage.keys import RESERVED_PREFIXES, validate_object_key, validate_prefix
+from nixery_core.storage.keys import (
+    RESERVED_PREFIXES,
+    validate_lease_name,
+    validate_object_key,
+    validate_prefix,
+)
 
 __all__ = ["FilesystemBlobWriter", "FilesystemStore"]
 
@@ -109,6 +117,7 @@ class FilesystemStore:
     root: Path = attrs.field(converter=Path)
     durable: bool = True
     clock: Callable[[], float] = time.time
+    _lease_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
 
     def __attrs_post_init__(self) -> None:
         with _translated(str(self.root)):
@@ -358,6 +367,96 @@ class FilesystemStore:
                     if key.startswith(prefix) and _is_object_key(key):
                         keys.append(key)
         return iter(sorted(keys))
+
+    # --- leases (SupportsLeases) ---------------------------------------------
+    #
+    # Every lease operation holds ``leases/.lock`` (flock: a whole-file lock
+    # that NFS clients map to a server lock; the kernel drops it when the
+    # holder dies), so a read-compare-write is one step for every process on
+    # every host that mounts the directory.  Creation is create-only on its
+    # own as well: the staged file is hard-linked to the name, which fails
+    # with EEXIST like O_EXCL.  A generation is the file's inode and mtime:
+    # every write makes a new file, renamed into place.
+
+    @property
+    def _leases(self) -> Path:
+        return self.root / "leases"
+
+    @contextlib.contextmanager
+    def _leases_locked(self, name: str) -> Iterator[Path]:
+        validate_lease_name(name)
+        with _translated(f"leases/{name}"), self._lease_lock:
+            self._leases.mkdir(exist_ok=True)
+            fd = os.open(self._leases / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield self._leases / name
+            finally:
+                os.close(fd)  # closing drops the flock
+
+    @staticmethod
+    def _generation(path: Path) -> str | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return f"{st.st_ino:x}-{st.st_mtime_ns:x}"
+
+    def _stage_lease(self, data: bytes) -> Path:
+        handle, staged = self._stage("lease-")
+        try:
+            with handle:
+                handle.write(data)
+                handle.flush()
+                os.fchmod(handle.fileno(), _FILE_MODE)
+                self._sync(handle.fileno())
+        except BaseException:
+            _unlink_quietly(staged)
+            raise
+        return staged
+
+    def create_lease(self, name: str, data: bytes) -> str | None:
+        """Create ``leases/<name>`` (hard link: fails like ``O_EXCL`` when it exists)."""
+        with self._leases_locked(name) as path:
+            staged = self._stage_lease(bytes(data))
+            try:
+                os.link(staged, path)
+            except FileExistsError:
+                return None
+            finally:
+                _unlink_quietly(staged)
+            self._sync_dir(self._leases)
+            return self._generation(path)
+
+    def read_lease(self, name: str) -> tuple[bytes, str] | None:
+        """The lease's bytes and generation, ``None`` when absent."""
+        with self._leases_locked(name) as path:
+            generation = self._generation(path)
+            if generation is None:
+                return None
+            return path.read_bytes(), generation
+
+    def replace_lease(self, name: str, data: bytes, generation: str) -> str | None:
+        """Replace the lease if it is still at ``generation``."""
+        with self._leases_locked(name) as path:
+            if self._generation(path) != generation:
+                return None
+            staged = self._stage_lease(bytes(data))
+            try:
+                staged.replace(path)
+            except BaseException:
+                _unlink_quietly(staged)
+                raise
+            self._sync_dir(self._leases)
+            return self._generation(path)
+
+    def delete_lease(self, name: str, generation: str) -> bool:
+        """Delete the lease if it is still at ``generation``."""
+        with self._leases_locked(name) as path:
+            if self._generation(path) != generation:
+                return False
+            path.unlink()
+            return True
 
     # --- crash recovery ------------------------------------------------------
 

@@ -5,7 +5,10 @@ The layout is Nixery's, under an optional ``prefix``:
 - ``layers/<hex>``: blobs, content-addressed by the sha256 of their bytes,
   with the media type kept as the object's ``Content-Type``;
 - ``<key>`` (``manifests/...``, ``builds/...``): small keyed objects;
-- ``staging/<name>``: blobs being written, before their digest is known.
+- ``staging/<name>``: blobs being written, before their digest is known;
+- ``leases/<name>``: fleet leases (:class:`~nixery_core.protocols.SupportsLeases`),
+  created with ``ifGenerationMatch=0``, replaced and deleted with
+  ``ifGenerationMatch=<generation>``.
 
 A blob writer streams to a staging object: blobs up to ``chunk_size`` are
 buffered and sent in one request at commit, larger ones go out as a
@@ -77,7 +80,11 @@ from nixery_core.errors import (
 )
 from nixery_core.media_types import validate_media_type
 from nixery_core.protocols import BlobInfo
-from nixery_core.storage.keys import validate_object_key, validate_prefix
+from nixery_core.storage.keys import (
+    validate_lease_name,
+    validate_object_key,
+    validate_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +101,8 @@ _SMALL_PUT: Final = 256 * 1024
 
 _BLOBS = "layers/"
 _STAGING = "staging/"
-_RESERVED = (_BLOBS, _STAGING)
+_LEASES = "leases/"
+_RESERVED = (_BLOBS, _STAGING, _LEASES)
 _HEX = re.compile(r"[0-9a-f]{64}")
 _OBJECT_TYPE = "application/octet-stream"
 
@@ -465,6 +473,64 @@ class GcsStore:
             key = meta.name[len(self._prefix) :]
             if not key.startswith(_RESERVED):
                 yield key
+
+    # -- leases (SupportsLeases) -------------------------------------------------
+    #
+    # A retried conditional request may have succeeded the first time: its
+    # retry then fails the precondition.  Lease bodies are unique per write
+    # (the lease module puts a holder id and a sequence number in each), so
+    # reading the object back and finding our own bytes tells that case apart.
+
+    def _lease_name(self, name: str) -> str:
+        return f"{self._prefix}{_LEASES}{validate_lease_name(name)}"
+
+    def _write_lease(self, name: str, data: bytes, match: int) -> str | None:
+        key = f"leases/{name}"
+        blob = self._bucket.blob(self._lease_name(name))
+        try:
+            blob.upload_from_string(
+                bytes(data), content_type=_OBJECT_TYPE, if_generation_match=match,
+                checksum="crc32c", **self._call(),
+            )
+        except gexc.PreconditionFailed:
+            current = self.read_lease(name)
+            return current[1] if current is not None and current[0] == data else None
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, key, "conditional upload of") from exc
+        return str(blob.generation)
+
+    def create_lease(self, name: str, data: bytes) -> str | None:
+        """Create ``leases/<name>`` with ``ifGenerationMatch=0`` (create-only)."""
+        return self._write_lease(name, data, 0)
+
+    def read_lease(self, name: str) -> tuple[bytes, str] | None:
+        """The lease's bytes and the generation they belong to (one request)."""
+        blob = self._bucket.blob(self._lease_name(name))
+        try:
+            data: bytes = blob.download_as_bytes(checksum="crc32c", **self._call())
+        except gexc.NotFound:
+            return None
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, f"leases/{name}", "download of") from exc
+        return data, str(blob.generation)
+
+    def replace_lease(self, name: str, data: bytes, generation: str) -> str | None:
+        """Replace the lease with ``ifGenerationMatch=<generation>``."""
+        return self._write_lease(name, data, int(generation))
+
+    def delete_lease(self, name: str, generation: str) -> bool:
+        """Delete the lease with ``ifGenerationMatch=<generation>``.
+
+        fake-gcs-server ignores the precondition on deletes; GCS honours it.
+        """
+        blob = self._bucket.blob(self._lease_name(name))
+        try:
+            blob.delete(if_generation_match=int(generation), **self._call())
+        except (gexc.PreconditionFailed, gexc.NotFound):
+            return False
+        except _BACKEND_ERRORS as exc:
+            raise _unavailable(exc, f"leases/{name}", "delete of") from exc
+        return True
 
     # -- shared plumbing ---------------------------------------------------------
 

@@ -4,7 +4,9 @@ A key is one or more segments of ``[A-Za-z0-9._-]`` joined by single ``/``;
 ``.`` and ``..`` segments, empty segments, leading or trailing ``/`` are
 refused.  The first segments ``layers`` and ``staging`` are reserved for
 blobs and uploads in progress (the bucket layout Nixery uses), so an object
-can never shadow a blob.  Keys are therefore safe as relative file paths and
+can never shadow a blob; ``leases`` is reserved for the conditional lease
+objects of :class:`~nixery_core.protocols.SupportsLeases`, which only the
+lease methods write.  Keys are therefore safe as relative file paths and
 as bucket object names.
 """
 
@@ -14,11 +16,19 @@ import re
 
 from nixery_core.errors import InvalidInput
 
-__all__ = ["MAX_KEY_LENGTH", "RESERVED_PREFIXES", "validate_object_key", "validate_prefix"]
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "RESERVED_PREFIXES",
+    "validate_lease_name",
+    "validate_object_key",
+    "validate_prefix",
+]
 
 MAX_KEY_LENGTH = 512
 #: First key segments that belong to the store itself.
-RESERVED_PREFIXES = frozenset({"layers", "staging"})
+RESERVED_PREFIXES = frozenset({"layers", "staging", "leases"})
+#: A lease name: one segment, no dots (so it never collides with a store's own files).
+_LEASE_NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
 #: One key segment becomes one file name in the filesystem store, so it stays
 #: well under the 255-byte NAME_MAX (room for suffixes a store may add).
@@ -40,7 +50,7 @@ def validate_object_key(key: object) -> str:
             "characters joined by '/', without '.' or '..'"
         )
     if segments[0] in RESERVED_PREFIXES:
-        raise InvalidInput(f"invalid object key {key!r}: {segments[0]!r}/ is reserved for blobs")
+        raise InvalidInput(f"invalid object key {key!r}: {segments[0]!r}/ is reserved by the store")
     return key
 
 
@@ -55,3 +65,10 @@ def validate_prefix(prefix: object) -> str:
     if prefix.startswith("/") or (len(segments) > 1 and segments[0] in RESERVED_PREFIXES):
         raise InvalidInput(f"invalid key prefix {prefix!r}: reserved or absolute")
     return prefix
+
+
+def validate_lease_name(name: object) -> str:
+    """Return ``name`` if it can name a lease (``[A-Za-z0-9_-]``, one segment), else raise."""
+    if not isinstance(name, str) or not _LEASE_NAME.fullmatch(name):
+        raise InvalidInput(f"invalid lease name {name!r}: use 1 to 200 of [A-Za-z0-9_-]")
+    return name

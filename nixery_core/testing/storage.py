@@ -32,7 +32,7 @@ from nixery_core.errors import (
 )
 from nixery_core.media_types import validate_media_type
 from nixery_core.protocols import BlobInfo
-from nixery_core.storage.keys import validate_object_key, validate_prefix
+from nixery_core.storage.keys import validate_lease_name, validate_object_key, validate_prefix
 
 __all__ = ["MemoryBlobWriter", "MemoryStore", "StagedBlob"]
 
@@ -70,6 +70,8 @@ class MemoryStore:
     has_blob_calls: int = attrs.field(default=0, init=False)
     _blobs: dict[str, tuple[bytes, str]] = attrs.field(factory=dict, init=False)
     _objects: dict[str, bytes] = attrs.field(factory=dict, init=False)
+    _leases: dict[str, tuple[bytes, str]] = attrs.field(factory=dict, init=False)
+    _generation: int = attrs.field(default=0, init=False)
     _staged: dict[int, MemoryBlobWriter] = attrs.field(factory=dict, init=False)
     _written: dict[str, float] = attrs.field(factory=dict, init=False)
     _opened: dict[int, float] = attrs.field(factory=dict, init=False)
@@ -254,6 +256,50 @@ class MemoryStore:
         validate_prefix(prefix)
         with self._lock:
             return iter(sorted(k for k in self._objects if k.startswith(prefix)))
+
+    # --- leases (SupportsLeases) ---------------------------------------------
+
+    def _next_generation(self) -> str:
+        self._generation += 1
+        return str(self._generation)
+
+    def create_lease(self, name: str, data: bytes) -> str | None:
+        validate_lease_name(name)
+        with self._lock:
+            if name in self._leases:
+                return None
+            generation = self._next_generation()
+            self._leases[name] = (bytes(data), generation)
+            return generation
+
+    def read_lease(self, name: str) -> tuple[bytes, str] | None:
+        validate_lease_name(name)
+        with self._lock:
+            return self._leases.get(name)
+
+    def replace_lease(self, name: str, data: bytes, generation: str) -> str | None:
+        validate_lease_name(name)
+        with self._lock:
+            current = self._leases.get(name)
+            if current is None or current[1] != generation:
+                return None
+            new = self._next_generation()
+            self._leases[name] = (bytes(data), new)
+            return new
+
+    def delete_lease(self, name: str, generation: str) -> bool:
+        validate_lease_name(name)
+        with self._lock:
+            current = self._leases.get(name)
+            if current is None or current[1] != generation:
+                return False
+            del self._leases[name]
+            return True
+
+    def lease_names(self) -> tuple[str, ...]:
+        """Leases currently held (a finished build leaves none)."""
+        with self._lock:
+            return tuple(sorted(self._leases))
 
 
 @attrs.define

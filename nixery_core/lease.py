@@ -1,0 +1,295 @@
+"""Fleet-wide single flight: hosts that share only a bucket build each key once.
+
+:class:`~nixery_core.cache.BuildCache` keeps one build per key on one host
+(threads share a flight, processes an ``flock``).  Hosts that share only the
+store coordinate here, through a *lease*: a small ``leases/<name>`` object
+in the store, written only on a generation precondition
+(:class:`~nixery_core.protocols.SupportsLeases`: ``ifGenerationMatch`` on
+GCS, ``O_EXCL`` and a lock on a shared filesystem).
+
+For one key (an image's manifest key, or one layer's key):
+
+* the first host to **create** the lease builds; a thread renews it every
+  ``ttl / 3`` seconds (a replace conditional on the generation it holds) and
+  the lease is **released** (a conditional delete) once the cache entry has
+  landed, or when the build fails, so the next host can try;
+* every other host **waits**: it polls the cache entry (``ready``) with
+  exponential backoff and returns the entry as soon as it appears;
+* a waiter that sees the *same generation* for the lease's ``ttl`` by its
+  own clock **takes it over** (a replace conditional on that generation, so
+  exactly one waiter wins) and builds.  A holder killed with ``SIGKILL``
+  therefore delays the others by at most ``ttl`` plus one poll, and no
+  clock is compared across hosts: expiry is measured by each waiter's
+  monotonic clock, from when it first saw that generation.  A waiter that
+  took over a lease remembers its holder as gone and takes over that
+  holder's other leases (the layers it was packing) at once, so a killed
+  image build costs its waiters one ``ttl``, not one per lease.
+
+The lease is an optimisation, never a correctness requirement: blobs are
+content-addressed and entries identical, so a host that cannot reach the
+lease (a storage error) logs a warning and builds, and a holder that lost
+its lease to a takeover (it stalled for ``ttl``) finishes harmlessly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import attrs
+
+from nixery_core.errors import StorageError
+from nixery_core.protocols import SupportsLeases
+
+__all__ = ["FleetFlight", "FleetStats", "LeasePolicy"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, not {value!r}")
+
+
+@attrs.frozen
+class LeasePolicy:
+    """How long a lease lives and how waiters poll.
+
+    ``ttl``: seconds a lease stays valid without renewal (the longest a
+    killed holder delays the others); the holder renews every ``ttl / 3``.
+    Waiters poll the cache entry first after ``poll_min`` seconds, then
+    ``backoff`` times longer each time, up to ``poll_max``.
+    """
+
+    ttl: float = attrs.field(default=30.0, validator=_positive)
+    poll_min: float = attrs.field(default=0.05, validator=_positive)
+    poll_max: float = attrs.field(default=1.0, validator=_positive)
+    backoff: float = attrs.field(default=1.5, validator=_positive)
+
+    @property
+    def renew_every(self) -> float:
+        return self.ttl / 3
+
+
+@attrs.frozen
+class FleetStats:
+    """What the fleet flights of one :class:`FleetFlight` did.
+
+    ``acquired``: leases created (this host built); ``taken_over``: expired
+    leases taken over (their holder had died or stalled); ``waited``: flights
+    that found another host's lease and waited; ``served_by_others``: of
+    those, the ones another host's entry answered; ``lost``: leases taken
+    over from this host while it still built; ``errors``: lease operations
+    that failed (the build then went ahead without a lease).
+    """
+
+    acquired: int = 0
+    taken_over: int = 0
+    waited: int = 0
+    served_by_others: int = 0
+    lost: int = 0
+    errors: int = 0
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(attrs.fields_dict(FleetStats), 0)
+
+    def add(self, field: str) -> None:
+        with self._lock:
+            self._counts[field] += 1
+
+    def snapshot(self) -> FleetStats:
+        with self._lock:
+            return FleetStats(**self._counts)
+
+
+def _fields(body: bytes) -> dict[str, object]:
+    """A lease body's JSON fields (empty when it is not a JSON object)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _default_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+@attrs.define
+class _Held:
+    """A lease this host holds, and the thread renewing it."""
+
+    name: str
+    generation: str
+    lost: bool = False
+    stop: threading.Event = attrs.Factory(threading.Event)
+
+
+@attrs.define
+class FleetFlight:
+    """Runs builds under fleet leases (see the module docs); one per cache.
+
+    ``clock`` is monotonic seconds and ``sleep`` waits, both injectable;
+    ``holder`` names this process in lease bodies (diagnostics only).
+    """
+
+    policy: LeasePolicy = attrs.Factory(LeasePolicy)
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    holder: str = attrs.Factory(_default_holder)
+    _tally: _Tally = attrs.field(init=False, factory=_Tally)
+    _seq: int = attrs.field(init=False, default=0)
+    _seq_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    # Holders whose lease expired unrenewed: their other leases are taken over at once.
+    _gone: set[str] = attrs.field(init=False, factory=set)
+
+    @property
+    def stats(self) -> FleetStats:
+        """Totals since this object was made."""
+        return self._tally.snapshot()
+
+    def _body(self) -> bytes:
+        """A lease body, unique per write (holder and sequence number)."""
+        with self._seq_lock:
+            self._seq += 1
+            seq = self._seq
+        return json.dumps(
+            {"holder": self.holder, "seq": seq, "ttl": self.policy.ttl, "written": time.time()},
+            sort_keys=True,
+        ).encode()
+
+    def _ttl_of(self, body: bytes) -> float:
+        """The holder's ttl from its lease body (ours when unreadable); 0 for a gone holder."""
+        fields = _fields(body)
+        holder = fields.get("holder")
+        if isinstance(holder, str):
+            with self._seq_lock:
+                if holder in self._gone:
+                    return 0.0
+        ttl = fields.get("ttl")
+        if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
+            return float(ttl)
+        return self.policy.ttl
+
+    def _mark_gone(self, body: bytes) -> None:
+        holder = _fields(body).get("holder")
+        if isinstance(holder, str) and holder != self.holder:
+            with self._seq_lock:
+                self._gone.add(holder)
+
+    def run(
+        self,
+        store: SupportsLeases,
+        name: str,
+        ready: Callable[[], T | None],
+        build: Callable[[], T],
+    ) -> T:
+        """``ready()`` if another host provides it, else ``build()`` under the lease ``name``.
+
+        Call it after ``ready()`` has just missed; ``ready`` is polled while
+        another host holds the lease and checked again once this host holds
+        it, and ``build`` must write the entry ``ready`` looks for.
+        """
+        try:
+            held = self._acquire_or_wait(store, name, ready)
+        except StorageError as exc:
+            log.warning("lease %s unavailable (%s); building without it", name, exc)
+            self._tally.add("errors")
+            return build()
+        if not isinstance(held, _Held):
+            return held
+        with self._renewing(store, held):
+            found = ready()
+            if found is not None:
+                return found
+            return build()
+
+    def _acquire_or_wait(
+        self, store: SupportsLeases, name: str, ready: Callable[[], T | None]
+    ) -> _Held | T:
+        seen: str | None = None  # the generation last seen
+        seen_since = 0.0
+        delay = self.policy.poll_min
+        waited = False
+        vanished = 0
+        while True:
+            generation = store.create_lease(name, self._body())
+            if generation is not None:
+                self._tally.add("acquired")
+                return _Held(name, generation)
+            current = store.read_lease(name)
+            if current is None and vanished < 3:
+                vanished += 1
+                continue  # released between the two calls: try to create it again
+            vanished = 0
+            body, generation = current if current is not None else (b"", "")
+            now = self.clock()
+            if generation != seen:
+                seen, seen_since = generation, now
+            if now - seen_since >= self._ttl_of(body):
+                taken = store.replace_lease(name, self._body(), generation)
+                if taken is not None:
+                    log.warning("lease %s expired (holder gone); taking it over", name)
+                    self._mark_gone(body)
+                    self._tally.add("taken_over")
+                    return _Held(name, taken)
+                seen = None  # another waiter took it over first
+            if not waited:
+                waited = True
+                self._tally.add("waited")
+            self.sleep(delay)
+            delay = min(delay * self.policy.backoff, self.policy.poll_max)
+            found = ready()
+            if found is not None:
+                self._tally.add("served_by_others")
+                return found
+
+    @contextlib.contextmanager
+    def _renewing(self, store: SupportsLeases, held: _Held) -> Iterator[None]:
+        """Renew ``held`` in a thread while the body runs; release it afterwards."""
+        thread = threading.Thread(
+            target=self._renew_loop, args=(store, held), name=f"lease-{held.name[:20]}",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            held.stop.set()
+            thread.join()
+            self._release(store, held)
+
+    def _renew_loop(self, store: SupportsLeases, held: _Held) -> None:
+        while not held.stop.wait(self.policy.renew_every):
+            try:
+                renewed = store.replace_lease(held.name, self._body(), held.generation)
+            except StorageError as exc:
+                log.warning("renewing lease %s failed (%s); retrying", held.name, exc)
+                continue
+            if renewed is None:
+                log.warning("lease %s was taken over while this host built it", held.name)
+                held.lost = True
+                self._tally.add("lost")
+                return
+            held.generation = renewed
+
+    def _release(self, store: SupportsLeases, held: _Held) -> None:
+        if held.lost:
+            return
+        try:
+            store.delete_lease(held.name, held.generation)
+        except StorageError as exc:  # it expires by itself
+            log.warning("releasing lease %s failed (%s); it expires in %ss", held.name, exc,
+                        self.policy.ttl)
