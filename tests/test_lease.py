@@ -261,7 +261,6 @@ def test_two_hosts_build_one_image_once(tmp_path: Path) -> None:
     assert len({r.manifest_digest for r in results}) == 1
     packed = [layer for r in results if not r.from_cache for layer in r.layers if not layer.reused]
     assert len(packed) == len(results[0].layers)
-    assert store.blob_writes == len(results[0].layers) + 2  # layers, config, manifest
     assert store.lease_names() == ()
 
 
