@@ -101,12 +101,13 @@ import hashlib
 import os
 import stat
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -117,6 +118,7 @@ from nixery_core.compression import (
     Compression,
     CompressorSpec,
     GzipBackend,
+    OrderedOutput,
     StreamCompressor,
     frame_compressor,
     open_compressor,
@@ -131,6 +133,7 @@ from nixery_core.errors import (
     UnsafeStoreContent,
 )
 from nixery_core.estargz import EStargzFormat
+from nixery_core.fragments import CachedFragment, FragmentCache, FragmentWriter, fragment_key
 from nixery_core.protocols import JSONValue
 from nixery_core.workers import WorkerPool
 from nixery_core.zstd_chunked import ZstdChunkedFormat
@@ -145,7 +148,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the tar layout changes, so cached layers are rebuilt.
-FORMAT_VERSION = "nixery-tar/2"
+FORMAT_VERSION = "nixery-tar/3"
 MEDIA_TYPES: dict[str, str] = {
     "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -390,8 +393,28 @@ def _ascii_replace(value: bytes) -> bytes:
 # --- the streaming sink ------------------------------------------------------
 
 
+class _Done:
+    """Tags the end of a recorded fragment in the ordered output."""
+
+    def __init__(self, recording: _Recording) -> None:
+        self.recording = recording
+
+
+@attrs.define
+class _Recording:
+    """A fragment being compressed and recorded for the fragment cache."""
+
+    writer: FragmentWriter
+    uncompressed: int = 0
+
+
 class _TarStream:
-    """Tar bytes in, compressed bytes out to ``write``; sha256 of both on the way."""
+    """Tar bytes in, compressed bytes out to ``write``; sha256 of both on the way.
+
+    The compressed stream is a sequence of members (gzip members, zstd
+    frames), each opened by :meth:`begin` and closed by :meth:`end`; a
+    cached fragment is copied in between members by :meth:`put_cached`.
+    """
 
     def __init__(
         self,
@@ -413,22 +436,26 @@ class _TarStream:
             if count > 1:
                 self._own = self._executor = WorkerPool(count, thread_name_prefix="nixery-deflate")
         parallel = self._executor if spec.compression in ("gzip", *CHUNKED) else None
+        self._spec = spec
+        self._parallel = parallel
+        # zstd runs its own (native) workers: one per layer when a build
+        # shares a pool, since its multi-threaded frames are the same bytes
+        # for any number of workers.
+        self._member_threads = (1 if executor is not None else count) if (
+            spec.compression == "zstd"
+        ) else count
+        self._output = OrderedOutput(2 * count)
+        self._recording: _Recording | None = None
+        self._recordings: list[_Recording] = []
+        # A chunked layer (eStargz, zstd:chunked) is one stream cut by its own
+        # format; every other layer is a sequence of members (begin/end).
         self._chunked: ChunkedCompressor | None = None
-        self._compressor: StreamCompressor
+        self._compressor: StreamCompressor | None = None
         if spec.chunked:
             self._chunked = ChunkedCompressor(
                 _frame_format(spec, mtime), mtime=mtime, executor=parallel, threads=count
             )
             self._compressor = self._chunked
-        else:
-            # zstd runs its own (native) workers: one per layer when a build
-            # shares a pool, since its multi-threaded frames are the same bytes
-            # for any number of workers.
-            zstd_threads = 1 if executor is not None else count
-            self._compressor = open_compressor(
-                spec, executor=parallel,
-                threads=zstd_threads if spec.compression == "zstd" else count,
-            )
         self._hashing = _OrderedHashing(self._executor if count > 1 else None)
         self._write = write
         self._passthrough = spec.compression == "none"
@@ -450,10 +477,64 @@ class _TarStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._compressor.close()
+        if self._compressor is not None:
+            self._compressor.close()
+        self._output.cancel()
+        for recording in self._recordings:
+            recording.writer.discard()
         self._hashing.close()
         if self._own is not None:
             self._own.shutdown(wait=True, cancel_futures=True)
+
+    def begin(self, recording: _Recording | None = None) -> None:
+        """Open a new member (a fragment), recorded for the cache when ``recording`` is given."""
+        if self._chunked is not None:
+            return  # one stream, cut by the chunked format itself
+        if self._compressor is not None:
+            raise RuntimeError("a member is already open")  # a bug in this module, not input
+        self._recording = recording
+        if recording is not None:
+            self._recordings.append(recording)
+        self._compressor = open_compressor(
+            self._spec, executor=self._parallel, threads=self._member_threads,
+            output=self._output, tag=recording,
+        )
+
+    def end(self) -> None:
+        """Close the open member: its last partial block, its trailer."""
+        if self._chunked is not None:
+            return
+        compressor = self._compressor
+        if compressor is None:
+            raise RuntimeError("no member is open")  # a bug in this module, not input
+        if self._pos:
+            self._flush_block(partial=True)
+        compressor.finish()
+        compressor.close()
+        self._compressor = None
+        if self._recording is not None:
+            self._output.add(_Done(self._recording), b"")
+            self._recording = None
+        self._emit(self._output.take_ready())
+
+    def put_cached(self, fragment: CachedFragment) -> None:
+        """Copy a cached fragment between members; its decompressed bytes join the diff_id."""
+        if self._compressor is not None or self._pos:
+            raise RuntimeError("a member is open")  # a bug in this module, not input
+        inflate = _decompressor(self._spec)
+        produced = 0
+        for piece in fragment.pieces():
+            self._output.add(None, piece)
+            self._emit(self._output.take_ready())
+            data = inflate.decompress(piece)
+            if data:
+                produced += len(data)
+                self._hashing.update(self._diff, data)
+        if produced != fragment.uncompressed_size or not inflate.eof:
+            raise LayerError(
+                f"a cached fragment decompressed to {produced} bytes, not the "
+                f"{fragment.uncompressed_size} recorded; remove the fragment cache"
+            )
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
         pos = self._pos
@@ -519,16 +600,21 @@ class _TarStream:
             self.put(_NUL512[: 512 - size % 512])
 
     def finish(self, media_type: str) -> PackedLayer:
-        if self._chunked is None:
-            # A chunked format writes its own end (eStargz puts its TOC before it).
-            self.put(_NUL512 * 2)
-        if self._pos:
-            self._flush_block(partial=True)
-        self._emit(self._compressor.finish())
         annotations: tuple[tuple[str, str], ...] = ()
-        if self._chunked is not None and self._chunked.trailer is not None:
-            self._hashing.update(self._diff, self._chunked.trailer.uncompressed)
-            annotations = self._chunked.trailer.annotations
+        if self._chunked is not None:
+            # A chunked format writes its own end (eStargz puts its TOC before it).
+            if self._pos:
+                self._flush_block(partial=True)
+            self._emit([(None, chunk) for chunk in self._chunked.finish()])
+            if self._chunked.trailer is not None:
+                self._hashing.update(self._diff, self._chunked.trailer.uncompressed)
+                annotations = self._chunked.trailer.annotations
+        else:
+            if self._compressor is None:
+                self.begin()
+            self.put(_NUL512 * 2)
+            self.end()
+            self._emit(self._output.take_all())
         if self._out:
             self._flush_output()
         self._hashing.wait()
@@ -537,17 +623,28 @@ class _TarStream:
         return PackedLayer(digest, diff_id, self._size, media_type, annotations)
 
     def _flush_block(self, *, partial: bool = False) -> None:
+        compressor = self._compressor
+        if compressor is None:
+            raise RuntimeError("tar bytes outside a member")  # a bug in this module
         block = self._block[: self._pos] if partial else self._block
         self._hashing.update(self._diff, block)
-        chunks = self._compressor.compress(block)
+        if self._recording is not None:
+            self._recording.uncompressed += len(block)
+        chunks = compressor.compress(block)  # empty unless chunked: members use the output
         # The compressor may still hold ``block``: start a fresh buffer.
         self._block = bytearray(BLOCK_SIZE)
         self._view = memoryview(self._block)
         self._pos = 0
-        self._emit(chunks)
+        self._emit([(None, chunk) for chunk in chunks] or self._output.take_ready())
 
-    def _emit(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
+    def _emit(self, chunks: list[tuple[object, bytes]]) -> None:
+        for tag, chunk in chunks:
+            if isinstance(tag, _Done):
+                self._recordings.remove(tag.recording)
+                tag.recording.writer.commit(tag.recording.uncompressed)
+                continue
+            if isinstance(tag, _Recording):
+                tag.writer.add(chunk)
             if not self._passthrough:
                 self._hashing.update(self._digest, chunk)
             self._size += len(chunk)
@@ -627,6 +724,38 @@ def _frame_format(spec: CompressorSpec, mtime: int) -> FrameFormat:
 MAX_THREADS = 8
 
 
+class _Inflate(Protocol):
+    @property
+    def eof(self) -> bool: ...
+
+    def decompress(self, data: bytes) -> bytes: ...
+
+
+def _decompressor(spec: CompressorSpec) -> _Inflate:
+    """A decompressor for one member of ``spec``'s format (any gzip backend reads gzip)."""
+    if spec.compression == "zstd":
+        import zstandard  # noqa: PLC0415 - zstd layers only; the spec was resolved with it
+
+        inflate: _Inflate = zstandard.ZstdDecompressor().decompressobj()
+        return inflate
+    if spec.compression == "gzip":
+        try:
+            from isal import isal_zlib  # noqa: PLC0415 - faster than zlib at the same result
+
+            inflate = isal_zlib.decompressobj(31)
+        except ImportError:
+            inflate = zlib.decompressobj(31)
+        return inflate
+    return _Identity()
+
+
+class _Identity:
+    eof = True
+
+    def decompress(self, data: bytes) -> bytes:
+        return data
+
+
 def _thread_count(threads: int | None) -> int:
     if threads is None:
         return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
@@ -664,6 +793,7 @@ def pack_store_paths(
     store_root: Path = Path("/"),
     threads: int | None = None,
     executor: WorkerPool | None = None,
+    fragments: FragmentCache | None = None,
 ) -> PackedLayer:
     """Pack store paths into one layer, streaming the blob into ``write``.
 
@@ -673,17 +803,34 @@ def pack_store_paths(
     one :class:`~nixery_core.workers.WorkerPool`, shared by every layer it
     packs); without one, on a pool of ``threads`` opened for this layer
     (default: the CPUs this process may run on, at most
-    :data:`MAX_THREADS`).  Neither ever changes the bytes.  See the module
-    docstring for the format and the errors.
+    :data:`MAX_THREADS`).  Neither ever changes the bytes.  ``fragments``
+    reuses store paths compressed before, in any layer, and keeps the ones
+    compressed now (:mod:`nixery_core.fragments`); the bytes are the same
+    with or without it.  See the module docstring for the format and the
+    errors.
     """
     spec = options.compressor()
     tops = [_top_level(path, store_root) for path in _store_names(paths)]
-    same = _SameContent(_SMALL_FILE)
+    cache = fragments if spec.compression != "none" and not spec.chunked else None
+    parameters = options.parameters() if cache is not None else {}
     with _TarStream(write, spec, threads, options.mtime, executor) as tar:
+        tar.begin()
         tar.put(tar.headers(b"nix/", 0o755, 0, _DIRTYPE))
         tar.put(tar.headers(b"nix/store/", 0o755, 0, _DIRTYPE))
+        tar.end()
         for member, full, kind in tops:
-            _pack_tree(tar, member, full, kind, same)
+            recording = None
+            if cache is not None:
+                key = fragment_key(full, parameters)
+                with cache.get(key) as found:
+                    if found is not None:
+                        tar.put_cached(found)
+                        continue
+                recording = _Recording(cache.writer(key))
+            tar.begin(recording)
+            _pack_tree(tar, member, full, kind, _SameContent(_SMALL_FILE))
+            tar.end()
+        tar.begin()  # the end of the archive is a fragment of its own
         return tar.finish(options.media_type)
 
 
@@ -1025,6 +1172,7 @@ def pack_entries(
     ordered = _complete_entries(entries)
     carrier = _hard_link_carriers(ordered)
     with _TarStream(write, spec, threads, options.mtime, executor) as tar:
+        tar.begin()
         for entry in ordered:
             name = os.fsencode(entry.path)
             if entry.kind in ("dir", "symlink"):

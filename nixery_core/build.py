@@ -660,6 +660,7 @@ def _pack_layers(
     archive, root, pool = build.archive, build.store_root, build.executor
     # Everything runs on the build's one pool; without one, on this thread alone.
     threads = None if pool is not None else 1
+    fragments = build.cache.fragments if build.cache is not None else None
 
     def store_layer(paths: tuple[str, ...]) -> BuiltLayer:
         return build.layer(
@@ -667,7 +668,8 @@ def _pack_layers(
             paths,
             "store",
             lambda write: pack_store_paths(
-                paths, write, archive, store_root=root, threads=threads, executor=pool
+                paths, write, archive, store_root=root, threads=threads, executor=pool,
+                fragments=fragments,
             ),
         )
 

@@ -57,6 +57,7 @@ import diskcache
 
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput, StorageError, StorageUnavailable
+from nixery_core.fragments import DEFAULT_FRAGMENT_LIMIT, FragmentCache
 from nixery_core.lease import FleetFlight
 from nixery_core.protocols import SupportsBlobSizes, SupportsDeletion, SupportsLeases, Uploader
 from nixery_core.record_schema import MalformedRecord, record_blob_sizes
@@ -280,6 +281,9 @@ class BuildCache:
     --repair``; garbage collection never removes a blob a live entry
     names) is noticed up to ``recheck_after`` seconds late, and an image
     served in that window misses it.
+    ``fragment_limit`` bounds the compressed store-path fragments kept in
+    ``<directory>/fragments`` (:mod:`nixery_core.fragments`; 0: none kept),
+    with which a store path packed once is never compressed again.
     """
 
     directory: Path | None = None
@@ -289,6 +293,8 @@ class BuildCache:
     clock: Callable[[], float] = time.time
     recheck_after: float = attrs.field(default=0.0, validator=_check_recheck)
     fleet: FleetFlight | None = attrs.field(factory=FleetFlight)
+    fragment_limit: int = DEFAULT_FRAGMENT_LIMIT
+    _fragments: FragmentCache | None = attrs.field(init=False, default=None)
     _local: diskcache.Cache | None = attrs.field(init=False, default=None)
     _totals: _Counter = attrs.field(init=False, factory=_Counter)
     _flights: dict[str, _Flight] = attrs.field(init=False, factory=dict)
@@ -324,12 +330,26 @@ class BuildCache:
                     self.directory, exc,
                 )
                 self._local = None
+            if self.fragment_limit > 0 and self._local is not None:
+                try:
+                    self._fragments = FragmentCache(
+                        self.directory / "fragments", size_limit=self.fragment_limit
+                    )
+                except StorageUnavailable as exc:
+                    log.warning("%s; packing without fragments", exc)
 
     # --- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:
         if self._local is not None:
             self._local.close()
+        if self._fragments is not None:
+            self._fragments.close()
+
+    @property
+    def fragments(self) -> FragmentCache | None:
+        """The local fragment cache (``None`` without a directory or with ``fragment_limit=0``)."""
+        return self._fragments
 
     def __enter__(self) -> BuildCache:
         return self

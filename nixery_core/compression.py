@@ -57,19 +57,28 @@ therefore never used.
 independently by :func:`frame_compressor` (an ordinary gzip member with the
 pinned header, or a single-threaded zstd frame with its content size), with
 the gzip backends and levels above and zstd as for ``zstd``.
+
+**Members.**  A compressor makes one gzip member or one zstd frame.  Layers
+are concatenations of several (one per store path: see
+:mod:`nixery_core.fragments`), which every reader of the formats accepts.
+To keep the deflate threads busy across member boundaries, compressors of
+consecutive members can share one :class:`OrderedOutput`: each hands its
+pieces there, finished or still being compressed, and the owner takes them
+out in order, each with the tag of the member it belongs to.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from functools import cache
 from types import ModuleType
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -83,6 +92,7 @@ __all__ = [
     "Compression",
     "CompressorSpec",
     "GzipBackend",
+    "OrderedOutput",
     "StreamCompressor",
     "frame_compressor",
     "isal_available",
@@ -297,39 +307,123 @@ class StreamCompressor(Protocol):
     def close(self) -> None: ...
 
 
+class OrderedOutput:
+    """Compressed pieces of consecutive members, in order, some still being compressed.
+
+    Each piece carries the tag of its member.  :meth:`take_ready` hands back
+    the finished pieces at the front, waiting for the oldest piece while
+    more than ``max_in_flight`` are being compressed, so memory stays bounded.
+    """
+
+    def __init__(self, max_in_flight: int) -> None:
+        self._items: deque[tuple[object, bytes | Future[bytes]]] = deque()
+        self._pending = 0
+        self._max = max(1, max_in_flight)
+
+    def add(self, tag: object, item: bytes | Future[bytes]) -> None:
+        if not isinstance(item, bytes):
+            self._pending += 1
+        self._items.append((tag, item))
+
+    def _pop(self) -> tuple[object, bytes]:
+        tag, item = self._items.popleft()
+        if isinstance(item, bytes):
+            return tag, item
+        self._pending -= 1
+        return tag, item.result()
+
+    def take_ready(self) -> list[tuple[object, bytes]]:
+        out: list[tuple[object, bytes]] = []
+        items = self._items
+        while items and (
+            isinstance(items[0][1], bytes) or items[0][1].done() or self._pending > self._max
+        ):
+            out.append(self._pop())
+        return out
+
+    def take_all(self) -> list[tuple[object, bytes]]:
+        return [self._pop() for _ in range(len(self._items))]
+
+    def cancel(self) -> None:
+        while self._items:
+            _tag, item = self._items.popleft()
+            if not isinstance(item, bytes):
+                item.cancel()
+        self._pending = 0
+
+
 def open_compressor(
-    spec: CompressorSpec, *, executor: Executor | None = None, threads: int = 1
+    spec: CompressorSpec,
+    *,
+    executor: Executor | None = None,
+    threads: int = 1,
+    output: OrderedOutput | None = None,
+    tag: object = None,
 ) -> StreamCompressor:
-    """A fresh compressor for one blob.
+    """A fresh compressor for one gzip member or zstd frame.
 
     gzip blocks are compressed on ``executor`` when given (at most
     ``2 * threads`` blocks in flight), else on the calling thread; zstd runs
     ``threads`` (at least 1) of its own workers.  The bytes are the same
-    either way.
+    either way.  With ``output``, :meth:`~StreamCompressor.compress` and
+    :meth:`~StreamCompressor.finish` return nothing: every piece goes to
+    ``output``, tagged with ``tag``, without waiting for the deflate threads.
     """
-    return _make(spec, executor=executor, threads=threads)
+    return _make(spec, executor=executor, threads=threads, output=output, tag=tag)
 
 
-def _make(spec: CompressorSpec, *, executor: Executor | None, threads: int) -> StreamCompressor:
+def _make(
+    spec: CompressorSpec,
+    *,
+    executor: Executor | None,
+    threads: int,
+    output: OrderedOutput | None = None,
+    tag: object = None,
+) -> StreamCompressor:
     if spec.chunked:
         raise InvalidInput(
             f"{spec.compression} layers are written by nixery_core.chunked, not as a stream"
         )
+    inner: StreamCompressor
     if spec.backend == "none":
-        return _Passthrough()
-    if spec.backend == "zstd":
-        return _Zstd(spec.level, max(1, threads))
-    module = _import_isal() if spec.backend == "isal" else zlib
-    if module is None:  # pragma: no cover - the spec was resolved with isal present
-        raise ImportError("the isal package disappeared after the spec was resolved")
-    return _GzipBlocks(
-        module,
-        spec.level,
-        mem_level=spec.mem_level,
-        block_size=spec.block_size,
-        executor=executor,
-        threads=max(1, threads),
-    )
+        inner = _Passthrough()
+    elif spec.backend == "zstd":
+        inner = _Zstd(spec.level, max(1, threads))
+    else:
+        module = _import_isal() if spec.backend == "isal" else zlib
+        if module is None:  # pragma: no cover - the spec was resolved with isal present
+            raise ImportError("the isal package disappeared after the spec was resolved")
+        return _GzipBlocks(
+            module,
+            spec.level,
+            mem_level=spec.mem_level,
+            block_size=spec.block_size,
+            executor=executor,
+            threads=max(1, threads),
+            output=output,
+            tag=tag,
+        )
+    return inner if output is None else _ToOutput(inner, output, tag)
+
+
+class _ToOutput:
+    """A compressor whose pieces go to an :class:`OrderedOutput` instead of back."""
+
+    def __init__(self, inner: StreamCompressor, output: OrderedOutput, tag: object) -> None:
+        self._inner, self._output, self._tag = inner, output, tag
+
+    def compress(self, data: bytes | bytearray) -> list[bytes]:
+        for piece in self._inner.compress(data):
+            self._output.add(self._tag, piece)
+        return []
+
+    def finish(self) -> list[bytes]:
+        for piece in self._inner.finish():
+            self._output.add(self._tag, piece)
+        return []
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class _Passthrough:
@@ -343,14 +437,28 @@ class _Passthrough:
         return None
 
 
-class _Zstd:
-    def __init__(self, level: int, threads: int) -> None:
+_zstd_contexts = threading.local()
+
+
+def _zstd_context(level: int, threads: int) -> Any:
+    """A ZstdCompressor per thread and setting: one per member would start workers each time."""
+    contexts: dict[tuple[int, int], Any] | None = getattr(_zstd_contexts, "by_setting", None)
+    if contexts is None:
+        contexts = _zstd_contexts.by_setting = {}
+    context = contexts.get((level, threads))
+    if context is None:
         zstandard = _import_zstd()
         if zstandard is None:  # pragma: no cover - the spec was resolved with zstandard
             raise ImportError("the zstandard package disappeared after the spec was resolved")
-        self._obj = zstandard.ZstdCompressor(
+        context = contexts[(level, threads)] = zstandard.ZstdCompressor(
             level=level, threads=threads, write_content_size=False, write_checksum=False
-        ).compressobj()
+        )
+    return context
+
+
+class _Zstd:
+    def __init__(self, level: int, threads: int) -> None:
+        self._obj = _zstd_context(level, threads).compressobj()
 
     def compress(self, data: bytes | bytearray) -> list[bytes]:
         out: bytes = self._obj.compress(data)
@@ -388,8 +496,12 @@ class _GzipBlocks:
         block_size: int,
         executor: Executor | None,
         threads: int,
+        output: OrderedOutput | None = None,
+        tag: object = None,
     ) -> None:
         self._module = module
+        self._output = output
+        self._tag = tag
         self._level = level
         self._mem_level = mem_level
         self._block_size = block_size
@@ -403,11 +515,17 @@ class _GzipBlocks:
         self._in_flight: deque[Future[bytes]] = deque()
         self._started = False
 
+    def _put(self, out: list[bytes], piece: bytes) -> None:
+        if self._output is None:
+            out.append(piece)
+        else:
+            self._output.add(self._tag, piece)
+
     def compress(self, data: bytes | bytearray) -> list[bytes]:
         out: list[bytes] = []
         if not self._started:
             self._started = True
-            out.append(GZIP_HEADER)
+            self._put(out, GZIP_HEADER)
         size = self._block_size
         if not self._pending and len(data) == size:
             # The archive writer hands over whole blocks: no copy.
@@ -424,14 +542,13 @@ class _GzipBlocks:
         out: list[bytes] = []
         if not self._started:
             self._started = True
-            out.append(GZIP_HEADER)
+            self._put(out, GZIP_HEADER)
         if self._pending:
             block, self._pending = bytes(self._pending), bytearray()
             self._submit(block, out)
         while self._in_flight:
             out.append(self._in_flight.popleft().result())
-        out.append(_FINAL_BLOCK)
-        out.append(struct.pack("<II", self._crc, self._length & 0xFFFFFFFF))
+        self._put(out, _FINAL_BLOCK + struct.pack("<II", self._crc, self._length & 0xFFFFFFFF))
         return out
 
     def close(self) -> None:
@@ -443,13 +560,15 @@ class _GzipBlocks:
         self._length += len(block)
         zdict, self._previous_tail = self._previous_tail, bytes(block[-WINDOW:])
         if self._executor is None:
-            out.append(_deflate_block(self._module, self._level, self._mem_level, block, zdict))
+            self._put(out, _deflate_block(self._module, self._level, self._mem_level, block, zdict))
             return
-        self._in_flight.append(
-            self._executor.submit(
-                _deflate_block, self._module, self._level, self._mem_level, block, zdict
-            )
+        future = self._executor.submit(
+            _deflate_block, self._module, self._level, self._mem_level, block, zdict
         )
+        if self._output is not None:
+            self._output.add(self._tag, future)
+            return
+        self._in_flight.append(future)
         # Hand back every block already done, in order; wait when too many are queued.
         while self._in_flight and (
             self._in_flight[0].done() or len(self._in_flight) > self._max_in_flight

@@ -1,0 +1,252 @@
+"""Per-store-path compressed fragments: compress a store path once, reuse it in any layer.
+
+A layer blob is the concatenation of independently compressed *fragments*
+(gzip members, zstd frames; plain bytes for uncompressed layers), one per
+store path, plus a first fragment holding the ``nix/`` and ``nix/store/``
+directory members and a last one holding the end of the archive (see
+:mod:`nixery_core.archive`).  Every gzip reader (gzip, Python's ``gzip`` and
+``tarfile``, GNU tar, Go's ``compress/gzip`` in containerd, skopeo, umoci)
+reads concatenated members as one stream, and every zstd reader
+concatenated frames.  A store path's fragment depends only on its content
+and the archive options, so once compressed it can be copied into any
+grouping of store paths into layers without compressing it again.
+
+:class:`FragmentCache` keeps fragments on local disk: a :mod:`diskcache`
+directory bounded by ``size_limit`` bytes, evicting the least recently
+*used* fragment (a hit is a small write, unlike the build cache's entries:
+fragments are many and large, so which ones get reused matters).  A
+fragment is keyed by :func:`fragment_key`: the path it was read from and the
+archive options (Nix never changes a valid store path's content).  Each
+entry records the fragment's uncompressed size and the CRC-32 of its
+compressed bytes; a fragment whose bytes no longer match is a miss (and is
+dropped), so a damaged cache file can never reach a layer.
+
+The layer's ``diff_id`` needs the sha256 of the *uncompressed* tar.  A
+sha256 state cannot be carried from one grouping to another (it depends on
+every byte before it), so assembling a layer from cached fragments
+decompresses them and hashes the result, rather than re-reading the store:
+inflating is faster than walking and reading the files again (no syscalls
+per file, a third of the bytes to read), and the ``diff_id`` is then computed
+from exactly the bytes being shipped, so it cannot disagree with the blob
+even if the store changed underneath.
+
+The cache only saves work: when its disk or database fails, a read is a
+miss and a write is skipped, each with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import sqlite3
+import tempfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import attrs
+import diskcache
+
+from nixery_core.errors import StorageUnavailable
+from nixery_core.protocols import JSONValue
+
+__all__ = [
+    "DEFAULT_FRAGMENT_LIMIT",
+    "CachedFragment",
+    "FragmentCache",
+    "FragmentWriter",
+    "fragment_key",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bytes of compressed fragments kept by default.
+DEFAULT_FRAGMENT_LIMIT = 4 << 30
+#: Pieces a cached fragment is read in.
+_READ_SIZE = 1 << 20
+#: A fragment being recorded is kept in memory up to this size, then in a temporary file.
+_SPILL_SIZE = 16 << 20
+
+
+def fragment_key(source: bytes, parameters: Mapping[str, JSONValue]) -> str:
+    """The cache key of the fragment read from ``source`` (a path) with these archive options."""
+    payload = json.dumps(
+        {"source": source.decode("utf-8", "surrogateescape"), "archive": parameters},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@attrs.frozen
+class CachedFragment:
+    """A fragment found in the cache: its compressed bytes (a stream) and sizes."""
+
+    stream: BinaryIO
+    size: int
+    uncompressed_size: int
+    crc32: int
+
+    def pieces(self) -> Iterator[bytes]:
+        """The compressed bytes, in pieces, from the start."""
+        self.stream.seek(0)
+        while piece := self.stream.read(_READ_SIZE):
+            yield piece
+
+
+@attrs.define
+class FragmentCache:
+    """Compressed fragments on local disk, size-bounded, least recently used evicted first."""
+
+    directory: Path = attrs.field(converter=Path)
+    size_limit: int = DEFAULT_FRAGMENT_LIMIT
+    _cache: diskcache.Cache = attrs.field(init=False)
+    hits: int = attrs.field(init=False, default=0)
+    misses: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            self._cache = diskcache.Cache(
+                str(self.directory),
+                size_limit=self.size_limit,
+                eviction_policy="least-recently-used",
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageUnavailable(
+                f"cannot open the fragment cache in {self.directory}: {exc}", str(self.directory)
+            ) from exc
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __enter__(self) -> FragmentCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def get(self, key: str) -> Iterator[CachedFragment | None]:
+        """The fragment under ``key``, checked against its CRC-32 (``None``: a miss)."""
+        found = self._lookup(key)
+        if found is None:
+            self.misses += 1
+            yield None
+            return
+        try:
+            self.hits += 1
+            yield found
+        finally:
+            found.stream.close()
+
+    def _lookup(self, key: str) -> CachedFragment | None:
+        try:
+            value, tag = self._cache.get(key, read=True, tag=True)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("fragment cache read of %s failed (%s); packing it", key, exc)
+            return None
+        if value is None:
+            return None
+        # Small values live in the database and come back as bytes, large ones as files.
+        stream: BinaryIO = io.BytesIO(value) if isinstance(value, bytes) else value
+        try:
+            uncompressed, crc = (int(part) for part in str(tag).split(":"))
+            size, actual = 0, 0
+            while piece := stream.read(_READ_SIZE):
+                size += len(piece)
+                actual = zlib.crc32(piece, actual)
+        except (ValueError, OSError) as exc:
+            stream.close()
+            self._drop(key, f"unreadable ({exc})")
+            return None
+        if actual != crc:
+            stream.close()
+            self._drop(key, "its bytes changed")
+            return None
+        return CachedFragment(stream, size, uncompressed, crc)
+
+    def _drop(self, key: str, why: str) -> None:
+        log.warning("dropping cached fragment %s: %s", key, why)
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self._cache.delete(key)
+
+    def put(self, key: str, pieces: Sequence[bytes], uncompressed_size: int) -> None:
+        """Keep a fragment made of ``pieces`` (its compressed bytes, in order)."""
+        writer = self.writer(key)
+        for piece in pieces:
+            writer.add(piece)
+        writer.commit(uncompressed_size)
+
+    def writer(self, key: str) -> FragmentWriter:
+        """Record a fragment piece by piece while it is compressed; kept at ``commit``."""
+        return FragmentWriter(self, key)
+
+    def _store(self, key: str, value: Any, crc: int, uncompressed_size: int, *, read: bool) -> None:
+        try:
+            self._cache.set(key, value, read=read, tag=f"{uncompressed_size}:{crc}")
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("fragment cache write of %s failed (%s); not kept", key, exc)
+
+
+@attrs.define
+class FragmentWriter:
+    """A fragment being recorded: in memory up to 16 MiB, then in a temporary file."""
+
+    _cache: FragmentCache
+    key: str
+    _pieces: list[bytes] = attrs.field(init=False, factory=list)
+    _size: int = attrs.field(init=False, default=0)
+    _crc: int = attrs.field(init=False, default=0)
+    _spill: Any = attrs.field(init=False, default=None)
+
+    def add(self, piece: bytes) -> None:
+        self._crc = zlib.crc32(piece, self._crc)
+        self._size += len(piece)
+        if self._spill is not None:
+            self._spill.write(piece)
+            return
+        self._pieces.append(piece)
+        if self._size > _SPILL_SIZE:
+            try:
+                self._spill = tempfile.TemporaryFile(dir=self._cache.directory)  # noqa: SIM115 - closed in commit/discard
+                for held in self._pieces:
+                    self._spill.write(held)
+            except OSError as exc:
+                log.warning("cannot spill fragment %s to disk (%s); not kept", self.key, exc)
+                self._spill = _Discarded()
+            self._pieces = []
+
+    def commit(self, uncompressed_size: int) -> None:
+        """Keep the fragment (a failure to write is a warning: the cache only saves work)."""
+        spill, self._spill = self._spill, None
+        if isinstance(spill, _Discarded):
+            return
+        if spill is None:
+            data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+            self._pieces = []
+            self._cache._store(self.key, data, self._crc, uncompressed_size, read=False)
+            return
+        with spill:
+            try:
+                spill.seek(0)
+            except OSError as exc:
+                log.warning("fragment %s unreadable (%s); not kept", self.key, exc)
+                return
+            self._cache._store(self.key, spill, self._crc, uncompressed_size, read=True)
+
+    def discard(self) -> None:
+        self._pieces = []
+        spill, self._spill = self._spill, None
+        if spill is not None and not isinstance(spill, _Discarded):
+            spill.close()
+
+
+class _Discarded:
+    """Stands in for a spill file that could not be made: pieces are dropped."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)

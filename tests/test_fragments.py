@@ -1,0 +1,259 @@
+"""Per-store-path fragments: one member per store path, reused from the cache in any grouping."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import zlib
+from pathlib import Path
+
+import pytest
+from conftest import require_tools
+
+from nixery_core import fragments as fragments_module
+from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
+from nixery_core.build import build_image
+from nixery_core.cache import BuildCache
+from nixery_core.errors import UnsafeStoreContent
+from nixery_core.fragments import FragmentCache, fragment_key
+from nixery_core.names import Image
+from nixery_core.testing.runners import FakeNix, default_fake_packages
+from nixery_core.testing.sources import FixedSource
+from nixery_core.testing.storage import MemoryStore
+
+PATHS = [f"/nix/store/{c * 32}-pkg{i}" for i, c in enumerate("abcd")]
+
+
+def make_store(root: Path) -> Path:
+    """Four store paths: text, binary-ish data, a link inside one path, a file over 1 MiB."""
+    for i, path in enumerate(PATHS):
+        base = root / path.lstrip("/")
+        (base / "bin").mkdir(parents=True)
+        (base / "bin" / "tool").write_bytes(b"\x7fELF" + bytes(range(256)) * (50 + i))
+        (base / "bin" / "tool").chmod(0o755)
+        (base / "share").mkdir()
+        (base / "share" / "README").write_text(f"package {i}\n" * 400)
+        (base / "share" / "copy").write_text(f"package {i}\n" * 400)  # linked to README
+        (base / "lib").symlink_to("bin")
+    big = root / PATHS[3].lstrip("/") / "data.bin"
+    big.write_bytes(b"".join(hashlib.sha256(b"%d" % n).digest() for n in range(50_000)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store"))
+
+
+def pack(
+    store: Path, paths: list[str], options: ArchiveOptions, cache: FragmentCache | None = None
+) -> tuple[PackedLayer, bytes]:
+    out = io.BytesIO()
+    packed = pack_store_paths(paths, out.write, options, store_root=store, fragments=cache)
+    return packed, out.getvalue()
+
+
+OPTIONS = [
+    pytest.param(ArchiveOptions(), id="gzip"),
+    pytest.param(ArchiveOptions(compression="zstd"), id="zstd"),
+    pytest.param(ArchiveOptions(gzip_backend="zlib"), id="gzip-zlib"),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_layers_are_byte_identical_with_cold_warm_or_no_fragment_cache(
+    store: Path, tmp_path: Path, options: ArchiveOptions
+) -> None:
+    """Packing without a cache, with an empty one and from cached fragments gives the same blob."""
+    plain = pack(store, PATHS, options)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        cold = pack(store, PATHS, options, cache)
+        assert (cache.hits, cache.misses) == (0, len(PATHS))
+        warm = pack(store, PATHS, options, cache)
+        assert (cache.hits, cache.misses) == (len(PATHS), len(PATHS))
+    assert cold == plain
+    assert warm == plain
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_fragments_packed_in_one_grouping_assemble_any_other(
+    store: Path, tmp_path: Path, options: ArchiveOptions
+) -> None:
+    """Paths packed as layers {a,b} and {c,d} make layers {a,c} and {b,d} with no compression."""
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS[:2], options, cache)
+        pack(store, PATHS[2:], options, cache)
+        before = cache.misses
+        regrouped = [pack(store, [PATHS[0], PATHS[2]], options, cache),
+                     pack(store, [PATHS[1], PATHS[3]], options, cache)]
+        assert cache.misses == before  # every path came from the cache
+    assert regrouped == [pack(store, [PATHS[0], PATHS[2]], options),
+                         pack(store, [PATHS[1], PATHS[3]], options)]
+
+
+def _gzip_members(blob: bytes) -> list[bytes]:
+    """Each gzip member's decompressed bytes, split by zlib (not the code under test)."""
+    members = []
+    rest = blob
+    while rest:
+        inflate = zlib.decompressobj(31)
+        members.append(inflate.decompress(rest))
+        assert inflate.eof
+        rest = inflate.unused_data
+    return members
+
+
+def test_each_store_path_is_one_gzip_member(store: Path) -> None:
+    """Golden structure: a member for nix/ and nix/store/, one per store path, one for the end."""
+    packed, blob = pack(store, PATHS, ArchiveOptions())
+    members = _gzip_members(blob)
+    assert len(members) == len(PATHS) + 2
+    assert len(members[0]) == 1024  # two directory headers
+    assert members[-1] == bytes(1024)  # the end of the archive
+    tar = b"".join(members)
+    assert packed.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    for member, path in zip(members[1:-1], PATHS, strict=True):
+        with tarfile.open(fileobj=io.BytesIO(member + bytes(1024)), mode="r:") as archive:
+            names = archive.getnames()
+        assert names[0] == path.lstrip("/")
+        assert all(n == names[0] or n.startswith(names[0] + "/") for n in names)
+
+
+def test_uncompressed_layer_golden_vector(tmp_path: Path) -> None:
+    """A fixed tree packs to a pinned diff_id (the tar bytes themselves, format nixery-tar/3)."""
+    root = tmp_path / "golden"
+    base = root / "nix" / "store" / ("g" * 32 + "-golden")
+    (base / "bin").mkdir(parents=True)
+    (base / "bin" / "hi").write_bytes(b"#!/bin/sh\necho hi\n")
+    (base / "bin" / "hi").chmod(0o755)
+    (base / "bin" / "hi-again").write_bytes(b"#!/bin/sh\necho hi\n")
+    (base / "bin" / "hi-again").chmod(0o755)
+    (base / "doc").symlink_to("bin")
+    packed, blob = pack(root, ["/nix/store/" + base.name], ArchiveOptions(compression="none"))
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as archive:
+        listing = [(m.name, m.type, m.mode, m.linkname) for m in archive.getmembers()]
+    name = base.relative_to(root).as_posix()
+    assert listing == [
+        ("nix", tarfile.DIRTYPE, 0o755, ""),
+        ("nix/store", tarfile.DIRTYPE, 0o755, ""),
+        (name, tarfile.DIRTYPE, 0o555, ""),
+        (f"{name}/bin", tarfile.DIRTYPE, 0o555, ""),
+        (f"{name}/bin/hi", tarfile.REGTYPE, 0o555, ""),
+        (f"{name}/bin/hi-again", tarfile.LNKTYPE, 0o555, f"{name}/bin/hi"),
+        (f"{name}/doc", tarfile.SYMTYPE, 0o777, "bin"),
+    ]
+    assert packed.diff_id == (
+        "sha256:1ab9f0070111f1647ede155cfe9faec3bafa73f180ff8c72b6b768cdee16e978"
+    )
+
+
+def test_gzip_cli_and_tarfile_read_the_multi_member_layer(store: Path, tmp_path: Path) -> None:
+    """gzip -d and tarfile's r:gz read the concatenated members as one tar."""
+    require_tools("gzip")
+    packed, blob = pack(store, PATHS, ArchiveOptions())
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(blob)
+    tar = subprocess.run(["gzip", "-dc", str(layer)], check=True, capture_output=True).stdout
+    assert packed.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert tar == gzip.decompress(blob)
+    with tarfile.open(layer, mode="r:gz") as archive:
+        assert archive.getmember(PATHS[3].lstrip("/") + "/data.bin").size == 50_000 * 32
+
+
+def test_zstd_cli_reads_the_multi_frame_layer(store: Path, tmp_path: Path) -> None:
+    """zstd -d reads the concatenated frames as one tar."""
+    require_tools("zstd")
+    packed, blob = pack(store, PATHS, ArchiveOptions(compression="zstd"))
+    layer = tmp_path / "layer.tar.zst"
+    layer.write_bytes(blob)
+    tar = subprocess.run(["zstd", "-dc", str(layer)], check=True, capture_output=True).stdout
+    assert packed.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+def test_damaged_cached_fragment_is_a_miss_and_repacked(store: Path, tmp_path: Path) -> None:
+    """A cache file whose bytes changed is dropped and the path packed again: same layer."""
+    options = ArchiveOptions()
+    expected = pack(store, PATHS, options)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS, options, cache)
+        damaged = 0
+        for file in (tmp_path / "fragments").rglob("*.val"):
+            data = bytearray(file.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            file.write_bytes(bytes(data))
+            damaged += 1
+        assert damaged  # fragments over 32 KiB live in files
+        misses = cache.misses
+        assert pack(store, PATHS, options, cache) == expected
+        assert cache.misses == misses + damaged
+        assert pack(store, PATHS, options, cache) == expected  # repaired
+
+
+def test_fragment_cache_stays_within_its_size_limit(store: Path, tmp_path: Path) -> None:
+    """A small limit evicts fragments (least recently used first); layers stay right."""
+    options = ArchiveOptions()
+    expected = pack(store, PATHS, options)
+    limit = 64 * 1024
+    with FragmentCache(tmp_path / "fragments", size_limit=limit) as cache:
+        for _ in range(3):
+            assert pack(store, PATHS, options, cache) == expected
+        assert cache._cache.volume() < limit + 2 * 1024 * 1024  # diskcache's own pages included
+
+
+def test_large_fragments_spill_to_disk_and_read_back(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fragments past the in-memory threshold are recorded through a temporary file."""
+    monkeypatch.setattr(fragments_module, "_SPILL_SIZE", 1000)
+    options = ArchiveOptions()
+    expected = pack(store, PATHS, options)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS, options, cache)
+        hits = cache.hits
+        assert pack(store, PATHS, options, cache) == expected
+        assert cache.hits == hits + len(PATHS)
+    assert not list((tmp_path / "fragments").glob("tmp*"))  # spill files are gone
+
+
+def test_failed_pack_keeps_no_fragment_of_the_failing_path(store: Path, tmp_path: Path) -> None:
+    """A store path refused mid-walk (a fifo) leaves no fragment for it in the cache."""
+    root = tmp_path / "root"
+    shutil.copytree(store, root, symlinks=True)
+    bad = root / PATHS[2].lstrip("/")
+    os.mkfifo(bad / "share" / "zz-fifo")
+    options = ArchiveOptions()
+    with FragmentCache(tmp_path / "fragments") as cache:
+        with pytest.raises(UnsafeStoreContent):
+            pack(root, PATHS, options, cache)
+        key = fragment_key(os.fsencode(bad), options.parameters())
+        assert key not in cache._cache
+        assert len(list(cache._cache.iterkeys())) <= 2  # at most the paths before it
+
+
+def test_build_reuses_fragments_for_a_new_grouping(tmp_path: Path) -> None:
+    """A second image whose store paths were all packed before compresses nothing again."""
+    runner = FakeNix(tmp_path / "root", default_fake_packages())
+    store = MemoryStore()
+    with BuildCache(tmp_path / "cache") as cache:
+        first = build_image(Image.from_name("shell/hello"), FixedSource(), runner=runner,
+                            uploader=store, cache=cache, store_root=runner.store_root)
+        fragments = cache.fragments
+        assert fragments is not None
+        misses = fragments.misses
+        second = build_image(Image.from_name("shell/hello"), FixedSource(), runner=runner,
+                             uploader=store, cache=cache, store_root=runner.store_root,
+                             layer_budget=3)  # other groups of the same paths
+        assert fragments.misses == misses
+        assert fragments.hits > 0
+    assert {layer.digest for layer in second.layers} - {layer.digest for layer in first.layers}
+    shutil.rmtree(tmp_path / "cache")
+    with BuildCache(tmp_path / "cache") as cold:
+        again = build_image(Image.from_name("shell/hello"), FixedSource(), runner=runner,
+                            uploader=MemoryStore(), cache=cold, store_root=runner.store_root,
+                            layer_budget=3)
+    assert again.manifest_digest == second.manifest_digest
