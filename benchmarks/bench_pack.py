@@ -20,6 +20,11 @@ user + system seconds of that run, children included):
 * ours with default :class:`~nixery_core.archive.ArchiveOptions`: one
   layer, and the same paths split round-robin into ``--layers`` layers
   packed in parallel threads (as ``build_image`` does);
+* fragments (:mod:`nixery_core.fragments`): one layer packed cold into an
+  empty fragment cache (it records every store path's member: the cost of
+  keeping them), and *regrouped*: the paths packed once as the round-robin
+  layers, then timed as ``--layers`` contiguous layers (other groupings,
+  every path from the cache; the ``diff_id`` from decompressed fragments);
 * without ``--quick``: other backends and levels, for the docs table
   (``gzip -6`` runs once: it is slow and only there for context);
 * memory: a child process packs one layer of ``--rss-mb`` (the closure
@@ -34,7 +39,9 @@ best run is kept.
 
 Targets printed as PASS/MISS: ours >= 4x ``pigz -p2 -6`` throughput,
 ours >= 0.5x the tar read rate, output <= 1.10x ``pigz -6``, peak RSS
-< 150 MB for the big layer.
+< 150 MB for the big layer; regrouped from fragments >= 0.5x the tar read
+rate, and a cold pack into the fragment cache >= 0.95x the rate of one
+without (no slower, within noise).
 
 Run from the repository root::
 
@@ -62,6 +69,7 @@ from pathlib import Path
 import attrs
 
 from nixery_core.archive import ArchiveOptions, pack_store_paths
+from nixery_core.fragments import FragmentCache
 
 _B32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's base32 alphabet
 MB = 1_000_000
@@ -263,23 +271,62 @@ def tool(root: Path, list_file: Path, consumer: str | None) -> Contender:
     return run
 
 
-def ours(root: Path, groups: Sequence[Sequence[str]], options: ArchiveOptions) -> Contender:
-    """Pack each group as one layer; several groups are packed in parallel threads."""
+def ours(
+    root: Path,
+    groups: Sequence[Sequence[str]],
+    options: ArchiveOptions,
+    fragments: Callable[[], FragmentCache | None] = lambda: None,
+) -> Contender:
+    """Pack each group as one layer; several groups are packed in parallel threads.
+
+    ``fragments`` gives the fragment cache of each run (``None``: none).
+    """
+    cache: FragmentCache | None = None
 
     def one(paths: Sequence[str]) -> int:
         sink = _HashingSink()
-        packed = pack_store_paths(paths, sink.write, options, store_root=root)
+        packed = pack_store_paths(
+            paths, sink.write, options, store_root=root, fragments=cache
+        )
         assert packed.size == sink.size
         assert packed.digest == "sha256:" + sink.hash.hexdigest()
         return packed.size
 
     def run() -> int:
-        if len(groups) == 1:
-            return one(groups[0])
-        with ThreadPoolExecutor(len(groups)) as pool:
-            return sum(pool.map(one, groups))
+        nonlocal cache
+        cache = fragments()
+        try:
+            if len(groups) == 1:
+                return one(groups[0])
+            with ThreadPoolExecutor(len(groups)) as pool:
+                return sum(pool.map(one, groups))
+        finally:
+            if cache is not None:
+                cache.close()
 
     return run
+
+
+def cold_fragments(root: Path) -> Callable[[], FragmentCache]:
+    """A new, empty fragment cache for every run (the old one is removed first)."""
+    counter = [0]
+
+    def make() -> FragmentCache:
+        shutil.rmtree(root / f"cold-fragments-{counter[0]}", ignore_errors=True)
+        counter[0] += 1
+        return FragmentCache(root / f"cold-fragments-{counter[0]}")
+
+    return make
+
+
+def warm_fragments(
+    root: Path, groups: Sequence[Sequence[str]], options: ArchiveOptions
+) -> Callable[[], FragmentCache]:
+    """A fragment cache holding every path, filled by packing ``groups`` once (untimed)."""
+    directory = root / "warm-fragments"
+    shutil.rmtree(directory, ignore_errors=True)
+    ours(root, groups, options, lambda: FragmentCache(directory))()
+    return lambda: FragmentCache(directory)
 
 
 def measure(
@@ -408,11 +455,18 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     list_file = root / "paths.lst"
     list_file.write_bytes(b"".join(p.lstrip("/").encode() + b"\0" for p in paths))
     groups = [list(paths[i :: args.layers]) for i in range(args.layers)]
+    size = -(-len(paths) // args.layers)
+    regroups = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+    warm_cache = warm_fragments(root, groups, options)
     contenders: list[tuple[str, Contender, int]] = [
         ("tar -c | wc -c  (read limit)", tool(root, list_file, None), tar_bytes),
         ("tar -c | pigz -p2 -6", tool(root, list_file, "pigz -p2 -6"), tar_bytes),
         ("ours, 1 layer", ours(root, [paths], options), tar_bytes),
         (f"ours, {args.layers} layers in threads", ours(root, groups, options), tar_bytes),
+        ("ours, 1 layer, cold fragments", ours(root, [paths], options, cold_fragments(root)),
+         tar_bytes),
+        (f"ours, regrouped {args.layers} layers", ours(root, regroups, options, warm_cache),
+         tar_bytes),
     ]
     chunked = [ArchiveOptions(compression="estargz"), ArchiveOptions(compression="zstd-chunked")]
     for chunked_options in chunked:
@@ -432,7 +486,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         results += measure(
             root, paths, [("tar -c | gzip -6", tool(root, list_file, "gzip -6"), tar_bytes)], 1
         )
-    read, pigz, single, parallel = results[:4]
+    read, pigz, single, parallel, cold, regrouped = results[:6]
     chunked_results = results[4:8]
     print("\nthroughput = uncompressed tar bytes / wall time; size ratio against pigz -6:")
     print(f"  {'':<32} {'wall':>8} {'cpu':>12} {'rate':>11} {'output':>11}   size/pigz")
@@ -448,6 +502,9 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         # CPU time does not depend on what else the machine runs.
         ("CPU: pigz -p2 -6 / ours 1 layer", pigz.cpu / single.cpu),
         ("CPU: ours 1 layer / tar read", single.cpu / read.cpu),
+        ("cold pack into fragments / ours 1 layer", cold.rate / single.rate),
+        ("regrouped from fragments / tar read", regrouped.rate / read.rate),
+        ("CPU: regrouped / ours 1 layer", regrouped.cpu / single.cpu),
     ]
     print("\nratios:")
     for label, value in ratios:
@@ -466,6 +523,11 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     print(_check("ours / tar read throughput", best.rate / read.rate, 0.5))
     print(_check("ours / pigz -6 size", single.output_bytes / pigz.output_bytes, 1.10, below=True))
     print(_check("peak RSS, MB", rss["pack_vmhwm_kb"] / 1024, 150, below=True))
+    print(_check("regrouped from fragments / tar read throughput",
+                 regrouped.rate / read.rate, 0.5))
+    print(_check("cold pack into fragments / without (no slower)", cold.rate / single.rate, 0.95))
+    print(_check("regrouped output / pigz -6 size", regrouped.output_bytes / pigz.output_bytes,
+                 1.10, below=True))
     print("\ntargets (file-granular formats, issue 17):")
     pairs = zip(chunked, chunked_results[::2], chunked_results[1::2], strict=True)
     for options, one, many in pairs:

@@ -50,15 +50,24 @@ Store layers (:func:`pack_store_paths`):
   which Nix forbids, never appear.
 * Symlinks are never followed (``lstat``/``O_NOFOLLOW`` everywhere); each
   is stored with its target as read, absolute, relative or dangling.
-* Duplicate files are stored once, decided by content, never by inode: a
-  non-empty regular file whose bytes and normalised mode equal those of a
-  file earlier in the layer (across all its store paths) is a tar hard link
-  to that earliest member, whatever the link counts on disk.  Hard links in
+* Each store path is compressed on its own (format ``nixery-tar/3``): a
+  layer blob is a member for ``nix/`` and ``nix/store/``, one member per
+  store path (gzip members, zstd frames), and one for the end of the
+  archive, so a store path compressed once is reused in any layer
+  (:mod:`nixery_core.fragments`; the bytes are the same whether its member
+  was compressed now or copied from the fragment cache).  Every reader of
+  gzip and zstd reads concatenated members as one stream.
+* Duplicate files are stored once per store path, decided by content, never
+  by inode: a non-empty regular file whose bytes and normalised mode equal
+  those of a file earlier in the same store path is a tar hard link to that
+  earliest member, whatever the link counts on disk (a duplicate in another
+  store path is stored again, so that each store path's member stands
+  alone).  Hard links in
   a Nix store only come from ``nix-store --optimise`` (NARs cannot express
   them), so deciding by inode would make the bytes depend on whether the
   builder's store was optimised; by content, optimised and unoptimised
-  stores give the same layer (format ``nixery-tar/2``; ``nixery-tar/1``
-  went by inode).  Empty files are always stored: a link member is no
+  stores give the same layer (``nixery-tar/2`` linked across store paths,
+  ``nixery-tar/1`` went by inode).  Empty files are always stored: a link member is no
   smaller.  Duplicates are found with SHA-256 at little cost: files of at
   most 16 KiB are read whole and hashed (one read, as before); a larger file
   is hashed only when an earlier file of the layer has its size and mode,
