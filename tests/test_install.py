@@ -24,7 +24,7 @@ from conftest import IN_CI, REPO
 
 pytestmark = pytest.mark.slow
 
-#: Builds shell/hello (gzip, and zstd) with FakeNix into a fresh store and
+#: Builds shell/hello (gzip, zstd, estargz, zstd-chunked) with FakeNix into a fresh store and
 #: prints the blob digests, plus what the interpreter imported.
 _BUILD = r"""
 import json, sys, tempfile
@@ -36,7 +36,7 @@ from nixery_core.testing.storage import MemoryStore
 
 google_on_import = any(name.startswith("google.cloud") for name in sys.modules)
 out = {"google_on_import": google_on_import, "where": nixery_core.__file__, "builds": {}}
-for compression in ("gzip", "zstd"):
+for compression in ("gzip", "zstd", "estargz", "zstd-chunked"):
     with tempfile.TemporaryDirectory() as tmp:
         fake = FakeNix(Path(tmp) / "root", default_fake_packages())
         store = MemoryStore()
