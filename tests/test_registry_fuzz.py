@@ -56,6 +56,7 @@ ERROR_STATUSES: dict[str, set[int]] = {
     "NAME_INVALID": {400},
     "DIGEST_INVALID": {400},
     "MANIFEST_UNKNOWN": {404},
+    "NAME_UNKNOWN": {404},  # tags/list of a name whose packages do not exist
     "BLOB_UNKNOWN": {404},
     "UNSUPPORTED": {400, 404, 405},
 }
