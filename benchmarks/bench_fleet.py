@@ -53,9 +53,10 @@ from servers import FakeGcsServer  # noqa: E402 - tests/ is put on the path just
 
 from nixery_core.names import Image  # noqa: E402 - after the path set-up, like the line above
 
-#: Packages of the offline set that make distinct images in pairs.
-PACKAGES = ("hello", "nano", "curl", "socat", "openssl", "moreutils", "busybox", "cacert",
-            "iana-etc", "coreutils")
+#: Packages of the offline set that make distinct images in pairs (cacert and iana-etc are
+#: in every image already, so pairs with them would name the same image twice).
+PACKAGES = ("hello", "nano", "curl", "socat", "openssl", "moreutils", "busybox", "coreutils",
+            "openssl_1_1", "shell")
 ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 
 _SITECUSTOMIZE = textwrap.dedent(
@@ -104,9 +105,12 @@ def image_names(count: int, seed: int) -> list[str]:
     """``count`` distinct two-package images in a seeded order."""
     pairs = [f"{a}/{b}" for i, a in enumerate(PACKAGES) for b in PACKAGES[i + 1 :]]
     random.Random(seed).shuffle(pairs)
-    if count > len(pairs):
-        raise SystemExit(f"at most {len(pairs)} images")
-    return pairs[:count]
+    chosen: dict[tuple[str, ...], str] = {}
+    for name in pairs:  # distinct package sets only ("shell" already holds coreutils)
+        chosen.setdefault(Image.from_name(name).packages, name)
+    if count > len(chosen):
+        raise SystemExit(f"at most {len(chosen)} images")
+    return list(chosen.values())[:count]
 
 
 @attrs.frozen

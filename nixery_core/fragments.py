@@ -43,6 +43,7 @@ import json
 import logging
 import sqlite3
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -110,8 +111,10 @@ class FragmentCache:
     directory: Path = attrs.field(converter=Path)
     size_limit: int = DEFAULT_FRAGMENT_LIMIT
     _cache: diskcache.Cache = attrs.field(init=False)
+    #: Lookups answered from the cache, and not (counted across threads).
     hits: int = attrs.field(init=False, default=0)
     misses: int = attrs.field(init=False, default=0)
+    _count_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -138,12 +141,15 @@ class FragmentCache:
     def get(self, key: str) -> Iterator[CachedFragment | None]:
         """The fragment under ``key``, checked against its CRC-32 (``None``: a miss)."""
         found = self._lookup(key)
+        with self._count_lock:
+            if found is None:
+                self.misses += 1
+            else:
+                self.hits += 1
         if found is None:
-            self.misses += 1
             yield None
             return
         try:
-            self.hits += 1
             yield found
         finally:
             found.stream.close()
