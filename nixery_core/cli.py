@@ -336,7 +336,11 @@ def parser() -> argparse.ArgumentParser:
 
     gc = sub.add_parser("gc", help="delete blobs no cached manifest or build names")
     gc.add_argument("--store", help="blob store directory")
-    gc.add_argument("--grace", type=float, default=86400.0, help="keep blobs younger than this")
+    gc.add_argument(
+        "--grace", type=float, default=86400.0,
+        help="keep blobs younger than this (seconds); uploads in progress are kept for at "
+        "least 6 hours whatever the grace",
+    )
     gc.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     gc.set_defaults(func=cmd_gc)
 

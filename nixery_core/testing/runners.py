@@ -495,10 +495,11 @@ class FakeNix:
             )
             digest = _nix_hash("out", system, store_name, _fingerprint(package), *deps)
             path = f"{STORE_DIR}/{digest}-{store_name}"
-            self._paths[key] = path
             drv = f"{STORE_DIR}/{_nix_hash('drv', path)}-{store_name}.drv"
             self._drvs[drv] = key
             self._drv_of[key] = drv
+            # Last: another thread that sees the path also finds its derivation.
+            self._paths[key] = path
         return self._paths[key]
 
     def drv_path(self, name: str, system: str = "x86_64-linux") -> str:
