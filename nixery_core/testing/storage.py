@@ -17,21 +17,18 @@ import io
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import attrs
 
-from nixery_core.digests import Sha256Counter, digest_hex, sha256_digest
+from nixery_core.digests import digest_hex, sha256_digest
 from nixery_core.errors import (
     BlobNotFound,
-    DigestMismatch,
-    InvalidDigest,
     InvalidInput,
     StorageUnavailable,
 )
-from nixery_core.media_types import validate_media_type
 from nixery_core.protocols import BlobInfo
+from nixery_core.storage.base import BaseBlobWriter
 from nixery_core.storage.keys import validate_lease_name, validate_object_key, validate_prefix
 
 __all__ = ["MemoryBlobWriter", "MemoryStore", "StagedBlob"]
@@ -162,7 +159,6 @@ class MemoryStore:
         return None if entry is None else BlobInfo(digest, len(entry[0]), entry[1])
 
     def open_blob_writer(self, media_type: str) -> MemoryBlobWriter:
-        validate_media_type(media_type)
         return MemoryBlobWriter(self, media_type)
 
     def put_blob(self, data: bytes, media_type: str) -> BlobInfo:
@@ -302,64 +298,22 @@ class MemoryStore:
             return tuple(sorted(self._leases))
 
 
-@attrs.define
-class MemoryBlobWriter:
+class MemoryBlobWriter(BaseBlobWriter):
     """A staged in-memory upload; listed by :meth:`MemoryStore.staged_blobs` until done."""
 
-    _store: MemoryStore
-    media_type: str
-    _chunks: list[bytes] = attrs.field(factory=list, init=False)
-    _counter: Sha256Counter = attrs.field(factory=Sha256Counter, init=False)
-    _state: Literal["open", "committed", "aborted"] = attrs.field(default="open", init=False)
-    _id: int = attrs.field(default=0, init=False)
+    def __init__(self, store: MemoryStore, media_type: str) -> None:
+        super().__init__(media_type)
+        self._store = store
+        self._chunks: list[bytes] = []
+        self._id = store._register(self)
 
-    def __attrs_post_init__(self) -> None:
-        self._id = self._store._register(self)
+    def _write(self, data: bytes | memoryview) -> None:
+        self._chunks.append(bytes(data))
 
-    @property
-    def size(self) -> int:
-        """Bytes written so far."""
-        return self._counter.size
+    def _publish(self, digest: str, size: int) -> None:
+        self._store._store_blob(digest, b"".join(self._chunks), self.media_type)
+        self._discard()
 
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise InvalidInput(f"blob writer is already {self._state}")
-
-    def write(self, data: bytes | memoryview) -> int:
-        self._check_open()
-        chunk = bytes(data)
-        self._chunks.append(chunk)
-        self._counter.update(chunk)
-        return len(chunk)
-
-    def commit(self, digest: str) -> BlobInfo:
-        self._check_open()
-        try:
-            self._counter.check(digest)
-        except (InvalidDigest, DigestMismatch):
-            self.abort()
-            raise
-        try:
-            self._store._store_blob(digest, b"".join(self._chunks), self.media_type)
-        finally:
-            self.abort()
-        self._state = "committed"
-        return BlobInfo(digest, self._counter.size, self.media_type)
-
-    def abort(self) -> None:
-        if self._state != "open":
-            return
-        self._state = "aborted"
+    def _discard(self) -> None:
         self._chunks.clear()
         self._store._unregister(self._id)
-
-    def __enter__(self) -> MemoryBlobWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()
