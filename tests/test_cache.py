@@ -277,16 +277,22 @@ def _enter(cache: BuildCache, entered: list[str]) -> None:
         entered.append("in")
 
 
+class _CountsBlobSizes(MemoryStore):
+    """A memory store noting how many digests each blob_sizes call asks about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+
+    def blob_sizes(self, digests: Sequence[str]) -> dict[str, int | None]:
+        self.asked.append(len(digests))
+        return super().blob_sizes(digests)
+
+
 def test_a_hit_checks_every_blob_with_one_batch_question(tmp_path: Path) -> None:
     """A store offering blob_sizes is asked once per hit for all the image's blobs."""
-    asked: list[int] = []
-
-    class Counting(MemoryStore):
-        def blob_sizes(self, digests: Sequence[str]) -> dict[str, int | None]:
-            asked.append(len(digests))
-            return super().blob_sizes(digests)
-
-    store = Counting()
+    store = _CountsBlobSizes()
+    asked = store.asked
     fake = FakeNix(tmp_path / "root", default_fake_packages())
     with BuildCache(tmp_path / "cache") as cache:
         built = build_image(
@@ -305,14 +311,8 @@ def test_a_hit_checks_every_blob_with_one_batch_question(tmp_path: Path) -> None
 def test_recheck_after_skips_recent_blob_checks_and_only_those(tmp_path: Path) -> None:
     """Within recheck_after a hit asks the store nothing; after it, a vanished blob is a miss."""
     now = [1_000_000.0]
-    asked: list[int] = []
-
-    class Counting(MemoryStore):
-        def blob_sizes(self, digests: Sequence[str]) -> dict[str, int | None]:
-            asked.append(len(digests))
-            return super().blob_sizes(digests)
-
-    store = Counting()
+    store = _CountsBlobSizes()
+    asked = store.asked
     fake = FakeNix(tmp_path / "root", default_fake_packages())
     image = Image.from_name("shell/hello")
     with BuildCache(None, clock=lambda: now[0], recheck_after=60.0) as cache:
