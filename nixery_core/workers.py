@@ -73,6 +73,12 @@ class _HelpingFuture(Future[T]):
         return super().exception(timeout)
 
 
+def _checked_max_workers(max_workers: int) -> int:
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+        raise InvalidInput(f"max_workers must be a positive int, not {max_workers!r}")
+    return max_workers
+
+
 class WorkerPool(Executor):
     """A bounded executor whose futures help (see the module docstring).
 
@@ -83,13 +89,8 @@ class WorkerPool(Executor):
     """
 
     def __init__(self, max_workers: int, *, thread_name_prefix: str = "nixery-pack") -> None:
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise InvalidInput(f"max_workers must be a positive int, not {max_workers!r}")
-        self._inner: Executor = ThreadPoolExecutor(max_workers, thread_name_prefix)
-        self._owned = True
-        self.max_workers = max_workers
-        self._pending: weakref.WeakSet[_HelpingFuture[Any]] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        max_workers = _checked_max_workers(max_workers)
+        self._hold(ThreadPoolExecutor(max_workers, thread_name_prefix), max_workers, owned=True)
 
     @classmethod
     def wrapping(cls, executor: Executor, max_workers: int) -> WorkerPool:
@@ -99,14 +100,16 @@ class WorkerPool(Executor):
         once; streams size their in-flight work by it.
         """
         pool = cls.__new__(cls)
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise InvalidInput(f"max_workers must be a positive int, not {max_workers!r}")
-        pool._inner = executor
-        pool._owned = False
-        pool.max_workers = max_workers
-        pool._pending = weakref.WeakSet()
-        pool._lock = threading.Lock()
+        pool._hold(executor, _checked_max_workers(max_workers), owned=False)
         return pool
+
+    def _hold(self, inner: Executor, max_workers: int, *, owned: bool) -> None:
+        """Run tasks on ``inner`` (shut down by :meth:`shutdown` only when ``owned``)."""
+        self._inner = inner
+        self._owned = owned
+        self.max_workers = max_workers
+        self._pending: weakref.WeakSet[_HelpingFuture[Any]] = weakref.WeakSet()
+        self._lock = threading.Lock()
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         future: _HelpingFuture[T] = _HelpingFuture(lambda: fn(*args, **kwargs))
