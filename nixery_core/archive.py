@@ -113,6 +113,7 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
@@ -454,6 +455,10 @@ class _TarStream:
             spec.compression == "zstd"
         ) else count
         self._output = OrderedOutput(2 * count)
+        #: Uncompressed bytes waiting for fragments inflated on the pool, in order.
+        self._diff_pending: deque[bytes | bytearray | Future[bytes]] = deque()
+        self._inflating = 0
+        self._max_inflating = count
         self._recording: _Recording | None = None
         self._recordings: list[_Recording] = []
         # A chunked layer (eStargz, zstd:chunked) is one stream cut by its own
@@ -489,6 +494,9 @@ class _TarStream:
         if self._compressor is not None:
             self._compressor.close()
         self._output.cancel()
+        for pending in self._diff_pending:
+            if isinstance(pending, Future):
+                pending.cancel()
         for recording in self._recordings:
             recording.writer.discard()
         self._hashing.close()
@@ -527,23 +535,60 @@ class _TarStream:
         self._emit(self._output.take_ready())
 
     def put_cached(self, fragment: CachedFragment) -> None:
-        """Copy a cached fragment between members; its decompressed bytes join the diff_id."""
+        """Copy a cached fragment between members; its decompressed bytes join the diff_id.
+
+        With a pool, fragments up to :data:`_PARALLEL_INFLATE` bytes are
+        inflated there, several at once (members are independent); their
+        bytes join the ``diff_id`` in order all the same.
+        """
         if self._compressor is not None or self._pos:
             raise RuntimeError("a member is open")  # a bug in this module, not input
+        pool = self._executor
+        if pool is not None and fragment.uncompressed_size <= _PARALLEL_INFLATE:
+            pieces = list(fragment.pieces())
+            for piece in pieces:
+                self._output.add(None, piece)
+            self._emit(self._output.take_ready())
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            self._diff_pending.append(
+                pool.submit(_inflate_whole, self._spec, data, fragment.uncompressed_size)
+            )
+            self._inflating += 1
+            self._drain_diff()
+            return
         inflate = _decompressor(self._spec)
         produced = 0
         for piece in fragment.pieces():
             self._output.add(None, piece)
             self._emit(self._output.take_ready())
-            data = inflate.decompress(piece)
-            if data:
-                produced += len(data)
-                self._hashing.update(self._diff, data)
-        if produced != fragment.uncompressed_size or not inflate.eof:
-            raise LayerError(
-                f"a cached fragment decompressed to {produced} bytes, not the "
-                f"{fragment.uncompressed_size} recorded; remove the fragment cache"
-            )
+            out = inflate.decompress(piece)
+            if out:
+                produced += len(out)
+                self._add_diff(out)
+                self._drain_diff()
+        _check_inflated(produced, fragment.uncompressed_size, eof=inflate.eof)
+
+    def _add_diff(self, data: bytes | bytearray) -> None:
+        """Uncompressed bytes for the ``diff_id``, after any still being inflated."""
+        if self._diff_pending:
+            self._diff_pending.append(data)
+        else:
+            self._hashing.update(self._diff, data)
+
+    def _drain_diff(self, *, everything: bool = False) -> None:
+        """Hash, in order, the uncompressed bytes ready at the front of the queue."""
+        queue = self._diff_pending
+        while queue:
+            head = queue[0]
+            if isinstance(head, Future):
+                if not (everything or head.done() or self._inflating > self._max_inflating):
+                    return
+                queue.popleft()
+                self._inflating -= 1
+                self._hashing.update(self._diff, head.result())
+            else:
+                queue.popleft()
+                self._hashing.update(self._diff, head)
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
         pos = self._pos
@@ -616,7 +661,7 @@ class _TarStream:
                 self._flush_block(partial=True)
             self._emit([(None, chunk) for chunk in self._chunked.finish()])
             if self._chunked.trailer is not None:
-                self._hashing.update(self._diff, self._chunked.trailer.uncompressed)
+                self._add_diff(self._chunked.trailer.uncompressed)
                 annotations = self._chunked.trailer.annotations
         else:
             if self._compressor is None:
@@ -626,6 +671,7 @@ class _TarStream:
             self._emit(self._output.take_all())
         if self._out:
             self._flush_output()
+        self._drain_diff(everything=True)
         self._hashing.wait()
         diff_id = "sha256:" + self._diff.hexdigest()
         digest = diff_id if self._passthrough else "sha256:" + self._digest.hexdigest()
@@ -636,7 +682,9 @@ class _TarStream:
         if compressor is None:
             raise RuntimeError("tar bytes outside a member")  # a bug in this module
         block = self._block[: self._pos] if partial else self._block
-        self._hashing.update(self._diff, block)
+        self._add_diff(block)
+        if self._diff_pending:
+            self._drain_diff()
         if self._recording is not None:
             self._recording.uncompressed += len(block)
         chunks = compressor.compress(block)  # empty unless chunked: members use the output
@@ -763,6 +811,26 @@ class _Identity:
 
     def decompress(self, data: bytes) -> bytes:
         return data
+
+
+#: Cached fragments up to this many uncompressed bytes are inflated whole on the pool.
+_PARALLEL_INFLATE = 8 << 20
+
+
+def _inflate_whole(spec: CompressorSpec, data: bytes, expected: int) -> bytes:
+    """One cached fragment inflated in one call (on a pool thread)."""
+    inflate = _decompressor(spec)
+    out = inflate.decompress(data)
+    _check_inflated(len(out), expected, eof=inflate.eof)
+    return out
+
+
+def _check_inflated(produced: int, expected: int, *, eof: bool) -> None:
+    if produced != expected or not eof:
+        raise LayerError(
+            f"a cached fragment decompressed to {produced} bytes, not the {expected} "
+            "recorded; remove the fragment cache"
+        )
 
 
 def _thread_count(threads: int | None) -> int:

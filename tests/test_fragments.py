@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import require_tools
 
+from nixery_core import archive
 from nixery_core import fragments as fragments_module
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
@@ -257,3 +258,25 @@ def test_build_reuses_fragments_for_a_new_grouping(tmp_path: Path) -> None:
                             uploader=MemoryStore(), cache=cold, store_root=runner.store_root,
                             layer_budget=3)
     assert again.manifest_digest == second.manifest_digest
+
+
+@pytest.mark.parametrize("way", ["streamed", "one-thread"])
+def test_fragments_inflated_inline_give_the_same_layer(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """Cached fragments inflated on the packing thread (large ones, or without a pool) give
+    the same layer as those inflated on the pool."""
+    options = ArchiveOptions()
+    expected = pack(store, PATHS, options)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS, options, cache)
+        if way == "streamed":
+            monkeypatch.setattr(archive, "_PARALLEL_INFLATE", 0)
+            again = pack(store, PATHS, options, cache)
+        else:
+            out = io.BytesIO()
+            packed = pack_store_paths(PATHS, out.write, options, store_root=store,
+                                      fragments=cache, threads=1)
+            again = (packed, out.getvalue())
+        assert cache.hits == len(PATHS)
+    assert again == expected
