@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 #: Bytes read per call while hashing.
 CHUNK: Final = 1 << 20
-_DIGEST = DIGEST_BYTES_PATTERN
 _ENTRY_PREFIXES: Final = ("manifests/", "builds/")
 
 
@@ -121,7 +120,7 @@ def _entries_naming(store: CollectableStore, digests: set[str]) -> list[str]:
     for prefix in _ENTRY_PREFIXES:
         for name in store.list_objects(prefix):
             raw = store.get_object(name)
-            if raw is not None and {m.decode() for m in _DIGEST.findall(raw)} & digests:
+            if raw is not None and _names_any(raw, digests):
                 names.append(name)
     return names
 
@@ -131,8 +130,13 @@ def _local_entries_naming(cache: BuildCache, digests: set[str]) -> list[str]:
         name
         for name, raw in cache.local_entries()
         if name.startswith(_ENTRY_PREFIXES)
-        and {m.decode() for m in _DIGEST.findall(raw)} & digests
+        and _names_any(raw, digests)
     ]
+
+
+def _names_any(raw: bytes, digests: set[str]) -> bool:
+    """Whether the entry body ``raw`` names any of ``digests``."""
+    return bool({m.decode() for m in DIGEST_BYTES_PATTERN.findall(raw)} & digests)
 
 
 def verify_store(
