@@ -117,7 +117,6 @@ BUILD_PREFIX = "builds/"
 #: When a blob was last written, in seconds since the epoch; ``None``: unknown.
 WrittenAt = Callable[[BlobInfo], float | None]
 
-_DIGEST_BYTES = DIGEST_BYTES_PATTERN
 _FOLLOWED_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
 #: What parsing a malformed entry raises: bad JSON or UTF-8 and InvalidInput are
 #: ValueErrors, a wrong shape TypeError or KeyError, absurd nesting RecursionError.
@@ -242,7 +241,7 @@ class _Marker:
 
     def salvage(self, raw: bytes) -> None:
         """Name every digest that appears anywhere in ``raw``."""
-        for match in _DIGEST_BYTES.finditer(raw):
+        for match in DIGEST_BYTES_PATTERN.finditer(raw):
             self.name(match.group().decode("ascii"), expected=False)
 
     def manifest_entry(self, key: str, raw: bytes) -> ManifestRecord | None:
