@@ -52,6 +52,11 @@ def default_roots_base() -> Path:
     return state_dir() / "roots"
 
 
+def _fresh_name() -> str:
+    """A root directory name no other build uses: ``<pid>-<random>``."""
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
+
+
 def _try_lock(path: Path) -> int | None:
     """An open, exclusively locked fd on ``path``; ``None`` when held or gone."""
     try:
@@ -77,12 +82,16 @@ class BuildRoots:
 
     def __init__(self, base: Path | None = None) -> None:
         self.base = base if base is not None else default_roots_base()
-        self.name = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self.name = _fresh_name()
         self._fd: int | None = None
 
     @property
     def directory(self) -> Path:
         return self.base / self.name
+
+    @property
+    def _lock_path(self) -> Path:
+        return self.base / f"{self.name}{_LOCK}"
 
     @property
     def prefix(self) -> Path:
@@ -97,10 +106,10 @@ class BuildRoots:
             fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                temporary.rename(self.base / f"{self.name}{_LOCK}")
+                temporary.rename(self._lock_path)
             except FileNotFoundError:  # taken for a dead build's file and removed: again
                 os.close(fd)
-                self.name = f"{os.getpid()}-{secrets.token_hex(8)}"
+                self.name = _fresh_name()
                 continue
             except BaseException:
                 os.close(fd)
@@ -119,7 +128,7 @@ class BuildRoots:
         shutil.rmtree(self.directory, ignore_errors=True)
         if self._fd is not None:
             with contextlib.suppress(FileNotFoundError):
-                (self.base / f"{self.name}{_LOCK}").unlink()
+                self._lock_path.unlink()
             os.close(self._fd)
             self._fd = None
 
