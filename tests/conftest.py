@@ -11,6 +11,7 @@ import pytest
 
 from nixery_core import outside_reads
 from nixery_core.sources import LocalPathSource
+from nixery_core.testing.runners import FakeNix, FakePackage, default_fake_packages
 
 REPO = Path(__file__).resolve().parent.parent
 OFFLINE_SET = REPO / "nix" / "offline"
@@ -19,6 +20,11 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 #: Nix settings for every test: no binary cache (it is unreachable offline and
 #: every build would wait on it), no sandbox (Debian's nix-bin runs without one).
 TEST_NIX_CONFIG = "substituters =\nsandbox = false\n"
+
+
+def fake_nix(root: Path, extra: dict[str, FakePackage] | None = None) -> FakeNix:
+    """FakeNix with its store under ``root``: the default fake packages plus ``extra``."""
+    return FakeNix(root, {**default_fake_packages(), **(extra or {})})
 
 
 def require_tools(*tools: str) -> None:

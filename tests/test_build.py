@@ -21,6 +21,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from conftest import fake_nix
 
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
@@ -29,13 +30,9 @@ from nixery_core.manifest import parse_manifest
 from nixery_core.names import Image
 from nixery_core.protocols import LogCallback, RunResult
 from nixery_core.storage.filesystem import FilesystemStore
-from nixery_core.testing.runners import FakeFile, FakeNix, FakePackage, default_fake_packages
+from nixery_core.testing.runners import FakeFile, FakeNix, FakePackage
 from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore
-
-
-def fake_nix(root: Path, extra: dict[str, FakePackage] | None = None) -> FakeNix:
-    return FakeNix(root, {**default_fake_packages(), **(extra or {})})
 
 
 def build(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from conftest import fake_nix
 
 from nixery_core.build import BuildSettings, build_image
 from nixery_core.builder import Builder
@@ -20,15 +21,11 @@ from nixery_core.multiarch import build_multiarch
 from nixery_core.names import AMD64, ARM64, Image
 from nixery_core.protocols import LogCallback, RunResult
 from nixery_core.results import ProgressEvent
-from nixery_core.testing.runners import FakeNix, default_fake_packages
+from nixery_core.testing.runners import FakeNix
 from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore
 
 IMAGE = Image.from_name("shell/hello")
-
-
-def fake_nix(root: Path) -> FakeNix:
-    return FakeNix(root, default_fake_packages())
 
 
 def _builder(runner: FakeNix | SlowNix) -> Builder:
