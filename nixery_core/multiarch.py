@@ -64,7 +64,7 @@ from nixery_core.names import AMD64, ARM64, Architecture, Image
 from nixery_core.oci_layout import write_oci_layout
 from nixery_core.protocols import LayeringStrategy, LogCallback, ReadableStore, Runner, Uploader
 from nixery_core.results import BuildResult, MultiArchResult, ProgressCallback
-from nixery_core.sources import PackageSource, canonical_json
+from nixery_core.sources import PackageSource, SourceSpec, canonical_json
 from nixery_core.workers import WorkerPool
 
 __all__ = [
@@ -128,7 +128,7 @@ class _IndexBuild:
     executor: WorkerPool | None
     config: ImageConfig
     expression: str | NixExpression | None
-    pinned: bool
+    spec: SourceSpec
     expected: dict[str, str]
     key: str
     start: float
@@ -211,8 +211,7 @@ class _IndexBuild:
         elif self.cache is not None:
             self.cache.put_manifest(
                 self.store, self.key, result.to_record(), result.blobs,
-                pinned=self.pinned
-                and outside_reads.entry_pinned(self.source.resolve(self.image.tag)),
+                pinned=outside_reads.entry_pinned(self.spec),
             )
         return result
 
@@ -294,8 +293,8 @@ def run_multiarch(
     }
     key = _index_key(format, list(expected.items()))
     run = _IndexBuild(
-        image, source, arch_list, format, settings, executor, config, expression, spec.pinned,
-        expected, key, start,
+        image, source, arch_list, format, settings, executor, config, expression, spec, expected,
+        key, start,
     )
     hit = run.lookup()
     if hit is not None:
