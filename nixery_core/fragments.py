@@ -13,8 +13,11 @@ grouping of store paths into layers without compressing it again.
 
 :class:`FragmentCache` keeps fragments on local disk: a :mod:`diskcache`
 directory bounded by ``size_limit`` bytes, evicting the least recently
-*used* fragment (a hit is a small write, unlike the build cache's entries:
-fragments are many and large, so which ones get reused matters).  A
+*used* fragment (fragments are many and large, so which ones get reused
+matters).  A hit does not write: reading is diskcache's no-transaction
+path, and the hits' access times are recorded together, in one
+transaction, before the next fragment is stored (only storing evicts) and
+at :meth:`FragmentCache.close`, or every :data:`_TOUCH_BATCH` hits.  A
 fragment is keyed by :func:`fragment_key`: the path it was read from and the
 archive options (Nix never changes a valid store path's content).  Each
 entry records the fragment's uncompressed size and the CRC-32 of its
@@ -44,6 +47,7 @@ import logging
 import sqlite3
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -76,6 +80,16 @@ DEFAULT_FRAGMENT_LIMIT = 4 << 30
 _READ_SIZE = 1 << 20
 #: A fragment being recorded is kept in memory up to this size, then in a temporary file.
 _SPILL_SIZE = 16 << 20
+#: Hits whose access times are recorded at most this many at a time.
+_TOUCH_BATCH = 256
+#: diskcache's least-recently-used eviction (by ``access_time``) without its write on every
+#: read: :class:`FragmentCache` records the access times of its hits in batches.
+_EVICTION_POLICY = "nixery-lru-batched"
+diskcache.core.EVICTION_POLICY.setdefault(
+    _EVICTION_POLICY, {**diskcache.core.EVICTION_POLICY["least-recently-used"], "get": None}
+)
+#: A cached fragment up to this size is kept in memory from its check to its copy (read once).
+_HOLD_SIZE = 8 << 20
 
 
 def fragment_key(source: bytes, parameters: Mapping[str, JSONValue]) -> str:
@@ -90,15 +104,23 @@ def fragment_key(source: bytes, parameters: Mapping[str, JSONValue]) -> str:
 
 @attrs.frozen
 class CachedFragment:
-    """A fragment found in the cache: its compressed bytes (a stream) and sizes."""
+    """A fragment found in the cache: its compressed bytes (a stream) and sizes.
+
+    ``held`` are the bytes read when the fragment was checked, kept when it
+    is small so that they are not read again.
+    """
 
     stream: BinaryIO
     size: int
     uncompressed_size: int
     crc32: int
+    held: tuple[bytes, ...] | None = None
 
     def pieces(self) -> Iterator[bytes]:
         """The compressed bytes, in pieces, from the start."""
+        if self.held is not None:
+            yield from self.held
+            return
         self.stream.seek(0)
         while piece := self.stream.read(_READ_SIZE):
             yield piece
@@ -115,13 +137,16 @@ class FragmentCache:
     hits: int = attrs.field(init=False, default=0)
     misses: int = attrs.field(init=False, default=0)
     _count_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    #: Keys hit since access times were last recorded (guarded by ``_count_lock``).
+    _touched: list[str] = attrs.field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
         try:
             self._cache = diskcache.Cache(
                 str(self.directory),
                 size_limit=self.size_limit,
-                eviction_policy="least-recently-used",
+                eviction_policy=_EVICTION_POLICY,
+                statistics=False,  # with statistics on, every read is a write again
             )
         except (OSError, sqlite3.Error) as exc:
             raise StorageUnavailable(
@@ -129,7 +154,25 @@ class FragmentCache:
             ) from exc
 
     def close(self) -> None:
+        self._record_touches()
         self._cache.close()
+
+    def _record_touches(self) -> None:
+        """Record the access times of the hits so far, in one transaction."""
+        with self._count_lock:
+            keys, self._touched = self._touched, []
+        if not keys:
+            return
+        now = time.time()
+        try:
+            with self._cache.transact():
+                for key in keys:
+                    # diskcache has no public way to set an entry's access time.
+                    self._cache._sql(
+                        "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", (now, key)
+                    )
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("fragment cache access times not recorded (%s)", exc)
 
     def __enter__(self) -> FragmentCache:
         return self
@@ -141,11 +184,16 @@ class FragmentCache:
     def get(self, key: str) -> Iterator[CachedFragment | None]:
         """The fragment under ``key``, checked against its CRC-32 (``None``: a miss)."""
         found = self._lookup(key)
+        batch = False
         with self._count_lock:
             if found is None:
                 self.misses += 1
             else:
                 self.hits += 1
+                self._touched.append(key)
+                batch = len(self._touched) >= _TOUCH_BATCH
+        if found is not None and batch:
+            self._record_touches()
         if found is None:
             yield None
             return
@@ -167,9 +215,14 @@ class FragmentCache:
         try:
             uncompressed, crc = (int(part) for part in str(tag).split(":"))
             size, actual = 0, 0
+            held: list[bytes] | None = []
             while piece := stream.read(_READ_SIZE):
                 size += len(piece)
                 actual = _crc32(piece, actual)
+                if held is not None and size <= _HOLD_SIZE:
+                    held.append(piece)
+                else:
+                    held = None
         except (ValueError, OSError) as exc:
             stream.close()
             self._drop(key, f"unreadable ({exc})")
@@ -178,7 +231,8 @@ class FragmentCache:
             stream.close()
             self._drop(key, "its bytes changed")
             return None
-        return CachedFragment(stream, size, uncompressed, crc)
+        kept = None if held is None else tuple(held)
+        return CachedFragment(stream, size, uncompressed, crc, kept)
 
     def _drop(self, key: str, why: str) -> None:
         log.warning("dropping cached fragment %s: %s", key, why)
@@ -197,6 +251,7 @@ class FragmentCache:
         return FragmentWriter(self, key)
 
     def _store(self, key: str, value: Any, crc: int, uncompressed_size: int, *, read: bool) -> None:
+        self._record_touches()  # storing may evict: by use up to now
         try:
             self._cache.set(key, value, read=read, tag=f"{uncompressed_size}:{crc}")
         except (OSError, sqlite3.Error) as exc:

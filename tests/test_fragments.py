@@ -206,6 +206,22 @@ def test_fragment_cache_stays_within_its_size_limit(store: Path, tmp_path: Path)
         assert cache._cache.volume() < limit + 2 * 1024 * 1024  # diskcache's own pages included
 
 
+def test_eviction_is_by_use_though_hits_do_not_write(tmp_path: Path) -> None:
+    """Storing past the limit evicts a fragment never read before one read since it was stored."""
+    pieces = {name: os.urandom(1 << 20) for name in "abcd"}
+    with FragmentCache(tmp_path / "fragments", size_limit=3584 * 1024) as cache:
+        cache._cache.reset("cull_limit", 1)  # diskcache evicts 10 at a time by default
+        for name in "abc":
+            cache.put(name, [pieces[name]], 1 << 20)
+        with cache.get("a") as found:
+            assert found is not None
+        cache.put("d", [pieces["d"]], 1 << 20)  # over the limit: the least recently used goes
+        assert sorted(cache._cache.iterkeys()) == ["a", "c", "d"]
+        with cache.get("a") as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == pieces["a"]
+
+
 def test_large_fragments_spill_to_disk_and_read_back(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
