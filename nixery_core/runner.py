@@ -3,14 +3,17 @@
 argv lists only, never a shell.  Each command gets its own session (process
 group) so a timeout kills Nix and everything it started.
 
-**Nix never outlives us.**  Every child is started with
-``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (Linux), so the kernel kills it when
-the thread that started it dies, SIGKILL of our process included; Nix in
-turn starts its builders with the same setting, so they go too.  The
-``preexec_fn`` doing this calls one pre-resolved libc function and
-``getppid``: no import, no allocation-heavy Python between ``fork`` and
-``exec``.  A child whose parent died before the setting took effect exits
-at once.
+**Nix never outlives us.**  Every child is started through util-linux's
+``setpriv --pdeathsig KILL`` (Linux), which sets
+``prctl(PR_SET_PDEATHSIG, SIGKILL)`` and then executes the command, so the
+kernel kills it when the thread that started it dies, SIGKILL of our
+process included; Nix in turn starts its builders with the same setting, so
+they go too.  This is deliberately *not* a ``preexec_fn``: Python code
+between ``fork`` and ``exec`` in a threaded process can block for ever on a
+lock another thread held at the fork, and such a child keeps every
+inherited descriptor open, ``flock`` locks included (seen: a registry's
+next builds waited on the realise lock held by a child stuck in
+``futex_wait``).  Without ``setpriv`` (not Linux) commands run untied.
 
 **Bounded memory.**  stderr keeps only its last ``stderr_tail_bytes`` (for
 error messages; every line still reaches ``on_log_line``), so a Nix printing
@@ -28,8 +31,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,38 +52,27 @@ __all__ = ["SubprocessRunner"]
 DEFAULT_STDERR_TAIL = 1 << 20
 #: The most stdout the parsers need (a path-info answer for ~100 000 paths).
 DEFAULT_MAX_STDOUT = 256 << 20
-_PR_SET_PDEATHSIG = 1
 _CHUNK = 1 << 16
 #: How often the waiting thread looks for a failed callback or an overflow.
 _POLL = 0.05
 
 
-def _libc_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
-        return None
-    return prctl
+#: util-linux's ``setpriv`` (an essential package on Debian and Ubuntu).
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
 
-# Resolved once here, in the parent, so the child never loads anything.
-_PRCTL = _libc_prctl()
+def _tied_to_us(argv: tuple[str, ...], path: str | None) -> tuple[str, ...]:
+    """``argv`` started so that it dies with the thread that starts it.
 
-
-def _die_with_parent(parent: int) -> Callable[[], None] | None:
-    """The ``preexec_fn`` that ties a child's life to ``parent``."""
-    prctl = _PRCTL
-    if prctl is None:  # pragma: no cover - not Linux
-        return None
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: go now
-            os._exit(127)
-
-    return preexec
+    The program is looked up here (``CommandNotFound`` when missing), since
+    ``setpriv`` would report a missing one only as an exit status.
+    """
+    if shutil.which(argv[0], path=path) is None:
+        raise CommandNotFound(argv)
+    if _SETPRIV is None:  # pragma: no cover - not Linux
+        return argv
+    # setpriv looks the program up on the same PATH (the env given to Popen).
+    return (_SETPRIV, "--pdeathsig", "KILL", "--", *argv)
 
 
 class _Failure:
@@ -211,15 +203,16 @@ class SubprocessRunner:
         argv = tuple(argv)
         full_env = dict(os.environ if self.base_env is None else self.base_env)
         full_env.update(env or {})
+        if not argv:
+            raise CommandNotFound(argv)
         try:
             proc = subprocess.Popen(
-                argv,
+                _tied_to_us(argv, full_env.get("PATH")),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=full_env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 - see module doc
             )
         except FileNotFoundError as exc:
             raise CommandNotFound(argv) from exc
