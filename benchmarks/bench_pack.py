@@ -487,7 +487,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
             root, paths, [("tar -c | gzip -6", tool(root, list_file, "gzip -6"), tar_bytes)], 1
         )
     read, pigz, single, parallel, cold, regrouped = results[:6]
-    chunked_results = results[4:8]
+    chunked_results = results[6:10]  # after read, pigz, single, parallel, cold, regrouped
     print("\nthroughput = uncompressed tar bytes / wall time; size ratio against pigz -6:")
     print(f"  {'':<32} {'wall':>8} {'cpu':>12} {'rate':>11} {'output':>11}   size/pigz")
     for result in results:
