@@ -44,6 +44,7 @@ import attrs
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 from nixery_core.compression import frame_compressor
 from nixery_core.nixexprs import SyntheticParams, nix_dir, write_synthetic_set
+from nixery_core.runner import tied_to_caller
 
 __all__ = [
     "CountingProxy",
@@ -413,7 +414,7 @@ class DockerRegistry:
         )
         with (self.workdir / "log").open("ab") as log:
             self._proc = subprocess.Popen(
-                ["docker-registry", "serve", str(config)],
+                tied_to_caller(["docker-registry", "serve", str(config)]),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -46,7 +46,7 @@ import attrs
 from nixery_core.errors import CommandNotFound, NixBuildFailed, NixOutputError, NixTimeout
 from nixery_core.protocols import LogCallback, RunResult
 
-__all__ = ["SubprocessRunner"]
+__all__ = ["SubprocessRunner", "tied_to_caller"]
 
 #: What :class:`SubprocessRunner` keeps of stderr by default (the tail).
 DEFAULT_STDERR_TAIL = 1 << 20
@@ -61,8 +61,11 @@ _POLL = 0.05
 _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
 
-def _tied_to_us(argv: tuple[str, ...], path: str | None) -> tuple[str, ...]:
+def tied_to_caller(argv: Sequence[str], path: str | None = None) -> tuple[str, ...]:
     """``argv`` started so that it dies with the thread that starts it.
+
+    Test harnesses use it for the daemons they start (a registry, a storage
+    emulator), so that a run killed from outside leaves none behind.
 
     The program is looked up here (``CommandNotFound`` when missing), since
     ``setpriv`` would report a missing one only as an exit status.
@@ -70,7 +73,7 @@ def _tied_to_us(argv: tuple[str, ...], path: str | None) -> tuple[str, ...]:
     if shutil.which(argv[0], path=path) is None:
         raise CommandNotFound(argv)
     if _SETPRIV is None:  # pragma: no cover - not Linux
-        return argv
+        return tuple(argv)
     # setpriv looks the program up on the same PATH (the env given to Popen).
     return (_SETPRIV, "--pdeathsig", "KILL", "--", *argv)
 
@@ -207,7 +210,7 @@ class SubprocessRunner:
             raise CommandNotFound(argv)
         try:
             proc = subprocess.Popen(
-                _tied_to_us(argv, full_env.get("PATH")),
+                tied_to_caller(argv, full_env.get("PATH")),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

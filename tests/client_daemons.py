@@ -32,6 +32,8 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from nixery_core.runner import tied_to_caller
+
 __all__ = ["Containerd", "DaemonFailed", "Dockerd", "Podman", "docker_binary"]
 
 _ULIMIT = 4096
@@ -77,8 +79,8 @@ class _Daemon:
     def _spawn(self, argv: Sequence[str], ready: Sequence[str], timeout: float = 60) -> None:
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                tied_to_caller(argv), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while True:

@@ -60,6 +60,8 @@ from typing import Any, Self
 import pytest
 from conftest import require_tools
 
+from nixery_core.runner import tied_to_caller
+
 __all__ = [
     "DockerRegistry",
     "FakeGcsServer",
@@ -132,7 +134,7 @@ class _Process:
             return
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                argv,
+                tied_to_caller(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
