@@ -37,6 +37,7 @@ from nixery_core.errors import (
     UnsafeStoreContent,
 )
 from nixery_core.expressions import NixExpression
+from nixery_core.fragment_bucket import FragmentBucketPolicy
 from nixery_core.gc import GcReport, collect_garbage
 from nixery_core.graph import RuntimeGraph, StorePath
 from nixery_core.image_config import ImageConfig, User
@@ -87,6 +88,7 @@ __all__ = [
     "FileChangedDuringPacking",
     "FilesystemStore",
     "FleetFlight",
+    "FragmentBucketPolicy",
     "GcReport",
     "GitSource",
     "Image",

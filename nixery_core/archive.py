@@ -143,7 +143,7 @@ from nixery_core.errors import (
     UnsafeStoreContent,
 )
 from nixery_core.estargz import EStargzFormat
-from nixery_core.fragments import CachedFragment, FragmentCache, FragmentWriter, fragment_key
+from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_key
 from nixery_core.protocols import JSONValue
 from nixery_core.workers import WorkerPool
 from nixery_core.zstd_chunked import ZstdChunkedFormat
@@ -870,7 +870,7 @@ def pack_store_paths(
     store_root: Path = Path("/"),
     threads: int | None = None,
     executor: WorkerPool | None = None,
-    fragments: FragmentCache | None = None,
+    fragments: FragmentSource | None = None,
 ) -> PackedLayer:
     """Pack store paths into one layer, streaming the blob into ``write``.
 
@@ -890,15 +890,18 @@ def pack_store_paths(
     tops = [_top_level(path, store_root) for path in _store_names(paths)]
     cache = fragments if spec.compression != "none" and not spec.chunked else None
     parameters = options.parameters() if cache is not None else {}
+    keys = [fragment_key(full, parameters) for _, full, _ in tops] if cache is not None else []
+    if cache is not None:
+        cache.prefetch(keys)  # a remote tier fetches what it has, all at once
     with _TarStream(write, spec, threads, options.mtime, executor) as tar:
         tar.begin()
         tar.put(tar.headers(b"nix/", 0o755, 0, _DIRTYPE))
         tar.put(tar.headers(b"nix/store/", 0o755, 0, _DIRTYPE))
         tar.end()
-        for member, full, kind in tops:
+        for index, (member, full, kind) in enumerate(tops):
             recording = None
             if cache is not None:
-                key = fragment_key(full, parameters)
+                key = keys[index]
                 with cache.get(key) as found:
                     if found is not None:
                         tar.put_cached(found)

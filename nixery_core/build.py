@@ -660,7 +660,7 @@ def _pack_layers(
     archive, root, pool = build.archive, build.store_root, build.executor
     # Everything runs on the build's one pool; without one, on this thread alone.
     threads = None if pool is not None else 1
-    fragments = build.cache.fragments if build.cache is not None else None
+    fragments = build.cache.fragments_for(build.store) if build.cache is not None else None
 
     def store_layer(paths: tuple[str, ...]) -> BuiltLayer:
         return build.layer(

@@ -57,9 +57,16 @@ import diskcache
 
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput, StorageError, StorageUnavailable
-from nixery_core.fragments import DEFAULT_FRAGMENT_LIMIT, FragmentCache
+from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
+from nixery_core.fragments import DEFAULT_FRAGMENT_LIMIT, FragmentCache, FragmentSource
 from nixery_core.lease import FleetFlight
-from nixery_core.protocols import SupportsBlobSizes, SupportsDeletion, SupportsLeases, Uploader
+from nixery_core.protocols import (
+    SupportsBlobSizes,
+    SupportsDeletion,
+    SupportsLeases,
+    SupportsReading,
+    Uploader,
+)
 from nixery_core.record_schema import MalformedRecord, record_blob_sizes
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
@@ -284,6 +291,10 @@ class BuildCache:
     ``fragment_limit`` bounds the compressed store-path fragments kept in
     ``<directory>/fragments`` (:mod:`nixery_core.fragments`; 0: none kept),
     with which a store path packed once is never compressed again.
+    ``fragment_bucket`` (default ``None``: off) also shares those fragments
+    through the store, so instances that share only the bucket reuse each
+    other's (:mod:`nixery_core.fragment_bucket`; needs the local fragment
+    cache and a store that can read blobs back).
     """
 
     directory: Path | None = None
@@ -294,7 +305,10 @@ class BuildCache:
     recheck_after: float = attrs.field(default=0.0, validator=_check_recheck)
     fleet: FleetFlight | None = attrs.field(factory=FleetFlight)
     fragment_limit: int = DEFAULT_FRAGMENT_LIMIT
+    fragment_bucket: FragmentBucketPolicy | None = None
     _fragments: FragmentCache | None = attrs.field(init=False, default=None)
+    # One bucket tier per store a build used (by id; the store is kept alive by it).
+    _bucket_tiers: dict[int, BucketFragments] = attrs.field(init=False, factory=dict)
     _local: diskcache.Cache | None = attrs.field(init=False, default=None)
     _totals: _Counter = attrs.field(init=False, factory=_Counter)
     _flights: dict[str, _Flight] = attrs.field(init=False, factory=dict)
@@ -341,6 +355,10 @@ class BuildCache:
     # --- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:
+        with self._flights_lock:
+            tiers, self._bucket_tiers = list(self._bucket_tiers.values()), {}
+        for tier in tiers:  # their queued uploads read the local fragments: first
+            tier.close()
         if self._local is not None:
             self._local.close()
         if self._fragments is not None:
@@ -350,6 +368,26 @@ class BuildCache:
     def fragments(self) -> FragmentCache | None:
         """The local fragment cache (``None`` without a directory or with ``fragment_limit=0``)."""
         return self._fragments
+
+    def fragments_for(self, store: Uploader) -> FragmentSource | None:
+        """Where a build on ``store`` finds and keeps fragments.
+
+        The local fragment cache, with the bucket tier in front of it when
+        ``fragment_bucket`` is set and ``store`` can read blobs back
+        (:class:`~nixery_core.protocols.SupportsReading`).
+        """
+        local = self._fragments
+        if local is None or self.fragment_bucket is None:
+            return local
+        if not isinstance(store, SupportsReading):
+            log.warning("the store cannot read blobs back; fragments stay local")
+            return local
+        with self._flights_lock:
+            tier = self._bucket_tiers.get(id(store))
+            if tier is None or tier.store is not store:
+                tier = BucketFragments(local, store, self.fragment_bucket)
+                self._bucket_tiers[id(store)] = tier
+            return tier
 
     def __enter__(self) -> BuildCache:
         return self

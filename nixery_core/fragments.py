@@ -35,6 +35,12 @@ even if the store changed underneath.
 
 The cache only saves work: when its disk or database fails, a read is a
 miss and a write is skipped, each with a warning.
+
+:func:`~nixery_core.archive.pack_store_paths` takes any
+:class:`FragmentSource`: this cache, or tiers in front of it
+(:class:`~nixery_core.fragment_bucket.BucketFragments`, which fills this
+cache from the bucket on :meth:`FragmentSource.prefetch` and uploads what is
+packed).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import attrs
 import diskcache
@@ -63,6 +69,7 @@ __all__ = [
     "DEFAULT_FRAGMENT_LIMIT",
     "CachedFragment",
     "FragmentCache",
+    "FragmentSource",
     "FragmentWriter",
     "fragment_key",
 ]
@@ -126,6 +133,24 @@ class CachedFragment:
             yield piece
 
 
+class FragmentSource(Protocol):
+    """Where a pack finds fragments and keeps new ones, by :func:`fragment_key`.
+
+    It promises: :meth:`get` yields a fragment whose bytes were checked
+    (``None``: a miss, and the caller compresses the store path); a
+    :meth:`writer` committed keeps the fragment for later packs; a failure
+    of the source itself is a miss or a skipped write, never an error.
+    :meth:`prefetch` is told every key of a layer before it is packed, so a
+    remote tier can fetch the ones it has all at once.
+    """
+
+    def prefetch(self, keys: Sequence[str]) -> None: ...
+
+    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]: ...
+
+    def writer(self, key: str) -> FragmentWriter: ...
+
+
 @attrs.define
 class FragmentCache:
     """Compressed fragments on local disk, size-bounded, least recently used evicted first."""
@@ -179,6 +204,26 @@ class FragmentCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Nothing to do: every fragment here is local."""
+
+    def __contains__(self, key: object) -> bool:
+        """Whether a fragment is kept under ``key`` (not checked, not counted as a use)."""
+        try:
+            return key in self._cache
+        except (OSError, sqlite3.Error):
+            return False
+
+    @contextlib.contextmanager
+    def peek(self, key: str) -> Iterator[CachedFragment | None]:
+        """The fragment under ``key``, checked, but not counted as a hit or a use."""
+        found = self._lookup(key)
+        try:
+            yield found
+        finally:
+            if found is not None:
+                found.stream.close()
 
     @contextlib.contextmanager
     def get(self, key: str) -> Iterator[CachedFragment | None]:

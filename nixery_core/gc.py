@@ -63,6 +63,18 @@ rebuilds what is missing.  Entries in a :class:`~nixery_core.cache.BuildCache`
 *local* tier are invisible here; the cache checks that an entry's blobs exist
 before serving it, so deleting them costs a rebuild, never a broken image.
 
+**Fragments.**  The bucket tier of the fragment cache
+(:mod:`nixery_core.fragment_bucket`) stores fragment blobs (media type
+:data:`~nixery_core.fragment_bucket.FRAGMENT_MEDIA_TYPE`) that no entry
+names, each with a pointer object ``fragments/<key>``.  They are swept by
+age like any unnamed blob, with their own grace period
+(``fragment_grace_seconds``; by default ``grace_seconds``): a bucket hit
+touches its blob, so a fragment reused within that period stays.  After the
+sweep, pointers whose blob is no longer stored (or that do not parse) are
+deleted (``dry_run``: counted).  A pointer removed while a build rewrites it
+costs that build's next reader one miss; a build never depends on a bucket
+fragment after fetching it, so no deletion breaks a build in flight.
+
 **Staging.**  Uploads left behind by crashed processes are removed too, by
 a store that offers :class:`~nixery_core.protocols.SupportsStagingCleanup`,
 when older than the grace period and never younger than
@@ -83,6 +95,7 @@ from nixery_core.cache import LayerRecord, ManifestRecord
 from nixery_core.digests import DIGEST_BYTES_PATTERN, sha256_digest, validate_digest
 from nixery_core.display import human_size
 from nixery_core.errors import BlobNotFound, InvalidInput, InvalidManifest
+from nixery_core.fragment_bucket import FRAGMENT_MEDIA_TYPE, FRAGMENT_PREFIX, FragmentPointer
 from nixery_core.manifest import MAX_MANIFEST_SIZE, parse_index, parse_manifest, sniff_media_type
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCTET_STREAM
 from nixery_core.protocols import (
@@ -140,8 +153,9 @@ class GcReport:
 
     ``deleted`` lists the blobs removed (empty in a dry run); ``would_delete``
     the blobs a real run would remove (only filled in a dry run).
-    ``bytes_freed``, ``dropped_entries`` and ``staging_removed`` count what
-    was removed, or in a dry run what a real run would remove.  Kept blobs
+    ``bytes_freed``, ``dropped_entries``, ``staging_removed`` and
+    ``dropped_fragment_pointers`` count what was removed, or in a dry run
+    what a real run would remove.  Kept blobs
     are counted by reason; ``missing`` lists digests that are named but not
     stored (stale entries, which the cache rebuilds).
     """
@@ -158,6 +172,7 @@ class GcReport:
     unreadable: tuple[UnreadableEntry, ...] = ()
     dropped_entries: tuple[str, ...] = ()
     staging_removed: int = 0
+    dropped_fragment_pointers: int = 0
 
     @property
     def kept(self) -> int:
@@ -181,6 +196,11 @@ class GcReport:
         if self.staging_removed:
             staged = "would remove" if self.dry_run else "removed"
             lines.append(f"{staged} {self.staging_removed} leftover staging uploads")
+        if self.dropped_fragment_pointers:
+            dropped = "would drop" if self.dry_run else "dropped"
+            lines.append(
+                f"{dropped} {self.dropped_fragment_pointers} fragment pointers whose blob is gone"
+            )
         if self.missing:
             lines.append(f"{len(self.missing)} named blobs are not stored (stale entries)")
         if self.unreadable:
@@ -393,7 +413,7 @@ def _choose(
     named: set[str],
     written_at: WrittenAt,
     *,
-    grace_seconds: float,
+    grace: Callable[[BlobInfo], float],
     now: float,
 ) -> _Sweep:
     doomed: list[BlobInfo] = []
@@ -406,22 +426,24 @@ def _choose(
         written = written_at(info)
         if written is None:
             unknown += 1
-        elif now - written < grace_seconds:
+        elif now - written < grace(info):
             young += 1
         else:
             doomed.append(info)
     return _Sweep(tuple(doomed), named_count, young, unknown)
 
 
-def _delete(store: CollectableStore, sweep: _Sweep, cutoff: float, *, own_ages: bool) -> _Sweep:
+def _delete(
+    store: CollectableStore, sweep: _Sweep, cutoff: Callable[[BlobInfo], float], *, own_ages: bool
+) -> _Sweep:
     """Delete the doomed blobs; judged by the store's own ages, only those still older
-    than ``cutoff`` when deleted (a build that reused one meanwhile refreshed it)."""
+    than their ``cutoff`` when deleted (a build that reused one meanwhile refreshed it)."""
     if not (own_ages and isinstance(store, SupportsRefresh)):
         for info in sweep.doomed:
             store.delete_blob(info.digest)
         return sweep
     deleted = tuple(
-        info for info in sweep.doomed if store.delete_blob_if_older(info.digest, cutoff)
+        info for info in sweep.doomed if store.delete_blob_if_older(info.digest, cutoff(info))
     )
     return attrs.evolve(
         sweep, doomed=deleted, kept_young=sweep.kept_young + len(sweep.doomed) - len(deleted)
@@ -438,6 +460,7 @@ def collect_garbage(
     delete_unreadable: bool = False,
     now: Callable[[], float] = time.time,
     written_at: WrittenAt | None = None,
+    fragment_grace_seconds: float | None = None,
 ) -> GcReport:
     """Delete every blob nothing names that is older than ``grace_seconds``.
 
@@ -449,12 +472,22 @@ def collect_garbage(
     ``drop_expired`` removes expired manifest entries first;
     ``delete_unreadable`` removes unparseable cache entries (after keeping
     what they name in this run).  ``written_at`` gives a blob's write time
-    (default: :func:`default_written_at`).  Storage failures raise
+    (default: :func:`default_written_at`).  ``fragment_grace_seconds``
+    is the grace of fragment blobs (default: ``grace_seconds``).  Storage failures raise
     :class:`~nixery_core.errors.StorageError`; a failure while marking
     deletes nothing, and a re-run after a failure while sweeping is safe.
     """
     if not grace_seconds >= 0:  # also refuses NaN
         raise InvalidInput(f"grace_seconds must be a number >= 0, not {grace_seconds!r}")
+    fragment_grace = grace_seconds if fragment_grace_seconds is None else fragment_grace_seconds
+    if not fragment_grace >= 0:
+        raise InvalidInput(
+            f"fragment_grace_seconds must be a number >= 0, not {fragment_grace_seconds!r}"
+        )
+
+    def grace(info: BlobInfo) -> float:
+        return fragment_grace if info.media_type == FRAGMENT_MEDIA_TYPE else grace_seconds
+
     keep_list = [validate_digest(digest) for digest in keep]
     when = now()
     blobs = {info.digest: info for info in store.list_blobs()}
@@ -471,14 +504,20 @@ def collect_garbage(
         blobs,
         marker.named,
         written_at if written_at is not None else default_written_at(store),
-        grace_seconds=grace_seconds,
+        grace=grace,
         now=when,
     )
     if not dry_run:
         for key in dropped:
             store.delete_object(key)
-        sweep = _delete(store, sweep, when - grace_seconds, own_ages=written_at is None)
+        sweep = _delete(
+            store, sweep, lambda info: when - grace(info), own_ages=written_at is None
+        )
     staging = _clean_staging(store, grace_seconds, when, dry_run=dry_run)
+    gone = {info.digest for info in sweep.doomed}
+    pointers = _drop_dangling_pointers(
+        store, {d for d in blobs if d not in gone}, dry_run=dry_run
+    )
 
     removed = tuple(info.digest for info in sweep.doomed)
     return GcReport(
@@ -494,7 +533,32 @@ def collect_garbage(
         unreadable=tuple(marker.unreadable),
         dropped_entries=tuple(dropped),
         staging_removed=staging,
+        dropped_fragment_pointers=pointers,
     )
+
+
+def _drop_dangling_pointers(store: CollectableStore, stored: set[str], *, dry_run: bool) -> int:
+    """Delete the ``fragments/`` pointers whose blob is not stored (or that do not parse).
+
+    A digest missing from ``stored`` (the listing, less what this run
+    deleted) is asked about again before its pointer goes: a build may have
+    uploaded it since the listing.
+    """
+    dropped = 0
+    for key in list(store.list_objects(FRAGMENT_PREFIX)):
+        raw = store.get_object(key)
+        if raw is None:
+            continue
+        try:
+            digest: str | None = FragmentPointer.from_json(raw).digest
+        except (*_MALFORMED, InvalidInput):
+            digest = None
+        if digest is not None and (digest in stored or store.blob_info(digest) is not None):
+            continue
+        dropped += 1
+        if not dry_run:
+            store.delete_object(key)
+    return dropped
 
 
 def _peek_manifest(raw: bytes) -> ManifestRecord | None:

@@ -1,0 +1,540 @@
+"""The bucket tier of the fragment cache: a store path compressed by one instance serves all.
+
+Instances of a fleet share only the bucket (the store); each keeps its own
+local :class:`~nixery_core.fragments.FragmentCache`.  :class:`BucketFragments`
+sits in front of that local cache and is what
+:func:`~nixery_core.archive.pack_store_paths` is given (a
+:class:`~nixery_core.fragments.FragmentSource`), so an instance that never
+packed a store path reuses the compressed fragment another instance made.
+It is opt-in: ``BuildCache(directory, fragment_bucket=FragmentBucketPolicy())``.
+
+**Layout.**  A fragment in the bucket is two things:
+
+* a blob holding its compressed bytes, of media type
+  :data:`FRAGMENT_MEDIA_TYPE`, content-addressed like every blob
+  (``layers/<sha256>`` in the GCS and filesystem layouts) and uploaded
+  through the store's own blob writer: staged, checked against its digest,
+  published atomically, so never visible half-written;
+* a small pointer object ``fragments/<key>`` (``key`` is
+  :func:`~nixery_core.fragments.fragment_key`: the sha256 of the store path
+  as read and the archive options, the local cache's key too), JSON
+  ``{"version": 1, "digest", "size", "uncompressed_size", "crc32"}``,
+  written only after its blob is stored.
+
+The same compressed bytes under two keys are one blob.
+
+**Reading: local, then bucket, then pack.**  Before a layer is packed, every
+one of its keys the local cache lacks is looked up in the bucket, up to
+``threads`` at once (one pointer read each; a miss costs only that).  A
+fragment found is downloaded into the local cache and checked on the way:
+its size, sha256 (the blob's digest) and CRC-32 against the pointer, and
+that it inflates to exactly the recorded number of bytes as one complete
+gzip member or zstd frame with nothing after it.  Only a fragment passing
+every check is kept; the pack then copies it from the local cache like any
+local hit, so a layer's bytes are the same whether its fragments came from
+the local cache, the bucket or fresh packing.  A bucket hit also restarts
+the blob's age (``touch_blob`` on a store with
+:class:`~nixery_core.protocols.SupportsRefresh`), in the background.
+
+**A bad fragment is a miss, then repaired.**  A pointer that does not
+parse, names an absent blob, or disagrees with its blob, and a blob whose
+bytes do not hash to its digest, are counted in
+:attr:`BucketStats.rejected` and logged; the store path is packed, and the
+new fragment is uploaded like any other, which overwrites the pointer and
+replaces the damaged blob (every store replaces a stored copy that does
+not match the bytes committed).  Storage failures are misses (reads) or
+skipped uploads, with a warning: the bucket tier only saves work.
+
+**Uploading.**  Each fragment this instance packs (not one it fetched)
+whose compressed size is at least ``min_size`` (64 KiB by default) is
+uploaded once it is in the local cache, read back from there: blob first,
+pointer last.  By default this happens on one background thread per
+:class:`BucketFragments`, so a pack never waits on the bucket; the queue
+holds at most :data:`_MAX_QUEUED` jobs (more are dropped: a later pack
+uploads them), and :meth:`BucketFragments.close` (``BuildCache.close``)
+waits for it.  ``background=False`` uploads on the packing thread instead.
+Smaller fragments are not worth it: storing one is three requests and
+fetching one two, while compressing 64 KiB takes about 2 ms of one core;
+they are compressed again wherever needed (their pointer lookup still
+happens, since a reader cannot know a store path's compressed size before
+packing it).
+
+**Trust.**  As for the shared layer cache, a store path's name stands for
+its content (Nix's own assumption for binary caches): an input-addressed
+path built separately on two machines is taken to be one content, and
+layers made from a fragment that another instance packed contain that
+instance's bytes (byte-identical for reproducible builds).  Keys include the
+path as read, so instances whose ``store_root`` differs share nothing.
+
+**Garbage collection** (:func:`~nixery_core.gc.collect_garbage`).  No
+manifest or build entry names a fragment blob, so gc deletes one once it
+is older than ``fragment_grace_seconds`` (by default the same grace as
+every other unnamed blob), and then drops the pointers whose blob is gone.
+A bucket hit touches the blob, so a fragment fetched within the grace
+period lives on; one that is only ever hit in instances' local caches ages
+out of the bucket (those instances keep their copies).  A build never
+depends on a bucket fragment after downloading and checking it, so a
+deletion at any moment costs at most a future miss, never a broken layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import queue
+import threading
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, Protocol, cast
+
+import attrs
+
+from nixery_core.digests import validate_digest
+from nixery_core.errors import InvalidInput, StorageError
+from nixery_core.fragments import CachedFragment, FragmentCache, FragmentWriter
+from nixery_core.protocols import ReadableStore, SupportsRefresh
+
+__all__ = [
+    "DEFAULT_MIN_SIZE",
+    "FRAGMENT_MEDIA_TYPE",
+    "FRAGMENT_PREFIX",
+    "BucketFragments",
+    "BucketStats",
+    "FragmentBucketPolicy",
+    "FragmentPointer",
+    "fragment_object_key",
+]
+
+log = logging.getLogger(__name__)
+
+try:  # the same CRC-32 the local cache records, faster
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is a required dependency
+    _crc32 = zlib.crc32
+
+#: First segment of the pointer objects (``fragments/<key>``).
+FRAGMENT_PREFIX = "fragments/"
+#: Media type of a fragment blob: one gzip member or zstd frame holding one store path's tar.
+FRAGMENT_MEDIA_TYPE = "application/vnd.nixery.fragment.v1"
+#: Fragments smaller than this (compressed bytes) are not uploaded by default.
+DEFAULT_MIN_SIZE = 64 << 10
+_POINTER_VERSION = 1
+_READ_SIZE = 1 << 20
+#: Upload and touch jobs waiting at most; more are dropped (a later pack uploads them).
+_MAX_QUEUED = 4096
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def fragment_object_key(key: str) -> str:
+    """The pointer object of the fragment cached under ``key``."""
+    return FRAGMENT_PREFIX + key
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{attribute.name} must be an int >= 0, not {value!r}")
+
+
+def _positive(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"{attribute.name} must be an int >= 1, not {value!r}")
+
+
+@attrs.frozen
+class FragmentBucketPolicy:
+    """How the bucket tier is used.
+
+    ``min_size``: fragments of fewer compressed bytes are not uploaded (0:
+    every one).  ``threads``: bucket lookups and downloads at once.
+    ``background``: upload on a background thread (``False``: on the
+    packing thread, before the pack goes on).
+    """
+
+    min_size: int = attrs.field(default=DEFAULT_MIN_SIZE, validator=_non_negative)
+    threads: int = attrs.field(default=8, validator=_positive)
+    background: bool = True
+
+
+@attrs.frozen
+class FragmentPointer:
+    """What ``fragments/<key>`` says about the fragment's blob."""
+
+    digest: str
+    size: int
+    uncompressed_size: int
+    crc32: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"version": _POINTER_VERSION, **attrs.asdict(self)}, sort_keys=True
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> FragmentPointer:
+        """Parse a pointer (ValueError or TypeError when it is not one)."""
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("version") != _POINTER_VERSION:
+            raise ValueError("not a version 1 fragment pointer")
+        digest = data.get("digest")
+        if not isinstance(digest, str):
+            raise TypeError("digest must be a string")
+        return cls(
+            validate_digest(digest),
+            _count_field(data, "size"),
+            _count_field(data, "uncompressed_size"),
+            _count_field(data, "crc32"),
+        )
+
+
+def _count_field(data: dict[str, Any], name: str) -> int:
+    value = data.get(name)
+    if type(value) is not int or value < 0:
+        raise TypeError(f"{name} must be an int >= 0, not {value!r}")
+    return value
+
+
+@attrs.frozen
+class BucketStats:
+    """What the bucket tier did since it was opened.
+
+    ``hits``: fragments fetched and kept locally; ``misses``: keys the bucket
+    did not have; ``rejected``: fragments found but refused (bad pointer,
+    absent or damaged blob); ``failed``: lookups the store failed;
+    ``uploaded``/``upload_failures``: fragments stored, or not, in the bucket.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    rejected: int = 0
+    failed: int = 0
+    uploaded: int = 0
+    upload_failures: int = 0
+
+
+_Counter = Literal["hits", "misses", "rejected", "failed", "uploaded", "upload_failures"]
+
+
+class _Inflate(Protocol):
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes) -> bytes: ...
+
+
+def _inflater(head: bytes) -> _Inflate | None:
+    """A decompressor for one member of the format ``head`` starts with, else ``None``."""
+    if head.startswith(_GZIP_MAGIC):
+        try:
+            from isal import isal_zlib  # noqa: PLC0415 - faster than zlib, same result
+
+            inflate: _Inflate = isal_zlib.decompressobj(31)
+        except ImportError:  # pragma: no cover - isal is a required dependency
+            inflate = zlib.decompressobj(31)
+        return inflate
+    if head.startswith(_ZSTD_MAGIC):
+        import zstandard  # noqa: PLC0415 - zstd fragments only
+
+        zstd: _Inflate = zstandard.ZstdDecompressor().decompressobj()
+        return zstd
+    return None
+
+
+def _inflate_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [zlib.error]
+    try:
+        from isal import isal_zlib  # noqa: PLC0415 - as in _inflater
+
+        errors.append(cast("type[Exception]", isal_zlib.error))  # a class; typed as an instance
+    except ImportError:  # pragma: no cover - isal is a required dependency
+        pass
+    try:
+        import zstandard  # noqa: PLC0415 - as in _inflater
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:  # pragma: no cover - zstandard is a required dependency
+        pass
+    return tuple(errors)
+
+
+_INFLATE_ERRORS = _inflate_errors()
+
+
+class _Refused(Exception):
+    """What is wrong with a fragment fetched from the bucket."""
+
+
+@attrs.define
+class _Check:
+    """A fetched fragment checked piece by piece against its pointer."""
+
+    pointer: FragmentPointer
+    _digest: Any = attrs.field(init=False, factory=hashlib.sha256)
+    _crc: int = attrs.field(init=False, default=0)
+    _size: int = attrs.field(init=False, default=0)
+    _produced: int = attrs.field(init=False, default=0)
+    _inflate: _Inflate | None = attrs.field(init=False, default=None)
+
+    def add(self, piece: bytes) -> None:
+        pointer = self.pointer
+        self._size += len(piece)
+        if self._size > pointer.size:
+            raise _Refused(f"is longer than the {pointer.size} bytes recorded")
+        inflate = self._inflate
+        if inflate is None:
+            inflate = self._inflate = _inflater(piece)
+            if inflate is None:
+                raise _Refused("is not a gzip member or a zstd frame")
+        if inflate.eof:
+            raise _Refused("has bytes after its end")
+        try:
+            self._produced += len(inflate.decompress(piece))
+        except _INFLATE_ERRORS as exc:
+            raise _Refused(f"does not decompress ({exc})") from exc
+        if self._produced > pointer.uncompressed_size or inflate.unused_data:
+            raise _Refused("decompresses to more than recorded")
+        self._digest.update(piece)
+        self._crc = _crc32(piece, self._crc)
+
+    def finish(self) -> None:
+        pointer = self.pointer
+        if f"sha256:{self._digest.hexdigest()}" != pointer.digest:
+            raise _Refused("does not hash to its digest")
+        if (self._size, self._crc) != (pointer.size, pointer.crc32):
+            raise _Refused("has another size or CRC-32 than its pointer records")
+        inflate = self._inflate
+        if inflate is None or not inflate.eof or self._produced != pointer.uncompressed_size:
+            raise _Refused(
+                f"decompresses to {self._produced} bytes, not the "
+                f"{pointer.uncompressed_size} recorded"
+            )
+
+
+@attrs.define
+class _SharedWriter(FragmentWriter):
+    """A fragment being packed: kept locally, then offered to the bucket tier."""
+
+    _tier: BucketFragments = attrs.field(kw_only=True)
+
+    def commit(self, uncompressed_size: int) -> None:
+        size = self._size
+        super().commit(uncompressed_size)
+        self._tier._packed(self.key, size)
+
+
+@attrs.define
+class BucketFragments:
+    """A local :class:`~nixery_core.fragments.FragmentCache` in front of the bucket.
+
+    Implements :class:`~nixery_core.fragments.FragmentSource`; see the
+    module docstring for the layout and the rules.  Close it (or the
+    :class:`~nixery_core.cache.BuildCache` that made it) to finish the
+    uploads still queued; the local cache stays open (it is not ours).
+    """
+
+    local: FragmentCache
+    store: ReadableStore
+    policy: FragmentBucketPolicy = attrs.field(factory=FragmentBucketPolicy)
+    _counts: dict[str, int] = attrs.field(init=False, factory=dict)
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    _pool: ThreadPoolExecutor | None = attrs.field(init=False, default=None)
+    _jobs: queue.Queue[tuple[str, str] | None] = attrs.field(
+        init=False, factory=lambda: queue.Queue(_MAX_QUEUED)
+    )
+    _worker: threading.Thread | None = attrs.field(init=False, default=None)
+    _closed: bool = attrs.field(init=False, default=False)
+
+    # --- FragmentSource ------------------------------------------------------
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Fetch into the local cache every fragment of ``keys`` it lacks and the bucket has."""
+        missing = [key for key in dict.fromkeys(keys) if key not in self.local]
+        if not missing:
+            return
+        if len(missing) == 1 or self.policy.threads == 1:
+            for key in missing:
+                self._fetch(key)
+            return
+        list(self._fetch_pool().map(self._fetch, missing))
+
+    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
+        """The fragment in the local cache (fetched by :meth:`prefetch` if the bucket had it)."""
+        return self.local.get(key)
+
+    def writer(self, key: str) -> FragmentWriter:
+        """Record a fragment being packed; once kept locally it is uploaded."""
+        return _SharedWriter(self.local, key, tier=self)
+
+    # --- lifecycle -------------------------------------------------------------
+
+    @property
+    def stats(self) -> BucketStats:
+        with self._lock:
+            return BucketStats(**self._counts)
+
+    def flush(self) -> None:
+        """Wait until every queued upload and touch is done."""
+        if self._worker is not None:
+            self._jobs.join()
+
+    def close(self) -> None:
+        """Finish the queued uploads, then stop the background thread and lookups."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            worker, pool = self._worker, self._pool
+        if worker is not None:
+            self._jobs.put(None)
+            worker.join()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> BucketFragments:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- reading ---------------------------------------------------------------
+
+    def _count(self, name: _Counter) -> None:
+        with self._lock:
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def _fetch_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.policy.threads, thread_name_prefix="nixery-fragment-fetch"
+                )
+            return self._pool
+
+    def _fetch(self, key: str) -> None:
+        """Look ``key`` up in the bucket; keep the fragment locally if it checks out."""
+        name = fragment_object_key(key)
+        try:
+            raw = self.store.get_object(name)
+        except StorageError as exc:
+            log.warning("fragment lookup %s failed (%s); packing it", name, exc)
+            self._count("failed")
+            return
+        if raw is None:
+            self._count("misses")
+            return
+        try:
+            pointer = FragmentPointer.from_json(raw)
+        except (ValueError, TypeError, InvalidInput) as exc:
+            self._reject(name, f"its pointer is unreadable ({exc})")
+            return
+        writer = self.local.writer(key)
+        try:
+            problem = self._download(pointer, writer)
+        except StorageError as exc:  # BlobNotFound included: collected meanwhile
+            writer.discard()
+            self._reject(name, f"its blob {pointer.digest} cannot be read ({exc})")
+            return
+        except BaseException:
+            writer.discard()
+            raise
+        if problem is not None:
+            writer.discard()
+            self._reject(name, f"its blob {pointer.digest} {problem}")
+            return
+        writer.commit(pointer.uncompressed_size)
+        self._count("hits")
+        if isinstance(self.store, SupportsRefresh):
+            self._enqueue("touch", pointer.digest)
+
+    def _reject(self, name: str, why: str) -> None:
+        log.warning("bucket fragment %s refused: %s; packing it again", name, why)
+        self._count("rejected")
+
+    def _download(self, pointer: FragmentPointer, writer: FragmentWriter) -> str | None:
+        """Stream the blob into ``writer``; what is wrong with it, or ``None``."""
+        check = _Check(pointer)
+        try:
+            with self.store.open_blob(pointer.digest) as stream:
+                while piece := stream.read(_READ_SIZE):
+                    check.add(piece)
+                    writer.add(piece)
+            check.finish()
+        except _Refused as refused:
+            return str(refused)
+        return None
+
+    # --- uploading ---------------------------------------------------------------
+
+    def _packed(self, key: str, size: int) -> None:
+        """A fragment this instance packed is in the local cache: upload it if worth it."""
+        if size < self.policy.min_size:
+            return
+        if self.policy.background:
+            self._enqueue("upload", key)
+        else:
+            self._upload(key)
+
+    def _enqueue(self, job: str, argument: str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=self._work, name="nixery-fragment-upload", daemon=True
+                )
+                self._worker.start()
+        try:
+            self._jobs.put_nowait((job, argument))
+        except queue.Full:
+            log.info("fragment upload queue full; %s of %s skipped", job, argument)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                kind, argument = job
+                if kind == "upload":
+                    self._upload(argument)
+                else:
+                    self._touch(argument)
+            finally:
+                self._jobs.task_done()
+
+    def _touch(self, digest: str) -> None:
+        """Restart a fetched blob's age, so gc keeps a fragment that is being reused."""
+        if isinstance(self.store, SupportsRefresh):
+            try:
+                self.store.touch_blob(digest)
+            except StorageError as exc:
+                log.warning("could not refresh fragment blob %s (%s)", digest, exc)
+
+    def _upload(self, key: str) -> None:
+        """Store the locally kept fragment ``key`` in the bucket: blob, then pointer."""
+        try:
+            with self.local.peek(key) as found:
+                if found is None:  # evicted or dropped meanwhile
+                    return
+                pointer = self._store_blob(found)
+            self.store.put_object(fragment_object_key(key), pointer.to_json())
+        except StorageError as exc:
+            log.warning("fragment %s not uploaded (%s)", key, exc)
+            self._count("upload_failures")
+            return
+        self._count("uploaded")
+
+    def _store_blob(self, found: CachedFragment) -> FragmentPointer:
+        digest = hashlib.sha256()
+        with self.store.open_blob_writer(FRAGMENT_MEDIA_TYPE) as writer:
+            for piece in found.pieces():
+                digest.update(piece)
+                writer.write(piece)
+            info = writer.commit(f"sha256:{digest.hexdigest()}")
+        return FragmentPointer(info.digest, found.size, found.uncompressed_size, found.crc32)

@@ -1,0 +1,325 @@
+"""The bucket tier of the fragment cache: instances sharing a store reuse each other's fragments."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import FakeGcsServer, fake_gcs
+from test_fragments import PATHS, make_store
+
+from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
+from nixery_core.build import BuildResult, build_image
+from nixery_core.cache import BuildCache
+from nixery_core.errors import InvalidInput, StorageUnavailable
+from nixery_core.fragment_bucket import (
+    FRAGMENT_MEDIA_TYPE,
+    FRAGMENT_PREFIX,
+    BucketFragments,
+    FragmentBucketPolicy,
+    FragmentPointer,
+)
+from nixery_core.fragments import FragmentCache
+from nixery_core.gc import collect_garbage
+from nixery_core.names import Image
+from nixery_core.protocols import ReadableStore
+from nixery_core.storage.filesystem import FilesystemStore
+from nixery_core.storage.gcs import GcsStore
+from nixery_core.testing.runners import FakeNix, default_fake_packages
+from nixery_core.testing.sources import FixedSource
+from nixery_core.testing.storage import MemoryStore
+
+__all__ = ["fake_gcs"]
+
+#: Upload every fragment, however small (the default keeps small ones local).
+EVERY = FragmentBucketPolicy(min_size=0)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store"))
+
+
+def pack(
+    root: Path, paths: list[str], options: ArchiveOptions, source: Any = None
+) -> tuple[PackedLayer, bytes]:
+    out = io.BytesIO()
+    packed = pack_store_paths(paths, out.write, options, store_root=root, fragments=source)
+    return packed, out.getvalue()
+
+
+def instance(
+    directory: Path, bucket: ReadableStore, policy: FragmentBucketPolicy = EVERY
+) -> tuple[FragmentCache, BucketFragments]:
+    """One instance: its own local fragment cache, the shared bucket behind it."""
+    local = FragmentCache(directory)
+    return local, BucketFragments(local, bucket, policy)
+
+
+def pointers(bucket: MemoryStore | FilesystemStore) -> list[str]:
+    return list(bucket.list_objects(FRAGMENT_PREFIX))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [pytest.param(ArchiveOptions(), id="gzip"), pytest.param(ArchiveOptions(compression="zstd"),
+                                                              id="zstd")],
+)
+def test_second_instance_regroups_from_the_bucket_and_compresses_nothing(
+    store: Path, tmp_path: Path, options: ArchiveOptions
+) -> None:
+    """Fragments one instance packed let another, with an empty local cache, assemble other
+    groupings of the same paths without compressing any, byte-identical to fresh packing."""
+    bucket = MemoryStore()
+    local_a, tier_a = instance(tmp_path / "a", bucket)
+    with local_a, tier_a:
+        pack(store, PATHS, options, tier_a)
+    assert tier_a.stats.uploaded == len(PATHS)
+    assert len(pointers(bucket)) == len(PATHS)
+    groups = [PATHS[:1], PATHS[1:3], PATHS[3:]]
+    local_b, tier_b = instance(tmp_path / "b", bucket)
+    with local_b, tier_b:
+        layers = [pack(store, group, options, tier_b) for group in groups]
+        assert local_b.misses == 0  # nothing compressed
+        assert tier_b.stats.hits == len(PATHS)
+        assert tier_b.stats.uploaded == 0  # fetched fragments are not sent back
+    assert layers == [pack(store, group, options) for group in groups]
+    assert bucket.staged_blobs() == ()
+
+
+def test_small_fragments_stay_local_by_default(store: Path, tmp_path: Path) -> None:
+    """Below min_size (64 KiB compressed) a fragment is not uploaded; above it, it is."""
+    bucket = MemoryStore()
+    local, tier = instance(tmp_path / "a", bucket, FragmentBucketPolicy())
+    with local, tier:
+        pack(store, PATHS, ArchiveOptions(), tier)
+    assert tier.stats.uploaded == 1  # only the path with 1.6 MB of hashes is that big
+    (key,) = pointers(bucket)
+    pointer = FragmentPointer.from_json(bucket.get_object(key) or b"")
+    assert pointer.size >= 64 << 10
+    info = bucket.blob_info(pointer.digest)
+    assert info is not None
+    assert info.media_type == FRAGMENT_MEDIA_TYPE
+
+
+def test_inline_uploads_are_done_when_the_pack_returns(store: Path, tmp_path: Path) -> None:
+    """With background=False every fragment is in the bucket as soon as the pack returns."""
+    bucket = MemoryStore()
+    local, tier = instance(tmp_path / "a", bucket, FragmentBucketPolicy(min_size=0,
+                                                                        background=False))
+    with local, tier:
+        pack(store, PATHS, ArchiveOptions(), tier)
+        assert len(pointers(bucket)) == len(PATHS)
+
+
+def _damage(bucket: FilesystemStore) -> dict[str, str]:
+    """Break three of the four fragments in three ways; name what was done to which pointer."""
+    keys = sorted(pointers(bucket))
+    found = {key: FragmentPointer.from_json(bucket.get_object(key) or b"") for key in keys}
+    corrupt, wrong_crc, absent, _intact = keys
+    blob = bucket.blob_path(found[corrupt].digest)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    lying = json.loads(bucket.get_object(wrong_crc) or b"")
+    lying["crc32"] ^= 1
+    bucket.put_object(wrong_crc, json.dumps(lying).encode())
+    bucket.delete_blob(found[absent].digest)
+    return {corrupt: "corrupt blob", wrong_crc: "pointer lies", absent: "blob gone"}
+
+
+def test_damaged_bucket_fragments_are_misses_then_repaired(store: Path, tmp_path: Path) -> None:
+    """A bucket fragment whose blob changed, whose pointer lies or whose blob is gone never
+    reaches a layer: it is packed instead, and the upload repairs the bucket."""
+    options = ArchiveOptions()
+    expected = pack(store, PATHS, options)
+    bucket = FilesystemStore(tmp_path / "bucket", durable=False)
+    local_a, tier_a = instance(tmp_path / "a", bucket)
+    with local_a, tier_a:
+        pack(store, PATHS, options, tier_a)
+    damaged = _damage(bucket)
+    local_b, tier_b = instance(tmp_path / "b", bucket)
+    with local_b, tier_b:
+        assert pack(store, PATHS, options, tier_b) == expected
+        assert (tier_b.stats.hits, tier_b.stats.rejected) == (1, len(damaged))
+        assert local_b.misses == len(damaged)  # those were compressed again
+    assert tier_b.stats.uploaded == len(damaged)
+    local_c, tier_c = instance(tmp_path / "c", bucket)
+    with local_c, tier_c:
+        assert pack(store, PATHS, options, tier_c) == expected
+        assert (tier_c.stats.hits, tier_c.stats.rejected, local_c.misses) == (len(PATHS), 0, 0)
+    assert not list((tmp_path / "bucket" / "staging").iterdir())
+
+
+def test_a_pointer_naming_another_blob_is_refused_and_that_blob_kept(
+    store: Path, tmp_path: Path
+) -> None:
+    """A pointer naming a blob that is not its fragment (here a layer) is a miss; the blob,
+    which other things may name, is left alone."""
+    options = ArchiveOptions()
+    bucket = MemoryStore()
+    layer = bucket.put_blob(pack(store, PATHS[:1], options)[1], "application/octet-stream")
+    local_a, tier_a = instance(tmp_path / "a", bucket)
+    with local_a, tier_a:
+        pack(store, PATHS[:1], options, tier_a)
+    (key,) = pointers(bucket)
+    pointer = FragmentPointer.from_json(bucket.get_object(key) or b"")
+    fake = FragmentPointer(layer.digest, layer.size, pointer.uncompressed_size, pointer.crc32)
+    bucket.put_object(key, fake.to_json())
+    local_b, tier_b = instance(tmp_path / "b", bucket)
+    with local_b, tier_b:
+        assert pack(store, PATHS[:1], options, tier_b) == pack(store, PATHS[:1], options)
+        assert tier_b.stats.rejected == 1
+    assert bucket.read_blob(layer.digest)  # still there
+    assert FragmentPointer.from_json(bucket.get_object(key) or b"") == pointer  # repaired
+
+
+class _Unreachable(MemoryStore):
+    """A bucket whose object reads and blob writes all fail."""
+
+    def get_object(self, key: str) -> bytes | None:
+        raise StorageUnavailable("bucket unreachable", key)
+
+    def put_object(self, key: str, data: bytes) -> None:
+        raise StorageUnavailable("bucket unreachable", key)
+
+
+def test_a_failing_bucket_only_costs_the_packing(store: Path, tmp_path: Path) -> None:
+    """Lookups and uploads that fail are warnings: the layer is packed, the same bytes."""
+    options = ArchiveOptions()
+    local, tier = instance(tmp_path / "a", _Unreachable())
+    with local, tier:
+        assert pack(store, PATHS, options, tier) == pack(store, PATHS, options)
+    assert (tier.stats.failed, tier.stats.upload_failures) == (len(PATHS), len(PATHS))
+
+
+def test_policy_refuses_nonsense() -> None:
+    """A negative min_size or a thread count below one is a typed error."""
+    with pytest.raises(InvalidInput, match="min_size"):
+        FragmentBucketPolicy(min_size=-1)
+    with pytest.raises(InvalidInput, match="threads"):
+        FragmentBucketPolicy(threads=0)
+
+
+def test_malformed_pointers_do_not_parse() -> None:
+    """Pointer parsing refuses what a writer of version 1 never writes."""
+    good = FragmentPointer("sha256:" + "a" * 64, 10, 20, 30)
+    assert FragmentPointer.from_json(good.to_json()) == good
+    for bad in (b"[]", b'{"version": 2}', good.to_json().replace(b'"size": 10', b'"size": -1'),
+                good.to_json().replace(b"sha256:", b"md5:")):
+        with pytest.raises((ValueError, TypeError, InvalidInput)):
+            FragmentPointer.from_json(bad)
+
+
+# --- garbage collection ----------------------------------------------------------
+
+
+def test_gc_ages_fragments_by_their_own_grace_and_drops_their_pointers(
+    store: Path, tmp_path: Path
+) -> None:
+    """Fragment blobs unused for fragment_grace_seconds go, with their pointers; one fetched
+    (touched) meanwhile stays."""
+    now = [1000.0]
+    bucket = MemoryStore(clock=lambda: now[0])
+    local_a, tier_a = instance(tmp_path / "a", bucket)
+    with local_a, tier_a:
+        pack(store, PATHS, ArchiveOptions(), tier_a)
+    now[0] += 3600
+    local_b, tier_b = instance(tmp_path / "b", bucket)
+    with local_b, tier_b:  # fetches (and touches) the first path's fragment only
+        pack(store, PATHS[:1], ArchiveOptions(), tier_b)
+    now[0] += 1800
+    kept = collect_garbage(bucket, grace_seconds=86400, fragment_grace_seconds=3000,
+                           now=lambda: now[0])
+    assert len(kept.deleted) == len(PATHS) - 1
+    assert kept.dropped_fragment_pointers == len(PATHS) - 1
+    (left,) = pointers(bucket)
+    assert bucket.blob_info(FragmentPointer.from_json(bucket.get_object(left) or b"").digest)
+    local_c, tier_c = instance(tmp_path / "c", bucket)
+    with local_c, tier_c:
+        pack(store, PATHS, ArchiveOptions(), tier_c)
+        assert (tier_c.stats.hits, tier_c.stats.misses, tier_c.stats.rejected) == (1, 3, 0)
+
+
+def test_gc_keeps_fragments_for_the_ordinary_grace_by_default(
+    store: Path, tmp_path: Path
+) -> None:
+    """Without fragment_grace_seconds, fragment blobs get the same grace as any other."""
+    now = [1000.0]
+    bucket = MemoryStore(clock=lambda: now[0])
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        pack(store, PATHS, ArchiveOptions(), tier)
+    now[0] += 3600
+    report = collect_garbage(bucket, grace_seconds=7200, now=lambda: now[0])
+    assert (report.deleted, report.dropped_fragment_pointers) == ((), 0)
+    assert len(pointers(bucket)) == len(PATHS)
+
+
+# --- the real thing: two instances on fake-gcs-server -----------------------------
+
+
+def _build(cache: BuildCache, runner: FakeNix, bucket: GcsStore, budget: int) -> BuildResult:
+    return build_image(Image.from_name("shell/hello/coreutils"), FixedSource(), runner=runner,
+                       uploader=bucket, cache=cache, store_root=runner.store_root,
+                       layer_budget=budget)
+
+
+def test_two_instances_on_fake_gcs_share_fragments(
+    fake_gcs: FakeGcsServer, tmp_path: Path
+) -> None:
+    """On a real GCS API, a second instance asked for another grouping of the same paths
+    compresses nothing, gets layers byte-identical to fresh packing, refuses and repairs a
+    damaged fragment, and leaves no staging object."""
+    runner = FakeNix(tmp_path / "root", default_fake_packages())
+    bucket_name = f"t-{uuid.uuid4().hex[:16]}"
+    raw_bucket = fake_gcs.make_bucket(bucket_name)
+    bucket = GcsStore(raw_bucket)
+
+    def host(name: str) -> BuildCache:
+        # No shared layer or manifest entries: every layer is assembled, from fragments.
+        return BuildCache(tmp_path / name, shared=False, fragment_bucket=EVERY)
+
+    with host("a") as first:
+        _build(first, runner, bucket, budget=8)
+        assert first.fragments is not None
+        packed = first.fragments.misses
+    assert packed > 0
+    with host("b") as second:
+        regrouped = _build(second, runner, bucket, budget=3)
+        assert second.fragments is not None
+        assert second.fragments.misses == 0  # not one store path compressed
+    with BuildCache(tmp_path / "fresh", fragment_limit=0) as fresh:
+        reference = _build(fresh, runner, GcsStore(fake_gcs.make_bucket(bucket_name + "-x")), 3)
+    assert regrouped.manifest_digest == reference.manifest_digest
+    assert [layer.digest for layer in regrouped.layers] == [
+        layer.digest for layer in reference.layers
+    ]
+
+    # Damage one fragment blob behind the store's back.
+    key = sorted(bucket.list_objects(FRAGMENT_PREFIX))[0]
+    digest = FragmentPointer.from_json(bucket.get_object(key) or b"").digest
+    raw_bucket.blob(bucket.blob_object_name(digest)).upload_from_string(b"\x1f\x8bnot a member")
+    with host("c") as third:
+        again = _build(third, runner, bucket, budget=5)
+        tier = third.fragments_for(bucket)
+        assert isinstance(tier, BucketFragments)
+        assert tier.stats.rejected == 1
+        assert third.fragments is not None
+        assert third.fragments.misses == 1  # the damaged one, packed again
+    with host("d") as fourth:
+        assert _build(fourth, runner, bucket, budget=5).manifest_digest == again.manifest_digest
+        tier = fourth.fragments_for(bucket)
+        assert isinstance(tier, BucketFragments)
+        assert tier.stats.rejected == 0  # repaired by the third host's upload
+        assert fourth.fragments is not None
+        assert fourth.fragments.misses == 0
+    with BuildCache(tmp_path / "fresh-5", fragment_limit=0) as fresh:
+        reference = _build(fresh, runner, GcsStore(fake_gcs.make_bucket(bucket_name + "-y")), 5)
+    assert again.manifest_digest == reference.manifest_digest
+    assert not [blob.name for blob in raw_bucket.list_blobs(prefix="staging/")]
