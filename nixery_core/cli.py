@@ -24,6 +24,7 @@ from nixery_core.cache import BuildCache
 from nixery_core.display import build_result_table
 from nixery_core.errors import InvalidInput, NixeryError, UnknownPackages
 from nixery_core.expressions import NixExpression
+from nixery_core.fragment_bucket import FragmentBucketPolicy
 from nixery_core.image_config import ImageConfig, User
 from nixery_core.names import AMD64, ARM64, Architecture, Image
 from nixery_core.nixexprs import nix_dir
@@ -66,7 +67,8 @@ def _cache(args: argparse.Namespace) -> BuildCache | None:
     if args.no_cache:
         return None
     directory = Path(args.cache) if args.cache else _default_cache_dir()
-    return BuildCache(directory)
+    bucket = FragmentBucketPolicy() if args.share_fragments else None
+    return BuildCache(directory, fragment_bucket=bucket)
 
 
 def _default_cache_dir() -> Path:
@@ -128,6 +130,10 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="blob store directory (~/.cache/nixery-core/store)")
     parser.add_argument("--cache", help="local cache directory (~/.cache/nixery-core/cache)")
     parser.add_argument("--no-cache", action="store_true", help="build without the build cache")
+    parser.add_argument(
+        "--share-fragments", action="store_true",
+        help="also keep compressed store paths in the store, for other hosts sharing it",
+    )
     parser.add_argument("--format", choices=["oci", "docker"], default="oci")
     parser.add_argument(
         "--compression",
@@ -240,7 +246,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from nixery_core.gc import collect_garbage  # noqa: PLC0415
 
     store = _store(args)
-    report = collect_garbage(store, grace_seconds=args.grace, dry_run=args.dry_run)
+    report = collect_garbage(
+        store, grace_seconds=args.grace, dry_run=args.dry_run,
+        fragment_grace_seconds=args.fragment_grace,
+    )
     print(report)
     return 0
 
@@ -340,6 +349,10 @@ def parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=86400.0,
         help="keep blobs younger than this (seconds); uploads in progress are kept for at "
         "least 6 hours whatever the grace",
+    )
+    gc.add_argument(
+        "--fragment-grace", type=float, default=None, metavar="SECONDS",
+        help="keep shared store-path fragments unused for less than this (default: --grace)",
     )
     gc.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     gc.set_defaults(func=cmd_gc)

@@ -54,6 +54,7 @@ from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import InvalidInput, InvalidSource
+from nixery_core.fragment_bucket import FragmentBucketPolicy
 from nixery_core.gc import collect_garbage
 from nixery_core.media_types import (
     DOCKER_MANIFEST,
@@ -744,6 +745,31 @@ def test_config_from_env_errors_name_the_variable(tmp_path: Path) -> None:
     assert isinstance(config.store, FilesystemStore)
     assert (config.timeout, config.default_format, config.blob_url) == (5.0, "oci", None)
     assert main([], env={"PORT": "http"}) == 2
+
+
+def test_sharing_fragments_is_configured_by_the_environment(tmp_path: Path) -> None:
+    """NIXERY_SHARE_FRAGMENTS turns the bucket tier on (with a local cache only), with
+    NIXERY_FRAGMENT_MIN_SIZE as its threshold; nonsense names the variable."""
+    env = {"NIXERY_PKGS_PATH": str(OFFLINE_SET), "STORAGE_PATH": str(tmp_path / "store")}
+    with_cache = {**env, "NIXERY_CACHE_DIR": str(tmp_path / "cache")}
+    config = RegistryConfig.from_env(with_cache)
+    assert config.cache is not None
+    assert config.cache.fragment_bucket is None  # off unless asked for
+    config.cache.close()
+    config = RegistryConfig.from_env(
+        {**with_cache, "NIXERY_SHARE_FRAGMENTS": "1", "NIXERY_FRAGMENT_MIN_SIZE": "0"}
+    )
+    assert config.cache is not None
+    assert config.cache.fragment_bucket == FragmentBucketPolicy(min_size=0)
+    config.cache.close()
+    with pytest.raises(InvalidInput, match="NIXERY_CACHE_DIR"):
+        RegistryConfig.from_env({**env, "NIXERY_SHARE_FRAGMENTS": "1"})
+    with pytest.raises(InvalidInput, match="NIXERY_SHARE_FRAGMENTS"):
+        RegistryConfig.from_env({**with_cache, "NIXERY_SHARE_FRAGMENTS": "maybe"})
+    with pytest.raises(InvalidInput, match="NIXERY_FRAGMENT_MIN_SIZE"):
+        RegistryConfig.from_env(
+            {**with_cache, "NIXERY_SHARE_FRAGMENTS": "1", "NIXERY_FRAGMENT_MIN_SIZE": "big"}
+        )
 
 
 # --- blob redirects to a GCS bucket --------------------------------------------

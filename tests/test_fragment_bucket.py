@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import OFFLINE_SET
 from servers import FakeGcsServer, fake_gcs
 from test_fragments import PATHS, make_store
 
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
+from nixery_core.cli import main
 from nixery_core.errors import InvalidInput, StorageUnavailable
 from nixery_core.fragment_bucket import (
     FRAGMENT_MEDIA_TYPE,
@@ -323,3 +325,31 @@ def test_two_instances_on_fake_gcs_share_fragments(
         reference = _build(fresh, runner, GcsStore(fake_gcs.make_bucket(bucket_name + "-y")), 5)
     assert again.manifest_digest == reference.manifest_digest
     assert not [blob.name for blob in raw_bucket.list_blobs(prefix="staging/")]
+
+
+# --- the command line ----------------------------------------------------------------
+
+
+@pytest.mark.nix
+def test_command_line_shares_fragments_and_gc_ages_them(
+    tmp_path: Path, nix: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`build --share-fragments` leaves fragments in the store; `gc --fragment-grace 0`
+    removes them and their pointers while every layer stays."""
+    store = tmp_path / "store"
+    build = ["build", "shell/hello", "--pkgs-path", str(OFFLINE_SET), "--offline",
+             "--store", str(store), "--cache", str(tmp_path / "cache")]
+    assert main([*build, "--share-fragments"]) == 0
+    bucket = FilesystemStore(store)
+    shared = pointers(bucket)
+    assert shared  # glibc and friends are over the 64 KiB threshold
+    fragment_blobs = {
+        info.digest for info in bucket.list_blobs() if info.media_type == FRAGMENT_MEDIA_TYPE
+    }
+    assert len(fragment_blobs) == len(shared)
+    layers = {info.digest for info in bucket.list_blobs()} - fragment_blobs
+    capsys.readouterr()
+    assert main(["gc", "--store", str(store), "--fragment-grace", "0"]) == 0
+    assert f"dropped {len(shared)} fragment pointers" in capsys.readouterr().out
+    assert pointers(bucket) == []
+    assert {info.digest for info in bucket.list_blobs()} == layers

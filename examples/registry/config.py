@@ -21,6 +21,12 @@ variable                    meaning
 ``NIXERY_CACHE_DIR``        the local cache tier (default: none, the bucket's
                             ``manifests/`` and ``builds/`` tier only)
 ``NIXERY_MOVING_TTL``       seconds a moving target's manifest is cached (6 h)
+``NIXERY_SHARE_FRAGMENTS``  ``1``: share compressed store paths through the
+                            bucket too, so instances reuse each other's
+                            (needs ``NIXERY_CACHE_DIR``; see
+                            :mod:`nixery_core.fragment_bucket`)
+``NIXERY_FRAGMENT_MIN_SIZE`` compressed bytes below which a fragment is not
+                            shared (default 65536)
 ``NIXERY_BUILD_WORKERS``    builds run at once (default 4)
 ``NIXERY_SIGNED_URL_TTL``   seconds a GCS signed URL is valid (default 300)
 ``NIXERY_DEFAULT_FORMAT``   ``oci`` (default) or ``docker``: the server's
@@ -66,6 +72,7 @@ from nixery_core.builder import DEFAULT_CONCURRENT_BUILDS
 from nixery_core.cache import SIX_HOURS, BuildCache
 from nixery_core.compression import Compression
 from nixery_core.errors import InvalidInput, InvalidSource
+from nixery_core.fragment_bucket import DEFAULT_MIN_SIZE, FragmentBucketPolicy
 from nixery_core.names import AMD64, ARM64, Architecture
 from nixery_core.protocols import ReadableStore, Runner
 from nixery_core.sources import PackageSource, source_from_env
@@ -186,6 +193,7 @@ class RegistryConfig:
         cache = BuildCache(
             Path(cache_dir) if cache_dir else None,
             moving_ttl=_number(env, "NIXERY_MOVING_TTL", SIX_HOURS, allow_zero=True),
+            fragment_bucket=_fragment_bucket(env, has_cache_dir=bool(cache_dir)),
         )
         default_format = env.get("NIXERY_DEFAULT_FORMAT", "oci")
         if default_format not in ("oci", "docker"):
@@ -217,6 +225,24 @@ class RegistryConfig:
             archs=parse_archs(env.get("NIXERY_ARCHS", "")),
             verify_blobs=env.get("NIXERY_VERIFY_BLOBS", "") in ("1", "true", "yes"),
         )
+
+
+def _fragment_bucket(
+    env: Mapping[str, str], *, has_cache_dir: bool
+) -> FragmentBucketPolicy | None:
+    """The bucket tier for fragments, when ``NIXERY_SHARE_FRAGMENTS`` asks for it."""
+    raw = env.get("NIXERY_SHARE_FRAGMENTS", "")
+    if raw in ("", "0", "false", "no"):
+        return None
+    if raw not in ("1", "true", "yes"):
+        raise InvalidInput(f"NIXERY_SHARE_FRAGMENTS={raw!r}: expected 1 or 0")
+    if not has_cache_dir:
+        raise InvalidInput(
+            "NIXERY_SHARE_FRAGMENTS needs NIXERY_CACHE_DIR: fragments fetched from the bucket "
+            "are kept in the local cache"
+        )
+    min_size = _number(env, "NIXERY_FRAGMENT_MIN_SIZE", DEFAULT_MIN_SIZE, allow_zero=True)
+    return FragmentBucketPolicy(min_size=int(min_size))
 
 
 def _number(
