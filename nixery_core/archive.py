@@ -171,6 +171,8 @@ WRITE_SIZE = 1 << 20
 _MAX_MTIME = 8**11 - 1
 _STORE_PREFIX = "/nix/store/"
 _WriteFn = Callable[[bytes], object]
+#: The sha256 (``sha256:<hex>``) of everything given to ``write`` so far.
+_DigestFn = Callable[[], str]
 
 
 def _check_compression(_inst: object, _attr: object, value: Any) -> None:
@@ -433,8 +435,12 @@ class _TarStream:
         threads: int | None,
         mtime: int,
         executor: WorkerPool | None = None,
+        *,
+        blob_digest: _DigestFn | None = None,
     ) -> None:
         self.headers = _Headers(mtime)
+        #: The sink's own hash of the blob, when it keeps one: then the blob is not hashed here.
+        self._blob_digest = blob_digest
         # One pool for the whole build when given (never one inside it); else
         # one for this layer, closed with it.
         self._own: WorkerPool | None = None
@@ -674,7 +680,12 @@ class _TarStream:
         self._drain_diff(everything=True)
         self._hashing.wait()
         diff_id = "sha256:" + self._diff.hexdigest()
-        digest = diff_id if self._passthrough else "sha256:" + self._digest.hexdigest()
+        if self._passthrough:
+            digest = diff_id
+        elif self._blob_digest is not None:
+            digest = self._blob_digest()
+        else:
+            digest = "sha256:" + self._digest.hexdigest()
         return PackedLayer(digest, diff_id, self._size, media_type, annotations)
 
     def _flush_block(self, *, partial: bool = False) -> None:
@@ -702,7 +713,7 @@ class _TarStream:
                 continue
             if isinstance(tag, _Recording):
                 tag.writer.add(chunk)
-            if not self._passthrough:
+            if not self._passthrough and self._blob_digest is None:
                 self._hashing.update(self._digest, chunk)
             self._size += len(chunk)
             self._out.append(chunk)
@@ -871,6 +882,7 @@ def pack_store_paths(
     threads: int | None = None,
     executor: WorkerPool | None = None,
     fragments: FragmentSource | None = None,
+    blob_digest: _DigestFn | None = None,
 ) -> PackedLayer:
     """Pack store paths into one layer, streaming the blob into ``write``.
 
@@ -883,7 +895,11 @@ def pack_store_paths(
     :data:`MAX_THREADS`).  Neither ever changes the bytes.  ``fragments``
     reuses store paths compressed before, in any layer, and keeps the ones
     compressed now (:mod:`nixery_core.fragments`); the bytes are the same
-    with or without it.  See the module docstring for the format and the
+    with or without it.  ``blob_digest``, when ``write`` is a sink that
+    hashes what it is given (a blob writer offering
+    :class:`~nixery_core.protocols.SupportsWrittenDigest`), returns that
+    hash: the layer's digest is then taken from it and the blob is hashed
+    once, not twice.  See the module docstring for the format and the
     errors.
     """
     spec = options.compressor()
@@ -893,7 +909,7 @@ def pack_store_paths(
     keys = [fragment_key(full, parameters) for _, full, _ in tops] if cache is not None else []
     if cache is not None:
         cache.prefetch(keys)  # a remote tier fetches what it has, all at once
-    with _TarStream(write, spec, threads, options.mtime, executor) as tar:
+    with _TarStream(write, spec, threads, options.mtime, executor, blob_digest=blob_digest) as tar:
         tar.begin()
         tar.put(tar.headers(b"nix/", 0o755, 0, _DIRTYPE))
         tar.put(tar.headers(b"nix/store/", 0o755, 0, _DIRTYPE))
@@ -1242,16 +1258,17 @@ def pack_entries(
     *,
     threads: int | None = None,
     executor: WorkerPool | None = None,
+    blob_digest: _DigestFn | None = None,
 ) -> PackedLayer:
     """Pack synthesised entries into one layer, streaming the blob into ``write``.
 
-    ``threads`` and ``executor`` as for :func:`pack_store_paths`.  See the
+    ``threads``, ``executor`` and ``blob_digest`` as for :func:`pack_store_paths`.  See the
     module docstring for ordering, added parents and hard links.
     """
     spec = options.compressor()
     ordered = _complete_entries(entries)
     carrier = _hard_link_carriers(ordered)
-    with _TarStream(write, spec, threads, options.mtime, executor) as tar:
+    with _TarStream(write, spec, threads, options.mtime, executor, blob_digest=blob_digest) as tar:
         tar.begin()
         for entry in ordered:
             name = os.fsencode(entry.path)

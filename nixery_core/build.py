@@ -56,6 +56,7 @@ from nixery_core.protocols import (
     LogCallback,
     Runner,
     SupportsRefresh,
+    SupportsWrittenDigest,
     Uploader,
 )
 from nixery_core.results import (
@@ -88,6 +89,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: Packs a layer into ``write``; the second argument, when not None, is the
+#: sink's own running sha256 of what it was given (the blob is then hashed once).
+_PackFn = Callable[[Callable[[bytes], object], Callable[[], str] | None], PackedLayer]
 
 #: Layers an image may have, customisation layer included (Nixery's figure;
 #: Docker's limit is about 125, the rest is room for extension).
@@ -327,7 +331,7 @@ class _Build:
         key: str,
         paths: tuple[str, ...],
         kind: Literal["store", "customisation"],
-        pack: Callable[[Callable[[bytes], object]], PackedLayer],
+        pack: _PackFn,
     ) -> BuiltLayer:
         """Reuse the layer stored under ``key``, or pack and upload it once."""
         packages = tuple(sorted({store_path_name(p) for p in paths}))
@@ -383,10 +387,12 @@ class _Build:
         paths: tuple[str, ...],
         packages: tuple[str, ...],
         kind: Literal["store", "customisation"],
-        pack: Callable[[Callable[[bytes], object]], PackedLayer],
+        pack: _PackFn,
     ) -> BuiltLayer:
         with self.store.open_blob_writer(self.archive.media_type) as writer:
-            packed = pack(writer.write)
+            # A writer that hashes what it is given saves the packer hashing the blob again.
+            hashed = writer.written_digest if isinstance(writer, SupportsWrittenDigest) else None
+            packed = pack(writer.write, hashed)
             # Always commit: a store keeps an intact copy it has and replaces
             # one that does not hash to its name (a corrupt blob is repaired).
             writer.commit(packed.digest)
@@ -667,9 +673,9 @@ def _pack_layers(
             layer_cache_key(paths, archive),
             paths,
             "store",
-            lambda write: pack_store_paths(
+            lambda write, hashed: pack_store_paths(
                 paths, write, archive, store_root=root, threads=threads, executor=pool,
-                fragments=fragments,
+                fragments=fragments, blob_digest=hashed,
             ),
         )
 
@@ -678,7 +684,9 @@ def _pack_layers(
             entries_cache_key(entries, archive),
             (),
             "customisation",
-            lambda write: pack_entries(entries, write, archive, threads=threads, executor=pool),
+            lambda write, hashed: pack_entries(
+                entries, write, archive, threads=threads, executor=pool, blob_digest=hashed
+            ),
         )
 
     if pool is None:

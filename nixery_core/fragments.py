@@ -178,6 +178,12 @@ class FragmentCache:
                 f"cannot open the fragment cache in {self.directory}: {exc}", str(self.directory)
             ) from exc
 
+    @property
+    def min_file_size(self) -> int:
+        """Fragments smaller than this are kept in the database, larger ones in files."""
+        size: int = self._cache.disk_min_file_size
+        return size
+
     def close(self) -> None:
         self._record_touches()
         self._cache.close()
@@ -339,7 +345,14 @@ class FragmentWriter:
         if spill is None:
             data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
             self._pieces = []
-            self._cache._store(self.key, data, self._crc, uncompressed_size, read=False)
+            # Small ones go in the database; a larger one as a stream, which
+            # diskcache writes in 4 MiB pieces (bytes it writes line by line).
+            if len(data) < self._cache.min_file_size:
+                self._cache._store(self.key, data, self._crc, uncompressed_size, read=False)
+            else:
+                self._cache._store(
+                    self.key, io.BytesIO(data), self._crc, uncompressed_size, read=True
+                )
             return
         with spill:
             try:

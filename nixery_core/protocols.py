@@ -34,6 +34,7 @@ __all__ = [
     "SupportsRefresh",
     "SupportsStagingCleanup",
     "SupportsWriteTimes",
+    "SupportsWrittenDigest",
     "Uploader",
 ]
 
@@ -228,6 +229,21 @@ class SupportsBlobSizes(Protocol):
     """
 
     def blob_sizes(self, digests: Sequence[str]) -> Mapping[str, int | None]: ...
+
+
+@runtime_checkable
+class SupportsWrittenDigest(Protocol):
+    """A blob writer that hashes what it is given, so that the blob is hashed once.
+
+    It promises: :meth:`written_digest` is ``sha256:<hex>`` of every byte
+    :meth:`BlobWriter.write` has accepted so far (the digest its ``commit``
+    checks against).  A producer streaming into such a writer (the layer
+    packer) takes the blob's digest from it instead of hashing every byte a
+    second time; ``commit`` still checks the digest it is given, so nothing
+    is trusted that was not hashed.
+    """
+
+    def written_digest(self) -> str: ...
 
 
 @runtime_checkable

@@ -209,6 +209,43 @@ def test_digest_diff_id_and_size_match_the_written_bytes(store: Path, compressio
     assert tar.endswith(bytes(1024))
 
 
+class _ReportingSink:
+    """A sink that hashes what it is given and reports ``reported`` as that hash."""
+
+    def __init__(self, reported: str | None = None) -> None:
+        self.hash = hashlib.sha256()
+        self.reported = reported
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return len(data)
+
+    def written_digest(self) -> str:
+        return self.reported or "sha256:" + self.hash.hexdigest()
+
+
+@pytest.mark.parametrize("maker", [pack_store_paths, pack_entries])
+def test_a_sink_that_hashes_gives_the_layer_digest_and_the_blob_is_hashed_once(
+    store: Path, maker: Callable[..., PackedLayer]
+) -> None:
+    """With ``blob_digest`` the layer's digest is the sink's own hash (the packer does not hash
+    the blob again): the same PackedLayer as without, and whatever the sink reports is used."""
+    if maker is pack_store_paths:
+        args: tuple[object, ...] = (PATHS,)
+        extra: dict[str, object] = {"store_root": store}
+    else:
+        args, extra = ([TarEntry("etc/motd", "file", 0o644, data=b"hi\n" * 5000)],), {}
+    plain = maker(*args, Sink().write, ArchiveOptions(), **extra)
+    sink = _ReportingSink()
+    assert maker(*args, sink.write, ArchiveOptions(), blob_digest=sink.written_digest,
+                 **extra) == plain
+    made_up = "sha256:" + "0" * 64
+    liar = _ReportingSink(made_up)
+    reported = maker(*args, liar.write, ArchiveOptions(), blob_digest=liar.written_digest, **extra)
+    assert reported.digest == made_up  # taken from the sink, never computed a second time
+    assert reported.diff_id == plain.diff_id
+
+
 @pytest.mark.parametrize(("threads", "mib", "pieces"), [(1, 5, 4), (2, 12, 2)])
 def test_write_gets_large_pieces(tmp_path: Path, threads: int, mib: int, pieces: int) -> None:
     """Output is streamed to ``write`` in pieces of at least 1 MiB (except the last)."""

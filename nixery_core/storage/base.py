@@ -67,6 +67,10 @@ class BaseBlobWriter(abc.ABC):
         """Bytes written so far."""
         return self._counter.size
 
+    def written_digest(self) -> str:
+        """sha256 of the bytes written so far (``SupportsWrittenDigest``)."""
+        return self._counter.digest()
+
     def _require_open(self) -> None:
         if self._state != "open":
             raise InvalidInput(f"blob writer is already {self._state}")

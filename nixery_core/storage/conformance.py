@@ -55,6 +55,7 @@ from nixery_core.protocols import (
     SupportsRefresh,
     SupportsStagingCleanup,
     SupportsWriteTimes,
+    SupportsWrittenDigest,
     Uploader,
 )
 
@@ -198,6 +199,28 @@ def check_streamed_round_trip(store: Uploader) -> None:
     _expect(store.blob_info(digest) == info, f"blob_info is {store.blob_info(digest)!r}")
     _expect_bytes(store, digest, data, "after commit")
     _expect_clean(store, "after commit")
+
+
+def check_written_digest(store: Uploader) -> None:
+    """A writer offering written_digest reports the sha256 of exactly the bytes written so far."""
+    data = _payload("written-digest", 200_000)
+    with store.open_blob_writer(_TYPE) as writer:
+        if not isinstance(writer, SupportsWrittenDigest):
+            return  # an optional ability of writers: nothing to check
+        _expect(
+            writer.written_digest() == sha256_digest(b""),
+            f"written_digest before any write is {writer.written_digest()!r}",
+        )
+        writer.write(data[:70_000])
+        _expect(
+            writer.written_digest() == sha256_digest(data[:70_000]),
+            "written_digest after a first write is not the digest of its bytes",
+        )
+        writer.write(memoryview(data)[70_000:])
+        digest = writer.written_digest()
+        _expect(digest == sha256_digest(data), f"written_digest is {digest!r}, not the bytes'")
+        writer.commit(digest)
+    _expect_bytes(store, sha256_digest(data), data, "after a commit under written_digest")
 
 
 def check_put_blob(store: Uploader) -> None:
@@ -621,6 +644,7 @@ CHECKS: tuple[Check, ...] = (
     *_checks(
         (),
         check_streamed_round_trip,
+        check_written_digest,
         check_put_blob,
         check_empty_blob,
         check_digest_mismatch,

@@ -573,6 +573,10 @@ class FilesystemBlobWriter:
         self._counter.update(data)
         return len(data)
 
+    def written_digest(self) -> str:
+        """sha256 of the bytes written so far (``SupportsWrittenDigest``)."""
+        return self._counter.digest()
+
     def commit(self, digest: str) -> BlobInfo:
         """Publish the bytes written under ``digest`` (which must be their sha256)."""
         self._check_open()

@@ -648,6 +648,10 @@ class GcsBlobWriter:
             raise _unavailable(exc, self.staging_name, "upload of staging object") from exc
         return len(view)
 
+    def written_digest(self) -> str:
+        """sha256 of the bytes written so far (``SupportsWrittenDigest``)."""
+        return self._hash.digest()
+
     def _start_resumable(self) -> None:
         self._upload = self._staging.open(
             "wb",
