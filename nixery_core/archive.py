@@ -107,6 +107,7 @@ directories and contradictory entries raise
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -143,6 +144,7 @@ from nixery_core.errors import (
     UnsafeStoreContent,
 )
 from nixery_core.estargz import EStargzFormat
+from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
 from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_key
 from nixery_core.protocols import JSONValue
 from nixery_core.workers import WorkerPool
@@ -156,6 +158,8 @@ __all__ = [
     "pack_entries",
     "pack_store_paths",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Bumped whenever the tar layout changes, so cached layers are rebuilt.
 FORMAT_VERSION = "nixery-tar/3"
@@ -417,6 +421,8 @@ class _Recording:
     """A fragment being compressed and recorded for the fragment cache."""
 
     writer: FragmentWriter
+    #: How its uncompressed bytes are rebuilt from the store (:mod:`nixery_core.fragment_layout`).
+    layout: LayoutRecorder
     uncompressed: int = 0
 
 
@@ -466,6 +472,8 @@ class _TarStream:
         self._inflating = 0
         self._max_inflating = count
         self._recording: _Recording | None = None
+        #: The open recording's layout: told which bytes are files and which are not.
+        self._layout: LayoutRecorder | None = None
         self._recordings: list[_Recording] = []
         # A chunked layer (eStargz, zstd:chunked) is one stream cut by its own
         # format; every other layer is a sequence of members (begin/end).
@@ -516,6 +524,7 @@ class _TarStream:
         if self._compressor is not None:
             raise RuntimeError("a member is already open")  # a bug in this module, not input
         self._recording = recording
+        self._layout = None if recording is None else recording.layout
         if recording is not None:
             self._recordings.append(recording)
         self._compressor = open_compressor(
@@ -536,19 +545,39 @@ class _TarStream:
         compressor.close()
         self._compressor = None
         if self._recording is not None:
+            self._recording.writer.layout = self._recording.layout.encode()
             self._output.add(_Done(self._recording), b"")
             self._recording = None
+            self._layout = None
         self._emit(self._output.take_ready())
 
-    def put_cached(self, fragment: CachedFragment) -> None:
-        """Copy a cached fragment between members; its decompressed bytes join the diff_id.
+    def put_cached(self, fragment: CachedFragment, source: bytes) -> None:
+        """Copy a cached fragment between members; its uncompressed bytes join the diff_id.
 
-        With a pool, fragments up to :data:`_PARALLEL_INFLATE` bytes are
-        inflated there, several at once (members are independent); their
-        bytes join the ``diff_id`` in order all the same.
+        The uncompressed bytes are rebuilt from ``source`` (the store path it
+        was packed from) by the fragment's layout, each block checked against
+        the one compressed (:mod:`nixery_core.fragment_layout`); from the
+        first block that differs on, or for a fragment without a layout, they
+        are decompressed instead.  With a pool, fragments up to
+        :data:`_PARALLEL_INFLATE` bytes are inflated there, several at once
+        (members are independent); their bytes join the ``diff_id`` in order
+        all the same.
         """
         if self._compressor is not None or self._pos:
             raise RuntimeError("a member is open")  # a bug in this module, not input
+        layout = None if fragment.layout is None else FragmentLayout.decode(fragment.layout)
+        if layout is not None and layout.size == fragment.uncompressed_size:
+            for piece in fragment.pieces():
+                self._output.add(None, piece)
+            self._emit(self._output.take_ready())
+            done = rebuild(source, layout, self._add_rebuilt)
+            if done < fragment.uncompressed_size:
+                log.warning(
+                    "%s differs from its cached fragment from byte %d on; decompressing it",
+                    _display(source), done,
+                )
+                self._inflate_rest(fragment, done)
+            return
         pool = self._executor
         if pool is not None and fragment.uncompressed_size <= _PARALLEL_INFLATE:
             pieces = list(fragment.pieces())
@@ -574,6 +603,25 @@ class _TarStream:
                 self._drain_diff()
         _check_inflated(produced, fragment.uncompressed_size, eof=inflate.eof)
 
+    def _add_rebuilt(self, block: bytearray) -> None:
+        self._add_diff(block)
+        if self._diff_pending:
+            self._drain_diff()
+
+    def _inflate_rest(self, fragment: CachedFragment, skip: int) -> None:
+        """Inflate a fragment here; its bytes after the first ``skip`` join the diff_id."""
+        inflate = _decompressor(self._spec)
+        produced = 0
+        for piece in fragment.pieces():
+            out = inflate.decompress(piece)
+            if out:
+                start = produced
+                produced += len(out)
+                if produced > skip:
+                    self._add_diff(out[skip - start :] if start < skip else out)
+                    self._drain_diff()
+        _check_inflated(produced, fragment.uncompressed_size, eof=inflate.eof)
+
     def _add_diff(self, data: bytes | bytearray) -> None:
         """Uncompressed bytes for the ``diff_id``, after any still being inflated."""
         if self._diff_pending:
@@ -597,6 +645,18 @@ class _TarStream:
                 self._hashing.update(self._diff, head)
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
+        """Tar bytes that are not file content (headers, padding), or content noted already."""
+        if self._layout is not None:
+            self._layout.literal(data)
+        self._put(data)
+
+    def put_file(self, data: bytes | bytearray | memoryview, member: bytes) -> None:
+        """The whole content of the file ``member``."""
+        if self._layout is not None:
+            self._layout.file(member, len(data))
+        self._put(data)
+
+    def _put(self, data: bytes | bytearray | memoryview) -> None:
         pos = self._pos
         end = pos + len(data)
         if end < BLOCK_SIZE:
@@ -635,6 +695,8 @@ class _TarStream:
             remaining -= got
             if self._pos == BLOCK_SIZE:
                 self._flush_block()
+        if self._layout is not None:
+            self._layout.file(member, size - remaining)
         return size - remaining
 
     def staging(self, offset: int, size: int) -> memoryview | None:
@@ -648,8 +710,11 @@ class _TarStream:
             return None
         return self._view[start : start + size]
 
-    def commit(self, header: bytes, size: int) -> None:
-        """Put ``header`` in front of the ``size`` bytes staged right after it, and pad."""
+    def commit(self, header: bytes, size: int, member: bytes) -> None:
+        """Put ``header`` in front of the ``size`` bytes of ``member`` staged after it, and pad."""
+        if self._layout is not None:
+            self._layout.literal(header)
+            self._layout.file(member, size)
         pos = self._pos
         self._block[pos : pos + len(header)] = header
         self._pos = pos + len(header) + size
@@ -698,6 +763,7 @@ class _TarStream:
             self._drain_diff()
         if self._recording is not None:
             self._recording.uncompressed += len(block)
+            self._recording.layout.block(block)
         chunks = compressor.compress(block)  # empty unless chunked: members use the output
         # The compressor may still hold ``block``: start a fresh buffer.
         self._block = bytearray(BLOCK_SIZE)
@@ -920,9 +986,9 @@ def pack_store_paths(
                 key = keys[index]
                 with cache.get(key) as found:
                     if found is not None:
-                        tar.put_cached(found)
+                        tar.put_cached(found, full)
                         continue
-                recording = _Recording(cache.writer(key))
+                recording = _Recording(cache.writer(key), LayoutRecorder(member))
             tar.begin(recording)
             _pack_tree(tar, member, full, kind, _SameContent(_SMALL_FILE))
             tar.end()
@@ -1174,10 +1240,10 @@ def _pack_whole(
     if first is not None:
         tar.put(tar.headers(member, mode, 0, _LNKTYPE, linkname=first))
     elif staged is not None:
-        tar.commit(header, size)
+        tar.commit(header, size, member)
     else:
         tar.put(header)
-        tar.put(data)
+        tar.put_file(data, member)
         tar.pad(size)
 
 

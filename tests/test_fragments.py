@@ -296,3 +296,113 @@ def test_fragments_inflated_inline_give_the_same_layer(
             again = (packed, out.getvalue())
         assert cache.hits == len(PATHS)
     assert again == expected
+
+
+def _no_inflating(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any decompression of a cached fragment fail the test."""
+
+    def refuse(_spec: object) -> None:
+        raise AssertionError("a cached fragment was decompressed")
+
+    monkeypatch.setattr(archive, "_decompressor", refuse)
+    monkeypatch.setattr(archive, "_inflate_whole", refuse)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_regrouped_layers_rebuild_the_tar_from_the_store_not_by_decompressing(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: ArchiveOptions
+) -> None:
+    """With every fragment cached, the diff_id comes from the store re-read by each fragment's
+    layout (nothing is decompressed), and the layer is the one packed without a cache."""
+    expected = [pack(store, [PATHS[0], PATHS[3]], options), pack(store, PATHS[1:3], options)]
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS, options, cache)
+        _no_inflating(monkeypatch)
+        regrouped = [pack(store, [PATHS[0], PATHS[3]], options, cache),
+                     pack(store, PATHS[1:3], options, cache)]
+        assert cache.hits == len(PATHS)
+    assert regrouped == expected
+
+
+@pytest.mark.parametrize("change", ["first-block", "last-block", "shorter", "removed"])
+def test_store_changed_since_its_fragment_was_cached_still_gives_the_shipped_diff_id(
+    store: Path, tmp_path: Path, change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file that differs from the one compressed into a cached fragment never reaches the
+    diff_id: from the first block that differs the fragment is decompressed instead, so the
+    diff_id is that of the tar inside the blob shipped (the cached one)."""
+    root = tmp_path / "root"
+    shutil.copytree(store, root, symlinks=True)
+    options = ArchiveOptions()
+    expected = pack(root, PATHS, options)
+    big = root / PATHS[3].lstrip("/") / "data.bin"  # 1.6 MB: the fragment spans two blocks
+    data = bytearray(big.read_bytes())
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(root, PATHS, options, cache)
+        big.chmod(0o644)
+        if change == "removed":
+            big.unlink()
+        elif change == "shorter":
+            big.write_bytes(bytes(data[:-1]))
+        else:
+            data[10 if change == "first-block" else len(data) - 10] ^= 0xFF
+            big.write_bytes(bytes(data))  # same size
+        again = pack(root, PATHS, options, cache)
+        assert cache.hits == len(PATHS)
+    assert again == expected
+    messages = [record.getMessage() for record in caplog.records]
+    differs = [message for message in messages if "differs from its cached" in message]
+    assert len(differs) == 1  # only the changed store path, from the block that changed
+    if change != "removed":
+        assert f"from byte {0 if change == 'first-block' else 1 << 20} on" in differs[0]
+    assert again[0].diff_id == "sha256:" + hashlib.sha256(gzip.decompress(again[1])).hexdigest()
+
+
+def test_damaged_layout_falls_back_to_decompressing(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fragment whose recorded layout is unreadable is decompressed: the same layer."""
+    options = ArchiveOptions()
+    expected = pack(store, PATHS, options)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS, options, cache)
+        for key in list(cache._cache.iterkeys()):
+            value, tag = cache._cache.get(key, read=True, tag=True)
+            assert isinstance(tag, bytes)  # every fragment packed here has a layout
+            head, _, layout = tag.partition(b"\n")
+            damaged = layout[:-4] + bytes(4)
+            if isinstance(value, bytes):
+                data = value
+            else:
+                with value:
+                    data = value.read()
+            cache._cache.set(key, data, tag=head + b"\n" + damaged)
+        assert pack(store, PATHS, options, cache) == expected
+        assert cache.hits == len(PATHS)
+
+
+def test_layout_round_trips_and_refuses_paths_outside_the_store_path() -> None:
+    """A recorded layout decodes to the same segments, sizes and block CRCs; one naming a path
+    that climbs out of its store path is refused (None: decompress instead)."""
+    from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder
+
+    recorder = LayoutRecorder(b"nix/store/x-a")
+    recorder.literal(b"H" * 512)
+    recorder.file(b"nix/store/x-a/bin/tool", 700)
+    recorder.literal(b"\0" * 324)
+    recorder.file(b"nix/store/x-a/empty", 0)  # an empty file: header only, no segment
+    recorder.block(b"anything")
+    raw = recorder.encode()
+    assert raw is not None
+    layout = FragmentLayout.decode(raw)
+    assert layout is not None
+    assert layout.segments == ((512, b"/bin/tool", 700), (324, b"", 0))
+    assert layout.size == 512 + 700 + 324
+    assert layout.crcs == (zlib.crc32(b"anything"),)
+    climbing = LayoutRecorder(b"nix/store/x-a")
+    climbing.file(b"nix/store/x-a/../y-b/secret", 10)
+    climbing.block(b"x")
+    escaped = climbing.encode()
+    assert escaped is not None
+    assert FragmentLayout.decode(escaped) is None
+    assert FragmentLayout.decode(b"not a layout") is None

@@ -1,0 +1,246 @@
+"""A fragment's uncompressed bytes, rebuilt from the store instead of decompressed.
+
+A layer assembled from cached fragments (:mod:`nixery_core.fragments`)
+still needs its ``diff_id``: the sha256 of the whole uncompressed tar.  The
+compressed bytes are copied, but the tar bytes must be produced again.  A
+fragment's tar is its members' header blocks and padding (*literal* bytes)
+around the contents of its regular files, so when a fragment is packed its
+*layout* is recorded next to it: the literal bytes, and for each file its
+path below the store path and its size, in order, plus the CRC-32 of every
+1 MiB block of the fragment's uncompressed bytes (blocks counted from the
+fragment's start, the cut the packer compresses at).
+
+:func:`rebuild` makes the bytes again: literal bytes copied, files read from
+the store (page cache, for a store path packed recently), each block
+checked against its recorded CRC-32 *before* it is handed on.  The first
+block that differs (a file changed or vanished, a damaged layout) stops it:
+the caller inflates the fragment from there on.  So the ``diff_id`` only
+ever covers bytes that match, block for block, the tar that was
+compressed into the fragment being shipped.
+
+Why rebuild rather than inflate (measured in docs/performance.md): ISA-L
+inflates about 1 GB/s of output per core; rebuilding is a ``memcpy`` from
+the page cache plus an ``open``/``readv``/``close`` per file and a CRC-32
+(ISA-L's, about 10 GB/s), a half to a quarter of the CPU time.
+
+A layout is a few hundred bytes per file before compression (the header
+blocks), zlib-compressed (level 1) to a tenth of that; a store path whose
+headers come to more than :data:`MAX_LITERALS` bytes gets none (it is
+inflated).  Format ``NXL1``: header ``<4sIIQ`` (magic, segments, blocks,
+literal bytes), then per segment ``<IIQ`` (literal bytes before the file,
+length of its path, its size; size 0: no file), then the block CRC-32s
+(``<I`` each), the paths, and the literal bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Callable
+
+import attrs
+
+from nixery_core.compression import BLOCK_SIZE
+
+__all__ = ["MAX_LITERALS", "FragmentLayout", "LayoutRecorder", "rebuild"]
+
+try:  # ISA-L's CRC-32 is about ten times zlib's, with the same values
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is a required dependency
+    _crc32 = zlib.crc32
+
+#: A store path whose literal bytes (headers, padding) exceed this gets no layout.
+MAX_LITERALS = 16 << 20
+_MAGIC = b"NXL1"
+_HEAD = struct.Struct("<4sIIQ")
+_SEGMENT = struct.Struct("<IIQ")
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class LayoutRecorder:
+    """Records a fragment's layout while it is packed (see the module docstring).
+
+    ``top`` is the store path's member name (``nix/store/<name>``); file
+    paths are kept relative to it.
+    """
+
+    def __init__(self, top: bytes) -> None:
+        self._cut = len(top)
+        self._literals = bytearray()
+        self._segments: list[tuple[int, bytes, int]] = []
+        self._run = 0
+        self._crcs: list[int] = []
+
+    def literal(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes of the tar that are not file content (headers, padding)."""
+        self._literals += data
+        self._run += len(data)
+
+    def file(self, member: bytes, size: int) -> None:
+        """``size`` bytes of the file ``member`` (a member name under the store path)."""
+        if size:
+            self._segments.append((self._run, member[self._cut :], size))
+            self._run = 0
+
+    def block(self, data: bytes | bytearray | memoryview) -> None:
+        """The fragment's next block of uncompressed bytes, as compressed."""
+        self._crcs.append(_crc32(data))
+
+    def encode(self) -> bytes | None:
+        """The layout, compressed; ``None`` when it is too large to be worth keeping."""
+        if len(self._literals) > MAX_LITERALS:
+            return None
+        segments = [*self._segments, (self._run, b"", 0)]
+        head = _HEAD.pack(_MAGIC, len(segments), len(self._crcs), len(self._literals))
+        parts: list[bytes | bytearray] = [head]
+        parts.extend(_SEGMENT.pack(run, len(path), size) for run, path, size in segments)
+        parts.append(struct.pack(f"<{len(self._crcs)}I", *self._crcs))
+        parts.extend(path for _run, path, _size in segments)
+        parts.append(self._literals)
+        return zlib.compress(b"".join(parts), 1)
+
+
+@attrs.frozen
+class FragmentLayout:
+    """A decoded layout: segments (literal bytes before, path, size), block CRCs, literals."""
+
+    segments: tuple[tuple[int, bytes, int], ...]
+    crcs: tuple[int, ...]
+    literals: bytes
+
+    @property
+    def size(self) -> int:
+        """The fragment's uncompressed size."""
+        return len(self.literals) + sum(size for _run, _path, size in self.segments)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> FragmentLayout | None:
+        """The layout in ``raw``, or ``None`` when it is not a well-formed one."""
+        try:
+            data = zlib.decompress(raw)
+            magic, count, blocks, literal_size = _HEAD.unpack_from(data)
+            if magic != _MAGIC:
+                return None
+            offset = _HEAD.size
+            table = list(_SEGMENT.iter_unpack(data[offset : offset + count * _SEGMENT.size]))
+            offset += count * _SEGMENT.size
+            crcs = struct.unpack_from(f"<{blocks}I", data, offset)
+            offset += 4 * blocks
+        except (zlib.error, struct.error, ValueError):
+            return None
+        segments = []
+        for run, length, size in table:
+            path = data[offset : offset + length]
+            offset += length
+            if len(path) != length or (path and not path.startswith(b"/")) or b"/.." in path:
+                return None  # only ever a path below the store path
+            segments.append((run, path, size))
+        literals = data[offset:]
+        if (
+            len(table) != count
+            or len(literals) != literal_size
+            or sum(run for run, _path, _size in segments) != literal_size
+        ):
+            return None
+        layout = cls(tuple(segments), crcs, literals)
+        if -(-layout.size // BLOCK_SIZE) != blocks:
+            return None
+        return layout
+
+
+def rebuild(source: bytes, layout: FragmentLayout, emit: Callable[[bytearray], None]) -> int:
+    """Feed ``emit`` the fragment's uncompressed bytes rebuilt from ``source``, block by block.
+
+    ``source`` is the store path as read when the fragment was packed.  Each
+    block is checked against its recorded CRC-32 before ``emit`` gets it
+    (and ``emit`` keeps it: a new buffer follows).  Returns how many bytes
+    were fed: all of them, or those before the first block that differs or
+    a file that cannot be read, where the caller takes over.
+    """
+    blocks = _Blocks(layout.crcs, emit)
+    literals = memoryview(layout.literals)
+    taken = 0
+    try:
+        for run, path, size in layout.segments:
+            if run:
+                blocks.copy(literals[taken : taken + run])
+                taken += run
+            if size:
+                blocks.read(source + path, size)
+        blocks.close()
+    except _Differs:
+        pass
+    return blocks.fed
+
+
+class _Differs(Exception):
+    """The bytes being rebuilt differ from those packed (or cannot be read)."""
+
+
+class _Blocks:
+    """Fills 1 MiB blocks, checks each against its CRC-32 and hands it on."""
+
+    def __init__(self, crcs: tuple[int, ...], emit: Callable[[bytearray], None]) -> None:
+        self._crcs = crcs
+        self._emit = emit
+        self._block = bytearray(BLOCK_SIZE)
+        self._view = memoryview(self._block)
+        self._pos = 0
+        self._index = 0
+        #: Bytes handed on so far.
+        self.fed = 0
+
+    def copy(self, data: memoryview) -> None:
+        while data:
+            take = min(len(data), BLOCK_SIZE - self._pos)
+            self._view[self._pos : self._pos + take] = data[:take]
+            self._pos += take
+            data = data[take:]
+            if self._pos == BLOCK_SIZE:
+                self._full()
+
+    def read(self, path: bytes, size: int) -> None:
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError as exc:
+            raise _Differs from exc
+        try:
+            while size:
+                pos = self._pos
+                want = min(size, BLOCK_SIZE - pos)
+                got = os.readv(fd, (self._view[pos : pos + want],))
+                if not got:
+                    raise _Differs  # shorter than when packed
+                self._pos = pos + got
+                size -= got
+                if self._pos == BLOCK_SIZE:
+                    self._full()
+        except OSError as exc:
+            raise _Differs from exc
+        finally:
+            os.close(fd)
+
+    def _full(self) -> None:
+        if _crc32(self._view) != self._crcs[self._index]:
+            raise _Differs
+        self._emit(self._block)
+        self._index += 1
+        self.fed += BLOCK_SIZE
+        self._block = bytearray(BLOCK_SIZE)
+        self._view = memoryview(self._block)
+        self._pos = 0
+
+    def close(self) -> None:
+        """Check and hand on the last, partial block."""
+        pos = self._pos
+        if not pos:
+            return
+        if _crc32(self._view[:pos]) != self._crcs[self._index]:
+            raise _Differs
+        self._view.release()
+        del self._block[pos:]
+        self._emit(self._block)
+        self._index += 1
+        self.fed += pos
+        self._pos = 0
