@@ -24,6 +24,16 @@ For one key (an image's manifest key, or one layer's key):
   took over a lease remembers its holder as gone and takes over that
   holder's other leases (the layers it was packing) at once, so a killed
   image build costs its waiters one ``ttl``, not one per lease.
+* a waiter that can see the holder has **died** takes over at once, with
+  the same conditional replace.  Each lease body names its holder's
+  process (:class:`~nixery_core.liveness.ProcessId`: host, pid, start
+  time); a waiter on the same host, in the same pid namespace, whose
+  :class:`~nixery_core.protocols.ProcessProbe` finds that process gone
+  (no such pid, a different start time, a zombie) does not wait for the
+  ttl.  A holder in *this* process whose hold ended without a release (the
+  store failed at the delete) is found the same way: the process keeps
+  the set of leases its flights hold.  A holder on another host, and a
+  lease written before bodies named processes, keep the ttl rule.
 
 The lease is an optimisation, never a correctness requirement: blobs are
 content-addressed and entries identical, so a host that cannot reach the
@@ -34,6 +44,7 @@ its lease to a takeover (it stalled for ``ttl``) finishes harmlessly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -41,13 +52,15 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import attrs
 
 from nixery_core.errors import StorageError
-from nixery_core.protocols import SupportsLeases
+from nixery_core.liveness import ProcessId, ProcfsProbe
+from nixery_core.protocols import ProcessProbe, SupportsLeases
 
 __all__ = ["FleetFlight", "FleetStats", "LeasePolicy"]
 
@@ -89,11 +102,14 @@ class FleetStats:
     that found another host's lease and waited; ``served_by_others``: of
     those, the ones another host's entry answered; ``lost``: leases taken
     over from this host while it still built; ``errors``: lease operations
-    that failed (the build then went ahead without a lease).
+    that failed (the build then went ahead without a lease);
+    ``dead_holders``: of ``taken_over``, the leases taken at once because
+    their holder's process was seen to have ended on this host.
     """
 
     acquired: int = 0
     taken_over: int = 0
+    dead_holders: int = 0
     waited: int = 0
     served_by_others: int = 0
     lost: int = 0
@@ -127,6 +143,38 @@ def _default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
+class _HeldHere:
+    """The leases flights in this process hold: ``(name, holder)`` pairs, counted.
+
+    A pair is added just before the create or replace that may win the
+    lease and dropped when that write lost or the hold ended, so a lease
+    body naming this process and a pair not in here is an orphan: its
+    holder's release failed.  One per process (:data:`_HELD_HERE`): every
+    flight in the process must see every other's holds.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pairs: Counter[tuple[str, str]] = Counter()
+
+    def add(self, name: str, holder: str) -> None:
+        with self._lock:
+            self._pairs[name, holder] += 1
+
+    def drop(self, name: str, holder: str) -> None:
+        with self._lock:
+            self._pairs[name, holder] -= 1
+            if self._pairs[name, holder] <= 0:
+                del self._pairs[name, holder]
+
+    def holds(self, name: str, holder: str) -> bool:
+        with self._lock:
+            return self._pairs[name, holder] > 0
+
+
+_HELD_HERE = _HeldHere()
+
+
 @attrs.define
 class _Held:
     """A lease this host holds, and the thread renewing it."""
@@ -142,13 +190,17 @@ class FleetFlight:
     """Runs builds under fleet leases (see the module docs); one per cache.
 
     ``clock`` is monotonic seconds and ``sleep`` waits, both injectable;
-    ``holder`` names this process in lease bodies (diagnostics only).
+    ``holder`` names this flight in lease bodies (unique per flight);
+    ``probe`` names this process in lease bodies and tells whether another
+    holder's process has ended (``/proc`` by default; where it cannot tell,
+    the ttl rule alone applies).
     """
 
     policy: LeasePolicy = attrs.Factory(LeasePolicy)
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     holder: str = attrs.Factory(_default_holder)
+    probe: ProcessProbe = attrs.Factory(ProcfsProbe)
     _tally: _Tally = attrs.field(init=False, factory=_Tally)
     _seq: int = attrs.field(init=False, default=0)
     _seq_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
@@ -165,10 +217,25 @@ class FleetFlight:
         with self._seq_lock:
             self._seq += 1
             seq = self._seq
-        return json.dumps(
-            {"holder": self.holder, "seq": seq, "ttl": self.policy.ttl, "written": time.time()},
-            sort_keys=True,
-        ).encode()
+        fields: dict[str, object] = {
+            "holder": self.holder, "seq": seq, "ttl": self.policy.ttl, "written": time.time(),
+        }
+        process = self.probe.this_process()
+        if process is not None:
+            fields["process"] = process.to_json()
+        return json.dumps(fields, sort_keys=True).encode()
+
+    def _dead(self, name: str, body: bytes) -> ProcessId | None:
+        """The holder's process when this host sees it has ended (or orphaned the lease)."""
+        fields = _fields(body)
+        process = ProcessId.from_json(fields.get("process"))
+        holder = fields.get("holder")
+        if process is None or not isinstance(holder, str):
+            return None
+        if process == self.probe.this_process():
+            # This process holds it, or held it and could not release it.
+            return None if _HELD_HERE.holds(name, holder) else process
+        return process if self.probe.gone(process) else None
 
     def _ttl_of(self, body: bytes) -> float:
         """The holder's ttl from its lease body (ours when unreadable); 0 for a gone holder."""
@@ -210,11 +277,14 @@ class FleetFlight:
             return build()
         if not isinstance(held, _Held):
             return held
-        with self._renewing(store, held):
-            found = ready()
-            if found is not None:
-                return found
-            return build()
+        try:
+            with self._renewing(store, held):
+                found = ready()
+                if found is not None:
+                    return found
+                return build()
+        finally:
+            _HELD_HERE.drop(name, self.holder)
 
     def _acquire_or_wait(
         self, store: SupportsLeases, name: str, ready: Callable[[], T | None]
@@ -225,7 +295,7 @@ class FleetFlight:
         waited = False
         vanished = 0
         while True:
-            generation = store.create_lease(name, self._body())
+            generation = self._claim(name, lambda: store.create_lease(name, self._body()))
             if generation is not None:
                 self._tally.add("acquired")
                 return _Held(name, generation)
@@ -238,10 +308,18 @@ class FleetFlight:
             now = self.clock()
             if generation != seen:
                 seen, seen_since = generation, now
-            if now - seen_since >= self._ttl_of(body):
-                taken = store.replace_lease(name, self._body(), generation)
+            dead = self._dead(name, body) if current is not None else None
+            if dead is not None or now - seen_since >= self._ttl_of(body):
+                taken = self._claim(
+                    name, functools.partial(store.replace_lease, name, self._body(), generation)
+                )
                 if taken is not None:
-                    log.warning("lease %s expired (holder gone); taking it over", name)
+                    if dead is not None:
+                        log.warning("lease %s: its holder, pid %d on this host, has ended; "
+                                    "taking it over", name, dead.pid)
+                        self._tally.add("dead_holders")
+                    else:
+                        log.warning("lease %s expired (holder gone); taking it over", name)
                     self._mark_gone(body)
                     self._tally.add("taken_over")
                     return _Held(name, taken)
@@ -255,6 +333,22 @@ class FleetFlight:
             if found is not None:
                 self._tally.add("served_by_others")
                 return found
+
+    def _claim(self, name: str, write: Callable[[], str | None]) -> str | None:
+        """``write()`` (a create or replace of lease ``name``) with this flight's hold recorded.
+
+        The hold is recorded first, so no flight in this process ever sees
+        this flight's fresh lease unrecorded; it stays recorded when the
+        write won (until :meth:`run` ends the hold), else it is dropped.
+        """
+        _HELD_HERE.add(name, self.holder)
+        won: str | None = None
+        try:
+            won = write()
+        finally:
+            if won is None:
+                _HELD_HERE.drop(name, self.holder)
+        return won
 
     @contextlib.contextmanager
     def _renewing(self, store: SupportsLeases, held: _Held) -> Iterator[None]:

@@ -14,6 +14,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 import attrs
 
 from nixery_core.graph import RuntimeGraph
+from nixery_core.liveness import ProcessId
 
 __all__ = [
     "BlobInfo",
@@ -23,6 +24,7 @@ __all__ = [
     "LayerGroup",
     "LayeringStrategy",
     "LogCallback",
+    "ProcessProbe",
     "ReadableStore",
     "RunResult",
     "Runner",
@@ -333,6 +335,29 @@ class SupportsLeases(Protocol):
 
     def delete_lease(self, name: str, generation: str) -> bool:
         """Delete the lease if still at ``generation``; whether it was deleted."""
+        ...
+
+
+@runtime_checkable
+class ProcessProbe(Protocol):
+    """Names this process, and tells whether another one has ended where this host can.
+
+    It promises: :meth:`this_process` names the calling process the same
+    way on every call (``None`` where the platform cannot name it);
+    :meth:`gone` is ``True`` only when the process has certainly ended (it
+    ran on this host, in this pid namespace, and no live process has its
+    pid and start time), and ``False`` for a process elsewhere or one it
+    cannot look up.  :mod:`nixery_core.lease` takes a dead holder's lease
+    over at once with it; :class:`~nixery_core.liveness.ProcfsProbe` is the
+    real one.
+    """
+
+    def this_process(self) -> ProcessId | None:
+        """This process, or ``None`` where it cannot be named."""
+        ...
+
+    def gone(self, process: ProcessId) -> bool:
+        """Whether ``process`` has certainly ended."""
         ...
 
 
