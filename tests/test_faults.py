@@ -477,6 +477,9 @@ def test_storage_server_gone_in_metadata_or_entry_write_then_back(
     assert stored  # some layers made it before the fault
     with BuildCache(cache_dir) as cache:
         retry = build("shell/hello", runner, root, store, cache, max_workers=1)
+    # The lease the failed build could not release: this process's orphan, taken at once.
+    assert cache.fleet is not None
+    assert cache.fleet.stats.taken_over == cache.fleet.stats.dead_holders >= 1
     assert not retry.from_cache
     assert retry.manifest_digest == clean_digest(tmp_path / "clean", "shell/hello", packages)
     if point in ("manifest", "manifest entry"):  # every layer was stored and recorded
@@ -578,10 +581,13 @@ def worker_main(args: Sequence[str]) -> None:
     uploader: Any = _PausingStore(store, point, marker) if point != "nix" else store
     with BuildCache(cache_dir) as cache:
         result = build("bulky", runner, root, uploader, cache, max_workers=1)
+    assert cache.fleet is not None
     print(json.dumps({
         "digest": result.manifest_digest,
         "resolves": fake.count("resolve"),
         "reused": [layer.reused for layer in result.layers],
+        "taken_over": cache.fleet.stats.taken_over,
+        "dead_holders": cache.fleet.stats.dead_holders,
     }))
 
 
@@ -669,6 +675,8 @@ def test_build_process_killed_mid_way(tmp_path: Path, point: str) -> None:
     answer = json.loads(out)
     assert answer["digest"] == clean_digest(tmp_path / "clean", "bulky", bulky(256 << 10))
     assert answer["resolves"] == 1
+    # The victim's leases in the store: taken over at once, its process being gone.
+    assert answer["taken_over"] == answer["dead_holders"] >= 1
     if point == "metadata":
         assert all(answer["reused"])
     assert_no_partial_state(FilesystemStore(tmp_path / "store"), tmp_path / "cache", built=True)

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
+from conftest import require_tools
 from servers import FakeGcsServer, fake_gcs
 
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
 from nixery_core.errors import InvalidInput, StorageUnavailable
 from nixery_core.lease import FleetFlight, LeasePolicy
+from nixery_core.liveness import ProcessId
 from nixery_core.names import Image
 from nixery_core.protocols import SupportsLeases
+from nixery_core.runner import tied_to_caller
 from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.storage.gcs import GcsStore
 from nixery_core.testing.runners import FakeNix, default_fake_packages
@@ -321,3 +331,260 @@ def test_a_gone_holders_other_leases_are_taken_over_at_once() -> None:
     assert flight.run(store, "image", lambda: None, build_image_then_layer) == "image"
     assert flight.stats.taken_over == 2
     assert store.lease_names() == ()
+
+
+# --- a holder that has ended, seen from the same host ------------------------------
+
+
+@attrs.define
+class FakeProbe:
+    """A ProcessProbe with a fixed name for this process and a set of ended processes."""
+
+    me: ProcessId = attrs.Factory(lambda: ProcessId("node-a boot:1 pid:[1] time:[1]", 100, 5000))
+    ended: set[ProcessId] = attrs.Factory(set)
+
+    def this_process(self) -> ProcessId | None:
+        return self.me
+
+    def gone(self, process: ProcessId) -> bool:
+        return process in self.ended
+
+
+def _lease_body(process: ProcessId | None, ttl: float = 10, holder: str = "h-1") -> bytes:
+    fields: dict[str, object] = {"holder": holder, "ttl": ttl}
+    if process is not None:
+        fields["process"] = process.to_json()
+    return json.dumps(fields).encode()
+
+
+def _build_time(flight: FleetFlight, clock: FakeClock, store: MemoryStore | FilesystemStore,
+                name: str = "img") -> float:
+    """Run a flight whose entry never appears; the fake time at which it built."""
+    built: list[float] = []
+    flight.run(store, name, lambda: None, lambda: built.append(clock.now))
+    assert len(built) == 1
+    return built[0]
+
+
+@pytest.mark.parametrize("ended", [True, False])
+def test_a_holder_on_this_host_is_taken_over_at_once_only_when_it_ended(ended: bool) -> None:
+    """A same-host holder whose process ended costs no ttl; a running one keeps the ttl rule."""
+    probe = FakeProbe()
+    holder = ProcessId(probe.me.host, 200, 6000)
+    if ended:
+        probe.ended.add(holder)
+    store = MemoryStore()
+    assert store.create_lease("img", _lease_body(holder)) is not None
+    clock = FakeClock()
+    flight = FleetFlight(LeasePolicy(ttl=10, poll_min=0.5, poll_max=2), clock=clock,
+                         sleep=clock.sleep, probe=probe)
+    took = _build_time(flight, clock, store)
+    if ended:
+        assert took == 0
+        assert clock.sleeps == []
+    else:
+        assert 10 <= took <= 12
+    assert flight.stats.taken_over == 1
+    assert flight.stats.dead_holders == (1 if ended else 0)
+    assert store.lease_names() == ()
+
+
+def test_lease_bodies_name_the_holders_process() -> None:
+    """The lease a flight writes names its process, which is how others judge it."""
+    probe = FakeProbe()
+    store = MemoryStore()
+    seen: list[bytes] = []
+
+    def build() -> str:
+        current = store.read_lease("img")
+        assert current is not None
+        seen.append(current[0])
+        return "built"
+
+    FleetFlight(probe=probe).run(store, "img", lambda: None, build)
+    assert ProcessId.from_json(json.loads(seen[0])["process"]) == probe.me
+
+
+class _ReleaseFails(MemoryStore):
+    def delete_lease(self, name: str, generation: str) -> bool:
+        raise StorageUnavailable("storage gone while releasing", name)
+
+
+def test_a_lease_this_process_failed_to_release_is_taken_over_at_once() -> None:
+    """An orphan of this very process (its release failed) costs no ttl, to any flight here."""
+    store = _ReleaseFails()
+    clock = FakeClock()
+    policy = LeasePolicy(ttl=10, poll_min=0.5, poll_max=2)
+    first = FleetFlight(policy, clock=clock, sleep=clock.sleep, probe=FakeProbe())
+    assert _build_time(first, clock, store) == 0  # created; its release fails
+    assert store.lease_names() == ("img",)
+    assert _build_time(first, clock, store) == 0  # the same flight again
+    other = FleetFlight(policy, clock=clock, sleep=clock.sleep, probe=FakeProbe())
+    assert _build_time(other, clock, store) == 0  # a new flight (a new BuildCache) here
+    assert (first.stats.dead_holders, other.stats.dead_holders) == (1, 1)
+    assert clock.sleeps == []
+
+
+def test_a_lease_another_flight_here_holds_is_not_taken_over_early() -> None:
+    """A lease held by a live flight of this same process keeps the ttl rule for the others."""
+    store = MemoryStore()
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> str:
+        holding.set()
+        done.wait(30)
+        return "built"
+
+    holder = FleetFlight(LeasePolicy(ttl=60), probe=FakeProbe())
+    clock = FakeClock()
+    waiter = FleetFlight(LeasePolicy(ttl=60, poll_min=1, poll_max=4), clock=clock,
+                         sleep=clock.sleep, probe=FakeProbe())
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(holder.run, store, "img", lambda: None, hold)
+        assert holding.wait(10)
+        try:
+            answer = waiter.run(store, "img", lambda: "theirs" if clock.now >= 20 else None,
+                                lambda: "built twice")
+        finally:
+            done.set()
+        assert held.result() == "built"
+    assert answer == "theirs"
+    assert waiter.stats.taken_over == 0
+
+
+# --- the same, with real processes ---------------------------------------------------
+
+_HOLDER = r"""
+import json, sys, time
+from pathlib import Path
+from nixery_core.lease import FleetFlight, LeasePolicy
+from nixery_core.liveness import ProcfsProbe
+from nixery_core.storage.filesystem import FilesystemStore
+
+store, mode = FilesystemStore(Path(sys.argv[1]), durable=False), sys.argv[2]
+if mode == "flight":  # a real holder: renews its lease while it "builds"
+    def build():
+        print("holding", flush=True)
+        time.sleep(3600)
+    FleetFlight(LeasePolicy(ttl=60)).run(store, "img", lambda: None, build)
+else:  # a lease naming this process, never renewed (mode "still") or left at once ("exit")
+    me = ProcfsProbe().this_process()
+    body = {"holder": "holder-process", "ttl": 5, "process": me and me.to_json()}
+    assert store.create_lease("img", json.dumps(body).encode())
+    print(json.dumps(body["process"]), flush=True)
+    if mode == "still":
+        time.sleep(3600)
+"""
+
+
+@pytest.fixture
+def holders() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts lease-holder processes; kills any still running at teardown."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(bucket: Path, mode: str, *, prefix: Sequence[str] = ()) -> subprocess.Popen[str]:
+        argv = [*prefix, sys.executable, "-c", _HOLDER, str(bucket), mode]
+        proc = subprocess.Popen(tied_to_caller(argv), stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+@linux_only
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_a_holder_killed_with_sigkill_is_taken_over_well_before_the_ttl(
+    tmp_path: Path, holders: Callable[..., subprocess.Popen[str]], reaped: bool
+) -> None:
+    """A real holder SIGKILLed mid-build (reaped or still a zombie): taken over, no 60 s wait."""
+    store = FilesystemStore(tmp_path / "bucket", durable=False)
+    holder = holders(store.root, "flight")
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "holding"
+    holder.send_signal(signal.SIGKILL)
+    if reaped:
+        holder.wait(timeout=10)
+    flight = FleetFlight(LeasePolicy(ttl=60, poll_min=0.05, poll_max=0.5))
+    started = time.monotonic()
+    assert flight.run(store, "img", lambda: None, lambda: "built") == "built"
+    # Not a speed target: the ttl rule alone could not take over before 60 s.
+    assert time.monotonic() - started < 60
+    assert (flight.stats.taken_over, flight.stats.dead_holders) == (1, 1)
+    assert store.read_lease("img") is None
+
+
+@linux_only
+def test_a_live_holder_on_this_host_is_not_taken_over_before_the_ttl(
+    tmp_path: Path, holders: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """A running holder that stopped renewing is judged by the ttl alone, never early."""
+    store = FilesystemStore(tmp_path / "bucket", durable=False)
+    holder = holders(store.root, "still")
+    assert holder.stdout is not None
+    named = ProcessId.from_json(json.loads(holder.stdout.readline()))
+    assert named is not None
+    assert named.pid == holder.pid
+    clock = FakeClock()
+    flight = FleetFlight(LeasePolicy(ttl=60, poll_min=0.5, poll_max=1), clock=clock,
+                         sleep=clock.sleep)
+    assert 5 <= _build_time(flight, clock, store) <= 6  # the lease's own ttl, 5 s
+    assert (flight.stats.taken_over, flight.stats.dead_holders) == (1, 0)
+    assert holder.poll() is None
+
+
+@linux_only
+def test_a_dead_holder_on_another_host_waits_the_ttl(
+    tmp_path: Path, holders: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """The same ended holder is taken at once when its host is ours, after the ttl otherwise."""
+    store = FilesystemStore(tmp_path / "bucket", durable=False)
+    holder = holders(store.root, "exit")
+    out, _ = holder.communicate(timeout=30)
+    named = ProcessId.from_json(json.loads(out))
+    assert named is not None
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert f"boot:{boot}" in named.host
+    elsewhere = attrs.evolve(named, host=named.host.replace(boot, str(uuid.uuid4())))
+    policy = LeasePolicy(ttl=60, poll_min=0.5, poll_max=1)
+    clock = FakeClock()
+    here = FleetFlight(policy, clock=clock, sleep=clock.sleep)
+    assert _build_time(here, clock, store) == 0  # the holder's own lease: taken at once
+    assert here.stats.dead_holders == 1
+    assert store.create_lease("img", _lease_body(elsewhere, ttl=5)) is not None
+    clock = FakeClock()
+    there = FleetFlight(policy, clock=clock, sleep=clock.sleep)
+    assert 5 <= _build_time(there, clock, store) <= 6  # the lease's own ttl, 5 s
+    assert (there.stats.taken_over, there.stats.dead_holders) == (1, 0)
+
+
+@linux_only
+def test_a_live_holder_in_another_pid_namespace_waits_the_ttl(
+    tmp_path: Path, holders: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """A holder in another container (pid namespace) is never judged by our pids."""
+    require_tools("unshare")
+    probe = subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"], check=False,
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a pid namespace here: {probe.stderr.decode().strip()}")
+    store = FilesystemStore(tmp_path / "bucket", durable=False)
+    # --kill-child: the holder dies with unshare (which the fixture kills at teardown).
+    holder = holders(store.root, "still",
+                     prefix=["unshare", "-Urpf", "--mount-proc", "--kill-child"])
+    assert holder.stdout is not None
+    named = ProcessId.from_json(json.loads(holder.stdout.readline()))
+    assert named is not None
+    assert named.pid == 1  # its own namespace's first process: pid 1 here is another process
+    clock = FakeClock()
+    flight = FleetFlight(LeasePolicy(ttl=60, poll_min=0.5, poll_max=1), clock=clock,
+                         sleep=clock.sleep)
+    assert 5 <= _build_time(flight, clock, store) <= 6
+    assert flight.stats.dead_holders == 0

@@ -145,6 +145,9 @@ def test_storage_server_gone_mid_build_then_back(gcs: FakeGcsServer, tmp_path: P
     with BuildCache(tmp_path / "cache") as cache:
         result = build_image(image, source, uploader=store, cache=cache,
                              nix_options={"substituters": ""})
+    # The lease the failed build could not release: this process's orphan, taken at once.
+    assert cache.fleet is not None
+    assert cache.fleet.stats.taken_over == cache.fleet.stats.dead_holders >= 1
     assert all(store.has_blob(d) for d in result.blobs)
     assert any(layer.reused for layer in result.layers)  # layers committed before the fault
 
@@ -160,13 +163,14 @@ from google.cloud import storage
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
 from nixery_core.lease import FleetFlight, LeasePolicy
+from nixery_core.liveness import ProcfsProbe
 from nixery_core.names import Image
 from nixery_core.runner import SubprocessRunner
 from nixery_core.sources import LocalPathSource
 from nixery_core.storage.gcs import GcsStore
 from nixery_core.testing.runners import RecordingRunner
 
-url, bucket, cache_dir, offline, ttl, stall = sys.argv[1:7]
+url, bucket, cache_dir, offline, ttl, stall, host = sys.argv[1:8]
 client = storage.Client(project="test", credentials=AnonymousCredentials(),
                         client_options=ClientOptions(api_endpoint=url))
 store = GcsStore(client.bucket(bucket))
@@ -213,7 +217,10 @@ class TakeoverTime(logging.Handler):
 logging.getLogger("nixery_core.lease").addHandler(TakeoverTime())
 recording = RecordingRunner(SubprocessRunner())
 runner = Timed(recording)
-fleet = FleetFlight(LeasePolicy(ttl=float(ttl), poll_min=0.05, poll_max=0.5))
+# Each instance names its host: instances given different names act as separate machines
+# (none looks another's process up, so a dead holder costs the others its ttl).
+fleet = FleetFlight(LeasePolicy(ttl=float(ttl), poll_min=0.05, poll_max=0.5),
+                    probe=ProcfsProbe(hostname=lambda: host))
 with BuildCache(Path(cache_dir), fleet=fleet) as cache:
     result = build_image(Image.from_name("shell/hello"), LocalPathSource(offline),
                          runner=runner, uploader=Stalling(store) if stall == "yes" else store,
@@ -226,6 +233,7 @@ print(json.dumps({
     "took_over_at": TakeoverTime.at,
     "packed": [l.digest for l in result.layers if not l.reused and not result.from_cache],
     "layers": len(result.layers), "taken_over": stats.taken_over, "waited": stats.waited,
+    "dead_holders": stats.dead_holders,
     "acquired": stats.acquired}))
 """
 
@@ -239,11 +247,11 @@ def spawn(gcs: FakeGcsServer) -> Iterator[Spawn]:
     procs: list[subprocess.Popen[str]] = []
 
     def start(
-        bucket: str, cache: Path, *, ttl: float, stall: bool = False
+        bucket: str, cache: Path, *, ttl: float, stall: bool = False, host: str = "host"
     ) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [sys.executable, "-c", _FLEET_INSTANCE, gcs.url, bucket, str(cache),
-             str(OFFLINE_SET), str(ttl), "yes" if stall else "no"],
+             str(OFFLINE_SET), str(ttl), "yes" if stall else "no", host],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         procs.append(proc)
@@ -282,7 +290,7 @@ def test_three_instances_asked_at_once_build_the_image_once(
 ) -> None:
     """Three processes, own local caches, one bucket, same new image at once: one realisation."""
     bucket = gcs.make_bucket("images")
-    procs = [spawn("images", tmp_path / f"host-{i}", ttl=30) for i in range(3)]
+    procs = [spawn("images", tmp_path / f"host-{i}", ttl=30, host=f"host-{i}") for i in range(3)]
     answers = [_answer(p) for p in procs]
     assert sum(a["realisations"] for a in answers) == 1
     assert len({a["digest"] for a in answers}) == 1
@@ -297,15 +305,15 @@ def test_three_instances_asked_at_once_build_the_image_once(
 def test_killed_holder_delays_the_others_by_at_most_the_lease_time(
     gcs: FakeGcsServer, spawn: Spawn, tmp_path: Path
 ) -> None:
-    """SIGKILL the lease holder mid-pack: a waiter takes over within the ttl and finishes."""
+    """SIGKILL the lease holder mid-pack: a waiter on another host takes over within the ttl."""
     bucket = gcs.make_bucket("images")
     ttl = 3.0
-    holder = spawn("images", tmp_path / "host-a", ttl=ttl, stall=True)
+    holder = spawn("images", tmp_path / "host-a", ttl=ttl, stall=True, host="host-a")
     assert holder.stdout is not None
     assert holder.stdout.readline().strip() == "stalled"  # it holds the image and a layer lease
     leases = [n for n in objects(bucket) if n.startswith("leases/")]
     assert len(leases) == 2
-    waiter = spawn("images", tmp_path / "host-b", ttl=ttl)
+    waiter = spawn("images", tmp_path / "host-b", ttl=ttl, host="host-b")
     threading.Event().wait(ttl)  # the waiter is polling; the holder keeps renewing meanwhile
     holder.kill()
     killed_at = time.time()
@@ -313,6 +321,7 @@ def test_killed_holder_delays_the_others_by_at_most_the_lease_time(
     answer = _answer(waiter)
     assert not answer["from_cache"]
     assert answer["taken_over"] == 2  # the image lease, then the layer lease at once
+    assert answer["dead_holders"] == 0  # another host's holder: the ttl rule
     # The bound the lease promises (ttl, one 0.5 s poll, slack for a loaded machine), not a
     # speed target: without a takeover the waiter would wait for ever.
     delay = answer["took_over_at"] - killed_at
