@@ -1,0 +1,219 @@
+"""The bucket tier of fragments: a second instance's pack with a warm bucket, against a cold one.
+
+Issue 18, "fragments are cached ... optionally in the bucket".  Builds the
+corpus of :mod:`benchmarks.bench_pack` (installed Debian packages as fake
+store paths, ``--size-mb``), starts fake-gcs-server (the real GCS JSON API
+on loopback) and plays two instances that share only the bucket:
+
+1. instance A packs the corpus as ``--layers`` round-robin layers with the
+   bucket tier on, and its uploads finish (untimed; once per bucket): one
+   bucket where fragments under 64 KiB stay local (the default), one where
+   every fragment is uploaded (``min_size=0``);
+2. instance B, with an *empty* local fragment cache each run, packs the
+   same store paths as ``--layers`` contiguous layers (another grouping),
+   timed: *cold* (no bucket tier: every path compressed, what B does
+   without it), *warm bucket* (default threshold) and *warm bucket, every
+   fragment*.
+
+Reported per row: best wall time of ``--repeats`` runs (interleaved), the
+CPU seconds of this process in that run (packing, inflating, checking,
+HTTP), the CPU seconds fake-gcs-server spent in it (from
+``/proc/<pid>/stat``), store paths compressed (local misses) and fetched.
+Every row's layer digests must equal the cold row's (checked, printed).
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.bench_fragment_bucket              # 100 MB corpus
+    .venv/bin/python -m benchmarks.bench_fragment_bucket --size-mb 40 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from servers import FakeGcsServer  # noqa: E402 - tests/ is put on the path just above
+
+from benchmarks.bench_pack import MB, build_corpus, tar_size, warm  # noqa: E402 - as above
+from nixery_core.archive import ArchiveOptions, pack_store_paths  # noqa: E402 - as above
+from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy  # noqa: E402
+from nixery_core.fragments import FragmentCache, FragmentSource  # noqa: E402 - as above
+from nixery_core.storage.gcs import GcsStore  # noqa: E402 - as above
+
+
+@attrs.frozen
+class Row:
+    name: str
+    seconds: float
+    cpu: float
+    server_cpu: float
+    compressed: int
+    fetched: int
+    digests: tuple[str, ...]
+
+
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_of(pid: int) -> float:
+    """User + system seconds of a running process (fields 14 and 15 of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_pid(server: FakeGcsServer) -> int:
+    process: Any = server._process._proc  # the emulator's Popen (setpriv execs it in place)
+    return int(process.pid)
+
+
+#: The archive options every pack uses (set from the command line).
+OPTIONS = [ArchiveOptions()]
+
+
+def pack_layers(
+    root: Path, groups: Sequence[Sequence[str]], source: FragmentSource
+) -> tuple[str, ...]:
+    """Pack each group as one layer, in parallel threads as a build does; their digests."""
+    options = OPTIONS[0]
+
+    def one(paths: Sequence[str]) -> str:
+        digest = hashlib.sha256()
+        return pack_store_paths(
+            paths, digest.update, options, store_root=root, fragments=source, threads=1
+        ).digest
+
+    with ThreadPoolExecutor(len(groups)) as pool:
+        return tuple(pool.map(one, groups))
+
+
+def fill_bucket(root: Path, work: Path, groups: Sequence[Sequence[str]], bucket: GcsStore,
+                policy: FragmentBucketPolicy) -> int:
+    """Instance A: pack ``groups`` with the bucket tier and wait for its uploads."""
+    directory = work / f"instance-a-{policy.min_size}"
+    with FragmentCache(directory) as local, BucketFragments(local, bucket, policy) as tier:
+        pack_layers(root, groups, tier)
+        tier.flush()
+        uploaded = tier.stats.uploaded
+    shutil.rmtree(directory)
+    return uploaded
+
+
+def instance_b(
+    name: str, root: Path, work: Path, groups: Sequence[Sequence[str]], *,
+    bucket: GcsStore | None, policy: FragmentBucketPolicy | None, server_pid: int,
+) -> Row:
+    """One timed pack by a fresh instance B (empty local cache)."""
+    directory = work / "instance-b"
+    shutil.rmtree(directory, ignore_errors=True)
+    local = FragmentCache(directory)
+    tier = BucketFragments(local, bucket, policy) if bucket is not None and policy else None
+    source: FragmentSource = tier if tier is not None else local
+    cpu, server = _cpu_self(), _cpu_of(server_pid)
+    start = time.perf_counter()
+    try:
+        digests = pack_layers(root, groups, source)
+        seconds = time.perf_counter() - start
+        cpu, server = _cpu_self() - cpu, _cpu_of(server_pid) - server
+        fetched = tier.stats.hits if tier is not None else 0
+        compressed = local.misses
+    finally:
+        if tier is not None:
+            tier.close()
+        local.close()
+    return Row(name, seconds, cpu, server, compressed, fetched, digests)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=100, help="corpus size (default 100)")
+    parser.add_argument("--layers", type=int, default=4, help="layers per grouping (default 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; best kept")
+    parser.add_argument("--compression", choices=["gzip", "zstd"], default="gzip")
+    parser.add_argument("--level", type=int, help="compression level (default: the backend's)")
+    parser.add_argument("--gzip-backend", choices=["auto", "zlib"], default="auto",
+                        help="auto: ISA-L (default); zlib: Python's zlib")
+    parser.add_argument("--workdir", help="keep the corpus here (default: a temp dir, removed)")
+    args = parser.parse_args(argv)
+    OPTIONS[0] = ArchiveOptions(
+        compression=args.compression, level=args.level, gzip_backend=args.gzip_backend
+    )
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-fb-"))
+    try:
+        return _run(work, args)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path, args: argparse.Namespace) -> int:
+    root = work / "corpus"
+    paths = build_corpus(root, args.size_mb)
+    n = args.layers
+    round_robin = [paths[i::n] for i in range(n)]
+    size = -(-len(paths) // n)
+    contiguous = [paths[i : i + size] for i in range(0, len(paths), size)]
+    tar_bytes = tar_size(root, paths)
+    default, every = FragmentBucketPolicy(), FragmentBucketPolicy(min_size=0)
+    with FakeGcsServer() as server:
+        pid = _server_pid(server)
+        buckets = {
+            policy.min_size: GcsStore(server.make_bucket(f"fragments-{policy.min_size}"))
+            for policy in (default, every)
+        }
+        warm(root, paths)
+        uploaded = {
+            policy.min_size: fill_bucket(root, work, round_robin, buckets[policy.min_size], policy)
+            for policy in (default, every)
+        }
+        rows: dict[str, Row] = {}
+        contenders: list[tuple[str, GcsStore | None, FragmentBucketPolicy | None]] = [
+            ("cold (no bucket tier)", None, None),
+            ("warm bucket, fragments >= 64 KiB", buckets[default.min_size], default),
+            ("warm bucket, every fragment", buckets[every.min_size], every),
+        ]
+        for _ in range(args.repeats):
+            for name, bucket, policy in contenders:
+                warm(root, paths)
+                row = instance_b(name, root, work, contiguous, bucket=bucket, policy=policy,
+                                 server_pid=pid)
+                if name not in rows or row.seconds < rows[name].seconds:
+                    rows[name] = row
+    load = os.getloadavg()[0]
+    print(
+        f"{len(paths)} store paths, {tar_bytes / MB:.0f} MB of tar, {n} layers, "
+        f"{OPTIONS[0].compressor().parameters()}; instance A "
+        f"uploaded {uploaded[default.min_size]} fragments >= 64 KiB "
+        f"({uploaded[every.min_size]} with min_size 0); best of {args.repeats}; "
+        f"load average {load:.1f}"
+    )
+    cold = rows[contenders[0][0]]
+    print(f"{'instance B packs another grouping':36} {'wall':>8} {'CPU':>8} {'server':>8} "
+          f"{'vs cold':>8} {'compressed':>11} {'fetched':>8}")
+    for name, _bucket, _policy in contenders:
+        row = rows[name]
+        print(f"{name:36} {row.seconds:7.2f}s {row.cpu:7.2f}s {row.server_cpu:7.2f}s "
+              f"{cold.seconds / row.seconds:7.2f}x {row.compressed:11d} {row.fetched:8d}")
+    same = all(row.digests == cold.digests for row in rows.values())
+    print(f"layers byte-identical to the cold pack: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
