@@ -7,7 +7,7 @@ on loopback) and plays two instances that share only the bucket:
 
 1. instance A packs the corpus as ``--layers`` round-robin layers with the
    bucket tier on, and its uploads finish (untimed; once per bucket): one
-   bucket where fragments under 64 KiB stay local (the default), one where
+   bucket where fragments under 128 KiB stay local (the default), one where
    every fragment is uploaded (``min_size=0``);
 2. instance B, with an *empty* local fragment cache each run, packs the
    same store paths as ``--layers`` contiguous layers (another grouping),
@@ -21,6 +21,14 @@ HTTP), the CPU seconds fake-gcs-server spent in it (from
 ``/proc/<pid>/stat``), store paths compressed (local misses) and fetched.
 Every row's layer digests must equal the cold row's (checked, printed).
 
+A second table prices one fragment, on one thread: 60 store paths of about
+200 KiB of word-like text each (about 110 KiB compressed), CPU milliseconds
+per path to pack it without any cache, to fetch it from the bucket into the
+local cache (three requests and the checks), to assemble it from the local
+cache afterwards, and to look up a key the bucket does not have; for ISA-L
+at its default level and zlib at level 6.  This is what ``min_size`` is
+chosen from.
+
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_fragment_bucket              # 100 MB corpus
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import random
 import resource
 import shutil
 import sys
@@ -52,7 +61,7 @@ from servers import FakeGcsServer  # noqa: E402 - tests/ is put on the path just
 from benchmarks.bench_pack import MB, build_corpus, tar_size, warm  # noqa: E402 - as above
 from nixery_core.archive import ArchiveOptions, pack_store_paths  # noqa: E402 - as above
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy  # noqa: E402
-from nixery_core.fragments import FragmentCache, FragmentSource  # noqa: E402 - as above
+from nixery_core.fragments import FragmentCache, FragmentSource, fragment_key  # noqa: E402
 from nixery_core.storage.gcs import GcsStore  # noqa: E402 - as above
 
 
@@ -140,6 +149,67 @@ def instance_b(
     return Row(name, seconds, cpu, server, compressed, fetched, digests)
 
 
+def _word_paths(root: Path, count: int) -> list[str]:
+    rnd = random.Random(18)
+    words = [
+        bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
+        for _ in range(5000)
+    ]
+    paths = []
+    for i in range(count):
+        path = f"/nix/store/{i:032d}-words-{i}"
+        directory = root / path.lstrip("/")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "text").write_bytes(b" ".join(rnd.choice(words) for _ in range(36000)))
+        paths.append(path)
+    return paths
+
+
+def per_fragment(work: Path, server: FakeGcsServer) -> None:
+    """CPU milliseconds per store path: pack, fetch, assemble from local, look up a miss."""
+    root = work / "words"
+    paths = _word_paths(root, 60)
+    one = FragmentBucketPolicy(min_size=0, threads=1)
+    print(f"\nper fragment, one thread, {len(paths)} paths of ~200 KiB text (CPU ms per path):")
+    print(f"{'compressor':24} {'compressed':>10} {'pack':>7} {'fetch':>7} {'assemble':>9} "
+          f"{'miss lookup':>12}")
+    for label, options in (
+        ("ISA-L, default level", ArchiveOptions()),
+        ("zlib, level 6", ArchiveOptions(gzip_backend="zlib", level=6)),
+    ):
+        bucket = GcsStore(server.make_bucket(f"per-fragment-{options.compressor().level}"))
+        keys = [
+            fragment_key(os.fsencode(root / path.lstrip("/")), options.parameters())
+            for path in paths
+        ]
+        misses = [fragment_key(f"/absent/{i}".encode(), {}) for i in range(len(paths))]
+        with FragmentCache(work / "pf-a") as local, BucketFragments(local, bucket, one) as tier:
+            pack_store_paths(paths, _discard, options, store_root=root, fragments=tier, threads=1)
+        start = time.process_time()
+        packed = pack_store_paths(paths, _discard, options, store_root=root, threads=1)
+        pack = time.process_time() - start
+        with FragmentCache(work / "pf-b") as local, BucketFragments(local, bucket, one) as tier:
+            start = time.process_time()
+            tier.prefetch(keys)
+            fetch = time.process_time() - start
+            start = time.process_time()
+            pack_store_paths(paths, _discard, options, store_root=root, fragments=tier, threads=1)
+            assemble = time.process_time() - start
+            start = time.process_time()
+            tier.prefetch(misses)
+            lookup = time.process_time() - start
+            assert (tier.stats.hits, local.misses) == (len(paths), 0)
+        for name in ("pf-a", "pf-b"):
+            shutil.rmtree(work / name)
+        ms = 1000 / len(paths)
+        print(f"{label:24} {packed.size / len(paths) / 1024:7.0f} KiB {pack * ms:7.2f} "
+              f"{fetch * ms:7.2f} {assemble * ms:9.2f} {lookup * ms:12.2f}")
+
+
+def _discard(data: bytes) -> None:
+    del data
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=100, help="corpus size (default 100)")
@@ -185,7 +255,7 @@ def _run(work: Path, args: argparse.Namespace) -> int:
         rows: dict[str, Row] = {}
         contenders: list[tuple[str, GcsStore | None, FragmentBucketPolicy | None]] = [
             ("cold (no bucket tier)", None, None),
-            ("warm bucket, fragments >= 64 KiB", buckets[default.min_size], default),
+            ("warm bucket, fragments >= 128 KiB", buckets[default.min_size], default),
             ("warm bucket, every fragment", buckets[every.min_size], every),
         ]
         for _ in range(args.repeats):
@@ -199,7 +269,7 @@ def _run(work: Path, args: argparse.Namespace) -> int:
     print(
         f"{len(paths)} store paths, {tar_bytes / MB:.0f} MB of tar, {n} layers, "
         f"{OPTIONS[0].compressor().parameters()}; instance A "
-        f"uploaded {uploaded[default.min_size]} fragments >= 64 KiB "
+        f"uploaded {uploaded[default.min_size]} fragments >= 128 KiB "
         f"({uploaded[every.min_size]} with min_size 0); best of {args.repeats}; "
         f"load average {load:.1f}"
     )
@@ -212,6 +282,8 @@ def _run(work: Path, args: argparse.Namespace) -> int:
               f"{cold.seconds / row.seconds:7.2f}x {row.compressed:11d} {row.fetched:8d}")
     same = all(row.digests == cold.digests for row in rows.values())
     print(f"layers byte-identical to the cold pack: {same}")
+    with FakeGcsServer() as server:
+        per_fragment(work, server)
     return 0 if same else 1
 
 

@@ -46,18 +46,20 @@ not match the bytes committed).  Storage failures are misses (reads) or
 skipped uploads, with a warning: the bucket tier only saves work.
 
 **Uploading.**  Each fragment this instance packs (not one it fetched)
-whose compressed size is at least ``min_size`` (64 KiB by default) is
+whose compressed size is at least ``min_size`` (128 KiB by default) is
 uploaded once it is in the local cache, read back from there: blob first,
 pointer last.  By default this happens on one background thread per
 :class:`BucketFragments`, so a pack never waits on the bucket; the queue
 holds at most :data:`_MAX_QUEUED` jobs (more are dropped: a later pack
 uploads them), and :meth:`BucketFragments.close` (``BuildCache.close``)
 waits for it.  ``background=False`` uploads on the packing thread instead.
-Smaller fragments are not worth it: storing one is three requests and
-fetching one two, while compressing 64 KiB takes about 2 ms of one core;
-they are compressed again wherever needed (their pointer lookup still
-happens, since a reader cannot know a store path's compressed size before
-packing it).
+Smaller fragments are not worth it: fetching one is three requests (the
+pointer, the blob's metadata, its bytes), about 6 ms of client CPU on the
+reference VM, which is what compressing a fragment of about 110 KiB costs
+with zlib at level 6 (ISA-L's default level is five times cheaper still;
+docs/performance.md has the figures); they are compressed again wherever
+needed (their pointer lookup, about 2 ms, still happens: a reader cannot
+know a store path's compressed size before packing it).
 
 **Trust.**  As for the shared layer cache, a store path's name stands for
 its content (Nix's own assumption for binary caches): an input-addressed
@@ -120,7 +122,7 @@ FRAGMENT_PREFIX = "fragments/"
 #: Media type of a fragment blob: one gzip member or zstd frame holding one store path's tar.
 FRAGMENT_MEDIA_TYPE = "application/vnd.nixery.fragment.v1"
 #: Fragments smaller than this (compressed bytes) are not uploaded by default.
-DEFAULT_MIN_SIZE = 64 << 10
+DEFAULT_MIN_SIZE = 128 << 10
 _POINTER_VERSION = 1
 _READ_SIZE = 1 << 20
 #: Upload and touch jobs waiting at most; more are dropped (a later pack uploads them).

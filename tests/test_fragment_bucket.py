@@ -94,7 +94,7 @@ def test_second_instance_regroups_from_the_bucket_and_compresses_nothing(
 
 
 def test_small_fragments_stay_local_by_default(store: Path, tmp_path: Path) -> None:
-    """Below min_size (64 KiB compressed) a fragment is not uploaded; above it, it is."""
+    """Below min_size (128 KiB compressed) a fragment is not uploaded; above it, it is."""
     bucket = MemoryStore()
     local, tier = instance(tmp_path / "a", bucket, FragmentBucketPolicy())
     with local, tier:
@@ -102,7 +102,7 @@ def test_small_fragments_stay_local_by_default(store: Path, tmp_path: Path) -> N
     assert tier.stats.uploaded == 1  # only the path with 1.6 MB of hashes is that big
     (key,) = pointers(bucket)
     pointer = FragmentPointer.from_json(bucket.get_object(key) or b"")
-    assert pointer.size >= 64 << 10
+    assert pointer.size >= 128 << 10
     info = bucket.blob_info(pointer.digest)
     assert info is not None
     assert info.media_type == FRAGMENT_MEDIA_TYPE
@@ -342,7 +342,7 @@ def test_command_line_shares_fragments_and_gc_ages_them(
     assert main([*build, "--share-fragments"]) == 0
     bucket = FilesystemStore(store)
     shared = pointers(bucket)
-    assert shared  # glibc and friends are over the 64 KiB threshold
+    assert shared  # glibc and friends are over the 128 KiB threshold
     fragment_blobs = {
         info.digest for info in bucket.list_blobs() if info.media_type == FRAGMENT_MEDIA_TYPE
     }

@@ -26,7 +26,7 @@ variable                    meaning
                             (needs ``NIXERY_CACHE_DIR``; see
                             :mod:`nixery_core.fragment_bucket`)
 ``NIXERY_FRAGMENT_MIN_SIZE`` compressed bytes below which a fragment is not
-                            shared (default 65536)
+                            shared (default 131072)
 ``NIXERY_BUILD_WORKERS``    builds run at once (default 4)
 ``NIXERY_SIGNED_URL_TTL``   seconds a GCS signed URL is valid (default 300)
 ``NIXERY_DEFAULT_FORMAT``   ``oci`` (default) or ``docker``: the server's
