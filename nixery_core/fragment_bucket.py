@@ -23,9 +23,11 @@ It is opt-in: ``BuildCache(directory, fragment_bucket=FragmentBucketPolicy())``.
 
 The same compressed bytes under two keys are one blob.
 
-**Reading: local, then bucket, then pack.**  Before a layer is packed, every
-one of its keys the local cache lacks is looked up in the bucket, up to
-``threads`` at once (one pointer read each; a miss costs only that).  A
+**Reading: local, then bucket, then pack.**  When a layer's pack starts,
+every one of its keys the local cache lacks is looked up in the bucket, up
+to ``threads`` at once, in the order the pack needs them (one pointer read
+each; a miss costs only that); the pack goes on meanwhile and waits only
+for the fragment it needs next.  A
 fragment found is downloaded into the local cache and checked on the way:
 its size, sha256 (the blob's digest) and CRC-32 against the pointer, and
 that it inflates to exactly the recorded number of bytes as one complete
@@ -89,7 +91,7 @@ import queue
 import threading
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal, Protocol, cast
 
 import attrs
@@ -346,6 +348,8 @@ class BucketFragments:
     _counts: dict[str, int] = attrs.field(init=False, factory=dict)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = attrs.field(init=False, default=None)
+    #: Fetches started by prefetch and not yet waited for by get, by key.
+    _pending: dict[str, Future[None]] = attrs.field(init=False, factory=dict)
     _jobs: queue.Queue[tuple[str, str] | None] = attrs.field(
         init=False, factory=lambda: queue.Queue(_MAX_QUEUED)
     )
@@ -355,18 +359,33 @@ class BucketFragments:
     # --- FragmentSource ------------------------------------------------------
 
     def prefetch(self, keys: Sequence[str]) -> None:
-        """Fetch into the local cache every fragment of ``keys`` it lacks and the bucket has."""
+        """Start fetching every fragment of ``keys`` the local cache lacks; returns at once.
+
+        Fetches run ``threads`` at a time, in the order given (the order the
+        pack needs them); :meth:`get` waits only for its own key.
+        """
         missing = [key for key in dict.fromkeys(keys) if key not in self.local]
         if not missing:
             return
-        if len(missing) == 1 or self.policy.threads == 1:
+        with self._lock:
+            if self._closed:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.policy.threads, thread_name_prefix="nixery-fragment-fetch"
+                )
+            for key in [key for key, future in self._pending.items() if future.done()]:
+                del self._pending[key]  # fetched for a pack that never asked (it failed)
             for key in missing:
-                self._fetch(key)
-            return
-        list(self._fetch_pool().map(self._fetch, missing))
+                if key not in self._pending:
+                    self._pending[key] = self._pool.submit(self._fetch, key)
 
     def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
-        """The fragment in the local cache (fetched by :meth:`prefetch` if the bucket had it)."""
+        """The fragment in the local cache, once its fetch (if one was started) is done."""
+        with self._lock:
+            future = self._pending.pop(key, None)
+        if future is not None:
+            future.result()
         return self.local.get(key)
 
     def writer(self, key: str) -> FragmentWriter:
@@ -397,6 +416,7 @@ class BucketFragments:
             worker.join()
         if pool is not None:
             pool.shutdown(wait=True)
+        self._pending.clear()
 
     def __enter__(self) -> BucketFragments:
         return self
@@ -409,14 +429,6 @@ class BucketFragments:
     def _count(self, name: _Counter) -> None:
         with self._lock:
             self._counts[name] = self._counts.get(name, 0) + 1
-
-    def _fetch_pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    self.policy.threads, thread_name_prefix="nixery-fragment-fetch"
-                )
-            return self._pool
 
     def _fetch(self, key: str) -> None:
         """Look ``key`` up in the bucket; keep the fragment locally if it checks out."""
