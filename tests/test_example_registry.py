@@ -772,6 +772,40 @@ def test_sharing_fragments_is_configured_by_the_environment(tmp_path: Path) -> N
         )
 
 
+def test_lease_ttl_and_fragment_cache_size_are_configured_by_the_environment(
+    tmp_path: Path,
+) -> None:
+    """NIXERY_LEASE_TTL sets the fleet lease ttl (0: no leases) and NIXERY_FRAGMENT_CACHE_SIZE
+    the local fragment cache's bytes (with a local cache only); nonsense names the variable."""
+    env = {"NIXERY_PKGS_PATH": str(OFFLINE_SET), "STORAGE_PATH": str(tmp_path / "store")}
+    with_cache = {**env, "NIXERY_CACHE_DIR": str(tmp_path / "cache")}
+    defaults = RegistryConfig.from_env(with_cache).cache
+    assert defaults is not None
+    assert defaults.fleet is not None
+    assert defaults.fleet.policy.ttl == 30
+    assert defaults.fragment_limit == 4 << 30
+    config = RegistryConfig.from_env(
+        {**with_cache, "NIXERY_LEASE_TTL": "7.5", "NIXERY_FRAGMENT_CACHE_SIZE": "1048576"}
+    )
+    assert config.cache is not None
+    assert config.cache.fleet is not None
+    assert config.cache.fleet.policy.ttl == 7.5
+    assert config.cache.fragment_limit == 1 << 20
+    config = RegistryConfig.from_env(
+        {**with_cache, "NIXERY_LEASE_TTL": "0", "NIXERY_FRAGMENT_CACHE_SIZE": "0"}
+    )
+    assert config.cache is not None
+    assert config.cache.fleet is None
+    assert config.cache.fragment_limit == 0
+    for name, bad in (("NIXERY_LEASE_TTL", "-1"), ("NIXERY_LEASE_TTL", "soon"),
+                      ("NIXERY_LEASE_TTL", "nan"), ("NIXERY_FRAGMENT_CACHE_SIZE", "1.5"),
+                      ("NIXERY_FRAGMENT_CACHE_SIZE", "inf")):
+        with pytest.raises(InvalidInput, match=name):
+            RegistryConfig.from_env({**with_cache, name: bad})
+    with pytest.raises(InvalidInput, match="NIXERY_CACHE_DIR"):
+        RegistryConfig.from_env({**env, "NIXERY_FRAGMENT_CACHE_SIZE": "1048576"})
+
+
 # --- blob redirects to a GCS bucket --------------------------------------------
 
 

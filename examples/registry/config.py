@@ -27,6 +27,13 @@ variable                    meaning
                             :mod:`nixery_core.fragment_bucket`)
 ``NIXERY_FRAGMENT_MIN_SIZE`` compressed bytes below which a fragment is not
                             shared (default 131072)
+``NIXERY_FRAGMENT_CACHE_SIZE`` bytes of compressed store-path fragments kept
+                            in ``NIXERY_CACHE_DIR/fragments`` (default 4 GiB;
+                            ``0``: none kept); needs ``NIXERY_CACHE_DIR``
+``NIXERY_LEASE_TTL``        seconds a fleet lease stays valid unrenewed
+                            (default 30): the longest a holder that died on
+                            another host delays the others; ``0``: no fleet
+                            leases (see :mod:`nixery_core.lease`)
 ``NIXERY_BUILD_WORKERS``    builds run at once (default 4)
 ``NIXERY_SIGNED_URL_TTL``   seconds a GCS signed URL is valid (default 300)
 ``NIXERY_DEFAULT_FORMAT``   ``oci`` (default) or ``docker``: the server's
@@ -58,6 +65,7 @@ address (``HOST``, ``PORT``) belongs to the server, see
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -73,6 +81,8 @@ from nixery_core.cache import SIX_HOURS, BuildCache
 from nixery_core.compression import Compression
 from nixery_core.errors import InvalidInput, InvalidSource
 from nixery_core.fragment_bucket import DEFAULT_MIN_SIZE, FragmentBucketPolicy
+from nixery_core.fragments import DEFAULT_FRAGMENT_LIMIT
+from nixery_core.lease import FleetFlight, LeasePolicy
 from nixery_core.names import AMD64, ARM64, Architecture
 from nixery_core.protocols import ReadableStore, Runner
 from nixery_core.sources import PackageSource, source_from_env
@@ -190,10 +200,13 @@ class RegistryConfig:
                 f"NIXERY_STORAGE_BACKEND={backend!r}: expected 'filesystem' or 'gcs'"
             )
         cache_dir = env.get("NIXERY_CACHE_DIR")
+        lease_ttl = _number(env, "NIXERY_LEASE_TTL", LeasePolicy().ttl, allow_zero=True)
         cache = BuildCache(
             Path(cache_dir) if cache_dir else None,
             moving_ttl=_number(env, "NIXERY_MOVING_TTL", SIX_HOURS, allow_zero=True),
             fragment_bucket=_fragment_bucket(env, has_cache_dir=bool(cache_dir)),
+            fleet=FleetFlight(LeasePolicy(ttl=lease_ttl)) if lease_ttl > 0 else None,
+            fragment_limit=_fragment_limit(env, has_cache_dir=bool(cache_dir)),
         )
         default_format = env.get("NIXERY_DEFAULT_FORMAT", "oci")
         if default_format not in ("oci", "docker"):
@@ -245,6 +258,20 @@ def _fragment_bucket(
     return FragmentBucketPolicy(min_size=int(min_size))
 
 
+def _fragment_limit(env: Mapping[str, str], *, has_cache_dir: bool) -> int:
+    """The local fragment cache's size in bytes (``NIXERY_FRAGMENT_CACHE_SIZE``)."""
+    raw = env.get("NIXERY_FRAGMENT_CACHE_SIZE", "")
+    size = _number(env, "NIXERY_FRAGMENT_CACHE_SIZE", DEFAULT_FRAGMENT_LIMIT, allow_zero=True)
+    if size != int(size):
+        raise InvalidInput(f"NIXERY_FRAGMENT_CACHE_SIZE={raw!r} must be a whole number of bytes")
+    if raw and not has_cache_dir:
+        raise InvalidInput(
+            "NIXERY_FRAGMENT_CACHE_SIZE needs NIXERY_CACHE_DIR: fragments are kept in the "
+            "local cache"
+        )
+    return int(size)
+
+
 def _number(
     env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False
 ) -> float:
@@ -255,6 +282,8 @@ def _number(
         value = float(raw)
     except ValueError:
         raise InvalidInput(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise InvalidInput(f"{name}={raw!r} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise InvalidInput(f"{name}={raw!r} must be positive")
     return value
