@@ -320,7 +320,8 @@ class FleetFlight:
                         self._tally.add("dead_holders")
                     else:
                         log.warning("lease %s expired (holder gone); taking it over", name)
-                    self._mark_gone(body)
+                    if dead is None or dead != self.probe.this_process():
+                        self._mark_gone(body)  # not a flight of this (live) process
                     self._tally.add("taken_over")
                     return _Held(name, taken)
                 seen = None  # another waiter took it over first

@@ -411,7 +411,8 @@ class _ReleaseFails(MemoryStore):
 
 
 def test_a_lease_this_process_failed_to_release_is_taken_over_at_once() -> None:
-    """An orphan of this very process (its release failed) costs no ttl, to any flight here."""
+    """An orphan of this process (its release failed) costs no flight here a ttl, and its
+    flight, still alive, keeps the leases it holds later."""
     store = _ReleaseFails()
     clock = FakeClock()
     policy = LeasePolicy(ttl=10, poll_min=0.5, poll_max=2)
@@ -423,6 +424,26 @@ def test_a_lease_this_process_failed_to_release_is_taken_over_at_once() -> None:
     assert _build_time(other, clock, store) == 0  # a new flight (a new BuildCache) here
     assert (first.stats.dead_holders, other.stats.dead_holders) == (1, 1)
     assert clock.sleeps == []
+    # The first flight is alive: a lease it holds now is not taken from it early.
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> str:
+        holding.set()
+        done.wait(30)
+        return "built"
+
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(first.run, store, "next", lambda: None, hold)
+        assert holding.wait(10)
+        since = clock.now
+        try:
+            answer = other.run(store, "next", lambda: "theirs" if clock.now >= since + 5 else None,
+                               lambda: "built twice")
+        finally:
+            done.set()
+        assert held.result() == "built"
+    assert answer == "theirs"
+    assert other.stats.taken_over == 1
 
 
 def test_a_lease_another_flight_here_holds_is_not_taken_over_early() -> None:
