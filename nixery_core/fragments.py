@@ -97,6 +97,8 @@ DEFAULT_FRAGMENT_LIMIT = 4 << 30
 _READ_SIZE = 1 << 20
 #: A fragment being recorded is kept in memory up to this size, then in a temporary file.
 _SPILL_SIZE = 16 << 20
+#: Committed fragments held in memory until written, at most (then committing waits).
+_MAX_PENDING = 64 << 20
 #: Hits whose access times are recorded at most this many at a time.
 _TOUCH_BATCH = 256
 #: diskcache's least-recently-used eviction (by ``access_time``) without its write on every
@@ -177,6 +179,14 @@ class FragmentCache:
     _count_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     #: Keys hit since access times were last recorded (guarded by ``_count_lock``).
     _touched: list[str] = attrs.field(init=False, factory=list)
+    #: Fragments committed but not yet written, by key, and the keys not yet taken
+    #: by the writing thread, in order (all guarded by ``_written``).
+    _pending: dict[str, _Pending] = attrs.field(init=False, factory=dict)
+    _queued: dict[str, None] = attrs.field(init=False, factory=dict)
+    _pending_bytes: int = attrs.field(init=False, default=0)
+    _written: threading.Condition = attrs.field(init=False, factory=threading.Condition)
+    _thread: threading.Thread | None = attrs.field(init=False, default=None)
+    _closing: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -198,8 +208,78 @@ class FragmentCache:
         return size
 
     def close(self) -> None:
+        """Write the fragments still queued, then close the database."""
+        with self._written:
+            self._closing = True
+            self._written.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
         self._record_touches()
         self._cache.close()
+
+    def flush(self) -> None:
+        """Wait until every fragment committed so far is written (or given up)."""
+        with self._written:
+            while self._pending:
+                self._written.wait()
+
+    def _settle(self, key: str) -> None:
+        """Wait until a fragment committed under ``key`` is written (or given up)."""
+        with self._written:
+            while key in self._pending:
+                self._written.wait()
+
+    def _submit(self, key: str, item: _Pending) -> None:
+        """Queue a committed fragment for the writing thread (waits while too much is queued)."""
+        with self._written:
+            while self._pending_bytes > _MAX_PENDING and self._pending:
+                self._written.wait()
+            if self._closing:  # closed meanwhile: not kept
+                item.discard()
+                return
+            replaced = self._pending.get(key) if key in self._queued else None
+            if replaced is not None:  # the same path committed twice before either was written
+                self._pending_bytes -= replaced.memory
+                replaced.discard()
+            self._pending[key] = item
+            self._queued[key] = None
+            self._pending_bytes += item.memory
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._write_queued, name="nixery-fragment-writer", daemon=True
+                )
+                self._thread.start()
+            self._written.notify_all()
+
+    def _write_queued(self) -> None:
+        """The writing thread: stores what is queued, several fragments per transaction."""
+        while True:
+            with self._written:
+                while not self._queued and not self._closing:
+                    self._written.wait()
+                if not self._queued:
+                    self._thread = None
+                    return
+                batch = [(key, self._pending[key]) for key in self._queued]
+                self._queued.clear()
+            self._record_touches()  # storing may evict: by use up to now
+            try:
+                with self._cache.transact():
+                    for key, item in batch:
+                        self._cache.set(key, item.value, read=item.read, tag=item.tag)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("fragment cache write of %d fragments failed (%s); not kept",
+                            len(batch), exc)
+            finally:
+                for _key, item in batch:
+                    item.discard()
+            with self._written:
+                for key, item in batch:
+                    if self._pending.get(key) is item:
+                        del self._pending[key]
+                    self._pending_bytes -= item.memory
+                self._written.notify_all()
 
     def _record_touches(self) -> None:
         """Record the access times of the hits so far, in one transaction."""
@@ -229,6 +309,9 @@ class FragmentCache:
 
     def __contains__(self, key: object) -> bool:
         """Whether a fragment is kept under ``key`` (not checked, not counted as a use)."""
+        with self._written:
+            if key in self._pending:
+                return True
         try:
             return key in self._cache
         except (OSError, sqlite3.Error):
@@ -267,6 +350,7 @@ class FragmentCache:
             found.stream.close()
 
     def _lookup(self, key: str) -> CachedFragment | None:
+        self._settle(key)
         try:
             value, tag = self._cache.get(key, read=True, tag=True)
         except (OSError, sqlite3.Error) as exc:
@@ -310,34 +394,50 @@ class FragmentCache:
             self._cache.delete(key)
 
     def put(self, key: str, pieces: Sequence[bytes], uncompressed_size: int) -> None:
-        """Keep a fragment made of ``pieces`` (its compressed bytes, in order)."""
+        """Keep a fragment of ``pieces`` (its compressed bytes, in order); written on return."""
         writer = self.writer(key)
         for piece in pieces:
             writer.add(piece)
         writer.commit(uncompressed_size)
+        self._settle(key)
 
     def writer(self, key: str) -> FragmentWriter:
         """Record a fragment piece by piece while it is compressed; kept at ``commit``."""
         return FragmentWriter(self, key)
 
-    def _store(
-        self,
-        key: str,
-        value: Any,
-        crc: int,
-        uncompressed_size: int,
-        *,
-        read: bool,
-        layout: bytes | None = None,
-    ) -> None:
-        self._record_touches()  # storing may evict: by use up to now
-        tag: str | bytes = f"{uncompressed_size}:{crc}"
-        if layout is not None:
-            tag = b"%d:%d\n%s" % (uncompressed_size, crc, layout)
-        try:
-            self._cache.set(key, value, read=read, tag=tag)
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("fragment cache write of %s failed (%s); not kept", key, exc)
+
+@attrs.frozen
+class _Pending:
+    """A committed fragment waiting for the writing thread."""
+
+    #: Bytes (kept in the database), or a stream diskcache copies into a file.
+    value: bytes | BinaryIO | _Pieces
+    tag: str | bytes
+    #: Bytes of memory it holds until written (a spill file holds none).
+    memory: int
+
+    @property
+    def read(self) -> bool:
+        return not isinstance(self.value, bytes)
+
+    def discard(self) -> None:
+        if not isinstance(self.value, bytes | _Pieces):
+            self.value.close()
+
+
+class _Pieces:
+    """The pieces of a fragment as a stream diskcache reads (no joining them first)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self._pieces = pieces
+        self._next = 0
+
+    def read(self, _size: int = -1) -> bytes:
+        """The next piece (each at most ~1 MiB, under diskcache's 4 MiB reads); b"" at the end."""
+        if self._next == len(self._pieces):
+            return b""
+        self._next += 1
+        return self._pieces[self._next - 1]
 
 
 @attrs.define
@@ -372,34 +472,32 @@ class FragmentWriter:
             self._pieces = []
 
     def commit(self, uncompressed_size: int) -> None:
-        """Keep the fragment (a failure to write is a warning: the cache only saves work)."""
+        """Keep the fragment: queued, written by the cache's writing thread.
+
+        Looking the key up waits until it is written; a failure to write is
+        a warning (the cache only saves work).
+        """
         spill, self._spill = self._spill, None
         if isinstance(spill, _Discarded):
             return
-        if spill is None:
-            data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
-            self._pieces = []
-            # Small ones go in the database; a larger one as a stream, which
-            # diskcache writes in 4 MiB pieces (bytes it writes line by line).
-            if len(data) < self._cache.min_file_size:
-                self._cache._store(
-                    self.key, data, self._crc, uncompressed_size, read=False, layout=self.layout
-                )
-            else:
-                self._cache._store(
-                    self.key, io.BytesIO(data), self._crc, uncompressed_size, read=True,
-                    layout=self.layout,
-                )
-            return
-        with spill:
+        tag: str | bytes = f"{uncompressed_size}:{self._crc}"
+        if self.layout is not None:
+            tag = b"%d:%d\n%s" % (uncompressed_size, self._crc, self.layout)
+        pieces, self._pieces = self._pieces, []
+        if spill is not None:
             try:
                 spill.seek(0)
             except OSError as exc:
+                spill.close()
                 log.warning("fragment %s unreadable (%s); not kept", self.key, exc)
                 return
-            self._cache._store(
-                self.key, spill, self._crc, uncompressed_size, read=True, layout=self.layout
-            )
+            item = _Pending(spill, tag, 0)
+        elif self._size < self._cache.min_file_size:  # kept in the database
+            item = _Pending(b"".join(pieces), tag, self._size)
+        else:
+            # Given as a stream: diskcache writes bytes given as such line by line.
+            item = _Pending(_Pieces(pieces), tag, self._size)
+        self._cache._submit(self.key, item)
 
     def discard(self) -> None:
         self._pieces = []

@@ -406,3 +406,24 @@ def test_layout_round_trips_and_refuses_paths_outside_the_store_path() -> None:
     assert escaped is not None
     assert FragmentLayout.decode(escaped) is None
     assert FragmentLayout.decode(b"not a layout") is None
+
+
+def test_fragments_committed_are_written_by_close_and_found_before_it(tmp_path: Path) -> None:
+    """Fragments are written on a background thread: a lookup right after a commit finds the
+    fragment, and closing the cache writes every one still queued (a new cache sees them)."""
+    pieces = {f"k{n}": [os.urandom(40_000), os.urandom(30_000)] for n in range(20)}
+    with FragmentCache(tmp_path / "fragments") as cache:
+        for key, parts in pieces.items():
+            writer = cache.writer(key)
+            for part in parts:
+                writer.add(part)
+            writer.commit(123)
+        with cache.get("k0") as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == b"".join(pieces["k0"])
+            assert found.uncompressed_size == 123
+    with FragmentCache(tmp_path / "fragments") as again:
+        for key, parts in pieces.items():
+            with again.get(key) as found:
+                assert found is not None
+                assert b"".join(found.pieces()) == b"".join(parts)
