@@ -389,6 +389,34 @@ def test_a_holder_on_this_host_is_taken_over_at_once_only_when_it_ended(ended: b
     assert store.lease_names() == ()
 
 
+def test_many_waiters_take_a_dead_holders_lease_once() -> None:
+    """Eight same-host waiters see a dead holder at once: one takes the lease and builds."""
+    probe = FakeProbe()
+    dead = ProcessId(probe.me.host, 200, 6000)
+    probe.ended.add(dead)
+    store = MemoryStore()
+    assert store.create_lease("img", _lease_body(dead, ttl=60)) is not None
+    entry: list[str] = []
+    lock = threading.Lock()
+
+    def build() -> str:
+        with lock:
+            entry.append("built")
+        threading.Event().wait(0.2)  # the others keep trying meanwhile
+        return "built"
+
+    policy = LeasePolicy(ttl=60, poll_min=0.01, poll_max=0.05)
+    flights = [FleetFlight(policy, probe=probe) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(
+            lambda f: f.run(store, "img", lambda: entry[0] if entry else None, build), flights
+        ))
+    assert answers == ["built"] * 8
+    assert entry == ["built"]
+    assert sum(f.stats.dead_holders for f in flights) == 1
+    assert store.lease_names() == ()
+
+
 def test_lease_bodies_name_the_holders_process() -> None:
     """The lease a flight writes names its process, which is how others judge it."""
     probe = FakeProbe()
