@@ -400,7 +400,11 @@ class BucketFragments:
             return BucketStats(**self._counts)
 
     def flush(self) -> None:
-        """Wait until every queued upload and touch is done."""
+        """Wait until every fetch started, then every queued upload and touch, is done."""
+        with self._lock:
+            pending = list(self._pending.values())
+        for future in pending:
+            future.result()
         if self._worker is not None:
             self._jobs.join()
 
