@@ -84,6 +84,7 @@ deletion at any moment costs at most a future miss, never a broken layer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -348,7 +349,7 @@ class BucketFragments:
     _counts: dict[str, int] = attrs.field(init=False, factory=dict)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = attrs.field(init=False, default=None)
-    #: Fetches started by prefetch and not yet waited for by get, by key.
+    #: Fetches in flight, by key (removed when done).
     _pending: dict[str, Future[None]] = attrs.field(init=False, factory=dict)
     _jobs: queue.Queue[tuple[str, str] | None] = attrs.field(
         init=False, factory=lambda: queue.Queue(_MAX_QUEUED)
@@ -364,26 +365,33 @@ class BucketFragments:
         Fetches run ``threads`` at a time, in the order given (the order the
         pack needs them); :meth:`get` waits only for its own key.
         """
-        missing = [key for key in dict.fromkeys(keys) if key not in self.local]
-        if not missing:
-            return
+        started = []
         with self._lock:
             if self._closed:
                 return
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    self.policy.threads, thread_name_prefix="nixery-fragment-fetch"
-                )
-            for key in [key for key, future in self._pending.items() if future.done()]:
-                del self._pending[key]  # fetched for a pack that never asked (it failed)
-            for key in missing:
-                if key not in self._pending:
-                    self._pending[key] = self._pool.submit(self._fetch, key)
+            for key in dict.fromkeys(keys):
+                # In flight, or else (a fetch is forgotten only after it stored) local?
+                if key in self._pending or key in self.local:
+                    continue
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        self.policy.threads, thread_name_prefix="nixery-fragment-fetch"
+                    )
+                self._pending[key] = future = self._pool.submit(self._fetch, key)
+                started.append((key, future))
+        for key, future in started:
+            future.add_done_callback(functools.partial(self._forget, key))
+
+    def _forget(self, key: str, future: Future[None]) -> None:
+        """Drop a finished fetch from the ones in flight."""
+        with self._lock:
+            if self._pending.get(key) is future:
+                del self._pending[key]
 
     def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
-        """The fragment in the local cache, once its fetch (if one was started) is done."""
+        """The fragment in the local cache, once a fetch of it in flight (any pack's) is done."""
         with self._lock:
-            future = self._pending.pop(key, None)
+            future = self._pending.get(key)
         if future is not None:
             future.result()
         return self.local.get(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,22 @@ def test_second_instance_regroups_from_the_bucket_and_compresses_nothing(
         assert tier_b.stats.uploaded == 0  # fetched fragments are not sent back
     assert layers == [pack(store, group, options) for group in groups]
     assert bucket.staged_blobs() == ()
+
+
+def test_concurrent_packs_of_the_same_paths_fetch_each_fragment_once(
+    store: Path, tmp_path: Path
+) -> None:
+    """Packs running at once that need the same fragments share one fetch of each, and
+    neither compresses anything."""
+    bucket = MemoryStore()
+    local_a, tier_a = instance(tmp_path / "a", bucket)
+    with local_a, tier_a:
+        pack(store, PATHS, ArchiveOptions(), tier_a)
+    local_b, tier_b = instance(tmp_path / "b", bucket)
+    with local_b, tier_b, ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: pack(store, PATHS, ArchiveOptions(), tier_b), range(4)))
+        assert (tier_b.stats.hits, local_b.misses) == (len(PATHS), 0)
+    assert len(set(results)) == 1
 
 
 def test_small_fragments_stay_local_by_default(store: Path, tmp_path: Path) -> None:
