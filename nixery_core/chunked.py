@@ -49,6 +49,7 @@ bytes each (the TOC must be complete before it is written at the end).
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -268,6 +269,11 @@ class _Frame:
     chunk: dict[str, Any] | None = None
     #: Bytes of the chunk at the start of the frame (``len(head)``).
     chunk_size: int = 0
+    #: The running sha256 of a file of several chunks, which the chunk joins.
+    file_hash: Any = None
+    #: The file entry whose ``digest`` that hash gives once this chunk (its last)
+    #: joined it, and the hash.
+    file_end: tuple[dict[str, Any], Any] | None = None
 
     def payload(self) -> bytes:
         """The frame's bytes (one copy only when metadata follows a chunk)."""
@@ -279,18 +285,85 @@ class _Frame:
         return len(self.head) + len(self.data)
 
 
+#: A compressed batch: the frames joined, each frame's length, each frame's chunk digest.
+_Batch = tuple[bytes, list[int], list[str]]
+
+
+class _OrderedFileHashing:
+    """Chunks joining their file's sha256 in batch order, on whichever worker is free.
+
+    A file of several chunks may span batches compressed at the same time;
+    its digest needs its chunks in order.  A batch hands over its chunks
+    when compressed (:meth:`ready`); the thread that finds the next batch in
+    order ready applies it, and any ready after it, without waiting for
+    anything, so no worker blocks and the producing thread never hashes.
+    :meth:`wait` returns once every batch up to a given one is applied.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ready: dict[int, list[tuple[Any, bytes | memoryview]]] = {}
+        self._next = 0  # the next batch to apply
+        self._busy = False
+
+    def ready(self, index: int, updates: list[tuple[Any, bytes | memoryview]]) -> None:
+        with self._cond:
+            self._ready[index] = updates
+            if self._busy:
+                return  # the applying thread picks it up
+            self._busy = True
+        while True:
+            with self._cond:
+                work = self._ready.pop(self._next, None)
+                if work is None:
+                    self._busy = False
+                    return
+            try:
+                for digest, data in work:
+                    digest.update(data)
+            finally:
+                with self._cond:
+                    self._next += 1
+                    self._cond.notify_all()
+
+    def wait(self, index: int) -> None:
+        """Block until batches ``0..index`` are applied."""
+        with self._cond:
+            while self._next <= index:
+                self._cond.wait()
+
+
 def _compress_batch(
-    compress: Callable[[bytes], bytes], frames: list[tuple[bytes, int]]
-) -> list[tuple[bytes, str]]:
-    """Each frame compressed, with the sha256 of the chunk it starts with (``""`` if none)."""
-    out = []
-    for data, chunk_size in frames:
-        digest = ""
-        if chunk_size:
-            with memoryview(data) as view:
-                digest = "sha256:" + hashlib.sha256(view[:chunk_size]).hexdigest()
-        out.append((compress(data), digest))
-    return out
+    compress: Callable[[bytes], bytes],
+    frames: list[tuple[bytes, int, Any]],
+    index: int,
+    hashing: _OrderedFileHashing,
+) -> _Batch:
+    """The frames compressed and joined, each one's length and the sha256 of its chunk.
+
+    The digest is ``""`` for a frame with no chunk.  Chunks of files of
+    several chunks then join their file's digest, in order (see
+    :class:`_OrderedFileHashing`).
+    """
+    blobs = []
+    lengths = []
+    digests = []
+    updates: list[tuple[Any, bytes | memoryview]] = []
+    try:
+        for data, chunk_size, file_hash in frames:
+            digest = ""
+            if chunk_size:
+                chunk = data if chunk_size == len(data) else memoryview(data)[:chunk_size]
+                digest = "sha256:" + hashlib.sha256(chunk).hexdigest()
+                if file_hash is not None:
+                    updates.append((file_hash, chunk))
+            blob = compress(data)
+            blobs.append(blob)
+            lengths.append(len(blob))
+            digests.append(digest)
+    finally:
+        hashing.ready(index, updates)
+    return b"".join(blobs), lengths, digests
 
 
 _NUL = 0
@@ -343,9 +416,9 @@ class ChunkedCompressor:
         self._meta = _Frame(bytearray())
         self._batch: list[_Frame] = []
         self._batch_bytes = 0
-        self._in_flight: deque[
-            tuple[list[_Frame], Future[list[tuple[bytes, str]]] | list[tuple[bytes, str]]]
-        ] = deque()
+        self._in_flight: deque[tuple[list[_Frame], int, _Batch | Future[_Batch]]] = deque()
+        self._submitted = 0
+        self._file_hashing = _OrderedFileHashing()
         self._offset = 0
         self._tar_size = 0
         self.entries: list[dict[str, Any]] = []
@@ -496,18 +569,25 @@ class ChunkedCompressor:
             raise LayerError("file content outside a file")
         if self._chunk_offset == 0:
             entry = file
-            # Files of one chunk take their digest from the chunk's (in a worker).
-            self._file_digest = None if last else hashlib.sha256(data)
+            # Files of one chunk take their digest from the chunk's; others
+            # hash their chunks in order on the workers (_OrderedFileHashing).
+            self._file_digest = None if last else hashlib.sha256()
         else:
             entry = {"name": file["name"], "type": "chunk"}
             self.entries.append(entry)
-            self._file_digest.update(data)
         entry["chunkOffset"] = self._chunk_offset
         entry["chunkSize"] = len(data)
         self._chunks_of_file.append(entry)
         self._chunk_offset += len(data)
         frame = _Frame(
-            bytearray(), data, starts=[entry], ends=[entry], chunk=entry, chunk_size=len(data)
+            bytearray(),
+            data,
+            starts=[entry],
+            ends=[entry],
+            chunk=entry,
+            chunk_size=len(data),
+            file_hash=self._file_digest,
+            file_end=(file, self._file_digest) if last and self._file_digest is not None else None,
         )
         if self._fmt.merge_metadata:
             # The headers that follow join this frame (see FrameFormat.merge_metadata).
@@ -524,8 +604,7 @@ class ChunkedCompressor:
             # A one-chunk file: its digest says it all, as containers-storage
             # writes it; the chunk's digest becomes the file's when it is known.
             del file["chunkOffset"], file["chunkSize"]
-        else:
-            file["digest"] = "sha256:" + self._file_digest.hexdigest()
+        # A file of several chunks gets its digest when its last chunk is collected.
         self._file = None
         self._file_digest = None
 
@@ -546,36 +625,44 @@ class ChunkedCompressor:
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
-        payloads = [(frame.payload(), frame.chunk_size) for frame in batch]
+        payloads = [(frame.payload(), frame.chunk_size, frame.file_hash) for frame in batch]
         for frame in batch:
-            frame.data, frame.head = bytearray(), b""
+            frame.data, frame.head, frame.file_hash = bytearray(), b"", None
+        index = self._submitted
+        self._submitted += 1
+        args = (self._fmt.compress_frame, payloads, index, self._file_hashing)
         if self._executor is None:
-            self._in_flight.append((batch, _compress_batch(self._fmt.compress_frame, payloads)))
+            self._in_flight.append((batch, index, _compress_batch(*args)))
         else:
-            self._in_flight.append(
-                (batch, self._executor.submit(_compress_batch, self._fmt.compress_frame, payloads))
-            )
+            self._in_flight.append((batch, index, self._executor.submit(_compress_batch, *args)))
         self._collect(out, wait=False)
 
     def _collect(self, out: list[bytes], *, wait: bool) -> None:
         while self._in_flight:
-            batch, pending = self._in_flight[0]
+            batch, index, pending = self._in_flight[0]
             if isinstance(pending, Future):
                 if not (wait or pending.done() or len(self._in_flight) > self._max_in_flight):
                     return
-                compressed = pending.result()
+                blob, lengths, digests = pending.result()
             else:
-                compressed = pending
+                blob, lengths, digests = pending
             self._in_flight.popleft()
-            for frame, (blob, digest) in zip(batch, compressed, strict=True):
+            hashed = False
+            for frame, length, digest in zip(batch, lengths, digests, strict=True):
                 if frame.chunk is not None:
                     frame.chunk["chunkDigest"] = digest
                 for entry in frame.starts:
                     entry["offset"] = self._offset
-                self._offset += len(blob)
+                self._offset += length
                 for entry in frame.ends:
                     entry["endOffset"] = self._offset
-                out.append(blob)
+                if frame.file_end is not None:
+                    if not hashed:
+                        self._file_hashing.wait(index)
+                        hashed = True
+                    entry, file_hash = frame.file_end
+                    entry["digest"] = "sha256:" + file_hash.hexdigest()
+            out.append(blob)
 
 
 def _parse_pax(payload: bytes) -> dict[bytes, bytes]:
