@@ -132,6 +132,7 @@ from nixery_core.compression import (
     OrderedOutput,
     StreamCompressor,
     frame_compressor,
+    frames_compressor,
     open_compressor,
     resolve_compressor,
 )
@@ -850,8 +851,10 @@ class _OrderedHashing:
 
 def _frame_format(spec: CompressorSpec, mtime: int) -> FrameFormat:
     if spec.compression == "estargz":
-        return EStargzFormat(frame_compressor(spec), mtime=mtime)
-    return ZstdChunkedFormat(frame_compressor(spec))
+        return EStargzFormat(
+            frame_compressor(spec), mtime=mtime, compress_members=frames_compressor(spec)
+        )
+    return ZstdChunkedFormat(frame_compressor(spec), frames_compressor(spec))
 
 
 #: The most threads a layer packed on its own uses by default, whatever the CPU count.

@@ -51,12 +51,13 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any, Protocol
 
 import attrs
 
+from nixery_core.compression import FramesCompressor
 from nixery_core.errors import LayerError, MissingEncoder
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "Trailer",
     "chunker_parameters",
     "cut_points",
+    "each_frame",
     "modtime_rfc3339",
     "ordered_entries",
     "plan_chunks",
@@ -96,6 +98,10 @@ _REFERENCE_LENGTH = len(_REFERENCE) + 32
 _MARGIN = 64
 #: Uncompressed bytes per batch of frames handed to a worker.
 BATCH_BYTES = 1 << 20
+#: A big file's content is cut once this much of it is held (the last
+#: :data:`CHUNK_MAX` bytes or so wait for more), so most bytes are copied
+#: and scanned once.
+_WINDOW = CHUNK_MAX + 4 * BATCH_BYTES
 #: A metadata piece (headers of directories, symlinks, links) is sealed into
 #: a frame of its own once it reaches this size, so it never grows unbounded.
 _META_LIMIT = 1 << 20
@@ -131,6 +137,8 @@ def cut_points(data: bytes | bytearray | memoryview) -> list[int]:
     """Lengths of the chunks ``data`` is cut into, as if it were a whole file."""
     return [chunk.length for chunk in _new_chunker().cut_buf(data)]
 
+
+_Buffer = bytes | memoryview
 
 #: The order of TOC entry keys: insertion order depends on when a frame's
 #: offsets arrive from a worker, so the TOC is always written in this order.
@@ -212,6 +220,16 @@ def plan_chunks(
     return lengths
 
 
+def each_frame(compress: Callable[[bytes], bytes]) -> FramesCompressor:
+    """A :data:`~nixery_core.compression.FramesCompressor` calling ``compress`` once per frame."""
+
+    def frames(data: Sequence[_Buffer]) -> tuple[bytes, list[int]]:
+        out = [compress(bytes(frame)) for frame in data]
+        return b"".join(out), [len(frame) for frame in out]
+
+    return frames
+
+
 def modtime_rfc3339(mtime: int) -> str:
     """A tar mtime as the TOC's RFC 3339 UTC timestamp."""
     import time  # noqa: PLC0415 - only for this conversion
@@ -248,6 +266,10 @@ class FrameFormat(Protocol):
 
     def compress_frame(self, data: bytes) -> bytes: ...
 
+    def compress_frames(self, frames: Sequence[_Buffer]) -> tuple[bytes, list[int]]:
+        """Many frames compressed as :meth:`compress_frame` would, joined; each one's length."""
+        ...
+
     def trailer(self, entries: list[dict[str, Any]], offset: int, tar_size: int) -> Trailer: ...
 
 
@@ -260,7 +282,7 @@ class _Frame:
     """
 
     data: bytearray
-    head: bytes = b""
+    head: _Buffer = b""
     #: TOC entries whose ``offset`` is this frame's start.
     starts: list[dict[str, Any]] = attrs.Factory(list)
     #: TOC entries whose ``endOffset`` is this frame's end.
@@ -275,11 +297,11 @@ class _Frame:
     #: joined it, and the hash.
     file_end: tuple[dict[str, Any], Any] | None = None
 
-    def payload(self) -> bytes:
+    def payload(self) -> _Buffer:
         """The frame's bytes (one copy only when metadata follows a chunk)."""
         if not self.data:
             return self.head
-        return self.head + self.data if self.head else bytes(self.data)
+        return b"".join((self.head, self.data)) if self.head else bytes(self.data)
 
     def __len__(self) -> int:
         return len(self.head) + len(self.data)
@@ -302,11 +324,11 @@ class _OrderedFileHashing:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._ready: dict[int, list[tuple[Any, bytes | memoryview]]] = {}
+        self._ready: dict[int, list[tuple[Any, _Buffer]]] = {}
         self._next = 0  # the next batch to apply
         self._busy = False
 
-    def ready(self, index: int, updates: list[tuple[Any, bytes | memoryview]]) -> None:
+    def ready(self, index: int, updates: list[tuple[Any, _Buffer]]) -> None:
         with self._cond:
             self._ready[index] = updates
             if self._busy:
@@ -334,21 +356,19 @@ class _OrderedFileHashing:
 
 
 def _compress_batch(
-    compress: Callable[[bytes], bytes],
-    frames: list[tuple[bytes, int, Any]],
+    compress_frames: FramesCompressor,
+    frames: list[tuple[_Buffer, int, Any]],
     index: int,
     hashing: _OrderedFileHashing,
 ) -> _Batch:
     """The frames compressed and joined, each one's length and the sha256 of its chunk.
 
     The digest is ``""`` for a frame with no chunk.  Chunks of files of
-    several chunks then join their file's digest, in order (see
+    several chunks also join their file's digest, in order (see
     :class:`_OrderedFileHashing`).
     """
-    blobs = []
-    lengths = []
     digests = []
-    updates: list[tuple[Any, bytes | memoryview]] = []
+    updates: list[tuple[Any, _Buffer]] = []
     try:
         for data, chunk_size, file_hash in frames:
             digest = ""
@@ -357,13 +377,11 @@ def _compress_batch(
                 digest = "sha256:" + hashlib.sha256(chunk).hexdigest()
                 if file_hash is not None:
                     updates.append((file_hash, chunk))
-            blob = compress(data)
-            blobs.append(blob)
-            lengths.append(len(blob))
             digests.append(digest)
     finally:
         hashing.ready(index, updates)
-    return b"".join(blobs), lengths, digests
+    blob, lengths = compress_frames([data for data, _size, _hash in frames])
+    return blob, lengths, digests
 
 
 _NUL = 0
@@ -406,7 +424,10 @@ class ChunkedCompressor:
         self._pax_bytes = bytearray()
         self._remaining = 0  # content bytes of the current file still to come
         self._padding = 0  # padding after the current file's content
-        self._window = bytearray()  # content not yet cut into chunks
+        self._window = b""  # content held back, not yet cut into chunks
+        #: Content after the window, as given (views of buffers never changed again).
+        self._pending: list[_Buffer] = []
+        self._pending_bytes = 0
         self._split = False  # whether the current file's store references get chunks of their own
         self._file: dict[str, Any] | None = None
         self._file_digest: Any = None
@@ -423,10 +444,72 @@ class ChunkedCompressor:
         self._tar_size = 0
         self.entries: list[dict[str, Any]] = []
         self.trailer: Trailer | None = None
+        # Cutting stage (see compress): input waiting to be cut, output ready.
+        self._stage_lock = threading.Lock()
+        self._cutting = threading.Lock()  # held by whoever cuts
+        self._queued: deque[bytes | bytearray | memoryview] = deque()
+        self._scheduled = False
+        self._ready: list[bytes] = []
+        self._failure: BaseException | None = None
+        self._max_queued = 2 * max(1, threads)
 
     # --- input ---------------------------------------------------------------
 
     def compress(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Take more of the tar stream; the compressed bytes ready so far, in order.
+
+        ``data`` must never change after this call: pieces of it are kept
+        (as views, not copies) until they are compressed.  With an executor,
+        the stream is parsed and cut on it (one piece at a time, in order),
+        so the caller goes on reading files meanwhile; when more than
+        ``2 * threads`` pieces wait, the caller cuts them itself (memory
+        stays bounded).
+        """
+        if self._executor is None:
+            return self._cut(data)
+        with self._stage_lock:
+            self._raise_failure()
+            self._queued.append(data)
+            backlog = len(self._queued)
+            schedule = not self._scheduled
+            self._scheduled = True
+        if backlog > self._max_queued:
+            self._drain(wait=True)
+        elif schedule:
+            self._executor.submit(self._drain, wait=False)
+        with self._stage_lock:
+            self._raise_failure()
+            out, self._ready = self._ready, []
+        return out
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _drain(self, *, wait: bool) -> None:
+        """Cut every queued piece, in order (one drainer at a time; others return)."""
+        if not self._cutting.acquire(blocking=wait):
+            return  # the thread cutting now takes what was queued
+        try:
+            while True:
+                with self._stage_lock:
+                    if not self._queued or self._failure is not None:
+                        self._queued.clear()
+                        self._scheduled = False
+                        return
+                    data = self._queued.popleft()
+                try:
+                    out = self._cut(data)
+                except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
+                    with self._stage_lock:
+                        self._failure = exc
+                    continue
+                with self._stage_lock:
+                    self._ready.extend(out)
+        finally:
+            self._cutting.release()
+
+    def _cut(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         out: list[bytes] = []
         view = memoryview(data)
         self._tar_size += len(view)
@@ -457,7 +540,10 @@ class ChunkedCompressor:
         return out
 
     def finish(self) -> list[bytes]:
-        out: list[bytes] = []
+        self._drain(wait=True)
+        with self._stage_lock:
+            self._raise_failure()
+            out, self._ready = self._ready, []
         if self._remaining or self._padding or self._buf or self._pax or self._pax_left:
             raise LayerError("tar stream ended inside a member")
         self._seal_meta(out)
@@ -472,10 +558,14 @@ class ChunkedCompressor:
         return out
 
     def close(self) -> None:
-        while self._in_flight:
-            pending = self._in_flight.popleft()[1]
-            if isinstance(pending, Future):
-                pending.cancel()
+        """Stop: nothing queued is cut, and batches not started are cancelled."""
+        with self._stage_lock:
+            self._queued.clear()
+        with self._cutting:  # a piece being cut is finished first
+            while self._in_flight:
+                pending = self._in_flight.popleft()[2]
+                if isinstance(pending, Future):
+                    pending.cancel()
 
     # --- tar parsing -----------------------------------------------------------
 
@@ -545,25 +635,30 @@ class ChunkedCompressor:
         self._seal_meta(out)
 
     def _content(self, data: memoryview, out: list[bytes]) -> None:
-        self._window += data
+        self._pending.append(data)
+        self._pending_bytes += len(data)
         self._remaining -= len(data)
         last = not self._remaining
-        window = self._window
-        if not last and len(window) < CHUNK_MAX + BATCH_BYTES:
+        if not last and len(self._window) + self._pending_bytes < _WINDOW:
             return
+        # One copy of each byte into one buffer the chunker can scan.
+        window = b"".join((self._window, *self._pending))
+        self._pending = []
+        self._pending_bytes = 0
         lengths = plan_chunks(self._chunker, window, last=last, split_references=self._split)
         start = 0
-        with memoryview(window) as view:
-            for length in lengths:
-                chunk_last = last and start + length == len(window)
-                self._chunk(view[start : start + length].tobytes(), out, last=chunk_last)
-                start += length
-        # A new buffer: the chunker may still hold a view of the old one.
+        # Chunks are views of the window, never copied: it is not changed after
+        # this (the rest goes to a new buffer), and lives while a chunk does.
+        view = memoryview(window)
+        for length in lengths:
+            chunk_last = last and start + length == len(window)
+            self._chunk(view[start : start + length], out, last=chunk_last)
+            start += length
         self._window = window[start:]
         if last:
             self._end_file(out)
 
-    def _chunk(self, data: bytes, out: list[bytes], *, last: bool) -> None:
+    def _chunk(self, data: memoryview, out: list[bytes], *, last: bool) -> None:
         file = self._file
         if file is None:  # pragma: no cover - content only comes after a header
             raise LayerError("file content outside a file")
@@ -625,12 +720,14 @@ class ChunkedCompressor:
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
-        payloads = [(frame.payload(), frame.chunk_size, frame.file_hash) for frame in batch]
+        payloads: list[tuple[_Buffer, int, Any]] = [
+            (frame.payload(), frame.chunk_size, frame.file_hash) for frame in batch
+        ]
         for frame in batch:
             frame.data, frame.head, frame.file_hash = bytearray(), b"", None
         index = self._submitted
         self._submitted += 1
-        args = (self._fmt.compress_frame, payloads, index, self._file_hashing)
+        args = (self._fmt.compress_frames, payloads, index, self._file_hashing)
         if self._executor is None:
             self._in_flight.append((batch, index, _compress_batch(*args)))
         else:

@@ -38,7 +38,8 @@ import tarfile
 from collections.abc import Callable
 from typing import Any
 
-from nixery_core.chunked import TOC_KEYS, Trailer, ordered_entries
+from nixery_core.chunked import TOC_KEYS, Trailer, each_frame, ordered_entries
+from nixery_core.compression import FramesCompressor
 
 __all__ = [
     "FOOTER_SIZE",
@@ -79,8 +80,15 @@ class EStargzFormat:
 
     merge_metadata = True
 
-    def __init__(self, compress_member: Callable[[bytes], bytes], *, mtime: int) -> None:
+    def __init__(
+        self,
+        compress_member: Callable[[bytes], bytes],
+        *,
+        mtime: int,
+        compress_members: FramesCompressor | None = None,
+    ) -> None:
         self.compress_frame = compress_member
+        self.compress_frames = compress_members or each_frame(compress_member)
         self._mtime = mtime
 
     def trailer(self, entries: list[dict[str, Any]], offset: int, tar_size: int) -> Trailer:

@@ -38,7 +38,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from nixery_core.chunked import Trailer, ordered_entries
+from nixery_core.chunked import Trailer, each_frame, ordered_entries
+from nixery_core.compression import FramesCompressor
 from nixery_core.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 
 __all__ = [
@@ -74,8 +75,13 @@ class ZstdChunkedFormat:
 
     merge_metadata = False
 
-    def __init__(self, compress_frame: Callable[[bytes], bytes]) -> None:
+    def __init__(
+        self,
+        compress_frame: Callable[[bytes], bytes],
+        compress_frames: FramesCompressor | None = None,
+    ) -> None:
         self.compress_frame = compress_frame
+        self.compress_frames = compress_frames or each_frame(compress_frame)
 
     def trailer(self, entries: list[dict[str, Any]], offset: int, tar_size: int) -> Trailer:
         """End-of-archive frame, TOC and footer, for frames ending at ``offset``."""
