@@ -71,7 +71,8 @@ age like any unnamed blob, with their own grace period
 (``fragment_grace_seconds``; by default ``grace_seconds``): a bucket hit
 touches its blob, so a fragment reused within that period stays.  After the
 sweep, pointers whose blob is no longer stored (or that do not parse) are
-deleted (``dry_run``: counted).  A pointer removed while a build rewrites it
+deleted (``dry_run``: those already dangling are counted).  That reads every
+pointer, one request each, like the ``manifests/`` and ``builds/`` entries.  A pointer removed while a build rewrites it
 costs that build's next reader one miss; a build never depends on a bucket
 fragment after fetching it, so no deletion breaks a build in flight.
 

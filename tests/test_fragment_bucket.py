@@ -298,21 +298,29 @@ def test_two_instances_on_fake_gcs_share_fragments(
     runner = FakeNix(tmp_path / "root", default_fake_packages())
     bucket_name = f"t-{uuid.uuid4().hex[:16]}"
     raw_bucket = fake_gcs.make_bucket(bucket_name)
-    bucket = GcsStore(raw_bucket)
+    bucket = GcsStore(raw_bucket)  # for looking at and damaging the bucket
 
     def host(name: str) -> BuildCache:
         # No shared layer or manifest entries: every layer is assembled, from fragments.
         return BuildCache(tmp_path / name, shared=False, fragment_bucket=EVERY)
 
+    def client() -> GcsStore:
+        """A host's own connection to the bucket."""
+        return GcsStore(fake_gcs.make_bucket(bucket_name))
+
     with host("a") as first:
-        _build(first, runner, bucket, budget=8)
+        _build(first, runner, client(), budget=8)
         assert first.fragments is not None
         packed = first.fragments.misses
     assert packed > 0
     with host("b") as second:
-        regrouped = _build(second, runner, bucket, budget=3)
+        store_b = client()
+        regrouped = _build(second, runner, store_b, budget=3)
         assert second.fragments is not None
         assert second.fragments.misses == 0  # not one store path compressed
+        tier = second.fragments_for(store_b)
+        assert isinstance(tier, BucketFragments)
+        assert (tier.stats.hits, tier.stats.uploaded) == (packed, 0)
     with BuildCache(tmp_path / "fresh", fragment_limit=0) as fresh:
         reference = _build(fresh, runner, GcsStore(fake_gcs.make_bucket(bucket_name + "-x")), 3)
     assert regrouped.manifest_digest == reference.manifest_digest
@@ -325,15 +333,17 @@ def test_two_instances_on_fake_gcs_share_fragments(
     digest = FragmentPointer.from_json(bucket.get_object(key) or b"").digest
     raw_bucket.blob(bucket.blob_object_name(digest)).upload_from_string(b"\x1f\x8bnot a member")
     with host("c") as third:
-        again = _build(third, runner, bucket, budget=5)
-        tier = third.fragments_for(bucket)
+        store_c = client()
+        again = _build(third, runner, store_c, budget=5)
+        tier = third.fragments_for(store_c)
         assert isinstance(tier, BucketFragments)
         assert tier.stats.rejected == 1
         assert third.fragments is not None
         assert third.fragments.misses == 1  # the damaged one, packed again
     with host("d") as fourth:
-        assert _build(fourth, runner, bucket, budget=5).manifest_digest == again.manifest_digest
-        tier = fourth.fragments_for(bucket)
+        store_d = client()
+        assert _build(fourth, runner, store_d, budget=5).manifest_digest == again.manifest_digest
+        tier = fourth.fragments_for(store_d)
         assert isinstance(tier, BucketFragments)
         assert tier.stats.rejected == 0  # repaired by the third host's upload
         assert fourth.fragments is not None
