@@ -217,6 +217,23 @@ def test_a_failing_bucket_only_costs_the_packing(store: Path, tmp_path: Path) ->
     assert (tier.stats.failed, tier.stats.upload_failures) == (len(PATHS), len(PATHS))
 
 
+def test_a_failed_upload_leaves_no_staged_bytes_and_no_pointer(
+    store: Path, tmp_path: Path
+) -> None:
+    """A blob upload that fails is aborted: nothing staged, no pointer to a missing blob."""
+    bucket = MemoryStore()
+    bucket.fail_on_write(1)  # the first fragment's blob commit fails
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        pack(store, PATHS, ArchiveOptions(), tier)
+    assert (tier.stats.uploaded, tier.stats.upload_failures) == (len(PATHS) - 1, 1)
+    assert bucket.staged_blobs() == ()
+    assert len(pointers(bucket)) == len(PATHS) - 1
+    for key in pointers(bucket):
+        digest = FragmentPointer.from_json(bucket.get_object(key) or b"").digest
+        assert bucket.blob_info(digest) is not None
+
+
 def test_policy_refuses_nonsense() -> None:
     """A negative min_size or a thread count below one is a typed error."""
     with pytest.raises(InvalidInput, match="min_size"):
