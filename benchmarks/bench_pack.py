@@ -523,6 +523,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         ("CPU: pigz -p2 -6 / ours 1 layer", pigz.cpu / single.cpu),
         ("CPU: ours 1 layer / tar read", single.cpu / read.cpu),
         ("cold pack into fragments / ours 1 layer", cold.rate / single.rate),
+        ("CPU: cold into fragments / ours 1 layer", cold.cpu / single.cpu),
         ("regrouped from fragments / tar read", regrouped.rate / read.rate),
         ("CPU: regrouped / ours 1 layer", regrouped.cpu / single.cpu),
     ]

@@ -17,7 +17,11 @@ directory bounded by ``size_limit`` bytes, evicting the least recently
 matters).  A hit does not write: reading is diskcache's no-transaction
 path, and the hits' access times are recorded together, in one
 transaction, before the next fragment is stored (only storing evicts) and
-at :meth:`FragmentCache.close`, or every :data:`_TOUCH_BATCH` hits.  A
+at :meth:`FragmentCache.close`, or every :data:`_TOUCH_BATCH` hits.
+Committed fragments are written by a background thread, several per
+transaction, so a pack never waits on the database; a lookup of a fragment
+still queued waits for its write, and :meth:`FragmentCache.close` writes
+what is left.  A
 fragment is keyed by :func:`fragment_key`: the path it was read from and the
 archive options (Nix never changes a valid store path's content).  Each
 entry records the fragment's uncompressed size and the CRC-32 of its
@@ -33,12 +37,13 @@ the path and size of each file's content, the CRC-32 of each 1 MiB block of
 its uncompressed bytes), and assembling a layer rebuilds the tar from the
 store by it, checking every block against its recorded CRC-32 before it is
 hashed.  Why: rebuilding is a copy from the page cache and a few syscalls
-per file plus a CRC-32 at about 10 GB/s, where ISA-L inflates about 1 GB/s
-per core; on the benchmark closures it takes a half to a quarter of the CPU
-time (docs/performance.md, "Fragments").  The ``diff_id`` still covers
-exactly the bytes shipped: from the first block that does not match (a file
-changed or removed since, a damaged layout), and for a fragment without a
-layout (one fetched from a bucket tier, or whose headers exceed
+per file plus a CRC-32 at about 10 GB/s, where ISA-L inflates 0.5-0.6 GB
+of output per CPU-second; on the benchmark closures rebuilding takes about
+a quarter of the CPU time of inflating (docs/performance.md, "Fragments").
+The ``diff_id`` still covers exactly the bytes shipped: from the first
+block that does not match (a file changed or removed since, a damaged
+layout), and for a fragment without a layout (one fetched from a bucket
+tier, or whose headers exceed
 :data:`~nixery_core.fragment_layout.MAX_LITERALS`), the fragment is
 decompressed instead.  The layout lives in the entry's tag (after the sizes
 and CRC), so a lookup stays one database read.
