@@ -18,11 +18,12 @@ the caller inflates the fragment from there on.  So the ``diff_id`` only
 ever covers bytes that match, block for block, the tar that was
 compressed into the fragment being shipped.
 
-Why rebuild rather than inflate: ISA-L inflates about 0.5-0.6 GB of output
+Why rebuild rather than inflate: ISA-L inflates about 0.5-0.65 GB of output
 per CPU-second here; rebuilding is a copy from the page cache plus an
 ``open``/``readv``/``close`` per file and a CRC-32 (ISA-L's, about 10 GB/s):
-0.14 CPU-seconds against 0.52 for the 313 MB of the benchmark closure's
-fragments, 0.04 against 0.13 for the quick one (docs/performance.md).
+0.11 CPU-seconds against 0.48 for the 313 MB of the benchmark closure's
+fragments, 0.03 against 0.13 for the quick one
+(``benchmarks/bench_rebuild.py``, docs/performance.md).
 
 A layout is a few hundred bytes per file before compression (the header
 blocks), deflated (ISA-L level 1) to a tenth or less; a store path whose

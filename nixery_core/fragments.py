@@ -37,9 +37,9 @@ the path and size of each file's content, the CRC-32 of each 1 MiB block of
 its uncompressed bytes), and assembling a layer rebuilds the tar from the
 store by it, checking every block against its recorded CRC-32 before it is
 hashed.  Why: rebuilding is a copy from the page cache and a few syscalls
-per file plus a CRC-32 at about 10 GB/s, where ISA-L inflates 0.5-0.6 GB
+per file plus a CRC-32 at about 10 GB/s, where ISA-L inflates 0.5-0.65 GB
 of output per CPU-second; on the benchmark closures rebuilding takes about
-a quarter of the CPU time of inflating (docs/performance.md, "Fragments").
+a quarter of the CPU time of inflating (``benchmarks/bench_rebuild.py``).
 The ``diff_id`` still covers exactly the bytes shipped: from the first
 block that does not match (a file changed or removed since, a damaged
 layout), and for a fragment without a layout (one fetched from a bucket
