@@ -546,7 +546,8 @@ class _TarStream:
         compressor.close()
         self._compressor = None
         if self._recording is not None:
-            self._recording.writer.layout = self._recording.layout.encode()
+            # Encoded by the cache's writing thread, off this one.
+            self._recording.writer.layout = self._recording.layout
             self._output.add(_Done(self._recording), b"")
             self._recording = None
             self._layout = None

@@ -83,6 +83,7 @@ from nixery_core.protocols import JSONValue
 __all__ = [
     "DEFAULT_FRAGMENT_LIMIT",
     "CachedFragment",
+    "EncodesLayout",
     "FragmentCache",
     "FragmentSource",
     "FragmentWriter",
@@ -272,7 +273,7 @@ class FragmentCache:
             try:
                 with self._cache.transact():
                     for key, item in batch:
-                        self._cache.set(key, item.value, read=item.read, tag=item.tag)
+                        self._cache.set(key, item.value, read=item.read, tag=item.tag())
             except (OSError, sqlite3.Error) as exc:
                 log.warning("fragment cache write of %d fragments failed (%s); not kept",
                             len(batch), exc)
@@ -411,19 +412,36 @@ class FragmentCache:
         return FragmentWriter(self, key)
 
 
+class EncodesLayout(Protocol):
+    """A fragment layout still to encode (a :class:`~.fragment_layout.LayoutRecorder`)."""
+
+    def encode(self) -> bytes | None: ...
+
+
 @attrs.frozen
 class _Pending:
     """A committed fragment waiting for the writing thread."""
 
     #: Bytes (kept in the database), or a stream diskcache copies into a file.
     value: bytes | BinaryIO | _Pieces
-    tag: str | bytes
+    uncompressed_size: int
+    crc: int
+    layout: bytes | EncodesLayout | None
     #: Bytes of memory it holds until written (a spill file holds none).
     memory: int
 
     @property
     def read(self) -> bool:
         return not isinstance(self.value, bytes)
+
+    def tag(self) -> str | bytes:
+        """``<uncompressed size>:<crc>``, then a newline and the layout if it has one."""
+        layout = self.layout
+        if layout is not None and not isinstance(layout, bytes):
+            layout = layout.encode()
+        if layout is None:
+            return f"{self.uncompressed_size}:{self.crc}"
+        return b"%d:%d\n%s" % (self.uncompressed_size, self.crc, layout)
 
     def discard(self) -> None:
         if not isinstance(self.value, bytes | _Pieces):
@@ -456,8 +474,9 @@ class FragmentWriter:
     _crc: int = attrs.field(init=False, default=0)
     _spill: Any = attrs.field(init=False, default=None)
     #: Kept with the fragment: how its uncompressed bytes are rebuilt from the store
-    #: (:mod:`nixery_core.fragment_layout`), set by the packer before :meth:`commit`.
-    layout: bytes | None = attrs.field(init=False, default=None)
+    #: (:mod:`nixery_core.fragment_layout`), set by the packer before :meth:`commit`;
+    #: encoded by the writing thread when given unencoded.
+    layout: bytes | EncodesLayout | None = attrs.field(init=False, default=None)
 
     def add(self, piece: bytes) -> None:
         self._crc = _crc32(piece, self._crc)
@@ -485,10 +504,8 @@ class FragmentWriter:
         spill, self._spill = self._spill, None
         if isinstance(spill, _Discarded):
             return
-        tag: str | bytes = f"{uncompressed_size}:{self._crc}"
-        if self.layout is not None:
-            tag = b"%d:%d\n%s" % (uncompressed_size, self._crc, self.layout)
         pieces, self._pieces = self._pieces, []
+        fields = (uncompressed_size, self._crc, self.layout)
         if spill is not None:
             try:
                 spill.seek(0)
@@ -496,12 +513,12 @@ class FragmentWriter:
                 spill.close()
                 log.warning("fragment %s unreadable (%s); not kept", self.key, exc)
                 return
-            item = _Pending(spill, tag, 0)
+            item = _Pending(spill, *fields, memory=0)
         elif self._size < self._cache.min_file_size:  # kept in the database
-            item = _Pending(b"".join(pieces), tag, self._size)
+            item = _Pending(b"".join(pieces), *fields, memory=self._size)
         else:
             # Given as a stream: diskcache writes bytes given as such line by line.
-            item = _Pending(_Pieces(pieces), tag, self._size)
+            item = _Pending(_Pieces(pieces), *fields, memory=self._size)
         self._cache._submit(self.key, item)
 
     def discard(self) -> None:

@@ -182,6 +182,7 @@ def test_damaged_cached_fragment_is_a_miss_and_repacked(store: Path, tmp_path: P
     expected = pack(store, PATHS, options)
     with FragmentCache(tmp_path / "fragments") as cache:
         pack(store, PATHS, options, cache)
+        cache.flush()  # fragments are written by a background thread
         damaged = 0
         for file in (tmp_path / "fragments").rglob("*.val"):
             data = bytearray(file.read_bytes())
@@ -203,6 +204,7 @@ def test_fragment_cache_stays_within_its_size_limit(store: Path, tmp_path: Path)
     with FragmentCache(tmp_path / "fragments", size_limit=limit) as cache:
         for _ in range(3):
             assert pack(store, PATHS, options, cache) == expected
+        cache.flush()
         assert cache._cache.volume() < limit + 2 * 1024 * 1024  # diskcache's own pages included
 
 
@@ -247,6 +249,7 @@ def test_failed_pack_keeps_no_fragment_of_the_failing_path(store: Path, tmp_path
     with FragmentCache(tmp_path / "fragments") as cache:
         with pytest.raises(UnsafeStoreContent):
             pack(root, PATHS, options, cache)
+        cache.flush()
         key = fragment_key(os.fsencode(bad), options.parameters())
         assert key not in cache._cache
         assert len(list(cache._cache.iterkeys())) <= 2  # at most the paths before it
@@ -366,7 +369,10 @@ def test_damaged_layout_falls_back_to_decompressing(
     expected = pack(store, PATHS, options)
     with FragmentCache(tmp_path / "fragments") as cache:
         pack(store, PATHS, options, cache)
-        for key in list(cache._cache.iterkeys()):
+        cache.flush()
+        keys = list(cache._cache.iterkeys())
+        assert len(keys) == len(PATHS)
+        for key in keys:
             value, tag = cache._cache.get(key, read=True, tag=True)
             assert isinstance(tag, bytes)  # every fragment packed here has a layout
             head, _, layout = tag.partition(b"\n")
