@@ -122,7 +122,12 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
-from nixery_core.chunked import ChunkedCompressor, FrameFormat, chunker_parameters
+from nixery_core.chunked import (
+    ChunkedCompressor,
+    FrameFormat,
+    MembersInflater,
+    chunker_parameters,
+)
 from nixery_core.compression import (
     BLOCK_SIZE,
     CHUNKED,
@@ -425,6 +430,8 @@ class _Recording:
     #: How its uncompressed bytes are rebuilt from the store (:mod:`nixery_core.fragment_layout`).
     layout: LayoutRecorder
     uncompressed: int = 0
+    #: A chunked layer's fragment also records its TOC entries here.
+    toc: FragmentWriter | None = None
 
 
 class _TarStream:
@@ -521,7 +528,8 @@ class _TarStream:
     def begin(self, recording: _Recording | None = None) -> None:
         """Open a new member (a fragment), recorded for the cache when ``recording`` is given."""
         if self._chunked is not None:
-            return  # one stream, cut by the chunked format itself
+            self._chunked_boundary(recording, begin=True)
+            return
         if self._compressor is not None:
             raise RuntimeError("a member is already open")  # a bug in this module, not input
         self._recording = recording
@@ -536,6 +544,7 @@ class _TarStream:
     def end(self) -> None:
         """Close the open member: its last partial block, its trailer."""
         if self._chunked is not None:
+            self._chunked_boundary(None, begin=False)
             return
         compressor = self._compressor
         if compressor is None:
@@ -553,7 +562,39 @@ class _TarStream:
             self._layout = None
         self._emit(self._output.take_ready())
 
-    def put_cached(self, fragment: CachedFragment, source: bytes) -> None:
+    def _chunked_boundary(self, recording: _Recording | None, *, begin: bool) -> None:
+        """A fragment starts or ends in a chunked layer: no frame spans it (chunked.py)."""
+        chunked = self._chunked
+        if chunked is None:  # pragma: no cover - only called for chunked layers
+            raise RuntimeError("not a chunked layer")
+        if self._pos:
+            self._flush_block(partial=True)
+        if begin:
+            self._recording = recording
+            self._layout = None if recording is None else recording.layout
+            if recording is None or recording.toc is None:
+                chunks = chunked.begin_fragment()
+            else:
+                chunks = chunked.begin_fragment(recording.writer, recording.toc)
+        else:
+            if self._recording is not None:
+                self._recording.writer.layout = self._recording.layout.encode()
+            self._recording = None
+            self._layout = None
+            chunks = chunked.end_fragment()
+        self._emit([(None, chunk) for chunk in chunks])
+
+    def _copy_compressed(self, piece: bytes) -> None:
+        """Compressed bytes of a cached fragment, in order with the rest."""
+        if self._chunked is not None:
+            self._emit([(None, chunk) for chunk in self._chunked.put_compressed(piece)])
+            return
+        self._output.add(None, piece)
+        self._emit(self._output.take_ready())
+
+    def put_cached(
+        self, fragment: CachedFragment, source: bytes, toc: CachedFragment | None = None
+    ) -> None:
         """Copy a cached fragment between members; its uncompressed bytes join the diff_id.
 
         The uncompressed bytes are rebuilt from ``source`` (the store path it
@@ -565,13 +606,18 @@ class _TarStream:
         (members are independent); their bytes join the ``diff_id`` in order
         all the same.
         """
-        if self._compressor is not None or self._pos:
+        if self._chunked is not None:
+            if toc is None:  # pragma: no cover - the caller looks both up
+                raise RuntimeError("a chunked layer's fragment needs its TOC")
+            entries = _inflate_whole(self._spec, b"".join(toc.pieces()), toc.uncompressed_size)
+            chunks = self._chunked.put_fragment(entries, fragment.uncompressed_size)
+            self._emit([(None, chunk) for chunk in chunks])
+        elif self._compressor is not None or self._pos:
             raise RuntimeError("a member is open")  # a bug in this module, not input
         layout = None if fragment.layout is None else FragmentLayout.decode(fragment.layout)
         if layout is not None and layout.size == fragment.uncompressed_size:
             for piece in fragment.pieces():
-                self._output.add(None, piece)
-            self._emit(self._output.take_ready())
+                self._copy_compressed(piece)
             done = rebuild(source, layout, self._add_rebuilt)
             if done < fragment.uncompressed_size:
                 log.warning(
@@ -584,8 +630,7 @@ class _TarStream:
         if pool is not None and fragment.uncompressed_size <= _PARALLEL_INFLATE:
             pieces = list(fragment.pieces())
             for piece in pieces:
-                self._output.add(None, piece)
-            self._emit(self._output.take_ready())
+                self._copy_compressed(piece)
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             self._diff_pending.append(
                 pool.submit(_inflate_whole, self._spec, data, fragment.uncompressed_size)
@@ -596,8 +641,7 @@ class _TarStream:
         inflate = _decompressor(self._spec)
         produced = 0
         for piece in fragment.pieces():
-            self._output.add(None, piece)
-            self._emit(self._output.take_ready())
+            self._copy_compressed(piece)
             out = inflate.decompress(piece)
             if out:
                 produced += len(out)
@@ -876,6 +920,8 @@ def _decompressor(spec: CompressorSpec) -> _Inflate:
 
         inflate: _Inflate = zstandard.ZstdDecompressor().decompressobj()
         return inflate
+    if spec.chunked:
+        return MembersInflater(zstd=spec.compression == "zstd-chunked")
     if spec.compression == "gzip":
         try:
             from isal import isal_zlib  # noqa: PLC0415 - faster than zlib at the same result
@@ -974,11 +1020,14 @@ def pack_store_paths(
     """
     spec = options.compressor()
     tops = [_top_level(path, store_root) for path in _store_names(paths)]
-    cache = fragments if spec.compression != "none" and not spec.chunked else None
+    cache = fragments if spec.compression != "none" else None
     parameters = options.parameters() if cache is not None else {}
     keys = [fragment_key(full, parameters) for _, full, _ in tops] if cache is not None else []
+    # A chunked layer's fragment has a second part: its TOC entries (chunked.py).
+    toc_keys = [fragment_key(full, {**parameters, "part": "toc"}) for _, full, _ in tops]
+    toc_keys = toc_keys if cache is not None and spec.chunked else []
     if cache is not None:
-        cache.prefetch(keys)  # a remote tier fetches what it has, all at once
+        cache.prefetch(keys + toc_keys)  # a remote tier fetches what it has, all at once
     with _TarStream(write, spec, threads, options.mtime, executor, blob_digest=blob_digest) as tar:
         tar.begin()
         tar.put(tar.headers(b"nix/", 0o755, 0, _DIRTYPE))
@@ -989,10 +1038,17 @@ def pack_store_paths(
             if cache is not None:
                 key = keys[index]
                 with cache.get(key) as found:
-                    if found is not None:
+                    if found is not None and not toc_keys:
                         tar.put_cached(found, full)
                         continue
+                    if found is not None:
+                        with cache.get(toc_keys[index]) as toc:
+                            if toc is not None:
+                                tar.put_cached(found, full, toc)
+                                continue
                 recording = _Recording(cache.writer(key), LayoutRecorder(member))
+                if toc_keys:
+                    recording.toc = cache.writer(toc_keys[index])
             tar.begin(recording)
             _pack_tree(tar, member, full, kind, _SameContent(_SMALL_FILE))
             tar.end()

@@ -49,6 +49,7 @@ bytes each (the TOC must be complete before it is written at the end).
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -66,7 +67,9 @@ __all__ = [
     "CHUNK_MAX",
     "CHUNK_MIN",
     "ChunkedCompressor",
+    "FragmentRecorder",
     "FrameFormat",
+    "MembersInflater",
     "Trailer",
     "chunker_parameters",
     "cut_points",
@@ -394,6 +397,75 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+class FragmentRecorder(Protocol):
+    """Where a recorded fragment's bytes go (a :class:`~nixery_core.fragments.FragmentWriter`).
+
+    It promises: :meth:`add` takes the compressed bytes in order,
+    :meth:`commit` keeps them with the uncompressed size given, and
+    :meth:`discard` drops them.
+    """
+
+    def add(self, piece: bytes) -> None: ...
+
+    def commit(self, uncompressed_size: int) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+@attrs.define
+class _Fragment:
+    """A fragment being recorded: its recorders and where it starts and ends."""
+
+    frames: FragmentRecorder
+    toc: FragmentRecorder
+    entry_start: int
+    tar_start: int
+    entry_end: int = 0
+    tar_end: int = 0
+    #: Compressed offset of its first byte in the layer (known when collected).
+    offset: int = 0
+
+
+_NOTHING: _Batch = (b"", [], [])
+
+
+@attrs.define
+class _InFlight:
+    """A batch of frames being compressed, or a marker between batches, in output order."""
+
+    frames: list[_Frame]
+    #: The batch's number (file digests are applied in this order); -1 for a marker.
+    index: int
+    result: _Batch | Future[_Batch]
+    #: A fragment whose recording starts here.
+    opens: _Fragment | None = None
+    #: A fragment whose recording ends after this.
+    closes: _Fragment | None = None
+    #: Entries of a cached fragment, whose offsets count from here.
+    rebase: list[dict[str, Any]] | None = None
+
+
+@attrs.frozen
+class _Control:
+    """A fragment operation, taken by the cutting stage in order with the tar bytes."""
+
+    kind: str
+    recording: tuple[FragmentRecorder, FragmentRecorder] | None = None
+    entries: list[dict[str, Any]] = attrs.Factory(list)
+    size: int = 0
+    piece: bytes = b""
+
+    def apply(self, compressor: ChunkedCompressor, out: list[bytes]) -> None:
+        if self.kind == "begin":
+            compressor._begin(out, self.recording)
+        elif self.kind == "end":
+            compressor._end(out)
+        elif self.kind == "cached":
+            compressor._cached(out, self.entries, self.size)
+        else:
+            compressor._raw(out, self.piece)
+
+
 class ChunkedCompressor:
     """Tar bytes in (no end-of-archive), framed and compressed bytes out.
 
@@ -437,7 +509,13 @@ class ChunkedCompressor:
         self._meta = _Frame(bytearray())
         self._batch: list[_Frame] = []
         self._batch_bytes = 0
-        self._in_flight: deque[tuple[list[_Frame], int, _Batch | Future[_Batch]]] = deque()
+        self._in_flight: deque[_InFlight] = deque()
+        self._futures_in_flight = 0
+        # Fragments (see begin_fragment): the one being cut, the one being collected,
+        # and every one not yet committed (discarded on close).
+        self._cutting_fragment: _Fragment | None = None
+        self._collecting_fragment: _Fragment | None = None
+        self._fragments: list[_Fragment] = []
         self._submitted = 0
         self._file_hashing = _OrderedFileHashing()
         self._offset = 0
@@ -447,7 +525,7 @@ class ChunkedCompressor:
         # Cutting stage (see compress): input waiting to be cut, output ready.
         self._stage_lock = threading.Lock()
         self._cutting = threading.Lock()  # held by whoever cuts
-        self._queued: deque[bytes | bytearray | memoryview] = deque()
+        self._queued: deque[bytes | bytearray | memoryview | _Control] = deque()
         self._scheduled = False
         self._ready: list[bytes] = []
         self._failure: BaseException | None = None
@@ -465,11 +543,15 @@ class ChunkedCompressor:
         ``2 * threads`` pieces wait, the caller cuts them itself (memory
         stays bounded).
         """
+        return self._enqueue(data)
+
+    def _enqueue(self, item: bytes | bytearray | memoryview | _Control) -> list[bytes]:
+        """Cut ``item`` now (no executor) or queue it for the cutting stage."""
         if self._executor is None:
-            return self._cut(data)
+            return self._take(item)
         with self._stage_lock:
             self._raise_failure()
-            self._queued.append(data)
+            self._queued.append(item)
             backlog = len(self._queued)
             schedule = not self._scheduled
             self._scheduled = True
@@ -497,9 +579,9 @@ class ChunkedCompressor:
                         self._queued.clear()
                         self._scheduled = False
                         return
-                    data = self._queued.popleft()
+                    item = self._queued.popleft()
                 try:
-                    out = self._cut(data)
+                    out = self._take(item)
                 except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
                     with self._stage_lock:
                         self._failure = exc
@@ -508,6 +590,103 @@ class ChunkedCompressor:
                     self._ready.extend(out)
         finally:
             self._cutting.release()
+
+    def _take(self, item: bytes | bytearray | memoryview | _Control) -> list[bytes]:
+        if isinstance(item, _Control):
+            out: list[bytes] = []
+            item.apply(self, out)
+            return out
+        return self._cut(item)
+
+    # --- fragments ---------------------------------------------------------------
+
+    def begin_fragment(
+        self, frames: FragmentRecorder | None = None, toc: FragmentRecorder | None = None
+    ) -> list[bytes]:
+        """Start a fragment (a store path): no frame spans its start or its end.
+
+        Every byte given from here to :meth:`end_fragment` is framed on its
+        own, so the fragment's compressed bytes are the same wherever it sits
+        in a layer.  With recorders, those bytes go to ``frames`` (committed
+        with the fragment's uncompressed size) and its TOC entries, offsets
+        counted from the fragment's start, as one compressed frame of JSON to
+        ``toc`` (committed with the JSON's size): what :meth:`put_fragment`
+        takes back.  Returns compressed bytes ready, like :meth:`compress`.
+        """
+        recording = None if frames is None or toc is None else (frames, toc)
+        return self._enqueue(_Control("begin", recording=recording))
+
+    def end_fragment(self) -> list[bytes]:
+        """End the fragment :meth:`begin_fragment` started (the stream must be between members)."""
+        return self._enqueue(_Control("end"))
+
+    def put_fragment(self, toc: bytes, uncompressed_size: int) -> list[bytes]:
+        """Start copying a recorded fragment: its TOC JSON (as recorded, decompressed).
+
+        The fragment's compressed bytes follow, in order, through
+        :meth:`put_compressed`; its entries join the TOC with their offsets
+        moved to where it lands.
+        """
+        try:
+            entries = json.loads(toc)
+        except ValueError:
+            entries = None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise LayerError("a cached fragment's TOC does not parse; remove the fragment cache")
+        return self._enqueue(_Control("cached", entries=entries, size=uncompressed_size))
+
+    def put_compressed(self, piece: bytes) -> list[bytes]:
+        """Copy compressed bytes of the fragment :meth:`put_fragment` started."""
+        return self._enqueue(_Control("raw", piece=piece))
+
+    def _boundary(self, out: list[bytes]) -> None:
+        if self._remaining or self._padding or self._buf or self._pax or self._pax_left:
+            raise LayerError("a fragment boundary inside a tar member")
+        self._seal_meta(out)
+        self._submit(out, force=True)
+
+    def _marker(self, out: list[bytes], item: _InFlight) -> None:
+        self._in_flight.append(item)
+        self._collect(out, wait=False)
+
+    def _begin(
+        self, out: list[bytes], recording: tuple[FragmentRecorder, FragmentRecorder] | None
+    ) -> None:
+        self._boundary(out)
+        if recording is None:
+            return
+        fragment = _Fragment(*recording, entry_start=len(self.entries), tar_start=self._tar_size)
+        self._fragments.append(fragment)
+        self._cutting_fragment = fragment
+        self._marker(out, _InFlight([], -1, _NOTHING, opens=fragment))
+
+    def _end(self, out: list[bytes]) -> None:
+        self._boundary(out)
+        fragment, self._cutting_fragment = self._cutting_fragment, None
+        if fragment is None:
+            return
+        fragment.entry_end = len(self.entries)
+        fragment.tar_end = self._tar_size
+        self._marker(out, _InFlight([], -1, _NOTHING, closes=fragment))
+
+    def _cached(self, out: list[bytes], entries: list[dict[str, Any]], size: int) -> None:
+        self._boundary(out)
+        self.entries.extend(entries)
+        self._tar_size += size
+        self._marker(out, _InFlight([], -1, _NOTHING, rebase=entries))
+
+    def _raw(self, out: list[bytes], piece: bytes) -> None:
+        self._marker(out, _InFlight([], -1, (piece, [], [])))
+
+    def _finish_fragment(self, fragment: _Fragment) -> None:
+        """Commit a recorded fragment: every frame of it is collected, its entries complete."""
+        entries = ordered_entries(self.entries[fragment.entry_start : fragment.entry_end])
+        _move(entries, -fragment.offset)
+        toc = json.dumps(entries, separators=(",", ":")).encode()
+        fragment.toc.add(self._fmt.compress_frame(toc))
+        fragment.frames.commit(fragment.tar_end - fragment.tar_start)
+        fragment.toc.commit(len(toc))
+        self._fragments.remove(fragment)
 
     def _cut(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         out: list[bytes] = []
@@ -563,9 +742,13 @@ class ChunkedCompressor:
             self._queued.clear()
         with self._cutting:  # a piece being cut is finished first
             while self._in_flight:
-                pending = self._in_flight.popleft()[2]
+                pending = self._in_flight.popleft().result
                 if isinstance(pending, Future):
                     pending.cancel()
+            for fragment in self._fragments:
+                fragment.frames.discard()
+                fragment.toc.discard()
+            self._fragments.clear()
 
     # --- tar parsing -----------------------------------------------------------
 
@@ -729,37 +912,106 @@ class ChunkedCompressor:
         self._submitted += 1
         args = (self._fmt.compress_frames, payloads, index, self._file_hashing)
         if self._executor is None:
-            self._in_flight.append((batch, index, _compress_batch(*args)))
+            self._in_flight.append(_InFlight(batch, index, _compress_batch(*args)))
         else:
-            self._in_flight.append((batch, index, self._executor.submit(_compress_batch, *args)))
+            self._in_flight.append(
+                _InFlight(batch, index, self._executor.submit(_compress_batch, *args))
+            )
+            self._futures_in_flight += 1
         self._collect(out, wait=False)
 
     def _collect(self, out: list[bytes], *, wait: bool) -> None:
         while self._in_flight:
-            batch, index, pending = self._in_flight[0]
+            item = self._in_flight[0]
+            pending = item.result
             if isinstance(pending, Future):
-                if not (wait or pending.done() or len(self._in_flight) > self._max_in_flight):
+                if not (wait or pending.done() or self._futures_in_flight > self._max_in_flight):
                     return
                 blob, lengths, digests = pending.result()
+                self._futures_in_flight -= 1
             else:
                 blob, lengths, digests = pending
             self._in_flight.popleft()
-            hashed = False
-            for frame, length, digest in zip(batch, lengths, digests, strict=True):
-                if frame.chunk is not None:
-                    frame.chunk["chunkDigest"] = digest
-                for entry in frame.starts:
-                    entry["offset"] = self._offset
-                self._offset += length
-                for entry in frame.ends:
-                    entry["endOffset"] = self._offset
-                if frame.file_end is not None:
-                    if not hashed:
-                        self._file_hashing.wait(index)
-                        hashed = True
-                    entry, file_hash = frame.file_end
-                    entry["digest"] = "sha256:" + file_hash.hexdigest()
+            self._take_collected(item, blob, lengths, digests, out)
+
+    def _take_collected(
+        self, item: _InFlight, blob: bytes, lengths: list[int], digests: list[str], out: list[bytes]
+    ) -> None:
+        """Offsets and digests of a collected batch (or marker) into the TOC; its bytes out."""
+        if item.opens is not None:
+            item.opens.offset = self._offset
+            self._collecting_fragment = item.opens
+        if item.rebase is not None:
+            _move(item.rebase, self._offset)
+        if not item.frames:
+            self._offset += len(blob)
+        hashed = False
+        for frame, length, digest in zip(item.frames, lengths, digests, strict=True):
+            if frame.chunk is not None:
+                frame.chunk["chunkDigest"] = digest
+            for entry in frame.starts:
+                entry["offset"] = self._offset
+            self._offset += length
+            for entry in frame.ends:
+                entry["endOffset"] = self._offset
+            if frame.file_end is not None:
+                if not hashed:
+                    self._file_hashing.wait(item.index)
+                    hashed = True
+                entry, file_hash = frame.file_end
+                entry["digest"] = "sha256:" + file_hash.hexdigest()
+        if blob:
+            if self._collecting_fragment is not None:
+                self._collecting_fragment.frames.add(blob)
             out.append(blob)
+        if item.closes is not None:
+            self._collecting_fragment = None
+            self._finish_fragment(item.closes)
+
+
+class MembersInflater:
+    """Decompresses concatenated gzip members (or zstd frames), piece by piece.
+
+    What a fragment of a chunked layer holds: one member or frame per
+    frame.  :attr:`eof` is true between members (where a whole fragment ends).
+    """
+
+    def __init__(self, *, zstd: bool) -> None:
+        self._zstd = zstd
+        self._inflate: Any = None
+        self.eof = True
+
+    def _new(self) -> Any:
+        if self._zstd:
+            import zstandard  # noqa: PLC0415 - zstd:chunked only; a required dependency
+
+            return zstandard.ZstdDecompressor().decompressobj()
+        from isal import isal_zlib  # noqa: PLC0415 - a required dependency
+
+        return isal_zlib.decompressobj(31)
+
+    def decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._inflate is None:
+                self._inflate = self._new()
+            out.append(self._inflate.decompress(data))
+            if self._inflate.eof:
+                data = self._inflate.unused_data
+                self._inflate = None
+            else:
+                data = b""
+        self.eof = self._inflate is None
+        return b"".join(out)
+
+
+def _move(entries: list[dict[str, Any]], by: int) -> None:
+    """Add ``by`` to the compressed offsets of ``entries``."""
+    for entry in entries:
+        if "offset" in entry:
+            entry["offset"] += by
+        if "endOffset" in entry:
+            entry["endOffset"] += by
 
 
 def _parse_pax(payload: bytes) -> dict[bytes, bytes]:

@@ -30,8 +30,9 @@ each; a miss costs only that); the pack goes on meanwhile and waits only
 for the fragment it needs next.  A
 fragment found is downloaded into the local cache and checked on the way:
 its size, sha256 (the blob's digest) and CRC-32 against the pointer, and
-that it inflates to exactly the recorded number of bytes as one complete
-gzip member or zstd frame with nothing after it.  Only a fragment passing
+that it inflates to exactly the recorded number of bytes as complete gzip
+members or zstd frames (one for a gzip or zstd layer's fragment, one per
+frame for an eStargz or zstd:chunked layer's).  Only a fragment passing
 every check is kept; the pack then copies it from the local cache like any
 local hit, so a layer's bytes are the same whether its fragments came from
 the local cache, the bucket or fresh packing.  A bucket hit also restarts
@@ -285,6 +286,8 @@ class _Check:
     _size: int = attrs.field(init=False, default=0)
     _produced: int = attrs.field(init=False, default=0)
     _inflate: _Inflate | None = attrs.field(init=False, default=None)
+    #: The first bytes of the fragment: which format every member is in.
+    _head: bytes = attrs.field(init=False, default=b"")
 
     def add(self, piece: bytes) -> None:
         pointer = self.pointer
@@ -293,16 +296,22 @@ class _Check:
             raise _Refused(f"is longer than the {pointer.size} bytes recorded")
         inflate = self._inflate
         if inflate is None:
+            self._head = piece[:8]
             inflate = self._inflate = _inflater(piece)
             if inflate is None:
                 raise _Refused("is not a gzip member or a zstd frame")
-        if inflate.eof:
-            raise _Refused("has bytes after its end")
+        data = piece
         try:
-            self._produced += len(inflate.decompress(piece))
+            while data:
+                if inflate.eof:
+                    # Another member of the same format: a chunked layer's
+                    # fragment holds one per frame (nixery_core.chunked).
+                    inflate = self._inflate = cast("_Inflate", _inflater(self._head))
+                self._produced += len(inflate.decompress(data))
+                data = inflate.unused_data if inflate.eof else b""
         except _INFLATE_ERRORS as exc:
             raise _Refused(f"does not decompress ({exc})") from exc
-        if self._produced > pointer.uncompressed_size or inflate.unused_data:
+        if self._produced > pointer.uncompressed_size:
             raise _Refused("decompresses to more than recorded")
         self._digest.update(piece)
         self._crc = _crc32(piece, self._crc)

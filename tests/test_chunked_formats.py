@@ -26,9 +26,13 @@ from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.chunked import CHUNK_MAX, cut_points, plan_chunks
 from nixery_core.errors import InvalidInput
 from nixery_core.estargz import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_NAME, footer
+from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
+from nixery_core.fragment_layout import FragmentLayout
+from nixery_core.fragments import FragmentCache, FragmentSource
 from nixery_core.manifest import LayerDescriptor, render_manifest
 from nixery_core.media_types import OCI_CONFIG
 from nixery_core.protocols import BlobInfo
+from nixery_core.testing.storage import MemoryStore
 from nixery_core.zstd_chunked import (
     MANIFEST_CHECKSUM_ANNOTATION,
     MANIFEST_POSITION_ANNOTATION,
@@ -92,6 +96,116 @@ def _pack(
         threads=threads,
     )
     return out.getvalue(), packed
+
+
+def _pack_paths(
+    root: Path, paths: list[str], compression: str, cache: FragmentSource | None = None
+) -> tuple[bytes, PackedLayer]:
+    out = io.BytesIO()
+    packed = pack_store_paths(
+        paths,
+        out.write,
+        ArchiveOptions(compression=compression),  # type: ignore[arg-type]
+        store_root=root,
+        threads=2,
+        fragments=cache,
+    )
+    return out.getvalue(), packed
+
+
+@pytest.fixture(scope="module")
+def four_paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """Four store paths: the two of make_store and two more with several-chunk files."""
+    root = tmp_path_factory.mktemp("chunked-fragments")
+    paths = make_store(root)
+    store = root / "nix" / "store"
+    for name, seed in (
+        ("cccccccccccccccccccccccccccccccc-lib", 3),
+        ("dddddddddddd" * 2 + "dddddddd-app", 4),
+    ):
+        (store / name / "share").mkdir(parents=True)
+        (store / name / "share" / "data").write_bytes(_with_references(400_000, seed, "kq"))
+        (store / name / "share" / "small").write_bytes(b"small %d\n" % seed)
+        paths.append("/nix/store/" + name)
+    return root, sorted(paths)
+
+
+@pytest.mark.parametrize("inflate", [False, True], ids=["rebuilt", "inflated"])
+@pytest.mark.parametrize("compression", FORMATS)
+def test_layers_are_byte_identical_with_cold_warm_or_no_fragment_cache(
+    four_paths: tuple[Path, list[str]],
+    tmp_path: Path,
+    compression: str,
+    inflate: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunked layer's blob and annotations are the same without a cache, cold and warm.
+
+    Warm, the ``diff_id`` comes from the store by the fragments' layouts, or
+    (``inflated``: as for fragments without one) from decompressing their
+    many members or frames.
+    """
+    root, paths = four_paths
+    plain = _pack_paths(root, paths, compression)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        cold = _pack_paths(root, paths, compression, cache)
+        misses = cache.misses
+        if inflate:
+            monkeypatch.setattr(FragmentLayout, "decode", staticmethod(lambda _data: None))
+        warm = _pack_paths(root, paths, compression, cache)
+        assert cache.misses == misses  # every store path came from the cache
+    assert cold == plain
+    assert warm == plain
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_fragments_packed_in_one_grouping_assemble_any_other(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
+) -> None:
+    """Paths packed as layers {a,b} and {c,d} make layers {a,c} and {b,d}, TOC offsets moved."""
+    root, paths = four_paths
+    with FragmentCache(tmp_path / "fragments") as cache:
+        _pack_paths(root, paths[:2], compression, cache)
+        _pack_paths(root, paths[2:], compression, cache)
+        misses = cache.misses
+        regrouped = [
+            _pack_paths(root, [paths[0], paths[2]], compression, cache),
+            _pack_paths(root, [paths[1], paths[3]], compression, cache),
+        ]
+        assert cache.misses == misses
+    assert regrouped == [
+        _pack_paths(root, [paths[0], paths[2]], compression),
+        _pack_paths(root, [paths[1], paths[3]], compression),
+    ]
+    blob, _packed = regrouped[1]
+    toc, _region = _toc(compression, blob)
+    moved = [
+        e for e in toc["entries"] if e["name"].startswith(paths[3].lstrip("/")) and "offset" in e
+    ]
+    assert moved
+    assert all(e["offset"] > 0 for e in moved)
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_chunked_fragments_are_shared_through_a_bucket(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
+) -> None:
+    """Another instance, its local cache empty, regroups a chunked layer's fragments from the
+    bucket (many members each, and their TOCs): nothing compressed, the same bytes."""
+    root, paths = four_paths
+    bucket = MemoryStore()
+    every = FragmentBucketPolicy(min_size=0)
+    local_a = FragmentCache(tmp_path / "a")
+    with local_a, BucketFragments(local_a, bucket, every) as tier_a:
+        _pack_paths(root, paths, compression, tier_a)
+    assert tier_a.stats.uploaded == 2 * len(paths)  # frames and TOC of each, once closed
+    groups = [paths[:1], paths[1:3], paths[3:]]
+    local_b = FragmentCache(tmp_path / "b")
+    with local_b, BucketFragments(local_b, bucket, every) as tier_b:
+        layers = [_pack_paths(root, g, compression, tier_b) for g in groups]
+        assert local_b.misses == 0  # nothing compressed
+        assert (tier_b.stats.hits, tier_b.stats.rejected) == (2 * len(paths), 0)
+    assert layers == [_pack_paths(root, g, compression) for g in groups]
 
 
 def _decompress(compression: str, blob: bytes) -> bytes:
