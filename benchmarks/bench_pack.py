@@ -25,6 +25,9 @@ user + system seconds of that run, children included):
   keeping them), and *regrouped*: the paths packed once as the round-robin
   layers, then timed as ``--layers`` contiguous layers (other groupings,
   every path from the cache; the ``diff_id`` from decompressed fragments);
+* eStargz and zstd:chunked (issue 17): one layer, ``--layers`` layers in
+  threads, and regrouped from fragments as above (a store path's frames
+  and its TOC entries are fragments too);
 * without ``--quick``: other backends and levels, for the docs table
   (``gzip -6`` runs once: it is slow and only there for context);
 * memory: a child process packs one layer of ``--rss-mb`` (the closure
@@ -335,10 +338,10 @@ def cold_fragments(root: Path) -> Callable[[], FragmentCache]:
 
 
 def warm_fragments(
-    root: Path, groups: Sequence[Sequence[str]], options: ArchiveOptions
+    root: Path, groups: Sequence[Sequence[str]], options: ArchiveOptions, name: str = ""
 ) -> Callable[[], FragmentCache]:
     """A fragment cache holding every path, filled by packing ``groups`` once (untimed)."""
-    directory = root / "warm-fragments"
+    directory = root / f"warm-fragments{name}"
     shutil.rmtree(directory, ignore_errors=True)
     filling = ours(root, groups, options, lambda: FragmentCache(directory))
     filling.prepare()
@@ -498,6 +501,12 @@ def _run(root: Path, args: argparse.Namespace) -> int:
                 ours(root, groups, chunked_options),
                 tar_bytes,
             ),
+            (
+                f"ours {name}, regrouped {args.layers}",
+                ours(root, regroups, chunked_options,
+                     warm_fragments(root, groups, chunked_options, "-" + name)),
+                tar_bytes,
+            ),
         ]
     print(f"measuring, best of {args.repeats} ...", flush=True)
     results = measure(root, paths, contenders, args.repeats)
@@ -507,7 +516,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
             root, paths, [("tar -c | gzip -6", tool(root, list_file, "gzip -6"), tar_bytes)], 1
         )
     read, pigz, single, parallel, cold, regrouped = results[:6]
-    chunked_results = results[6:10]  # after read, pigz, single, parallel, cold, regrouped
+    chunked_results = results[6:12]  # after read, pigz, single, parallel, cold, regrouped
     print("\nthroughput = uncompressed tar bytes / wall time; size ratio against pigz -6:")
     print(f"  {'':<32} {'wall':>8} {'cpu':>12} {'rate':>11} {'output':>11}   size/pigz")
     for result in results:
@@ -550,13 +559,17 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     print(_check("regrouped output / pigz -6 size", regrouped.output_bytes / pigz.output_bytes,
                  1.10, below=True))
     print("\ntargets (file-granular formats, issue 17):")
-    pairs = zip(chunked, chunked_results[::2], chunked_results[1::2], strict=True)
-    for options, one, many in pairs:
+    triples = zip(
+        chunked, chunked_results[::3], chunked_results[1::3], chunked_results[2::3], strict=True
+    )
+    for options, one, many, again in triples:
         name = options.compression
         fastest = max(one, many, key=lambda r: r.rate)
         size = one.output_bytes / pigz.output_bytes
         print(_check(f"{name} / pigz -p2 -6 throughput", fastest.rate / pigz.rate, 3.0))
         print(_check(f"{name} / pigz -6 size", size, 1.15, below=True))
+        print(f"  ----  {name} regrouped from fragments / tar read throughput: "
+              f"{again.rate / read.rate:.2f} (no target; CPU {again.cpu / one.cpu:.2f}x 1 layer)")
     if args.chunked_rss:
         for options in chunked:
             rss = measure_rss(root, big, options)

@@ -56,7 +56,9 @@ Store layers (:func:`pack_store_paths`):
   archive, so a store path compressed once is reused in any layer
   (:mod:`nixery_core.fragments`; the bytes are the same whether its member
   was compressed now or copied from the fragment cache).  Every reader of
-  gzip and zstd reads concatenated members as one stream.
+  gzip and zstd reads concatenated members as one stream.  eStargz and
+  zstd:chunked layers do the same with a store path's frames, plus a
+  second fragment for its TOC entries (:mod:`nixery_core.chunked`).
 * Duplicate files are stored once per store path, decided by content, never
   by inode: a non-empty regular file whose bytes and normalised mode equal
   those of a file earlier in the same store path is a tar hard link to that

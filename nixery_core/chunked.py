@@ -38,12 +38,33 @@ parameters; frames are compressed one-shot, each independently, so the
 bytes depend only on the input, the format and the compressor spec, never
 on how the input was split into calls or on the number of threads.
 
-**Parallelism and memory.**  Sealed frames are grouped into batches of
-about :data:`BATCH_BYTES` and compressed on an executor (at most
-``2 * threads`` batches in flight, output in order).  Memory holds a file's
-current chunk window (at most :data:`CHUNK_MAX` plus one input piece), the
-batches in flight, and the TOC: one small dict per tar member, about 300
-bytes each (the TOC must be complete before it is written at the end).
+**Fragments.**  A layer is assembled from per-store-path *fragments*
+(:mod:`nixery_core.fragments`), as gzip and zstd layers are: between
+:meth:`ChunkedCompressor.begin_fragment` and
+:meth:`~ChunkedCompressor.end_fragment` (one store path) no frame reaches
+outside, so the store path's frames are the same bytes wherever it lands in
+a layer.  A recorded fragment is those frames plus, as a second fragment,
+its TOC entries with offsets counted from its first byte (one compressed
+frame of JSON); :meth:`~ChunkedCompressor.put_fragment` copies both into
+another layer, moving the offsets to where the frames land.  The TOC and
+footer are written at the end as always, so a layer is byte-identical
+whether its store paths were compressed now or copied.
+
+**Parallelism and memory.**  With an executor, three things overlap: the
+caller reads files and builds the tar; the tar is parsed and cut into
+frames on the executor, one piece at a time in order (the *cutting stage*:
+at most ``2 * threads`` pieces wait, else the caller cuts them itself);
+sealed frames, grouped into batches of about :data:`BATCH_BYTES`, are
+compressed and their chunks hashed there too (at most ``2 * threads``
+batches in flight, output in order), each batch in one call to the
+compressor (:func:`~nixery_core.compression.frames_compressor`), and the
+chunks of files of several chunks join their file's sha256 in batch order
+on whichever worker is free.  Few long calls matter: Python's lock is free
+only inside them.  Memory holds a file's current chunk window (at most
+:data:`CHUNK_MAX` plus about 4 MiB; chunks are views of it, not copies),
+the pieces and batches waiting, and the TOC: one small dict per tar
+member, about 300 bytes each (the TOC must be complete before it is
+written at the end).
 """
 
 from __future__ import annotations
@@ -631,7 +652,7 @@ class ChunkedCompressor:
             entries = json.loads(toc)
         except ValueError:
             entries = None
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
             raise LayerError("a cached fragment's TOC does not parse; remove the fragment cache")
         return self._enqueue(_Control("cached", entries=entries, size=uncompressed_size))
 
@@ -1003,6 +1024,19 @@ class MembersInflater:
                 data = b""
         self.eof = self._inflate is None
         return b"".join(out)
+
+
+_ENTRY_TYPES = frozenset({"reg", "dir", "symlink", "hardlink", "chunk"})
+
+
+def _is_entry(entry: object) -> bool:
+    """Whether ``entry`` looks like a TOC entry this module wrote."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and entry.get("type") in _ENTRY_TYPES
+        and all(isinstance(entry.get(k, 0), int) for k in ("offset", "endOffset", "size"))
+    )
 
 
 def _move(entries: list[dict[str, Any]], by: int) -> None:
