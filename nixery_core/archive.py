@@ -624,7 +624,7 @@ class _TarStream:
             if done < fragment.uncompressed_size:
                 log.warning(
                     "%s differs from its cached fragment from byte %d on; decompressing it",
-                    _display(source), done,
+                    os.fsdecode(source), done,
                 )
                 self._inflate_rest(fragment, done)
             return
