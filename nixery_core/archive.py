@@ -1029,7 +1029,9 @@ def pack_store_paths(
     toc_keys = [fragment_key(full, {**parameters, "part": "toc"}) for _, full, _ in tops]
     toc_keys = toc_keys if cache is not None and spec.chunked else []
     if cache is not None:
-        cache.prefetch(keys + toc_keys)  # a remote tier fetches what it has, all at once
+        # A remote tier fetches what it has, in the order the pack needs it.
+        pairs = zip(keys, toc_keys, strict=True) if toc_keys else ((key,) for key in keys)
+        cache.prefetch([key for pair in pairs for key in pair])
     with _TarStream(write, spec, threads, options.mtime, executor, blob_digest=blob_digest) as tar:
         tar.begin()
         tar.put(tar.headers(b"nix/", 0o755, 0, _DIRTYPE))

@@ -72,9 +72,10 @@ age like any unnamed blob, with their own grace period
 touches its blob, so a fragment reused within that period stays.  After the
 sweep, pointers whose blob is no longer stored (or that do not parse) are
 deleted (``dry_run``: those already dangling are counted).  That reads every
-pointer, one request each, like the ``manifests/`` and ``builds/`` entries.  A pointer removed while a build rewrites it
-costs that build's next reader one miss; a build never depends on a bucket
-fragment after fetching it, so no deletion breaks a build in flight.
+pointer, one request each, like the ``manifests/`` and ``builds/`` entries.
+A pointer removed while a build rewrites it costs that build's next reader
+one miss; a build never depends on a bucket fragment after fetching it, so
+no deletion breaks a build in flight.
 
 **Staging.**  Uploads left behind by crashed processes are removed too, by
 a store that offers :class:`~nixery_core.protocols.SupportsStagingCleanup`,
