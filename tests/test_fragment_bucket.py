@@ -234,6 +234,44 @@ def test_a_failed_upload_leaves_no_staged_bytes_and_no_pointer(
         assert bucket.blob_info(digest) is not None
 
 
+class _WriteOnly:
+    """An uploader that cannot read blobs back (no SupportsReading)."""
+
+    def __init__(self) -> None:
+        self._store = MemoryStore()
+
+    def blob_info(self, digest: str) -> Any:
+        return self._store.blob_info(digest)
+
+    def open_blob_writer(self, media_type: str) -> Any:
+        return self._store.open_blob_writer(media_type)
+
+    def put_blob(self, data: bytes, media_type: str) -> Any:
+        return self._store.put_blob(data, media_type)
+
+    def get_object(self, key: str) -> bytes | None:
+        return self._store.get_object(key)
+
+    def put_object(self, key: str, data: bytes) -> None:
+        self._store.put_object(key, data)
+
+
+def test_the_bucket_tier_is_opt_in_and_needs_a_readable_store(tmp_path: Path) -> None:
+    """Without fragment_bucket, or on a store that cannot read blobs back, builds use the
+    local fragment cache alone; with it, one bucket tier per store."""
+    store = MemoryStore()
+    with BuildCache(tmp_path / "off") as off:
+        assert off.fragments_for(store) is off.fragments
+    with BuildCache(tmp_path / "on", fragment_bucket=EVERY) as on:
+        assert on.fragments_for(_WriteOnly()) is on.fragments
+        tier = on.fragments_for(store)
+        assert isinstance(tier, BucketFragments)
+        assert on.fragments_for(store) is tier
+        assert tier.policy == EVERY
+    with BuildCache(None, fragment_bucket=EVERY) as nowhere:
+        assert nowhere.fragments_for(store) is None  # no local cache, no tier
+
+
 def test_policy_refuses_nonsense() -> None:
     """A negative min_size or a thread count below one is a typed error."""
     with pytest.raises(InvalidInput, match="min_size"):
