@@ -24,7 +24,12 @@ user + system seconds of that run, children included):
   empty fragment cache (it records every store path's member: the cost of
   keeping them), and *regrouped*: the paths packed once as the round-robin
   layers, then timed as ``--layers`` contiguous layers (other groupings,
-  every path from the cache; the ``diff_id`` from decompressed fragments);
+  every path from the cache; the ``diff_id`` from the tar rebuilt from the
+  store by each fragment's layout, :mod:`nixery_core.fragment_layout`).
+  The sink stands in for a blob writer that hashes what it is given, so
+  the blob is hashed once, as in a build; the fragment cache is opened
+  before the timed run (a registry opens it once) and closed within it
+  (writing what is still queued);
 * eStargz and zstd:chunked (issue 17): one layer, ``--layers`` layers in
   threads, and regrouped from fragments as above (a store path's frames
   and its TOC entries are fragments too);
