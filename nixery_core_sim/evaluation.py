@@ -14,12 +14,13 @@ strategy.  Per strategy it reports:
   every image, so a layer another image already brought is not pulled
   again (a node running all the images; layers shared between images count);
 - sharing: the unique layer bytes a registry stores for the images of the
-  first revision;
+  first revision (registry storage across images);
 - with content keys per revision, the same two churn measures for a
   partial-pull client (``Tally.partial_churn``, ``partial_churn_by_kind``):
   one that fetches only the files and chunks it lacks
   (:class:`~nixery_core_sim.files.PartialPullingClient`);
-- layers per image and grouping time (CPU seconds).
+- layers per image (``Tally.layers``, and by image kind at the first
+  revision, ``Tally.layers_by_kind``) and grouping time (CPU seconds).
 
 Two baselines frame the numbers: one layer per image (:class:`SingleLayer`)
 and one layer per store path (:class:`PerPath`), the floor no grouping can
@@ -56,12 +57,14 @@ from nixery_core_sim.universe import Universe, UniverseConfig, choose_images, im
 
 __all__ = [
     "CALIBRATION_TARGETS",
+    "NIXERY_TRANSITIVE",
     "PUBLISHED",
     "TARGET_CHURN_VS_BEST",
     "TARGET_CHURN_VS_FLOOR",
     "TARGET_SHARING_VS_BEST",
     "Calibration",
     "PerPath",
+    "Renamed",
     "Report",
     "SingleLayer",
     "Tally",
@@ -110,6 +113,20 @@ class PerPath:
         return [LayerGroup((p,)) for p in sorted(graph.paths)]
 
 
+@attrs.frozen
+class Renamed:
+    """A strategy reported under another name: one strategy with other inputs, side by side."""
+
+    name: str
+    strategy: LayeringStrategy
+
+    def parameters(self) -> Mapping[str, JSONValue]:
+        return self.strategy.parameters()
+
+    def group(self, graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
+        return self.strategy.group(graph, budget)
+
+
 @attrs.define
 class Tally:
     """What one strategy scored.
@@ -127,6 +144,8 @@ class Tally:
     #: The same churn measures for a partial-pull client (0 when not measured).
     partial_churn: int = 0
     partial_churn_by_kind: dict[str, int] = attrs.Factory(dict)
+    #: Layers of each image at the first revision, by image kind.
+    layers_by_kind: dict[str, list[int]] = attrs.Factory(dict)
 
     @property
     def churn_per_image(self) -> int:
@@ -258,6 +277,8 @@ def measure(
                         by_kind = tally.partial_churn_by_kind
                         by_kind[kind] = by_kind.get(kind, 0) + partial
                 corpus.append((graph, groups))
+                if rev == 0:
+                    tally.layers_by_kind.setdefault(kind, []).append(len(groups))
             if rev == 0:
                 tally.shared = unique_layer_bytes(corpus)
     total = sum(g.total_size for _, g in series[0])
@@ -272,14 +293,17 @@ def simulate(
     """Build the universe, walk its revisions, measure the baselines, the published and ``ours``.
 
     Nixery's strategy gets a popularity table computed over the whole
-    universe at the first revision, as Nixery's was over all of nixpkgs.
-    The report carries the universe's :class:`Calibration`.
+    universe at the first revision, as Nixery's was over all of nixpkgs:
+    once counting direct dependents (``nixery-popularity``, Nixery's
+    ``popcount``) and once counting transitive dependents
+    (``nixery-popularity-transitive``).  The report carries the universe's
+    :class:`Calibration`.
     """
     universe = Universe(config)
     strategies: list[LayeringStrategy] = [
         SingleLayer(),
         PerPath(),
-        *published_strategies(universe.popularity()),
+        *published_strategies(universe.popularity(), universe.popularity(transitive=True)),
         *ours,
     ]
     images = choose_images(universe)
@@ -324,12 +348,25 @@ def calibrate(report: Report, corpus: Sequence[tuple[str, RuntimeGraph]]) -> Cal
     )
 
 
-def published_strategies(popularity: Mapping[str, int] | None) -> list[LayeringStrategy]:
-    """Nixery's, nixpkgs' referencesByPopularity and nixpkgs' auto-layer."""
-    return [NixeryPopularity(popularity), ReferencesByPopularity(), SizeFirst()]
+#: Nixery's strategy with a popularity table counted over transitive dependents.
+NIXERY_TRANSITIVE = "nixery-popularity-transitive"
 
 
-PUBLISHED = ("nixery-popularity", "references-by-popularity", "size-first")
+def published_strategies(
+    popularity: Mapping[str, int] | None, transitive: Mapping[str, int] | None = None
+) -> list[LayeringStrategy]:
+    """Nixery's, nixpkgs' referencesByPopularity and nixpkgs' auto-layer.
+
+    With a ``transitive`` table, Nixery's strategy also runs with it, as
+    :data:`NIXERY_TRANSITIVE`.
+    """
+    nixery: list[LayeringStrategy] = [NixeryPopularity(popularity)]
+    if transitive is not None:
+        nixery.append(Renamed(NIXERY_TRANSITIVE, NixeryPopularity(transitive)))
+    return [*nixery, ReferencesByPopularity(), SizeFirst()]
+
+
+PUBLISHED = ("nixery-popularity", NIXERY_TRANSITIVE, "references-by-popularity", "size-first")
 
 
 #: The targets ours was set: churn at most 0.7x the best published strategy
@@ -356,6 +393,8 @@ class Verdict:
     per_image_vs_best: float = 0.0
     per_image_vs_floor: float = 0.0
     per_image_floor_vs_best: float = 0.0
+    #: Sharing against Nixery's strategy with a transitive popularity table (0 if not run).
+    sharing_vs_transitive: float = 0.0
 
     @property
     def met(self) -> bool:
@@ -379,6 +418,14 @@ class Verdict:
             f"{name}: churn on one node vs the per-path floor {mark(self.churn_vs_floor, floor)}",
             f"{name}: sharing vs the best published "
             f"{mark(self.sharing_vs_best, TARGET_SHARING_VS_BEST)}",
+            *(
+                [
+                    f"{name}: sharing vs {NIXERY_TRANSITIVE} "
+                    f"{mark(self.sharing_vs_transitive, TARGET_SHARING_VS_BEST)}"
+                ]
+                if self.sharing_vs_transitive
+                else []
+            ),
             f"the per-path floor itself is {self.per_image_floor_vs_best:.3f}x (per image) and "
             f"{self.floor_vs_best:.3f}x (one node) the best published churn",
         ]
@@ -392,6 +439,7 @@ def verdict(report: Report, ours: str) -> Verdict:
     best_churn = min(t.churn for t in published)
     best_per_image = min(t.churn_per_image for t in published)
     best_shared = min(t.shared for t in published)
+    transitive = [t.shared for t in published if t.name == NIXERY_TRANSITIVE]
     return Verdict(
         churn_vs_best=mine.churn / max(1, best_churn),
         churn_vs_floor=mine.churn / max(1, floor.churn),
@@ -400,6 +448,7 @@ def verdict(report: Report, ours: str) -> Verdict:
         per_image_vs_best=mine.churn_per_image / max(1, best_per_image),
         per_image_vs_floor=mine.churn_per_image / max(1, floor.churn_per_image),
         per_image_floor_vs_best=floor.churn_per_image / max(1, best_per_image),
+        sharing_vs_transitive=mine.shared / max(1, transitive[0]) if transitive else 0.0,
     )
 
 
@@ -480,7 +529,7 @@ def format_calibration(calibration: Calibration) -> str:
 
 
 def format_by_kind(report: Report) -> str:
-    """Churn per image, summed by image kind."""
+    """Churn per image summed by image kind; then each image's layers by kind (first revision)."""
     kinds = sorted({k for t in report.tallies for k in t.churn_by_kind})
     lines = [
         "| churn GB, client per image | " + " | ".join(kinds) + " |",
@@ -488,6 +537,17 @@ def format_by_kind(report: Report) -> str:
     ]
     for t in report.tallies:
         cells = " | ".join(f"{t.churn_by_kind.get(k, 0) / 1e9:.2f}" for k in kinds)
+        lines.append(f"| {t.name} | {cells} |")
+    kinds = sorted({k for t in report.tallies for k in t.layers_by_kind})
+    lines += [
+        "",
+        "| layers per image, first revision | " + " | ".join(kinds) + " |",
+        "| --- |" + " --- |" * len(kinds),
+    ]
+    for t in report.tallies:
+        cells = " | ".join(
+            " ".join(str(n) for n in t.layers_by_kind.get(k, [])) for k in kinds
+        )
         lines.append(f"| {t.name} | {cells} |")
     return "\n".join(lines)
 

@@ -516,13 +516,22 @@ class Universe:
     def closure_size(self, package: int) -> int:
         return len(self.closure([package]))
 
-    def popularity(self) -> dict[str, int]:
-        """Direct dependents per package name over the whole set (Nixery's table).
+    def popularity(self, *, transitive: bool = False) -> dict[str, int]:
+        """Dependents per package name over the whole set at this revision (Nixery's table).
 
-        As in Nixery's ``popcount``, only packages something references are
-        listed; Nixery counts any other package as popularity 1.
+        By default the direct dependents (what references the package), as
+        Nixery's ``popcount`` counts references; with ``transitive``, every
+        package that depends on it directly or not (``glibc`` then counts
+        nearly the whole set).  As in Nixery, only packages something
+        depends on are listed; Nixery counts any other package as 1.
         """
         counts: dict[str, int] = {}
+        if transitive:
+            for i, dependents in enumerate(self._count_dependents()):
+                if dependents:
+                    name = package_name(self.packages[i].name)
+                    counts[name] = counts.get(name, 0) + dependents
+            return dict(sorted(counts.items()))
         for pkg in self.packages:
             for d in pkg.deps:
                 name = package_name(self.packages[d].name)

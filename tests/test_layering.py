@@ -154,14 +154,15 @@ def _fields(strategy: LayeringStrategy) -> dict[str, object]:
 def test_ours_adding_a_small_package_moves_no_existing_layer(
     data: st.DataObject, graph: RuntimeGraph
 ) -> None:
-    """When leaf_stable() says so, adding a new root package leaves every existing layer whole."""
+    """With root slots reserved, when leaf_stable() says so, adding a new root package leaves
+    every existing layer whole."""
     roots = len(IndexedGraph.of(graph).roots)
     slots = data.draw(st.integers(roots + 1, roots + 3), label="root_slots")
     budget = data.draw(
         st.integers(slots + 1, slots + len(graph) + 1).filter(lambda b: b != len(graph)),
         label="budget",
     )
-    strategy = ChurnAwareDominators(root_slots=slots)
+    strategy = ChurnAwareDominators(root_slots=slots, reserve_root_slots=True)
     assert strategy.leaf_stable(graph, budget)
     leaf, name = data.draw(new_leaf_packages(graph))
     before = {g.paths for g in strategy.group(graph, budget)}
@@ -170,15 +171,45 @@ def test_ours_adding_a_small_package_moves_no_existing_layer(
     assert after - before == {(leaf.path,)}
 
 
-@settings(max_examples=100, deadline=None)
-@given(graph=closures(), budget=st.integers(1, 45), slots=st.integers(0, 8))
-def test_ours_leaf_stable_is_false_only_near_a_mode_change(
-    graph: RuntimeGraph, budget: int, slots: int
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), graph=closures())
+def test_ours_adding_a_small_package_merges_at_most_two_existing_layers(
+    data: st.DataObject, graph: RuntimeGraph
 ) -> None:
-    """leaf_stable() refuses only where one more path or root crosses the budget or the slots."""
-    strategy = ChurnAwareDominators(root_slots=slots)
+    """By default (root slots spent), adding a new root package leaves every existing layer
+    whole but the two that the next cheapest merge joins, and only when the closure and
+    the new path no longer fit the budget."""
     roots = len(IndexedGraph.of(graph).roots)
-    crossing = len(graph) == budget or roots + 1 > slots or slots >= budget
+    slots = data.draw(st.integers(roots + 1, roots + 3), label="root_slots")
+    budget = data.draw(st.integers(slots + 1, slots + len(graph) + 1), label="budget")
+    strategy = ChurnAwareDominators(root_slots=slots)
+    leaf, name = data.draw(new_leaf_packages(graph))
+    before = {g.paths for g in strategy.group(graph, budget)}
+    after = {g.paths for g in strategy.group(with_package(graph, leaf, name), budget)}
+    assert (leaf.path,) in after
+    lost = sorted(before - after)
+    gained = after - before - {(leaf.path,)}
+    if strategy.leaf_stable(graph, budget):
+        assert not lost
+    assert len(lost) in (0, 2)
+    assert gained == ({tuple(sorted(lost[0] + lost[1]))} if lost else set())
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    graph=closures(), budget=st.integers(1, 45), slots=st.integers(0, 8), reserve=st.booleans()
+)
+def test_ours_leaf_stable_is_false_only_near_a_mode_change(
+    graph: RuntimeGraph, budget: int, slots: int, reserve: bool
+) -> None:
+    """leaf_stable() refuses only where one more path crosses the budget or, with root slots
+    reserved, one more root crosses the slots."""
+    strategy = ChurnAwareDominators(root_slots=slots, reserve_root_slots=reserve)
+    roots = len(IndexedGraph.of(graph).roots)
+    if reserve:
+        crossing = len(graph) == budget or roots + 1 > slots or slots >= budget
+    else:
+        crossing = len(graph) + 1 > budget
     assert strategy.leaf_stable(graph, budget) or crossing
 
 
@@ -189,13 +220,28 @@ def test_ours_leaf_stability_covers_images_beyond_the_budget() -> None:
         spec[f"lib{i}"] = (200_000 + i, ("libc", f"lib{i - 1}") if i % 3 == 1 else ("libc",))
     spec["app"] = (5 * MB, tuple(f"lib{i}" for i in range(30)))
     graph, paths = make(spec)
-    strategy = ChurnAwareDominators(root_slots=4)
+    strategy = ChurnAwareDominators(root_slots=4, reserve_root_slots=True)
     assert len(graph) > 10
     assert strategy.leaf_stable(graph, 10)
     leaf = StorePath(store_path(99, "newleaf"), 10, (paths["lib3"], paths["libc"]))
     before = {g.paths for g in strategy.group(graph, 10)}
     after = {g.paths for g in strategy.group(with_package(graph, leaf, "newleaf"), 10)}
     assert before | {(leaf.path,)} == after
+
+
+def test_ours_spends_the_slots_its_roots_leave() -> None:
+    """An image with fewer roots than root slots uses its whole budget; reserving the slots
+    leaves the unused ones empty."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    for i in range(30):
+        spec[f"lib{i}"] = (200_000 + i, ("libc", f"lib{i - 1}") if i % 3 == 1 else ("libc",))
+    spec["app"] = (5 * MB, tuple(f"lib{i}" for i in range(30)))
+    spec["tool"] = (1 * MB, ("lib4", "libc"))
+    graph, _ = make(spec)
+    assert len(IndexedGraph.of(graph).roots) == 2
+    assert len(ChurnAwareDominators(root_slots=6).group(graph, 10)) == 10
+    reserved = ChurnAwareDominators(root_slots=6, reserve_root_slots=True)
+    assert len(reserved.group(graph, 10)) == 10 - 6 + 2
 
 
 def test_ours_keeps_one_layer_per_path_when_the_closure_fits() -> None:
@@ -286,6 +332,7 @@ def test_ours_orders_layers_least_exposed_first() -> None:
         ("other_images", -0.5),
         ("other_images", float("inf")),
         ("min_layer_bytes", -5),
+        ("reserve_root_slots", 1),
     ],
 )
 def test_ours_refuses_bad_parameters(field: str, value: float) -> None:

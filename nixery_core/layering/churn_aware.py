@@ -13,8 +13,10 @@ The strategy is an agglomerative clustering on that cost:
 
 1. The requested outputs (the roots) get a layer each when there are at
    most ``root_slots`` of them, and the rest of the closure is grouped as if
-   they were absent (leaf stability, see :meth:`ChurnAwareDominators.leaf_stable`).
-   Otherwise every path takes part.
+   they were absent, in every layer the roots leave (with
+   ``reserve_root_slots``, in ``budget - root_slots`` layers whatever the
+   number of roots: exact leaf stability, see
+   :meth:`ChurnAwareDominators.leaf_stable`).  Otherwise every path takes part.
 2. Every other path starts as a group of its own.  A group's *exposure* is
    the chance that it changed since the last revision, estimated from the
    number of store paths in the union of its members' closures::
@@ -87,6 +89,11 @@ def _rate(_instance: object, attribute: attrs.Attribute[float], value: float) ->
         raise InvalidInput(f"{attribute.name} must be a number in (0, 1), got {value!r}")
 
 
+def _flag(_instance: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{attribute.name} must be True or False, got {value!r}")
+
+
 def _weight(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
         raise InvalidInput(f"{attribute.name} must be a finite number >= 0, got {value!r}")
@@ -100,16 +107,21 @@ class ChurnAwareDominators:
     revision of the package set replaces it; it sets how fast a closure's
     exposure saturates (only its order of magnitude matters).
     ``root_slots``: up to this many roots get a layer of their own and the
-    rest of the closure is grouped without them.  ``other_images``: how many
-    other images a client or registry is assumed to hold, which is what a
-    shared path that is grouped differently here costs.  ``min_layer_bytes``:
-    smaller groups are merged even when the closure fits the budget.
+    rest of the closure is grouped without them, in every layer the roots
+    leave; with ``reserve_root_slots``, in ``budget - root_slots`` layers
+    whatever the number of roots, which keeps slots free so that adding a
+    package moves no layer (see :meth:`leaf_stable`).  ``other_images``: how
+    many other images a client or registry is assumed to hold, which is what
+    a shared path that is grouped differently here costs.
+    ``min_layer_bytes``: smaller groups are merged even when the closure fits
+    the budget.
     """
 
     change_rate: float = attrs.field(default=0.003, validator=_rate)
     root_slots: int = attrs.field(default=12, validator=_non_negative_int)
     other_images: float = attrs.field(default=1.0, validator=_weight)
     min_layer_bytes: int = attrs.field(default=0, validator=_non_negative_int)
+    reserve_root_slots: bool = attrs.field(default=False, validator=_flag)
 
     @property
     def name(self) -> str:
@@ -121,20 +133,31 @@ class ChurnAwareDominators:
             "root_slots": self.root_slots,
             "other_images": self.other_images,
             "min_layer_bytes": self.min_layer_bytes,
+            "reserve_root_slots": self.reserve_root_slots,
         }
 
     def leaf_stable(self, graph: RuntimeGraph, budget: int) -> bool:
         """Whether adding one new root package to ``graph`` leaves every layer as it is.
 
         True when the closure plus one path still fits the budget with a
-        layer per path, or when the roots are set apart (at most
-        ``root_slots - 1`` of them, so one more still fits) and the rest
-        already needed grouping.  The new package must bring one store
-        path of its own; its references may be any paths of the closure.
+        layer per path, or, with ``reserve_root_slots``, when the roots are
+        set apart (at most ``root_slots - 1`` of them, so one more still
+        fits) and the rest already needed grouping.  The new package must
+        bring one store path of its own; its references may be any paths of
+        the closure.
+
+        Without ``reserve_root_slots`` (the default) the rest of a closure
+        beyond the budget takes every layer the roots leave, so a new root
+        takes one from it: while ``roots + 1 <= root_slots < budget``, adding
+        the package merges exactly the two layers that the next cheapest
+        merge joins, and leaves every other layer as it was (merges happen in
+        one order, whatever the number of layers to reach).
         """
         check_budget(budget)
         if len(graph) + 1 <= budget:
             return True
+        if not self.reserve_root_slots:
+            return False
         roots = len(IndexedGraph.of(graph).roots)
         return len(graph) > budget and roots + 1 <= self.root_slots < budget
 
@@ -148,7 +171,8 @@ class ChurnAwareDominators:
         if n <= budget:
             pinned, cap = roots, n
         elif len(roots) <= self.root_slots < budget:
-            pinned, cap = roots, budget - self.root_slots
+            reserved = self.root_slots if self.reserve_root_slots else len(roots)
+            pinned, cap = roots, budget - reserved
         else:
             pinned, cap = (), budget
         clustering = _Clustering(ig, frozenset(pinned), self)
