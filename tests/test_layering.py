@@ -280,19 +280,37 @@ def test_ours_keeps_a_big_widely_used_library_apart() -> None:
         assert sorted([app, *(f"{app}dep{i}" for i in range(3))]) in groups
 
 
-def test_ours_has_no_catch_all_layer() -> None:
-    """Top-level packages beyond the budget merge in small sets; no layer collects the surplus."""
-    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
-    for i in range(8):
-        spec[f"dep{i}"] = (500_000, ("libc",))
-        spec[f"tool{i}"] = (2 * MB, ("libc", f"dep{i}"))
-    graph, _ = make(spec)
-    groups = names(ChurnAwareDominators(root_slots=0).group(graph, 5))
+def test_ours_has_no_catch_all_layer_when_only_churn_counts() -> None:
+    """Counting churn only (``other_images=0``), top-level packages beyond the budget merge in
+    small sets with their own dependencies; no layer collects the surplus."""
+    groups = names(ChurnAwareDominators(root_slots=0, other_images=0).group(_tools(), 5))
     assert len(groups) == 5
     assert ["libc"] in groups
     tools_per_layer = [sum(n.startswith("tool") for n in g) for g in groups]
     assert sum(tools_per_layer) == 8
     assert max(tools_per_layer) <= 3
+    _assert_dependencies_ride_with_their_tools(groups)
+
+
+def test_ours_keeps_private_dependencies_with_their_package_when_storage_counts() -> None:
+    """By default (a copy stored again costs as much as a re-pull), top-level packages beyond
+    the budget still merge with their own dependencies and the shared base stays apart, but
+    they may gather in one larger layer: each new layer form is one more stored copy."""
+    groups = names(ChurnAwareDominators(root_slots=0).group(_tools(), 5))
+    assert len(groups) == 5
+    assert ["libc"] in groups
+    _assert_dependencies_ride_with_their_tools(groups)
+
+
+def _tools() -> RuntimeGraph:
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    for i in range(8):
+        spec[f"dep{i}"] = (500_000, ("libc",))
+        spec[f"tool{i}"] = (2 * MB, ("libc", f"dep{i}"))
+    return make(spec)[0]
+
+
+def _assert_dependencies_ride_with_their_tools(groups: list[list[str]]) -> None:
     for group in groups:
         assert {n.removeprefix("dep") for n in group if n.startswith("dep")} == {
             n.removeprefix("tool") for n in group if n.startswith("tool")
@@ -333,6 +351,7 @@ def test_ours_orders_layers_least_exposed_first() -> None:
         ("other_images", float("inf")),
         ("min_layer_bytes", -5),
         ("reserve_root_slots", 1),
+        ("stored_copy", -1.0),
     ],
 )
 def test_ours_refuses_bad_parameters(field: str, value: float) -> None:

@@ -38,9 +38,9 @@ The strategy is an agglomerative clustering on that cost:
 4. A layer that other images share only stays shared if every image groups
    it the same way; merging it with anything makes it image-specific.  So
    the first merge that takes a group out of its original form also costs,
-   for each member, ``other_images * bytes * (exposure + 0.2) * max(0.05,
-   share)``: its expected re-pulled bytes plus a stored copy (a fifth of a
-   re-pull), weighted by the share of the closure that depends on it (a
+   for each member, ``other_images * bytes * (exposure + stored_copy) *
+   max(0.05, share)``: its expected re-pulled bytes plus a copy a registry
+   stores again (``stored_copy``, 1: as much as one re-pull), weighted by the share of the closure that depends on it (a
    path most of the closure uses is likely in other images too).  Widely
    used, big, volatile paths such as ``python3`` stay alone unless nothing
    else fits.
@@ -73,8 +73,6 @@ from nixery_core.protocols import JSONValue, LayerGroup
 
 __all__ = ["ChurnAwareDominators"]
 
-#: A copy of a layer stored again, against pulling it again once.
-_STORED_COPY = 0.2
 #: The least chance that a store path is in some other image too.
 _ELSEWHERE = 0.05
 
@@ -112,7 +110,9 @@ class ChurnAwareDominators:
     whatever the number of roots, which keeps slots free so that adding a
     package moves no layer (see :meth:`leaf_stable`).  ``other_images``: how
     many other images a client or registry is assumed to hold, which is what
-    a shared path that is grouped differently here costs.
+    a shared path that is grouped differently here costs.  ``stored_copy``:
+    what a copy of a shared path stored again by a registry costs, against
+    pulling it again once (raise it to trade churn for registry storage).
     ``min_layer_bytes``: smaller groups are merged even when the closure fits
     the budget.
     """
@@ -122,6 +122,7 @@ class ChurnAwareDominators:
     other_images: float = attrs.field(default=1.0, validator=_weight)
     min_layer_bytes: int = attrs.field(default=0, validator=_non_negative_int)
     reserve_root_slots: bool = attrs.field(default=False, validator=_flag)
+    stored_copy: float = attrs.field(default=1.0, validator=_weight)
 
     @property
     def name(self) -> str:
@@ -134,6 +135,7 @@ class ChurnAwareDominators:
             "other_images": self.other_images,
             "min_layer_bytes": self.min_layer_bytes,
             "reserve_root_slots": self.reserve_root_slots,
+            "stored_copy": self.stored_copy,
         }
 
     def leaf_stable(self, graph: RuntimeGraph, budget: int) -> bool:
@@ -224,7 +226,7 @@ class _Clustering:
         self.shared = [
             strategy.other_images
             * self.size[v]
-            * (self.exposure[v] + _STORED_COPY)
+            * (self.exposure[v] + strategy.stored_copy)
             * max(_ELSEWHERE, share[v])
             for v in range(n)
         ]
