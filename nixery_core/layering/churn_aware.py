@@ -40,10 +40,12 @@ The strategy is an agglomerative clustering on that cost:
    the first merge that takes a group out of its original form also costs,
    for each member, ``other_images * bytes * (exposure + stored_copy) *
    max(0.05, share)``: its expected re-pulled bytes plus a copy a registry
-   stores again (``stored_copy``, 1: as much as one re-pull), weighted by the share of the closure that depends on it (a
-   path most of the closure uses is likely in other images too).  Widely
-   used, big, volatile paths such as ``python3`` stay alone unless nothing
-   else fits.
+   stores again (``stored_copy``, 1: as much as one re-pull), weighted by
+   the share of the closure that depends on it (a path most of the closure
+   uses is likely in other images too).  Widely used, big, volatile paths
+   such as ``python3`` stay alone unless nothing else fits; top-level
+   packages that must merge may gather in one larger layer, since each new
+   layer form is one more stored copy.
 5. Before any of that, groups under ``min_layer_bytes`` (off by default)
    are merged with their cheapest candidate, even when the closure fits the
    budget, for images with fewer pull round-trips.
