@@ -580,7 +580,7 @@ class _TarStream:
                 chunks = chunked.begin_fragment(recording.writer, recording.toc)
         else:
             if self._recording is not None:
-                self._recording.writer.layout = self._recording.layout.encode()
+                self._recording.writer.layout = self._recording.layout
             self._recording = None
             self._layout = None
             chunks = chunked.end_fragment()

@@ -660,11 +660,13 @@ class ChunkedCompressor:
         """Copy compressed bytes of the fragment :meth:`put_fragment` started."""
         return self._enqueue(_Control("raw", piece=piece))
 
-    def _boundary(self, out: list[bytes]) -> None:
+    def _boundary(self, out: list[bytes], *, marker: bool) -> None:
+        """No frame spans this point; with ``marker``, no batch either (a marker follows)."""
         if self._remaining or self._padding or self._buf or self._pax or self._pax_left:
             raise LayerError("a fragment boundary inside a tar member")
         self._seal_meta(out)
-        self._submit(out, force=True)
+        if marker:
+            self._submit(out, force=True)
 
     def _marker(self, out: list[bytes], item: _InFlight) -> None:
         self._in_flight.append(item)
@@ -673,7 +675,7 @@ class ChunkedCompressor:
     def _begin(
         self, out: list[bytes], recording: tuple[FragmentRecorder, FragmentRecorder] | None
     ) -> None:
-        self._boundary(out)
+        self._boundary(out, marker=recording is not None)
         if recording is None:
             return
         fragment = _Fragment(*recording, entry_start=len(self.entries), tar_start=self._tar_size)
@@ -682,7 +684,7 @@ class ChunkedCompressor:
         self._marker(out, _InFlight([], -1, _NOTHING, opens=fragment))
 
     def _end(self, out: list[bytes]) -> None:
-        self._boundary(out)
+        self._boundary(out, marker=self._cutting_fragment is not None)
         fragment, self._cutting_fragment = self._cutting_fragment, None
         if fragment is None:
             return
@@ -691,7 +693,7 @@ class ChunkedCompressor:
         self._marker(out, _InFlight([], -1, _NOTHING, closes=fragment))
 
     def _cached(self, out: list[bytes], entries: list[dict[str, Any]], size: int) -> None:
-        self._boundary(out)
+        self._boundary(out, marker=True)
         self.entries.extend(entries)
         self._tar_size += size
         self._marker(out, _InFlight([], -1, _NOTHING, rebase=entries))
