@@ -50,21 +50,21 @@ another layer, moving the offsets to where the frames land.  The TOC and
 footer are written at the end as always, so a layer is byte-identical
 whether its store paths were compressed now or copied.
 
-**Parallelism and memory.**  With an executor, three things overlap: the
-caller reads files and builds the tar; the tar is parsed and cut into
-frames on the executor, one piece at a time in order (the *cutting stage*:
-at most ``2 * threads`` pieces wait, else the caller cuts them itself);
-sealed frames, grouped into batches of about :data:`BATCH_BYTES`, are
-compressed and their chunks hashed there too (at most ``2 * threads``
-batches in flight, output in order), each batch in one call to the
-compressor (:func:`~nixery_core.compression.frames_compressor`), and the
-chunks of files of several chunks join their file's sha256 in batch order
-on whichever worker is free.  Few long calls matter: Python's lock is free
-only inside them.  Memory holds a file's current chunk window (at most
-:data:`CHUNK_MAX` plus about 4 MiB; chunks are views of it, not copies),
-the pieces and batches waiting, and the TOC: one small dict per tar
-member, about 300 bytes each (the TOC must be complete before it is
-written at the end).
+**Parallelism and memory.**  The caller's thread parses the tar and plans
+the cuts of big files (those not whole within a window of about 4 MiB, cut
+as they stream in); sealed frames, grouped into batches of about
+:data:`BATCH_BYTES`, go to the executor (at most ``2 * threads`` batches
+in flight, output in order).  There a batch's chunks are hashed, a file
+that arrived whole is cut (a *job*: :func:`plan_chunks` runs on the worker,
+its chunks' TOC entries are made when the batch is collected), and the
+batch is compressed in one call (:func:`~nixery_core.compression.frames_compressor`);
+the chunks of big files join their file's sha256 in batch order on
+whichever worker is free (:class:`_OrderedFileHashing`).  Few, long calls
+matter: Python's lock is free only inside them.  Memory holds a big file's
+current chunk window (at most :data:`CHUNK_MAX` plus about 4 MiB; chunks
+are views of it, not copies), the batches in flight (a job holds its whole
+file, under 4.3 MiB), and the TOC: one small dict per tar member, about
+300 bytes each (the TOC must be complete before it is written at the end).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def cut_points(data: bytes | bytearray | memoryview) -> list[int]:
     return [chunk.length for chunk in _new_chunker().cut_buf(data)]
 
 
-_Buffer = bytes | memoryview
+_Buffer = bytes | bytearray | memoryview
 
 #: The order of TOC entry keys: insertion order depends on when a frame's
 #: offsets arrive from a worker, so the TOC is always written in this order.
@@ -320,19 +320,19 @@ class _Frame:
     #: The file entry whose ``digest`` that hash gives once this chunk (its last)
     #: joined it, and the hash.
     file_end: tuple[dict[str, Any], Any] | None = None
-
-    def payload(self) -> _Buffer:
-        """The frame's bytes (one copy only when metadata follows a chunk)."""
-        if not self.data:
-            return self.head
-        return b"".join((self.head, self.data)) if self.head else bytes(self.data)
+    #: A whole file cut on the worker: its entry and whether its store
+    #: references get chunks of their own (the frame's ``head`` is the file).
+    job: tuple[dict[str, Any], bool] | None = None
 
     def __len__(self) -> int:
         return len(self.head) + len(self.data)
 
 
-#: A compressed batch: the frames joined, each frame's length, each frame's chunk digest.
-_Batch = tuple[bytes, list[int], list[str]]
+#: A compressed batch: the frames joined, each frame's length, each frame's
+#: chunk digest, and for each frame given, how its file was cut (jobs only).
+_Batch = tuple[bytes, list[int], list[str], list["tuple[list[int], str] | None"]]
+#: A frame for a worker: head, data (joined unless a job), chunk size, file hash, job split.
+_Item = tuple[_Buffer, _Buffer, int, Any, "bool | None"]
 
 
 class _OrderedFileHashing:
@@ -380,32 +380,73 @@ class _OrderedFileHashing:
 
 
 def _compress_batch(
-    compress_frames: FramesCompressor,
-    frames: list[tuple[_Buffer, int, Any]],
+    frames: list[_Item],
     index: int,
+    *,
+    compress_frames: FramesCompressor,
+    chunker: Any,
+    merge: bool,
     hashing: _OrderedFileHashing,
 ) -> _Batch:
     """The frames compressed and joined, each one's length and the sha256 of its chunk.
 
     The digest is ``""`` for a frame with no chunk.  Chunks of files of
     several chunks also join their file's digest, in order (see
-    :class:`_OrderedFileHashing`).
+    :class:`_OrderedFileHashing`).  A *job* (a whole file, ``split`` not
+    ``None``) is cut here (:func:`plan_chunks`) into one frame per chunk, the
+    last followed by the job's ``data`` when ``merge``; its plan (chunk
+    lengths, and the file's digest when it has several) comes back too.
     """
-    digests = []
+    payloads: list[_Buffer] = []
+    digests: list[str] = []
+    plans: list[tuple[list[int], str] | None] = []
     updates: list[tuple[Any, _Buffer]] = []
     try:
-        for data, chunk_size, file_hash in frames:
+        for head, data, chunk_size, file_hash, split in frames:
+            if split is not None:
+                plans.append(
+                    _cut_job(chunker, head, data, payloads, digests, merge=merge, split=split)
+                )
+                continue
+            plans.append(None)
+            payload = head if not data else b"".join((head, data))
             digest = ""
             if chunk_size:
-                chunk = data if chunk_size == len(data) else memoryview(data)[:chunk_size]
+                chunk = head if chunk_size == len(head) else memoryview(head)[:chunk_size]
                 digest = "sha256:" + hashlib.sha256(chunk).hexdigest()
                 if file_hash is not None:
                     updates.append((file_hash, chunk))
+            payloads.append(payload)
             digests.append(digest)
     finally:
         hashing.ready(index, updates)
-    blob, lengths = compress_frames([data for data, _size, _hash in frames])
-    return blob, lengths, digests
+    blob, lengths = compress_frames(payloads)
+    return blob, lengths, digests, plans
+
+
+def _cut_job(
+    chunker: Any,
+    content: _Buffer,
+    data: _Buffer,
+    payloads: list[_Buffer],
+    digests: list[str],
+    *,
+    merge: bool,
+    split: bool,
+) -> tuple[list[int], str]:
+    """A whole file's chunks as frames (appended to ``payloads``/``digests``); its plan."""
+    window = content if isinstance(content, bytes) else bytes(content)
+    lengths = plan_chunks(chunker, window, last=True, split_references=split)
+    view = memoryview(window)
+    start = 0
+    for length in lengths:
+        chunk = view[start : start + length]
+        start += length
+        digests.append("sha256:" + hashlib.sha256(chunk).hexdigest())
+        last = start == len(window)
+        payloads.append(b"".join((chunk, data)) if last and merge and data else chunk)
+    file_digest = "sha256:" + hashlib.sha256(window).hexdigest() if len(lengths) > 1 else ""
+    return lengths, file_digest
 
 
 _NUL = 0
@@ -447,7 +488,7 @@ class _Fragment:
     offset: int = 0
 
 
-_NOTHING: _Batch = (b"", [], [])
+_NOTHING: _Batch = (b"", [], [], [])
 
 
 @attrs.define
@@ -464,27 +505,6 @@ class _InFlight:
     closes: _Fragment | None = None
     #: Entries of a cached fragment, whose offsets count from here.
     rebase: list[dict[str, Any]] | None = None
-
-
-@attrs.frozen
-class _Control:
-    """A fragment operation, taken by the cutting stage in order with the tar bytes."""
-
-    kind: str
-    recording: tuple[FragmentRecorder, FragmentRecorder] | None = None
-    entries: list[dict[str, Any]] = attrs.Factory(list)
-    size: int = 0
-    piece: bytes = b""
-
-    def apply(self, compressor: ChunkedCompressor, out: list[bytes]) -> None:
-        if self.kind == "begin":
-            compressor._begin(out, self.recording)
-        elif self.kind == "end":
-            compressor._end(out)
-        elif self.kind == "cached":
-            compressor._cached(out, self.entries, self.size)
-        else:
-            compressor._raw(out, self.piece)
 
 
 class ChunkedCompressor:
@@ -543,14 +563,6 @@ class ChunkedCompressor:
         self._tar_size = 0
         self.entries: list[dict[str, Any]] = []
         self.trailer: Trailer | None = None
-        # Cutting stage (see compress): input waiting to be cut, output ready.
-        self._stage_lock = threading.Lock()
-        self._cutting = threading.Lock()  # held by whoever cuts
-        self._queued: deque[bytes | bytearray | memoryview | _Control] = deque()
-        self._scheduled = False
-        self._ready: list[bytes] = []
-        self._failure: BaseException | None = None
-        self._max_queued = 2 * max(1, threads)
 
     # --- input ---------------------------------------------------------------
 
@@ -558,66 +570,9 @@ class ChunkedCompressor:
         """Take more of the tar stream; the compressed bytes ready so far, in order.
 
         ``data`` must never change after this call: pieces of it are kept
-        (as views, not copies) until they are compressed.  With an executor,
-        the stream is parsed and cut on it (one piece at a time, in order),
-        so the caller goes on reading files meanwhile; when more than
-        ``2 * threads`` pieces wait, the caller cuts them itself (memory
-        stays bounded).
+        (as views, not copies) until they are compressed.
         """
-        return self._enqueue(data)
-
-    def _enqueue(self, item: bytes | bytearray | memoryview | _Control) -> list[bytes]:
-        """Cut ``item`` now (no executor) or queue it for the cutting stage."""
-        if self._executor is None:
-            return self._take(item)
-        with self._stage_lock:
-            self._raise_failure()
-            self._queued.append(item)
-            backlog = len(self._queued)
-            schedule = not self._scheduled
-            self._scheduled = True
-        if backlog > self._max_queued:
-            self._drain(wait=True)
-        elif schedule:
-            self._executor.submit(self._drain, wait=False)
-        with self._stage_lock:
-            self._raise_failure()
-            out, self._ready = self._ready, []
-        return out
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise self._failure
-
-    def _drain(self, *, wait: bool) -> None:
-        """Cut every queued piece, in order (one drainer at a time; others return)."""
-        if not self._cutting.acquire(blocking=wait):
-            return  # the thread cutting now takes what was queued
-        try:
-            while True:
-                with self._stage_lock:
-                    if not self._queued or self._failure is not None:
-                        self._queued.clear()
-                        self._scheduled = False
-                        return
-                    item = self._queued.popleft()
-                try:
-                    out = self._take(item)
-                except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
-                    with self._stage_lock:
-                        self._failure = exc
-                    continue
-                with self._stage_lock:
-                    self._ready.extend(out)
-        finally:
-            self._cutting.release()
-
-    def _take(self, item: bytes | bytearray | memoryview | _Control) -> list[bytes]:
-        if isinstance(item, _Control):
-            out: list[bytes] = []
-            item.apply(self, out)
-            return out
-        return self._cut(item)
+        return self._cut(data)
 
     # --- fragments ---------------------------------------------------------------
 
@@ -634,12 +589,15 @@ class ChunkedCompressor:
         ``toc`` (committed with the JSON's size): what :meth:`put_fragment`
         takes back.  Returns compressed bytes ready, like :meth:`compress`.
         """
-        recording = None if frames is None or toc is None else (frames, toc)
-        return self._enqueue(_Control("begin", recording=recording))
+        out: list[bytes] = []
+        self._begin(out, None if frames is None or toc is None else (frames, toc))
+        return out
 
     def end_fragment(self) -> list[bytes]:
         """End the fragment :meth:`begin_fragment` started (the stream must be between members)."""
-        return self._enqueue(_Control("end"))
+        out: list[bytes] = []
+        self._end(out)
+        return out
 
     def put_fragment(self, toc: bytes, uncompressed_size: int) -> list[bytes]:
         """Start copying a recorded fragment: its TOC JSON (as recorded, decompressed).
@@ -654,11 +612,15 @@ class ChunkedCompressor:
             entries = None
         if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
             raise LayerError("a cached fragment's TOC does not parse; remove the fragment cache")
-        return self._enqueue(_Control("cached", entries=entries, size=uncompressed_size))
+        out: list[bytes] = []
+        self._cached(out, entries, uncompressed_size)
+        return out
 
     def put_compressed(self, piece: bytes) -> list[bytes]:
         """Copy compressed bytes of the fragment :meth:`put_fragment` started."""
-        return self._enqueue(_Control("raw", piece=piece))
+        out: list[bytes] = []
+        self._marker(out, _InFlight([], -1, (piece, [], [], [])))
+        return out
 
     def _boundary(self, out: list[bytes], *, marker: bool) -> None:
         """No frame spans this point; with ``marker``, no batch either (a marker follows)."""
@@ -698,12 +660,9 @@ class ChunkedCompressor:
         self._tar_size += size
         self._marker(out, _InFlight([], -1, _NOTHING, rebase=entries))
 
-    def _raw(self, out: list[bytes], piece: bytes) -> None:
-        self._marker(out, _InFlight([], -1, (piece, [], [])))
-
     def _finish_fragment(self, fragment: _Fragment) -> None:
         """Commit a recorded fragment: every frame of it is collected, its entries complete."""
-        entries = ordered_entries(self.entries[fragment.entry_start : fragment.entry_end])
+        entries = ordered_entries(_flatten(self.entries[fragment.entry_start : fragment.entry_end]))
         _move(entries, -fragment.offset)
         toc = json.dumps(entries, separators=(",", ":")).encode()
         fragment.toc.add(self._fmt.compress_frame(toc))
@@ -742,16 +701,14 @@ class ChunkedCompressor:
         return out
 
     def finish(self) -> list[bytes]:
-        self._drain(wait=True)
-        with self._stage_lock:
-            self._raise_failure()
-            out, self._ready = self._ready, []
+        out: list[bytes] = []
         if self._remaining or self._padding or self._buf or self._pax or self._pax_left:
             raise LayerError("tar stream ended inside a member")
         self._seal_meta(out)
         self._submit(out, force=True)
         while self._in_flight:
             self._collect(out, wait=True)
+        self.entries = _flatten(self.entries)
         for entry in self.entries:
             if entry["type"] == "reg" and "digest" not in entry and entry.get("size"):
                 entry["digest"] = entry.pop("chunkDigest")
@@ -760,18 +717,15 @@ class ChunkedCompressor:
         return out
 
     def close(self) -> None:
-        """Stop: nothing queued is cut, and batches not started are cancelled."""
-        with self._stage_lock:
-            self._queued.clear()
-        with self._cutting:  # a piece being cut is finished first
-            while self._in_flight:
-                pending = self._in_flight.popleft().result
-                if isinstance(pending, Future):
-                    pending.cancel()
-            for fragment in self._fragments:
-                fragment.frames.discard()
-                fragment.toc.discard()
-            self._fragments.clear()
+        """Stop: batches not started are cancelled, fragments not committed dropped."""
+        while self._in_flight:
+            pending = self._in_flight.popleft().result
+            if isinstance(pending, Future):
+                pending.cancel()
+        for fragment in self._fragments:
+            fragment.frames.discard()
+            fragment.toc.discard()
+        self._fragments.clear()
 
     # --- tar parsing -----------------------------------------------------------
 
@@ -847,6 +801,9 @@ class ChunkedCompressor:
         last = not self._remaining
         if not last and len(self._window) + self._pending_bytes < _WINDOW:
             return
+        if last and self._chunk_offset == 0:
+            self._job(out)
+            return
         # One copy of each byte into one buffer the chunker can scan.
         window = b"".join((self._window, *self._pending))
         self._pending = []
@@ -863,6 +820,24 @@ class ChunkedCompressor:
         self._window = window[start:]
         if last:
             self._end_file(out)
+
+    def _job(self, out: list[bytes]) -> None:
+        """The whole file is here: it is cut on a worker, with its batch (_cut_job)."""
+        file = self._file
+        if file is None:  # pragma: no cover - content only comes after a header
+            raise LayerError("file content outside a file")
+        pending = self._pending
+        content = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._pending = []
+        self._pending_bytes = 0
+        frame = _Frame(bytearray(), content, job=(file, self._split))
+        if self._fmt.merge_metadata:
+            # The headers that follow join its last chunk's frame.
+            self._seal_meta(out)
+            self._meta = frame
+        else:
+            self._queue(frame, out)
+        self._file = None
 
     def _chunk(self, data: memoryview, out: list[bytes], *, last: bool) -> None:
         file = self._file
@@ -926,20 +901,35 @@ class ChunkedCompressor:
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
-        payloads: list[tuple[_Buffer, int, Any]] = [
-            (frame.payload(), frame.chunk_size, frame.file_hash) for frame in batch
+        payloads: list[_Item] = [
+            (
+                frame.head,
+                frame.data,
+                frame.chunk_size,
+                frame.file_hash,
+                None if frame.job is None else frame.job[1],
+            )
+            if frame.head
+            else (bytes(frame.data), b"", 0, None, None)
+            for frame in batch
         ]
         for frame in batch:
             frame.data, frame.head, frame.file_hash = bytearray(), b"", None
         index = self._submitted
         self._submitted += 1
-        args = (self._fmt.compress_frames, payloads, index, self._file_hashing)
+        work = {
+            "compress_frames": self._fmt.compress_frames,
+            "chunker": self._chunker,
+            "merge": self._fmt.merge_metadata,
+            "hashing": self._file_hashing,
+        }
         if self._executor is None:
-            self._in_flight.append(_InFlight(batch, index, _compress_batch(*args)))
-        else:
             self._in_flight.append(
-                _InFlight(batch, index, self._executor.submit(_compress_batch, *args))
+                _InFlight(batch, index, _compress_batch(payloads, index, **work))
             )
+        else:
+            future = self._executor.submit(_compress_batch, payloads, index, **work)
+            self._in_flight.append(_InFlight(batch, index, future))
             self._futures_in_flight += 1
         self._collect(out, wait=False)
 
@@ -950,39 +940,84 @@ class ChunkedCompressor:
             if isinstance(pending, Future):
                 if not (wait or pending.done() or self._futures_in_flight > self._max_in_flight):
                     return
-                blob, lengths, digests = pending.result()
+                batch = pending.result()
                 self._futures_in_flight -= 1
             else:
-                blob, lengths, digests = pending
+                batch = pending
             self._in_flight.popleft()
-            self._take_collected(item, blob, lengths, digests, out)
+            self._take_collected(item, batch, out)
 
-    def _take_collected(
-        self, item: _InFlight, blob: bytes, lengths: list[int], digests: list[str], out: list[bytes]
-    ) -> None:
+    def _take_job(
+        self,
+        frame: _Frame,
+        plan: tuple[list[int], str],
+        lengths: list[int],
+        digests: list[str],
+        at: int,
+    ) -> int:
+        """A file cut on a worker: its entry, and one entry per further chunk (after it)."""
+        if frame.job is None:  # pragma: no cover - plans come only for jobs
+            raise LayerError("a plan for a frame that is not a job")
+        file = frame.job[0]
+        sizes, file_digest = plan
+        chunks = []
+        chunk_offset = 0
+        for number, size in enumerate(sizes):
+            entry = file if number == 0 else {"name": file["name"], "type": "chunk"}
+            if len(sizes) > 1:
+                entry["chunkOffset"] = chunk_offset
+                entry["chunkSize"] = size
+            entry["chunkDigest"] = digests[at]
+            entry["offset"] = self._offset
+            self._offset += lengths[at]
+            entry["endOffset"] = self._offset
+            chunk_offset += size
+            at += 1
+            if number:
+                chunks.append(entry)
+        if file_digest:
+            file["digest"] = file_digest
+        if chunks:
+            file[_CHUNKS] = chunks
+        return at
+
+    def _take_frame(
+        self, frame: _Frame, length: int, digest: str, index: int, *, hashed: bool
+    ) -> bool:
+        """A frame cut here: its offsets and digests into the TOC; whether ``index`` is hashed."""
+        if frame.chunk is not None:
+            frame.chunk["chunkDigest"] = digest
+        for entry in frame.starts:
+            entry["offset"] = self._offset
+        self._offset += length
+        for entry in frame.ends:
+            entry["endOffset"] = self._offset
+        if frame.file_end is not None:
+            if not hashed:
+                self._file_hashing.wait(index)
+                hashed = True
+            file, file_hash = frame.file_end
+            file["digest"] = "sha256:" + file_hash.hexdigest()
+        return hashed
+
+    def _take_collected(self, item: _InFlight, batch: _Batch, out: list[bytes]) -> None:
         """Offsets and digests of a collected batch (or marker) into the TOC; its bytes out."""
         if item.opens is not None:
             item.opens.offset = self._offset
             self._collecting_fragment = item.opens
         if item.rebase is not None:
             _move(item.rebase, self._offset)
+        blob, lengths, digests, plans = batch
         if not item.frames:
             self._offset += len(blob)
         hashed = False
-        for frame, length, digest in zip(item.frames, lengths, digests, strict=True):
-            if frame.chunk is not None:
-                frame.chunk["chunkDigest"] = digest
-            for entry in frame.starts:
-                entry["offset"] = self._offset
-            self._offset += length
-            for entry in frame.ends:
-                entry["endOffset"] = self._offset
-            if frame.file_end is not None:
-                if not hashed:
-                    self._file_hashing.wait(item.index)
-                    hashed = True
-                entry, file_hash = frame.file_end
-                entry["digest"] = "sha256:" + file_hash.hexdigest()
+        at = 0  # the frame compressed, in lengths and digests
+        for frame, plan in zip(item.frames, plans, strict=True):
+            if plan is not None:
+                at = self._take_job(frame, plan, lengths, digests, at)
+                continue
+            hashed = self._take_frame(frame, lengths[at], digests[at], item.index, hashed=hashed)
+            at += 1
         if blob:
             if self._collecting_fragment is not None:
                 self._collecting_fragment.frames.add(blob)
@@ -1039,6 +1074,19 @@ def _is_entry(entry: object) -> bool:
         and entry.get("type") in _ENTRY_TYPES
         and all(isinstance(entry.get(k, 0), int) for k in ("offset", "endOffset", "size"))
     )
+
+
+#: Where a file cut on a worker keeps its further chunks' entries until the TOC is written.
+_CHUNKS = "_chunks"
+
+
+def _flatten(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries with each file's further chunks right after it."""
+    out = []
+    for entry in entries:
+        out.append(entry)
+        out.extend(entry.get(_CHUNKS, ()))
+    return out
 
 
 def _move(entries: list[dict[str, Any]], by: int) -> None:

@@ -577,7 +577,7 @@ class _GzipBlocks:
             out.append(self._in_flight.popleft().result())
 
 
-def frame_compressor(spec: CompressorSpec) -> Callable[[bytes | memoryview], bytes]:
+def frame_compressor(spec: CompressorSpec) -> Callable[[bytes | bytearray | memoryview], bytes]:
     """One-shot compression of one independent frame, safe to call from many threads.
 
     gzip backends give one complete gzip member (pinned header, raw deflate
@@ -596,7 +596,7 @@ def frame_compressor(spec: CompressorSpec) -> Callable[[bytes | memoryview], byt
 
 
 #: Independent frames in, their compressed bytes joined and each one's length out.
-FramesCompressor = Callable[[Sequence["bytes | memoryview"]], tuple[bytes, list[int]]]
+FramesCompressor = Callable[[Sequence["bytes | bytearray | memoryview"]], tuple[bytes, list[int]]]
 
 
 def frames_compressor(spec: CompressorSpec) -> FramesCompressor:
@@ -620,7 +620,7 @@ def frames_compressor(spec: CompressorSpec) -> FramesCompressor:
         compress = isal.compress
         level = spec.level
 
-        def members(frames: Sequence[bytes | memoryview]) -> tuple[bytes, list[int]]:
+        def members(frames: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes, list[int]]:
             # ISA-L's own gzip wrapper writes GZIP_HEADER (mtime 0, OS 255) and
             # the CRC-32 and size: the same member as _gzip_members, in one call.
             out = [compress(frame, level, 31) for frame in frames]
@@ -628,18 +628,20 @@ def frames_compressor(spec: CompressorSpec) -> FramesCompressor:
 
         return members
 
-    def each(frames: Sequence[bytes | memoryview]) -> tuple[bytes, list[int]]:
+    def each(frames: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes, list[int]]:
         out = [single(frame) for frame in frames]
         return b"".join(out), [len(frame) for frame in out]
 
     return each
 
 
-def _gzip_members(module: ModuleType, level: int) -> Callable[[bytes | memoryview], bytes]:
+def _gzip_members(
+    module: ModuleType, level: int
+) -> Callable[[bytes | bytearray | memoryview], bytes]:
     compress = module.compress
     crc32 = module.crc32
 
-    def member(data: bytes | memoryview) -> bytes:
+    def member(data: bytes | bytearray | memoryview) -> bytes:
         body: bytes = compress(data, level, -15)
         trailer = struct.pack("<II", crc32(data) & 0xFFFFFFFF, len(data) & 0xFFFFFFFF)
         return b"".join((GZIP_HEADER, body, trailer))
@@ -654,7 +656,7 @@ def _zstd_batches(level: int) -> FramesCompressor:
     single = _zstd_frames(level)
     local = threading.local()
 
-    def frames(data: Sequence[bytes | memoryview]) -> tuple[bytes, list[int]]:
+    def frames(data: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes, list[int]]:
         if not data:
             return b"", []
         compressor = getattr(local, "compressor", None)
@@ -673,7 +675,7 @@ def _zstd_batches(level: int) -> FramesCompressor:
     return frames
 
 
-def _zstd_frames(level: int) -> Callable[[bytes | memoryview], bytes]:
+def _zstd_frames(level: int) -> Callable[[bytes | bytearray | memoryview], bytes]:
     import threading  # noqa: PLC0415 - only the zstd frame path needs it
 
     zstandard = _import_zstd()
@@ -681,7 +683,7 @@ def _zstd_frames(level: int) -> Callable[[bytes | memoryview], bytes]:
         raise ImportError("the zstandard package disappeared after the spec was resolved")
     local = threading.local()
 
-    def frame(data: bytes | memoryview) -> bytes:
+    def frame(data: bytes | bytearray | memoryview) -> bytes:
         compressor = getattr(local, "compressor", None)
         if compressor is None:
             compressor = local.compressor = zstandard.ZstdCompressor(
