@@ -219,7 +219,9 @@ class ArchiveOptions:
     layer descriptor needs.
 
     ``level`` ``None`` means the backend's default
-    (:data:`~nixery_core.compression.DEFAULT_LEVELS`: ISA-L 3, zlib 1, zstd 3).
+    (:data:`~nixery_core.compression.DEFAULT_LEVELS`: ISA-L 3, zlib 1, zstd 3),
+    except eStargz with ISA-L: 2 (one gzip member per chunk; see
+    :data:`~nixery_core.compression.FORMAT_DEFAULT_LEVELS`).
     ``gzip_backend`` ``"auto"`` uses ISA-L (required); ``"zlib"`` picks zlib; the two
     give the same ``diff_id`` but different compressed bytes, so the
     resolved backend is part of :meth:`parameters` (see

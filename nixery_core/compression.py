@@ -88,6 +88,7 @@ from nixery_core.protocols import JSONValue
 __all__ = [
     "BLOCK_SIZE",
     "DEFAULT_LEVELS",
+    "FORMAT_DEFAULT_LEVELS",
     "GZIP_HEADER",
     "Compression",
     "CompressorSpec",
@@ -116,6 +117,11 @@ WINDOW = 32 * 1024
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 #: Level used when none is given, per backend.
 DEFAULT_LEVELS: dict[str, int] = {"isal": 3, "zlib": 1, "zstd": 3, "none": 0}
+#: Where a compression's default differs from its backend's: eStargz compresses
+#: every chunk as a gzip member of its own (thousands of small calls), where
+#: ISA-L level 2 takes about a fifth less time than level 3 for about 1% more
+#: bytes (docs/performance.md).
+FORMAT_DEFAULT_LEVELS: dict[tuple[str, str], int] = {("estargz", "isal"): 2}
 #: zlib's memLevel.  For ISA-L it picks the size of the level buffer, and with
 #: it how often a deflate block with fresh Huffman tables starts: 3 (ISA-L's
 #: "small" buffer) made level 3 output 1% smaller than memLevel 8 and level 2
@@ -243,7 +249,7 @@ def _resolve(compression: str, level: int | None, gzip_backend: str) -> Compress
             f"unknown compression {compression!r}: use gzip, zstd, none, estargz or zstd-chunked"
         )
     if level is None:
-        level = DEFAULT_LEVELS[backend]
+        level = FORMAT_DEFAULT_LEVELS.get((compression, backend), DEFAULT_LEVELS[backend])
     low, high = _LEVEL_RANGES[backend]
     if isinstance(level, bool) or not isinstance(level, int) or not low <= level <= high:
         raise InvalidInput(
