@@ -51,20 +51,21 @@ footer are written at the end as always, so a layer is byte-identical
 whether its store paths were compressed now or copied.
 
 **Parallelism and memory.**  The caller's thread parses the tar and plans
-the cuts of big files (those not whole within a window of about 4 MiB, cut
-as they stream in); sealed frames, grouped into batches of about
-:data:`BATCH_BYTES`, go to the executor (at most ``2 * threads`` batches
-in flight, output in order).  There a batch's chunks are hashed, a file
-that arrived whole is cut (a *job*: :func:`plan_chunks` runs on the worker,
-its chunks' TOC entries are made when the batch is collected), and the
-batch is compressed in one call (:func:`~nixery_core.compression.frames_compressor`);
-the chunks of big files join their file's sha256 in batch order on
-whichever worker is free (:class:`_OrderedFileHashing`).  Few, long calls
-matter: Python's lock is free only inside them.  Memory holds a big file's
-current chunk window (at most :data:`CHUNK_MAX` plus about 4 MiB; chunks
-are views of it, not copies), the batches in flight (a job holds its whole
-file, under 4.3 MiB), and the TOC: one small dict per tar member, about
-300 bytes each (the TOC must be complete before it is written at the end).
+the cuts of big files (those not whole within a window of about 4 MiB,
+cut as they stream in); sealed frames, grouped into batches of about
+:data:`BATCH_BYTES`, go to the executor (at most ``4 * threads *
+BATCH_BYTES`` uncompressed bytes in flight, output in order).  There a
+batch's chunks are hashed, a file that arrived whole is cut (a *job*:
+:func:`plan_chunks` runs on the worker, its chunks' TOC entries are made
+when the batch is collected), and the batch is compressed in one call
+(:func:`~nixery_core.compression.frames_compressor`); the chunks of big
+files join their file's sha256 in batch order on whichever worker is free
+(:class:`_OrderedFileHashing`).  Few, long calls matter: Python's lock is
+free only inside them.  Memory holds a big file's current chunk window (at
+most :data:`CHUNK_MAX` plus about 4 MiB; chunks are views of it, not
+copies), the batches in flight, and the TOC: one small dict per tar
+member, about 300 bytes each (the TOC must be complete before it is
+written at the end).
 """
 
 from __future__ import annotations
@@ -505,6 +506,8 @@ class _InFlight:
     closes: _Fragment | None = None
     #: Entries of a cached fragment, whose offsets count from here.
     rebase: list[dict[str, Any]] | None = None
+    #: Uncompressed bytes of the batch.
+    size: int = 0
 
 
 class ChunkedCompressor:
@@ -526,7 +529,9 @@ class ChunkedCompressor:
     ) -> None:
         self._fmt = fmt
         self._executor = executor
-        self._max_in_flight = 2 * max(1, threads)
+        # Bounded by bytes, not batches: a batch with a whole file in it (a
+        # job) takes longer than one of chunks, and others go on meanwhile.
+        self._max_in_flight = 4 * max(1, threads) * BATCH_BYTES
         self._modtime = modtime_rfc3339(mtime)
         self._chunker = _new_chunker()
         # Parser state.
@@ -551,7 +556,7 @@ class ChunkedCompressor:
         self._batch: list[_Frame] = []
         self._batch_bytes = 0
         self._in_flight: deque[_InFlight] = deque()
-        self._futures_in_flight = 0
+        self._bytes_in_flight = 0
         # Fragments (see begin_fragment): the one being cut, the one being collected,
         # and every one not yet committed (discarded on close).
         self._cutting_fragment: _Fragment | None = None
@@ -900,6 +905,7 @@ class ChunkedCompressor:
     def _submit(self, out: list[bytes], *, force: bool = False) -> None:
         if not self._batch:
             return
+        size = self._batch_bytes
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         payloads: list[_Item] = [
             (
@@ -929,8 +935,8 @@ class ChunkedCompressor:
             )
         else:
             future = self._executor.submit(_compress_batch, payloads, index, **work)
-            self._in_flight.append(_InFlight(batch, index, future))
-            self._futures_in_flight += 1
+            self._in_flight.append(_InFlight(batch, index, future, size=size))
+            self._bytes_in_flight += size
         self._collect(out, wait=False)
 
     def _collect(self, out: list[bytes], *, wait: bool) -> None:
@@ -938,10 +944,10 @@ class ChunkedCompressor:
             item = self._in_flight[0]
             pending = item.result
             if isinstance(pending, Future):
-                if not (wait or pending.done() or self._futures_in_flight > self._max_in_flight):
+                if not (wait or pending.done() or self._bytes_in_flight > self._max_in_flight):
                     return
                 batch = pending.result()
-                self._futures_in_flight -= 1
+                self._bytes_in_flight -= item.size
             else:
                 batch = pending
             self._in_flight.popleft()
