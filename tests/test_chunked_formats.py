@@ -23,8 +23,9 @@ import pytest
 from conftest import require_tools
 
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
-from nixery_core.chunked import CHUNK_MAX, cut_points, plan_chunks
-from nixery_core.errors import InvalidInput
+from nixery_core.chunked import CHUNK_MAX, ChunkedCompressor, cut_points, plan_chunks
+from nixery_core.compression import frame_compressor, frames_compressor
+from nixery_core.errors import InvalidInput, LayerError
 from nixery_core.estargz import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_NAME, footer
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
 from nixery_core.fragment_layout import FragmentLayout
@@ -36,6 +37,7 @@ from nixery_core.testing.storage import MemoryStore
 from nixery_core.zstd_chunked import (
     MANIFEST_CHECKSUM_ANNOTATION,
     MANIFEST_POSITION_ANNOTATION,
+    ZstdChunkedFormat,
 )
 
 zstandard = pytest.importorskip("zstandard")
@@ -62,6 +64,8 @@ def make_store(root: Path) -> list[str]:
     # Past CHUNK_MAX + BATCH_BYTES: cut while it streams in, references held back.
     (a / "lib" / "libbig.so").write_bytes(_with_references(2_500_000, 1, "kq"))
     (a / "lib" / "copy.so").write_bytes(_with_references(2_500_000, 1, "kq"))  # a hard link
+    # Past the chunker's window: cut while it streams in, on the reading thread.
+    (a / "lib" / "libhuge.so").write_bytes(_with_references(6_000_000, 2, "kq"))
     (a / "empty").write_bytes(b"")
     (a / "lib" / "link.so").symlink_to("libbig.so")
     b = store / "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-small"
@@ -206,6 +210,42 @@ def test_chunked_fragments_are_shared_through_a_bucket(
         assert local_b.misses == 0  # nothing compressed
         assert (tier_b.stats.hits, tier_b.stats.rejected) == (2 * len(paths), 0)
     assert layers == [_pack_paths(root, g, compression) for g in groups]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ArchiveOptions(compression="estargz"),
+        ArchiveOptions(compression="estargz", level=0),
+        ArchiveOptions(compression="estargz", gzip_backend="zlib"),
+        ArchiveOptions(compression="zstd-chunked"),
+    ],
+    ids=["isal-2", "isal-0", "zlib", "zstd"],
+)
+def test_a_batch_of_frames_is_the_frames_one_by_one(options: ArchiveOptions) -> None:
+    """frames_compressor gives exactly frame_compressor's bytes, frame by frame, joined."""
+    spec = options.compressor()
+    frames = [b"", b"x", _noise(40_000, 1), bytes(70_000), _noise(300_000, 2) * 2]
+    one = frame_compressor(spec)
+    expected = [one(frame) for frame in frames]
+    blob, lengths = frames_compressor(spec)([memoryview(frame) for frame in frames])
+    assert lengths == [len(frame) for frame in expected]
+    assert blob == b"".join(expected)
+
+
+def test_a_damaged_cached_toc_is_refused(tmp_path: Path) -> None:
+    """A cached fragment's TOC that is not a list of entries stops the pack with LayerError."""
+    compressor = ChunkedCompressor(
+        ZstdChunkedFormat(
+            frame_compressor(ArchiveOptions(compression="zstd-chunked").compressor())
+        ),
+        mtime=1,
+        executor=None,
+        threads=1,
+    )
+    for toc in (b"not json", b'{"entries": []}', b'[{"name": "a", "type": "fifo"}]'):
+        with pytest.raises(LayerError, match="TOC does not parse"):
+            compressor.put_fragment(toc, 0)
 
 
 def _decompress(compression: str, blob: bytes) -> bytes:
