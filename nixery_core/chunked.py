@@ -436,6 +436,11 @@ def _cut_job(
     split: bool,
 ) -> tuple[list[int], str]:
     """A whole file's chunks as frames (appended to ``payloads``/``digests``); its plan."""
+    if not split and len(content) <= CHUNK_MIN:
+        # One chunk, as plan_chunks would say, without a copy or the chunker.
+        digests.append("sha256:" + hashlib.sha256(content).hexdigest())
+        payloads.append(b"".join((content, data)) if merge and data else content)
+        return [len(content)], ""
     window = content if isinstance(content, bytes) else bytes(content)
     lengths = plan_chunks(chunker, window, last=True, split_references=split)
     view = memoryview(window)
