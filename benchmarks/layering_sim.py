@@ -17,11 +17,18 @@ Prints, in this order:
    :mod:`nixery_core_sim.files`) next to the whole-layer client;
 5. how ours does against its targets.
 
+With ``--registry``, ours also runs told which layers the registry already
+stores (``ChurnAwareDominators(prior_layers=...)``, row
+``churn-aware-dominators+registry``): images are built in a fixed order at
+every revision, each seeing the layers of the images before it and of
+every earlier revision (:class:`~nixery_core_sim.evaluation.WithRegistry`).
+
 See :mod:`nixery_core_sim.universe` for the simulated package set and
 :mod:`nixery_core_sim.evaluation` for the measures.
 
     .venv/bin/python benchmarks/layering_sim.py --by-kind     # the calibrated universe
     .venv/bin/python benchmarks/layering_sim.py --quick       # a small one
+    .venv/bin/python benchmarks/layering_sim.py --registry    # ours with prior layers too
     .venv/bin/python benchmarks/layering_sim.py --closure a.json --closure b.json [--series]
     .venv/bin/python benchmarks/layering_sim.py --offline-set [--max-layers 4]
 
@@ -53,6 +60,7 @@ from nixery_core.sources import LocalPathSource
 from nixery_core_sim.evaluation import (
     PerPath,
     SingleLayer,
+    WithRegistry,
     closure_from_json,
     format_by_kind,
     format_calibration,
@@ -65,6 +73,9 @@ from nixery_core_sim.evaluation import (
     verdict,
 )
 from nixery_core_sim.universe import UniverseConfig
+
+#: The row of ours told which layers the registry already stores (``--registry``).
+REGISTRY_ROW = f"{DEFAULT_STRATEGY.name}+registry"
 
 #: Images of the offline package set measured by ``--offline-set``.
 OFFLINE_IMAGES = ("shell", "hello", "shell/hello", "edge-cases", "xorg.xev/multiout")
@@ -120,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="realise images of nix/offline with Nix and measure them as a corpus",
     )
     parser.add_argument("--by-kind", action="store_true", help="also print churn per image kind")
+    parser.add_argument(
+        "--registry",
+        action="store_true",
+        help=f"also run ours told which layers the registry stores ({REGISTRY_ROW})",
+    )
     args = parser.parse_args(argv)
     budget = args.max_layers - 1
     if args.closure:
@@ -149,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "large_images": args.large_images,
     }
     config = attrs.evolve(config, **{k: v for k, v in overrides.items() if v is not None})
-    report = simulate(config, budget, [DEFAULT_STRATEGY])
+    ours: list[LayeringStrategy] = [DEFAULT_STRATEGY]
+    if args.registry:
+        ours.append(WithRegistry(REGISTRY_ROW, DEFAULT_STRATEGY))
+    report = simulate(config, budget, ours)
     if report.calibration is not None:
         print(format_calibration(report.calibration))
         print()
@@ -163,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(format_by_kind(report))
     print()
-    print("\n".join(verdict(report, DEFAULT_STRATEGY.name).lines(DEFAULT_STRATEGY.name)))
+    for strategy in ours:
+        print("\n".join(verdict(report, strategy.name).lines(strategy.name)))
     return 0
 
 

@@ -37,6 +37,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -63,24 +64,30 @@ __all__ = [
     "TARGET_CHURN_VS_FLOOR",
     "TARGET_SHARING_VS_BEST",
     "Calibration",
+    "KeepsRecord",
     "PerPath",
     "Renamed",
     "Report",
     "SingleLayer",
     "Tally",
     "Verdict",
+    "WithRegistry",
     "calibrate",
     "closure_from_json",
     "format_by_kind",
     "format_calibration",
     "format_partial",
     "format_report",
+    "grouper_of",
     "measure",
     "published_strategies",
     "realise_corpus",
     "simulate",
     "verdict",
 ]
+
+
+_Grouper = Callable[[RuntimeGraph, int], Sequence[LayerGroup]]
 
 
 @attrs.frozen
@@ -127,6 +134,55 @@ class Renamed:
         return self.strategy.group(graph, budget)
 
 
+@attrs.frozen
+class WithRegistry:
+    """Ours, told at every build which layers the registry already stores (``prior_layers``).
+
+    In :func:`simulate` (through :func:`grouper_of`), each image is grouped
+    with ``attrs.evolve(strategy, prior_layers=...)`` naming every layer
+    stored so far: the layers of the images built before it at this
+    revision (in the fixed image order) and of every earlier revision.  The
+    record lives in the simulation, as it would in a registry; the strategy
+    itself stays a pure function of its inputs.
+    """
+
+    name: str
+    strategy: ChurnAwareDominators = attrs.field(factory=ChurnAwareDominators)
+
+    def parameters(self) -> Mapping[str, JSONValue]:
+        return self.strategy.parameters()
+
+    def group(self, graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
+        """Without a registry record: the strategy as it is."""
+        return self.strategy.group(graph, budget)
+
+    def grouper(self) -> _Grouper:
+        """A fresh grouper that records every layer it returns and feeds them back."""
+        stored: set[tuple[str, ...]] = set()
+
+        def group(graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
+            strategy = attrs.evolve(self.strategy, prior_layers=frozenset(stored))
+            groups = strategy.group(graph, budget)
+            stored.update(g.paths for g in groups)
+            return groups
+
+        return group
+
+
+@runtime_checkable
+class KeepsRecord(Protocol):
+    """A strategy that groups differently once it sees what was built before it."""
+
+    def grouper(self) -> _Grouper:
+        """A fresh grouper, with an empty record of its own."""
+        ...
+
+
+def grouper_of(strategy: LayeringStrategy) -> _Grouper:
+    """What :func:`measure` calls for ``strategy`` (a fresh record for :class:`KeepsRecord`)."""
+    return strategy.grouper() if isinstance(strategy, KeepsRecord) else strategy.group
+
+
 @attrs.define
 class Tally:
     """What one strategy scored.
@@ -154,6 +210,9 @@ class Tally:
     @property
     def partial_churn_per_image(self) -> int:
         return sum(self.partial_churn_by_kind.values())
+
+
+_BASELINES = frozenset({SingleLayer().name, PerPath().name})
 
 
 @attrs.frozen
@@ -212,8 +271,6 @@ class Report:
         raise KeyError(name)
 
 
-_Grouper = Callable[[RuntimeGraph, int], Sequence[LayerGroup]]
-_BASELINES = frozenset({SingleLayer().name, PerPath().name})
 
 
 def _timed(
@@ -315,7 +372,7 @@ def simulate(
         paths = universe.store_paths()
         series.append([(img.kind, image_graph(universe, paths, img)) for img in images])
         contents.append(universe.content_keys(paths))
-    report = measure(series, [(s.name, s.group) for s in strategies], budget, contents)
+    report = measure(series, [(s.name, grouper_of(s)) for s in strategies], budget, contents)
     return attrs.evolve(report, calibration=calibrate(report, series[0]))
 
 

@@ -317,6 +317,67 @@ def _assert_dependencies_ride_with_their_tools(groups: list[list[str]]) -> None:
         }
 
 
+def test_ours_keeps_a_layer_the_registry_already_stores() -> None:
+    """A prior layer made of this closure's paths comes out as one layer, as stored, where
+    without it the grouping differs; a prior layer naming a path outside the closure is
+    ignored."""
+    graph = _tools()
+    by_name = {package_name(p): p for p in graph.paths}
+    stored = [by_name[n] for n in ("dep0", "tool0", "dep5", "tool5")]
+    without = ChurnAwareDominators(root_slots=0).group(graph, 5)
+    assert tuple(sorted(stored)) not in [g.paths for g in without]
+    outside = [by_name["libc"], store_path(99, "elsewhere")]
+    strategy = ChurnAwareDominators(root_slots=0, prior_layers=[stored, outside])
+    groups = strategy.group(graph, 5)
+    validate_grouping(graph, groups, 5)
+    assert tuple(sorted(stored)) in [g.paths for g in groups]
+    assert ["libc"] in names(groups)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), graph=closures(), budget=st.integers(1, 45))
+def test_ours_with_prior_layers_keeps_its_promises(
+    data: st.DataObject, graph: RuntimeGraph, budget: int
+) -> None:
+    """With any prior layers (subsets of the closure and beyond it), every path lands in
+    exactly one layer within the budget, and the same graph and prior layers, in any order,
+    give the same layers."""
+    paths = sorted(graph.paths)
+    prior = data.draw(
+        st.lists(st.lists(st.sampled_from([*paths, store_path(999, "gone")]), min_size=1))
+    )
+    strategy = ChurnAwareDominators(prior_layers=prior)
+    groups = list(strategy.group(graph, budget))
+    validate_grouping(graph, groups, budget)
+    again = ChurnAwareDominators(prior_layers=[list(reversed(layer)) for layer in reversed(prior)])
+    assert again == strategy
+    assert again.parameters() == strategy.parameters()
+    assert list(again.group(shuffled(graph, budget), budget)) == groups
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=closures(), budget=st.integers(1, 45))
+def test_ours_without_prior_layers_in_the_closure_is_unchanged(
+    graph: RuntimeGraph, budget: int
+) -> None:
+    """No prior layers is the default strategy, parameters and all; prior layers none of
+    whose sets lies inside the closure change no layer (only the cache-key digest)."""
+    assert ChurnAwareDominators(prior_layers=()) == DEFAULT_STRATEGY
+    assert ChurnAwareDominators(prior_layers=()).parameters() == DEFAULT_STRATEGY.parameters()
+    outside = store_path(999, "gone")
+    prior = [[p, outside] for p in sorted(graph.paths)[:5]]
+    strategy = ChurnAwareDominators(prior_layers=prior)
+    assert strategy.group(graph, budget) == DEFAULT_STRATEGY.group(graph, budget)
+    assert strategy.parameters()["prior_layers_sha256"] == strategy.prior_digest()
+
+
+@pytest.mark.parametrize("prior", ["/nix/store/abc-x", [3], [[]], [["/nix/store/a-x", 3]]])
+def test_ours_refuses_malformed_prior_layers(prior: object) -> None:
+    """Prior layers must be a collection of non-empty collections of store paths."""
+    with pytest.raises(InvalidInput, match="prior"):
+        ChurnAwareDominators(prior_layers=prior)
+
+
 def test_ours_merges_the_paths_that_change_together() -> None:
     """With one merge to make, a package's two outputs (same change causes) go together."""
     spec: dict[str, tuple[int, Sequence[str]]] = {

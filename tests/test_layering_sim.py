@@ -23,6 +23,7 @@ from nixery_core_sim.evaluation import (
     PerPath,
     Report,
     SingleLayer,
+    WithRegistry,
     closure_from_json,
     measure,
     simulate,
@@ -56,8 +57,14 @@ HELD_OUT_SEED = 2
 def quick_report() -> Report:
     """The quick universe on a held-out seed, measured once for the tests below."""
     return simulate(
-        UniverseConfig.quick(seed=HELD_OUT_SEED), DEFAULT_MAX_LAYERS - 1, [DEFAULT_STRATEGY]
+        UniverseConfig.quick(seed=HELD_OUT_SEED),
+        DEFAULT_MAX_LAYERS - 1,
+        [DEFAULT_STRATEGY, WithRegistry(REGISTRY, DEFAULT_STRATEGY)],
     )
+
+
+#: Ours told, at every build, which layers the registry stores so far.
+REGISTRY = "ours+registry"
 
 
 def test_ours_beats_every_published_strategy_on_the_quick_universe(quick_report: Report) -> None:
@@ -75,6 +82,24 @@ def test_ours_beats_every_published_strategy_on_the_quick_universe(quick_report:
         if name != NIXERY_TRANSITIVE:
             assert ours.shared <= quick_report.tally(name).shared, name
     assert max(ours.layers) <= DEFAULT_MAX_LAYERS - 1
+
+
+def test_ours_told_the_stored_layers_stores_no_more_than_nixery_transitive(
+    quick_report: Report,
+) -> None:
+    """On a held-out seed, ours given the layers the registry already stores (images built in
+    a fixed order, earlier revisions included) stores no more across images than Nixery's
+    strategy with a transitive popularity table, less than ours without them, and still pulls
+    less than every published strategy, within 1.3x of the floor."""
+    result = verdict(quick_report, REGISTRY)
+    assert result.sharing_vs_transitive <= 1.0
+    told = quick_report.tally(REGISTRY)
+    assert told.shared < quick_report.tally(DEFAULT_STRATEGY.name).shared
+    assert result.per_image_vs_best < 1.0
+    assert result.churn_vs_best < 1.0
+    assert result.per_image_vs_floor <= 1.3
+    assert result.churn_vs_floor <= 1.3
+    assert max(told.layers) <= DEFAULT_MAX_LAYERS - 1
 
 
 def test_images_with_few_roots_use_their_whole_budget(quick_report: Report) -> None:
@@ -256,10 +281,10 @@ def test_command_line_measures_real_closures(tmp_path: Path) -> None:
 
 def test_quick_run_of_the_script_prints_calibration_every_strategy_and_the_verdict() -> None:
     """``layering_sim.py --quick`` prints the calibration, the table for all strategies and
-    ours' verdict on both churn measures."""
+    ours' verdict on both churn measures; ``--registry`` adds ours told the stored layers."""
     script = REPO / "benchmarks" / "layering_sim.py"
     run = subprocess.run(
-        [sys.executable, str(script), "--quick", "--by-kind"],
+        [sys.executable, str(script), "--quick", "--by-kind", "--registry"],
         capture_output=True,
         text=True,
         check=True,
@@ -270,6 +295,9 @@ def test_quick_run_of_the_script_prints_calibration_every_strategy_and_the_verdi
     assert "churn per image vs the per-path floor" in run.stdout
     assert "churn on one node vs the per-path floor" in run.stdout
     assert "| churn GB, client per image |" in run.stdout
+    registry = f"{DEFAULT_STRATEGY.name}+registry"
+    assert f"| {registry} |" in run.stdout
+    assert f"{registry}: sharing vs {NIXERY_TRANSITIVE}" in run.stdout
 
 
 @pytest.mark.usefixtures("nix")

@@ -49,6 +49,13 @@ The strategy is an agglomerative clustering on that cost:
 5. Before any of that, groups under ``min_layer_bytes`` (off by default)
    are merged with their cheapest candidate, even when the closure fits the
    budget, for images with fewer pull round-trips.
+6. ``prior_layers`` (empty by default) names layers a registry already
+   stores (earlier images, earlier revisions), as store path sets.  Each one
+   made only of this closure's unpinned paths (disjoint ones, most bytes
+   first) starts as a group: storing it again costs nothing, and a client
+   that pulled it may hold it.  Its first merge costs ``other_images *
+   bytes * (exposure + stored_copy)`` (certainly elsewhere: no ``share``).
+   With no prior layers the strategy is exactly as without this step.
 
 Costs depend only on the closures below the groups and their sizes, and
 ties are broken by store path names without hashes, so the same package
@@ -61,10 +68,11 @@ replaced it (``docs/layering.md`` has both measured).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
@@ -94,6 +102,21 @@ def _flag(_instance: object, attribute: attrs.Attribute[bool], value: bool) -> N
         raise InvalidInput(f"{attribute.name} must be True or False, got {value!r}")
 
 
+def _prior(value: object) -> frozenset[tuple[str, ...]]:
+    """Prior layers as a frozenset of sorted path tuples; anything else is refused."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidInput(f"prior_layers must be a collection of store path sets, got {value!r}")
+    layers = set()
+    for layer in value:
+        if isinstance(layer, str | bytes) or not isinstance(layer, Iterable):
+            raise InvalidInput(f"a prior layer must be a collection of store paths, got {layer!r}")
+        members = set(layer)
+        if not members or not all(isinstance(p, str) for p in members):
+            raise InvalidInput(f"a prior layer must name one or more store paths, got {layer!r}")
+        layers.add(tuple(sorted(members)))
+    return frozenset(layers)
+
+
 def _weight(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
         raise InvalidInput(f"{attribute.name} must be a finite number >= 0, got {value!r}")
@@ -116,7 +139,12 @@ class ChurnAwareDominators:
     what a copy of a shared path stored again by a registry costs, against
     pulling it again once (raise it to trade churn for registry storage).
     ``min_layer_bytes``: smaller groups are merged even when the closure fits
-    the budget.
+    the budget.  ``prior_layers``: store path sets of layers the registry
+    already stores (any iterable of iterables of store paths; kept as a
+    frozenset of sorted tuples, in :meth:`parameters` as a digest); those
+    made only of this closure's paths start as groups of their own (module
+    docstring, step 6).  An explicit input, so the same graph and prior
+    layers give the same layers.
     """
 
     change_rate: float = attrs.field(default=0.003, validator=_rate)
@@ -125,6 +153,9 @@ class ChurnAwareDominators:
     min_layer_bytes: int = attrs.field(default=0, validator=_non_negative_int)
     reserve_root_slots: bool = attrs.field(default=False, validator=_flag)
     stored_copy: float = attrs.field(default=1.0, validator=_weight)
+    prior_layers: frozenset[tuple[str, ...]] = attrs.field(
+        default=frozenset(), converter=_prior, repr=False
+    )
 
     @property
     def name(self) -> str:
@@ -138,7 +169,16 @@ class ChurnAwareDominators:
             "min_layer_bytes": self.min_layer_bytes,
             "reserve_root_slots": self.reserve_root_slots,
             "stored_copy": self.stored_copy,
+            **({"prior_layers_sha256": self.prior_digest()} if self.prior_layers else {}),
         }
+
+    def prior_digest(self) -> str:
+        """sha256 of ``prior_layers`` (sorted path sets, sorted), for cache keys."""
+        h = hashlib.sha256()
+        for layer in sorted(self.prior_layers):
+            h.update("\n".join(layer).encode())
+            h.update(b"\0")
+        return h.hexdigest()
 
     def leaf_stable(self, graph: RuntimeGraph, budget: int) -> bool:
         """Whether adding one new root package to ``graph`` leaves every layer as it is.
@@ -180,6 +220,8 @@ class ChurnAwareDominators:
         else:
             pinned, cap = (), budget
         clustering = _Clustering(ig, frozenset(pinned), self)
+        if self.prior_layers:
+            clustering.seed(_contained(ig, frozenset(pinned), self.prior_layers))
         clustering.merge_small(self.min_layer_bytes)
         clustering.merge_down_to(cap)
         # Least exposed first: the bottom of the image changes least.
@@ -233,6 +275,8 @@ class _Clustering:
             for v in range(n)
         ]
         self.intact = [True] * n
+        self.prior_weight = strategy.other_images
+        self.copy = strategy.stored_copy
 
     def _dependent_share(self) -> list[float]:
         """For each path, the share of unpinned paths that depend on it (itself excluded)."""
@@ -248,6 +292,16 @@ class _Clustering:
             dependents[v] = acc
         total = max(1, len(self.rest))
         return [(d.bit_count() - 1) / total if d else 0.0 for d in dependents]
+
+    def seed(self, layers: Sequence[Sequence[int]]) -> None:
+        """Start from these groups (prior layers): merged, intact, certainly stored elsewhere."""
+        for layer in layers:
+            head = layer[0]
+            for v in layer[1:]:
+                self.merge(self.find(head), v)
+            g = self.find(head)
+            self.intact[g] = True
+            self.shared[g] = self.prior_weight * self.size[g] * (self.exposure[g] + self.copy)
 
     def find(self, v: int) -> int:
         up = self.up
@@ -339,6 +393,26 @@ class _Clustering:
         out = [(self.exposure[v], self.rank[v], [v]) for v in self.pinned]
         out.extend((self.exposure[g], self.rank[g], sorted(m)) for g, m in self.members.items())
         return out
+
+
+def _contained(
+    ig: IndexedGraph, pinned: frozenset[int], prior: frozenset[tuple[str, ...]]
+) -> list[list[int]]:
+    """Prior layers made only of unpinned paths of ``ig``, disjoint: most bytes first."""
+    index = {p: i for i, p in enumerate(ig.paths)}
+    found = []
+    for layer in prior:
+        members = [index.get(p, -1) for p in layer]
+        if all(v >= 0 and v not in pinned for v in members):
+            found.append((-sum(ig.sizes[v] for v in members), layer, members))
+    found.sort()
+    taken: set[int] = set()
+    out = []
+    for _, _, members in found:
+        if taken.isdisjoint(members):
+            taken.update(members)
+            out.append(members)
+    return out
 
 
 def _stale(fresh: float, cost: float) -> bool:
