@@ -55,6 +55,7 @@ from nixery_core.protocols import (
     LayeringStrategy,
     LogCallback,
     Runner,
+    SupportsPriorLayers,
     SupportsRefresh,
     SupportsWrittenDigest,
     Uploader,
@@ -194,8 +195,15 @@ class BuildSettings:
     directory).  ``max_workers`` bounds the threads packing and hashing
     layers (:func:`default_workers`).  ``progress`` gets every
     :class:`~nixery_core.results.ProgressEvent`, ``on_log_line`` every line
-    Nix prints on stderr.  Bad values raise
-    :class:`~nixery_core.errors.InvalidInput`.
+    Nix prints on stderr.  ``prior_layers_from_cache`` (off by default; needs
+    a ``cache`` and a strategy with
+    :class:`~nixery_core.protocols.SupportsPriorLayers`, as the default
+    is) tells the strategy, at each build, the store layers of every image
+    in the cache's local tier (:meth:`~nixery_core.cache.BuildCache.stored_layers`),
+    so that it keeps layers the registry already stores (``docs/layering.md``).
+    The record is then an input the manifest cache key does not cover (the
+    key says only that the option is on): a cached image is served as it
+    was built.  Bad values raise :class:`~nixery_core.errors.InvalidInput`.
     """
 
     runner: Runner = attrs.field(default=None, converter=_runner)
@@ -211,6 +219,28 @@ class BuildSettings:
     progress: ProgressCallback | None = None
     on_log_line: LogCallback | None = None
     clock: Callable[[], float] = time.perf_counter
+    prior_layers_from_cache: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        flag = self.prior_layers_from_cache
+        if not isinstance(flag, bool):
+            raise InvalidInput(f"prior_layers_from_cache must be True or False, got {flag!r}")
+        if flag and self.cache is None:
+            raise InvalidInput("prior_layers_from_cache needs a cache to read stored layers from")
+        if flag and not isinstance(self.strategy, SupportsPriorLayers):
+            raise InvalidInput(
+                f"prior_layers_from_cache needs a strategy that takes prior layers; "
+                f"{self.strategy.name} does not"
+            )
+
+    def strategy_for_build(self) -> LayeringStrategy:
+        """The strategy one build groups with: told the cache's stored layers if asked."""
+        strategy, cache = self.strategy, self.cache
+        if not self.prior_layers_from_cache or cache is None:
+            return strategy
+        if isinstance(strategy, SupportsPriorLayers):
+            return strategy.with_prior_layers(cache.stored_layers())
+        return strategy
 
     @property
     def workers(self) -> int:
@@ -231,8 +261,13 @@ def manifest_cache_key(
     manifest_format: str,
     layer_budget: int,
     expression: str | NixExpression | None = None,
+    prior_layers_from_cache: bool = False,
 ) -> str:
-    """A key over everything that changes the built manifest."""
+    """A key over everything that changes the built manifest.
+
+    With ``prior_layers_from_cache`` the key says so, but not what the cache
+    held (see :class:`BuildSettings`).
+    """
     expr = _expression(expression)
     payload: dict[str, object] = {
         "layout": LAYOUT_VERSION,
@@ -245,6 +280,8 @@ def manifest_cache_key(
         "expression": None if expr is None else expr.key,
         "sbom": attach.SBOM_VERSION,
     }
+    if prior_layers_from_cache:
+        payload["prior_layers"] = "from-cache"
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
@@ -429,6 +466,7 @@ def build_image(
     on_log_line: LogCallback | None = None,
     clock: Callable[[], float] = time.perf_counter,
     expression: str | NixExpression | None = None,
+    prior_layers_from_cache: bool = False,
 ) -> BuildResult:
     """Build ``image`` from ``source`` once: blobs into ``uploader``, a manifest out.
 
@@ -453,7 +491,7 @@ def build_image(
         runner=runner, uploader=uploader, cache=cache, strategy=strategy, archive=archive,
         layer_budget=layer_budget, timeout=timeout, nix_options=nix_options,
         store_root=store_root, max_workers=max_workers, progress=progress,
-        on_log_line=on_log_line, clock=clock,
+        on_log_line=on_log_line, clock=clock, prior_layers_from_cache=prior_layers_from_cache,
     )
     with open_executor(settings.workers) as executor:
         return run_build(
@@ -504,7 +542,7 @@ def run_build(
     key = manifest_cache_key(
         image, spec, strategy=settings.strategy, archive=settings.archive, config=config,
         manifest_format=manifest_format, layer_budget=settings.layer_budget,
-        expression=expression,
+        expression=expression, prior_layers_from_cache=settings.prior_layers_from_cache,
     )
     plan = _Plan(spec, key, config, manifest_format, _expression(expression))
 
@@ -573,7 +611,7 @@ def _build_rooted(build: _Build, plan: _Plan, start: float, gc_root: Path) -> Bu
     now = build.timed("nix", now)
 
     _check_on_disk(graph, build.store_root)
-    strategy = settings.strategy
+    strategy = settings.strategy_for_build()
     build.emit("layering", f"grouping {len(graph)} store paths with {strategy.name}")
     groups = strategy.group(graph, settings.layer_budget - 1)
     now = build.timed("layering", now)

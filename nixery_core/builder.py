@@ -110,12 +110,14 @@ class Builder:
         progress: ProgressCallback | None = None,
         on_log_line: LogCallback | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        prior_layers_from_cache: bool = False,
     ) -> None:
         self._settings = BuildSettings(
             runner=runner, uploader=uploader, cache=cache, strategy=strategy, archive=archive,
             layer_budget=layer_budget, timeout=timeout, nix_options=nix_options,
             store_root=store_root, max_workers=max_workers, progress=progress,
             on_log_line=on_log_line, clock=clock,
+            prior_layers_from_cache=prior_layers_from_cache,
         )
         if executor is not None and not isinstance(executor, Executor):
             raise InvalidInput(f"executor must be a concurrent.futures.Executor, not {executor!r}")

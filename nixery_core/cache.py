@@ -169,6 +169,21 @@ def _served_manifest(data: Mapping[str, Any]) -> ManifestRecord:
     return attrs.evolve(record, sizes=sizes)
 
 
+def _store_layer_paths(body: Mapping[str, Any]) -> Iterator[tuple[str, ...]]:
+    """The sorted store paths of each store layer an image or index record describes."""
+    records: list[object] = [body]
+    if body.get("kind") == "index" and isinstance(body.get("manifests"), list):
+        records = [m.get("record") for m in body["manifests"] if isinstance(m, dict)]
+    for record in records:
+        layers = record.get("layers") if isinstance(record, dict) else None
+        for layer in layers if isinstance(layers, list) else ():
+            if not isinstance(layer, dict) or layer.get("kind") != "store":
+                continue
+            paths = layer.get("paths")
+            if isinstance(paths, list) and paths and all(isinstance(p, str) for p in paths):
+                yield tuple(sorted(paths))
+
+
 def _stored_size(store: Uploader, digest: str) -> int | None:
     """The stored blob's size (a stat where the store offers ``blob_size``), None if absent."""
     sizer = getattr(store, "blob_size", None)
@@ -702,6 +717,26 @@ class BuildCache:
             raw = self._local_get(name)
             if isinstance(name, str) and isinstance(raw, bytes):
                 yield name, raw
+
+    def stored_layers(self) -> frozenset[tuple[str, ...]]:
+        """The store path sets of every store layer of the images in the local tier.
+
+        Read from the manifest entries (``manifests/<key>``: each image's
+        layers with their store paths; an index entry's images too), for a
+        strategy told which layers the registry already stores
+        (:class:`~nixery_core.protocols.SupportsPriorLayers`).  The shared
+        tier is not listed; an entry that does not parse is skipped.
+        """
+        layers: set[tuple[str, ...]] = set()
+        for name, raw in self.local_entries():
+            if not name.startswith("manifests/"):
+                continue
+            try:
+                body = ManifestRecord.from_json(_json_object(raw)).body
+            except (ValueError, TypeError, RecursionError):
+                continue
+            layers.update(_store_layer_paths(body))
+        return frozenset(layers)
 
     def forget(self, store: Uploader, name: str) -> None:
         """Drop one entry (``manifests/<key>`` or ``builds/<key>``) from both tiers."""

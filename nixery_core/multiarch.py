@@ -237,6 +237,7 @@ def build_multiarch(
     progress: ProgressCallback | None = None,
     on_log_line: LogCallback | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    prior_layers_from_cache: bool = False,
 ) -> MultiArchResult:
     """Build ``image`` for every architecture in ``archs`` and combine them in one index.
 
@@ -257,7 +258,7 @@ def build_multiarch(
         runner=runner, uploader=uploader, cache=cache, strategy=strategy, archive=archive,
         layer_budget=layer_budget, timeout=timeout, nix_options=nix_options,
         store_root=store_root, max_workers=max_workers, progress=progress,
-        on_log_line=on_log_line, clock=clock,
+        on_log_line=on_log_line, clock=clock, prior_layers_from_cache=prior_layers_from_cache,
     )
     with open_executor(settings.workers) as executor:
         return run_multiarch(
@@ -287,7 +288,7 @@ def run_multiarch(
         arch.oci_arch: manifest_cache_key(
             image.with_arch(arch), spec, strategy=settings.strategy, archive=settings.archive,
             config=config, manifest_format=format, layer_budget=settings.layer_budget,
-            expression=expression,
+            expression=expression, prior_layers_from_cache=settings.prior_layers_from_cache,
         )
         for arch in arch_list
     }

@@ -7,7 +7,7 @@ strategy) and fakes in :mod:`nixery_core.testing`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -32,6 +32,7 @@ __all__ = [
     "SupportsDeletion",
     "SupportsLeases",
     "SupportsListing",
+    "SupportsPriorLayers",
     "SupportsReading",
     "SupportsRefresh",
     "SupportsStagingCleanup",
@@ -218,6 +219,18 @@ class SupportsDeletion(Protocol):
     def delete_blob(self, digest: str) -> None: ...
 
     def delete_object(self, key: str) -> None: ...
+
+
+@runtime_checkable
+class SupportsPriorLayers(Protocol):
+    """A layering strategy that can be told which layers a registry already stores.
+
+    It promises: :meth:`with_prior_layers` returns the same strategy given
+    ``layers`` (store path sets) as an explicit input, which it may keep
+    whole where they fit a closure; no layers give the strategy as it is.
+    """
+
+    def with_prior_layers(self, layers: Iterable[Sequence[str]]) -> LayeringStrategy: ...
 
 
 @runtime_checkable

@@ -17,9 +17,11 @@ from nixery_core.build import BuildSettings, build_image
 from nixery_core.builder import Builder
 from nixery_core.cache import BuildCache
 from nixery_core.errors import InvalidInput, UnknownPackages
+from nixery_core.graph import RuntimeGraph
+from nixery_core.layering import DEFAULT_STRATEGY, SizeFirst
 from nixery_core.multiarch import build_multiarch
 from nixery_core.names import AMD64, ARM64, Image
-from nixery_core.protocols import LogCallback, RunResult
+from nixery_core.protocols import JSONValue, LayerGroup, LogCallback, RunResult
 from nixery_core.results import ProgressEvent
 from nixery_core.testing.runners import FakeNix
 from nixery_core.testing.sources import FixedSource
@@ -115,6 +117,13 @@ def test_build_multiarch_on_a_builder_matches_the_one_shot_form(tmp_path: Path) 
         ({"nix_options": {"cores": 2}}, "nix_options must map strings"),
         ({"archive": "gzip"}, "archive must be ArchiveOptions"),
         ({"executor": object()}, "executor must be"),
+        ({"prior_layers_from_cache": 1}, "prior_layers_from_cache must be True or False"),
+        ({"prior_layers_from_cache": True}, "prior_layers_from_cache needs a cache"),
+        (
+            {"prior_layers_from_cache": True, "cache": BuildCache(shared=False),
+             "strategy": SizeFirst()},
+            "size-first does not",
+        ),
     ],
 )
 def test_bad_settings_fail_when_the_builder_is_made(
@@ -123,6 +132,61 @@ def test_bad_settings_fail_when_the_builder_is_made(
     """A bad setting is an InvalidInput from the constructor, not from the first build."""
     with pytest.raises(InvalidInput, match=message):
         Builder(uploader=MemoryStore(), **kwargs)  # type: ignore[arg-type]
+
+
+@attrs.frozen
+class _ToldStrategy:
+    """The default strategy, recording the prior layers each build tells it."""
+
+    told: list[frozenset[tuple[str, ...]]]
+    prior: frozenset[tuple[str, ...]] = frozenset()
+
+    @property
+    def name(self) -> str:
+        return "told"
+
+    def parameters(self) -> Mapping[str, JSONValue]:
+        return {}
+
+    def with_prior_layers(self, layers: Sequence[Sequence[str]]) -> _ToldStrategy:
+        prior = frozenset(tuple(layer) for layer in layers)
+        self.told.append(prior)
+        return _ToldStrategy(self.told, prior)
+
+    def group(self, graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
+        return DEFAULT_STRATEGY.with_prior_layers(self.prior).group(graph, budget)
+
+
+def test_prior_layers_from_cache_tells_the_strategy_every_stored_image_layer(
+    tmp_path: Path,
+) -> None:
+    """With ``prior_layers_from_cache``, each build's strategy is told the store layers of
+    every image the cache's local tier holds (none for the first); a stored layer the next
+    image holds whole comes out as that layer, its blob reused; the option is in the key."""
+    runner = fake_nix(tmp_path / "root")
+    told: list[frozenset[tuple[str, ...]]] = []
+    with BuildCache(tmp_path / "cache", shared=False) as cache:
+        assert cache.stored_layers() == frozenset()
+        with Builder(
+            runner=runner, uploader=MemoryStore(), cache=cache, store_root=runner.store_root,
+            strategy=_ToldStrategy(told), prior_layers_from_cache=True, layer_budget=4,
+        ) as builder:
+            first = builder.build(IMAGE, FixedSource())
+            second = builder.build(Image.from_name("hello"), FixedSource())
+        stored = {layer.paths for layer in first.layers if layer.kind == "store"}
+        kept = {layer.paths for layer in second.layers if layer.kind == "store"}
+        assert told == [frozenset(), stored]
+        assert cache.stored_layers() == stored | kept
+        second_paths = {p for layer in second.layers for p in layer.paths}
+        whole = {s for s in stored if set(s) <= second_paths and len(s) > 1}
+        assert whole
+        assert whole <= kept
+        assert all(layer.reused for layer in second.layers if layer.paths in whole)
+        plain = build_image(
+            IMAGE, FixedSource(), runner=runner, uploader=MemoryStore(),
+            store_root=runner.store_root, strategy=_ToldStrategy([]), layer_budget=4,
+        )
+        assert plain.cache_key != first.cache_key
 
 
 def test_progress_events_name_their_image_and_the_layer_count(tmp_path: Path) -> None:

@@ -341,3 +341,22 @@ def test_recheck_after_refuses_nonsense() -> None:
     for bad in (-1, "60", True, float("nan")):
         with pytest.raises(InvalidInput, match="recheck_after"):
             BuildCache(None, recheck_after=bad)  # type: ignore[arg-type]
+
+
+def test_stored_layers_lists_store_layers_of_image_and_index_entries(tmp_path: Path) -> None:
+    """``stored_layers`` gives the sorted store paths of every store layer in the local tier's
+    image and index entries, leaving out customisation layers and entries that do not parse."""
+    store = MemoryStore()
+
+    def layer(kind: str, *paths: str) -> dict[str, object]:
+        return {"kind": kind, "paths": list(paths)}
+
+    image = {"layers": [layer("store", "/nix/store/b-y", "/nix/store/a-x"), layer("customisation")]}
+    record = {"layers": [layer("store", "/nix/store/c-z")]}
+    index = {"kind": "index", "manifests": [{"record": record}]}
+    with BuildCache(tmp_path / "cache", shared=False) as cache:
+        cache.put_manifest(store, "one", image, (), pinned=True)
+        cache.put_manifest(store, "two", index, (), pinned=True)
+        cache.put_layer(store, "three", _stored_layer(store))
+        cache._local_set("manifests/broken", b"{not json", None)  # a corrupt entry
+        assert cache.stored_layers() == {("/nix/store/a-x", "/nix/store/b-y"), ("/nix/store/c-z",)}

@@ -180,6 +180,10 @@ class ChurnAwareDominators:
             h.update(b"\0")
         return h.hexdigest()
 
+    def with_prior_layers(self, layers: Iterable[Sequence[str]]) -> ChurnAwareDominators:
+        """This strategy told which layers the registry already stores (``prior_layers``)."""
+        return attrs.evolve(self, prior_layers=layers)
+
     def leaf_stable(self, graph: RuntimeGraph, budget: int) -> bool:
         """Whether adding one new root package to ``graph`` leaves every layer as it is.
 
