@@ -58,6 +58,7 @@ from nixery_core.protocols import LayeringStrategy
 from nixery_core.runner import SubprocessRunner
 from nixery_core.sources import LocalPathSource
 from nixery_core_sim.evaluation import (
+    NIXERY_TRANSITIVE,
     PerPath,
     SingleLayer,
     WithRegistry,
@@ -184,6 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for strategy in ours:
         print("\n".join(verdict(report, strategy.name).lines(strategy.name)))
+    if args.registry:
+        print()
+        floor = report.tally(PerPath().name).stored_all_revisions
+        transitive = report.tally(NIXERY_TRANSITIVE).stored_all_revisions
+        for t in report.tallies:
+            print(
+                f"{t.name}: stored over all revisions {t.stored_all_revisions / 1e9:.2f} GB, "
+                f"{t.stored_all_revisions / max(1, floor):.3f}x the floor, "
+                f"{t.stored_all_revisions / max(1, transitive):.3f}x {NIXERY_TRANSITIVE}"
+            )
     return 0
 
 

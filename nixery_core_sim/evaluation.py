@@ -14,7 +14,9 @@ strategy.  Per strategy it reports:
   every image, so a layer another image already brought is not pulled
   again (a node running all the images; layers shared between images count);
 - sharing: the unique layer bytes a registry stores for the images of the
-  first revision (registry storage across images);
+  first revision (registry storage across images); and over every revision
+  (``Tally.stored_all_revisions``: what a registry that keeps every blob
+  holds at the end, where churn adds blobs);
 - with content keys per revision, the same two churn measures for a
   partial-pull client (``Tally.partial_churn``, ``partial_churn_by_kind``):
   one that fetches only the files and chunks it lacks
@@ -45,7 +47,7 @@ from nixery_core.errors import InvalidInput
 from nixery_core.graph import RuntimeGraph
 from nixery_core.layering.churn_aware import ChurnAwareDominators
 from nixery_core.layering.common import package_name, validate_grouping
-from nixery_core.layering.metrics import PullingClient, unique_layer_bytes
+from nixery_core.layering.metrics import PullingClient, layer_bytes, unique_layer_bytes
 from nixery_core.layering.nixery import NixeryPopularity
 from nixery_core.layering.references import ReferencesByPopularity
 from nixery_core.layering.size_first import SizeFirst
@@ -202,6 +204,8 @@ class Tally:
     partial_churn_by_kind: dict[str, int] = attrs.Factory(dict)
     #: Layers of each image at the first revision, by image kind.
     layers_by_kind: dict[str, list[int]] = attrs.Factory(dict)
+    #: Unique layer bytes a registry stores for every image of every revision.
+    stored_all_revisions: int = 0
 
     @property
     def churn_per_image(self) -> int:
@@ -315,6 +319,7 @@ def measure(
         clients = [PullingClient() for _ in series[0]]
         partial_shared = PartialPullingClient(model)
         partial_clients = [PartialPullingClient(model) for _ in series[0]]
+        stored: dict[tuple[str, ...], int] = {}
         for rev, images in enumerate(series):
             corpus = []
             for index, ((kind, graph), client) in enumerate(zip(images, clients, strict=True)):
@@ -338,8 +343,21 @@ def measure(
                     tally.layers_by_kind.setdefault(kind, []).append(len(groups))
             if rev == 0:
                 tally.shared = unique_layer_bytes(corpus)
+            _record_stored(stored, corpus)
+        tally.stored_all_revisions = sum(stored.values())
     total = sum(g.total_size for _, g in series[0])
     return Report(tuple(tallies), total, budget, len(series[0]), len(series) - 1)
+
+
+def _record_stored(
+    stored: dict[tuple[str, ...], int],
+    corpus: Sequence[tuple[RuntimeGraph, Sequence[LayerGroup]]],
+) -> None:
+    """Add the layers of ``corpus`` a registry does not hold yet to ``stored`` (bytes each)."""
+    for graph, groups in corpus:
+        for group in groups:
+            if group.paths not in stored:
+                stored[group.paths] = layer_bytes(graph, group)
 
 
 def simulate(
