@@ -80,25 +80,33 @@ class LayoutRecorder:
         self._segments: list[tuple[int, bytes, int]] = []
         self._run = 0
         self._crcs: list[int] = []
+        #: Past :data:`MAX_LITERALS`: nothing more is kept (memory stays bounded).
+        self._overflow = False
 
     def literal(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes of the tar that are not file content (headers, padding)."""
+        if self._overflow:
+            return
         self._literals += data
         self._run += len(data)
+        if len(self._literals) > MAX_LITERALS:
+            self._overflow = True
+            self._literals, self._segments, self._crcs = bytearray(), [], []
 
     def file(self, member: bytes, size: int) -> None:
         """``size`` bytes of the file ``member`` (a member name under the store path)."""
-        if size:
+        if size and not self._overflow:
             self._segments.append((self._run, member[self._cut :], size))
             self._run = 0
 
     def block(self, data: bytes | bytearray | memoryview) -> None:
         """The fragment's next block of uncompressed bytes, as compressed."""
-        self._crcs.append(_crc32(data))
+        if not self._overflow:
+            self._crcs.append(_crc32(data))
 
     def encode(self) -> bytes | None:
         """The layout, compressed; ``None`` when it is too large to be worth keeping."""
-        if len(self._literals) > MAX_LITERALS:
+        if self._overflow:
             return None
         segments = [*self._segments, (self._run, b"", 0)]
         head = _HEAD.pack(_MAGIC, len(segments), len(self._crcs), len(self._literals))

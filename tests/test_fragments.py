@@ -433,3 +433,23 @@ def test_fragments_committed_are_written_by_close_and_found_before_it(tmp_path: 
             with again.get(key) as found:
                 assert found is not None
                 assert b"".join(found.pieces()) == b"".join(parts)
+
+
+def test_store_path_with_too_many_headers_gets_no_layout_and_is_inflated(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store path whose header bytes pass the layout limit is kept without a layout (memory
+    stays bounded while packing) and its fragment is decompressed when reused: the same layer."""
+    from nixery_core import fragment_layout
+
+    monkeypatch.setattr(fragment_layout, "MAX_LITERALS", 2048)
+    options = ArchiveOptions()
+    expected = pack(store, PATHS, options)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS, options, cache)
+        cache.flush()
+        tags = [cache._cache.get(key, tag=True)[1] for key in cache._cache.iterkeys()]
+        assert tags
+        assert all(isinstance(tag, str) for tag in tags)  # no layout kept
+        assert pack(store, PATHS, options, cache) == expected
+        assert cache.hits == len(PATHS)
