@@ -337,17 +337,26 @@ class ours:  # noqa: N801 - used like the function it was
 
 
 def cold_fragments(root: Path) -> Callable[[], FragmentCache]:
-    """A new, empty fragment cache for every run (the old one is removed first, untimed)."""
+    """A new, empty fragment cache for every run, in a new directory.
+
+    The ones of earlier runs stay until :func:`remove_cold_fragments`:
+    deleting 100 MB of fragments right before a timed run made that run pay
+    for the file system's handling of just-freed inodes (ext4's
+    ``recently_deleted``), which an empty cache being filled does not meet.
+    """
+    remove_cold_fragments(root)  # left by an earlier run with --keep
     counter = [0]
 
     def make() -> FragmentCache:
-        shutil.rmtree(root / f"cold-fragments-{counter[0]}", ignore_errors=True)
         counter[0] += 1
-        directory = root / f"cold-fragments-{counter[0]}"
-        shutil.rmtree(directory, ignore_errors=True)  # left by an earlier run with --keep
-        return FragmentCache(directory)
+        return FragmentCache(root / f"cold-fragments-{counter[0]}")
 
     return make
+
+
+def remove_cold_fragments(root: Path) -> None:
+    for directory in root.glob("cold-fragments-*"):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def warm_fragments(
@@ -523,6 +532,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         ]
     print(f"measuring, best of {args.repeats} ...", flush=True)
     results = measure(root, paths, contenders, args.repeats)
+    remove_cold_fragments(root)
     if not args.quick:
         results += measure(root, paths, _variants(root, paths, tar_bytes), 3)
         results += measure(
