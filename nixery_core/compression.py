@@ -117,11 +117,16 @@ WINDOW = 32 * 1024
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 #: Level used when none is given, per backend.
 DEFAULT_LEVELS: dict[str, int] = {"isal": 3, "zlib": 1, "zstd": 3, "none": 0}
-#: Where a compression's default differs from its backend's: eStargz compresses
-#: every chunk as a gzip member of its own (thousands of small calls), where
-#: ISA-L level 2 takes about a fifth less time than level 3 for about 1% more
-#: bytes (docs/performance.md).
-FORMAT_DEFAULT_LEVELS: dict[tuple[str, str], int] = {("estargz", "isal"): 2}
+#: Where a compression's default differs from its backend's (none now).
+#: eStargz used ISA-L level 2 (a fifth less time than level 3 for one gzip
+#: member per chunk), but ISA-L levels 1 and 2 are not deterministic in a
+#: process with several threads: the same 30 KiB chunk compressed to
+#: members 1 to 5 bytes apart from run to run (300 MB benchmark closure,
+#: threads=2; level 1 gave 4 different blobs in 6 runs, level 2 about one
+#: run in three; level 3 none in dozens), whatever the locking around the
+#: call or a copy of its input: the output evidently depends on memory the
+#: library does not initialise.  Level 3 is what keeps layers reproducible.
+FORMAT_DEFAULT_LEVELS: dict[tuple[str, str], int] = {}
 #: zlib's memLevel.  For ISA-L it picks the size of the level buffer, and with
 #: it how often a deflate block with fresh Huffman tables starts: 3 (ISA-L's
 #: "small" buffer) made level 3 output 1% smaller than memLevel 8 and level 2
