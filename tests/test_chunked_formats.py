@@ -509,6 +509,26 @@ def test_reference_chunks_do_not_depend_on_windows(step: int) -> None:
     assert _streamed(data, step) == whole
 
 
+def test_reference_search_finds_what_bytes_find_finds() -> None:
+    """The libc memmem reference search answers exactly as ``bytes.find`` over any range."""
+    import random
+
+    from nixery_core.chunked import _REFERENCE, _finder
+
+    rng = random.Random(7)  # noqa: S311 - fixed test data, not a secret
+    for _ in range(500):
+        data = bytearray(rng.randbytes(rng.randrange(0, 2_000)))
+        for _ in range(rng.randrange(0, 5)):
+            at = rng.randrange(0, len(data) + 1)
+            data[at:at] = _REFERENCE[: rng.choice((5, 10, len(_REFERENCE)))]
+        window = bytes(data)
+        find = _finder(window)
+        for _ in range(20):
+            start, end = rng.randrange(0, len(window) + 3), rng.randrange(0, len(window) + 300)
+            assert find(start, end) == window.find(_REFERENCE, start, end)
+    assert _finder(b"x" + _REFERENCE)(0, 100) == 1
+
+
 def test_a_renamed_dependency_changes_only_reference_chunks() -> None:
     """Rewriting every store hash in a file changes only the chunks holding them (tiny)."""
     old = _with_references(600_000, 4, "abc")
