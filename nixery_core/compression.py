@@ -119,14 +119,18 @@ GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 DEFAULT_LEVELS: dict[str, int] = {"isal": 3, "zlib": 1, "zstd": 3, "none": 0}
 #: Where a compression's default differs from its backend's (none now).
 #: eStargz used ISA-L level 2 (a fifth less time than level 3 for one gzip
-#: member per chunk), but ISA-L levels 1 and 2 are not deterministic in a
-#: process with several threads: the same 30 KiB chunk compressed to
-#: members 1 to 5 bytes apart from run to run (300 MB benchmark closure,
-#: threads=2; level 1 gave 4 different blobs in 6 runs, level 2 about one
-#: run in three; level 3 none in dozens), whatever the locking around the
-#: call or a copy of its input: the output evidently depends on memory the
-#: library does not initialise.  Level 3 is what keeps layers reproducible.
+#: member per chunk), but one-shot ISA-L compression (how frames are
+#: compressed) at levels 1 and 2 is not deterministic in a process with
+#: several threads: the same chunk compressed to members 1 to 5 bytes apart
+#: from run to run (300 MB benchmark closure, threads=2: two or more blobs
+#: in most sessions of 6 to 14 runs), whatever the locking around the call
+#: or a copy of its input; level 3 gave one blob in every session (34
+#: runs).  The output evidently depends on memory the library does not
+#: initialise.  See docs/performance.md, "Reproducibility".
 FORMAT_DEFAULT_LEVELS: dict[tuple[str, str], int] = {}
+#: ISA-L levels refused for eStargz frames (see :data:`FORMAT_DEFAULT_LEVELS`);
+#: gzip layers (1 MiB blocks through ``compressobj``) gave one blob at both.
+_UNREPRODUCIBLE_FRAME_LEVELS = frozenset({1, 2})
 #: zlib's memLevel.  For ISA-L it picks the size of the level buffer, and with
 #: it how often a deflate block with fresh Huffman tables starts: 3 (ISA-L's
 #: "small" buffer) made level 3 output 1% smaller than memLevel 8 and level 2
@@ -225,6 +229,15 @@ def resolve_compressor(
     return _resolve(compression, level, gzip_backend)
 
 
+def _check_reproducible(compression: str, backend: str, level: int) -> None:
+    """Refuse a level whose output changes from run to run (see FORMAT_DEFAULT_LEVELS)."""
+    if compression == "estargz" and backend == "isal" and level in _UNREPRODUCIBLE_FRAME_LEVELS:
+        raise InvalidInput(
+            f"estargz with ISA-L level {level} is not reproducible (the same frame compresses "
+            "to different bytes from run to run under threads): use level 0 or 3"
+        )
+
+
 @cache
 def _resolve(compression: str, level: int | None, gzip_backend: str) -> CompressorSpec:
     # Cached: the fingerprint compresses a 96 KiB sample; the answer cannot
@@ -261,6 +274,7 @@ def _resolve(compression: str, level: int | None, gzip_backend: str) -> Compress
             f"{compression} level {level!r} is out of range for the {backend} backend "
             f"({low}..{high})"
         )
+    _check_reproducible(compression, backend, level)
     spec = CompressorSpec(
         compression,  # type: ignore[arg-type]  # checked just above
         backend,

@@ -212,6 +212,15 @@ def test_chunked_fragments_are_shared_through_a_bucket(
     assert layers == [_pack_paths(root, g, compression) for g in groups]
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_estargz_refuses_isal_levels_that_are_not_reproducible(level: int) -> None:
+    """eStargz with ISA-L level 1 or 2 is refused with a typed error naming the level."""
+    with pytest.raises(InvalidInput, match=f"level {level} is not reproducible"):
+        ArchiveOptions(compression="estargz", gzip_backend="isal", level=level).compressor()
+    assert ArchiveOptions(compression="estargz").compressor().level == 3
+    assert ArchiveOptions(compression="gzip", level=level).compressor().level == level
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -220,7 +229,7 @@ def test_chunked_fragments_are_shared_through_a_bucket(
         ArchiveOptions(compression="estargz", gzip_backend="zlib"),
         ArchiveOptions(compression="zstd-chunked"),
     ],
-    ids=["isal-2", "isal-0", "zlib", "zstd"],
+    ids=["isal-3", "isal-0", "zlib", "zstd"],
 )
 def test_a_batch_of_frames_is_the_frames_one_by_one(options: ArchiveOptions) -> None:
     """frames_compressor gives exactly frame_compressor's bytes, frame by frame, joined."""
