@@ -219,8 +219,9 @@ class ArchiveOptions:
     layer descriptor needs.
 
     ``level`` ``None`` means the backend's default
-    (:data:`~nixery_core.compression.DEFAULT_LEVELS`: ISA-L 3, zlib 1, zstd 3;
-    ISA-L levels 1 and 2 are not reproducible under threads, see
+    (:data:`~nixery_core.compression.DEFAULT_LEVELS`: ISA-L 3, zlib 1, zstd 3).
+    eStargz refuses ISA-L levels 1 and 2 (:class:`~nixery_core.errors.InvalidInput`):
+    its one-shot frames are not reproducible there under threads (see
     :data:`~nixery_core.compression.FORMAT_DEFAULT_LEVELS`).
     ``gzip_backend`` ``"auto"`` uses ISA-L (required); ``"zlib"`` picks zlib; the two
     give the same ``diff_id`` but different compressed bytes, so the
