@@ -34,8 +34,6 @@ __all__ = [
 COMPONENT_PATTERN = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
 #: A tag (the OCI distribution grammar).
 TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_COMPONENT = COMPONENT_PATTERN
-_TAG = TAG_PATTERN
 _MAX_NAME = 255
 _PLATFORM_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -79,7 +77,7 @@ _META = ("arm64", "shell")
 
 
 def _check_tag(name: str, tag: object) -> None:
-    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+    if not is_tag(tag):
         raise InvalidImageName(
             name, str(tag), "is not a valid tag ([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})"
         )
@@ -206,7 +204,7 @@ class Image:
             raise InvalidImageName(name, name[:40] + "...", f"is longer than {_MAX_NAME} bytes")
         components = name.split("/")
         for component in components:
-            if not _COMPONENT.fullmatch(component):
+            if not is_name_component(component):
                 raise InvalidImageName(
                     name,
                     component,
