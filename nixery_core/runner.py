@@ -70,7 +70,7 @@ def tied_to_caller(argv: Sequence[str], path: str | None = None) -> tuple[str, .
     The program is looked up here (``CommandNotFound`` when missing), since
     ``setpriv`` would report a missing one only as an exit status.
     """
-    if shutil.which(argv[0], path=path) is None:
+    if not argv or shutil.which(argv[0], path=path) is None:
         raise CommandNotFound(argv)
     if _SETPRIV is None:  # pragma: no cover - not Linux
         return tuple(argv)
@@ -206,8 +206,6 @@ class SubprocessRunner:
         argv = tuple(argv)
         full_env = dict(os.environ if self.base_env is None else self.base_env)
         full_env.update(env or {})
-        if not argv:
-            raise CommandNotFound(argv)
         try:
             proc = subprocess.Popen(
                 tied_to_caller(argv, full_env.get("PATH")),

@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from nixery_core.errors import CommandNotFound, NixOutputError, NixTimeout
 from nixery_core.protocols import Runner
-from nixery_core.runner import SubprocessRunner
+from nixery_core.runner import SubprocessRunner, tied_to_caller
 
 # SubprocessRunner leaves the pipes of a timed-out command open (reported);
 # tests that time out collect that garbage themselves so that the warning
@@ -198,7 +199,7 @@ def test_stdout_beyond_the_bound_is_a_typed_error() -> None:
 
 _ORPHAN_PARENT = """
 import sys
-from nixery_core.runner import SubprocessRunner
+from nixery_core.runner import SubprocessRunner, tied_to_caller
 print("ready", flush=True)
 SubprocessRunner().run(["sh", "-c", "echo $$ > " + sys.argv[1] + "; exec sleep 300"])
 """
@@ -230,3 +231,10 @@ def test_a_sigkilled_caller_leaves_no_child_behind(tmp_path: Path) -> None:
         parent.wait()
         assert parent.stdout is not None
         parent.stdout.close()
+
+
+@pytest.mark.parametrize("start", [lambda: SubprocessRunner().run([]), lambda: tied_to_caller([])])
+def test_an_empty_command_is_command_not_found(start: Callable[[], object]) -> None:
+    """Running or tying an empty argv raises CommandNotFound, never IndexError."""
+    with pytest.raises(CommandNotFound):
+        start()
