@@ -275,8 +275,6 @@ class Report:
         raise KeyError(name)
 
 
-
-
 def _timed(
     strategy: _Grouper, graph: RuntimeGraph, limit: int, budget: int, tally: Tally
 ) -> Sequence[LayerGroup]:
@@ -527,11 +525,16 @@ def verdict(report: Report, ours: str) -> Verdict:
     )
 
 
+def _unit(report: Report) -> tuple[float, str]:
+    """Bytes per printed unit and its name: GB, or MB for a small corpus."""
+    return (1e9, "GB") if report.total_image_bytes >= 1e9 else (1e6, "MB")
+
+
 def format_report(report: Report) -> str:
     """The table: churn per image, churn on one node, sharing, layers, time (GB, or MB if small)."""
     single = report.tally(SingleLayer().name)
     floor = report.tally(PerPath().name)
-    gb, unit = (1e9, "GB") if report.total_image_bytes >= 1e9 else (1e6, "MB")
+    gb, unit = _unit(report)
     lines = [
         f"{report.images} images, {report.revisions} revisions after the first, "
         f"budget {report.budget} layers per image, "
@@ -561,7 +564,7 @@ def format_report(report: Report) -> str:
 def format_partial(report: Report) -> str:
     """Churn for a whole-layer client next to a partial-pull client, per strategy."""
     floor = report.tally(PerPath().name)
-    gb, unit = (1e9, "GB") if report.total_image_bytes >= 1e9 else (1e6, "MB")
+    gb, unit = _unit(report)
     lines = [
         f"| strategy | whole-layer, per image {unit} | partial-pull, per image {unit} "
         f"| partial / whole | partial / per-path floor (whole) "
