@@ -395,11 +395,24 @@ class _Build:
         packages: tuple[str, ...],
         kind: Literal["store", "customisation"],
     ) -> BuiltLayer:
+        return self._built(cached, paths, packages, kind, reused=True)
+
+    def _built(
+        self,
+        record: LayerRecord,
+        paths: tuple[str, ...],
+        packages: tuple[str, ...],
+        kind: Literal["store", "customisation"],
+        *,
+        reused: bool,
+    ) -> BuiltLayer:
+        """The image's layer for ``record``, announced as reused or packed."""
         built = BuiltLayer(
-            cached.digest, cached.diff_id, cached.size, cached.media_type, paths, packages,
-            reused=True, kind=kind, annotations=cached.annotations,
+            record.digest, record.diff_id, record.size, record.media_type, paths, packages,
+            reused=reused, kind=kind, annotations=record.annotations,
         )
-        self.emit("layers", f"reused {built.digest[:19]} ({', '.join(packages[:3])})", built)
+        verb = "reused" if reused else "packed"
+        self.emit("layers", f"{verb} {built.digest[:19]} ({', '.join(packages[:3])})", built)
         return built
 
     def _cached_layer(self, key: str, *, recheck: bool = False) -> LayerRecord | None:
@@ -438,12 +451,7 @@ class _Build:
         )
         if self.cache is not None:
             self.cache.put_layer(self.store, key, record)
-        built = BuiltLayer(
-            packed.digest, packed.diff_id, packed.size, packed.media_type, paths, packages,
-            reused=False, kind=kind, annotations=packed.annotations,
-        )
-        self.emit("layers", f"packed {built.digest[:19]} ({', '.join(packages[:3])})", built)
-        return built
+        return self._built(record, paths, packages, kind, reused=False)
 
 
 def build_image(
