@@ -37,12 +37,12 @@ __all__ = [
 ]
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+_CHANNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def is_commit(value: str) -> bool:
     """Whether ``value`` is a full git commit id (40 lower-case hex digits): a pinned revision."""
     return _COMMIT.fullmatch(value) is not None
-_CHANNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @attrs.frozen
@@ -250,8 +250,6 @@ class LocalPathSource:
 
     def _content_hash(self) -> str:
         return self._memo.content_hash(self.path)
-
-
 
 
 def _hash_file(path: Path) -> str:
