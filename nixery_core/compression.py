@@ -701,8 +701,6 @@ def _zstd_batches(level: int) -> FramesCompressor:
 
 
 def _zstd_frames(level: int) -> Callable[[bytes | bytearray | memoryview], bytes]:
-    import threading  # noqa: PLC0415 - only the zstd frame path needs it
-
     zstandard = _import_zstd()
     if zstandard is None:  # pragma: no cover - the spec was resolved with zstandard
         raise ImportError("the zstandard package disappeared after the spec was resolved")
