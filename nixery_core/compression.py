@@ -637,7 +637,6 @@ def frames_compressor(spec: CompressorSpec) -> FramesCompressor:
     """
     if spec.backend == "zstd":
         return _zstd_batches(spec.level)
-    single = frame_compressor(spec)
     if spec.backend == "isal" and spec.level >= 1:
         isal = _import_isal()
         if isal is None:  # pragma: no cover - the spec was resolved with isal present
@@ -652,6 +651,11 @@ def frames_compressor(spec: CompressorSpec) -> FramesCompressor:
             return b"".join(out), [len(member) for member in out]
 
         return members
+    return _one_by_one(frame_compressor(spec))
+
+
+def _one_by_one(single: Callable[[bytes | bytearray | memoryview], bytes]) -> FramesCompressor:
+    """A :data:`FramesCompressor` calling ``single`` once per frame."""
 
     def each(frames: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes, list[int]]:
         out = [single(frame) for frame in frames]
@@ -678,7 +682,7 @@ def _zstd_batches(level: int) -> FramesCompressor:
     zstandard = _import_zstd()
     if zstandard is None:  # pragma: no cover - the spec was resolved with zstandard
         raise ImportError("the zstandard package disappeared after the spec was resolved")
-    single = _zstd_frames(level)
+    one_by_one = _one_by_one(_zstd_frames(level))
     local = threading.local()
 
     def frames(data: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes, list[int]]:
@@ -692,8 +696,7 @@ def _zstd_batches(level: int) -> FramesCompressor:
         try:
             result = compressor.multi_compress_to_buffer(list(data), threads=0)
         except NotImplementedError:  # pragma: no cover - the cffi backend lacks it
-            out = [single(frame) for frame in data]
-            return b"".join(out), [len(frame) for frame in out]
+            return one_by_one(data)
         segments = [result[i] for i in range(len(result))]
         return b"".join(segments), [len(segment) for segment in segments]
 
