@@ -91,19 +91,16 @@ def _pack(
     store: tuple[Path, list[str]], compression: str, threads: int
 ) -> tuple[bytes, PackedLayer]:
     root, paths = store
-    out = io.BytesIO()
-    packed = pack_store_paths(
-        paths,
-        out.write,
-        ArchiveOptions(compression=compression),  # type: ignore[arg-type]
-        store_root=root,
-        threads=threads,
-    )
-    return out.getvalue(), packed
+    return _pack_paths(root, paths, compression, threads=threads)
 
 
 def _pack_paths(
-    root: Path, paths: list[str], compression: str, cache: FragmentSource | None = None
+    root: Path,
+    paths: list[str],
+    compression: str,
+    cache: FragmentSource | None = None,
+    *,
+    threads: int = 2,
 ) -> tuple[bytes, PackedLayer]:
     out = io.BytesIO()
     packed = pack_store_paths(
@@ -111,7 +108,7 @@ def _pack_paths(
         out.write,
         ArchiveOptions(compression=compression),  # type: ignore[arg-type]
         store_root=root,
-        threads=2,
+        threads=threads,
         fragments=cache,
     )
     return out.getvalue(), packed
