@@ -471,12 +471,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.size_mb, args.rss_mb = min(args.size_mb, 60), min(args.rss_mb, 300)
         args.repeats = min(args.repeats, 2)
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        return _run(args.keep, args)
-    with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp:
+    return in_work_dir(args.keep, "bench-pack-", lambda root: _run(root, args))
+
+
+def in_work_dir(keep: Path | None, prefix: str, run: Callable[[Path], int]) -> int:
+    """``run`` in ``keep`` (made if missing, left behind), else in a temporary directory.
+
+    The temporary one is removed after, every directory in it made writable
+    first so that none left read-only stops the removal.
+    """
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        return run(keep)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         try:
-            return _run(Path(tmp), args)
+            return run(Path(tmp))
         finally:
             for dirpath, _dirs, _files in os.walk(tmp):
                 Path(dirpath).chmod(0o755)

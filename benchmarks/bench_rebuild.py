@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from isal import isal_zlib
 
-from benchmarks.bench_pack import build_corpus, warm
+from benchmarks.bench_pack import build_corpus, in_work_dir, warm
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 from nixery_core.fragment_layout import FragmentLayout, rebuild
 from nixery_core.fragments import FragmentCache, fragment_key
@@ -89,15 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mb = min(args.size_mb, 60)
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        return _run(args.keep, args)
-    with tempfile.TemporaryDirectory(prefix="bench-rebuild-") as tmp:
-        try:
-            return _run(Path(tmp), args)
-        finally:
-            for dirpath, _dirs, _files in os.walk(tmp):
-                Path(dirpath).chmod(0o755)
+    return in_work_dir(args.keep, "bench-rebuild-", lambda root: _run(root, args))
 
 
 def _run(root: Path, args: argparse.Namespace) -> int:
