@@ -101,7 +101,7 @@ import attrs
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput, StorageError
 from nixery_core.fragments import CachedFragment, FragmentCache, FragmentWriter
-from nixery_core.protocols import ReadableStore, SupportsRefresh
+from nixery_core.protocols import ReadableStore, SupportsRefresh, SupportsWrittenDigest
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -566,10 +566,15 @@ class BucketFragments:
         self._count("uploaded")
 
     def _store_blob(self, found: CachedFragment) -> FragmentPointer:
-        digest = hashlib.sha256()
         with self.store.open_blob_writer(FRAGMENT_MEDIA_TYPE) as writer:
+            # A writer that hashes what it is given saves hashing the fragment again.
+            written = writer.written_digest if isinstance(writer, SupportsWrittenDigest) else None
+            digest = hashlib.sha256()
             for piece in found.pieces():
-                digest.update(piece)
+                if written is None:
+                    digest.update(piece)
                 writer.write(piece)
-            info = writer.commit(f"sha256:{digest.hexdigest()}")
+            info = writer.commit(
+                written() if written is not None else f"sha256:{digest.hexdigest()}"
+            )
         return FragmentPointer(info.digest, found.size, found.uncompressed_size, found.crc32)
