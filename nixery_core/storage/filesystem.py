@@ -165,15 +165,24 @@ class FilesystemStore:
         fd, name = tempfile.mkstemp(prefix=prefix, dir=self._staging)
         return os.fdopen(fd, "wb"), Path(name)
 
-    def _write_file_atomically(self, target: Path, data: bytes) -> None:
-        """Write ``data`` to a staging file, fsync it, rename it to ``target``."""
-        handle, staged = self._stage("obj-")
+    def _stage_bytes(self, prefix: str, data: bytes) -> Path:
+        """Write ``data`` to a new staging file and fsync it; its path."""
+        handle, staged = self._stage(prefix)
         try:
             with handle:
                 handle.write(data)
                 handle.flush()
                 os.fchmod(handle.fileno(), _FILE_MODE)
                 self._sync(handle.fileno())
+        except BaseException:
+            _unlink_quietly(staged)
+            raise
+        return staged
+
+    def _write_file_atomically(self, target: Path, data: bytes, prefix: str = "obj-") -> None:
+        """Write ``data`` to a staging file, fsync it, rename it to ``target``."""
+        staged = self._stage_bytes(prefix, data)
+        try:
             staged.replace(target)
         except BaseException:
             _unlink_quietly(staged)
@@ -402,23 +411,10 @@ class FilesystemStore:
             return None
         return f"{st.st_ino:x}-{st.st_mtime_ns:x}"
 
-    def _stage_lease(self, data: bytes) -> Path:
-        handle, staged = self._stage("lease-")
-        try:
-            with handle:
-                handle.write(data)
-                handle.flush()
-                os.fchmod(handle.fileno(), _FILE_MODE)
-                self._sync(handle.fileno())
-        except BaseException:
-            _unlink_quietly(staged)
-            raise
-        return staged
-
     def create_lease(self, name: str, data: bytes) -> str | None:
         """Create ``leases/<name>`` (hard link: fails like ``O_EXCL`` when it exists)."""
         with self._leases_locked(name) as path:
-            staged = self._stage_lease(bytes(data))
+            staged = self._stage_bytes("lease-", bytes(data))
             try:
                 os.link(staged, path)
             except FileExistsError:
@@ -441,12 +437,7 @@ class FilesystemStore:
         with self._leases_locked(name) as path:
             if self._generation(path) != generation:
                 return None
-            staged = self._stage_lease(bytes(data))
-            try:
-                staged.replace(path)
-            except BaseException:
-                _unlink_quietly(staged)
-                raise
+            self._write_file_atomically(path, bytes(data), "lease-")
             self._sync_dir(self._leases)
             return self._generation(path)
 
