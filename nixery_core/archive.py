@@ -1038,8 +1038,11 @@ def pack_store_paths(
     parameters = options.parameters() if cache is not None else {}
     keys = [fragment_key(full, parameters) for _, full, _ in tops] if cache is not None else []
     # A chunked layer's fragment has a second part: its TOC entries (chunked.py).
-    toc_keys = [fragment_key(full, {**parameters, "part": "toc"}) for _, full, _ in tops]
-    toc_keys = toc_keys if cache is not None and spec.chunked else []
+    toc_keys = (
+        [fragment_key(full, {**parameters, "part": "toc"}) for _, full, _ in tops]
+        if cache is not None and spec.chunked
+        else []
+    )
     if cache is not None:
         # A remote tier fetches what it has, in the order the pack needs it.
         pairs = zip(keys, toc_keys, strict=True) if toc_keys else ((key,) for key in keys)
