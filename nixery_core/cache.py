@@ -68,6 +68,7 @@ from nixery_core.protocols import (
     Uploader,
 )
 from nixery_core.record_schema import MalformedRecord, record_blob_sizes
+from nixery_core.tally import Tally
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
 
@@ -256,22 +257,6 @@ class CacheStats:
         return self.layer_local_hits + self.layer_shared_hits
 
 
-class _Counter:
-    """A thread-safe mutable tally behind the frozen :class:`CacheStats`."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = dict.fromkeys(attrs.fields_dict(CacheStats), 0)
-
-    def add(self, field: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[field] += n
-
-    def snapshot(self) -> CacheStats:
-        with self._lock:
-            return CacheStats(**self._counts)
-
-
 def _check_recheck(_inst: object, _attr: object, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise InvalidInput(f"recheck_after must be a number of seconds >= 0, not {value!r}")
@@ -325,7 +310,7 @@ class BuildCache:
     # One bucket tier per store a build used (by id; the store is kept alive by it).
     _bucket_tiers: dict[int, BucketFragments] = attrs.field(init=False, factory=dict)
     _local: diskcache.Cache | None = attrs.field(init=False, default=None)
-    _totals: _Counter = attrs.field(init=False, factory=_Counter)
+    _totals: Tally[CacheStats] = attrs.field(init=False, factory=lambda: Tally(CacheStats))
     _flights: dict[str, _Flight] = attrs.field(init=False, factory=dict)
     _flights_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     # Parsed local-tier entries, most recently used last: a hit skips SQLite

@@ -102,6 +102,7 @@ from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput, StorageError
 from nixery_core.fragments import CachedFragment, FragmentCache, FragmentWriter
 from nixery_core.protocols import ReadableStore, SupportsRefresh, SupportsWrittenDigest
+from nixery_core.tally import Tally
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -355,7 +356,7 @@ class BucketFragments:
     local: FragmentCache
     store: ReadableStore
     policy: FragmentBucketPolicy = attrs.field(factory=FragmentBucketPolicy)
-    _counts: dict[str, int] = attrs.field(init=False, factory=dict)
+    _counts: Tally[BucketStats] = attrs.field(init=False, factory=lambda: Tally(BucketStats))
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = attrs.field(init=False, default=None)
     #: Fetches in flight, by key (removed when done).
@@ -413,8 +414,7 @@ class BucketFragments:
 
     @property
     def stats(self) -> BucketStats:
-        with self._lock:
-            return BucketStats(**self._counts)
+        return self._counts.snapshot()
 
     def flush(self) -> None:
         """Wait until every fetch started, then every queued upload and touch, is done."""
@@ -448,8 +448,7 @@ class BucketFragments:
     # --- reading ---------------------------------------------------------------
 
     def _count(self, name: _Counter) -> None:
-        with self._lock:
-            self._counts[name] = self._counts.get(name, 0) + 1
+        self._counts.add(name)
 
     def _fetch(self, key: str) -> None:
         """Look ``key`` up in the bucket; keep the fragment locally if it checks out."""
