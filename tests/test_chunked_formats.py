@@ -239,7 +239,7 @@ def test_a_batch_of_frames_is_the_frames_one_by_one(options: ArchiveOptions) -> 
     assert blob == b"".join(expected)
 
 
-def test_a_damaged_cached_toc_is_refused(tmp_path: Path) -> None:
+def test_a_damaged_cached_toc_is_refused() -> None:
     """A cached fragment's TOC that is not a list of entries stops the pack with LayerError."""
     compressor = ChunkedCompressor(
         ZstdChunkedFormat(
