@@ -45,7 +45,6 @@ import random
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +58,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from servers import FakeGcsServer  # noqa: E402 - tests/ is put on the path just above
 
-from benchmarks.bench_pack import MB, build_corpus, tar_size, warm  # noqa: E402 - as above
+from benchmarks.bench_pack import MB, build_corpus, in_work_dir, tar_size, warm  # noqa: E402 - as above
 from nixery_core.archive import ArchiveOptions, pack_store_paths  # noqa: E402 - as above
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy  # noqa: E402
 from nixery_core.fragments import FragmentCache, FragmentSource, fragment_key  # noqa: E402
@@ -227,12 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     OPTIONS[0] = ArchiveOptions(
         compression=args.compression, level=args.level, gzip_backend=args.gzip_backend
     )
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-fb-"))
-    try:
-        return _run(work, args)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    keep = Path(args.workdir) if args.workdir else None
+    return in_work_dir(keep, "bench-fb-", lambda work: _run(work, args))
 
 
 def _run(work: Path, args: argparse.Namespace) -> int:
