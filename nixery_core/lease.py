@@ -225,9 +225,8 @@ class FleetFlight:
             fields["process"] = process.to_json()
         return json.dumps(fields, sort_keys=True).encode()
 
-    def _dead(self, name: str, body: bytes) -> ProcessId | None:
+    def _dead(self, name: str, fields: dict[str, object]) -> ProcessId | None:
         """The holder's process when this host sees it has ended (or orphaned the lease)."""
-        fields = _fields(body)
         process = ProcessId.from_json(fields.get("process"))
         holder = fields.get("holder")
         if process is None or not isinstance(holder, str):
@@ -237,9 +236,8 @@ class FleetFlight:
             return None if _HELD_HERE.holds(name, holder) else process
         return process if self.probe.gone(process) else None
 
-    def _ttl_of(self, body: bytes) -> float:
+    def _ttl_of(self, fields: dict[str, object]) -> float:
         """The holder's ttl from its lease body (ours when unreadable); 0 for a gone holder."""
-        fields = _fields(body)
         holder = fields.get("holder")
         if isinstance(holder, str):
             with self._seq_lock:
@@ -250,8 +248,8 @@ class FleetFlight:
             return float(ttl)
         return self.policy.ttl
 
-    def _mark_gone(self, body: bytes) -> None:
-        holder = _fields(body).get("holder")
+    def _mark_gone(self, fields: dict[str, object]) -> None:
+        holder = fields.get("holder")
         if isinstance(holder, str) and holder != self.holder:
             with self._seq_lock:
                 self._gone.add(holder)
@@ -308,8 +306,9 @@ class FleetFlight:
             now = self.clock()
             if generation != seen:
                 seen, seen_since = generation, now
-            dead = self._dead(name, body) if current is not None else None
-            if dead is not None or now - seen_since >= self._ttl_of(body):
+            fields = _fields(body)  # the lease body, read once for every check below
+            dead = self._dead(name, fields) if current is not None else None
+            if dead is not None or now - seen_since >= self._ttl_of(fields):
                 taken = self._claim(
                     name, functools.partial(store.replace_lease, name, self._body(), generation)
                 )
@@ -321,7 +320,7 @@ class FleetFlight:
                     else:
                         log.warning("lease %s expired (holder gone); taking it over", name)
                     if dead is None or dead != self.probe.this_process():
-                        self._mark_gone(body)  # not a flight of this (live) process
+                        self._mark_gone(fields)  # not a flight of this (live) process
                     self._tally.add("taken_over")
                     return _Held(name, taken)
                 seen = None  # another waiter took it over first
