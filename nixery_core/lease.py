@@ -61,6 +61,7 @@ import attrs
 from nixery_core.errors import StorageError
 from nixery_core.liveness import ProcessId, ProcfsProbe
 from nixery_core.protocols import ProcessProbe, SupportsLeases
+from nixery_core.tally import Tally
 
 __all__ = ["FleetFlight", "FleetStats", "LeasePolicy"]
 
@@ -114,20 +115,6 @@ class FleetStats:
     served_by_others: int = 0
     lost: int = 0
     errors: int = 0
-
-
-class _Tally:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(attrs.fields_dict(FleetStats), 0)
-
-    def add(self, field: str) -> None:
-        with self._lock:
-            self._counts[field] += 1
-
-    def snapshot(self) -> FleetStats:
-        with self._lock:
-            return FleetStats(**self._counts)
 
 
 def _fields(body: bytes) -> dict[str, object]:
@@ -201,7 +188,7 @@ class FleetFlight:
     sleep: Callable[[float], None] = time.sleep
     holder: str = attrs.Factory(_default_holder)
     probe: ProcessProbe = attrs.Factory(ProcfsProbe)
-    _tally: _Tally = attrs.field(init=False, factory=_Tally)
+    _tally: Tally[FleetStats] = attrs.field(init=False, factory=lambda: Tally(FleetStats))
     _seq: int = attrs.field(init=False, default=0)
     _seq_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     # Holders whose lease expired unrenewed: their other leases are taken over at once.
