@@ -94,10 +94,11 @@ import threading
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, cast
 
 import attrs
 
+from nixery_core.chunked import MembersInflater
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput, StorageError
 from nixery_core.fragments import CachedFragment, FragmentCache, FragmentWriter
@@ -225,44 +226,16 @@ class BucketStats:
 _Counter = Literal["hits", "misses", "rejected", "failed", "uploaded", "upload_failures"]
 
 
-class _Inflate(Protocol):
-    @property
-    def eof(self) -> bool: ...
-
-    @property
-    def unused_data(self) -> bytes: ...
-
-    def decompress(self, data: bytes) -> bytes: ...
-
-
-def _inflater(head: bytes) -> _Inflate | None:
-    """A decompressor for one member of the format ``head`` starts with, else ``None``."""
-    if head.startswith(_GZIP_MAGIC):
-        try:
-            from isal import isal_zlib  # noqa: PLC0415 - faster than zlib, same result
-
-            inflate: _Inflate = isal_zlib.decompressobj(31)
-        except ImportError:  # pragma: no cover - isal is a required dependency
-            inflate = zlib.decompressobj(31)
-        return inflate
-    if head.startswith(_ZSTD_MAGIC):
-        import zstandard  # noqa: PLC0415 - zstd fragments only
-
-        zstd: _Inflate = zstandard.ZstdDecompressor().decompressobj()
-        return zstd
-    return None
-
-
 def _inflate_errors() -> tuple[type[Exception], ...]:
     errors: list[type[Exception]] = [zlib.error]
     try:
-        from isal import isal_zlib  # noqa: PLC0415 - as in _inflater
+        from isal import isal_zlib  # noqa: PLC0415 - a required dependency
 
         errors.append(cast("type[Exception]", isal_zlib.error))  # a class; typed as an instance
     except ImportError:  # pragma: no cover - isal is a required dependency
         pass
     try:
-        import zstandard  # noqa: PLC0415 - as in _inflater
+        import zstandard  # noqa: PLC0415 - a required dependency
 
         errors.append(zstandard.ZstdError)
     except ImportError:  # pragma: no cover - zstandard is a required dependency
@@ -286,9 +259,8 @@ class _Check:
     _crc: int = attrs.field(init=False, default=0)
     _size: int = attrs.field(init=False, default=0)
     _produced: int = attrs.field(init=False, default=0)
-    _inflate: _Inflate | None = attrs.field(init=False, default=None)
-    #: The first bytes of the fragment: which format every member is in.
-    _head: bytes = attrs.field(init=False, default=b"")
+    #: Set by the first piece, whose first bytes say the format of every member.
+    _inflate: MembersInflater | None = attrs.field(init=False, default=None)
 
     def add(self, piece: bytes) -> None:
         pointer = self.pointer
@@ -297,19 +269,13 @@ class _Check:
             raise _Refused(f"is longer than the {pointer.size} bytes recorded")
         inflate = self._inflate
         if inflate is None:
-            self._head = piece[:8]
-            inflate = self._inflate = _inflater(piece)
-            if inflate is None:
+            if not piece.startswith((_GZIP_MAGIC, _ZSTD_MAGIC)):
                 raise _Refused("is not a gzip member or a zstd frame")
-        data = piece
+            # As many members as there are: a chunked layer's fragment holds
+            # one per frame (nixery_core.chunked).
+            inflate = self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
         try:
-            while data:
-                if inflate.eof:
-                    # Another member of the same format: a chunked layer's
-                    # fragment holds one per frame (nixery_core.chunked).
-                    inflate = self._inflate = cast("_Inflate", _inflater(self._head))
-                self._produced += len(inflate.decompress(data))
-                data = inflate.unused_data if inflate.eof else b""
+            self._produced += len(inflate.decompress(piece))
         except _INFLATE_ERRORS as exc:
             raise _Refused(f"does not decompress ({exc})") from exc
         if self._produced > pointer.uncompressed_size:
