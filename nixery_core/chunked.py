@@ -687,11 +687,15 @@ class ChunkedCompressor:
 
     def _boundary(self, out: list[bytes], *, marker: bool) -> None:
         """No frame spans this point; with ``marker``, no batch either (a marker follows)."""
-        if self._remaining or self._padding or self._buf or self._pax or self._pax_left:
+        if self._inside_member():
             raise LayerError("a fragment boundary inside a tar member")
         self._seal_meta(out)
         if marker:
             self._submit(out, force=True)
+
+    def _inside_member(self) -> bool:
+        """Whether the stream so far stops inside a tar member (header, pax, content, padding)."""
+        return bool(self._remaining or self._padding or self._buf or self._pax or self._pax_left)
 
     def _marker(self, out: list[bytes], item: _InFlight) -> None:
         self._in_flight.append(item)
@@ -765,7 +769,7 @@ class ChunkedCompressor:
 
     def finish(self) -> list[bytes]:
         out: list[bytes] = []
-        if self._remaining or self._padding or self._buf or self._pax or self._pax_left:
+        if self._inside_member():
             raise LayerError("tar stream ended inside a member")
         self._seal_meta(out)
         self._submit(out, force=True)
