@@ -691,7 +691,7 @@ class ChunkedCompressor:
             raise LayerError("a fragment boundary inside a tar member")
         self._seal_meta(out)
         if marker:
-            self._submit(out, force=True)
+            self._submit(out)
 
     def _inside_member(self) -> bool:
         """Whether the stream so far stops inside a tar member (header, pax, content, padding)."""
@@ -772,7 +772,7 @@ class ChunkedCompressor:
         if self._inside_member():
             raise LayerError("tar stream ended inside a member")
         self._seal_meta(out)
-        self._submit(out, force=True)
+        self._submit(out)
         while self._in_flight:
             self._collect(out, wait=True)
         self.entries = _flatten(self.entries)
@@ -964,7 +964,7 @@ class ChunkedCompressor:
         if self._batch_bytes >= BATCH_BYTES:
             self._submit(out)
 
-    def _submit(self, out: list[bytes], *, force: bool = False) -> None:
+    def _submit(self, out: list[bytes]) -> None:
         if not self._batch:
             return
         size = self._batch_bytes
