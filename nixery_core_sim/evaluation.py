@@ -320,7 +320,8 @@ def measure(
         stored: dict[tuple[str, ...], int] = {}
         for rev, images in enumerate(series):
             corpus = []
-            for index, ((kind, graph), client) in enumerate(zip(images, clients, strict=True)):
+            per_image = zip(images, clients, partial_clients, strict=True)
+            for (kind, graph), client, partial_client in per_image:
                 limit = max(budget, len(graph)) if baseline else budget
                 groups = _timed(group, graph, limit, budget, tally)
                 fetched = client.pull(graph, groups)
@@ -330,7 +331,7 @@ def measure(
                     tally.churn_by_kind[kind] = tally.churn_by_kind.get(kind, 0) + fetched
                 if contents is not None:
                     keys = contents[rev]
-                    partial = partial_clients[index].pull(graph, groups, keys)
+                    partial = partial_client.pull(graph, groups, keys)
                     partial_one_node = partial_shared.pull(graph, groups, keys)
                     if rev:
                         tally.partial_churn += partial_one_node
