@@ -282,20 +282,20 @@ class FakeGcsServer(_Server):
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
+        from nixery_core.storage.gcs import disable_bucket_metadata_cache
+
         anonymous: Any = AnonymousCredentials
         client = storage.Client(
             project="test",
             credentials=anonymous(),
             client_options=ClientOptions(api_endpoint=self.url),
         )
-        # google-cloud-storage 3.x keeps bucket metadata for tracing: every 404
-        # (a cache miss, to us) starts a thread that asks whether the bucket
+        # Without this, every 404 starts a thread that asks whether the bucket
         # exists, retrying with random jitter for up to two minutes when the
-        # emulator was stopped. Such a thread outlives its test and draws from
-        # the global `random` while Hypothesis generates another test's examples
-        # (HypothesisDeprecationWarning, an error here). Tests need no tracing.
-        if getattr(client, "_bucket_metadata_cache", None) is not None:
-            client._bucket_metadata_cache = None
+        # emulator was stopped: it outlives its test and draws from the global
+        # `random` while Hypothesis generates another test's examples
+        # (HypothesisDeprecationWarning, an error here).
+        disable_bucket_metadata_cache(client)
         return client
 
     def make_bucket(self, name: str) -> Any:  # google.cloud.storage.Bucket

@@ -37,12 +37,13 @@ from nixery_core.cache import BuildCache
 from nixery_core.names import Image
 from nixery_core.runner import SubprocessRunner
 from nixery_core.sources import LocalPathSource
-from nixery_core.storage.gcs import GcsStore
+from nixery_core.storage.gcs import GcsStore, disable_bucket_metadata_cache
 from nixery_core.testing.runners import RecordingRunner
 
 url, bucket, cache_dir, offline = sys.argv[1:5]
 client = storage.Client(project="test", credentials=AnonymousCredentials(),
                         client_options=ClientOptions(api_endpoint=url))
+disable_bucket_metadata_cache(client)
 store = GcsStore(client.bucket(bucket))
 runner = RecordingRunner(SubprocessRunner())
 with BuildCache(Path(cache_dir)) as cache:
@@ -167,12 +168,13 @@ from nixery_core.liveness import ProcfsProbe
 from nixery_core.names import Image
 from nixery_core.runner import SubprocessRunner
 from nixery_core.sources import LocalPathSource
-from nixery_core.storage.gcs import GcsStore
+from nixery_core.storage.gcs import GcsStore, disable_bucket_metadata_cache
 from nixery_core.testing.runners import RecordingRunner
 
 url, bucket, cache_dir, offline, ttl, stall, host = sys.argv[1:8]
 client = storage.Client(project="test", credentials=AnonymousCredentials(),
                         client_options=ClientOptions(api_endpoint=url))
+disable_bucket_metadata_cache(client)
 store = GcsStore(client.bucket(bucket))
 
 

@@ -44,6 +44,11 @@ from start to end; :meth:`GcsStore.read_blob` also checks the sha256.
 
 An abandoned resumable upload leaves no object (GCS expires the session);
 :meth:`GcsBlobWriter.abort` cancels it and deletes any staging object.
+
+The client is the caller's.  On google-cloud-storage 3.x, pass it through
+:func:`disable_bucket_metadata_cache` first unless its OpenTelemetry spans
+are wanted: otherwise a miss (a 404) starts a thread and sends one more
+request.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ from nixery_core.storage.keys import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "GcsBlobWriter", "GcsStore"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "GcsBlobWriter", "GcsStore", "disable_bucket_metadata_cache"]
 
 #: Metadata requests a cache hit sends at once (requests keeps 10 connections per host).
 DEFAULT_CONCURRENT_CHECKS: Final = 10
@@ -127,6 +132,33 @@ def _crc32c_b64(checksum: Any) -> str:
     return base64.b64encode(checksum.digest()).decode("ascii")
 
 
+def disable_bucket_metadata_cache(client: Client) -> None:
+    """Stop ``client`` keeping bucket metadata, and with it the threads and requests that cost.
+
+    google-cloud-storage 3.x keeps, in each client, every bucket's project
+    and location for two attributes of its OpenTelemetry spans.  It fills
+    that cache from a new thread on the first request to a bucket it does
+    not know (one more request, a bucket GET).  After a 404 for a bucket it
+    knows, it starts another thread that asks whether the bucket still
+    exists (one more request, retried with the default policy for up to two
+    minutes when the server does not answer).  A store's misses are such
+    404s: reading a cache entry or blob that is absent, deleting one that
+    is gone (a lookup through ``Bucket.get_blob`` is the exception).  The
+    spans exist only with ``opentelemetry`` installed and
+    ``ENABLE_GCS_PYTHON_CLIENT_OTEL_TRACES`` set; without them the cache is
+    never read.
+
+    The client has no public switch: the environment variable
+    ``DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA`` stops only the fill,
+    not the checks after a 404 for buckets the client learnt from
+    ``create_bucket``, ``get_bucket`` or ``Bucket.reload``.  This clears the
+    attribute the client itself tests (``_bucket_metadata_cache``); on a
+    client without one (2.x) it does nothing.
+    """
+    if getattr(client, "_bucket_metadata_cache", None) is not None:
+        client._bucket_metadata_cache = None
+
+
 def _unavailable(exc: BaseException, key: str, action: str) -> StorageUnavailable:
     return StorageUnavailable(f"GCS {action} {key!r} failed: {type(exc).__name__}: {exc}", key)
 
@@ -143,6 +175,7 @@ class GcsStore:
     ``concurrent_checks`` bounds the metadata requests :meth:`blob_sizes`
     sends at once (a cache hit checks every blob of an image with it), on
     threads the store starts on first use; :meth:`close` stops them.
+    The client stays the caller's: see :func:`disable_bucket_metadata_cache`.
     """
 
     def __init__(
