@@ -222,25 +222,35 @@ class BuildSettings:
     prior_layers_from_cache: bool = False
 
     def __attrs_post_init__(self) -> None:
+        self._prior_layers_source()
+
+    def _prior_layers_source(self) -> tuple[SupportsPriorLayers, BuildCache] | None:
+        """The strategy and cache prior layers come from; ``None`` when the option is off.
+
+        A combination that cannot work raises InvalidInput (at construction:
+        the settings are frozen, so a later call finds them as checked).
+        """
         flag = self.prior_layers_from_cache
         if not isinstance(flag, bool):
             raise InvalidInput(f"prior_layers_from_cache must be True or False, got {flag!r}")
-        if flag and self.cache is None:
+        if not flag:
+            return None
+        if self.cache is None:
             raise InvalidInput("prior_layers_from_cache needs a cache to read stored layers from")
-        if flag and not isinstance(self.strategy, SupportsPriorLayers):
+        if not isinstance(self.strategy, SupportsPriorLayers):
             raise InvalidInput(
                 f"prior_layers_from_cache needs a strategy that takes prior layers; "
                 f"{self.strategy.name} does not"
             )
+        return self.strategy, self.cache
 
     def strategy_for_build(self) -> LayeringStrategy:
         """The strategy one build groups with: told the cache's stored layers if asked."""
-        strategy, cache = self.strategy, self.cache
-        if not self.prior_layers_from_cache or cache is None:
-            return strategy
-        if isinstance(strategy, SupportsPriorLayers):
-            return strategy.with_prior_layers(cache.stored_layers())
-        return strategy
+        source = self._prior_layers_source()
+        if source is None:
+            return self.strategy
+        strategy, cache = source
+        return strategy.with_prior_layers(cache.stored_layers())
 
     @property
     def workers(self) -> int:
