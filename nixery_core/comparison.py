@@ -11,26 +11,12 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from typing import Protocol
 
 import attrs
 
-from nixery_core.display import human_size
+from nixery_core.display import LayerLike, human_size
 
-__all__ = ["BuildComparison", "LayerLike", "compare_layers"]
-
-
-class LayerLike(Protocol):
-    """What a comparison reads of a layer (a :class:`~nixery_core.results.BuiltLayer`)."""
-
-    @property
-    def digest(self) -> str: ...
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def packages(self) -> tuple[str, ...]: ...
+__all__ = ["BuildComparison", "LayerLike", "compare_layers"]  # LayerLike lives in display
 
 
 @attrs.frozen

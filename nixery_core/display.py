@@ -6,11 +6,22 @@ import html
 from collections.abc import Sequence
 from typing import Protocol
 
-__all__ = ["LayerView", "ResultView", "build_result_html", "build_result_table", "human_size"]
+__all__ = [
+    "LayerLike",
+    "LayerView",
+    "ResultView",
+    "build_result_html",
+    "build_result_table",
+    "human_size",
+]
 
 
-class LayerView(Protocol):
-    """What the tables show of a layer (a :class:`~nixery_core.results.BuiltLayer`)."""
+class LayerLike(Protocol):
+    """What a view or a comparison reads of a layer (a :class:`~nixery_core.results.BuiltLayer`).
+
+    Its digest, compressed size and packages; :mod:`nixery_core.comparison`
+    reads these and no more.
+    """
 
     @property
     def digest(self) -> str: ...
@@ -20,6 +31,10 @@ class LayerView(Protocol):
 
     @property
     def packages(self) -> tuple[str, ...]: ...
+
+
+class LayerView(LayerLike, Protocol):
+    """What the tables show of a layer: a :class:`LayerLike` that says whether it was reused."""
 
     @property
     def reused(self) -> bool: ...
