@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import OFFLINE_SET
+from partial_stores import UploaderOnly
 from servers import FakeGcsServer, fake_gcs
 from test_fragments import PATHS, make_store
 
@@ -234,28 +235,6 @@ def test_a_failed_upload_leaves_no_staged_bytes_and_no_pointer(
         assert bucket.blob_info(digest) is not None
 
 
-class _WriteOnly:
-    """An uploader that cannot read blobs back (no SupportsReading)."""
-
-    def __init__(self) -> None:
-        self._store = MemoryStore()
-
-    def blob_info(self, digest: str) -> Any:
-        return self._store.blob_info(digest)
-
-    def open_blob_writer(self, media_type: str) -> Any:
-        return self._store.open_blob_writer(media_type)
-
-    def put_blob(self, data: bytes, media_type: str) -> Any:
-        return self._store.put_blob(data, media_type)
-
-    def get_object(self, key: str) -> bytes | None:
-        return self._store.get_object(key)
-
-    def put_object(self, key: str, data: bytes) -> None:
-        self._store.put_object(key, data)
-
-
 def test_the_bucket_tier_is_opt_in_and_needs_a_readable_store(tmp_path: Path) -> None:
     """Without fragment_bucket, or on a store that cannot read blobs back, builds use the
     local fragment cache alone; with it, one bucket tier per store."""
@@ -263,7 +242,7 @@ def test_the_bucket_tier_is_opt_in_and_needs_a_readable_store(tmp_path: Path) ->
     with BuildCache(tmp_path / "off") as off:
         assert off.fragments_for(store) is off.fragments
     with BuildCache(tmp_path / "on", fragment_bucket=EVERY) as on:
-        assert on.fragments_for(_WriteOnly()) is on.fragments
+        assert on.fragments_for(UploaderOnly(MemoryStore())) is on.fragments
         tier = on.fragments_for(store)
         assert isinstance(tier, BucketFragments)
         assert on.fragments_for(store) is tier

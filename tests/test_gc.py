@@ -8,14 +8,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from partial_stores import CollectableOnly
 from servers import FakeGcsServer, fake_gcs
 
 from nixery_core.cache import BuildCache, LayerRecord
@@ -34,7 +34,6 @@ from nixery_core.manifest import (
 from nixery_core.names import AMD64, ARM64, Image
 from nixery_core.protocols import (
     BlobInfo,
-    BlobWriter,
     CollectableStore,
     SupportsStagingCleanup,
     SupportsWriteTimes,
@@ -211,49 +210,9 @@ def test_named_but_missing_blobs_are_reported() -> None:
     assert gc(store, times).missing == (image.layers[0].digest,)
 
 
-@attrs.frozen
-class Timeless:
-    """A store offering only listing and deletion: no write times, no staging clean-up."""
-
-    inner: MemoryStore
-
-    def blob_info(self, digest: str) -> BlobInfo | None:
-        return self.inner.blob_info(digest)
-
-    def open_blob_writer(self, media_type: str) -> BlobWriter:
-        return self.inner.open_blob_writer(media_type)
-
-    def put_blob(self, data: bytes, media_type: str) -> BlobInfo:
-        return self.inner.put_blob(data, media_type)
-
-    def get_object(self, key: str) -> bytes | None:
-        return self.inner.get_object(key)
-
-    def put_object(self, key: str, data: bytes) -> None:
-        self.inner.put_object(key, data)
-
-    def open_blob(self, digest: str) -> BinaryIO:
-        return self.inner.open_blob(digest)
-
-    def read_blob(self, digest: str) -> bytes:
-        return self.inner.read_blob(digest)
-
-    def list_blobs(self) -> Iterator[BlobInfo]:
-        return self.inner.list_blobs()
-
-    def list_objects(self, prefix: str) -> Iterator[str]:
-        return self.inner.list_objects(prefix)
-
-    def delete_blob(self, digest: str) -> None:
-        self.inner.delete_blob(digest)
-
-    def delete_object(self, key: str) -> None:
-        self.inner.delete_object(key)
-
-
 def test_a_store_without_write_times_keeps_everything_by_default() -> None:
     """With no way to know blob ages (no SupportsWriteTimes), the default deletes nothing."""
-    store = Timeless(MemoryStore())
+    store = CollectableOnly(MemoryStore())
     assert isinstance(store, CollectableStore)
     assert not isinstance(store, SupportsWriteTimes | SupportsStagingCleanup)
     store.put_blob(b"orphan", OCI_LAYER_GZIP)
@@ -271,7 +230,7 @@ def test_write_times_and_staging_come_from_the_store_capabilities() -> None:
     crashed = store.open_blob_writer(OCI_LAYER_GZIP)
     crashed.write(b"left behind")
     # The same content behind a store without the capabilities: nothing to judge by.
-    assert collect_garbage(Timeless(store), now=lambda: NOW).deleted == ()
+    assert collect_garbage(CollectableOnly(store), now=lambda: NOW).deleted == ()
     report = collect_garbage(store, now=lambda: NOW)
     assert report.deleted == (old.digest,)
     assert report.staging_removed == 1
