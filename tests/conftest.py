@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 
 from nixery_core import outside_reads
@@ -39,6 +42,34 @@ def require_tools(*tools: str) -> None:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+@attrs.define
+class Children:
+    """Processes a test starts (text mode); :meth:`kill_running` ends those still running."""
+
+    _procs: list[subprocess.Popen[str]] = attrs.Factory(list)
+
+    def start(self, argv: Sequence[str], **popen: Any) -> subprocess.Popen[str]:
+        """``subprocess.Popen(argv, text=True, **popen)``, remembered for teardown."""
+        proc = subprocess.Popen(argv, text=True, **popen)
+        self._procs.append(proc)
+        return proc
+
+    def kill_running(self, timeout: float = 30.0) -> None:
+        """SIGKILL every process still running, then reap each (its pipes drained)."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=timeout)
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    """Starts a test's processes; kills any still running at teardown."""
+    started = Children()
+    yield started
+    started.kill_running()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import attrs
 import diskcache
 import pytest
-from conftest import IN_CI, OFFLINE_SET
+from conftest import IN_CI, OFFLINE_SET, Children
 from servers import FakeGcsServer
 
 from nixery_core.build import BuildResult, build_image
@@ -595,11 +595,11 @@ _WORKER = "import sys; sys.path.insert(0, sys.argv[1]); import test_faults; " \
           "test_faults.worker_main(sys.argv[2:])"
 
 
-def _worker(tmp_path: Path, n: int, point: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def _worker(children: Children, tmp_path: Path, n: int, point: str) -> subprocess.Popen[str]:
+    return children.start(
         [sys.executable, "-c", _WORKER, str(TESTS), str(tmp_path / f"root{n}"),
          str(tmp_path / "store"), str(tmp_path / "cache"), str(tmp_path / f"marker{n}"), point],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
 
 
@@ -638,10 +638,10 @@ def _kill(proc: subprocess.Popen[str]) -> None:
 
 
 @pytest.mark.parametrize("point", ["nix", "packing", "metadata"])
-def test_build_process_killed_mid_way(tmp_path: Path, point: str) -> None:
+def test_build_process_killed_mid_way(tmp_path: Path, point: str, children: Children) -> None:
     """SIGKILL while Nix runs, while a layer streams, or before the manifest entry: no partial
     blob, leftovers only in staging/, a sound cache directory, and the next process builds."""
-    victim = _worker(tmp_path, 1, point)
+    victim = _worker(children, tmp_path, 1, point)
     try:
         _wait_for(tmp_path / "marker1", victim)
     finally:
@@ -669,7 +669,7 @@ def test_build_process_killed_mid_way(tmp_path: Path, point: str) -> None:
     assert store.cleanup_staging(older_than=30) == len(leftovers) + len(metas)
     assert store.staging_leftovers() == []
 
-    survivor = _worker(tmp_path, 2, "none")
+    survivor = _worker(children, tmp_path, 2, "none")
     out, err = survivor.communicate(timeout=60)
     assert survivor.returncode == 0, err
     answer = json.loads(out)
@@ -701,25 +701,19 @@ _HOLD = textwrap.dedent(
 )
 
 
-def test_lock_held_by_a_killed_process_is_released(tmp_path: Path) -> None:
+def test_lock_held_by_a_killed_process_is_released(tmp_path: Path, children: Children) -> None:
     """A process SIGKILLed inside single_flight blocks the next one only while it lives."""
     key = "manifest:" + "ab" * 32
-    holder = subprocess.Popen(
+    holder = children.start(
         [sys.executable, "-c", _HOLD, str(tmp_path / "cache"), str(tmp_path / "held"), key],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     _wait_for(tmp_path / "held", holder)
-    waiter = subprocess.Popen(
+    waiter = children.start(
         [sys.executable, "-c", _HOLD, str(tmp_path / "cache"), str(tmp_path / "next"), key],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    try:
-        time.sleep(1.0)  # long enough for an unexcluded waiter to start and acquire
-        assert not (tmp_path / "next").exists(), "the lock did not exclude the second process"
-        _kill(holder)
-        _wait_for(tmp_path / "next", waiter, timeout=20.0)
-    finally:
-        for proc in (holder, waiter):
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+    time.sleep(1.0)  # long enough for an unexcluded waiter to start and acquire
+    assert not (tmp_path / "next").exists(), "the lock did not exclude the second process"
+    _kill(holder)
+    _wait_for(tmp_path / "next", waiter, timeout=20.0)

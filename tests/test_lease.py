@@ -10,14 +10,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
-from conftest import require_tools
+from conftest import Children, require_tools
 from servers import FakeGcsServer, fake_gcs
 
 from nixery_core.build import BuildResult, build_image
@@ -527,22 +527,15 @@ else:  # a lease naming this process, never renewed (mode "still") or left at on
 
 
 @pytest.fixture
-def holders() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+def holders(children: Children) -> Callable[..., subprocess.Popen[str]]:
     """Starts lease-holder processes; kills any still running at teardown."""
-    procs: list[subprocess.Popen[str]] = []
 
     def start(bucket: Path, mode: str, *, prefix: Sequence[str] = ()) -> subprocess.Popen[str]:
         argv = [*prefix, sys.executable, "-c", _HOLDER, str(bucket), mode]
-        proc = subprocess.Popen(tied_to_caller(argv), stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        procs.append(proc)
-        return proc
+        return children.start(tied_to_caller(argv), stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
 
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
+    return start
 
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

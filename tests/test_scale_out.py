@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import OFFLINE_SET
+from conftest import OFFLINE_SET, Children
 from servers import FakeGcsServer
 
 from nixery_core.build import build_image
@@ -244,26 +244,19 @@ Spawn = Callable[..., "subprocess.Popen[str]"]
 
 
 @pytest.fixture
-def spawn(gcs: FakeGcsServer) -> Iterator[Spawn]:
+def spawn(gcs: FakeGcsServer, children: Children) -> Spawn:
     """Starts instance processes on the emulator; kills any still running at teardown."""
-    procs: list[subprocess.Popen[str]] = []
 
     def start(
         bucket: str, cache: Path, *, ttl: float, stall: bool = False, host: str = "host"
     ) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
+        return children.start(
             [sys.executable, "-c", _FLEET_INSTANCE, gcs.url, bucket, str(cache),
              str(OFFLINE_SET), str(ttl), "yes" if stall else "no", host],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        procs.append(proc)
-        return proc
 
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
+    return start
 
 
 def _answer(proc: subprocess.Popen[str]) -> dict[str, Any]:
