@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,21 @@ def children() -> Iterator[Children]:
     started = Children()
     yield started
     started.kill_running()
+
+
+@contextlib.contextmanager
+def threads_started() -> Iterator[list[threading.Thread]]:
+    """The threads any code starts inside the block, in order (``Thread.start`` recorded)."""
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def recording_start(thread: threading.Thread) -> None:
+        started.append(thread)
+        real_start(thread)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threading.Thread, "start", recording_start)
+        yield started
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -276,8 +276,12 @@ class FakeGcsServer(_Server):
         """Environment for a subprocess that should use this emulator."""
         return {"STORAGE_EMULATOR_HOST": self.url}
 
-    def client(self) -> Any:  # google.cloud.storage.Client (untyped library)
-        """A real storage ``Client`` aimed at this emulator: anonymous, project ``test``."""
+    def client(self, *, bucket_metadata_cache: bool = False) -> Any:  # storage.Client (untyped)
+        """A real storage ``Client`` aimed at this emulator: anonymous, project ``test``.
+
+        ``bucket_metadata_cache``: keep the client's cache as google-cloud-storage
+        makes it (see :func:`~nixery_core.storage.gcs.disable_bucket_metadata_cache`).
+        """
         from google.api_core.client_options import ClientOptions
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
@@ -295,7 +299,8 @@ class FakeGcsServer(_Server):
         # emulator was stopped: it outlives its test and draws from the global
         # `random` while Hypothesis generates another test's examples
         # (HypothesisDeprecationWarning, an error here).
-        disable_bucket_metadata_cache(client)
+        if not bucket_metadata_cache:
+            disable_bucket_metadata_cache(client)
         return client
 
     def make_bucket(self, name: str) -> Any:  # google.cloud.storage.Bucket

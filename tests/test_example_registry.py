@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 import httpx
 import pytest
-from conftest import OFFLINE_SET, REPO, require_tools
+from conftest import OFFLINE_SET, REPO, require_tools, threads_started
 from hostile_corpus import URL_PATHS, Sample, ids
 from servers import FakeGcsServer, fake_gcs
 
@@ -838,9 +838,7 @@ def test_gcs_blobs_redirect_to_the_bucket(tmp_path: Path, fake_gcs: FakeGcsServe
     assert error_of(absent)["code"] == "BLOB_UNKNOWN"
 
 
-def test_the_gcs_backend_starts_no_thread_on_a_miss(
-    fake_gcs: FakeGcsServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_gcs_backend_starts_no_thread_on_a_miss(fake_gcs: FakeGcsServer) -> None:
     """The gcs backend's client starts no thread of its own when a read misses (a 404)."""
     bucket = fake_gcs.make_bucket("registry-misses")
     config = RegistryConfig.from_env({
@@ -848,15 +846,8 @@ def test_the_gcs_backend_starts_no_thread_on_a_miss(
         "GCS_BUCKET": bucket.name, "STORAGE_EMULATOR_HOST": fake_gcs.url,
     })
     assert isinstance(config.store, GcsStore)
-    started: list[threading.Thread] = []
-    real_start = threading.Thread.start
-
-    def recording_start(thread: threading.Thread) -> None:
-        started.append(thread)
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", recording_start)
-    assert config.store.get_object("manifests/absent") is None
+    with threads_started() as started:
+        assert config.store.get_object("manifests/absent") is None
     assert started == []
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import threads_started
 from google.api_core import exceptions as gexc
 from google.cloud.storage import Blob
 from google.cloud.storage.retry import DEFAULT_RETRY
@@ -26,7 +27,7 @@ from nixery_core.errors import (
 )
 from nixery_core.protocols import BlobInfo, BlobWriter, Uploader
 from nixery_core.storage.conformance import CHECKS, Check
-from nixery_core.storage.gcs import GcsStore, disable_bucket_metadata_cache
+from nixery_core.storage.gcs import GcsStore
 
 __all__ = ["fake_gcs"]
 
@@ -141,50 +142,26 @@ def test_missing_blob_is_blob_not_found(store: GcsStore) -> None:
     store.delete_blob(digest)
 
 
-def _threads_a_miss_starts(
-    fake_gcs: FakeGcsServer, monkeypatch: pytest.MonkeyPatch, *, cache: bool
-) -> list[threading.Thread]:
+def _threads_a_miss_starts(fake_gcs: FakeGcsServer, *, cache: bool) -> list[threading.Thread]:
     """The threads started while a store on a fresh client reads an absent blob."""
-    from google.api_core.client_options import ClientOptions
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    anonymous: Any = AnonymousCredentials
-    client = storage.Client(
-        project="test",
-        credentials=anonymous(),
-        client_options=ClientOptions(api_endpoint=fake_gcs.url),
-    )
-    if not cache:
-        disable_bucket_metadata_cache(client)
+    client = fake_gcs.client(bucket_metadata_cache=cache)
     # create_bucket puts the bucket in the client's metadata cache: the case a
     # 404 sends a thread after.
     bucket = client.create_bucket(f"m-{uuid.uuid4().hex[:16]}")
     store = GcsStore(bucket, retry=FAST_RETRY, timeout=5.0)
-    started: list[threading.Thread] = []
-    real_start = threading.Thread.start
-
-    def recording_start(thread: threading.Thread) -> None:
-        started.append(thread)
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", recording_start)
-    with pytest.raises(BlobNotFound):
+    with threads_started() as started, pytest.raises(BlobNotFound):
         store.read_blob(sha256_digest(b"absent"))
-    monkeypatch.undo()
     return started
 
 
-def test_a_miss_starts_no_thread_once_the_metadata_cache_is_off(
-    fake_gcs: FakeGcsServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_miss_starts_no_thread_once_the_metadata_cache_is_off(fake_gcs: FakeGcsServer) -> None:
     """After disable_bucket_metadata_cache a 404 read starts no thread (as made, a client does)."""
     before = set(threading.enumerate())
-    as_made = _threads_a_miss_starts(fake_gcs, monkeypatch, cache=True)
+    as_made = _threads_a_miss_starts(fake_gcs, cache=True)
     for thread in as_made:
         thread.join(10.0)  # the emulator answers, so its bucket check ends
     assert as_made, "google-cloud-storage no longer starts a thread on a 404: is the helper needed?"
-    assert _threads_a_miss_starts(fake_gcs, monkeypatch, cache=False) == []
+    assert _threads_a_miss_starts(fake_gcs, cache=False) == []
     assert set(threading.enumerate()) <= before
 
 
