@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,29 @@ def require_tools(*tools: str) -> None:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+def slow_builders_alive() -> list[int]:
+    """Processes running the offline set's ``slow`` builder (found by its command line)."""
+    alive = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"waiting for my Nix to go away" in cmdline:  # nix/offline/default.nix
+            alive.append(int(proc.name))
+    return alive
+
+
+def wait_no_slow_builders(timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for every ``slow`` builder to end; fail if one lives on."""
+    deadline = time.monotonic() + timeout
+    while slow_builders_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow_builders_alive() == [], "a builder outlived its Nix"
 
 
 @attrs.define

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import attrs
 import diskcache
 import pytest
-from conftest import IN_CI, OFFLINE_SET, Children
+from conftest import IN_CI, OFFLINE_SET, Children, slow_builders_alive, wait_no_slow_builders
 from servers import FakeGcsServer
 
 from nixery_core.build import BuildResult, build_image
@@ -222,27 +222,6 @@ def test_nix_fault_is_typed_and_the_retry_succeeds(
 # --- Nix misbehaving for real ----------------------------------------------------------
 
 
-def _builders_alive() -> list[int]:
-    """Processes running the offline set's ``slow`` builder."""
-    alive = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"waiting for my Nix to go away" in cmdline:
-                alive.append(int(proc.name))
-    return alive
-
-
-def _wait_no_builders(timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _builders_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _builders_alive() == [], "a builder outlived its Nix"
-
-
 def _real_build(
     name: str, store: CollectableStore, cache: BuildCache | None, **kwargs: Any
 ) -> BuildResult:
@@ -259,7 +238,7 @@ def test_real_nix_hang_times_out_and_leaves_nothing(tmp_path: Path) -> None:
             _real_build("slow", store, cache, runner=SubprocessRunner(term_grace=3.0), timeout=1.5)
         assert info.value.argv[0] == "nix-store"
         assert info.value.timeout == 1.5
-        _wait_no_builders()
+        wait_no_slow_builders(10.0)
         assert list(store.list_blobs()) == []
         assert_no_partial_state(store, tmp_path / "cache")
         after = _real_build("hello", store, cache)
@@ -296,7 +275,7 @@ class _KillsNixMidBuild:
 
     def _kill_builders_parent(self) -> None:
         while not self._done.is_set():
-            for pid in _builders_alive():
+            for pid in slow_builders_alive():
                 parent = _parent(pid)
                 if parent is not None and _parent(parent) == os.getpid():  # our nix-store
                     os.kill(parent, signal.SIGKILL)
@@ -324,7 +303,7 @@ def test_real_nix_killed_mid_build_is_typed_and_leaves_nothing(tmp_path: Path) -
         assert runner.killed, "the builder never started"
         assert info.value.argv[0] == "nix-store"
         assert info.value.returncode == -signal.SIGKILL
-        _wait_no_builders()
+        wait_no_slow_builders(10.0)
         assert list(store.list_blobs()) == []
         assert_no_partial_state(store, tmp_path / "cache")
         after = _real_build("hello", store, cache, runner=runner)

@@ -7,12 +7,11 @@ import importlib.util
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import attrs
 import pytest
-from conftest import OFFLINE_SET, REPO
+from conftest import OFFLINE_SET, REPO, wait_no_slow_builders
 
 from nixery_core.errors import (
     CommandNotFound,
@@ -217,20 +216,6 @@ def test_evaluation_failure_is_typed(spec: SourceSpec, runner: SubprocessRunner)
     assert "fails to evaluate on purpose" in caught.value.stderr_tail
 
 
-def _builders_alive() -> list[int]:
-    alive = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"waiting for my Nix to go away" in cmdline:
-            alive.append(int(proc.name))
-    return alive
-
-
 # SubprocessRunner leaves the pipes of a timed-out command open (reported); the
 # garbage is collected here so that the warning cannot land on a later test.
 LEAKED_PIPES = "ignore::pytest.PytestUnraisableExceptionWarning"
@@ -248,10 +233,7 @@ def test_timeout_raises_and_leaves_no_builder_behind(spec: SourceSpec) -> None:
     gc.collect()
     assert argv[0] == "nix-store"
     assert timeout == 1.5
-    deadline = time.monotonic() + 5
-    while _builders_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _builders_alive() == []
+    wait_no_slow_builders(5.0)
 
 
 def test_missing_nix_is_command_not_found(spec: SourceSpec) -> None:
