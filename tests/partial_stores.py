@@ -15,7 +15,7 @@ import attrs
 from nixery_core.protocols import BlobInfo, BlobWriter, CollectableStore, Uploader
 
 
-@attrs.frozen
+@attrs.define
 class UploaderOnly:
     """Only :class:`~nixery_core.protocols.Uploader` of ``inner``: it cannot read blobs back."""
 
@@ -37,7 +37,7 @@ class UploaderOnly:
         self.inner.put_object(key, data)
 
 
-@attrs.frozen
+@attrs.define
 class CollectableOnly(UploaderOnly):
     """Only :class:`~nixery_core.protocols.CollectableStore` of ``inner``.
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from partial_stores import UploaderOnly
 
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 from nixery_core.builder import Builder
@@ -98,24 +99,12 @@ def test_wrapping_uses_the_callers_executor_and_leaves_it_open() -> None:
 
 
 @attrs.define
-class ThreadWatch:
+class ThreadWatch(UploaderOnly):
     """A store that notes the live pool threads every time a layer writes a chunk."""
 
     inner: MemoryStore = attrs.Factory(MemoryStore)
     peak: set[str] = attrs.Factory(set)
     most: int = 0
-
-    def blob_info(self, digest: str) -> BlobInfo | None:
-        return self.inner.blob_info(digest)
-
-    def put_blob(self, data: bytes, media_type: str) -> BlobInfo:
-        return self.inner.put_blob(data, media_type)
-
-    def get_object(self, key: str) -> bytes | None:
-        return self.inner.get_object(key)
-
-    def put_object(self, key: str, data: bytes) -> None:
-        self.inner.put_object(key, data)
 
     def open_blob_writer(self, media_type: str) -> BlobWriter:
         return _WatchedWriter(self, self.inner.open_blob_writer(media_type))
