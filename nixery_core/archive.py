@@ -124,6 +124,7 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
+from nixery_core import frame_processes
 from nixery_core.chunked import (
     ChunkedCompressor,
     FrameFormat,
@@ -494,7 +495,18 @@ class _TarStream:
         self._compressor: StreamCompressor | None = None
         if spec.chunked:
             self._chunked = ChunkedCompressor(
-                _frame_format(spec, mtime), mtime=mtime, executor=parallel, threads=count
+                _frame_format(spec, mtime),
+                mtime=mtime,
+                executor=parallel,
+                threads=count,
+                # Frames are compressed in worker processes (frame_processes.py);
+                # on the pool's threads only where none can be started.
+                processes=(
+                    frame_processes.shared(count)
+                    if count > 1 and frame_processes.usable()
+                    else None
+                ),
+                settings=(spec.compression, spec.level, spec.backend),
             )
             self._compressor = self._chunked
         self._hashing = _OrderedHashing(self._executor if count > 1 else None)

@@ -61,7 +61,10 @@ when the batch is collected), and the batch is compressed in one call
 (:func:`~nixery_core.compression.frames_compressor`); the chunks of big
 files join their file's sha256 in batch order on whichever worker is free
 (:class:`_OrderedFileHashing`).  Few, long calls matter: Python's lock is
-free only inside them.  Memory holds a big file's current chunk window (at
+free only inside them.  Given worker processes (:class:`BatchProcesses`,
+:mod:`nixery_core.frame_processes`), a batch goes there instead, its
+pieces unjoined (:func:`compress_packed` is what a worker runs), and only
+the file hashing stays on the executor.  Memory holds a big file's current chunk window (at
 most :data:`CHUNK_MAX` plus about 4 MiB; chunks are views of it, not
 copies), the batches in flight, and the TOC: one small dict per tar
 member, about 300 bytes each (the TOC must be complete before it is
@@ -70,10 +73,12 @@ written at the end).
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import hashlib
 import json
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -90,15 +95,19 @@ __all__ = [
     "CHUNK_AVERAGE",
     "CHUNK_MAX",
     "CHUNK_MIN",
+    "PACKED_FRAME",
+    "BatchProcesses",
     "ChunkedCompressor",
     "FragmentRecorder",
     "FrameFormat",
     "MembersInflater",
     "Trailer",
     "chunker_parameters",
+    "compress_packed",
     "cut_points",
     "each_frame",
     "modtime_rfc3339",
+    "new_chunker",
     "ordered_entries",
     "plan_chunks",
 ]
@@ -329,6 +338,36 @@ class Trailer:
     annotations: tuple[tuple[str, str], ...]
 
 
+class BatchProcesses(Protocol):
+    """Worker processes compressing packed batches (a :mod:`~nixery_core.frame_processes` pool).
+
+    It promises: :meth:`submit` never blocks for long, and its future gives
+    what :func:`compress_packed` returns for the same arguments (or raises
+    :class:`~nixery_core.errors.LayerError`).
+    """
+
+    def submit(
+        self, settings: tuple[str, int, str], table: bytes, payload: Sequence[_Buffer]
+    ) -> Future[_Batch]: ...
+
+
+def _prefix(head: _Buffer | _Pieces, size: int) -> _Buffer:
+    """The first ``size`` bytes of a frame's head (in pieces only for worker processes)."""
+    if isinstance(head, _Pieces):  # pragma: no cover - only jobs are in pieces
+        raise LayerError("a chunk in pieces")
+    return head if size == len(head) else memoryview(head)[:size]
+
+
+@attrs.frozen
+class _Pieces:
+    """A whole file's content still in the pieces it came in (for a worker process)."""
+
+    pieces: list[_Buffer]
+
+    def __len__(self) -> int:
+        return sum(len(piece) for piece in self.pieces)
+
+
 class FrameFormat(Protocol):
     """A file-granular format: how frames are compressed and the TOC is written.
 
@@ -360,7 +399,7 @@ class _Frame:
     """
 
     data: bytearray
-    head: _Buffer = b""
+    head: _Buffer | _Pieces = b""
     #: TOC entries whose ``offset`` is this frame's start.
     starts: list[dict[str, Any]] = attrs.Factory(list)
     #: TOC entries whose ``endOffset`` is this frame's end.
@@ -508,6 +547,58 @@ def _cut_job(
     return lengths, file_digest
 
 
+#: A frame in a packed batch (see :func:`compress_packed`): head length,
+#: data length, chunk size, and -1 (not a job) or the job's split (0 or 1).
+PACKED_FRAME = struct.Struct("<qqqq")
+
+
+def new_chunker() -> Any:
+    """A content-defined chunker with this module's parameters (its calls keep no state)."""
+    return _new_chunker()
+
+
+def compress_packed(
+    payload: _Buffer,
+    table: bytes,
+    *,
+    compress_frames: FramesCompressor,
+    chunker: Any,
+    merge: bool,
+) -> _Batch:
+    """A batch packed into one buffer, compressed as :func:`_compress_batch` would.
+
+    ``payload`` holds each frame's head then data, back to back; ``table``
+    one :data:`PACKED_FRAME` per frame.  What a worker process runs
+    (:mod:`nixery_core.frame_processes`): chunks of files of several chunks
+    join their file's digest in the calling process instead.
+    """
+    view = memoryview(payload)
+    payloads: list[_Buffer] = []
+    digests: list[str] = []
+    plans: list[tuple[list[int], str] | None] = []
+    pos = 0
+    for head_len, data_len, chunk_size, job in PACKED_FRAME.iter_unpack(table):
+        end = pos + head_len + data_len
+        if job >= 0:
+            head = view[pos : pos + head_len]
+            data = view[pos + head_len : end]
+            split = bool(job)
+            plans.append(_cut_job(chunker, head, data, payloads, digests, merge=merge, split=split))
+        else:
+            plans.append(None)
+            payloads.append(view[pos:end])
+            digests.append(
+                "sha256:" + hashlib.sha256(view[pos : pos + chunk_size]).hexdigest()
+                if chunk_size
+                else ""
+            )
+        pos = end
+    if pos != len(payload):
+        raise LayerError(f"a packed batch of {len(payload)} bytes has a table for {pos}")
+    blob, lengths = compress_frames(payloads)
+    return blob, lengths, digests, plans
+
+
 _NUL = 0
 _EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 _HEADER = 512
@@ -566,6 +657,8 @@ class _InFlight:
     rebase: list[dict[str, Any]] | None = None
     #: Uncompressed bytes of the batch.
     size: int = 0
+    #: Its chunks joining their files' digests, when the batch went to a worker process.
+    hashing: Future[None] | None = None
 
 
 class ChunkedCompressor:
@@ -584,9 +677,16 @@ class ChunkedCompressor:
         mtime: int,
         executor: Executor | None,
         threads: int,
+        processes: BatchProcesses | None = None,
+        settings: tuple[str, int, str] = ("", 0, ""),
     ) -> None:
         self._fmt = fmt
         self._executor = executor
+        # Batches go to worker processes when given (compression and hashing
+        # then never wait for Python's lock); files of several chunks are
+        # still hashed here, on the executor.
+        self._processes = processes
+        self._settings = settings
         # Bounded by bytes, not batches: a batch with a whole file in it (a
         # job) takes longer than one of chunks, and others go on meanwhile.
         self._max_in_flight = 4 * max(1, threads) * BATCH_BYTES
@@ -786,9 +886,11 @@ class ChunkedCompressor:
     def close(self) -> None:
         """Stop: batches not started are cancelled, fragments not committed dropped."""
         while self._in_flight:
-            pending = self._in_flight.popleft().result
-            if isinstance(pending, Future):
-                pending.cancel()
+            item = self._in_flight.popleft()
+            if isinstance(item.result, Future):
+                item.result.cancel()
+            if item.hashing is not None:
+                item.hashing.cancel()
         for fragment in self._fragments:
             fragment.frames.discard()
             fragment.toc.discard()
@@ -894,7 +996,13 @@ class ChunkedCompressor:
         if file is None:  # pragma: no cover - content only comes after a header
             raise LayerError("file content outside a file")
         pending = self._pending
-        content = pending[0] if len(pending) == 1 else b"".join(pending)
+        content: _Buffer | _Pieces
+        if len(pending) == 1:
+            content = pending[0]
+        elif self._processes is not None:
+            content = _Pieces(pending)  # sent as they are: never joined here
+        else:
+            content = b"".join(pending)
         self._pending = []
         self._pending_bytes = 0
         frame = _Frame(bytearray(), content, job=(file, self._split))
@@ -969,9 +1077,14 @@ class ChunkedCompressor:
             return
         size = self._batch_bytes
         batch, self._batch, self._batch_bytes = self._batch, [], 0
+        index = self._submitted
+        self._submitted += 1
+        if self._processes is not None:
+            self._submit_packed(batch, index, size, out)
+            return
         payloads: list[_Item] = [
             (
-                frame.head,
+                _prefix(frame.head, len(frame.head)),
                 frame.data,
                 frame.chunk_size,
                 frame.file_hash,
@@ -983,8 +1096,6 @@ class ChunkedCompressor:
         ]
         for frame in batch:
             frame.data, frame.head, frame.file_hash = bytearray(), b"", None
-        index = self._submitted
-        self._submitted += 1
         work = {
             "compress_frames": self._fmt.compress_frames,
             "chunker": self._chunker,
@@ -1001,6 +1112,39 @@ class ChunkedCompressor:
             self._bytes_in_flight += size
         self._collect(out, wait=False)
 
+    def _submit_packed(self, batch: list[_Frame], index: int, size: int, out: list[bytes]) -> None:
+        """A batch to a worker process, packed in one buffer; its file hashing on the executor."""
+        if self._processes is None:  # pragma: no cover - only called with processes
+            raise LayerError("no worker processes")
+        parts: list[_Buffer] = []
+        table: list[int] = []
+        updates: list[tuple[Any, _Buffer]] = []
+        for frame in batch:
+            head = frame.head
+            if head:
+                if isinstance(head, _Pieces):
+                    parts += head.pieces
+                else:
+                    parts.append(head)
+                job = -1 if frame.job is None else int(frame.job[1])
+                table += (len(head), len(frame.data), frame.chunk_size, job)
+                if frame.file_hash is not None:
+                    updates.append((frame.file_hash, _prefix(head, frame.chunk_size)))
+            else:
+                table += (0, len(frame.data), 0, -1)
+            parts.append(frame.data)
+            frame.data, frame.head, frame.file_hash = bytearray(), b"", None
+        packed = array.array("q", table).tobytes()
+        future = self._processes.submit(self._settings, packed, parts)
+        hashing: Future[None] | None = None
+        if self._executor is None:
+            self._file_hashing.ready(index, updates)
+        else:
+            hashing = self._executor.submit(self._file_hashing.ready, index, updates)
+        self._in_flight.append(_InFlight(batch, index, future, size=size, hashing=hashing))
+        self._bytes_in_flight += size
+        self._collect(out, wait=False)
+
     def _collect(self, out: list[bytes], *, wait: bool) -> None:
         while self._in_flight:
             item = self._in_flight[0]
@@ -1009,6 +1153,8 @@ class ChunkedCompressor:
                 if not (wait or pending.done() or self._bytes_in_flight > self._max_in_flight):
                     return
                 batch = pending.result()
+                if item.hashing is not None:
+                    item.hashing.result()  # runs it here if no thread has started it
                 self._bytes_in_flight -= item.size
             else:
                 batch = pending

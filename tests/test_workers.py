@@ -137,9 +137,15 @@ class _WatchedWriter:
         self.inner.abort()
 
 
-#: The caches' own I/O threads (a fragment cache's writer; the bucket tier's
-#: fetchers and uploader): a fixed few per cache, never per build or per CPU.
-CACHE_IO = ("nixery-fragment-writer", "nixery-fragment-fetch", "nixery-fragment-upload")
+#: Fixed I/O threads, never per build or per CPU: the caches' own (a fragment
+#: cache's writer; the bucket tier's fetchers and uploader) and the one that
+#: talks to the chunked layers' worker processes (nixery_core.frame_processes).
+CACHE_IO = (
+    "nixery-fragment-writer",
+    "nixery-fragment-fetch",
+    "nixery-fragment-upload",
+    "nixery-frames-io",
+)
 
 
 def _packing(names: set[str]) -> set[str]:

@@ -1,0 +1,491 @@
+"""Worker processes that compress and hash batches of frames for chunked layers.
+
+One job: run :func:`nixery_core.chunked.compress_packed` (cut whole files
+into chunks, hash the chunks, compress every frame) in other processes, so
+that compressing and hashing eStargz and zstd:chunked frames never waits
+for Python's lock held by the thread cutting the tar.  With threads, the
+frames' many short C calls each give the lock back and take it again; on a
+2-core machine about a quarter of the workers' time went to waiting for
+it, and two cores did the work of 1.5.
+
+**Protocol.**  Each worker is a ``python`` started with
+:func:`subprocess.Popen` (not :mod:`multiprocessing`: a script without an
+``if __name__ == "__main__"`` guard, a notebook or an embedding program is
+never imported again in the workers).  It talks over one Unix socket pair:
+a task is a small pickled header (task number, compression settings, the
+frame table) and the batch's bytes; the answer is a pickled header
+(task number, frame lengths, chunk digests, how whole files were cut) and
+the compressed bytes, or an error text.  A worker imports only the
+modules it needs (:mod:`nixery_core.chunked` and what it imports), not the
+whole package.
+
+**Threads in the caller.**  :meth:`FrameProcesses.submit` never blocks:
+it queues the batch's buffers (a batch of a few MiB does not fit a socket
+buffer, and the thread cutting the tar must not wait for a worker to read
+it), and one thread per pool, ``nixery-frames-io``, sends them and reads
+every answer over non-blocking sockets, completing each task's future.
+The pieces of a batch are sent as they are (``sendmsg``), never joined.
+Any number of layers, in any number of threads, can share one pool.
+
+**Where it is used.**  :mod:`nixery_core.archive` packs a chunked layer
+with ``threads`` (or a build's ``max_workers``) above 1 through
+:func:`shared` with that many workers; with 1 everything runs on the
+calling thread, and where no worker can be started (:func:`usable` is
+false: no Python executable) on threads.  All three give the same bytes.
+
+**Lifetime.**  :func:`shared` hands out one pool per process, started on
+first use (workers start in about a tenth of a second) and reused by every
+later layer, so a registry pays that once; it is closed at interpreter
+exit, by :func:`shutdown`, and forgotten in a child made by ``os.fork``
+(the child starts its own).  Output bytes do not depend on any of this: a
+batch compressed here is byte-identical to one compressed on a thread.
+
+**Errors.**  A failure in a worker comes back as
+:class:`~nixery_core.errors.LayerError` naming the worker's exception,
+chained to a :class:`WorkerFailed` holding its traceback; a worker that
+dies fails the batches it held the same way, and the pool starts a new
+worker for the next batch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import os
+import pickle
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import traceback
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from nixery_core.errors import LayerError
+
+__all__ = ["FrameProcesses", "WorkerFailed", "shared", "shared_pids", "shutdown", "usable"]
+
+#: The settings a worker compresses with: compression, level, gzip backend.
+Settings = tuple[str, int, str]
+_Buffer = bytes | bytearray | memoryview
+#: What a task returns: as :data:`nixery_core.chunked._Batch`.
+_Result = tuple[bytes, list[int], list[str], list[Any]]
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+#: Imports nixery_core.chunked without the package's __init__ (which pulls in
+#: everything, three times the start-up), then serves on the inherited socket.
+_BOOTSTRAP = """
+import sys, types
+package = types.ModuleType("nixery_core")
+package.__path__ = [sys.argv[1] + "/nixery_core"]
+sys.modules["nixery_core"] = package
+from nixery_core.frame_processes import serve
+serve(int(sys.argv[2]))
+"""
+
+
+class WorkerFailed(Exception):
+    """An exception raised in a worker process; its text is the worker's traceback."""
+
+
+def _failed(trace: str) -> LayerError:
+    """The error for a batch a worker failed on, chained to its traceback."""
+    last = trace.strip().splitlines()[-1] if trace.strip() else "unknown error"
+    error = LayerError(f"compressing frames failed in a worker process: {last}")
+    error.__cause__ = WorkerFailed(trace)
+    return error
+
+
+#: Every message: header length and body length, then the header (pickled) and the body.
+_PREFIX = struct.Struct("<QQ")
+#: Buffers per ``sendmsg`` call (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
+
+
+def _message(header: bytes, body: Sequence[_Buffer]) -> list[memoryview]:
+    """One message's buffers, to send in order (the body's pieces are not joined)."""
+    size = sum(len(part) for part in body)
+    buffers = [_PREFIX.pack(len(header), size), header, *body]
+    return [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
+
+
+def _sent(views: deque[memoryview], count: int) -> None:
+    """Drop ``count`` bytes from the front of ``views``."""
+    while count:
+        if count >= len(views[0]):
+            count -= len(views.popleft())
+        else:
+            views[0] = views[0][count:]
+            count = 0
+
+
+def send_message(sock: socket.socket, header: bytes, body: Sequence[_Buffer]) -> None:
+    """Send one message on a blocking socket (the worker's side)."""
+    views = deque(_message(header, body))
+    while views:
+        _sent(views, sock.sendmsg(list(itertools.islice(views, _IOV_MAX))))
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    while view:
+        got = sock.recv_into(view)
+        if not got:
+            raise EOFError("the other end closed the socket")
+        view = view[got:]
+
+
+def recv_message(sock: socket.socket, buffer: bytearray) -> tuple[Any, memoryview]:
+    """One message on a blocking socket: its header unpickled, its body (in ``buffer`` if it fits).
+
+    Only ever between this process and its own workers (pickle trusts its input).
+    """
+    prefix = bytearray(_PREFIX.size)
+    _recv_exact(sock, memoryview(prefix))
+    header_size, body_size = _PREFIX.unpack(prefix)
+    header = bytearray(header_size)
+    _recv_exact(sock, memoryview(header))
+    if len(buffer) < body_size:
+        buffer = bytearray(body_size)
+    body = memoryview(buffer)[:body_size]
+    _recv_exact(sock, body)
+    return pickle.loads(header), body  # noqa: S301 - from our own worker or parent
+
+
+class _Worker:
+    """One worker process, its socket, what waits to be sent and what is being read."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_PARENT, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.socket = ours
+        #: Bytes of tasks sent and not yet answered (picks the least busy worker).
+        self.outstanding = 0
+        #: Task numbers in the order sent; answers come back in this order.
+        self.tasks: list[int] = []
+        self.alive = True
+        #: Buffers still to send, messages back to back.
+        self.sending: deque[memoryview] = deque()
+        # The answer being read: prefix, then header, then body.
+        self._prefix = bytearray(_PREFIX.size)
+        self._header = bytearray()
+        self._body = bytearray()
+        self._part = 0
+        self._view = memoryview(self._prefix)
+
+    def send_some(self) -> None:
+        """Send what the socket takes now (it does not block)."""
+        while self.sending:
+            try:
+                count = self.socket.sendmsg(list(itertools.islice(self.sending, _IOV_MAX)))
+            except BlockingIOError:
+                return
+            _sent(self.sending, count)
+
+    def read_some(self) -> tuple[Any, bytearray] | None:
+        """Read what arrived; a whole answer (header, body) once it is complete."""
+        while True:
+            if self._view:
+                try:
+                    got = self.socket.recv_into(self._view)
+                except BlockingIOError:
+                    return None
+                if not got:
+                    raise EOFError("the worker closed its socket")
+                self._view = self._view[got:]
+                if self._view:
+                    continue
+            if self._part == 0:
+                header_size, body_size = _PREFIX.unpack(self._prefix)
+                self._header = bytearray(header_size)
+                self._body = bytearray(body_size)
+                self._part = 1
+                self._view = memoryview(self._header)
+            elif self._part == 1:
+                self._part = 2
+                self._view = memoryview(self._body)
+            else:
+                self._part = 0
+                self._view = memoryview(self._prefix)
+                return pickle.loads(self._header), self._body  # noqa: S301 - our worker's answer
+
+    def stop(self) -> None:
+        """End the worker's input (it exits), then wait for it."""
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_WR)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.socket.close()
+
+
+class FrameProcesses:
+    """A pool of ``count`` worker processes compressing batches of frames.
+
+    Workers start on the first :meth:`submit`; :meth:`close` stops them.
+    Results come back as futures, in any order the caller collects them.
+    One thread (``nixery-frames-io``) sends every task and reads every
+    answer, over non-blocking sockets.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = max(1, count)
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._futures: dict[int, tuple[Future[_Result], _Worker, int]] = {}
+        self._next_task = 0
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.closed = False
+
+    def submit(
+        self, settings: Settings, table: bytes, payload: Sequence[_Buffer]
+    ) -> Future[_Result]:
+        """Compress the frames ``table`` describes in ``payload`` (see :func:`compress_packed`).
+
+        ``payload`` is the batch's bytes in pieces, sent as they are (never
+        joined here): none of them may change until the future is done.
+        """
+        size = sum(len(piece) for piece in payload)
+        future: Future[_Result] = Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            if self.closed:
+                raise LayerError("the frame worker processes are shut down")
+            worker = self._pick()
+            task = self._next_task
+            self._next_task += 1
+            header = pickle.dumps((task, settings, table), protocol=5)
+            self._futures[task] = (future, worker, size)
+            worker.outstanding += size
+            worker.tasks.append(task)
+            worker.sending.extend(_message(header, payload))
+        os.write(self._wake_w, b"s")
+        return future
+
+    def _pick(self) -> _Worker:
+        """The least busy live worker, starting workers up to ``count`` (holding the lock)."""
+        self._workers = [worker for worker in self._workers if worker.alive]
+        if len(self._workers) < self.count:
+            try:
+                worker = _Worker()
+            except OSError as exc:
+                raise LayerError(f"could not start a frame worker process: {exc}") from exc
+            self._workers.append(worker)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="nixery-frames-io", daemon=True
+                )
+                self._thread.start()
+            return worker
+        return min(self._workers, key=lambda worker: worker.outstanding)
+
+    def pids(self) -> list[int]:
+        """The process ids of the live workers (for measuring their CPU time and memory)."""
+        with self._lock:
+            return [worker.process.pid for worker in self._workers if worker.alive]
+
+    def _run(self) -> None:
+        """Send tasks and complete each task's future as its answer arrives."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                with self._lock:
+                    if self.closed:
+                        return
+                    workers = [worker for worker in self._workers if worker.alive]
+                    for worker in workers:
+                        events = selectors.EVENT_READ
+                        if worker.sending:
+                            events |= selectors.EVENT_WRITE
+                        try:
+                            selector.modify(worker.socket, events, worker)
+                        except KeyError:
+                            selector.register(worker.socket, events, worker)
+                for key, events in selector.select():
+                    if key.fileobj == self._wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 4096)
+                        continue
+                    self._serve(key.data, events, selector)
+
+    def _serve(self, worker: _Worker, events: int, selector: selectors.BaseSelector) -> None:
+        """Send and read what ``worker``'s socket allows now."""
+        try:
+            if events & selectors.EVENT_WRITE:
+                with self._lock:
+                    worker.send_some()
+            while events & selectors.EVENT_READ:
+                answer = worker.read_some()
+                if answer is None:
+                    break
+                (task, error, rest), body = answer
+                self._answer(worker, task, error, body, rest)
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            selector.unregister(worker.socket)
+            self._lost(worker, exc)
+
+    def _answer(
+        self, worker: _Worker, task: int, error: str | None, blob: bytearray, rest: Any
+    ) -> None:
+        with self._lock:
+            future, _worker, size = self._futures.pop(task)
+            worker.outstanding -= size
+            worker.tasks.remove(task)
+        if error is not None:
+            future.set_exception(_failed(error))
+            return
+        lengths, digests, plans = rest
+        future.set_result((bytes(blob), lengths, digests, plans))
+
+    def _lost(self, worker: _Worker, exc: BaseException) -> None:
+        """A worker died (or its socket broke): fail every task it held."""
+        with self._lock:
+            worker.alive = False
+            worker.sending.clear()
+            lost = [self._futures.pop(task) for task in worker.tasks]
+            worker.tasks.clear()
+            worker.outstanding = 0
+        worker.stop()
+        code = worker.process.poll()
+        for future, _worker, _size in lost:
+            error = LayerError(f"a frame worker process exited (status {code}) before answering")
+            error.__cause__ = exc
+            future.set_exception(error)
+
+    def close(self) -> None:
+        """Stop the workers (tasks not answered yet fail)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            workers, self._workers = self._workers, []
+            pending = list(self._futures.values())
+            self._futures.clear()
+        os.write(self._wake_w, b"c")
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for worker in workers:
+            worker.stop()
+        for future, _worker, _size in pending:
+            if not future.done():
+                future.set_exception(LayerError("the frame worker processes were shut down"))
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def shared_pids() -> list[int]:
+    """The live workers of this process's pool (none before a chunked layer started it)."""
+    pool = _SHARED.pool
+    return [] if pool is None else pool.pids()
+
+
+def usable() -> bool:
+    """Whether worker processes can be started here (a Python executable is known)."""
+    return bool(sys.executable) and Path(sys.executable).exists()
+
+
+class _Shared:
+    """This process's one pool (see :func:`shared`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pool: FrameProcesses | None = None
+
+
+_SHARED = _Shared()
+
+
+def shared(count: int) -> FrameProcesses:
+    """This process's pool, with at least ``count`` workers (started on first use)."""
+    with _SHARED.lock:
+        pool = _SHARED.pool
+        if pool is None or pool.closed:
+            pool = _SHARED.pool = FrameProcesses(count)
+        elif pool.count < count:
+            pool.count = count
+        return pool
+
+
+def shutdown() -> None:
+    """Stop this process's pool (a later chunked layer starts a new one)."""
+    with _SHARED.lock:
+        pool, _SHARED.pool = _SHARED.pool, None
+    if pool is not None:
+        pool.close()
+
+
+def _forget_after_fork() -> None:
+    """A forked child must not use its parent's workers (their sockets are shared)."""
+    _SHARED.lock = threading.Lock()
+    _SHARED.pool = None
+
+
+atexit.register(shutdown)
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+# --- the worker side -----------------------------------------------------------
+
+
+def serve(fd: int) -> None:
+    """A worker's loop: answer tasks on the socket ``fd`` until it closes."""
+    from nixery_core.chunked import compress_packed, new_chunker  # noqa: PLC0415 - worker side
+
+    chunker = new_chunker()
+    sock = socket.socket(fileno=fd)
+    compressors: dict[Settings, Any] = {}
+    buffer = bytearray()
+    while True:
+        try:
+            (task, settings, table), payload = recv_message(sock, buffer)
+        except EOFError:
+            return
+        if payload.obj is not buffer:
+            buffer = payload.obj  # type: ignore[assignment]  # a bigger one was made
+        try:
+            compress = compressors.get(settings)
+            if compress is None:
+                compress = compressors[settings] = _frames_compressor(settings)
+            blob, lengths, digests, plans = compress_packed(
+                payload,
+                table,
+                compress_frames=compress,
+                chunker=chunker,
+                merge=settings[0] == "estargz",
+            )
+        except Exception:  # noqa: BLE001 - every failure goes back to the caller
+            send_message(sock, pickle.dumps((task, traceback.format_exc(), None)), ())
+            continue
+        finally:
+            payload.release()
+        answer = pickle.dumps((task, None, (lengths, digests, plans)), protocol=5)
+        send_message(sock, answer, (blob,))
+
+
+def _frames_compressor(settings: Settings) -> Any:
+    from nixery_core.compression import frames_compressor, resolve_compressor  # noqa: PLC0415
+
+    compression, level, backend = settings
+    gzip_backend = backend if backend in ("isal", "zlib") else "auto"
+    return frames_compressor(resolve_compressor(compression, level, gzip_backend))  # type: ignore[arg-type]
+

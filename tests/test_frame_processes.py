@@ -1,0 +1,135 @@
+"""Worker processes compressing chunked layers' frames (nixery_core.frame_processes)."""
+
+from __future__ import annotations
+
+import array
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_chunked_formats import FORMATS, make_store
+
+from nixery_core import frame_processes
+from nixery_core.archive import ArchiveOptions, pack_store_paths
+from nixery_core.chunked import compress_packed, new_chunker
+from nixery_core.compression import frames_compressor, resolve_compressor
+from nixery_core.errors import LayerError
+from nixery_core.frame_processes import FrameProcesses, WorkerFailed
+
+_SETTINGS = ("zstd-chunked", 3, "zstd")
+
+
+def _table(*frames: tuple[int, int, int, int]) -> bytes:
+    return array.array("q", [field for frame in frames for field in frame]).tobytes()
+
+
+@pytest.fixture
+def pool() -> Iterator[FrameProcesses]:
+    processes = FrameProcesses(1)
+    yield processes
+    processes.close()
+
+
+def test_a_batch_is_compressed_as_in_this_process(pool: FrameProcesses) -> None:
+    """A worker's answer is what compress_packed gives here, for pieces sent unjoined."""
+    chunk = bytes(range(256)) * 100
+    table = _table((len(chunk), 3, len(chunk), -1), (0, 512, 0, -1), (len(chunk), 0, 0, 1))
+    pieces = [chunk, b"pad", bytes(512), chunk[:1000], chunk[1000:]]
+    here = compress_packed(
+        b"".join(pieces),
+        table,
+        compress_frames=frames_compressor(resolve_compressor("zstd-chunked", 3)),
+        chunker=new_chunker(),
+        merge=False,
+    )
+    assert pool.submit(_SETTINGS, table, pieces).result(timeout=60) == here
+
+
+def test_a_failure_in_a_worker_is_a_layer_error_with_its_traceback(pool: FrameProcesses) -> None:
+    """A batch a worker cannot compress fails as LayerError chained to the worker's traceback."""
+    future = pool.submit(_SETTINGS, _table((0, 100, 0, -1)), [b"only ten b"])
+    with pytest.raises(LayerError, match="failed in a worker process") as caught:
+        future.result(timeout=60)
+    assert isinstance(caught.value.__cause__, WorkerFailed)
+    assert "Traceback" in str(caught.value.__cause__)
+    # The worker goes on serving.
+    assert pool.submit(_SETTINGS, _table((0, 3, 0, -1)), [b"abc"]).result(timeout=60)[1]
+
+
+def test_a_dead_worker_fails_its_batches_and_is_replaced(pool: FrameProcesses) -> None:
+    """A worker killed mid-stream fails what it held with LayerError; the next batch works."""
+    assert pool.submit(_SETTINGS, _table((0, 3, 0, -1)), [b"abc"]).result(timeout=60)
+    (worker,) = pool._workers
+    worker.process.send_signal(signal.SIGSTOP)  # so the next batch is surely in its hands
+    held = pool.submit(_SETTINGS, _table((0, 3, 0, -1)), [b"abc"])
+    worker.process.send_signal(signal.SIGKILL)
+    worker.process.wait()
+    with pytest.raises(LayerError, match="exited"):
+        held.result(timeout=60)
+    assert pool.submit(_SETTINGS, _table((0, 3, 0, -1)), [b"abc"]).result(timeout=60)[1]
+    assert pool._workers[0] is not worker
+
+
+def test_a_closed_pool_refuses_work() -> None:
+    """After close, submit raises LayerError and the worker processes are gone."""
+    pool = FrameProcesses(2)
+    pool.submit(_SETTINGS, _table((0, 3, 0, -1)), [b"abc"]).result(timeout=60)
+    processes = [worker.process for worker in pool._workers]
+    pool.close()
+    assert all(process.poll() is not None for process in processes)
+    with pytest.raises(LayerError, match="shut down"):
+        pool.submit(_SETTINGS, _table((0, 3, 0, -1)), [b"abc"])
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_threads_and_processes_write_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """Where no worker process can start, the pool's threads write the same layer."""
+    paths = make_store(tmp_path)
+
+    def pack() -> bytes:
+        out = io.BytesIO()
+        pack_store_paths(
+            paths,
+            out.write,
+            ArchiveOptions(compression=compression),  # type: ignore[arg-type]
+            store_root=tmp_path,
+            threads=2,
+        )
+        return out.getvalue()
+
+    with_processes = pack()
+    monkeypatch.setattr(frame_processes, "usable", lambda: False)
+    assert pack() == with_processes
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
+    """Workers never import the caller's __main__: an unguarded script packing a layer runs once."""
+    root = tmp_path / "root"
+    make_store(root)
+    log = tmp_path / "log"
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import io, os
+            from pathlib import Path
+            from nixery_core.archive import ArchiveOptions, pack_store_paths
+            with open({str(log)!r}, "a") as f:
+                f.write("ran\\n")
+            paths = sorted("/nix/store/" + p for p in os.listdir({str(root / "nix" / "store")!r}))
+            pack_store_paths(paths, io.BytesIO().write, ArchiveOptions(compression="estargz"),
+                             store_root=Path({str(root)!r}), threads=2)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=120)
+    assert log.read_text() == "ran\n"
