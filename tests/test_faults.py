@@ -59,6 +59,7 @@ from nixery_core.errors import (
     NixTimeout,
     StorageUnavailable,
 )
+from nixery_core.fragments import FragmentCache
 from nixery_core.media_types import OCI_CONFIG
 from nixery_core.names import Image
 from nixery_core.nix import NixStep, parse_argv
@@ -583,17 +584,15 @@ def _worker(children: Children, tmp_path: Path, n: int, point: str) -> subproces
 
 
 def cache_problems(cache_dir: Path) -> list[str]:
-    """What diskcache's own consistency check reports (SQLite integrity, stray files), for the
-    build cache and, on its own, the fragment cache in its ``fragments/`` subdirectory."""
+    """What the caches' own consistency checks report (SQLite integrity, stray files): diskcache's
+    for the build cache, FragmentCache.check for the fragment cache in its ``fragments/``."""
     BuildCache(cache_dir).close()  # a new BuildCache opens the directory
-    problems = []
-    for directory in (cache_dir, cache_dir / "fragments"):
-        with diskcache.Cache(str(directory)) as local, warnings.catch_warnings():
-            warnings.simplefilter("always")  # check() records its findings as warnings
-            problems += [
-                str(w.message) for w in local.check()
-                if directory != cache_dir or f"{cache_dir}/fragments/" not in str(w.message)
-            ]
+    with diskcache.Cache(str(cache_dir)) as local, warnings.catch_warnings():
+        warnings.simplefilter("always")  # check() records its findings as warnings
+        found = [str(w.message) for w in local.check()]
+    problems = [message for message in found if f"{cache_dir}/fragments/" not in message]
+    with FragmentCache(cache_dir / "fragments") as fragments:
+        problems += fragments.check()
     return problems
 
 
@@ -641,7 +640,7 @@ def test_build_process_killed_mid_way(tmp_path: Path, point: str, children: Chil
     assert problems
     # A kill between writing a fragment's file and its row can leave that file unnamed.
     assert all(
-        re.search(r"unknown file: .*/(lock-[0-9a-f]{64}|fragments/.*\.val)$", p) for p in problems
+        re.search(r"unknown file: .*/(lock-[0-9a-f]{64}|fragments/data/.*)$", p) for p in problems
     ), problems
     metas = [m for m in (tmp_path / "store" / "layers").glob("*.meta")
              if not m.with_suffix("").exists()]

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import shutil
+import sqlite3
 import subprocess
 import tarfile
 import zlib
@@ -184,7 +185,9 @@ def test_damaged_cached_fragment_is_a_miss_and_repacked(store: Path, tmp_path: P
         pack(store, PATHS, options, cache)
         cache.flush()  # fragments are written by a background thread
         damaged = 0
-        for file in (tmp_path / "fragments").rglob("*.val"):
+        for file in (tmp_path / "fragments" / "data").rglob("*"):
+            if not file.is_file():
+                continue
             data = bytearray(file.read_bytes())
             data[len(data) // 2] ^= 0xFF
             file.write_bytes(bytes(data))
@@ -205,20 +208,19 @@ def test_fragment_cache_stays_within_its_size_limit(store: Path, tmp_path: Path)
         for _ in range(3):
             assert pack(store, PATHS, options, cache) == expected
         cache.flush()
-        assert cache._cache.volume() < limit + 2 * 1024 * 1024  # diskcache's own pages included
+        assert cache.volume() <= limit
 
 
 def test_eviction_is_by_use_though_hits_do_not_write(tmp_path: Path) -> None:
     """Storing past the limit evicts a fragment never read before one read since it was stored."""
     pieces = {name: os.urandom(1 << 20) for name in "abcd"}
     with FragmentCache(tmp_path / "fragments", size_limit=3584 * 1024) as cache:
-        cache._cache.reset("cull_limit", 1)  # diskcache evicts 10 at a time by default
         for name in "abc":
             cache.put(name, [pieces[name]], 1 << 20)
         with cache.get("a") as found:
             assert found is not None
         cache.put("d", [pieces["d"]], 1 << 20)  # over the limit: the least recently used goes
-        assert sorted(cache._cache.iterkeys()) == ["a", "c", "d"]
+        assert cache.keys() == ["a", "c", "d"]
         with cache.get("a") as found:
             assert found is not None
             assert b"".join(found.pieces()) == pieces["a"]
@@ -236,7 +238,8 @@ def test_large_fragments_spill_to_disk_and_read_back(
         hits = cache.hits
         assert pack(store, PATHS, options, cache) == expected
         assert cache.hits == hits + len(PATHS)
-    assert not list((tmp_path / "fragments").glob("tmp*"))  # spill files are gone
+        cache.flush()
+        assert cache.check() == []  # every file written while recorded is named by its row
 
 
 def test_failed_pack_keeps_no_fragment_of_the_failing_path(store: Path, tmp_path: Path) -> None:
@@ -251,8 +254,8 @@ def test_failed_pack_keeps_no_fragment_of_the_failing_path(store: Path, tmp_path
             pack(root, PATHS, options, cache)
         cache.flush()
         key = fragment_key(os.fsencode(bad), options.parameters())
-        assert key not in cache._cache
-        assert len(list(cache._cache.iterkeys())) <= 2  # at most the paths before it
+        assert key not in cache
+        assert len(cache.keys()) <= 2  # at most the paths before it
 
 
 def test_build_reuses_fragments_for_a_new_grouping(tmp_path: Path) -> None:
@@ -370,19 +373,14 @@ def test_damaged_layout_falls_back_to_decompressing(
     with FragmentCache(tmp_path / "fragments") as cache:
         pack(store, PATHS, options, cache)
         cache.flush()
-        keys = list(cache._cache.iterkeys())
-        assert len(keys) == len(PATHS)
-        for key in keys:
-            value, tag = cache._cache.get(key, read=True, tag=True)
-            assert isinstance(tag, bytes)  # every fragment packed here has a layout
-            head, _, layout = tag.partition(b"\n")
-            damaged = layout[:-4] + bytes(4)
-            if isinstance(value, bytes):
-                data = value
-            else:
-                with value:
-                    data = value.read()
-            cache._cache.set(key, data, tag=head + b"\n" + damaged)
+        assert len(cache.keys()) == len(PATHS)
+        with sqlite3.connect(tmp_path / "fragments" / "index.sqlite") as index:
+            layouts = index.execute("SELECT key, layout FROM fragments").fetchall()
+            assert all(layout for _key, layout in layouts)  # every one packed here has a layout
+            index.executemany(
+                "UPDATE fragments SET layout = ? WHERE key = ?",
+                [(layout[:-4] + bytes(4), key) for key, layout in layouts],
+            )
         assert pack(store, PATHS, options, cache) == expected
         assert cache.hits == len(PATHS)
 
@@ -448,8 +446,30 @@ def test_store_path_with_too_many_headers_gets_no_layout_and_is_inflated(
     with FragmentCache(tmp_path / "fragments") as cache:
         pack(store, PATHS, options, cache)
         cache.flush()
-        tags = [cache._cache.get(key, tag=True)[1] for key in cache._cache.iterkeys()]
-        assert tags
-        assert all(isinstance(tag, str) for tag in tags)  # no layout kept
+        with sqlite3.connect(tmp_path / "fragments" / "index.sqlite") as index:
+            layouts = index.execute("SELECT layout FROM fragments").fetchall()
+        assert layouts
+        assert all(layout is None for (layout,) in layouts)  # no layout kept
         assert pack(store, PATHS, options, cache) == expected
         assert cache.hits == len(PATHS)
+
+
+def test_a_fragment_cache_of_the_earlier_diskcache_format_is_cleared_when_opened(
+    tmp_path: Path,
+) -> None:
+    """A fragment directory left by the diskcache-based version is emptied of its database and
+    value files when opened (its fragments are packed again), and the new cache works there."""
+    import diskcache
+
+    directory = tmp_path / "fragments"
+    with diskcache.Cache(str(directory)) as old:
+        old.set("k", os.urandom(100_000), read=False)  # large enough for a value file
+    assert list(directory.rglob("*.val"))
+    with FragmentCache(directory) as cache:
+        assert "k" not in cache
+        cache.put("k", [b"new"], 3)
+        with cache.get("k") as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == b"new"
+    assert not list(directory.rglob("*.val"))
+    assert not (directory / "cache.db").exists()
