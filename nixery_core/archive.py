@@ -138,6 +138,7 @@ from nixery_core.compression import (
     CompressorSpec,
     GzipBackend,
     OrderedOutput,
+    ReportsCrc32,
     StreamCompressor,
     frame_compressor,
     frames_compressor,
@@ -488,6 +489,8 @@ class _TarStream:
         self._recording: _Recording | None = None
         #: The open recording's layout: told which bytes are files and which are not.
         self._layout: LayoutRecorder | None = None
+        #: The open member's compressor when it keeps the CRC-32 the layout records.
+        self._member_crc: ReportsCrc32 | None = None
         self._recordings: list[_Recording] = []
         # A chunked layer (eStargz, zstd:chunked) is one stream cut by its own
         # format; every other layer is a sequence of members (begin/end).
@@ -553,10 +556,13 @@ class _TarStream:
         self._layout = None if recording is None else recording.layout
         if recording is not None:
             self._recordings.append(recording)
-        self._compressor = open_compressor(
+        compressor = open_compressor(
             self._spec, executor=self._parallel, threads=self._member_threads,
             output=self._output, tag=recording,
         )
+        self._compressor = compressor
+        if recording is not None and isinstance(compressor, ReportsCrc32):
+            self._member_crc = compressor
 
     def end(self) -> None:
         """Close the open member: its last partial block, its trailer."""
@@ -571,6 +577,7 @@ class _TarStream:
         compressor.finish()
         compressor.close()
         self._compressor = None
+        self._member_crc = None
         if self._recording is not None:
             # Encoded by the cache's writing thread, off this one.
             self._recording.writer.layout = self._recording.layout
@@ -833,15 +840,25 @@ class _TarStream:
         self._add_diff(block)
         if self._diff_pending:
             self._drain_diff()
-        if self._recording is not None:
-            self._recording.uncompressed += len(block)
-            self._recording.layout.block(block)
         chunks = compressor.compress(block)  # empty unless chunked: members use the output
+        if self._recording is not None:
+            self._record_block(self._recording, block)
         # The compressor may still hold ``block``: start a fresh buffer.
         self._block = bytearray(BLOCK_SIZE)
         self._view = memoryview(self._block)
         self._pos = 0
         self._emit([(None, chunk) for chunk in chunks] or self._output.take_ready())
+
+    def _record_block(self, recording: _Recording, block: bytes | bytearray) -> None:
+        """The layout's running CRC-32 after ``block``: the compressor's, when it has it."""
+        recording.uncompressed += len(block)
+        reports = self._member_crc
+        if reports is not None:
+            crc, length = reports.running_crc32
+            if length == recording.uncompressed:  # it took the whole block (not buffered)
+                recording.layout.block_crc(crc)
+                return
+        recording.layout.block(block)
 
     def _emit(self, chunks: list[tuple[object, bytes]]) -> None:
         for tag, chunk in chunks:

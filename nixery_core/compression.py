@@ -78,7 +78,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from functools import cache
 from types import ModuleType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
@@ -94,6 +94,7 @@ __all__ = [
     "CompressorSpec",
     "GzipBackend",
     "OrderedOutput",
+    "ReportsCrc32",
     "StreamCompressor",
     "frame_compressor",
     "frames_compressor",
@@ -333,6 +334,18 @@ class StreamCompressor(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class ReportsCrc32(Protocol):
+    """A compressor that keeps the CRC-32 of its input (a gzip member does, for its trailer).
+
+    It promises: :attr:`running_crc32` is the CRC-32 and the length of the
+    input compressed so far (input it still buffers is not counted).
+    """
+
+    @property
+    def running_crc32(self) -> tuple[int, int]: ...
+
+
 class OrderedOutput:
     """Compressed pieces of consecutive members, in order, some still being compressed.
 
@@ -540,6 +553,11 @@ class _GzipBlocks:
         self._previous_tail = b""
         self._in_flight: deque[Future[bytes]] = deque()
         self._started = False
+
+    @property
+    def running_crc32(self) -> tuple[int, int]:
+        """The CRC-32 and length of the blocks submitted so far (see :class:`ReportsCrc32`)."""
+        return self._crc, self._length
 
     def _put(self, out: list[bytes], piece: bytes) -> None:
         if self._output is None:

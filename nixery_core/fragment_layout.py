@@ -6,13 +6,17 @@ compressed bytes are copied, but the tar bytes must be produced again.  A
 fragment's tar is its members' header blocks and padding (*literal* bytes)
 around the contents of its regular files, so when a fragment is packed its
 *layout* is recorded next to it: the literal bytes, and for each file its
-path below the store path and its size, in order, plus the CRC-32 of every
-1 MiB block of the fragment's uncompressed bytes (blocks counted from the
-fragment's start, the cut the packer compresses at).
+path below the store path and its size, in order, plus the running CRC-32
+of the fragment's uncompressed bytes at the end of every 1 MiB block
+(blocks counted from the fragment's start, the cut the packer compresses
+at; a gzip member's compressor computes that CRC for its trailer anyway,
+so the packer takes it from there, :class:`~nixery_core.compression.ReportsCrc32`).
 
 :func:`rebuild` makes the bytes again: literal bytes copied, files read from
 the store (page cache, for a store path packed recently), each block
-checked against its recorded CRC-32 *before* it is handed on.  The first
+checked against its recorded running CRC-32 *before* it is handed on (the
+blocks before it having matched, a block matches exactly when the running
+CRC after it does).  The first
 block that differs (a file changed or vanished, a damaged layout) stops it:
 the caller inflates the fragment from there on.  So the ``diff_id`` only
 ever covers bytes that match, block for block, the tar that was
@@ -28,17 +32,21 @@ fragments, 0.03 against 0.13 for the quick one
 A layout is a few hundred bytes per file before compression (the header
 blocks), deflated (ISA-L level 1) to a tenth or less; a store path whose
 headers come to more than :data:`MAX_LITERALS` bytes gets none (it is
-inflated).  Format ``NXL1``: header ``<4sIIQ`` (magic, segments, blocks,
-literal bytes), then per segment ``<IIQ`` (literal bytes before the file,
-length of its path, its size; size 0: no file), then the block CRC-32s
-(``<I`` each), the paths, and the literal bytes.
+inflated).  Format ``NXL2``: header ``<4sIIQ`` (magic, segments, blocks,
+literal bytes), then the segments as three arrays, ``<Q`` each literal
+bytes before the file, ``<I`` each length of its path, ``<Q`` each its size
+(size 0: no file), then the running CRC-32s (``<I`` each), the paths, and
+the literal bytes (arrays, so that encoding a layout is a few calls
+whatever its number of files).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import sys
 import zlib
+from array import array
 from collections.abc import Callable
 from typing import cast
 
@@ -61,9 +69,10 @@ _DECODE_ERRORS: tuple[type[Exception], ...] = (
 
 #: A store path whose literal bytes (headers, padding) exceed this gets no layout.
 MAX_LITERALS = 16 << 20
-_MAGIC = b"NXL1"
+_MAGIC = b"NXL2"
 _HEAD = struct.Struct("<4sIIQ")
-_SEGMENT = struct.Struct("<IIQ")
+#: Arrays are kept in this byte order (swapped on a big-endian host).
+_LITTLE = sys.byteorder == "little"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -77,9 +86,12 @@ class LayoutRecorder:
     def __init__(self, top: bytes) -> None:
         self._cut = len(top)
         self._literals = bytearray()
-        self._segments: list[tuple[int, bytes, int]] = []
+        self._runs = array("Q")
+        self._sizes = array("Q")
+        self._paths: list[bytes] = []
         self._run = 0
-        self._crcs: list[int] = []
+        self._crcs = array("I")
+        self._crc = 0
         #: Past :data:`MAX_LITERALS`: nothing more is kept (memory stays bounded).
         self._overflow = False
 
@@ -91,29 +103,43 @@ class LayoutRecorder:
         self._run += len(data)
         if len(self._literals) > MAX_LITERALS:
             self._overflow = True
-            self._literals, self._segments, self._crcs = bytearray(), [], []
+            self._literals, self._paths = bytearray(), []
+            self._runs, self._sizes, self._crcs = array("Q"), array("Q"), array("I")
 
     def file(self, member: bytes, size: int) -> None:
         """``size`` bytes of the file ``member`` (a member name under the store path)."""
         if size and not self._overflow:
-            self._segments.append((self._run, member[self._cut :], size))
+            self._runs.append(self._run)
+            self._paths.append(member[self._cut :])
+            self._sizes.append(size)
             self._run = 0
 
     def block(self, data: bytes | bytearray | memoryview) -> None:
         """The fragment's next block of uncompressed bytes, as compressed."""
-        if not self._overflow:
-            self._crcs.append(_crc32(data))
+        self._crc = _crc32(data, self._crc)
+        self._crcs.append(self._crc)
+
+    def block_crc(self, running: int) -> None:
+        """The next block, given as the running CRC-32 of the fragment up to its end."""
+        self._crc = running
+        self._crcs.append(running)
 
     def encode(self) -> bytes | None:
         """The layout, compressed; ``None`` when it is too large to be worth keeping."""
         if self._overflow:
             return None
-        segments = [*self._segments, (self._run, b"", 0)]
-        head = _HEAD.pack(_MAGIC, len(segments), len(self._crcs), len(self._literals))
-        parts: list[bytes | bytearray] = [head]
-        parts.extend(_SEGMENT.pack(run, len(path), size) for run, path, size in segments)
-        parts.append(struct.pack(f"<{len(self._crcs)}I", *self._crcs))
-        parts.extend(path for _run, path, _size in segments)
+        runs, sizes, crcs = array("Q", self._runs), array("Q", self._sizes), array("I", self._crcs)
+        runs.append(self._run)
+        sizes.append(0)
+        lengths = array("I", map(len, self._paths))
+        lengths.append(0)
+        arrays = (runs, lengths, sizes, crcs)
+        if not _LITTLE:  # pragma: no cover - every supported host is little-endian
+            for values in arrays:
+                values.byteswap()
+        head = _HEAD.pack(_MAGIC, len(runs), len(crcs), len(self._literals))
+        parts: list[bytes | bytearray] = [head, *(values.tobytes() for values in arrays)]
+        parts += self._paths
         parts.append(self._literals)
         return _compress(b"".join(parts), 1)
 
@@ -135,35 +161,48 @@ class FragmentLayout:
     def decode(cls, raw: bytes) -> FragmentLayout | None:
         """The layout in ``raw``, or ``None`` when it is not a well-formed one."""
         try:
-            data = _decompress(raw)
-            magic, count, blocks, literal_size = _HEAD.unpack_from(data)
-            if magic != _MAGIC:
-                return None
-            offset = _HEAD.size
-            table = list(_SEGMENT.iter_unpack(data[offset : offset + count * _SEGMENT.size]))
-            offset += count * _SEGMENT.size
-            crcs = struct.unpack_from(f"<{blocks}I", data, offset)
-            offset += 4 * blocks
+            return cls._decode(_decompress(raw))
         except _DECODE_ERRORS:
             return None
+        except _Malformed:
+            return None
+
+    @classmethod
+    def _decode(cls, data: bytes) -> FragmentLayout:
+        magic, count, blocks, literal_size = _HEAD.unpack_from(data)
+        if magic != _MAGIC:
+            raise _Malformed
+        offset = _HEAD.size
+        arrays = []
+        for code, length in (("Q", count), ("I", count), ("Q", count), ("I", blocks)):
+            values = array(code)
+            end = offset + values.itemsize * length
+            if end > len(data):
+                raise _Malformed
+            values.frombytes(data[offset:end])
+            if not _LITTLE:  # pragma: no cover - every supported host is little-endian
+                values.byteswap()
+            arrays.append(values)
+            offset = end
+        runs, lengths, sizes, crcs = arrays
         segments = []
-        for run, length, size in table:
+        for run, length, size in zip(runs, lengths, sizes, strict=True):
             path = data[offset : offset + length]
             offset += length
             if len(path) != length or (path and not path.startswith(b"/")) or b"/.." in path:
-                return None  # only ever a path below the store path
+                raise _Malformed  # only ever a path below the store path
             segments.append((run, path, size))
         literals = data[offset:]
-        if (
-            len(table) != count
-            or len(literals) != literal_size
-            or sum(run for run, _path, _size in segments) != literal_size
-        ):
-            return None
-        layout = cls(tuple(segments), crcs, literals)
+        if len(literals) != literal_size or sum(runs) != literal_size:
+            raise _Malformed
+        layout = cls(tuple(segments), tuple(crcs), literals)
         if -(-layout.size // BLOCK_SIZE) != blocks:
-            return None
+            raise _Malformed
         return layout
+
+
+class _Malformed(Exception):
+    """Raised inside :meth:`FragmentLayout.decode` for bytes that are not a layout."""
 
 
 def rebuild(source: bytes, layout: FragmentLayout, emit: Callable[[bytearray], None]) -> int:
@@ -205,6 +244,7 @@ class _Blocks:
         self._view = memoryview(self._block)
         self._pos = 0
         self._index = 0
+        self._crc = 0
         #: Bytes handed on so far.
         self.fed = 0
 
@@ -239,7 +279,8 @@ class _Blocks:
             os.close(fd)
 
     def _full(self) -> None:
-        if _crc32(self._view) != self._crcs[self._index]:
+        self._crc = _crc32(self._view, self._crc)
+        if self._crc != self._crcs[self._index]:
             raise _Differs
         self._emit(self._block)
         self._index += 1
@@ -253,7 +294,8 @@ class _Blocks:
         pos = self._pos
         if not pos:
             return
-        if _crc32(self._view[:pos]) != self._crcs[self._index]:
+        self._crc = _crc32(self._view[:pos], self._crc)
+        if self._crc != self._crcs[self._index]:
             raise _Differs
         self._view.release()
         del self._block[pos:]
