@@ -22,7 +22,7 @@ one transaction, before the next fragments are stored (only storing
 evicts) and at :meth:`FragmentCache.close`, or every :data:`_TOUCH_BATCH`
 hits.  Recording a fragment costs the packing thread only references to
 the compressed pieces it produces anyway: a background thread computes
-their CRC-32, writes each fragment's file in one ``writev`` and adds the
+their CRC-32, writes each fragment's file and adds the
 rows of everything queued in one transaction, so a pack never waits on
 the disk or the index; a fragment past 16 MiB goes straight into its file
 as it is compressed (memory stays bounded).  A lookup of a fragment still
@@ -617,21 +617,16 @@ def _transaction(con: sqlite3.Connection) -> Iterator[None]:
 
 
 def _write_all(fd: int, pieces: Sequence[bytes]) -> None:
-    """Write ``pieces`` to ``fd`` in order, as few calls as the kernel allows."""
-    views = [memoryview(piece) for piece in pieces if piece]
-    first = 0
-    while first < len(views):
-        written = os.writev(fd, views[first : first + _IOV_MAX])
-        while written:
-            if written >= len(views[first]):
-                written -= len(views[first])
-                first += 1
-            else:
-                views[first] = views[first][written:]
-                written = 0
+    """Write ``pieces`` to ``fd`` in order.
 
-
-_IOV_MAX = 1024
+    One ``write`` per piece: one ``writev`` of all of a fragment's pieces
+    cost the kernel about twice the CPU time here (the 300 MB benchmark
+    closure's fragments: 0.15-0.27 against 0.07-0.12 system seconds).
+    """
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _remove_diskcache_layout(directory: Path) -> None:
