@@ -473,3 +473,17 @@ def test_a_fragment_cache_of_the_earlier_diskcache_format_is_cleared_when_opened
             assert b"".join(found.pieces()) == b"new"
     assert not list(directory.rglob("*.val"))
     assert not (directory / "cache.db").exists()
+
+
+def test_a_damaged_index_is_started_afresh(tmp_path: Path) -> None:
+    """An index file that is not a database (an OS crash can leave one: it is never synced)
+    is replaced by an empty one when the cache is opened; its files go with it."""
+    directory = tmp_path / "fragments"
+    with FragmentCache(directory) as cache:
+        cache.put("k", [os.urandom(100_000)], 100_000)
+    (directory / "index.sqlite").write_bytes(b"not a database" * 1000)
+    with FragmentCache(directory) as cache:
+        assert cache.keys() == []
+        assert cache.check() == []  # the old fragment's file is gone too
+        cache.put("k", [b"again"], 5)
+        assert cache.keys() == ["k"]
