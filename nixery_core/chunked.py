@@ -223,22 +223,33 @@ def _libc_memmem() -> Any:
 _MEMMEM = _libc_memmem()
 
 
-def _finder(window: bytes | bytearray) -> Callable[[int, int], int]:
+def _finder(window: _Buffer) -> Callable[[int, int], int]:
     """``find(start, end)``: ``window.find(_REFERENCE, start, end)``, through memmem if any.
 
-    ``window`` must stay alive and unchanged while the finder is used.
+    ``window`` must stay alive and unchanged while the finder is used.  A
+    bytes object or a writable buffer (a worker's received batch) is
+    searched in place; a read-only view is copied first.
     """
     size = len(window)
     memmem = _MEMMEM
-    if memmem is None or not isinstance(window, bytes):
-        return lambda start, end: window.find(_REFERENCE, start, end)
-    # A bytes object's buffer, without a copy (c_char_p points into it).
-    pointer = ctypes.c_char_p(window)
-    base = ctypes.cast(pointer, ctypes.c_void_p).value or 0
+    keep: object = window
+    if memmem is not None and isinstance(window, bytes):
+        # A bytes object's buffer, without a copy (c_char_p points into it).
+        base = ctypes.cast(ctypes.c_char_p(window), ctypes.c_void_p).value or 0
+    elif memmem is not None and size:
+        try:
+            keep = (ctypes.c_char * size).from_buffer(window)
+        except TypeError:  # read-only: search a copy
+            return _finder(bytes(window))
+        base = ctypes.addressof(keep)
+    else:
+        data = bytes(window) if isinstance(window, memoryview) else window
+        return lambda start, end: data.find(_REFERENCE, start, end)
     needle = _REFERENCE
     length = len(needle)
 
-    def find(start: int, end: int) -> int:
+    def find(start: int, end: int, _keep: object = keep) -> int:
+        # _keep: the searched buffer (or the ctypes array over it) stays alive.
         end = min(end, size)
         if end - start < length:
             return -1
@@ -254,7 +265,7 @@ def _nowhere(start: int, end: int) -> int:
 
 
 def plan_chunks(
-    chunker: Any, window: bytes | bytearray, *, last: bool, split_references: bool
+    chunker: Any, window: _Buffer, *, last: bool, split_references: bool
 ) -> list[int]:
     """Lengths of the chunks to emit from the start of ``window`` (a file's pending content).
 
@@ -533,7 +544,8 @@ def _cut_job(
         digests.append("sha256:" + hashlib.sha256(content).hexdigest())
         payloads.append(b"".join((content, data)) if merge and data else content)
         return [len(content)], ""
-    window = content if isinstance(content, bytes) else bytes(content)
+    # Searched in place when it is bytes or writable (a worker's batch), else copied.
+    window = content
     lengths = plan_chunks(chunker, window, last=True, split_references=split)
     view = memoryview(window)
     start = 0

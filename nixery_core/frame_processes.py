@@ -104,6 +104,8 @@ def _failed(trace: str) -> LayerError:
 
 #: Every message: header length and body length, then the header (pickled) and the body.
 _PREFIX = struct.Struct("<QQ")
+#: Send buffer asked for on each end of a worker's socket.
+_SOCKET_BUFFER = 4 << 20
 #: Buffers per ``sendmsg`` call (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
 
@@ -162,6 +164,11 @@ class _Worker:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
+        for end in (ours, theirs):
+            # Room for whole batches and answers, so neither side waits on the
+            # other to be scheduled (the kernel caps it at net.core.wmem_max).
+            with contextlib.suppress(OSError):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_PARENT, str(theirs.fileno())],
@@ -182,6 +189,8 @@ class _Worker:
         self.alive = True
         #: Buffers still to send, messages back to back.
         self.sending: deque[memoryview] = deque()
+        #: Whether the I/O thread waits for room to send (then a new batch needs no wake-up).
+        self.write_armed = False
         # The answer being read: prefix, then header, then body.
         self._prefix = bytearray(_PREFIX.size)
         self._header = bytearray()
@@ -279,7 +288,11 @@ class FrameProcesses:
             worker.outstanding += size
             worker.tasks.append(task)
             worker.sending.extend(_message(header, payload))
-        os.write(self._wake_w, b"s")
+            # The I/O thread watches for room to send on this socket already:
+            # no need to wake it (a pipe write and a thread switch per batch).
+            wake = not worker.write_armed
+        if wake:
+            os.write(self._wake_w, b"s")
         return future
 
     def _pick(self) -> _Worker:
@@ -315,7 +328,8 @@ class FrameProcesses:
                     workers = [worker for worker in self._workers if worker.alive]
                     for worker in workers:
                         events = selectors.EVENT_READ
-                        if worker.sending:
+                        worker.write_armed = bool(worker.sending)
+                        if worker.write_armed:
                             events |= selectors.EVENT_WRITE
                         try:
                             selector.modify(worker.socket, events, worker)
