@@ -791,13 +791,14 @@ class _TarStream:
 
     def commit(self, header: bytes, size: int, member: bytes) -> None:
         """Put ``header`` in front of the ``size`` bytes of ``member`` staged after it, and pad."""
+        pad = -size % 512
         if self._layout is not None:
-            self._layout.literal(header)
-            self._layout.file(member, size)
+            self._layout.member(header, member, size, pad)  # one call: most files come here
         pos = self._pos
         self._block[pos : pos + len(header)] = header
         self._pos = pos + len(header) + size
-        self.pad(size)
+        if pad:
+            self._put(_NUL512[:pad])
 
     def pad(self, size: int) -> None:
         if size % 512:

@@ -70,6 +70,7 @@ _DECODE_ERRORS: tuple[type[Exception], ...] = (
 #: A store path whose literal bytes (headers, padding) exceed this gets no layout.
 MAX_LITERALS = 16 << 20
 _MAGIC = b"NXL2"
+_NULS = bytes(512)
 _HEAD = struct.Struct("<4sIIQ")
 #: Arrays are kept in this byte order (swapped on a big-endian host).
 _LITTLE = sys.byteorder == "little"
@@ -102,9 +103,12 @@ class LayoutRecorder:
         self._literals += data
         self._run += len(data)
         if len(self._literals) > MAX_LITERALS:
-            self._overflow = True
-            self._literals, self._paths = bytearray(), []
-            self._runs, self._sizes, self._crcs = array("Q"), array("Q"), array("I")
+            self._overflowed()
+
+    def _overflowed(self) -> None:
+        self._overflow = True
+        self._literals, self._paths = bytearray(), []
+        self._runs, self._sizes, self._crcs = array("Q"), array("Q"), array("I")
 
     def file(self, member: bytes, size: int) -> None:
         """``size`` bytes of the file ``member`` (a member name under the store path)."""
@@ -113,6 +117,27 @@ class LayoutRecorder:
             self._paths.append(member[self._cut :])
             self._sizes.append(size)
             self._run = 0
+
+    def member(self, header: bytes, member: bytes, size: int, pad: int) -> None:
+        """A whole member: ``header``, ``size`` bytes of the file ``member``, ``pad`` NULs.
+
+        The same as :meth:`literal`, :meth:`file`, :meth:`literal` in one call.
+        """
+        if self._overflow:
+            return
+        literals = self._literals
+        literals += header
+        if size:
+            self._runs.append(self._run + len(header))
+            self._paths.append(member[self._cut :])
+            self._sizes.append(size)
+            self._run = pad
+        else:
+            self._run += len(header) + pad
+        if pad:
+            literals += _NULS[:pad]
+        if len(literals) > MAX_LITERALS:
+            self._overflowed()
 
     def block(self, data: bytes | bytearray | memoryview) -> None:
         """The fragment's next block of uncompressed bytes, as compressed."""

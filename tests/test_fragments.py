@@ -487,3 +487,24 @@ def test_a_damaged_index_is_started_afresh(tmp_path: Path) -> None:
         assert cache.check() == []  # the old fragment's file is gone too
         cache.put("k", [b"again"], 5)
         assert cache.keys() == ["k"]
+
+
+def test_a_member_recorded_in_one_call_gives_the_layout_of_its_three_calls() -> None:
+    """LayoutRecorder.member (the packer's common path) records exactly what literal, file
+    and literal do, for a file with padding, without, and an empty one."""
+    from nixery_core.fragment_layout import LayoutRecorder
+
+    def record(one_call: bool) -> bytes | None:
+        recorder = LayoutRecorder(b"nix/store/x-a")
+        for name, size, pad in ((b"/a", 700, 324), (b"/b", 1024, 0), (b"/c", 0, 0)):
+            header = name * 256
+            if one_call:
+                recorder.member(header, b"nix/store/x-a" + name, size, pad)
+            else:
+                recorder.literal(header)
+                recorder.file(b"nix/store/x-a" + name, size)
+                recorder.literal(bytes(pad))
+        recorder.block(b"x")
+        return recorder.encode()
+
+    assert record(True) == record(False)
