@@ -86,6 +86,7 @@ from concurrent.futures import Executor, Future
 from typing import Any, Protocol
 
 import attrs
+import orjson
 
 from nixery_core.compression import FramesCompressor
 from nixery_core.errors import LayerError, MissingEncoder
@@ -194,6 +195,24 @@ TOC_KEYS = (
     "chunkSize",
     "chunkDigest",
 )
+
+
+def compact_json(document: Any) -> bytes:
+    """``json.dumps(document, separators=(",", ":")).encode()``, byte for byte, faster.
+
+    orjson writes the same bytes for the TOC's values (ints, ASCII strings)
+    about ten times faster; where the two differ (non-ASCII or control
+    characters, which :mod:`json` escapes as ``\\uXXXX`` and orjson writes
+    raw, and names that are not valid UTF-8, which orjson refuses) the
+    :mod:`json` encoding is used, so the TOC bytes never depend on it.
+    """
+    try:
+        out: bytes = orjson.dumps(document)
+    except TypeError:  # a surrogate-escaped name: not UTF-8
+        out = b""
+    if not out or not out.isascii() or b"\x7f" in out or b"\\u" in out:
+        out = json.dumps(document, separators=(",", ":")).encode()
+    return out
 
 
 def ordered_entries(
@@ -782,9 +801,9 @@ class ChunkedCompressor:
         moved to where it lands.
         """
         try:
-            entries = json.loads(toc)
-        except ValueError:
-            entries = None
+            entries = orjson.loads(toc)
+        except orjson.JSONDecodeError:  # damaged, or a lone surrogate escape (json reads it)
+            entries = _loads_escaped(toc)
         if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
             raise LayerError("a cached fragment's TOC does not parse; remove the fragment cache")
         out: list[bytes] = []
@@ -843,7 +862,7 @@ class ChunkedCompressor:
         """Commit a recorded fragment: every frame of it is collected, its entries complete."""
         entries = ordered_entries(_flatten(self.entries[fragment.entry_start : fragment.entry_end]))
         _move(entries, -fragment.offset)
-        toc = json.dumps(entries, separators=(",", ":")).encode()
+        toc = compact_json(entries)
         fragment.toc.add(self._fmt.compress_frame(toc))
         fragment.frames.commit(fragment.tar_end - fragment.tar_start)
         fragment.toc.commit(len(toc))
@@ -1290,6 +1309,14 @@ class MembersInflater:
 
 
 _ENTRY_TYPES = frozenset({"reg", "dir", "symlink", "hardlink", "chunk"})
+
+
+def _loads_escaped(toc: bytes) -> Any:
+    """A TOC orjson refused (a lone surrogate escape from a non-UTF-8 name): json reads it."""
+    try:
+        return json.loads(toc)
+    except ValueError:
+        return None
 
 
 def _is_entry(entry: object) -> bool:

@@ -32,13 +32,12 @@ gzip layer and every client pulls it whole.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import tarfile
 from collections.abc import Callable
 from typing import Any
 
-from nixery_core.chunked import TOC_KEYS, Trailer, each_frame, ordered_entries
+from nixery_core.chunked import TOC_KEYS, Trailer, compact_json, each_frame, ordered_entries
 from nixery_core.compression import FramesCompressor
 
 __all__ = [
@@ -72,7 +71,7 @@ def toc_json(entries: list[dict[str, Any]]) -> bytes:
     """The TOC JSON, compact with keys in a fixed order (byte-for-byte reproducible)."""
     keys = tuple(key for key in TOC_KEYS if key != "endOffset")
     cleaned = ordered_entries(entries, keys)
-    return json.dumps({"version": 1, "entries": cleaned}, separators=(",", ":")).encode()
+    return compact_json({"version": 1, "entries": cleaned})
 
 
 class EStargzFormat:

@@ -33,12 +33,11 @@ zstd layer type: these layers need an OCI manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from collections.abc import Callable
 from typing import Any
 
-from nixery_core.chunked import Trailer, each_frame, ordered_entries
+from nixery_core.chunked import Trailer, compact_json, each_frame, ordered_entries
 from nixery_core.compression import FramesCompressor
 from nixery_core.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 
@@ -67,7 +66,7 @@ def skippable_frame(payload: bytes) -> bytes:
 def toc_json(entries: list[dict[str, Any]]) -> bytes:
     """The TOC JSON, compact with keys in a fixed order (byte-for-byte reproducible)."""
     document = {"version": 1, "entries": ordered_entries(entries)}
-    return json.dumps(document, separators=(",", ":")).encode()
+    return compact_json(document)
 
 
 class ZstdChunkedFormat:

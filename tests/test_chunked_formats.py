@@ -21,9 +21,17 @@ from typing import Any
 
 import pytest
 from conftest import require_tools
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
-from nixery_core.chunked import CHUNK_MAX, ChunkedCompressor, cut_points, plan_chunks
+from nixery_core.chunked import (
+    CHUNK_MAX,
+    ChunkedCompressor,
+    compact_json,
+    cut_points,
+    plan_chunks,
+)
 from nixery_core.compression import frame_compressor, frames_compressor
 from nixery_core.errors import InvalidInput, LayerError
 from nixery_core.estargz import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_NAME, footer
@@ -551,3 +559,18 @@ def test_a_renamed_dependency_changes_only_reference_chunks() -> None:
     changed = [length for digest, length in after.items() if digest not in before]
     assert changed
     assert sum(changed) < 2 * 12 * 100  # a dozen clusters of at most two references
+
+
+#: Names with what the two encoders could disagree on: escapes, non-ASCII, DEL,
+#: and a lone surrogate (a non-UTF-8 byte kept by surrogateescape).
+_NAMES = st.text(
+    st.characters(codec="utf-8") | st.sampled_from("\x00\x1f\x7f\"\\/é\udcff"), max_size=12
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries({"name": _NAMES, "size": st.integers(0, 2**40)}), max_size=4))
+def test_toc_json_is_what_json_writes(entries: list[dict[str, Any]]) -> None:
+    """The fast TOC encoder writes json.dumps' compact bytes for any names (escapes, surrogates)."""
+    document = {"version": 1, "entries": entries}
+    assert compact_json(document) == json.dumps(document, separators=(",", ":")).encode()
