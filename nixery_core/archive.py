@@ -491,6 +491,8 @@ class _TarStream:
         self._layout: LayoutRecorder | None = None
         #: The open member's compressor when it keeps the CRC-32 the layout records.
         self._member_crc: ReportsCrc32 | None = None
+        #: The open member is hashed on this thread (see :meth:`begin`).
+        self._small = False
         self._recordings: list[_Recording] = []
         # A chunked layer (eStargz, zstd:chunked) is one stream cut by its own
         # format; every other layer is a sequence of members (begin/end).
@@ -545,8 +547,14 @@ class _TarStream:
         if self._own is not None:
             self._own.shutdown(wait=True, cancel_futures=True)
 
-    def begin(self, recording: _Recording | None = None) -> None:
-        """Open a new member (a fragment), recorded for the cache when ``recording`` is given."""
+    def begin(self, recording: _Recording | None = None, *, small: bool = False) -> None:
+        """Open a new member (a fragment), recorded for the cache when ``recording`` is given.
+
+        A ``small`` member (the ``nix/`` directories, the end of the archive:
+        a few headers) is compressed and hashed on this thread, so that a
+        layer assembled wholly from cached fragments never starts the pool's
+        threads; the bytes are the same either way.
+        """
         if self._chunked is not None:
             self._chunked_boundary(recording, begin=True)
             return
@@ -557,10 +565,11 @@ class _TarStream:
         if recording is not None:
             self._recordings.append(recording)
         compressor = open_compressor(
-            self._spec, executor=self._parallel, threads=self._member_threads,
-            output=self._output, tag=recording,
+            self._spec, executor=None if small else self._parallel,
+            threads=1 if small else self._member_threads, output=self._output, tag=recording,
         )
         self._compressor = compressor
+        self._small = small
         if recording is not None and isinstance(compressor, ReportsCrc32):
             self._member_crc = compressor
 
@@ -578,6 +587,7 @@ class _TarStream:
         compressor.close()
         self._compressor = None
         self._member_crc = None
+        self._small = False
         if self._recording is not None:
             # Encoded by the cache's writing thread, off this one.
             self._recording.writer.layout = self._recording.layout
@@ -816,7 +826,7 @@ class _TarStream:
                 annotations = self._chunked.trailer.annotations
         else:
             if self._compressor is None:
-                self.begin()
+                self.begin(small=True)
             self.put(_NUL512 * 2)
             self.end()
             self._emit(self._output.take_all())
@@ -838,7 +848,11 @@ class _TarStream:
         if compressor is None:
             raise RuntimeError("tar bytes outside a member")  # a bug in this module
         block = self._block[: self._pos] if partial else self._block
-        self._add_diff(block)
+        if self._small and not self._diff_pending:
+            self._hashing.wait()  # in order with whatever was queued before
+            self._diff.update(block)
+        else:
+            self._add_diff(block)
         if self._diff_pending:
             self._drain_diff()
         chunks = compressor.compress(block)  # empty unless chunked: members use the output
@@ -1078,7 +1092,7 @@ def pack_store_paths(
         pairs = zip(keys, toc_keys, strict=True) if toc_keys else ((key,) for key in keys)
         cache.prefetch([key for pair in pairs for key in pair])
     with _TarStream(write, spec, threads, options.mtime, executor, blob_digest=blob_digest) as tar:
-        tar.begin()
+        tar.begin(small=True)
         tar.put(tar.headers(b"nix/", 0o755, 0, _DIRTYPE))
         tar.put(tar.headers(b"nix/store/", 0o755, 0, _DIRTYPE))
         tar.end()
@@ -1101,7 +1115,7 @@ def pack_store_paths(
             tar.begin(recording)
             _pack_tree(tar, member, full, kind, _SameContent(_SMALL_FILE))
             tar.end()
-        tar.begin()  # the end of the archive is a fragment of its own
+        tar.begin(small=True)  # the end of the archive is a fragment of its own
         return tar.finish(options.media_type)
 
 

@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import require_tools
+from conftest import require_tools, threads_started
 
 from nixery_core import archive
 from nixery_core import fragments as fragments_module
@@ -529,3 +529,33 @@ def test_fragments_are_kept_when_direct_writes_are_refused(
         assert cache.check() == []
         assert pack(store, PATHS, options, cache) == expected
         assert cache.hits == len(PATHS)
+
+
+def test_a_layer_wholly_from_cached_fragments_starts_no_compression_threads(
+    store: Path, tmp_path: Path
+) -> None:
+    """Regrouped layers whose every store path is cached compress nothing: their two small
+    members (the nix/ directories, the end of the archive) are done on the packing thread,
+    so with a sink that hashes the blob (as a build's blob writer does) no pool thread is
+    started, and the layers are those packed without a cache."""
+
+    def pack_hashed(paths: list[str], cache: FragmentCache) -> tuple[PackedLayer, bytes]:
+        out, digest = io.BytesIO(), hashlib.sha256()
+
+        def write(data: bytes) -> int:
+            digest.update(data)
+            return out.write(data)
+
+        packed = pack_store_paths(paths, write, options, store_root=store, fragments=cache,
+                                  blob_digest=lambda: "sha256:" + digest.hexdigest())
+        return packed, out.getvalue()
+
+    options = ArchiveOptions()
+    expected = [pack(store, [PATHS[0], PATHS[3]], options), pack(store, PATHS[1:3], options)]
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS, options, cache)
+        cache.flush()
+        with threads_started() as started:
+            regrouped = [pack_hashed([PATHS[0], PATHS[3]], cache), pack_hashed(PATHS[1:3], cache)]
+    assert regrouped == expected
+    assert started == []
