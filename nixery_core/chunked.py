@@ -1168,7 +1168,8 @@ class ChunkedCompressor:
         packed = array.array("q", table).tobytes()
         future = self._processes.submit(self._settings, packed, parts)
         hashing: Future[None] | None = None
-        if self._executor is None:
+        if self._executor is None or not updates:
+            # Nothing to hash (most batches: files of one chunk) is no task.
             self._file_hashing.ready(index, updates)
         else:
             hashing = self._executor.submit(self._file_hashing.ready, index, updates)

@@ -198,14 +198,24 @@ class _Worker:
         self._part = 0
         self._view = memoryview(self._prefix)
 
-    def send_some(self) -> None:
-        """Send what the socket takes now (it does not block)."""
-        while self.sending:
+    def send_some(self, lock: threading.Lock) -> None:
+        """Send what the socket takes now (it does not block).
+
+        ``lock`` guards :attr:`sending`, held only to look and to drop what
+        went out, not while the kernel copies (a batch being queued waits
+        for no copy): only this thread drops from the front, others append.
+        """
+        while True:
+            with lock:
+                views = list(itertools.islice(self.sending, _IOV_MAX))
+            if not views:
+                return
             try:
-                count = self.socket.sendmsg(list(itertools.islice(self.sending, _IOV_MAX)))
+                count = self.socket.sendmsg(views)
             except BlockingIOError:
                 return
-            _sent(self.sending, count)
+            with lock:
+                _sent(self.sending, count)
 
     def read_some(self) -> tuple[Any, bytearray] | None:
         """Read what arrived; a whole answer (header, body) once it is complete."""
@@ -346,8 +356,7 @@ class FrameProcesses:
         """Send and read what ``worker``'s socket allows now."""
         try:
             if events & selectors.EVENT_WRITE:
-                with self._lock:
-                    worker.send_some()
+                worker.send_some(self._lock)
             while events & selectors.EVENT_READ:
                 answer = worker.read_some()
                 if answer is None:
