@@ -510,27 +510,6 @@ def test_a_member_recorded_in_one_call_gives_the_layout_of_its_three_calls() -> 
     assert record(True) == record(False)
 
 
-def test_fragments_are_kept_when_direct_writes_are_refused(
-    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where the file system refuses O_DIRECT writes the fragments are written as usual: the
-    cache keeps them all, a second pack reuses every one, and no file is left behind."""
-
-    def refuse(_self: object, _fd: int, _pieces: object) -> None:
-        raise OSError(22, "Invalid argument")
-
-    monkeypatch.setattr(fragments_module._DirectWriter, "write", refuse)
-    options = ArchiveOptions()
-    expected = pack(store, PATHS, options)
-    with FragmentCache(tmp_path / "fragments") as cache:
-        assert pack(store, PATHS, options, cache) == expected
-        cache.flush()
-        assert len(cache.keys()) == len(PATHS)
-        assert cache.check() == []
-        assert pack(store, PATHS, options, cache) == expected
-        assert cache.hits == len(PATHS)
-
-
 def test_a_layer_wholly_from_cached_fragments_starts_no_compression_threads(
     store: Path, tmp_path: Path
 ) -> None:
