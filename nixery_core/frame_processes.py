@@ -80,8 +80,11 @@ _Result = tuple[bytes, list[int], list[str], list[Any]]
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 #: Imports nixery_core.chunked without the package's __init__ (which pulls in
 #: everything, three times the start-up), then serves on the inherited socket.
+#: A worker never reads its caller's __main__ (unlike multiprocessing's spawn).
 _BOOTSTRAP = """
-import sys, types
+import signal, sys, types
+# Ctrl-C is the caller's to handle; a worker ends when its socket closes.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 package = types.ModuleType("nixery_core")
 package.__path__ = [sys.argv[1] + "/nixery_core"]
 sys.modules["nixery_core"] = package
@@ -174,6 +177,9 @@ class _Worker:
                 [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_PARENT, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # Never hold the caller's stdout open (a pipe's reader waits for
+                # it); stderr stays, for a worker that cannot start.
+                stdout=subprocess.DEVNULL,
             )
         except OSError:
             ours.close()
@@ -245,15 +251,13 @@ class _Worker:
                 return pickle.loads(self._header), self._body  # noqa: S301 - our worker's answer
 
     def stop(self) -> None:
-        """End the worker's input (it exits), then wait for it."""
-        with contextlib.suppress(OSError):
-            self.socket.shutdown(socket.SHUT_WR)
+        """Close the worker's socket (it exits, even in the middle of an answer), then reap it."""
+        self.socket.close()
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.socket.close()
 
 
 class FrameProcesses:
@@ -371,7 +375,10 @@ class FrameProcesses:
         self, worker: _Worker, task: int, error: str | None, blob: bytearray, rest: Any
     ) -> None:
         with self._lock:
-            future, _worker, size = self._futures.pop(task)
+            entry = self._futures.pop(task, None)
+            if entry is None:
+                return  # closed meanwhile: close() failed its future
+            future, _worker, size = entry
             worker.outstanding -= size
             worker.tasks.remove(task)
         if error is not None:
@@ -471,7 +478,12 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def serve(fd: int) -> None:
-    """A worker's loop: answer tasks on the socket ``fd`` until it closes."""
+    """A worker's loop: answer tasks on the socket ``fd`` until it closes (then exit quietly)."""
+    with contextlib.suppress(EOFError, OSError):
+        _serve_tasks(fd)
+
+
+def _serve_tasks(fd: int) -> None:
     from nixery_core.chunked import compress_packed, new_chunker  # noqa: PLC0415 - worker side
 
     chunker = new_chunker()
@@ -479,10 +491,7 @@ def serve(fd: int) -> None:
     compressors: dict[Settings, Any] = {}
     buffer = bytearray()
     while True:
-        try:
-            (task, settings, table), payload = recv_message(sock, buffer)
-        except EOFError:
-            return
+        (task, settings, table), payload = recv_message(sock, buffer)
         if payload.obj is not buffer:
             buffer = payload.obj  # type: ignore[assignment]  # a bigger one was made
         try:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,3 +134,18 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=120)
     assert log.read_text() == "ran\n"
+
+
+def test_closing_with_batches_in_flight_fails_them_promptly() -> None:
+    """close() with big batches still being compressed returns at once and fails them."""
+    pool = FrameProcesses(1)
+    big = os.urandom(1 << 20) * 8  # 8 MiB: the answer does not fit a default socket buffer
+    futures = [
+        pool.submit(("estargz", 3, "isal"), _table((0, len(big), 0, -1)), [big]) for _ in range(3)
+    ]
+    started = time.monotonic()
+    pool.close()
+    assert time.monotonic() - started < 4  # never the 5 s wait for a stuck worker
+    for future in futures:
+        if future.exception(timeout=10) is not None:
+            assert isinstance(future.exception(), LayerError)
