@@ -227,7 +227,10 @@ class SupportsPriorLayers(Protocol):
 
     It promises: :meth:`with_prior_layers` returns the same strategy given
     ``layers`` (store path sets) as an explicit input, which it may keep
-    whole where they fit a closure; no layers give the strategy as it is.
+    whole where they fit a closure.  Being told a record at all (even an
+    empty one) says every later build is told it too, so the strategy may
+    group for later builds to reuse what it stores; the same inputs still
+    give the same layers.
     """
 
     def with_prior_layers(self, layers: Iterable[Sequence[str]]) -> LayeringStrategy: ...

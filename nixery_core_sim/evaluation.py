@@ -141,9 +141,11 @@ class WithRegistry:
     """Ours, told at every build which layers the registry already stores (``prior_layers``).
 
     In :func:`simulate` (through :func:`grouper_of`), each image is grouped
-    with ``attrs.evolve(strategy, prior_layers=...)`` naming every layer
-    stored so far: the layers of the images built before it at this
-    revision (in the fixed image order) and of every earlier revision.  The
+    with ``strategy.with_prior_layers(...)``, as a builder with
+    ``prior_layers_from_cache`` does, naming every layer stored so far: the
+    layers of the images built before it at this revision (in the fixed
+    image order) and of every earlier revision (so ``told_registry`` is set,
+    even for the first image, told an empty record).  The
     record lives in the simulation, as it would in a registry; the strategy
     itself stays a pure function of its inputs.
     """
@@ -163,8 +165,7 @@ class WithRegistry:
         stored: set[tuple[str, ...]] = set()
 
         def group(graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
-            strategy = attrs.evolve(self.strategy, prior_layers=frozenset(stored))
-            groups = strategy.group(graph, budget)
+            groups = self.strategy.with_prior_layers(stored).group(graph, budget)
             stored.update(g.paths for g in groups)
             return groups
 

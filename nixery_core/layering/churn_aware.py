@@ -144,7 +144,10 @@ class ChurnAwareDominators:
     frozenset of sorted tuples, in :meth:`parameters` as a digest); those
     made only of this closure's paths start as groups of their own (module
     docstring, step 6).  An explicit input, so the same graph and prior
-    layers give the same layers.
+    layers give the same layers.  ``told_registry``: every build is told
+    the registry's record this way (:meth:`with_prior_layers` sets it), so a
+    later image reuses any stored layer it holds whole; sharing is then
+    costed by containment (module docstring, step 7).
     """
 
     change_rate: float = attrs.field(default=0.003, validator=_rate)
@@ -156,6 +159,7 @@ class ChurnAwareDominators:
     prior_layers: frozenset[tuple[str, ...]] = attrs.field(
         default=frozenset(), converter=_prior, repr=False
     )
+    told_registry: bool = attrs.field(default=False, validator=_flag)
 
     @property
     def name(self) -> str:
@@ -170,6 +174,7 @@ class ChurnAwareDominators:
             "reserve_root_slots": self.reserve_root_slots,
             "stored_copy": self.stored_copy,
             **({"prior_layers_sha256": self.prior_digest()} if self.prior_layers else {}),
+            **({"told_registry": True} if self.told_registry else {}),
         }
 
     def prior_digest(self) -> str:
@@ -181,8 +186,13 @@ class ChurnAwareDominators:
         return h.hexdigest()
 
     def with_prior_layers(self, layers: Iterable[Sequence[str]]) -> ChurnAwareDominators:
-        """This strategy told which layers the registry already stores (``prior_layers``)."""
-        return attrs.evolve(self, prior_layers=layers)
+        """This strategy told which layers the registry already stores (``prior_layers``).
+
+        It also sets ``told_registry``: a strategy told the record (even an
+        empty one, as the first build of a new registry is) groups for later
+        builds that are told it too.
+        """
+        return attrs.evolve(self, prior_layers=layers, told_registry=True)
 
     def leaf_stable(self, graph: RuntimeGraph, budget: int) -> bool:
         """Whether adding one new root package to ``graph`` leaves every layer as it is.
@@ -245,7 +255,8 @@ class _Clustering:
     lost its original form has no sharing cost left to pay) waits until it
     is popped at its old cost: re-offering every such pair at once was
     measured slower and worse, as it lets groups that lost their form
-    snowball.
+    snowball.  What a merge costs in sharing is :class:`_FirstForm`'s or,
+    told the registry's record, :class:`_Containment`'s.
     """
 
     def __init__(self, ig: IndexedGraph, pinned: frozenset[int], strategy: ChurnAwareDominators):
@@ -265,22 +276,23 @@ class _Clustering:
         self.table = [1.0 - math.exp(-self.rate * k) for k in range(n + 1)]
         self.exposure = [self.table[c.bit_count()] for c in self.closure]
         self.members: dict[int, list[int]] = {v: [v] for v in self.rest}
-        # What grouping a path differently from other images costs: its
-        # expected re-pulled bytes plus a stored copy, times how likely it is
-        # to be in another image: the share of the unpinned closure that
-        # depends on it, but at least _ELSEWHERE.  ``intact`` groups still
-        # have the form other images may share.
-        share = self._dependent_share()
-        self.shared = [
-            strategy.other_images
-            * self.size[v]
-            * (self.exposure[v] + strategy.stored_copy)
-            * max(_ELSEWHERE, share[v])
+        # How likely each path is to be in another image: the share of the
+        # unpinned closure that depends on it, but at least _ELSEWHERE.
+        elsewhere = [max(_ELSEWHERE, share) for share in self._dependent_share()]
+        # What regrouping a path costs other images: its expected re-pulled
+        # bytes plus a stored copy, per image.
+        weight = [
+            strategy.other_images * self.size[v] * (self.exposure[v] + strategy.stored_copy)
             for v in range(n)
         ]
-        self.intact = [True] * n
-        self.prior_weight = strategy.other_images
-        self.copy = strategy.stored_copy
+        model = _Containment if strategy.told_registry else _FirstForm
+        self.sharing: _FirstForm | _Containment = model(self, elsewhere, weight)
+        self.other_images = strategy.other_images
+        self.stored_copy = strategy.stored_copy
+
+    def stored_weight(self, g: int) -> float:
+        """What prior layer ``g`` losing its form costs (weight of its bytes, exposure)."""
+        return self.other_images * self.size[g] * (self.exposure[g] + self.stored_copy)
 
     def _dependent_share(self) -> list[float]:
         """For each path, the share of unpinned paths that depend on it (itself excluded)."""
@@ -303,9 +315,7 @@ class _Clustering:
             head = layer[0]
             for v in layer[1:]:
                 self.merge(self.find(head), v)
-            g = self.find(head)
-            self.intact[g] = True
-            self.shared[g] = self.prior_weight * self.size[g] * (self.exposure[g] + self.copy)
+            self.sharing.stored(self.find(head))
 
     def find(self, v: int) -> int:
         up = self.up
@@ -318,21 +328,16 @@ class _Clustering:
         union = self.table[(self.closure[a] | self.closure[b]).bit_count()]
         size, exposure = self.size, self.exposure
         churn = (size[a] + size[b]) * union - size[a] * exposure[a] - size[b] * exposure[b]
-        return (
-            churn
-            + (self.shared[a] if self.intact[a] else 0.0)
-            + (self.shared[b] if self.intact[b] else 0.0)
-        )
+        return churn + self.sharing.cost(a, b)
 
     def merge(self, a: int, b: int) -> None:
         if len(self.members[a]) < len(self.members[b]):
             a, b = b, a
+        self.sharing.merge(a, b)
         self.up[b] = a
         self.size[a] += self.size[b]
         self.closure[a] |= self.closure[b]
         self.exposure[a] = self.table[self.closure[a].bit_count()]
-        self.shared[a] += self.shared[b]
-        self.intact[a] = False
         self.members[a].extend(self.members.pop(b))
 
     def _candidates(self, small: int) -> list[tuple[float, int, int, int, int]]:
@@ -397,6 +402,101 @@ class _Clustering:
         out = [(self.exposure[v], self.rank[v], [v]) for v in self.pinned]
         out.extend((self.exposure[g], self.rank[g], sorted(m)) for g, m in self.members.items())
         return out
+
+
+class _FirstForm:
+    """Sharing without a registry record: a group is shared only in its first form.
+
+    Another image shares a layer only if it groups the same paths the same
+    way, which it does by computing the same costs, so only a group that
+    was never merged (or a prior layer, as stored) is likely to match.  Its
+    first merge costs, per member, its weight times its chance of being
+    elsewhere (1 for a prior layer); later merges cost nothing more.
+    """
+
+    def __init__(self, c: _Clustering, elsewhere: Sequence[float], weight: Sequence[float]):
+        self.c = c
+        self.shared = [w * e for w, e in zip(weight, elsewhere, strict=True)]
+        self.intact = [True] * len(weight)
+
+    def stored(self, g: int) -> None:
+        """``g`` is a prior layer: intact, and certainly elsewhere."""
+        self.intact[g] = True
+        self.shared[g] = self.c.stored_weight(g)
+
+    def cost(self, a: int, b: int) -> float:
+        return (self.shared[a] if self.intact[a] else 0.0) + (
+            self.shared[b] if self.intact[b] else 0.0
+        )
+
+    def merge(self, a: int, b: int) -> None:
+        """``b`` joins ``a``."""
+        self.shared[a] += self.shared[b]
+        self.intact[a] = False
+
+
+class _Containment:
+    """Sharing told the registry's record: a stored layer is reused by every image holding it.
+
+    A later build told the record keeps a stored layer whole wherever the
+    image holds all its paths, which it does exactly when it holds the
+    group's *tops* (members no other member depends on: holding a path
+    means holding its closure).  So a path costs other images its weight
+    times the chance that an image holds it but not all its group's tops:
+    ``elsewhere(path) - held(group)``, where ``held`` is the product of the
+    tops' chances of being elsewhere.  A merge costs what it adds to that
+    sum, on every merge: nothing when a path joins the group of its only
+    user, its weight when a widely used path joins a rarely used one, and
+    again when a group that already lost its first form takes in another
+    top.  A prior layer also pays its whole weight once, on its first merge
+    (that exact blob is stored already), as in :class:`_FirstForm`.
+    """
+
+    def __init__(self, c: _Clustering, elsewhere: Sequence[float], weight: Sequence[float]):
+        self.c = c
+        self.elsewhere = elsewhere
+        self.weight = list(weight)
+        self.tops: dict[int, frozenset[int]] = {v: frozenset((v,)) for v in c.rest}
+        self.held = list(elsewhere)
+        self.prior: dict[int, float] = {}
+
+    def stored(self, g: int) -> None:
+        """``g`` is a prior layer: its first merge also costs its whole weight."""
+        self.prior[g] = self.c.stored_weight(g)
+
+    def _union(self, a: int, b: int) -> tuple[frozenset[int], float]:
+        """The tops of ``a`` and ``b`` merged, and the chance an image holds them all."""
+        in_a, in_b = self.c.closure[a], self.c.closure[b]
+        tops = frozenset(
+            [
+                *(t for t in self.tops[a] if not in_b >> t & 1),
+                *(t for t in self.tops[b] if not in_a >> t & 1),
+            ]
+        )
+        return tops, math.prod(self.elsewhere[t] for t in sorted(tops))
+
+    def cost(self, a: int, b: int) -> float:
+        # The first heap holds paths, not groups: a prior layer's members were
+        # merged before it was built (the pop recomputes the cost anyway).
+        a, b = self.c.find(a), self.c.find(b)
+        if a == b:
+            return 0.0
+        _, held = self._union(a, b)
+        weight, prior = self.weight, self.prior
+        return (
+            weight[a] * (self.held[a] - held)
+            + weight[b] * (self.held[b] - held)
+            + prior.get(a, 0.0)
+            + prior.get(b, 0.0)
+        )
+
+    def merge(self, a: int, b: int) -> None:
+        """``b`` joins ``a``."""
+        self.tops[a], self.held[a] = self._union(a, b)
+        del self.tops[b]
+        self.weight[a] += self.weight[b]
+        self.prior.pop(a, None)
+        self.prior.pop(b, None)
 
 
 def _contained(
