@@ -152,6 +152,9 @@ class WithRegistry:
 
     name: str
     strategy: ChurnAwareDominators = attrs.field(factory=ChurnAwareDominators)
+    #: False: the record is passed as ``prior_layers`` only, without
+    #: ``told_registry`` (first-form sharing cost: the first issue-17 round).
+    told: bool = True
 
     def parameters(self) -> Mapping[str, JSONValue]:
         return self.strategy.parameters()
@@ -165,7 +168,11 @@ class WithRegistry:
         stored: set[tuple[str, ...]] = set()
 
         def group(graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
-            groups = self.strategy.with_prior_layers(stored).group(graph, budget)
+            if self.told:
+                strategy = self.strategy.with_prior_layers(stored)
+            else:
+                strategy = attrs.evolve(self.strategy, prior_layers=frozenset(stored))
+            groups = strategy.group(graph, budget)
             stored.update(g.paths for g in groups)
             return groups
 

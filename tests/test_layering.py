@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
+import attrs
 import pytest
 from graph_strategies import closures, new_leaf_packages, store_path, with_package
 from hypothesis import HealthCheck, given, settings
@@ -335,21 +336,23 @@ def test_ours_keeps_a_layer_the_registry_already_stores() -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), graph=closures(), budget=st.integers(1, 45))
+@given(data=st.data(), graph=closures(), budget=st.integers(1, 45), told=st.booleans())
 def test_ours_with_prior_layers_keeps_its_promises(
-    data: st.DataObject, graph: RuntimeGraph, budget: int
+    data: st.DataObject, graph: RuntimeGraph, budget: int, told: bool
 ) -> None:
-    """With any prior layers (subsets of the closure and beyond it), every path lands in
-    exactly one layer within the budget, and the same graph and prior layers, in any order,
-    give the same layers."""
+    """With any prior layers (subsets of the closure and beyond it), told the registry or
+    not, every path lands in exactly one layer within the budget, and the same graph and
+    prior layers, in any order, give the same layers."""
     paths = sorted(graph.paths)
     prior = data.draw(
         st.lists(st.lists(st.sampled_from([*paths, store_path(999, "gone")]), min_size=1))
     )
-    strategy = ChurnAwareDominators(prior_layers=prior)
+    strategy = ChurnAwareDominators(prior_layers=prior, told_registry=told)
     groups = list(strategy.group(graph, budget))
     validate_grouping(graph, groups, budget)
-    again = ChurnAwareDominators(prior_layers=[list(reversed(layer)) for layer in reversed(prior)])
+    again = ChurnAwareDominators(
+        prior_layers=[list(reversed(layer)) for layer in reversed(prior)], told_registry=told
+    )
     assert again == strategy
     assert again.parameters() == strategy.parameters()
     assert list(again.group(shuffled(graph, budget), budget)) == groups
@@ -369,6 +372,57 @@ def test_ours_without_prior_layers_in_the_closure_is_unchanged(
     strategy = ChurnAwareDominators(prior_layers=prior)
     assert strategy.group(graph, budget) == DEFAULT_STRATEGY.group(graph, budget)
     assert strategy.parameters()["prior_layers_sha256"] == strategy.prior_digest()
+
+
+def test_with_prior_layers_tells_ours_the_registry_keeps_a_record() -> None:
+    """``with_prior_layers`` (what a builder with ``prior_layers_from_cache`` calls) sets
+    ``told_registry``, even with an empty record, and the parameters (so cache keys) say so;
+    the default and prior layers passed to the constructor leave it off."""
+    told = DEFAULT_STRATEGY.with_prior_layers([])
+    assert told.told_registry
+    assert told.parameters() == {**DEFAULT_STRATEGY.parameters(), "told_registry": True}
+    assert "told_registry" not in DEFAULT_STRATEGY.parameters()
+    assert not ChurnAwareDominators(prior_layers=[["/nix/store/a-x"]]).told_registry
+    with pytest.raises(InvalidInput, match="told_registry"):
+        ChurnAwareDominators(told_registry=1)  # type: ignore[arg-type]
+
+
+def _tools_with_own_dependencies() -> tuple[RuntimeGraph, RuntimeGraph]:
+    """Twelve 1 MB tools over libc, each with a 10 MB dependency only it uses; and the
+    closure of the first two tools alone."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    for i in range(12):
+        spec[f"dep{i}"] = (10 * MB, ("libc",))
+        spec[f"tool{i}"] = (1 * MB, ("libc", f"dep{i}"))
+    graph, paths = make(spec)
+    two = RuntimeGraph.build(
+        [graph.paths[paths[n]] for n in ("libc", "dep0", "tool0", "dep1", "tool1")],
+        {n: (paths[n],) for n in ("tool0", "tool1")},
+    )
+    return graph, two
+
+
+def test_ours_told_the_registry_keeps_a_tool_with_its_own_dependency() -> None:
+    """Told the registry's record, ours puts a tool and the dependency only it uses in one
+    layer (which every image holding the tool holds whole), so an image of two of the tools,
+    told the first image's layers, stores no byte again; with the first-form cost the tools
+    go together and the second image stores 12 MB again."""
+    graph, two = _tools_with_own_dependencies()
+    stored_again = {}
+    for told in (False, True):
+        strategy = ChurnAwareDominators(root_slots=0, told_registry=told)
+        first = strategy.group(graph, 14)
+        validate_grouping(graph, first, 14)
+        record = {g.paths for g in first}
+        second = attrs.evolve(strategy, prior_layers=record).group(two, 3)
+        validate_grouping(two, second, 3)
+        stored_again[told] = sum(
+            two.paths[p].nar_size for g in second if g.paths not in record for p in g.paths
+        )
+        if told:
+            assert ["dep0", "tool0"] in names(first)
+            assert ["dep1", "tool1"] in names(second)
+    assert stored_again == {False: 12 * MB, True: 0}
 
 
 @pytest.mark.parametrize("prior", ["/nix/store/abc-x", [3], [[]], [["/nix/store/a-x", 3]]])

@@ -52,19 +52,30 @@ OFFLINE_IMAGES = _offline_images()
 #: claims are checked on a seed held out from tuning.
 HELD_OUT_SEED = 2
 
+#: Ours told the registry's record (``told_registry``, costed by containment) was
+#: studied on seeds 11-20; seeds 101-110 (this one for the quick universe) were
+#: declared held out in docs/layering.md before any result on them was seen.
+REGISTRY_HELD_OUT_SEED = 101
+
 
 @pytest.fixture(scope="module")
 def quick_report() -> Report:
     """The quick universe on a held-out seed, measured once for the tests below."""
-    return simulate(
-        UniverseConfig.quick(seed=HELD_OUT_SEED),
-        DEFAULT_MAX_LAYERS - 1,
-        [DEFAULT_STRATEGY, WithRegistry(REGISTRY, DEFAULT_STRATEGY)],
-    )
+    return simulate(UniverseConfig.quick(seed=HELD_OUT_SEED), DEFAULT_MAX_LAYERS - 1)
 
 
 #: Ours told, at every build, which layers the registry stores so far.
 REGISTRY = "ours+registry"
+
+
+@pytest.fixture(scope="module")
+def registry_report() -> Report:
+    """The quick universe on the registry round's held-out seed, ours told and not told."""
+    return simulate(
+        UniverseConfig.quick(seed=REGISTRY_HELD_OUT_SEED),
+        DEFAULT_MAX_LAYERS - 1,
+        [DEFAULT_STRATEGY, WithRegistry(REGISTRY, DEFAULT_STRATEGY)],
+    )
 
 
 def test_ours_beats_every_published_strategy_on_the_quick_universe(quick_report: Report) -> None:
@@ -85,18 +96,18 @@ def test_ours_beats_every_published_strategy_on_the_quick_universe(quick_report:
 
 
 def test_ours_told_the_stored_layers_stores_no_more_than_nixery_transitive(
-    quick_report: Report,
+    registry_report: Report,
 ) -> None:
-    """On a held-out seed, ours given the layers the registry already stores (images built in
-    a fixed order, earlier revisions included) stores no more across images than Nixery's
-    strategy with a transitive popularity table, less than ours without them, and still pulls
-    less than every published strategy, within 1.3x of the floor; over every revision it
-    stores no more either."""
-    result = verdict(quick_report, REGISTRY)
+    """On a held-out seed, ours told the registry's record (images built in a fixed order,
+    each told every layer stored before it, earlier revisions included) stores no more
+    across images than Nixery's strategy with a transitive popularity table, less than ours
+    not told, and still pulls less than every published strategy, within 1.3x of the floor;
+    over every revision it stores no more either."""
+    result = verdict(registry_report, REGISTRY)
     assert result.sharing_vs_transitive <= 1.0
-    told = quick_report.tally(REGISTRY)
-    assert told.shared < quick_report.tally(DEFAULT_STRATEGY.name).shared
-    transitive = quick_report.tally(NIXERY_TRANSITIVE)
+    told = registry_report.tally(REGISTRY)
+    assert told.shared < registry_report.tally(DEFAULT_STRATEGY.name).shared
+    transitive = registry_report.tally(NIXERY_TRANSITIVE)
     assert told.stored_all_revisions <= transitive.stored_all_revisions
     assert result.per_image_vs_best < 1.0
     assert result.churn_vs_best < 1.0

@@ -56,6 +56,19 @@ The strategy is an agglomerative clustering on that cost:
    that pulled it may hold it.  Its first merge costs ``other_images *
    bytes * (exposure + stored_copy)`` (certainly elsewhere: no ``share``).
    With no prior layers the strategy is exactly as without this step.
+7. ``told_registry`` (set by :meth:`ChurnAwareDominators.with_prior_layers`,
+   as a builder with ``prior_layers_from_cache`` calls it) says every build
+   is told the record, so a later image keeps any stored layer it holds
+   whole (step 6).  Step 4's first-form cost is then replaced by a
+   containment cost: an image holds a group whole exactly when it holds the
+   group's *tops* (members no other member depends on), so a member costs
+   ``other_images * bytes * (exposure + stored_copy)`` times
+   ``elsewhere(member) - held(group)``, where ``elsewhere`` is step 4's
+   ``max(0.05, share)`` and ``held`` the product of the tops' ``elsewhere``.
+   A merge costs what it adds to that sum, every time: nothing for a path
+   joining the group of its only user, much for a widely used path joining
+   a rarely used one, and again whenever a group takes in one more top.  A
+   prior layer still pays step 6's cost on its first merge.
 
 Costs depend only on the closures below the groups and their sizes, and
 ties are broken by store path names without hashes, so the same package
