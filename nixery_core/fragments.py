@@ -217,6 +217,10 @@ class FragmentCache:
                 self._close_index()
                 _clear(self.directory)
                 self._open_index()
+            # Started now, not by the first fragment: starting a thread waits until it runs,
+            # which a pack under load felt (a registry opens its cache once).
+            with self._written:
+                self._start_writer()
         except (OSError, sqlite3.Error) as exc:
             self._close_index()
             raise StorageUnavailable(
@@ -294,12 +298,16 @@ class FragmentCache:
             self._pending[key] = item
             self._queued[key] = None
             self._pending_bytes += item.memory
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._write_queued, name="nixery-fragment-writer", daemon=True
-                )
-                self._thread.start()
+            self._start_writer()
             self._written.notify_all()
+
+    def _start_writer(self) -> None:
+        """Start the writing thread unless it runs (called with ``_written`` held)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._write_queued, name="nixery-fragment-writer", daemon=True
+            )
+            self._thread.start()
 
     def _write_queued(self) -> None:
         """The writing thread: stores what is queued, several fragments per transaction."""
