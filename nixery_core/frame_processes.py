@@ -197,6 +197,8 @@ class _Worker:
         self.sending: deque[memoryview] = deque()
         #: Whether the I/O thread waits for room to send (then a new batch needs no wake-up).
         self.write_armed = False
+        #: Held by whichever thread is sending, so messages never interleave.
+        self.send_lock = threading.Lock()
         # The answer being read: prefix, then header, then body.
         self._prefix = bytearray(_PREFIX.size)
         self._header = bytearray()
@@ -207,9 +209,9 @@ class _Worker:
     def send_some(self, lock: threading.Lock) -> None:
         """Send what the socket takes now (it does not block).
 
-        ``lock`` guards :attr:`sending`, held only to look and to drop what
-        went out, not while the kernel copies (a batch being queued waits
-        for no copy): only this thread drops from the front, others append.
+        The caller holds :attr:`send_lock`.  ``lock`` guards :attr:`sending`,
+        held only to look and to drop what went out, not while the kernel
+        copies: only the sender drops from the front, others append.
         """
         while True:
             with lock:
@@ -302,9 +304,20 @@ class FrameProcesses:
             worker.outstanding += size
             worker.tasks.append(task)
             worker.sending.extend(_message(header, payload))
-            # The I/O thread watches for room to send on this socket already:
-            # no need to wake it (a pipe write and a thread switch per batch).
-            wake = not worker.write_armed
+        # Sent right here when no one else is sending to this worker: a socket
+        # buffer takes a whole batch, and waking the I/O thread for it cost
+        # the caller a thread switch and a wait for Python's lock per batch.
+        if worker.send_lock.acquire(blocking=False):
+            try:
+                worker.send_some(self._lock)
+            except OSError:
+                pass  # the I/O thread sees the worker gone and fails its tasks
+            finally:
+                worker.send_lock.release()
+        with self._lock:
+            # What is left goes when the socket has room: the I/O thread waits
+            # for that already, or is woken to.
+            wake = bool(worker.sending) and not worker.write_armed
         if wake:
             os.write(self._wake_w, b"s")
         return future
@@ -318,6 +331,7 @@ class FrameProcesses:
             except OSError as exc:
                 raise LayerError(f"could not start a frame worker process: {exc}") from exc
             self._workers.append(worker)
+            os.write(self._wake_w, b"w")  # the I/O thread starts listening to it
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="nixery-frames-io", daemon=True
@@ -360,7 +374,8 @@ class FrameProcesses:
         """Send and read what ``worker``'s socket allows now."""
         try:
             if events & selectors.EVENT_WRITE:
-                worker.send_some(self._lock)
+                with worker.send_lock:
+                    worker.send_some(self._lock)
             while events & selectors.EVENT_READ:
                 answer = worker.read_some()
                 if answer is None:
