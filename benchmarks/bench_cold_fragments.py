@@ -1,0 +1,141 @@
+"""What keeping fragments costs a cold pack, in CPU-seconds, and where it goes.
+
+Issue "Never compress a store path twice": a cold pack into an empty
+fragment cache (:mod:`nixery_core.fragments`) must be no slower than a pack
+without one.  ``bench_pack`` times both as wall ratios, which other work on
+a shared 2-core machine moves by more than the difference; this measures
+what noise moves far less: the CPU-seconds of each run (this process, all
+threads), and of the cache's writing thread alone.  Both packs are the
+``ours, 1 layer`` contender of ``bench_pack`` (the same sink, one layer,
+the cache opened before the timed run and closed within it), interleaved,
+each right after reading the store once; best of ``--repeats``.
+
+Printed per run: wall, CPU, cores used (CPU / wall), and for the cold one
+the writing thread's CPU and how long closing the cache took (writing what
+was still queued).  Then the extra CPU of the cold pack.
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.bench_cold_fragments            # 300 MB closure
+    .venv/bin/python -m benchmarks.bench_cold_fragments --quick    # 60 MB
+    .venv/bin/python -m benchmarks.bench_cold_fragments --keep DIR # reuse a corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from benchmarks.bench_pack import build_corpus, in_work_dir, ours, warm
+from nixery_core.archive import ArchiveOptions
+from nixery_core.fragments import FragmentCache
+
+
+@attrs.frozen
+class Run:
+    """One timed pack."""
+
+    wall: float
+    cpu: float
+    writer_cpu: float = 0.0
+    close: float = 0.0
+
+
+class _Counted(FragmentCache):
+    """A fragment cache that counts its writing thread's CPU time and its close."""
+
+    writer_cpu: float = 0.0
+    closing: float = 0.0
+    _lock = threading.Lock()
+
+    def _write_queued(self) -> None:
+        start = time.thread_time()
+        try:
+            super()._write_queued()
+        finally:
+            with self._lock:
+                type(self).writer_cpu += time.thread_time() - start
+
+    def close(self) -> None:
+        start = time.perf_counter()
+        super().close()
+        type(self).closing += time.perf_counter() - start
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(
+    root: Path, paths: Sequence[str], repeats: int, caches: Path
+) -> dict[str, list[Run]]:
+    """Each pack ``repeats`` times, interleaved; cold caches made under ``caches``."""
+    options = ArchiveOptions()
+    runs: dict[str, list[Run]] = {"without": [], "cold": []}
+    for index in range(repeats):
+        for name, done in runs.items():
+            directory = caches / f"cold-{index}"  # a new one each run; all removed at the end
+            fragments = (
+                (lambda directory=directory: _Counted(directory))
+                if name == "cold"
+                else (lambda: None)
+            )
+            contender = ours(root, [paths], options, fragments)
+            warm(root, paths)
+            contender.prepare()
+            _Counted.writer_cpu = _Counted.closing = 0.0
+            cpu, start = _cpu(), time.perf_counter()
+            contender()
+            wall, cpu = time.perf_counter() - start, _cpu() - cpu
+            done.append(Run(wall, cpu, _Counted.writer_cpu, _Counted.closing))
+            print(f"  {name:8} wall {wall:.3f} s  cpu {cpu:.3f} s  cores {cpu / wall:.2f}"
+                  + (f"  writing thread {_Counted.writer_cpu:.3f} cpu-s,"
+                     f" close {1000 * _Counted.closing:.1f} ms" if name == "cold" else ""),
+                  flush=True)
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--size-mb", type=int, default=300, help="closure size (default 300)")
+    parser.add_argument("--quick", action="store_true", help="60 MB closure")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each (best kept)")
+    parser.add_argument("--keep", type=Path, help="build (or reuse) the corpus here, keep it")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size_mb = min(args.size_mb, 60)
+    return in_work_dir(args.keep, "bench-cold-fragments-", lambda root: _run(root, args))
+
+
+def _run(root: Path, args: argparse.Namespace) -> int:
+    store = root / "nix" / "store"
+    if store.is_dir() and any(store.iterdir()):  # a kept corpus (read only: nothing is added)
+        paths = sorted(f"/nix/store/{entry.name}" for entry in store.iterdir())
+    else:
+        paths = build_corpus(root, args.size_mb)
+    print(f"{len(paths)} store paths under {root}; load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory(prefix="bench-cold-fragments-") as caches:
+        runs = measure(root, paths, args.repeats, Path(caches))
+    best = {name: (min(r.wall for r in rs), min(r.cpu for r in rs)) for name, rs in runs.items()}
+    writer = min(r.writer_cpu for r in runs["cold"])
+    (wall, cpu), (cold_wall, cold_cpu) = best["without"], best["cold"]
+    print(f"best of {args.repeats}: without {wall:.3f} s / {cpu:.3f} cpu-s; "
+          f"cold {cold_wall:.3f} s / {cold_cpu:.3f} cpu-s")
+    print(f"  cold / without: wall {cold_wall / wall:.3f}, CPU {cold_cpu / cpu:.3f} "
+          f"(+{cold_cpu - cpu:.3f} cpu-s, of which the writing thread {writer:.3f}); "
+          f"load average {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
