@@ -20,12 +20,14 @@ modules it needs (:mod:`nixery_core.chunked` and what it imports), not the
 whole package.
 
 **Threads in the caller.**  :meth:`FrameProcesses.submit` never blocks:
-it queues the batch's buffers (a batch of a few MiB does not fit a socket
-buffer, and the thread cutting the tar must not wait for a worker to read
-it), and one thread per pool, ``nixery-frames-io``, sends them and reads
-every answer over non-blocking sockets, completing each task's future.
-The pieces of a batch are sent as they are (``sendmsg``), never joined.
-Any number of layers, in any number of threads, can share one pool.
+the batch goes to the least busy worker's queue, and the calling thread
+sends what the (non-blocking) socket takes at once, when no other thread
+is sending to that worker; the socket buffer (4 MiB asked for, capped by
+``net.core.wmem_max``) usually takes a whole batch.  One thread per pool,
+``nixery-frames-io``, sends the rest when there is room and reads every
+answer, completing each task's future.  The pieces of a batch are sent as
+they are (``sendmsg``), never joined.  Any number of layers, in any number
+of threads, can share one pool.
 
 **Where it is used.**  :mod:`nixery_core.archive` packs a chunked layer
 with ``threads`` (or a build's ``max_workers``) above 1 through
