@@ -33,7 +33,7 @@ of threads, can share one pool.
 with ``threads`` (or a build's ``max_workers``) above 1 through
 :func:`shared` with that many workers; with 1 everything runs on the
 calling thread, and where no worker can be started (:func:`usable` is
-false: no Python executable) on threads.  All three give the same bytes.
+false: not POSIX, or no Python executable) on threads.  All three give the same bytes.
 
 **Lifetime.**  :func:`shared` hands out one pool per process, started on
 first use (workers start in about a tenth of a second) and reused by every
@@ -447,8 +447,8 @@ def shared_pids() -> list[int]:
 
 
 def usable() -> bool:
-    """Whether worker processes can be started here (a Python executable is known)."""
-    return bool(sys.executable) and Path(sys.executable).exists()
+    """Whether worker processes can be started here (POSIX, a Python executable known)."""
+    return os.name == "posix" and bool(sys.executable) and Path(sys.executable).exists()
 
 
 class _Shared:
