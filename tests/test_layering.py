@@ -425,6 +425,27 @@ def test_ours_told_the_registry_keeps_a_tool_with_its_own_dependency() -> None:
     assert stored_again == {False: 12 * MB, True: 0}
 
 
+def test_ours_told_the_registry_keeps_a_stored_layer_that_holds_a_requested_root() -> None:
+    """Told the registry's record, a stored layer that holds a package this image requests,
+    with what that package uses, comes out whole in the root's slot instead of the root
+    alone and its dependency stored again; not told, the root stays alone."""
+    graph, paths = make(
+        {
+            "libc": (30 * MB, ()),
+            "tzdata": (2 * MB, ()),
+            "python3": (100 * MB, ("libc", "tzdata")),
+            "tool": (1 * MB, ("libc",)),
+        },
+    )
+    stored = [paths["python3"], paths["tzdata"]]  # as an image using python3 stored it
+    told = ChurnAwareDominators(root_slots=2, prior_layers=[stored], told_registry=True)
+    groups = told.group(graph, 3)
+    validate_grouping(graph, groups, 3)
+    assert sorted(names(groups)) == [["libc"], ["python3", "tzdata"], ["tool"]]
+    not_told = ChurnAwareDominators(root_slots=2, prior_layers=[stored]).group(graph, 3)
+    assert sorted(names(not_told)) == [["libc", "tzdata"], ["python3"], ["tool"]]
+
+
 @pytest.mark.parametrize("prior", ["/nix/store/abc-x", [3], [[]], [["/nix/store/a-x", 3]]])
 def test_ours_refuses_malformed_prior_layers(prior: object) -> None:
     """Prior layers must be a collection of non-empty collections of store paths."""

@@ -68,7 +68,9 @@ The strategy is an agglomerative clustering on that cost:
    A merge costs what it adds to that sum, every time: nothing for a path
    joining the group of its only user, much for a widely used path joining
    a rarely used one, and again whenever a group takes in one more top.  A
-   prior layer still pays step 6's cost on its first merge.
+   prior layer still pays step 6's cost on its first merge.  And a prior
+   layer that holds roots set apart in step 1 together with other paths
+   is kept too: the roots it holds give it their slots.
 
 Costs depend only on the closures below the groups and their sizes, and
 ties are broken by store path names without hashes, so the same package
@@ -246,9 +248,19 @@ class ChurnAwareDominators:
             pinned, cap = roots, budget - reserved
         else:
             pinned, cap = (), budget
-        clustering = _Clustering(ig, frozenset(pinned), self)
+        kept: list[list[int]] = []
         if self.prior_layers:
-            clustering.seed(_contained(ig, frozenset(pinned), self.prior_layers))
+            # Told the registry, a stored layer that holds a root with other
+            # paths takes that root's slot (step 7): the root comes out in it.
+            with_roots = self.told_registry and bool(pinned)
+            kept = _contained(ig, frozenset(() if with_roots else pinned), self.prior_layers)
+            if with_roots:
+                freed = {v for layer in kept if len(layer) > 1 for v in layer} & set(pinned)
+                pinned = tuple(v for v in pinned if v not in freed)
+                cap += len(freed)
+                kept = [layer for layer in kept if freed.issuperset(set(layer) & set(roots))]
+        clustering = _Clustering(ig, frozenset(pinned), self)
+        clustering.seed(kept)
         clustering.merge_small(self.min_layer_bytes)
         clustering.merge_down_to(cap)
         # Least exposed first: the bottom of the image changes least.
