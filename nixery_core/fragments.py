@@ -114,6 +114,9 @@ _READ_SIZE = 1 << 20
 _SPILL_SIZE = 16 << 20
 #: Committed fragments held in memory until written, at most (then committing waits).
 _MAX_PENDING = 64 << 20
+#: The writing thread writes once this much is queued, or after _BATCH_DELAY seconds.
+_BATCH_BYTES = 8 << 20
+_BATCH_DELAY = 0.2
 #: Hits whose access times are recorded at most this many at a time.
 _TOUCH_BATCH = 256
 #: A cached fragment up to this size is kept in memory from its check to its copy (read once).
@@ -195,6 +198,10 @@ class FragmentCache:
     _written: threading.Condition = attrs.field(init=False, factory=threading.Condition)
     _thread: threading.Thread | None = attrs.field(init=False, default=None)
     _closing: bool = attrs.field(init=False, default=False)
+    #: Threads waiting for a fragment to be written (it then writes at once), and the bytes
+    #: queued since the writing thread last took a batch (both guarded by ``_written``).
+    _urgent: int = attrs.field(init=False, default=0)
+    _queued_bytes: int = attrs.field(init=False, default=0)
     #: The index, opened once (per-thread connections cost a packing thread its own open
     #: and schema read), used by one thread at a time: every statement takes microseconds.
     _con: sqlite3.Connection | None = attrs.field(init=False, default=None)
@@ -274,14 +281,26 @@ class FragmentCache:
     def flush(self) -> None:
         """Wait until every fragment committed so far is written (or given up)."""
         with self._written:
-            while self._pending:
-                self._written.wait()
+            self._urgent += 1
+            self._written.notify_all()
+            try:
+                while self._pending:
+                    self._written.wait()
+            finally:
+                self._urgent -= 1
 
     def _settle(self, key: str) -> None:
         """Wait until a fragment committed under ``key`` is written (or given up)."""
         with self._written:
-            while key in self._pending:
-                self._written.wait()
+            if key not in self._pending:
+                return
+            self._urgent += 1
+            self._written.notify_all()
+            try:
+                while key in self._pending:
+                    self._written.wait()
+            finally:
+                self._urgent -= 1
 
     def _submit(self, key: str, item: _Pending) -> None:
         """Queue a committed fragment for the writing thread (waits while too much is queued)."""
@@ -298,8 +317,14 @@ class FragmentCache:
             self._pending[key] = item
             self._queued[key] = None
             self._pending_bytes += item.memory
+            self._queued_bytes += item.size
             self._start_writer()
-            self._written.notify_all()
+            if (
+                len(self._queued) == 1  # the first of a batch starts its delay
+                or self._queued_bytes >= _BATCH_BYTES
+                or self._pending_bytes > _MAX_PENDING // 2
+            ):
+                self._written.notify_all()
 
     def _start_writer(self) -> None:
         """Start the writing thread unless it runs (called with ``_written`` held)."""
@@ -315,6 +340,15 @@ class FragmentCache:
             with self._written:
                 while not self._queued and not self._closing:
                     self._written.wait()
+                # A batch: _BATCH_BYTES, or what came within _BATCH_DELAY, or what someone
+                # waits for (fewer wake-ups and transactions while a pack runs).
+                deadline = time.monotonic() + _BATCH_DELAY
+                while not (self._closing or self._urgent) and self._queued_bytes < _BATCH_BYTES:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._written.wait(left)
+                self._queued_bytes = 0
                 if not self._queued:
                     self._thread = None
                     return

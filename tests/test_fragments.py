@@ -538,3 +538,23 @@ def test_a_layer_wholly_from_cached_fragments_starts_no_compression_threads(
             regrouped = [pack_hashed([PATHS[0], PATHS[3]], cache), pack_hashed(PATHS[1:3], cache)]
     assert regrouped == expected
     assert started == []
+
+
+def test_a_fragment_nobody_waits_for_reaches_the_index_soon(tmp_path: Path) -> None:
+    """The writing thread batches fragments, but one committed with no lookup, flush or close
+    behind it is still written within moments: another cache on the same directory (another
+    process on the host) finds it."""
+    import time
+
+    directory = tmp_path / "fragments"
+    with FragmentCache(directory) as cache, FragmentCache(directory) as other:
+        writer = cache.writer("k")
+        writer.add(b"x" * 100)
+        writer.commit(100)
+        deadline = time.monotonic() + 10
+        while "k" not in other:
+            assert time.monotonic() < deadline, "never written"
+            time.sleep(0.01)
+        with other.get("k") as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == b"x" * 100
