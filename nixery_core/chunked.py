@@ -66,9 +66,16 @@ free only inside them.  Given worker processes (:class:`BatchProcesses`,
 pieces unjoined (:func:`compress_packed` is what a worker runs), and only
 the file hashing stays on the executor.  Memory holds a big file's current chunk window (at
 most :data:`CHUNK_MAX` plus about 4 MiB; chunks are views of it, not
-copies), the batches in flight, and the TOC: one small dict per tar
-member, about 300 bytes each (the TOC must be complete before it is
-written at the end).
+copies), the batches in flight, and the TOC entries still waiting for
+their batch's offsets and digests.  An entry final and next in TOC order
+is serialized at once to the JSON bytes it takes in the TOC and spooled
+(:class:`~nixery_core.toc_spool.TocSpool`: 1 MiB in memory, then an
+unnamed temporary file), so the number of files in a layer costs disk, not
+memory.  A fragment being recorded also keeps its own entries until it is
+committed (one store path's), and a copied fragment's entries are parsed
+one fragment at a time.  The trailer is compressed in one shot, as it
+always was (a streaming compressor would write other bytes): at the end
+the TOC JSON is read back into one buffer, about 250 bytes per entry.
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ import orjson
 
 from nixery_core.compression import FramesCompressor
 from nixery_core.errors import LayerError, MissingEncoder
+from nixery_core.toc_spool import TocSpool
 
 __all__ = [
     "BATCH_BYTES",
@@ -363,7 +371,7 @@ class Trailer:
     go on the layer's descriptor in an OCI manifest.
     """
 
-    uncompressed: bytes
+    uncompressed: bytes | bytearray
     compressed: bytes
     annotations: tuple[tuple[str, str], ...]
 
@@ -404,12 +412,15 @@ class FrameFormat(Protocol):
     It promises: :meth:`compress_frame` is a pure function of its input
     (safe to call from several threads at once); :meth:`trailer` turns the
     finished TOC entries and the offset where the trailer starts into the
-    blob's tail (``tar_size`` is the length of the tar fed in so far).
+    blob's tail (``tar_size`` is the length of the tar fed in so far); the
+    entries come spooled, each as :attr:`toc_keys` order writes it.
     """
 
     #: Whether the metadata after a file's last chunk joins that chunk's frame
     #: (eStargz) instead of a frame of its own (zstd:chunked).
     merge_metadata: bool
+    #: The keys a TOC entry keeps, in the order the TOC writes them.
+    toc_keys: tuple[str, ...]
 
     def compress_frame(self, data: bytes) -> bytes: ...
 
@@ -417,7 +428,7 @@ class FrameFormat(Protocol):
         """Many frames compressed as :meth:`compress_frame` would, joined; each one's length."""
         ...
 
-    def trailer(self, entries: list[dict[str, Any]], offset: int, tar_size: int) -> Trailer: ...
+    def trailer(self, toc: TocSpool, offset: int, tar_size: int) -> Trailer: ...
 
 
 @attrs.define
@@ -446,6 +457,8 @@ class _Frame:
     #: A whole file cut on the worker: its entry and whether its store
     #: references get chunks of their own (the frame's ``head`` is the file).
     job: tuple[dict[str, Any], bool] | None = None
+    #: The file entry this frame (its last chunk) completes once collected.
+    final: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.head) + len(self.data)
@@ -661,9 +674,9 @@ class _Fragment:
 
     frames: FragmentRecorder
     toc: FragmentRecorder
-    entry_start: int
     tar_start: int
-    entry_end: int = 0
+    #: Its TOC entries (only its own, held until it is committed).
+    entries: list[dict[str, Any]] = attrs.Factory(list)
     tar_end: int = 0
     #: Compressed offset of its first byte in the layer (known when collected).
     offset: int = 0
@@ -739,7 +752,7 @@ class ChunkedCompressor:
         self._file: dict[str, Any] | None = None
         self._file_digest: Any = None
         self._chunk_offset = 0
-        self._chunks_of_file: list[dict[str, Any]] = []
+        self._chunks_of_file = 0
         # Framing state.
         self._meta = _Frame(bytearray())
         self._batch: list[_Frame] = []
@@ -755,7 +768,10 @@ class ChunkedCompressor:
         self._file_hashing = _OrderedFileHashing()
         self._offset = 0
         self._tar_size = 0
-        self.entries: list[dict[str, Any]] = []
+        #: TOC entries in order, not yet spooled: the first ones still wait
+        #: for their frames (those marked _WAIT), the rest come after them.
+        self._entries: deque[dict[str, Any]] = deque()
+        self._toc = TocSpool()
         self.trailer: Trailer | None = None
 
     # --- input ---------------------------------------------------------------
@@ -766,7 +782,9 @@ class ChunkedCompressor:
         ``data`` must never change after this call: pieces of it are kept
         (as views, not copies) until they are compressed.
         """
-        return self._cut(data)
+        out = self._cut(data)
+        self._spool_final()
+        return out
 
     # --- fragments ---------------------------------------------------------------
 
@@ -785,12 +803,14 @@ class ChunkedCompressor:
         """
         out: list[bytes] = []
         self._begin(out, None if frames is None or toc is None else (frames, toc))
+        self._spool_final()
         return out
 
     def end_fragment(self) -> list[bytes]:
         """End the fragment :meth:`begin_fragment` started (the stream must be between members)."""
         out: list[bytes] = []
         self._end(out)
+        self._spool_final()
         return out
 
     def put_fragment(self, toc: bytes, uncompressed_size: int) -> list[bytes]:
@@ -808,12 +828,14 @@ class ChunkedCompressor:
             raise LayerError("a cached fragment's TOC does not parse; remove the fragment cache")
         out: list[bytes] = []
         self._cached(out, entries, uncompressed_size)
+        self._spool_final()
         return out
 
     def put_compressed(self, piece: bytes) -> list[bytes]:
         """Copy compressed bytes of the fragment :meth:`put_fragment` started."""
         out: list[bytes] = []
         self._marker(out, _InFlight([], -1, (piece, [], [], [])))
+        self._spool_final()
         return out
 
     def _boundary(self, out: list[bytes], *, marker: bool) -> None:
@@ -838,7 +860,7 @@ class ChunkedCompressor:
         self._boundary(out, marker=recording is not None)
         if recording is None:
             return
-        fragment = _Fragment(*recording, entry_start=len(self.entries), tar_start=self._tar_size)
+        fragment = _Fragment(*recording, tar_start=self._tar_size)
         self._fragments.append(fragment)
         self._cutting_fragment = fragment
         self._marker(out, _InFlight([], -1, _NOTHING, opens=fragment))
@@ -848,19 +870,21 @@ class ChunkedCompressor:
         fragment, self._cutting_fragment = self._cutting_fragment, None
         if fragment is None:
             return
-        fragment.entry_end = len(self.entries)
         fragment.tar_end = self._tar_size
         self._marker(out, _InFlight([], -1, _NOTHING, closes=fragment))
 
     def _cached(self, out: list[bytes], entries: list[dict[str, Any]], size: int) -> None:
         self._boundary(out, marker=True)
-        self.entries.extend(entries)
+        for entry in entries:
+            # Final once the marker below is collected (their offsets moved).
+            entry[_WAIT] = True
+            self._add_entry(entry)
         self._tar_size += size
         self._marker(out, _InFlight([], -1, _NOTHING, rebase=entries))
 
     def _finish_fragment(self, fragment: _Fragment) -> None:
         """Commit a recorded fragment: every frame of it is collected, its entries complete."""
-        entries = ordered_entries(_flatten(self.entries[fragment.entry_start : fragment.entry_end]))
+        entries = ordered_entries(_flatten(fragment.entries))
         _move(entries, -fragment.offset)
         toc = compact_json(entries)
         fragment.toc.add(self._fmt.compress_frame(toc))
@@ -906,13 +930,42 @@ class ChunkedCompressor:
         self._submit(out)
         while self._in_flight:
             self._collect(out, wait=True)
-        self.entries = _flatten(self.entries)
-        for entry in self.entries:
-            if entry["type"] == "reg" and "digest" not in entry and entry.get("size"):
-                entry["digest"] = entry.pop("chunkDigest")
-        self.trailer = self._fmt.trailer(self.entries, self._offset, self._tar_size)
+        self._spool_final()
+        if self._entries:  # pragma: no cover - every frame is collected
+            raise LayerError("a TOC entry still waits for its frame at the end")
+        try:
+            self.trailer = self._fmt.trailer(self._toc, self._offset, self._tar_size)
+        finally:
+            self._toc.close()
         out.append(self.trailer.compressed)
         return out
+
+    def _add_entry(self, entry: dict[str, Any]) -> None:
+        """A new TOC entry, in order (and in the fragment being cut, if any)."""
+        self._entries.append(entry)
+        if self._cutting_fragment is not None:
+            self._cutting_fragment.entries.append(entry)
+
+    def _spool_final(self) -> None:
+        """Serialize and spool the entries at the front that are final.
+
+        Called only between public calls: a file's entry is final once its
+        last frame is collected *and* the parser has finished the file
+        (one-chunk files lose their chunk fields then).
+        """
+        entries = self._entries
+        keys = self._fmt.toc_keys
+        add = self._toc.add
+        while entries and _WAIT not in entries[0]:
+            entry = entries.popleft()
+            add(compact_json(_toc_entry(entry, keys)))
+            for chunk in entry.get(_CHUNKS, ()):
+                add(compact_json(_toc_entry(chunk, keys)))
+
+    def _dispose(self) -> None:
+        """Drop the TOC: entries waiting and the spool."""
+        self._entries.clear()
+        self._toc.close()
 
     def close(self) -> None:
         """Stop: batches not started are cancelled, fragments not committed dropped."""
@@ -926,6 +979,7 @@ class ChunkedCompressor:
             fragment.frames.discard()
             fragment.toc.discard()
         self._fragments.clear()
+        self._dispose()
 
     # --- tar parsing -----------------------------------------------------------
 
@@ -967,30 +1021,31 @@ class ChunkedCompressor:
         if typeflag in (b"0", b"\0"):
             entry["type"] = "reg"
             entry["size"] = size
-            self.entries.append(entry)
             if size:
                 self._start_file(entry, size, out)
             else:
                 entry["digest"] = _EMPTY_DIGEST
+            self._add_entry(entry)
         elif typeflag == b"5":
             entry["type"] = "dir"
-            self.entries.append(entry)
+            self._add_entry(entry)
         elif typeflag in (b"1", b"2"):
             entry["type"] = "hardlink" if typeflag == b"1" else "symlink"
             entry["linkName"] = linkname.decode("utf-8", "surrogateescape")
-            self.entries.append(entry)
+            self._add_entry(entry)
         else:
             raise LayerError(f"tar member type {typeflag!r} is not supported in chunked layers")
 
     # --- file content ----------------------------------------------------------
 
     def _start_file(self, entry: dict[str, Any], size: int, out: list[bytes]) -> None:
+        entry[_WAIT] = True  # until its last frame is collected
         self._file = entry
         self._split = size >= REFERENCE_SPLIT_MIN
         self._remaining = size
         self._padding = -size % _HEADER
         self._chunk_offset = 0
-        self._chunks_of_file = []
+        self._chunks_of_file = 0
         # The metadata before this file's content becomes (or ends) a frame.
         self._seal_meta(out)
 
@@ -1056,10 +1111,10 @@ class ChunkedCompressor:
             self._file_digest = None if last else hashlib.sha256()
         else:
             entry = {"name": file["name"], "type": "chunk"}
-            self.entries.append(entry)
+            self._add_entry(entry)
         entry["chunkOffset"] = self._chunk_offset
         entry["chunkSize"] = len(data)
-        self._chunks_of_file.append(entry)
+        self._chunks_of_file += 1
         self._chunk_offset += len(data)
         frame = _Frame(
             bytearray(),
@@ -1070,6 +1125,7 @@ class ChunkedCompressor:
             chunk_size=len(data),
             file_hash=self._file_digest,
             file_end=(file, self._file_digest) if last and self._file_digest is not None else None,
+            final=file if last else None,
         )
         if self._fmt.merge_metadata:
             # The headers that follow join this frame (see FrameFormat.merge_metadata).
@@ -1082,7 +1138,7 @@ class ChunkedCompressor:
         file = self._file
         if file is None:  # pragma: no cover - only called at a file's end
             raise LayerError("file end outside a file")
-        if len(self._chunks_of_file) == 1:
+        if self._chunks_of_file == 1:
             # A one-chunk file: its digest says it all, as containers-storage
             # writes it; the chunk's digest becomes the file's when it is known.
             del file["chunkOffset"], file["chunkSize"]
@@ -1225,6 +1281,7 @@ class ChunkedCompressor:
             file["digest"] = file_digest
         if chunks:
             file[_CHUNKS] = chunks
+        del file[_WAIT]
         return at
 
     def _take_frame(
@@ -1244,6 +1301,8 @@ class ChunkedCompressor:
                 hashed = True
             file, file_hash = frame.file_end
             file["digest"] = "sha256:" + file_hash.hexdigest()
+        if frame.final is not None:
+            del frame.final[_WAIT]
         return hashed
 
     def _take_collected(self, item: _InFlight, batch: _Batch, out: list[bytes]) -> None:
@@ -1253,6 +1312,8 @@ class ChunkedCompressor:
             self._collecting_fragment = item.opens
         if item.rebase is not None:
             _move(item.rebase, self._offset)
+            for entry in item.rebase:
+                del entry[_WAIT]
         blob, lengths, digests, plans = batch
         if not item.frames:
             self._offset += len(blob)
@@ -1332,6 +1393,20 @@ def _is_entry(entry: object) -> bool:
 
 #: Where a file cut on a worker keeps its further chunks' entries until the TOC is written.
 _CHUNKS = "_chunks"
+#: Marks an entry whose offsets or digests are not known yet (never in the TOC).
+_WAIT = "_wait"
+
+
+def _toc_entry(entry: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The entry as the layer's TOC writes it: ``keys`` in order, a one-chunk file's digest.
+
+    A regular file of one chunk takes its chunk's digest as its own (a
+    recorded fragment keeps it as ``chunkDigest``: the entry is not changed).
+    """
+    if entry["type"] == "reg" and "digest" not in entry and entry.get("size"):
+        entry = dict(entry)
+        entry["digest"] = entry.pop("chunkDigest")
+    return {key: entry[key] for key in keys if key in entry}
 
 
 def _flatten(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

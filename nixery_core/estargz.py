@@ -39,6 +39,7 @@ from typing import Any
 
 from nixery_core.chunked import TOC_KEYS, Trailer, compact_json, each_frame, ordered_entries
 from nixery_core.compression import FramesCompressor
+from nixery_core.toc_spool import TocSpool
 
 __all__ = [
     "FOOTER_SIZE",
@@ -53,6 +54,9 @@ TOC_NAME = "stargz.index.json"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 FOOTER_SIZE = 51
+#: The keys of an eStargz TOC entry, in order (no ``endOffset``: readers
+#: take a chunk's end from the next entry's offset).
+TOC_ENTRY_KEYS = tuple(key for key in TOC_KEYS if key != "endOffset")
 
 
 def footer(toc_offset: int) -> bytes:
@@ -69,8 +73,7 @@ def footer(toc_offset: int) -> bytes:
 
 def toc_json(entries: list[dict[str, Any]]) -> bytes:
     """The TOC JSON, compact with keys in a fixed order (byte-for-byte reproducible)."""
-    keys = tuple(key for key in TOC_KEYS if key != "endOffset")
-    cleaned = ordered_entries(entries, keys)
+    cleaned = ordered_entries(entries, TOC_ENTRY_KEYS)
     return compact_json({"version": 1, "entries": cleaned})
 
 
@@ -78,10 +81,11 @@ class EStargzFormat:
     """The eStargz :class:`~nixery_core.chunked.FrameFormat` over one gzip member compressor."""
 
     merge_metadata = True
+    toc_keys: tuple[str, ...] = TOC_ENTRY_KEYS
 
     def __init__(
         self,
-        compress_member: Callable[[bytes], bytes],
+        compress_member: Callable[[bytes | bytearray | memoryview], bytes],
         *,
         mtime: int,
         compress_members: FramesCompressor | None = None,
@@ -90,18 +94,24 @@ class EStargzFormat:
         self.compress_frames = compress_members or each_frame(compress_member)
         self._mtime = mtime
 
-    def trailer(self, entries: list[dict[str, Any]], offset: int, tar_size: int) -> Trailer:
-        """The TOC member, end-of-archive and footer, for frames ending at ``offset``."""
-        toc = toc_json(entries)
+    def trailer(self, toc: TocSpool, offset: int, tar_size: int) -> Trailer:
+        """The TOC member, end-of-archive and footer, for frames ending at ``offset``.
+
+        The member (tar header, TOC JSON, padding, end-of-archive) is
+        compressed in one shot, as one buffer read back from the spool.
+        """
+        size = toc.size
         info = tarfile.TarInfo(TOC_NAME)
-        info.size = len(toc)
+        info.size = size
         info.mode = 0o444
         info.mtime = self._mtime
         header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-        tail = header + toc + bytes(-len(toc) % 512) + bytes(1024)
+        tail = toc.document(header, bytes(-size % 512) + bytes(1024))
+        with memoryview(tail) as view:
+            digest = hashlib.sha256(view[len(header) : len(header) + size]).hexdigest()
         compressed = self.compress_frame(tail) + footer(offset)
         annotations = (
-            (TOC_DIGEST_ANNOTATION, "sha256:" + hashlib.sha256(toc).hexdigest()),
+            (TOC_DIGEST_ANNOTATION, "sha256:" + digest),
             (UNCOMPRESSED_SIZE_ANNOTATION, str(tar_size + len(tail))),
         )
         return Trailer(tail, compressed, annotations)

@@ -37,9 +37,10 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from nixery_core.chunked import Trailer, compact_json, each_frame, ordered_entries
+from nixery_core.chunked import TOC_KEYS, Trailer, compact_json, each_frame, ordered_entries
 from nixery_core.compression import FramesCompressor
 from nixery_core.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
+from nixery_core.toc_spool import TocSpool
 
 __all__ = [
     "FOOTER_MAGIC",
@@ -73,37 +74,39 @@ class ZstdChunkedFormat:
     """The zstd:chunked :class:`~nixery_core.chunked.FrameFormat` over one zstd frame compressor."""
 
     merge_metadata = False
+    toc_keys: tuple[str, ...] = TOC_KEYS
 
     def __init__(
         self,
-        compress_frame: Callable[[bytes], bytes],
+        compress_frame: Callable[[bytes | bytearray | memoryview], bytes],
         compress_frames: FramesCompressor | None = None,
     ) -> None:
         self.compress_frame = compress_frame
         self.compress_frames = compress_frames or each_frame(compress_frame)
 
-    def trailer(self, entries: list[dict[str, Any]], offset: int, tar_size: int) -> Trailer:
-        """End-of-archive frame, TOC and footer, for frames ending at ``offset``."""
+    def trailer(self, toc: TocSpool, offset: int, tar_size: int) -> Trailer:
+        """End-of-archive frame, TOC and footer, for frames ending at ``offset``.
+
+        The TOC is compressed in one shot, as one buffer read back from the spool.
+        """
         tail = bytes(1024)
         end = self.compress_frame(tail)
-        toc = toc_json(entries)
-        compressed_toc = self.compress_frame(toc)
+        document = toc.document()
+        compressed_toc = self.compress_frame(document)
         toc_offset = offset + len(end) + 8  # past the skippable frame's magic and length
-        footer = (
-            struct.pack("<QQQQ", toc_offset, len(compressed_toc), len(toc), _MANIFEST_TYPE_CRFS)
-            + FOOTER_MAGIC
-        )
+        sizes = (toc_offset, len(compressed_toc), len(document), _MANIFEST_TYPE_CRFS)
+        footer = struct.pack("<QQQQ", *sizes) + FOOTER_MAGIC
         compressed = end + skippable_frame(compressed_toc) + skippable_frame(footer)
         annotations = (
             # What the stargz snapshotter reads zstd:chunked layers by, as its
             # own writer (ctr-remote --zstdchunked) sets it; containers-storage
             # looks for the manifest checksum first.
-            (TOC_DIGEST_ANNOTATION, "sha256:" + hashlib.sha256(toc).hexdigest()),
+            (TOC_DIGEST_ANNOTATION, "sha256:" + hashlib.sha256(document).hexdigest()),
             (UNCOMPRESSED_SIZE_ANNOTATION, str(tar_size + len(tail))),
             (MANIFEST_CHECKSUM_ANNOTATION, "sha256:" + hashlib.sha256(compressed_toc).hexdigest()),
             (
                 MANIFEST_POSITION_ANNOTATION,
-                f"{toc_offset}:{len(compressed_toc)}:{len(toc)}:{_MANIFEST_TYPE_CRFS}",
+                f"{toc_offset}:{len(compressed_toc)}:{len(document)}:{_MANIFEST_TYPE_CRFS}",
             ),
         )
         return Trailer(tail, compressed, annotations)

@@ -1,0 +1,115 @@
+"""A chunked layer's table of contents, spooled as the JSON bytes it will hold.
+
+One job: keep the TOC of an eStargz or zstd:chunked layer out of the
+Python heap while the layer is packed.  Each entry, once final (its offsets
+and digests known, in TOC order), is serialized at once to exactly the
+bytes it takes in the TOC (:func:`~nixery_core.chunked.compact_json` of the
+entry with its keys in the format's order) and appended to a buffer of at
+most :data:`SPOOL_MEMORY` bytes, which spills to an unnamed temporary file
+(:func:`tempfile.TemporaryFile`: it has no name, so nothing is left behind
+whatever happens; :meth:`TocSpool.close` frees it at once).  A Python dict
+per tar member and chunk (about 3 KB each) becomes about 250 bytes of JSON
+on disk.
+
+The document ``{"version":1,"entries":[e1,e2,...]}`` is the same bytes as
+``compact_json`` of the whole document: compact separators, and each entry
+encoded as :func:`~nixery_core.chunked.compact_json` would encode it within
+the whole (the orjson and :mod:`json` encodings agree wherever orjson is
+used, see there).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import IO
+
+__all__ = ["SPOOL_MEMORY", "TOC_PREFIX", "TOC_SUFFIX", "TocSpool"]
+
+#: Bytes of TOC JSON held in memory before the spool moves to a temporary file.
+SPOOL_MEMORY = 1 << 20
+#: What the TOC JSON starts with, before its first entry.
+TOC_PREFIX = b'{"version":1,"entries":['
+#: What it ends with, after its last entry.
+TOC_SUFFIX = b"]}"
+#: Bytes read from the temporary file at a time.
+_READ = 1 << 20
+
+
+class TocSpool:
+    """Serialized TOC entries, in memory up to ``limit`` bytes, then in an unnamed file.
+
+    :meth:`add` takes one entry's JSON bytes; :meth:`document` gives the
+    whole TOC JSON; :meth:`close` (idempotent) frees the file.
+    """
+
+    def __init__(self, limit: int = SPOOL_MEMORY) -> None:
+        self._limit = limit
+        self._buffer = bytearray()
+        self._file: IO[bytes] | None = None
+        self._entries = 0
+        self._size = 0
+
+    @property
+    def entries(self) -> int:
+        """How many entries were added."""
+        return self._entries
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole TOC JSON (prefix, entries, commas and suffix)."""
+        return len(TOC_PREFIX) + self._size + len(TOC_SUFFIX)
+
+    def add(self, entry_json: bytes) -> None:
+        """Append one entry's JSON (a comma goes before every entry but the first)."""
+        if self._entries:
+            self._buffer += b","
+            self._size += 1
+        self._buffer += entry_json
+        self._size += len(entry_json)
+        self._entries += 1
+        if len(self._buffer) >= self._limit:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="nixery-toc-")  # noqa: SIM115 - closed in close()
+        self._file.write(self._buffer)
+        self._buffer = bytearray()
+
+    def document(self, before: bytes = b"", after: bytes = b"") -> bytearray:
+        """``before``, the TOC JSON (``{"version":1,"entries":[...]}``), ``after``, in one buffer.
+
+        Read back into one buffer allocated once (what the one-shot
+        compression of the TOC needs); ``before`` and ``after`` let a format
+        put the TOC inside a tar member without another copy.
+        """
+        out = bytearray(len(before) + self.size + len(after))
+        view = memoryview(out)
+        pos = len(before) + len(TOC_PREFIX)
+        view[: len(before)] = before
+        view[len(before) : pos] = TOC_PREFIX
+        if self._file is not None:
+            self._file.flush()
+            self._file.seek(0)
+            while True:
+                piece = self._file.read(_READ)
+                if not piece:
+                    break
+                view[pos : pos + len(piece)] = piece
+                pos += len(piece)
+        view[pos : pos + len(self._buffer)] = self._buffer
+        pos += len(self._buffer)
+        view[pos : pos + len(TOC_SUFFIX)] = TOC_SUFFIX
+        pos += len(TOC_SUFFIX)
+        view[pos:] = after
+        if pos + len(after) != len(out):  # pragma: no cover - the file lost bytes
+            raise OSError(f"the TOC spool read back {pos} bytes of {len(out)}")
+        view.release()
+        return out
+
+    def close(self) -> None:
+        """Free the temporary file and the buffer (the spool is empty after)."""
+        file, self._file = self._file, None
+        self._buffer = bytearray()
+        if file is not None:
+            file.close()
