@@ -75,7 +75,7 @@ memory.  A fragment being recorded also keeps its own entries until it is
 committed (one store path's), and a copied fragment's entries are parsed
 one fragment at a time.  The trailer is compressed in one shot, as it
 always was (a streaming compressor would write other bytes): at the end
-the TOC JSON is read back into one buffer, about 250 bytes per entry.
+the TOC JSON is read back into one buffer, about 300 bytes per entry.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ entry with its keys in the format's order) and appended to a buffer of at
 most :data:`SPOOL_MEMORY` bytes, which spills to an unnamed temporary file
 (:func:`tempfile.TemporaryFile`: it has no name, so nothing is left behind
 whatever happens; :meth:`TocSpool.close` frees it at once).  A Python dict
-per tar member and chunk (about 3 KB each) becomes about 250 bytes of JSON
+per tar member and chunk (about 3 KB each) becomes about 300 bytes of JSON
 on disk.
 
 The document ``{"version":1,"entries":[e1,e2,...]}`` is the same bytes as
