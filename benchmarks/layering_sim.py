@@ -22,6 +22,9 @@ stores (``ChurnAwareDominators(prior_layers=...)``, row
 ``churn-aware-dominators+registry``): images are built in a fixed order at
 every revision, each seeing the layers of the images before it and of
 every earlier revision (:class:`~nixery_core_sim.evaluation.WithRegistry`).
+With ``--reference-scale K`` as well, ours also runs told the record with
+``reference_scale=K`` (row ``churn-aware-dominators+registry+refs``: a
+path's chance of being elsewhere also from how many paths here reference it).
 
 See :mod:`nixery_core_sim.universe` for the simulated package set and
 :mod:`nixery_core_sim.evaluation` for the measures.
@@ -29,6 +32,7 @@ See :mod:`nixery_core_sim.universe` for the simulated package set and
     .venv/bin/python benchmarks/layering_sim.py --by-kind     # the calibrated universe
     .venv/bin/python benchmarks/layering_sim.py --quick       # a small one
     .venv/bin/python benchmarks/layering_sim.py --registry    # ours with prior layers too
+    .venv/bin/python benchmarks/layering_sim.py --registry --reference-scale 40
     .venv/bin/python benchmarks/layering_sim.py --closure a.json --closure b.json [--series]
     .venv/bin/python benchmarks/layering_sim.py --offline-set [--max-layers 4]
 
@@ -77,6 +81,9 @@ from nixery_core_sim.universe import UniverseConfig
 
 #: The row of ours told which layers the registry already stores (``--registry``).
 REGISTRY_ROW = f"{DEFAULT_STRATEGY.name}+registry"
+
+#: The same, with the chance of being elsewhere also from references (``--reference-scale``).
+REFERENCES_ROW = f"{REGISTRY_ROW}+refs"
 
 #: Images of the offline package set measured by ``--offline-set``.
 OFFLINE_IMAGES = ("shell", "hello", "shell/hello", "edge-cases", "xorg.xev/multiout")
@@ -137,7 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help=f"also run ours told which layers the registry stores ({REGISTRY_ROW})",
     )
+    parser.add_argument(
+        "--reference-scale",
+        type=float,
+        help=f"with --registry, also run {REFERENCES_ROW} (reference_scale=K)",
+    )
     args = parser.parse_args(argv)
+    if args.reference_scale is not None and not args.registry:
+        parser.error("--reference-scale needs --registry")
     budget = args.max_layers - 1
     if args.closure:
         graphs = [closure_from_json(p.read_bytes(), str(p)) for p in args.closure]
@@ -169,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours: list[LayeringStrategy] = [DEFAULT_STRATEGY]
     if args.registry:
         ours.append(WithRegistry(REGISTRY_ROW, DEFAULT_STRATEGY))
+    if args.reference_scale is not None:
+        refs = attrs.evolve(DEFAULT_STRATEGY, reference_scale=args.reference_scale)
+        ours.append(WithRegistry(REFERENCES_ROW, refs))
     report = simulate(config, budget, ours)
     if report.calibration is not None:
         print(format_calibration(report.calibration))

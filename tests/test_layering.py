@@ -387,6 +387,44 @@ def test_with_prior_layers_tells_ours_the_registry_keeps_a_record() -> None:
         ChurnAwareDominators(told_registry=1)  # type: ignore[arg-type]
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=closures(), budget=st.integers(1, 45))
+def test_ours_reference_scale_changes_only_a_strategy_told_the_registry(
+    graph: RuntimeGraph, budget: int
+) -> None:
+    """``reference_scale`` leaves a strategy not told the registry exactly as it is (layers,
+    not its parameters: cache keys say it is set); told, the grouping keeps its promises."""
+    refs = ChurnAwareDominators(reference_scale=40)
+    assert refs.group(graph, budget) == DEFAULT_STRATEGY.group(graph, budget)
+    assert refs.parameters() == {**DEFAULT_STRATEGY.parameters(), "reference_scale": 40}
+    assert "reference_scale" not in DEFAULT_STRATEGY.parameters()
+    told = refs.with_prior_layers([])
+    assert told.reference_scale == 40
+    validate_grouping(graph, told.group(graph, budget), budget)
+
+
+def test_ours_told_with_reference_scale_keeps_a_widely_referenced_library_apart() -> None:
+    """Told the registry, a small library that many paths of a large closure reference
+    directly (so likely in other images) but that is a small share of it stays in a layer of
+    its own with ``reference_scale``, where without it the library joins a user."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    spec["libz"] = (1 * MB, ("libc",))
+    for i in range(60):
+        spec[f"app{i}"] = (3 * MB, ("libc",))
+    for i in range(6):
+        spec[f"tool{i}"] = (2 * MB, ("libc", "libz"))
+    graph = make(spec)[0]
+    budget = 40
+    layers = {}
+    for k in (0.0, 3.0):
+        strategy = ChurnAwareDominators(root_slots=0, reference_scale=k).with_prior_layers([])
+        groups = strategy.group(graph, budget)
+        validate_grouping(graph, groups, budget)
+        layers[k] = names(groups)
+    assert ["libz"] not in layers[0.0]
+    assert ["libz"] in layers[3.0]
+
+
 def _tools_with_own_dependencies() -> tuple[RuntimeGraph, RuntimeGraph]:
     """Twelve 1 MB tools over libc, each with a 10 MB dependency only it uses; and the
     closure of the first two tools alone."""
@@ -488,6 +526,8 @@ def test_ours_orders_layers_least_exposed_first() -> None:
         ("min_layer_bytes", -5),
         ("reserve_root_slots", 1),
         ("stored_copy", -1.0),
+        ("reference_scale", -40.0),
+        ("reference_scale", float("inf")),
     ],
 )
 def test_ours_refuses_bad_parameters(field: str, value: float) -> None:

@@ -71,6 +71,11 @@ The strategy is an agglomerative clustering on that cost:
    prior layer still pays step 6's cost on its first merge.  And a prior
    layer that holds roots set apart in step 1 together with other paths
    is kept too: the roots it holds give it their slots.
+8. ``reference_scale`` (``k``; 0, off, by default): told the registry,
+   a path's chance of being elsewhere is also estimated from the number
+   ``u`` of paths of this closure that reference it directly (a local
+   stand-in for Nixery's popularity count): ``max(0.05, share, 1 -
+   exp(-u / k))``.  Not told, it changes nothing.
 
 Costs depend only on the closures below the groups and their sizes, and
 ties are broken by store path names without hashes, so the same package
@@ -163,6 +168,9 @@ class ChurnAwareDominators:
     the registry's record this way (:meth:`with_prior_layers` sets it), so a
     later image reuses any stored layer it holds whole; sharing is then
     costed by containment (module docstring, step 7).
+    ``reference_scale``: told the registry, a path referenced directly by
+    ``u`` paths here is elsewhere with a chance of at least ``1 - exp(-u /
+    reference_scale)`` (step 8); 0 (the default) leaves it out.
     """
 
     change_rate: float = attrs.field(default=0.003, validator=_rate)
@@ -175,6 +183,7 @@ class ChurnAwareDominators:
         default=frozenset(), converter=_prior, repr=False
     )
     told_registry: bool = attrs.field(default=False, validator=_flag)
+    reference_scale: float = attrs.field(default=0.0, validator=_weight)
 
     @property
     def name(self) -> str:
@@ -190,6 +199,7 @@ class ChurnAwareDominators:
             "stored_copy": self.stored_copy,
             **({"prior_layers_sha256": self.prior_digest()} if self.prior_layers else {}),
             **({"told_registry": True} if self.told_registry else {}),
+            **({"reference_scale": self.reference_scale} if self.reference_scale else {}),
         }
 
     def prior_digest(self) -> str:
@@ -304,6 +314,13 @@ class _Clustering:
         # How likely each path is to be in another image: the share of the
         # unpinned closure that depends on it, but at least _ELSEWHERE.
         elsewhere = [max(_ELSEWHERE, share) for share in self._dependent_share()]
+        if strategy.told_registry and strategy.reference_scale:
+            # Step 8: referenced by many paths here, likely in other images too.
+            k = strategy.reference_scale
+            elsewhere = [
+                max(e, 1.0 - math.exp(-len(users) / k))
+                for e, users in zip(elsewhere, ig.users, strict=True)
+            ]
         # What regrouping a path costs other images: its expected re-pulled
         # bytes plus a stored copy, per image.
         weight = [
