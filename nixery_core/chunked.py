@@ -71,9 +71,10 @@ their batch's offsets and digests.  An entry final and next in TOC order
 is serialized at once to the JSON bytes it takes in the TOC and spooled
 (:class:`~nixery_core.toc_spool.TocSpool`: 1 MiB in memory, then an
 unnamed temporary file), so the number of files in a layer costs disk, not
-memory.  A fragment being recorded also keeps its own entries until it is
-committed (one store path's), and a copied fragment's entries are parsed
-one fragment at a time.  The trailer is compressed in one shot, as it
+memory.  A fragment being recorded spools its own TOC list the same way
+(offsets from its start), and a copied fragment's entries are parsed
+one fragment at a time (one store path's dicts, until its offsets are
+moved and it is spooled).  The trailer is compressed in one shot, as it
 always was (a streaming compressor would write other bytes): at the end
 the TOC JSON is read back into one buffer, about 300 bytes per entry.
 """
@@ -422,7 +423,7 @@ class FrameFormat(Protocol):
     #: The keys a TOC entry keeps, in the order the TOC writes them.
     toc_keys: tuple[str, ...]
 
-    def compress_frame(self, data: bytes) -> bytes: ...
+    def compress_frame(self, data: _Buffer) -> bytes: ...
 
     def compress_frames(self, frames: Sequence[_Buffer]) -> tuple[bytes, list[int]]:
         """Many frames compressed as :meth:`compress_frame` would, joined; each one's length."""
@@ -675,11 +676,35 @@ class _Fragment:
     frames: FragmentRecorder
     toc: FragmentRecorder
     tar_start: int
-    #: Its TOC entries (only its own, held until it is committed).
-    entries: list[dict[str, Any]] = attrs.Factory(list)
+    #: Its TOC entries not yet serialized, in order (the first may wait for frames).
+    entries: deque[dict[str, Any]] = attrs.Factory(deque)
+    #: Its TOC list as JSON, entries serialized with offsets from its start.
+    toc_json: TocSpool = attrs.Factory(lambda: TocSpool(_FRAGMENT_SPOOL, prefix=b"[", suffix=b"]"))
     tar_end: int = 0
     #: Compressed offset of its first byte in the layer (known when collected).
     offset: int = 0
+    #: Whether that offset is known (its start collected).
+    opened: bool = False
+
+    def spool_final(self) -> None:
+        """Serialize the entries at the front that are final (once its offset is known)."""
+        entries = self.entries
+        add = self.toc_json.add
+        while self.opened and entries and _WAIT not in entries[0]:
+            entry = entries.popleft()
+            add(compact_json(_fragment_entry(entry, self.offset)))
+            for chunk in entry.get(_CHUNKS, ()):
+                add(compact_json(_fragment_entry(chunk, self.offset)))
+
+    def dispose(self) -> None:
+        self.frames.discard()
+        self.toc.discard()
+        self.entries.clear()
+        self.toc_json.close()
+
+
+#: Bytes of a recorded fragment's TOC JSON held in memory before it spills to a file.
+_FRAGMENT_SPOOL = 256 * 1024
 
 
 _NOTHING: _Batch = (b"", [], [], [])
@@ -883,10 +908,18 @@ class ChunkedCompressor:
         self._marker(out, _InFlight([], -1, _NOTHING, rebase=entries))
 
     def _finish_fragment(self, fragment: _Fragment) -> None:
-        """Commit a recorded fragment: every frame of it is collected, its entries complete."""
-        entries = ordered_entries(_flatten(fragment.entries))
-        _move(entries, -fragment.offset)
-        toc = compact_json(entries)
+        """Commit a recorded fragment: every frame of it is collected, its entries complete.
+
+        Its files all ended (a fragment ends between members), so every entry
+        left is final; its TOC list is compressed in one shot, as one buffer.
+        """
+        fragment.spool_final()
+        if fragment.entries:  # pragma: no cover - every frame of it is collected
+            raise LayerError("a fragment's TOC entry still waits for its frame at its end")
+        try:
+            toc = fragment.toc_json.document()
+        finally:
+            fragment.toc_json.close()
         fragment.toc.add(self._fmt.compress_frame(toc))
         fragment.frames.commit(fragment.tar_end - fragment.tar_start)
         fragment.toc.commit(len(toc))
@@ -961,6 +994,8 @@ class ChunkedCompressor:
             add(compact_json(_toc_entry(entry, keys)))
             for chunk in entry.get(_CHUNKS, ()):
                 add(compact_json(_toc_entry(chunk, keys)))
+        for fragment in self._fragments:
+            fragment.spool_final()
 
     def _dispose(self) -> None:
         """Drop the TOC: entries waiting and the spool."""
@@ -976,8 +1011,7 @@ class ChunkedCompressor:
             if item.hashing is not None:
                 item.hashing.cancel()
         for fragment in self._fragments:
-            fragment.frames.discard()
-            fragment.toc.discard()
+            fragment.dispose()
         self._fragments.clear()
         self._dispose()
 
@@ -1309,6 +1343,7 @@ class ChunkedCompressor:
         """Offsets and digests of a collected batch (or marker) into the TOC; its bytes out."""
         if item.opens is not None:
             item.opens.offset = self._offset
+            item.opens.opened = True
             self._collecting_fragment = item.opens
         if item.rebase is not None:
             _move(item.rebase, self._offset)
@@ -1409,12 +1444,17 @@ def _toc_entry(entry: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {key: entry[key] for key in keys if key in entry}
 
 
-def _flatten(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The entries with each file's further chunks right after it."""
-    out = []
-    for entry in entries:
-        out.append(entry)
-        out.extend(entry.get(_CHUNKS, ()))
+def _fragment_entry(entry: dict[str, Any], start: int) -> dict[str, Any]:
+    """The entry as a recorded fragment keeps it: every TOC key, offsets from ``start``.
+
+    Not yet a layer's entry: a one-chunk file keeps its ``chunkDigest``
+    (:func:`_toc_entry` makes it the file's digest in the layer's TOC).
+    """
+    out = {key: entry[key] for key in TOC_KEYS if key in entry}
+    if "offset" in out:
+        out["offset"] -= start
+    if "endOffset" in out:
+        out["endOffset"] -= start
     return out
 
 

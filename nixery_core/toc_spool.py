@@ -38,12 +38,19 @@ _READ = 1 << 20
 class TocSpool:
     """Serialized TOC entries, in memory up to ``limit`` bytes, then in an unnamed file.
 
+    The document is ``prefix``, the entries joined by commas, ``suffix``: a
+    layer's TOC by default, ``b"["`` and ``b"]"`` for a fragment's list.
+
     :meth:`add` takes one entry's JSON bytes; :meth:`document` gives the
     whole TOC JSON; :meth:`close` (idempotent) frees the file.
     """
 
-    def __init__(self, limit: int = SPOOL_MEMORY) -> None:
+    def __init__(
+        self, limit: int = SPOOL_MEMORY, *, prefix: bytes = TOC_PREFIX, suffix: bytes = TOC_SUFFIX
+    ) -> None:
         self._limit = limit
+        self._prefix = prefix
+        self._suffix = suffix
         self._buffer = bytearray()
         self._file: IO[bytes] | None = None
         self._entries = 0
@@ -57,7 +64,7 @@ class TocSpool:
     @property
     def size(self) -> int:
         """Bytes of the whole TOC JSON (prefix, entries, commas and suffix)."""
-        return len(TOC_PREFIX) + self._size + len(TOC_SUFFIX)
+        return len(self._prefix) + self._size + len(self._suffix)
 
     def add(self, entry_json: bytes) -> None:
         """Append one entry's JSON (a comma goes before every entry but the first)."""
@@ -85,9 +92,9 @@ class TocSpool:
         """
         out = bytearray(len(before) + self.size + len(after))
         view = memoryview(out)
-        pos = len(before) + len(TOC_PREFIX)
+        pos = len(before) + len(self._prefix)
         view[: len(before)] = before
-        view[len(before) : pos] = TOC_PREFIX
+        view[len(before) : pos] = self._prefix
         if self._file is not None:
             self._file.flush()
             self._file.seek(0)
@@ -99,8 +106,8 @@ class TocSpool:
                 pos += len(piece)
         view[pos : pos + len(self._buffer)] = self._buffer
         pos += len(self._buffer)
-        view[pos : pos + len(TOC_SUFFIX)] = TOC_SUFFIX
-        pos += len(TOC_SUFFIX)
+        view[pos : pos + len(self._suffix)] = self._suffix
+        pos += len(self._suffix)
         view[pos:] = after
         if pos + len(after) != len(out):  # pragma: no cover - the file lost bytes
             raise OSError(f"the TOC spool read back {pos} bytes of {len(out)}")

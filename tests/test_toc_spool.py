@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 import tracemalloc
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +20,8 @@ from nixery_core.compression import frame_compressor
 from nixery_core.estargz import EStargzFormat
 from nixery_core.toc_spool import TocSpool
 from nixery_core.zstd_chunked import ZstdChunkedFormat
+
+zstandard = pytest.importorskip("zstandard")
 
 _NAMES = st.text(
     st.characters(codec="utf-8") | st.sampled_from("\x00\x7f\"\\é\udcff"), max_size=12
@@ -104,3 +108,56 @@ def test_the_toc_of_many_files_is_not_held_in_memory(
     assert later - first < 3 * 1024 * 1024
     compressor.finish()
     assert compressor.trailer is not None
+
+
+class _CountingRecorder:
+    """A fragment recorder keeping only the size of what it is given (and the last piece)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.last = b""
+        self.committed: int | None = None
+
+    def add(self, piece: bytes) -> None:
+        self.size += len(piece)
+        self.last = piece
+
+    def commit(self, uncompressed_size: int) -> None:
+        self.committed = uncompressed_size
+
+    def discard(self) -> None:
+        self.committed = None
+
+
+@pytest.mark.parametrize("compression", ["estargz", "zstd-chunked"])
+def test_a_recorded_fragment_of_many_files_is_not_held_in_memory(
+    compression: Literal["estargz", "zstd-chunked"],
+) -> None:
+    """A store path of 11,000 files recorded as a fragment spools its TOC list too."""
+    spec = ArchiveOptions(compression=compression).compressor()
+    fmt: EStargzFormat | ZstdChunkedFormat
+    if compression == "estargz":
+        fmt = EStargzFormat(frame_compressor(spec), mtime=1)
+    else:
+        fmt = ZstdChunkedFormat(frame_compressor(spec))
+    compressor = ChunkedCompressor(fmt, mtime=1, executor=None, threads=1)
+    frames, toc = _CountingRecorder(), _CountingRecorder()
+    compressor.begin_fragment(frames, toc)
+    tracemalloc.start()
+    try:
+        first = _held_after(compressor, 1_000, 0)
+        later = _held_after(compressor, 10_000, 1_000)
+    finally:
+        tracemalloc.stop()
+    assert later - first < 3 * 1024 * 1024
+    compressor.end_fragment()
+    compressor.finish()
+    assert toc.committed is not None
+    assert frames.committed is not None
+    raw = (
+        zlib.decompress(toc.last, 31)
+        if compression == "estargz"
+        else zstandard.ZstdDecompressor().decompress(toc.last)
+    )
+    assert len(raw) == toc.committed
+    assert len(json.loads(raw)) >= 11_000
