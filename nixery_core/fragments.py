@@ -60,6 +60,18 @@ and CRC), so a lookup stays one database read.
 The cache only saves work: when its disk or database fails, a read is a
 miss and a write is skipped, each with a warning.
 
+Nothing is left behind by a killed process.  Each open cache holds an
+exclusive ``flock`` on its own owner file ``owners/<token>`` (the kernel
+drops it when the process dies, SIGKILL included) and names its data files
+``<random>.<token>``.  A process killed between writing a fragment's file
+and committing its row leaves the file and its owner file; the next
+:class:`FragmentCache` opened on the directory finds that owner file
+unlocked and removes the dead owner's files no row names (and the owner
+file), while files of live owners (possibly waiting for their rows) stay.
+A damaged index started afresh is followed by the same sweep, which then
+removes every file but those of live owners.  The sweep costs nothing
+when no owner died: opening lists ``owners/`` only (see :meth:`FragmentCache.sweep`).
+
 :func:`~nixery_core.archive.pack_store_paths` takes any
 :class:`FragmentSource`: this cache, or tiers in front of it
 (:class:`~nixery_core.fragment_bucket.BucketFragments`, which fills this
@@ -70,6 +82,7 @@ packed).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -206,6 +219,8 @@ class FragmentCache:
     #: and schema read), used by one thread at a time: every statement takes microseconds.
     _con: sqlite3.Connection | None = attrs.field(init=False, default=None)
     _con_lock: threading.RLock = attrs.field(init=False, factory=threading.RLock)
+    #: This cache's owner token and the descriptor of its owner file (``flock``ed while open).
+    _owner: tuple[str, int] = attrs.field(init=False, default=("", -1))
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -213,26 +228,162 @@ class FragmentCache:
             _remove_diskcache_layout(self.directory)
             for sub in _SUBDIRECTORIES:
                 (self._data / sub).mkdir(parents=True, exist_ok=True)
+            self._owner = _claim_owner(self.directory / _OWNERS)
+            afresh = False
             try:
                 self._open_index()
             except sqlite3.DatabaseError as exc:
                 if isinstance(exc, sqlite3.OperationalError):  # locked, unwritable: not damage
                     raise
                 # Damaged (the index is not synced to disk: an OS crash can do this).
-                log.warning("fragment index in %s is damaged (%s); starting afresh",
-                            self.directory, exc)
-                self._close_index()
-                _clear(self.directory)
-                self._open_index()
+                afresh = self._start_afresh(exc)
+            # Files left by processes killed between writing a file and committing its row.
+            live, dead = self._scan_owners()
+            if dead or afresh:
+                self._sweep(live, dead)
+            else:
+                _release(dead)
             # Started now, not by the first fragment: starting a thread waits until it runs,
             # which a pack under load felt (a registry opens its cache once).
             with self._written:
                 self._start_writer()
         except (OSError, sqlite3.Error) as exc:
             self._close_index()
+            self._release_owner()
             raise StorageUnavailable(
                 f"cannot open the fragment cache in {self.directory}: {exc}", str(self.directory)
             ) from exc
+
+    def _start_afresh(self, exc: sqlite3.DatabaseError) -> bool:
+        """Replace a damaged index by an empty one; whether this process did.
+
+        Under an exclusive ``flock`` on ``reset.lock``, and only when the
+        index is still damaged once the lock is held: two processes opening
+        a damaged index at once (after a reboot) replace it once, so neither
+        keeps a connection to an index the other removed.
+        """
+        self._close_index()
+        fd = os.open(self.directory / _RESET_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                self._open_index()
+            except sqlite3.DatabaseError as again:
+                if isinstance(again, sqlite3.OperationalError):
+                    raise
+            else:
+                return False  # started afresh by another process meanwhile
+            log.warning("fragment index in %s is damaged (%s); starting afresh",
+                        self.directory, exc)
+            self._close_index()
+            for name in (_INDEX, f"{_INDEX}-wal", f"{_INDEX}-shm"):
+                (self.directory / name).unlink(missing_ok=True)
+            self._open_index()
+            return True
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _scan_owners(self) -> tuple[set[str], dict[str, int]]:
+        """The caches open on this directory (``live``), and those whose process is gone.
+
+        Each open cache holds an exclusive ``flock`` on its owner file
+        ``owners/<token>`` (the kernel drops it when the process dies, even
+        by SIGKILL).  An owner file this process can lock belongs to a dead
+        process: it is returned with the descriptor holding its lock, so no
+        other process takes that owner for dead at the same time.
+        ``<token>.claim`` files of makers that died before renaming them go.
+        """
+        owners = self.directory / _OWNERS
+        live, dead = {self._owner[0]}, {}
+        for entry in os.scandir(owners):
+            token = entry.name.removesuffix(_CLAIM)
+            if token == self._owner[0]:
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its process is alive (or cannot be told: taken as alive)
+                os.close(fd)
+                live.add(token)
+                continue
+            if entry.name.endswith(_CLAIM):  # its maker died, or will fail to rename and retry
+                with contextlib.suppress(OSError):
+                    Path(entry.path).unlink()
+                os.close(fd)
+                continue
+            dead[token] = fd
+        return live, dead
+
+    def sweep(self) -> int:
+        """Remove the data files no index row names and no live process may still commit.
+
+        Opening the cache sweeps when a process that had it open died
+        without closing it, or when the index was started afresh; this is
+        for a caller that wants it now (``nixery-core gc --cache-dir``).
+        Returns how many files were removed.
+        """
+        live, dead = self._scan_owners()
+        return self._sweep(live, dead)
+
+    def _sweep(self, live: set[str], dead: dict[str, int]) -> int:
+        """Remove unnamed data files of ``dead`` owners, and of unknown ones if older than now.
+
+        A file is named by its owner's token (``<random>.<token>``).  Safe
+        against other processes: a live owner's file may be waiting for its
+        row (the writing thread queues rows, and the index may be busy), so
+        it stays.  A dead owner commits nothing more, and its lock is held
+        here from before the rows are read until its files are gone.  An
+        owner neither live nor dead when the owners were scanned had closed
+        before (its rows are all read here) or opened after (its files are
+        no older than this cache's owner file, touched before the scan:
+        they stay).  Files of the earlier naming (no token) go after an hour.
+        """
+        removed = 0
+        try:
+            os.utime(self._owner[1])
+            reference = os.fstat(self._owner[1]).st_mtime_ns
+            with self._index() as con:
+                named = {
+                    file
+                    for (file,) in con.execute("SELECT file FROM fragments WHERE file IS NOT NULL")
+                }
+            for sub in _SUBDIRECTORIES:
+                for entry in os.scandir(self._data / sub):
+                    name = f"{sub}/{entry.name}"
+                    owner = _owner_of(entry.name)
+                    if name in named or owner in live:
+                        continue
+                    if owner not in dead:
+                        before = reference - (_UNOWNED_GRACE if owner is None else 0)
+                        with contextlib.suppress(FileNotFoundError):
+                            if entry.stat().st_mtime_ns >= before:
+                                continue
+                    (self._data / name).unlink(missing_ok=True)
+                    removed += 1
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("sweeping the fragment files of %s failed (%s)", self.directory, exc)
+            _release(dead)
+            return removed
+        for token in dead:  # swept: its owner file goes (while still locked here)
+            with contextlib.suppress(OSError):
+                (self.directory / _OWNERS / token).unlink()
+        _release(dead)
+        if removed:
+            log.info("removed %d fragment files no index row names in %s",
+                     removed, self.directory)
+        return removed
+
+    def _release_owner(self) -> None:
+        """Give up this cache's owner file (its files are then no longer in flight)."""
+        owner, self._owner = self._owner, ("", -1)
+        if owner[1] < 0:
+            return
+        with contextlib.suppress(OSError):
+            (self.directory / _OWNERS / owner[0]).unlink()
+        os.close(owner[1])  # releases the flock
 
     def _open_index(self) -> None:
         self._con = sqlite3.connect(
@@ -277,6 +428,7 @@ class FragmentCache:
             thread.join()
         self._record_touches()
         self._close_index()
+        self._release_owner()
 
     def flush(self) -> None:
         """Wait until every fragment committed so far is written (or given up)."""
@@ -426,8 +578,10 @@ class FragmentCache:
         against 0.087-0.092 CPU-seconds for the 300 MB benchmark closure's
         115 MB of fragments.
         """
-        token = os.urandom(16).hex()  # any key (not only a hex digest) gets a safe, unique name
-        name = f"{token[0]}/{token}"
+        # Any key (not only a hex digest) gets a safe, unique name; the owner token tells a
+        # sweep whether the process that wrote it is alive (see _sweep).
+        token = os.urandom(16).hex()
+        name = f"{token[0]}/{token}.{self._owner[0]}"
         fd = os.open(self._data / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             _write_all(fd, pieces)
@@ -521,7 +675,12 @@ class FragmentCache:
 
     def check(self) -> list[str]:
         """What is wrong with the directory: the index's own check, rows whose file is gone,
-        and files no row names (left by a process killed between writing a file and its row)."""
+        and files no row names whose writer is not alive (a sweep removes those).
+
+        A file of a live process's cache that no row names yet is in flight, not wrong.
+        """
+        live, dead = self._scan_owners()
+        _release(dead)
         with self._index() as con:
             problems = [
                 f"index: {message}" for (message,) in con.execute("PRAGMA integrity_check")
@@ -537,7 +696,10 @@ class FragmentCache:
             for entry in sub.iterdir()
         } if self._data.is_dir() else set()
         problems += [f"missing file: {self._data / file}" for file in sorted(named - present)]
-        problems += [f"unknown file: {self._data / file}" for file in sorted(present - named)]
+        problems += [
+            f"unknown file: {self._data / file}" for file in sorted(present - named)
+            if _owner_of(file) not in live
+        ]
         return problems
 
     @contextlib.contextmanager
@@ -640,6 +802,13 @@ _INDEX = "index.sqlite"
 _DATA = "data"
 #: The data directory's subdirectories, by a file name's first hex digit (made when opened).
 _SUBDIRECTORIES = "0123456789abcdef"
+#: One owner file per open cache (``flock``ed while open), and a file being made one.
+_OWNERS = "owners"
+_CLAIM = ".claim"
+#: Held while a damaged index is replaced.
+_RESET_LOCK = "reset.lock"
+#: Unnamed files whose name carries no owner token are removed once this old (nanoseconds).
+_UNOWNED_GRACE = 3600 * 10**9
 #: Fragments smaller than this are kept in the index, larger ones in files of their own.
 _INLINE_SIZE = 32 << 10
 #: Bytes each fragment counts against the limit beyond its bytes and layout (its row, its inode).
@@ -691,13 +860,45 @@ def _write_all(fd: int, pieces: Sequence[bytes]) -> None:
             view = view[os.write(fd, view) :]
 
 
-def _clear(directory: Path) -> None:
-    """Remove a fragment cache's index and files (its fragments are packed again)."""
-    for name in (_INDEX, f"{_INDEX}-wal", f"{_INDEX}-shm"):
-        (directory / name).unlink(missing_ok=True)
-    for sub in _SUBDIRECTORIES:
-        for file in (directory / _DATA / sub).iterdir():
-            file.unlink(missing_ok=True)
+def _claim_owner(owners: Path) -> tuple[str, int]:
+    """A new owner token and the descriptor of its owner file, ``flock``ed.
+
+    Made as ``<token>.claim``, locked, then renamed: an owner file is
+    locked from the moment its name appears, so a scan never takes a live
+    cache for dead.  (A scan may remove a ``.claim`` file before it is
+    locked: the rename then fails and another token is tried.)
+    """
+    owners.mkdir(exist_ok=True)
+    while True:
+        token = os.urandom(8).hex()
+        claim = owners / f"{token}{_CLAIM}"
+        fd = os.open(claim, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            claim.rename(owners / token)
+        except BlockingIOError:
+            os.close(fd)  # a scan holds it for a moment, to remove it
+            continue
+        except FileNotFoundError:
+            os.close(fd)  # removed by a scan before locked
+            continue
+        except BaseException:
+            os.close(fd)
+            claim.unlink(missing_ok=True)
+            raise
+        return token, fd
+
+
+def _owner_of(name: str) -> str | None:
+    """The owner token in a data file's name (``None``: a name of the earlier kind)."""
+    owner = name.rpartition(".")[2] if "." in name else ""
+    return owner or None
+
+
+def _release(locked: Mapping[str, int]) -> None:
+    """Close descriptors of owner files locked by a scan (dropping their locks)."""
+    for fd in locked.values():
+        os.close(fd)
 
 
 def _remove_diskcache_layout(directory: Path) -> None:
