@@ -368,12 +368,13 @@ class Trailer:
     """What a format appends after the last frame.
 
     ``uncompressed`` is the tar tail it adds to the layer (part of the
-    ``diff_id``); ``compressed`` the bytes after the frames; ``annotations``
+    ``diff_id``); ``compressed`` the bytes after the frames, in pieces (the
+    compressed TOC is not copied into one with the rest); ``annotations``
     go on the layer's descriptor in an OCI manifest.
     """
 
     uncompressed: bytes | bytearray
-    compressed: bytes
+    compressed: tuple[bytes, ...]
     annotations: tuple[tuple[str, str], ...]
 
 
@@ -970,7 +971,7 @@ class ChunkedCompressor:
             self.trailer = self._fmt.trailer(self._toc, self._offset, self._tar_size)
         finally:
             self._toc.close()
-        out.append(self.trailer.compressed)
+        out.extend(self.trailer.compressed)
         return out
 
     def _add_entry(self, entry: dict[str, Any]) -> None:

@@ -109,7 +109,7 @@ class EStargzFormat:
         tail = toc.document(header, bytes(-size % 512) + bytes(1024))
         with memoryview(tail) as view:
             digest = hashlib.sha256(view[len(header) : len(header) + size]).hexdigest()
-        compressed = self.compress_frame(tail) + footer(offset)
+        compressed = (self.compress_frame(tail), footer(offset))
         annotations = (
             (TOC_DIGEST_ANNOTATION, "sha256:" + digest),
             (UNCOMPRESSED_SIZE_ANNOTATION, str(tar_size + len(tail))),

@@ -96,7 +96,8 @@ class ZstdChunkedFormat:
         toc_offset = offset + len(end) + 8  # past the skippable frame's magic and length
         sizes = (toc_offset, len(compressed_toc), len(document), _MANIFEST_TYPE_CRFS)
         footer = struct.pack("<QQQQ", *sizes) + FOOTER_MAGIC
-        compressed = end + skippable_frame(compressed_toc) + skippable_frame(footer)
+        header = struct.pack("<II", SKIPPABLE_MAGIC, len(compressed_toc))
+        compressed = (end, header, compressed_toc, skippable_frame(footer))
         annotations = (
             # What the stargz snapshotter reads zstd:chunked layers by, as its
             # own writer (ctr-remote --zstdchunked) sets it; containers-storage
