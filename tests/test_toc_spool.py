@@ -161,3 +161,17 @@ def test_a_recorded_fragment_of_many_files_is_not_held_in_memory(
     )
     assert len(raw) == toc.committed
     assert len(json.loads(raw)) >= 11_000
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_a_layer_stopped_midway_leaves_no_spool_open() -> None:
+    """A chunked layer whose TOC spilled to a file frees it when the pack stops (close)."""
+    spec = ArchiveOptions(compression="zstd-chunked").compressor()
+    compressor = ChunkedCompressor(
+        ZstdChunkedFormat(frame_compressor(spec)), mtime=1, executor=None, threads=1
+    )
+    before = _open_fds()
+    _held_after(compressor, 8_000, 0)  # about 2 MB of TOC JSON: past the 1 MiB in memory
+    assert len(_open_fds() - before) == 1
+    compressor.close()
+    assert not _open_fds() - before
