@@ -251,7 +251,23 @@ def cmd_gc(args: argparse.Namespace) -> int:
         fragment_grace_seconds=args.fragment_grace,
     )
     print(report)
+    if args.cache:
+        _sweep_fragments(Path(args.cache) / "fragments", dry_run=args.dry_run)
     return 0
+
+
+def _sweep_fragments(directory: Path, *, dry_run: bool) -> None:
+    """Remove fragment files left by killed processes (opening the cache already does)."""
+    from nixery_core.fragments import FragmentCache  # noqa: PLC0415
+
+    if not directory.is_dir():
+        return
+    if dry_run:  # opening the cache would sweep: look without opening it
+        print(f"fragment files in {directory} not swept in a dry run")
+        return
+    with FragmentCache(directory) as fragments:
+        fragments.sweep()
+        print(f"removed {fragments.swept} stray fragment files in {directory}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -353,6 +369,9 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument(
         "--fragment-grace", type=float, default=None, metavar="SECONDS",
         help="keep shared store-path fragments unused for less than this (default: --grace)",
+    )
+    gc.add_argument(
+        "--cache", help="local cache directory whose stray fragment files to remove too",
     )
     gc.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     gc.set_defaults(func=cmd_gc)

@@ -200,6 +200,8 @@ class FragmentCache:
     #: Lookups answered from the cache, and not (counted across threads).
     hits: int = attrs.field(init=False, default=0)
     misses: int = attrs.field(init=False, default=0)
+    #: Stray data files removed by sweeps (the one at open included).
+    swept: int = attrs.field(init=False, default=0)
     _count_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     #: Keys hit since access times were last recorded (guarded by ``_count_lock``).
     _touched: list[str] = attrs.field(init=False, factory=list)
@@ -371,6 +373,7 @@ class FragmentCache:
             with contextlib.suppress(OSError):
                 (self.directory / _OWNERS / token).unlink()
         _release(dead)
+        self.swept += removed
         if removed:
             log.info("removed %d fragment files no index row names in %s",
                      removed, self.directory)

@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO, Children
 
+from nixery_core.cli import main
 from nixery_core.fragments import FragmentCache
 
 #: A process with the cache open.  ``spill``: a 20 MiB fragment being recorded, its file
@@ -24,6 +26,7 @@ from nixery_core.fragments import FragmentCache
 #: fragment (written by the writing thread, then its row) and waits.
 _CHILD = r"""
 import os, sys
+from nixery_core.cli import main
 from nixery_core.fragments import FragmentCache
 cache = FragmentCache(sys.argv[1])
 print("open", flush=True)
@@ -193,3 +196,19 @@ def test_starting_a_damaged_index_afresh_keeps_a_live_writers_file_only(
     with FragmentCache(directory) as cache:
         assert _data_files(directory) == {}
         assert cache.check() == []
+
+
+def test_command_line_gc_with_cache_removes_a_killed_processes_fragment_file(
+    tmp_path: Path, children: Children, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nixery-core gc --cache DIR` removes fragment files a SIGKILLed process left (and
+    `--dry-run` leaves them)."""
+    directory = tmp_path / "cache" / "fragments"
+    FragmentCache(directory).close()
+    stray = _kill_between_file_and_row(children, directory)
+    argv = ["gc", "--store", str(tmp_path / "store"), "--cache", str(tmp_path / "cache")]
+    assert main([*argv, "--dry-run"]) == 0
+    assert stray in _data_files(directory)
+    assert main(argv) == 0
+    assert f"removed 1 stray fragment files in {directory}" in capsys.readouterr().out
+    assert _data_files(directory) == {}
