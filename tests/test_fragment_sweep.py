@@ -8,6 +8,7 @@ transaction, as a busy index does).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import subprocess
@@ -212,3 +213,79 @@ def test_command_line_gc_with_cache_removes_a_killed_processes_fragment_file(
     assert main(argv) == 0
     assert f"removed 1 stray fragment files in {directory}" in capsys.readouterr().out
     assert _data_files(directory) == {}
+
+
+def test_sweep_removes_unnamed_files_of_ended_owners_only_once_older_than_the_sweep(
+    tmp_path: Path,
+) -> None:
+    """A file no row names whose owner is neither live nor dead (closed, or opened after the
+    sweep looked) goes only if older than the sweep; one of the earlier naming only after an
+    hour."""
+    directory = tmp_path / "fragments"
+    with FragmentCache(directory) as cache:
+        data = directory / "data" / "a"
+        now = time.time()
+        made = {
+            "a" * 32 + ".0123456789abcdef": now - 5,  # a closed owner's, written earlier
+            "a" * 31 + "b.0123456789abcdef": now + 5,  # a newer owner's, written since
+            "a" * 31 + "c": now - 7200,  # earlier naming, two hours old
+            "a" * 31 + "d": now - 60,  # earlier naming, a minute old
+        }
+        for name, mtime in made.items():
+            (data / name).write_bytes(b"x")
+            os.utime(data / name, (mtime, mtime))
+        assert cache.sweep() == 2
+        assert sorted(p.name for p in data.iterdir()) == ["a" * 31 + "b.0123456789abcdef",
+                                                          "a" * 31 + "d"]
+
+
+_PUT = r"""
+import sys
+from nixery_core.fragments import FragmentCache
+cache = FragmentCache(sys.argv[1])
+print("open", flush=True)
+sys.stdin.readline()
+cache.put(sys.argv[2], [b"x" * 100_000], 100_000)
+cache.close()
+print("done", flush=True)
+"""
+
+
+def test_two_processes_opening_a_damaged_index_at_once_start_it_afresh_once(
+    tmp_path: Path, children: Children
+) -> None:
+    """Two processes that both found the index damaged replace it once (the second sees the
+    first's new index under reset.lock), so what each then stores is in the one index."""
+    directory = tmp_path / "fragments"
+    FragmentCache(directory).close()
+    (directory / "index.sqlite").write_bytes(b"not a database" * 1000)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    lock = os.open(directory / "reset.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # both find the damage, then wait for the lock
+        procs = [
+            children.start([sys.executable, "-c", _PUT, str(directory), key],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            for key in ("one", "two")
+        ]
+        deadline = time.monotonic() + 30
+        while sum(f" {p.pid} " in line for p in procs for line in _lock_waiters()) < 2:
+            assert time.monotonic() < deadline, "the processes did not wait for reset.lock"
+            time.sleep(0.01)
+    finally:
+        os.close(lock)
+    for proc in procs:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "open\n"
+    for proc in procs:
+        _say(proc, "done\n")
+    with FragmentCache(directory) as cache:
+        assert cache.keys() == ["one", "two"]
+        assert cache.check() == []
+
+
+def _lock_waiters() -> list[str]:
+    """The lines of /proc/locks for processes blocked waiting for a lock."""
+    return [
+        line for line in Path("/proc/locks").read_text().splitlines() if "->" in line
+    ]
