@@ -295,9 +295,17 @@ class FragmentCache:
         other process takes that owner for dead at the same time.
         ``<token>.claim`` files of makers that died before renaming them go.
         """
-        owners = self.directory / _OWNERS
-        live, dead = {self._owner[0]}, {}
-        for entry in os.scandir(owners):
+        live: set[str] = {self._owner[0]}
+        dead: dict[str, int] = {}
+        try:
+            self._scan_into(live, dead)
+        except BaseException:
+            _release(dead)
+            raise
+        return live, dead
+
+    def _scan_into(self, live: set[str], dead: dict[str, int]) -> None:
+        for entry in os.scandir(self.directory / _OWNERS):
             token = entry.name.removesuffix(_CLAIM)
             if token == self._owner[0]:
                 continue
@@ -317,7 +325,6 @@ class FragmentCache:
                 os.close(fd)
                 continue
             dead[token] = fd
-        return live, dead
 
     def sweep(self) -> int:
         """Remove the data files no index row names and no live process may still commit.
