@@ -523,6 +523,25 @@ def in_work_dir(keep: Path | None, prefix: str, run: Callable[[Path], int]) -> i
                 Path(dirpath).chmod(0o755)
 
 
+def closure_main(
+    argv: Sequence[str] | None,
+    doc: str | None,
+    prefix: str,
+    run: Callable[[Path, argparse.Namespace], int],
+) -> int:
+    """The command line of a benchmark on this corpus: ``--size-mb``, ``--quick``,
+    ``--repeats``, ``--keep``; ``run(root, args)`` in :func:`in_work_dir`."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n", 1)[0])
+    parser.add_argument("--size-mb", type=int, default=300, help="closure size (default 300)")
+    parser.add_argument("--quick", action="store_true", help="60 MB closure")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each (best kept)")
+    parser.add_argument("--keep", type=Path, help="build (or reuse) the corpus here, keep it")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size_mb = min(args.size_mb, 60)
+    return in_work_dir(args.keep, prefix, lambda root: run(root, args))
+
+
 def _run(root: Path, args: argparse.Namespace) -> int:
     print(f"building a {args.size_mb} MB closure under {root} ...", flush=True)
     start = time.perf_counter()

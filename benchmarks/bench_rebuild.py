@@ -32,7 +32,7 @@ from pathlib import Path
 
 from isal import isal_zlib
 
-from benchmarks.bench_pack import build_corpus, in_work_dir, warm
+from benchmarks.bench_pack import build_corpus, closure_main, warm
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 from nixery_core.fragment_layout import FragmentLayout, rebuild
 from nixery_core.fragments import FragmentCache, fragment_key
@@ -80,15 +80,7 @@ def inflated(fragments: Sequence[_Fragment]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
-    parser.add_argument("--size-mb", type=int, default=300, help="closure size (default 300)")
-    parser.add_argument("--quick", action="store_true", help="60 MB closure")
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each (best kept)")
-    parser.add_argument("--keep", type=Path, help="build (or reuse) the corpus here, keep it")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.size_mb = min(args.size_mb, 60)
-    return in_work_dir(args.keep, "bench-rebuild-", lambda root: _run(root, args))
+    return closure_main(argv, __doc__, "bench-rebuild-", _run)
 
 
 def _run(root: Path, args: argparse.Namespace) -> int:
