@@ -58,7 +58,11 @@ decompressed instead.  The layout lives in the entry's tag (after the sizes
 and CRC), so a lookup stays one database read.
 
 The cache only saves work: when its disk or database fails, a read is a
-miss and a write is skipped, each with a warning.
+miss and a write is skipped, each with a warning.  Opening it raises
+:class:`~nixery_core.errors.StorageUnavailable` (chained to the error), and
+so do :meth:`FragmentCache.keys`, :meth:`~FragmentCache.volume` and
+:meth:`~FragmentCache.check` when the index or the directory cannot be
+read, and :meth:`~FragmentCache.sweep` when ``owners/`` cannot.
 
 Nothing is left behind by a killed process.  Each open cache holds an
 exclusive ``flock`` on its own owner file ``owners/<token>`` (the kernel
@@ -334,7 +338,8 @@ class FragmentCache:
         for a caller that wants it now (``nixery-core gc --cache-dir``).
         Returns how many files were removed.
         """
-        live, dead = self._scan_owners()
+        with self._translated("sweep"):
+            live, dead = self._scan_owners()
         return self._sweep(live, dead)
 
     def _sweep(self, live: set[str], dead: dict[str, int]) -> int:
@@ -408,6 +413,17 @@ class FragmentCache:
         with self._index() as con, _transaction(con):
             for statement in _SCHEMA:
                 con.execute(statement)
+
+    @contextlib.contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        """The index's and the disk's errors as :class:`StorageUnavailable`, chained."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageUnavailable(
+                f"cannot {doing} the fragment cache in {self.directory}: {exc}",
+                str(self.directory),
+            ) from exc
 
     @property
     def _data(self) -> Path:
@@ -673,13 +689,13 @@ class FragmentCache:
 
     def keys(self) -> list[str]:
         """The keys of the fragments kept (written so far), sorted."""
-        with self._index() as con:
+        with self._translated("list"), self._index() as con:
             rows = con.execute("SELECT key FROM fragments ORDER BY key").fetchall()
         return [key for (key,) in rows]
 
     def volume(self) -> int:
         """Bytes the fragments kept count against ``size_limit`` (their bytes and layouts)."""
-        with self._index() as con:
+        with self._translated("measure"), self._index() as con:
             (volume,) = con.execute("SELECT bytes FROM volume").fetchone()
         return int(volume)
 
@@ -689,6 +705,10 @@ class FragmentCache:
 
         A file of a live process's cache that no row names yet is in flight, not wrong.
         """
+        with self._translated("check"):
+            return self._problems()
+
+    def _problems(self) -> list[str]:
         live, dead = self._scan_owners()
         _release(dead)
         with self._index() as con:

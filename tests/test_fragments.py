@@ -21,7 +21,7 @@ from nixery_core import fragments as fragments_module
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
-from nixery_core.errors import UnsafeStoreContent
+from nixery_core.errors import StorageUnavailable, UnsafeStoreContent
 from nixery_core.fragments import FragmentCache, fragment_key
 from nixery_core.names import Image
 from nixery_core.testing.runners import FakeNix, default_fake_packages
@@ -491,6 +491,25 @@ def test_a_damaged_index_is_started_afresh(tmp_path: Path) -> None:
         assert cache.check() == []  # the old fragment's file is gone too
         cache.put("k", [b"again"], 5)
         assert cache.keys() == ["k"]
+
+
+def test_listing_or_checking_a_cache_whose_backend_fails_raises_storage_unavailable(
+    tmp_path: Path,
+) -> None:
+    """keys, volume, check and sweep raise StorageUnavailable naming the directory, chained
+    to the sqlite3 or OS error (a closed index, a removed owners directory)."""
+    directory = tmp_path / "fragments"
+    cache = FragmentCache(directory)
+    shutil.rmtree(directory / "owners")
+    for call in (cache.check, cache.sweep):
+        with pytest.raises(StorageUnavailable, match="fragment cache in") as caught:
+            call()
+        assert isinstance(caught.value.__cause__, OSError)
+    cache.close()
+    for call in (cache.keys, cache.volume):
+        with pytest.raises(StorageUnavailable, match=str(directory)) as caught:
+            call()
+        assert isinstance(caught.value.__cause__, sqlite3.Error)
 
 
 def test_a_member_recorded_in_one_call_gives_the_layout_of_its_three_calls() -> None:
