@@ -54,8 +54,8 @@ block that does not match (a file changed or removed since, a damaged
 layout), and for a fragment without a layout (one fetched from a bucket
 tier, or whose headers exceed
 :data:`~nixery_core.fragment_layout.MAX_LITERALS`), the fragment is
-decompressed instead.  The layout lives in the entry's tag (after the sizes
-and CRC), so a lookup stays one database read.
+decompressed instead.  The layout lives in the fragment's index row (beside
+its sizes and CRC), so a lookup stays one database read.
 
 The cache only saves work: when its disk or database fails, a read is a
 miss and a write is skipped, each with a warning.  Opening it raises
@@ -335,7 +335,7 @@ class FragmentCache:
 
         Opening the cache sweeps when a process that had it open died
         without closing it, or when the index was started afresh; this is
-        for a caller that wants it now (``nixery-core gc --cache-dir``).
+        for a caller that wants it now (``nixery-core gc --cache DIR``).
         Returns how many files were removed.
         """
         with self._translated("sweep"):
