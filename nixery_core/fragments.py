@@ -867,14 +867,19 @@ _SCHEMA = (
 
 @contextlib.contextmanager
 def _transaction(con: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction (taken at once, so concurrent writers queue instead of failing)."""
+    """One write transaction (taken at once, so concurrent writers queue instead of failing).
+
+    Rolled back when the block or the commit fails, unless SQLite already
+    did: the shared connection is never left inside a transaction.
+    """
     con.execute("BEGIN IMMEDIATE")
     try:
         yield
+        con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        if con.in_transaction:
+            con.execute("ROLLBACK")
         raise
-    con.execute("COMMIT")
 
 
 def _write_all(fd: int, pieces: Sequence[bytes]) -> None:

@@ -512,6 +512,29 @@ def test_listing_or_checking_a_cache_whose_backend_fails_raises_storage_unavaila
         assert isinstance(caught.value.__cause__, sqlite3.Error)
 
 
+def test_a_failed_commit_leaves_the_index_connection_outside_a_transaction(
+    tmp_path: Path,
+) -> None:
+    """A COMMIT that fails is rolled back, so the cache's one shared connection can start
+    the next transaction (and nothing of the failed one is kept)."""
+    con = sqlite3.connect(tmp_path / "index.sqlite", isolation_level=None)
+    con.execute("CREATE TABLE t (x)")
+
+    def deny_commit(action: int, operation: str | None, *_: str | None) -> int:
+        commit = action == sqlite3.SQLITE_TRANSACTION and operation == "COMMIT"
+        return sqlite3.SQLITE_DENY if commit else sqlite3.SQLITE_OK
+
+    con.set_authorizer(deny_commit)
+    with pytest.raises(sqlite3.DatabaseError), fragments_module._transaction(con):
+        con.execute("INSERT INTO t VALUES (1)")
+    assert not con.in_transaction
+    con.set_authorizer(None)
+    with fragments_module._transaction(con):
+        con.execute("INSERT INTO t VALUES (2)")
+    assert con.execute("SELECT x FROM t").fetchall() == [(2,)]
+    con.close()
+
+
 def test_a_member_recorded_in_one_call_gives_the_layout_of_its_three_calls() -> None:
     """LayoutRecorder.member (the packer's common path) records exactly what literal, file
     and literal do, for a file with padding, without, and an empty one."""
