@@ -76,6 +76,17 @@ def _member(name: str, data: bytes) -> bytes:
     return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + bytes(-len(data) % 512)
 
 
+def _compressor(compression: Literal["estargz", "zstd-chunked"]) -> ChunkedCompressor:
+    """A chunked compressor on the calling thread, frames compressed one by one."""
+    spec = ArchiveOptions(compression=compression).compressor()
+    fmt: EStargzFormat | ZstdChunkedFormat
+    if compression == "estargz":
+        fmt = EStargzFormat(frame_compressor(spec), mtime=1)
+    else:
+        fmt = ZstdChunkedFormat(frame_compressor(spec))
+    return ChunkedCompressor(fmt, mtime=1, executor=None, threads=1)
+
+
 def _held_after(compressor: ChunkedCompressor, files: int, start: int) -> int:
     """Python heap in use after feeding ``files`` small files to ``compressor``."""
     for n in range(start, start + files):
@@ -90,13 +101,7 @@ def test_the_toc_of_many_files_is_not_held_in_memory(
     compression: Literal["estargz", "zstd-chunked"],
 ) -> None:
     """Packing 10x more files leaves the heap about where it was: TOC entries are spooled."""
-    spec = ArchiveOptions(compression=compression).compressor()
-    fmt: EStargzFormat | ZstdChunkedFormat
-    if compression == "estargz":
-        fmt = EStargzFormat(frame_compressor(spec), mtime=1)
-    else:
-        fmt = ZstdChunkedFormat(frame_compressor(spec))
-    compressor = ChunkedCompressor(fmt, mtime=1, executor=None, threads=1)
+    compressor = _compressor(compression)
     tracemalloc.start()
     try:
         first = _held_after(compressor, 1_000, 0)
@@ -134,13 +139,7 @@ def test_a_recorded_fragment_of_many_files_is_not_held_in_memory(
     compression: Literal["estargz", "zstd-chunked"],
 ) -> None:
     """A store path of 11,000 files recorded as a fragment spools its TOC list too."""
-    spec = ArchiveOptions(compression=compression).compressor()
-    fmt: EStargzFormat | ZstdChunkedFormat
-    if compression == "estargz":
-        fmt = EStargzFormat(frame_compressor(spec), mtime=1)
-    else:
-        fmt = ZstdChunkedFormat(frame_compressor(spec))
-    compressor = ChunkedCompressor(fmt, mtime=1, executor=None, threads=1)
+    compressor = _compressor(compression)
     frames, toc = _CountingRecorder(), _CountingRecorder()
     compressor.begin_fragment(frames, toc)
     tracemalloc.start()
@@ -166,10 +165,7 @@ def test_a_recorded_fragment_of_many_files_is_not_held_in_memory(
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
 def test_a_layer_stopped_midway_leaves_no_spool_open() -> None:
     """A chunked layer whose TOC spilled to a file frees it when the pack stops (close)."""
-    spec = ArchiveOptions(compression="zstd-chunked").compressor()
-    compressor = ChunkedCompressor(
-        ZstdChunkedFormat(frame_compressor(spec)), mtime=1, executor=None, threads=1
-    )
+    compressor = _compressor("zstd-chunked")
     before = _open_fds()
     _held_after(compressor, 8_000, 0)  # about 2 MB of TOC JSON: past the 1 MiB in memory
     assert len(_open_fds() - before) == 1
