@@ -689,13 +689,9 @@ class _Fragment:
 
     def spool_final(self) -> None:
         """Serialize the entries at the front that are final (once its offset is known)."""
-        entries = self.entries
-        add = self.toc_json.add
-        while self.opened and entries and _WAIT not in entries[0]:
-            entry = entries.popleft()
-            add(compact_json(_fragment_entry(entry, self.offset)))
-            for chunk in entry.get(_CHUNKS, ()):
-                add(compact_json(_fragment_entry(chunk, self.offset)))
+        if self.opened:
+            start = self.offset
+            _spool_front(self.entries, self.toc_json, lambda entry: _fragment_entry(entry, start))
 
     def dispose(self) -> None:
         self.frames.discard()
@@ -987,14 +983,8 @@ class ChunkedCompressor:
         last frame is collected *and* the parser has finished the file
         (one-chunk files lose their chunk fields then).
         """
-        entries = self._entries
         keys = self._fmt.toc_keys
-        add = self._toc.add
-        while entries and _WAIT not in entries[0]:
-            entry = entries.popleft()
-            add(compact_json(_toc_entry(entry, keys)))
-            for chunk in entry.get(_CHUNKS, ()):
-                add(compact_json(_toc_entry(chunk, keys)))
+        _spool_front(self._entries, self._toc, lambda entry: _toc_entry(entry, keys))
         for fragment in self._fragments:
             fragment.spool_final()
 
@@ -1431,6 +1421,23 @@ def _is_entry(entry: object) -> bool:
 _CHUNKS = "_chunks"
 #: Marks an entry whose offsets or digests are not known yet (never in the TOC).
 _WAIT = "_wait"
+
+
+def _spool_front(
+    entries: deque[dict[str, Any]],
+    spool: TocSpool,
+    written: Callable[[dict[str, Any]], dict[str, Any]],
+) -> None:
+    """Spool the entries at the front of ``entries`` that are final, as ``written`` gives them.
+
+    Each file cut on a worker is followed by its further chunks' entries.
+    """
+    add = spool.add
+    while entries and _WAIT not in entries[0]:
+        entry = entries.popleft()
+        add(compact_json(written(entry)))
+        for chunk in entry.get(_CHUNKS, ()):
+            add(compact_json(written(chunk)))
 
 
 def _toc_entry(entry: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
