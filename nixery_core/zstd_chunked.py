@@ -61,7 +61,12 @@ _MANIFEST_TYPE_CRFS = 1
 
 def skippable_frame(payload: bytes) -> bytes:
     """A zstd skippable frame (magic ``0x184D2A50``) holding ``payload``."""
-    return struct.pack("<II", SKIPPABLE_MAGIC, len(payload)) + payload
+    return _skippable_header(len(payload)) + payload
+
+
+def _skippable_header(size: int) -> bytes:
+    """The magic and length a skippable frame of ``size`` bytes of payload starts with."""
+    return struct.pack("<II", SKIPPABLE_MAGIC, size)
 
 
 def toc_json(entries: list[dict[str, Any]]) -> bytes:
@@ -96,7 +101,8 @@ class ZstdChunkedFormat:
         toc_offset = offset + len(end) + 8  # past the skippable frame's magic and length
         sizes = (toc_offset, len(compressed_toc), len(document), _MANIFEST_TYPE_CRFS)
         footer = struct.pack("<QQQQ", *sizes) + FOOTER_MAGIC
-        header = struct.pack("<II", SKIPPABLE_MAGIC, len(compressed_toc))
+        # The TOC's skippable frame in two pieces: the compressed TOC is not copied.
+        header = _skippable_header(len(compressed_toc))
         compressed = (end, header, compressed_toc, skippable_frame(footer))
         annotations = (
             # What the stargz snapshotter reads zstd:chunked layers by, as its
