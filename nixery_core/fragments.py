@@ -359,11 +359,7 @@ class FragmentCache:
         try:
             os.utime(self._owner[1])
             reference = os.fstat(self._owner[1]).st_mtime_ns
-            with self._index() as con:
-                named = {
-                    file
-                    for (file,) in con.execute("SELECT file FROM fragments WHERE file IS NOT NULL")
-                }
+            named = self._named_files()
             for sub in _SUBDIRECTORIES:
                 for entry in os.scandir(self._data / sub):
                     name = f"{sub}/{entry.name}"
@@ -390,6 +386,12 @@ class FragmentCache:
             log.info("removed %d fragment files no index row names in %s",
                      removed, self.directory)
         return removed
+
+    def _named_files(self) -> set[str]:
+        """The data files the index's rows name."""
+        with self._index() as con:
+            rows = con.execute("SELECT file FROM fragments WHERE file IS NOT NULL")
+            return {file for (file,) in rows}
 
     def _release_owner(self) -> None:
         """Give up this cache's owner file (its files are then no longer in flight)."""
@@ -716,10 +718,7 @@ class FragmentCache:
                 f"index: {message}" for (message,) in con.execute("PRAGMA integrity_check")
                 if message != "ok"
             ]
-            named = {
-                file
-                for (file,) in con.execute("SELECT file FROM fragments WHERE file IS NOT NULL")
-            }
+        named = self._named_files()
         present = {
             f"{sub.name}/{entry.name}"
             for sub in self._data.iterdir() if sub.is_dir()
