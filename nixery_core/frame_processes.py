@@ -496,15 +496,15 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 def serve(fd: int) -> None:
     """A worker's loop: answer tasks on the socket ``fd`` until it closes (then exit quietly)."""
-    with contextlib.suppress(EOFError, OSError):
-        _serve_tasks(fd)
+    # Closed on the way out, so the worker ends without an unclosed-socket warning.
+    with socket.socket(fileno=fd) as sock, contextlib.suppress(EOFError, OSError):
+        _serve_tasks(sock)
 
 
-def _serve_tasks(fd: int) -> None:
+def _serve_tasks(sock: socket.socket) -> None:
     from nixery_core.chunked import compress_packed, new_chunker  # noqa: PLC0415 - worker side
 
     chunker = new_chunker()
-    sock = socket.socket(fileno=fd)
     compressors: dict[Settings, Any] = {}
     buffer = bytearray()
     while True:

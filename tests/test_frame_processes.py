@@ -149,3 +149,16 @@ def test_closing_with_batches_in_flight_fails_them_promptly() -> None:
     for future in futures:
         if future.exception(timeout=10) is not None:
             assert isinstance(future.exception(), LayerError)
+
+
+def test_a_worker_ends_without_resource_warnings(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A worker closed by its pool exits leaving nothing unclosed (dev mode warns of any)."""
+    monkeypatch.setenv("PYTHONDEVMODE", "1")  # the workers inherit it: ResourceWarnings shown
+    pool = FrameProcesses(1)
+    try:
+        assert pool.submit(_SETTINGS, _table((0, 3, 0, -1)), [b"abc"]).result(timeout=60)[1]
+    finally:
+        pool.close()
+    assert "ResourceWarning" not in capfd.readouterr().err
