@@ -318,10 +318,10 @@ class FrameProcesses:
                 worker.send_lock.release()
         with self._lock:
             # What is left goes when the socket has room: the I/O thread waits
-            # for that already, or is woken to.
-            wake = bool(worker.sending) and not worker.write_armed
-        if wake:
-            os.write(self._wake_w, b"s")
+            # for that already, or is woken to (under the lock, as in _pick:
+            # close() may meanwhile have failed the task and closes the pipe).
+            if worker.sending and not worker.write_armed and not self.closed:
+                os.write(self._wake_w, b"s")
         return future
 
     def _pick(self) -> _Worker:
