@@ -409,7 +409,8 @@ class FrameProcesses:
         with self._lock:
             worker.alive = False
             worker.sending.clear()
-            lost = [self._futures.pop(task) for task in worker.tasks]
+            # A task close() already failed is no longer in _futures.
+            lost = [self._futures.pop(task) for task in worker.tasks if task in self._futures]
             worker.tasks.clear()
             worker.outstanding = 0
         worker.stop()
