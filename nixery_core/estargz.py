@@ -35,9 +35,8 @@ import hashlib
 import struct
 import tarfile
 from collections.abc import Callable
-from typing import Any
 
-from nixery_core.chunked import TOC_KEYS, Trailer, compact_json, each_frame, ordered_entries
+from nixery_core.chunked import TOC_KEYS, Trailer, each_frame
 from nixery_core.compression import FramesCompressor
 from nixery_core.toc_spool import TocSpool
 
@@ -69,12 +68,6 @@ def footer(toc_offset: int) -> bytes:
     if len(out) != FOOTER_SIZE:  # pragma: no cover - fixed layout
         raise AssertionError(len(out))
     return out
-
-
-def toc_json(entries: list[dict[str, Any]]) -> bytes:
-    """The TOC JSON, compact with keys in a fixed order (byte-for-byte reproducible)."""
-    cleaned = ordered_entries(entries, TOC_ENTRY_KEYS)
-    return compact_json({"version": 1, "entries": cleaned})
 
 
 class EStargzFormat:

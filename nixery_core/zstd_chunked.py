@@ -35,9 +35,8 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
-from typing import Any
 
-from nixery_core.chunked import TOC_KEYS, Trailer, compact_json, each_frame, ordered_entries
+from nixery_core.chunked import TOC_KEYS, Trailer, each_frame
 from nixery_core.compression import FramesCompressor
 from nixery_core.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from nixery_core.toc_spool import TocSpool
@@ -67,12 +66,6 @@ def skippable_frame(payload: bytes) -> bytes:
 def _skippable_header(size: int) -> bytes:
     """The magic and length a skippable frame of ``size`` bytes of payload starts with."""
     return struct.pack("<II", SKIPPABLE_MAGIC, size)
-
-
-def toc_json(entries: list[dict[str, Any]]) -> bytes:
-    """The TOC JSON, compact with keys in a fixed order (byte-for-byte reproducible)."""
-    document = {"version": 1, "entries": ordered_entries(entries)}
-    return compact_json(document)
 
 
 class ZstdChunkedFormat:
