@@ -483,9 +483,20 @@ def shutdown() -> None:
 
 
 def _forget_after_fork() -> None:
-    """A forked child must not use its parent's workers (their sockets are shared)."""
+    """A forked child must not use its parent's workers (their sockets are shared).
+
+    It closes its copies of the pool's sockets and wake pipe: a copy left open
+    would keep a worker from seeing its socket close when the parent closes
+    the pool (the parent would wait 5 s and kill it).
+    """
+    pool = _SHARED.pool
     _SHARED.lock = threading.Lock()
     _SHARED.pool = None
+    if pool is not None and not pool.closed:
+        for worker in pool._workers:
+            worker.socket.close()
+        os.close(pool._wake_r)
+        os.close(pool._wake_w)
 
 
 atexit.register(shutdown)

@@ -162,3 +162,33 @@ def test_a_worker_ends_without_resource_warnings(
     finally:
         pool.close()
     assert "ResourceWarning" not in capfd.readouterr().err
+
+
+def test_a_forked_child_does_not_keep_the_workers_alive(tmp_path: Path) -> None:
+    """Closing the pool ends its workers even while a child forked after they started lives on."""
+    script = tmp_path / "fork.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import array, os, signal, time
+            from nixery_core import frame_processes
+            table = array.array("q", [0, 3, 0, -1]).tobytes()
+            pool = frame_processes.shared(1)
+            pool.submit(("zstd-chunked", 3, "zstd"), table, [b"abc"]).result(timeout=60)
+            (worker,) = pool._workers
+            child = os.fork()
+            if child == 0:
+                time.sleep(60)
+                os._exit(0)
+            frame_processes.shutdown()
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            print(worker.process.returncode)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, str(script)], check=True, env=env, timeout=120, capture_output=True
+    )
+    assert done.stdout.strip() == b"0"  # it exited on its own, not killed after a wait
