@@ -321,19 +321,18 @@ class _Clustering:
                 max(e, 1.0 - math.exp(-len(users) / k))
                 for e, users in zip(elsewhere, ig.users, strict=True)
             ]
-        # What regrouping a path costs other images: its expected re-pulled
-        # bytes plus a stored copy, per image.
-        weight = [
-            strategy.other_images * self.size[v] * (self.exposure[v] + strategy.stored_copy)
-            for v in range(n)
-        ]
-        model = _Containment if strategy.told_registry else _FirstForm
-        self.sharing: _FirstForm | _Containment = model(self, elsewhere, weight)
         self.other_images = strategy.other_images
         self.stored_copy = strategy.stored_copy
+        weight = [self.weight_of(v) for v in range(n)]
+        model = _Containment if strategy.told_registry else _FirstForm
+        self.sharing: _FirstForm | _Containment = model(self, elsewhere, weight)
 
-    def stored_weight(self, g: int) -> float:
-        """What prior layer ``g`` losing its form costs (weight of its bytes, exposure)."""
+    def weight_of(self, g: int) -> float:
+        """What regrouping group ``g`` costs other images, per image (its weight).
+
+        Its expected re-pulled bytes plus a stored copy; for a prior layer,
+        what losing its form costs.
+        """
         return self.other_images * self.size[g] * (self.exposure[g] + self.stored_copy)
 
     def _dependent_share(self) -> list[float]:
@@ -464,7 +463,7 @@ class _FirstForm:
     def stored(self, g: int) -> None:
         """``g`` is a prior layer: intact, and certainly elsewhere."""
         self.intact[g] = True
-        self.shared[g] = self.c.stored_weight(g)
+        self.shared[g] = self.c.weight_of(g)
 
     def cost(self, a: int, b: int) -> float:
         return (self.shared[a] if self.intact[a] else 0.0) + (
@@ -504,7 +503,7 @@ class _Containment:
 
     def stored(self, g: int) -> None:
         """``g`` is a prior layer: its first merge also costs its whole weight."""
-        self.prior[g] = self.c.stored_weight(g)
+        self.prior[g] = self.c.weight_of(g)
 
     def _union(self, a: int, b: int) -> tuple[frozenset[int], float]:
         """The tops of ``a`` and ``b`` merged, and the chance an image holds them all."""
