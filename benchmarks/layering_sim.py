@@ -54,8 +54,9 @@ from pathlib import Path
 
 import attrs
 
+from nixery_core.errors import InvalidInput
 from nixery_core.graph import RuntimeGraph
-from nixery_core.layering import DEFAULT_MAX_LAYERS, DEFAULT_STRATEGY
+from nixery_core.layering import DEFAULT_MAX_LAYERS, DEFAULT_STRATEGY, ChurnAwareDominators
 from nixery_core.names import Image
 from nixery_core.nixexprs import offline_package_set
 from nixery_core.protocols import LayeringStrategy
@@ -104,6 +105,20 @@ def measure_real(
     return text + ("\n\n" + format_by_kind(report) if by_kind else "")
 
 
+def _with_references(
+    parser: argparse.ArgumentParser, scale: float | None, *, registry: bool
+) -> ChurnAwareDominators | None:
+    """Ours with ``reference_scale`` from ``--reference-scale``; a bad scale is a usage error."""
+    if scale is None:
+        return None
+    if not registry:
+        parser.error("--reference-scale needs --registry")
+    try:  # the strategy's own validator says what a scale may be
+        return attrs.evolve(DEFAULT_STRATEGY, reference_scale=scale)
+    except InvalidInput as exc:
+        parser.error(f"--reference-scale: {exc}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1)
@@ -150,8 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"with --registry, also run {REFERENCES_ROW} (reference_scale=K)",
     )
     args = parser.parse_args(argv)
-    if args.reference_scale is not None and not args.registry:
-        parser.error("--reference-scale needs --registry")
+    refs = _with_references(parser, args.reference_scale, registry=args.registry)
     budget = args.max_layers - 1
     if args.closure:
         graphs = [closure_from_json(p.read_bytes(), str(p)) for p in args.closure]
@@ -183,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours: list[LayeringStrategy] = [DEFAULT_STRATEGY]
     if args.registry:
         ours.append(WithRegistry(REGISTRY_ROW, DEFAULT_STRATEGY))
-    if args.reference_scale is not None:
-        refs = attrs.evolve(DEFAULT_STRATEGY, reference_scale=args.reference_scale)
+    if refs is not None:
         ours.append(WithRegistry(REFERENCES_ROW, refs))
     report = simulate(config, budget, ours)
     if report.calibration is not None:

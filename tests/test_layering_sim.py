@@ -325,6 +325,22 @@ def test_command_line_measures_real_closures(tmp_path: Path) -> None:
     assert "| single-layer | 30.20 |" in out
 
 
+@pytest.mark.parametrize("scale", ["-1", "nan", "inf"])
+def test_command_line_rejects_a_bad_reference_scale_with_a_usage_error(scale: str) -> None:
+    """``--reference-scale`` below 0 or not finite is a usage error naming the flag, not a
+    traceback."""
+    script = REPO / "benchmarks" / "layering_sim.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--quick", "--registry", "--reference-scale", scale],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "error: --reference-scale: reference_scale must be a finite number >= 0" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_quick_run_of_the_script_prints_calibration_every_strategy_and_the_verdict() -> None:
     """``layering_sim.py --quick`` prints the calibration, the table for all strategies and
     ours' verdict on both churn measures; ``--registry`` adds ours told the stored layers."""
