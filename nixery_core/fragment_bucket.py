@@ -100,7 +100,7 @@ import attrs
 
 from nixery_core.chunked import MembersInflater
 from nixery_core.digests import validate_digest
-from nixery_core.errors import InvalidInput, StorageError
+from nixery_core.errors import InvalidInput, LayerError, StorageError
 from nixery_core.fragments import CachedFragment, FragmentCache, FragmentWriter
 from nixery_core.protocols import ReadableStore, SupportsRefresh, SupportsWrittenDigest
 from nixery_core.tally import Tally
@@ -524,7 +524,7 @@ class BucketFragments:
                     return
                 pointer = self._store_blob(found)
             self.store.put_object(fragment_object_key(key), pointer.to_json())
-        except StorageError as exc:
+        except (StorageError, LayerError) as exc:  # LayerError: its file changed since its check
             log.warning("fragment %s not uploaded (%s)", key, exc)
             self._count("upload_failures")
             return

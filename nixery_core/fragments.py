@@ -103,7 +103,7 @@ from typing import BinaryIO, Protocol
 
 import attrs
 
-from nixery_core.errors import StorageUnavailable
+from nixery_core.errors import LayerError, StorageUnavailable
 from nixery_core.protocols import JSONValue
 
 __all__ = [
@@ -168,13 +168,30 @@ class CachedFragment:
     layout: bytes | None = None
 
     def pieces(self) -> Iterator[bytes]:
-        """The compressed bytes, in pieces, from the start."""
+        """The compressed bytes, in pieces, from the start.
+
+        Bytes not held are read again, and checked against the CRC-32 as they
+        are: a file changed since its check raises
+        :class:`~nixery_core.errors.LayerError` after its last piece (its bytes
+        are copied already, so the layer being packed must fail).
+        """
         if self.held is not None:
             yield from self.held
             return
-        self.stream.seek(0)
-        while piece := self.stream.read(_READ_SIZE):
-            yield piece
+        size, crc = 0, 0
+        try:
+            self.stream.seek(0)
+            while piece := self.stream.read(_READ_SIZE):
+                size += len(piece)
+                crc = _crc32(piece, crc)
+                yield piece
+        except OSError as exc:
+            raise LayerError(f"a cached fragment could not be read again: {exc}") from exc
+        if (size, crc) != (self.size, self.crc32):
+            raise LayerError(
+                "a cached fragment's file changed between its check and its copy; "
+                "remove the fragment cache"
+            )
 
 
 class FragmentSource(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ from partial_stores import UploaderOnly
 from servers import FakeGcsServer, fake_gcs
 from test_fragments import PATHS, make_store
 
+from nixery_core import fragments as fragments_module
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
@@ -35,7 +37,7 @@ from nixery_core.storage.filesystem import FilesystemStore
 from nixery_core.storage.gcs import GcsStore
 from nixery_core.testing.runners import FakeNix, default_fake_packages
 from nixery_core.testing.sources import FixedSource
-from nixery_core.testing.storage import MemoryStore
+from nixery_core.testing.storage import MemoryBlobWriter, MemoryStore
 
 __all__ = ["fake_gcs"]
 
@@ -216,6 +218,46 @@ def test_a_failing_bucket_only_costs_the_packing(store: Path, tmp_path: Path) ->
     with local, tier:
         assert pack(store, PATHS, options, tier) == pack(store, PATHS, options)
     assert (tier.stats.failed, tier.stats.upload_failures) == (len(PATHS), len(PATHS))
+
+
+class _DamagesLocalFiles(MemoryStore):
+    """A bucket that, as the first blob upload opens, changes every local fragment file in place."""
+
+    def __init__(self, data: Path) -> None:
+        super().__init__()
+        self.data = data
+        self.damaged = 0
+
+    def open_blob_writer(self, media_type: str) -> MemoryBlobWriter:
+        if not self.damaged:
+            for file in (p for p in self.data.rglob("*") if p.is_file()):
+                with file.open("r+b") as damaged:
+                    damaged.seek(file.stat().st_size // 2)
+                    byte = damaged.read(1)
+                    damaged.seek(-1, os.SEEK_CUR)
+                    damaged.write(bytes([byte[0] ^ 0xFF]))
+                self.damaged += 1
+        return super().open_blob_writer(media_type)
+
+
+def test_a_fragment_changed_during_its_upload_is_not_uploaded(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local fragment file changed after its check is an upload failure (no blob, no
+    pointer), and the uploader goes on with the next fragment."""
+    monkeypatch.setattr(fragments_module, "_HOLD_SIZE", 1000)  # read again to upload
+    bucket = _DamagesLocalFiles(tmp_path / "a" / "data")
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        pack(store, PATHS[3:], ArchiveOptions(), tier)  # its 1.6 MB file: a fragment file
+        tier.flush()
+        assert bucket.damaged == 1
+        assert (tier.stats.uploaded, tier.stats.upload_failures) == (0, 1)
+        pack(store, PATHS[:1], ArchiveOptions(), tier)
+        tier.flush()
+        assert (tier.stats.uploaded, tier.stats.upload_failures) == (1, 1)
+    assert bucket.staged_blobs() == ()
+    assert len(pointers(bucket)) == 1
 
 
 def test_a_failed_upload_leaves_no_staged_bytes_and_no_pointer(

@@ -21,7 +21,7 @@ from nixery_core import fragments as fragments_module
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
-from nixery_core.errors import StorageUnavailable, UnsafeStoreContent
+from nixery_core.errors import LayerError, StorageUnavailable, UnsafeStoreContent
 from nixery_core.fragments import FragmentCache, fragment_key
 from nixery_core.names import Image
 from nixery_core.testing.runners import FakeNix, default_fake_packages
@@ -197,6 +197,27 @@ def test_damaged_cached_fragment_is_a_miss_and_repacked(store: Path, tmp_path: P
         assert pack(store, PATHS, options, cache) == expected
         assert cache.misses == misses + damaged
         assert pack(store, PATHS, options, cache) == expected  # repaired
+
+
+def test_a_large_fragment_changed_between_its_check_and_its_copy_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fragment too large to hold is checked again as it is copied: a file changed after
+    the lookup's check raises LayerError instead of giving wrong bytes."""
+    monkeypatch.setattr(fragments_module, "_HOLD_SIZE", 1000)  # not held: read twice
+    data = os.urandom(300_000)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        cache.put("big", [data], 1 << 20)
+        with cache.get("big") as found:
+            assert found is not None
+            assert found.held is None
+            assert b"".join(found.pieces()) == data  # unchanged: copied whole
+            (file,) = (p for p in (tmp_path / "fragments" / "data").rglob("*") if p.is_file())
+            with file.open("r+b") as damaged:  # in place: the open stream sees it
+                damaged.seek(len(data) // 2)
+                damaged.write(bytes([data[len(data) // 2] ^ 0xFF]))
+            with pytest.raises(LayerError, match="changed between its check and its copy"):
+                b"".join(found.pieces())
 
 
 def test_fragment_cache_stays_within_its_size_limit(store: Path, tmp_path: Path) -> None:
