@@ -31,9 +31,10 @@ of threads, can share one pool.
 
 **Where it is used.**  :mod:`nixery_core.archive` packs a chunked layer
 with ``threads`` (or a build's ``max_workers``) above 1 through
-:func:`shared` with that many workers; with 1 everything runs on the
-calling thread, and where no worker can be started (:func:`usable` is
-false: not POSIX, or no Python executable) on threads.  All three give the same bytes.
+:func:`shared` with that many workers (at most one per CPU it may run
+on); with 1 everything runs on the calling thread, and where no worker can
+be started (:func:`usable` is false: not POSIX, or no Python executable)
+on threads.  All three give the same bytes.
 
 **Lifetime.**  :func:`shared` hands out one pool per process, started on
 first use (workers start in about a tenth of a second) and reused by every
@@ -463,8 +464,21 @@ class _Shared:
 _SHARED = _Shared()
 
 
+def _cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS keeps one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1  # pragma: no cover - macOS: no affinity mask
+
+
 def shared(count: int) -> FrameProcesses:
-    """This process's pool, with at least ``count`` workers (started on first use)."""
+    """This process's pool, with at least ``count`` workers (started on first use).
+
+    At most one worker per CPU this process may use, whatever ``count``
+    (``threads=64`` starts no more workers than there are CPUs to run them;
+    the bytes do not depend on how many there are).
+    """
+    count = min(count, _cpu_count())
     with _SHARED.lock:
         pool = _SHARED.pool
         if pool is None or pool.closed:

@@ -192,3 +192,32 @@ def test_a_forked_child_does_not_keep_the_workers_alive(tmp_path: Path) -> None:
         [sys.executable, str(script)], check=True, env=env, timeout=120, capture_output=True
     )
     assert done.stdout.strip() == b"0"  # it exited on its own, not killed after a wait
+
+
+def test_the_shared_pool_has_at_most_one_worker_per_cpu(tmp_path: Path) -> None:
+    """Asking the shared pool for more workers than the process may use CPUs (``threads=64``)
+    gives one per CPU, on first use and when a later layer asks for more."""
+    script = tmp_path / "cap.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os
+            from nixery_core import frame_processes
+            for cpus in (os.sched_getaffinity(0), {min(os.sched_getaffinity(0))}):
+                os.sched_setaffinity(0, cpus)
+                first = frame_processes.shared(64).count
+                frame_processes.shutdown()
+                frame_processes.shared(1)
+                grown = frame_processes.shared(64).count
+                frame_processes.shutdown()
+                print(len(cpus), first, grown)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, str(script)], check=True, env=env, timeout=60, capture_output=True
+    )
+    rows = [tuple(map(int, line.split())) for line in done.stdout.splitlines()]
+    assert [cpus for cpus, _first, _grown in rows] == [len(os.sched_getaffinity(0)), 1]
+    assert all(first == grown == cpus for cpus, first, grown in rows)
