@@ -283,7 +283,18 @@ class FrameProcesses:
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.closed = False
+
+    def _wake(self, why: bytes) -> None:
+        """Wake the I/O thread: a byte down the pipe, never waiting.
+
+        Writes happen with the pool's lock held, which the I/O thread takes
+        before it reads the pipe again: a blocking write to a full pipe would
+        wait for ever.  A full pipe wakes the thread anyway.
+        """
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, why)
 
     def submit(
         self, settings: Settings, table: bytes, payload: Sequence[_Buffer]
@@ -322,7 +333,7 @@ class FrameProcesses:
             # for that already, or is woken to (under the lock, as in _pick:
             # close() may meanwhile have failed the task and closes the pipe).
             if worker.sending and not worker.write_armed and not self.closed:
-                os.write(self._wake_w, b"s")
+                self._wake(b"s")
         return future
 
     def _pick(self) -> _Worker:
@@ -334,7 +345,7 @@ class FrameProcesses:
             except OSError as exc:
                 raise LayerError(f"could not start a frame worker process: {exc}") from exc
             self._workers.append(worker)
-            os.write(self._wake_w, b"w")  # the I/O thread starts listening to it
+            self._wake(b"w")  # the I/O thread starts listening to it
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="nixery-frames-io", daemon=True
@@ -430,7 +441,7 @@ class FrameProcesses:
             workers, self._workers = self._workers, []
             pending = list(self._futures.values())
             self._futures.clear()
-        os.write(self._wake_w, b"c")
+        self._wake(b"c")
         if self._thread is not None:
             self._thread.join(timeout=5)
         for worker in workers:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import io
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,3 +223,35 @@ def test_the_shared_pool_has_at_most_one_worker_per_cpu(tmp_path: Path) -> None:
     rows = [tuple(map(int, line.split())) for line in done.stdout.splitlines()]
     assert [cpus for cpus, _first, _grown in rows] == [len(os.sched_getaffinity(0)), 1]
     assert all(first == grown == cpus for cpus, first, grown in rows)
+
+
+def test_a_full_wake_pipe_does_not_block_submit_or_close() -> None:
+    """Waking the I/O thread never waits: with its wake pipe full, submit and close return."""
+    pool = FrameProcesses(1)
+    # A second open of the pipe's write end, non-blocking on its own, fills it.
+    filler = os.open(f"/proc/self/fd/{pool._wake_w}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(filler, b"x" * 4096)
+    finally:
+        os.close(filler)
+    done: list[bytes] = []
+
+    def use() -> None:
+        done.append(pool.submit(_SETTINGS, _table((0, 3, 0, -1)), [b"abc"]).result(60)[0])
+        pool.close()
+
+    thread = threading.Thread(target=use, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    blocked = thread.is_alive()
+    if blocked:  # let it go, so the pool can close
+        with contextlib.suppress(BlockingIOError):
+            while os.read(pool._wake_r, 1 << 16):
+                pass
+        thread.join(timeout=60)
+        pool.close()
+    assert not blocked
+    assert done
+    assert pool.closed
