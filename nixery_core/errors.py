@@ -34,6 +34,9 @@ The attributes keep the values whole.
 
 Backend errors (OSError, google.api_core exceptions, HTTP errors) are
 translated at the seam into one of these and chained with ``raise ... from``.
+A failure in another process (a frame worker compressing a chunked layer,
+:mod:`nixery_core.frame_processes`) is a ``LayerError`` chained to that
+process's traceback: the cause's text, not a class to catch.
 Errors carry their context as attributes, so a registry can turn
 ``UnknownPackages.packages`` into a ``MANIFEST_UNKNOWN`` answer.
 """

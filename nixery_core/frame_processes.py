@@ -45,7 +45,8 @@ batch compressed here is byte-identical to one compressed on a thread.
 
 **Errors.**  A failure in a worker comes back as
 :class:`~nixery_core.errors.LayerError` naming the worker's exception,
-chained to a :class:`WorkerFailed` holding its traceback; a worker that
+chained to the worker's traceback (the cause's text, as
+:mod:`concurrent.futures` does for its processes); a worker that
 dies fails the batches it held the same way, and the pool starts a new
 worker for the next batch.
 """
@@ -72,7 +73,7 @@ from typing import Any
 
 from nixery_core.errors import LayerError
 
-__all__ = ["FrameProcesses", "WorkerFailed", "shared", "shared_pids", "shutdown", "usable"]
+__all__ = ["FrameProcesses", "shared", "shared_pids", "shutdown", "usable"]
 
 #: The settings a worker compresses with: compression, level, gzip backend.
 Settings = tuple[str, int, str]
@@ -96,15 +97,19 @@ serve(int(sys.argv[2]))
 """
 
 
-class WorkerFailed(Exception):
-    """An exception raised in a worker process; its text is the worker's traceback."""
+class _WorkerTraceback(Exception):
+    """The cause of a worker's failure: its text is the worker's traceback.
+
+    Only ever a ``__cause__`` (of the :class:`~nixery_core.errors.LayerError`
+    raised), so that the traceback shows with the error; not for catching.
+    """
 
 
 def _failed(trace: str) -> LayerError:
     """The error for a batch a worker failed on, chained to its traceback."""
     last = trace.strip().splitlines()[-1] if trace.strip() else "unknown error"
     error = LayerError(f"compressing frames failed in a worker process: {last}")
-    error.__cause__ = WorkerFailed(trace)
+    error.__cause__ = _WorkerTraceback(trace)
     return error
 
 
