@@ -118,7 +118,6 @@ __all__ = [
     "each_frame",
     "modtime_rfc3339",
     "new_chunker",
-    "ordered_entries",
     "plan_chunks",
 ]
 
@@ -222,13 +221,6 @@ def compact_json(document: Any) -> bytes:
     if not out or not out.isascii() or b"\x7f" in out or b"\\u" in out:
         out = json.dumps(document, separators=(",", ":")).encode()
     return out
-
-
-def ordered_entries(
-    entries: list[dict[str, Any]], keys: tuple[str, ...] = TOC_KEYS
-) -> list[dict[str, Any]]:
-    """The entries with their keys in a fixed order (only ``keys`` kept)."""
-    return [{key: entry[key] for key in keys if key in entry} for entry in entries]
 
 
 def _libc_memmem() -> Any:
