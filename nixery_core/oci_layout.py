@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import cast
 
 from nixery_core.digests import Sha256Counter, digest_hex, sha256_digest, validate_digest
+from nixery_core.durable import fsync_dir
 from nixery_core.errors import (
     BlobNotFound,
     DigestMismatch,
@@ -99,14 +100,6 @@ def _translated(what: str) -> Iterator[None]:
         raise StorageUnavailable(f"writing the OCI layout failed at {what}: {exc}", what) from exc
 
 
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Layout:
     """One layout directory being written."""
 
@@ -137,7 +130,7 @@ class _Layout:
             os.fsync(fd)
         temp.replace(target)
         if self.durable:
-            _sync_dir(target.parent)
+            fsync_dir(target.parent)
 
     def write_file(self, target: Path, data: bytes) -> None:
         with self.temp() as (fd, temp):

@@ -49,6 +49,7 @@ from typing import BinaryIO, Literal
 import attrs
 
 from nixery_core.digests import Sha256Counter, digest_hex, is_digest, sha256_digest
+from nixery_core.durable import fsync_dir
 from nixery_core.errors import (
     BlobNotFound,
     DigestMismatch,
@@ -82,14 +83,6 @@ def _translated(key: str) -> Iterator[None]:
     except OSError as exc:
         kind = "out of space" if exc.errno == errno.ENOSPC else "I/O error"
         raise StorageUnavailable(f"filesystem store {kind} on {key}: {exc}", key) from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_object_key(key: str) -> bool:
@@ -159,7 +152,7 @@ class FilesystemStore:
 
     def _sync_dir(self, path: Path) -> None:
         if self.durable:
-            _fsync_dir(path)
+            fsync_dir(path)
 
     def _stage(self, prefix: str) -> tuple[BinaryIO, Path]:
         fd, name = tempfile.mkstemp(prefix=prefix, dir=self._staging)
