@@ -165,15 +165,14 @@ class WithRegistry:
 
     def grouper(self) -> _Grouper:
         """A fresh grouper that records every layer it returns and feeds them back."""
-        stored: set[tuple[str, ...]] = set()
+        # The record grows with each build (adding_prior_layers checks only
+        # the new layers): the same as passing every layer stored so far.
+        strategy = self.strategy.with_prior_layers(()) if self.told else self.strategy
 
         def group(graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
-            if self.told:
-                strategy = self.strategy.with_prior_layers(stored)
-            else:
-                strategy = attrs.evolve(self.strategy, prior_layers=frozenset(stored))
+            nonlocal strategy
             groups = strategy.group(graph, budget)
-            stored.update(g.paths for g in groups)
+            strategy = strategy.adding_prior_layers(g.paths for g in groups)
             return groups
 
         return group

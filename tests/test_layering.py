@@ -359,6 +359,49 @@ def test_ours_with_prior_layers_keeps_its_promises(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), graph=closures(), budget=st.integers(1, 45))
+def test_ours_record_grown_build_by_build_is_the_record_passed_whole(
+    data: st.DataObject, graph: RuntimeGraph, budget: int
+) -> None:
+    """A record grown with ``adding_prior_layers`` (only new layers checked) is the same
+    strategy, with the same layers, as every layer passed at once, in any form: lists,
+    a set, or a frozenset of sorted tuples taken as it is."""
+    paths = sorted(graph.paths)
+    layer = st.lists(st.sampled_from([*paths, store_path(999, "gone")]), min_size=1)
+    batches = data.draw(st.lists(st.lists(layer), max_size=4))
+    grown = DEFAULT_STRATEGY.with_prior_layers([])
+    for batch in batches:
+        grown = grown.adding_prior_layers(batch)
+    every = [list(reversed(x)) for batch in batches for x in batch]
+    whole = DEFAULT_STRATEGY.with_prior_layers(every)
+    normal = frozenset(tuple(sorted(set(x))) for x in every)
+    assert grown == whole == DEFAULT_STRATEGY.with_prior_layers(normal)
+    assert grown.parameters() == whole.parameters()
+    assert grown.group(graph, budget) == whole.group(graph, budget)
+    assert not DEFAULT_STRATEGY.adding_prior_layers([paths[:1]]).told_registry
+
+
+@pytest.mark.parametrize(
+    "record",
+    [frozenset({("/nix/store/b-x", "/nix/store/a-x"), ("/nix/store/c-x",)}),
+     frozenset({("/nix/store/a-x", "/nix/store/a-x")}), frozenset({("/nix/store/a-x",), ()})],
+)
+def test_ours_normalises_a_frozenset_record_not_in_normal_form(
+    record: frozenset[tuple[str, ...]],
+) -> None:
+    """A frozenset of unsorted or repeated paths is normalised like any collection (an
+    empty layer refused), not taken as it is."""
+    if () in record:
+        with pytest.raises(InvalidInput, match="prior"):
+            ChurnAwareDominators(prior_layers=record)
+        return
+    told = ChurnAwareDominators(prior_layers=record)
+    assert told.prior_layers == frozenset(tuple(sorted(set(x))) for x in record)
+    with pytest.raises(InvalidInput, match="prior"):
+        told.adding_prior_layers([["/nix/store/a-x", 3]])  # type: ignore[list-item]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(graph=closures(), budget=st.integers(1, 45))
 def test_ours_without_prior_layers_in_the_closure_is_unchanged(
     graph: RuntimeGraph, budget: int

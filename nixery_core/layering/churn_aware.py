@@ -92,6 +92,7 @@ import hashlib
 import heapq
 import itertools
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
@@ -122,8 +123,25 @@ def _flag(_instance: object, attribute: attrs.Attribute[bool], value: bool) -> N
         raise InvalidInput(f"{attribute.name} must be True or False, got {value!r}")
 
 
+class _Record(frozenset[tuple[str, ...]]):
+    """Prior layers already checked and in normal form (only :func:`_prior` makes one)."""
+
+    __slots__ = ()
+
+
 def _prior(value: object) -> frozenset[tuple[str, ...]]:
-    """Prior layers as a frozenset of sorted path tuples; anything else is refused."""
+    """Prior layers as a frozenset of sorted path tuples; anything else is refused.
+
+    A registry's record grows with every layer it stores and is passed in
+    again at every build, so it is not built again when it need not be: a
+    record this function made is taken as it is, and a frozenset already in
+    that form (non-empty tuples of store paths, each strictly increasing) is
+    only checked.
+    """
+    if type(value) is _Record:
+        return value
+    if isinstance(value, frozenset) and all(map(_normal_layer, value)):
+        return _Record(value)
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise InvalidInput(f"prior_layers must be a collection of store path sets, got {value!r}")
     layers = set()
@@ -134,7 +152,17 @@ def _prior(value: object) -> frozenset[tuple[str, ...]]:
         if not members or not all(isinstance(p, str) for p in members):
             raise InvalidInput(f"a prior layer must name one or more store paths, got {layer!r}")
         layers.add(tuple(sorted(members)))
-    return frozenset(layers)
+    return _Record(layers)
+
+
+def _normal_layer(layer: object) -> bool:
+    """Whether ``layer`` is a non-empty tuple of strings, strictly increasing (sorted, unique)."""
+    return (
+        type(layer) is tuple
+        and bool(layer)
+        and all(map(isinstance, layer, itertools.repeat(str)))
+        and all(map(operator.lt, layer, itertools.islice(layer, 1, None)))
+    )
 
 
 def _weight(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -218,6 +246,17 @@ class ChurnAwareDominators:
         builds that are told it too.
         """
         return attrs.evolve(self, prior_layers=layers, told_registry=True)
+
+    def adding_prior_layers(self, layers: Iterable[Sequence[str]]) -> ChurnAwareDominators:
+        """This strategy with ``layers`` added to ``prior_layers`` (``told_registry`` as it is).
+
+        The same as passing the union of both to :meth:`with_prior_layers`
+        (or to ``prior_layers``), but only the new layers are checked: a
+        registry that records every layer it stores grows its record this
+        way, build after build, without building it again each time.
+        """
+        grown = _Record(self.prior_layers.union(_prior(layers)))
+        return attrs.evolve(self, prior_layers=grown)
 
     def leaf_stable(self, graph: RuntimeGraph, budget: int) -> bool:
         """Whether adding one new root package to ``graph`` leaves every layer as it is.
@@ -497,7 +536,8 @@ class _Containment:
         self.c = c
         self.elsewhere = elsewhere
         self.weight = list(weight)
-        self.tops: dict[int, frozenset[int]] = {v: frozenset((v,)) for v in c.rest}
+        #: Each group's tops, sorted (the product below multiplies in that order).
+        self.tops: dict[int, tuple[int, ...]] = {v: (v,) for v in c.rest}
         self.held = list(elsewhere)
         self.prior: dict[int, float] = {}
 
@@ -505,16 +545,17 @@ class _Containment:
         """``g`` is a prior layer: its first merge also costs its whole weight."""
         self.prior[g] = self.c.weight_of(g)
 
-    def _union(self, a: int, b: int) -> tuple[frozenset[int], float]:
+    def _union(self, a: int, b: int) -> tuple[tuple[int, ...], float]:
         """The tops of ``a`` and ``b`` merged, and the chance an image holds them all."""
         in_a, in_b = self.c.closure[a], self.c.closure[b]
-        tops = frozenset(
-            [
-                *(t for t in self.tops[a] if not in_b >> t & 1),
-                *(t for t in self.tops[b] if not in_a >> t & 1),
-            ]
-        )
-        return tops, math.prod(self.elsewhere[t] for t in sorted(tops))
+        tops = [t for t in self.tops[a] if not in_b >> t & 1]
+        tops.extend(t for t in self.tops[b] if not in_a >> t & 1)
+        tops.sort()
+        elsewhere = self.elsewhere
+        # One top (the common case) is its own chance: the product of one
+        # factor, as math.prod computes it (1 * x is x).
+        held = elsewhere[tops[0]] if len(tops) == 1 else math.prod([elsewhere[t] for t in tops])
+        return tuple(tops), held
 
     def cost(self, a: int, b: int) -> float:
         # The first heap holds paths, not groups: a prior layer's members were
@@ -545,10 +586,14 @@ def _contained(
 ) -> list[list[int]]:
     """Prior layers made only of unpinned paths of ``ig``, disjoint: most bytes first."""
     index = {p: i for i, p in enumerate(ig.paths)}
+    # Most of a registry's record lies outside any one closure: a layer is
+    # dropped at its first path the closure lacks, before the rest is looked up.
     found = []
     for layer in prior:
+        if layer[0] not in index or layer[-1] not in index:
+            continue
         members = [index.get(p, -1) for p in layer]
-        if all(v >= 0 and v not in pinned for v in members):
+        if -1 not in members and pinned.isdisjoint(members):
             found.append((-sum(ig.sizes[v] for v in members), layer, members))
     found.sort()
     taken: set[int] = set()
