@@ -14,8 +14,9 @@ on loopback with private state:
 * :class:`CountingProxy` relays TCP connections to a registry and counts
   the bytes the registry sends back (headers included);
 * :class:`PartialPodman` is podman with private storage configured for
-  partial pulls (overlay driver, ``enable_partial_images``, no hard links),
-  which logs ``Retrieved partial blob`` per layer it fetched by ranges;
+  partial pulls (:mod:`benchmarks.private_podman`: overlay driver,
+  ``enable_partial_images``, no hard links), which logs ``Retrieved
+  partial blob`` per layer it fetched by ranges;
 * :func:`compare_rootfs` checks a mounted image file by file against the
   store paths it should hold;
 * :func:`changed_store_path_bytes` (the per-store-path floor) and
@@ -41,6 +42,7 @@ from typing import Any
 
 import attrs
 
+from benchmarks.private_podman import PrivatePodman
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 from nixery_core.compression import frame_compressor
 from nixery_core.nixexprs import SyntheticParams, nix_dir, write_synthetic_set
@@ -207,67 +209,11 @@ class CountingProxy:
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-class PartialPodman:
+class PartialPodman(PrivatePodman):
     """podman with private storage and partial pulls enabled (no system state touched)."""
 
     def __init__(self, *, partial: bool = True) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="nx-partial-"))
-        (self.workdir / "tmp").mkdir()
-        options = (
-            '[storage.options]\npull_options = {enable_partial_images = "true", '
-            'use_hard_links = "false", ostree_repos = ""}\n'
-            if partial
-            else ""
-        )
-        storage = self.workdir / "storage.conf"
-        storage.write_text(
-            '[storage]\ndriver = "overlay"\n'
-            f'runroot = "{self.workdir / "run"}"\ngraphroot = "{self.workdir / "store"}"\n'
-            + options
-        )
-        registries = self.workdir / "registries.conf"
-        registries.write_text("unqualified-search-registries = []\n")
-        containers = self.workdir / "containers.conf"
-        containers.write_text(
-            '[containers]\nnetns = "none"\n'
-            'default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n'
-            '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-        )
-        self.env = {
-            **os.environ,
-            "CONTAINERS_STORAGE_CONF": str(storage),
-            "CONTAINERS_REGISTRIES_CONF": str(registries),
-            "CONTAINERS_CONF": str(containers),
-            "TMPDIR": str(self.workdir / "tmp"),
-        }
-
-    def _podman(self) -> list[str]:
-        return [
-            "podman",
-            "--root",
-            str(self.workdir / "store"),
-            "--runroot",
-            str(self.workdir / "run"),
-            "--tmpdir",
-            str(self.workdir / "tmp"),
-        ]
-
-    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """Run one podman command; a failure raises with its stderr tail."""
-        result = subprocess.run(
-            [*self._podman(), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"podman {' '.join(args[:3])} exited {result.returncode}:\n{result.stderr[-3000:]}"
-            )
-        return result
+        super().__init__(partial=partial, prefix="nx-partial-")
 
     def pull(self, reference: str) -> tuple[int, int]:
         """Pull with debug logs; (layers fetched by ranges, layers that fell back to whole)."""
@@ -284,22 +230,6 @@ class PartialPodman:
             yield path
         finally:
             self.run("image", "unmount", reference)
-
-    def close(self) -> None:
-        """Remove every image and the private directory (unmounting what podman left)."""
-        subprocess.run(
-            [*self._podman(), "rmi", "--all", "--force"],
-            capture_output=True,
-            check=False,
-            env=self.env,
-            timeout=300,
-        )
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-        prefix = str(self.workdir) + "/"
-        targets = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
-        for target in sorted(targets, key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 # --- checks and yardsticks -----------------------------------------------------------

@@ -14,7 +14,9 @@ host's (runc fails with "error setting rlimits" otherwise), so each client
 is configured with 4096 for both; Docker runs with the ``vfs`` storage
 driver, no iptables and no bridge (containers run with ``--network
 none``), which is what works inside this VM.  Daemons run in their own
-process group and are stopped with it (SIGTERM, then SIGKILL).
+process group and are stopped with it (SIGTERM, then SIGKILL).  podman's
+private set-up is :class:`benchmarks.private_podman.PrivatePodman`, which the
+partial-pull benchmark uses too (its failures raise ``PodmanFailed``).
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from benchmarks.private_podman import ULIMIT, PodmanFailed, PrivatePodman, unmount_below
 from nixery_core.runner import tied_to_caller
 
 __all__ = ["Containerd", "DaemonFailed", "Dockerd", "Podman", "docker_binary"]
 
-_ULIMIT = 4096
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -122,20 +124,8 @@ class _Daemon:
     def close(self) -> None:
         """Stop the daemon and remove its directory (mounts left behind are unmounted)."""
         self.stop()
-        _unmount_below(self.workdir)
+        unmount_below(self.workdir)
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _unmount_below(root: Path) -> None:
-    """Lazily unmount every mount under ``root`` (deepest first); only our own directory."""
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:  # pragma: no cover - Linux always has it
-        return
-    prefix = str(root) + "/"
-    targets = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
-    for target in sorted(targets, key=len, reverse=True):
-        subprocess.run(["umount", "-l", target], capture_output=True, check=False)
 
 
 class Containerd(_Daemon):
@@ -193,7 +183,7 @@ class Dockerd(_Daemon):
         """Write daemon.json, start dockerd, wait for ``docker version``."""
         self.socket = self.workdir / "docker.sock"
         limits = {
-            kind: {"Name": kind, "Hard": _ULIMIT, "Soft": _ULIMIT} for kind in ("nofile", "nproc")
+            kind: {"Name": kind, "Hard": ULIMIT, "Soft": ULIMIT} for kind in ("nofile", "nproc")
         }
         config = {
             "data-root": str(self.workdir / "data"),
@@ -235,66 +225,27 @@ class Dockerd(_Daemon):
         return _run(argv).stdout
 
 
-class Podman:
+class Podman(PrivatePodman):
     """podman with private storage (``--root``, ``--runroot``) and configuration files."""
-
-    def __init__(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="nx-podman-"))
-        (self.workdir / "tmp").mkdir()
-        storage = self.workdir / "storage.conf"
-        storage.write_text(
-            '[storage]\ndriver = "overlay"\n'
-            f'runroot = "{self.workdir / "run"}"\ngraphroot = "{self.workdir / "store"}"\n'
-        )
-        registries = self.workdir / "registries.conf"
-        registries.write_text("unqualified-search-registries = []\n")
-        containers = self.workdir / "containers.conf"
-        containers.write_text(
-            '[containers]\nnetns = "none"\n'
-            f'default_ulimits = ["nofile={_ULIMIT}:{_ULIMIT}", "nproc={_ULIMIT}:{_ULIMIT}"]\n'
-            '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-        )
-        self.env = {
-            **os.environ,
-            "CONTAINERS_STORAGE_CONF": str(storage),
-            "CONTAINERS_REGISTRIES_CONF": str(registries),
-            "CONTAINERS_CONF": str(containers),
-            "TMPDIR": str(self.workdir / "tmp"),
-        }
-
-    def _podman(self) -> list[str]:
-        return [
-            "podman", "--root", str(self.workdir / "store"), "--runroot", str(self.workdir / "run"),
-            "--tmpdir", str(self.workdir / "tmp"),
-        ]
 
     @property
     def version(self) -> str:
         """podman's version."""
-        return _run([*self._podman(), "version", "--format", "{{.Client.Version}}"],
-                    env=self.env).stdout.strip()
+        return self.run("version", "--format", "{{.Client.Version}}", timeout=300).stdout.strip()
 
     def pull(self, reference: str) -> str:
         """``podman pull --tls-verify=false``; returns the manifest digest it resolved."""
-        _run([*self._podman(), "pull", "--tls-verify=false", reference], env=self.env)
-        out = _run([*self._podman(), "image", "inspect", "--format", "{{.Digest}}", reference],
-                   env=self.env).stdout.strip()
+        self.run("pull", "--tls-verify=false", reference, timeout=300)
+        out = self.run(
+            "image", "inspect", "--format", "{{.Digest}}", reference, timeout=300
+        ).stdout.strip()
         if not _DIGEST.fullmatch(out):
-            raise DaemonFailed(f"podman image inspect gave no digest: {out!r}")
+            raise PodmanFailed(f"podman image inspect gave no digest: {out!r}")
         return out
 
     def run_hello(self, reference: str) -> str:
         """``podman run --rm`` the image's ``hello``; returns its output."""
-        return _run([*self._podman(), "run", "--rm", reference, "hello"], env=self.env).stdout
-
-    def close(self) -> None:
-        """Remove every image and the private directory (unmounting what podman left)."""
-        subprocess.run(
-            [*self._podman(), "rmi", "--all", "--force"], capture_output=True, check=False,
-            env=self.env, timeout=120,
-        )
-        _unmount_below(self.workdir)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.run("run", "--rm", reference, "hello", timeout=300).stdout
 
 
 @contextlib.contextmanager
