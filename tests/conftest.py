@@ -47,6 +47,19 @@ def require_tools(*tools: str) -> None:
     pytest.skip(message)
 
 
+def require_root(what: str) -> None:
+    """Skip without root on a developer machine; fail in CI, which runs as root.
+
+    ``what`` says what needs it (private daemons, overlay mounts, runc).
+    """
+    if os.geteuid() == 0:
+        return
+    message = f"{what} needs root here"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def slow_builders_alive() -> list[int]:
     """Processes running the offline set's ``slow`` builder (found by its command line)."""
     alive = []

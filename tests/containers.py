@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-from conftest import IN_CI, require_tools
+from conftest import require_root, require_tools
 
 
 def unpack(layout: Path, ref: str, bundle: Path) -> Path:
     """``umoci unpack`` an OCI layout's ``ref`` into ``bundle``; returns the bundle."""
     require_tools("umoci", "runc")
-    if os.geteuid() != 0:
-        message = "umoci unpack (non-rootless) and runc need root"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_root("umoci unpack (not rootless) and runc")
     subprocess.run(
         ["umoci", "unpack", "--image", f"{layout}:{ref}", str(bundle)],
         check=True, capture_output=True, timeout=120,

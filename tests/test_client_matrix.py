@@ -12,7 +12,6 @@ pull), one image, one daemon per client.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import attrs
 import httpx
 import pytest
 from client_daemons import Containerd, Dockerd, Podman, started
-from conftest import IN_CI, OFFLINE_SET, REPO, require_tools
+from conftest import OFFLINE_SET, REPO, require_root, require_tools
 from servers import DockerRegistry
 
 from examples.registry import RegistryConfig, create_app, serving
@@ -35,16 +34,6 @@ pytestmark = [pytest.mark.nix, pytest.mark.tools, pytest.mark.usefixtures("nix")
 
 IMAGE = "shell/hello"
 PUSHED_REPO = "nixery/hello"
-
-
-def require_root(what: str) -> None:
-    """Skip without root on a developer machine; fail in CI, which runs as root."""
-    if os.geteuid() == 0:
-        return
-    message = f"{what} needs root here (private daemons, runc)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +76,7 @@ def registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
 def podman() -> Iterator[Podman]:
     """podman with private storage and configuration."""
     require_tools("podman", "runc")
-    require_root("podman")
+    require_root("podman (private storage, runc)")
     client = Podman()
     with started(client):
         yield client
@@ -97,7 +86,7 @@ def podman() -> Iterator[Podman]:
 def containerd() -> Iterator[Containerd]:
     """containerd on a private root and socket."""
     require_tools("containerd", "ctr", "runc")
-    require_root("containerd")
+    require_root("containerd (a private daemon, runc)")
     daemon = Containerd()
     with started(daemon):
         daemon.start()
@@ -108,7 +97,7 @@ def containerd() -> Iterator[Containerd]:
 def dockerd(registries: dict[str, str]) -> Iterator[Dockerd]:
     """dockerd on a private data root and socket, trusting both registries over plain HTTP."""
     require_tools("dockerd", "docker", "runc")
-    require_root("dockerd")
+    require_root("dockerd (a private daemon, runc)")
     daemon = Dockerd()
     hosts = sorted({reference.split("/", 1)[0] for reference in registries.values()})
     with started(daemon):

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import OFFLINE_SET, require_tools
+from conftest import OFFLINE_SET, require_root, require_tools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -520,8 +520,7 @@ def _materialise(entries: list[TarEntry], root: Path) -> None:
 def test_forest_runs_in_a_real_container(tmp_path: Path) -> None:
     """In runc, as uid 1000: /usr/bin/env, bin/hello, the CA bundle, /tmp and the home work."""
     require_tools("runc")
-    if os.geteuid() != 0:
-        pytest.skip("runc with a uid-1000 process and chowned rootfs needs root")
+    require_root("runc with a uid-1000 process and a chowned rootfs")
     names = ["bashInteractive", "cacert", "coreutils", "hello", "iana-etc"]
     argv = ["nix-build", str(OFFLINE_SET), "--no-out-link"]
     built = subprocess.run(

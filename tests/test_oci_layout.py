@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import require_tools
+from conftest import require_root, require_tools
 
 from nixery_core.digests import digest_hex, sha256_digest
 from nixery_core.errors import (
@@ -297,8 +297,7 @@ def _skopeo_inspect(*args: str) -> dict[str, object]:
 
 def _unpack_and_run(tmp_path: Path, layout: Path, tag: str) -> str:
     """umoci-unpack ``layout:tag`` and run busybox echo in it with runc; return its stdout."""
-    if os.geteuid() != 0:
-        pytest.skip("umoci unpack without --rootless and runc need root")
+    require_root("umoci unpack (not rootless) and runc")
     bundle = tmp_path / "bundle"
     subprocess.run(
         ["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)],

@@ -17,7 +17,6 @@ tuned on it.  Module-scoped: one set of builds, one registry.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from client_daemons import Containerd, Dockerd, Podman, started
-from conftest import IN_CI, OFFLINE_SET, require_tools
+from conftest import OFFLINE_SET, require_root, require_tools
 from containers import run_in_bundle, unpack
 
 from benchmarks.bench_partial import CaseResult, Images, run_docker_registry, run_example_registry
@@ -42,20 +41,11 @@ pytestmark = [pytest.mark.nix, pytest.mark.tools, pytest.mark.usefixtures("nix")
 FORMATS = ("estargz", "zstd-chunked")
 
 
-def _require_root(what: str) -> None:
-    if os.geteuid() == 0:
-        return
-    message = f"{what} needs root here (podman overlay mounts, daemons)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     """Three revisions of an 8-package set (seed 5), built on demand per format."""
     require_tools("nix-build", "nix-store", "docker-registry", "podman")
-    _require_root("partial pulls")
+    require_root("partial pulls (podman overlay mounts)")
     work = tmp_path_factory.mktemp("partial")
     revisions = package_sets(
         work / "sets",
@@ -178,7 +168,7 @@ def test_skopeo_copies_and_runc_runs_the_estargz_image(estargz_hello: str, tmp_p
 def test_docker_ctr_and_podman_run_the_estargz_image(estargz_hello: str) -> None:
     """Docker, containerd's ctr and default podman pull the eStargz image whole and run hello."""
     require_tools("dockerd", "docker", "containerd", "ctr", "podman", "runc")
-    _require_root("client daemons")
+    require_root("client daemons (private daemons, runc)")
     host = estargz_hello.split("/", 1)[0]
     podman, containerd, dockerd = Podman(), Containerd(), Dockerd()
     with started(podman), started(containerd), started(dockerd):
@@ -224,7 +214,7 @@ def test_ctr_remote_reference_layers_list_the_same_files_and_digests(
     """ctr-remote (the stargz-snapshotter's writer) converts our gzip image; its TOCs, read by
     the same code as ours, name the same files with the same digests as our layers' TOCs."""
     require_tools("ctr-remote", "containerd", "nix-build", "docker-registry")
-    _require_root("containerd")
+    require_root("containerd (a private daemon, runc)")
     from test_chunked_formats import _toc
 
     store = FilesystemStore(tmp_path / "store")
