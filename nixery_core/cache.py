@@ -67,7 +67,7 @@ from nixery_core.protocols import (
     SupportsReading,
     Uploader,
 )
-from nixery_core.record_schema import MalformedRecord, record_blob_sizes
+from nixery_core.record_schema import record_blob_sizes
 from nixery_core.tally import Tally
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
@@ -162,11 +162,15 @@ class ManifestRecord:
 
 
 def _served_manifest(data: Mapping[str, Any]) -> ManifestRecord:
-    """A manifest entry checked for serving: a well-formed body naming exactly its blobs."""
+    """A manifest entry checked for serving: a well-formed body naming exactly its blobs.
+
+    Raises TypeError or ValueError naming what is wrong, which the cache's
+    parse step turns into a logged, counted corrupt miss.
+    """
     record = ManifestRecord.from_json(data)
     sizes = record_blob_sizes(record.body)
     if set(record.blobs) != set(sizes):
-        raise MalformedRecord("the entry's blobs differ from those its body describes")
+        raise ValueError("the entry's blobs differ from those its body describes")
     return attrs.evolve(record, sizes=sizes)
 
 

@@ -37,6 +37,9 @@ translated at the seam into one of these and chained with ``raise ... from``.
 A failure in another process (a frame worker compressing a chunked layer,
 :mod:`nixery_core.frame_processes`) is a ``LayerError`` chained to that
 process's traceback: the cause's text, not a class to catch.
+A malformed cache entry is no error of this tree: the cache counts it
+(``CacheStats.corrupt_entries``), logs what is wrong and rebuilds, so a
+caller never sees it (:mod:`nixery_core.record_schema`).
 Errors carry their context as attributes, so a registry can turn
 ``UnknownPackages.packages`` into a ``MANIFEST_UNKNOWN`` answer.
 """

@@ -1,5 +1,8 @@
 """The shape of a manifest cache entry's body, checked before anything is served from it.
 
+Internal to :class:`~nixery_core.cache.BuildCache`: nothing here reaches its
+callers.
+
 A cache entry can come from another host's bucket, an older release, a
 half-written file or a hand edit, so :class:`~nixery_core.cache.BuildCache`
 checks every body it is about to serve with :func:`record_blob_sizes`:
@@ -20,9 +23,11 @@ checks every body it is about to serve with :func:`record_blob_sizes`:
   ``manifests``.
 
 The answer is every blob the record describes with its size, so a hit can
-compare them with the stored sizes.  Anything else raises
-:class:`MalformedRecord` (a ``ValueError``): the cache counts that entry as
-corrupt, logs it and rebuilds, which overwrites it.
+compare them with the stored sizes.  Anything else raises a ``ValueError``
+naming what is wrong, which the cache catches where it parses an entry: it
+counts the entry as corrupt (``CacheStats.corrupt_entries``), logs a warning
+with that text and rebuilds, which overwrites the entry.  A caller of the
+cache never sees the error.
 """
 
 from __future__ import annotations
@@ -35,23 +40,27 @@ from nixery_core.errors import InvalidManifest
 from nixery_core.manifest import parse_index, parse_manifest
 from nixery_core.sbom.referrers import EMPTY_DESCRIPTOR, SbomArtifact
 
-__all__ = ["MalformedRecord", "record_blob_sizes"]
+__all__ = ["record_blob_sizes"]
 
 _LAYER_KINDS = ("store", "customisation")
 
 
-class MalformedRecord(ValueError):
-    """A cache entry body lacks a field, has one of the wrong type, or contradicts itself."""
+class _MalformedRecord(ValueError):
+    """A cache entry body lacks a field, has one of the wrong type, or contradicts itself.
+
+    Private: the cache catches it as the ``ValueError`` it is and treats the
+    entry as a corrupt miss, so it never escapes the library.
+    """
 
 
 def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(body, dict):  # JSON objects are dicts, and the check is fast
-        raise MalformedRecord(f"expected an object holding {name!r}, got {type(body).__name__}")
+        raise _MalformedRecord(f"expected an object holding {name!r}, got {type(body).__name__}")
     if name not in body:
-        raise MalformedRecord(f"{name!r} is missing")
+        raise _MalformedRecord(f"{name!r} is missing")
     value = body[name]
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise MalformedRecord(f"{name!r} is {type(value).__name__}, not {_names(kind)}")
+        raise _MalformedRecord(f"{name!r} is {type(value).__name__}, not {_names(kind)}")
     return value
 
 
@@ -63,14 +72,14 @@ def _names(kind: type | tuple[type, ...]) -> str:
 def _digest(body: Mapping[str, Any], name: str) -> str:
     value: str = _field(body, name, str)
     if not is_digest(value):
-        raise MalformedRecord(f"{name!r} is not a sha256 digest")
+        raise _MalformedRecord(f"{name!r} is not a sha256 digest")
     return value
 
 
 def _strings(body: Mapping[str, Any], name: str) -> None:
     values = _field(body, name, list)
     if not all(isinstance(v, str) for v in values):
-        raise MalformedRecord(f"{name!r} holds something other than strings")
+        raise _MalformedRecord(f"{name!r} holds something other than strings")
 
 
 def _image_sizes(body: Mapping[str, Any]) -> dict[str, int]:
@@ -85,41 +94,41 @@ def _image_sizes(body: Mapping[str, Any]) -> dict[str, int]:
         _digest(layer, "diff_id")
         size: int = _field(layer, "size", int)
         if size < 0:
-            raise MalformedRecord("a layer size is negative")
+            raise _MalformedRecord("a layer size is negative")
         layer_type: str = _field(layer, "media_type", str)
         _strings(layer, "paths")
         _strings(layer, "packages")
         if _field(layer, "kind", str) not in _LAYER_KINDS:
-            raise MalformedRecord(f"layer kind {str(layer['kind'])[:40]!r} is unknown")
+            raise _MalformedRecord(f"layer kind {str(layer['kind'])[:40]!r} is unknown")
         if sizes.setdefault(digest, size) != size:
-            raise MalformedRecord(f"{digest} is given two sizes")
+            raise _MalformedRecord(f"{digest} is given two sizes")
         described.append((digest, size, layer_type))
     try:
         parsed = parse_manifest(manifest, media_type)
     except InvalidManifest as exc:
-        raise MalformedRecord(f"the manifest does not parse: {exc}") from exc
+        raise _MalformedRecord(f"the manifest does not parse: {exc}") from exc
     if (parsed.config.digest, parsed.config.size) != (sha256_digest(config), len(config)):
-        raise MalformedRecord("the manifest names another config")
+        raise _MalformedRecord("the manifest names another config")
     if [(d.digest, d.size, d.media_type) for d in parsed.layers] != described:
-        raise MalformedRecord("the manifest's layers differ from the entry's")
+        raise _MalformedRecord("the manifest's layers differ from the entry's")
     for artifact in _field(body, "sboms", list) if "sboms" in body else []:
         for digest, size in _sbom_sizes(artifact):
             if sizes.setdefault(digest, size) != size:
-                raise MalformedRecord(f"{digest} is given two sizes")
+                raise _MalformedRecord(f"{digest} is given two sizes")
     return sizes
 
 
 def _sbom_sizes(data: object) -> list[tuple[str, int]]:
     if not isinstance(data, dict):
-        raise MalformedRecord(f"an SBOM entry is {type(data).__name__}, not an object")
+        raise _MalformedRecord(f"an SBOM entry is {type(data).__name__}, not an object")
     try:
         artifact = SbomArtifact.from_json(data)
     except (TypeError, KeyError) as exc:
-        raise MalformedRecord(f"an SBOM entry is malformed: {str(exc)[:80]}") from exc
+        raise _MalformedRecord(f"an SBOM entry is malformed: {str(exc)[:80]}") from exc
     _digest(data, "manifest_digest")
     _digest(data, "document_digest")
     if artifact.manifest_size < 0 or artifact.document_size < 0:
-        raise MalformedRecord("an SBOM size is negative")
+        raise _MalformedRecord("an SBOM size is negative")
     return [
         (artifact.manifest_digest, artifact.manifest_size),
         (EMPTY_DESCRIPTOR.digest, EMPTY_DESCRIPTOR.size),
@@ -134,7 +143,7 @@ def _index_sizes(body: Mapping[str, Any]) -> dict[str, int]:
     try:
         parsed = parse_index(index, media_type)
     except InvalidManifest as exc:
-        raise MalformedRecord(f"the index does not parse: {exc}") from exc
+        raise _MalformedRecord(f"the index does not parse: {exc}") from exc
     sizes = {sha256_digest(index): len(index)}
     named: list[str] = []
     for entry in entries:
@@ -144,14 +153,14 @@ def _index_sizes(body: Mapping[str, Any]) -> dict[str, int]:
         sizes.update(_image_sizes(record))
         named.append(sha256_digest(record["manifest"].encode()))
     if [d.digest for d in parsed.manifests] != named:
-        raise MalformedRecord("the index names other manifests than the entry's records")
+        raise _MalformedRecord("the index names other manifests than the entry's records")
     return sizes
 
 
 def record_blob_sizes(body: object) -> dict[str, int]:
-    """Every blob a well-formed record describes, with its size (MalformedRecord otherwise)."""
+    """Every blob a well-formed record describes, with its size (ValueError otherwise)."""
     if not isinstance(body, Mapping):
-        raise MalformedRecord(f"the body is {type(body).__name__}, not an object")
+        raise _MalformedRecord(f"the body is {type(body).__name__}, not an object")
     if body.get("kind") == "index":
         return _index_sizes(body)
     return _image_sizes(body)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
 from nixery_core.multiarch import MultiArchResult, build_multiarch
 from nixery_core.names import AMD64, ARM64, Image
-from nixery_core.record_schema import MalformedRecord, record_blob_sizes
+from nixery_core.record_schema import record_blob_sizes
 from nixery_core.testing.runners import FakeNix, default_fake_packages
 from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore
@@ -186,21 +187,59 @@ def test_missing_config_is_a_logged_corrupt_miss(
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "problem"),
     [
-        {"manifest": 7},
-        {"layers": [3]},
-        {"layers": "x"},
-        {"manifest_media_type": None},
-        {"config": '{"other": 1}'},
+        ({"manifest": 7}, "'manifest' is int, not str"),
+        ({"layers": [3]}, "expected an object holding 'digest', got int"),
+        ({"layers": "x"}, "'layers' is str, not list"),
+        ({"manifest_media_type": None}, "'manifest_media_type' is NoneType, not str"),
+        ({"config": '{"other": 1}'}, "the manifest names another config"),
     ],
 )
-def test_record_schema_names_what_is_wrong(built: Built, change: dict[str, Any]) -> None:
-    """Wrong types and contradicting fields are MalformedRecord, a ValueError."""
+def test_record_schema_names_what_is_wrong(
+    built: Built, change: dict[str, Any], problem: str
+) -> None:
+    """Wrong types and contradicting fields are a ValueError whose text names the problem."""
     body = json.loads(built.entries[built.manifest_key])["body"]
     record_blob_sizes(body)
-    with pytest.raises(MalformedRecord):
+    with pytest.raises(ValueError, match=re.escape(problem)):
         record_blob_sizes({**body, **change})
+
+
+def _fewer_blobs(document: dict[str, Any]) -> None:
+    document["blobs"] = document["blobs"][:-1]
+
+
+def _retyped_media_type(document: dict[str, Any]) -> None:
+    document["body"]["manifest_media_type"] = 7
+
+
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        (_fewer_blobs, "the entry's blobs differ from those its body describes"),
+        (_retyped_media_type, "'manifest_media_type' is int, not str"),
+    ],
+)
+def test_a_malformed_record_reaches_a_caller_only_as_a_logged_miss(
+    built: Built,
+    caplog: pytest.LogCaptureFixture,
+    fault: Callable[[dict[str, Any]], None],
+    problem: str,
+) -> None:
+    """A caller of the cache sees a malformed entry only as a miss, a warning naming it, a count."""
+    store = MemoryStore()
+    document = json.loads(built.entries[built.manifest_key])
+    fault(document)
+    store.put_object(built.manifest_key, json.dumps(document).encode())
+    cache = BuildCache(None)
+    with caplog.at_level(logging.WARNING, logger="nixery_core.cache"):
+        found = cache.get_manifest(store, built.manifest_key.removeprefix("manifests/"))
+    assert found is None
+    assert (cache.stats.corrupt_entries, cache.stats.manifest_misses) == (1, 1)
+    assert caplog.messages == [
+        f"corrupt shared cache entry {built.manifest_key} ({problem}); treating as a miss"
+    ]
 
 
 @attrs.frozen
