@@ -141,6 +141,7 @@ from nixery_core.compression import (
     ReportsCrc32,
     StreamCompressor,
     frame_compressor,
+    frame_stream,
     frames_compressor,
     open_compressor,
     resolve_compressor,
@@ -513,7 +514,6 @@ class _TarStream:
                 ),
                 settings=(spec.compression, spec.level, spec.backend),
             )
-            self._compressor = self._chunked
         self._hashing = _OrderedHashing(self._executor if count > 1 else None)
         self._write = write
         self._passthrough = spec.compression == "none"
@@ -537,6 +537,8 @@ class _TarStream:
     ) -> None:
         if self._compressor is not None:
             self._compressor.close()
+        if self._chunked is not None:
+            self._chunked.close()
         self._output.cancel()
         for pending in self._diff_pending:
             if isinstance(pending, Future):
@@ -820,10 +822,10 @@ class _TarStream:
             # A chunked format writes its own end (eStargz puts its TOC before it).
             if self._pos:
                 self._flush_block(partial=True)
-            self._emit([(None, chunk) for chunk in self._chunked.finish()])
-            if self._chunked.trailer is not None:
-                self._add_diff(self._chunked.trailer.uncompressed)
-                annotations = self._chunked.trailer.annotations
+            # Its end streams (the TOC read back and compressed in pieces).
+            annotations = self._chunked.finish(
+                lambda chunk: self._emit([(None, bytes(chunk))]), self._add_diff
+            )
         else:
             if self._compressor is None:
                 self.begin(small=True)
@@ -844,7 +846,7 @@ class _TarStream:
         return PackedLayer(digest, diff_id, self._size, media_type, annotations)
 
     def _flush_block(self, *, partial: bool = False) -> None:
-        compressor = self._compressor
+        compressor = self._chunked or self._compressor
         if compressor is None:
             raise RuntimeError("tar bytes outside a member")  # a bug in this module
         block = self._block[: self._pos] if partial else self._block
@@ -955,9 +957,14 @@ class _OrderedHashing:
 def _frame_format(spec: CompressorSpec, mtime: int) -> FrameFormat:
     if spec.compression == "estargz":
         return EStargzFormat(
-            frame_compressor(spec), mtime=mtime, compress_members=frames_compressor(spec)
+            frame_compressor(spec),
+            mtime=mtime,
+            stream_member=frame_stream(spec),
+            compress_members=frames_compressor(spec),
         )
-    return ZstdChunkedFormat(frame_compressor(spec), frames_compressor(spec))
+    return ZstdChunkedFormat(
+        frame_compressor(spec), frames_compressor(spec), stream_frame=frame_stream(spec)
+    )
 
 
 #: The most threads a layer packed on its own uses by default, whatever the CPU count.

@@ -74,9 +74,12 @@ unnamed temporary file), so the number of files in a layer costs disk, not
 memory.  A fragment being recorded spools its own TOC list the same way
 (offsets from its start), and a copied fragment's entries are parsed
 one fragment at a time (one store path's dicts, until its offsets are
-moved and it is spooled).  The trailer is compressed in one shot, as it
-always was (a streaming compressor would write other bytes): at the end
-the TOC JSON is read back into one buffer, about 300 bytes per entry.
+moved and it is spooled).  At the end the TOC is read back from the
+spool a piece at a time and compressed as it streams
+(:func:`~nixery_core.compression.frame_stream`, fed fixed pieces, so the
+bytes are still a function of the input alone), so the end of a layer
+holds a piece and the compressor's state too, whatever its number of
+files.
 """
 
 from __future__ import annotations
@@ -102,16 +105,18 @@ from nixery_core.toc_spool import TocSpool
 
 __all__ = [
     "BATCH_BYTES",
+    "CHUNKED_FORMAT",
     "CHUNK_AVERAGE",
     "CHUNK_MAX",
     "CHUNK_MIN",
     "PACKED_FRAME",
+    "Annotations",
     "BatchProcesses",
     "ChunkedCompressor",
     "FragmentRecorder",
     "FrameFormat",
     "MembersInflater",
-    "Trailer",
+    "Sink",
     "chunker_parameters",
     "compress_packed",
     "cut_points",
@@ -121,6 +126,12 @@ __all__ = [
     "plan_chunks",
 ]
 
+#: The chunked formats' own version, in cache keys: bumped whenever their
+#: bytes change for the same input and compressor.  ``nixery-chunked/2``:
+#: the TOC (and eStargz's TOC member) is compressed while it streams
+#: (:func:`~nixery_core.compression.frame_stream`); before, in one shot
+#: (version 1, which cache keys did not name).
+CHUNKED_FORMAT = "nixery-chunked/2"
 #: FastCDC's average chunk size parameter (the real average is about this
 #: plus :data:`CHUNK_MIN`).
 CHUNK_AVERAGE = 32 * 1024
@@ -161,8 +172,9 @@ def _import_fastcdc() -> Any:
 
 
 def chunker_parameters() -> dict[str, int | str]:
-    """The content-defined chunking parameters, for cache keys."""
+    """The chunked formats' version and content-defined chunking parameters, for cache keys."""
     return {
+        "chunked_format": CHUNKED_FORMAT,
         "chunker": "fastcdc2020",
         "chunk_average": CHUNK_AVERAGE,
         "chunk_min": CHUNK_MIN,
@@ -355,19 +367,10 @@ def modtime_rfc3339(mtime: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))
 
 
-@attrs.frozen
-class Trailer:
-    """What a format appends after the last frame.
-
-    ``uncompressed`` is the tar tail it adds to the layer (part of the
-    ``diff_id``); ``compressed`` the bytes after the frames, in pieces (the
-    compressed TOC is not copied into one with the rest); ``annotations``
-    go on the layer's descriptor in an OCI manifest.
-    """
-
-    uncompressed: bytes | bytearray
-    compressed: tuple[bytes, ...]
-    annotations: tuple[tuple[str, str], ...]
+#: Annotations for a layer's descriptor in an OCI manifest: (key, value) pairs.
+Annotations = tuple[tuple[str, str], ...]
+#: Where the end of a layer goes, piece by piece, as it is made.
+Sink = Callable[[bytes | bytearray], object]
 
 
 class BatchProcesses(Protocol):
@@ -404,10 +407,14 @@ class FrameFormat(Protocol):
     """A file-granular format: how frames are compressed and the TOC is written.
 
     It promises: :meth:`compress_frame` is a pure function of its input
-    (safe to call from several threads at once); :meth:`trailer` turns the
-    finished TOC entries and the offset where the trailer starts into the
-    blob's tail (``tar_size`` is the length of the tar fed in so far); the
-    entries come spooled, each as :attr:`toc_keys` order writes it.
+    (safe to call from several threads at once); :meth:`trailer` writes
+    the blob's tail from the finished TOC entries and the offset where it
+    starts (``tar_size`` is the length of the tar fed in so far): the
+    compressed bytes to ``write`` and the tar bytes it adds (part of the
+    ``diff_id``) to ``tar``, each in order and in pieces, holding no more
+    than a piece or so whatever the number of entries; it returns the
+    layer's annotations.  The entries come spooled, each as
+    :attr:`toc_keys` order writes it.
     """
 
     #: Whether the metadata after a file's last chunk joins that chunk's frame
@@ -422,7 +429,9 @@ class FrameFormat(Protocol):
         """Many frames compressed as :meth:`compress_frame` would, joined; each one's length."""
         ...
 
-    def trailer(self, toc: TocSpool, offset: int, tar_size: int) -> Trailer: ...
+    def trailer(
+        self, toc: TocSpool, offset: int, tar_size: int, write: Sink, tar: Sink
+    ) -> Annotations: ...
 
 
 @attrs.define
@@ -723,9 +732,10 @@ class ChunkedCompressor:
     """Tar bytes in (no end-of-archive), framed and compressed bytes out.
 
     Use like a :class:`~nixery_core.compression.StreamCompressor`:
-    :meth:`compress` and :meth:`finish` return compressed bytes in order;
-    after :meth:`finish`, :attr:`trailer` holds the tar tail the format
-    added (for the ``diff_id``) and the manifest annotations.
+    :meth:`compress` returns compressed bytes in order; :meth:`finish`
+    hands the rest over as it is made (the frames still in flight, then the
+    format's trailer), with the tar bytes the format adds (for the
+    ``diff_id``), and returns the manifest annotations.
     """
 
     def __init__(
@@ -786,7 +796,6 @@ class ChunkedCompressor:
         #: for their frames (those marked _WAIT), the rest come after them.
         self._entries: deque[dict[str, Any]] = deque()
         self._toc = TocSpool()
-        self.trailer: Trailer | None = None
 
     # --- input ---------------------------------------------------------------
 
@@ -944,23 +953,34 @@ class ChunkedCompressor:
                     self._header(out)
         return out
 
-    def finish(self) -> list[bytes]:
+    def finish(self, write: Sink, tar: Sink) -> Annotations:
+        """End the layer: the compressed bytes still to come to ``write``, in order, in pieces.
+
+        The frames still in flight, then the format's trailer (TOC and
+        footer), streamed from the spool: memory does not grow with the
+        number of entries.  The tar bytes the format adds after the stream
+        (eStargz's TOC member, the end-of-archive blocks) go to ``tar``, in
+        order.  Returns the annotations for the layer's descriptor.
+        """
         out: list[bytes] = []
         if self._inside_member():
             raise LayerError("tar stream ended inside a member")
         self._seal_meta(out)
         self._submit(out)
-        while self._in_flight:
+        while True:
+            for piece in out:
+                write(piece)
+            out.clear()
+            if not self._in_flight:
+                break
             self._collect(out, wait=True)
         self._spool_final()
         if self._entries:  # pragma: no cover - every frame is collected
             raise LayerError("a TOC entry still waits for its frame at the end")
         try:
-            self.trailer = self._fmt.trailer(self._toc, self._offset, self._tar_size)
+            return self._fmt.trailer(self._toc, self._offset, self._tar_size, write, tar)
         finally:
             self._toc.close()
-        out.extend(self.trailer.compressed)
-        return out
 
     def _add_entry(self, entry: dict[str, Any]) -> None:
         """A new TOC entry, in order (and in the fragment being cut, if any)."""

@@ -82,7 +82,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
-from nixery_core.errors import InvalidInput, MissingEncoder
+from nixery_core.errors import InvalidInput, LayerError, MissingEncoder
 from nixery_core.protocols import JSONValue
 
 __all__ = [
@@ -90,13 +90,16 @@ __all__ = [
     "DEFAULT_LEVELS",
     "FORMAT_DEFAULT_LEVELS",
     "GZIP_HEADER",
+    "STREAM_PIECE",
     "Compression",
     "CompressorSpec",
+    "FrameStream",
     "GzipBackend",
     "OrderedOutput",
     "ReportsCrc32",
     "StreamCompressor",
     "frame_compressor",
+    "frame_stream",
     "frames_compressor",
     "isal_available",
     "open_compressor",
@@ -308,6 +311,11 @@ def _fingerprint(spec: CompressorSpec) -> str:
         digest = hashlib.sha256()
         for start in range(0, len(sample), 16 * 1024):
             digest.update(frame(sample[start : start + 16 * 1024]))
+        # And a frame streamed in more than one piece, as a layer's TOC is.
+        long = sample * (STREAM_PIECE // len(sample) + 1)
+        stream = frame_stream(spec)(len(long))
+        digest.update(stream.compress(long))
+        digest.update(stream.finish())
         return digest.hexdigest()[:16]
     # Small blocks, so the dictionary path of the block code is exercised too.
     compressor = _make(attrs.evolve(spec, block_size=WINDOW), executor=None, threads=1)
@@ -741,3 +749,145 @@ def _zstd_frames(level: int) -> Callable[[bytes | bytearray | memoryview], bytes
         return out
 
     return frame
+
+
+#: Uncompressed bytes per call into a streamed frame's compressor (the last
+#: call takes what is left).  Fixed, and so part of the format: ISA-L's
+#: output depends on how its input is split into calls (see the module
+#: docstring); zstd's and zlib's do not, but are fed the same way.
+STREAM_PIECE = 1 << 20
+
+
+class FrameStream(Protocol):
+    """One frame compressed while its input streams in (made by :func:`frame_stream`).
+
+    It promises: what :meth:`compress` and then :meth:`finish` return, joined,
+    is one frame of the kind :func:`frame_compressor` makes, and depends only
+    on the bytes given and the spec, never on how they were split into calls;
+    it holds at most :data:`STREAM_PIECE` bytes of input and the
+    compressor's own state, whatever the frame's size.  ``finish`` raises
+    :class:`~nixery_core.errors.LayerError` when the bytes given were not
+    the size promised.
+    """
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+def frame_stream(spec: CompressorSpec) -> Callable[[int], FrameStream]:
+    """The streaming twin of :func:`frame_compressor`: ``size`` bytes in pieces, one frame out.
+
+    For a frame too big to hold (a chunked layer's TOC): the same kind of
+    frame, backend and level (a gzip member with the pinned header, CRC-32
+    and size; a zstd frame with its content size, given beforehand, and no
+    checksum), compressed by the library's streaming compressor fed exactly
+    :data:`STREAM_PIECE` bytes at a time.  The bytes are not always those
+    of :func:`frame_compressor` for the same input: ISA-L, and zstd beyond
+    its window, write other blocks when the input comes in pieces (zlib at
+    levels 1-9 writes the same).
+    """
+    if spec.backend == "zstd":
+        level = spec.level
+        zstandard = _import_zstd()
+        if zstandard is None:  # pragma: no cover - the spec was resolved with zstandard
+            raise ImportError("the zstandard package disappeared after the spec was resolved")
+
+        def zstd_frame(size: int) -> FrameStream:
+            compressor = zstandard.ZstdCompressor(
+                level=level, write_content_size=True, write_checksum=False
+            )
+            return _ZstdStream(compressor.compressobj(size=size), size, zstandard.ZstdError)
+
+        return zstd_frame
+    if spec.backend in ("isal", "zlib"):
+        module = _import_isal() if spec.backend == "isal" else zlib
+        if module is None:  # pragma: no cover - the spec was resolved with isal present
+            raise ImportError("the isal package disappeared after the spec was resolved")
+        level = spec.level
+        return lambda size: _GzipStream(module, level, size)
+    raise InvalidInput(f"no frame compressor for the {spec.backend} backend")
+
+
+class _FixedPieces:
+    """Input regrouped into pieces of exactly :data:`STREAM_PIECE` bytes for :meth:`_feed`."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._given = 0
+        self._pending = bytearray()
+
+    def _feed(self, piece: bytes | bytearray | memoryview) -> bytes:
+        raise NotImplementedError
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        view = memoryview(data)
+        self._given += len(view)
+        out: list[bytes] = []
+        pending = self._pending
+        if pending:
+            take = STREAM_PIECE - len(pending)
+            pending += view[:take]
+            view = view[take:]
+            if len(pending) < STREAM_PIECE:
+                return b""
+            out.append(self._feed(pending))
+            self._pending = pending = bytearray()
+        while len(view) >= STREAM_PIECE:
+            out.append(self._feed(view[:STREAM_PIECE]))
+            view = view[STREAM_PIECE:]
+        pending += view
+        return b"".join(out)
+
+    def _rest(self) -> bytes:
+        """The input still pending, compressed; refuses a size other than the one promised."""
+        if self._given != self._size:
+            raise LayerError(f"a streamed frame was given {self._given} bytes of {self._size}")
+        out = self._feed(self._pending) if self._pending else b""
+        self._pending = bytearray()
+        return out
+
+
+class _GzipStream(_FixedPieces):
+    """One gzip member (the pinned header, raw deflate, CRC-32 and size), fed in pieces."""
+
+    def __init__(self, module: ModuleType, level: int, size: int) -> None:
+        super().__init__(size)
+        # memLevel as frame_compressor's one-shot compress() has it (its default).
+        self._obj = module.compressobj(level, module.DEFLATED, -15)
+        self._crc32 = module.crc32
+        self._crc = 0
+        self._header = GZIP_HEADER
+
+    def _feed(self, piece: bytes | bytearray | memoryview) -> bytes:
+        self._crc = self._crc32(piece, self._crc)
+        header, self._header = self._header, b""
+        body: bytes = self._obj.compress(piece)
+        return header + body if header else body
+
+    def finish(self) -> bytes:
+        rest = self._rest()
+        header, self._header = self._header, b""
+        trailer = struct.pack("<II", self._crc & 0xFFFFFFFF, self._size & 0xFFFFFFFF)
+        return b"".join((header, rest, self._obj.flush(), trailer))
+
+
+class _ZstdStream(_FixedPieces):
+    """One zstd frame with its content size, fed in pieces."""
+
+    def __init__(self, obj: Any, size: int, error: type[Exception]) -> None:
+        super().__init__(size)
+        self._obj = obj
+        self._error = error
+
+    def _feed(self, piece: bytes | bytearray | memoryview) -> bytes:
+        out: bytes = self._obj.compress(piece)
+        return out
+
+    def finish(self) -> bytes:
+        rest = self._rest()
+        try:
+            end: bytes = self._obj.flush()
+        except self._error as exc:  # pragma: no cover - the size was checked just above
+            raise LayerError(f"zstd refused the streamed frame: {exc}") from exc
+        return rest + end

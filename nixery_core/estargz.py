@@ -36,8 +36,8 @@ import struct
 import tarfile
 from collections.abc import Callable
 
-from nixery_core.chunked import TOC_KEYS, Trailer, each_frame
-from nixery_core.compression import FramesCompressor
+from nixery_core.chunked import TOC_KEYS, Annotations, Sink, each_frame
+from nixery_core.compression import FramesCompressor, FrameStream
 from nixery_core.toc_spool import TocSpool
 
 __all__ = [
@@ -71,7 +71,11 @@ def footer(toc_offset: int) -> bytes:
 
 
 class EStargzFormat:
-    """The eStargz :class:`~nixery_core.chunked.FrameFormat` over one gzip member compressor."""
+    """The eStargz :class:`~nixery_core.chunked.FrameFormat` over one gzip member compressor.
+
+    ``stream_member`` makes the streaming twin of ``compress_member`` for
+    the TOC member (:func:`~nixery_core.compression.frame_stream`).
+    """
 
     merge_metadata = True
     toc_keys: tuple[str, ...] = TOC_ENTRY_KEYS
@@ -81,17 +85,21 @@ class EStargzFormat:
         compress_member: Callable[[bytes | bytearray | memoryview], bytes],
         *,
         mtime: int,
+        stream_member: Callable[[int], FrameStream],
         compress_members: FramesCompressor | None = None,
     ) -> None:
         self.compress_frame = compress_member
         self.compress_frames = compress_members or each_frame(compress_member)
+        self._stream_member = stream_member
         self._mtime = mtime
 
-    def trailer(self, toc: TocSpool, offset: int, tar_size: int) -> Trailer:
+    def trailer(
+        self, toc: TocSpool, offset: int, tar_size: int, write: Sink, tar: Sink
+    ) -> Annotations:
         """The TOC member, end-of-archive and footer, for frames ending at ``offset``.
 
-        The member (tar header, TOC JSON, padding, end-of-archive) is
-        compressed in one shot, as one buffer read back from the spool.
+        The member (tar header, TOC JSON, padding, end-of-archive) is one
+        gzip member compressed as the TOC streams from the spool.
         """
         size = toc.size
         info = tarfile.TarInfo(TOC_NAME)
@@ -99,12 +107,24 @@ class EStargzFormat:
         info.mode = 0o444
         info.mtime = self._mtime
         header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-        tail = toc.document(header, bytes(-size % 512) + bytes(1024))
-        with memoryview(tail) as view:
-            digest = hashlib.sha256(view[len(header) : len(header) + size]).hexdigest()
-        compressed = (self.compress_frame(tail), footer(offset))
-        annotations = (
-            (TOC_DIGEST_ANNOTATION, "sha256:" + digest),
-            (UNCOMPRESSED_SIZE_ANNOTATION, str(tar_size + len(tail))),
+        end = bytes(-size % 512) + bytes(1024)
+        member = self._stream_member(len(header) + size + len(end))
+        digest = hashlib.sha256()
+
+        def put(piece: bytes | bytearray) -> None:
+            tar(piece)
+            out = member.compress(piece)
+            if out:
+                write(out)
+
+        put(header)
+        for piece in toc.pieces():
+            digest.update(piece)
+            put(piece)
+        put(end)
+        write(member.finish())
+        write(footer(offset))
+        return (
+            (TOC_DIGEST_ANNOTATION, "sha256:" + digest.hexdigest()),
+            (UNCOMPRESSED_SIZE_ANNOTATION, str(tar_size + len(header) + size + len(end))),
         )
-        return Trailer(tail, compressed, annotations)

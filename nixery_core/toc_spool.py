@@ -21,6 +21,7 @@ used, see there).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from typing import IO
 
 __all__ = ["SPOOL_MEMORY", "TOC_PREFIX", "TOC_SUFFIX", "TocSpool"]
@@ -82,6 +83,28 @@ class TocSpool:
             self._file = tempfile.TemporaryFile(prefix="nixery-toc-")  # noqa: SIM115 - closed in close()
         self._file.write(self._buffer)
         self._buffer = bytearray()
+
+    def pieces(self) -> Iterator[bytes | bytearray]:
+        """The TOC JSON in pieces, in order: memory holds one piece, whatever the TOC's size.
+
+        The spilled part is read back :data:`_READ` bytes at a time; the
+        pieces are never changed afterwards (a consumer may keep them).
+        """
+        yield self._prefix
+        done = len(self._prefix)
+        if self._file is not None:
+            self._file.flush()
+            self._file.seek(0)
+            while piece := self._file.read(_READ):
+                done += len(piece)
+                yield piece
+        if self._buffer:
+            done += len(self._buffer)
+            yield self._buffer
+        done += len(self._suffix)
+        yield self._suffix
+        if done != self.size:  # pragma: no cover - the file lost bytes
+            raise OSError(f"the TOC spool read back {done} bytes of {self.size}")
 
     def document(self, before: bytes = b"", after: bytes = b"") -> bytearray:
         """``before``, the TOC JSON (``{"version":1,"entries":[...]}``), ``after``, in one buffer.

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import tempfile
 from collections.abc import Callable
 
-from nixery_core.chunked import TOC_KEYS, Trailer, each_frame
-from nixery_core.compression import FramesCompressor
+from nixery_core.chunked import TOC_KEYS, Annotations, Sink, each_frame
+from nixery_core.compression import FramesCompressor, FrameStream
 from nixery_core.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
-from nixery_core.toc_spool import TocSpool
+from nixery_core.toc_spool import SPOOL_MEMORY, TocSpool
 
 __all__ = [
     "FOOTER_MAGIC",
@@ -56,6 +57,8 @@ SKIPPABLE_MAGIC = 0x184D2A50
 FOOTER_MAGIC = b"GnUlInUx"
 #: The TOC type containers-storage reads: 1, the CRFS-compatible JSON TOC.
 _MANIFEST_TYPE_CRFS = 1
+#: Bytes of the compressed TOC read back from its spool at a time.
+_READ = 1 << 20
 
 
 def skippable_frame(payload: bytes) -> bytes:
@@ -69,7 +72,11 @@ def _skippable_header(size: int) -> bytes:
 
 
 class ZstdChunkedFormat:
-    """The zstd:chunked :class:`~nixery_core.chunked.FrameFormat` over one zstd frame compressor."""
+    """The zstd:chunked :class:`~nixery_core.chunked.FrameFormat` over one zstd frame compressor.
+
+    ``stream_frame`` makes the streaming twin of ``compress_frame`` for the
+    TOC (:func:`~nixery_core.compression.frame_stream`).
+    """
 
     merge_metadata = False
     toc_keys: tuple[str, ...] = TOC_KEYS
@@ -78,35 +85,56 @@ class ZstdChunkedFormat:
         self,
         compress_frame: Callable[[bytes | bytearray | memoryview], bytes],
         compress_frames: FramesCompressor | None = None,
+        *,
+        stream_frame: Callable[[int], FrameStream],
     ) -> None:
         self.compress_frame = compress_frame
         self.compress_frames = compress_frames or each_frame(compress_frame)
+        self._stream_frame = stream_frame
 
-    def trailer(self, toc: TocSpool, offset: int, tar_size: int) -> Trailer:
+    def trailer(
+        self, toc: TocSpool, offset: int, tar_size: int, write: Sink, tar: Sink
+    ) -> Annotations:
         """End-of-archive frame, TOC and footer, for frames ending at ``offset``.
 
-        The TOC is compressed in one shot, as one buffer read back from the spool.
+        The TOC is compressed as it streams from the spool, into an unnamed
+        temporary file past :data:`~nixery_core.toc_spool.SPOOL_MEMORY`
+        bytes: its skippable frame starts with its compressed length.
         """
         tail = bytes(1024)
+        tar(tail)
         end = self.compress_frame(tail)
-        document = toc.document()
-        compressed_toc = self.compress_frame(document)
+        write(end)
+        size = toc.size
+        frame = self._stream_frame(size)
+        digest, compressed_digest = hashlib.sha256(), hashlib.sha256()
+        with tempfile.SpooledTemporaryFile(SPOOL_MEMORY, prefix="nixery-toc-") as spool:
+
+            def put(out: bytes) -> None:
+                compressed_digest.update(out)
+                spool.write(out)
+
+            for piece in toc.pieces():
+                digest.update(piece)
+                put(frame.compress(piece))
+            put(frame.finish())
+            length = spool.tell()
+            write(_skippable_header(length))
+            spool.seek(0)
+            while out := spool.read(_READ):
+                write(out)
         toc_offset = offset + len(end) + 8  # past the skippable frame's magic and length
-        sizes = (toc_offset, len(compressed_toc), len(document), _MANIFEST_TYPE_CRFS)
-        footer = struct.pack("<QQQQ", *sizes) + FOOTER_MAGIC
-        # The TOC's skippable frame in two pieces: the compressed TOC is not copied.
-        header = _skippable_header(len(compressed_toc))
-        compressed = (end, header, compressed_toc, skippable_frame(footer))
-        annotations = (
+        sizes = (toc_offset, length, size, _MANIFEST_TYPE_CRFS)
+        write(skippable_frame(struct.pack("<QQQQ", *sizes) + FOOTER_MAGIC))
+        return (
             # What the stargz snapshotter reads zstd:chunked layers by, as its
             # own writer (ctr-remote --zstdchunked) sets it; containers-storage
             # looks for the manifest checksum first.
-            (TOC_DIGEST_ANNOTATION, "sha256:" + hashlib.sha256(document).hexdigest()),
+            (TOC_DIGEST_ANNOTATION, "sha256:" + digest.hexdigest()),
             (UNCOMPRESSED_SIZE_ANNOTATION, str(tar_size + len(tail))),
-            (MANIFEST_CHECKSUM_ANNOTATION, "sha256:" + hashlib.sha256(compressed_toc).hexdigest()),
+            (MANIFEST_CHECKSUM_ANNOTATION, "sha256:" + compressed_digest.hexdigest()),
             (
                 MANIFEST_POSITION_ANNOTATION,
-                f"{toc_offset}:{len(compressed_toc)}:{len(document)}:{_MANIFEST_TYPE_CRFS}",
+                f"{toc_offset}:{length}:{size}:{_MANIFEST_TYPE_CRFS}",
             ),
         )
-        return Trailer(tail, compressed, annotations)

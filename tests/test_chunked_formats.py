@@ -32,7 +32,7 @@ from nixery_core.chunked import (
     cut_points,
     plan_chunks,
 )
-from nixery_core.compression import frame_compressor, frames_compressor
+from nixery_core.compression import frame_compressor, frame_stream, frames_compressor
 from nixery_core.errors import InvalidInput, LayerError
 from nixery_core.estargz import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_NAME, footer
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
@@ -249,10 +249,9 @@ def test_a_batch_of_frames_is_the_frames_one_by_one(options: ArchiveOptions) -> 
 
 def test_a_damaged_cached_toc_is_refused() -> None:
     """A cached fragment's TOC that is not a list of entries stops the pack with LayerError."""
+    spec = ArchiveOptions(compression="zstd-chunked").compressor()
     compressor = ChunkedCompressor(
-        ZstdChunkedFormat(
-            frame_compressor(ArchiveOptions(compression="zstd-chunked").compressor())
-        ),
+        ZstdChunkedFormat(frame_compressor(spec), stream_frame=frame_stream(spec)),
         mtime=1,
         executor=None,
         threads=1,

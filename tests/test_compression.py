@@ -23,11 +23,14 @@ from nixery_core import compression
 from nixery_core.compression import (
     BLOCK_SIZE,
     GZIP_HEADER,
+    STREAM_PIECE,
     CompressorSpec,
+    frame_compressor,
+    frame_stream,
     open_compressor,
     resolve_compressor,
 )
-from nixery_core.errors import InvalidInput, MissingEncoder
+from nixery_core.errors import InvalidInput, LayerError, MissingEncoder
 
 isal = pytest.importorskip("isal", reason="the isal backend is tested where isal is installed")
 zstandard = pytest.importorskip("zstandard")
@@ -244,3 +247,86 @@ def test_none_passes_bytes_through() -> None:
     """compression="none" returns the input unchanged."""
     data = os.urandom(1000)
     assert _compress(resolve_compressor("none"), data, [10, 500]) == data
+
+
+#: The frames a chunked layer streams (its TOC): ISA-L at both levels eStargz
+#: allows, zlib, and zstd.
+_STREAMED = [
+    pytest.param(("estargz", 3, "isal"), id="isal-3"),
+    pytest.param(("estargz", 0, "isal"), id="isal-0"),
+    pytest.param(("estargz", 1, "zlib"), id="zlib-1"),
+    pytest.param(("zstd-chunked", 3, "auto"), id="zstd-3"),
+]
+#: Sizes around the pieces a streamed frame is fed in, deflate's window, zstd's
+#: 128 KiB blocks and its 2 MiB window at level 3.
+_EDGES = [
+    1, 32 * 1024, 64 * 1024 + 1, 128 * 1024 - 1, 128 * 1024, 128 * 1024 + 1,
+    STREAM_PIECE - 1, STREAM_PIECE, STREAM_PIECE + 1, 2 * STREAM_PIECE + 1, 3 * STREAM_PIECE + 7,
+]
+
+
+def _stream(settings: tuple[str, int, str], data: bytes, cuts: list[int]) -> bytes:
+    """One frame of ``data`` from frame_stream, fed split at ``cuts``."""
+    compression_, level, backend = settings
+    spec = resolve_compressor(compression_, level, backend)  # type: ignore[arg-type]
+    frame = frame_stream(spec)(len(data))
+    bounds = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
+    out = [frame.compress(data[start:end]) for start, end in itertools.pairwise(bounds)]
+    return b"".join([*out, frame.finish()])
+
+
+def _inflate(settings: tuple[str, int, str], frame: bytes) -> bytes:
+    if settings[0] == "zstd-chunked":
+        assert zstandard.frame_content_size(frame) > 0 or not frame  # its size is in the header
+        whole: bytes = zstandard.ZstdDecompressor().decompressobj().decompress(frame)
+        return whole
+    assert frame[:10] == GZIP_HEADER
+    crc, isize = struct.unpack("<II", frame[-8:])
+    out = zlib.decompress(frame, wbits=31)
+    assert (crc, isize) == (zlib.crc32(out), len(out))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    settings_=st.sampled_from([p.values[0] for p in _STREAMED]),
+    size=st.sampled_from(_EDGES),
+    cuts=st.lists(st.integers(0, 4 * STREAM_PIECE), max_size=5),
+)
+def test_a_streamed_frame_does_not_depend_on_how_it_is_fed(
+    settings_: tuple[str, int, str], size: int, cuts: list[int]
+) -> None:
+    """frame_stream writes the same frame whatever the calls' sizes (ISA-L alone would not)."""
+    data = _sample(size, seed=size)
+    out = _stream(settings_, data, cuts)
+    assert out == _stream(settings_, data, [])
+    assert _inflate(settings_, out) == data
+
+
+@pytest.mark.parametrize("settings_", _STREAMED)
+def test_a_streamed_frame_is_read_by_the_gzip_and_zstd_cli(settings_: tuple[str, int, str]) -> None:
+    """A frame of several pieces, past zstd's window, is one frame the system gzip and zstd read."""
+    data = _sample(3 * STREAM_PIECE + 7, seed=9)
+    out = _stream(settings_, data, [5, STREAM_PIECE + 3])
+    tool = ["zstd", "-dcq"] if settings_[0] == "zstd-chunked" else ["gzip", "-dc"]
+    assert subprocess.run(tool, input=out, capture_output=True, check=True).stdout == data
+
+
+@pytest.mark.parametrize("level", [1, 6, 9])
+def test_zlib_streams_the_bytes_it_writes_in_one_shot(level: int) -> None:
+    """With zlib, a streamed frame is frame_compressor's (eStargz on zlib kept its TOC bytes)."""
+    spec = resolve_compressor("estargz", level, "zlib")
+    data = _sample(2 * STREAM_PIECE + 99, seed=level)
+    assert _stream(("estargz", level, "zlib"), data, [77]) == frame_compressor(spec)(data)
+
+
+@pytest.mark.parametrize("settings_", _STREAMED)
+def test_a_streamed_frame_refuses_another_size(settings_: tuple[str, int, str]) -> None:
+    """Bytes given that are not the size promised are a LayerError, not a wrong frame."""
+    compression_, level, backend = settings_
+    spec = resolve_compressor(compression_, level, backend)  # type: ignore[arg-type]
+    for given_ in (b"abc", b"abcdef"):
+        frame = frame_stream(spec)(4)
+        frame.compress(given_)
+        with pytest.raises(LayerError, match="given"):
+            frame.finish()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
+import struct
+import subprocess
 import tarfile
 import tracemalloc
 import zlib
@@ -11,13 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from conftest import require_tools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nixery_core.archive import ArchiveOptions
 from nixery_core.chunked import ChunkedCompressor, compact_json
-from nixery_core.compression import frame_compressor
-from nixery_core.estargz import EStargzFormat
+from nixery_core.compression import frame_compressor, frame_stream
+from nixery_core.estargz import FOOTER_SIZE, TOC_NAME, EStargzFormat
 from nixery_core.toc_spool import TocSpool
 from nixery_core.zstd_chunked import ZstdChunkedFormat
 
@@ -44,6 +49,7 @@ def test_the_document_is_the_whole_toc_json(entries: list[dict[str, Any]], limit
         assert spool.size == len(whole)
         assert spool.entries == len(entries)
         assert spool.document(b"<", b">") == b"<" + whole + b">"
+        assert b"".join(spool.pieces()) == whole
     finally:
         spool.close()
 
@@ -81,9 +87,9 @@ def _compressor(compression: Literal["estargz", "zstd-chunked"]) -> ChunkedCompr
     spec = ArchiveOptions(compression=compression).compressor()
     fmt: EStargzFormat | ZstdChunkedFormat
     if compression == "estargz":
-        fmt = EStargzFormat(frame_compressor(spec), mtime=1)
+        fmt = EStargzFormat(frame_compressor(spec), mtime=1, stream_member=frame_stream(spec))
     else:
-        fmt = ZstdChunkedFormat(frame_compressor(spec))
+        fmt = ZstdChunkedFormat(frame_compressor(spec), stream_frame=frame_stream(spec))
     return ChunkedCompressor(fmt, mtime=1, executor=None, threads=1)
 
 
@@ -94,6 +100,10 @@ def _held_after(compressor: ChunkedCompressor, files: int, start: int) -> int:
         compressor.compress(_member(f"nix/store/x/file-{n:06d}", content))
     current, _peak = tracemalloc.get_traced_memory()
     return current
+
+
+def _ignore(_piece: bytes | bytearray) -> None:
+    """A sink that drops what it is given."""
 
 
 def _heap_growth(compressor: ChunkedCompressor) -> int:
@@ -116,8 +126,7 @@ def test_the_toc_of_many_files_is_not_held_in_memory(
     # As dicts, the 10,000 entries took about 7 MB; spooled, the heap holds
     # at most the spool's 1 MiB buffer and the batch being framed.
     assert _heap_growth(compressor) < 3 * 1024 * 1024
-    compressor.finish()
-    assert compressor.trailer is not None
+    assert compressor.finish(_ignore, _ignore)
 
 
 class _CountingRecorder:
@@ -149,7 +158,7 @@ def test_a_recorded_fragment_of_many_files_is_not_held_in_memory(
     compressor.begin_fragment(frames, toc)
     assert _heap_growth(compressor) < 3 * 1024 * 1024
     compressor.end_fragment()
-    compressor.finish()
+    compressor.finish(_ignore, _ignore)
     assert toc.committed is not None
     assert frames.committed is not None
     raw = (
@@ -170,3 +179,116 @@ def test_a_layer_stopped_midway_leaves_no_spool_open() -> None:
     assert len(_open_fds() - before) == 1
     compressor.close()
     assert not _open_fds() - before
+
+
+def _format(compression: Literal["estargz", "zstd-chunked"]) -> EStargzFormat | ZstdChunkedFormat:
+    spec = ArchiveOptions(compression=compression).compressor()
+    if compression == "estargz":
+        return EStargzFormat(frame_compressor(spec), mtime=1, stream_member=frame_stream(spec))
+    return ZstdChunkedFormat(frame_compressor(spec), stream_frame=frame_stream(spec))
+
+
+def _spooled(entries: int, limit: int = 1 << 20) -> TocSpool:
+    """A spool of ``entries`` TOC entries about as long and as varied as real ones (~250 bytes)."""
+    spool = TocSpool(limit)
+    for n in range(entries):
+        digest = hashlib.sha256(b"%d" % n).hexdigest().encode()
+        spool.add(
+            b'{"name":"nix/store/%s-pkg-%d/share/file-%d","type":"reg","size":%d,'
+            b'"modtime":"1970-01-01T00:00:01Z","mode":420,"digest":"sha256:%s",'
+            b'"offset":%d,"endOffset":%d}'
+            % (digest[:32], n // 50, n, n * 37 % 10**5, digest, n * 901, n * 901 + 7)
+        )
+    return spool
+
+
+def _end_of_layer(
+    compression: Literal["estargz", "zstd-chunked"], spool: TocSpool
+) -> tuple[bytes, bytes, tuple[tuple[str, str], ...]]:
+    """The trailer's compressed bytes, tar bytes and annotations, each joined."""
+    written: list[bytes | bytearray] = []
+    tar: list[bytes | bytearray] = []
+    annotations = _format(compression).trailer(spool, 1000, 5000, written.append, tar.append)
+    return b"".join(written), b"".join(tar), annotations
+
+
+def _peak_of_end(compression: Literal["estargz", "zstd-chunked"], entries: int) -> int:
+    """Peak Python heap while the trailer of ``entries`` entries is written, the spool aside."""
+    spool = _spooled(entries)
+    try:
+        tracemalloc.start()
+        try:
+            base, _peak = tracemalloc.get_traced_memory()
+            _format(compression).trailer(spool, 1000, 5000, _ignore, _ignore)
+            _current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        spool.close()
+    return peak - base
+
+
+@pytest.mark.parametrize("compression", ["estargz", "zstd-chunked"])
+def test_the_end_of_a_layer_does_not_grow_with_its_entries(
+    compression: Literal["estargz", "zstd-chunked"],
+) -> None:
+    """Writing the TOC of 200,000 entries (57 MB of JSON) peaks where 20,000 entries do."""
+    small, large = _peak_of_end(compression, 20_000), _peak_of_end(compression, 200_000)
+    # Read back whole, as before, the larger TOC alone took 57 MB and its
+    # compressed copy 5-10 MB more; streamed, a piece or two of 1 MiB.
+    assert large < small + 1024 * 1024
+    assert large < 6 * 1024 * 1024
+
+
+@settings(max_examples=8, deadline=None)
+@given(limit=st.integers(1, 3 << 20))
+def test_the_end_of_a_layer_does_not_depend_on_where_the_spool_spilled(limit: int) -> None:
+    """The same 2.7 MB TOC spooled with any memory limit gives the same trailer and annotations."""
+    for compression in ("estargz", "zstd-chunked"):
+        spool, reference = _spooled(10_000, limit), _spooled(10_000)
+        try:
+            assert _end_of_layer(compression, spool) == _end_of_layer(compression, reference)
+        finally:
+            spool.close()
+            reference.close()
+
+
+def test_a_toc_of_many_pieces_is_read_by_gzip_tar_and_zstd() -> None:
+    """A 5.7 MB TOC (six pieces, past zstd's window) is read back by the CLIs and tarfile."""
+    require_tools("gzip", "zstd", "tar")
+    spool = _spooled(20_000)
+    try:
+        document = b"".join(spool.pieces())
+        blob, tar, annotations = _end_of_layer("estargz", spool)
+        member = subprocess.run(
+            ["gzip", "-dc"], input=blob, capture_output=True, check=True
+        ).stdout
+        assert member == tar
+        listing = subprocess.run(
+            ["tar", "-tvf", "-"], input=member, capture_output=True, check=True
+        ).stdout
+        assert TOC_NAME.encode() in listing
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob[:-FOOTER_SIZE]))) as archive:
+            extracted = archive.extractfile(TOC_NAME)
+            assert extracted is not None
+            assert extracted.read() == document
+        assert dict(annotations)["containerd.io/snapshot/stargz/toc.digest"] == (
+            "sha256:" + hashlib.sha256(document).hexdigest()
+        )
+
+        blob, tar, annotations = _end_of_layer("zstd-chunked", spool)
+        assert tar == bytes(1024)
+        offset, length, size, _kind = struct.unpack("<QQQQ", blob[-40:-8])
+        frame = blob[offset - 1000 : offset - 1000 + length]  # offsets count from 1000
+        assert size == len(document)
+        assert zstandard.frame_content_size(frame) == size
+        assert subprocess.run(
+            ["zstd", "-dcq"], input=frame, capture_output=True, check=True
+        ).stdout == document
+        whole = subprocess.run(["zstd", "-dcq"], input=blob, capture_output=True, check=True)
+        assert whole.stdout == bytes(1024)  # the TOC is in a skippable frame
+        assert dict(annotations)["io.containers.zstd-chunked.manifest-checksum"] == (
+            "sha256:" + hashlib.sha256(frame).hexdigest()
+        )
+    finally:
+        spool.close()
