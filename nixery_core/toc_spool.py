@@ -42,8 +42,11 @@ class TocSpool:
     The document is ``prefix``, the entries joined by commas, ``suffix``: a
     layer's TOC by default, ``b"["`` and ``b"]"`` for a fragment's list.
 
-    :meth:`add` takes one entry's JSON bytes; :meth:`document` gives the
-    whole TOC JSON; :meth:`close` (idempotent) frees the file.
+    :meth:`add` takes one entry's JSON bytes; :meth:`pieces` gives the
+    whole TOC JSON a piece at a time (a layer's TOC, compressed as it
+    streams), :meth:`document` in one buffer (a fragment's list, one store
+    path's entries, compressed in one shot); :meth:`close` (idempotent)
+    frees the file.
     """
 
     def __init__(
@@ -87,8 +90,9 @@ class TocSpool:
     def pieces(self) -> Iterator[bytes | bytearray]:
         """The TOC JSON in pieces, in order: memory holds one piece, whatever the TOC's size.
 
-        The spilled part is read back :data:`_READ` bytes at a time; the
-        pieces are never changed afterwards (a consumer may keep them).
+        Called once every entry is added.  The spilled part is read back
+        :data:`_READ` bytes at a time; the pieces are never changed
+        afterwards (a consumer may keep them).
         """
         yield self._prefix
         done = len(self._prefix)
@@ -110,8 +114,8 @@ class TocSpool:
         """``before``, the TOC JSON (``{"version":1,"entries":[...]}``), ``after``, in one buffer.
 
         Read back into one buffer allocated once (what the one-shot
-        compression of the TOC needs); ``before`` and ``after`` let a format
-        put the TOC inside a tar member without another copy.
+        compression of a fragment's list needs); ``before`` and ``after``
+        put the document between other bytes without another copy.
         """
         out = bytearray(len(before) + self.size + len(after))
         view = memoryview(out)

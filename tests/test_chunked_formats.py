@@ -454,14 +454,22 @@ def test_oci_manifest_carries_annotations_docker_drops_them() -> None:
 
 
 def test_cache_keys_name_the_format_and_chunker() -> None:
-    """Options parameters differ per format and name the chunker, so caches never mix them."""
+    """Options parameters differ per format and name the chunker and the chunked formats' version.
+
+    ``nixery-chunked/2`` (the TOC compressed as it streams) wrote other
+    bytes than the unnamed version 1 (the TOC compressed in one shot).
+    """
     params = {
         "gzip": ArchiveOptions(compression="gzip").parameters(),
         "estargz": ArchiveOptions(compression="estargz").parameters(),
+        "zstd-chunked": ArchiveOptions(compression="zstd-chunked").parameters(),
     }
     assert params["gzip"] != params["estargz"]
     assert params["estargz"]["chunker"] == "fastcdc2020"
+    assert params["estargz"]["chunked_format"] == "nixery-chunked/2"
+    assert params["zstd-chunked"]["chunked_format"] == "nixery-chunked/2"
     assert "chunker" not in params["gzip"]
+    assert "chunked_format" not in params["gzip"]
     with pytest.raises(InvalidInput, match="zstd-chunked"):
         ArchiveOptions(compression="stargz")  # type: ignore[arg-type]
 
