@@ -8,6 +8,7 @@ import io
 import json
 import struct
 import subprocess
+import sys
 import tarfile
 import tracemalloc
 import zlib
@@ -238,6 +239,33 @@ def test_the_end_of_a_layer_does_not_grow_with_its_entries(
     # compressed copy 5-10 MB more; streamed, a piece or two of 1 MiB.
     assert large < small + 1024 * 1024
     assert large < 6 * 1024 * 1024
+
+
+#: A child writing the end of a layer of argv[2] entries in both formats, then its peak RSS.
+_END_CHILD = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import test_toc_spool as t
+spool = t._spooled(int(sys.argv[2]))
+for compression in ("estargz", "zstd-chunked"):
+    t._format(compression).trailer(spool, 1000, 5000, t._ignore, t._ignore)
+spool.close()
+status = Path("/proc/self/status").read_text().splitlines()
+print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")))
+"""
+
+
+def _peak_rss_kb(entries: int) -> int:
+    child = [sys.executable, "-c", _END_CHILD, str(Path(__file__).parent), str(entries)]
+    return int(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc/self/status")
+def test_the_end_of_a_layer_peaks_at_the_same_rss_for_10x_the_entries() -> None:
+    """A process writing 200,000 entries' TOC peaks within 8 MB of one writing 20,000 (C too)."""
+    # Read back whole, as before, the larger TOC alone added 55 MB.
+    assert _peak_rss_kb(200_000) < _peak_rss_kb(20_000) + 8 * 1024
 
 
 @settings(max_examples=8, deadline=None)
