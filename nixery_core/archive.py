@@ -128,6 +128,7 @@ from nixery_core import frame_processes
 from nixery_core.chunked import (
     ChunkedCompressor,
     FrameFormat,
+    HeaderFields,
     MembersInflater,
     chunker_parameters,
 )
@@ -305,6 +306,11 @@ class _Headers:
     def __init__(self, mtime: int) -> None:
         self._mtime = b"%011o\0" % mtime
         self._fixed: dict[tuple[int, int, int, bytes], tuple[bytes, int]] = {}
+        #: The last header made and what it says (name, mode, size, type, uid,
+        #: gid, link target): a chunked layer is told them with the header
+        #: instead of parsing it back (:meth:`_TarStream.put`).
+        self.made: bytes = b""
+        self.made_fields: HeaderFields = (b"", 0, 0, b"", 0, 0, b"")
 
     def __call__(
         self,
@@ -317,6 +323,7 @@ class _Headers:
         gid: int = 0,
         linkname: bytes = b"",
     ) -> bytes:
+        fields = (name, mode, size, typeflag, uid, gid, linkname)
         records: list[tuple[bytes, bytes]] = []
         prefix = b""
         if len(name) > 100 or not name.isascii():
@@ -355,7 +362,9 @@ class _Headers:
             )
         )
         if records:
-            return self._pax(records) + block
+            block = self._pax(records) + block
+        self.made = block
+        self.made_fields = fields
         return block
 
     def _constant_part(self, key: tuple[int, int, int, bytes]) -> tuple[bytes, int]:
@@ -739,6 +748,8 @@ class _TarStream:
         """Tar bytes that are not file content (headers, padding), or content noted already."""
         if self._layout is not None:
             self._layout.literal(data)
+        if self._chunked is not None and data is self.headers.made:
+            self._chunked.announce(self._pos, self.headers.made, self.headers.made_fields)
         self._put(data)
 
     def put_file(self, data: bytes | bytearray | memoryview, member: bytes) -> None:
@@ -807,6 +818,8 @@ class _TarStream:
         if self._layout is not None:
             self._layout.member(header, member, size, pad)  # one call: most files come here
         pos = self._pos
+        if self._chunked is not None and header is self.headers.made:
+            self._chunked.announce(pos, header, self.headers.made_fields)
         self._block[pos : pos + len(header)] = header
         self._pos = pos + len(header) + size
         if pad:

@@ -115,6 +115,7 @@ __all__ = [
     "ChunkedCompressor",
     "FragmentRecorder",
     "FrameFormat",
+    "HeaderFields",
     "MembersInflater",
     "Sink",
     "chunker_parameters",
@@ -196,6 +197,11 @@ def cut_points(data: bytes | bytearray | memoryview) -> list[int]:
 
 
 _Buffer = bytes | bytearray | memoryview
+
+#: What a tar header the archive writer made says: name, mode, size, type
+#: flag, uid, gid and link target, as given to it (see
+#: :meth:`ChunkedCompressor.announce`).
+HeaderFields = tuple[bytes, int, int, bytes, int, int, bytes]
 
 #: The order of TOC entry keys: insertion order depends on when a frame's
 #: offsets arrive from a worker, so the TOC is always written in this order.
@@ -572,12 +578,21 @@ def _cut_job(
     *,
     merge: bool,
     split: bool,
+    joined: memoryview | None = None,
 ) -> tuple[list[int], str]:
-    """A whole file's chunks as frames (appended to ``payloads``/``digests``); its plan."""
+    """A whole file's chunks as frames (appended to ``payloads``/``digests``); its plan.
+
+    ``joined``, when given, is ``content`` then ``data`` in one buffer (a
+    packed batch holds them back to back): the last chunk's frame is a view
+    of it instead of a copy.
+    """
     if not split and len(content) <= CHUNK_MIN:
         # One chunk, as plan_chunks would say, without a copy or the chunker.
         digests.append("sha256:" + hashlib.sha256(content).hexdigest())
-        payloads.append(b"".join((content, data)) if merge and data else content)
+        if merge and data:
+            payloads.append(b"".join((content, data)) if joined is None else joined)
+        else:
+            payloads.append(content)
         return [len(content)], ""
     # Searched in place when it is bytes or writable (a worker's batch), else copied.
     window = content
@@ -588,8 +603,10 @@ def _cut_job(
         chunk = view[start : start + length]
         start += length
         digests.append("sha256:" + hashlib.sha256(chunk).hexdigest())
-        last = start == len(window)
-        payloads.append(b"".join((chunk, data)) if last and merge and data else chunk)
+        if start == len(window) and merge and data:
+            payloads.append(b"".join((chunk, data)) if joined is None else joined[start - length :])
+        else:
+            payloads.append(chunk)
     file_digest = "sha256:" + hashlib.sha256(window).hexdigest() if len(lengths) > 1 else ""
     return lengths, file_digest
 
@@ -630,7 +647,12 @@ def compress_packed(
             head = view[pos : pos + head_len]
             data = view[pos + head_len : end]
             split = bool(job)
-            plans.append(_cut_job(chunker, head, data, payloads, digests, merge=merge, split=split))
+            plans.append(
+                _cut_job(
+                    chunker, head, data, payloads, digests,
+                    merge=merge, split=split, joined=view[pos:end],
+                )
+            )
         else:
             plans.append(None)
             payloads.append(view[pos:end])
@@ -777,6 +799,8 @@ class ChunkedCompressor:
         self._file_digest: Any = None
         self._chunk_offset = 0
         self._chunks_of_file = 0
+        #: Headers announced by the writer, not parsed yet: (tar offset, bytes, fields).
+        self._known: deque[tuple[int, bytes, HeaderFields]] = deque()
         # Framing state.
         self._meta = _Frame(bytearray())
         self._batch: list[_Frame] = []
@@ -808,6 +832,16 @@ class ChunkedCompressor:
         out = self._cut(data)
         self._spool_final()
         return out
+
+    def announce(self, pending: int, header: bytes, fields: HeaderFields) -> None:
+        """The writer's word for a header still to come, ``pending`` bytes after those given.
+
+        ``header`` is a whole member header (pax header included) and
+        ``fields`` what it says.  When the parser reaches that offset and
+        finds those very bytes there, it takes the fields instead of parsing
+        them back (the same entry, less work); anything else is parsed.
+        """
+        self._known.append((self._tar_size + pending, header, fields))
 
     # --- fragments ---------------------------------------------------------------
 
@@ -946,12 +980,45 @@ class ChunkedCompressor:
                 if not self._pax_left:
                     self._pax = _parse_pax(bytes(self._pax_bytes[: self._pax_size]))
             else:
+                if self._known and not self._buf:
+                    taken = self._take_known(view, out)
+                    if taken:
+                        view = view[taken:]
+                        continue
                 need = _HEADER - len(self._buf)
                 self._buf += view[:need]
                 view = view[need:]
                 if len(self._buf) == _HEADER:
                     self._header(out)
         return out
+
+    def _take_known(self, view: memoryview, out: list[bytes]) -> int:
+        """An announced header at the start of ``view``, taken whole; its length (0: none)."""
+        known = self._known
+        at = self._tar_size - len(view)
+        while known and known[0][0] < at:
+            known.popleft()  # not written where announced (or parsed in pieces)
+        if not known or known[0][0] != at:
+            return 0
+        _, header, fields = known[0]
+        size = len(header)
+        if len(view) < size or view[:size] != header:
+            return 0  # across a block boundary: parsed
+        known.popleft()
+        name, mode, size_field, typeflag, uid, gid, linkname = fields
+        entry: dict[str, Any] = {
+            "name": name.decode("utf-8", "surrogateescape"),
+            "type": "",
+            "mode": mode,
+            "uid": uid,
+            "gid": gid,
+            "modtime": self._modtime,
+        }
+        self._meta.data += header
+        if len(self._meta.data) >= _META_LIMIT:
+            self._seal_meta(out)
+        self._member(entry, typeflag, size_field, linkname, out)
+        return size
 
     def finish(self, write: Sink, tar: Sink) -> Annotations:
         """End the layer: the compressed bytes still to come to ``write``, in order, in pieces.
@@ -1055,6 +1122,12 @@ class ChunkedCompressor:
         self._meta.data += block
         if len(self._meta.data) >= _META_LIMIT:
             self._seal_meta(out)
+        self._member(entry, typeflag, size, linkname, out)
+
+    def _member(
+        self, entry: dict[str, Any], typeflag: bytes, size: int, linkname: bytes, out: list[bytes]
+    ) -> None:
+        """A member whose header is in the metadata: its TOC entry, and its content expected."""
         if typeflag in (b"0", b"\0"):
             entry["type"] = "reg"
             entry["size"] = size

@@ -210,7 +210,11 @@ class _Worker:
         # The answer being read: prefix, then header, then body.
         self._prefix = bytearray(_PREFIX.size)
         self._header = bytearray()
-        self._body = bytearray()
+        #: The body as received: ``recv`` makes bytes objects, so a body that
+        #: arrives in one piece (most do: the worker sends it in one call)
+        #: is never copied again.
+        self._body: list[bytes] = []
+        self._body_left = 0
         self._part = 0
         self._view = memoryview(self._prefix)
 
@@ -233,9 +237,19 @@ class _Worker:
             with lock:
                 _sent(self.sending, count)
 
-    def read_some(self) -> tuple[Any, bytearray] | None:
+    def read_some(self) -> tuple[Any, bytes] | None:
         """Read what arrived; a whole answer (header, body) once it is complete."""
         while True:
+            if self._part == 2 and self._body_left:
+                try:
+                    piece = self.socket.recv(self._body_left)
+                except BlockingIOError:
+                    return None
+                if not piece:
+                    raise EOFError("the worker closed its socket")
+                self._body.append(piece)
+                self._body_left -= len(piece)
+                continue
             if self._view:
                 try:
                     got = self.socket.recv_into(self._view)
@@ -247,18 +261,18 @@ class _Worker:
                 if self._view:
                     continue
             if self._part == 0:
-                header_size, body_size = _PREFIX.unpack(self._prefix)
+                header_size, self._body_left = _PREFIX.unpack(self._prefix)
                 self._header = bytearray(header_size)
-                self._body = bytearray(body_size)
                 self._part = 1
                 self._view = memoryview(self._header)
             elif self._part == 1:
                 self._part = 2
-                self._view = memoryview(self._body)
             else:
+                body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+                self._body = []
                 self._part = 0
                 self._view = memoryview(self._prefix)
-                return pickle.loads(self._header), self._body  # noqa: S301 - our worker's answer
+                return pickle.loads(self._header), body  # noqa: S301 - our worker's answer
 
     def stop(self) -> None:
         """Close the worker's socket (it exits, even in the middle of an answer), then reap it."""
@@ -406,7 +420,7 @@ class FrameProcesses:
             self._lost(worker, exc)
 
     def _answer(
-        self, worker: _Worker, task: int, error: str | None, blob: bytearray, rest: Any
+        self, worker: _Worker, task: int, error: str | None, blob: bytes, rest: Any
     ) -> None:
         with self._lock:
             entry = self._futures.pop(task, None)
@@ -419,7 +433,7 @@ class FrameProcesses:
             future.set_exception(_failed(error))
             return
         lengths, digests, plans = rest
-        future.set_result((bytes(blob), lengths, digests, plans))
+        future.set_result((blob, lengths, digests, plans))
 
     def _lost(self, worker: _Worker, exc: BaseException) -> None:
         """A worker died (or its socket broke): fail every task it held."""
