@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from nixery_core import chunked
 from nixery_core.archive import (
     ArchiveOptions,
     PackedLayer,
@@ -176,19 +175,18 @@ def test_a_header_not_written_where_announced_is_parsed() -> None:
     """An announcement whose bytes are not at its offset is ignored: the header is parsed."""
     spec = ArchiveOptions(compression="zstd-chunked").compressor()
 
-    def layer(announce: bool) -> tuple[bytes, chunked.Trailer | None]:
-        compressor = ChunkedCompressor(
-            _frame_format(spec, 1), mtime=1, executor=None, threads=1
-        )
+    def layer(announce: bool) -> tuple[bytes, bytes, object]:
+        compressor = ChunkedCompressor(_frame_format(spec, 1), mtime=1, executor=None, threads=1)
         header = _ustar(b"nix/store/x-a/file", 5)
         if announce:
             # Other bytes than those written there, and the header where it is not.
             other = _ustar(b"nix/store/x-a/other", 5)
             compressor.announce(0, other, (b"wrong", 0o444, 99, b"0", 0, 0, b""))
             compressor.announce(512, header, (b"wrong", 0o444, 99, b"0", 0, 0, b""))
-        out = compressor.compress(header + b"hello" + bytes(507))
-        out += compressor.finish()
-        return b"".join(out), compressor.trailer
+        out: list[bytes | bytearray] = [*compressor.compress(header + b"hello" + bytes(507))]
+        tail: list[bytes | bytearray] = []
+        annotations = compressor.finish(out.append, tail.append)
+        return b"".join(out), b"".join(tail), annotations
 
     assert layer(True) == layer(False)
 
