@@ -24,7 +24,12 @@ every revision, each seeing the layers of the images before it and of
 every earlier revision (:class:`~nixery_core_sim.evaluation.WithRegistry`).
 With ``--reference-scale K`` as well, ours also runs told the record with
 ``reference_scale=K`` (row ``churn-aware-dominators+registry+refs``: a
-path's chance of being elsewhere also from how many paths here reference it).
+path's chance of being elsewhere also from how many paths here reference it);
+with ``--root-scale K``, with ``root_scale=K`` (row
+``churn-aware-dominators+registry+roots``: in an image grouped as a whole,
+also from how many of its requested roots hold the path).
+``--storage-rows`` runs only the rows the registry storage claim compares
+(the baselines, ``nixery-popularity-transitive`` and ours), faster.
 
 See :mod:`nixery_core_sim.universe` for the simulated package set and
 :mod:`nixery_core_sim.evaluation` for the measures.
@@ -86,6 +91,10 @@ REGISTRY_ROW = f"{DEFAULT_STRATEGY.name}+registry"
 #: The same, with the chance of being elsewhere also from references (``--reference-scale``).
 REFERENCES_ROW = f"{REGISTRY_ROW}+refs"
 
+#: The same, with the chance of being elsewhere also from roots in images grouped whole
+#: (``--root-scale``).
+ROOTS_ROW = f"{REGISTRY_ROW}+roots"
+
 #: Images of the offline package set measured by ``--offline-set``.
 OFFLINE_IMAGES = ("shell", "hello", "shell/hello", "edge-cases", "xorg.xev/multiout")
 
@@ -106,17 +115,24 @@ def measure_real(
 
 
 def _with_references(
-    parser: argparse.ArgumentParser, scale: float | None, *, registry: bool
+    parser: argparse.ArgumentParser,
+    scale: float | None,
+    *,
+    registry: bool,
+    option: str = "--reference-scale",
+    field: str = "reference_scale",
 ) -> ChurnAwareDominators | None:
-    """Ours with ``reference_scale`` from ``--reference-scale``; a bad scale is a usage error."""
+    """Ours with ``field`` (``reference_scale``) from ``option``; a bad scale is a usage error."""
     if scale is None:
         return None
     if not registry:
-        parser.error("--reference-scale needs --registry")
+        parser.error(f"{option} needs --registry")
     try:  # the strategy's own validator says what a scale may be
+        if field == "root_scale":
+            return attrs.evolve(DEFAULT_STRATEGY, root_scale=scale)
         return attrs.evolve(DEFAULT_STRATEGY, reference_scale=scale)
     except InvalidInput as exc:
-        parser.error(f"--reference-scale: {exc}")
+        parser.error(f"{option}: {exc}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,12 +176,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"also run ours told which layers the registry stores ({REGISTRY_ROW})",
     )
     parser.add_argument(
+        "--root-scale",
+        type=float,
+        help=f"with --registry, also run {ROOTS_ROW} (root_scale=K)",
+    )
+    parser.add_argument(
+        "--storage-rows",
+        action="store_true",
+        help="only the baselines, nixery-popularity-transitive and ours (no partial-pull "
+        "client, no calibration): the registry storage claim's figures, faster",
+    )
+    parser.add_argument(
         "--reference-scale",
         type=float,
         help=f"with --registry, also run {REFERENCES_ROW} (reference_scale=K)",
     )
     args = parser.parse_args(argv)
     refs = _with_references(parser, args.reference_scale, registry=args.registry)
+    roots = _with_references(
+        parser, args.root_scale, registry=args.registry, option="--root-scale", field="root_scale"
+    )
     budget = args.max_layers - 1
     if args.closure:
         graphs = [closure_from_json(p.read_bytes(), str(p)) for p in args.closure]
@@ -199,16 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours.append(WithRegistry(REGISTRY_ROW, DEFAULT_STRATEGY))
     if refs is not None:
         ours.append(WithRegistry(REFERENCES_ROW, refs))
-    report = simulate(config, budget, ours)
+    if roots is not None:
+        ours.append(WithRegistry(ROOTS_ROW, roots))
+    report = simulate(config, budget, ours, storage_rows=args.storage_rows)
     if report.calibration is not None:
         print(format_calibration(report.calibration))
         print()
     print(format_report(report))
-    print()
-    print("Whole-layer clients against partial-pull clients (files and chunks, see")
-    print("nixery_core_sim.files; eStargz or zstd:chunked layers pulled by podman):")
-    print()
-    print(format_partial(report))
+    if not args.storage_rows:
+        print()
+        print("Whole-layer clients against partial-pull clients (files and chunks, see")
+        print("nixery_core_sim.files; eStargz or zstd:chunked layers pulled by podman):")
+        print()
+        print(format_partial(report))
     if args.by_kind:
         print()
         print(format_by_kind(report))

@@ -107,6 +107,9 @@ __all__ = ["ChurnAwareDominators"]
 #: The least chance that a store path is in some other image too.
 _ELSEWHERE = 0.05
 
+#: With ``root_scale``, the sharing weight of an image grouped as a whole (step 9).
+_WHOLE_IMAGE_WEIGHT = 0.5
+
 
 def _non_negative_int(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -212,6 +215,7 @@ class ChurnAwareDominators:
     )
     told_registry: bool = attrs.field(default=False, validator=_flag)
     reference_scale: float = attrs.field(default=0.0, validator=_weight)
+    root_scale: float = attrs.field(default=0.0, validator=_weight)
 
     @property
     def name(self) -> str:
@@ -228,6 +232,7 @@ class ChurnAwareDominators:
             **({"prior_layers_sha256": self.prior_digest()} if self.prior_layers else {}),
             **({"told_registry": True} if self.told_registry else {}),
             **({"reference_scale": self.reference_scale} if self.reference_scale else {}),
+            **({"root_scale": self.root_scale} if self.root_scale else {}),
         }
 
     def prior_digest(self) -> str:
@@ -350,9 +355,22 @@ class _Clustering:
         self.table = [1.0 - math.exp(-self.rate * k) for k in range(n + 1)]
         self.exposure = [self.table[c.bit_count()] for c in self.closure]
         self.members: dict[int, list[int]] = {v: [v] for v in self.rest}
+        # Step 9: told the registry, an image grouped as a whole (no root set
+        # apart) estimates from its roots, at half the sharing weight.
+        whole = strategy.told_registry and bool(strategy.root_scale) and not pinned
         # How likely each path is to be in another image: the share of the
         # unpinned closure that depends on it, but at least _ELSEWHERE.
-        elsewhere = [max(_ELSEWHERE, share) for share in self._dependent_share()]
+        dependents = self._dependents()
+        total = max(1, len(self.rest))
+        elsewhere = [max(_ELSEWHERE, (d.bit_count() - 1) / total if d else 0.0) for d in dependents]
+        if whole:
+            k = strategy.root_scale
+            roots = frozenset(ig.roots)
+            mask = sum(1 << r for r in roots)
+            elsewhere = [
+                max(e, 1.0 - math.exp(-((d & mask).bit_count() - (v in roots)) / k))
+                for v, (e, d) in enumerate(zip(elsewhere, dependents, strict=True))
+            ]
         if strategy.told_registry and strategy.reference_scale:
             # Step 8: referenced by many paths here, likely in other images too.
             k = strategy.reference_scale
@@ -360,7 +378,7 @@ class _Clustering:
                 max(e, 1.0 - math.exp(-len(users) / k))
                 for e, users in zip(elsewhere, ig.users, strict=True)
             ]
-        self.other_images = strategy.other_images
+        self.other_images = strategy.other_images * (_WHOLE_IMAGE_WEIGHT if whole else 1.0)
         self.stored_copy = strategy.stored_copy
         weight = [self.weight_of(v) for v in range(n)]
         model = _Containment if strategy.told_registry else _FirstForm
@@ -374,8 +392,8 @@ class _Clustering:
         """
         return self.other_images * self.size[g] * (self.exposure[g] + self.stored_copy)
 
-    def _dependent_share(self) -> list[float]:
-        """For each path, the share of unpinned paths that depend on it (itself excluded)."""
+    def _dependents(self) -> list[int]:
+        """For each unpinned path, the unpinned paths that depend on it, itself included (bits)."""
         ig, pinned = self.ig, self.pinned
         dependents = [0] * len(ig)
         for v in reversed(ig.topo):  # users before what they use
@@ -386,8 +404,7 @@ class _Clustering:
                 if u not in pinned:
                     acc |= dependents[u]
             dependents[v] = acc
-        total = max(1, len(self.rest))
-        return [(d.bit_count() - 1) / total if d else 0.0 for d in dependents]
+        return dependents
 
     def seed(self, layers: Sequence[Sequence[int]]) -> None:
         """Start from these groups (prior layers): merged, intact, certainly stored elsewhere."""
