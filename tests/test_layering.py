@@ -468,6 +468,50 @@ def test_ours_told_with_reference_scale_keeps_a_widely_referenced_library_apart(
     assert ["libz"] in layers[3.0]
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=closures(), budget=st.integers(1, 45))
+def test_ours_root_scale_changes_only_an_image_grouped_whole_told_the_registry(
+    graph: RuntimeGraph, budget: int
+) -> None:
+    """``root_scale`` leaves a strategy not told the registry, and an image whose roots are
+    set apart, exactly as they are (layers; cache keys say it is set); told, an image grouped
+    as a whole keeps the promises."""
+    roots = ChurnAwareDominators(root_scale=10)
+    assert roots.group(graph, budget) == DEFAULT_STRATEGY.group(graph, budget)
+    assert roots.parameters() == {**DEFAULT_STRATEGY.parameters(), "root_scale": 10}
+    assert "root_scale" not in DEFAULT_STRATEGY.parameters()
+    told = roots.with_prior_layers([])
+    assert told.root_scale == 10
+    plain = DEFAULT_STRATEGY.with_prior_layers([])
+    if len(IndexedGraph.of(graph).roots) <= plain.root_slots < budget:  # roots set apart
+        assert told.group(graph, budget) == plain.group(graph, budget)
+    whole = attrs.evolve(told, root_slots=0)
+    validate_grouping(graph, whole.group(graph, budget), budget)
+
+
+def test_ours_told_with_root_scale_keeps_a_library_several_roots_use_apart() -> None:
+    """Told the registry, in an image grouped as a whole, a small library that several of
+    its requested roots use (so likely in other images built from the same package set) but
+    that is a small share of the closure stays in a layer of its own with ``root_scale``,
+    where without it the library joins a user."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    spec["libz"] = (1 * MB, ("libc",))
+    for i in range(60):
+        spec[f"app{i}"] = (3 * MB, ("libc",))
+    for i in range(6):
+        spec[f"tool{i}"] = (2 * MB, ("libc", "libz"))
+    graph = make(spec)[0]
+    budget = 40
+    layers = {}
+    for k in (0.0, 10.0):
+        strategy = ChurnAwareDominators(root_slots=0, root_scale=k).with_prior_layers([])
+        groups = strategy.group(graph, budget)
+        validate_grouping(graph, groups, budget)
+        layers[k] = names(groups)
+    assert ["libz"] not in layers[0.0]
+    assert ["libz"] in layers[10.0]
+
+
 def _tools_with_own_dependencies() -> tuple[RuntimeGraph, RuntimeGraph]:
     """Twelve 1 MB tools over libc, each with a 10 MB dependency only it uses; and the
     closure of the first two tools alone."""

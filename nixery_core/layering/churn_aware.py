@@ -76,6 +76,15 @@ The strategy is an agglomerative clustering on that cost:
    ``u`` of paths of this closure that reference it directly (a local
    stand-in for Nixery's popularity count): ``max(0.05, share, 1 -
    exp(-u / k))``.  Not told, it changes nothing.
+9. ``root_scale`` (``k``; 0, off, by default): told the registry, an image
+   grouped as a whole (no root set apart in step 1: a large image with many
+   requested packages) also estimates a path's chance of being elsewhere
+   from the number ``j`` of its requested roots, other than the path itself,
+   whose closures hold it: at least ``1 - exp(-j / k)`` (another image built
+   from the same package set requests other packages that use the same
+   libraries), and weighs its sharing costs by half (``other_images / 2``),
+   since the estimate raises nearly every path's chance.  Not told, or with
+   roots set apart, it changes nothing.
 
 Costs depend only on the closures below the groups and their sizes, and
 ties are broken by store path names without hashes, so the same package
@@ -202,6 +211,10 @@ class ChurnAwareDominators:
     ``reference_scale``: told the registry, a path referenced directly by
     ``u`` paths here is elsewhere with a chance of at least ``1 - exp(-u /
     reference_scale)`` (step 8); 0 (the default) leaves it out.
+    ``root_scale``: told the registry, in an image grouped as a whole, a path
+    that ``j`` of the requested roots hold is elsewhere with a chance of at
+    least ``1 - exp(-j / root_scale)``, at half the sharing weight (step 9);
+    0 (the default) leaves it out.
     """
 
     change_rate: float = attrs.field(default=0.003, validator=_rate)
