@@ -134,6 +134,10 @@ _MAX_PENDING = 64 << 20
 #: The writing thread writes once this much is queued, or after _BATCH_DELAY seconds.
 _BATCH_BYTES = 8 << 20
 _BATCH_DELAY = 0.2
+#: Keys a prefetch asks the index about in one query (SQLite allows 32,766 parameters).
+_KEYS_PER_QUERY = 500
+#: Keys remembered absent by prefetches, at most (more: forgotten, looked up one by one).
+_MAX_ABSENT = 100_000
 #: Hits whose access times are recorded at most this many at a time.
 _TOUCH_BATCH = 256
 #: A cached fragment up to this size is kept in memory from its check to its copy (read once).
@@ -226,6 +230,9 @@ class FragmentCache:
     _count_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     #: Keys hit since access times were last recorded (guarded by ``_count_lock``).
     _touched: list[str] = attrs.field(init=False, factory=list)
+    #: Keys a :meth:`prefetch` found absent and no :meth:`get` has asked for since
+    #: (guarded by ``_count_lock``): their lookup is a miss without a query.
+    _absent: set[str] = attrs.field(init=False, factory=set)
     #: Fragments committed but not yet written, by key, and the keys not yet taken
     #: by the writing thread, in order (all guarded by ``_written``).
     _pending: dict[str, _Pending] = attrs.field(init=False, factory=dict)
@@ -501,6 +508,8 @@ class FragmentCache:
 
     def _submit(self, key: str, item: _Pending) -> None:
         """Queue a committed fragment for the writing thread (waits while too much is queued)."""
+        with self._count_lock:
+            self._absent.discard(key)
         with self._written:
             while self._pending_bytes > _MAX_PENDING and self._pending:
                 self._written.wait()
@@ -692,7 +701,34 @@ class FragmentCache:
         self.close()
 
     def prefetch(self, keys: Sequence[str]) -> None:
-        """Nothing to do: every fragment here is local."""
+        """Find which of ``keys`` are absent, in one query: their :meth:`get` is then a miss
+        at once (a cold pack asks for every store path of its layer; one query each cost
+        it more than the rest of its lookups).
+
+        A key stored by this process afterwards is looked up as usual; one another process
+        stores meanwhile is missed (and packed again: the same bytes), never wrong.
+        """
+        wanted = list(dict.fromkeys(keys))
+        found: set[str] = set()
+        try:
+            with self._index() as con:
+                for start in range(0, len(wanted), _KEYS_PER_QUERY):
+                    chunk = wanted[start : start + _KEYS_PER_QUERY]
+                    marks = ",".join("?" * len(chunk))
+                    found.update(
+                        key for (key,) in con.execute(
+                            f"SELECT key FROM fragments WHERE key IN ({marks})", chunk  # noqa: S608 - only placeholders are interpolated
+                        )
+                    )
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("fragment cache read failed (%s); looking keys up one by one", exc)
+            return
+        with self._written:  # committed here, still being written: present
+            found.update(key for key in wanted if key in self._pending)
+        with self._count_lock:
+            if len(self._absent) > _MAX_ABSENT:  # packs that failed before asking: forget
+                self._absent.clear()
+            self._absent.update(key for key in wanted if key not in found)
 
     def __contains__(self, key: object) -> bool:
         """Whether a fragment is kept under ``key`` (not checked, not counted as a use)."""
@@ -761,6 +797,14 @@ class FragmentCache:
     @contextlib.contextmanager
     def get(self, key: str) -> Iterator[CachedFragment | None]:
         """The fragment under ``key``, checked against its CRC-32 (``None``: a miss)."""
+        with self._count_lock:
+            absent = key in self._absent
+            if absent:
+                self._absent.discard(key)
+                self.misses += 1
+        if absent:
+            yield None
+            return
         found = self._lookup(key)
         batch = False
         with self._count_lock:

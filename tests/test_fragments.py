@@ -625,3 +625,45 @@ def test_a_fragment_nobody_waits_for_reaches_the_index_soon(tmp_path: Path) -> N
         with other.get("k") as found:
             assert found is not None
             assert b"".join(found.pieces()) == b"x" * 100
+
+
+def test_a_prefetch_looks_a_layers_keys_up_in_one_query_and_misses_need_none(
+    tmp_path: Path,
+) -> None:
+    """A cold pack asks for every store path of its layer: the prefetch finds the absent ones
+    in one index query and their lookups are misses without another (counted as misses)."""
+    with FragmentCache(tmp_path / "fragments") as cache:
+        cache.put("present", [b"p" * 100], 100)
+        keys = [f"k{n}" for n in range(1200)] + ["present"]  # more than one query's worth
+        statements: list[str] = []
+        con = cache._con
+        assert con is not None
+        con.set_trace_callback(statements.append)
+        cache.prefetch(keys)
+        assert len(statements) == 3  # 500 keys a query
+        statements.clear()
+        for key in keys[:-1]:
+            with cache.get(key) as found:
+                assert found is None
+        assert statements == []
+        with cache.get("present") as found:
+            assert found is not None
+        assert (cache.hits, cache.misses) == (1, 1200)
+
+
+def test_a_key_prefetched_as_absent_is_found_once_stored_or_committed_here(
+    tmp_path: Path,
+) -> None:
+    """What this cache keeps after a prefetch, or had committed but not yet written before it,
+    is found by the lookup (never taken for absent from the prefetch)."""
+    with FragmentCache(tmp_path / "fragments") as cache:
+        cache.prefetch(["later"])
+        cache.put("later", [b"l" * 100], 100)
+        writer = cache.writer("queued")
+        writer.add(b"q" * 100)
+        writer.commit(100)
+        cache.prefetch(["queued"])  # committed, perhaps not yet written
+        for key, byte in (("later", b"l"), ("queued", b"q")):
+            with cache.get(key) as found:
+                assert found is not None
+                assert b"".join(found.pieces()) == byte * 100
