@@ -10,15 +10,25 @@ threads), and of the cache's writing thread alone.  Both packs are the
 the cache opened before the timed run and closed within it), interleaved,
 each right after reading the store once; best of ``--repeats``.
 
-Printed per run: wall, CPU, cores used (CPU / wall), and for the cold one
-the writing thread's CPU and how long closing the cache took (writing what
-was still queued).  Then the extra CPU of the cold pack.
+Printed per run: wall, CPU, cores used (CPU / wall), the packing (calling)
+thread's CPU, and for the cold one the writing thread's CPU and how long
+closing the cache took (writing what was still queued).  Then the extra CPU
+of the cold pack.  ``--split`` adds a third pack, ``recorded``: every
+fragment recorded (layout, pieces kept until committed) but dropped at its
+commit, never written: what recording costs the packing threads, apart
+from writing.
 
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_cold_fragments            # 300 MB closure
     .venv/bin/python -m benchmarks.bench_cold_fragments --quick    # 60 MB
     .venv/bin/python -m benchmarks.bench_cold_fragments --keep DIR # reuse a corpus
+    .venv/bin/python -m benchmarks.bench_cold_fragments --split    # recording apart from writing
+
+On a machine other work keeps busy, ``chrt -r 1`` in front (the whole run
+at real-time priority, so that other processes do not take its cores) and
+``--repeats 7`` give medians that move by a few hundredths of a CPU-second
+between runs instead of tenths.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import threading
@@ -46,6 +57,7 @@ class Run:
 
     wall: float
     cpu: float
+    packing_cpu: float
     writer_cpu: float = 0.0
     close: float = 0.0
 
@@ -71,34 +83,48 @@ class _Counted(FragmentCache):
         type(self).closing += time.perf_counter() - start
 
 
+class _Unwritten(_Counted):
+    """A fragment cache that records every fragment but drops it at its commit."""
+
+    def _submit(self, key: str, item: object) -> None:
+        return
+
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
 def measure(
-    root: Path, paths: Sequence[str], repeats: int, caches: Path
+    root: Path, paths: Sequence[str], repeats: int, caches: Path, *, split: bool = False
 ) -> dict[str, list[Run]]:
     """Each pack ``repeats`` times, interleaved; cold caches made under ``caches``."""
     options = ArchiveOptions()
     runs: dict[str, list[Run]] = {"without": [], "cold": []}
+    if split:
+        runs["recorded"] = []
+    kinds: dict[str, type[_Counted]] = {"cold": _Counted, "recorded": _Unwritten}
     for index in range(repeats):
         for name, done in runs.items():
-            directory = caches / f"cold-{index}"  # a new one each run; all removed at the end
+            # A new directory each run; all removed at the end.
+            directory = caches / f"{name}-{index}"
+            kind = kinds.get(name)
             fragments = (
-                (lambda directory=directory: _Counted(directory))
-                if name == "cold"
+                (lambda directory=directory, kind=kind: kind(directory))
+                if kind is not None
                 else (lambda: None)
             )
             contender = ours(root, [paths], options, fragments)
             warm(root, paths)
             contender.prepare()
             _Counted.writer_cpu = _Counted.closing = 0.0
-            cpu, start = _cpu(), time.perf_counter()
+            cpu, packing, start = _cpu(), time.thread_time(), time.perf_counter()
             contender()
             wall, cpu = time.perf_counter() - start, _cpu() - cpu
-            done.append(Run(wall, cpu, _Counted.writer_cpu, _Counted.closing))
+            packing = time.thread_time() - packing
+            done.append(Run(wall, cpu, packing, _Counted.writer_cpu, _Counted.closing))
             print(f"  {name:8} wall {wall:.3f} s  cpu {cpu:.3f} s  cores {cpu / wall:.2f}"
+                  f"  packing thread {packing:.3f} cpu-s"
                   + (f"  writing thread {_Counted.writer_cpu:.3f} cpu-s,"
                      f" close {1000 * _Counted.closing:.1f} ms" if name == "cold" else ""),
                   flush=True)
@@ -106,7 +132,13 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return closure_main(argv, __doc__, "bench-cold-fragments-", _run)
+    return closure_main(
+        argv, __doc__, "bench-cold-fragments-", _run,
+        lambda parser: parser.add_argument(
+            "--split", action="store_true",
+            help="also pack recording every fragment but writing none",
+        ),
+    )
 
 
 def _run(root: Path, args: argparse.Namespace) -> int:
@@ -117,7 +149,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         paths = build_corpus(root, args.size_mb)
     print(f"{len(paths)} store paths under {root}; load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench-cold-fragments-") as caches:
-        runs = measure(root, paths, args.repeats, Path(caches))
+        runs = measure(root, paths, args.repeats, Path(caches), split=args.split)
     best = {name: (min(r.wall for r in rs), min(r.cpu for r in rs)) for name, rs in runs.items()}
     writer = min(r.writer_cpu for r in runs["cold"])
     (wall, cpu), (cold_wall, cold_cpu) = best["without"], best["cold"]
@@ -126,7 +158,21 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     print(f"  cold / without: wall {cold_wall / wall:.3f}, CPU {cold_cpu / cpu:.3f} "
           f"(+{cold_cpu - cpu:.3f} cpu-s, of which the writing thread {writer:.3f}); "
           f"load average {os.getloadavg()[0]:.1f}")
+    print(f"medians of {args.repeats} (wall s, cpu s, packing thread cpu s):")
+    base = _medians(runs["without"])
+    for name, done in runs.items():
+        values = _medians(done)
+        pairs = zip(values, base, strict=True)
+        print(f"  {name:8} " + "  ".join(f"{v:.3f} ({v - before:+.3f})" for v, before in pairs))
     return 0
+
+
+def _medians(runs: Sequence[Run]) -> tuple[float, float, float]:
+    return (
+        statistics.median(r.wall for r in runs),
+        statistics.median(r.cpu for r in runs),
+        statistics.median(r.packing_cpu for r in runs),
+    )
 
 
 if __name__ == "__main__":

@@ -528,14 +528,18 @@ def closure_main(
     doc: str | None,
     prefix: str,
     run: Callable[[Path, argparse.Namespace], int],
+    more: Callable[[argparse.ArgumentParser], object] | None = None,
 ) -> int:
     """The command line of a benchmark on this corpus: ``--size-mb``, ``--quick``,
-    ``--repeats``, ``--keep``; ``run(root, args)`` in :func:`in_work_dir`."""
+    ``--repeats``, ``--keep`` and what ``more`` adds; ``run(root, args)`` in
+    :func:`in_work_dir`."""
     parser = argparse.ArgumentParser(description=(doc or "").split("\n", 1)[0])
     parser.add_argument("--size-mb", type=int, default=300, help="closure size (default 300)")
     parser.add_argument("--quick", action="store_true", help="60 MB closure")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each (best kept)")
     parser.add_argument("--keep", type=Path, help="build (or reuse) the corpus here, keep it")
+    if more is not None:
+        more(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mb = min(args.size_mb, 60)
