@@ -188,6 +188,39 @@ def test_kernel_write_error_is_translated(tmp_path: Path) -> None:
     assert out[1] == "[]"
 
 
+def test_a_write_that_failed_is_never_committed(tmp_path: Path) -> None:
+    """After a kernel write error the file holds part of a chunk the writer never counted:
+    committing the digest it did count is refused, and nothing is stored or left staged."""
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        from pathlib import Path
+        from nixery_core.errors import InvalidInput, StorageUnavailable
+        from nixery_core.storage.filesystem import FilesystemStore
+        store = FilesystemStore(Path({str(tmp_path)!r}))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        with store.open_blob_writer({GZ!r}) as writer:
+            try:
+                for _ in range(4):
+                    writer.write(b"x" * 65536)
+            except StorageUnavailable:
+                print("write failed after", writer.size)
+            try:
+                writer.commit(writer.written_digest())
+            except InvalidInput as exc:
+                print("commit refused:", exc)
+        print(list(store.list_blobs()), store.staging_leftovers())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.split("\n")
+    assert out[0] == "write failed after 65536"
+    assert out[1].startswith("commit refused: blob writer is failed")
+    assert out[2] == "[] []"
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs (needs mount privileges; skipped without them)."""

@@ -38,6 +38,7 @@ LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 #: Retries that give up quickly: the fault tests stop the server on purpose.
 #: google.api_core's exception constructors are untyped.
 PRECONDITION_FAILED: Any = gexc.PreconditionFailed
+SERVICE_UNAVAILABLE: Any = gexc.ServiceUnavailable
 FAST_RETRY = DEFAULT_RETRY.with_timeout(1.0).with_delay(initial=0.05, maximum=0.2)
 
 
@@ -298,6 +299,62 @@ def test_existing_blob_with_other_bytes_is_replaced(
     assert store.read_blob(digest) == data
 
 
+def _fails_first(monkeypatch: pytest.MonkeyPatch, name: str, times: int = 1) -> list[str]:
+    """Make ``Blob.<name>`` raise ServiceUnavailable ``times`` times, then work; the calls."""
+    real = getattr(Blob, name)
+    calls: list[str] = []
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(self.name)
+        if len(calls) <= times:
+            raise SERVICE_UNAVAILABLE(f"injected {name} failure")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Blob, name, flaky)
+    return calls
+
+
+def test_failed_copy_keeps_its_error_and_notes_the_staging_it_could_not_delete(
+    store: GcsStore, bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed copy is the error raised, noting the staging object a failed delete left;
+    the writer is failed, and leaving the with block deletes the staging object."""
+    data = _payload(1000, seed=12)
+    digest = sha256_digest(data)
+    _fails_first(monkeypatch, "rewrite", times=99)
+    deletes = _fails_first(monkeypatch, "delete")
+    with store.open_blob_writer(LAYER) as writer:
+        writer.write(data)
+        with pytest.raises(StorageUnavailable, match="copy of staging object") as caught:
+            writer.commit(digest)
+        assert isinstance(caught.value.__cause__, gexc.ServiceUnavailable)
+        [note] = caught.value.__notes__
+        assert note.startswith(f"staging object {writer.staging_name!r} may remain: GCS delete")
+        assert _names(bucket) == [writer.staging_name]
+        with pytest.raises(InvalidInput, match="failed"):
+            writer.commit(digest)
+    assert deletes == [writer.staging_name] * 2
+    assert _names(bucket) == []
+
+
+def test_staging_delete_failing_after_the_copy_is_retried_at_once(
+    store: GcsStore, bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blob is stored but commit raises when the staging delete fails; it is tried again
+    before commit returns, so no staging object is left."""
+    data = _payload(1000, seed=13)
+    digest = sha256_digest(data)
+    deletes = _fails_first(monkeypatch, "delete")
+    with store.open_blob_writer(LAYER) as writer:
+        writer.write(data)
+        with pytest.raises(StorageUnavailable, match="delete of staging object") as caught:
+            writer.commit(digest)
+        assert not hasattr(caught.value, "__notes__")
+    assert deletes == [writer.staging_name] * 2
+    assert _names(bucket) == [f"layers/{digest[7:]}"]
+    assert store.read_blob(digest) == data
+
+
 def test_put_blob_replaces_other_bytes_under_its_name(store: GcsStore, bucket: Any) -> None:
     """put_blob is create-only, but bytes under the name that are not its own are replaced."""
     for data in (b"small config", _payload(3 << 20, seed=11)):
@@ -396,6 +453,11 @@ def test_server_stopped_mid_upload(own_server: FakeGcsServer) -> None:
         upload_while_server_dies()
     assert isinstance(caught.value, StorageUnavailable)
     assert caught.value.__cause__ is not None
+    # The upload could not be cancelled either: a note says so, the write's error stays.
+    assert "upload of staging object" in str(caught.value)
+    [note] = caught.value.__notes__
+    assert note.startswith("staging object 'staging/")
+    assert "may remain: GCS cancel of resumable upload" in note
     with pytest.raises(StorageUnavailable):
         store.has_blob(digest)
 

@@ -15,14 +15,24 @@ The public methods check everything the protocols in
   malformed digest and a digest the bytes do not have
   (:class:`~nixery_core.errors.DigestMismatch`) before ``_publish`` runs;
   a writer is single-use (``write``/``commit`` after a commit or an abort
-  raise InvalidInput); a failed commit, an ``abort`` or leaving ``with``
-  without a commit calls ``_discard`` exactly once;
+  raise InvalidInput), and a ``_write`` or ``_publish`` that raised leaves
+  it *failed*: it then only accepts ``abort``, so bytes staged in part
+  are never published;
+* a failed commit, an ``abort`` or leaving ``with`` without a commit calls
+  ``_discard``; once it has returned it is not called again, while a
+  ``_discard`` that raised is tried again by the next ``abort`` or exit.
+  When it raises a :class:`~nixery_core.errors.StorageError` while another
+  exception is on its way out (a failed commit, an exception in the
+  ``with`` block), that exception goes on unchanged, with a note saying
+  what may remain;
 * ``put_blob`` goes through a writer; ``read_blob`` and ``has_blob`` are
   derived from ``_open_blob`` and ``_blob_info``.
 
 What remains yours: ``_publish`` must make the blob visible atomically under
-``digest`` and succeed when it is already stored; ``_put_object`` must
-replace atomically; every backend failure must become a
+``digest`` and succeed when it is already stored (returning the stored
+blob's :class:`~nixery_core.protocols.BlobInfo` when that differs from the
+one written, say in media type); ``_put_object`` must replace atomically;
+every backend failure must become a
 :class:`~nixery_core.errors.StorageError` (chain it with ``raise ... from``).
 
 Optional capabilities are plain methods you add (``list_blobs``,
@@ -37,10 +47,10 @@ from __future__ import annotations
 
 import abc
 from types import TracebackType
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Self
 
 from nixery_core.digests import Sha256Counter, sha256_digest, validate_digest
-from nixery_core.errors import BlobNotFound, InvalidInput
+from nixery_core.errors import BlobNotFound, InvalidInput, StorageError
 from nixery_core.media_types import validate_media_type
 from nixery_core.protocols import BlobInfo
 from nixery_core.storage.keys import validate_object_key, validate_prefix
@@ -48,19 +58,25 @@ from nixery_core.storage.keys import validate_object_key, validate_prefix
 __all__ = ["BaseBlobWriter", "BaseStore"]
 
 
+#: A writer's life: ``failed`` after a ``_write`` or ``_publish`` that raised.
+_State = Literal["open", "committed", "aborted", "failed"]
+
+
 class BaseBlobWriter(abc.ABC):
     """A :class:`~nixery_core.protocols.BlobWriter` whose rules are kept for you.
 
     Implement :meth:`_write` (stage bytes), :meth:`_publish` (make the staged
     bytes visible under a digest, atomically; already stored is success) and
-    :meth:`_discard` (remove every staged byte; called once, after a failed
-    publish too).
+    :meth:`_discard` (remove every staged byte; called after a failed
+    publish too, and again after it raised).  Override :meth:`_staging_label` to
+    name what you stage in messages.
     """
 
     def __init__(self, media_type: str) -> None:
         self.media_type = validate_media_type(media_type)
         self._counter = Sha256Counter()
-        self._state: Literal["open", "committed", "aborted"] = "open"
+        self._state: _State = "open"
+        self._discarded = False
 
     @property
     def size(self) -> int:
@@ -73,35 +89,67 @@ class BaseBlobWriter(abc.ABC):
 
     def _require_open(self) -> None:
         if self._state != "open":
-            raise InvalidInput(f"blob writer is already {self._state}")
+            raise InvalidInput(
+                f"blob writer is {self._state}: writers are single-use ({self._staging_label()})"
+            )
 
     def write(self, data: bytes | memoryview) -> int:
-        """Stage ``data``; returns its length."""
+        """Stage ``data``; returns its length in bytes.
+
+        When staging fails the writer is failed: it accepts only
+        :meth:`abort` (or the end of the ``with`` block).
+        """
         self._require_open()
-        self._counter.update(data)
-        self._write(data)
-        return len(data)
+        view = memoryview(data).cast("B")  # count bytes, whatever the view's item size
+        try:
+            self._write(data)
+        except BaseException:
+            self._state = "failed"
+            raise
+        self._counter.update(view)
+        return len(view)
 
     def commit(self, digest: str) -> BlobInfo:
         """Check ``digest`` against the bytes written, then publish them under it."""
         self._require_open()
         try:
             self._counter.check(digest)
-            self._publish(digest, self._counter.size)
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self._state = "aborted"
+            self._discard_noting(exc)
+            raise
+        try:
+            stored = self._publish(digest, self._counter.size)
+        except BaseException as exc:
+            self._state = "failed"
+            self._discard_noting(exc)
             raise
         self._state = "committed"
-        return BlobInfo(digest, self._counter.size, self.media_type)
+        if stored is None:
+            return BlobInfo(digest, self._counter.size, self.media_type)
+        return stored
 
     def abort(self) -> None:
-        """Discard the staged bytes; harmless after a commit or a first abort."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        self._discard()
+        """Discard the staged bytes; harmless after a commit or a first abort.
 
-    def __enter__(self) -> BaseBlobWriter:
+        A discard that failed (raising StorageError) is tried again.
+        """
+        if self._state == "committed":
+            return
+        if self._state == "open":
+            self._state = "aborted"
+        if not self._discarded:
+            self._discard()
+            self._discarded = True
+
+    def _discard_noting(self, exc: BaseException) -> None:
+        """:meth:`abort` while ``exc`` is on its way out: a failed discard becomes a note on it."""
+        try:
+            self.abort()
+        except StorageError as cleanup:
+            exc.add_note(f"{self._staging_label()} may remain: {cleanup}")
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -110,19 +158,30 @@ class BaseBlobWriter(abc.ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.abort()
+        if exc is None:
+            self.abort()
+        else:
+            self._discard_noting(exc)
+
+    def _staging_label(self) -> str:
+        """What this writer stages, for messages (``staging object 'staging/x'``)."""
+        return "the staged bytes"
 
     @abc.abstractmethod
     def _write(self, data: bytes | memoryview) -> None:
         """Stage ``data`` after what was staged before."""
 
     @abc.abstractmethod
-    def _publish(self, digest: str, size: int) -> None:
-        """Make the staged bytes the blob ``digest`` (checked), atomically, then drop staging."""
+    def _publish(self, digest: str, size: int) -> BlobInfo | None:
+        """Make the staged bytes the blob ``digest`` (checked), atomically, then drop staging.
+
+        Returns the stored blob's info when it is not the one written (a blob
+        already stored keeps its media type), else ``None``.
+        """
 
     @abc.abstractmethod
     def _discard(self) -> None:
-        """Remove every staged byte."""
+        """Remove every staged byte (it may have been called before and raised)."""
 
 
 class BaseStore(abc.ABC):

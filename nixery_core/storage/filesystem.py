@@ -43,22 +43,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import attrs
 
 from nixery_core.digests import Sha256Counter, digest_hex, is_digest, sha256_digest
 from nixery_core.durable import fsync_dir
-from nixery_core.errors import (
-    BlobNotFound,
-    DigestMismatch,
-    InvalidDigest,
-    InvalidInput,
-    StorageUnavailable,
-)
+from nixery_core.errors import BlobNotFound, InvalidInput, StorageUnavailable
 from nixery_core.media_types import OCTET_STREAM, validate_media_type
 from nixery_core.protocols import BlobInfo
+from nixery_core.storage.base import BaseBlobWriter
 from nixery_core.storage.keys import (
     RESERVED_PREFIXES,
     validate_lease_name,
@@ -526,88 +520,51 @@ class FilesystemStore:
         return removed
 
 
-@attrs.define
-class FilesystemBlobWriter:
+class FilesystemBlobWriter(BaseBlobWriter):
     """A blob streamed to ``staging/``, hashed as it is written.
 
     :meth:`commit` checks the digest, fsyncs, writes the sidecar and renames
     the file into ``layers/``; committing a digest already stored is a no-op
     when the stored copy hashes to it, and replaces the stored copy otherwise.
     Any failure in :meth:`commit`, :meth:`abort`, or leaving the ``with``
-    block uncommitted removes the staging file.  One writer is used by one
-    thread.
+    block uncommitted removes the staging file; after a failed write the
+    writer only accepts :meth:`abort` (the file may hold part of the
+    bytes).  The rules are :class:`~nixery_core.storage.base.BaseBlobWriter`'s.
+    One writer is used by one thread.
     """
 
-    _store: FilesystemStore
-    _media_type: str
-    _handle: BinaryIO
-    _staged: Path
-    _counter: Sha256Counter = attrs.field(factory=Sha256Counter, init=False)
-    _state: Literal["open", "committed", "aborted"] = attrs.field(default="open", init=False)
+    def __init__(
+        self, store: FilesystemStore, media_type: str, handle: BinaryIO, staged: Path
+    ) -> None:
+        super().__init__(media_type)
+        self._store = store
+        self._handle = handle
+        self._staged = staged
 
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise InvalidInput(f"blob writer is already {self._state}")
+    def _staging_label(self) -> str:
+        return f"staging file {str(self._staged)!r}"
 
-    def write(self, data: bytes | memoryview) -> int:
-        """Append ``data``; returns its length."""
-        self._check_open()
+    def _write(self, data: bytes | memoryview) -> None:
         with _translated(self._staged.name):
             self._handle.write(data)
-        self._counter.update(data)
-        return len(data)
 
-    def written_digest(self) -> str:
-        """sha256 of the bytes written so far (``SupportsWrittenDigest``)."""
-        return self._counter.digest()
-
-    def commit(self, digest: str) -> BlobInfo:
-        """Publish the bytes written under ``digest`` (which must be their sha256)."""
-        self._check_open()
-        try:
-            self._counter.check(digest)
-        except (InvalidDigest, DigestMismatch):
-            self.abort()
-            raise
-        info = BlobInfo(digest, self._counter.size, self._media_type)
-        try:
-            if self._store._stored_copy_intact(digest, info.size) and self._store.touch_blob(
-                digest
-            ):
-                self._store._ensure_meta(digest, self._media_type, info.size)
-                self.abort()
-            else:
-                if self._store.has_blob(digest):
-                    log.warning("stored blob %s does not hash to its name; replacing it", digest)
-                with _translated(digest):
-                    self._handle.flush()
-                    os.fchmod(self._handle.fileno(), _FILE_MODE)
-                    self._store._sync(self._handle.fileno())
-                    self._handle.close()
-                self._store._publish_blob(self._staged, digest, self._media_type, info.size)
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "committed"
-        return info
-
-    def abort(self) -> None:
-        """Discard everything written; a no-op after commit or abort."""
-        if self._state != "open":
+    def _publish(self, digest: str, size: int) -> None:
+        store = self._store
+        if store._stored_copy_intact(digest, size) and store.touch_blob(digest):
+            store._ensure_meta(digest, self.media_type, size)
+            self._discard()
             return
-        self._state = "aborted"
+        if store.has_blob(digest):
+            log.warning("stored blob %s does not hash to its name; replacing it", digest)
+        with _translated(digest):
+            self._handle.flush()
+            os.fchmod(self._handle.fileno(), _FILE_MODE)
+            store._sync(self._handle.fileno())
+            self._handle.close()
+        store._publish_blob(self._staged, digest, self.media_type, size)
+
+    def _discard(self) -> None:
         with contextlib.suppress(OSError):  # a failed flush of discarded bytes is moot
             self._handle.close()
         with _translated(self._staged.name):
             _unlink_quietly(self._staged)
-
-    def __enter__(self) -> FilesystemBlobWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()

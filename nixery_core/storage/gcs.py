@@ -63,8 +63,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from types import TracebackType
-from typing import Any, BinaryIO, Final, Literal
+from typing import Any, BinaryIO, Final
 
 import google_crc32c
 from google.api_core import exceptions as gexc
@@ -74,17 +73,16 @@ from google.cloud.storage import Bucket, Client
 from google.cloud.storage import exceptions as storage_exc
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from nixery_core.digests import Sha256Counter, digest_hex, sha256_digest
+from nixery_core.digests import digest_hex, sha256_digest
 from nixery_core.errors import (
     BlobNotFound,
     DigestMismatch,
-    InvalidDigest,
     InvalidInput,
-    StorageError,
     StorageUnavailable,
 )
 from nixery_core.media_types import validate_media_type
 from nixery_core.protocols import BlobInfo
+from nixery_core.storage.base import BaseBlobWriter
 from nixery_core.storage.keys import (
     validate_lease_name,
     validate_object_key,
@@ -629,44 +627,38 @@ def _check_crc(blob: Any, expected: str, key: str) -> None:
         )
 
 
-_State = Literal["open", "committed", "aborted", "failed"]
-
-
-class GcsBlobWriter:
+class GcsBlobWriter(BaseBlobWriter):
     """A blob streamed to ``staging/<name>``; see :class:`~nixery_core.protocols.BlobWriter`.
 
-    Made by :meth:`GcsStore.open_blob_writer`.  After a failed write the
-    writer only accepts :meth:`abort`.
+    Made by :meth:`GcsStore.open_blob_writer`.  The rules are
+    :class:`~nixery_core.storage.base.BaseBlobWriter`'s: after a failed
+    write or commit the writer only accepts :meth:`abort`, which cancels the
+    upload and deletes the staging object (again after a delete that failed:
+    when it fails while an error is on its way out, a note on that error
+    says the staging object may remain).
     """
 
     def __init__(self, store: GcsStore, media_type: str, staging_name: str) -> None:
+        super().__init__(media_type)
         self._store = store
-        self._media_type = media_type
         self._bucket: Any = store.bucket
         self._staging: Any = self._bucket.blob(staging_name)
         self._buffer = bytearray()
         self._upload: Any = None  # google.cloud.storage.fileio.BlobWriter once resumable
         self._maybe_stored = False  # an object may exist under the staging name
-        self._hash = Sha256Counter()
         self._crc: Any = _Crc32c()
-        self._state: _State = "open"
 
     @property
     def staging_name(self) -> str:
         """The staging object's name (for tests and diagnostics)."""
         return str(self._staging.name)
 
-    def _require_open(self) -> None:
-        if self._state != "open":
-            raise InvalidInput(
-                f"blob writer for {self.staging_name!r} is {self._state}: writers are single-use"
-            )
+    def _staging_label(self) -> str:
+        return f"staging object {self.staging_name!r}"
 
-    def write(self, data: bytes | memoryview) -> int:
+    def _write(self, data: bytes | memoryview) -> None:
         """Append bytes; sent in ``chunk_size`` pieces once past one chunk."""
-        self._require_open()
         view = memoryview(data).cast("B")
-        self._hash.update(view)
         # google_crc32c's C extension takes only read-only buffers such as bytes.
         self._crc.update(data if isinstance(data, bytes) else view.tobytes())
         try:
@@ -677,20 +669,14 @@ class GcsBlobWriter:
             else:
                 self._upload.write(view)
         except _BACKEND_ERRORS as exc:
-            self._state = "failed"
             raise _unavailable(exc, self.staging_name, "upload of staging object") from exc
-        return len(view)
-
-    def written_digest(self) -> str:
-        """sha256 of the bytes written so far (``SupportsWrittenDigest``)."""
-        return self._hash.digest()
 
     def _start_resumable(self) -> None:
         self._upload = self._staging.open(
             "wb",
             chunk_size=self._store.chunk_size,
             ignore_flush=True,
-            content_type=self._media_type,
+            content_type=self.media_type,
             checksum="crc32c",
             retry=self._store._retry,
             timeout=self._store._timeout,
@@ -707,30 +693,16 @@ class GcsBlobWriter:
         else:
             self._staging.upload_from_string(
                 bytes(self._buffer),
-                content_type=self._media_type,
+                content_type=self.media_type,
                 checksum="crc32c",
                 **self._store._call(),
             )
             self._buffer = bytearray()
 
-    def commit(self, digest: str) -> BlobInfo:
-        """Check the digest, copy create-only to ``layers/<hex>``, delete the staging object."""
-        self._require_open()
-        try:
-            self._hash.check(digest)
-        except (InvalidDigest, DigestMismatch) as exc:
-            self._state = "aborted"
-            self._cleanup_after(exc)
-            raise
-        size, crc = self._hash.size, _crc32c_b64(self._crc)
+    def _publish(self, digest: str, size: int) -> BlobInfo:
+        """Copy create-only to ``layers/<hex>``, then delete the staging object."""
         name = self._store.blob_object_name(digest)
-        try:
-            info = self._copy(digest, name, size, crc)
-        except BaseException as exc:
-            self._state = "failed"
-            self._cleanup_after(exc)
-            raise
-        self._state = "committed"
+        info = self._copy(digest, name, size, _crc32c_b64(self._crc))
         self._delete_staging()
         return info
 
@@ -759,14 +731,7 @@ class GcsBlobWriter:
             return self._store._existing(digest, name, size, crc, copy)
         except _BACKEND_ERRORS as exc:
             raise _unavailable(exc, digest, "copy of staging object to") from exc
-        return BlobInfo(digest, size, self._media_type)
-
-    def _cleanup_after(self, exc: BaseException) -> None:
-        """Best-effort abort while ``exc`` is in flight: a failure becomes a note on it."""
-        try:
-            self._discard()
-        except StorageError as cleanup:
-            exc.add_note(f"staging object {self.staging_name!r} may remain: {cleanup}")
+        return BlobInfo(digest, size, self.media_type)
 
     def _delete_staging(self) -> None:
         try:
@@ -778,6 +743,7 @@ class GcsBlobWriter:
         self._maybe_stored = False
 
     def _discard(self) -> None:
+        """Cancel the upload and delete the staging object."""
         self._buffer = bytearray()
         upload, self._upload = self._upload, None
         if upload is not None:
@@ -787,32 +753,6 @@ class GcsBlobWriter:
                 raise _unavailable(exc, self.staging_name, "cancel of resumable upload") from exc
         if self._maybe_stored:
             self._delete_staging()
-
-    def abort(self) -> None:
-        """Cancel the upload and delete the staging object (a no-op once committed)."""
-        if self._state == "committed":
-            return
-        if self._state == "open":
-            self._state = "aborted"
-        self._discard()
-
-    def __enter__(self) -> GcsBlobWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._state == "committed":
-            return
-        if exc is None:
-            self.abort()
-            return
-        if self._state == "open":
-            self._state = "aborted"
-        self._cleanup_after(exc)
 
 
 class _GcsRawReader(io.RawIOBase):
