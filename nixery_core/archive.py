@@ -112,6 +112,7 @@ import hashlib
 import logging
 import os
 import stat
+import sys
 import threading
 import zlib
 from collections import deque
@@ -184,6 +185,10 @@ MEDIA_TYPES: dict[str, str] = {
 }
 #: Compressed output is handed to ``write`` in pieces of at least this size.
 WRITE_SIZE = 1 << 20
+#: Blocks kept waiting to be filled again once released (see _TarStream._next_block).
+_RETIRED_BLOCKS = 8
+#: sys.getrefcount of a handed-on block nothing else refers to (see _TarStream._next_block).
+_RELEASED_REFERENCES = 3
 _MAX_MTIME = 8**11 - 1
 _STORE_PREFIX = "/nix/store/"
 _WriteFn = Callable[[bytes], object]
@@ -528,6 +533,8 @@ class _TarStream:
         self._passthrough = spec.compression == "none"
         self._block = bytearray(BLOCK_SIZE)
         self._view = memoryview(self._block)
+        #: Blocks handed on, oldest first, until released and filled again (_next_block).
+        self._retired: deque[bytearray] = deque()
         self._pos = 0
         self._diff = hashlib.sha256()
         self._digest = hashlib.sha256()
@@ -873,11 +880,34 @@ class _TarStream:
         chunks = compressor.compress(block)  # empty unless chunked: members use the output
         if self._recording is not None:
             self._record_block(self._recording, block)
-        # The compressor may still hold ``block``: start a fresh buffer.
-        self._block = bytearray(BLOCK_SIZE)
-        self._view = memoryview(self._block)
+        if not partial:  # a partial block went on as a copy: this one is written over
+            # The compressor, the hashing or a worker's socket may still hold
+            # ``block``: write into one nobody holds any more, or a new one.
+            self._block = self._next_block(self._block)
+            self._view = memoryview(self._block)
         self._pos = 0
         self._emit([(None, chunk) for chunk in chunks] or self._output.take_ready())
+
+    def _next_block(self, done: bytearray) -> bytearray:
+        """The block to fill after ``done``: the oldest handed on and released since, or a new one.
+
+        A block is released when nothing refers to it but the list of handed-on
+        blocks: every holder (a task's arguments, the hashing queue, a view of
+        it, a buffer a C call reads with Python's lock released) counts in its
+        reference count.  Reusing blocks saves zeroing a new 1 MiB buffer, and
+        faulting its pages in, for every block of the layer.
+        """
+        retired = self._retired
+        retired.append(done)
+        if len(retired) > 1:
+            oldest = retired[0]
+            # Referred to by the list, by ``oldest`` and by getrefcount's argument only.
+            if sys.getrefcount(oldest) == _RELEASED_REFERENCES:
+                retired.popleft()
+                return oldest
+            if len(retired) > _RETIRED_BLOCKS:
+                retired.popleft()  # still held: the holder keeps it alive, not us
+        return bytearray(BLOCK_SIZE)
 
     def _record_block(self, recording: _Recording, block: bytes | bytearray) -> None:
         """The layout's running CRC-32 after ``block``: the compressor's, when it has it."""
