@@ -32,8 +32,10 @@ def _outside(top: Path, root: Path) -> set[Path]:
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.name)
 def test_conformance(check: Check, tmp_path: Path) -> None:
-    """FilesystemStore keeps every promise of the Uploader conformance suite."""
-    check.run(FilesystemStore(tmp_path / "store"))
+    """FilesystemStore keeps every promise of the Uploader conformance suite, leaving no staging."""
+    store = FilesystemStore(tmp_path / "store")
+    check.run(store)
+    assert store.staging_leftovers() == []
 
 
 def test_layout_matches_nixery_bucket(tmp_path: Path) -> None:
