@@ -1155,6 +1155,7 @@ def pack_store_paths(
         pairs = zip(keys, toc_keys, strict=True) if toc_keys else ((key,) for key in keys)
         cache.prefetch([key for pair in pairs for key in pair])
     with _TarStream(write, spec, threads, options.mtime, executor, blob_digest=blob_digest) as tar:
+        scratch = memoryview(bytearray(max(_SMALL_FILE, _HASH_CHUNK)))
         tar.begin(small=True)
         tar.put(tar.headers(b"nix/", 0o755, 0, _DIRTYPE))
         tar.put(tar.headers(b"nix/store/", 0o755, 0, _DIRTYPE))
@@ -1176,7 +1177,7 @@ def pack_store_paths(
                 if toc_keys:
                     recording.toc = cache.writer(toc_keys[index])
             tar.begin(recording)
-            _pack_tree(tar, member, full, kind, _SameContent(_SMALL_FILE))
+            _pack_tree(tar, member, full, kind, _SameContent(_SMALL_FILE, scratch))
             tar.end()
         tar.begin(small=True)  # the end of the archive is a fragment of its own
         return tar.finish(options.media_type)
@@ -1330,9 +1331,13 @@ class _SameContent:
     Zero-length files never reach this class.
     """
 
-    def __init__(self, small: int) -> None:
+    def __init__(self, small: int, scratch: memoryview | None = None) -> None:
         self.small = small
-        self.scratch = memoryview(bytearray(max(small, _HASH_CHUNK)))
+        # One buffer for every store path of a layer (they are packed one after
+        # another): a new zeroed 1 MiB per store path cost more than its files.
+        if scratch is None:
+            scratch = memoryview(bytearray(max(small, _HASH_CHUNK)))
+        self.scratch = scratch
         #: sha256 -> the first member with that content, for 0444 and 0555 files.
         self._first: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
         #: size * 2 + executable -> the unhashed first large file of that size
