@@ -90,6 +90,7 @@ import ctypes.util
 import hashlib
 import json
 import struct
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -159,6 +160,11 @@ BATCH_BYTES = 1 << 20
 #: :data:`CHUNK_MAX` bytes or so wait for more), so most bytes are copied
 #: and scanned once.
 _WINDOW = CHUNK_MAX + 4 * BATCH_BYTES
+#: Window buffers kept waiting to be filled again once released (see
+#: ChunkedCompressor._window_buffer).
+_WINDOW_BUFFERS = 4
+#: sys.getrefcount of a buffer nothing else refers to (the list, one name, the argument).
+_RELEASED_REFERENCES = 3
 #: A metadata piece (headers of directories, symlinks, links) is sealed into
 #: a frame of its own once it reaches this size, so it never grows unbounded.
 _META_LIMIT = 1 << 20
@@ -790,7 +796,10 @@ class ChunkedCompressor:
         self._pax_bytes = bytearray()
         self._remaining = 0  # content bytes of the current file still to come
         self._padding = 0  # padding after the current file's content
-        self._window = b""  # content held back, not yet cut into chunks
+        #: Content held back, not yet cut into chunks (a view of the last window's buffer).
+        self._window: _Buffer = b""
+        #: Buffers big files were cut in, oldest first, until released and filled again.
+        self._window_buffers: deque[bytearray] = deque()
         #: Content after the window, as given (views of buffers never changed again).
         self._pending: list[_Buffer] = []
         self._pending_bytes = 0
@@ -1170,21 +1179,52 @@ class ChunkedCompressor:
             self._job(out)
             return
         # One copy of each byte into one buffer the chunker can scan.
-        window = b"".join((self._window, *self._pending))
+        view = self._fill_window()
         self._pending = []
         self._pending_bytes = 0
-        lengths = plan_chunks(self._chunker, window, last=last, split_references=self._split)
+        lengths = plan_chunks(self._chunker, view, last=last, split_references=self._split)
         start = 0
-        # Chunks are views of the window, never copied: it is not changed after
-        # this (the rest goes to a new buffer), and lives while a chunk does.
-        view = memoryview(window)
+        # Chunks are views of the window, never copied: its buffer is not
+        # written again while anything refers to it (_window_buffer).
         for length in lengths:
-            chunk_last = last and start + length == len(window)
+            chunk_last = last and start + length == len(view)
             self._chunk(view[start : start + length], out, last=chunk_last)
             start += length
-        self._window = window[start:]
+        self._window = view[start:] if start < len(view) else b""
         if last:
             self._end_file(out)
+
+    def _fill_window(self) -> memoryview:
+        """The content held back, then the pieces pending, copied into one buffer."""
+        size = len(self._window) + self._pending_bytes
+        buffer = self._window_buffer(size)
+        at = 0
+        for piece in (self._window, *self._pending):
+            buffer[at : at + len(piece)] = piece
+            at += len(piece)
+        return memoryview(buffer)[:size]
+
+    def _window_buffer(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes: the oldest one released since its use, or a new one.
+
+        A buffer is released when nothing but this list refers to it: every
+        chunk cut in it (a view of it, waiting in a batch, in a worker's
+        socket or for its file's hashing) counts in its reference count.
+        Reusing them spares a new multi-megabyte buffer, zeroed and faulted
+        in, for every window of a big file.
+        """
+        buffers = self._window_buffers
+        if buffers:
+            oldest = buffers[0]
+            # Referred to by the list, by ``oldest`` and by getrefcount's argument only.
+            if len(oldest) >= size and sys.getrefcount(oldest) == _RELEASED_REFERENCES:
+                buffers.rotate(-1)
+                return oldest
+            if len(buffers) >= _WINDOW_BUFFERS:
+                buffers.popleft()  # still held: the holder keeps it alive, not us
+        buffer = bytearray(max(size, _WINDOW + BATCH_BYTES))
+        buffers.append(buffer)
+        return buffer
 
     def _job(self, out: list[bytes]) -> None:
         """The whole file is here: it is cut on a worker, with its batch (_cut_job)."""
