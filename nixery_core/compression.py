@@ -123,10 +123,10 @@ GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 DEFAULT_LEVELS: dict[str, int] = {"isal": 3, "zlib": 1, "zstd": 3, "none": 0}
 #: Where a compression's default differs from its backend's.  zstd:chunked
 #: frames use zstd level 2: on 439 MB of Debian packages outside the
-#: benchmark corpus (held out from this choice) it took 7% fewer CPU-seconds
-#: than level 3 (4.37-4.54 against 4.76-5.16 CPU-s, threads=2, three runs
-#: each) for output 1.109x ``pigz -6`` against 1.097x; the blobs were already
-#: new in ``nixery-chunked/2``.  Plain zstd layers keep level 3.
+#: benchmark corpus (held out from this choice) it took 5-7% fewer
+#: CPU-seconds than level 3 for output 1.109x ``pigz -6`` against 1.097x
+#: (``benchmarks/bench_chunked_level.py``); the blobs were already new in
+#: ``nixery-chunked/2``.  Plain zstd layers keep level 3.
 #: eStargz used ISA-L level 2 (a fifth less time than level 3 for one gzip
 #: member per chunk), but one-shot ISA-L compression (how frames are
 #: compressed) at levels 1 and 2 is not deterministic in a process with
