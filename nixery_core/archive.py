@@ -927,7 +927,10 @@ class _TarStream:
                 tag.recording.writer.commit(tag.recording.uncompressed)
                 continue
             if isinstance(tag, _Recording):
-                tag.writer.add(chunk)
+                writer = tag.writer
+                if writer.offset is None:  # its first byte: where it starts in the blob
+                    writer.offset = self._size
+                writer.add(chunk)
             if not self._passthrough and self._blob_digest is None:
                 self._hashing.update(self._digest, chunk)
             self._size += len(chunk)

@@ -379,14 +379,19 @@ class _Build:
         paths: tuple[str, ...],
         kind: Literal["store", "customisation"],
         pack: _PackFn,
+        *,
+        stored: Callable[[str], None] | None = None,
     ) -> BuiltLayer:
-        """Reuse the layer stored under ``key``, or pack and upload it once."""
+        """Reuse the layer stored under ``key``, or pack and upload it once.
+
+        ``stored`` is told the digest of a blob packed here once it is committed.
+        """
         packages = tuple(sorted({store_path_name(p) for p in paths}))
         cached = self._cached_layer(key)
         if cached is not None:
             return self._reused(cached, paths, packages, kind)
         if self.cache is None:
-            return self._pack(key, paths, packages, kind, pack)
+            return self._pack(key, paths, packages, kind, pack, stored=stored)
 
         def ready() -> BuiltLayer | None:
             found = self._cached_layer(key, recheck=True)
@@ -395,7 +400,7 @@ class _Build:
         with self.cache.single_flight(f"layer:{key}"):
             return self.cache.fleet_flight(
                 self.store, f"layer-{key}", ready,
-                lambda: self._pack(key, paths, packages, kind, pack),
+                lambda: self._pack(key, paths, packages, kind, pack, stored=stored),
             )
 
     def _reused(
@@ -448,6 +453,8 @@ class _Build:
         packages: tuple[str, ...],
         kind: Literal["store", "customisation"],
         pack: _PackFn,
+        *,
+        stored: Callable[[str], None] | None = None,
     ) -> BuiltLayer:
         with self.store.open_blob_writer(self.archive.media_type) as writer:
             # A writer that hashes what it is given saves the packer hashing the blob again.
@@ -456,6 +463,8 @@ class _Build:
             # Always commit: a store keeps an intact copy it has and replaces
             # one that does not hash to its name (a corrupt blob is repaired).
             writer.commit(packed.digest)
+        if stored is not None:  # committed: only now may anything refer to the blob
+            stored(packed.digest)
         record = LayerRecord(
             packed.digest, packed.diff_id, packed.size, packed.media_type, packed.annotations
         )
@@ -723,16 +732,23 @@ def _pack_layers(
     # Everything runs on the build's one pool; without one, on this thread alone.
     threads = None if pool is not None else 1
     fragments = build.cache.fragments_for(build.store) if build.cache is not None else None
+    # Fragments kept as byte ranges of the layer blobs (no second copy), where chosen.
+    ranges = (
+        build.cache.fragment_ranges_for(build.store, archive) if build.cache is not None else None
+    )
 
     def store_layer(paths: tuple[str, ...]) -> BuiltLayer:
+        layer_ranges = ranges.layer() if ranges is not None else None
         return build.layer(
             layer_cache_key(paths, archive),
             paths,
             "store",
             lambda write, hashed: pack_store_paths(
                 paths, write, archive, store_root=root, threads=threads, executor=pool,
-                fragments=fragments, blob_digest=hashed,
+                fragments=layer_ranges if layer_ranges is not None else fragments,
+                blob_digest=hashed,
             ),
+            stored=None if layer_ranges is None else layer_ranges.stored,
         )
 
     def custom_layer() -> BuiltLayer:

@@ -50,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import attrs
 import diskcache
@@ -58,9 +58,15 @@ import diskcache
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput, StorageError, StorageUnavailable
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
-from nixery_core.fragments import DEFAULT_FRAGMENT_LIMIT, FragmentCache, FragmentSource
+from nixery_core.fragments import (
+    DEFAULT_FRAGMENT_LIMIT,
+    FragmentCache,
+    FragmentSource,
+    StoreFragments,
+)
 from nixery_core.lease import FleetFlight
 from nixery_core.protocols import (
+    SupportsBlobFiles,
     SupportsBlobSizes,
     SupportsDeletion,
     SupportsLeases,
@@ -69,6 +75,9 @@ from nixery_core.protocols import (
 )
 from nixery_core.record_schema import record_blob_sizes
 from nixery_core.tally import Tally
+
+if TYPE_CHECKING:
+    from nixery_core.archive import ArchiveOptions
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
 
@@ -299,6 +308,17 @@ class BuildCache:
     through the store, so instances that share only the bucket reuse each
     other's (:mod:`nixery_core.fragment_bucket`; needs the local fragment
     cache and a store that can read blobs back).
+    ``fragment_mode`` says how a layer packed here keeps its new fragments:
+    ``"copy"`` writes a copy of each into ``<directory>/fragments``;
+    ``"ranges"`` records each as a byte range of the layer blob once the
+    blob is committed (no second copy of the compressed bytes; read back
+    from the store when reused) on any store that can read blobs back;
+    ``"auto"`` (the default) takes ranges where the store keeps blobs as
+    local files (:class:`~nixery_core.protocols.SupportsBlobFiles`, such as
+    :class:`~nixery_core.storage.FilesystemStore`) and copies elsewhere
+    (a remote store would make every reuse a request).  Copies are kept
+    whenever ``fragment_bucket`` is set (the bucket tier uploads them) and
+    for eStargz and zstd:chunked layers.  See docs/caching.md.
     """
 
     directory: Path | None = None
@@ -310,6 +330,9 @@ class BuildCache:
     fleet: FleetFlight | None = attrs.field(factory=FleetFlight)
     fragment_limit: int = DEFAULT_FRAGMENT_LIMIT
     fragment_bucket: FragmentBucketPolicy | None = None
+    fragment_mode: Literal["auto", "copy", "ranges"] = attrs.field(
+        default="auto", validator=attrs.validators.in_(("auto", "copy", "ranges"))
+    )
     _fragments: FragmentCache | None = attrs.field(init=False, default=None)
     # One bucket tier per store a build used (by id; the store is kept alive by it).
     _bucket_tiers: dict[int, BucketFragments] = attrs.field(init=False, factory=dict)
@@ -392,6 +415,24 @@ class BuildCache:
                 tier = BucketFragments(local, store, self.fragment_bucket)
                 self._bucket_tiers[id(store)] = tier
             return tier
+
+    def fragment_ranges_for(
+        self, store: Uploader, archive: ArchiveOptions
+    ) -> StoreFragments | None:
+        """The fragment cache as seen from ``store`` when layers packed into it keep their
+        fragments as byte ranges of their blobs (see ``fragment_mode``); ``None``: copies.
+        """
+        local = self._fragments
+        if local is None or self.fragment_mode == "copy" or self.fragment_bucket is not None:
+            return None
+        if not isinstance(store, SupportsReading):
+            return None
+        if self.fragment_mode == "auto" and not isinstance(store, SupportsBlobFiles):
+            return None
+        spec = archive.compressor()
+        if spec.chunked or spec.compression == "none":
+            return None
+        return local.on_store(store)
 
     def __enter__(self) -> BuildCache:
         return self

@@ -99,12 +99,12 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 import attrs
 
-from nixery_core.errors import LayerError, StorageUnavailable
-from nixery_core.protocols import JSONValue
+from nixery_core.errors import LayerError, NixeryError, StorageUnavailable
+from nixery_core.protocols import JSONValue, SupportsReading
 
 __all__ = [
     "DEFAULT_FRAGMENT_LIMIT",
@@ -113,6 +113,9 @@ __all__ = [
     "FragmentCache",
     "FragmentSource",
     "FragmentWriter",
+    "LayerRanges",
+    "RangeWriter",
+    "StoreFragments",
     "fragment_key",
 ]
 
@@ -439,6 +442,10 @@ class FragmentCache:
         with self._index() as con, _transaction(con):
             for statement in _SCHEMA:
                 con.execute(statement)
+            columns = {row[1] for row in con.execute("PRAGMA table_info(fragments)")}
+            if "blob" not in columns:  # an index made before references
+                con.execute("ALTER TABLE fragments ADD COLUMN blob TEXT")
+                con.execute("ALTER TABLE fragments ADD COLUMN offset INTEGER")
 
     @contextlib.contextmanager
     def _translated(self, doing: str) -> Iterator[None]:
@@ -596,7 +603,7 @@ class FragmentCache:
                             gone.append(old[0])
                 con.executemany(
                     "INSERT INTO fragments (key, file, data, size, uncompressed, crc, layout,"
-                    " charge, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " charge, blob, offset, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(*row, now) for row in rows],
                 )
                 gone += self._evict(con)
@@ -621,8 +628,11 @@ class FragmentCache:
         layout = item.layout
         if layout is not None and not isinstance(layout, bytes):
             layout = layout.encode()
-        charge = item.size + (len(layout) if layout else 0) + _ROW_CHARGE
-        return (key, file, data, item.size, item.uncompressed_size, crc, layout, charge)
+        # A range's bytes are the store's: only its row counts against the limit.
+        kept = item.size if item.blob is None else 0
+        charge = kept + (len(layout) if layout else 0) + _ROW_CHARGE
+        return (key, file, data, item.size, item.uncompressed_size, crc, layout, charge,
+                item.blob, item.offset if item.blob is not None else None)
 
     def _new_file(self, pieces: Sequence[bytes] = ()) -> str:
         """A new data file holding ``pieces``; its name under the data directory.
@@ -785,18 +795,35 @@ class FragmentCache:
         return problems
 
     @contextlib.contextmanager
-    def peek(self, key: str) -> Iterator[CachedFragment | None]:
-        """The fragment under ``key``, checked, but not counted as a hit or a use."""
-        found = self._lookup(key)
+    def peek(
+        self, key: str, blobs: SupportsReading | None = None
+    ) -> Iterator[CachedFragment | None]:
+        """The fragment under ``key``, checked, but not counted as a hit or a use.
+
+        A fragment kept as a range of a layer blob is read from ``blobs``
+        (``None``: such a fragment is a miss, and stays).
+        """
+        found = self._lookup(key, blobs)
         try:
             yield found
         finally:
             if found is not None:
                 found.stream.close()
 
+    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
+        """The fragment under ``key``, checked against its CRC-32 (``None``: a miss).
+
+        A fragment kept as a byte range of a layer blob is a miss here (and
+        stays): it is read through :meth:`on_store`'s view of a store.
+        """
+        return self._get(key, None)
+
+    def on_store(self, store: SupportsReading) -> StoreFragments:
+        """This cache seen from ``store``: new fragments kept as ranges of its layer blobs."""
+        return StoreFragments(self, store)
+
     @contextlib.contextmanager
-    def get(self, key: str) -> Iterator[CachedFragment | None]:
-        """The fragment under ``key``, checked against its CRC-32 (``None``: a miss)."""
+    def _get(self, key: str, blobs: SupportsReading | None) -> Iterator[CachedFragment | None]:
         with self._count_lock:
             absent = key in self._absent
             if absent:
@@ -805,7 +832,7 @@ class FragmentCache:
         if absent:
             yield None
             return
-        found = self._lookup(key)
+        found = self._lookup(key, blobs)
         batch = False
         with self._count_lock:
             if found is None:
@@ -824,27 +851,26 @@ class FragmentCache:
         finally:
             found.stream.close()
 
-    def _lookup(self, key: str) -> CachedFragment | None:
+    def _lookup(self, key: str, blobs: SupportsReading | None) -> CachedFragment | None:
         self._settle(key)
         try:
             with self._index() as con:
                 row = con.execute(
-                    "SELECT file, data, size, uncompressed, crc, layout FROM fragments"
-                    " WHERE key = ?",
+                    "SELECT file, data, size, uncompressed, crc, layout, blob, offset"
+                    " FROM fragments WHERE key = ?",
                     (key,),
                 ).fetchone()
         except (OSError, sqlite3.Error) as exc:
             log.warning("fragment cache read of %s failed (%s); packing it", key, exc)
             return None
-        if row is None:
-            return None
-        file, data, expected, uncompressed, crc, layout = row
-        stream: BinaryIO
+        if row is None or (row[6] is not None and blobs is None):
+            return None  # absent, or a range of a blob in a store this caller did not name
+        file, data, expected, uncompressed, crc, layout, blob, offset = row
         try:
             # Closed by the caller (through peek/get).
-            stream = io.BytesIO(data or b"") if file is None else (self._data / file).open("rb")
-        except OSError as exc:
-            self._drop(key, file, f"unreadable ({exc})")
+            stream = self._open(file, data, (blob, offset, expected), blobs)
+        except (OSError, NixeryError) as exc:
+            self._drop(key, file, f"unreadable ({exc})", blob)
             return None
         try:
             size, actual = 0, 0
@@ -856,21 +882,39 @@ class FragmentCache:
                     held.append(piece)
                 else:
                     held = None
-        except OSError as exc:
+        except (OSError, NixeryError) as exc:
             stream.close()
-            self._drop(key, file, f"unreadable ({exc})")
+            self._drop(key, file, f"unreadable ({exc})", blob)
             return None
         if (size, actual) != (expected, crc):
             stream.close()
-            self._drop(key, file, "its bytes changed")
+            self._drop(key, file, "its bytes changed", blob)
             return None
         kept = None if held is None else tuple(held)
         return CachedFragment(stream, size, uncompressed, crc, kept, layout or None)
 
-    def _drop(self, key: str, file: str | None, why: str) -> None:
+    def _open(
+        self,
+        file: str | None,
+        data: bytes | None,
+        blob_range: tuple[str | None, int, int],
+        blobs: SupportsReading | None,
+    ) -> BinaryIO:
+        """A stream of a kept fragment: a range of a stored blob, its row's bytes or its file."""
+        blob, offset, size = blob_range
+        if blob is not None and blobs is not None:
+            return _open_range(blobs, blob, offset, size)
+        if file is None:
+            return io.BytesIO(data or b"")
+        return (self._data / file).open("rb")
+
+    def _drop(self, key: str, file: str | None, why: str, blob: str | None = None) -> None:
         log.warning("dropping cached fragment %s: %s", key, why)
         with contextlib.suppress(OSError, sqlite3.Error), self._index() as con, _transaction(con):
-            con.execute("DELETE FROM fragments WHERE key = ? AND file IS ?", (key, file))
+            con.execute(
+                "DELETE FROM fragments WHERE key = ? AND file IS ? AND blob IS ?",
+                (key, file, blob),
+            )
         if file is not None:
             self._unlink(file)
 
@@ -913,7 +957,9 @@ _SCHEMA = (
         crc INTEGER NOT NULL,
         layout BLOB,
         charge INTEGER NOT NULL,
-        used REAL NOT NULL
+        used REAL NOT NULL,
+        blob TEXT,
+        offset INTEGER
     )""",
     "CREATE INDEX IF NOT EXISTS fragments_by_use ON fragments (used)",
     "CREATE TABLE IF NOT EXISTS volume (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER)",
@@ -1035,6 +1081,9 @@ class _Pending:
     layout: bytes | EncodesLayout | None
     #: Bytes of memory it holds until written (a fragment already in its file holds none).
     memory: int
+    #: A range of this layer blob (digest), from ``offset``: no bytes to write.
+    blob: str | None = None
+    offset: int = 0
 
 
 @attrs.define
@@ -1058,6 +1107,8 @@ class FragmentWriter:
     #: (:mod:`nixery_core.fragment_layout`), set by the packer before :meth:`commit`;
     #: encoded by the writing thread when given unencoded.
     layout: bytes | EncodesLayout | None = attrs.field(init=False, default=None)
+    #: Where its first byte is in the layer blob, set by the packer when that byte is written.
+    offset: int | None = attrs.field(init=False, default=None)
 
     def add(self, piece: bytes) -> None:
         self._size += len(piece)
@@ -1126,3 +1177,136 @@ class FragmentWriter:
 
 #: Stands in for a data file that could not be made: the pieces are dropped.
 _DISCARDED: tuple[str, int] = ("", -1)
+
+
+class _BlobRange(io.RawIOBase):
+    """``size`` bytes of an open blob from ``offset``, read as a stream of their own."""
+
+    def __init__(self, blob: BinaryIO, offset: int, size: int) -> None:
+        super().__init__()
+        self._blob, self._offset, self._size, self._pos = blob, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]  # bytes-like in, count out
+        wanted = min(len(buffer), self._size - self._pos)
+        if wanted <= 0:
+            return 0
+        self._blob.seek(self._offset + self._pos)
+        data = self._blob.read(wanted)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._blob.close()
+        super().close()
+
+
+def _open_range(blobs: SupportsReading, digest: str, offset: int, size: int) -> BinaryIO:
+    """The range of a stored blob a fragment was kept as (a short blob reads short)."""
+    blob = blobs.open_blob(digest)
+    return cast("BinaryIO", _BlobRange(blob, offset, size))
+
+
+@attrs.frozen
+class StoreFragments:
+    """A :class:`FragmentCache` seen from one store that can read its blobs back.
+
+    Lookups also find fragments kept as byte ranges of the store's layer
+    blobs (read back and checked against their length and CRC-32; a blob
+    gone, short or changed is a miss and the entry is dropped).  A layer
+    packed through :meth:`layer` keeps its new fragments as ranges of its
+    own blob instead of copies, recorded once :meth:`LayerRanges.stored`
+    names the committed blob.  Any store holding a blob holds the same
+    bytes (its name is their digest), so a range recorded on one store is
+    correct on another that has the blob, and a miss on one that has not.
+    """
+
+    cache: FragmentCache
+    store: SupportsReading
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        self.cache.prefetch(keys)
+
+    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
+        return self.cache._get(key, self.store)
+
+    def writer(self, key: str) -> FragmentWriter:
+        """A copy, as :meth:`FragmentCache.writer` (no layer blob to refer to)."""
+        return self.cache.writer(key)
+
+    def layer(self) -> LayerRanges:
+        """A :class:`FragmentSource` for packing one layer into this store."""
+        return LayerRanges(self)
+
+
+@attrs.define
+class LayerRanges:
+    """One layer being packed: its new fragments kept as ranges of its blob, once stored.
+
+    Nothing is recorded until :meth:`stored` names the committed blob: a
+    layer whose pack or commit failed leaves no entry pointing at a blob
+    that is not stored.
+    """
+
+    _source: StoreFragments
+    _recorded: list[_RangeRecord] = attrs.field(init=False, factory=list)
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        self._source.prefetch(keys)
+
+    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
+        return self._source.get(key)
+
+    def writer(self, key: str) -> FragmentWriter:
+        return RangeWriter(self._source.cache, key, layer=self)
+
+    def stored(self, digest: str) -> None:
+        """The layer's blob is committed as ``digest``: keep its fragments as ranges of it."""
+        recorded, self._recorded = self._recorded, []
+        for key, offset, size, uncompressed, crc, layout in recorded:
+            item = _Pending(None, None, size, uncompressed, crc, layout, memory=0,
+                            blob=digest, offset=offset)
+            self._source.cache._submit(key, item)
+
+    def discard(self) -> None:
+        """The layer was not stored: forget its fragments."""
+        self._recorded = []
+
+
+#: A fragment recorded as a range: key, offset, size, uncompressed size, CRC-32, layout.
+_RangeRecord = tuple[str, int, int, int, int, "bytes | EncodesLayout | None"]
+
+
+@attrs.define
+class RangeWriter(FragmentWriter):
+    """A fragment recorded as a range of the layer blob: its size and CRC-32, no bytes kept."""
+
+    _layer: LayerRanges = attrs.field(kw_only=True)
+
+    def add(self, piece: bytes) -> None:
+        self._size += len(piece)
+        self._crc = _crc32(piece, self._crc)
+
+    def commit(self, uncompressed_size: int) -> None:
+        if self.offset is None or not self._size:
+            return
+        self._layer._recorded.append(
+            (self.key, self.offset, self._size, uncompressed_size, self._crc, self.layout)
+        )
+
+    def discard(self) -> None:
+        return

@@ -8,6 +8,7 @@ strategy) and fakes in :mod:`nixery_core.testing`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -28,6 +29,7 @@ __all__ = [
     "ReadableStore",
     "RunResult",
     "Runner",
+    "SupportsBlobFiles",
     "SupportsBlobSizes",
     "SupportsDeletion",
     "SupportsLeases",
@@ -187,6 +189,20 @@ class SupportsReading(Protocol):
     def open_blob(self, digest: str) -> BinaryIO: ...
 
     def read_blob(self, digest: str) -> bytes: ...
+
+
+@runtime_checkable
+class SupportsBlobFiles(Protocol):
+    """Keeps each committed blob as a file on this machine's disk.
+
+    It promises: :meth:`blob_path` names the file holding exactly the
+    committed bytes of ``digest`` (never modified in place; treat it as
+    read-only), or raises :class:`~nixery_core.errors.BlobNotFound`.  A
+    fragment cache may then keep store-path fragments as byte ranges of
+    the layer blobs instead of copies (:mod:`nixery_core.fragments`).
+    """
+
+    def blob_path(self, digest: str) -> Path: ...
 
 
 @runtime_checkable

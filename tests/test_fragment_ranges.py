@@ -1,0 +1,247 @@
+"""Fragments kept as byte ranges of stored layer blobs: no second copy, never wrong bytes."""
+
+from __future__ import annotations
+
+import io
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from test_fragments import PATHS, make_store
+
+from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
+from nixery_core.build import build_image
+from nixery_core.cache import BuildCache
+from nixery_core.errors import StorageError
+from nixery_core.fragments import FragmentCache, FragmentSource, StoreFragments
+from nixery_core.names import Image
+from nixery_core.storage.filesystem import FilesystemBlobWriter, FilesystemStore
+from nixery_core.testing.runners import FakeNix, default_fake_packages
+from nixery_core.testing.sources import FixedSource
+from nixery_core.testing.storage import MemoryStore
+
+OPTIONS = ArchiveOptions()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store"))
+
+
+def _plain(store: Path, paths: list[str]) -> tuple[PackedLayer, bytes]:
+    out = io.BytesIO()
+    packed = pack_store_paths(paths, out.write, OPTIONS, store_root=store)
+    return packed, out.getvalue()
+
+
+def _pack_into(
+    blobs: FilesystemStore, store: Path, paths: list[str], fragments: FragmentSource
+) -> PackedLayer:
+    """Pack ``paths`` into ``blobs`` as a build does; ranges recorded once committed."""
+    with blobs.open_blob_writer(OPTIONS.media_type) as writer:
+        packed = pack_store_paths(paths, writer.write, OPTIONS, store_root=store,
+                                  fragments=fragments)
+        writer.commit(packed.digest)
+    stored = getattr(fragments, "stored", None)
+    if stored is not None:
+        stored(packed.digest)
+    return packed
+
+
+def _rows(directory: Path) -> list[tuple[str, str | None, str | None]]:
+    """(key, file, blob) of every row of a fragment index, read with sqlite3 directly."""
+    with sqlite3.connect(directory / "index.sqlite") as con:
+        return con.execute("SELECT key, file, blob FROM fragments").fetchall()
+
+
+def _data_files(directory: Path) -> list[Path]:
+    return [path for path in (directory / "data").rglob("*") if path.is_file()]
+
+
+def _cold(tmp_path: Path, store: Path) -> tuple[FilesystemStore, FragmentCache, StoreFragments]:
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    cache = FragmentCache(tmp_path / "fragments")
+    view = cache.on_store(blobs)
+    _pack_into(blobs, store, PATHS[:2], view.layer())
+    _pack_into(blobs, store, PATHS[2:], view.layer())
+    cache.flush()
+    return blobs, cache, view
+
+
+def test_a_cold_pack_keeps_ranges_of_its_blob_and_writes_no_fragment_bytes(
+    store: Path, tmp_path: Path
+) -> None:
+    """A layer packed through a store's view records each path as a range of its blob, no file."""
+    blobs, cache, _ = _cold(tmp_path, store)
+    with cache:
+        rows = _rows(cache.directory)
+        assert len(rows) == len(PATHS)
+        assert all(file is None and blob is not None and blobs.has_blob(blob)
+                   for _, file, blob in rows)
+        assert _data_files(cache.directory) == []
+
+
+def test_a_regroup_from_ranges_is_byte_identical_and_compresses_nothing(
+    store: Path, tmp_path: Path
+) -> None:
+    """Layers {a,c} and {b,d} assembled from ranges of {a,b} and {c,d} equal fresh packs."""
+    blobs, cache, view = _cold(tmp_path, store)
+    with cache:
+        misses = cache.misses
+        for paths in ([PATHS[0], PATHS[2]], [PATHS[1], PATHS[3]]):
+            packed = _pack_into(blobs, store, paths, view.layer())
+            plain, data = _plain(store, paths)
+            assert packed == plain
+            assert blobs.read_blob(packed.digest) == data
+        assert cache.misses == misses
+        assert cache.hits == len(PATHS)
+        # A lookup without a store does not resolve a range, and leaves it.
+        with cache.get(_rows(cache.directory)[0][0]) as found:
+            assert found is None
+        assert len(_rows(cache.directory)) == len(PATHS)
+
+
+def test_a_range_whose_blob_was_deleted_is_a_miss_and_packed_again(
+    store: Path, tmp_path: Path
+) -> None:
+    """Deleting the blob a range points at makes that path a miss, dropped and repacked alike."""
+    blobs, cache, view = _cold(tmp_path, store)
+    with cache:
+        first = _plain(store, PATHS[:2])[0]
+        blobs.delete_blob(first.digest)
+        paths = [PATHS[0], PATHS[2]]
+        packed = _pack_into(blobs, store, paths, view.layer())
+        assert packed == _plain(store, paths)[0]
+        assert blobs.read_blob(packed.digest) == _plain(store, paths)[1]
+        assert cache.misses == len(PATHS) + 1  # the cold packs' and PATHS[0]'s
+        cache.flush()
+        # PATHS[0] is kept again, as a range of the new blob; PATHS[1] (not asked for since)
+        # still names the deleted one until it is looked up.
+        named = [blob for _, _, blob in _rows(cache.directory)]
+        assert (named.count(packed.digest), named.count(first.digest)) == (1, 1)
+
+
+def test_a_range_whose_blob_bytes_changed_is_a_miss_never_wrong_bytes(
+    store: Path, tmp_path: Path
+) -> None:
+    """A damaged byte inside a range fails its CRC-32: the path is compressed again."""
+    blobs, cache, view = _cold(tmp_path, store)
+    with cache:
+        first = _plain(store, PATHS[:2])[0]
+        path = blobs.blob_path(first.digest)
+        path.chmod(0o644)
+        damaged = bytearray(path.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        paths = [PATHS[0], PATHS[1]]
+        misses = cache.misses
+        out = io.BytesIO()
+        packed = pack_store_paths(paths, out.write, OPTIONS, store_root=store,
+                                  fragments=view.layer())
+        assert (packed, out.getvalue()) == _plain(store, paths)
+        assert cache.misses > misses
+
+
+def test_a_layer_whose_commit_failed_records_no_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build whose blob commits fail leaves no fragment entry pointing at a blob not stored."""
+    def fail(self: FilesystemBlobWriter, digest: str) -> None:
+        raise StorageError("commit refused (test)")
+
+    monkeypatch.setattr(FilesystemBlobWriter, "commit", fail)
+    runner = FakeNix(tmp_path / "root", default_fake_packages())
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with BuildCache(tmp_path / "cache") as cache, pytest.raises(StorageError):
+        build_image(Image.from_name("shell/hello"), FixedSource(), runner=runner,
+                    uploader=blobs, cache=cache, store_root=runner.store_root)
+    assert _rows(tmp_path / "cache" / "fragments") == []
+
+
+def _build(
+    tmp_path: Path, name: str, mode: str, uploader: object, budget: int | None = None
+) -> tuple[str, BuildCache]:
+    runner = FakeNix(tmp_path / "root", default_fake_packages())
+    cache = BuildCache(tmp_path / name, fragment_mode=mode)  # type: ignore[arg-type]  # a str from the parameters
+    extra = {} if budget is None else {"layer_budget": budget}
+    result = build_image(Image.from_name("shell/hello"), FixedSource(), runner=runner,
+                         uploader=uploader, cache=cache,  # type: ignore[arg-type]  # a store
+                         store_root=runner.store_root, **extra)  # type: ignore[arg-type]  # layer_budget
+    return result.manifest_digest, cache
+
+
+@pytest.mark.parametrize("mode", ["auto", "ranges", "copy"])
+def test_a_build_regrouped_from_ranges_or_copies_gives_the_same_image(
+    tmp_path: Path, mode: str
+) -> None:
+    """Cold, then another grouping of the same paths: the same manifest in every mode, none
+    compressed again; auto and ranges keep ranges on a filesystem store, copy keeps files."""
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    _, cache = _build(tmp_path, "cache", mode, blobs)
+    with cache:
+        fragments = cache.fragments
+        assert fragments is not None
+        fragments.flush()
+        rows = _rows(fragments.directory)
+        assert rows
+        ranges = mode != "copy"
+        assert all((blob is not None) == ranges for _, _, blob in rows)
+        assert all((file is None) or not ranges for _, file, _ in rows)
+        misses = fragments.misses
+        runner = FakeNix(tmp_path / "root", default_fake_packages())
+        regrouped = build_image(Image.from_name("shell/hello"), FixedSource(), runner=runner,
+                                uploader=blobs, cache=cache, store_root=runner.store_root,
+                                layer_budget=3)
+        assert fragments.misses == misses
+        assert fragments.hits > 0
+    plain, _ = _build(tmp_path, "plain", "copy", MemoryStore(), budget=3)
+    assert regrouped.manifest_digest == plain
+
+
+def test_auto_keeps_copies_on_a_store_without_blob_files(tmp_path: Path) -> None:
+    """On a store that keeps no local blob files (here in memory), auto writes copies."""
+    _, cache = _build(tmp_path, "cache", "auto", MemoryStore())
+    with cache:
+        fragments = cache.fragments
+        assert fragments is not None
+        fragments.flush()
+        rows = _rows(fragments.directory)
+        assert rows
+        assert all(blob is None for _, _, blob in rows)
+
+
+def test_an_unknown_fragment_mode_is_refused(tmp_path: Path) -> None:
+    """A fragment mode other than auto, copy or ranges is a clear error at construction."""
+    with pytest.raises(ValueError, match="fragment_mode"):
+        BuildCache(tmp_path / "cache", fragment_mode="both")  # type: ignore[arg-type]  # wrong on purpose
+
+
+def test_an_index_made_before_ranges_gains_their_columns(tmp_path: Path) -> None:
+    """A fragment index without the range columns is extended when opened, its rows kept."""
+    directory = tmp_path / "fragments"
+    with FragmentCache(directory) as cache:
+        cache.put("k", [os.urandom(100)], 100)
+    with sqlite3.connect(directory / "index.sqlite") as con:
+        con.execute("ALTER TABLE fragments DROP COLUMN offset")
+        con.execute("ALTER TABLE fragments DROP COLUMN blob")
+    with FragmentCache(directory) as cache:
+        assert cache.keys() == ["k"]
+        with cache.get("k") as found:
+            assert found is not None
+
+
+def test_ranges_count_against_the_size_limit_and_are_evicted_by_use(
+    store: Path, tmp_path: Path
+) -> None:
+    """A range charges its row and layout (not the store's bytes); past the limit, the least
+    recently used ranges go."""
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with FragmentCache(tmp_path / "fragments", size_limit=1200) as cache:
+        view = cache.on_store(blobs)
+        for path in PATHS:
+            _pack_into(blobs, store, [path], view.layer())
+            cache.flush()
+        assert 0 < cache.volume() <= 1200
+        kept = cache.keys()
+        assert 0 < len(kept) < len(PATHS)
