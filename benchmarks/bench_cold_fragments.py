@@ -2,7 +2,12 @@
 
 Issue "Never compress a store path twice": a cold pack into an empty
 fragment cache (:mod:`nixery_core.fragments`) must be no slower than a pack
-without one.  ``bench_pack`` times both as wall ratios, which other work on
+without one.  Every pack here writes its blob into a new
+``FilesystemStore`` (``durable=False``), as a registry's build does:
+``without`` keeps no fragments, ``cold`` keeps them as byte ranges of the
+committed blob (what ``BuildCache`` does on such a store), ``copies``
+writes a copy of each into the cache (what it does on a remote store).
+``bench_pack`` times both as wall ratios, which other work on
 a shared 2-core machine moves by more than the difference; this measures
 what noise moves far less: the CPU-seconds of each run (this process, all
 threads), and of the cache's writing thread alone.  Both packs are the
@@ -41,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -49,6 +54,7 @@ import attrs
 from benchmarks.bench_pack import build_corpus, closure_main, ours, warm
 from nixery_core.archive import ArchiveOptions
 from nixery_core.fragments import FragmentCache
+from nixery_core.storage.filesystem import FilesystemStore
 
 
 @attrs.frozen
@@ -90,6 +96,11 @@ class _Unwritten(_Counted):
         return
 
 
+def _store_at(directory: Path) -> Callable[[], FilesystemStore]:
+    """A new blob store in ``directory`` (no fsync: every contender alike)."""
+    return lambda: FilesystemStore(directory, durable=False)
+
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -100,10 +111,12 @@ def measure(
 ) -> dict[str, list[Run]]:
     """Each pack ``repeats`` times, interleaved; cold caches made under ``caches``."""
     options = ArchiveOptions()
-    runs: dict[str, list[Run]] = {"without": [], "cold": []}
+    runs: dict[str, list[Run]] = {"without": [], "cold": [], "copies": []}
     if split:
         runs["recorded"] = []
-    kinds: dict[str, type[_Counted]] = {"cold": _Counted, "recorded": _Unwritten}
+    kinds: dict[str, type[_Counted]] = {
+        "cold": _Counted, "copies": _Counted, "recorded": _Unwritten
+    }
     for index in range(repeats):
         for name, done in runs.items():
             # A new directory each run; all removed at the end.
@@ -114,7 +127,12 @@ def measure(
                 if kind is not None
                 else (lambda: None)
             )
-            contender = ours(root, [paths], options, fragments)
+            blobs = caches / f"blobs-{name}-{index}"
+            contender = ours(
+                root, [paths], options, fragments,
+                blobs=_store_at(blobs),
+                mode="ranges" if name == "cold" else "copy",
+            )
             warm(root, paths)
             contender.prepare()
             _Counted.writer_cpu = _Counted.closing = 0.0
@@ -126,7 +144,8 @@ def measure(
             print(f"  {name:8} wall {wall:.3f} s  cpu {cpu:.3f} s  cores {cpu / wall:.2f}"
                   f"  packing thread {packing:.3f} cpu-s"
                   + (f"  writing thread {_Counted.writer_cpu:.3f} cpu-s,"
-                     f" close {1000 * _Counted.closing:.1f} ms" if name == "cold" else ""),
+                     f" close {1000 * _Counted.closing:.1f} ms"
+                     if name in ("cold", "copies") else ""),
                   flush=True)
     return runs
 

@@ -22,8 +22,14 @@ user + system seconds of that run, children included):
   packed in parallel threads (as ``build_image`` does);
 * fragments (:mod:`nixery_core.fragments`): one layer packed cold into an
   empty fragment cache (it records every store path's member: the cost of
-  keeping them), and *regrouped*: the paths packed once as the round-robin
-  layers, then timed as ``--layers`` contiguous layers (other groupings,
+  keeping them) and its blob written into a ``FilesystemStore``, the
+  fragments kept as byte ranges of that blob (``BuildCache``'s default on
+  such a store), against one layer written into a ``FilesystemStore``
+  without fragments (like with like; both ``durable=False``, no fsync),
+  and, for reference, the same cold pack keeping copies (``"copy"``, as
+  on a remote store); and *regrouped*: the paths packed once as the
+  round-robin layers into a store (fragments as ranges of their blobs),
+  then timed as ``--layers`` contiguous layers (other groupings,
   every path from the cache; the ``diff_id`` from the tar rebuilt from the
   store by each fragment's layout, :mod:`nixery_core.fragment_layout`).
   The sink stands in for a blob writer that hashes what it is given, so
@@ -82,7 +88,8 @@ import attrs
 
 from nixery_core import frame_processes
 from nixery_core.archive import ArchiveOptions, pack_store_paths
-from nixery_core.fragments import FragmentCache
+from nixery_core.fragments import FragmentCache, FragmentSource
+from nixery_core.storage.filesystem import FilesystemStore
 
 _B32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's base32 alphabet
 MB = 1_000_000
@@ -320,7 +327,13 @@ class ours:  # noqa: N801 - used like the function it was
 
     ``fragments`` gives the fragment cache of each run (``None``: none); it
     is opened by :meth:`prepare`, untimed (a registry opens it once, not per
-    layer), and closed at the end of the timed run.
+    layer), and closed at the end of the timed run.  ``blobs`` gives the
+    store each run writes its layers into (a :class:`FilesystemStore`, as a
+    registry's), ``None``: a sink that only hashes.  With both, a fragment
+    is kept as ``mode`` says: ``"ranges"`` (of the layer blob, once
+    committed: :meth:`FragmentCache.on_store`) or ``"copy"``.
+    ``read_from``: a store whose blobs the cache's ranges name (a regroup
+    writing into the sink).
     """
 
     def __init__(
@@ -329,23 +342,49 @@ class ours:  # noqa: N801 - used like the function it was
         groups: Sequence[Sequence[str]],
         options: ArchiveOptions,
         fragments: Callable[[], FragmentCache | None] = lambda: None,
+        *,
+        blobs: Callable[[], FilesystemStore] | None = None,
+        mode: str = "ranges",
+        read_from: FilesystemStore | None = None,
     ) -> None:
         self.root, self.groups, self.options, self.fragments = root, groups, options, fragments
+        self.blobs, self.mode, self.read_from = blobs, mode, read_from
         self.cache: FragmentCache | None = None
+        self.store: FilesystemStore | None = None
 
     def prepare(self) -> None:
         """Open the fragment cache and read its files once (as :func:`warm` reads the store)."""
         self.cache = self.fragments()
         if self.cache is not None:
             _read_tree(self.cache.directory)
+        self.store = self.blobs() if self.blobs is not None else None
+        if self.read_from is not None:  # the blobs the ranges name, read once like the rest
+            _read_tree(self.read_from.root)
 
     def one(self, paths: Sequence[str]) -> int:
-        sink = _HashingSink()
-        packed = pack_store_paths(
-            paths, sink.write, self.options, store_root=self.root, fragments=self.cache,
-            blob_digest=sink.written_digest,
-        )
-        assert packed.size == sink.size
+        cache, store = self.cache, self.store
+        source: FragmentSource | None = cache
+        if cache is not None and self.read_from is not None:
+            source = cache.on_store(self.read_from)
+        if store is None:
+            sink = _HashingSink()
+            packed = pack_store_paths(
+                paths, sink.write, self.options, store_root=self.root, fragments=source,
+                blob_digest=sink.written_digest,
+            )
+            assert packed.size == sink.size
+            return packed.size
+        layer = cache.on_store(store).layer() if cache is not None and self.mode == "ranges" \
+            else None
+        with store.open_blob_writer(self.options.media_type) as writer:
+            packed = pack_store_paths(
+                paths, writer.write, self.options, store_root=self.root,
+                fragments=layer if layer is not None else source,
+                blob_digest=writer.written_digest,
+            )
+            writer.commit(packed.digest)
+        if layer is not None:
+            layer.stored(packed.digest)
         return packed.size
 
     def __call__(self) -> int:
@@ -360,7 +399,7 @@ class ours:  # noqa: N801 - used like the function it was
                 self.cache = None
 
 
-def cold_fragments(root: Path) -> Callable[[], FragmentCache]:
+def cold_fragments(root: Path, name: str = "") -> Callable[[], FragmentCache]:
     """A new, empty fragment cache for every run, in a new directory.
 
     The ones of earlier runs stay until :func:`remove_cold_fragments`:
@@ -368,28 +407,51 @@ def cold_fragments(root: Path) -> Callable[[], FragmentCache]:
     for the file system's handling of just-freed inodes (ext4's
     ``recently_deleted``), which an empty cache being filled does not meet.
     """
-    remove_cold_fragments(root)  # left by an earlier run with --keep
+    for directory in root.glob(f"cold-fragments{name}-*"):  # left by an earlier run with --keep
+        shutil.rmtree(directory, ignore_errors=True)
     counter = [0]
 
     def make() -> FragmentCache:
         counter[0] += 1
-        return FragmentCache(root / f"cold-fragments-{counter[0]}")
+        return FragmentCache(root / f"cold-fragments{name}-{counter[0]}")
+
+    return make
+
+
+def cold_blobs(root: Path, name: str) -> Callable[[], FilesystemStore]:
+    """A new, empty blob store for every run (``durable=False``: no fsync, in every contender
+    writing into one alike), in a new directory, removed by :func:`remove_cold_fragments`."""
+    counter = [0]
+
+    def make() -> FilesystemStore:
+        counter[0] += 1
+        return FilesystemStore(root / f"cold-blobs-{name}-{counter[0]}", durable=False)
 
     return make
 
 
 def remove_cold_fragments(root: Path) -> None:
-    for directory in root.glob("cold-fragments-*"):
+    for directory in (*root.glob("cold-fragments-*"), *root.glob("cold-blobs-*")):
         shutil.rmtree(directory, ignore_errors=True)
 
 
 def warm_fragments(
-    root: Path, groups: Sequence[Sequence[str]], options: ArchiveOptions, name: str = ""
+    root: Path,
+    groups: Sequence[Sequence[str]],
+    options: ArchiveOptions,
+    name: str = "",
+    *,
+    blobs: FilesystemStore | None = None,
 ) -> Callable[[], FragmentCache]:
-    """A fragment cache holding every path, filled by packing ``groups`` once (untimed)."""
+    """A fragment cache holding every path, filled by packing ``groups`` once (untimed).
+
+    With ``blobs``, the layers are written into it and their fragments kept
+    as ranges of their blobs.
+    """
     directory = root / f"warm-fragments{name}"
     shutil.rmtree(directory, ignore_errors=True)
-    filling = ours(root, groups, options, lambda: FragmentCache(directory))
+    filling = ours(root, groups, options, lambda: FragmentCache(directory),
+                   blobs=None if blobs is None else lambda: blobs)
     filling.prepare()
     filling()
     return lambda: FragmentCache(directory)
@@ -566,15 +628,23 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     groups = [list(paths[i :: args.layers]) for i in range(args.layers)]
     size = -(-len(paths) // args.layers)
     regroups = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
-    warm_cache = warm_fragments(root, groups, options)
+    # Fragments kept as ranges of the blobs of the layers packed first (written into a store).
+    shutil.rmtree(root / "warm-blobs", ignore_errors=True)
+    warm_blobs = FilesystemStore(root / "warm-blobs", durable=False)
+    warm_cache = warm_fragments(root, groups, options, blobs=warm_blobs)
     contenders: list[tuple[str, Contender, int]] = [
         ("tar -c | wc -c  (read limit)", tool(root, list_file, None), tar_bytes),
         ("tar -c | pigz -p2 -6", tool(root, list_file, "pigz -p2 -6"), tar_bytes),
         ("ours, 1 layer", ours(root, [paths], options), tar_bytes),
         (f"ours, {args.layers} layers in threads", ours(root, groups, options), tar_bytes),
-        ("ours, 1 layer, cold fragments", ours(root, [paths], options, cold_fragments(root)),
-         tar_bytes),
-        (f"ours, regrouped {args.layers} layers", ours(root, regroups, options, warm_cache),
+        ("ours, 1 layer, cold fragments", ours(root, [paths], options, cold_fragments(root),
+                                               blobs=cold_blobs(root, "ranges")), tar_bytes),
+        (f"ours, regrouped {args.layers} layers",
+         ours(root, regroups, options, warm_cache, read_from=warm_blobs), tar_bytes),
+        ("ours, 1 layer into a store", ours(root, [paths], options,
+                                            blobs=cold_blobs(root, "without")), tar_bytes),
+        ("ours, 1 layer, cold copies", ours(root, [paths], options, cold_fragments(root, "-c"),
+                                            blobs=cold_blobs(root, "copies"), mode="copy"),
          tar_bytes),
     ]
     chunked = [ArchiveOptions(compression="estargz"), ArchiveOptions(compression="zstd-chunked")]
@@ -602,8 +672,8 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         results += measure(
             root, paths, [("tar -c | gzip -6", tool(root, list_file, "gzip -6"), tar_bytes)], 1
         )
-    read, pigz, single, parallel, cold, regrouped = results[:6]
-    chunked_results = results[6:12]  # after read, pigz, single, parallel, cold, regrouped
+    read, pigz, single, parallel, cold, regrouped, stored, copies = results[:8]
+    chunked_results = results[8:14]  # after the eight above
     print("\nthroughput = uncompressed tar bytes / wall time; size ratio against pigz -6:")
     print(f"  {'':<32} {'wall':>8} {'cpu':>12} {'rate':>11} {'output':>11}   size/pigz")
     for result in results:
@@ -618,8 +688,11 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         # CPU time does not depend on what else the machine runs.
         ("CPU: pigz -p2 -6 / ours 1 layer", pigz.cpu / single.cpu),
         ("CPU: ours 1 layer / tar read", single.cpu / read.cpu),
-        ("cold pack into fragments / ours 1 layer", cold.rate / single.rate),
-        ("CPU: cold into fragments / ours 1 layer", cold.cpu / single.cpu),
+        # Both write their blob into a FilesystemStore: like with like.
+        ("cold pack into fragments / into a store", cold.rate / stored.rate),
+        ("CPU: cold into fragments / into a store", cold.cpu / stored.cpu),
+        ("cold copies / into a store", copies.rate / stored.rate),
+        ("CPU: cold copies / into a store", copies.cpu / stored.cpu),
         ("regrouped from fragments / tar read", regrouped.rate / read.rate),
         ("CPU: regrouped / ours 1 layer", regrouped.cpu / single.cpu),
     ]
@@ -642,7 +715,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     print(_check("peak RSS, MB", rss["pack_vmhwm_kb"] / 1024, 150, below=True))
     print(_check("regrouped from fragments / tar read throughput",
                  regrouped.rate / read.rate, 0.5))
-    print(_check("cold pack into fragments / without (no slower)", cold.rate / single.rate, 0.95))
+    print(_check("cold pack into fragments / without (no slower)", cold.rate / stored.rate, 0.95))
     print(_check("regrouped output / pigz -6 size", regrouped.output_bytes / pigz.output_bytes,
                  1.10, below=True))
     print("\ntargets (file-granular formats, issue 17):")
