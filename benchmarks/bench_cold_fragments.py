@@ -29,6 +29,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.bench_cold_fragments --quick    # 60 MB
     .venv/bin/python -m benchmarks.bench_cold_fragments --keep DIR # reuse a corpus
     .venv/bin/python -m benchmarks.bench_cold_fragments --split    # recording apart from writing
+    .venv/bin/python -m benchmarks.bench_cold_fragments --regroup  # reuse: ranges against copies
 
 On a machine other work keeps busy, ``chrt -r 1`` in front (the whole run
 at real-time priority, so that other processes do not take its cores) and
@@ -51,7 +52,7 @@ from pathlib import Path
 
 import attrs
 
-from benchmarks.bench_pack import build_corpus, closure_main, ours, warm
+from benchmarks.bench_pack import build_corpus, closure_main, ours, warm, warm_fragments
 from nixery_core.archive import ArchiveOptions
 from nixery_core.fragments import FragmentCache
 from nixery_core.storage.filesystem import FilesystemStore
@@ -153,11 +154,49 @@ def measure(
 def main(argv: Sequence[str] | None = None) -> int:
     return closure_main(
         argv, __doc__, "bench-cold-fragments-", _run,
-        lambda parser: parser.add_argument(
-            "--split", action="store_true",
-            help="also pack recording every fragment but writing none",
-        ),
+        _options,
     )
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--split", action="store_true",
+        help="also pack recording every fragment but writing none",
+    )
+    parser.add_argument(
+        "--regroup", action="store_true",
+        help="time regroups from ranges and from copies instead of cold packs",
+    )
+
+
+def regroup(root: Path, paths: Sequence[str], repeats: int, work: Path) -> None:
+    """Four contiguous layers assembled from fragments kept by four round-robin packs, as
+    ranges of their blobs and as copies, interleaved; each run's output to a hashing sink."""
+    options = ArchiveOptions()
+    groups = [list(paths[i::4]) for i in range(4)]
+    size = -(-len(paths) // 4)
+    regroups = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+    blobs = FilesystemStore(work / "warm-blobs", durable=False)
+    contenders = {
+        "ranges": ours(root, regroups, options, warm_fragments(root, groups, options, "-r",
+                                                                blobs=blobs),
+                       read_from=blobs),
+        "copies": ours(root, regroups, options, warm_fragments(root, groups, options, "-c")),
+    }
+    runs: dict[str, list[Run]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, contender in contenders.items():
+            warm(root, paths)
+            contender.prepare()
+            cpu, packing, start = _cpu(), time.thread_time(), time.perf_counter()
+            contender()
+            wall, cpu = time.perf_counter() - start, _cpu() - cpu
+            runs[name].append(Run(wall, cpu, time.thread_time() - packing))
+            print(f"  {name:8} wall {wall:.3f} s  cpu {cpu:.3f} s", flush=True)
+    print(f"medians of {repeats} (wall s, cpu s); load average {os.getloadavg()[0]:.1f}:")
+    for name, done in runs.items():
+        wall_m, cpu_m, _ = _medians(done)
+        print(f"  {name:8} {wall_m:.3f}  {cpu_m:.3f}")
 
 
 def _run(root: Path, args: argparse.Namespace) -> int:
@@ -167,6 +206,10 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     else:
         paths = build_corpus(root, args.size_mb)
     print(f"{len(paths)} store paths under {root}; load average {os.getloadavg()[0]:.1f}")
+    if args.regroup:
+        with tempfile.TemporaryDirectory(prefix="bench-regroup-") as work:
+            regroup(root, paths, args.repeats, Path(work))
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-cold-fragments-") as caches:
         runs = measure(root, paths, args.repeats, Path(caches), split=args.split)
     best = {name: (min(r.wall for r in rs), min(r.cpu for r in rs)) for name, rs in runs.items()}

@@ -76,6 +76,25 @@ A damaged index started afresh is followed by the same sweep, which then
 removes every file but those of live owners.  The sweep costs nothing
 when no owner died: opening lists ``owners/`` only (see :meth:`FragmentCache.sweep`).
 
+**Ranges instead of copies.**  Writing a second copy of every compressed
+byte is most of what a cold pack pays for its fragments (the kernel's copy
+into the page cache and the hand-offs with the writing thread: about 8% of
+the wall time of a pack of the 300 MB benchmark closure, see
+docs/performance.md).  Where the layer blob itself is stored on local disk,
+:meth:`FragmentCache.on_store` gives a view (:class:`StoreFragments`) whose
+:meth:`~StoreFragments.layer` records each new fragment as a *range* of the
+layer blob: a :class:`RangeWriter` keeps only the fragment's offset (set by
+the packer when its first byte is written), size and CRC-32, and
+:meth:`LayerRanges.stored`, called once the blob is committed, queues one
+row per fragment naming the blob's digest (no row for a layer whose commit
+failed).  A lookup through the view opens the blob in the store
+(:class:`~nixery_core.protocols.SupportsReading`), reads the range and
+checks its length and CRC-32 as for a copy; a blob gone, short or changed
+is a miss and the row is dropped.  A lookup without a store
+(:meth:`FragmentCache.get`) takes a range for a miss and leaves it.  A
+range's charge against ``size_limit`` is its row and layout only.
+Which layers keep ranges is ``BuildCache(fragment_mode=...)``'s choice.
+
 :func:`~nixery_core.archive.pack_store_paths` takes any
 :class:`FragmentSource`: this cache, or tiers in front of it
 (:class:`~nixery_core.fragment_bucket.BucketFragments`, which fills this
@@ -1200,6 +1219,21 @@ class _BlobRange(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left: ``None`` or negative), in one read of the
+        blob (not through :meth:`readinto`, which would copy them twice more)."""
+        left = self._size - self._pos
+        wanted = left if size is None or size < 0 else min(size, left)
+        if wanted <= 0:
+            return b""
+        self._blob.seek(self._offset + self._pos)
+        data = self._blob.read(wanted)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read()
+
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]  # bytes-like in, count out
         wanted = min(len(buffer), self._size - self._pos)
         if wanted <= 0:
@@ -1277,10 +1311,13 @@ class LayerRanges:
     def stored(self, digest: str) -> None:
         """The layer's blob is committed as ``digest``: keep its fragments as ranges of it."""
         recorded, self._recorded = self._recorded, []
-        for key, offset, size, uncompressed, crc, layout in recorded:
-            item = _Pending(None, None, size, uncompressed, crc, layout, memory=0,
-                            blob=digest, offset=offset)
-            self._source.cache._submit(key, item)
+        try:
+            for key, offset, size, uncompressed, crc, layout in recorded:
+                item = _Pending(None, None, size, uncompressed, crc, layout, memory=0,
+                                blob=digest, offset=offset)
+                self._source.cache._submit(key, item)
+        except Exception as exc:  # noqa: BLE001 - the cache only saves work: never fail the layer
+            log.warning("fragments of %s not kept (%s)", digest, exc)
 
     def discard(self) -> None:
         """The layer was not stored: forget its fragments."""
