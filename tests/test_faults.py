@@ -27,11 +27,13 @@ level), tests/test_runner.py and tests/test_nix.py (runner timeouts).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -179,6 +181,12 @@ def assert_no_partial_state(
             assert built or not name.startswith("manifests/"), f"{tier} {name}: failed build"
             missing = set(named_blobs(name, raw)) - stored
             assert not missing, f"{tier} entry {name} names missing blobs {missing}"
+    index = None if cache_dir is None else cache_dir / "fragments" / "index.sqlite"
+    if index is not None and index.exists():  # fragments kept as ranges name stored blobs only
+        with contextlib.closing(sqlite3.connect(index)) as con:
+            ranged = {blob for (blob,) in con.execute(
+                "SELECT blob FROM fragments WHERE blob IS NOT NULL")}
+        assert ranged <= stored, f"fragment ranges of blobs not stored: {ranged - stored}"
     return stored
 
 

@@ -14,6 +14,7 @@ from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
 from nixery_core.errors import StorageError
+from nixery_core.fragment_bucket import FragmentBucketPolicy
 from nixery_core.fragments import FragmentCache, FragmentSource, StoreFragments
 from nixery_core.names import Image
 from nixery_core.storage.filesystem import FilesystemBlobWriter, FilesystemStore
@@ -245,3 +246,21 @@ def test_ranges_count_against_the_size_limit_and_are_evicted_by_use(
         assert 0 < cache.volume() <= 1200
         kept = cache.keys()
         assert 0 < len(kept) < len(PATHS)
+
+
+def test_copies_are_kept_for_chunked_layers_and_with_the_bucket_tier(tmp_path: Path) -> None:
+    """Ranges are offered for gzip and zstd layers on a filesystem store only: eStargz and
+    zstd:chunked layers, a bucket tier, "copy" mode and a store without blob files keep copies."""
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with BuildCache(tmp_path / "auto") as auto:
+        assert auto.fragment_ranges_for(blobs, ArchiveOptions()) is not None
+        assert auto.fragment_ranges_for(blobs, ArchiveOptions(compression="zstd")) is not None
+        for chunked in ("estargz", "zstd-chunked"):
+            assert auto.fragment_ranges_for(blobs, ArchiveOptions(compression=chunked)) is None
+        assert auto.fragment_ranges_for(MemoryStore(), ArchiveOptions()) is None
+    with BuildCache(tmp_path / "ranges", fragment_mode="ranges") as ranges:
+        assert ranges.fragment_ranges_for(MemoryStore(), ArchiveOptions()) is not None
+    with BuildCache(tmp_path / "copy", fragment_mode="copy") as copy:
+        assert copy.fragment_ranges_for(blobs, ArchiveOptions()) is None
+    with BuildCache(tmp_path / "bucket", fragment_bucket=FragmentBucketPolicy()) as bucket:
+        assert bucket.fragment_ranges_for(blobs, ArchiveOptions()) is None
