@@ -312,7 +312,9 @@ class BuildCache:
     ``"copy"`` writes a copy of each into ``<directory>/fragments``;
     ``"ranges"`` records each as a byte range of the layer blob once the
     blob is committed (no second copy of the compressed bytes; read back
-    from the store when reused) on any store that can read blobs back;
+    from the store when reused, and on a store without local blob files
+    copied into the cache at its first reuse) on any store that can read
+    blobs back;
     ``"auto"`` (the default) takes ranges where the store keeps blobs as
     local files (:class:`~nixery_core.protocols.SupportsBlobFiles`, such as
     :class:`~nixery_core.storage.FilesystemStore`) and copies elsewhere

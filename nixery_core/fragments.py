@@ -90,7 +90,11 @@ row per fragment naming the blob's digest (no row for a layer whose commit
 failed).  A lookup through the view opens the blob in the store
 (:class:`~nixery_core.protocols.SupportsReading`), reads the range and
 checks its length and CRC-32 as for a copy; a blob gone, short or changed
-is a miss and the row is dropped.  A lookup without a store
+is a miss and the row is dropped.  On a store without local blob files
+(:class:`~nixery_core.protocols.SupportsBlobFiles`) a range's first reuse
+keeps a copy, replacing the range (:attr:`StoreFragments.copy_on_reuse`):
+later reuses are local and outlive the blob; on one with them it does not
+(the copy would cost the writes ranges save).  A lookup without a store
 (:meth:`FragmentCache.get`) takes a range for a miss and leaves it.  A
 range's charge against ``size_limit`` is its row and layout only.
 Which layers keep ranges is ``BuildCache(fragment_mode=...)``'s choice.
@@ -123,7 +127,7 @@ from typing import BinaryIO, Protocol, cast
 import attrs
 
 from nixery_core.errors import LayerError, NixeryError, StorageUnavailable
-from nixery_core.protocols import JSONValue, SupportsReading
+from nixery_core.protocols import JSONValue, SupportsBlobFiles, SupportsReading
 
 __all__ = [
     "DEFAULT_FRAGMENT_LIMIT",
@@ -192,6 +196,8 @@ class CachedFragment:
     #: How its uncompressed bytes are rebuilt from the store
     #: (:mod:`nixery_core.fragment_layout`, encoded); ``None``: they are decompressed.
     layout: bytes | None = None
+    #: The layer blob it is a range of (``None``: a copy kept by the cache).
+    blob: str | None = None
 
     def pieces(self) -> Iterator[bytes]:
         """The compressed bytes, in pieces, from the start.
@@ -910,7 +916,7 @@ class FragmentCache:
             self._drop(key, file, "its bytes changed", blob)
             return None
         kept = None if held is None else tuple(held)
-        return CachedFragment(stream, size, uncompressed, crc, kept, layout or None)
+        return CachedFragment(stream, size, uncompressed, crc, kept, layout or None, blob)
 
     def _open(
         self,
@@ -1271,12 +1277,35 @@ class StoreFragments:
 
     cache: FragmentCache
     store: SupportsReading
+    #: Whether a range's first reuse keeps a copy in the cache (later reuses then read
+    #: locally, and outlive the blob): by default where the store keeps no local blob files.
+    copy_on_reuse: bool = attrs.field(
+        default=attrs.Factory(lambda self: not isinstance(self.store, SupportsBlobFiles),
+                              takes_self=True)
+    )
 
     def prefetch(self, keys: Sequence[str]) -> None:
         self.cache.prefetch(keys)
 
-    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
-        return self.cache._get(key, self.store)
+    @contextlib.contextmanager
+    def get(self, key: str) -> Iterator[CachedFragment | None]:
+        with self.cache._get(key, self.store) as found:
+            if found is not None and found.blob is not None and self.copy_on_reuse:
+                self._copy(key, found)
+            yield found
+
+    def _copy(self, key: str, found: CachedFragment) -> None:
+        """Keep a copy of a range just read (checked) in the cache, replacing the range."""
+        writer = self.cache.writer(key)
+        writer.layout = found.layout
+        try:
+            for piece in found.pieces():
+                writer.add(piece)
+        except LayerError as exc:  # changed since its check: the pack using it fails anyway
+            writer.discard()
+            log.warning("fragment %s not copied (%s)", key, exc)
+            return
+        writer.commit(found.uncompressed_size)
 
     def writer(self, key: str) -> FragmentWriter:
         """A copy, as :meth:`FragmentCache.writer` (no layer blob to refer to)."""

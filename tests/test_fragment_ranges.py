@@ -100,7 +100,11 @@ def test_a_regroup_from_ranges_is_byte_identical_and_compresses_nothing(
         # A lookup without a store does not resolve a range, and leaves it.
         with cache.get(_rows(cache.directory)[0][0]) as found:
             assert found is None
-        assert len(_rows(cache.directory)) == len(PATHS)
+        cache.flush()
+        rows = _rows(cache.directory)
+        # On a store with local blob files a reuse copies nothing: still four ranges.
+        assert len(rows) == len(PATHS)
+        assert all(file is None and blob is not None for _, file, blob in rows)
 
 
 def test_a_range_whose_blob_was_deleted_is_a_miss_and_packed_again(
@@ -264,3 +268,37 @@ def test_copies_are_kept_for_chunked_layers_and_with_the_bucket_tier(tmp_path: P
         assert copy.fragment_ranges_for(blobs, ArchiveOptions()) is None
     with BuildCache(tmp_path / "bucket", fragment_bucket=FragmentBucketPolicy()) as bucket:
         assert bucket.fragment_ranges_for(blobs, ArchiveOptions()) is None
+
+
+def test_on_a_store_without_blob_files_a_range_is_copied_at_its_first_reuse(
+    store: Path, tmp_path: Path
+) -> None:
+    """Ranges on a store without local blob files (in memory here, like a bucket) are copied
+    into the cache when first reused: later reuses read the copy, even once the blob is gone."""
+    blobs = MemoryStore()
+    with FragmentCache(tmp_path / "fragments") as cache:
+        view = cache.on_store(blobs)
+        assert view.copy_on_reuse
+        layer = view.layer()
+        out = io.BytesIO()
+        packed = pack_store_paths(PATHS[:2], out.write, OPTIONS, store_root=store,
+                                  fragments=layer)
+        blobs.put_blob(out.getvalue(), OPTIONS.media_type)
+        layer.stored(packed.digest)
+        cache.flush()
+        assert all(blob == packed.digest for _, _, blob in _rows(cache.directory))
+        regrouped = _plain(store, [PATHS[0]])
+        again = io.BytesIO()
+        assert pack_store_paths([PATHS[0]], again.write, OPTIONS, store_root=store,
+                                fragments=view) == regrouped[0]
+        assert again.getvalue() == regrouped[1]
+        cache.flush()
+        blobs.delete_blob(packed.digest)
+        hits = cache.hits
+        third = io.BytesIO()
+        assert pack_store_paths([PATHS[0]], third.write, OPTIONS, store_root=store,
+                                fragments=view) == regrouped[0]
+        assert third.getvalue() == regrouped[1]
+        assert cache.hits == hits + 1  # the copy, though the blob is gone
+        named = {blob for _, _, blob in _rows(cache.directory)}
+        assert named == {None, packed.digest}  # PATHS[0] a copy, PATHS[1] still a range
