@@ -616,8 +616,8 @@ def _contained(
 ) -> list[list[int]]:
     """Prior layers made only of unpinned paths of ``ig``, disjoint: most bytes first."""
     index = {p: i for i, p in enumerate(ig.paths)}
-    # Most of a registry's record lies outside any one closure: a layer is
-    # dropped at its first path the closure lacks, before the rest is looked up.
+    # Most of a registry's record lies outside any one closure: a layer whose
+    # first or last path the closure lacks is dropped before the rest is looked up.
     found = []
     for layer in prior:
         if layer[0] not in index or layer[-1] not in index:
