@@ -1241,13 +1241,8 @@ class _BlobRange(io.RawIOBase):
         return self.read()
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]  # bytes-like in, count out
-        wanted = min(len(buffer), self._size - self._pos)
-        if wanted <= 0:
-            return 0
-        self._blob.seek(self._offset + self._pos)
-        data = self._blob.read(wanted)
+        data = self.read(len(buffer))
         buffer[: len(data)] = data
-        self._pos += len(data)
         return len(data)
 
     def close(self) -> None:
