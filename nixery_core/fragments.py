@@ -1343,10 +1343,6 @@ class LayerRanges:
         except Exception as exc:  # noqa: BLE001 - the cache only saves work: never fail the layer
             log.warning("fragments of %s not kept (%s)", digest, exc)
 
-    def discard(self) -> None:
-        """The layer was not stored: forget its fragments."""
-        self._recorded = []
-
 
 #: A fragment recorded as a range: key, offset, size, uncompressed size, CRC-32, layout.
 _RangeRecord = tuple[str, int, int, int, int, "bytes | EncodesLayout | None"]
