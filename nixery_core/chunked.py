@@ -989,7 +989,8 @@ class ChunkedCompressor:
                 if not self._pax_left:
                     self._pax = _parse_pax(bytes(self._pax_bytes[: self._pax_size]))
             else:
-                if self._known and not self._buf:
+                # Not after a pax header of its own: that one speaks for the next header.
+                if self._known and not self._buf and not self._pax:
                     taken = self._take_known(view, out)
                     if taken:
                         view = view[taken:]

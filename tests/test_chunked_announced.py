@@ -191,6 +191,30 @@ def test_a_header_not_written_where_announced_is_parsed() -> None:
     assert layer(True) == layer(False)
 
 
+def test_a_header_after_a_pax_header_not_announced_is_parsed() -> None:
+    """An announced header after a pax header of its own is parsed: the pax records speak for it."""
+    spec = ArchiveOptions(compression="zstd-chunked").compressor()
+    info = tarfile.TarInfo("nix/store/x-a/file")
+    info.size = 5
+    info.mode = 0o444
+    info.mtime = 1
+    info.uid = 2**22  # past the octal field: a pax uid record, the header says 0
+    member = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+    header = member[-512:]
+
+    def layer(announce: bool) -> tuple[bytes, bytes, object]:
+        compressor = ChunkedCompressor(_frame_format(spec, 1), mtime=1, executor=None, threads=1)
+        if announce:  # the ustar header alone, with what it says without the pax record
+            at = len(member) - len(header)
+            compressor.announce(at, header, (b"nix/store/x-a/file", 0o444, 5, b"0", 0, 0, b""))
+        out: list[bytes | bytearray] = [*compressor.compress(member + b"hello" + bytes(507))]
+        tail: list[bytes | bytearray] = []
+        annotations = compressor.finish(out.append, tail.append)
+        return b"".join(out), b"".join(tail), annotations
+
+    assert layer(True) == layer(False)
+
+
 def _ustar(name: bytes, size: int) -> bytes:
     """A ustar header as the archive writer makes it (through tarfile: an independent writer)."""
     info = tarfile.TarInfo(name.decode())
