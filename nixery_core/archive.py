@@ -112,7 +112,6 @@ import hashlib
 import logging
 import os
 import stat
-import sys
 import threading
 import zlib
 from collections import deque
@@ -160,6 +159,7 @@ from nixery_core.estargz import EStargzFormat
 from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
 from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_key
 from nixery_core.protocols import JSONValue
+from nixery_core.released import released
 from nixery_core.workers import WorkerPool
 from nixery_core.zstd_chunked import ZstdChunkedFormat
 
@@ -187,8 +187,6 @@ MEDIA_TYPES: dict[str, str] = {
 WRITE_SIZE = 1 << 20
 #: Blocks kept waiting to be filled again once released (see _TarStream._next_block).
 _RETIRED_BLOCKS = 8
-#: sys.getrefcount of a handed-on block nothing else refers to (see _TarStream._next_block).
-_RELEASED_REFERENCES = 3
 _MAX_MTIME = 8**11 - 1
 _STORE_PREFIX = "/nix/store/"
 _WriteFn = Callable[[bytes], object]
@@ -901,8 +899,7 @@ class _TarStream:
         retired.append(done)
         if len(retired) > 1:
             oldest = retired[0]
-            # Referred to by the list, by ``oldest`` and by getrefcount's argument only.
-            if sys.getrefcount(oldest) == _RELEASED_REFERENCES:
+            if released(oldest):
                 retired.popleft()
                 return oldest
             if len(retired) > _RETIRED_BLOCKS:

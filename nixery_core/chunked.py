@@ -90,7 +90,6 @@ import ctypes.util
 import hashlib
 import json
 import struct
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -102,6 +101,7 @@ import orjson
 
 from nixery_core.compression import FramesCompressor
 from nixery_core.errors import LayerError, MissingEncoder
+from nixery_core.released import released
 from nixery_core.toc_spool import TocSpool
 
 __all__ = [
@@ -163,8 +163,6 @@ _WINDOW = CHUNK_MAX + 4 * BATCH_BYTES
 #: Window buffers kept waiting to be filled again once released (see
 #: ChunkedCompressor._window_buffer).
 _WINDOW_BUFFERS = 4
-#: sys.getrefcount of a buffer nothing else refers to (the list, one name, the argument).
-_RELEASED_REFERENCES = 3
 #: A metadata piece (headers of directories, symlinks, links) is sealed into
 #: a frame of its own once it reaches this size, so it never grows unbounded.
 _META_LIMIT = 1 << 20
@@ -1217,8 +1215,7 @@ class ChunkedCompressor:
         buffers = self._window_buffers
         if buffers:
             oldest = buffers[0]
-            # Referred to by the list, by ``oldest`` and by getrefcount's argument only.
-            if len(oldest) >= size and sys.getrefcount(oldest) == _RELEASED_REFERENCES:
+            if len(oldest) >= size and released(oldest):
                 buffers.rotate(-1)
                 return oldest
             if len(buffers) >= _WINDOW_BUFFERS:
