@@ -90,7 +90,9 @@ row per fragment naming the blob's digest (no row for a layer whose commit
 failed).  A lookup through the view opens the blob in the store
 (:class:`~nixery_core.protocols.SupportsReading`), reads the range and
 checks its length and CRC-32 as for a copy; a blob gone, short or changed
-is a miss and the row is dropped.  On a store without local blob files
+is a miss and the row is dropped (a store that does not answer,
+:class:`~nixery_core.errors.StorageUnavailable`, is a miss that keeps it).
+On a store without local blob files
 (:class:`~nixery_core.protocols.SupportsBlobFiles`) a range's first reuse
 keeps a copy, replacing the range (:attr:`StoreFragments.copy_on_reuse`):
 later reuses are local and outlive the blob; on one with them it does not
@@ -895,7 +897,7 @@ class FragmentCache:
             # Closed by the caller (through peek/get).
             stream = self._open(file, data, (blob, offset, expected), blobs)
         except (OSError, NixeryError) as exc:
-            self._drop(key, file, f"unreadable ({exc})", blob)
+            self._unreadable(key, file, blob, exc)
             return None
         try:
             size, actual = 0, 0
@@ -909,7 +911,7 @@ class FragmentCache:
                     held = None
         except (OSError, NixeryError) as exc:
             stream.close()
-            self._drop(key, file, f"unreadable ({exc})", blob)
+            self._unreadable(key, file, blob, exc)
             return None
         if (size, actual) != (expected, crc):
             stream.close()
@@ -932,6 +934,20 @@ class FragmentCache:
         if file is None:
             return io.BytesIO(data or b"")
         return (self._data / file).open("rb")
+
+    def _unreadable(
+        self, key: str, file: str | None, blob: str | None, exc: OSError | NixeryError
+    ) -> None:
+        """A fragment that could not be read is a miss; dropped unless its store was unavailable.
+
+        A range whose store did not answer (:class:`StorageUnavailable`, a
+        transient failure) may well be fine: it stays for the next lookup.
+        Anything else (the blob gone, the file unreadable) drops it.
+        """
+        if blob is not None and isinstance(exc, StorageUnavailable):
+            log.warning("fragment %s: its blob's store is unavailable (%s); packing it", key, exc)
+            return
+        self._drop(key, file, f"unreadable ({exc})", blob)
 
     def _drop(self, key: str, file: str | None, why: str, blob: str | None = None) -> None:
         log.warning("dropping cached fragment %s: %s", key, why)
@@ -1262,7 +1278,8 @@ class StoreFragments:
 
     Lookups also find fragments kept as byte ranges of the store's layer
     blobs (read back and checked against their length and CRC-32; a blob
-    gone, short or changed is a miss and the entry is dropped).  A layer
+    gone, short or changed is a miss and the entry is dropped; an unavailable
+    store is a miss that keeps it).  A layer
     packed through :meth:`layer` keeps its new fragments as ranges of its
     own blob instead of copies, recorded once :meth:`LayerRanges.stored`
     names the committed blob.  Any store holding a blob holds the same

@@ -6,6 +6,7 @@ import io
 import os
 import sqlite3
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from test_fragments import PATHS, make_store
@@ -13,7 +14,7 @@ from test_fragments import PATHS, make_store
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
-from nixery_core.errors import StorageError
+from nixery_core.errors import StorageError, StorageUnavailable
 from nixery_core.fragment_bucket import FragmentBucketPolicy
 from nixery_core.fragments import FragmentCache, FragmentSource, StoreFragments
 from nixery_core.names import Image
@@ -125,6 +126,35 @@ def test_a_range_whose_blob_was_deleted_is_a_miss_and_packed_again(
         # still names the deleted one until it is looked up.
         named = [blob for _, _, blob in _rows(cache.directory)]
         assert (named.count(packed.digest), named.count(first.digest)) == (1, 1)
+
+
+class _Unavailable:
+    """A store that reads nothing back: every blob open fails as a transient outage."""
+
+    def __init__(self, blobs: FilesystemStore) -> None:
+        self.blobs = blobs
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        raise StorageUnavailable(f"store down while opening {digest}")
+
+    def read_blob(self, digest: str) -> bytes:
+        raise StorageUnavailable(f"store down while reading {digest}")
+
+
+def test_a_range_whose_store_is_unavailable_is_a_miss_and_kept(
+    store: Path, tmp_path: Path
+) -> None:
+    """A store that does not answer makes a range a miss but keeps it for when the store is back."""
+    blobs, cache, view = _cold(tmp_path, store)
+    with cache:
+        key = _rows(cache.directory)[0][0]
+        down = cache.on_store(_Unavailable(blobs))
+        with down.get(key) as found:
+            assert found is None
+        cache.flush()
+        assert key in [row[0] for row in _rows(cache.directory)]
+        with view.get(key) as found:
+            assert found is not None
 
 
 def test_a_range_whose_blob_bytes_changed_is_a_miss_never_wrong_bytes(
