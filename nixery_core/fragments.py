@@ -930,6 +930,9 @@ class FragmentCache:
         """A stream of a kept fragment: a range of a stored blob, its row's bytes or its file."""
         blob, offset, size = blob_range
         if blob is not None and blobs is not None:
+            # Only a row damaged outside this module has another range: dropped as a miss.
+            if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int)):
+                raise LayerError(f"its index row is damaged (offset {offset!r}, size {size!r})")
             return _open_range(blobs, blob, offset, size)
         if file is None:
             return io.BytesIO(data or b"")

@@ -157,6 +157,33 @@ def test_a_range_whose_store_is_unavailable_is_a_miss_and_kept(
             assert found is not None
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE fragments SET offset = NULL WHERE key = ?",
+        "UPDATE fragments SET offset = -1 WHERE key = ?",
+        "UPDATE fragments SET offset = 'x' WHERE key = ?",
+        "UPDATE fragments SET size = -5 WHERE key = ?",
+        "UPDATE fragments SET crc = 'x' WHERE key = ?",
+    ],
+)
+def test_a_damaged_range_row_is_a_miss_and_dropped(
+    store: Path, tmp_path: Path, damage: str
+) -> None:
+    """A range row damaged outside this library is dropped as a miss; the pack still succeeds."""
+    blobs, cache, view = _cold(tmp_path, store)
+    with cache:
+        key = _rows(cache.directory)[0][0]
+        with sqlite3.connect(cache.directory / "index.sqlite") as con:
+            con.execute(damage, (key,))
+        with view.get(key) as found:
+            assert found is None
+        cache.flush()
+        assert key not in [row[0] for row in _rows(cache.directory)]
+        packed = _pack_into(blobs, store, PATHS, view.layer())
+        assert packed == _plain(store, PATHS)[0]
+
+
 def test_a_range_whose_blob_bytes_changed_is_a_miss_never_wrong_bytes(
     store: Path, tmp_path: Path
 ) -> None:
