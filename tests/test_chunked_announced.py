@@ -19,13 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_chunked_formats import _pack_paths
 
 from nixery_core.archive import (
     ArchiveOptions,
     PackedLayer,
     _frame_format,
     pack_entries,
-    pack_store_paths,
 )
 from nixery_core.chunked import CHUNK_MAX, CHUNK_MIN, ChunkedCompressor, HeaderFields
 from nixery_core.compression import BLOCK_SIZE
@@ -99,19 +99,7 @@ def parsed_only(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
 
 def _store_packer(store: tuple[Path, list[str]], compression: str) -> _Packer:
     root, paths = store
-
-    def pack(threads: int) -> tuple[bytes, PackedLayer]:
-        out = io.BytesIO()
-        packed = pack_store_paths(
-            paths,
-            out.write,
-            ArchiveOptions(compression=compression),  # type: ignore[arg-type]
-            store_root=root,
-            threads=threads,
-        )
-        return out.getvalue(), packed
-
-    return pack
+    return lambda threads: _pack_paths(root, paths, compression, threads=threads)
 
 
 def _count_taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
