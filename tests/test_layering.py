@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import pytest
@@ -450,22 +450,11 @@ def test_ours_told_with_reference_scale_keeps_a_widely_referenced_library_apart(
     """Told the registry, a small library that many paths of a large closure reference
     directly (so likely in other images) but that is a small share of it stays in a layer of
     its own with ``reference_scale``, where without it the library joins a user."""
-    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
-    spec["libz"] = (1 * MB, ("libc",))
-    for i in range(60):
-        spec[f"app{i}"] = (3 * MB, ("libc",))
-    for i in range(6):
-        spec[f"tool{i}"] = (2 * MB, ("libc", "libz"))
-    graph = make(spec)[0]
-    budget = 40
-    layers = {}
-    for k in (0.0, 3.0):
-        strategy = ChurnAwareDominators(root_slots=0, reference_scale=k).with_prior_layers([])
-        groups = strategy.group(graph, budget)
-        validate_grouping(graph, groups, budget)
-        layers[k] = names(groups)
-    assert ["libz"] not in layers[0.0]
-    assert ["libz"] in layers[3.0]
+    without, with_scale = _told_layers_of_a_small_shared_library(
+        lambda k: ChurnAwareDominators(root_slots=0, reference_scale=k), 3.0
+    )
+    assert ["libz"] not in without
+    assert ["libz"] in with_scale
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -494,6 +483,18 @@ def test_ours_told_with_root_scale_keeps_a_library_several_roots_use_apart() -> 
     its requested roots use (so likely in other images built from the same package set) but
     that is a small share of the closure stays in a layer of its own with ``root_scale``,
     where without it the library joins a user."""
+    without, with_scale = _told_layers_of_a_small_shared_library(
+        lambda k: ChurnAwareDominators(root_slots=0, root_scale=k), 10.0
+    )
+    assert ["libz"] not in without
+    assert ["libz"] in with_scale
+
+
+def _told_layers_of_a_small_shared_library(
+    strategy: Callable[[float], ChurnAwareDominators], scale: float
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Layers, told the registry, of a closure where 60 apps use libc only and 6 tools also
+    use libz (1 MB, a small share): with ``strategy(0.0)`` and with ``strategy(scale)``."""
     spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
     spec["libz"] = (1 * MB, ("libc",))
     for i in range(60):
@@ -502,14 +503,12 @@ def test_ours_told_with_root_scale_keeps_a_library_several_roots_use_apart() -> 
         spec[f"tool{i}"] = (2 * MB, ("libc", "libz"))
     graph = make(spec)[0]
     budget = 40
-    layers = {}
-    for k in (0.0, 10.0):
-        strategy = ChurnAwareDominators(root_slots=0, root_scale=k).with_prior_layers([])
-        groups = strategy.group(graph, budget)
+    layers = []
+    for k in (0.0, scale):
+        groups = strategy(k).with_prior_layers([]).group(graph, budget)
         validate_grouping(graph, groups, budget)
-        layers[k] = names(groups)
-    assert ["libz"] not in layers[0.0]
-    assert ["libz"] in layers[10.0]
+        layers.append(names(groups))
+    return layers[0], layers[1]
 
 
 def _tools_with_own_dependencies() -> tuple[RuntimeGraph, RuntimeGraph]:
