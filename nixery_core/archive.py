@@ -1083,7 +1083,7 @@ def _check_inflated(produced: int, expected: int, *, eof: bool) -> None:
 
 def _thread_count(threads: int | None) -> int:
     if threads is None:
-        return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
+        return min(MAX_THREADS, frame_processes.usable_cpus())
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InvalidInput(f"threads must be a positive int or None, not {threads!r}")
     return threads

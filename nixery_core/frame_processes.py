@@ -73,7 +73,7 @@ from typing import Any
 
 from nixery_core.errors import LayerError
 
-__all__ = ["FrameProcesses", "shared", "shared_pids", "shutdown", "usable"]
+__all__ = ["FrameProcesses", "shared", "shared_pids", "shutdown", "usable", "usable_cpus"]
 
 #: The settings a worker compresses with: compression, level, gzip backend.
 Settings = tuple[str, int, str]
@@ -494,7 +494,7 @@ class _Shared:
 _SHARED = _Shared()
 
 
-def _cpu_count() -> int:
+def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS keeps one)."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
@@ -508,7 +508,7 @@ def shared(count: int) -> FrameProcesses:
     (``threads=64`` starts no more workers than there are CPUs to run them;
     the bytes do not depend on how many there are).
     """
-    count = min(count, _cpu_count())
+    count = min(count, usable_cpus())
     with _SHARED.lock:
         pool = _SHARED.pool
         if pool is None or pool.closed:
