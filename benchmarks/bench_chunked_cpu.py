@@ -43,8 +43,7 @@ from pathlib import Path
 
 import attrs
 
-from benchmarks.bench_pack import _HashingSink, build_corpus, closure_main, tool, warm
-from nixery_core import frame_processes
+from benchmarks.bench_pack import _HashingSink, build_corpus, closure_main, tool, warm, workers_cpu
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -78,10 +77,6 @@ def _stat(path: str) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[19])
 
 
-def _stat_cpu(path: str) -> float:
-    return _stat(path)[0]
-
-
 def _threads() -> dict[tuple[int, int], float]:
     """CPU-seconds of each thread of this process, by thread id and start time.
 
@@ -92,10 +87,6 @@ def _threads() -> dict[tuple[int, int], float]:
         cpu, started = _stat(str(task / "stat"))
         out[int(task.name), started] = cpu
     return out
-
-
-def _workers() -> float:
-    return sum(_stat_cpu(f"/proc/{pid}/stat") for pid in frame_processes.shared_pids())
 
 
 def pack_once(root: Path, paths: Sequence[str], compression: str, threads: int) -> Run:
@@ -111,7 +102,7 @@ def pack_once(root: Path, paths: Sequence[str], compression: str, threads: int) 
 
     sampler = threading.Thread(target=sample, name="bench-sampler")
     sampler.start()
-    workers = _workers()
+    workers = workers_cpu()
     sink = _HashingSink()
     start, cpu = time.perf_counter(), time.thread_time()
     try:
@@ -133,7 +124,7 @@ def pack_once(root: Path, paths: Sequence[str], compression: str, threads: int) 
         for key, used in latest.items()
         if key[0] not in (me, sampler.native_id)
     )
-    return Run(wall, packing, others, _workers() - workers, packed.digest)
+    return Run(wall, packing, others, workers_cpu() - workers, packed.digest)
 
 
 def _row(name: str, run: Run, baseline: Run) -> str:

@@ -296,6 +296,11 @@ def _cpu_all() -> float:
     eStargz and zstd:chunked frames are compressed in worker processes that
     outlive a layer (nixery_core.frame_processes); their time counts too.
     """
+    return _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) + workers_cpu()
+
+
+def workers_cpu() -> float:
+    """CPU seconds of this process's live frame worker processes."""
     workers = 0.0
     for pid in frame_processes.shared_pids():
         try:
@@ -303,7 +308,7 @@ def _cpu_all() -> float:
         except OSError:  # it just exited; its time is lost to this count
             continue
         workers += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) + workers
+    return workers
 
 
 Contender = Callable[[], int]  # runs once, returns the output size
