@@ -128,7 +128,7 @@ from typing import BinaryIO, Protocol, cast
 
 import attrs
 
-from nixery_core.errors import LayerError, NixeryError, StorageUnavailable
+from nixery_core.errors import LayerError, NixeryError, StorageError, StorageUnavailable
 from nixery_core.protocols import JSONValue, SupportsBlobFiles, SupportsReading
 
 __all__ = [
@@ -207,7 +207,9 @@ class CachedFragment:
         Bytes not held are read again, and checked against the CRC-32 as they
         are: a file changed since its check raises
         :class:`~nixery_core.errors.LayerError` after its last piece (its bytes
-        are copied already, so the layer being packed must fail).
+        are copied already, so the layer being packed must fail).  A failure
+        to read them again (the disk's, or the store's for a range) raises
+        :class:`~nixery_core.errors.LayerError` too, chained to it.
         """
         if self.held is not None:
             yield from self.held
@@ -219,7 +221,7 @@ class CachedFragment:
                 size += len(piece)
                 crc = _crc32(piece, crc)
                 yield piece
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
             raise LayerError(f"a cached fragment could not be read again: {exc}") from exc
         if (size, crc) != (self.size, self.crc32):
             raise LayerError(
@@ -878,6 +880,12 @@ class FragmentCache:
         finally:
             found.stream.close()
 
+    def _miss_after_all(self) -> None:
+        """A lookup counted as a hit turned out a miss (its fragment could not be used)."""
+        with self._count_lock:
+            self.hits -= 1
+            self.misses += 1
+
     def _lookup(self, key: str, blobs: SupportsReading | None) -> CachedFragment | None:
         self._settle(key)
         try:
@@ -1306,21 +1314,33 @@ class StoreFragments:
     def get(self, key: str) -> Iterator[CachedFragment | None]:
         with self.cache._get(key, self.store) as found:
             if found is not None and found.blob is not None and self.copy_on_reuse:
-                self._copy(key, found)
+                yield self._copy(key, found)
+                return
             yield found
 
-    def _copy(self, key: str, found: CachedFragment) -> None:
-        """Keep a copy of a range just read (checked) in the cache, replacing the range."""
+    def _copy(self, key: str, found: CachedFragment) -> CachedFragment | None:
+        """Keep a copy of a range just read (checked) in the cache, replacing the range.
+
+        A range that cannot be read again makes the lookup a miss (nothing of
+        it is used yet): kept when its store did not answer, as a lookup
+        keeps it, dropped when its bytes changed since the check.
+        """
         writer = self.cache.writer(key)
         writer.layout = found.layout
         try:
             for piece in found.pieces():
                 writer.add(piece)
-        except LayerError as exc:  # changed since its check: the pack using it fails anyway
+        except LayerError as exc:
             writer.discard()
-            log.warning("fragment %s not copied (%s)", key, exc)
-            return
+            self.cache._miss_after_all()
+            if isinstance(exc.__cause__, StorageUnavailable):
+                log.warning("fragment %s: its blob's store is unavailable (%s); packing it",
+                            key, exc)
+            else:
+                self.cache._drop(key, None, f"unreadable ({exc})", found.blob)
+            return None
         writer.commit(found.uncompressed_size)
+        return found
 
     def writer(self, key: str) -> FragmentWriter:
         """A copy, as :meth:`FragmentCache.writer` (no layer blob to refer to)."""

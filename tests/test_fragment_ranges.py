@@ -6,7 +6,7 @@ import io
 import os
 import sqlite3
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import pytest
 from test_fragments import PATHS, make_store
@@ -14,7 +14,8 @@ from test_fragments import PATHS, make_store
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
-from nixery_core.errors import StorageError, StorageUnavailable
+from nixery_core.digests import sha256_digest
+from nixery_core.errors import LayerError, StorageError, StorageUnavailable
 from nixery_core.fragment_bucket import FragmentBucketPolicy
 from nixery_core.fragments import FragmentCache, FragmentSource, StoreFragments
 from nixery_core.names import Image
@@ -359,3 +360,84 @@ def test_on_a_store_without_blob_files_a_range_is_copied_at_its_first_reuse(
         assert cache.hits == hits + 1  # the copy, though the blob is gone
         named = {blob for _, _, blob in _rows(cache.directory)}
         assert named == {None, packed.digest}  # PATHS[0] a copy, PATHS[1] still a range
+
+
+class _FlakyReads:
+    """A store without blob files that stops answering (a transient outage) once ``budget``
+    bytes of its blobs were read, counting the bytes read."""
+
+    def __init__(self, blobs: MemoryStore, budget: int) -> None:
+        self.blobs, self.budget, self.read = blobs, budget, 0
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        return cast("BinaryIO", _FlakyStream(self, self.blobs.read_blob(digest)))
+
+    def read_blob(self, digest: str) -> bytes:
+        return self.blobs.read_blob(digest)
+
+
+class _FlakyStream(io.BytesIO):
+    """A blob's stream of a :class:`_FlakyReads` store."""
+
+    def __init__(self, store: _FlakyReads, data: bytes) -> None:
+        super().__init__(data)
+        self.store = store
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.store.read += len(data)
+        if self.store.read > self.store.budget:
+            raise StorageUnavailable("store down while reading")
+        return data
+
+
+#: A range larger than a lookup keeps in memory, so its copy reads it again.
+_BIG = 9 << 20
+
+
+def _big_range(cache: FragmentCache, blobs: MemoryStore) -> tuple[str, bytes]:
+    """A range of ``_BIG`` arbitrary bytes recorded in ``cache`` as a whole blob of ``blobs``."""
+    data = os.urandom(_BIG)
+    layer = cache.on_store(blobs).layer()
+    writer = layer.writer("big")
+    writer.offset = 0
+    writer.add(data)
+    writer.commit(len(data))
+    layer.stored(blobs.put_blob(data, OPTIONS.media_type).digest)
+    cache.flush()
+    return "big", data
+
+
+def test_a_store_down_while_a_range_is_copied_is_a_miss_that_keeps_the_range(
+    tmp_path: Path,
+) -> None:
+    """A range readable for its check whose store stops answering while it is copied is a miss
+    (no error reaches the pack) and its row stays, found once the store answers again."""
+    blobs = MemoryStore()
+    with FragmentCache(tmp_path / "fragments") as cache:
+        key, data = _big_range(cache, blobs)
+        flaky = _FlakyReads(blobs, budget=_BIG)
+        with cache.on_store(flaky).get(key) as found:
+            assert found is None
+        assert (cache.hits, cache.misses) == (0, 1)
+        cache.flush()
+        assert _rows(cache.directory) == [(key, None, sha256_digest(data))]
+        with cache.on_store(blobs).get(key) as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == data
+
+
+def test_a_range_that_cannot_be_read_again_while_packed_raises_a_layer_error(
+    tmp_path: Path,
+) -> None:
+    """Re-reading a range whose store stopped answering raises LayerError chained to the
+    store's StorageUnavailable (the pack fails with the documented error)."""
+    blobs = MemoryStore()
+    with FragmentCache(tmp_path / "fragments") as cache:
+        key, _ = _big_range(cache, blobs)
+        view = StoreFragments(cache, _FlakyReads(blobs, budget=_BIG), copy_on_reuse=False)
+        with view.get(key) as found:
+            assert found is not None
+            with pytest.raises(LayerError) as raised:
+                b"".join(found.pieces())
+        assert isinstance(raised.value.__cause__, StorageUnavailable)
