@@ -661,7 +661,7 @@ class FragmentCache:
         kept = item.size if item.blob is None else 0
         charge = kept + (len(layout) if layout else 0) + _ROW_CHARGE
         return (key, file, data, item.size, item.uncompressed_size, crc, layout, charge,
-                item.blob, item.offset if item.blob is not None else None)
+                item.blob, item.offset)
 
     def _new_file(self, pieces: Sequence[bytes] = ()) -> str:
         """A new data file holding ``pieces``; its name under the data directory.
@@ -1133,9 +1133,10 @@ class _Pending:
     layout: bytes | EncodesLayout | None
     #: Bytes of memory it holds until written (a fragment already in its file holds none).
     memory: int
-    #: A range of this layer blob (digest), from ``offset``: no bytes to write.
+    #: A range of this layer blob (digest), from ``offset``: no bytes to write
+    #: (both ``None``: a copy).
     blob: str | None = None
-    offset: int = 0
+    offset: int | None = None
 
 
 @attrs.define
