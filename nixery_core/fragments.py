@@ -94,9 +94,11 @@ is a miss and the row is dropped (a store that does not answer,
 :class:`~nixery_core.errors.StorageUnavailable`, is a miss that keeps it).
 On a store without local blob files
 (:class:`~nixery_core.protocols.SupportsBlobFiles`) a range's first reuse
-keeps a copy, replacing the range (:attr:`StoreFragments.copy_on_reuse`):
-later reuses are local and outlive the blob; on one with them it does not
-(the copy would cost the writes ranges save).  A lookup without a store
+keeps a copy, replacing the range (:attr:`StoreFragments.copy_on_reuse`;
+written as the range is read for its check, and the layer served from that
+copy, so the store is read once): later reuses are local and outlive the
+blob; on one with them it does not (the copy would cost the writes ranges
+save).  A lookup without a store
 (:meth:`FragmentCache.get`) takes a range for a miss and leaves it.  A
 range's charge against ``size_limit`` is its row and layout only.
 Which layers keep ranges is ``BuildCache(fragment_mode=...)``'s choice.
@@ -187,7 +189,8 @@ class CachedFragment:
     """A fragment found in the cache: its compressed bytes (a stream) and sizes.
 
     ``held`` are the bytes read when the fragment was checked, kept when it
-    is small so that they are not read again.
+    is small (or, for a range copied into the cache as it was checked, while
+    the copy holds them in memory) so that they are not read again.
     """
 
     stream: BinaryIO
@@ -852,7 +855,9 @@ class FragmentCache:
         return StoreFragments(self, store)
 
     @contextlib.contextmanager
-    def _get(self, key: str, blobs: SupportsReading | None) -> Iterator[CachedFragment | None]:
+    def _get(
+        self, key: str, blobs: SupportsReading | None, *, copy: bool = False
+    ) -> Iterator[CachedFragment | None]:
         with self._count_lock:
             absent = key in self._absent
             if absent:
@@ -861,7 +866,7 @@ class FragmentCache:
         if absent:
             yield None
             return
-        found = self._lookup(key, blobs)
+        found = self._lookup(key, blobs, copy=copy)
         batch = False
         with self._count_lock:
             if found is None:
@@ -880,13 +885,15 @@ class FragmentCache:
         finally:
             found.stream.close()
 
-    def _miss_after_all(self) -> None:
-        """A lookup counted as a hit turned out a miss (its fragment could not be used)."""
-        with self._count_lock:
-            self.hits -= 1
-            self.misses += 1
+    def _lookup(
+        self, key: str, blobs: SupportsReading | None, *, copy: bool = False
+    ) -> CachedFragment | None:
+        """The fragment under ``key``, its bytes checked (``None``: a miss).
 
-    def _lookup(self, key: str, blobs: SupportsReading | None) -> CachedFragment | None:
+        With ``copy``, a range is copied into the cache as it is checked (the
+        copy kept once its bytes match) and the fragment returned reads the
+        copy: the range is read from its store once.
+        """
         self._settle(key)
         try:
             with self._index() as con:
@@ -907,26 +914,27 @@ class FragmentCache:
         except (OSError, NixeryError) as exc:
             self._unreadable(key, file, blob, exc)
             return None
+        copier = self.writer(key) if copy and blob is not None else None
         try:
-            size, actual = 0, 0
-            held: list[bytes] | None = []
-            while piece := stream.read(_READ_SIZE):
-                size += len(piece)
-                actual = _crc32(piece, actual)
-                if held is not None and size <= _HOLD_SIZE:
-                    held.append(piece)
-                else:
-                    held = None
-        except (OSError, NixeryError) as exc:
+            held = _read_checking(stream, (expected, crc), copier)
+        except (OSError, NixeryError, _Changed) as exc:
             stream.close()
-            self._unreadable(key, file, blob, exc)
+            if copier is not None:
+                copier.discard()
+            if isinstance(exc, _Changed):
+                self._drop(key, file, "its bytes changed", blob)
+            else:
+                self._unreadable(key, file, blob, exc)
             return None
-        if (size, actual) != (expected, crc):
-            stream.close()
-            self._drop(key, file, "its bytes changed", blob)
-            return None
-        kept = None if held is None else tuple(held)
-        return CachedFragment(stream, size, uncompressed, crc, kept, layout or None, blob)
+        if copier is not None:
+            copier.layout = layout or None
+            again = copier._commit_readable(uncompressed)
+            if isinstance(again, tuple):
+                held, blob = again, None
+            elif again is not None:  # read from the copy's file (re-checked as it is)
+                stream.close()
+                stream, blob = again, None
+        return CachedFragment(stream, expected, uncompressed, crc, held, layout or None, blob)
 
     def _open(
         self,
@@ -1221,6 +1229,23 @@ class FragmentWriter:
             item = _Pending(pieces, None, *fields, memory=self._size)
         self._cache._submit(self.key, item)
 
+    def _commit_readable(self, uncompressed_size: int) -> tuple[bytes, ...] | BinaryIO | None:
+        """:meth:`commit`, and the bytes committed to read them again: the pieces held, or
+        their file opened before it is queued (readable whatever becomes of its name);
+        ``None`` when they are not kept (a failure to write them)."""
+        if self._file is None:
+            pieces = tuple(self._pieces)
+            self.commit(uncompressed_size)
+            return pieces
+        again: BinaryIO | None = None
+        if self._file is not _DISCARDED:
+            try:
+                again = (self._cache._data / self._file[0]).open("rb")
+            except OSError as exc:
+                log.warning("cannot read fragment %s back (%s)", self.key, exc)
+        self.commit(uncompressed_size)
+        return again
+
     def discard(self) -> None:
         self._pieces = []
         if self._file is _DISCARDED:
@@ -1278,6 +1303,32 @@ class _BlobRange(io.RawIOBase):
         super().close()
 
 
+class _Changed(Exception):
+    """Raised within a lookup when a fragment's length or CRC-32 differs from its row's."""
+
+
+def _read_checking(
+    stream: BinaryIO, expected: tuple[int, int], copier: FragmentWriter | None
+) -> tuple[bytes, ...] | None:
+    """Read a kept fragment whole and check its length and CRC-32 (``expected``), or raise
+    :class:`_Changed`; its pieces if it is small (up to :data:`_HOLD_SIZE`).  Every piece
+    also goes to ``copier``, if given."""
+    size, crc = 0, 0
+    held: list[bytes] | None = []
+    while piece := stream.read(_READ_SIZE):
+        size += len(piece)
+        crc = _crc32(piece, crc)
+        if copier is not None:
+            copier.add(piece)
+        if held is not None and size <= _HOLD_SIZE:
+            held.append(piece)
+        else:
+            held = None
+    if (size, crc) != expected:
+        raise _Changed
+    return None if held is None else tuple(held)
+
+
 def _open_range(blobs: SupportsReading, digest: str, offset: int, size: int) -> BinaryIO:
     """The range of a stored blob a fragment was kept as (a short blob reads short)."""
     blob = blobs.open_blob(digest)
@@ -1313,35 +1364,10 @@ class StoreFragments:
 
     @contextlib.contextmanager
     def get(self, key: str) -> Iterator[CachedFragment | None]:
-        with self.cache._get(key, self.store) as found:
-            if found is not None and found.blob is not None and self.copy_on_reuse:
-                yield self._copy(key, found)
-                return
+        """The fragment under ``key``; a range, with :attr:`copy_on_reuse`, copied into the
+        cache as it is checked (read from the store once, later reuses read the copy)."""
+        with self.cache._get(key, self.store, copy=self.copy_on_reuse) as found:
             yield found
-
-    def _copy(self, key: str, found: CachedFragment) -> CachedFragment | None:
-        """Keep a copy of a range just read (checked) in the cache, replacing the range.
-
-        A range that cannot be read again makes the lookup a miss (nothing of
-        it is used yet): kept when its store did not answer, as a lookup
-        keeps it, dropped when its bytes changed since the check.
-        """
-        writer = self.cache.writer(key)
-        writer.layout = found.layout
-        try:
-            for piece in found.pieces():
-                writer.add(piece)
-        except LayerError as exc:
-            writer.discard()
-            self.cache._miss_after_all()
-            if isinstance(exc.__cause__, StorageUnavailable):
-                log.warning("fragment %s: its blob's store is unavailable (%s); packing it",
-                            key, exc)
-            else:
-                self.cache._drop(key, None, f"unreadable ({exc})", found.blob)
-            return None
-        writer.commit(found.uncompressed_size)
-        return found
 
     def writer(self, key: str) -> FragmentWriter:
         """A copy, as :meth:`FragmentCache.writer` (no layer blob to refer to)."""

@@ -391,13 +391,13 @@ class _FlakyStream(io.BytesIO):
         return data
 
 
-#: A range larger than a lookup keeps in memory, so its copy reads it again.
+#: A range larger than a lookup keeps in memory (8 MiB): its bytes must be had again.
 _BIG = 9 << 20
 
 
-def _big_range(cache: FragmentCache, blobs: MemoryStore) -> tuple[str, bytes]:
-    """A range of ``_BIG`` arbitrary bytes recorded in ``cache`` as a whole blob of ``blobs``."""
-    data = os.urandom(_BIG)
+def _big_range(cache: FragmentCache, blobs: MemoryStore, size: int = _BIG) -> tuple[str, bytes]:
+    """A range of ``size`` arbitrary bytes recorded in ``cache`` as a whole blob of ``blobs``."""
+    data = os.urandom(size)
     layer = cache.on_store(blobs).layer()
     writer = layer.writer("big")
     writer.offset = 0
@@ -408,20 +408,43 @@ def _big_range(cache: FragmentCache, blobs: MemoryStore) -> tuple[str, bytes]:
     return "big", data
 
 
-def test_a_store_down_while_a_range_is_copied_is_a_miss_that_keeps_the_range(
+@pytest.mark.parametrize("size", [_BIG, 17 << 20], ids=["held-copy", "spilled-copy"])
+def test_a_range_copied_at_its_first_reuse_is_read_from_its_store_once(
+    tmp_path: Path, size: int
+) -> None:
+    """A range over 8 MiB copied at its first reuse is read from its store once (checked, then
+    served and copied from that read): a store that stops answering after it changes nothing."""
+    blobs = MemoryStore()
+    with FragmentCache(tmp_path / "fragments") as cache:
+        key, data = _big_range(cache, blobs, size)
+        flaky = _FlakyReads(blobs, budget=size)
+        with cache.on_store(flaky).get(key) as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == data
+        assert flaky.read == size
+        assert (cache.hits, cache.misses) == (1, 0)
+        cache.flush()
+        [(_, file, blob)] = _rows(cache.directory)
+        assert (file is not None, blob) == (True, None)  # the copy replaced the range
+        with cache.on_store(flaky).get(key) as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == data
+        assert flaky.read == size
+
+
+def test_a_range_whose_store_is_down_when_reused_is_a_miss_kept_and_not_copied(
     tmp_path: Path,
 ) -> None:
-    """A range readable for its check whose store stops answering while it is copied is a miss
-    (no error reaches the pack) and its row stays, found once the store answers again."""
+    """A range whose store stops answering while it is read for its first reuse is a miss (no
+    error reaches the pack), is not copied and stays, found once the store answers again."""
     blobs = MemoryStore()
     with FragmentCache(tmp_path / "fragments") as cache:
         key, data = _big_range(cache, blobs)
-        flaky = _FlakyReads(blobs, budget=_BIG)
-        with cache.on_store(flaky).get(key) as found:
+        with cache.on_store(_FlakyReads(blobs, budget=_BIG // 2)).get(key) as found:
             assert found is None
-        assert (cache.hits, cache.misses) == (0, 1)
         cache.flush()
         assert _rows(cache.directory) == [(key, None, sha256_digest(data))]
+        assert _data_files(cache.directory) == []
         with cache.on_store(blobs).get(key) as found:
             assert found is not None
             assert b"".join(found.pieces()) == data
