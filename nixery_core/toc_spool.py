@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-__all__ = ["SPOOL_MEMORY", "TOC_PREFIX", "TOC_SUFFIX", "TocSpool"]
+__all__ = ["SPOOL_MEMORY", "SPOOL_READ", "TOC_PREFIX", "TOC_SUFFIX", "TocSpool"]
 
 #: Bytes of TOC JSON held in memory before the spool moves to a temporary file.
 SPOOL_MEMORY = 1 << 20
@@ -32,8 +32,9 @@ SPOOL_MEMORY = 1 << 20
 TOC_PREFIX = b'{"version":1,"entries":['
 #: What it ends with, after its last entry.
 TOC_SUFFIX = b"]}"
-#: Bytes read from the temporary file at a time.
-_READ = 1 << 20
+#: Bytes read back from a spool's temporary file at a time (this one's, and zstd:chunked's
+#: compressed TOC's).
+SPOOL_READ = 1 << 20
 
 
 class TocSpool:
@@ -91,7 +92,7 @@ class TocSpool:
         """The TOC JSON in pieces, in order: memory holds one piece, whatever the TOC's size.
 
         Called once every entry is added.  The spilled part is read back
-        :data:`_READ` bytes at a time; the pieces are never changed
+        :data:`SPOOL_READ` bytes at a time; the pieces are never changed
         afterwards (a consumer may keep them).
         """
         yield self._prefix
@@ -99,7 +100,7 @@ class TocSpool:
         if self._file is not None:
             self._file.flush()
             self._file.seek(0)
-            while piece := self._file.read(_READ):
+            while piece := self._file.read(SPOOL_READ):
                 done += len(piece)
                 yield piece
         if self._buffer:
@@ -126,7 +127,7 @@ class TocSpool:
             self._file.flush()
             self._file.seek(0)
             while True:
-                piece = self._file.read(_READ)
+                piece = self._file.read(SPOOL_READ)
                 if not piece:
                     break
                 view[pos : pos + len(piece)] = piece

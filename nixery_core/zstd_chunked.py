@@ -40,7 +40,7 @@ from collections.abc import Callable
 from nixery_core.chunked import TOC_KEYS, Annotations, Sink, each_frame
 from nixery_core.compression import FramesCompressor, FrameStream
 from nixery_core.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
-from nixery_core.toc_spool import SPOOL_MEMORY, TocSpool
+from nixery_core.toc_spool import SPOOL_MEMORY, SPOOL_READ, TocSpool
 
 __all__ = [
     "FOOTER_MAGIC",
@@ -57,8 +57,6 @@ SKIPPABLE_MAGIC = 0x184D2A50
 FOOTER_MAGIC = b"GnUlInUx"
 #: The TOC type containers-storage reads: 1, the CRFS-compatible JSON TOC.
 _MANIFEST_TYPE_CRFS = 1
-#: Bytes of the compressed TOC read back from its spool at a time.
-_READ = 1 << 20
 
 
 def skippable_frame(payload: bytes) -> bytes:
@@ -121,7 +119,7 @@ class ZstdChunkedFormat:
             length = spool.tell()
             write(_skippable_header(length))
             spool.seek(0)
-            while out := spool.read(_READ):
+            while out := spool.read(SPOOL_READ):
                 write(out)
         toc_offset = offset + len(end) + 8  # past the skippable frame's magic and length
         sizes = (toc_offset, length, size, _MANIFEST_TYPE_CRFS)
