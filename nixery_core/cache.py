@@ -56,7 +56,12 @@ import attrs
 import diskcache
 
 from nixery_core.digests import validate_digest
-from nixery_core.errors import InvalidInput, StorageError, StorageUnavailable
+from nixery_core.errors import (
+    InvalidCacheRecord,
+    InvalidInput,
+    StorageError,
+    StorageUnavailable,
+)
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
 from nixery_core.fragments import (
     DEFAULT_FRAGMENT_LIMIT,
@@ -114,17 +119,35 @@ class LayerRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerRecord:
-        """Parse an entry (TypeError or ValueError when a field is missing or malformed)."""
-        size = _int(data, "size")
-        if size < 0:
-            raise ValueError("size is negative")
-        return cls(
-            digest=validate_digest(_str(data, "digest")),
-            diff_id=validate_digest(_str(data, "diff_id")),
-            size=size,
-            media_type=_str(data, "media_type"),
-            annotations=_annotations(data),
-        )
+        """Parse an entry; a missing or malformed field raises
+        :class:`~nixery_core.errors.InvalidCacheRecord` naming it."""
+        _object(data, "layer record")
+        with _malformed():
+            size = _int(data, "size")
+            if size < 0:
+                raise ValueError("size is negative")
+            return cls(
+                digest=validate_digest(_str(data, "digest")),
+                diff_id=validate_digest(_str(data, "diff_id")),
+                size=size,
+                media_type=_str(data, "media_type"),
+                annotations=_annotations(data),
+            )
+
+
+def _object(data: object, what: str) -> None:
+    """Raise :class:`InvalidCacheRecord` unless ``data`` is a JSON object."""
+    if not isinstance(data, Mapping):
+        raise InvalidCacheRecord(f"a {what} is an object, not {type(data).__name__}")
+
+
+@contextlib.contextmanager
+def _malformed() -> Iterator[None]:
+    """A record's parsing errors (a field's) as :class:`InvalidCacheRecord`, chained."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        raise InvalidCacheRecord(str(exc)) from exc
 
 
 def _annotations(data: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -158,23 +181,29 @@ class ManifestRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ManifestRecord:
+        """Parse an entry's outline (its body is checked where it is served); a missing or
+        malformed field raises :class:`~nixery_core.errors.InvalidCacheRecord` naming it."""
+        _object(data, "manifest record")
         body = data.get("body")
         blobs = data.get("blobs")
         expires_at = data.get("expires_at")
         if not isinstance(body, dict) or not isinstance(blobs, list):
-            raise TypeError("manifest record lacks body or blobs")
+            raise InvalidCacheRecord("manifest record lacks body or blobs")
         if not all(isinstance(b, str) for b in blobs):
-            raise TypeError("manifest record blobs are not strings")
-        if expires_at is not None and not isinstance(expires_at, int | float):
-            raise TypeError("manifest record expires_at is not a number")
+            raise InvalidCacheRecord("manifest record blobs are not strings")
+        if expires_at is not None and (
+            isinstance(expires_at, bool) or not isinstance(expires_at, int | float)
+        ):
+            raise InvalidCacheRecord("manifest record expires_at is not a number")
         return cls(body, tuple(blobs), None if expires_at is None else float(expires_at))
 
 
 def _served_manifest(data: Mapping[str, Any]) -> ManifestRecord:
     """A manifest entry checked for serving: a well-formed body naming exactly its blobs.
 
-    Raises TypeError or ValueError naming what is wrong, which the cache's
-    parse step turns into a logged, counted corrupt miss.
+    Raises a ValueError naming what is wrong (:class:`InvalidCacheRecord`
+    for the outline, :mod:`~nixery_core.record_schema`'s for the body),
+    which the cache's parse step turns into a logged, counted corrupt miss.
     """
     record = ManifestRecord.from_json(data)
     sizes = record_blob_sizes(record.body)

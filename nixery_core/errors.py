@@ -8,6 +8,7 @@ The tree is small on purpose; catch the branch you can act on::
     │   ├── InvalidDigest            .digest
     │   ├── InvalidImageConfig       .field, .value, .reason (image config, user)
     │   ├── InvalidManifest          .detail (manifest, index, config or layout JSON)
+    │   ├── InvalidCacheRecord       .detail (a cache entry given to ``from_json``)
     │   └── InvalidSource            .detail
     ├── NixError                     calling Nix failed
     │   ├── UnknownPackages          .packages (every unknown name at once)
@@ -37,9 +38,12 @@ translated at the seam into one of these and chained with ``raise ... from``.
 A failure in another process (a frame worker compressing a chunked layer,
 :mod:`nixery_core.frame_processes`) is a ``LayerError`` chained to that
 process's traceback: the cause's text, not a class to catch.
-A malformed cache entry is no error of this tree: the cache counts it
-(``CacheStats.corrupt_entries``), logs what is wrong and rebuilds, so a
-caller never sees it (:mod:`nixery_core.record_schema`).
+A malformed cache entry read by :class:`~nixery_core.cache.BuildCache`
+reaches no caller: the cache counts it (``CacheStats.corrupt_entries``),
+logs what is wrong and rebuilds (:mod:`nixery_core.record_schema`); garbage
+collection reports it (``GcReport.unreadable``).  Only a caller parsing an
+entry itself (``LayerRecord.from_json``, ``ManifestRecord.from_json``) gets
+``InvalidCacheRecord``.
 Errors carry their context as attributes, so a registry can turn
 ``UnknownPackages.packages`` into a ``MANIFEST_UNKNOWN`` answer.
 """
@@ -55,6 +59,7 @@ __all__ = [
     "CommandNotFound",
     "DigestMismatch",
     "FileChangedDuringPacking",
+    "InvalidCacheRecord",
     "InvalidDigest",
     "InvalidImageConfig",
     "InvalidImageName",
@@ -170,6 +175,18 @@ class InvalidManifest(InvalidInput):
     def __init__(self, detail: str) -> None:
         self.detail = detail
         super().__init__(f"invalid manifest: {detail}")
+
+
+class InvalidCacheRecord(InvalidInput):
+    """A build cache entry (``LayerRecord``, ``ManifestRecord``) lacks a field or has a bad one.
+
+    Raised by their ``from_json`` to a caller parsing an entry itself; the
+    cache's own reads turn it into a counted miss.
+    """
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"invalid cache record: {detail}")
 
 
 class InvalidSource(InvalidInput):

@@ -96,7 +96,7 @@ import attrs
 from nixery_core.cache import LayerRecord, ManifestRecord
 from nixery_core.digests import DIGEST_BYTES_PATTERN, sha256_digest, validate_digest
 from nixery_core.display import human_size
-from nixery_core.errors import BlobNotFound, InvalidInput, InvalidManifest
+from nixery_core.errors import BlobNotFound, InvalidCacheRecord, InvalidInput, InvalidManifest
 from nixery_core.fragment_bucket import FRAGMENT_MEDIA_TYPE, FRAGMENT_PREFIX, FragmentPointer
 from nixery_core.manifest import MAX_MANIFEST_SIZE, parse_index, parse_manifest, sniff_media_type
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCTET_STREAM
@@ -274,7 +274,7 @@ class _Marker:
                 self.name(validate_digest(digest))
             self._body(record.body)
         except _MALFORMED as exc:
-            self.unreadable.append(UnreadableEntry(key, str(exc) or type(exc).__name__))
+            self.unreadable.append(UnreadableEntry(key, _reason(exc)))
             return None
         return record
 
@@ -310,7 +310,7 @@ class _Marker:
         try:
             self.name(validate_digest(LayerRecord.from_json(_json_object(raw)).digest))
         except _MALFORMED as exc:
-            self.unreadable.append(UnreadableEntry(key, str(exc) or type(exc).__name__))
+            self.unreadable.append(UnreadableEntry(key, _reason(exc)))
 
     def follow(self, sniff: set[str]) -> None:
         """Name what every named manifest or index blob refers to, transitively."""
@@ -561,6 +561,13 @@ def _drop_dangling_pointers(store: CollectableStore, stored: set[str], *, dry_ru
         if not dry_run:
             store.delete_object(key)
     return dropped
+
+
+def _reason(exc: BaseException) -> str:
+    """What is wrong with an unreadable entry, as its report says it."""
+    if isinstance(exc, InvalidCacheRecord):
+        return exc.detail
+    return str(exc) or type(exc).__name__
 
 
 def _peek_manifest(raw: bytes) -> ManifestRecord | None:

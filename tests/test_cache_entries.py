@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nixery_core.build import BuildResult, build_image
-from nixery_core.cache import BuildCache
+from nixery_core.cache import BuildCache, LayerRecord, ManifestRecord
+from nixery_core.errors import InvalidCacheRecord, InvalidInput
 from nixery_core.multiarch import MultiArchResult, build_multiarch
 from nixery_core.names import AMD64, ARM64, Image
 from nixery_core.record_schema import record_blob_sizes
@@ -297,3 +298,38 @@ def test_malformed_index_entry_is_a_repaired_miss(
         again = _build_index(store, built_index.fake, cache)
         assert again.from_cache
         assert again.index_digest == built_index.digest
+
+
+_LAYER = {
+    "digest": "sha256:" + "a" * 64,
+    "diff_id": "sha256:" + "b" * 64,
+    "size": 10,
+    "media_type": "application/vnd.oci.image.layer.v1.tar+gzip",
+}
+
+
+@pytest.mark.parametrize(
+    ("record", "data", "named"),
+    [
+        (LayerRecord, {**_LAYER, "size": "10"}, "size"),
+        (LayerRecord, {**_LAYER, "size": -1}, "size"),
+        (LayerRecord, {k: v for k, v in _LAYER.items() if k != "media_type"}, "media_type"),
+        (LayerRecord, {**_LAYER, "digest": "sha256:abc"}, "digest"),
+        (LayerRecord, {**_LAYER, "annotations": {"a": 1}}, "annotations"),
+        (LayerRecord, [], "object"),
+        (ManifestRecord, {"blobs": []}, "body"),
+        (ManifestRecord, {"body": {}, "blobs": [1]}, "blobs"),
+        (ManifestRecord, {"body": {}, "blobs": [], "expires_at": "soon"}, "expires_at"),
+        (ManifestRecord, {"body": {}, "blobs": [], "expires_at": True}, "expires_at"),
+        (ManifestRecord, "body", "object"),
+    ],
+)
+def test_parsing_a_malformed_record_raises_invalid_cache_record(
+    record: type[LayerRecord | ManifestRecord], data: Any, named: str
+) -> None:
+    """A caller parsing a cache entry itself gets InvalidCacheRecord naming what is wrong (an
+    InvalidInput, so a ValueError as the cache's own reads catch it), never a bare TypeError."""
+    with pytest.raises(InvalidCacheRecord, match=named) as raised:
+        record.from_json(data)
+    assert isinstance(raised.value, InvalidInput)
+    assert named in raised.value.detail

@@ -45,7 +45,7 @@ from examples.registry.config import ManifestFormat, RegistryConfig
 from nixery_core import builder as library
 from nixery_core.cache import ManifestRecord
 from nixery_core.digests import sha256_digest
-from nixery_core.errors import InvalidInput
+from nixery_core.errors import InvalidCacheRecord, InvalidInput
 from nixery_core.manifest import DOCKER_MANIFEST, OCI_CONFIG, LayerDescriptor, render_manifest
 from nixery_core.names import Image
 from nixery_core.protocols import BlobInfo, Uploader
@@ -118,7 +118,8 @@ def _name_docker_manifest(store: Uploader, result: BuildResult, data: bytes) -> 
     expires_at = None
     raw = store.get_object(f"manifests/{result.cache_key}")
     if raw is not None:
-        with contextlib.suppress(ValueError, TypeError, KeyError):
+        # Not JSON, or not a manifest record: the Docker entry does not expire.
+        with contextlib.suppress(json.JSONDecodeError, InvalidCacheRecord):
             expires_at = ManifestRecord.from_json(json.loads(raw)).expires_at
     body = {
         "manifest": data.decode(),
