@@ -380,7 +380,7 @@ class _Build:
         kind: Literal["store", "customisation"],
         pack: _PackFn,
         *,
-        stored: Callable[[str], None] | None = None,
+        stored: Callable[[str], object] | None = None,
     ) -> BuiltLayer:
         """Reuse the layer stored under ``key``, or pack and upload it once.
 
@@ -454,7 +454,7 @@ class _Build:
         kind: Literal["store", "customisation"],
         pack: _PackFn,
         *,
-        stored: Callable[[str], None] | None = None,
+        stored: Callable[[str], object] | None = None,
     ) -> BuiltLayer:
         with self.store.open_blob_writer(self.archive.media_type) as writer:
             # A writer that hashes what it is given saves the packer hashing the blob again.

@@ -75,6 +75,7 @@ from nixery_core.protocols import (
     SupportsBlobSizes,
     SupportsDeletion,
     SupportsLeases,
+    SupportsRangeReads,
     SupportsReading,
     Uploader,
 )
@@ -346,9 +347,13 @@ class BuildCache:
     blobs back;
     ``"auto"`` (the default) takes ranges where the store keeps blobs as
     local files (:class:`~nixery_core.protocols.SupportsBlobFiles`, such as
-    :class:`~nixery_core.storage.FilesystemStore`) and copies elsewhere
-    (a remote store would make every reuse a request).  Copies are kept
-    whenever ``fragment_bucket`` is set (the bucket tier uploads them) and
+    :class:`~nixery_core.storage.FilesystemStore`) or reads a blob's byte
+    range in one request (:class:`~nixery_core.protocols.SupportsRangeReads`,
+    such as :class:`~nixery_core.storage.gcs.GcsStore`: there a range is
+    copied into the cache at its first reuse, read ahead with the layer's
+    other ranges), and copies elsewhere.  With ``fragment_bucket`` set on
+    such a store, the bucket tier shares references to the ranges of the
+    layer blobs in the bucket instead of uploading copies.  Copies are kept
     for eStargz and zstd:chunked layers.  See docs/caching.md.
     """
 
@@ -443,27 +448,37 @@ class BuildCache:
         with self._flights_lock:
             tier = self._bucket_tiers.get(id(store))
             if tier is None or tier.store is not store:
-                tier = BucketFragments(local, store, self.fragment_bucket)
+                ranges = local.on_store(store) if self._ranges_on(store) else None
+                tier = BucketFragments(local, store, self.fragment_bucket, ranges=ranges)
                 self._bucket_tiers[id(store)] = tier
             return tier
 
+    def _ranges_on(self, store: object) -> bool:
+        """Whether layers packed into ``store`` may keep their fragments as ranges."""
+        if self.fragment_mode == "copy" or not isinstance(store, SupportsReading):
+            return False
+        return self.fragment_mode == "ranges" or isinstance(
+            store, (SupportsBlobFiles, SupportsRangeReads)
+        )
+
     def fragment_ranges_for(
         self, store: Uploader, archive: ArchiveOptions
-    ) -> StoreFragments | None:
-        """The fragment cache as seen from ``store`` when layers packed into it keep their
-        fragments as byte ranges of their blobs (see ``fragment_mode``); ``None``: copies.
+    ) -> StoreFragments | BucketFragments | None:
+        """Where a layer packed into ``store`` keeps its fragments as byte ranges of its
+        blob (see ``fragment_mode``): the fragment cache as seen from ``store``, or with
+        ``fragment_bucket`` the bucket tier sharing references; ``None``: copies.
         """
         local = self._fragments
-        if local is None or self.fragment_mode == "copy" or self.fragment_bucket is not None:
-            return None
-        if not isinstance(store, SupportsReading):
-            return None
-        if self.fragment_mode == "auto" and not isinstance(store, SupportsBlobFiles):
+        if local is None or not self._ranges_on(store):
             return None
         spec = archive.compressor()
         if spec.chunked or spec.compression == "none":
             return None
-        return local.on_store(store)
+        if self.fragment_bucket is not None:
+            tier = self.fragments_for(store)
+            return tier if isinstance(tier, BucketFragments) and tier.ranges is not None \
+                else None
+        return local.on_store(cast("SupportsReading", store))
 
     def __enter__(self) -> BuildCache:
         return self

@@ -84,6 +84,7 @@ deletion at any moment costs at most a future miss, never a broken layer.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import hashlib
@@ -92,7 +93,7 @@ import logging
 import queue
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal, cast
 
@@ -101,8 +102,22 @@ import attrs
 from nixery_core.chunked import MembersInflater
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput, LayerError, StorageError
-from nixery_core.fragments import CachedFragment, FragmentCache, FragmentWriter
-from nixery_core.protocols import ReadableStore, SupportsRefresh, SupportsWrittenDigest
+from nixery_core.fragment_reads import KeptRange, RangeReads
+from nixery_core.fragments import (
+    CachedFragment,
+    EncodesLayout,
+    FragmentCache,
+    FragmentWriter,
+    LayerRanges,
+    RangeRecord,
+    StoreFragments,
+)
+from nixery_core.protocols import (
+    ReadableStore,
+    SupportsRangeReads,
+    SupportsRefresh,
+    SupportsWrittenDigest,
+)
 from nixery_core.tally import Tally
 
 __all__ = [
@@ -113,6 +128,7 @@ __all__ = [
     "BucketStats",
     "FragmentBucketPolicy",
     "FragmentPointer",
+    "SharedLayer",
     "fragment_object_key",
 ]
 
@@ -130,6 +146,8 @@ FRAGMENT_MEDIA_TYPE = "application/vnd.nixery.fragment.v1"
 #: Fragments smaller than this (compressed bytes) are not uploaded by default.
 DEFAULT_MIN_SIZE = 128 << 10
 _POINTER_VERSION = 1
+#: A pointer that refers to a range of a layer blob (no fragment blob of its own).
+_REFERENCE_VERSION = 2
 _READ_SIZE = 1 << 20
 #: Upload and touch jobs waiting at most; more are dropped (a later pack uploads them).
 _MAX_QUEUED = 4096
@@ -169,33 +187,70 @@ class FragmentBucketPolicy:
 
 @attrs.frozen
 class FragmentPointer:
-    """What ``fragments/<key>`` says about the fragment's blob."""
+    """What ``fragments/<key>`` says about the fragment's blob.
+
+    A *reference* (``offset`` set; version 2) names a layer blob the
+    fragment is ``size`` bytes of, from ``offset``, and may carry the
+    fragment's layout (:mod:`nixery_core.fragment_layout`, encoded); a copy
+    (version 1) names a fragment blob of its own.
+    """
 
     digest: str
     size: int
     uncompressed_size: int
     crc32: int
+    offset: int | None = None
+    layout: bytes | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"version": _POINTER_VERSION, **attrs.asdict(self)}, sort_keys=True
-        ).encode()
+        fields: dict[str, object] = {
+            "version": _POINTER_VERSION, "digest": self.digest, "size": self.size,
+            "uncompressed_size": self.uncompressed_size, "crc32": self.crc32,
+        }
+        if self.offset is not None:
+            fields.update(version=_REFERENCE_VERSION, offset=self.offset)
+            if self.layout is not None:
+                fields["layout"] = base64.b64encode(self.layout).decode("ascii")
+        return json.dumps(fields, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> FragmentPointer:
         """Parse a pointer (ValueError or TypeError when it is not one)."""
         data = json.loads(raw)
-        if not isinstance(data, dict) or data.get("version") != _POINTER_VERSION:
-            raise ValueError("not a version 1 fragment pointer")
+        version = data.get("version") if isinstance(data, dict) else None
+        if version not in (_POINTER_VERSION, _REFERENCE_VERSION):
+            raise ValueError("not a version 1 or 2 fragment pointer")
         digest = data.get("digest")
         if not isinstance(digest, str):
             raise TypeError("digest must be a string")
+        offset = layout = None
+        if version == _REFERENCE_VERSION:
+            offset = _count_field(data, "offset")
+            encoded = data.get("layout")
+            if encoded is not None:
+                if not isinstance(encoded, str):
+                    raise TypeError("layout must be a base64 string")
+                layout = base64.b64decode(encoded, validate=True)
         return cls(
             validate_digest(digest),
             _count_field(data, "size"),
             _count_field(data, "uncompressed_size"),
             _count_field(data, "crc32"),
+            offset,
+            layout,
         )
+
+
+@attrs.frozen
+class _Reference:
+    """A reference to share, its layout maybe still to encode (on the upload thread)."""
+
+    digest: str
+    size: int
+    uncompressed_size: int
+    crc32: int
+    offset: int
+    layout: bytes | EncodesLayout | None
 
 
 def _count_field(data: dict[str, Any], name: str) -> int:
@@ -213,6 +268,9 @@ class BucketStats:
     did not have; ``rejected``: fragments found but refused (bad pointer,
     absent or damaged blob); ``failed``: lookups the store failed;
     ``uploaded``/``upload_failures``: fragments stored, or not, in the bucket.
+    ``referenced``: references found (ranges of layer blobs in the bucket, kept
+    locally as ranges; also counted in ``hits``); ``references_shared``:
+    references this instance wrote.
     """
 
     hits: int = 0
@@ -221,9 +279,16 @@ class BucketStats:
     failed: int = 0
     uploaded: int = 0
     upload_failures: int = 0
+    referenced: int = 0
+    references_shared: int = 0
 
 
-_Counter = Literal["hits", "misses", "rejected", "failed", "uploaded", "upload_failures"]
+_Counter = Literal[
+    "hits", "misses", "rejected", "failed", "uploaded", "upload_failures", "referenced",
+    "references_shared",
+]
+#: Told of each reference a fetch found: its key and range.
+OnReference = Callable[[str, KeptRange], None]
 
 
 def _inflate_errors() -> tuple[type[Exception], ...]:
@@ -255,6 +320,8 @@ class _Check:
     """A fetched fragment checked piece by piece against its pointer."""
 
     pointer: FragmentPointer
+    #: Whether the bytes are a whole blob, hashing to the pointer's digest (not a range).
+    whole: bool = True
     _digest: Any = attrs.field(init=False, factory=hashlib.sha256)
     _crc: int = attrs.field(init=False, default=0)
     _size: int = attrs.field(init=False, default=0)
@@ -280,12 +347,13 @@ class _Check:
             raise _Refused(f"does not decompress ({exc})") from exc
         if self._produced > pointer.uncompressed_size:
             raise _Refused("decompresses to more than recorded")
-        self._digest.update(piece)
+        if self.whole:
+            self._digest.update(piece)
         self._crc = _crc32(piece, self._crc)
 
     def finish(self) -> None:
         pointer = self.pointer
-        if f"sha256:{self._digest.hexdigest()}" != pointer.digest:
+        if self.whole and f"sha256:{self._digest.hexdigest()}" != pointer.digest:
             raise _Refused("does not hash to its digest")
         if (self._size, self._crc) != (pointer.size, pointer.crc32):
             raise _Refused("has another size or CRC-32 than its pointer records")
@@ -322,12 +390,15 @@ class BucketFragments:
     local: FragmentCache
     store: ReadableStore
     policy: FragmentBucketPolicy = attrs.field(factory=FragmentBucketPolicy)
+    #: The local cache seen from ``store`` when layers packed into it keep their fragments
+    #: as ranges of their blobs: references are then shared instead of copies.
+    ranges: StoreFragments | None = None
     _counts: Tally[BucketStats] = attrs.field(init=False, factory=lambda: Tally(BucketStats))
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = attrs.field(init=False, default=None)
     #: Fetches in flight, by key (removed when done).
     _pending: dict[str, Future[None]] = attrs.field(init=False, factory=dict)
-    _jobs: queue.Queue[tuple[str, str] | None] = attrs.field(
+    _jobs: queue.Queue[tuple[str, str, _Reference | None] | None] = attrs.field(
         init=False, factory=lambda: queue.Queue(_MAX_QUEUED)
     )
     _worker: threading.Thread | None = attrs.field(init=False, default=None)
@@ -335,11 +406,13 @@ class BucketFragments:
 
     # --- FragmentSource ------------------------------------------------------
 
-    def prefetch(self, keys: Sequence[str]) -> None:
+    def prefetch(self, keys: Sequence[str], on_reference: OnReference | None = None) -> None:
         """Start fetching every fragment of ``keys`` the local cache lacks; returns at once.
 
         Fetches run ``threads`` at a time, in the order given (the order the
         pack needs them); :meth:`get` waits only for its own key.
+        ``on_reference`` is told of each reference found by the fetches started
+        here, once it is kept locally as a range.
         """
         started = []
         with self._lock:
@@ -353,7 +426,7 @@ class BucketFragments:
                     self._pool = ThreadPoolExecutor(
                         self.policy.threads, thread_name_prefix="nixery-fragment-fetch"
                     )
-                self._pending[key] = future = self._pool.submit(self._fetch, key)
+                self._pending[key] = future = self._pool.submit(self._fetch, key, on_reference)
                 started.append((key, future))
         for key, future in started:
             future.add_done_callback(functools.partial(self._forget, key))
@@ -366,11 +439,24 @@ class BucketFragments:
 
     def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
         """The fragment in the local cache, once a fetch of it in flight (any pack's) is done."""
+        self.wait(key)
+        if self.ranges is not None:  # a reference is kept as a range: read from the store
+            return self.ranges.get(key)
+        return self.local.get(key)
+
+    def wait(self, key: str) -> None:
+        """Return once a fetch of ``key`` in flight (any pack's) is done."""
         with self._lock:
             future = self._pending.get(key)
         if future is not None:
             future.result()
-        return self.local.get(key)
+
+    def layer(self) -> SharedLayer:
+        """A source for packing one layer into the bucket, sharing references (needs
+        :attr:`ranges`): see :class:`SharedLayer`."""
+        if self.ranges is None:
+            raise RuntimeError("a bucket tier without ranges shares copies, not layers")
+        return SharedLayer(self, self.ranges.layer())
 
     def writer(self, key: str) -> FragmentWriter:
         """Record a fragment being packed; once kept locally it is uploaded."""
@@ -416,7 +502,7 @@ class BucketFragments:
     def _count(self, name: _Counter) -> None:
         self._counts.add(name)
 
-    def _fetch(self, key: str) -> None:
+    def _fetch(self, key: str, on_reference: OnReference | None = None) -> None:
         """Look ``key`` up in the bucket; keep the fragment locally if it checks out."""
         name = fragment_object_key(key)
         try:
@@ -433,7 +519,21 @@ class BucketFragments:
         except (ValueError, TypeError, InvalidInput) as exc:
             self._reject(name, f"its pointer is unreadable ({exc})")
             return
+        if pointer.offset is not None and self.ranges is not None:
+            # A range of a layer blob in this bucket: kept as a range, read (and checked
+            # against its size and CRC-32) when the pack needs it.
+            self.local.keep_range(
+                key, pointer.digest, offset=pointer.offset, size=pointer.size,
+                uncompressed_size=pointer.uncompressed_size, crc=pointer.crc32,
+                layout=pointer.layout,
+            )
+            self._count("hits")
+            self._count("referenced")
+            if on_reference is not None:
+                on_reference(key, KeptRange(key, pointer.digest, pointer.offset, pointer.size))
+            return
         writer = self.local.writer(key)
+        writer.layout = pointer.layout
         try:
             problem = self._download(pointer, writer)
         except StorageError as exc:  # BlobNotFound included: collected meanwhile
@@ -449,7 +549,7 @@ class BucketFragments:
             return
         writer.commit(pointer.uncompressed_size)
         self._count("hits")
-        if isinstance(self.store, SupportsRefresh):
+        if pointer.offset is None and isinstance(self.store, SupportsRefresh):
             self._enqueue("touch", pointer.digest)
 
     def _reject(self, name: str, why: str) -> None:
@@ -458,12 +558,17 @@ class BucketFragments:
 
     def _download(self, pointer: FragmentPointer, writer: FragmentWriter) -> str | None:
         """Stream the blob into ``writer``; what is wrong with it, or ``None``."""
-        check = _Check(pointer)
+        check = _Check(pointer, whole=pointer.offset is None)
         try:
-            with self.store.open_blob(pointer.digest) as stream:
-                while piece := stream.read(_READ_SIZE):
-                    check.add(piece)
-                    writer.add(piece)
+            if pointer.offset is not None:  # a range of a layer blob, copied here
+                piece = _read_range(self.store, pointer.digest, pointer.offset, pointer.size)
+                check.add(piece)
+                writer.add(piece)
+            else:
+                with self.store.open_blob(pointer.digest) as stream:
+                    while piece := stream.read(_READ_SIZE):
+                        check.add(piece)
+                        writer.add(piece)
             check.finish()
         except _Refused as refused:
             return str(refused)
@@ -480,7 +585,7 @@ class BucketFragments:
         else:
             self._upload(key)
 
-    def _enqueue(self, job: str, argument: str) -> None:
+    def _enqueue(self, job: str, argument: str, pointer: _Reference | None = None) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -490,7 +595,7 @@ class BucketFragments:
                 )
                 self._worker.start()
         try:
-            self._jobs.put_nowait((job, argument))
+            self._jobs.put_nowait((job, argument, pointer))
         except queue.Full:
             log.info("fragment upload queue full; %s of %s skipped", job, argument)
 
@@ -500,9 +605,11 @@ class BucketFragments:
             try:
                 if job is None:
                     return
-                kind, argument = job
+                kind, argument, pointer = job
                 if kind == "upload":
                     self._upload(argument)
+                elif pointer is not None:
+                    self._share(argument, pointer)
                 else:
                     self._touch(argument)
             finally:
@@ -515,6 +622,32 @@ class BucketFragments:
                 self.store.touch_blob(digest)
             except StorageError as exc:
                 log.warning("could not refresh fragment blob %s (%s)", digest, exc)
+
+    def _shared(self, digest: str, record: RangeRecord) -> None:
+        """A fragment packed here is a range of the layer blob ``digest``, now in the bucket:
+        share a reference to it (worth it from ``min_size`` bytes, as a copy)."""
+        key, offset, size, uncompressed, crc, layout = record
+        if size < self.policy.min_size:
+            return
+        pointer = _Reference(digest, size, uncompressed, crc, offset, layout)
+        if self.policy.background:
+            self._enqueue("reference", key, pointer)
+        else:
+            self._share(key, pointer)
+
+    def _share(self, key: str, reference: _Reference) -> None:
+        layout = reference.layout
+        encoded = layout.encode() if layout is not None and not isinstance(layout, bytes) \
+            else layout
+        pointer = FragmentPointer(reference.digest, reference.size, reference.uncompressed_size,
+                                  reference.crc32, reference.offset, encoded)
+        try:
+            self.store.put_object(fragment_object_key(key), pointer.to_json())
+        except StorageError as exc:
+            log.warning("fragment reference %s not shared (%s)", key, exc)
+            self._count("upload_failures")
+            return
+        self._count("references_shared")
 
     def _upload(self, key: str) -> None:
         """Store the locally kept fragment ``key`` in the bucket: blob, then pointer."""
@@ -543,3 +676,59 @@ class BucketFragments:
                 written() if written is not None else f"sha256:{digest.hexdigest()}"
             )
         return FragmentPointer(info.digest, found.size, found.uncompressed_size, found.crc32)
+
+
+def _read_range(store: ReadableStore, digest: str, offset: int, size: int) -> bytes:
+    """``size`` bytes of a stored blob from ``offset`` (fewer when it ends first)."""
+    if isinstance(store, SupportsRangeReads):
+        return store.read_range(digest, offset, size)
+    with store.open_blob(digest) as stream:
+        stream.seek(offset)
+        return stream.read(size)
+
+
+@attrs.define
+class SharedLayer:
+    """One layer packed into the bucket with the bucket tier on, sharing references.
+
+    A :class:`~nixery_core.fragments.FragmentSource` with ``stored``, as
+    :class:`~nixery_core.fragments.LayerRanges`: its new fragments are kept
+    locally as ranges of its blob (no copy written), and once the blob is
+    stored each one of at least ``min_size`` bytes is shared as a reference
+    ``fragments/<key>`` (version 2: the layer blob's digest, the offset, size,
+    CRC-32 and layout; no fragment blob uploaded).  Lookups find local
+    fragments first, then the bucket's pointers (fetched ahead); a reference
+    found is kept as a local range and read ahead with this layer's other
+    ranges (:class:`~nixery_core.fragment_reads.RangeReads`).
+    """
+
+    _tier: BucketFragments
+    _layer: LayerRanges
+    _positions: dict[str, int] = attrs.field(init=False, factory=dict)
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        self._positions = {key: index for index, key in enumerate(keys)}
+        self._layer.prefetch(keys)  # plans the ranges kept locally now
+        self._tier.prefetch(keys, self._found)
+
+    def _found(self, key: str, kept: KeptRange) -> None:
+        """A reference fetched for this layer: read it ahead with the others."""
+        reads = self._layer.reads
+        if reads is None:
+            store = self._layer.source.store
+            if not isinstance(store, SupportsRangeReads):
+                return  # read when needed, as any range on this store
+            reads = self._layer.reads = RangeReads(store, ())
+        reads.add(kept, self._positions.get(key, len(self._positions)))
+
+    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
+        self._tier.wait(key)
+        return self._layer.get(key)
+
+    def writer(self, key: str) -> FragmentWriter:
+        return self._layer.writer(key)
+
+    def stored(self, digest: str) -> None:
+        """The layer's blob is committed: keep its fragments as ranges, share references."""
+        for record in self._layer.stored(digest):
+            self._tier._shared(digest, record)

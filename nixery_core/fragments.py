@@ -131,7 +131,13 @@ from typing import BinaryIO, Protocol, cast
 import attrs
 
 from nixery_core.errors import LayerError, NixeryError, StorageError, StorageUnavailable
-from nixery_core.protocols import JSONValue, SupportsBlobFiles, SupportsReading
+from nixery_core.fragment_reads import KeptRange, RangeReads
+from nixery_core.protocols import (
+    JSONValue,
+    SupportsBlobFiles,
+    SupportsRangeReads,
+    SupportsReading,
+)
 
 __all__ = [
     "DEFAULT_FRAGMENT_LIMIT",
@@ -141,6 +147,7 @@ __all__ = [
     "FragmentSource",
     "FragmentWriter",
     "LayerRanges",
+    "RangeRecord",
     "RangeWriter",
     "StoreFragments",
     "fragment_key",
@@ -784,6 +791,27 @@ class FragmentCache:
             return False
         return row is not None
 
+    def kept_ranges(self, keys: Sequence[str]) -> list[KeptRange]:
+        """The fragments of ``keys`` kept as ranges of layer blobs, in the order of ``keys``
+        (one query per :data:`_KEYS_PER_QUERY` keys; ``[]`` when the index fails)."""
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, KeptRange] = {}
+        try:
+            with self._index() as con:
+                for start in range(0, len(wanted), _KEYS_PER_QUERY):
+                    chunk = wanted[start : start + _KEYS_PER_QUERY]
+                    marks = ",".join("?" * len(chunk))
+                    for key, blob, offset, size in con.execute(
+                        "SELECT key, blob, offset, size FROM fragments"  # noqa: S608 - only placeholders are interpolated
+                        f" WHERE blob IS NOT NULL AND key IN ({marks})", chunk
+                    ):
+                        if isinstance(offset, int) and isinstance(size, int):
+                            found[key] = KeptRange(key, blob, offset, size)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("fragment cache read failed (%s); ranges read one by one", exc)
+            return []
+        return [found[key] for key in wanted if key in found]
+
     def keys(self) -> list[str]:
         """The keys of the fragments kept (written so far), sorted."""
         with self._translated("list"), self._index() as con:
@@ -856,7 +884,8 @@ class FragmentCache:
 
     @contextlib.contextmanager
     def _get(
-        self, key: str, blobs: SupportsReading | None, *, copy: bool = False
+        self, key: str, blobs: SupportsReading | None, *, copy: bool = False,
+        reads: RangeReads | None = None,
     ) -> Iterator[CachedFragment | None]:
         with self._count_lock:
             absent = key in self._absent
@@ -866,7 +895,7 @@ class FragmentCache:
         if absent:
             yield None
             return
-        found = self._lookup(key, blobs, copy=copy)
+        found = self._lookup(key, blobs, copy=copy, reads=reads)
         batch = False
         with self._count_lock:
             if found is None:
@@ -886,13 +915,15 @@ class FragmentCache:
             found.stream.close()
 
     def _lookup(
-        self, key: str, blobs: SupportsReading | None, *, copy: bool = False
+        self, key: str, blobs: SupportsReading | None, *, copy: bool = False,
+        reads: RangeReads | None = None,
     ) -> CachedFragment | None:
         """The fragment under ``key``, its bytes checked (``None``: a miss).
 
         With ``copy``, a range is copied into the cache as it is checked (the
         copy kept once its bytes match) and the fragment returned reads the
-        copy: the range is read from its store once.
+        copy: the range is read from its store once.  ``reads``: the ranges
+        read ahead for the layer being packed.
         """
         self._settle(key)
         try:
@@ -910,7 +941,8 @@ class FragmentCache:
         file, data, expected, uncompressed, crc, layout, blob, offset = row
         try:
             # Closed by the caller (through peek/get).
-            stream = self._open(file, data, (blob, offset, expected), blobs)
+            stream = self._open(key, file, data, (blob, offset, expected), blobs=blobs,
+                                reads=reads)
         except (OSError, NixeryError) as exc:
             self._unreadable(key, file, blob, exc)
             return None
@@ -938,17 +970,23 @@ class FragmentCache:
 
     def _open(
         self,
+        key: str,
         file: str | None,
         data: bytes | None,
         blob_range: tuple[str | None, int, int],
+        *,
         blobs: SupportsReading | None,
+        reads: RangeReads | None = None,
     ) -> BinaryIO:
-        """A stream of a kept fragment: a range of a stored blob, its row's bytes or its file."""
+        """A stream of a kept fragment: a range of a stored blob (read ahead by ``reads``
+        when planned there), its row's bytes or its file."""
         blob, offset, size = blob_range
         if blob is not None and blobs is not None:
             # Only a row damaged outside this module has another range: dropped as a miss.
             if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int)):
                 raise LayerError(f"its index row is damaged (offset {offset!r}, size {size!r})")
+            if reads is not None and key in reads:
+                return io.BytesIO(reads.take(key, blob, offset, size))
             return _open_range(blobs, blob, offset, size)
         if file is None:
             return io.BytesIO(data or b"")
@@ -977,6 +1015,15 @@ class FragmentCache:
             )
         if file is not None:
             self._unlink(file)
+
+    def keep_range(
+        self, key: str, blob: str, *, offset: int, size: int, uncompressed_size: int,
+        crc: int, layout: bytes | EncodesLayout | None = None,
+    ) -> None:
+        """Keep a fragment as ``size`` bytes of the stored blob ``blob`` from ``offset``
+        (queued like a copy; its bytes are read and checked when it is reused)."""
+        self._submit(key, _Pending(None, None, size, uncompressed_size, crc, layout, memory=0,
+                                   blob=blob, offset=offset))
 
     def put(self, key: str, pieces: Sequence[bytes], uncompressed_size: int) -> None:
         """Keep a fragment of ``pieces`` (its compressed bytes, in order); written on return."""
@@ -1330,7 +1377,10 @@ def _read_checking(
 
 
 def _open_range(blobs: SupportsReading, digest: str, offset: int, size: int) -> BinaryIO:
-    """The range of a stored blob a fragment was kept as (a short blob reads short)."""
+    """The range of a stored blob a fragment was kept as (a short blob reads short): one
+    ranged request on a remote store (:class:`~nixery_core.protocols.SupportsRangeReads`)."""
+    if isinstance(blobs, SupportsRangeReads) and not isinstance(blobs, SupportsBlobFiles):
+        return io.BytesIO(blobs.read_range(digest, offset, size))
     blob = blobs.open_blob(digest)
     return cast("BinaryIO", _BlobRange(blob, offset, size))
 
@@ -1362,12 +1412,25 @@ class StoreFragments:
     def prefetch(self, keys: Sequence[str]) -> None:
         self.cache.prefetch(keys)
 
+    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
+        return self._get(key, None)
+
     @contextlib.contextmanager
-    def get(self, key: str) -> Iterator[CachedFragment | None]:
+    def _get(self, key: str, reads: RangeReads | None) -> Iterator[CachedFragment | None]:
         """The fragment under ``key``; a range, with :attr:`copy_on_reuse`, copied into the
         cache as it is checked (read from the store once, later reuses read the copy)."""
-        with self.cache._get(key, self.store, copy=self.copy_on_reuse) as found:
+        with self.cache._get(key, self.store, copy=self.copy_on_reuse, reads=reads) as found:
             yield found
+
+    def plan(self, keys: Sequence[str]) -> RangeReads | None:
+        """The ranges of ``keys`` kept here, read ahead from a remote store
+        (:mod:`nixery_core.fragment_reads`); ``None`` on a store with local blob files or
+        without ranged reads, or when none of ``keys`` is a range."""
+        store = self.store
+        if not isinstance(store, SupportsRangeReads) or isinstance(store, SupportsBlobFiles):
+            return None
+        ranges = self.cache.kept_ranges(keys)
+        return RangeReads(store, ranges) if ranges else None
 
     def writer(self, key: str) -> FragmentWriter:
         """A copy, as :meth:`FragmentCache.writer` (no layer blob to refer to)."""
@@ -1389,30 +1452,59 @@ class LayerRanges:
 
     _source: StoreFragments
     _recorded: list[_RangeRecord] = attrs.field(init=False, factory=list)
+    #: The ranges this layer reuses, read ahead (a remote store), once prefetched.
+    _reads: RangeReads | None = attrs.field(init=False, default=None)
 
     def prefetch(self, keys: Sequence[str]) -> None:
         self._source.prefetch(keys)
+        if self._reads is not None:
+            self._reads.close()
+        self._reads = self._source.plan(keys)
 
     def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
-        return self._source.get(key)
+        return self._source._get(key, self._reads)
 
     def writer(self, key: str) -> FragmentWriter:
         return RangeWriter(self._source.cache, key, layer=self)
 
-    def stored(self, digest: str) -> None:
-        """The layer's blob is committed as ``digest``: keep its fragments as ranges of it."""
+    @property
+    def source(self) -> StoreFragments:
+        """The cache and store this layer's ranges are kept in and read from."""
+        return self._source
+
+    @property
+    def reads(self) -> RangeReads | None:
+        """The ranges this layer reuses, read ahead (``None``: each read when needed)."""
+        return self._reads
+
+    @reads.setter
+    def reads(self, reads: RangeReads | None) -> None:
+        self._reads = reads
+
+    def stored(self, digest: str) -> list[RangeRecord]:
+        """The layer's blob is committed as ``digest``: keep its fragments as ranges of it.
+
+        Returns what was kept (``[]`` when the cache failed: a warning, never
+        a failed layer).
+        """
         recorded, self._recorded = self._recorded, []
+        if self._reads is not None:
+            self._reads.close()
         try:
             for key, offset, size, uncompressed, crc, layout in recorded:
-                item = _Pending(None, None, size, uncompressed, crc, layout, memory=0,
-                                blob=digest, offset=offset)
-                self._source.cache._submit(key, item)
+                self._source.cache.keep_range(
+                    key, digest, offset=offset, size=size, uncompressed_size=uncompressed,
+                    crc=crc, layout=layout,
+                )
         except Exception as exc:  # noqa: BLE001 - the cache only saves work: never fail the layer
             log.warning("fragments of %s not kept (%s)", digest, exc)
+            return []
+        return recorded
 
 
 #: A fragment recorded as a range: key, offset, size, uncompressed size, CRC-32, layout.
-_RangeRecord = tuple[str, int, int, int, int, "bytes | EncodesLayout | None"]
+RangeRecord = tuple[str, int, int, int, int, "bytes | EncodesLayout | None"]
+_RangeRecord = RangeRecord
 
 
 @attrs.define

@@ -35,6 +35,7 @@ __all__ = [
     "SupportsLeases",
     "SupportsListing",
     "SupportsPriorLayers",
+    "SupportsRangeReads",
     "SupportsReading",
     "SupportsRefresh",
     "SupportsStagingCleanup",
@@ -203,6 +204,24 @@ class SupportsBlobFiles(Protocol):
     """
 
     def blob_path(self, digest: str) -> Path: ...
+
+
+@runtime_checkable
+class SupportsRangeReads(Protocol):
+    """Reads a byte range of a stored blob in one request (a remote store's ranged GET).
+
+    It promises: :meth:`read_range` returns the blob's bytes from ``offset``,
+    ``length`` of them, or fewer when the blob ends first (none past its
+    end); an absent blob raises :class:`~nixery_core.errors.BlobNotFound`; a
+    store that does not answer raises
+    :class:`~nixery_core.errors.StorageUnavailable`; a malformed digest, or
+    an ``offset`` or ``length`` that is not an int >= 0, raises before any
+    IO.  It is safe to call from several threads at once.  A fragment cache
+    reads the fragments it keeps as ranges of layer blobs with it
+    (:mod:`nixery_core.fragment_reads`).
+    """
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes: ...
 
 
 @runtime_checkable

@@ -365,20 +365,24 @@ def _build(cache: BuildCache, runner: FakeNix, bucket: GcsStore, budget: int) ->
                        layer_budget=budget)
 
 
+@pytest.mark.parametrize("mode", ["copy", "auto"])
 def test_two_instances_on_fake_gcs_share_fragments(
-    fake_gcs: FakeGcsServer, tmp_path: Path
+    fake_gcs: FakeGcsServer, tmp_path: Path, mode: str
 ) -> None:
     """On a real GCS API, a second instance asked for another grouping of the same paths
     compresses nothing, gets layers byte-identical to fresh packing, refuses and repairs a
-    damaged fragment, and leaves no staging object."""
+    damaged fragment, and leaves no staging object: sharing copies ("copy") or references
+    to ranges of the layer blobs in the bucket ("auto": no fragment blob uploaded)."""
     runner = FakeNix(tmp_path / "root", default_fake_packages())
     bucket_name = f"t-{uuid.uuid4().hex[:16]}"
     raw_bucket = fake_gcs.make_bucket(bucket_name)
     bucket = GcsStore(raw_bucket)  # for looking at and damaging the bucket
+    references = mode == "auto"
 
     def host(name: str) -> BuildCache:
         # No shared layer or manifest entries: every layer is assembled, from fragments.
-        return BuildCache(tmp_path / name, shared=False, fragment_bucket=EVERY)
+        return BuildCache(tmp_path / name, shared=False, fragment_bucket=EVERY,
+                          fragment_mode=mode)  # type: ignore[arg-type]  # a str from the parameters
 
     def client() -> GcsStore:
         """A host's own connection to the bucket."""
@@ -389,6 +393,10 @@ def test_two_instances_on_fake_gcs_share_fragments(
         assert first.fragments is not None
         packed = first.fragments.misses
     assert packed > 0
+    fragment_blobs = [info for info in bucket.list_blobs()
+                      if info.media_type == FRAGMENT_MEDIA_TYPE]
+    assert len(fragment_blobs) == (0 if references else packed)
+    assert len(list(bucket.list_objects(FRAGMENT_PREFIX))) == packed
     with host("b") as second:
         store_b = client()
         regrouped = _build(second, runner, store_b, budget=3)
@@ -397,6 +405,7 @@ def test_two_instances_on_fake_gcs_share_fragments(
         tier = second.fragments_for(store_b)
         assert isinstance(tier, BucketFragments)
         assert (tier.stats.hits, tier.stats.uploaded) == (packed, 0)
+        assert tier.stats.referenced == (packed if references else 0)
     with BuildCache(tmp_path / "fresh", fragment_limit=0) as fresh:
         reference = _build(fresh, runner, GcsStore(fake_gcs.make_bucket(bucket_name + "-x")), 3)
     assert regrouped.manifest_digest == reference.manifest_digest
@@ -404,18 +413,27 @@ def test_two_instances_on_fake_gcs_share_fragments(
         layer.digest for layer in reference.layers
     ]
 
-    # Damage one fragment blob behind the store's back.
+    # Damage one fragment blob (a copy, or the layer blob a reference names) behind the
+    # store's back, keeping its length: every fragment in it fails its check.
     key = sorted(bucket.list_objects(FRAGMENT_PREFIX))[0]
     digest = FragmentPointer.from_json(bucket.get_object(key) or b"").digest
-    raw_bucket.blob(bucket.blob_object_name(digest)).upload_from_string(b"\x1f\x8bnot a member")
+    damaged_blob = raw_bucket.blob(bucket.blob_object_name(digest))
+    size = len(damaged_blob.download_as_bytes())
+    damaged_blob.upload_from_string(b"\x1f\x8b" + b"\0" * (size - 2))
+    in_damaged = sum(
+        FragmentPointer.from_json(bucket.get_object(name) or b"").digest == digest
+        for name in bucket.list_objects(FRAGMENT_PREFIX)
+    )
     with host("c") as third:
         store_c = client()
         again = _build(third, runner, store_c, budget=5)
         tier = third.fragments_for(store_c)
         assert isinstance(tier, BucketFragments)
-        assert tier.stats.rejected == 1
         assert third.fragments is not None
-        assert third.fragments.misses == 1  # the damaged one, packed again
+        # A copy is refused when fetched; a reference when its range is read (its CRC-32).
+        assert tier.stats.rejected == (0 if references else 1)
+        assert third.fragments.misses == in_damaged  # packed again, and shared again
+        assert tier.stats.uploaded + tier.stats.references_shared == in_damaged
     with host("d") as fourth:
         store_d = client()
         assert _build(fourth, runner, store_d, budget=5).manifest_digest == again.manifest_digest
@@ -437,8 +455,9 @@ def test_two_instances_on_fake_gcs_share_fragments(
 def test_command_line_shares_fragments_and_gc_ages_them(
     tmp_path: Path, nix: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`build --share-fragments` leaves fragments in the store; `gc --fragment-grace 0`
-    removes them and their pointers while every layer stays."""
+    """`build --share-fragments` leaves references to ranges of its layer blobs in the store
+    (no fragment blob); `gc --fragment-grace 0` keeps them while their layer is stored and
+    drops those whose layer blob is gone."""
     store = tmp_path / "store"
     build = ["build", "shell/hello", "--pkgs-path", str(OFFLINE_SET), "--offline",
              "--store", str(store), "--cache", str(tmp_path / "cache")]
@@ -446,13 +465,19 @@ def test_command_line_shares_fragments_and_gc_ages_them(
     bucket = FilesystemStore(store)
     shared = pointers(bucket)
     assert shared  # glibc and friends are over the 128 KiB threshold
-    fragment_blobs = {
-        info.digest for info in bucket.list_blobs() if info.media_type == FRAGMENT_MEDIA_TYPE
-    }
-    assert len(fragment_blobs) == len(shared)
-    layers = {info.digest for info in bucket.list_blobs()} - fragment_blobs
+    assert not [info for info in bucket.list_blobs() if info.media_type == FRAGMENT_MEDIA_TYPE]
+    named = {FragmentPointer.from_json(bucket.get_object(key) or b"").digest for key in shared}
+    layers = {info.digest for info in bucket.list_blobs()}
+    assert named <= layers
     capsys.readouterr()
     assert main(["gc", "--store", str(store), "--fragment-grace", "0"]) == 0
-    assert f"dropped {len(shared)} fragment pointers" in capsys.readouterr().out
-    assert pointers(bucket) == []
-    assert {info.digest for info in bucket.list_blobs()} == layers
+    assert "fragment pointers" not in capsys.readouterr().out
+    assert pointers(bucket) == shared
+    gone = sorted(named)[0]
+    bucket.delete_blob(gone)
+    dangling = sum(
+        FragmentPointer.from_json(bucket.get_object(key) or b"").digest == gone for key in shared
+    )
+    assert main(["gc", "--store", str(store), "--fragment-grace", "0"]) == 0
+    assert f"dropped {dangling} fragment pointers" in capsys.readouterr().out
+    assert len(pointers(bucket)) == len(shared) - dangling

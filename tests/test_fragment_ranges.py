@@ -16,7 +16,7 @@ from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import LayerError, StorageError, StorageUnavailable
-from nixery_core.fragment_bucket import FragmentBucketPolicy
+from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
 from nixery_core.fragments import FragmentCache, FragmentSource, StoreFragments
 from nixery_core.names import Image
 from nixery_core.storage.filesystem import FilesystemBlobWriter, FilesystemStore
@@ -262,16 +262,36 @@ def test_a_build_regrouped_from_ranges_or_copies_gives_the_same_image(
     assert regrouped.manifest_digest == plain
 
 
-def test_auto_keeps_copies_on_a_store_without_blob_files(tmp_path: Path) -> None:
-    """On a store that keeps no local blob files (here in memory), auto writes copies."""
-    _, cache = _build(tmp_path, "cache", "auto", MemoryStore())
+class _NoRangeReads:
+    """A store in memory that reads only whole blobs back (no ranged reads, no blob files)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> object:
+        if name == "read_range":
+            raise AttributeError(name)
+        return getattr(self._store, name)
+
+
+@pytest.mark.parametrize(("store", "ranges"), [("ranged", True), ("whole", False)])
+def test_auto_takes_ranges_where_the_store_reads_ranges_and_copies_elsewhere(
+    tmp_path: Path, store: str, ranges: bool
+) -> None:
+    """On a store without local blob files, auto keeps ranges where it reads a byte range in
+    one request (in memory here, like a bucket) and writes copies where it reads only whole
+    blobs."""
+    memory = MemoryStore()
+    uploader = memory if store == "ranged" else _NoRangeReads(memory)
+    _, cache = _build(tmp_path, "cache", "auto", uploader)
     with cache:
         fragments = cache.fragments
         assert fragments is not None
         fragments.flush()
         rows = _rows(fragments.directory)
         assert rows
-        assert all(blob is None for _, _, blob in rows)
+        assert all((blob is not None) == ranges for _, _, blob in rows)
+        assert not ranges or all(file is None for _, file, _ in rows)
 
 
 def test_an_unknown_fragment_mode_is_refused(tmp_path: Path) -> None:
@@ -310,22 +330,32 @@ def test_ranges_count_against_the_size_limit_and_are_evicted_by_use(
         assert 0 < len(kept) < len(PATHS)
 
 
-def test_copies_are_kept_for_chunked_layers_and_with_the_bucket_tier(tmp_path: Path) -> None:
-    """Ranges are offered for gzip and zstd layers on a filesystem store only: eStargz and
-    zstd:chunked layers, a bucket tier, "copy" mode and a store without blob files keep copies."""
+def test_copies_are_kept_for_chunked_layers_and_stores_reading_whole_blobs(
+    tmp_path: Path,
+) -> None:
+    """Ranges are offered for gzip and zstd layers on stores with blob files or ranged reads
+    (through the bucket tier when it is on); eStargz and zstd:chunked layers, "copy" mode and
+    a store reading only whole blobs keep copies (the tier then uploads copies)."""
     blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    whole = _NoRangeReads(MemoryStore())
     with BuildCache(tmp_path / "auto") as auto:
         assert auto.fragment_ranges_for(blobs, ArchiveOptions()) is not None
         assert auto.fragment_ranges_for(blobs, ArchiveOptions(compression="zstd")) is not None
         for chunked in ("estargz", "zstd-chunked"):
             assert auto.fragment_ranges_for(blobs, ArchiveOptions(compression=chunked)) is None
-        assert auto.fragment_ranges_for(MemoryStore(), ArchiveOptions()) is None
+        assert isinstance(auto.fragment_ranges_for(MemoryStore(), ArchiveOptions()),
+                          StoreFragments)
+        assert auto.fragment_ranges_for(whole, ArchiveOptions()) is None  # type: ignore[arg-type]  # a store by delegation
     with BuildCache(tmp_path / "ranges", fragment_mode="ranges") as ranges:
-        assert ranges.fragment_ranges_for(MemoryStore(), ArchiveOptions()) is not None
+        assert ranges.fragment_ranges_for(whole, ArchiveOptions()) is not None  # type: ignore[arg-type]  # as above
     with BuildCache(tmp_path / "copy", fragment_mode="copy") as copy:
         assert copy.fragment_ranges_for(blobs, ArchiveOptions()) is None
     with BuildCache(tmp_path / "bucket", fragment_bucket=FragmentBucketPolicy()) as bucket:
-        assert bucket.fragment_ranges_for(blobs, ArchiveOptions()) is None
+        tier = bucket.fragment_ranges_for(blobs, ArchiveOptions())
+        assert isinstance(tier, BucketFragments)
+        assert tier.ranges is not None
+        assert bucket.fragment_ranges_for(whole, ArchiveOptions()) is None  # type: ignore[arg-type]  # as above
+        assert bucket.fragment_ranges_for(blobs, ArchiveOptions(compression="estargz")) is None
 
 
 def test_on_a_store_without_blob_files_a_range_is_copied_at_its_first_reuse(

@@ -52,7 +52,8 @@ class MemoryStore:
     - ``blob_writes``: commits that stored a new blob;
     - ``blob_commits``: successful commits, including no-op re-commits;
     - ``object_writes``: successful :meth:`put_object` calls;
-    - ``has_blob_calls``: :meth:`has_blob` calls.
+    - ``has_blob_calls``: :meth:`has_blob` calls;
+    - ``range_reads``: :meth:`read_range` calls (ranged GETs on a remote store).
 
     ``clock`` (wall-clock seconds) stamps each blob's write time and each
     upload's start, for :meth:`blob_written_at` and :meth:`clean_staging`:
@@ -65,6 +66,7 @@ class MemoryStore:
     blob_commits: int = attrs.field(default=0, init=False)
     object_writes: int = attrs.field(default=0, init=False)
     has_blob_calls: int = attrs.field(default=0, init=False)
+    range_reads: int = attrs.field(default=0, init=False)
     _blobs: dict[str, tuple[bytes, str]] = attrs.field(factory=dict, init=False)
     _objects: dict[str, bytes] = attrs.field(factory=dict, init=False)
     _leases: dict[str, tuple[bytes, str]] = attrs.field(factory=dict, init=False)
@@ -110,6 +112,7 @@ class MemoryStore:
         """Zero every counter (stored content is kept)."""
         with self._lock:
             self.blob_writes = self.blob_commits = self.object_writes = self.has_blob_calls = 0
+            self.range_reads = 0
 
     # --- writer support ------------------------------------------------------
 
@@ -168,6 +171,16 @@ class MemoryStore:
 
     def open_blob(self, digest: str) -> BinaryIO:
         return io.BytesIO(self.read_blob(digest))
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer at its end), counted in ``range_reads``."""
+        for name, value in (("offset", offset), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInput(f"a range's {name} must be an int >= 0, not {value!r}")
+        data = self.read_blob(digest)
+        with self._lock:
+            self.range_reads += 1
+        return data[offset : offset + length]
 
     def read_blob(self, digest: str) -> bytes:
         digest_hex(digest)

@@ -1,0 +1,260 @@
+"""Fragments on a bucket store: a cold pack's cost, and a regroup from bucket ranges.
+
+Issue 18, "a cold pack no slower than today", on a store without local blob
+files.  Builds the corpus of :mod:`benchmarks.bench_pack`, starts
+fake-gcs-server (the real GCS JSON API on loopback, reached by the real
+google-cloud-storage client) and measures, interleaved, best and median of
+``--repeats``:
+
+**Cold pack** of the whole corpus as one layer into the bucket
+(:class:`~nixery_core.storage.gcs.GcsStore`'s blob writer), with an empty
+fragment cache each run:
+
+* ``none``: no fragment cache (the baseline);
+* ``copies``: each fragment copied into the local cache (``fragment_mode
+  ="copy"``; what ``auto`` did on GCS before);
+* ``ranges``: each fragment recorded as a range of the layer blob in the
+  bucket (``"ranges"``, what ``auto`` does now): no fragment bytes written.
+
+**Regroup**: the corpus packed once (untimed) as four round-robin layers,
+then assembled as four contiguous layers (another grouping of the same
+paths, four threads, into a hashing sink), every fragment reused:
+
+* ``copies``: from local copies (the baseline);
+* ``bucket ranges``: each range read from the bucket every time (read
+  ahead: neighbouring ranges of one blob in one request, blobs concurrently;
+  :mod:`nixery_core.fragment_reads`);
+* ``copy at 1st reuse``: the same ranges, copied into the local cache as
+  they are first reused (``StoreFragments.copy_on_reuse``), timed at that
+  first reuse; ``... later`` is the next regroup, from those copies.
+
+Printed: wall seconds, CPU seconds of this process (every thread) and of
+fake-gcs-server (``/proc/<pid>/stat``), and each ratio against the row's
+baseline run in the same script.  Every regroup's layer digests must equal
+the copies' (checked).
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.bench_gcs_fragments --quick     # 60 MB
+    .venv/bin/python -m benchmarks.bench_gcs_fragments             # 300 MB
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from servers import FakeGcsServer  # noqa: E402 - tests/ is put on the path just above
+
+from benchmarks.bench_pack import (  # noqa: E402 - as above
+    _HashingSink,
+    build_corpus,
+    closure_main,
+    warm,
+)
+from nixery_core.archive import ArchiveOptions, pack_store_paths  # noqa: E402 - as above
+from nixery_core.fragments import (  # noqa: E402 - as above
+    FragmentCache,
+    FragmentSource,
+    StoreFragments,
+)
+from nixery_core.storage.gcs import GcsStore  # noqa: E402 - as above
+
+OPTIONS = ArchiveOptions()
+
+
+@attrs.frozen
+class Run:
+    wall: float
+    cpu: float
+    server_cpu: float
+    digests: tuple[str, ...] = ()
+
+
+from benchmarks.bench_fragment_bucket import _cpu_of as _server_cpu  # noqa: E402
+from benchmarks.bench_fragment_bucket import _server_pid  # noqa: E402
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(server_pid: int, work: Callable[[], tuple[str, ...]]) -> Run:
+    cpu, server, start = _cpu(), _server_cpu(server_pid), time.perf_counter()
+    digests = work()
+    wall = time.perf_counter() - start
+    return Run(wall, _cpu() - cpu, _server_cpu(server_pid) - server, digests)
+
+
+def _pack_into(store: GcsStore, root: Path, paths: Sequence[str],
+               cache: FragmentCache | None, mode: str) -> str:
+    """One layer into the bucket, fragments kept as ``mode`` says; its digest."""
+    layer = cache.on_store(store).layer() if cache is not None and mode == "ranges" else None
+    source: FragmentSource | None = layer if layer is not None else cache
+    with store.open_blob_writer(OPTIONS.media_type) as writer:
+        packed = pack_store_paths(paths, writer.write, OPTIONS, store_root=root,
+                                  fragments=source, blob_digest=writer.written_digest)
+        writer.commit(packed.digest)
+    if layer is not None:
+        layer.stored(packed.digest)
+    return packed.digest
+
+
+def _regroup(root: Path, groups: Sequence[Sequence[str]],
+             source: Callable[[], FragmentSource]) -> tuple[str, ...]:
+    """Each group as one layer into a hashing sink, in threads; the digests."""
+    def one(paths: Sequence[str]) -> str:
+        sink = _HashingSink()
+        return pack_store_paths(paths, sink.write, OPTIONS, store_root=root,
+                                fragments=source(), blob_digest=sink.written_digest).digest
+
+    with ThreadPoolExecutor(len(groups)) as pool:
+        return tuple(pool.map(one, groups))
+
+
+def cold(server: FakeGcsServer, pid: int, root: Path, paths: list[str], *, repeats: int,
+         work: Path) -> dict[str, list[Run]]:
+    runs: dict[str, list[Run]] = {"none": [], "copies": [], "ranges": []}
+    for index in range(repeats):
+        for name, done in runs.items():
+            store = GcsStore(server.make_bucket(f"cold-{name}-{index}-{os.getpid()}"))
+            cache = None if name == "none" else FragmentCache(work / f"cold-{name}-{index}")
+            warm(root, paths)
+
+            def work_once(store: GcsStore = store, cache: FragmentCache | None = cache,
+                          name: str = name) -> tuple[str, ...]:
+                digest = _pack_into(store, root, paths, cache, name)
+                if cache is not None:
+                    cache.close()  # what is still queued is written within the run
+                return (digest,)
+
+            run = _timed(pid, work_once)
+            done.append(run)
+            print(f"  cold {name:7} wall {run.wall:.3f} s  cpu {run.cpu:.3f} s"
+                  f"  server cpu {run.server_cpu:.3f} s", flush=True)
+    return runs
+
+
+def regroup(server: FakeGcsServer, pid: int, root: Path, paths: list[str], *, repeats: int,
+            work: Path) -> dict[str, list[Run]]:
+    groups = [list(paths[i::4]) for i in range(4)]
+    size = -(-len(paths) // 4)
+    regroups = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+    store = GcsStore(server.make_bucket(f"warm-{os.getpid()}"))
+    ranges_dir, copies_dir = work / "warm-ranges", work / "warm-copies"
+    with FragmentCache(ranges_dir) as cache:
+        for group in groups:
+            _pack_into(store, root, group, cache, "ranges")
+    with FragmentCache(copies_dir) as cache:
+        for group in groups:
+            _pack_into(store, root, group, cache, "copy")
+    runs: dict[str, list[Run]] = {
+        "copies": [], "bucket ranges": [], "copy at 1st reuse": [], "... later": []
+    }
+    for index in range(repeats):
+        for name in ("copies", "bucket ranges", "copy at 1st reuse"):
+            directory = work / f"regroup-{index}-{name.replace(' ', '-')}"
+            shutil.copytree(copies_dir if name == "copies" else ranges_dir, directory)
+            cache = FragmentCache(directory)
+            view = cache.on_store(store)
+            if name == "bucket ranges":
+                view = attrs.evolve(view, copy_on_reuse=False)
+            elif name == "copy at 1st reuse":
+                view = attrs.evolve(view, copy_on_reuse=True)
+
+            def source(view: StoreFragments = view, name: str = name) -> FragmentSource:
+                return view.cache if name == "copies" else view.layer()
+
+            warm(root, paths)
+            rounds = ["... later"] if name == "copy at 1st reuse" else []
+            for label in [name, *rounds]:
+                def work_once(source: Any = source, cache: FragmentCache = cache,
+                              label: str = label) -> tuple[str, ...]:
+                    digests = _regroup(root, regroups, source)
+                    if label == "copy at 1st reuse":
+                        cache.flush()  # the copies are written within the run
+                    return digests
+
+                misses = cache.misses
+                run = _timed(pid, work_once)
+                if cache.misses != misses:
+                    raise SystemExit(f"{label}: {cache.misses - misses} paths compressed again")
+                runs[label].append(run)
+                print(f"  regroup {label:17} wall {run.wall:.3f} s  cpu {run.cpu:.3f} s"
+                      f"  server cpu {run.server_cpu:.3f} s", flush=True)
+            cache.close()
+    reference = runs["copies"][0].digests
+    if any(run.digests != reference for done in runs.values() for run in done):
+        raise SystemExit("a regroup's layers differ from the copies'")
+    return runs
+
+
+def _report(title: str, runs: dict[str, list[Run]], baseline: str) -> None:
+    base = runs[baseline]
+    best_wall = min(r.wall for r in base)
+    med_wall = statistics.median(r.wall for r in base)
+    med_cpu = statistics.median(r.cpu for r in base)
+    print(f"{title} (against {baseline}; load average {os.getloadavg()[0]:.1f}):")
+    print(f"  {'':19} {'best wall':>9} {'median':>8} {'cpu':>7} {'server':>7}"
+          f"   {'best/base':>9} {'med/base':>8} {'cpu/base':>8}")
+    for name, done in runs.items():
+        wall = min(r.wall for r in done)
+        med = statistics.median(r.wall for r in done)
+        cpu = statistics.median(r.cpu for r in done)
+        server = statistics.median(r.server_cpu for r in done)
+        print(f"  {name:19} {wall:9.3f} {med:8.3f} {cpu:7.3f} {server:7.3f}"
+              f"   {wall / best_wall:9.3f} {med / med_wall:8.3f} {cpu / med_cpu:8.3f}")
+
+
+def _run(root: Path, args: argparse.Namespace) -> int:
+    store = root / "nix" / "store"
+    if store.is_dir() and any(store.iterdir()):
+        paths = sorted(f"/nix/store/{entry.name}" for entry in store.iterdir())
+    else:
+        paths = build_corpus(root, args.size_mb)
+    print(f"{len(paths)} store paths under {root}; load average {os.getloadavg()[0]:.1f}",
+          flush=True)
+    work = root / "gcs-fragments-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        with FakeGcsServer() as server:
+            pid = _server_pid(server)
+            if not args.regroup_only:
+                _report("cold pack into the bucket, one layer",
+                        cold(server, pid, root, paths, repeats=args.repeats, work=work), "none")
+            if not args.cold_only:
+                _report("regroup 4 round-robin layers as 4 contiguous ones",
+                        regroup(server, pid, root, paths, repeats=args.repeats, work=work),
+                        "copies")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cold-only", action="store_true", help="only the cold packs")
+    parser.add_argument("--regroup-only", action="store_true", help="only the regroups")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return closure_main(argv, __doc__, "bench-gcs-fragments-", _run, _options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
