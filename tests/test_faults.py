@@ -61,6 +61,7 @@ from nixery_core.errors import (
     NixTimeout,
     StorageUnavailable,
 )
+from nixery_core.fragment_bucket import FRAGMENT_PREFIX, FragmentPointer
 from nixery_core.fragments import FragmentCache
 from nixery_core.media_types import OCI_CONFIG
 from nixery_core.names import Image
@@ -187,6 +188,9 @@ def assert_no_partial_state(
             ranged = {blob for (blob,) in con.execute(
                 "SELECT blob FROM fragments WHERE blob IS NOT NULL")}
         assert ranged <= stored, f"fragment ranges of blobs not stored: {ranged - stored}"
+    for key in store.list_objects(FRAGMENT_PREFIX):  # shared copies and references alike
+        digest = FragmentPointer.from_json(store.get_object(key) or b"").digest
+        assert digest in stored, f"fragment pointer {key} names {digest}, not stored"
     return stored
 
 
