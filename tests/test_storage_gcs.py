@@ -337,21 +337,44 @@ def test_failed_copy_keeps_its_error_and_notes_the_staging_it_could_not_delete(
     assert _names(bucket) == []
 
 
-def test_staging_delete_failing_after_the_copy_is_retried_at_once(
+def test_staging_delete_failing_once_after_the_copy_is_retried_and_the_commit_succeeds(
     store: GcsStore, bucket: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The blob is stored but commit raises when the staging delete fails; it is tried again
-    before commit returns, so no staging object is left."""
+    """A staging delete failing once after the copy is tried again at once; once it works the
+    commit succeeds (the blob is stored) and no staging object is left."""
     data = _payload(1000, seed=13)
     digest = sha256_digest(data)
     deletes = _fails_first(monkeypatch, "delete")
     with store.open_blob_writer(LAYER) as writer:
         writer.write(data)
-        with pytest.raises(StorageUnavailable, match="delete of staging object") as caught:
-            writer.commit(digest)
-        assert not hasattr(caught.value, "__notes__")
+        assert writer.commit(digest).digest == digest
     assert deletes == [writer.staging_name] * 2
     assert _names(bucket) == [f"layers/{digest[7:]}"]
+    assert store.read_blob(digest) == data
+
+
+def test_staging_delete_failing_again_after_the_copy_raises_saying_the_blob_is_stored(
+    store: GcsStore, bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staging delete that fails on its retry too makes commit raise StorageUnavailable saying
+    the blob is stored (a staging object left is never silent); the writer is failed, leaving
+    the with block tries the delete again, and the error notes the staging object may remain."""
+    data = _payload(1000, seed=14)
+    digest = sha256_digest(data)
+    deletes = _fails_first(monkeypatch, "delete", times=99)
+    with (  # noqa: PT012 - the writer's exit, after the failed commit, is what adds the note
+        pytest.raises(StorageUnavailable, match="is stored, but staging object") as caught,
+        store.open_blob_writer(LAYER) as writer,
+    ):
+        writer.write(data)
+        writer.commit(digest)
+    assert isinstance(caught.value.__cause__, StorageUnavailable)
+    assert all(note.startswith(f"staging object {writer.staging_name!r} may remain")
+               for note in caught.value.__notes__)
+    assert len(deletes) >= 3  # twice in the commit, again when the writer is left
+    with pytest.raises(InvalidInput, match="failed"):
+        writer.commit(digest)
+    assert _names(bucket) == [f"layers/{digest[7:]}", writer.staging_name]
     assert store.read_blob(digest) == data
 
 

@@ -666,7 +666,8 @@ class GcsBlobWriter(BaseBlobWriter):
     write or commit the writer only accepts :meth:`abort`, which cancels the
     upload and deletes the staging object (again after a delete that failed:
     when it fails while an error is on its way out, a note on that error
-    says the staging object may remain).
+    says the staging object may remain).  A staging delete failing after the
+    copy: see :meth:`_publish`.
     """
 
     def __init__(self, store: GcsStore, media_type: str, staging_name: str) -> None:
@@ -731,10 +732,32 @@ class GcsBlobWriter(BaseBlobWriter):
             self._buffer = bytearray()
 
     def _publish(self, digest: str, size: int) -> BlobInfo:
-        """Copy create-only to ``layers/<hex>``, then delete the staging object."""
+        """Copy create-only to ``layers/<hex>``, then delete the staging object.
+
+        The blob is stored once the copy is done; a staging delete that
+        fails (its request's own retries spent) is tried again at once, and
+        the commit succeeds when that one works.  When it fails too, the
+        commit raises :class:`~nixery_core.errors.StorageUnavailable` saying
+        the blob is stored: a commit that returns leaves no staging object,
+        so one left is never silent.  The writer is then failed, and (by
+        :class:`~nixery_core.storage.base.BaseBlobWriter`'s rule) its abort
+        or the end of its ``with`` block tries the delete again, noting on
+        the error that the staging object may remain when that fails too;
+        ``clean_staging`` (garbage collection) removes it once old.
+        """
         name = self._store.blob_object_name(digest)
         info = self._copy(digest, name, size, _crc32c_b64(self._crc))
-        self._delete_staging()
+        try:
+            self._delete_staging()
+        except StorageUnavailable:
+            try:
+                self._delete_staging()
+            except StorageUnavailable as exc:
+                raise StorageUnavailable(
+                    f"blob {digest} is stored, but {self._staging_label()} could not be "
+                    f"deleted: {exc}",
+                    self.staging_name,
+                ) from exc
         return info
 
     def _copy(self, digest: str, name: str, size: int, crc: str) -> BlobInfo:
