@@ -110,7 +110,18 @@ class BlobWriter(Protocol):
       a commit (by an exception or not) removes every staged byte; a second
       ``abort`` is harmless;
     - a writer is single-use: :meth:`write` or :meth:`commit` after a commit
-      or an abort raises :class:`~nixery_core.errors.InvalidInput`.
+      or an abort raises :class:`~nixery_core.errors.InvalidInput`;
+    - a :meth:`write` or a publish that raised leaves the writer *failed*:
+      it then accepts only :meth:`abort` (or the end of the ``with`` block),
+      :meth:`write` and :meth:`commit` raise
+      :class:`~nixery_core.errors.InvalidInput`, so bytes staged in part are
+      never published (a :meth:`commit` refused for its digest aborts the
+      writer instead);
+    - removing the staged bytes that failed (a
+      :class:`~nixery_core.errors.StorageError`) is tried again by the next
+      :meth:`abort` or the end of the ``with`` block; while another error
+      is on its way out, that error goes on unchanged with a note saying
+      what may remain.
 
     :class:`~nixery_core.storage.base.BaseBlobWriter` keeps these rules for
     you.
