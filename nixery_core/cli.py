@@ -246,13 +246,26 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from nixery_core.gc import collect_garbage  # noqa: PLC0415
 
     store = _store(args)
-    report = collect_garbage(
-        store, grace_seconds=args.grace, dry_run=args.dry_run,
-        fragment_grace_seconds=args.fragment_grace,
-    )
-    print(report)
-    if args.cache:
-        _sweep_fragments(Path(args.cache) / "fragments", dry_run=args.dry_run)
+    local = Path(args.cache) / "fragments" if args.cache else None
+    if local is None or args.dry_run or not local.is_dir():
+        report = collect_garbage(
+            store, grace_seconds=args.grace, dry_run=args.dry_run,
+            fragment_grace_seconds=args.fragment_grace,
+        )
+        print(report)
+        if local is not None:
+            _sweep_fragments(local, dry_run=args.dry_run)
+        return 0
+    from nixery_core.fragments import FragmentCache  # noqa: PLC0415
+
+    with FragmentCache(local) as fragments:  # opening it sweeps files left by killed processes
+        report = collect_garbage(
+            store, grace_seconds=args.grace, fragment_grace_seconds=args.fragment_grace,
+            fragments=fragments,
+        )
+        print(report)
+        fragments.sweep()
+        print(f"removed {fragments.swept} stray fragment files in {local}")
     return 0
 
 

@@ -124,7 +124,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
@@ -135,6 +135,7 @@ from nixery_core.fragment_reads import KeptRange, RangeReads
 from nixery_core.protocols import (
     JSONValue,
     SupportsBlobFiles,
+    SupportsBlobInfo,
     SupportsRangeReads,
     SupportsReading,
 )
@@ -824,14 +825,45 @@ class FragmentCache:
             (volume,) = con.execute("SELECT bytes FROM volume").fetchone()
         return int(volume)
 
-    def check(self) -> list[str]:
+    def check(self, store: SupportsBlobInfo | None = None, *, repair: bool = False) -> list[str]:
         """What is wrong with the directory: the index's own check, rows whose file is gone,
         and files no row names whose writer is not alive (a sweep removes those).
 
         A file of a live process's cache that no row names yet is in flight, not wrong.
+        With ``store``, also ranges of layer blobs ``store`` no longer holds (collected:
+        each such range is a miss); ``repair`` drops those rows (the problem then says
+        so).
         """
         with self._translated("check"):
-            return self._problems()
+            problems = self._problems()
+            if store is not None:
+                gone = sorted(b for b in self.range_blobs() if store.blob_info(b) is None)
+                dropped = self.drop_ranges_of(gone) if repair else 0
+                problems += [
+                    f"ranges of a blob not stored{' (dropped)' if dropped else ''}: {blob}"
+                    for blob in gone
+                ]
+            return problems
+
+    def range_blobs(self) -> set[str]:
+        """The layer blobs the fragments kept as ranges name."""
+        with self._translated("list"), self._index() as con:
+            return {blob for (blob,) in con.execute(
+                "SELECT DISTINCT blob FROM fragments WHERE blob IS NOT NULL")}
+
+    def drop_ranges_of(self, blobs: Iterable[str]) -> int:
+        """Drop the fragments kept as ranges of ``blobs`` (collected); how many went.
+
+        Garbage collection calls it for the blobs it deleted
+        (:func:`~nixery_core.gc.collect_garbage` with ``fragments``), so
+        those ranges do not linger as misses.
+        """
+        gone = [(blob,) for blob in blobs]
+        if not gone:
+            return 0
+        with self._translated("prune"), self._index() as con, _transaction(con):
+            # The rows deleted, summed over the blobs (not the trigger's updates of the volume).
+            return con.executemany("DELETE FROM fragments WHERE blob = ?", gone).rowcount
 
     def _problems(self) -> list[str]:
         live, dead = self._scan_owners()

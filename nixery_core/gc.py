@@ -75,7 +75,13 @@ deleted (``dry_run``: those already dangling are counted).  That reads every
 pointer, one request each, like the ``manifests/`` and ``builds/`` entries.
 A pointer removed while a build rewrites it costs that build's next reader
 one miss; a build never depends on a bucket fragment after fetching it, so
-no deletion breaks a build in flight.
+no deletion breaks a build in flight.  A *reference* (a pointer naming a
+range of a layer blob, shared where layers keep their fragments as ranges)
+names a layer blob, which lives as long as an entry names it (or its grace
+period): once that blob is deleted, its references are dropped the same
+way.  A local fragment cache passed as ``fragments`` (``nixery-core gc
+--cache DIR``) also drops its ranges of the blobs gone, so they do not
+linger as misses (``dropped_fragment_ranges``; not in a dry run).
 
 **Staging.**  Uploads left behind by crashed processes are removed too, by
 a store that offers :class:`~nixery_core.protocols.SupportsStagingCleanup`,
@@ -98,6 +104,7 @@ from nixery_core.digests import DIGEST_BYTES_PATTERN, sha256_digest, validate_di
 from nixery_core.display import human_size
 from nixery_core.errors import BlobNotFound, InvalidCacheRecord, InvalidInput, InvalidManifest
 from nixery_core.fragment_bucket import FRAGMENT_MEDIA_TYPE, FRAGMENT_PREFIX, FragmentPointer
+from nixery_core.fragments import FragmentCache
 from nixery_core.manifest import MAX_MANIFEST_SIZE, parse_index, parse_manifest, sniff_media_type
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCTET_STREAM
 from nixery_core.protocols import (
@@ -157,7 +164,8 @@ class GcReport:
     the blobs a real run would remove (only filled in a dry run).
     ``bytes_freed``, ``dropped_entries``, ``staging_removed`` and
     ``dropped_fragment_pointers`` count what was removed, or in a dry run
-    what a real run would remove.  Kept blobs
+    what a real run would remove; ``dropped_fragment_ranges`` the ranges a
+    local fragment cache dropped.  Kept blobs
     are counted by reason; ``missing`` lists digests that are named but not
     stored (stale entries, which the cache rebuilds).
     """
@@ -175,6 +183,7 @@ class GcReport:
     dropped_entries: tuple[str, ...] = ()
     staging_removed: int = 0
     dropped_fragment_pointers: int = 0
+    dropped_fragment_ranges: int = 0
 
     @property
     def kept(self) -> int:
@@ -202,6 +211,10 @@ class GcReport:
             dropped = "would drop" if self.dry_run else "dropped"
             lines.append(
                 f"{dropped} {self.dropped_fragment_pointers} fragment pointers whose blob is gone"
+            )
+        if self.dropped_fragment_ranges:
+            lines.append(
+                f"dropped {self.dropped_fragment_ranges} local fragment ranges whose blob is gone"
             )
         if self.missing:
             lines.append(f"{len(self.missing)} named blobs are not stored (stale entries)")
@@ -463,6 +476,7 @@ def collect_garbage(
     now: Callable[[], float] = time.time,
     written_at: WrittenAt | None = None,
     fragment_grace_seconds: float | None = None,
+    fragments: FragmentCache | None = None,
 ) -> GcReport:
     """Delete every blob nothing names that is older than ``grace_seconds``.
 
@@ -475,7 +489,9 @@ def collect_garbage(
     ``delete_unreadable`` removes unparseable cache entries (after keeping
     what they name in this run).  ``written_at`` gives a blob's write time
     (default: :func:`default_written_at`).  ``fragment_grace_seconds``
-    is the grace of fragment blobs (default: ``grace_seconds``).  Storage failures raise
+    is the grace of fragment blobs (default: ``grace_seconds``).  ``fragments``: a
+    local fragment cache whose ranges of blobs no longer stored are dropped
+    after the sweep (not in a dry run).  Storage failures raise
     :class:`~nixery_core.errors.StorageError`; a failure while marking
     deletes nothing, and a re-run after a failure while sweeping is safe.
     """
@@ -517,8 +533,10 @@ def collect_garbage(
         )
     staging = _clean_staging(store, grace_seconds, when, dry_run=dry_run)
     gone = {info.digest for info in sweep.doomed}
-    pointers = _drop_dangling_pointers(
-        store, {d for d in blobs if d not in gone}, dry_run=dry_run
+    still = {d for d in blobs if d not in gone}
+    pointers = _drop_dangling_pointers(store, still, dry_run=dry_run)
+    ranges = 0 if fragments is None or dry_run else _drop_dangling_ranges(
+        store, fragments, still
     )
 
     removed = tuple(info.digest for info in sweep.doomed)
@@ -536,6 +554,17 @@ def collect_garbage(
         dropped_entries=tuple(dropped),
         staging_removed=staging,
         dropped_fragment_pointers=pointers,
+        dropped_fragment_ranges=ranges,
+    )
+
+
+def _drop_dangling_ranges(
+    store: CollectableStore, fragments: FragmentCache, stored: set[str]
+) -> int:
+    """Drop the local fragment ranges of blobs not stored (asked again, as for pointers)."""
+    named = fragments.range_blobs()
+    return fragments.drop_ranges_of(
+        sorted(d for d in named if d not in stored and store.blob_info(d) is None)
     )
 
 

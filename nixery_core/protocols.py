@@ -30,6 +30,7 @@ __all__ = [
     "RunResult",
     "Runner",
     "SupportsBlobFiles",
+    "SupportsBlobInfo",
     "SupportsBlobSizes",
     "SupportsDeletion",
     "SupportsLeases",
@@ -215,6 +216,12 @@ class SupportsBlobFiles(Protocol):
     """
 
     def blob_path(self, digest: str) -> Path: ...
+
+
+class SupportsBlobInfo(Protocol):
+    """Tells whether a blob is stored, and its size (every :class:`Uploader` does)."""
+
+    def blob_info(self, digest: str) -> BlobInfo | None: ...
 
 
 @runtime_checkable

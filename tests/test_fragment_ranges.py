@@ -14,6 +14,7 @@ from test_fragments import PATHS, make_store
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
+from nixery_core.cli import main
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import LayerError, StorageError, StorageUnavailable
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
@@ -494,3 +495,47 @@ def test_a_range_that_cannot_be_read_again_while_packed_raises_a_layer_error(
             with pytest.raises(LayerError) as raised:
                 b"".join(found.pieces())
         assert isinstance(raised.value.__cause__, StorageUnavailable)
+
+
+def test_check_reports_and_repairs_ranges_of_blobs_not_stored(
+    store: Path, tmp_path: Path
+) -> None:
+    """check(store) names each layer blob gone from under ranges; repair drops those rows
+    (and only those), after which the check is clean."""
+    blobs, cache, _ = _cold(tmp_path, store)
+    with cache:
+        first = _plain(store, PATHS[:2])[0]
+        assert cache.check(blobs) == []
+        blobs.delete_blob(first.digest)
+        assert cache.check() == []  # without a store, ranges are not judged
+        problem = f"ranges of a blob not stored: {first.digest}"
+        assert cache.check(blobs) == [problem]
+        assert cache.check(blobs, repair=True) == [problem.replace(":", " (dropped):", 1)]
+        assert cache.check(blobs) == []
+        assert len(_rows(cache.directory)) == len(PATHS) - 2
+
+
+def test_gc_drops_the_local_ranges_of_the_blobs_it_deleted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nixery-core gc --cache DIR` deleting unnamed layer blobs drops the local fragment
+    ranges of exactly those blobs, so they do not linger as misses; a dry run drops none."""
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    _, cache = _build(tmp_path, "cache", "auto", blobs)
+    cache.close()
+    directory = tmp_path / "cache" / "fragments"
+    ranged = {blob for _, _, blob in _rows(directory)}
+    assert ranged
+    for prefix in ("builds/", "manifests/"):  # the image's entries gone: its layers unnamed
+        for key in list(blobs.list_objects(prefix)):
+            blobs.delete_object(key)
+    gc = ["gc", "--store", str(blobs.root), "--grace", "0", "--cache", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert main([*gc, "--dry-run"]) == 0
+    assert len(_rows(directory)) > 0
+    rows = len(_rows(directory))
+    assert main(gc) == 0
+    assert f"dropped {rows} local fragment ranges whose blob is gone" in capsys.readouterr().out
+    assert _rows(directory) == []
+    with FragmentCache(directory) as fragments:
+        assert fragments.volume() == 0

@@ -527,9 +527,9 @@ def test_listing_or_checking_a_cache_whose_backend_fails_raises_storage_unavaila
             call()
         assert isinstance(caught.value.__cause__, OSError)
     cache.close()
-    for call in (cache.keys, cache.volume):
+    for listing in (cache.keys, cache.volume):
         with pytest.raises(StorageUnavailable, match=str(directory)) as caught:
-            call()
+            listing()
         assert isinstance(caught.value.__cause__, sqlite3.Error)
 
 
