@@ -65,6 +65,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_pack            # 300 MB closure, 2 GB RSS layer
     .venv/bin/python -m benchmarks.bench_pack --quick    # 60 MB, 300 MB RSS layer
+    .venv/bin/python -m benchmarks.bench_pack --quick --rss-only   # the peak-RSS rows alone
 """
 
 from __future__ import annotations
@@ -561,6 +562,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--chunked-rss", action=argparse.BooleanOptionalAction, default=True,
         help="the peak RSS of estargz and zstd-chunked on the big layer (default: on)",
     )
+    parser.add_argument(
+        "--rss-only", action="store_true",
+        help="only the peak-RSS rows (the big layer as gzip, eStargz, zstd:chunked): no "
+             "throughput runs",
+    )
     parser.add_argument("--keep", type=Path, help="build (or reuse) the corpus here, keep it")
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -627,6 +633,13 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     options = ArchiveOptions()
     spec = options.compressor()
     print(f"  default options: gzip via {spec.library}, level {spec.level}")
+    chunked = [ArchiveOptions(compression="estargz"), ArchiveOptions(compression="zstd-chunked")]
+    if args.rss_only:
+        big, rss = _memory(root, paths, args.rss_mb, options)
+        print(_check("peak RSS, MB", rss["pack_vmhwm_kb"] / 1024, 150, below=True))
+        if args.chunked_rss:
+            _chunked_memory(root, big, chunked)
+        return 0
     tar_bytes = tar_size(root, paths)
     list_file = root / "paths.lst"
     list_file.write_bytes(b"".join(p.lstrip("/").encode() + b"\0" for p in paths))
@@ -652,7 +665,6 @@ def _run(root: Path, args: argparse.Namespace) -> int:
                                             blobs=cold_blobs(root, "copies"), mode="copy"),
          tar_bytes),
     ]
-    chunked = [ArchiveOptions(compression="estargz"), ArchiveOptions(compression="zstd-chunked")]
     for chunked_options in chunked:
         name = chunked_options.compression
         contenders += [
@@ -704,15 +716,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     print("\nratios:")
     for label, value in ratios:
         print(f"  {label:<42} {value:6.3f}")
-    print(f"\nmemory: one layer of ~{args.rss_mb} MB packed in a child process ...", flush=True)
-    big = replicate(root, paths, args.rss_mb)
-    rss = measure_rss(root, big, options)
-    print(
-        f"  {len(big)} store paths, {rss['pack_file_bytes'] / MB:.0f} MB of files -> "
-        f"{rss['pack_blob_bytes'] / MB:.0f} MB blob; peak RSS (VmHWM) "
-        f"{rss['pack_vmhwm_kb'] / 1024:.0f} MB; interpreter + imports alone: "
-        f"{rss['baseline_vmhwm_kb'] / 1024:.0f} MB"
-    )
+    big, rss = _memory(root, paths, args.rss_mb, options)
     print("\ntargets (default options):")
     print(_check("ours / pigz -p2 -6 throughput", best.rate / pigz.rate, 4.0))
     print(_check("ours / tar read throughput", best.rate / read.rate, 0.5))
@@ -736,15 +740,37 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         print(f"  ----  {name} regrouped from fragments / tar read throughput: "
               f"{again.rate / read.rate:.2f} (no target; CPU {again.cpu / one.cpu:.2f}x 1 layer)")
     if args.chunked_rss:
-        for options in chunked:
-            rss = measure_rss(root, big, options)
-            name = options.compression
-            print(_check(f"{name} peak RSS, MB (packing process)",
-                         rss["pack_vmhwm_kb"] / 1024, 150, below=True))
-            print(f"  ----  {name}: {rss['pack_file_bytes'] / MB:.0f} MB of files -> "
-                  f"{rss['pack_blob_bytes'] / MB:.0f} MB blob; its frame worker processes "
-                  f"peaked at {rss['pack_workers_vmhwm_kb'] / 1024:.0f} MB together (no target)")
+        _chunked_memory(root, big, chunked)
     return 0
+
+
+def _memory(
+    root: Path, paths: Sequence[str], rss_mb: int, options: ArchiveOptions
+) -> tuple[list[str], dict[str, int]]:
+    """Pack one layer of about ``rss_mb`` in a child process and print its peak RSS; the
+    big layer's paths and the figures."""
+    print(f"\nmemory: one layer of ~{rss_mb} MB packed in a child process ...", flush=True)
+    big = replicate(root, paths, rss_mb)
+    rss = measure_rss(root, big, options)
+    print(
+        f"  {len(big)} store paths, {rss['pack_file_bytes'] / MB:.0f} MB of files -> "
+        f"{rss['pack_blob_bytes'] / MB:.0f} MB blob; peak RSS (VmHWM) "
+        f"{rss['pack_vmhwm_kb'] / 1024:.0f} MB; interpreter + imports alone: "
+        f"{rss['baseline_vmhwm_kb'] / 1024:.0f} MB"
+    )
+    return big, rss
+
+
+def _chunked_memory(root: Path, big: Sequence[str], chunked: Sequence[ArchiveOptions]) -> None:
+    """Print the peak RSS rows of the big layer packed in each chunked format."""
+    for options in chunked:
+        rss = measure_rss(root, big, options)
+        name = options.compression
+        print(_check(f"{name} peak RSS, MB (packing process)",
+                     rss["pack_vmhwm_kb"] / 1024, 150, below=True))
+        print(f"  ----  {name}: {rss['pack_file_bytes'] / MB:.0f} MB of files -> "
+              f"{rss['pack_blob_bytes'] / MB:.0f} MB blob; its frame worker processes "
+              f"peaked at {rss['pack_workers_vmhwm_kb'] / 1024:.0f} MB together (no target)")
 
 
 def _variants(root: Path, paths: Sequence[str], tar_bytes: int) -> list[tuple[str, Contender, int]]:
