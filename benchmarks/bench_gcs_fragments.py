@@ -14,7 +14,11 @@ fragment cache each run:
 * ``copies``: each fragment copied into the local cache (``fragment_mode
   ="copy"``; what ``auto`` did on GCS before);
 * ``ranges``: each fragment recorded as a range of the layer blob in the
-  bucket (``"ranges"``, what ``auto`` does now): no fragment bytes written.
+  bucket (``"ranges"``, what ``auto`` does now): no fragment bytes written;
+* ``copies, shared`` and ``ranges, shared``: the same with the bucket tier
+  on (``fragment_bucket``, default ``min_size``), closed within the run:
+  copies uploaded as fragment blobs (before), or references to the ranges
+  shared as pointer objects (now).
 
 **Regroup**: the corpus packed once (untimed) as four round-robin layers,
 then assembled as four contiguous layers (another grouping of the same
@@ -26,7 +30,8 @@ paths, four threads, into a hashing sink), every fragment reused:
   :mod:`nixery_core.fragment_reads`);
 * ``copy at 1st reuse``: the same ranges, copied into the local cache as
   they are first reused (``StoreFragments.copy_on_reuse``), timed at that
-  first reuse; ``... later`` is the next regroup, from those copies.
+  first reuse; ``... later`` is the next regroup, from those copies;
+* ``no fragments``: every path compressed (what a miss costs).
 
 Printed: wall seconds, CPU seconds of this process (every thread) and of
 fake-gcs-server (``/proc/<pid>/stat``), and each ratio against the row's
@@ -67,9 +72,15 @@ from benchmarks.bench_pack import (  # noqa: E402 - as above
     warm,
 )
 from nixery_core.archive import ArchiveOptions, pack_store_paths  # noqa: E402 - as above
+from nixery_core.fragment_bucket import (  # noqa: E402 - as above
+    BucketFragments,
+    FragmentBucketPolicy,
+    SharedLayer,
+)
 from nixery_core.fragments import (  # noqa: E402 - as above
     FragmentCache,
     FragmentSource,
+    LayerRanges,
     StoreFragments,
 )
 from nixery_core.storage.gcs import GcsStore  # noqa: E402 - as above
@@ -102,10 +113,16 @@ def _timed(server_pid: int, work: Callable[[], tuple[str, ...]]) -> Run:
 
 
 def _pack_into(store: GcsStore, root: Path, paths: Sequence[str],
-               cache: FragmentCache | None, mode: str) -> str:
-    """One layer into the bucket, fragments kept as ``mode`` says; its digest."""
-    layer = cache.on_store(store).layer() if cache is not None and mode == "ranges" else None
-    source: FragmentSource | None = layer if layer is not None else cache
+               cache: FragmentCache | None, mode: str, *,
+               tier: BucketFragments | None = None) -> str:
+    """One layer into the bucket, fragments kept as ``mode`` says (shared through ``tier``
+    when given); its digest."""
+    layer: LayerRanges | SharedLayer | None = None
+    if tier is not None and mode == "ranges":
+        layer = tier.layer()
+    elif cache is not None and mode == "ranges":
+        layer = cache.on_store(store).layer()
+    source: FragmentSource | None = layer if layer is not None else (tier or cache)
     with store.open_blob_writer(OPTIONS.media_type) as writer:
         packed = pack_store_paths(paths, writer.write, OPTIONS, store_root=root,
                                   fragments=source, blob_digest=writer.written_digest)
@@ -116,7 +133,7 @@ def _pack_into(store: GcsStore, root: Path, paths: Sequence[str],
 
 
 def _regroup(root: Path, groups: Sequence[Sequence[str]],
-             source: Callable[[], FragmentSource]) -> tuple[str, ...]:
+             source: Callable[[], FragmentSource | None]) -> tuple[str, ...]:
     """Each group as one layer into a hashing sink, in threads; the digests."""
     def one(paths: Sequence[str]) -> str:
         sink = _HashingSink()
@@ -129,23 +146,34 @@ def _regroup(root: Path, groups: Sequence[Sequence[str]],
 
 def cold(server: FakeGcsServer, pid: int, root: Path, paths: list[str], *, repeats: int,
          work: Path) -> dict[str, list[Run]]:
-    runs: dict[str, list[Run]] = {"none": [], "copies": [], "ranges": []}
+    runs: dict[str, list[Run]] = {
+        "none": [], "copies": [], "ranges": [], "copies, shared": [], "ranges, shared": []
+    }
     for index in range(repeats):
         for name, done in runs.items():
-            store = GcsStore(server.make_bucket(f"cold-{name}-{index}-{os.getpid()}"))
-            cache = None if name == "none" else FragmentCache(work / f"cold-{name}-{index}")
+            bucket = f"cold-{name.replace(', ', '-')}-{index}-{os.getpid()}"
+            store = GcsStore(server.make_bucket(bucket))
+            cache = None if name == "none" else FragmentCache(work / bucket)
+            mode = name.split(",")[0]
+            tier = None
+            if cache is not None and name.endswith("shared"):  # the bucket tier on
+                view = cache.on_store(store) if mode == "ranges" else None
+                tier = BucketFragments(cache, store, FragmentBucketPolicy(), ranges=view)
             warm(root, paths)
 
             def work_once(store: GcsStore = store, cache: FragmentCache | None = cache,
-                          name: str = name) -> tuple[str, ...]:
-                digest = _pack_into(store, root, paths, cache, name)
+                          mode: str = mode, tier: BucketFragments | None = tier,
+                          ) -> tuple[str, ...]:
+                digest = _pack_into(store, root, paths, cache, mode, tier=tier)
+                if tier is not None:
+                    tier.close()  # its uploads (copies or references) within the run
                 if cache is not None:
                     cache.close()  # what is still queued is written within the run
                 return (digest,)
 
             run = _timed(pid, work_once)
             done.append(run)
-            print(f"  cold {name:7} wall {run.wall:.3f} s  cpu {run.cpu:.3f} s"
+            print(f"  cold {name:14} wall {run.wall:.3f} s  cpu {run.cpu:.3f} s"
                   f"  server cpu {run.server_cpu:.3f} s", flush=True)
     return runs
 
@@ -164,9 +192,15 @@ def regroup(server: FakeGcsServer, pid: int, root: Path, paths: list[str], *, re
         for group in groups:
             _pack_into(store, root, group, cache, "copy")
     runs: dict[str, list[Run]] = {
-        "copies": [], "bucket ranges": [], "copy at 1st reuse": [], "... later": []
+        "copies": [], "bucket ranges": [], "copy at 1st reuse": [], "... later": [],
+        "no fragments": [],
     }
     for index in range(repeats):
+        warm(root, paths)
+        run = _timed(pid, lambda: _regroup(root, regroups, lambda: None))  # no fragments
+        runs["no fragments"].append(run)
+        print(f"  regroup {'no fragments':17} wall {run.wall:.3f} s  cpu {run.cpu:.3f} s",
+              flush=True)
         for name in ("copies", "bucket ranges", "copy at 1st reuse"):
             directory = work / f"regroup-{index}-{name.replace(' ', '-')}"
             shutil.copytree(copies_dir if name == "copies" else ranges_dir, directory)
