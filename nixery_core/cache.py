@@ -84,6 +84,7 @@ from nixery_core.tally import Tally
 
 if TYPE_CHECKING:
     from nixery_core.archive import ArchiveOptions
+    from nixery_core.results import BuiltLayer
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
 
@@ -111,12 +112,7 @@ class LayerRecord:
     annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        data = attrs.asdict(self)
-        if self.annotations:
-            data["annotations"] = dict(self.annotations)
-        else:
-            del data["annotations"]
-        return data
+        return annotated_json(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerRecord:
@@ -134,6 +130,17 @@ class LayerRecord:
                 media_type=_str(data, "media_type"),
                 annotations=_annotations(data),
             )
+
+
+def annotated_json(layer: LayerRecord | BuiltLayer) -> dict[str, Any]:
+    """A layer's fields (:func:`attrs.asdict`), its ``annotations`` an object, left out
+    when there are none (as in entries written before layers had any)."""
+    data = attrs.asdict(layer)
+    if layer.annotations:
+        data["annotations"] = dict(layer.annotations)
+    else:
+        del data["annotations"]
+    return data
 
 
 def _object(data: object, what: str) -> None:

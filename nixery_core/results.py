@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import attrs
 
-from nixery_core.cache import CacheStats
+from nixery_core.cache import CacheStats, annotated_json
 from nixery_core.comparison import BuildComparison, compare_layers
 from nixery_core.digests import sha256_digest
 from nixery_core.display import build_result_html
@@ -75,13 +75,9 @@ class BuiltLayer:
     annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        data = attrs.asdict(self)
+        data = annotated_json(self)
         data["paths"] = list(self.paths)
         data["packages"] = list(self.packages)
-        if self.annotations:
-            data["annotations"] = dict(self.annotations)
-        else:
-            del data["annotations"]
         return data
 
     @classmethod
