@@ -94,7 +94,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -105,7 +105,13 @@ from nixery_core.display import human_size
 from nixery_core.errors import BlobNotFound, InvalidCacheRecord, InvalidInput, InvalidManifest
 from nixery_core.fragment_bucket import FRAGMENT_MEDIA_TYPE, FRAGMENT_PREFIX, FragmentPointer
 from nixery_core.fragments import FragmentCache
-from nixery_core.manifest import MAX_MANIFEST_SIZE, parse_index, parse_manifest, sniff_media_type
+from nixery_core.manifest import (
+    MAX_MANIFEST_SIZE,
+    Descriptor,
+    parse_index,
+    parse_manifest,
+    sniff_media_type,
+)
 from nixery_core.media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, OCTET_STREAM
 from nixery_core.protocols import (
     BlobInfo,
@@ -295,13 +301,8 @@ class _Marker:
         """Name what a build record (or a multi-arch index record) describes."""
         index = body.get("index")
         if isinstance(index, str):
-            data = index.encode()
-            self.name(sha256_digest(data))
-            media_type = body.get("media_type")
-            for descriptor in parse_index(
-                data, media_type if isinstance(media_type, str) else None
-            ).manifests:
-                self.name(descriptor.digest)
+            self._document(index, body.get("media_type"),
+                           lambda data, kind: parse_index(data, kind).manifests)
             for entry in body.get("manifests") or ():
                 if not isinstance(entry, dict) or not isinstance(entry.get("record"), dict):
                     raise TypeError("index record manifests are not {arch, record} objects")
@@ -310,13 +311,20 @@ class _Marker:
         if isinstance(config, str):
             self.name(sha256_digest(config.encode()))
         if isinstance(manifest, str):
-            data = manifest.encode()
-            self.name(sha256_digest(data))
-            media_type = body.get("manifest_media_type")
-            for descriptor in parse_manifest(
-                data, media_type if isinstance(media_type, str) else None
-            ).blobs:
-                self.name(descriptor.digest)
+            self._document(manifest, body.get("manifest_media_type"),
+                           lambda data, kind: parse_manifest(data, kind).blobs)
+
+    def _document(
+        self,
+        text: str,
+        media_type: object,
+        listed: Callable[[bytes, str | None], Sequence[Descriptor]],
+    ) -> None:
+        """Name a manifest or index a record holds as text, and every blob ``listed`` in it."""
+        data = text.encode()
+        self.name(sha256_digest(data))
+        for descriptor in listed(data, media_type if isinstance(media_type, str) else None):
+            self.name(descriptor.digest)
 
     def build_entry(self, key: str, raw: bytes) -> None:
         self.salvage(raw)
