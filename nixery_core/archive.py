@@ -110,6 +110,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import stat
 import threading
@@ -160,6 +161,7 @@ from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
 from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_key
 from nixery_core.protocols import JSONValue
 from nixery_core.released import released
+from nixery_core.shared_buffers import SharedBuffers
 from nixery_core.workers import WorkerPool
 from nixery_core.zstd_chunked import ZstdChunkedFormat
 
@@ -496,7 +498,7 @@ class _TarStream:
         ) else count
         self._output = OrderedOutput(2 * count)
         #: Uncompressed bytes waiting for fragments inflated on the pool, in order.
-        self._diff_pending: deque[bytes | bytearray | Future[bytes]] = deque()
+        self._diff_pending: deque[bytes | bytearray | memoryview | Future[bytes]] = deque()
         self._inflating = 0
         self._max_inflating = count
         self._recording: _Recording | None = None
@@ -511,28 +513,31 @@ class _TarStream:
         # format; every other layer is a sequence of members (begin/end).
         self._chunked: ChunkedCompressor | None = None
         self._compressor: StreamCompressor | None = None
+        #: Shared memory the frame workers read blocks from in place (chunked layers).
+        self._shared: SharedBuffers | None = None
         if spec.chunked:
+            # Frames are compressed in worker processes (frame_processes.py);
+            # on the pool's threads only where none can be started.
+            processes = (
+                frame_processes.shared(count) if count > 1 and frame_processes.usable() else None
+            )
+            self._shared = None if processes is None else processes.buffers
             self._chunked = ChunkedCompressor(
                 _frame_format(spec, mtime),
                 mtime=mtime,
                 executor=parallel,
                 threads=count,
-                # Frames are compressed in worker processes (frame_processes.py);
-                # on the pool's threads only where none can be started.
-                processes=(
-                    frame_processes.shared(count)
-                    if count > 1 and frame_processes.usable()
-                    else None
-                ),
+                processes=processes,
                 settings=(spec.compression, spec.level, spec.backend),
+                shared=self._shared,
             )
         self._hashing = _OrderedHashing(self._executor if count > 1 else None)
         self._write = write
         self._passthrough = spec.compression == "none"
-        self._block = bytearray(BLOCK_SIZE)
-        self._view = memoryview(self._block)
         #: Blocks handed on, oldest first, until released and filled again (_next_block).
         self._retired: deque[bytearray] = deque()
+        self._block: bytearray | mmap.mmap = self._next_block(None)
+        self._view = memoryview(self._block)
         self._pos = 0
         self._diff = hashlib.sha256()
         self._digest = hashlib.sha256()
@@ -727,7 +732,7 @@ class _TarStream:
                     self._drain_diff()
         _check_inflated(produced, fragment.uncompressed_size, eof=inflate.eof)
 
-    def _add_diff(self, data: bytes | bytearray) -> None:
+    def _add_diff(self, data: bytes | bytearray | memoryview) -> None:
         """Uncompressed bytes for the ``diff_id``, after any still being inflated."""
         if self._diff_pending:
             self._diff_pending.append(data)
@@ -867,7 +872,14 @@ class _TarStream:
         compressor = self._chunked or self._compressor
         if compressor is None:
             raise RuntimeError("tar bytes outside a member")  # a bug in this module
-        block = self._block[: self._pos] if partial else self._block
+        shared = isinstance(self._block, mmap.mmap)
+        block: bytes | bytearray | memoryview
+        if shared:
+            # A block in shared memory goes on as a view, even a partial one (a
+            # worker reads it in place), and a new one is filled.
+            block = memoryview(self._block)[: self._pos]
+        else:
+            block = self._block[: self._pos] if partial else cast("bytearray", self._block)
         if self._small and not self._diff_pending:
             self._hashing.wait()  # in order with whatever was queued before
             self._diff.update(block)
@@ -875,10 +887,12 @@ class _TarStream:
             self._add_diff(block)
         if self._diff_pending:
             self._drain_diff()
-        chunks = compressor.compress(block)  # empty unless chunked: members use the output
+        # Empty unless chunked: members use the output (and never get a memoryview:
+        # blocks in shared memory are for chunked layers only).
+        chunks = compressor.compress(block)  # type: ignore[arg-type]
         if self._recording is not None:
             self._record_block(self._recording, block)
-        if not partial:  # a partial block went on as a copy: this one is written over
+        if shared or not partial:  # a partial block went on as a copy: this one is written over
             # The compressor, the hashing or a worker's socket may still hold
             # ``block``: write into one nobody holds any more, or a new one.
             self._block = self._next_block(self._block)
@@ -886,15 +900,23 @@ class _TarStream:
         self._pos = 0
         self._emit([(None, chunk) for chunk in chunks] or self._output.take_ready())
 
-    def _next_block(self, done: bytearray) -> bytearray:
+    def _next_block(self, done: bytearray | mmap.mmap | None) -> bytearray | mmap.mmap:
         """The block to fill after ``done``: the oldest handed on and released since, or a new one.
 
         A block is released when nothing refers to it but the list of handed-on
         blocks: every holder (a task's arguments, the hashing queue, a view of
         it, a buffer a C call reads with Python's lock released) counts in its
         reference count.  Reusing blocks saves zeroing a new 1 MiB buffer, and
-        faulting its pages in, for every block of the layer.
+        faulting its pages in, for every block of the layer.  A chunked layer
+        with worker processes fills blocks in their shared memory while it
+        has one free (the same count decides), then blocks of its own.
         """
+        if self._shared is not None:
+            slot = self._shared.take(BLOCK_SIZE)
+            if slot is not None:
+                return slot
+        if not isinstance(done, bytearray):
+            return bytearray(BLOCK_SIZE)  # the first block, or after a shared one
         retired = self._retired
         retired.append(done)
         if len(retired) > 1:
@@ -906,7 +928,7 @@ class _TarStream:
                 retired.popleft()  # still held: the holder keeps it alive, not us
         return bytearray(BLOCK_SIZE)
 
-    def _record_block(self, recording: _Recording, block: bytes | bytearray) -> None:
+    def _record_block(self, recording: _Recording, block: bytes | bytearray | memoryview) -> None:
         """The layout's running CRC-32 after ``block``: the compressor's, when it has it."""
         recording.uncompressed += len(block)
         reports = self._member_crc
@@ -971,12 +993,12 @@ class _OrderedHashing:
 
     def __init__(self, executor: WorkerPool | None) -> None:
         self._executor = executor
-        self._queue: deque[tuple[hashlib._Hash, bytes | bytearray]] = deque()
+        self._queue: deque[tuple[hashlib._Hash, bytes | bytearray | memoryview]] = deque()
         self._lock = threading.Lock()
         self._busy = threading.Lock()
         self._scheduled = False
 
-    def update(self, digest: hashlib._Hash, data: bytes | bytearray) -> None:
+    def update(self, digest: hashlib._Hash, data: bytes | bytearray | memoryview) -> None:
         if self._executor is None:
             digest.update(data)
             return

@@ -89,6 +89,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import json
+import mmap
 import struct
 import threading
 from collections import deque
@@ -392,8 +393,26 @@ class BatchProcesses(Protocol):
     """
 
     def submit(
-        self, settings: tuple[str, int, str], table: bytes, payload: Sequence[_Buffer]
+        self,
+        settings: tuple[str, int, str],
+        table: bytes,
+        payload: Sequence[_Buffer],
+        places: bytes = b"",
+        hold: Sequence[memoryview] = (),
     ) -> Future[_Batch]: ...
+
+
+class SharedSlots(Protocol):
+    """Buffers worker processes read in place (:class:`~nixery_core.shared_buffers.SharedBuffers`).
+
+    It promises: :meth:`take` gives a writable buffer nothing else refers
+    to, or ``None``; :meth:`place` gives the offset a worker reads a view
+    of one (followed by ``after``) at, or -1 if it cannot.
+    """
+
+    def take(self, size: int) -> mmap.mmap | None: ...
+
+    def place(self, view: memoryview, after: bytes | bytearray = b"") -> int: ...
 
 
 def _prefix(head: _Buffer | _Pieces, size: int) -> _Buffer:
@@ -632,44 +651,92 @@ def compress_packed(
     compress_frames: FramesCompressor,
     chunker: Any,
     merge: bool,
+    places: bytes = b"",
+    shared: memoryview | None = None,
 ) -> _Batch:
     """A batch packed into one buffer, compressed as :func:`_compress_batch` would.
 
     ``payload`` holds each frame's head then data, back to back; ``table``
-    one :data:`PACKED_FRAME` per frame.  What a worker process runs
-    (:mod:`nixery_core.frame_processes`): chunks of files of several chunks
-    join their file's digest in the calling process instead.
+    one :data:`PACKED_FRAME` per frame.  ``places``, when given, says in
+    int64s where each frame is: -1, in ``payload``; an offset, whole at that
+    offset in ``shared`` (the pool's shared memory); -2 then a count ``n``
+    and ``n`` (offset, length) pairs, in those pieces of ``shared`` (a file
+    read across blocks), joined here.  What a worker
+    process runs (:mod:`nixery_core.frame_processes`): chunks of files of
+    several chunks join their file's digest in the calling process instead.
     """
     view = memoryview(payload)
     payloads: list[_Buffer] = []
     digests: list[str] = []
     plans: list[tuple[list[int], str] | None] = []
     pos = 0
+    where = _Places(places, shared)
     for head_len, data_len, chunk_size, job in PACKED_FRAME.iter_unpack(table):
-        end = pos + head_len + data_len
+        size = head_len + data_len
+        frame = where.next(size)
+        if frame is None:
+            frame = view[pos : pos + size]
+            pos += size
         if job >= 0:
-            head = view[pos : pos + head_len]
-            data = view[pos + head_len : end]
             split = bool(job)
             plans.append(
                 _cut_job(
-                    chunker, head, data, payloads, digests,
-                    merge=merge, split=split, joined=view[pos:end],
+                    chunker, frame[:head_len], frame[head_len:], payloads, digests,
+                    merge=merge, split=split, joined=frame,
                 )
             )
         else:
             plans.append(None)
-            payloads.append(view[pos:end])
+            payloads.append(frame)
             digests.append(
-                "sha256:" + hashlib.sha256(view[pos : pos + chunk_size]).hexdigest()
-                if chunk_size
-                else ""
+                "sha256:" + hashlib.sha256(frame[:chunk_size]).hexdigest() if chunk_size else ""
             )
-        pos = end
+    if not where.done():
+        raise LayerError("more places than frames in a packed batch")
     if pos != len(payload):
         raise LayerError(f"a packed batch of {len(payload)} bytes has a table for {pos}")
     blob, lengths = compress_frames(payloads)
     return blob, lengths, digests, plans
+
+
+class _Places:
+    """Reads the ``places`` of :func:`compress_packed`, frame by frame."""
+
+    def __init__(self, places: bytes, shared: memoryview | None) -> None:
+        self._places = array.array("q", places)
+        self._shared = shared
+        self._at = 0
+
+    def _take(self) -> int:
+        if self._at >= len(self._places):
+            raise LayerError("fewer places than frames in a packed batch")
+        self._at += 1
+        return self._places[self._at - 1]
+
+    def _slice(self, at: int, size: int) -> memoryview:
+        shared = self._shared
+        if shared is None or at < 0 or size < 0 or at + size > len(shared):
+            raise LayerError(f"a frame at {at} outside the shared memory")
+        return shared[at : at + size]
+
+    def next(self, size: int) -> memoryview | None:
+        """The next frame (``size`` bytes) in shared memory, or ``None``: it is in the payload."""
+        if not self._places:
+            return None
+        at = self._take()
+        if at == -1:
+            return None
+        if at != -2:
+            return self._slice(at, size)
+        count = self._take()
+        pieces = [self._slice(self._take(), self._take()) for _ in range(count)]
+        if sum(len(piece) for piece in pieces) != size:
+            raise LayerError(f"a frame of {size} bytes placed in pieces of another size")
+        return memoryview(b"".join(pieces))
+
+    def done(self) -> bool:
+        """Whether every place was read (none left over)."""
+        return self._at == len(self._places)
 
 
 _NUL = 0
@@ -773,9 +840,13 @@ class ChunkedCompressor:
         threads: int,
         processes: BatchProcesses | None = None,
         settings: tuple[str, int, str] = ("", 0, ""),
+        shared: SharedSlots | None = None,
     ) -> None:
         self._fmt = fmt
         self._executor = executor
+        # Big files' windows are cut in shared memory, and frames found whole
+        # there go to the workers by place, not through their sockets.
+        self._shared = shared if processes is not None else None
         # Batches go to worker processes when given (compression and hashing
         # then never wait for Python's lock); files of several chunks are
         # still hashed here, on the executor.
@@ -1203,7 +1274,7 @@ class ChunkedCompressor:
             at += len(piece)
         return memoryview(buffer)[:size]
 
-    def _window_buffer(self, size: int) -> bytearray:
+    def _window_buffer(self, size: int) -> bytearray | mmap.mmap:
         """A buffer of at least ``size`` bytes: the oldest one released since its use, or a new one.
 
         A buffer is released when nothing but this list refers to it: every
@@ -1212,6 +1283,11 @@ class ChunkedCompressor:
         Reusing them spares a new multi-megabyte buffer, zeroed and faulted
         in, for every window of a big file.
         """
+        size = max(size, _WINDOW + BATCH_BYTES)
+        if self._shared is not None:
+            slot = self._shared.take(size)
+            if slot is not None:
+                return slot
         buffers = self._window_buffers
         if buffers:
             oldest = buffers[0]
@@ -1220,7 +1296,7 @@ class ChunkedCompressor:
                 return oldest
             if len(buffers) >= _WINDOW_BUFFERS:
                 buffers.popleft()  # still held: the holder keeps it alive, not us
-        buffer = bytearray(max(size, _WINDOW + BATCH_BYTES))
+        buffer = bytearray(size)
         buffers.append(buffer)
         return buffer
 
@@ -1354,10 +1430,15 @@ class ChunkedCompressor:
         parts: list[_Buffer] = []
         table: list[int] = []
         updates: list[tuple[Any, _Buffer]] = []
+        places: list[int] = []
+        hold: list[memoryview] = []
         for frame in batch:
             head = frame.head
+            placed = self._place(frame, places, hold)
             if head:
-                if isinstance(head, _Pieces):
+                if placed:
+                    pass
+                elif isinstance(head, _Pieces):
                     parts += head.pieces
                 else:
                     parts.append(head)
@@ -1367,10 +1448,12 @@ class ChunkedCompressor:
                     updates.append((frame.file_hash, _prefix(head, frame.chunk_size)))
             else:
                 table += (0, len(frame.data), 0, -1)
-            parts.append(frame.data)
+            if not placed:
+                parts.append(frame.data)
             frame.data, frame.head, frame.file_hash = bytearray(), b"", None
         packed = array.array("q", table).tobytes()
-        future = self._processes.submit(self._settings, packed, parts)
+        located = array.array("q", places).tobytes() if hold else b""
+        future = self._processes.submit(self._settings, packed, parts, located, hold)
         hashing: Future[None] | None = None
         if self._executor is None or not updates:
             # Nothing to hash (most batches: files of one chunk) is no task.
@@ -1380,6 +1463,39 @@ class ChunkedCompressor:
         self._in_flight.append(_InFlight(batch, index, future, size=size, hashing=hashing))
         self._bytes_in_flight += size
         self._collect(out, wait=False)
+
+    def _place(self, frame: _Frame, places: list[int], hold: list[memoryview]) -> bool:
+        """Where a worker finds ``frame`` in shared memory, added to ``places``; whether it does.
+
+        Its head (a chunk, or a whole file in the pieces it was read in) then
+        its data (the tar padding and headers after it) as they lie in blocks
+        read into shared memory; the views read are added to ``hold``.
+        """
+        shared = self._shared
+        head = frame.head
+        if shared is not None and isinstance(head, memoryview):
+            at = shared.place(head, frame.data)
+            if at >= 0:
+                places.append(at)
+                hold.append(head)
+                return True
+        elif shared is not None and isinstance(head, _Pieces):
+            pieces = head.pieces
+            where = [-2, len(pieces)]
+            for number, piece in enumerate(pieces):
+                if not isinstance(piece, memoryview):
+                    break
+                after = frame.data if number == len(pieces) - 1 else b""
+                at = shared.place(piece, after)
+                if at < 0:
+                    break
+                where += (at, len(piece) + len(after))
+            else:
+                places += where
+                hold += pieces  # type: ignore[arg-type]  # every one a memoryview: checked
+                return True
+        places.append(-1)
+        return False
 
     def _collect(self, out: list[bytes], *, wait: bool) -> None:
         while self._in_flight:

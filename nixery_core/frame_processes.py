@@ -13,9 +13,18 @@ it, and two cores did the work of 1.5.
 ``if __name__ == "__main__"`` guard, a notebook or an embedding program is
 never imported again in the workers).  It talks over one Unix socket pair:
 a task is a small pickled header (task number, compression settings, the
-frame table) and the batch's bytes; the answer is a pickled header
-(task number, frame lengths, chunk digests, how whole files were cut) and
-the compressed bytes, or an error text.  A worker imports only the
+frame table, where frames lie in shared memory) and the bytes of the
+frames that do not; the answer is a pickled header (task number, frame
+lengths, chunk digests, how whole files were cut) and the compressed
+bytes, or an error text.
+
+**Shared memory.**  Where the platform has ``memfd_create``, the pool
+owns :class:`~nixery_core.shared_buffers.SharedBuffers` (:attr:`FrameProcesses.buffers`)
+that every worker maps at start: the tar writer reads files into them
+and a frame found whole in one of them is sent as its offset
+(``places``, one per frame, -1 for a frame sent in the socket).  The pool
+keeps the views given as ``hold`` until the task is answered or failed
+(its worker gone), so a slot is never reused while a worker may read it.  A worker imports only the
 modules it needs (:mod:`nixery_core.chunked` and what it imports), not the
 whole package.
 
@@ -56,6 +65,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import mmap
 import os
 import pickle
 import selectors
@@ -72,6 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from nixery_core.errors import LayerError
+from nixery_core.shared_buffers import SharedBuffers, shared_memory_usable
 
 __all__ = ["FrameProcesses", "shared", "shared_pids", "shutdown", "usable", "usable_cpus"]
 
@@ -93,8 +104,11 @@ package = types.ModuleType("nixery_core")
 package.__path__ = [sys.argv[1] + "/nixery_core"]
 sys.modules["nixery_core"] = package
 from nixery_core.frame_processes import serve
-serve(int(sys.argv[2]))
+serve(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
 """
+#: Bytes of shared memory a pool maps for each of its workers (see SharedBuffers):
+#: room for the batches in flight, the blocks queued for hashing and big files' windows.
+_SHARED_PER_WORKER = 32 << 20
 
 
 class _WorkerTraceback(Exception):
@@ -173,17 +187,19 @@ def recv_message(sock: socket.socket, buffer: bytearray) -> tuple[Any, memoryvie
 class _Worker:
     """One worker process, its socket, what waits to be sent and what is being read."""
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: SharedBuffers | None) -> None:
         ours, theirs = socket.socketpair()
         for end in (ours, theirs):
             # Room for whole batches and answers, so neither side waits on the
             # other to be scheduled (the kernel caps it at net.core.wmem_max).
             with contextlib.suppress(OSError):
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        shared = (-1, 0) if buffers is None else (buffers.fd, buffers.capacity)
+        argv = [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_PARENT, str(theirs.fileno())]
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_PARENT, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
+                [*argv, *map(str, shared)],
+                pass_fds=(theirs.fileno(),) if shared[0] < 0 else (theirs.fileno(), shared[0]),
                 stdin=subprocess.DEVNULL,
                 # Never hold the caller's stdout open (a pipe's reader waits for
                 # it); stderr stays, for a worker that cannot start.
@@ -297,7 +313,13 @@ class FrameProcesses:
         self.count = max(1, count)
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
-        self._futures: dict[int, tuple[Future[_Result], _Worker, int]] = {}
+        #: Each task's future, worker, size and the views it reads in shared memory.
+        self._futures: dict[int, tuple[Future[_Result], _Worker, int, Sequence[object]]] = {}
+        #: Shared memory the workers map (None where there is no memfd_create).
+        self.buffers: SharedBuffers | None = None
+        if shared_memory_usable():
+            with contextlib.suppress(OSError):
+                self.buffers = SharedBuffers(_SHARED_PER_WORKER * self.count)
         self._next_task = 0
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -316,14 +338,22 @@ class FrameProcesses:
             os.write(self._wake_w, why)
 
     def submit(
-        self, settings: Settings, table: bytes, payload: Sequence[_Buffer]
+        self,
+        settings: Settings,
+        table: bytes,
+        payload: Sequence[_Buffer],
+        places: bytes = b"",
+        hold: Sequence[memoryview] = (),
     ) -> Future[_Result]:
         """Compress the frames ``table`` describes in ``payload`` (see :func:`compress_packed`).
 
         ``payload`` is the batch's bytes in pieces, sent as they are (never
         joined here): none of them may change until the future is done.
+        ``places`` (an int64 per frame, or empty: all in ``payload``) says
+        which frames lie in :attr:`buffers` instead, and where; ``hold``
+        holds views of those slots, kept until the worker is done with them.
         """
-        size = sum(len(piece) for piece in payload)
+        size = sum(len(piece) for piece in payload) + sum(len(view) for view in hold)
         future: Future[_Result] = Future()
         future.set_running_or_notify_cancel()
         with self._lock:
@@ -332,8 +362,8 @@ class FrameProcesses:
             worker = self._pick()
             task = self._next_task
             self._next_task += 1
-            header = pickle.dumps((task, settings, table), protocol=5)
-            self._futures[task] = (future, worker, size)
+            header = pickle.dumps((task, settings, table, places), protocol=5)
+            self._futures[task] = (future, worker, size, hold)
             worker.outstanding += size
             worker.tasks.append(task)
             worker.sending.extend(_message(header, payload))
@@ -360,7 +390,7 @@ class FrameProcesses:
         self._workers = [worker for worker in self._workers if worker.alive]
         if len(self._workers) < self.count:
             try:
-                worker = _Worker()
+                worker = _Worker(self.buffers)
             except OSError as exc:
                 raise LayerError(f"could not start a frame worker process: {exc}") from exc
             self._workers.append(worker)
@@ -426,7 +456,7 @@ class FrameProcesses:
             entry = self._futures.pop(task, None)
             if entry is None:
                 return  # closed meanwhile: close() failed its future
-            future, _worker, size = entry
+            future, _worker, size, _hold = entry
             worker.outstanding -= size
             worker.tasks.remove(task)
         if error is not None:
@@ -444,9 +474,9 @@ class FrameProcesses:
             lost = [self._futures.pop(task) for task in worker.tasks if task in self._futures]
             worker.tasks.clear()
             worker.outstanding = 0
-        worker.stop()
+        worker.stop()  # its views are dropped after it stopped reading them
         code = worker.process.poll()
-        for future, _worker, _size in lost:
+        for future, _worker, _size, _hold in lost:
             error = LayerError(f"a frame worker process exited (status {code}) before answering")
             error.__cause__ = exc
             future.set_exception(error)
@@ -465,9 +495,11 @@ class FrameProcesses:
             self._thread.join(timeout=5)
         for worker in workers:
             worker.stop()
-        for future, _worker, _size in pending:
+        for future, _worker, _size, _hold in pending:
             if not future.done():
                 future.set_exception(LayerError("the frame worker processes were shut down"))
+        if self.buffers is not None:
+            self.buffers.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -539,6 +571,8 @@ def _forget_after_fork() -> None:
     if pool is not None and not pool.closed:
         for worker in pool._workers:
             worker.socket.close()
+        if pool.buffers is not None:
+            pool.buffers.forget_after_fork()
         os.close(pool._wake_r)
         os.close(pool._wake_w)
 
@@ -550,21 +584,29 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 # --- the worker side -----------------------------------------------------------
 
 
-def serve(fd: int) -> None:
-    """A worker's loop: answer tasks on the socket ``fd`` until it closes (then exit quietly)."""
+def serve(fd: int, shared_fd: int = -1, shared_size: int = 0) -> None:
+    """A worker's loop: answer tasks on the socket ``fd`` until it closes (then exit quietly).
+
+    ``shared_fd`` (-1: none) is the pool's shared memory, ``shared_size`` bytes.
+    """
+    shared: mmap.mmap | None = None
+    if shared_fd >= 0:
+        # Writable only so that the reference search reads it in place (_finder).
+        shared = mmap.mmap(shared_fd, shared_size)
+        os.close(shared_fd)
     # Closed on the way out, so the worker ends without an unclosed-socket warning.
     with socket.socket(fileno=fd) as sock, contextlib.suppress(EOFError, OSError):
-        _serve_tasks(sock)
+        _serve_tasks(sock, None if shared is None else memoryview(shared))
 
 
-def _serve_tasks(sock: socket.socket) -> None:
+def _serve_tasks(sock: socket.socket, shared: memoryview | None) -> None:
     from nixery_core.chunked import compress_packed, new_chunker  # noqa: PLC0415 - worker side
 
     chunker = new_chunker()
     compressors: dict[Settings, Any] = {}
     buffer = bytearray()
     while True:
-        (task, settings, table), payload = recv_message(sock, buffer)
+        (task, settings, table, places), payload = recv_message(sock, buffer)
         if payload.obj is not buffer:
             buffer = payload.obj  # type: ignore[assignment]  # a bigger one was made
         try:
@@ -577,6 +619,8 @@ def _serve_tasks(sock: socket.socket) -> None:
                 compress_frames=compress,
                 chunker=chunker,
                 merge=settings[0] == "estargz",
+                places=places,
+                shared=shared,
             )
         except Exception:  # noqa: BLE001 - every failure goes back to the caller
             send_message(sock, pickle.dumps((task, traceback.format_exc(), None)), ())

@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_chunked_formats import FORMATS, make_store
 
-from nixery_core import frame_processes
+from nixery_core import frame_processes, shared_buffers
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 from nixery_core.chunked import compress_packed, new_chunker
 from nixery_core.compression import frames_compressor, resolve_compressor
@@ -256,3 +257,135 @@ def test_a_full_wake_pipe_does_not_block_submit_or_close() -> None:
     assert not blocked
     assert done
     assert pool.closed
+
+
+def _placed(pool: FrameProcesses, pieces: list[bytes]) -> tuple[bytes, list[memoryview]]:
+    """``pieces`` written back to back into one slot of the pool's shared memory: places, views."""
+    buffers = pool.buffers
+    assert buffers is not None
+    slot = buffers.take(sum(len(piece) for piece in pieces))
+    assert slot is not None
+    views = []
+    at = 0
+    for piece in pieces:
+        slot[at : at + len(piece)] = piece
+        views.append(memoryview(slot)[at : at + len(piece)])
+        at += len(piece)
+    places = array.array("q", [buffers.place(view) for view in views]).tobytes()
+    return places, views
+
+
+@pytest.mark.skipif(not shared_buffers.shared_memory_usable(), reason="no memfd_create here")
+def test_frames_in_shared_memory_are_compressed_as_frames_sent(pool: FrameProcesses) -> None:
+    """Frames a worker reads in shared memory, beside frames in the socket, give what
+    compress_packed gives for all of them in one buffer."""
+    chunk = bytes(range(256)) * 100
+    job = b"/nix/store/" + b"a" * 32 + bytes(5000)
+    table = _table((len(chunk), 0, len(chunk), -1), (0, 512, 0, -1), (len(job), 7, 0, 1))
+    places, views = _placed(pool, [chunk, job + b"padding"])
+    here = compress_packed(
+        chunk + bytes(512) + job + b"padding",
+        table,
+        compress_frames=frames_compressor(resolve_compressor("zstd-chunked", 3)),
+        chunker=new_chunker(),
+        merge=False,
+    )
+    where = array.array("q", places)
+    where.insert(1, -1)  # the metadata frame goes in the socket
+    future = pool.submit(_SETTINGS, table, [bytes(512)], where.tobytes(), views)
+    assert future.result(timeout=60) == here
+
+
+@pytest.mark.skipif(not shared_buffers.shared_memory_usable(), reason="no memfd_create here")
+def test_a_slot_in_a_workers_hands_is_not_reused_until_its_worker_is_gone(
+    pool: FrameProcesses,
+) -> None:
+    """A slot a held task reads is not handed out again; once its worker is killed (the task
+    failing with LayerError) it is, and the next batch in shared memory is right."""
+    assert pool.submit(_SETTINGS, _table((0, 3, 0, -1)), [b"abc"]).result(timeout=60)
+    buffers = pool.buffers
+    assert buffers is not None
+    (worker,) = pool._workers
+    worker.process.send_signal(signal.SIGSTOP)  # so the batch is surely in its hands
+    places, views = _placed(pool, [b"held bytes"])
+    held = pool.submit(_SETTINGS, _table((10, 0, 10, -1)), [], places, views)
+    del views
+    other = buffers.take(10)
+    assert other is not None
+    assert buffers.place(memoryview(other)[0:1]) != array.array("q", places)[0]
+    del other
+    worker.process.send_signal(signal.SIGKILL)
+    worker.process.wait()
+    with pytest.raises(LayerError, match="exited"):
+        held.result(timeout=60)
+    del held
+    places_again, views = _placed(pool, [b"fresh data"])
+    assert places_again == places  # the first slot, free again
+    answer = pool.submit(_SETTINGS, _table((10, 0, 10, -1)), [], places_again, views)
+    expected = compress_packed(
+        b"fresh data",
+        _table((10, 0, 10, -1)),
+        compress_frames=frames_compressor(resolve_compressor("zstd-chunked", 3)),
+        chunker=new_chunker(),
+        merge=False,
+    )
+    assert answer.result(timeout=60) == expected
+
+
+def test_a_frame_placed_outside_the_shared_memory_is_a_layer_error() -> None:
+    """A place past the end of the shared memory, or more or fewer places than frames,
+    raise LayerError."""
+    compress = frames_compressor(resolve_compressor("zstd-chunked", 3))
+    shared = memoryview(bytearray(100))
+    table = _table((10, 0, 10, -1))
+    with pytest.raises(LayerError, match="outside the shared memory"):
+        compress_packed(
+            b"", table, compress_frames=compress, chunker=new_chunker(), merge=False,
+            places=array.array("q", [95]).tobytes(), shared=shared,
+        )
+    for places, two in (([0, 0], False), ([0], True)):
+        with pytest.raises(LayerError, match="places than frames"):
+            compress_packed(
+                b"", _table((10, 0, 10, -1), (10, 0, 10, -1)) if two else table,
+                compress_frames=compress, chunker=new_chunker(), merge=False,
+                places=array.array("q", places).tobytes(), shared=shared,
+            )
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_layers_through_shared_memory_are_the_bytes_of_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """A layer whose frames reach the workers in shared memory (most of its bytes) is
+    byte-identical to the same layer packed on one thread and to one sent in sockets only."""
+    paths = make_store(tmp_path)
+    placed: list[int] = []
+    submit = FrameProcesses.submit
+
+    def counting(self: FrameProcesses, settings: Any, table: bytes, *rest: Any) -> Any:
+        placed.append(sum(len(view) for view in (rest[2] if len(rest) > 2 else ())))
+        return submit(self, settings, table, *rest)
+
+    def pack(threads: int) -> bytes:
+        out = io.BytesIO()
+        pack_store_paths(
+            paths,
+            out.write,
+            ArchiveOptions(compression=compression),  # type: ignore[arg-type]
+            store_root=tmp_path,
+            threads=threads,
+        )
+        return out.getvalue()
+
+    monkeypatch.setattr(FrameProcesses, "submit", counting)
+    frame_processes.shutdown()  # a pool of this test's own, made with shared memory
+    shared = pack(2)
+    if shared_buffers.shared_memory_usable():
+        assert sum(placed) > 8_000_000  # its files (8.5 MB) went by place
+    assert shared == pack(1)
+    frame_processes.shutdown()
+    monkeypatch.setattr(frame_processes, "shared_memory_usable", lambda: False)
+    placed.clear()
+    assert pack(2) == shared
+    assert sum(placed) == 0
+    frame_processes.shutdown()

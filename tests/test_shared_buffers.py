@@ -1,0 +1,102 @@
+"""Buffers shared with the frame worker processes (nixery_core.shared_buffers)."""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import pytest
+
+from nixery_core import shared_buffers
+from nixery_core.shared_buffers import SharedBuffers
+
+pytestmark = pytest.mark.skipif(
+    not shared_buffers.shared_memory_usable(), reason="no memfd_create here"
+)
+
+_SLOT = 1 << 16
+
+
+@pytest.fixture
+def buffers() -> Iterator[SharedBuffers]:
+    made = SharedBuffers(4 * _SLOT)
+    yield made
+    made.close()
+
+
+def test_a_slot_is_not_handed_out_again_while_a_view_of_it_lives(buffers: SharedBuffers) -> None:
+    """A slot comes back from take only once every view of it is gone, then it is reused."""
+    first = buffers.take(_SLOT)
+    assert first is not None
+    view = memoryview(first)[10:20]
+    at = buffers.place(view)
+    del first
+    second = buffers.take(_SLOT)
+    assert second is not None
+    assert buffers.place(memoryview(second)[10:20]) != at  # not the held one
+    del second
+    view.release()
+    del view
+    again = buffers.take(_SLOT)
+    assert again is not None
+    assert buffers.place(memoryview(again)[10:20]) == at  # the first slot, reused
+
+
+def test_a_full_file_gives_none_until_a_slot_is_free(buffers: SharedBuffers) -> None:
+    """With every slot held and no room for another, take says None; a freed slot is reused."""
+    held = [buffers.take(_SLOT) for _ in range(4)]
+    assert all(isinstance(slot, mmap.mmap) for slot in held)
+    assert buffers.take(_SLOT) is None
+    assert buffers.take(1) is None  # no smaller room either
+    held.pop()
+    assert buffers.take(_SLOT) is not None
+
+
+def test_place_is_where_a_worker_finds_the_same_bytes(buffers: SharedBuffers) -> None:
+    """place gives the offset in the shared file at which a mapping of it holds the view's bytes."""
+    first = buffers.take(_SLOT)  # held: the second slot starts past it
+    assert first is not None
+    slot = buffers.take(_SLOT)
+    assert slot is not None
+    slot[100:110] = b"0123456789"
+    whole = mmap.mmap(buffers.fd, buffers.capacity)  # as a worker maps it
+    try:
+        at = buffers.place(memoryview(slot)[100:105], b"56789")
+        assert at >= _SLOT
+        assert whole[at : at + 10] == b"0123456789"
+    finally:
+        whole.close()
+
+
+def test_place_refuses_what_is_not_whole_in_one_slot(buffers: SharedBuffers) -> None:
+    """Bytes after the view that differ, run past its slot, or a buffer not shared: -1."""
+    slot = buffers.take(_SLOT)
+    assert slot is not None
+    slot[0:4] = b"abcd"
+    assert buffers.place(memoryview(slot)[0:2], b"cd") >= 0
+    assert buffers.place(memoryview(slot)[0:2], b"cX") == -1
+    assert buffers.place(memoryview(slot)[_SLOT - 2 :], b"more") == -1
+    assert buffers.place(memoryview(slot)[0:0]) == -1
+    assert buffers.place(memoryview(bytearray(b"abcd"))[0:2]) == -1
+    other = SharedBuffers(_SLOT)
+    try:
+        foreign = other.take(_SLOT)
+        assert foreign is not None
+        assert buffers.place(memoryview(foreign)[0:2]) == -1  # another pool's memory
+    finally:
+        other.close()
+
+
+def test_without_exact_reference_counts_no_slot_is_reused(
+    buffers: SharedBuffers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where reference counts may be inexact, no slot is handed out twice: new ones, then None."""
+    monkeypatch.setattr(shared_buffers, "EXACT_COUNTS", False)
+    places = set()
+    for _ in range(4):
+        slot = buffers.take(_SLOT)
+        assert slot is not None
+        places.add(buffers.place(memoryview(slot)[0:1]))
+        del slot
+    assert len(places) == 4
+    assert buffers.take(_SLOT) is None
