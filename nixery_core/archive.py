@@ -158,6 +158,7 @@ from nixery_core.errors import (
 )
 from nixery_core.estargz import EStargzFormat
 from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
+from nixery_core.fragment_toc import toc_part_lines, toc_part_parameters
 from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_key
 from nixery_core.protocols import JSONValue
 from nixery_core.released import released
@@ -649,7 +650,7 @@ class _TarStream:
 
     def put_cached(
         self, fragment: CachedFragment, source: bytes, toc: CachedFragment | None = None
-    ) -> None:
+    ) -> bool:
         """Copy a cached fragment between members; its uncompressed bytes join the diff_id.
 
         The uncompressed bytes are rebuilt from ``source`` (the store path it
@@ -660,12 +661,21 @@ class _TarStream:
         :data:`_PARALLEL_INFLATE` bytes are inflated there, several at once
         (members are independent); their bytes join the ``diff_id`` in order
         all the same.
+
+        A chunked layer's fragment comes with its TOC part (``toc``), read a
+        line at a time before any of its bytes are copied: ``False`` when
+        that part is damaged, nothing copied (the caller packs the store
+        path instead); ``True`` once copied.
         """
         if self._chunked is not None:
             if toc is None:  # pragma: no cover - the caller looks both up
                 raise RuntimeError("a chunked layer's fragment needs its TOC")
-            entries = _inflate_whole(self._spec, b"".join(toc.pieces()), toc.uncompressed_size)
-            chunks = self._chunked.put_fragment(entries, fragment.uncompressed_size)
+            lines = toc_part_lines(toc.pieces(), toc.uncompressed_size)
+            chunks = self._chunked.put_fragment(
+                lines, fragment.uncompressed_size, fragment.size
+            )
+            if chunks is None:
+                return False
             self._emit([(None, chunk) for chunk in chunks])
         elif self._compressor is not None or self._pos:
             raise RuntimeError("a member is open")  # a bug in this module, not input
@@ -680,7 +690,7 @@ class _TarStream:
                     os.fsdecode(source), done,
                 )
                 self._inflate_rest(fragment, done)
-            return
+            return True
         pool = self._executor
         if pool is not None and fragment.uncompressed_size <= _PARALLEL_INFLATE:
             pieces = list(fragment.pieces())
@@ -692,7 +702,7 @@ class _TarStream:
             )
             self._inflating += 1
             self._drain_diff()
-            return
+            return True
         inflate = _decompressor(self._spec)
         produced = 0
         for piece in fragment.pieces():
@@ -703,6 +713,7 @@ class _TarStream:
                 self._add_diff(out)
                 self._drain_diff()
         _check_inflated(produced, fragment.uncompressed_size, eof=inflate.eof)
+        return True
 
     def _add_rebuilt(self, block: bytearray) -> None:
         """A block rebuilt from the store, hashed on this thread.
@@ -1166,9 +1177,9 @@ def pack_store_paths(
     cache = fragments if spec.compression != "none" else None
     parameters = options.parameters() if cache is not None else {}
     keys = [fragment_key(full, parameters) for _, full, _ in tops] if cache is not None else []
-    # A chunked layer's fragment has a second part: its TOC entries (chunked.py).
+    # A chunked layer's fragment has a second part: its TOC entries (fragment_toc.py).
     toc_keys = (
-        [fragment_key(full, {**parameters, "part": "toc"}) for _, full, _ in tops]
+        [fragment_key(full, toc_part_parameters(parameters)) for _, full, _ in tops]
         if cache is not None and spec.chunked
         else []
     )
@@ -1191,13 +1202,13 @@ def pack_store_paths(
                         tar.put_cached(found, full)
                         continue
                     if found is not None:
-                        with cache.get(toc_keys[index]) as toc:
-                            if toc is not None:
-                                tar.put_cached(found, full, toc)
+                        # The TOC part: a small copy beside the frames, read as a stream.
+                        with cache.get(toc_keys[index], side=True) as toc:
+                            if toc is not None and tar.put_cached(found, full, toc):
                                 continue
                 recording = _Recording(cache.writer(key), LayoutRecorder(member))
                 if toc_keys:
-                    recording.toc = cache.writer(toc_keys[index])
+                    recording.toc = cache.writer(toc_keys[index], side=True)
             tar.begin(recording)
             _pack_tree(tar, member, full, kind, _SameContent(_SMALL_FILE, scratch))
             tar.end()

@@ -360,8 +360,10 @@ class BuildCache:
     copied into the cache at its first reuse, read ahead with the layer's
     other ranges), and copies elsewhere.  With ``fragment_bucket`` set on
     such a store, the bucket tier shares references to the ranges of the
-    layer blobs in the bucket instead of uploading copies.  Copies are kept
-    for eStargz and zstd:chunked layers.  See docs/caching.md.
+    layer blobs in the bucket instead of uploading copies.  An eStargz or
+    zstd:chunked layer's fragments are ranges like any other's; their TOC
+    parts (not bytes of the blob) are small copies beside them.  See
+    docs/caching.md.
     """
 
     directory: Path | None = None
@@ -478,8 +480,7 @@ class BuildCache:
         local = self._fragments
         if local is None or not self._ranges_on(store):
             return None
-        spec = archive.compressor()
-        if spec.chunked or spec.compression == "none":
+        if archive.compression == "none":
             return None
         if self.fragment_bucket is not None:
             tier = self.fragments_for(store)

@@ -43,12 +43,15 @@ on how the input was split into calls or on the number of threads.
 :meth:`ChunkedCompressor.begin_fragment` and
 :meth:`~ChunkedCompressor.end_fragment` (one store path) no frame reaches
 outside, so the store path's frames are the same bytes wherever it lands in
-a layer.  A recorded fragment is those frames plus, as a second fragment,
-its TOC entries with offsets counted from its first byte (one compressed
-frame of JSON); :meth:`~ChunkedCompressor.put_fragment` copies both into
-another layer, moving the offsets to where the frames land.  The TOC and
-footer are written at the end as always, so a layer is byte-identical
-whether its store paths were compressed now or copied.
+a layer.  A recorded fragment is those frames (their recorder learns where
+the first one starts in the blob, so they can be kept as a byte range of
+it) plus, as a part of its own, its TOC entries with offsets counted from
+its first byte (:mod:`nixery_core.fragment_toc`: JSON Lines, compressed as
+they come); :meth:`~ChunkedCompressor.put_fragment` takes that part back
+a line at a time, moving the offsets to where the frames land, before the
+frames are copied.  The TOC and footer are written at the end as always,
+so a layer is byte-identical whether its store paths were compressed now
+or copied.
 
 **Parallelism and memory.**  The caller's thread parses the tar and plans
 the cuts of big files (those not whole within a window of about 4 MiB,
@@ -71,10 +74,10 @@ their batch's offsets and digests.  An entry final and next in TOC order
 is serialized at once to the JSON bytes it takes in the TOC and spooled
 (:class:`~nixery_core.toc_spool.TocSpool`: 1 MiB in memory, then an
 unnamed temporary file), so the number of files in a layer costs disk, not
-memory.  A fragment being recorded spools its own TOC list the same way
-(offsets from its start), and a copied fragment's entries are parsed
-one fragment at a time (one store path's dicts, until its offsets are
-moved and it is spooled).  At the end the TOC is read back from the
+memory.  A fragment being recorded streams its own entries (offsets from
+its start) into its TOC part the same way, and a copied fragment's TOC
+part is read, moved and spooled one line at a time, so a store path's
+number of files costs no memory either.  At the end the TOC is read back from the
 spool a piece at a time and compressed as it streams
 (:func:`~nixery_core.compression.frame_stream`, fed fixed pieces, so the
 bytes are still a function of the input alone), so the end of a layer
@@ -89,19 +92,21 @@ import ctypes
 import ctypes.util
 import hashlib
 import json
+import logging
 import mmap
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 import orjson
 
 from nixery_core.compression import FramesCompressor
 from nixery_core.errors import LayerError, MissingEncoder
+from nixery_core.fragment_toc import TocPartWriter
 from nixery_core.released import released
 from nixery_core.toc_spool import TocSpool
 
@@ -128,6 +133,8 @@ __all__ = [
     "new_chunker",
     "plan_chunks",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The chunked formats' own version, in cache keys: bumped whenever their
 #: bytes change for the same input and compressor.  ``nixery-chunked/2``:
@@ -754,8 +761,12 @@ class FragmentRecorder(Protocol):
 
     It promises: :meth:`add` takes the compressed bytes in order,
     :meth:`commit` keeps them with the uncompressed size given, and
-    :meth:`discard` drops them.
+    :meth:`discard` drops them.  A frames recorder's :attr:`offset` is set
+    to where its first byte is in the layer blob before that byte is added
+    (what keeping the frames as a byte range of the blob needs).
     """
+
+    offset: int | None
 
     def add(self, piece: bytes) -> None: ...
 
@@ -773,8 +784,8 @@ class _Fragment:
     tar_start: int
     #: Its TOC entries not yet serialized, in order (the first may wait for frames).
     entries: deque[dict[str, Any]] = attrs.Factory(deque)
-    #: Its TOC list as JSON, entries serialized with offsets from its start.
-    toc_json: TocSpool = attrs.Factory(lambda: TocSpool(_FRAGMENT_SPOOL, prefix=b"[", suffix=b"]"))
+    #: Its TOC part: entries serialized with offsets from its start, compressed as they come.
+    toc_part: TocPartWriter = attrs.Factory(lambda self: TocPartWriter(self.toc), takes_self=True)
     tar_end: int = 0
     #: Compressed offset of its first byte in the layer (known when collected).
     offset: int = 0
@@ -785,17 +796,12 @@ class _Fragment:
         """Serialize the entries at the front that are final (once its offset is known)."""
         if self.opened:
             start = self.offset
-            _spool_front(self.entries, self.toc_json, lambda entry: _fragment_entry(entry, start))
+            _spool_front(self.entries, self.toc_part, lambda entry: _fragment_entry(entry, start))
 
     def dispose(self) -> None:
         self.frames.discard()
-        self.toc.discard()
+        self.toc_part.discard()
         self.entries.clear()
-        self.toc_json.close()
-
-
-#: Bytes of a recorded fragment's TOC JSON held in memory before it spills to a file.
-_FRAGMENT_SPOOL = 256 * 1024
 
 
 _NOTHING: _Batch = (b"", [], [], [])
@@ -813,8 +819,6 @@ class _InFlight:
     opens: _Fragment | None = None
     #: A fragment whose recording ends after this.
     closes: _Fragment | None = None
-    #: Entries of a cached fragment, whose offsets count from here.
-    rebase: list[dict[str, Any]] | None = None
     #: Uncompressed bytes of the batch.
     size: int = 0
     #: Its chunks joining their files' digests, when the batch went to a worker process.
@@ -931,10 +935,12 @@ class ChunkedCompressor:
         Every byte given from here to :meth:`end_fragment` is framed on its
         own, so the fragment's compressed bytes are the same wherever it sits
         in a layer.  With recorders, those bytes go to ``frames`` (committed
-        with the fragment's uncompressed size) and its TOC entries, offsets
-        counted from the fragment's start, as one compressed frame of JSON to
-        ``toc`` (committed with the JSON's size): what :meth:`put_fragment`
-        takes back.  Returns compressed bytes ready, like :meth:`compress`.
+        with the fragment's uncompressed size; its ``offset`` set to where
+        they start in the blob) and its TOC entries, offsets counted from the
+        fragment's start, to ``toc`` as a TOC part
+        (:class:`~nixery_core.fragment_toc.TocPartWriter`, committed with its
+        uncompressed size): what :meth:`put_fragment` takes back.  Returns
+        compressed bytes ready, like :meth:`compress`.
         """
         out: list[bytes] = []
         self._begin(out, None if frames is None or toc is None else (frames, toc))
@@ -948,22 +954,46 @@ class ChunkedCompressor:
         self._spool_final()
         return out
 
-    def put_fragment(self, toc: bytes, uncompressed_size: int) -> list[bytes]:
-        """Start copying a recorded fragment: its TOC JSON (as recorded, decompressed).
+    def put_fragment(
+        self, lines: Iterable[bytes], uncompressed_size: int, compressed_size: int
+    ) -> list[bytes] | None:
+        """Start copying a recorded fragment: its TOC part's ``lines``, taken one at a time.
 
-        The fragment's compressed bytes follow, in order, through
-        :meth:`put_compressed`; its entries join the TOC with their offsets
-        moved to where it lands.
+        ``lines`` are the part's entries as recorded (offsets from the
+        fragment's start, :func:`~nixery_core.fragment_toc.toc_part_lines`;
+        an iterable that raises :class:`ValueError` where it finds its part
+        damaged, or :class:`~nixery_core.errors.LayerError` where its cached
+        file changed since its check).  Every batch still in flight is collected first, so where
+        the fragment lands is known and each entry joins the TOC moved there
+        as soon as it is read: memory holds one entry, whatever the store
+        path's number of files.  The fragment's ``compressed_size`` bytes
+        follow, in order, through :meth:`put_compressed`.
+
+        Returns the compressed bytes ready, or ``None`` when the TOC part is
+        damaged (a line that is not an entry, offsets outside the fragment,
+        a part that does not read to its end): the entries taken from it are
+        taken back and the caller packs the store path instead.
         """
-        try:
-            entries = orjson.loads(toc)
-        except orjson.JSONDecodeError:  # damaged, or a lone surrogate escape (json reads it)
-            entries = _loads_escaped(toc)
-        if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
-            raise LayerError("a cached fragment's TOC does not parse; remove the fragment cache")
         out: list[bytes] = []
-        self._cached(out, entries, uncompressed_size)
+        self._boundary(out, marker=True)
+        self._collect(out, wait=True)
         self._spool_final()
+        if self._entries:  # pragma: no cover - every frame before is collected
+            raise LayerError("a TOC entry still waits for its frame before a copied fragment")
+        base, keys, toc = self._offset, self._fmt.toc_keys, self._toc
+        mark = toc.mark()
+        try:
+            for line in lines:
+                entry = _loads_entry(line, compressed_size)
+                if "offset" in entry:
+                    entry["offset"] += base
+                    entry["endOffset"] += base
+                toc.add(compact_json(_toc_entry(entry, keys)))
+        except (ValueError, LayerError) as exc:  # LayerError: its file changed since its check
+            toc.rewind(mark)
+            log.warning("a cached fragment's TOC part is damaged (%s); packing it", exc)
+            return None
+        self._tar_size += uncompressed_size
         return out
 
     def put_compressed(self, piece: bytes) -> list[bytes]:
@@ -1008,31 +1038,17 @@ class ChunkedCompressor:
         fragment.tar_end = self._tar_size
         self._marker(out, _InFlight([], -1, _NOTHING, closes=fragment))
 
-    def _cached(self, out: list[bytes], entries: list[dict[str, Any]], size: int) -> None:
-        self._boundary(out, marker=True)
-        for entry in entries:
-            # Final once the marker below is collected (their offsets moved).
-            entry[_WAIT] = True
-            self._add_entry(entry)
-        self._tar_size += size
-        self._marker(out, _InFlight([], -1, _NOTHING, rebase=entries))
-
     def _finish_fragment(self, fragment: _Fragment) -> None:
         """Commit a recorded fragment: every frame of it is collected, its entries complete.
 
         Its files all ended (a fragment ends between members), so every entry
-        left is final; its TOC list is compressed in one shot, as one buffer.
+        left is final: the last of them go to its TOC part, which is then kept.
         """
         fragment.spool_final()
         if fragment.entries:  # pragma: no cover - every frame of it is collected
             raise LayerError("a fragment's TOC entry still waits for its frame at its end")
-        try:
-            toc = fragment.toc_json.document()
-        finally:
-            fragment.toc_json.close()
-        fragment.toc.add(self._fmt.compress_frame(toc))
         fragment.frames.commit(fragment.tar_end - fragment.tar_start)
-        fragment.toc.commit(len(toc))
+        fragment.toc_part.commit()
         self._fragments.remove(fragment)
 
     def _cut(self, data: bytes | bytearray | memoryview) -> list[bytes]:
@@ -1572,13 +1588,9 @@ class ChunkedCompressor:
     def _take_collected(self, item: _InFlight, batch: _Batch, out: list[bytes]) -> None:
         """Offsets and digests of a collected batch (or marker) into the TOC; its bytes out."""
         if item.opens is not None:
-            item.opens.offset = self._offset
+            item.opens.offset = item.opens.frames.offset = self._offset
             item.opens.opened = True
             self._collecting_fragment = item.opens
-        if item.rebase is not None:
-            _move(item.rebase, self._offset)
-            for entry in item.rebase:
-                del entry[_WAIT]
         blob, lengths, digests, plans = batch
         if not item.frames:
             self._offset += len(blob)
@@ -1656,6 +1668,30 @@ def _is_entry(entry: object) -> bool:
     )
 
 
+def _loads_entry(line: bytes, compressed_size: int) -> dict[str, Any]:
+    """A TOC part's line as an entry whose frame lies within the fragment's ``compressed_size``
+    bytes and that :func:`_toc_entry` can write; :class:`ValueError` if it is not."""
+    try:
+        entry = orjson.loads(line)
+    except orjson.JSONDecodeError:  # damaged, or a lone surrogate escape (json reads it)
+        entry = _loads_escaped(line)
+    if not _is_entry(entry):
+        raise ValueError(f"a line that is not a TOC entry: {line[:80]!r}")
+    offset = entry.get("offset")
+    if offset is not None or "endOffset" in entry:
+        end = entry.get("endOffset")
+        if offset is None or end is None or not 0 <= offset <= end <= compressed_size:
+            raise ValueError(f"an entry outside the fragment: {line[:80]!r}")
+    if (
+        entry["type"] == "reg"
+        and entry.get("size")
+        and "digest" not in entry
+        and not isinstance(entry.get("chunkDigest"), str)
+    ):
+        raise ValueError(f"a file entry without its digest: {line[:80]!r}")
+    return cast("dict[str, Any]", entry)
+
+
 #: Where a file cut on a worker keeps its further chunks' entries until the TOC is written.
 _CHUNKS = "_chunks"
 #: Marks an entry whose offsets or digests are not known yet (never in the TOC).
@@ -1664,7 +1700,7 @@ _WAIT = "_wait"
 
 def _spool_front(
     entries: deque[dict[str, Any]],
-    spool: TocSpool,
+    spool: TocSpool | TocPartWriter,
     written: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     """Spool the entries at the front of ``entries`` that are final, as ``written`` gives them.
@@ -1703,15 +1739,6 @@ def _fragment_entry(entry: dict[str, Any], start: int) -> dict[str, Any]:
     if "endOffset" in out:
         out["endOffset"] -= start
     return out
-
-
-def _move(entries: list[dict[str, Any]], by: int) -> None:
-    """Add ``by`` to the compressed offsets of ``entries``."""
-    for entry in entries:
-        if "offset" in entry:
-            entry["offset"] += by
-        if "endOffset" in entry:
-            entry["endOffset"] += by
 
 
 def _parse_pax(payload: bytes) -> dict[bytes, bytes]:

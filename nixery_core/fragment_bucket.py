@@ -437,12 +437,14 @@ class BucketFragments:
             if self._pending.get(key) is future:
                 del self._pending[key]
 
-    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
+    def get(
+        self, key: str, *, side: bool = False
+    ) -> contextlib.AbstractContextManager[CachedFragment | None]:
         """The fragment in the local cache, once a fetch of it in flight (any pack's) is done."""
         self.wait(key)
         if self.ranges is not None:  # a reference is kept as a range: read from the store
-            return self.ranges.get(key)
-        return self.local.get(key)
+            return self.ranges.get(key, side=side)
+        return self.local.get(key, side=side)
 
     def wait(self, key: str) -> None:
         """Return once a fetch of ``key`` in flight (any pack's) is done."""
@@ -458,9 +460,9 @@ class BucketFragments:
             raise RuntimeError("a bucket tier without ranges shares copies, not layers")
         return SharedLayer(self, self.ranges.layer())
 
-    def writer(self, key: str) -> FragmentWriter:
+    def writer(self, key: str, *, side: bool = False) -> FragmentWriter:
         """Record a fragment being packed; once kept locally it is uploaded."""
-        return _SharedWriter(self.local, key, tier=self)
+        return _SharedWriter(self.local, key, side=side, tier=self)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -721,11 +723,17 @@ class SharedLayer:
             reads = self._layer.reads = RangeReads(store, ())
         reads.add(kept, self._positions.get(key, len(self._positions)))
 
-    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
+    def get(
+        self, key: str, *, side: bool = False
+    ) -> contextlib.AbstractContextManager[CachedFragment | None]:
         self._tier.wait(key)
-        return self._layer.get(key)
+        return self._layer.get(key, side=side)
 
-    def writer(self, key: str) -> FragmentWriter:
+    def writer(self, key: str, *, side: bool = False) -> FragmentWriter:
+        """A range of the layer blob; a side part (a chunked layer's TOC part, no bytes of
+        the blob) a copy, uploaded as the tier uploads copies."""
+        if side:
+            return self._tier.writer(key, side=True)
         return self._layer.writer(key)
 
     def stored(self, digest: str) -> None:

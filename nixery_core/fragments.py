@@ -180,6 +180,9 @@ _MAX_ABSENT = 100_000
 _TOUCH_BATCH = 256
 #: A cached fragment up to this size is kept in memory from its check to its copy (read once).
 _HOLD_SIZE = 8 << 20
+#: A side part (see FragmentSource) is kept in memory up to this size, then written as it comes;
+#: looked up, it is never held (read again as a stream).
+_SIDE_SPILL_SIZE = 256 << 10
 
 
 def fragment_key(source: bytes, parameters: Mapping[str, JSONValue]) -> str:
@@ -250,13 +253,21 @@ class FragmentSource(Protocol):
     of the source itself is a miss or a skipped write, never an error.
     :meth:`prefetch` is told every key of a layer before it is packed, so a
     remote tier can fetch the ones it has all at once.
+
+    A *side* part (``side=True``: a chunked layer's TOC part,
+    :mod:`nixery_core.fragment_toc`) is kept beside a fragment but is no
+    bytes of a layer blob: always a copy (never a range of the blob),
+    written to its file past 256 KiB and, looked up, read as a stream
+    (never held whole), so its size costs no memory.
     """
 
     def prefetch(self, keys: Sequence[str]) -> None: ...
 
-    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]: ...
+    def get(
+        self, key: str, *, side: bool = False
+    ) -> contextlib.AbstractContextManager[CachedFragment | None]: ...
 
-    def writer(self, key: str) -> FragmentWriter: ...
+    def writer(self, key: str, *, side: bool = False) -> FragmentWriter: ...
 
 
 @attrs.define
@@ -902,13 +913,16 @@ class FragmentCache:
             if found is not None:
                 found.stream.close()
 
-    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
+    def get(
+        self, key: str, *, side: bool = False
+    ) -> contextlib.AbstractContextManager[CachedFragment | None]:
         """The fragment under ``key``, checked against its CRC-32 (``None``: a miss).
 
         A fragment kept as a byte range of a layer blob is a miss here (and
-        stays): it is read through :meth:`on_store`'s view of a store.
+        stays): it is read through :meth:`on_store`'s view of a store.  A
+        ``side`` part is not held in memory from its check to its copy.
         """
-        return self._get(key, None)
+        return self._get(key, None, hold=not side)
 
     def on_store(self, store: SupportsReading) -> StoreFragments:
         """This cache seen from ``store``: new fragments kept as ranges of its layer blobs."""
@@ -917,7 +931,7 @@ class FragmentCache:
     @contextlib.contextmanager
     def _get(
         self, key: str, blobs: SupportsReading | None, *, copy: bool = False,
-        reads: RangeReads | None = None,
+        reads: RangeReads | None = None, hold: bool = True,
     ) -> Iterator[CachedFragment | None]:
         with self._count_lock:
             absent = key in self._absent
@@ -927,7 +941,7 @@ class FragmentCache:
         if absent:
             yield None
             return
-        found = self._lookup(key, blobs, copy=copy, reads=reads)
+        found = self._lookup(key, blobs, copy=copy, reads=reads, hold=hold)
         batch = False
         with self._count_lock:
             if found is None:
@@ -948,14 +962,15 @@ class FragmentCache:
 
     def _lookup(
         self, key: str, blobs: SupportsReading | None, *, copy: bool = False,
-        reads: RangeReads | None = None,
+        reads: RangeReads | None = None, hold: bool = True,
     ) -> CachedFragment | None:
         """The fragment under ``key``, its bytes checked (``None``: a miss).
 
         With ``copy``, a range is copied into the cache as it is checked (the
         copy kept once its bytes match) and the fragment returned reads the
         copy: the range is read from its store once.  ``reads``: the ranges
-        read ahead for the layer being packed.
+        read ahead for the layer being packed.  Without ``hold``, its pieces
+        are not kept in memory from the check to the copy (a side part).
         """
         self._settle(key)
         try:
@@ -980,7 +995,7 @@ class FragmentCache:
             return None
         copier = self.writer(key) if copy and blob is not None else None
         try:
-            held = _read_checking(stream, (expected, crc), copier)
+            held = _read_checking(stream, (expected, crc), copier, hold=hold)
         except (OSError, NixeryError, _Changed) as exc:
             stream.close()
             if copier is not None:
@@ -1065,9 +1080,12 @@ class FragmentCache:
         writer.commit(uncompressed_size)
         self._settle(key)
 
-    def writer(self, key: str) -> FragmentWriter:
-        """Record a fragment piece by piece while it is compressed; kept at ``commit``."""
-        return FragmentWriter(self, key)
+    def writer(self, key: str, *, side: bool = False) -> FragmentWriter:
+        """Record a fragment piece by piece while it is compressed; kept at ``commit``.
+
+        A ``side`` part goes to its data file past 256 KiB instead of 16 MiB.
+        """
+        return FragmentWriter(self, key, side=side)
 
 
 #: The index (SQLite) and the directory of the fragments' files, in the cache directory.
@@ -1237,6 +1255,8 @@ class FragmentWriter:
 
     _cache: FragmentCache
     key: str
+    #: A side part (see :class:`FragmentSource`): written to its file past 256 KiB, not 16 MiB.
+    side: bool = attrs.field(default=False, kw_only=True)
     _pieces: list[bytes] = attrs.field(init=False, factory=list)
     _size: int = attrs.field(init=False, default=0)
     _crc: int = attrs.field(init=False, default=0)
@@ -1254,7 +1274,7 @@ class FragmentWriter:
         self._size += len(piece)
         if self._file is None:
             self._pieces.append(piece)
-            if self._size > _SPILL_SIZE:
+            if self._size > (_SIDE_SPILL_SIZE if self.side else _SPILL_SIZE):
                 self._spill()
             return
         if self._file is _DISCARDED:
@@ -1387,13 +1407,13 @@ class _Changed(Exception):
 
 
 def _read_checking(
-    stream: BinaryIO, expected: tuple[int, int], copier: FragmentWriter | None
+    stream: BinaryIO, expected: tuple[int, int], copier: FragmentWriter | None, *, hold: bool
 ) -> tuple[bytes, ...] | None:
     """Read a kept fragment whole and check its length and CRC-32 (``expected``), or raise
-    :class:`_Changed`; its pieces if it is small (up to :data:`_HOLD_SIZE`).  Every piece
-    also goes to ``copier``, if given."""
+    :class:`_Changed`; its pieces if it is small (up to :data:`_HOLD_SIZE`) and ``hold``.
+    Every piece also goes to ``copier``, if given."""
     size, crc = 0, 0
-    held: list[bytes] | None = []
+    held: list[bytes] | None = [] if hold else None
     while piece := stream.read(_READ_SIZE):
         size += len(piece)
         crc = _crc32(piece, crc)
@@ -1444,14 +1464,21 @@ class StoreFragments:
     def prefetch(self, keys: Sequence[str]) -> None:
         self.cache.prefetch(keys)
 
-    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
-        return self._get(key, None)
+    def get(
+        self, key: str, *, side: bool = False
+    ) -> contextlib.AbstractContextManager[CachedFragment | None]:
+        return self._get(key, None, side=side)
 
     @contextlib.contextmanager
-    def _get(self, key: str, reads: RangeReads | None) -> Iterator[CachedFragment | None]:
+    def _get(
+        self, key: str, reads: RangeReads | None, *, side: bool = False
+    ) -> Iterator[CachedFragment | None]:
         """The fragment under ``key``; a range, with :attr:`copy_on_reuse`, copied into the
-        cache as it is checked (read from the store once, later reuses read the copy)."""
-        with self.cache._get(key, self.store, copy=self.copy_on_reuse, reads=reads) as found:
+        cache as it is checked (read from the store once, later reuses read the copy).  A
+        ``side`` part is a copy already, and not held in memory."""
+        with self.cache._get(
+            key, self.store, copy=self.copy_on_reuse and not side, reads=reads, hold=not side
+        ) as found:
             yield found
 
     def plan(self, keys: Sequence[str]) -> RangeReads | None:
@@ -1464,9 +1491,9 @@ class StoreFragments:
         ranges = self.cache.kept_ranges(keys)
         return RangeReads(store, ranges) if ranges else None
 
-    def writer(self, key: str) -> FragmentWriter:
+    def writer(self, key: str, *, side: bool = False) -> FragmentWriter:
         """A copy, as :meth:`FragmentCache.writer` (no layer blob to refer to)."""
-        return self.cache.writer(key)
+        return self.cache.writer(key, side=side)
 
     def layer(self) -> LayerRanges:
         """A :class:`FragmentSource` for packing one layer into this store."""
@@ -1493,10 +1520,15 @@ class LayerRanges:
             self._reads.close()
         self._reads = self._source.plan(keys)
 
-    def get(self, key: str) -> contextlib.AbstractContextManager[CachedFragment | None]:
-        return self._source._get(key, self._reads)
+    def get(
+        self, key: str, *, side: bool = False
+    ) -> contextlib.AbstractContextManager[CachedFragment | None]:
+        return self._source._get(key, self._reads, side=side)
 
-    def writer(self, key: str) -> FragmentWriter:
+    def writer(self, key: str, *, side: bool = False) -> FragmentWriter:
+        """A range of this layer's blob; a side part (no bytes of the blob) is a copy."""
+        if side:
+            return self._source.cache.writer(key, side=True)
         return RangeWriter(self._source.cache, key, layer=self)
 
     @property

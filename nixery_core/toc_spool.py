@@ -40,22 +40,17 @@ SPOOL_READ = 1 << 20
 class TocSpool:
     """Serialized TOC entries, in memory up to ``limit`` bytes, then in an unnamed file.
 
-    The document is ``prefix``, the entries joined by commas, ``suffix``: a
-    layer's TOC by default, ``b"["`` and ``b"]"`` for a fragment's list.
-
-    :meth:`add` takes one entry's JSON bytes; :meth:`pieces` gives the
-    whole TOC JSON a piece at a time (a layer's TOC, compressed as it
-    streams), :meth:`document` in one buffer (a fragment's list, one store
-    path's entries, compressed in one shot); :meth:`close` (idempotent)
-    frees the file.
+    The document is :data:`TOC_PREFIX`, the entries joined by commas,
+    :data:`TOC_SUFFIX`.  :meth:`add` takes one entry's JSON bytes;
+    :meth:`pieces` gives the whole TOC JSON a piece at a time (compressed
+    as it streams); :meth:`mark` and :meth:`rewind` take back entries added
+    since a point; :meth:`close` (idempotent) frees the file.
     """
 
-    def __init__(
-        self, limit: int = SPOOL_MEMORY, *, prefix: bytes = TOC_PREFIX, suffix: bytes = TOC_SUFFIX
-    ) -> None:
+    def __init__(self, limit: int = SPOOL_MEMORY) -> None:
         self._limit = limit
-        self._prefix = prefix
-        self._suffix = suffix
+        self._prefix = TOC_PREFIX
+        self._suffix = TOC_SUFFIX
         self._buffer = bytearray()
         self._file: IO[bytes] | None = None
         self._entries = 0
@@ -111,36 +106,27 @@ class TocSpool:
         if done != self.size:  # pragma: no cover - the file lost bytes
             raise OSError(f"the TOC spool read back {done} bytes of {self.size}")
 
-    def document(self, before: bytes = b"", after: bytes = b"") -> bytearray:
-        """``before``, the TOC JSON (``{"version":1,"entries":[...]}``), ``after``, in one buffer.
+    def mark(self) -> tuple[int, int]:
+        """Where the spool is now, for :meth:`rewind`."""
+        return self._entries, self._size
 
-        Read back into one buffer allocated once (what the one-shot
-        compression of a fragment's list needs); ``before`` and ``after``
-        put the document between other bytes without another copy.
+    def rewind(self, mark: tuple[int, int]) -> None:
+        """Drop the entries added since :meth:`mark` gave ``mark``.
+
+        What a copied fragment's entries need when its TOC part turns out
+        damaged midway (:meth:`~nixery_core.chunked.ChunkedCompressor.put_fragment`):
+        the TOC goes on as if they had never come.
         """
-        out = bytearray(len(before) + self.size + len(after))
-        view = memoryview(out)
-        pos = len(before) + len(self._prefix)
-        view[: len(before)] = before
-        view[len(before) : pos] = self._prefix
-        if self._file is not None:
+        entries, size = mark
+        spilled = self._size - len(self._buffer)
+        if size >= spilled:
+            del self._buffer[size - spilled :]
+        elif self._file is not None:
             self._file.flush()
-            self._file.seek(0)
-            while True:
-                piece = self._file.read(SPOOL_READ)
-                if not piece:
-                    break
-                view[pos : pos + len(piece)] = piece
-                pos += len(piece)
-        view[pos : pos + len(self._buffer)] = self._buffer
-        pos += len(self._buffer)
-        view[pos : pos + len(self._suffix)] = self._suffix
-        pos += len(self._suffix)
-        view[pos:] = after
-        if pos + len(after) != len(out):  # pragma: no cover - the file lost bytes
-            raise OSError(f"the TOC spool read back {pos} bytes of {len(out)}")
-        view.release()
-        return out
+            self._file.truncate(size)
+            self._file.seek(size)
+            self._buffer = bytearray()
+        self._entries, self._size = entries, size
 
     def close(self) -> None:
         """Free the temporary file and the buffer (the spool is empty after)."""

@@ -16,6 +16,7 @@ import os
 import struct
 import subprocess
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from nixery_core.chunked import (
     plan_chunks,
 )
 from nixery_core.compression import frame_compressor, frame_stream, frames_compressor
-from nixery_core.errors import InvalidInput, LayerError
+from nixery_core.errors import InvalidInput
 from nixery_core.estargz import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_NAME, footer
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
 from nixery_core.fragment_layout import FragmentLayout
@@ -247,18 +248,55 @@ def test_a_batch_of_frames_is_the_frames_one_by_one(options: ArchiveOptions) -> 
     assert blob == b"".join(expected)
 
 
-def test_a_damaged_cached_toc_is_refused() -> None:
-    """A cached fragment's TOC that is not a list of entries stops the pack with LayerError."""
+def _bare_compressor() -> ChunkedCompressor:
     spec = ArchiveOptions(compression="zstd-chunked").compressor()
-    compressor = ChunkedCompressor(
+    return ChunkedCompressor(
         ZstdChunkedFormat(frame_compressor(spec), stream_frame=frame_stream(spec)),
         mtime=1,
         executor=None,
         threads=1,
     )
-    for toc in (b"not json", b'{"entries": []}', b'[{"name": "a", "type": "fifo"}]'):
-        with pytest.raises(LayerError, match="TOC does not parse"):
-            compressor.put_fragment(toc, 0)
+
+
+def _finished(compressor: ChunkedCompressor) -> bytes:
+    out: list[bytes | bytearray] = []
+    compressor.finish(out.append, lambda _tar: None)
+    return b"".join(out)
+
+
+_GOOD_LINE = (
+    b'{"name":"nix/store/x-a/f","type":"reg","size":3,"offset":0,"endOffset":20,'
+    b'"chunkDigest":"sha256:00"}'
+)
+
+
+def _damaged_read(lines: list[bytes]) -> Iterator[bytes]:
+    yield from lines
+    raise ValueError("the TOC part does not decompress (test)")
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"not json"],
+        [b'{"entries": []}'],
+        [b'{"name": "a", "type": "fifo"}'],
+        [_GOOD_LINE, b'{"name":"a","type":"reg","size":1,"offset":50,"endOffset":101}'],
+        [_GOOD_LINE, b'{"name":"a","type":"reg","size":1,"offset":-1,"endOffset":3}'],
+        [_GOOD_LINE, b'{"name":"a","type":"reg","size":1,"offset":3}'],
+        [_GOOD_LINE, b'{"name":"a","type":"reg","size":1,"offset":3,"endOffset":4}'],
+        _damaged_read([_GOOD_LINE, _GOOD_LINE]),
+    ],
+    ids=["json", "document", "type", "past-end", "negative", "no-end", "no-digest", "unreadable"],
+)
+def test_a_damaged_toc_part_takes_nothing(lines: Iterable[bytes]) -> None:
+    """A cached fragment's TOC part with a line that is not an entry within the fragment, or
+    that stops reading midway, is refused (None) and the entries read before it taken back."""
+    compressor = _bare_compressor()
+    assert compressor.put_fragment(lines, 3, 100) is None
+    blob = _finished(compressor)
+    assert blob == _finished(_bare_compressor())
+    assert _toc("zstd-chunked", blob)[0]["entries"] == []
 
 
 def _decompress(compression: str, blob: bytes) -> bytes:

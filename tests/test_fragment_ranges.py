@@ -331,19 +331,19 @@ def test_ranges_count_against_the_size_limit_and_are_evicted_by_use(
         assert 0 < len(kept) < len(PATHS)
 
 
-def test_copies_are_kept_for_chunked_layers_and_stores_reading_whole_blobs(
+def test_ranges_are_offered_for_compressed_layers_and_not_on_stores_reading_whole_blobs(
     tmp_path: Path,
 ) -> None:
-    """Ranges are offered for gzip and zstd layers on stores with blob files or ranged reads
-    (through the bucket tier when it is on); eStargz and zstd:chunked layers, "copy" mode and
-    a store reading only whole blobs keep copies (the tier then uploads copies)."""
+    """Ranges are offered for gzip, zstd, eStargz and zstd:chunked layers on stores with blob
+    files or ranged reads (through the bucket tier when it is on); uncompressed layers, "copy"
+    mode and a store reading only whole blobs keep copies (the tier then uploads copies)."""
     blobs = FilesystemStore(tmp_path / "blobs", durable=False)
     whole = _NoRangeReads(MemoryStore())
     with BuildCache(tmp_path / "auto") as auto:
-        assert auto.fragment_ranges_for(blobs, ArchiveOptions()) is not None
-        assert auto.fragment_ranges_for(blobs, ArchiveOptions(compression="zstd")) is not None
-        for chunked in ("estargz", "zstd-chunked"):
-            assert auto.fragment_ranges_for(blobs, ArchiveOptions(compression=chunked)) is None
+        for compression in ("gzip", "zstd", "estargz", "zstd-chunked"):
+            options = ArchiveOptions(compression=compression)
+            assert auto.fragment_ranges_for(blobs, options) is not None
+        assert auto.fragment_ranges_for(blobs, ArchiveOptions(compression="none")) is None
         assert isinstance(auto.fragment_ranges_for(MemoryStore(), ArchiveOptions()),
                           StoreFragments)
         assert auto.fragment_ranges_for(whole, ArchiveOptions()) is None  # type: ignore[arg-type]  # a store by delegation
@@ -356,7 +356,8 @@ def test_copies_are_kept_for_chunked_layers_and_stores_reading_whole_blobs(
         assert isinstance(tier, BucketFragments)
         assert tier.ranges is not None
         assert bucket.fragment_ranges_for(whole, ArchiveOptions()) is None  # type: ignore[arg-type]  # as above
-        assert bucket.fragment_ranges_for(blobs, ArchiveOptions(compression="estargz")) is None
+        chunked = bucket.fragment_ranges_for(blobs, ArchiveOptions(compression="estargz"))
+        assert isinstance(chunked, BucketFragments)
 
 
 def test_on_a_store_without_blob_files_a_range_is_copied_at_its_first_reuse(

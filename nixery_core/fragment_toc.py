@@ -1,0 +1,137 @@
+"""A chunked fragment's TOC part: its entries as JSON Lines, written and read a record at a time.
+
+A store path recorded as a fragment of an eStargz or zstd:chunked layer
+(:mod:`nixery_core.chunked`, :mod:`nixery_core.fragments`) keeps, beside
+its frames, its *TOC part*: the TOC entries of its files with compressed
+offsets counted from the fragment's first byte, so that they can be moved
+to wherever the fragment lands in another layer.  Its frames are bytes of
+the layer blob (a copy, or a byte range of the stored blob); the TOC part
+is not, so it is always kept as a small copy in the fragment cache, beside
+the frames' row, under a key of its own (:func:`toc_part_parameters`).
+
+**Layout 2** (:data:`TOC_PART_LAYOUT`, in the TOC part's cache key): one
+zstd frame (with its checksum) of JSON Lines, one entry per line in TOC
+order, each entry the compact JSON the layer's TOC would hold
+(:func:`~nixery_core.chunked.compact_json`: ASCII only, a newline never
+raw inside it) followed by ``\\n``.  :class:`TocPartWriter` compresses the
+lines as they come (a 64 KiB buffer, then the compressor's stream) and
+hands the compressed pieces to the fragment's recorder; :func:`toc_part_lines`
+decompresses a kept TOC part 16 KiB of input at a time and yields it line
+by line.  Memory holds a buffer, the compressor's state and one line,
+whatever the store path's number of files: a store path of 200,000 files
+costs what one of 20,000 does (``tests/test_fragment_toc.py``).
+
+Layout 1 (the entries as one JSON list, compressed in one shot with the
+layer's frame compressor, read back and parsed whole) held every entry of a
+store path in memory twice; its keys are not looked up any more, so its
+rows are misses, evicted by use.  Layer bytes did not change: only where a
+fragment's entries are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import zstandard
+
+__all__ = ["TOC_PART_LAYOUT", "TocPartWriter", "toc_part_lines", "toc_part_parameters"]
+
+#: The TOC part's layout version, in its fragment key (1: one JSON list, read whole).
+TOC_PART_LAYOUT = 2
+#: Lines buffered before they go to the compressor.
+_BUFFER = 64 << 10
+#: Compressed bytes decompressed per call when read back (bounds each call's output).
+_READ_STEP = 16 << 10
+#: zstd level of TOC parts (kept in the cache only, never in a layer).
+_LEVEL = 3
+
+
+def toc_part_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The archive parameters that key a store path's TOC part (its frames' plus the part)."""
+    return {**parameters, "part": "toc", "toc_layout": TOC_PART_LAYOUT}
+
+
+class _Recorder(Protocol):
+    """Where the compressed TOC part goes (a :class:`~nixery_core.fragments.FragmentWriter`)."""
+
+    def add(self, piece: bytes) -> None: ...
+
+    def commit(self, uncompressed_size: int) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+class TocPartWriter:
+    """A TOC part being recorded: entries' JSON in, compressed pieces out to ``recorder``."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        self._recorder = recorder
+        self._compressor: Any = zstandard.ZstdCompressor(
+            level=_LEVEL, write_checksum=True
+        ).compressobj()
+        self._buffer = bytearray()
+        self._size = 0
+        self._done = False
+
+    def add(self, entry_json: bytes) -> None:
+        """One entry's compact JSON (a line of the TOC part)."""
+        buffer = self._buffer
+        buffer += entry_json
+        buffer += b"\n"
+        if len(buffer) >= _BUFFER:
+            self._compress()
+
+    def _compress(self) -> None:
+        self._size += len(self._buffer)
+        piece = self._compressor.compress(self._buffer)
+        self._buffer = bytearray()
+        if piece:
+            self._recorder.add(piece)
+
+    def commit(self) -> None:
+        """The last entry was added: the rest compressed, the part kept by its recorder."""
+        self._compress()
+        self._recorder.add(self._compressor.flush())
+        self._done = True
+        self._recorder.commit(self._size)
+
+    def discard(self) -> None:
+        """Drop the part (its recorder's bytes too); nothing after :meth:`commit`."""
+        if not self._done:
+            self._done = True
+            self._buffer = bytearray()
+            self._recorder.discard()
+
+
+def toc_part_lines(pieces: Iterable[bytes], uncompressed_size: int) -> Iterator[bytes]:
+    """The lines of a kept TOC part (its compressed ``pieces`` in order), one at a time.
+
+    Raises :class:`ValueError` where the part is damaged: it does not
+    decompress, stops before its frame's end, holds bytes after it, or
+    decompresses to another size than ``uncompressed_size`` (lines already
+    yielded may then be wrong: the caller takes nothing from a part until
+    it was read to its end).
+    """
+    inflate = zstandard.ZstdDecompressor().decompressobj()
+    rest = b""
+    produced = 0
+    try:
+        for piece in pieces:
+            view = memoryview(piece)
+            for start in range(0, len(view), _READ_STEP):
+                if inflate.eof:
+                    raise ValueError("bytes after the TOC part's frame")
+                out = inflate.decompress(view[start : start + _READ_STEP])
+                if not out:
+                    continue
+                produced += len(out)
+                if produced > uncompressed_size:
+                    raise ValueError("the TOC part decompresses to more than recorded")
+                lines = (rest + out).split(b"\n")
+                rest = lines.pop()
+                yield from lines
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"the TOC part does not decompress ({exc})") from exc
+    if not inflate.eof or inflate.unused_data or rest or produced != uncompressed_size:
+        raise ValueError("the TOC part ends early or is not whole lines")

@@ -1,0 +1,361 @@
+"""eStargz and zstd:chunked fragments as byte ranges, and their TOC parts (fragment_toc.py).
+
+A chunked layer's store path is kept as a range of the stored blob (its
+frames) plus a small TOC part beside it, JSON Lines written and read a
+record at a time.  Byte identity is checked against packs without any
+cache; the real client reading such layers is tests/test_partial_pull.py.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sqlite3
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_chunked_formats import FORMATS, make_store
+from test_chunked_formats import _with_references as with_references
+
+from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
+from nixery_core.cache import BuildCache
+from nixery_core.chunked import ChunkedCompressor, compact_json
+from nixery_core.compression import frame_compressor, frame_stream
+from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
+from nixery_core.fragment_toc import (
+    TOC_PART_LAYOUT,
+    TocPartWriter,
+    toc_part_lines,
+    toc_part_parameters,
+)
+from nixery_core.fragments import FragmentCache, FragmentSource, fragment_key
+from nixery_core.storage.filesystem import FilesystemStore
+from nixery_core.testing.storage import MemoryStore
+from nixery_core.zstd_chunked import ZstdChunkedFormat
+
+_Layer = tuple[bytes, PackedLayer]
+
+
+@pytest.fixture(scope="module")
+def four_paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """Four store paths: big and small files, several-chunk files, links, long names."""
+    root = tmp_path_factory.mktemp("chunked-ranges")
+    paths = make_store(root)
+    store = root / "nix" / "store"
+    for name, seed in (("c" * 32 + "-lib", 3), ("d" * 32 + "-app", 4)):
+        (store / name / "share").mkdir(parents=True)
+        (store / name / "share" / "data").write_bytes(with_references(400_000, seed, "kq"))
+        (store / name / "share" / "small").write_bytes(b"small %d\n" % seed)
+        paths.append("/nix/store/" + name)
+    return root, sorted(paths)
+
+
+def _options(compression: str) -> ArchiveOptions:
+    return ArchiveOptions(compression=compression)  # type: ignore[arg-type]  # a str from the parameters
+
+
+def _plain(root: Path, paths: list[str], compression: str, threads: int = 2) -> _Layer:
+    """The layer packed without any fragment cache."""
+    out = io.BytesIO()
+    packed = pack_store_paths(paths, out.write, _options(compression), store_root=root,
+                              threads=threads)
+    return out.getvalue(), packed
+
+
+def _copied(
+    root: Path, paths: list[str], compression: str, cache: FragmentSource, threads: int = 2
+) -> _Layer:
+    """The layer packed through ``cache`` into memory (fragments kept as copies)."""
+    out = io.BytesIO()
+    packed = pack_store_paths(paths, out.write, _options(compression), store_root=root,
+                              threads=threads, fragments=cache)
+    return out.getvalue(), packed
+
+
+def _stored(
+    blobs: FilesystemStore, root: Path, paths: list[str], compression: str,
+    cache: FragmentCache, *, threads: int = 2,
+) -> _Layer:
+    """The layer packed into ``blobs`` as a build does: its new fragments kept as ranges."""
+    layer = cache.on_store(blobs).layer()
+    options = _options(compression)
+    with blobs.open_blob_writer(options.media_type) as writer:
+        packed = pack_store_paths(paths, writer.write, options, store_root=root,
+                                  threads=threads, fragments=layer)
+        writer.commit(packed.digest)
+    layer.stored(packed.digest)
+    return blobs.read_blob(packed.digest), packed
+
+
+def _rows(directory: Path) -> list[tuple[str, str | None, str | None]]:
+    """(key, file, blob) of every row of a fragment index, read with sqlite3 directly."""
+    with sqlite3.connect(directory / "index.sqlite") as con:
+        return con.execute("SELECT key, file, blob FROM fragments").fetchall()
+
+
+def _keys(root: Path, path: str, compression: str) -> tuple[str, str]:
+    """The fragment keys of a store path's frames and of its TOC part."""
+    parameters = _options(compression).parameters()
+    full = os.fsencode(root / path.lstrip("/"))
+    return (fragment_key(full, parameters),
+            fragment_key(full, toc_part_parameters(parameters)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("compression", FORMATS)
+def test_chunked_layers_are_the_same_bytes_cold_from_ranges_or_from_copies(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str, threads: int
+) -> None:
+    """Layers {a,b} and {c,d} packed cold into a store keep their frames as ranges of their
+    blobs and their TOC parts as copies; {a,c} and {b,d} assembled from those ranges, or from
+    copies, are the bytes and annotations of packs without a cache."""
+    root, paths = four_paths
+    groups = [paths[:2], paths[2:]]
+    regroups = [[paths[0], paths[2]], [paths[1], paths[3]]]
+    expected = [_plain(root, g, compression, threads) for g in (*groups, *regroups)]
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with FragmentCache(tmp_path / "ranges") as cache:
+        cold = [_stored(blobs, root, g, compression, cache, threads=threads) for g in groups]
+        cache.flush()
+        rows = _rows(cache.directory)
+        frames = [_keys(root, path, compression)[0] for path in paths]
+        assert sorted(key for key, _, blob in rows if blob is not None) == sorted(frames)
+        assert all(file is None for _, file, _ in rows)  # TOC parts are small: in their rows
+        assert len(rows) == 2 * len(paths)
+        misses = cache.misses
+        warm = [_stored(blobs, root, g, compression, cache, threads=threads) for g in regroups]
+        assert cache.misses == misses
+    with FragmentCache(tmp_path / "copies") as copies:
+        copied = [_copied(root, g, compression, copies, threads) for g in (*groups, *regroups)]
+        assert copies.misses == len(paths)
+    assert [*cold, *warm] == expected
+    assert copied == expected
+
+
+@pytest.mark.parametrize("damage", ["deleted", "changed"])
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_chunked_range_whose_blob_was_deleted_or_changed_is_packed_again(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str, damage: str
+) -> None:
+    """A range of a blob deleted, or with a byte changed inside it, is a miss: the store path
+    is compressed again and the layer is the same bytes."""
+    root, paths = four_paths
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        first = _stored(blobs, root, paths[:2], compression, cache)[1]
+        _stored(blobs, root, paths[2:], compression, cache)
+        cache.flush()
+        if damage == "deleted":
+            blobs.delete_blob(first.digest)
+        else:
+            key = _keys(root, paths[0], compression)[0]
+            with sqlite3.connect(cache.directory / "index.sqlite") as con:
+                offset, size = con.execute(
+                    "SELECT offset, size FROM fragments WHERE key = ?", (key,)
+                ).fetchone()
+            blob = blobs.blob_path(first.digest)
+            blob.chmod(0o644)
+            data = bytearray(blob.read_bytes())
+            data[offset + size // 2] ^= 0xFF
+            blob.write_bytes(bytes(data))
+        misses = cache.misses
+        regrouped = [paths[0], paths[2]]
+        assert _stored(blobs, root, regrouped, compression, cache) == _plain(
+            root, regrouped, compression
+        )
+        assert cache.misses == misses + 1
+
+
+def _replace_toc_part(cache: FragmentCache, key: str, lines: list[bytes]) -> None:
+    """Keep ``lines`` as the TOC part under ``key`` (its CRC-32 theirs: only its content is bad)."""
+    writer = TocPartWriter(cache.writer(key, side=True))
+    for line in lines:
+        writer.add(line)
+    writer.commit()
+    cache.flush()
+
+
+def _toc_part(cache: FragmentCache, key: str) -> list[bytes]:
+    with cache.get(key, side=True) as found:
+        assert found is not None
+        return list(toc_part_lines(found.pieces(), found.uncompressed_size))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"garbage", b'{"name":"x","type":"reg","size":1,"offset":0,"endOffset":99999999}'],
+    ids=["not-json", "outside"],
+)
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_damaged_toc_part_record_is_a_miss_never_wrong_bytes(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str, damage: bytes
+) -> None:
+    """A TOC part whose last record is damaged (its CRC-32 intact) makes the store path a miss:
+    it is packed again, the layer is the same bytes, and the part is replaced by a good one."""
+    root, paths = four_paths
+    path = paths[2]
+    toc_key = _keys(root, path, compression)[1]
+    with FragmentCache(tmp_path / "fragments") as cache:
+        _copied(root, paths, compression, cache)
+        cache.flush()
+        good = _toc_part(cache, toc_key)
+        _replace_toc_part(cache, toc_key, [*good, damage])
+        assert _copied(root, paths, compression, cache) == _plain(root, paths, compression)
+        cache.flush()
+        assert _toc_part(cache, toc_key) == good
+        again = cache.misses
+        assert _copied(root, [path], compression, cache) == _plain(root, [path], compression)
+        assert cache.misses == again  # the good part is found
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_toc_parts_of_the_earlier_layout_are_misses(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
+) -> None:
+    """A cache holding only layout-1 TOC parts (one JSON list, under the key without
+    ``toc_layout``) misses every store path: they are packed again, to the same bytes."""
+    assert toc_part_parameters({})["toc_layout"] == TOC_PART_LAYOUT == 2
+    root, paths = four_paths
+    options = _options(compression)
+    compress = frame_compressor(options.compressor())
+    with FragmentCache(tmp_path / "fragments") as cache:
+        _copied(root, paths, compression, cache)
+        cache.flush()
+        for path in paths:
+            _, toc_key = _keys(root, path, compression)
+            lines = _toc_part(cache, toc_key)
+            with sqlite3.connect(cache.directory / "index.sqlite") as con:
+                con.execute("DELETE FROM fragments WHERE key = ?", (toc_key,))
+            document = b"[" + b",".join(lines) + b"]"
+            full = os.fsencode(root / path.lstrip("/"))
+            old = fragment_key(full, {**options.parameters(), "part": "toc"})
+            cache.put(old, [compress(document)], len(document))
+        misses = cache.misses
+        assert _copied(root, paths, compression, cache) == _plain(root, paths, compression)
+        assert cache.misses == misses + len(paths)
+
+
+def _entries(count: int) -> Iterator[bytes]:
+    """``count`` fragment TOC entries about as long and as varied as real ones (~270 bytes)."""
+    for n in range(count):
+        digest = b"%064x" % (n * 0x9E3779B97F4A7C15 % (1 << 256))
+        yield compact_json({
+            "name": f"nix/store/{'x' * 32}-pkg/share/doc/dir-{n // 100}/file-{n}.html",
+            "type": "reg", "mode": 420, "size": n * 37 % 10**5,
+            "modtime": "1970-01-01T00:00:01Z",
+            "chunkDigest": "sha256:" + digest.decode(),
+            "offset": n * 901, "endOffset": n * 901 + 900,
+        })
+
+
+def _record_and_reuse(directory: Path, count: int, *, trace: bool = True) -> int:
+    """Record a store path's TOC part of ``count`` entries, then copy it into a layer's TOC;
+    the peak Python heap of doing so above where it started (0 without ``trace``)."""
+    with FragmentCache(directory) as cache:
+        if trace:
+            tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            writer = TocPartWriter(cache.writer("toc", side=True))
+            for line in _entries(count):
+                writer.add(line)
+            writer.commit()
+            cache.flush()
+            spec = ArchiveOptions(compression="zstd-chunked").compressor()
+            compressor = ChunkedCompressor(
+                ZstdChunkedFormat(frame_compressor(spec), stream_frame=frame_stream(spec)),
+                mtime=1, executor=None, threads=1,
+            )
+            with cache.get("toc", side=True) as found:
+                assert found is not None
+                lines = toc_part_lines(found.pieces(), found.uncompressed_size)
+                assert compressor.put_fragment(lines, 0, count * 901) == []
+            compressor.close()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            if trace:
+                tracemalloc.stop()
+    return peak - base
+
+
+def test_a_toc_part_of_100k_entries_is_recorded_and_reused_in_the_heap_of_10k(
+    tmp_path: Path,
+) -> None:
+    """Recording a store path's TOC part and copying it into a layer peaks within 1 MiB of the
+    heap for 10,000 entries with 100,000 (as one list of dicts they took about 300 MB)."""
+    small = _record_and_reuse(tmp_path / "small", 10_000)
+    large = _record_and_reuse(tmp_path / "large", 100_000)
+    assert large < small + 1024 * 1024
+    assert large < 6 * 1024 * 1024
+
+
+#: A child recording and reusing a TOC part of argv[2] entries, then printing its peak RSS.
+_CHILD = """
+import sys, tempfile
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import test_fragment_toc as t
+with tempfile.TemporaryDirectory() as directory:
+    t._record_and_reuse(Path(directory), int(sys.argv[2]), trace=False)
+status = Path("/proc/self/status").read_text().splitlines()
+print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")))
+"""
+
+
+def _peak_rss_kb(entries: int) -> int:
+    child = [sys.executable, "-c", _CHILD, str(Path(__file__).parent), str(entries)]
+    return int(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc/self/status")
+def test_a_toc_part_of_200k_entries_peaks_at_the_rss_of_20k() -> None:
+    """A process recording and reusing a 200,000-entry TOC part peaks within 8 MB of one doing
+    it for 20,000 (zstd's and SQLite's memory included)."""
+    assert _peak_rss_kb(200_000) < _peak_rss_kb(20_000) + 8 * 1024
+
+
+def _into_bucket(
+    cache: BuildCache, bucket: MemoryStore, root: Path, paths: list[str], compression: str
+) -> _Layer:
+    """Pack a layer into ``bucket`` through the cache's bucket tier, as a build does."""
+    options = _options(compression)
+    tier = cache.fragment_ranges_for(bucket, options)
+    assert isinstance(tier, BucketFragments)
+    layer = tier.layer()
+    with bucket.open_blob_writer(options.media_type) as writer:
+        packed = pack_store_paths(paths, writer.write, options, store_root=root,
+                                  fragments=layer)
+        writer.commit(packed.digest)
+    layer.stored(packed.digest)
+    tier.flush()
+    return bucket.read_blob(packed.digest), packed
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_chunked_fragments_are_shared_through_a_bucket_as_references(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
+) -> None:
+    """A second instance (its own local cache) regroups chunked layers from the first's
+    references to ranges of its layer blobs and its uploaded TOC parts: nothing compressed,
+    the bytes of packs without a cache."""
+    root, paths = four_paths
+    bucket = MemoryStore()
+    policy = FragmentBucketPolicy(min_size=0, background=False)
+    with BuildCache(tmp_path / "a", fragment_bucket=policy) as first:
+        for group in (paths[:2], paths[2:]):
+            _into_bucket(first, bucket, root, group, compression)
+    regroups = [[paths[0], paths[2]], [paths[1], paths[3]]]
+    with BuildCache(tmp_path / "b", fragment_bucket=policy) as second:
+        layers = [_into_bucket(second, bucket, root, g, compression) for g in regroups]
+        local = second.fragments
+        assert local is not None
+        assert local.misses == 0
+        tier = second.fragment_ranges_for(bucket, _options(compression))
+        assert isinstance(tier, BucketFragments)
+        # Frames as references to ranges of the first's blobs, TOC parts as uploaded copies.
+        assert (tier.stats.referenced, tier.stats.hits) == (len(paths), 2 * len(paths))
+    assert layers == [_plain(root, g, compression) for g in regroups]
