@@ -52,6 +52,7 @@ import resource
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -263,9 +264,8 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         paths = build_corpus(root, args.size_mb)
     print(f"{len(paths)} store paths under {root}; load average {os.getloadavg()[0]:.1f}",
           flush=True)
-    work = root / "gcs-fragments-work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    # Caches of the runs in a directory of their own (a kept corpus is only read).
+    work = Path(tempfile.mkdtemp(prefix="bench-gcs-fragments-"))
     try:
         with FakeGcsServer() as server:
             pid = _server_pid(server)

@@ -23,6 +23,23 @@ It is opt-in: ``BuildCache(directory, fragment_bucket=FragmentBucketPolicy())``.
 
 The same compressed bytes under two keys are one blob.
 
+**References instead of copies.**  Where the layers packed into the store
+keep their fragments as byte ranges of their blobs (``ranges`` given:
+:class:`~nixery_core.fragments.StoreFragments`, which ``BuildCache`` gives
+on stores with local blob files or ranged reads), no fragment blob is
+uploaded: once a layer blob is committed, :class:`SharedLayer` queues for
+each of its fragments of at least ``min_size`` bytes a pointer version 2,
+``{"version": 2, "digest": <the layer blob>, "offset", "size",
+"uncompressed_size", "crc32", "layout"}``.  A reader keeps a reference it
+finds as a local range (no download) and reads it with its layer's other
+ranges (:mod:`nixery_core.fragment_reads`), checked by length and CRC-32
+before use; a reader without ranges downloads the range as a copy, checked
+by size, CRC-32 and decompression.  A reference names a layer blob, which
+lives while an entry names it; gc drops references whose blob is gone like
+any other pointer.  An instance of an earlier version refuses a version 2
+pointer (a miss: it packs the path and shares a copy, replacing the
+reference; correct either way).
+
 **Reading: local, then bucket, then pack.**  When a layer's pack starts,
 every one of its keys the local cache lacks is looked up in the bucket, up
 to ``threads`` at once, in the order the pack needs them (one pointer read

@@ -93,8 +93,11 @@ checks its length and CRC-32 as for a copy; a blob gone, short or changed
 is a miss and the row is dropped (a store that does not answer,
 :class:`~nixery_core.errors.StorageUnavailable`, is a miss that keeps it).
 On a store without local blob files
-(:class:`~nixery_core.protocols.SupportsBlobFiles`) a range's first reuse
-keeps a copy, replacing the range (:attr:`StoreFragments.copy_on_reuse`;
+(:class:`~nixery_core.protocols.SupportsBlobFiles`) ranges are read with one
+ranged request each where the store offers
+:class:`~nixery_core.protocols.SupportsRangeReads`, and those a layer reuses
+are read ahead (:meth:`StoreFragments.plan`, :mod:`nixery_core.fragment_reads`);
+there a range's first reuse keeps a copy, replacing the range (:attr:`StoreFragments.copy_on_reuse`;
 written as the range is read for its check, and the layer served from that
 copy, so the store is read once): later reuses are local and outlive the
 blob; on one with them it does not (the copy would cost the writes ranges
