@@ -488,8 +488,12 @@ class _Frame:
     chunk: dict[str, Any] | None = None
     #: Bytes of the chunk at the start of the frame (``len(head)``).
     chunk_size: int = 0
-    #: The running sha256 of a file of several chunks, which the chunk joins.
+    #: The running sha256 of a file of several chunks, which ``file_update`` joins.
     file_hash: Any = None
+    #: The chunks of the file's window from this one (its first) on, as one
+    #: view: hashed in one call, not one per chunk (fewer hand-offs of
+    #: Python's lock between the hashing thread and the one cutting the tar).
+    file_update: _Buffer | None = None
     #: The file entry whose ``digest`` that hash gives once this chunk (its last)
     #: joined it, and the hash.
     file_end: tuple[dict[str, Any], Any] | None = None
@@ -502,11 +506,16 @@ class _Frame:
     def __len__(self) -> int:
         return len(self.head) + len(self.data)
 
+    def handed_on(self) -> None:
+        """Drop the bytes (and hash work) handed to a worker: only the TOC fields stay."""
+        self.data, self.head, self.file_hash, self.file_update = bytearray(), b"", None, None
+
 
 #: A compressed batch: the frames joined, each frame's length, each frame's
 #: chunk digest, and for each frame given, how its file was cut (jobs only).
 _Batch = tuple[bytes, list[int], list[str], list["tuple[list[int], str] | None"]]
-#: A frame for a worker: head, data (joined unless a job), chunk size, file hash, job split.
+#: A frame for a worker: head, data (joined unless a job), chunk size, (file hash,
+#: the bytes joining it) or None, job split.
 _Item = tuple[_Buffer, _Buffer, int, Any, "bool | None"]
 
 
@@ -565,19 +574,20 @@ def _compress_batch(
 ) -> _Batch:
     """The frames compressed and joined, each one's length and the sha256 of its chunk.
 
-    The digest is ``""`` for a frame with no chunk.  Chunks of files of
-    several chunks also join their file's digest, in order (see
-    :class:`_OrderedFileHashing`).  A *job* (a whole file, ``split`` not
-    ``None``) is cut here (:func:`plan_chunks`) into one frame per chunk, the
-    last followed by the job's ``data`` when ``merge``; its plan (chunk
-    lengths, and the file's digest when it has several) comes back too.
+    The digest is ``""`` for a frame with no chunk.  The first chunk of
+    each window of a file of several chunks brings the window's chunks to
+    join their file's digest, in order (see :class:`_OrderedFileHashing`).
+    A *job* (a whole file, ``split`` not ``None``) is cut here
+    (:func:`plan_chunks`) into one frame per chunk, the last followed by the
+    job's ``data`` when ``merge``; its plan (chunk lengths, and the file's
+    digest when it has several) comes back too.
     """
     payloads: list[_Buffer] = []
     digests: list[str] = []
     plans: list[tuple[list[int], str] | None] = []
     updates: list[tuple[Any, _Buffer]] = []
     try:
-        for head, data, chunk_size, file_hash, split in frames:
+        for head, data, chunk_size, file_update, split in frames:
             if split is not None:
                 plans.append(
                     _cut_job(chunker, head, data, payloads, digests, merge=merge, split=split)
@@ -589,8 +599,8 @@ def _compress_batch(
             if chunk_size:
                 chunk = head if chunk_size == len(head) else memoryview(head)[:chunk_size]
                 digest = "sha256:" + hashlib.sha256(chunk).hexdigest()
-                if file_hash is not None:
-                    updates.append((file_hash, chunk))
+                if file_update is not None:
+                    updates.append(file_update)
             payloads.append(payload)
             digests.append(digest)
     finally:
@@ -1269,12 +1279,15 @@ class ChunkedCompressor:
         self._pending = []
         self._pending_bytes = 0
         lengths = plan_chunks(self._chunker, view, last=last, split_references=self._split)
+        run = view[: sum(lengths)]  # what the chunks cover: joins the file's hash at once
         start = 0
         # Chunks are views of the window, never copied: its buffer is not
         # written again while anything refers to it (_window_buffer).
         for length in lengths:
             chunk_last = last and start + length == len(view)
-            self._chunk(view[start : start + length], out, last=chunk_last)
+            self._chunk(
+                view[start : start + length], out, last=chunk_last, run=None if start else run
+            )
             start += length
         self._window = view[start:] if start < len(view) else b""
         if last:
@@ -1340,14 +1353,17 @@ class ChunkedCompressor:
             self._queue(frame, out)
         self._file = None
 
-    def _chunk(self, data: memoryview, out: list[bytes], *, last: bool) -> None:
+    def _chunk(
+        self, data: memoryview, out: list[bytes], *, last: bool, run: memoryview | None
+    ) -> None:
+        """A chunk of the current file; ``run``, for a window's first chunk, is all it emits."""
         file = self._file
         if file is None:  # pragma: no cover - content only comes after a header
             raise LayerError("file content outside a file")
         if self._chunk_offset == 0:
             entry = file
             # Files of one chunk take their digest from the chunk's; others
-            # hash their chunks in order on the workers (_OrderedFileHashing).
+            # hash their windows' chunks in order on the pool (_OrderedFileHashing).
             self._file_digest = None if last else hashlib.sha256()
         else:
             entry = {"name": file["name"], "type": "chunk"}
@@ -1363,7 +1379,8 @@ class ChunkedCompressor:
             ends=[entry],
             chunk=entry,
             chunk_size=len(data),
-            file_hash=self._file_digest,
+            file_hash=None if run is None else self._file_digest,
+            file_update=run,
             file_end=(file, self._file_digest) if last and self._file_digest is not None else None,
             final=file if last else None,
         )
@@ -1414,7 +1431,7 @@ class ChunkedCompressor:
                 _prefix(frame.head, len(frame.head)),
                 frame.data,
                 frame.chunk_size,
-                frame.file_hash,
+                None if frame.file_hash is None else (frame.file_hash, frame.file_update),
                 None if frame.job is None else frame.job[1],
             )
             if frame.head
@@ -1422,7 +1439,7 @@ class ChunkedCompressor:
             for frame in batch
         ]
         for frame in batch:
-            frame.data, frame.head, frame.file_hash = bytearray(), b"", None
+            frame.handed_on()
         work = {
             "compress_frames": self._fmt.compress_frames,
             "chunker": self._chunker,
@@ -1460,13 +1477,13 @@ class ChunkedCompressor:
                     parts.append(head)
                 job = -1 if frame.job is None else int(frame.job[1])
                 table += (len(head), len(frame.data), frame.chunk_size, job)
-                if frame.file_hash is not None:
-                    updates.append((frame.file_hash, _prefix(head, frame.chunk_size)))
+                if frame.file_hash is not None and frame.file_update is not None:
+                    updates.append((frame.file_hash, frame.file_update))
             else:
                 table += (0, len(frame.data), 0, -1)
             if not placed:
                 parts.append(frame.data)
-            frame.data, frame.head, frame.file_hash = bytearray(), b"", None
+            frame.handed_on()
         packed = array.array("q", table).tobytes()
         located = array.array("q", places).tobytes() if hold else b""
         future = self._processes.submit(self._settings, packed, parts, located, hold)
