@@ -131,6 +131,7 @@ from nixery_core.fragments import (
 )
 from nixery_core.protocols import (
     ReadableStore,
+    SupportsBlobFiles,
     SupportsRangeReads,
     SupportsRefresh,
     SupportsWrittenDigest,
@@ -724,6 +725,8 @@ class SharedLayer:
     _tier: BucketFragments
     _layer: LayerRanges
     _positions: dict[str, int] = attrs.field(init=False, factory=dict)
+    #: Held while a fetch thread adds a reference to the layer's reads.
+    _adding: threading.Lock = attrs.field(init=False, factory=threading.Lock)
 
     def prefetch(self, keys: Sequence[str]) -> None:
         self._positions = {key: index for index, key in enumerate(keys)}
@@ -732,12 +735,13 @@ class SharedLayer:
 
     def _found(self, key: str, kept: KeptRange) -> None:
         """A reference fetched for this layer: read it ahead with the others."""
-        reads = self._layer.reads
-        if reads is None:
-            store = self._layer.source.store
-            if not isinstance(store, SupportsRangeReads):
-                return  # read when needed, as any range on this store
-            reads = self._layer.reads = RangeReads(store, ())
+        store = self._layer.source.store
+        if not isinstance(store, SupportsRangeReads) or isinstance(store, SupportsBlobFiles):
+            return  # read when needed, as any range on this store
+        with self._adding:  # fetches of one layer run on several threads
+            reads = self._layer.reads
+            if reads is None:
+                reads = self._layer.reads = RangeReads(store, ())
         reads.add(kept, self._positions.get(key, len(self._positions)))
 
     def get(

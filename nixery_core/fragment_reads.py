@@ -144,8 +144,10 @@ class RangeReads:
 
     def add(self, kept: KeptRange, position: int) -> None:
         """A range learnt after planning (a reference found in a bucket), needed at
-        ``position`` in the pack's order: read ahead like the others, in one request with
-        the last range planned of its blob when that is not sent yet and they touch."""
+        ``position`` in the pack's order.  It joins the last request planned for its blob
+        when that is not sent yet and they touch (on either side); it is sent with the
+        others when the pack next takes a fragment (read ahead from there), so ranges
+        learnt meanwhile can still join it."""
         if kept.size <= 0 or kept.offset < 0:
             return
         with self._lock:
@@ -153,16 +155,19 @@ class RangeReads:
                 return
             tail = self._tail.get(kept.blob)
             end = kept.offset + kept.size
-            if (
-                tail is not None and tail.future is None and not tail.done
-                and tail.end <= kept.offset <= tail.end + self.max_gap
-                and end - tail.start <= self.max_request
-            ):
-                tail.end = end
-                tail.ranges.append(kept)
-                tail.left += 1
-                self._of[kept.key] = (tail, kept)
-                return
+            if tail is not None and tail.future is None and not tail.done:
+                after = tail.end <= kept.offset <= tail.end + self.max_gap
+                before = kept.offset < tail.start and tail.start - self.max_gap <= end \
+                    <= tail.start
+                if (after and end - tail.start <= self.max_request) or (
+                    before and tail.end - kept.offset <= self.max_request
+                ):
+                    tail.start, tail.end = min(tail.start, kept.offset), max(tail.end, end)
+                    tail.ranges.append(kept)
+                    tail.left += 1
+                    self._first[id(tail)] = min(self._first[id(tail)], position)
+                    self._of[kept.key] = (tail, kept)
+                    return
             request = _Request(kept.blob, kept.offset, end, [kept], left=1)
             self._of[kept.key] = (request, kept)
             self._tail[kept.blob] = request
@@ -172,7 +177,6 @@ class RangeReads:
                 self._plan, position, lo=self._next, key=lambda r: self._first[id(r)]
             )
             self._plan.insert(at, request)
-            self._ahead()
 
     def __contains__(self, key: object) -> bool:
         return key in self._of

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import sqlite3
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -302,13 +304,102 @@ def test_policy_refuses_nonsense() -> None:
 
 
 def test_malformed_pointers_do_not_parse() -> None:
-    """Pointer parsing refuses what a writer of version 1 never writes."""
+    """Pointer parsing refuses what a writer of version 1 or 2 never writes; a copy's pointer
+    stays version 1 (readable by earlier versions), a reference round-trips as version 2."""
     good = FragmentPointer("sha256:" + "a" * 64, 10, 20, 30)
     assert FragmentPointer.from_json(good.to_json()) == good
-    for bad in (b"[]", b'{"version": 2}', good.to_json().replace(b'"size": 10', b'"size": -1'),
-                good.to_json().replace(b"sha256:", b"md5:")):
+    assert json.loads(good.to_json())["version"] == 1
+    reference = FragmentPointer("sha256:" + "b" * 64, 10, 20, 30, offset=5, layout=b"\0\1")
+    assert FragmentPointer.from_json(reference.to_json()) == reference
+    assert json.loads(reference.to_json())["version"] == 2
+    for bad in (b"[]", b'{"version": 2}', b'{"version": 3}',
+                good.to_json().replace(b'"size": 10', b'"size": -1'),
+                good.to_json().replace(b"sha256:", b"md5:"),
+                reference.to_json().replace(b'"offset": 5', b'"offset": -5'),
+                reference.to_json().replace(b'"offset": 5, ', b""),
+                reference.to_json().replace(b'"AAE="', b'"%%"'),
+                reference.to_json().replace(b'"AAE="', b"7")):
         with pytest.raises((ValueError, TypeError, InvalidInput)):
             FragmentPointer.from_json(bad)
+
+
+def _shared_layer(store: Path, bucket: MemoryStore, directory: Path,
+                  paths: list[str]) -> tuple[FragmentCache, BucketFragments]:
+    """An instance keeping ranges of its layers in ``bucket`` packs ``paths`` as one layer
+    there and shares references to its fragments."""
+    local = FragmentCache(directory)
+    tier = BucketFragments(local, bucket, EVERY, ranges=local.on_store(bucket))
+    layer = tier.layer()
+    with bucket.open_blob_writer(OPTIONS.media_type) as writer:
+        packed = pack_store_paths(paths, writer.write, OPTIONS, store_root=store,
+                                  fragments=layer)
+        writer.commit(packed.digest)
+    layer.stored(packed.digest)
+    tier.flush()
+    return local, tier
+
+
+OPTIONS = ArchiveOptions()
+
+
+def test_references_are_shared_instead_of_copies_and_read_ahead_by_another_instance(
+    store: Path, tmp_path: Path
+) -> None:
+    """A layer packed with ranges shares a reference per fragment (no fragment blob); another
+    instance regroups from those references, reading neighbours of one layer blob in one
+    ranged read, compressing nothing, byte-identical to fresh packing."""
+    bucket = MemoryStore()
+    local_a, tier_a = _shared_layer(store, bucket, tmp_path / "a", PATHS)
+    with local_a, tier_a:
+        assert (tier_a.stats.references_shared, tier_a.stats.uploaded) == (len(PATHS), 0)
+    assert len(pointers(bucket)) == len(PATHS)
+    assert not [i for i in bucket.list_blobs() if i.media_type == FRAGMENT_MEDIA_TYPE]
+    local_b = FragmentCache(tmp_path / "b")
+    tier_b = BucketFragments(local_b, bucket, EVERY, ranges=local_b.on_store(bucket))
+    with local_b, tier_b:
+        bucket.reset_counters()
+        layer = tier_b.layer()
+        assert pack(store, PATHS[1:], OPTIONS, layer) == pack(store, PATHS[1:], OPTIONS)
+        assert local_b.misses == 0
+        assert tier_b.stats.referenced == len(PATHS) - 1
+        assert bucket.range_reads == 1  # three neighbours in the layer blob, one read
+        local_b.flush()
+        # Read from a store without local blob files: copied at this first reuse.
+        assert all(blob is None for _, _, blob in _index_rows(local_b.directory))
+
+
+def _index_rows(directory: Path) -> list[tuple[str, str | None, str | None]]:
+    with contextlib.closing(sqlite3.connect(directory / "index.sqlite")) as con:
+        return con.execute("SELECT key, file, blob FROM fragments").fetchall()
+
+
+def test_an_instance_keeping_copies_downloads_a_reference_as_a_checked_copy(
+    store: Path, tmp_path: Path
+) -> None:
+    """An instance without ranges (copy mode) fetches a reference's range into a local copy,
+    checked by size, CRC-32 and decompression; a damaged range is refused and packed."""
+    bucket = MemoryStore()
+    local_a, tier_a = _shared_layer(store, bucket, tmp_path / "a", PATHS)
+    with local_a, tier_a:
+        pass
+    local_b, tier_b = instance(tmp_path / "b", bucket)
+    with local_b, tier_b:
+        assert pack(store, PATHS[:2], OPTIONS, tier_b) == pack(store, PATHS[:2], OPTIONS)
+        assert (local_b.misses, tier_b.stats.hits, tier_b.stats.referenced) == (0, 2, 0)
+        assert all(blob is None for _, _, blob in _index_rows(local_b.directory))
+    (digest,) = {FragmentPointer.from_json(bucket.get_object(key) or b"").digest
+                 for key in pointers(bucket)}
+    data = bytearray(bucket.read_blob(digest))
+    data[len(data) // 2] ^= 0xFF
+    damaged = MemoryStore()
+    damaged._blobs[digest] = (bytes(data), OPTIONS.media_type)  # the same name, other bytes
+    for key in pointers(bucket):
+        damaged.put_object(key, bucket.get_object(key) or b"")
+    local_c, tier_c = instance(tmp_path / "c", damaged)
+    with local_c, tier_c:
+        assert pack(store, PATHS, OPTIONS, tier_c) == pack(store, PATHS, OPTIONS)
+        assert tier_c.stats.rejected >= 1
+        assert local_c.misses == tier_c.stats.rejected
 
 
 # --- garbage collection ----------------------------------------------------------
