@@ -33,6 +33,13 @@ paths, four threads, into a hashing sink), every fragment reused:
   first reuse; ``... later`` is the next regroup, from those copies;
 * ``no fragments``: every path compressed (what a miss costs).
 
+**Shared** (``--shared-only``): instance A packs four round-robin layers
+with the bucket tier on (every fragment shared), copies into one bucket,
+references into another; instance B, with an empty local cache each run,
+assembles four contiguous layers: from the shared copies (fragment blobs
+downloaded and checked), from the references (ranges of A's layer blobs
+read ahead, copied at first reuse), against compressing every path.
+
 Printed: wall seconds, CPU seconds of this process (every thread) and of
 fake-gcs-server (``/proc/<pid>/stat``), and each ratio against the row's
 baseline run in the same script.  Every regroup's layer digests must equal
@@ -256,6 +263,58 @@ def _report(title: str, runs: dict[str, list[Run]], baseline: str) -> None:
               f"   {wall / best_wall:9.3f} {med / med_wall:8.3f} {cpu / med_cpu:8.3f}")
 
 
+def shared(server: FakeGcsServer, pid: int, root: Path, paths: list[str], *, repeats: int,
+           work: Path) -> dict[str, list[Run]]:
+    """Instance A packs four round-robin layers with the bucket tier on (every fragment
+    shared: ``min_size=0``), sharing copies into one bucket and references into another;
+    instance B, with an empty local cache each run, assembles four contiguous layers."""
+    groups = [list(paths[i::4]) for i in range(4)]
+    size = -(-len(paths) // 4)
+    regroups = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+    every = FragmentBucketPolicy(min_size=0)
+    buckets = {}
+    for kind in ("copies", "references"):
+        store = buckets[kind] = GcsStore(server.make_bucket(f"shared-{kind}-{os.getpid()}"))
+        with FragmentCache(work / f"shared-{kind}") as cache:
+            view = cache.on_store(store) if kind == "references" else None
+            with BucketFragments(cache, store, every, ranges=view) as tier:
+                for group in groups:
+                    _pack_into(store, root, group, cache,
+                               "ranges" if kind == "references" else "copy", tier=tier)
+    runs: dict[str, list[Run]] = {"shared copies": [], "shared references": [],
+                                  "no fragments": []}
+    for index in range(repeats):
+        for name, done in runs.items():
+            warm(root, paths)
+            if name == "no fragments":
+                run = _timed(pid, lambda: _regroup(root, regroups, lambda: None))
+            else:
+                kind = name.split()[1]
+                store = buckets[kind]
+                cache = FragmentCache(work / f"b-{kind}-{index}")
+                view = cache.on_store(store) if kind == "references" else None
+                tier = BucketFragments(cache, store, every, ranges=view)
+
+                def work_once(tier: BucketFragments = tier, cache: FragmentCache = cache,
+                              kind: str = kind) -> tuple[str, ...]:
+                    digests = _regroup(root, regroups,
+                                       tier.layer if kind == "references" else lambda: tier)
+                    tier.close()
+                    cache.close()  # copies fetched or made at first reuse: written within
+                    return digests
+
+                run = _timed(pid, work_once)
+                if cache.misses:
+                    raise SystemExit(f"{name}: {cache.misses} paths compressed")
+            done.append(run)
+            print(f"  instance B {name:17} wall {run.wall:.3f} s  cpu {run.cpu:.3f} s"
+                  f"  server cpu {run.server_cpu:.3f} s", flush=True)
+    reference = runs["no fragments"][0].digests
+    if any(run.digests != reference for done in runs.values() for run in done):
+        raise SystemExit("instance B's layers differ from fresh packing")
+    return runs
+
+
 def _run(root: Path, args: argparse.Namespace) -> int:
     store = root / "nix" / "store"
     if store.is_dir() and any(store.iterdir()):
@@ -269,13 +328,17 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     try:
         with FakeGcsServer() as server:
             pid = _server_pid(server)
-            if not args.regroup_only:
+            if not (args.regroup_only or args.shared_only):
                 _report("cold pack into the bucket, one layer",
                         cold(server, pid, root, paths, repeats=args.repeats, work=work), "none")
-            if not args.cold_only:
+            if not (args.cold_only or args.shared_only):
                 _report("regroup 4 round-robin layers as 4 contiguous ones",
                         regroup(server, pid, root, paths, repeats=args.repeats, work=work),
                         "copies")
+            if args.shared_only or not (args.cold_only or args.regroup_only):
+                _report("instance B regroups what instance A shared in the bucket",
+                        shared(server, pid, root, paths, repeats=args.repeats, work=work),
+                        "no fragments")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -284,6 +347,8 @@ def _run(root: Path, args: argparse.Namespace) -> int:
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cold-only", action="store_true", help="only the cold packs")
     parser.add_argument("--regroup-only", action="store_true", help="only the regroups")
+    parser.add_argument("--shared-only", action="store_true",
+                        help="only instance B regrouping what instance A shared")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
