@@ -1724,12 +1724,19 @@ def _spool_front(
 
     Each file cut on a worker is followed by its further chunks' entries.
     """
-    add = spool.add
+    final: list[dict[str, Any]] = []
     while entries and _WAIT not in entries[0]:
         entry = entries.popleft()
-        add(compact_json(written(entry)))
-        for chunk in entry.get(_CHUNKS, ()):
-            add(compact_json(written(chunk)))
+        final.append(written(entry))
+        final.extend(written(chunk) for chunk in entry.get(_CHUNKS, ()))
+    if not final:
+        return
+    if isinstance(spool, TocSpool):
+        # One encoding for them all: the entries comma-joined, as the list writes them.
+        spool.add_many(compact_json(final)[1:-1], len(final))
+        return
+    for done in final:
+        spool.add(compact_json(done))
 
 
 def _toc_entry(entry: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

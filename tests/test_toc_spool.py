@@ -55,6 +55,25 @@ def test_the_pieces_are_the_whole_toc_json(entries: list[dict[str, Any]], limit:
 
 
 @settings(max_examples=100, deadline=None)
+@given(st.lists(_ENTRIES, max_size=5), st.integers(1, 64))
+def test_entries_spooled_many_at_once_are_the_toc_json_of_each_in_turn(
+    groups: list[list[dict[str, Any]]], limit: int
+) -> None:
+    """Groups of entries encoded at once (compact_json of the list, brackets dropped) read back
+    as the TOC of them all, escapes and surrogates included, with their count."""
+    spool = TocSpool(limit=limit)
+    try:
+        for group in groups:
+            spool.add_many(compact_json(group)[1:-1], len(group))
+        entries = [entry for group in groups for entry in group]
+        whole = compact_json({"version": 1, "entries": entries})
+        assert (spool.size, spool.entries) == (len(whole), len(entries))
+        assert b"".join(spool.pieces()) == whole
+    finally:
+        spool.close()
+
+
+@settings(max_examples=100, deadline=None)
 @given(_ENTRIES, _ENTRIES, st.integers(1, 64))
 def test_a_rewound_spool_is_as_if_the_later_entries_never_came(
     kept: list[dict[str, Any]], dropped: list[dict[str, Any]], limit: int
