@@ -540,6 +540,10 @@ class _TarStream:
         self._block: bytearray | mmap.mmap = self._next_block(None)
         self._view = memoryview(self._block)
         self._pos = 0
+        #: Where the bytes not handed on yet start in the block: 0, but for a
+        #: shared block a partial flush hands on its bytes so far and filling
+        #: goes on after them (one slot serves many small store paths).
+        self._start = 0
         self._diff = hashlib.sha256()
         self._digest = hashlib.sha256()
         self._size = 0
@@ -603,7 +607,7 @@ class _TarStream:
         compressor = self._compressor
         if compressor is None:
             raise RuntimeError("no member is open")  # a bug in this module, not input
-        if self._pos:
+        if self._pos > self._start:
             self._flush_block(partial=True)
         compressor.finish()
         compressor.close()
@@ -623,7 +627,7 @@ class _TarStream:
         chunked = self._chunked
         if chunked is None:  # pragma: no cover - only called for chunked layers
             raise RuntimeError("not a chunked layer")
-        if self._pos:
+        if self._pos > self._start:
             self._flush_block(partial=True)
         if begin:
             self._recording = recording
@@ -677,7 +681,7 @@ class _TarStream:
             if chunks is None:
                 return False
             self._emit([(None, chunk) for chunk in chunks])
-        elif self._compressor is not None or self._pos:
+        elif self._compressor is not None or self._pos > self._start:
             raise RuntimeError("a member is open")  # a bug in this module, not input
         layout = None if fragment.layout is None else FragmentLayout.decode(fragment.layout)
         if layout is not None and layout.size == fragment.uncompressed_size:
@@ -770,7 +774,9 @@ class _TarStream:
         if self._layout is not None:
             self._layout.literal(data)
         if self._chunked is not None and data is self.headers.made:
-            self._chunked.announce(self._pos, self.headers.made, self.headers.made_fields)
+            self._chunked.announce(
+                self._pos - self._start, self.headers.made, self.headers.made_fields
+            )
         self._put(data)
 
     def put_file(self, data: bytes | bytearray | memoryview, member: bytes) -> None:
@@ -840,7 +846,7 @@ class _TarStream:
             self._layout.member(header, member, size, pad)  # one call: most files come here
         pos = self._pos
         if self._chunked is not None and header is self.headers.made:
-            self._chunked.announce(pos, header, self.headers.made_fields)
+            self._chunked.announce(pos - self._start, header, self.headers.made_fields)
         self._block[pos : pos + len(header)] = header
         self._pos = pos + len(header) + size
         if pad:
@@ -854,7 +860,7 @@ class _TarStream:
         annotations: tuple[tuple[str, str], ...] = ()
         if self._chunked is not None:
             # A chunked format writes its own end (eStargz puts its TOC before it).
-            if self._pos:
+            if self._pos > self._start:
                 self._flush_block(partial=True)
             # Its end streams (the TOC read back and compressed in pieces).
             annotations = self._chunked.finish(
@@ -887,8 +893,9 @@ class _TarStream:
         block: bytes | bytearray | memoryview
         if shared:
             # A block in shared memory goes on as a view, even a partial one (a
-            # worker reads it in place), and a new one is filled.
-            block = memoryview(self._block)[: self._pos]
+            # worker reads it in place); filling goes on after it, or in a new
+            # block once this one is full.
+            block = memoryview(self._block)[self._start : self._pos]
         else:
             block = self._block[: self._pos] if partial else cast("bytearray", self._block)
         if self._small and not self._diff_pending:
@@ -903,12 +910,15 @@ class _TarStream:
         chunks = compressor.compress(block)  # type: ignore[arg-type]
         if self._recording is not None:
             self._record_block(self._recording, block)
-        if shared or not partial:  # a partial block went on as a copy: this one is written over
-            # The compressor, the hashing or a worker's socket may still hold
-            # ``block``: write into one nobody holds any more, or a new one.
-            self._block = self._next_block(self._block)
-            self._view = memoryview(self._block)
-        self._pos = 0
+        if shared and self._pos < BLOCK_SIZE:
+            self._start = self._pos  # only the part after it is written from now on
+        else:
+            if shared or not partial:  # a partial block went on as a copy: written over
+                # The compressor, the hashing or a worker's socket may still hold
+                # ``block``: write into one nobody holds any more, or a new one.
+                self._block = self._next_block(self._block)
+                self._view = memoryview(self._block)
+            self._pos = self._start = 0
         self._emit([(None, chunk) for chunk in chunks] or self._output.take_ready())
 
     def _next_block(self, done: bytearray | mmap.mmap | None) -> bytearray | mmap.mmap:

@@ -108,7 +108,7 @@ serve(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
 """
 #: Bytes of shared memory a pool maps for each of its workers (see SharedBuffers):
 #: room for the batches in flight, the blocks queued for hashing and big files' windows.
-_SHARED_PER_WORKER = 32 << 20
+_SHARED_PER_WORKER = 20 << 20
 
 
 class _WorkerTraceback(Exception):

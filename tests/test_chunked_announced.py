@@ -135,6 +135,21 @@ def test_announced_headers_give_the_parsed_layer(
 
 
 @pytest.mark.parametrize("compression", FORMATS)
+def test_headers_are_taken_as_announced_in_shared_blocks_too(
+    hostile_store: tuple[Path, list[str]], compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With worker processes (tar blocks in shared memory, filled on after each store path's
+    partial flush) every header announced on one thread is taken as announced."""
+    pack = _store_packer(hostile_store, compression)
+    taken = _count_taken(monkeypatch)
+    pack(1)
+    alone = len(taken)
+    taken.clear()
+    pack(2)
+    assert len(taken) == alone
+
+
+@pytest.mark.parametrize("compression", FORMATS)
 def test_announced_synthesised_entries_give_the_parsed_layer(
     compression: str, parsed_only: Callable[[], None]
 ) -> None:
