@@ -29,7 +29,9 @@ with ``--root-scale K``, with ``root_scale=K`` (row
 ``churn-aware-dominators+registry+roots``: in an image grouped as a whole,
 also from how many of its requested roots hold the path).
 ``--storage-rows`` runs only the rows the registry storage claim compares
-(the baselines, ``nixery-popularity-transitive`` and ours), faster.
+(the baselines, ``nixery-popularity-transitive`` and ours), faster, and
+labels each of ours ``at or below`` or ``OVER`` Nixery-transitive's storage
+(:func:`~nixery_core_sim.evaluation.format_storage_verdicts`).
 
 See :mod:`nixery_core_sim.universe` for the simulated package set and
 :mod:`nixery_core_sim.evaluation` for the measures.
@@ -70,6 +72,7 @@ from nixery_core.sources import LocalPathSource
 from nixery_core_sim.evaluation import (
     NIXERY_TRANSITIVE,
     PerPath,
+    Report,
     SingleLayer,
     WithRegistry,
     closure_from_json,
@@ -77,6 +80,7 @@ from nixery_core_sim.evaluation import (
     format_calibration,
     format_partial,
     format_report,
+    format_storage_verdicts,
     measure,
     published_strategies,
     realise_corpus,
@@ -133,6 +137,46 @@ def _with_references(
         return attrs.evolve(DEFAULT_STRATEGY, reference_scale=scale)
     except InvalidInput as exc:
         parser.error(f"{option}: {exc}")
+
+
+def print_report(
+    report: Report,
+    ours: Sequence[LayeringStrategy],
+    *,
+    storage_rows: bool,
+    by_kind: bool,
+    registry: bool,
+) -> None:
+    """Print a simulation's tables and verdicts (``main``'s output for a synthetic universe)."""
+    if report.calibration is not None:
+        print(format_calibration(report.calibration))
+        print()
+    print(format_report(report))
+    if storage_rows:
+        print()
+        print(format_storage_verdicts(report))
+    else:
+        print()
+        print("Whole-layer clients against partial-pull clients (files and chunks, see")
+        print("nixery_core_sim.files; eStargz or zstd:chunked layers pulled by podman):")
+        print()
+        print(format_partial(report))
+    if by_kind:
+        print()
+        print(format_by_kind(report))
+    print()
+    for strategy in ours:
+        print("\n".join(verdict(report, strategy.name).lines(strategy.name)))
+    if registry:
+        print()
+        floor = report.tally(PerPath().name).stored_all_revisions
+        transitive = report.tally(NIXERY_TRANSITIVE).stored_all_revisions
+        for t in report.tallies:
+            print(
+                f"{t.name}: stored over all revisions {t.stored_all_revisions / 1e9:.2f} GB, "
+                f"{t.stored_all_revisions / max(1, floor):.3f}x the floor, "
+                f"{t.stored_all_revisions / max(1, transitive):.3f}x {NIXERY_TRANSITIVE}"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,32 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if roots is not None:
         ours.append(WithRegistry(ROOTS_ROW, roots))
     report = simulate(config, budget, ours, storage_rows=args.storage_rows)
-    if report.calibration is not None:
-        print(format_calibration(report.calibration))
-        print()
-    print(format_report(report))
-    if not args.storage_rows:
-        print()
-        print("Whole-layer clients against partial-pull clients (files and chunks, see")
-        print("nixery_core_sim.files; eStargz or zstd:chunked layers pulled by podman):")
-        print()
-        print(format_partial(report))
-    if args.by_kind:
-        print()
-        print(format_by_kind(report))
-    print()
-    for strategy in ours:
-        print("\n".join(verdict(report, strategy.name).lines(strategy.name)))
-    if args.registry:
-        print()
-        floor = report.tally(PerPath().name).stored_all_revisions
-        transitive = report.tally(NIXERY_TRANSITIVE).stored_all_revisions
-        for t in report.tallies:
-            print(
-                f"{t.name}: stored over all revisions {t.stored_all_revisions / 1e9:.2f} GB, "
-                f"{t.stored_all_revisions / max(1, floor):.3f}x the floor, "
-                f"{t.stored_all_revisions / max(1, transitive):.3f}x {NIXERY_TRANSITIVE}"
-            )
+    print_report(
+        report, ours, storage_rows=args.storage_rows, by_kind=args.by_kind, registry=args.registry
+    )
     return 0
 
 

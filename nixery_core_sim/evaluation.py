@@ -80,6 +80,7 @@ __all__ = [
     "format_calibration",
     "format_partial",
     "format_report",
+    "format_storage_verdicts",
     "grouper_of",
     "measure",
     "published_strategies",
@@ -572,6 +573,31 @@ def format_report(report: Report) -> str:
             f"| {t.shared / max(1, report.total_image_bytes):.3f} "
             f"| {t.shared / max(1, floor.shared):.3f} | {mean:.1f} | {max(t.layers, default=0)} "
             f"| {t.seconds:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_storage_verdicts(report: Report) -> str:
+    """Each row's registry storage against Nixery's strategy with a transitive table, labelled.
+
+    One line per row but the baselines and that strategy itself: unique
+    layer bytes stored at the first revision, their ratio, and ``at or
+    below`` or ``OVER`` (the claim each held-out run is read by); empty if
+    the report has no :data:`NIXERY_TRANSITIVE` row.
+    """
+    if not any(t.name == NIXERY_TRANSITIVE for t in report.tallies):
+        return ""
+    transitive = report.tally(NIXERY_TRANSITIVE).shared
+    gb, unit = _unit(report)
+    lines = []
+    for t in report.tallies:
+        if t.name in _BASELINES or t.name == NIXERY_TRANSITIVE:
+            continue
+        ratio = t.shared / max(1, transitive)
+        label = "at or below" if t.shared <= transitive else "OVER"
+        lines.append(
+            f"{t.name}: stored {t.shared / gb:.3f} {unit}, {ratio:.4f}x {NIXERY_TRANSITIVE} "
+            f"({transitive / gb:.3f} {unit}): {label}"
         )
     return "\n".join(lines)
 

@@ -423,7 +423,11 @@ def test_with_prior_layers_tells_ours_the_registry_keeps_a_record() -> None:
     the default and prior layers passed to the constructor leave it off."""
     told = DEFAULT_STRATEGY.with_prior_layers([])
     assert told.told_registry
-    assert told.parameters() == {**DEFAULT_STRATEGY.parameters(), "told_registry": True}
+    assert told.parameters() == {
+        **DEFAULT_STRATEGY.parameters(),
+        "told_registry": True,
+        "root_scale": DEFAULT_STRATEGY.root_scale,
+    }
     assert "told_registry" not in DEFAULT_STRATEGY.parameters()
     assert not ChurnAwareDominators(prior_layers=[["/nix/store/a-x"]]).told_registry
     with pytest.raises(InvalidInput, match="told_registry"):
@@ -451,7 +455,7 @@ def test_ours_told_with_reference_scale_keeps_a_widely_referenced_library_apart(
     directly (so likely in other images) but that is a small share of it stays in a layer of
     its own with ``reference_scale``, where without it the library joins a user."""
     without, with_scale = _told_layers_of_a_small_shared_library(
-        lambda k: ChurnAwareDominators(root_slots=0, reference_scale=k), 3.0
+        lambda k: ChurnAwareDominators(root_slots=0, reference_scale=k, root_scale=0), 3.0
     )
     assert ["libz"] not in without
     assert ["libz"] in with_scale
@@ -462,16 +466,19 @@ def test_ours_told_with_reference_scale_keeps_a_widely_referenced_library_apart(
 def test_ours_root_scale_changes_only_an_image_grouped_whole_told_the_registry(
     graph: RuntimeGraph, budget: int
 ) -> None:
-    """``root_scale`` leaves a strategy not told the registry, and an image whose roots are
-    set apart, exactly as they are (layers; cache keys say it is set); told, an image grouped
-    as a whole keeps the promises."""
-    roots = ChurnAwareDominators(root_scale=10)
-    assert roots.group(graph, budget) == DEFAULT_STRATEGY.group(graph, budget)
-    assert roots.parameters() == {**DEFAULT_STRATEGY.parameters(), "root_scale": 10}
+    """``root_scale`` (on by default) leaves a strategy not told the registry, and an image
+    whose roots are set apart, exactly as they are (layers; the default's untold cache key
+    does not name it, told or another value does); told, an image grouped as a whole keeps
+    the promises."""
+    off = ChurnAwareDominators(root_scale=0)
+    assert DEFAULT_STRATEGY.root_scale > 0
+    assert off.group(graph, budget) == DEFAULT_STRATEGY.group(graph, budget)
+    assert off.parameters() == {**DEFAULT_STRATEGY.parameters(), "root_scale": 0}
     assert "root_scale" not in DEFAULT_STRATEGY.parameters()
-    told = roots.with_prior_layers([])
-    assert told.root_scale == 10
-    plain = DEFAULT_STRATEGY.with_prior_layers([])
+    told = DEFAULT_STRATEGY.with_prior_layers([])
+    assert told.parameters()["root_scale"] == DEFAULT_STRATEGY.root_scale
+    plain = off.with_prior_layers([])
+    assert plain.root_scale == 0
     if len(IndexedGraph.of(graph).roots) <= plain.root_slots < budget:  # roots set apart
         assert told.group(graph, budget) == plain.group(graph, budget)
     whole = attrs.evolve(told, root_slots=0)
@@ -484,7 +491,7 @@ def test_ours_told_with_root_scale_keeps_a_library_several_roots_use_apart() -> 
     that is a small share of the closure stays in a layer of its own with ``root_scale``,
     where without it the library joins a user."""
     without, with_scale = _told_layers_of_a_small_shared_library(
-        lambda k: ChurnAwareDominators(root_slots=0, root_scale=k), 10.0
+        lambda k: ChurnAwareDominators(root_slots=0, root_scale=k), DEFAULT_STRATEGY.root_scale
     )
     assert ["libz"] not in without
     assert ["libz"] in with_scale

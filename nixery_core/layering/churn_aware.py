@@ -76,15 +76,19 @@ The strategy is an agglomerative clustering on that cost:
    ``u`` of paths of this closure that reference it directly (a local
    stand-in for Nixery's popularity count): ``max(0.05, share, 1 -
    exp(-u / k))``.  Not told, it changes nothing.
-9. ``root_scale`` (``k``; 0, off, by default): told the registry, an image
-   grouped as a whole (no root set apart in step 1: a large image with many
-   requested packages) also estimates a path's chance of being elsewhere
-   from the number ``j`` of its requested roots, other than the path itself,
-   whose closures hold it: at least ``1 - exp(-j / k)`` (another image built
-   from the same package set requests other packages that use the same
-   libraries), and weighs its sharing costs by half (``other_images / 2``),
-   since the estimate raises nearly every path's chance.  Not told, or with
-   roots set apart, it changes nothing.
+9. ``root_scale`` (``k``; 10 by default since the sixth issue-17 round,
+   0 turns it off): told the registry, an image grouped as a whole (no root
+   set apart in step 1: a large image with many requested packages) also
+   estimates a path's chance of being elsewhere from the number ``j`` of
+   its requested roots, other than the path itself, whose closures hold
+   it, less one (a path one root alone uses says nothing of other images):
+   at least ``1 - exp(-j / k)`` (another image built from the same
+   package set requests other packages that use the same libraries), and
+   weighs that estimated sharing by half (``other_images / 2``), since the
+   estimate raises nearly every path's chance.  A stored layer's first
+   merge (step 6) keeps its full weight: that blob is certainly stored,
+   whatever the estimate says.  Not told, or with roots set apart, it
+   changes nothing.
 
 Costs depend only on the closures below the groups and their sizes, and
 ties are broken by store path names without hashes, so the same package
@@ -116,8 +120,11 @@ __all__ = ["ChurnAwareDominators"]
 #: The least chance that a store path is in some other image too.
 _ELSEWHERE = 0.05
 
-#: With ``root_scale``, the sharing weight of an image grouped as a whole (step 9).
+#: With ``root_scale``, the weight of estimated sharing in an image grouped as a whole (step 9).
 _WHOLE_IMAGE_WEIGHT = 0.5
+
+#: ``root_scale``'s default, chosen on tuning seeds (``docs/layering.md``, sixth round).
+_ROOT_SCALE = 10.0
 
 
 def _non_negative_int(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -212,9 +219,11 @@ class ChurnAwareDominators:
     ``u`` paths here is elsewhere with a chance of at least ``1 - exp(-u /
     reference_scale)`` (step 8); 0 (the default) leaves it out.
     ``root_scale``: told the registry, in an image grouped as a whole, a path
-    that ``j`` of the requested roots hold is elsewhere with a chance of at
-    least ``1 - exp(-j / root_scale)``, at half the sharing weight (step 9);
-    0 (the default) leaves it out.
+    that ``j + 1`` of the requested roots hold is elsewhere with a chance of
+    at least ``1 - exp(-j / root_scale)``, that estimate at half the sharing
+    weight, a stored layer at full weight (step 9); 10 by default, 0 leaves
+    it out.  Untold it changes nothing, and :meth:`parameters` names it only
+    when told or when it is not the default.
     """
 
     change_rate: float = attrs.field(default=0.003, validator=_rate)
@@ -228,7 +237,7 @@ class ChurnAwareDominators:
     )
     told_registry: bool = attrs.field(default=False, validator=_flag)
     reference_scale: float = attrs.field(default=0.0, validator=_weight)
-    root_scale: float = attrs.field(default=0.0, validator=_weight)
+    root_scale: float = attrs.field(default=_ROOT_SCALE, validator=_weight)
 
     @property
     def name(self) -> str:
@@ -245,7 +254,13 @@ class ChurnAwareDominators:
             **({"prior_layers_sha256": self.prior_digest()} if self.prior_layers else {}),
             **({"told_registry": True} if self.told_registry else {}),
             **({"reference_scale": self.reference_scale} if self.reference_scale else {}),
-            **({"root_scale": self.root_scale} if self.root_scale else {}),
+            # Only told does root_scale group differently: the default's
+            # parameters (so cache keys) untold are as before it was on.
+            **(
+                {"root_scale": self.root_scale}
+                if self.told_registry or self.root_scale != _ROOT_SCALE
+                else {}
+            ),
         }
 
     def prior_digest(self) -> str:
@@ -380,8 +395,10 @@ class _Clustering:
             k = strategy.root_scale
             roots = frozenset(ig.roots)
             mask = sum(1 << r for r in roots)
+            # Roots other than v itself, less one: what a single root uses
+            # alone says nothing about other images.
             elsewhere = [
-                max(e, 1.0 - math.exp(-((d & mask).bit_count() - (v in roots)) / k))
+                max(e, 1.0 - math.exp(-max(0, (d & mask).bit_count() - (v in roots) - 1) / k))
                 for v, (e, d) in enumerate(zip(elsewhere, dependents, strict=True))
             ]
         if strategy.told_registry and strategy.reference_scale:
@@ -391,17 +408,21 @@ class _Clustering:
                 max(e, 1.0 - math.exp(-len(users) / k))
                 for e, users in zip(elsewhere, ig.users, strict=True)
             ]
-        self.other_images = strategy.other_images * (_WHOLE_IMAGE_WEIGHT if whole else 1.0)
+        self.other_images = strategy.other_images
         self.stored_copy = strategy.stored_copy
-        weight = [self.weight_of(v) for v in range(n)]
+        # Estimated sharing at half weight in an image grouped as a whole; a
+        # stored layer's first merge (weight_of, in stored()) at full weight:
+        # that blob is certainly stored, whatever the estimate.
+        scale = _WHOLE_IMAGE_WEIGHT if whole else 1.0
+        weight = [scale * self.weight_of(v) for v in range(n)]
         model = _Containment if strategy.told_registry else _FirstForm
         self.sharing: _FirstForm | _Containment = model(self, elsewhere, weight)
 
     def weight_of(self, g: int) -> float:
-        """What regrouping group ``g`` costs other images, per image (its weight).
+        """What regrouping group ``g`` costs other images, per image (its full weight).
 
         Its expected re-pulled bytes plus a stored copy; for a prior layer,
-        what losing its form costs.
+        what losing its form costs (always at full weight).
         """
         return self.other_images * self.size[g] * (self.exposure[g] + self.stored_copy)
 
