@@ -3,7 +3,7 @@
 Everything here follows the docstrings of :mod:`nixery_core.protocols` and
 :mod:`nixery_core.storage.base`: the base classes check digests, keys,
 media types and writer use; this module only stores bytes.  It offers every
-optional capability (reading, listing, deletion, write times, staging
+optional capability (reading, ranged reads, listing, deletion, write times, staging
 clean-up, refresh), so the conformance kit checks all of them and garbage collection
 can judge and prune it (``tests/test_sqlite_store.py`` shows both, and a
 build served from it).
@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from nixery_core.errors import StorageUnavailable
+from nixery_core.errors import BlobNotFound, StorageUnavailable
 from nixery_core.protocols import BlobInfo
 from nixery_core.storage.base import BaseBlobWriter, BaseStore
+from nixery_core.storage.keys import validate_range
 
 __all__ = ["SqliteStore"]
 
@@ -88,6 +89,17 @@ class SqliteStore(BaseStore):
     def _open_blob(self, digest: str) -> BinaryIO | None:
         rows = self._run(digest, "SELECT data FROM blobs WHERE digest = ?", digest)
         return io.BytesIO(bytes(rows[0][0])) if rows else None
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of a blob from ``offset`` (fewer at its end), one query
+        (``SupportsRangeReads``)."""
+        validate_range(offset, length)
+        digest = self.checked_digest(digest)
+        rows = self._run(digest, "SELECT substr(data, ?, ?) FROM blobs WHERE digest = ?",
+                         offset + 1, length, digest)
+        if not rows:
+            raise BlobNotFound(digest)
+        return bytes(rows[0][0]) if length else b""
 
     def _get_object(self, key: str) -> bytes | None:
         rows = self._run(key, "SELECT data FROM objects WHERE key = ?", key)

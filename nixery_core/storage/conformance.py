@@ -6,7 +6,8 @@ Each :class:`Check` takes a fresh, empty store and raises
 rule.  A check that needs a capability the store does not offer
 (:class:`~nixery_core.protocols.SupportsReading`, ``SupportsListing``,
 ``SupportsDeletion``, ``SupportsWriteTimes``, ``SupportsStagingCleanup``,
-``SupportsRefresh``, tested structurally) does not apply to it.  No test framework is needed;
+``SupportsRefresh``, ``SupportsRangeReads``, tested structurally) does not
+apply to it.  No test framework is needed;
 with pytest::
 
     from nixery_core.storage.conformance import CHECKS
@@ -51,6 +52,7 @@ from nixery_core.protocols import (
     BlobInfo,
     SupportsDeletion,
     SupportsListing,
+    SupportsRangeReads,
     SupportsReading,
     SupportsRefresh,
     SupportsStagingCleanup,
@@ -467,6 +469,33 @@ def check_read_missing(store: Uploader) -> None:
     _expect_raises(BlobNotFound, lambda: store.read_blob(digest), "read_blob of an absent blob")
 
 
+# --- checks: SupportsRangeReads ------------------------------------------------------
+
+
+def check_read_range(store: Uploader) -> None:
+    """read_range gives exactly the bytes asked for, fewer at the blob's end, none past it;
+    an absent blob raises BlobNotFound, a negative offset or length InvalidInput."""
+    if not isinstance(store, SupportsRangeReads):
+        raise _lacks(SupportsRangeReads)
+    data = _payload("ranges", 150_000)
+    digest = store.put_blob(data, _TYPE).digest
+    for offset, length in ((0, 1), (0, len(data)), (1234, 56_789), (len(data) - 10, 10)):
+        _expect(store.read_range(digest, offset, length) == data[offset : offset + length],
+                f"read_range({offset}, {length}) returned other bytes")
+    _expect(store.read_range(digest, len(data) - 10, 100) == data[-10:],
+            "read_range across the end did not stop at it")
+    _expect(store.read_range(digest, len(data) + 5, 10) == b"",
+            "read_range past the end returned bytes")
+    _expect(store.read_range(digest, 7, 0) == b"", "read_range of no bytes returned bytes")
+    absent = sha256_digest(b"absent range")
+    _expect_raises(BlobNotFound, lambda: store.read_range(absent, 0, 10),
+                   "read_range of an absent blob")
+    _expect_raises(InvalidInput, lambda: store.read_range(digest, -1, 10),
+                   "read_range from a negative offset")
+    _expect_raises(InvalidInput, lambda: store.read_range(digest, 0, -1),
+                   "read_range of a negative length")
+
+
 # --- checks: SupportsListing ---------------------------------------------------------
 
 
@@ -664,6 +693,7 @@ CHECKS: tuple[Check, ...] = (
         check_concurrent_object_puts,
     ),
     *_checks((SupportsReading,), check_read_back, check_read_missing),
+    *_checks((SupportsRangeReads,), check_read_range),
     *_checks((SupportsListing,), check_list_blobs, check_list_objects),
     *_checks((SupportsDeletion,), check_delete_blob, check_delete_object),
     *_checks((SupportsWriteTimes,), check_write_times),

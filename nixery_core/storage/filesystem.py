@@ -58,6 +58,7 @@ from nixery_core.storage.keys import (
     validate_lease_name,
     validate_object_key,
     validate_prefix,
+    validate_range,
 )
 
 __all__ = ["FilesystemBlobWriter", "FilesystemStore"]
@@ -285,6 +286,13 @@ class FilesystemStore:
                 return path.open("rb")
             except FileNotFoundError:
                 raise BlobNotFound(digest) from None
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the blob from ``offset`` (fewer at its end), one ``pread``:
+        :class:`~nixery_core.protocols.SupportsRangeReads`."""
+        validate_range(offset, length)
+        with self.open_blob(digest) as stream, _translated(digest):
+            return os.pread(stream.fileno(), length, offset) if length else b""
 
     def read_blob(self, digest: str) -> bytes:
         """The whole blob in memory (for configs and manifests, not big layers)."""

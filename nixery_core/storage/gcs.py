@@ -87,6 +87,7 @@ from nixery_core.storage.keys import (
     validate_lease_name,
     validate_object_key,
     validate_prefix,
+    validate_range,
 )
 
 log = logging.getLogger(__name__)
@@ -415,7 +416,7 @@ class GcsStore:
         as GCS reports no checksum for a part of an object.
         """
         name = self.blob_object_name(digest)
-        _check_range(offset, length)
+        validate_range(offset, length)
         if length == 0:
             return b""
         try:
@@ -616,12 +617,6 @@ class GcsStore:
             )
         except _BACKEND_ERRORS as exc:
             raise _unavailable(exc, key, "listing of") from exc
-
-
-def _check_range(offset: int, length: int) -> None:
-    for name, value in (("offset", offset), ("length", length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidInput(f"a range's {name} must be an int >= 0, not {value!r}")
 
 
 def _size(meta: Any) -> int | None:

@@ -22,6 +22,7 @@ __all__ = [
     "validate_lease_name",
     "validate_object_key",
     "validate_prefix",
+    "validate_range",
 ]
 
 MAX_KEY_LENGTH = 512
@@ -72,3 +73,11 @@ def validate_lease_name(name: object) -> str:
     if not isinstance(name, str) or not _LEASE_NAME.fullmatch(name):
         raise InvalidInput(f"invalid lease name {name!r}: use 1 to 200 of [A-Za-z0-9_-]")
     return name
+
+
+def validate_range(offset: int, length: int) -> None:
+    """A byte range of a blob (:class:`~nixery_core.protocols.SupportsRangeReads`): an
+    ``offset`` and a ``length`` that are ints >= 0, else InvalidInput naming which."""
+    for name, value in (("offset", offset), ("length", length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(f"a range's {name} must be an int >= 0, not {value!r}")

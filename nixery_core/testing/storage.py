@@ -29,7 +29,12 @@ from nixery_core.errors import (
 )
 from nixery_core.protocols import BlobInfo
 from nixery_core.storage.base import BaseBlobWriter
-from nixery_core.storage.keys import validate_lease_name, validate_object_key, validate_prefix
+from nixery_core.storage.keys import (
+    validate_lease_name,
+    validate_object_key,
+    validate_prefix,
+    validate_range,
+)
 
 __all__ = ["MemoryBlobWriter", "MemoryStore", "StagedBlob"]
 
@@ -174,9 +179,7 @@ class MemoryStore:
 
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset`` (fewer at its end), counted in ``range_reads``."""
-        for name, value in (("offset", offset), ("length", length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidInput(f"a range's {name} must be an int >= 0, not {value!r}")
+        validate_range(offset, length)
         data = self.read_blob(digest)
         with self._lock:
             self.range_reads += 1
