@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -147,7 +148,9 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     pack_once(root, paths, "estargz", args.threads)
     runs: dict[str, list[Run]] = {name: [] for name in formats}
     pigz: list[float] = []
-    list_file = root / "pigz.lst"
+    # In a directory of its own: a kept corpus (--keep) is only read.
+    scratch = tempfile.TemporaryDirectory(prefix="bench-chunked-cpu-")
+    list_file = Path(scratch.name) / "pigz.lst"
     list_file.write_bytes(b"".join(path.lstrip("/").encode() + b"\0" for path in paths))
     for _ in range(args.repeats):
         if args.pigz:
@@ -171,6 +174,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
             fastest = min(run.wall for run in runs[name])
             print(f"  {name} / pigz -p2 -6 throughput: {min(pigz) / fastest:.2f}")
     print(f"  load average at the end {os.getloadavg()[0]:.1f}")
+    scratch.cleanup()
     return 0
 
 
