@@ -23,6 +23,12 @@ fragment recorded (layout, pieces kept until committed) but dropped at its
 commit, never written: what recording costs the packing threads, apart
 from writing.
 
+``--compression estargz`` (or ``zstd-chunked``, ``zstd``) measures those
+layers instead of gzip: a chunked layer's cold pack keeps its frames as
+ranges and its TOC parts as small copies (:mod:`nixery_core.fragment_toc`),
+its ``copies`` pack both as copies.  CPU counts the frame worker processes
+too (:func:`~benchmarks.bench_pack.workers_cpu`).
+
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_cold_fragments            # 300 MB closure
@@ -30,6 +36,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.bench_cold_fragments --keep DIR # reuse a corpus
     .venv/bin/python -m benchmarks.bench_cold_fragments --split    # recording apart from writing
     .venv/bin/python -m benchmarks.bench_cold_fragments --regroup  # reuse: ranges against copies
+    .venv/bin/python -m benchmarks.bench_cold_fragments --compression estargz  # (or zstd-chunked)
 
 On a machine other work keeps busy, ``chrt -r 1`` in front (the whole run
 at real-time priority, so that other processes do not take its cores) and
@@ -52,7 +59,14 @@ from pathlib import Path
 
 import attrs
 
-from benchmarks.bench_pack import build_corpus, closure_main, ours, warm, warm_fragments
+from benchmarks.bench_pack import (
+    build_corpus,
+    closure_main,
+    ours,
+    warm,
+    warm_fragments,
+    workers_cpu,
+)
 from nixery_core.archive import ArchiveOptions
 from nixery_core.fragments import FragmentCache
 from nixery_core.storage.filesystem import FilesystemStore
@@ -103,15 +117,17 @@ def _store_at(directory: Path) -> Callable[[], FilesystemStore]:
 
 
 def _cpu() -> float:
+    """CPU seconds of this process and its live frame worker processes (chunked layers)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime + workers_cpu()
 
 
 def measure(
-    root: Path, paths: Sequence[str], repeats: int, caches: Path, *, split: bool = False
+    root: Path, paths: Sequence[str], repeats: int, caches: Path, *, split: bool = False,
+    options: ArchiveOptions | None = None,
 ) -> dict[str, list[Run]]:
     """Each pack ``repeats`` times, interleaved; cold caches made under ``caches``."""
-    options = ArchiveOptions()
+    options = options or ArchiveOptions()
     runs: dict[str, list[Run]] = {"without": [], "cold": [], "copies": []}
     if split:
         runs["recorded"] = []
@@ -167,12 +183,19 @@ def _options(parser: argparse.ArgumentParser) -> None:
         "--regroup", action="store_true",
         help="time regroups from ranges and from copies instead of cold packs",
     )
+    parser.add_argument(
+        "--compression", default="gzip", choices=("gzip", "zstd", "estargz", "zstd-chunked"),
+        help="the layers' compression (default gzip)",
+    )
 
 
-def regroup(root: Path, paths: Sequence[str], repeats: int, work: Path) -> None:
+def regroup(
+    root: Path, paths: Sequence[str], repeats: int, work: Path,
+    options: ArchiveOptions | None = None,
+) -> None:
     """Four contiguous layers assembled from fragments kept by four round-robin packs, as
     ranges of their blobs and as copies, interleaved; each run's output to a hashing sink."""
-    options = ArchiveOptions()
+    options = options or ArchiveOptions()
     groups = [list(paths[i::4]) for i in range(4)]
     size = -(-len(paths) // 4)
     regroups = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
@@ -197,6 +220,11 @@ def regroup(root: Path, paths: Sequence[str], repeats: int, work: Path) -> None:
     for name, done in runs.items():
         wall_m, cpu_m, _ = _medians(done)
         print(f"  {name:8} {wall_m:.3f}  {cpu_m:.3f}")
+    (ranges_wall, ranges_cpu, _), (copies_wall, copies_cpu, _) = (
+        _medians(runs["ranges"]), _medians(runs["copies"])
+    )
+    print(f"  ranges / copies: wall {ranges_wall / copies_wall:.3f}, "
+          f"CPU {ranges_cpu / copies_cpu:.3f}")
 
 
 def _run(root: Path, args: argparse.Namespace) -> int:
@@ -205,18 +233,23 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         paths = sorted(f"/nix/store/{entry.name}" for entry in store.iterdir())
     else:
         paths = build_corpus(root, args.size_mb)
-    print(f"{len(paths)} store paths under {root}; load average {os.getloadavg()[0]:.1f}")
+    options = ArchiveOptions(compression=args.compression)
+    print(f"{len(paths)} store paths under {root}, {args.compression}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     if args.regroup:
         with tempfile.TemporaryDirectory(prefix="bench-regroup-") as work:
-            regroup(root, paths, args.repeats, Path(work))
+            regroup(root, paths, args.repeats, Path(work), options)
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-cold-fragments-") as caches:
-        runs = measure(root, paths, args.repeats, Path(caches), split=args.split)
+        runs = measure(root, paths, args.repeats, Path(caches), split=args.split,
+                       options=options)
     best = {name: (min(r.wall for r in rs), min(r.cpu for r in rs)) for name, rs in runs.items()}
     writer = min(r.writer_cpu for r in runs["cold"])
     (wall, cpu), (cold_wall, cold_cpu) = best["without"], best["cold"]
     print(f"best of {args.repeats}: without {wall:.3f} s / {cpu:.3f} cpu-s; "
           f"cold {cold_wall:.3f} s / {cold_cpu:.3f} cpu-s")
+    copies_wall, copies_cpu = best["copies"]
+    print(f"  copies / without: wall {copies_wall / wall:.3f}, CPU {copies_cpu / cpu:.3f}")
     print(f"  cold / without: wall {cold_wall / wall:.3f}, CPU {cold_cpu / cpu:.3f} "
           f"(+{cold_cpu - cpu:.3f} cpu-s, of which the writing thread {writer:.3f}); "
           f"load average {os.getloadavg()[0]:.1f}")

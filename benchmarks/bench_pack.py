@@ -39,7 +39,10 @@ user + system seconds of that run, children included):
   what is still queued);
 * eStargz and zstd:chunked (issue 17): one layer, ``--layers`` layers in
   threads, and regrouped from fragments as above (a store path's frames
-  and its TOC entries are fragments too);
+  kept as ranges of the first layers' blobs, its TOC part as a small copy
+  beside them, :mod:`nixery_core.fragment_toc`); and, as for gzip, one
+  layer into a ``FilesystemStore`` without fragments and one cold into
+  fragments (frames as ranges of its blob, TOC parts as copies);
 * without ``--quick``: other backends and levels, for the docs table
   (``gzip -6`` runs once: it is slow and only there for context);
 * memory: a child process packs one layer of ``--rss-mb`` (the closure
@@ -59,7 +62,7 @@ ours >= 0.5x the tar read rate, output <= 1.10x ``pigz -6``, peak RSS
 < 150 MB for the big layer (gzip, and eStargz and zstd:chunked counting
 the packing process); regrouped from fragments >= 0.5x the tar read
 rate, and a cold pack into the fragment cache >= 0.95x the rate of one
-without (no slower, within noise).
+without (no slower, within noise), for gzip and for each chunked format.
 
 Run from the repository root::
 
@@ -667,6 +670,9 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     ]
     for chunked_options in chunked:
         name = chunked_options.compression
+        # Frames kept as ranges of the first layers' blobs, TOC parts as copies (as auto does).
+        shutil.rmtree(root / f"warm-blobs-{name}", ignore_errors=True)
+        chunked_blobs = FilesystemStore(root / f"warm-blobs-{name}", durable=False)
         contenders += [
             (f"ours {name}, 1 layer", ours(root, [paths], chunked_options), tar_bytes),
             (
@@ -677,9 +683,18 @@ def _run(root: Path, args: argparse.Namespace) -> int:
             (
                 f"ours {name}, regrouped {args.layers}",
                 ours(root, regroups, chunked_options,
-                     warm_fragments(root, groups, chunked_options, "-" + name)),
+                     warm_fragments(root, groups, chunked_options, "-" + name,
+                                    blobs=chunked_blobs),
+                     read_from=chunked_blobs),
                 tar_bytes,
             ),
+            (f"ours {name}, 1 layer into a store",
+             ours(root, [paths], chunked_options, blobs=cold_blobs(root, f"{name}-without")),
+             tar_bytes),
+            (f"ours {name}, 1 layer, cold fragments",
+             ours(root, [paths], chunked_options, cold_fragments(root, "-" + name),
+                  blobs=cold_blobs(root, f"{name}-ranges")),
+             tar_bytes),
         ]
     print(f"measuring, best of {args.repeats} ...", flush=True)
     results = measure(root, paths, contenders, args.repeats)
@@ -690,7 +705,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
             root, paths, [("tar -c | gzip -6", tool(root, list_file, "gzip -6"), tar_bytes)], 1
         )
     read, pigz, single, parallel, cold, regrouped, stored, copies = results[:8]
-    chunked_results = results[8:14]  # after the eight above
+    chunked_results = results[8 : 8 + _CHUNKED_ROWS * len(chunked)]  # after the eight above
     print("\nthroughput = uncompressed tar bytes / wall time; size ratio against pigz -6:")
     print(f"  {'':<32} {'wall':>8} {'cpu':>12} {'rate':>11} {'output':>11}   size/pigz")
     for result in results:
@@ -728,10 +743,9 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     print(_check("regrouped output / pigz -6 size", regrouped.output_bytes / pigz.output_bytes,
                  1.10, below=True))
     print("\ntargets (file-granular formats, issue 17):")
-    triples = zip(
-        chunked, chunked_results[::3], chunked_results[1::3], chunked_results[2::3], strict=True
-    )
-    for options, one, many, again in triples:
+    rows = [chunked_results[i : i + _CHUNKED_ROWS]
+            for i in range(0, len(chunked_results), _CHUNKED_ROWS)]
+    for options, (one, many, again, into_store, cold_chunked) in zip(chunked, rows, strict=True):
         name = options.compression
         fastest = max(one, many, key=lambda r: r.rate)
         size = one.output_bytes / pigz.output_bytes
@@ -739,9 +753,16 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         print(_check(f"{name} / pigz -6 size", size, 1.15, below=True))
         print(f"  ----  {name} regrouped from fragments / tar read throughput: "
               f"{again.rate / read.rate:.2f} (no target; CPU {again.cpu / one.cpu:.2f}x 1 layer)")
+        print(_check(f"{name} cold pack into fragments / without (issue 18)",
+                     cold_chunked.rate / into_store.rate, 0.95)
+              + f"  (CPU {cold_chunked.cpu / into_store.cpu:.3f}x)")
     if args.chunked_rss:
         _chunked_memory(root, big, chunked)
     return 0
+
+
+#: Rows per chunked format: 1 layer, N layers, regrouped, 1 layer into a store, cold fragments.
+_CHUNKED_ROWS = 5
 
 
 def _memory(

@@ -45,11 +45,11 @@ on how the input was split into calls or on the number of threads.
 outside, so the store path's frames are the same bytes wherever it lands in
 a layer.  A recorded fragment is those frames (their recorder learns where
 the first one starts in the blob, so they can be kept as a byte range of
-it) plus, as a part of its own, its TOC entries with offsets counted from
-its first byte (:mod:`nixery_core.fragment_toc`: JSON Lines, compressed as
-they come); :meth:`~ChunkedCompressor.put_fragment` takes that part back
-a line at a time, moving the offsets to where the frames land, before the
-frames are copied.  The TOC and footer are written at the end as always,
+it) plus, as a part of its own, where it started and its TOC entries, the
+very JSON the layer's TOC got (:mod:`nixery_core.fragment_toc`: JSON
+Lines, compressed as they come); :meth:`~ChunkedCompressor.put_fragment`
+takes that part back a line at a time, moving the offsets to where the
+frames land, before the frames are copied.  The TOC and footer are written at the end as always,
 so a layer is byte-identical whether its store paths were compressed now
 or copied.
 
@@ -74,8 +74,8 @@ their batch's offsets and digests.  An entry final and next in TOC order
 is serialized at once to the JSON bytes it takes in the TOC and spooled
 (:class:`~nixery_core.toc_spool.TocSpool`: 1 MiB in memory, then an
 unnamed temporary file), so the number of files in a layer costs disk, not
-memory.  A fragment being recorded streams its own entries (offsets from
-its start) into its TOC part the same way, and a copied fragment's TOC
+memory.  A fragment being recorded streams the same bytes of its own
+entries into its TOC part, and a copied fragment's TOC
 part is read, moved and spooled one line at a time, so a store path's
 number of files costs no memory either.  At the end the TOC is read back from the
 spool a piece at a time and compressed as it streams
@@ -792,26 +792,13 @@ class _Fragment:
     frames: FragmentRecorder
     toc: FragmentRecorder
     tar_start: int
-    #: Its TOC entries not yet serialized, in order (the first may wait for frames).
-    entries: deque[dict[str, Any]] = attrs.Factory(deque)
-    #: Its TOC part: entries serialized with offsets from its start, compressed as they come.
+    #: Its TOC part: each of its entries' JSON as the layer's TOC gets it, compressed.
     toc_part: TocPartWriter = attrs.Factory(lambda self: TocPartWriter(self.toc), takes_self=True)
     tar_end: int = 0
-    #: Compressed offset of its first byte in the layer (known when collected).
-    offset: int = 0
-    #: Whether that offset is known (its start collected).
-    opened: bool = False
-
-    def spool_final(self) -> None:
-        """Serialize the entries at the front that are final (once its offset is known)."""
-        if self.opened:
-            start = self.offset
-            _spool_front(self.entries, self.toc_part, lambda entry: _fragment_entry(entry, start))
 
     def dispose(self) -> None:
         self.frames.discard()
         self.toc_part.discard()
-        self.entries.clear()
 
 
 _NOTHING: _Batch = (b"", [], [], [])
@@ -904,6 +891,8 @@ class ChunkedCompressor:
         self._cutting_fragment: _Fragment | None = None
         self._collecting_fragment: _Fragment | None = None
         self._fragments: list[_Fragment] = []
+        #: Fragments whose every frame is collected, kept once their entries are spooled.
+        self._closed: deque[_Fragment] = deque()
         self._submitted = 0
         self._file_hashing = _OrderedFileHashing()
         self._offset = 0
@@ -946,10 +935,11 @@ class ChunkedCompressor:
         own, so the fragment's compressed bytes are the same wherever it sits
         in a layer.  With recorders, those bytes go to ``frames`` (committed
         with the fragment's uncompressed size; its ``offset`` set to where
-        they start in the blob) and its TOC entries, offsets counted from the
-        fragment's start, to ``toc`` as a TOC part
+        they start in the blob) and, to ``toc`` as a TOC part, that offset and
+        its TOC entries as the layer's TOC gets them
         (:class:`~nixery_core.fragment_toc.TocPartWriter`, committed with its
-        uncompressed size): what :meth:`put_fragment` takes back.  Returns
+        uncompressed size once they are all spooled): what
+        :meth:`put_fragment` takes back.  Returns
         compressed bytes ready, like :meth:`compress`.
         """
         out: list[bytes] = []
@@ -969,15 +959,16 @@ class ChunkedCompressor:
     ) -> list[bytes] | None:
         """Start copying a recorded fragment: its TOC part's ``lines``, taken one at a time.
 
-        ``lines`` are the part's entries as recorded (offsets from the
-        fragment's start, :func:`~nixery_core.fragment_toc.toc_part_lines`;
-        an iterable that raises :class:`ValueError` where it finds its part
-        damaged, or :class:`~nixery_core.errors.LayerError` where its cached
-        file changed since its check).  Every batch still in flight is collected first, so where
-        the fragment lands is known and each entry joins the TOC moved there
-        as soon as it is read: memory holds one entry, whatever the store
-        path's number of files.  The fragment's ``compressed_size`` bytes
-        follow, in order, through :meth:`put_compressed`.
+        ``lines`` are the part as recorded (:mod:`nixery_core.fragment_toc`:
+        where the fragment started in the layer it was recorded in, then its
+        entries as that layer's TOC holds them), from an iterable that raises
+        :class:`ValueError` where it finds its part damaged, or
+        :class:`~nixery_core.errors.LayerError` where its cached file changed
+        since its check.  Every batch still in flight is collected first, so
+        where the fragment lands is known and each entry joins the TOC moved
+        there as soon as it is read: memory holds one entry, whatever the
+        store path's number of files.  The fragment's ``compressed_size``
+        bytes follow, in order, through :meth:`put_compressed`.
 
         Returns the compressed bytes ready, or ``None`` when the TOC part is
         damaged (a line that is not an entry, offsets outside the fragment,
@@ -990,15 +981,21 @@ class ChunkedCompressor:
         self._spool_final()
         if self._entries:  # pragma: no cover - every frame before is collected
             raise LayerError("a TOC entry still waits for its frame before a copied fragment")
-        base, keys, toc = self._offset, self._fmt.toc_keys, self._toc
+        toc = self._toc
         mark = toc.mark()
         try:
+            lines = iter(lines)
+            start = _toc_part_start(next(lines, b""))
+            move, end = self._offset - start, start + compressed_size
             for line in lines:
-                entry = _loads_entry(line, compressed_size)
-                if "offset" in entry:
-                    entry["offset"] += base
-                    entry["endOffset"] += base
-                toc.add(compact_json(_toc_entry(entry, keys)))
+                group = _loads_entries(line, start, end)
+                if move:
+                    for entry in group:
+                        if "offset" in entry:
+                            entry["offset"] += move
+                        if "endOffset" in entry:
+                            entry["endOffset"] += move
+                toc.add_many(compact_json(group)[1:-1], len(group))
         except (ValueError, LayerError) as exc:  # LayerError: its file changed since its check
             toc.rewind(mark)
             log.warning("a cached fragment's TOC part is damaged (%s); packing it", exc)
@@ -1048,18 +1045,22 @@ class ChunkedCompressor:
         fragment.tar_end = self._tar_size
         self._marker(out, _InFlight([], -1, _NOTHING, closes=fragment))
 
-    def _finish_fragment(self, fragment: _Fragment) -> None:
-        """Commit a recorded fragment: every frame of it is collected, its entries complete.
+    def _commit_closed(self) -> None:
+        """Keep the recorded fragments whose frames are all collected and entries spooled.
 
-        Its files all ended (a fragment ends between members), so every entry
-        left is final: the last of them go to its TOC part, which is then kept.
+        A fragment's entries are spooled in TOC order, after every entry
+        before them: its last one is spooled once the first entry waiting is
+        no longer one of its own.
         """
-        fragment.spool_final()
-        if fragment.entries:  # pragma: no cover - every frame of it is collected
-            raise LayerError("a fragment's TOC entry still waits for its frame at its end")
-        fragment.frames.commit(fragment.tar_end - fragment.tar_start)
-        fragment.toc_part.commit()
-        self._fragments.remove(fragment)
+        closed, entries = self._closed, self._entries
+        while closed:
+            fragment = closed[0]
+            if entries and entries[0].get(_PART) is fragment.toc_part:
+                return
+            closed.popleft()
+            self._fragments.remove(fragment)
+            fragment.frames.commit(fragment.tar_end - fragment.tar_start)
+            fragment.toc_part.commit()
 
     def _cut(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         out: list[bytes] = []
@@ -1155,10 +1156,10 @@ class ChunkedCompressor:
             self._toc.close()
 
     def _add_entry(self, entry: dict[str, Any]) -> None:
-        """A new TOC entry, in order (and in the fragment being cut, if any)."""
-        self._entries.append(entry)
+        """A new TOC entry, in order (its JSON also to the TOC part of the fragment being cut)."""
         if self._cutting_fragment is not None:
-            self._cutting_fragment.entries.append(entry)
+            entry[_PART] = self._cutting_fragment.toc_part
+        self._entries.append(entry)
 
     def _spool_final(self) -> None:
         """Serialize and spool the entries at the front that are final.
@@ -1167,10 +1168,8 @@ class ChunkedCompressor:
         last frame is collected *and* the parser has finished the file
         (one-chunk files lose their chunk fields then).
         """
-        keys = self._fmt.toc_keys
-        _spool_front(self._entries, self._toc, lambda entry: _toc_entry(entry, keys))
-        for fragment in self._fragments:
-            fragment.spool_final()
+        _spool_front(self._entries, self._toc, self._fmt.toc_keys)
+        self._commit_closed()
 
     def _dispose(self) -> None:
         """Drop the TOC: entries waiting and the spool."""
@@ -1188,6 +1187,7 @@ class ChunkedCompressor:
         for fragment in self._fragments:
             fragment.dispose()
         self._fragments.clear()
+        self._closed.clear()
         self._dispose()
 
     # --- tar parsing -----------------------------------------------------------
@@ -1605,8 +1605,8 @@ class ChunkedCompressor:
     def _take_collected(self, item: _InFlight, batch: _Batch, out: list[bytes]) -> None:
         """Offsets and digests of a collected batch (or marker) into the TOC; its bytes out."""
         if item.opens is not None:
-            item.opens.offset = item.opens.frames.offset = self._offset
-            item.opens.opened = True
+            item.opens.frames.offset = self._offset
+            item.opens.toc_part.start(self._offset)
             self._collecting_fragment = item.opens
         blob, lengths, digests, plans = batch
         if not item.frames:
@@ -1624,8 +1624,9 @@ class ChunkedCompressor:
                 self._collecting_fragment.frames.add(blob)
             out.append(blob)
         if item.closes is not None:
+            # Kept between public calls, once its entries are spooled (_commit_closed).
             self._collecting_fragment = None
-            self._finish_fragment(item.closes)
+            self._closed.append(item.closes)
 
 
 class MembersInflater:
@@ -1685,84 +1686,107 @@ def _is_entry(entry: object) -> bool:
     )
 
 
-def _loads_entry(line: bytes, compressed_size: int) -> dict[str, Any]:
-    """A TOC part's line as an entry whose frame lies within the fragment's ``compressed_size``
-    bytes and that :func:`_toc_entry` can write; :class:`ValueError` if it is not."""
+def _toc_part_start(line: bytes) -> int:
+    """Where a TOC part's fragment started in its layer, from its first line; or ValueError."""
+    header = orjson.loads(line)
+    start = header.get("start") if isinstance(header, dict) else None
+    if type(start) is not int or start < 0:
+        raise ValueError(f"a TOC part that does not start with its offset: {line[:80]!r}")
+    return start
+
+
+def _loads_entries(line: bytes, start: int, end: int) -> list[dict[str, Any]]:
+    """A TOC part's line as its entries (one or more, comma-joined), each within the fragment
+    (its frame between ``start`` and ``end``) and one a TOC may hold; ValueError if not."""
+    document = b"[" + line + b"]"
     try:
-        entry = orjson.loads(line)
+        group = orjson.loads(document)
     except orjson.JSONDecodeError:  # damaged, or a lone surrogate escape (json reads it)
-        entry = _loads_escaped(line)
+        group = _loads_escaped(document)
+    if not isinstance(group, list) or not group:
+        raise ValueError(f"a line that is not TOC entries: {line[:80]!r}")
+    for entry in group:
+        _check_entry(entry, start, end, line)
+    return cast("list[dict[str, Any]]", group)
+
+
+def _check_entry(entry: object, start: int, end: int, line: bytes) -> None:
+    """Raise ValueError unless ``entry`` is one a TOC may hold, its frame within the fragment."""
     if not _is_entry(entry):
-        raise ValueError(f"a line that is not a TOC entry: {line[:80]!r}")
+        raise ValueError(f"a line that is not TOC entries: {line[:80]!r}")
+    entry = cast("dict[str, Any]", entry)
     offset = entry.get("offset")
-    if offset is not None or "endOffset" in entry:
-        end = entry.get("endOffset")
-        if offset is None or end is None or not 0 <= offset <= end <= compressed_size:
-            raise ValueError(f"an entry outside the fragment: {line[:80]!r}")
-    if (
-        entry["type"] == "reg"
-        and entry.get("size")
-        and "digest" not in entry
-        and not isinstance(entry.get("chunkDigest"), str)
-    ):
+    if offset is not None and not start <= offset <= entry.get("endOffset", offset) <= end:
+        raise ValueError(f"an entry outside the fragment: {line[:80]!r}")
+    if "endOffset" in entry and offset is None:
+        raise ValueError(f"an entry outside the fragment: {line[:80]!r}")
+    if entry["type"] == "reg" and entry.get("size") and not isinstance(entry.get("digest"), str):
         raise ValueError(f"a file entry without its digest: {line[:80]!r}")
-    return cast("dict[str, Any]", entry)
 
 
 #: Where a file cut on a worker keeps its further chunks' entries until the TOC is written.
 _CHUNKS = "_chunks"
 #: Marks an entry whose offsets or digests are not known yet (never in the TOC).
 _WAIT = "_wait"
+#: The TOC part of the fragment an entry belongs to, if it is recorded (never in the TOC).
+_PART = "_part"
 
 
 def _spool_front(
-    entries: deque[dict[str, Any]],
-    spool: TocSpool | TocPartWriter,
-    written: Callable[[dict[str, Any]], dict[str, Any]],
+    entries: deque[dict[str, Any]], spool: TocSpool, keys: tuple[str, ...]
 ) -> None:
-    """Spool the entries at the front of ``entries`` that are final, as ``written`` gives them.
+    """Spool the entries at the front of ``entries`` that are final, as the TOC writes them.
 
     Each file cut on a worker is followed by its further chunks' entries.
+    Entries final together are encoded in one call, up to :data:`_GROUP`
+    at a time.  Those of a fragment being recorded go to its TOC part too,
+    the same bytes, once the part has its first line (where the fragment
+    starts, known when its first frame is collected): they wait till then.
     """
     final: list[dict[str, Any]] = []
-    while entries and _WAIT not in entries[0]:
-        entry = entries.popleft()
-        final.append(written(entry))
-        final.extend(written(chunk) for chunk in entry.get(_CHUNKS, ()))
+    part: TocPartWriter | None = None
+    while entries:
+        entry = entries[0]
+        owner = entry.get(_PART)
+        if _WAIT in entry or (owner is not None and not owner.started):
+            break  # its frames, or where its fragment starts, not known yet
+        if owner is not part or len(final) >= _GROUP:
+            _spool_group(final, spool, part)
+            part = owner
+        entries.popleft()
+        final.append(_toc_entry(entry, keys))
+        final.extend(_toc_entry(chunk, keys) for chunk in entry.get(_CHUNKS, ()))
+    _spool_group(final, spool, part)
+
+
+#: Entries encoded in one call at most (a TOC part's line holds as many).
+_GROUP = 256
+
+
+def _spool_group(
+    final: list[dict[str, Any]], spool: TocSpool, part: TocPartWriter | None
+) -> None:
+    """Spool ``final`` (then emptied) in one encoding: the entries comma-joined, as the list
+    writes them; the same bytes to ``part``, as one line, when they are a recorded fragment's."""
     if not final:
         return
-    if isinstance(spool, TocSpool):
-        # One encoding for them all: the entries comma-joined, as the list writes them.
-        spool.add_many(compact_json(final)[1:-1], len(final))
-        return
-    for done in final:
-        spool.add(compact_json(done))
+    data = compact_json(final)[1:-1]
+    spool.add_many(data, len(final))
+    if part is not None:
+        part.add(data)
+    final.clear()
 
 
 def _toc_entry(entry: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     """The entry as the layer's TOC writes it: ``keys`` in order, a one-chunk file's digest.
 
-    A regular file of one chunk takes its chunk's digest as its own (a
-    recorded fragment keeps it as ``chunkDigest``: the entry is not changed).
+    A regular file of one chunk takes its chunk's digest as its own (the
+    entry itself is not changed).
     """
     if entry["type"] == "reg" and "digest" not in entry and entry.get("size"):
         entry = dict(entry)
         entry["digest"] = entry.pop("chunkDigest")
     return {key: entry[key] for key in keys if key in entry}
-
-
-def _fragment_entry(entry: dict[str, Any], start: int) -> dict[str, Any]:
-    """The entry as a recorded fragment keeps it: every TOC key, offsets from ``start``.
-
-    Not yet a layer's entry: a one-chunk file keeps its ``chunkDigest``
-    (:func:`_toc_entry` makes it the file's digest in the layer's TOC).
-    """
-    out = {key: entry[key] for key in TOC_KEYS if key in entry}
-    if "offset" in out:
-        out["offset"] -= start
-    if "endOffset" in out:
-        out["endOffset"] -= start
-    return out
 
 
 def _parse_pax(payload: bytes) -> dict[bytes, bytes]:

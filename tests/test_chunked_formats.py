@@ -264,9 +264,10 @@ def _finished(compressor: ChunkedCompressor) -> bytes:
     return b"".join(out)
 
 
+_START = b'{"start":7}'
 _GOOD_LINE = (
-    b'{"name":"nix/store/x-a/f","type":"reg","size":3,"offset":0,"endOffset":20,'
-    b'"chunkDigest":"sha256:00"}'
+    b'{"name":"nix/store/x-a/f","type":"reg","size":3,"digest":"sha256:00","offset":7,'
+    b'"endOffset":20}'
 )
 
 
@@ -278,20 +279,25 @@ def _damaged_read(lines: list[bytes]) -> Iterator[bytes]:
 @pytest.mark.parametrize(
     "lines",
     [
+        [],
         [b"not json"],
-        [b'{"entries": []}'],
-        [b'{"name": "a", "type": "fifo"}'],
-        [_GOOD_LINE, b'{"name":"a","type":"reg","size":1,"offset":50,"endOffset":101}'],
-        [_GOOD_LINE, b'{"name":"a","type":"reg","size":1,"offset":-1,"endOffset":3}'],
-        [_GOOD_LINE, b'{"name":"a","type":"reg","size":1,"offset":3}'],
-        [_GOOD_LINE, b'{"name":"a","type":"reg","size":1,"offset":3,"endOffset":4}'],
-        _damaged_read([_GOOD_LINE, _GOOD_LINE]),
+        [b'{"entries": []}', _GOOD_LINE],
+        [b'{"start": -1}', _GOOD_LINE],
+        [_START, b'{"name": "a", "type": "fifo"}'],
+        [_START, _GOOD_LINE, b'{"name":"a","type":"reg","size":0,"offset":50,"endOffset":108}'],
+        [_START, _GOOD_LINE, b'{"name":"a","type":"reg","size":0,"offset":6,"endOffset":9}'],
+        [_START, _GOOD_LINE, b'{"name":"a","type":"reg","size":0,"offset":9,"endOffset":8}'],
+        [_START, _GOOD_LINE, b'{"name":"a","type":"reg","size":0,"endOffset":9}'],
+        [_START, _GOOD_LINE, b'{"name":"a","type":"reg","size":1,"offset":9,"endOffset":9}'],
+        _damaged_read([_START, _GOOD_LINE, _GOOD_LINE]),
     ],
-    ids=["json", "document", "type", "past-end", "negative", "no-end", "no-digest", "unreadable"],
+    ids=["empty", "json", "no-start", "negative-start", "type", "past-end", "before-start",
+         "backwards", "no-offset", "no-digest", "unreadable"],
 )
 def test_a_damaged_toc_part_takes_nothing(lines: Iterable[bytes]) -> None:
-    """A cached fragment's TOC part with a line that is not an entry within the fragment, or
-    that stops reading midway, is refused (None) and the entries read before it taken back."""
+    """A cached fragment's TOC part without its start, with a line that is not an entry within
+    the fragment, or that stops reading midway, is refused (None) and the entries read before it
+    taken back."""
     compressor = _bare_compressor()
     assert compressor.put_fragment(lines, 3, 100) is None
     blob = _finished(compressor)
