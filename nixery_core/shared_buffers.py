@@ -134,9 +134,13 @@ class SharedBuffers:
                 self.fd = -1
 
     def forget_after_fork(self) -> None:
-        """In a forked child: never hand out a slot (the parent's workers read them)."""
-        with self._lock:
-            self._slots = []
-            self._where = {}
-            self._end = self.capacity
+        """In a forked child: never hand out a slot (the parent's workers read them).
+
+        The lock is made anew first: another thread of the parent may have
+        held it when the process forked, and no thread is left to let it go.
+        """
+        self._lock = threading.Lock()
+        self._slots = []
+        self._where = {}
+        self._end = self.capacity
         self.close()

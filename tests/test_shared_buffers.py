@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import mmap
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +105,50 @@ def test_without_exact_reference_counts_no_slot_is_reused(
         del slot
     assert len(places) == 4
     assert buffers.take(_SLOT) is None
+
+
+def test_a_forked_child_never_hands_out_its_parents_slots(tmp_path: Path) -> None:
+    """In a child forked while another thread held the buffers' lock, take gives None and place
+    -1 at once (no deadlock): the parent's workers may be reading those slots."""
+    script = tmp_path / "fork.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, signal, threading, time
+            from nixery_core import frame_processes
+            pool = frame_processes.shared(1)
+            buffers = pool.buffers
+            slot = buffers.take(4096)
+            view = memoryview(slot)[0:10]
+            assert buffers.place(view) >= 0
+            held, release = threading.Event(), threading.Event()
+            def hold():
+                with buffers._lock:
+                    held.set()
+                    release.wait()
+            threading.Thread(target=hold, daemon=True).start()
+            held.wait()
+            child = os.fork()
+            if child == 0:
+                ok = buffers.take(4096) is None and buffers.place(view) == -1
+                os._exit(0 if ok else 1)
+            release.set()
+            for _ in range(400):  # a child stuck on the lock is killed, not left behind
+                pid, status = os.waitpid(child, os.WNOHANG)
+                if pid:
+                    print(os.waitstatus_to_exitcode(status))
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                print("stuck")
+            frame_processes.shutdown()
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, str(script)], check=True, env=env, timeout=60, capture_output=True
+    )
+    assert done.stdout.strip() == b"0"
