@@ -27,7 +27,7 @@ from nixery_core.errors import (
 )
 from nixery_core.protocols import BlobInfo, BlobWriter, Uploader
 from nixery_core.storage.conformance import CHECKS, Check
-from nixery_core.storage.gcs import GcsStore
+from nixery_core.storage.gcs import RANGE_RETRY_SECONDS, GcsStore
 
 __all__ = ["fake_gcs"]
 
@@ -539,3 +539,26 @@ def test_blob_sizes_run_concurrently_within_the_bound(
     assert 1 < in_flight[1] <= 10
     store.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("nixery-gcs-check")]
+
+
+def test_a_ranged_read_is_retried_for_a_short_while_only(
+    bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ranged read (a fragment's) returns its range in one GET whose retry policy gives up
+    after RANGE_RETRY_SECONDS, not after the store's (120 s by default): during an outage
+    the store path is compressed again instead of waited for."""
+    store = GcsStore(bucket)  # the client's default retry policy
+    data = _payload(300_000, seed=9)
+    digest = store.put_blob(data, LAYER).digest
+    real = Blob.download_as_bytes
+    policies: list[Any] = []
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        policies.append(kwargs.get("retry"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Blob, "download_as_bytes", recording)
+    assert store.read_range(digest, 1000, 5000) == data[1000:6000]
+    [policy] = policies
+    assert policy is not None
+    assert policy.timeout == RANGE_RETRY_SECONDS < DEFAULT_RETRY.timeout

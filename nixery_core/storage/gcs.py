@@ -92,13 +92,22 @@ from nixery_core.storage.keys import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "GcsBlobWriter", "GcsStore", "disable_bucket_metadata_cache"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "RANGE_RETRY_SECONDS",
+    "GcsBlobWriter",
+    "GcsStore",
+    "disable_bucket_metadata_cache",
+]
 
 #: Metadata requests a cache hit sends at once (requests keeps 10 connections per host).
 DEFAULT_CONCURRENT_CHECKS: Final = 10
 #: Resumable-upload and download piece size; GCS wants a multiple of 256 KiB.
 DEFAULT_CHUNK_SIZE: Final = 16 * 1024 * 1024
 _CHUNK_MULTIPLE: Final = 256 * 1024
+#: A ranged read (a fragment cache's) is retried for at most this long: compressing the
+#: store path again costs less than waiting out an outage of up to the default 120 s.
+RANGE_RETRY_SECONDS: Final = 10.0
 #: ``put_blob`` data up to this size is sent with a create-only precondition
 #: straight away; larger data is first looked up so it is never sent twice.
 _SMALL_PUT: Final = 256 * 1024
@@ -413,16 +422,21 @@ class GcsStore:
 
         Fewer bytes when the blob ends first, none when it ends before
         ``offset``; the caller checks what it reads (a fragment's CRC-32),
-        as GCS reports no checksum for a part of an object.
+        as GCS reports no checksum for a part of an object.  Transient
+        failures are retried for at most :data:`RANGE_RETRY_SECONDS`.
         """
         name = self.blob_object_name(digest)
         validate_range(offset, length)
         if length == 0:
             return b""
+        retry = self._retry
+        if retry is not None:
+            retry = retry.with_timeout(min(retry.timeout or RANGE_RETRY_SECONDS,
+                                           RANGE_RETRY_SECONDS))
         try:
             data: bytes = self._bucket.blob(name).download_as_bytes(
                 start=offset, end=offset + length - 1, checksum=None, raw_download=True,
-                **self._call(),
+                **self._call(retry=retry),
             )
         except gexc.NotFound as exc:
             raise BlobNotFound(digest) from exc
