@@ -61,13 +61,16 @@ BATCH_BYTES`` uncompressed bytes in flight, output in order).  There a
 batch's chunks are hashed, a file that arrived whole is cut (a *job*:
 :func:`plan_chunks` runs on the worker, its chunks' TOC entries are made
 when the batch is collected), and the batch is compressed in one call
-(:func:`~nixery_core.compression.frames_compressor`); the chunks of big
-files join their file's sha256 in batch order on whichever worker is free
-(:class:`_OrderedFileHashing`).  Few, long calls matter: Python's lock is
-free only inside them.  Given worker processes (:class:`BatchProcesses`,
-:mod:`nixery_core.frame_processes`), a batch goes there instead, its
-pieces unjoined (:func:`compress_packed` is what a worker runs), and only
-the file hashing stays on the executor.  Memory holds a big file's current chunk window (at
+(:func:`~nixery_core.compression.frames_compressor`); a big file's
+chunks join its sha256 a window at a time, in batch order, on whichever
+worker is free (:class:`_OrderedFileHashing`).  Few, long calls matter:
+Python's lock is free only inside them.  Given worker processes
+(:class:`BatchProcesses`, :mod:`nixery_core.frame_processes`), a batch
+goes there instead (:func:`compress_packed` is what a worker runs): a
+frame lying whole in the pool's shared memory (:class:`SharedSlots`, where
+the tar writer reads files and big files' windows are cut) as its place,
+any other as its pieces, unjoined; only the file hashing stays on the
+executor.  Memory holds a big file's current chunk window (at
 most :data:`CHUNK_MAX` plus about 4 MiB; chunks are views of it, not
 copies), the batches in flight, and the TOC entries still waiting for
 their batch's offsets and digests.  An entry final and next in TOC order
