@@ -956,7 +956,7 @@ class _TarStream:
         if reports is not None:
             crc, length = reports.running_crc32
             if length == recording.uncompressed:  # it took the whole block (not buffered)
-                recording.layout.block_crc(crc)
+                recording.layout.block_crc(crc, len(block))
                 return
         recording.layout.block(block)
 

@@ -8,9 +8,10 @@ around the contents of its regular files, so when a fragment is packed its
 *layout* is recorded next to it: the literal bytes, and for each file its
 path below the store path and its size, in order, plus the running CRC-32
 of the fragment's uncompressed bytes at the end of every 1 MiB block
-(blocks counted from the fragment's start, the cut the packer compresses
-at; a gzip member's compressor computes that CRC for its trailer anyway,
-so the packer takes it from there, :class:`~nixery_core.compression.ReportsCrc32`).
+(blocks counted from the fragment's start, wherever the packer cut the
+pieces it gave; a gzip member's compressor computes that CRC for its
+trailer anyway at the same cuts, so the packer takes it from there,
+:class:`~nixery_core.compression.ReportsCrc32`).
 
 :func:`rebuild` makes the bytes again: literal bytes copied, files read from
 the store (page cache, for a store path packed recently), each block
@@ -93,6 +94,8 @@ class LayoutRecorder:
         self._run = 0
         self._crcs = array("I")
         self._crc = 0
+        #: Bytes of the fragment since the last 1 MiB boundary (whose CRC is in ``_crcs``).
+        self._fill = 0
         #: Past :data:`MAX_LITERALS`: nothing more is kept (memory stays bounded).
         self._overflow = False
 
@@ -140,20 +143,44 @@ class LayoutRecorder:
             self._overflowed()
 
     def block(self, data: bytes | bytearray | memoryview) -> None:
-        """The fragment's next block of uncompressed bytes, as compressed."""
-        self._crc = _crc32(data, self._crc)
-        self._crcs.append(self._crc)
+        """The fragment's next uncompressed bytes, as compressed, in pieces of any length.
 
-    def block_crc(self, running: int) -> None:
-        """The next block, given as the running CRC-32 of the fragment up to its end."""
+        The running CRC-32 is kept at every 1 MiB counted from the
+        fragment's start, wherever the pieces are cut (a chunked layer's
+        shared tar block goes on after a store path's end, so the next one's
+        first piece is shorter), and at its end (:meth:`encode`).
+        """
+        view = memoryview(data)
+        crc, fill = self._crc, self._fill
+        while view:
+            take = min(len(view), BLOCK_SIZE - fill)
+            crc = _crc32(view[:take], crc)
+            fill += take
+            view = view[take:]
+            if fill == BLOCK_SIZE:
+                self._crcs.append(crc)
+                fill = 0
+        self._crc, self._fill = crc, fill
+
+    def block_crc(self, running: int, length: int) -> None:
+        """The next ``length`` bytes, given as the running CRC-32 of the fragment up to their
+        end (a compressor's, for pieces cut at the 1 MiB boundaries; else no layout)."""
+        fill = self._fill + length
+        if fill > BLOCK_SIZE:  # pragma: no cover - such pieces go to block()
+            self._overflowed()
+            return
         self._crc = running
-        self._crcs.append(running)
+        self._fill = 0 if fill == BLOCK_SIZE else fill
+        if fill == BLOCK_SIZE:
+            self._crcs.append(running)
 
     def encode(self) -> bytes | None:
         """The layout, compressed; ``None`` when it is too large to be worth keeping."""
         if self._overflow:
             return None
         runs, sizes, crcs = array("Q", self._runs), array("Q", self._sizes), array("I", self._crcs)
+        if self._fill:  # the last, partial block
+            crcs.append(self._crc)
         runs.append(self._run)
         sizes.append(0)
         lengths = array("I", map(len, self._paths))

@@ -108,11 +108,13 @@ def _keys(root: Path, path: str, compression: str) -> tuple[str, str]:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("compression", FORMATS)
 def test_chunked_layers_are_the_same_bytes_cold_from_ranges_or_from_copies(
-    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str, threads: int
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str, threads: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Layers {a,b} and {c,d} packed cold into a store keep their frames as ranges of their
     blobs and their TOC parts as copies; {a,c} and {b,d} assembled from those ranges, or from
-    copies, are the bytes and annotations of packs without a cache."""
+    copies, are the bytes and annotations of packs without a cache, every store path's tar
+    rebuilt from the store by its layout (none decompressed)."""
     root, paths = four_paths
     groups = [paths[:2], paths[2:]]
     regroups = [[paths[0], paths[2]], [paths[1], paths[3]]]
@@ -134,6 +136,7 @@ def test_chunked_layers_are_the_same_bytes_cold_from_ranges_or_from_copies(
         assert copies.misses == len(paths)
     assert [*cold, *warm] == expected
     assert copied == expected
+    assert "differs from its cached fragment" not in caplog.text  # rebuilt, not inflated
 
 
 @pytest.mark.parametrize("damage", ["deleted", "changed"])

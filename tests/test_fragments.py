@@ -433,6 +433,34 @@ def test_layout_round_trips_and_refuses_paths_outside_the_store_path() -> None:
     assert FragmentLayout.decode(b"not a layout") is None
 
 
+def test_a_layout_records_its_block_crcs_wherever_the_pieces_are_cut() -> None:
+    """Uncompressed bytes given in pieces of any length (a chunked layer's shared tar block
+    goes on after a store path) record the running CRC-32 at every 1 MiB from the fragment's
+    start and at its end: the layout of the same bytes given in 1 MiB blocks."""
+    from nixery_core.compression import BLOCK_SIZE
+    from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder
+
+    data = os.urandom(3 * BLOCK_SIZE + 12_345)
+    layouts = []
+    for cuts in ([BLOCK_SIZE] * 4, [700_000, 1_000_000, 2_000_000, 10**7], [1, 2**21, 10**7]):
+        recorder = LayoutRecorder(b"nix/store/x-a")
+        recorder.literal(b"H" * 512)
+        recorder.file(b"nix/store/x-a/data", len(data) - 512)
+        at = 0
+        for cut in cuts:
+            recorder.block(data[at : at + cut])
+            at += cut
+        raw = recorder.encode()
+        assert raw is not None
+        layouts.append(FragmentLayout.decode(raw))
+    expected = [zlib.crc32(data[: min(len(data), end)])
+                for end in range(BLOCK_SIZE, len(data) + BLOCK_SIZE, BLOCK_SIZE)]
+    assert layouts[0] is not None
+    assert list(layouts[0].crcs) == expected
+    assert layouts[1] == layouts[0]
+    assert layouts[2] == layouts[0]
+
+
 def test_fragments_committed_are_written_by_close_and_found_before_it(tmp_path: Path) -> None:
     """Fragments are written on a background thread: a lookup right after a commit finds the
     fragment, and closing the cache writes every one still queued (a new cache sees them)."""
