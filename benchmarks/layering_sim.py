@@ -27,7 +27,9 @@ With ``--reference-scale K`` as well, ours also runs told the record with
 path's chance of being elsewhere also from how many paths here reference it);
 with ``--root-scale K``, with ``root_scale=K`` (row
 ``churn-aware-dominators+registry+roots``: in an image grouped as a whole,
-also from how many of its requested roots hold the path).
+also from how many of its requested roots hold the path; the told default
+has ``root_scale=10`` since the sixth issue-17 round, so ``--root-scale 0``
+runs the told mode of the rounds before as this row).
 ``--storage-rows`` runs only the rows the registry storage claim compares
 (the baselines, ``nixery-popularity-transitive`` and ours), faster, and
 labels each of ours ``at or below`` or ``OVER`` Nixery-transitive's storage
@@ -95,8 +97,8 @@ REGISTRY_ROW = f"{DEFAULT_STRATEGY.name}+registry"
 #: The same, with the chance of being elsewhere also from references (``--reference-scale``).
 REFERENCES_ROW = f"{REGISTRY_ROW}+refs"
 
-#: The same, with the chance of being elsewhere also from roots in images grouped whole
-#: (``--root-scale``).
+#: The same with another ``root_scale`` (``--root-scale``; 0 is the told mode before the
+#: sixth issue-17 round, when it was off by default).
 ROOTS_ROW = f"{REGISTRY_ROW}+roots"
 
 #: Images of the offline package set measured by ``--offline-set``.
