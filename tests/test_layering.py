@@ -497,6 +497,31 @@ def test_ours_told_with_root_scale_keeps_a_library_several_roots_use_apart() -> 
     assert ["libz"] in with_scale
 
 
+def test_ours_told_keeps_a_stored_layer_whole_in_an_image_grouped_as_a_whole() -> None:
+    """Told the registry, an image grouped as a whole (``root_scale`` on, its estimated sharing
+    at half weight) still pays a stored layer's full weight to break it, so a stored layer of
+    two apps it holds comes out whole under a tight budget (at half weight, as in the fifth
+    round's ``root_scale``, the two apps were merged into a larger layer and stored again)."""
+    libs = {"lib0": 5, "lib1": 1, "lib2": 5, "lib3": 5}
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    spec.update({name: (size * MB, ("libc",)) for name, size in libs.items()})
+    apps = {
+        "app0": (1, ("lib3", "lib1", "lib0")),
+        "app1": (1, ("lib0", "lib1", "lib3", "lib2")),
+        "app2": (8, ("lib3", "lib0", "lib1")),
+        "app3": (3, ("lib0", "lib1", "lib3", "lib2")),
+        "app4": (1, ("lib3", "lib0")),
+        "app5": (1, ("lib0", "lib3", "lib2", "lib1")),
+    }
+    spec.update({name: (size * MB, ("libc", *deps)) for name, (size, deps) in apps.items()})
+    graph, paths = make(spec)
+    told = ChurnAwareDominators(root_slots=0).with_prior_layers([[paths["app0"], paths["app1"]]])
+    assert told.root_scale > 0
+    groups = told.group(graph, 3)
+    validate_grouping(graph, groups, 3)
+    assert ["app0", "app1"] in names(groups)
+
+
 def _told_layers_of_a_small_shared_library(
     strategy: Callable[[float], ChurnAwareDominators], scale: float
 ) -> tuple[list[list[str]], list[list[str]]]:
