@@ -505,6 +505,11 @@ class _Frame:
     job: tuple[dict[str, Any], bool] | None = None
     #: The file entry this frame (its last chunk) completes once collected.
     final: dict[str, Any] | None = None
+    #: A recorded fragment this frame is the first of, or the last of.
+    opens: _Fragment | None = None
+    closes: _Fragment | None = None
+    #: Whether its batch was collected (its offsets known).
+    collected: bool = False
 
     def __len__(self) -> int:
         return len(self.head) + len(self.data)
@@ -815,10 +820,6 @@ class _InFlight:
     #: The batch's number (file digests are applied in this order); -1 for a marker.
     index: int
     result: _Batch | Future[_Batch]
-    #: A fragment whose recording starts here.
-    opens: _Fragment | None = None
-    #: A fragment whose recording ends after this.
-    closes: _Fragment | None = None
     #: Uncompressed bytes of the batch.
     size: int = 0
     #: Its chunks joining their files' digests, when the batch went to a worker process.
@@ -896,6 +897,11 @@ class ChunkedCompressor:
         self._fragments: list[_Fragment] = []
         #: Fragments whose every frame is collected, kept once their entries are spooled.
         self._closed: deque[_Fragment] = deque()
+        #: A fragment begun whose first frame is not queued yet, and the last frame queued:
+        #: a fragment's first and last frames say where it starts and ends in the output,
+        #: so its boundaries cut no batch.
+        self._opening: _Fragment | None = None
+        self._last_queued: _Frame | None = None
         self._submitted = 0
         self._file_hashing = _OrderedFileHashing()
         self._offset = 0
@@ -1032,21 +1038,30 @@ class ChunkedCompressor:
     def _begin(
         self, out: list[bytes], recording: tuple[FragmentRecorder, FragmentRecorder] | None
     ) -> None:
-        self._boundary(out, marker=recording is not None)
+        self._boundary(out, marker=False)
         if recording is None:
             return
         fragment = _Fragment(*recording, tar_start=self._tar_size)
         self._fragments.append(fragment)
-        self._cutting_fragment = fragment
-        self._marker(out, _InFlight([], -1, _NOTHING, opens=fragment))
+        self._cutting_fragment = self._opening = fragment
 
     def _end(self, out: list[bytes]) -> None:
-        self._boundary(out, marker=self._cutting_fragment is not None)
+        self._boundary(out, marker=False)
         fragment, self._cutting_fragment = self._cutting_fragment, None
         if fragment is None:
             return
         fragment.tar_end = self._tar_size
-        self._marker(out, _InFlight([], -1, _NOTHING, closes=fragment))
+        last = self._last_queued
+        if self._opening is fragment or last is None:  # pragma: no cover - a path has a header
+            self._opening = None
+            self._fragments.remove(fragment)
+            fragment.dispose()
+        elif last.collected:  # its last frame is out already: so is every other
+            if self._collecting_fragment is fragment:
+                self._collecting_fragment = None
+            self._closed.append(fragment)
+        else:
+            last.closes = fragment
 
     def _commit_closed(self) -> None:
         """Keep the recorded fragments whose frames are all collected and entries spooled.
@@ -1414,6 +1429,9 @@ class ChunkedCompressor:
         self._meta = _Frame(bytearray())
 
     def _queue(self, frame: _Frame, out: list[bytes]) -> None:
+        if self._opening is not None:
+            frame.opens, self._opening = self._opening, None
+        self._last_queued = frame
         self._batch.append(frame)
         self._batch_bytes += len(frame)
         if self._batch_bytes >= BATCH_BYTES:
@@ -1606,30 +1624,43 @@ class ChunkedCompressor:
         return hashed
 
     def _take_collected(self, item: _InFlight, batch: _Batch, out: list[bytes]) -> None:
-        """Offsets and digests of a collected batch (or marker) into the TOC; its bytes out."""
-        if item.opens is not None:
-            item.opens.frames.offset = self._offset
-            item.opens.toc_part.start(self._offset)
-            self._collecting_fragment = item.opens
+        """Offsets and digests of a collected batch (or marker) into the TOC; its bytes out.
+
+        A recorded fragment's bytes go to its recorder: from its first
+        frame's start to its last frame's end (a batch may hold the end of
+        one and the start of the next).
+        """
         blob, lengths, digests, plans = batch
+        base = self._offset
         if not item.frames:
             self._offset += len(blob)
+        collecting, start = self._collecting_fragment, 0
         hashed = False
         at = 0  # the frame compressed, in lengths and digests
         for frame, plan in zip(item.frames, plans, strict=True):
+            frame.collected = True
+            if frame.opens is not None:
+                collecting, start = frame.opens, self._offset - base
+                collecting.frames.offset = self._offset
+                collecting.toc_part.start(self._offset)
             if plan is not None:
                 at = self._take_job(frame, plan, lengths, digests, at)
-                continue
-            hashed = self._take_frame(frame, lengths[at], digests[at], item.index, hashed=hashed)
-            at += 1
+            else:
+                hashed = self._take_frame(
+                    frame, lengths[at], digests[at], item.index, hashed=hashed
+                )
+                at += 1
+            if frame.closes is not None:
+                if collecting is frame.closes:
+                    collecting.frames.add(blob[start : self._offset - base])
+                # Kept between public calls, once its entries are spooled (_commit_closed).
+                self._closed.append(frame.closes)
+                collecting = None
         if blob:
-            if self._collecting_fragment is not None:
-                self._collecting_fragment.frames.add(blob)
+            if collecting is not None:
+                collecting.frames.add(blob[start:] if start else blob)
             out.append(blob)
-        if item.closes is not None:
-            # Kept between public calls, once its entries are spooled (_commit_closed).
-            self._collecting_fragment = None
-            self._closed.append(item.closes)
+        self._collecting_fragment = collecting
 
 
 class MembersInflater:
