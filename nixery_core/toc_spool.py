@@ -49,8 +49,6 @@ class TocSpool:
 
     def __init__(self, limit: int = SPOOL_MEMORY) -> None:
         self._limit = limit
-        self._prefix = TOC_PREFIX
-        self._suffix = TOC_SUFFIX
         self._buffer = bytearray()
         self._file: IO[bytes] | None = None
         self._entries = 0
@@ -64,7 +62,7 @@ class TocSpool:
     @property
     def size(self) -> int:
         """Bytes of the whole TOC JSON (prefix, entries, commas and suffix)."""
-        return len(self._prefix) + self._size + len(self._suffix)
+        return len(TOC_PREFIX) + self._size + len(TOC_SUFFIX)
 
     def add(self, entry_json: bytes) -> None:
         """Append one entry's JSON (a comma goes before every entry but the first)."""
@@ -101,8 +99,8 @@ class TocSpool:
         :data:`SPOOL_READ` bytes at a time; the pieces are never changed
         afterwards (a consumer may keep them).
         """
-        yield self._prefix
-        done = len(self._prefix)
+        yield TOC_PREFIX
+        done = len(TOC_PREFIX)
         if self._file is not None:
             self._file.flush()
             self._file.seek(0)
@@ -112,8 +110,8 @@ class TocSpool:
         if self._buffer:
             done += len(self._buffer)
             yield self._buffer
-        done += len(self._suffix)
-        yield self._suffix
+        done += len(TOC_SUFFIX)
+        yield TOC_SUFFIX
         if done != self.size:  # pragma: no cover - the file lost bytes
             raise OSError(f"the TOC spool read back {done} bytes of {self.size}")
 
