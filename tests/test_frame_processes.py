@@ -12,7 +12,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -352,13 +352,11 @@ def test_a_frame_placed_outside_the_shared_memory_is_a_layer_error() -> None:
             )
 
 
-@pytest.mark.parametrize("compression", FORMATS)
-def test_layers_through_shared_memory_are_the_bytes_of_one_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
-) -> None:
-    """A layer whose frames reach the workers in shared memory (most of its bytes) is
-    byte-identical to the same layer packed on one thread and to one sent in sockets only."""
-    paths = make_store(tmp_path)
+def _counting_pack(
+    monkeypatch: pytest.MonkeyPatch, root: Path, paths: list[str], compression: str
+) -> tuple[Callable[[int], bytes], list[int]]:
+    """A packer of ``paths`` as one layer (given a thread count) and the list it fills with
+    the bytes each submitted batch has in shared memory."""
     placed: list[int] = []
     submit = FrameProcesses.submit
 
@@ -372,12 +370,22 @@ def test_layers_through_shared_memory_are_the_bytes_of_one_thread(
             paths,
             out.write,
             ArchiveOptions(compression=compression),  # type: ignore[arg-type]
-            store_root=tmp_path,
+            store_root=root,
             threads=threads,
         )
         return out.getvalue()
 
     monkeypatch.setattr(FrameProcesses, "submit", counting)
+    return pack, placed
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_layers_through_shared_memory_are_the_bytes_of_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """A layer whose frames reach the workers in shared memory (most of its bytes) is
+    byte-identical to the same layer packed on one thread and to one sent in sockets only."""
+    pack, placed = _counting_pack(monkeypatch, tmp_path, make_store(tmp_path), compression)
     frame_processes.shutdown()  # a pool of this test's own, made with shared memory
     shared = pack(2)
     if shared_buffers.shared_memory_usable():
@@ -389,3 +397,28 @@ def test_layers_through_shared_memory_are_the_bytes_of_one_thread(
     assert pack(2) == shared
     assert sum(placed) == 0
     frame_processes.shutdown()
+
+
+@pytest.mark.skipif(not shared_buffers.shared_memory_usable(), reason="no memfd_create here")
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_layer_packed_while_the_shared_memory_runs_out_is_the_bytes_of_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """With shared memory for three tar blocks and no chunking window, frames go by place
+    while a slot is free and through the socket otherwise, in one layer: the same bytes as
+    one thread."""
+    pack, placed = _counting_pack(monkeypatch, tmp_path, make_store(tmp_path), compression)
+    monkeypatch.setattr(frame_processes, "_SHARED_PER_WORKER", 3 << 19)  # 1.5 MiB each
+    frame_processes.shutdown()  # a pool of this test's own, with that little shared memory
+    try:
+        shared = pack(2)
+        buffers = frame_processes.shared(2).buffers
+        assert buffers is not None
+        held = [buffers.take(1) for _ in range(3)]  # the three 1 MiB blocks it was carved in
+        assert None not in held
+        assert buffers.take(1) is None  # and no room for another
+        del held
+    finally:
+        frame_processes.shutdown()
+    assert 0 < sum(placed) < 8_000_000  # some of its files (8.5 MB) by place, not all
+    assert shared == pack(1)
