@@ -149,18 +149,18 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     runs: dict[str, list[Run]] = {name: [] for name in formats}
     pigz: list[float] = []
     # In a directory of its own: a kept corpus (--keep) is only read.
-    scratch = tempfile.TemporaryDirectory(prefix="bench-chunked-cpu-")
-    list_file = Path(scratch.name) / "pigz.lst"
-    list_file.write_bytes(b"".join(path.lstrip("/").encode() + b"\0" for path in paths))
-    for _ in range(args.repeats):
-        if args.pigz:
-            warm(root, paths)
-            start = time.perf_counter()
-            tool(root, list_file, "pigz -p2 -6")()
-            pigz.append(time.perf_counter() - start)
-        for name in formats:
-            warm(root, paths)
-            runs[name].append(pack_once(root, paths, name, args.threads))
+    with tempfile.TemporaryDirectory(prefix="bench-chunked-cpu-") as scratch:
+        list_file = Path(scratch) / "pigz.lst"
+        list_file.write_bytes(b"".join(path.lstrip("/").encode() + b"\0" for path in paths))
+        for _ in range(args.repeats):
+            if args.pigz:
+                warm(root, paths)
+                start = time.perf_counter()
+                tool(root, list_file, "pigz -p2 -6")()
+                pigz.append(time.perf_counter() - start)
+            for name in formats:
+                warm(root, paths)
+                runs[name].append(pack_once(root, paths, name, args.threads))
     best = {name: min(done, key=lambda run: run.total) for name, done in runs.items()}
     print(
         "  format           wall      cpu   / gzip  packing threads workers  cores  blob"
@@ -174,7 +174,6 @@ def _run(root: Path, args: argparse.Namespace) -> int:
             fastest = min(run.wall for run in runs[name])
             print(f"  {name} / pigz -p2 -6 throughput: {min(pigz) / fastest:.2f}")
     print(f"  load average at the end {os.getloadavg()[0]:.1f}")
-    scratch.cleanup()
     return 0
 
 
