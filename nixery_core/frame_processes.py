@@ -16,17 +16,17 @@ a task is a small pickled header (task number, compression settings, the
 frame table, where frames lie in shared memory) and the bytes of the
 frames that do not; the answer is a pickled header (task number, frame
 lengths, chunk digests, how whole files were cut) and the compressed
-bytes, or an error text.
+bytes, or an error text.  A worker imports only the modules it needs
+(:mod:`nixery_core.chunked` and what it imports), not the whole package.
 
 **Shared memory.**  Where the platform has ``memfd_create``, the pool
 owns :class:`~nixery_core.shared_buffers.SharedBuffers` (:attr:`FrameProcesses.buffers`)
 that every worker maps at start: the tar writer reads files into them
-and a frame found whole in one of them is sent as its offset
-(``places``, one per frame, -1 for a frame sent in the socket).  The pool
+and a frame found whole in one of them is sent as its offset, a file read
+across blocks as its pieces' offsets (``places``: -1 for a frame sent in
+the socket; see :func:`~nixery_core.chunked.compress_packed`).  The pool
 keeps the views given as ``hold`` until the task is answered or failed
-(its worker gone), so a slot is never reused while a worker may read it.  A worker imports only the
-modules it needs (:mod:`nixery_core.chunked` and what it imports), not the
-whole package.
+(its worker gone), so a slot is never reused while a worker may read it.
 
 **Threads in the caller.**  :meth:`FrameProcesses.submit` never blocks:
 the batch goes to the least busy worker's queue, and the calling thread
