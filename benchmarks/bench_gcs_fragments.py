@@ -73,6 +73,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from servers import FakeGcsServer  # noqa: E402 - tests/ is put on the path just above
 
+from benchmarks.bench_fragment_bucket import _cpu_of as _server_cpu  # noqa: E402 - as above
+from benchmarks.bench_fragment_bucket import _server_pid  # noqa: E402 - as above
 from benchmarks.bench_pack import (  # noqa: E402 - as above
     _HashingSink,
     build_corpus,
@@ -102,10 +104,6 @@ class Run:
     cpu: float
     server_cpu: float
     digests: tuple[str, ...] = ()
-
-
-from benchmarks.bench_fragment_bucket import _cpu_of as _server_cpu  # noqa: E402
-from benchmarks.bench_fragment_bucket import _server_pid  # noqa: E402
 
 
 def _cpu() -> float:
@@ -138,6 +136,14 @@ def _pack_into(store: GcsStore, root: Path, paths: Sequence[str],
     if layer is not None:
         layer.stored(packed.digest)
     return packed.digest
+
+
+def _groupings(paths: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """The corpus as four round-robin layers (packed first) and as four contiguous ones
+    (the regroup)."""
+    size = -(-len(paths) // 4)
+    round_robin = [paths[i::4] for i in range(4)]
+    return round_robin, [paths[i : i + size] for i in range(0, len(paths), size)]
 
 
 def _regroup(root: Path, groups: Sequence[Sequence[str]],
@@ -188,9 +194,7 @@ def cold(server: FakeGcsServer, pid: int, root: Path, paths: list[str], *, repea
 
 def regroup(server: FakeGcsServer, pid: int, root: Path, paths: list[str], *, repeats: int,
             work: Path) -> dict[str, list[Run]]:
-    groups = [list(paths[i::4]) for i in range(4)]
-    size = -(-len(paths) // 4)
-    regroups = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+    groups, regroups = _groupings(paths)
     store = GcsStore(server.make_bucket(f"warm-{os.getpid()}"))
     ranges_dir, copies_dir = work / "warm-ranges", work / "warm-copies"
     with FragmentCache(ranges_dir) as cache:
@@ -268,9 +272,7 @@ def shared(server: FakeGcsServer, pid: int, root: Path, paths: list[str], *, rep
     """Instance A packs four round-robin layers with the bucket tier on (every fragment
     shared: ``min_size=0``), sharing copies into one bucket and references into another;
     instance B, with an empty local cache each run, assembles four contiguous layers."""
-    groups = [list(paths[i::4]) for i in range(4)]
-    size = -(-len(paths) // 4)
-    regroups = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+    groups, regroups = _groupings(paths)
     every = FragmentBucketPolicy(min_size=0)
     buckets = {}
     for kind in ("copies", "references"):
