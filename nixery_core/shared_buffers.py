@@ -81,7 +81,8 @@ class SharedBuffers:
         self._end = 0
 
     def take(self, size: int) -> mmap.mmap | None:
-        """A slot of at least ``size`` bytes nothing else refers to; ``None`` if none is left."""
+        """A slot of at least ``size`` bytes nothing else refers to; ``None`` if none is left
+        (or the kernel will not map another)."""
         with self._lock:
             found: mmap.mmap | None = None
             if EXACT_COUNTS:
@@ -94,7 +95,10 @@ class SharedBuffers:
             length = -(-size // _GRAIN) * _GRAIN
             if self.fd < 0 or self._end + length > self.capacity:
                 return None
-            slot = mmap.mmap(self.fd, length, offset=self._end)
+            try:
+                slot = mmap.mmap(self.fd, length, offset=self._end)
+            except OSError:  # refused (address-space limit, too many mappings): none here
+                return None
             marker = ctypes.c_char.from_buffer(slot)
             address = ctypes.addressof(marker)
             del marker  # a live export would pin the slot's count

@@ -152,3 +152,23 @@ def test_a_forked_child_never_hands_out_its_parents_slots(tmp_path: Path) -> Non
         [sys.executable, str(script)], check=True, env=env, timeout=60, capture_output=True
     )
     assert done.stdout.strip() == b"0"
+
+
+def test_a_slot_the_kernel_will_not_map_is_none(buffers: SharedBuffers) -> None:
+    """When a new slot cannot be mapped (the kernel refuses: an address-space limit, too many
+    mappings), take gives None, so callers use buffers of their own; slots made before are still
+    handed out."""
+    first = buffers.take(_SLOT)
+    assert first is not None
+    del first
+    memfd = buffers.fd
+    read, write = os.pipe()
+    buffers.fd = read  # a file mmap refuses (ENODEV), as it refuses past a limit
+    try:
+        again = buffers.take(_SLOT)
+        assert again is not None  # the first slot, free
+        assert buffers.take(_SLOT) is None
+    finally:
+        buffers.fd = memfd
+        os.close(read)
+        os.close(write)
