@@ -276,13 +276,21 @@ def manifest_cache_key(
     """A key over everything that changes the built manifest.
 
     With ``prior_layers_from_cache`` the key says so, but not what the cache
-    held (see :class:`BuildSettings`).
+    held (see :class:`BuildSettings`); a strategy that can be told the
+    record is keyed as it groups when told (its parameters after
+    ``with_prior_layers`` of no layers), since a told strategy may group
+    differently from the same strategy untold.
     """
     expr = _expression(expression)
+    keyed = (
+        strategy.with_prior_layers(())
+        if prior_layers_from_cache and isinstance(strategy, SupportsPriorLayers)
+        else strategy
+    )
     payload: dict[str, object] = {
         "layout": LAYOUT_VERSION,
         "image": image_cache_key(image, spec),
-        "strategy": {"name": strategy.name, "parameters": dict(strategy.parameters())},
+        "strategy": {"name": strategy.name, "parameters": dict(keyed.parameters())},
         "archive": archive.parameters(),
         "config": config.parameters(),
         "format": manifest_format,

@@ -175,7 +175,9 @@ def test_prior_layers_from_cache_tells_the_strategy_every_stored_image_layer(
             second = builder.build(Image.from_name("hello"), FixedSource())
         stored = {layer.paths for layer in first.layers if layer.kind == "store"}
         kept = {layer.paths for layer in second.layers if layer.kind == "store"}
-        assert told == [frozenset(), stored]
+        # Each build's manifest key is made from the strategy told no layers, then the
+        # build tells it the record: none for the first image, the first's layers next.
+        assert told == [frozenset(), frozenset(), frozenset(), stored]
         assert cache.stored_layers() == stored | kept
         second_paths = {p for layer in second.layers for p in layer.paths}
         whole = {s for s in stored if set(s) <= second_paths and len(s) > 1}
@@ -349,3 +351,41 @@ def test_abuild_multiarch_shares_identical_index_builds(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert runner.count("resolve") == 2  # one per architecture
+
+
+@attrs.frozen
+class _ToldOnlyStrategy:
+    """The default grouping, with a setting its parameters name only once it is told."""
+
+    setting: int
+    is_told: bool = False
+
+    @property
+    def name(self) -> str:
+        return "told-only"
+
+    def parameters(self) -> Mapping[str, JSONValue]:
+        return {"setting": self.setting} if self.is_told else {}
+
+    def with_prior_layers(self, layers: Sequence[Sequence[str]]) -> _ToldOnlyStrategy:
+        return attrs.evolve(self, is_told=True)
+
+    def group(self, graph: RuntimeGraph, budget: int) -> Sequence[LayerGroup]:
+        return DEFAULT_STRATEGY.group(graph, budget)
+
+
+def test_a_told_build_is_keyed_as_its_strategy_groups_told(tmp_path: Path) -> None:
+    """With ``prior_layers_from_cache`` the manifest key holds the strategy's parameters as
+    told (the default names ``root_scale`` only then), so two strategies alike untold but not
+    told never share a cached manifest."""
+    runner = fake_nix(tmp_path / "root")
+    keys = []
+    for setting in (1, 2):
+        with BuildCache(tmp_path / f"cache-{setting}", shared=False) as cache:
+            result = build_image(
+                IMAGE, FixedSource(), runner=runner, uploader=MemoryStore(), cache=cache,
+                store_root=runner.store_root, strategy=_ToldOnlyStrategy(setting),
+                prior_layers_from_cache=True, layer_budget=4,
+            )
+            keys.append(result.cache_key)
+    assert keys[0] != keys[1]

@@ -426,6 +426,7 @@ def test_with_prior_layers_tells_ours_the_registry_keeps_a_record() -> None:
     assert told.parameters() == {
         **DEFAULT_STRATEGY.parameters(),
         "told_registry": True,
+        "told_form": 2,
         "root_scale": DEFAULT_STRATEGY.root_scale,
     }
     assert "told_registry" not in DEFAULT_STRATEGY.parameters()

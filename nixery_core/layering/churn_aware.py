@@ -252,7 +252,9 @@ class ChurnAwareDominators:
             "reserve_root_slots": self.reserve_root_slots,
             "stored_copy": self.stored_copy,
             **({"prior_layers_sha256": self.prior_digest()} if self.prior_layers else {}),
-            **({"told_registry": True} if self.told_registry else {}),
+            # The told grouping's form: 2 since the sixth session (a stored
+            # layer's first merge at full weight, roots counted less one).
+            **({"told_registry": True, "told_form": 2} if self.told_registry else {}),
             **({"reference_scale": self.reference_scale} if self.reference_scale else {}),
             # Only told does root_scale group differently: the default's
             # parameters (so cache keys) untold are as before it was on.
