@@ -643,17 +643,25 @@ class BucketFragments:
             except StorageError as exc:
                 log.warning("could not refresh fragment blob %s (%s)", digest, exc)
 
-    def _shared(self, digest: str, record: RangeRecord) -> None:
+    def _shared(self, digest: str, record: RangeRecord) -> bool:
         """A fragment packed here is a range of the layer blob ``digest``, now in the bucket:
-        share a reference to it (worth it from ``min_size`` bytes, as a copy)."""
+        share a reference to it (worth it from ``min_size`` bytes, as a copy); whether it is."""
         key, offset, size, uncompressed, crc, layout = record
         if size < self.policy.min_size:
-            return
+            return False
         pointer = _Reference(digest, size, uncompressed, crc, offset, layout)
         if self.policy.background:
             self._enqueue("reference", key, pointer)
         else:
             self._share(key, pointer)
+        return True
+
+    def _upload_side(self, key: str) -> None:
+        """Upload a side part kept locally (a shared fragment's TOC part), whatever its size."""
+        if self.policy.background:
+            self._enqueue("upload", key)
+        else:
+            self._upload(key)
 
     def _share(self, key: str, reference: _Reference) -> None:
         layout = reference.layout
@@ -727,6 +735,10 @@ class SharedLayer:
     _positions: dict[str, int] = attrs.field(init=False, factory=dict)
     #: Held while a fetch thread adds a reference to the layer's reads.
     _adding: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    #: The side part (a chunked layer's TOC part) of each fragment that has one, by the
+    #: fragment's key, and the fragment whose writer was asked for last.
+    _sides: dict[str, str] = attrs.field(init=False, factory=dict)
+    _last: str | None = attrs.field(init=False, default=None)
 
     def prefetch(self, keys: Sequence[str]) -> None:
         self._positions = {key: index for index, key in enumerate(keys)}
@@ -752,12 +764,21 @@ class SharedLayer:
 
     def writer(self, key: str, *, side: bool = False) -> FragmentWriter:
         """A range of the layer blob; a side part (a chunked layer's TOC part, no bytes of
-        the blob) a copy, uploaded as the tier uploads copies."""
+        the blob) a local copy, belonging to the fragment whose writer came just before it
+        (the packer asks for both of a store path in turn): uploaded when that fragment is
+        shared, whatever its own size (the reference is of no use without it)."""
         if side:
-            return self._tier.writer(key, side=True)
+            if self._last is not None:
+                self._sides[self._last] = key
+            return self._tier.local.writer(key, side=True)
+        self._last = key
         return self._layer.writer(key)
 
     def stored(self, digest: str) -> None:
-        """The layer's blob is committed: keep its fragments as ranges, share references."""
+        """The layer's blob is committed: keep its fragments as ranges, share references
+        (and upload the side parts of those shared)."""
         for record in self._layer.stored(digest):
-            self._tier._shared(digest, record)
+            if self._tier._shared(digest, record):
+                side = self._sides.get(record[0])
+                if side is not None:
+                    self._tier._upload_side(side)

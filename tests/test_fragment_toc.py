@@ -25,7 +25,7 @@ from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.cache import BuildCache
 from nixery_core.chunked import ChunkedCompressor, compact_json
 from nixery_core.compression import frame_compressor, frame_stream
-from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
+from nixery_core.fragment_bucket import DEFAULT_MIN_SIZE, BucketFragments, FragmentBucketPolicy
 from nixery_core.fragment_toc import (
     TOC_PART_LAYOUT,
     TocPartWriter,
@@ -349,27 +349,37 @@ def _into_bucket(
     return bucket.read_blob(packed.digest), packed
 
 
+@pytest.mark.parametrize("min_size", [0, DEFAULT_MIN_SIZE])
 @pytest.mark.parametrize("compression", FORMATS)
 def test_chunked_fragments_are_shared_through_a_bucket_as_references(
-    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str, min_size: int
 ) -> None:
     """A second instance (its own local cache) regroups chunked layers from the first's
-    references to ranges of its layer blobs and its uploaded TOC parts: nothing compressed,
-    the bytes of packs without a cache."""
+    references to ranges of its layer blobs and the TOC parts uploaded with them (whatever
+    their size): only the store paths whose frames are under ``min_size`` (not shared) are
+    compressed again, and the layers are the bytes of packs without a cache."""
     root, paths = four_paths
     bucket = MemoryStore()
-    policy = FragmentBucketPolicy(min_size=0, background=False)
+    policy = FragmentBucketPolicy(min_size=min_size, background=False)
     with BuildCache(tmp_path / "a", fragment_bucket=policy) as first:
         for group in (paths[:2], paths[2:]):
             _into_bucket(first, bucket, root, group, compression)
+        local = first.fragments
+        assert local is not None
+        local.flush()
+        with sqlite3.connect(local.directory / "index.sqlite") as con:
+            sizes = dict(con.execute("SELECT key, size FROM fragments WHERE blob IS NOT NULL"))
+    unshared = sum(sizes[_keys(root, path, compression)[0]] < min_size for path in paths)
+    assert unshared == (1 if min_size else 0)  # the small store path
+    shared = len(paths) - unshared
     regroups = [[paths[0], paths[2]], [paths[1], paths[3]]]
     with BuildCache(tmp_path / "b", fragment_bucket=policy) as second:
         layers = [_into_bucket(second, bucket, root, g, compression) for g in regroups]
         local = second.fragments
         assert local is not None
-        assert local.misses == 0
+        assert local.misses == unshared
         tier = second.fragment_ranges_for(bucket, _options(compression))
         assert isinstance(tier, BucketFragments)
         # Frames as references to ranges of the first's blobs, TOC parts as uploaded copies.
-        assert (tier.stats.referenced, tier.stats.hits) == (len(paths), 2 * len(paths))
+        assert (tier.stats.referenced, tier.stats.hits) == (shared, 2 * shared)
     assert layers == [_plain(root, g, compression) for g in regroups]
