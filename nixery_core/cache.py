@@ -83,8 +83,9 @@ from nixery_core.record_schema import record_blob_sizes
 from nixery_core.tally import Tally
 
 if TYPE_CHECKING:
+    from attrs import AttrsInstance
+
     from nixery_core.archive import ArchiveOptions
-    from nixery_core.results import BuiltLayer
 
 __all__ = ["BuildCache", "CacheStats", "LayerRecord", "ManifestRecord"]
 
@@ -112,7 +113,7 @@ class LayerRecord:
     annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return annotated_json(self)
+        return annotated_json(self, self.annotations)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LayerRecord:
@@ -132,12 +133,15 @@ class LayerRecord:
             )
 
 
-def annotated_json(layer: LayerRecord | BuiltLayer) -> dict[str, Any]:
-    """A layer's fields (:func:`attrs.asdict`), its ``annotations`` an object, left out
-    when there are none (as in entries written before layers had any)."""
+def annotated_json(
+    layer: AttrsInstance, annotations: tuple[tuple[str, str], ...]
+) -> dict[str, Any]:
+    """A layer's fields (:func:`attrs.asdict`; a :class:`LayerRecord` or a
+    :class:`~nixery_core.results.BuiltLayer`), its ``annotations`` an object,
+    left out when there are none (as in entries written before layers had any)."""
     data = attrs.asdict(layer)
-    if layer.annotations:
-        data["annotations"] = dict(layer.annotations)
+    if annotations:
+        data["annotations"] = dict(annotations)
     else:
         del data["annotations"]
     return data

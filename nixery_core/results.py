@@ -75,7 +75,7 @@ class BuiltLayer:
     annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        data = annotated_json(self)
+        data = annotated_json(self, self.annotations)
         data["paths"] = list(self.paths)
         data["packages"] = list(self.packages)
         return data
