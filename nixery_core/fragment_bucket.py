@@ -128,6 +128,7 @@ from nixery_core.fragments import (
     LayerRanges,
     RangeRecord,
     StoreFragments,
+    open_range,
 )
 from nixery_core.protocols import (
     ReadableStore,
@@ -580,15 +581,14 @@ class BucketFragments:
         """Stream the blob into ``writer``; what is wrong with it, or ``None``."""
         check = _Check(pointer, whole=pointer.offset is None)
         try:
-            if pointer.offset is not None:  # a range of a layer blob, copied here
-                piece = _read_range(self.store, pointer.digest, pointer.offset, pointer.size)
-                check.add(piece)
-                writer.add(piece)
-            else:
-                with self.store.open_blob(pointer.digest) as stream:
-                    while piece := stream.read(_READ_SIZE):
-                        check.add(piece)
-                        writer.add(piece)
+            with (
+                self.store.open_blob(pointer.digest) if pointer.offset is None
+                # a range of a layer blob, copied here
+                else open_range(self.store, pointer.digest, pointer.offset, pointer.size)
+            ) as stream:
+                while piece := stream.read(_READ_SIZE):
+                    check.add(piece)
+                    writer.add(piece)
             check.finish()
         except _Refused as refused:
             return str(refused)
@@ -704,15 +704,6 @@ class BucketFragments:
                 written() if written is not None else f"sha256:{digest.hexdigest()}"
             )
         return FragmentPointer(info.digest, found.size, found.uncompressed_size, found.crc32)
-
-
-def _read_range(store: ReadableStore, digest: str, offset: int, size: int) -> bytes:
-    """``size`` bytes of a stored blob from ``offset`` (fewer when it ends first)."""
-    if isinstance(store, SupportsRangeReads):
-        return store.read_range(digest, offset, size)
-    with store.open_blob(digest) as stream:
-        stream.seek(offset)
-        return stream.read(size)
 
 
 @attrs.define

@@ -13,7 +13,9 @@ will reuse (in the order it needs them) and reads them ahead:
 * ranges of one blob that touch, or lie at most :data:`MAX_GAP` bytes
   apart, are read in one request of at most :data:`MAX_REQUEST` bytes (a
   regroup often takes neighbouring store paths of one earlier layer; the
-  bytes of a gap are read and dropped);
+  bytes of a gap are read and dropped); a fragment larger than that is not
+  read ahead but streamed as the pack reads it, so no fragment is ever
+  held whole;
 * requests run ``threads`` at a time, different blobs concurrently, in the
   order the pack needs their first fragment;
 * at most ``window`` bytes are read ahead of the pack (a request is let go
@@ -49,9 +51,10 @@ __all__ = [
 
 #: Range requests of one layer in flight at once.
 DEFAULT_THREADS = 4
-#: Bytes read ahead of the pack, at most (one request more when a fragment is larger).
+#: Bytes read ahead of the pack, at most (one request more when it is larger).
 DEFAULT_WINDOW = 64 << 20
-#: Bytes one request reads, at most (a single larger fragment is read alone).
+#: Bytes one request reads, at most.  A larger fragment is not read ahead: it streams,
+#: this many bytes a request, as the pack reads it (:func:`~nixery_core.fragments.open_range`).
 MAX_REQUEST = 16 << 20
 #: Ranges of one blob this close are read in one request (the gap's bytes are dropped).
 MAX_GAP = 256 << 10
@@ -115,8 +118,8 @@ class RangeReads:
         by_blob: dict[str, list[tuple[int, int, KeptRange]]] = {}
         seen: set[str] = set()
         for position, kept in enumerate(self.ranges):
-            if kept.key in seen or kept.size <= 0 or kept.offset < 0:
-                continue
+            if kept.key in seen or not 0 < kept.size <= self.max_request or kept.offset < 0:
+                continue  # a larger range streams as the pack reads it (fragments.open_range)
             seen.add(kept.key)
             by_blob.setdefault(kept.blob, []).append((kept.offset, position, kept))
         for blob, items in by_blob.items():
@@ -148,7 +151,7 @@ class RangeReads:
         when that is not sent yet and they touch (on either side); it is sent with the
         others when the pack next takes a fragment (read ahead from there), so ranges
         learnt meanwhile can still join it."""
-        if kept.size <= 0 or kept.offset < 0:
+        if not 0 < kept.size <= self.max_request or kept.offset < 0:
             return
         with self._lock:
             if kept.key in self._of:

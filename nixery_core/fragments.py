@@ -134,7 +134,7 @@ from typing import BinaryIO, Protocol, cast
 import attrs
 
 from nixery_core.errors import LayerError, NixeryError, StorageError, StorageUnavailable
-from nixery_core.fragment_reads import KeptRange, RangeReads
+from nixery_core.fragment_reads import MAX_REQUEST, KeptRange, RangeReads
 from nixery_core.protocols import (
     JSONValue,
     SupportsBlobFiles,
@@ -155,6 +155,7 @@ __all__ = [
     "RangeWriter",
     "StoreFragments",
     "fragment_key",
+    "open_range",
 ]
 
 log = logging.getLogger(__name__)
@@ -1037,7 +1038,7 @@ class FragmentCache:
                 raise LayerError(f"its index row is damaged (offset {offset!r}, size {size!r})")
             if reads is not None and key in reads:
                 return io.BytesIO(reads.take(key, blob, offset, size))
-            return _open_range(blobs, blob, offset, size)
+            return open_range(blobs, blob, offset, size)
         if file is None:
             return io.BytesIO(data or b"")
         return (self._data / file).open("rb")
@@ -1431,13 +1432,49 @@ def _read_checking(
     return None if held is None else tuple(held)
 
 
-def _open_range(blobs: SupportsReading, digest: str, offset: int, size: int) -> BinaryIO:
-    """The range of a stored blob a fragment was kept as (a short blob reads short): one
-    ranged request on a remote store (:class:`~nixery_core.protocols.SupportsRangeReads`)."""
+def open_range(blobs: SupportsReading, digest: str, offset: int, size: int) -> BinaryIO:
+    """The range of a stored blob a fragment was kept as (a short blob reads short).
+
+    On a remote store (:class:`~nixery_core.protocols.SupportsRangeReads`)
+    one ranged request, or for a range over
+    :data:`~nixery_core.fragment_reads.MAX_REQUEST` one request per that
+    many bytes as the stream is read: memory stays bounded however large
+    the fragment.
+    """
     if isinstance(blobs, SupportsRangeReads) and not isinstance(blobs, SupportsBlobFiles):
-        return io.BytesIO(blobs.read_range(digest, offset, size))
+        if size <= MAX_REQUEST:
+            return io.BytesIO(blobs.read_range(digest, offset, size))
+        ranged = _RangedBlob(blobs, digest, offset + size)
+        return cast("BinaryIO", _BlobRange(cast("BinaryIO", ranged), offset, size))
     blob = blobs.open_blob(digest)
     return cast("BinaryIO", _BlobRange(blob, offset, size))
+
+
+class _RangedBlob:
+    """A blob on a remote store read (up to ``end``) as a seekable stream, by ranged requests
+    of :data:`~nixery_core.fragment_reads.MAX_REQUEST` bytes, one piece held at a time."""
+
+    def __init__(self, store: SupportsRangeReads, digest: str, end: int) -> None:
+        self._store, self._digest, self._end = store, digest, end
+        self._pos, self._start, self._piece = 0, 0, b""
+
+    def seek(self, pos: int) -> int:
+        self._pos = pos
+        return pos
+
+    def read(self, size: int) -> bytes:
+        at = self._pos - self._start
+        if not 0 <= at < len(self._piece):
+            wanted = min(max(size, MAX_REQUEST), self._end - self._pos)
+            self._start, at = self._pos, 0
+            self._piece = self._store.read_range(self._digest, self._pos, wanted) \
+                if wanted > 0 else b""
+        data = self._piece[at : at + size]
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._piece = b""
 
 
 @attrs.frozen

@@ -18,6 +18,7 @@ from nixery_core.cli import main
 from nixery_core.digests import sha256_digest
 from nixery_core.errors import LayerError, StorageError, StorageUnavailable
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
+from nixery_core.fragment_reads import MAX_REQUEST
 from nixery_core.fragments import FragmentCache, FragmentSource, StoreFragments
 from nixery_core.names import Image
 from nixery_core.storage.filesystem import FilesystemBlobWriter, FilesystemStore
@@ -462,6 +463,35 @@ def test_a_range_copied_at_its_first_reuse_is_read_from_its_store_once(
             assert found is not None
             assert b"".join(found.pieces()) == data
         assert flaky.read == size
+
+
+class _LargestRead(MemoryStore):
+    """A store of ranged reads (a bucket) that remembers its largest read."""
+
+    largest: int = 0
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        self.largest = max(self.largest, length)
+        return super().read_range(digest, offset, length)
+
+
+@pytest.mark.parametrize("copy_on_reuse", [True, False], ids=["copied", "read-each-time"])
+def test_a_range_larger_than_one_request_is_never_read_whole_from_a_bucket(
+    tmp_path: Path, copy_on_reuse: bool
+) -> None:
+    """A range over MAX_REQUEST (16 MiB) on a store of ranged reads streams in requests of at
+    most that size, read ahead or not (memory stays bounded), and gives the same bytes."""
+    blobs = _LargestRead()
+    with FragmentCache(tmp_path / "fragments") as cache:
+        key, data = _big_range(cache, blobs, 2 * MAX_REQUEST + 5)
+        view = StoreFragments(cache, blobs, copy_on_reuse=copy_on_reuse)
+        reads = view.plan([key])
+        assert reads is None or key not in reads  # not read ahead whole
+        with view.get(key) as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == data
+        assert 0 < blobs.largest <= MAX_REQUEST
+        assert blobs.range_reads >= 3
 
 
 def test_a_range_whose_store_is_down_when_reused_is_a_miss_kept_and_not_copied(
