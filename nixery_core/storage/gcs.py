@@ -220,6 +220,10 @@ class GcsStore:
         self._prefix = prefix
         self._chunk_size = chunk_size
         self._retry = retry
+        #: A ranged read's policy: the store's, retrying for at most RANGE_RETRY_SECONDS.
+        self._range_retry = None if retry is None else retry.with_timeout(
+            min(retry.timeout or RANGE_RETRY_SECONDS, RANGE_RETRY_SECONDS)
+        )
         self._timeout = timeout
         self._staging_name = staging_name
 
@@ -429,14 +433,10 @@ class GcsStore:
         validate_range(offset, length)
         if length == 0:
             return b""
-        retry = self._retry
-        if retry is not None:
-            retry = retry.with_timeout(min(retry.timeout or RANGE_RETRY_SECONDS,
-                                           RANGE_RETRY_SECONDS))
         try:
             data: bytes = self._bucket.blob(name).download_as_bytes(
                 start=offset, end=offset + length - 1, checksum=None, raw_download=True,
-                **self._call(retry=retry),
+                **self._call(retry=self._range_retry),
             )
         except gexc.NotFound as exc:
             raise BlobNotFound(digest) from exc
