@@ -119,7 +119,7 @@ import attrs
 from nixery_core.chunked import MembersInflater
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidInput, LayerError, StorageError
-from nixery_core.fragment_reads import KeptRange, RangeReads
+from nixery_core.fragment_reads import KeptRange, RangeReads, reads_ranges_remotely
 from nixery_core.fragments import (
     CachedFragment,
     EncodesLayout,
@@ -130,13 +130,7 @@ from nixery_core.fragments import (
     StoreFragments,
     open_range,
 )
-from nixery_core.protocols import (
-    ReadableStore,
-    SupportsBlobFiles,
-    SupportsRangeReads,
-    SupportsRefresh,
-    SupportsWrittenDigest,
-)
+from nixery_core.protocols import ReadableStore, SupportsRefresh, SupportsWrittenDigest
 from nixery_core.tally import Tally
 
 __all__ = [
@@ -739,7 +733,7 @@ class SharedLayer:
     def _found(self, key: str, kept: KeptRange) -> None:
         """A reference fetched for this layer: read it ahead with the others."""
         store = self._layer.source.store
-        if not isinstance(store, SupportsRangeReads) or isinstance(store, SupportsBlobFiles):
+        if not reads_ranges_remotely(store):
             return  # read when needed, as any range on this store
         with self._adding:  # fetches of one layer run on several threads
             reads = self._layer.reads

@@ -35,10 +35,11 @@ import bisect
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeGuard
 
 import attrs
 
-from nixery_core.protocols import SupportsRangeReads
+from nixery_core.protocols import SupportsBlobFiles, SupportsRangeReads
 
 __all__ = [
     "DEFAULT_THREADS",
@@ -47,6 +48,7 @@ __all__ = [
     "MAX_REQUEST",
     "KeptRange",
     "RangeReads",
+    "reads_ranges_remotely",
 ]
 
 #: Range requests of one layer in flight at once.
@@ -58,6 +60,13 @@ DEFAULT_WINDOW = 64 << 20
 MAX_REQUEST = 16 << 20
 #: Ranges of one blob this close are read in one request (the gap's bytes are dropped).
 MAX_GAP = 256 << 10
+
+
+def reads_ranges_remotely(store: object) -> TypeGuard[SupportsRangeReads]:
+    """Whether ``store`` reads a blob's range by a request (a bucket), not from a local
+    file (:class:`~nixery_core.protocols.SupportsBlobFiles`): there ranges are read ahead
+    and a large one streams a request at a time."""
+    return isinstance(store, SupportsRangeReads) and not isinstance(store, SupportsBlobFiles)
 
 
 @attrs.frozen

@@ -134,7 +134,7 @@ from typing import BinaryIO, Protocol, cast
 import attrs
 
 from nixery_core.errors import LayerError, NixeryError, StorageError, StorageUnavailable
-from nixery_core.fragment_reads import MAX_REQUEST, KeptRange, RangeReads
+from nixery_core.fragment_reads import MAX_REQUEST, KeptRange, RangeReads, reads_ranges_remotely
 from nixery_core.protocols import (
     JSONValue,
     SupportsBlobFiles,
@@ -1441,7 +1441,7 @@ def open_range(blobs: SupportsReading, digest: str, offset: int, size: int) -> B
     many bytes as the stream is read: memory stays bounded however large
     the fragment.
     """
-    if isinstance(blobs, SupportsRangeReads) and not isinstance(blobs, SupportsBlobFiles):
+    if reads_ranges_remotely(blobs):
         if size <= MAX_REQUEST:
             return io.BytesIO(blobs.read_range(digest, offset, size))
         ranged = _RangedBlob(blobs, digest, offset + size)
@@ -1526,7 +1526,7 @@ class StoreFragments:
         (:mod:`nixery_core.fragment_reads`); ``None`` on a store with local blob files or
         without ranged reads, or when none of ``keys`` is a range."""
         store = self.store
-        if not isinstance(store, SupportsRangeReads) or isinstance(store, SupportsBlobFiles):
+        if not reads_ranges_remotely(store):
             return None
         ranges = self.cache.kept_ranges(keys)
         return RangeReads(store, ranges) if ranges else None
