@@ -1550,7 +1550,7 @@ class LayerRanges:
     """
 
     _source: StoreFragments
-    _recorded: list[_RangeRecord] = attrs.field(init=False, factory=list)
+    _recorded: list[RangeRecord] = attrs.field(init=False, factory=list)
     #: The ranges this layer reuses, read ahead (a remote store), once prefetched.
     _reads: RangeReads | None = attrs.field(init=False, default=None)
 
@@ -1608,7 +1608,6 @@ class LayerRanges:
 
 #: A fragment recorded as a range: key, offset, size, uncompressed size, CRC-32, layout.
 RangeRecord = tuple[str, int, int, int, int, "bytes | EncodesLayout | None"]
-_RangeRecord = RangeRecord
 
 
 @attrs.define
