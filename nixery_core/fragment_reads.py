@@ -177,18 +177,26 @@ class RangeReads:
                     tail.start, tail.end = min(tail.start, kept.offset), max(tail.end, end)
                     tail.ranges.append(kept)
                     tail.left += 1
-                    self._first[id(tail)] = min(self._first[id(tail)], position)
                     self._of[kept.key] = (tail, kept)
+                    if position < self._first[id(tail)]:  # needed earlier: moved up
+                        self._plan.remove(tail)
+                        self._first[id(tail)] = position
+                        self._queue(tail)
                     return
             request = _Request(kept.blob, kept.offset, end, [kept], left=1)
             self._of[kept.key] = (request, kept)
             self._tail[kept.blob] = request
             self._first[id(request)] = position
-            # Among the requests not sent yet, by the position of their first fragment.
-            at = bisect.bisect_right(
-                self._plan, position, lo=self._next, key=lambda r: self._first[id(r)]
-            )
-            self._plan.insert(at, request)
+            self._queue(request)
+
+    def _queue(self, request: _Request) -> None:
+        """Put ``request`` among the requests not sent yet, by the position of their first
+        fragment (lock held)."""
+        at = bisect.bisect_right(
+            self._plan, self._first[id(request)], lo=self._next,
+            key=lambda r: self._first[id(r)],
+        )
+        self._plan.insert(at, request)
 
     def __contains__(self, key: object) -> bool:
         return key in self._of

@@ -151,3 +151,34 @@ def test_a_range_learnt_late_joins_the_plan() -> None:
     assert b"".join(reads.take(k, digest, o, 1000) for k, o in (("a", 0), ("b", 1000),
                                                                 ("c", 2000))) == data
     assert reads.requests == 1
+
+
+class _Ordered(MemoryStore):
+    """A store recording the blobs its ranged reads ask for, in the order they come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+        self.lock = threading.Lock()
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        with self.lock:
+            self.asked.append(digest)
+        return super().read_range(digest, offset, length)
+
+
+def test_a_request_a_late_range_makes_needed_earlier_is_sent_earlier() -> None:
+    """A range learnt late that joins a queued request and is needed before the requests
+    queued ahead of it moves that request up: reads go in the order the pack needs them."""
+    store = _Ordered()
+    (x, _), (y, y_data), (z, _) = (_blob(store, 2000) for _ in range(3))
+    planned = [KeptRange("x", x, 0, 100), KeptRange("x1", x, 1500, 100),
+               KeptRange("z", z, 0, 100), KeptRange("y", y, 1000, 100)]
+    reads = RangeReads(store, planned, threads=1)  # at positions 0 to 3, x and x1 in one
+    reads.add(KeptRange("y0", y, 900, 100), 1)  # before z (position 2) in the pack
+    reads.take("x", x, 0, 100)
+    reads.take("x1", x, 1500, 100)
+    assert reads.take("y0", y, 900, 100) == y_data[900:1000]
+    reads.take("z", z, 0, 100)
+    reads.take("y", y, 1000, 100)
+    assert (store.asked, reads.requests) == ([x, y, z], 3)
