@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeGuard
 
@@ -107,6 +107,9 @@ class RangeReads:
     window: int = DEFAULT_WINDOW
     max_request: int = MAX_REQUEST
     max_gap: int = MAX_GAP
+    #: Each range's position in the pack, by key (the scale :meth:`add` is told positions
+    #: in; a range missing from it, or all without it: its index in ``ranges``).
+    positions: Mapping[str, int] | None = attrs.field(default=None, kw_only=True)
     #: Requests sent to the store (for tests and benchmarks).
     requests: int = attrs.field(init=False, default=0)
     _plan: list[_Request] = attrs.field(init=False, factory=list)
@@ -126,10 +129,12 @@ class RangeReads:
         first = self._first
         by_blob: dict[str, list[tuple[int, int, KeptRange]]] = {}
         seen: set[str] = set()
-        for position, kept in enumerate(self.ranges):
+        positions = self.positions or {}
+        for index, kept in enumerate(self.ranges):
             if kept.key in seen or not 0 < kept.size <= self.max_request or kept.offset < 0:
                 continue  # a larger range streams as the pack reads it (fragments.open_range)
             seen.add(kept.key)
+            position = positions.get(kept.key, index)
             by_blob.setdefault(kept.blob, []).append((kept.offset, position, kept))
         for blob, items in by_blob.items():
             items.sort(key=lambda item: (item[0], item[1]))

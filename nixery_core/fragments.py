@@ -1529,7 +1529,8 @@ class StoreFragments:
         if not reads_ranges_remotely(store):
             return None
         ranges = self.cache.kept_ranges(keys)
-        return RangeReads(store, ranges) if ranges else None
+        positions = {key: index for index, key in enumerate(keys)}  # as SharedLayer's
+        return RangeReads(store, ranges, positions=positions) if ranges else None
 
     def writer(self, key: str, *, side: bool = False) -> FragmentWriter:
         """A copy, as :meth:`FragmentCache.writer` (no layer blob to refer to)."""

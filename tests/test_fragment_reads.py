@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
+import attrs
 import pytest
 
 from nixery_core.errors import BlobNotFound, StorageUnavailable
 from nixery_core.fragment_reads import KeptRange, RangeReads
+from nixery_core.fragments import FragmentCache, StoreFragments
 from nixery_core.testing.storage import MemoryStore
 
 MEDIA = "application/octet-stream"
@@ -182,3 +185,24 @@ def test_a_request_a_late_range_makes_needed_earlier_is_sent_earlier() -> None:
     reads.take("z", z, 0, 100)
     reads.take("y", y, 1000, 100)
     assert (store.asked, reads.requests) == ([x, y, z], 3)
+
+
+def test_a_layers_ranges_are_planned_at_their_keys_positions_as_late_ones_are(
+    tmp_path: Path,
+) -> None:
+    """A layer's kept ranges are planned at their keys' positions in the pack, the scale a
+    reference found late is placed on: one needed between two planned ones is read between
+    them (planned at their index among the ranges, it came after both)."""
+    store = _Ordered()
+    (x, _), (y, _), (z, _), (w, _) = (_blob(store, 2000) for _ in range(4))
+    with FragmentCache(tmp_path / "fragments") as cache:
+        for key, blob in (("a", x), ("c", y), ("d", z)):
+            cache.keep_range(key, blob, offset=0, size=100, uncompressed_size=100, crc=0)
+        cache.flush()
+        planned = StoreFragments(cache, store).plan(["a", "b", "c", "d"])
+        assert planned is not None
+        reads = attrs.evolve(planned, threads=1)  # reads in the order they are sent
+        reads.add(KeptRange("b", w, 0, 100), 1)  # a reference found in a bucket
+        for key, blob in (("a", x), ("b", w), ("c", y), ("d", z)):
+            reads.take(key, blob, 0, 100)
+    assert (store.asked, reads.requests) == ([x, w, y, z], 4)
