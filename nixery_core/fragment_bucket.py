@@ -592,12 +592,16 @@ class BucketFragments:
 
     def _packed(self, key: str, size: int) -> None:
         """A fragment this instance packed is in the local cache: upload it if worth it."""
-        if size < self.policy.min_size:
-            return
+        if size >= self.policy.min_size:
+            self._offer("upload", key)
+
+    def _offer(self, job: str, argument: str, pointer: _Reference | None = None) -> None:
+        """Run an upload or reference job on the upload thread, or at once when the policy
+        is not ``background``."""
         if self.policy.background:
-            self._enqueue("upload", key)
+            self._enqueue(job, argument, pointer)
         else:
-            self._upload(key)
+            self._run(job, argument, pointer)
 
     def _enqueue(self, job: str, argument: str, pointer: _Reference | None = None) -> None:
         with self._lock:
@@ -619,15 +623,18 @@ class BucketFragments:
             try:
                 if job is None:
                     return
-                kind, argument, pointer = job
-                if kind == "upload":
-                    self._upload(argument)
-                elif pointer is not None:
-                    self._share(argument, pointer)
-                else:
-                    self._touch(argument)
+                self._run(*job)
             finally:
                 self._jobs.task_done()
+
+    def _run(self, job: str, argument: str, pointer: _Reference | None) -> None:
+        """Upload a kept fragment, share a reference, or touch a fetched blob."""
+        if job == "upload":
+            self._upload(argument)
+        elif pointer is not None:
+            self._share(argument, pointer)
+        else:
+            self._touch(argument)
 
     def _touch(self, digest: str) -> None:
         """Restart a fetched blob's age, so gc keeps a fragment that is being reused."""
@@ -643,19 +650,8 @@ class BucketFragments:
         key, offset, size, uncompressed, crc, layout = record
         if size < self.policy.min_size:
             return False
-        pointer = _Reference(digest, size, uncompressed, crc, offset, layout)
-        if self.policy.background:
-            self._enqueue("reference", key, pointer)
-        else:
-            self._share(key, pointer)
+        self._offer("reference", key, _Reference(digest, size, uncompressed, crc, offset, layout))
         return True
-
-    def _upload_side(self, key: str) -> None:
-        """Upload a side part kept locally (a shared fragment's TOC part), whatever its size."""
-        if self.policy.background:
-            self._enqueue("upload", key)
-        else:
-            self._upload(key)
 
     def _share(self, key: str, reference: _Reference) -> None:
         layout = reference.layout
@@ -766,4 +762,4 @@ class SharedLayer:
             if self._tier._shared(digest, record):
                 side = self._sides.get(record[0])
                 if side is not None:
-                    self._tier._upload_side(side)
+                    self._tier._offer("upload", side)  # whatever its size
