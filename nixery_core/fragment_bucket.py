@@ -644,14 +644,17 @@ class BucketFragments:
             except StorageError as exc:
                 log.warning("could not refresh fragment blob %s (%s)", digest, exc)
 
-    def _shared(self, digest: str, record: RangeRecord) -> bool:
+    def _shared(self, digest: str, record: RangeRecord, side: str | None) -> None:
         """A fragment packed here is a range of the layer blob ``digest``, now in the bucket:
-        share a reference to it (worth it from ``min_size`` bytes, as a copy); whether it is."""
+        share a reference to it (worth it from ``min_size`` bytes, as a copy), after
+        uploading its ``side`` part whatever its size (the reference is of no use without
+        it, so it is never found first)."""
         key, offset, size, uncompressed, crc, layout = record
         if size < self.policy.min_size:
-            return False
+            return
+        if side is not None:
+            self._offer("upload", side)
         self._offer("reference", key, _Reference(digest, size, uncompressed, crc, offset, layout))
-        return True
 
     def _share(self, key: str, reference: _Reference) -> None:
         layout = reference.layout
@@ -757,9 +760,6 @@ class SharedLayer:
 
     def stored(self, digest: str) -> None:
         """The layer's blob is committed: keep its fragments as ranges, share references
-        (and upload the side parts of those shared)."""
+        (each after uploading its side part, if it has one)."""
         for record in self._layer.stored(digest):
-            if self._tier._shared(digest, record):
-                side = self._sides.get(record[0])
-                if side is not None:
-                    self._tier._offer("upload", side)  # whatever its size
+            self._tier._shared(digest, record, self._sides.get(record[0]))

@@ -16,6 +16,8 @@ import pytest
 from conftest import OFFLINE_SET
 from partial_stores import UploaderOnly
 from servers import FakeGcsServer, fake_gcs
+from test_chunked_formats import FORMATS
+from test_fragment_toc import _into_bucket, _keys
 from test_fragments import PATHS, make_store
 
 from nixery_core import fragments as fragments_module
@@ -30,6 +32,7 @@ from nixery_core.fragment_bucket import (
     BucketFragments,
     FragmentBucketPolicy,
     FragmentPointer,
+    fragment_object_key,
 )
 from nixery_core.fragments import FragmentCache
 from nixery_core.gc import collect_garbage
@@ -572,3 +575,32 @@ def test_command_line_shares_fragments_and_gc_ages_them(
     assert main(["gc", "--store", str(store), "--fragment-grace", "0"]) == 0
     assert f"dropped {dangling} fragment pointers" in capsys.readouterr().out
     assert len(pointers(bucket)) == len(shared) - dangling
+
+
+class _PutOrder(MemoryStore):
+    """A store recording the keys of the objects put, in the order they come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.put: list[str] = []
+
+    def put_object(self, key: str, data: bytes) -> None:
+        super().put_object(key, data)
+        self.put.append(key)
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_chunked_store_paths_toc_part_is_in_the_bucket_before_its_frames_reference(
+    store: Path, tmp_path: Path, compression: str
+) -> None:
+    """A chunked layer's TOC part is uploaded (its pointer put) before the reference to its
+    frames: another instance that finds the reference finds the TOC part too, never the
+    reference alone (a store path compressed again)."""
+    root, paths = store, list(PATHS)
+    bucket = _PutOrder()
+    policy = FragmentBucketPolicy(min_size=0, background=False)
+    with BuildCache(tmp_path / "a", fragment_bucket=policy) as cache:
+        _into_bucket(cache, bucket, root, paths, compression)
+    for path in paths:
+        frames, toc = (fragment_object_key(key) for key in _keys(root, path, compression))
+        assert bucket.put.index(toc) < bucket.put.index(frames), path
