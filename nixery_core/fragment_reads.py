@@ -161,8 +161,9 @@ class RangeReads:
 
     def add(self, kept: KeptRange, position: int) -> None:
         """A range learnt after planning (a reference found in a bucket), needed at
-        ``position`` in the pack's order.  It joins the last request planned for its blob
-        when that is not sent yet and they touch (on either side); it is sent with the
+        ``position`` in the pack's order (the scale of :attr:`positions`).  It joins the
+        last request planned for its blob when that is not sent yet and they touch (on
+        either side; the request moves up if it is needed earlier now); it is sent with the
         others when the pack next takes a fragment (read ahead from there), so ranges
         learnt meanwhile can still join it."""
         if not 0 < kept.size <= self.max_request or kept.offset < 0:
