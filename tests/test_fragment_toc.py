@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from test_chunked_formats import FORMATS, make_store
 from test_chunked_formats import _with_references as with_references
 
@@ -383,3 +384,55 @@ def test_chunked_fragments_are_shared_through_a_bucket_as_references(
         # Frames as references to ranges of the first's blobs, TOC parts as uploaded copies.
         assert (tier.stats.referenced, tier.stats.hits) == (shared, 2 * shared)
     assert layers == [_plain(root, g, compression) for g in regroups]
+
+
+class _Pieces:
+    """A recorder keeping a TOC part's compressed pieces in memory."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = -1
+
+    def add(self, piece: bytes) -> None:
+        self.pieces.append(piece)
+
+    def commit(self, uncompressed_size: int) -> None:
+        self.size = uncompressed_size
+
+    def discard(self) -> None:
+        self.pieces = []
+
+
+def _fresh_part(lines: list[bytes]) -> bytes:
+    """The part's frame from a zstd context of its own (what every part got before reuse)."""
+    stream = zstandard.ZstdCompressor(level=1, write_checksum=True).compressobj()
+    data = b"".join(line + b"\n" for line in lines)
+    return stream.compress(data) + stream.flush()
+
+
+def test_toc_parts_on_reused_zstd_contexts_are_the_bytes_of_fresh_ones() -> None:
+    """TOC parts recorded one after another, two at once, and after one dropped mid-frame (the
+    contexts reused between them) are each the very frame a context of its own gives."""
+    big = list(_entries(2_000))  # several 64 KiB buffers: pieces leave mid-frame
+    small = list(_entries(3))
+    dropped = TocPartWriter(_Pieces())
+    for line in big[:1_000]:
+        dropped.add(line)
+    dropped.discard()  # its context goes back holding half a frame
+    first, second, third = _Pieces(), _Pieces(), _Pieces()
+    one, two = TocPartWriter(first), TocPartWriter(second)  # at once: two contexts
+    for line in big:
+        one.add(line)
+        two.add(line)
+    for line in small:
+        two.add(line)
+    one.commit()
+    two.commit()
+    three = TocPartWriter(third)
+    for line in small:
+        three.add(line)
+    three.commit()
+    assert b"".join(first.pieces) == _fresh_part(big)
+    assert b"".join(second.pieces) == _fresh_part(big + small)
+    assert b"".join(third.pieces) == _fresh_part(small)
+    assert list(toc_part_lines(third.pieces, third.size)) == small
