@@ -773,27 +773,37 @@ class FragmentCache:
         A key stored by this process afterwards is looked up as usual; one another process
         stores meanwhile is missed (and packed again: the same bytes), never wrong.
         """
+        self.prefetch_ranges(keys)
+
+    def prefetch_ranges(self, keys: Sequence[str]) -> list[KeptRange]:
+        """:meth:`prefetch`, returning from the same query the fragments of ``keys`` kept
+        as ranges of layer blobs, in the order of ``keys`` (one query per
+        :data:`_KEYS_PER_QUERY` keys; ``[]`` when the index fails)."""
         wanted = list(dict.fromkeys(keys))
         found: set[str] = set()
+        ranges: dict[str, KeptRange] = {}
         try:
             with self._index() as con:
                 for start in range(0, len(wanted), _KEYS_PER_QUERY):
                     chunk = wanted[start : start + _KEYS_PER_QUERY]
                     marks = ",".join("?" * len(chunk))
-                    found.update(
-                        key for (key,) in con.execute(
-                            f"SELECT key FROM fragments WHERE key IN ({marks})", chunk  # noqa: S608 - only placeholders are interpolated
-                        )
-                    )
+                    for key, blob, offset, size in con.execute(
+                        "SELECT key, blob, offset, size FROM fragments"  # noqa: S608 - only placeholders are interpolated
+                        f" WHERE key IN ({marks})", chunk
+                    ):
+                        found.add(key)
+                        if blob is not None and isinstance(offset, int) and isinstance(size, int):
+                            ranges[key] = KeptRange(key, blob, offset, size)
         except (OSError, sqlite3.Error) as exc:
             log.warning("fragment cache read failed (%s); looking keys up one by one", exc)
-            return
+            return []
         with self._written:  # committed here, still being written: present
             found.update(key for key in wanted if key in self._pending)
         with self._count_lock:
             if len(self._absent) > _MAX_ABSENT:  # packs that failed before asking: forget
                 self._absent.clear()
             self._absent.update(key for key in wanted if key not in found)
+        return [ranges[key] for key in wanted if key in ranges]
 
     def __contains__(self, key: object) -> bool:
         """Whether a fragment is kept under ``key`` (not checked, not counted as a use)."""
@@ -806,27 +816,6 @@ class FragmentCache:
         except (OSError, sqlite3.Error):
             return False
         return row is not None
-
-    def kept_ranges(self, keys: Sequence[str]) -> list[KeptRange]:
-        """The fragments of ``keys`` kept as ranges of layer blobs, in the order of ``keys``
-        (one query per :data:`_KEYS_PER_QUERY` keys; ``[]`` when the index fails)."""
-        wanted = list(dict.fromkeys(keys))
-        found: dict[str, KeptRange] = {}
-        try:
-            with self._index() as con:
-                for start in range(0, len(wanted), _KEYS_PER_QUERY):
-                    chunk = wanted[start : start + _KEYS_PER_QUERY]
-                    marks = ",".join("?" * len(chunk))
-                    for key, blob, offset, size in con.execute(
-                        "SELECT key, blob, offset, size FROM fragments"  # noqa: S608 - only placeholders are interpolated
-                        f" WHERE blob IS NOT NULL AND key IN ({marks})", chunk
-                    ):
-                        if isinstance(offset, int) and isinstance(size, int):
-                            found[key] = KeptRange(key, blob, offset, size)
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("fragment cache read failed (%s); ranges read one by one", exc)
-            return []
-        return [found[key] for key in wanted if key in found]
 
     def keys(self) -> list[str]:
         """The keys of the fragments kept (written so far), sorted."""
@@ -1522,13 +1511,15 @@ class StoreFragments:
             yield found
 
     def plan(self, keys: Sequence[str]) -> RangeReads | None:
-        """The ranges of ``keys`` kept here, read ahead from a remote store
-        (:mod:`nixery_core.fragment_reads`); ``None`` on a store with local blob files or
-        without ranged reads, or when none of ``keys`` is a range."""
+        """:meth:`prefetch` ``keys``, and the ranges of them kept here, read ahead from a
+        remote store (:mod:`nixery_core.fragment_reads`), found by the same query;
+        ``None`` on a store with local blob files or without ranged reads, or when none
+        of ``keys`` is a range."""
         store = self.store
         if not reads_ranges_remotely(store):
+            self.cache.prefetch(keys)
             return None
-        ranges = self.cache.kept_ranges(keys)
+        ranges = self.cache.prefetch_ranges(keys)
         positions = {key: index for index, key in enumerate(keys)}  # as SharedLayer's
         return RangeReads(store, ranges, positions=positions) if ranges else None
 
@@ -1556,10 +1547,9 @@ class LayerRanges:
     _reads: RangeReads | None = attrs.field(init=False, default=None)
 
     def prefetch(self, keys: Sequence[str]) -> None:
-        self._source.prefetch(keys)
         if self._reads is not None:
             self._reads.close()
-        self._reads = self._source.plan(keys)
+        self._reads = self._source.plan(keys)  # prefetches too, in the same query
 
     def get(
         self, key: str, *, side: bool = False
