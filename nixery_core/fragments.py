@@ -127,7 +127,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
@@ -841,7 +841,7 @@ class FragmentCache:
         with self._translated("check"):
             problems = self._problems()
             if store is not None:
-                gone = sorted(b for b in self.range_blobs() if store.blob_info(b) is None)
+                gone = self.range_blobs_not_stored(store)
                 dropped = self.drop_ranges_of(gone) if repair else 0
                 problems += [
                     f"ranges of a blob not stored{' (dropped)' if dropped else ''}: {blob}"
@@ -854,6 +854,16 @@ class FragmentCache:
         with self._translated("list"), self._index() as con:
             return {blob for (blob,) in con.execute(
                 "SELECT DISTINCT blob FROM fragments WHERE blob IS NOT NULL")}
+
+    def range_blobs_not_stored(
+        self, store: SupportsBlobInfo, listed: Collection[str] = ()
+    ) -> list[str]:
+        """The layer blobs ranges name that ``store`` does not hold, sorted: asked of the
+        store, but for those in ``listed`` (a listing of it just made, as gc's)."""
+        return sorted(
+            blob for blob in self.range_blobs()
+            if blob not in listed and store.blob_info(blob) is None
+        )
 
     def drop_ranges_of(self, blobs: Iterable[str]) -> int:
         """Drop the fragments kept as ranges of ``blobs`` (collected); how many went.

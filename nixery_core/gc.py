@@ -570,10 +570,7 @@ def _drop_dangling_ranges(
     store: CollectableStore, fragments: FragmentCache, stored: set[str]
 ) -> int:
     """Drop the local fragment ranges of blobs not stored (asked again, as for pointers)."""
-    named = fragments.range_blobs()
-    return fragments.drop_ranges_of(
-        sorted(d for d in named if d not in stored and store.blob_info(d) is None)
-    )
+    return fragments.drop_ranges_of(fragments.range_blobs_not_stored(store, stored))
 
 
 def _drop_dangling_pointers(store: CollectableStore, stored: set[str], *, dry_run: bool) -> int:
