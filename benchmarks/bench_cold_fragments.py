@@ -228,11 +228,8 @@ def regroup(
 
 
 def _run(root: Path, args: argparse.Namespace) -> int:
-    store = root / "nix" / "store"
-    if store.is_dir() and any(store.iterdir()):  # a kept corpus (read only: nothing is added)
-        paths = sorted(f"/nix/store/{entry.name}" for entry in store.iterdir())
-    else:
-        paths = build_corpus(root, args.size_mb)
+    # The same paths as bench_pack on the same root: a kept root may also hold its 2 GB RSS set.
+    paths = build_corpus(root, args.size_mb)
     options = ArchiveOptions(compression=args.compression)
     print(f"{len(paths)} store paths under {root}, {args.compression}; "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -318,11 +318,8 @@ def shared(server: FakeGcsServer, pid: int, root: Path, paths: list[str], *, rep
 
 
 def _run(root: Path, args: argparse.Namespace) -> int:
-    store = root / "nix" / "store"
-    if store.is_dir() and any(store.iterdir()):
-        paths = sorted(f"/nix/store/{entry.name}" for entry in store.iterdir())
-    else:
-        paths = build_corpus(root, args.size_mb)
+    # The same paths as bench_pack on the same root: a kept root may also hold its 2 GB RSS set.
+    paths = build_corpus(root, args.size_mb)
     print(f"{len(paths)} store paths under {root}; load average {os.getloadavg()[0]:.1f}",
           flush=True)
     # Caches of the runs in a directory of their own (a kept corpus is only read).
