@@ -747,17 +747,21 @@ def _pack_layers(
 
     def store_layer(paths: tuple[str, ...]) -> BuiltLayer:
         layer_ranges = ranges.layer() if ranges is not None else None
-        return build.layer(
-            layer_cache_key(paths, archive),
-            paths,
-            "store",
-            lambda write, hashed: pack_store_paths(
-                paths, write, archive, store_root=root, threads=threads, executor=pool,
-                fragments=layer_ranges if layer_ranges is not None else fragments,
-                blob_digest=hashed,
-            ),
-            stored=None if layer_ranges is None else layer_ranges.stored,
-        )
+        try:
+            return build.layer(
+                layer_cache_key(paths, archive),
+                paths,
+                "store",
+                lambda write, hashed: pack_store_paths(
+                    paths, write, archive, store_root=root, threads=threads, executor=pool,
+                    fragments=layer_ranges if layer_ranges is not None else fragments,
+                    blob_digest=hashed,
+                ),
+                stored=None if layer_ranges is None else layer_ranges.stored,
+            )
+        finally:
+            if layer_ranges is not None:  # a failed pack too: its read-ahead stops now
+                layer_ranges.close()
 
     def custom_layer() -> BuiltLayer:
         return build.layer(

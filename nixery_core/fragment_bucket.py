@@ -723,6 +723,8 @@ class SharedLayer:
     #: fragment's key, and the fragment whose writer was asked for last.
     _sides: dict[str, str] = attrs.field(init=False, factory=dict)
     _last: str | None = attrs.field(init=False, default=None)
+    #: The pack ended (:meth:`close`): a reference fetched after is not read ahead.
+    _closed: bool = attrs.field(init=False, default=False)
 
     def prefetch(self, keys: Sequence[str]) -> None:
         self._positions = {key: index for index, key in enumerate(keys)}
@@ -735,6 +737,8 @@ class SharedLayer:
         if not reads_ranges_remotely(store):
             return  # read when needed, as any range on this store
         with self._adding:  # fetches of one layer run on several threads
+            if self._closed:
+                return
             reads = self._layer.reads
             if reads is None:
                 reads = self._layer.reads = RangeReads(store, ())
@@ -757,6 +761,13 @@ class SharedLayer:
             return self._tier.local.writer(key, side=True)
         self._last = key
         return self._layer.writer(key)
+
+    def close(self) -> None:
+        """The pack ended, however it ended: stop reading ahead (see
+        :meth:`LayerRanges.close <nixery_core.fragments.LayerRanges.close>`)."""
+        with self._adding:
+            self._closed = True
+        self._layer.close()
 
     def stored(self, digest: str) -> None:
         """The layer's blob is committed: keep its fragments as ranges, share references

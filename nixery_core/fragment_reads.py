@@ -34,7 +34,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import TypeGuard
 
 import attrs
@@ -124,6 +124,8 @@ class RangeReads:
     _first: dict[int, int] = attrs.field(init=False, factory=dict)
     #: The last request planned for each blob (a range learnt late may extend it).
     _tail: dict[str, _Request] = attrs.field(init=False, factory=dict)
+    #: Closed (:meth:`close`): nothing more is read ahead; a range is read when taken.
+    _closed: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         first = self._first
@@ -169,7 +171,7 @@ class RangeReads:
         if not 0 < kept.size <= self.max_request or kept.offset < 0:
             return
         with self._lock:
-            if kept.key in self._of:
+            if kept.key in self._of or self._closed:
                 return
             tail = self._tail.get(kept.blob)
             end = kept.offset + kept.size
@@ -210,43 +212,57 @@ class RangeReads:
     def take(self, key: str, blob: str, offset: int, size: int) -> bytes:
         """The bytes of the range kept under ``key`` (waiting for its request).
 
-        A range other than the one planned (the cache's row changed since)
-        or one taken before is read on its own.  Raises what the store
-        raised (:class:`~nixery_core.errors.NixeryError`).
+        A range other than the one planned (the cache's row changed since),
+        one taken before, or one taken after :meth:`close` is read on its
+        own.  Raises what the store raised
+        (:class:`~nixery_core.errors.NixeryError`).
         """
         with self._lock:
             planned = self._of.get(key)
             if planned is None or planned[1] != KeptRange(key, blob, offset, size) \
-                    or planned[0].done:
+                    or planned[0].done or self._closed:
                 request = None
             else:
                 request, kept = planned
                 self._send(request)
                 self._ahead()
         if request is None:
-            with self._lock:
-                self.requests += 1
-            return self.store.read_range(blob, offset, size)
+            return self._read(blob, offset, size)
         future = request.future
         if future is None:  # pragma: no cover - sent above, let go only when done
             raise RuntimeError("a range request was let go before its fragments were taken")
         try:
             data = future.result()
+        except CancelledError:  # closed meanwhile, before its request ran: read on its own
+            return self._read(blob, offset, size)
         finally:
             with self._lock:
                 request.left -= 1
-                if request.left == 0:
+                if request.left == 0 and not request.done:
                     self._let_go(request)
         start = kept.offset - request.start
         if start == 0 and len(data) == kept.size:
             return data
         return data[start : start + kept.size]
 
-    def close(self) -> None:
-        """Stop reading ahead (requests in flight finish; nothing more is sent)."""
+    def _read(self, blob: str, offset: int, size: int) -> bytes:
+        """A range read on its own, now."""
         with self._lock:
+            self.requests += 1
+        return self.store.read_range(blob, offset, size)
+
+    def close(self) -> None:
+        """Stop reading ahead and let go of the bytes read ahead: requests not started are
+        cancelled, those running finish (their bytes dropped), and a range taken after is
+        read on its own.  Call it when the pack ends, however it ends."""
+        with self._lock:
+            self._closed = True
             self._next = len(self._plan)
             pool, self._pool = self._pool, None
+            for request in self._plan:
+                if not request.done:
+                    request.done, request.future = True, None
+            self._held = self._live = 0
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -1586,6 +1586,12 @@ class LayerRanges:
     def reads(self, reads: RangeReads | None) -> None:
         self._reads = reads
 
+    def close(self) -> None:
+        """The pack ended, however it ended: stop reading ahead (its threads end, its bytes
+        are let go) even while a caller keeps a failed pack's exception."""
+        if self._reads is not None:
+            self._reads.close()
+
     def stored(self, digest: str) -> list[RangeRecord]:
         """The layer's blob is committed as ``digest``: keep its fragments as ranges of it.
 
@@ -1593,8 +1599,7 @@ class LayerRanges:
         a failed layer).
         """
         recorded, self._recorded = self._recorded, []
-        if self._reads is not None:
-            self._reads.close()
+        self.close()
         try:
             for key, offset, size, uncompressed, crc, layout in recorded:
                 self._source.cache.keep_range(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import BinaryIO, cast
 
 import pytest
 from test_fragments import PATHS, make_store
 
+from nixery_core import archive
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
@@ -222,6 +224,50 @@ def test_a_layer_whose_commit_failed_records_no_range(
         build_image(Image.from_name("shell/hello"), FixedSource(), runner=runner,
                     uploader=blobs, cache=cache, store_root=runner.store_root)
     assert _rows(tmp_path / "cache" / "fragments") == []
+
+
+def test_a_failed_pack_stops_reading_its_ranges_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A regroup failing mid-layer (a store path it packs cannot be read) ends its read-ahead
+    threads while the caller still holds the build's exception."""
+    blobs = MemoryStore()
+    runner = FakeNix(tmp_path / "root", default_fake_packages())
+    image = Image.from_name("shell/hello")
+    with BuildCache(tmp_path / "cache", fragment_mode="ranges") as cache:
+        cold = build_image(image, FixedSource(), runner=runner, uploader=blobs, cache=cache,
+                           store_root=runner.store_root)
+        plain = build_image(image, FixedSource(), runner=runner, uploader=MemoryStore(),
+                            store_root=runner.store_root, layer_budget=3)
+        largest = max(plain.layers, key=lambda layer: len(layer.paths))
+        paths = sorted(largest.paths, key=os.fsencode)
+        assert len(paths) >= 3  # one regrouped layer reusing ranges before and after the fifo
+        broken = paths[1]  # a miss (its range dropped), packed from disk: reading it fails
+        fragments = cache.fragments
+        assert fragments is not None
+        fragments.flush()
+        assert fragments.drop_ranges_of([layer.digest for layer in cold.layers
+                                         if layer.paths == (broken,)]) == 1
+        pack_tree = archive._pack_tree
+
+        def unreadable(tar: object, member: bytes, *args: object) -> None:
+            if member == os.fsencode(broken.lstrip("/")):
+                raise LayerError(f"cannot read {broken} (test)")
+            pack_tree(tar, member, *args)  # type: ignore[arg-type]  # passed through
+
+        monkeypatch.setattr(archive, "_pack_tree", unreadable)
+        before = set(threading.enumerate())
+        reads = blobs.range_reads
+        with pytest.raises(LayerError, match="cannot read") as raised:
+            build_image(image, FixedSource(), runner=runner, uploader=blobs, cache=cache,
+                        store_root=runner.store_root, layer_budget=3)
+        assert blobs.range_reads > reads  # the layer's ranges were read ahead
+        ahead = [thread for thread in threading.enumerate()
+                 if thread not in before and thread.name.startswith("nixery-range-read")]
+        for thread in ahead:
+            thread.join(timeout=10)
+        assert [thread.name for thread in ahead if thread.is_alive()] == []
+        assert broken in str(raised.value)
 
 
 def _build(

@@ -126,6 +126,38 @@ def test_a_failed_request_fails_each_fragment_it_held_with_the_store_error() -> 
     assert reads.take("here", digest, 0, 2000) == data
 
 
+class _Held(MemoryStore):
+    """A store whose ranged reads of ``held`` wait until ``go`` is set (or 10 s pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = ""
+        self.go = threading.Event()
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        if digest == self.held:
+            self.go.wait(10)
+        return super().read_range(digest, offset, length)
+
+
+def test_a_range_taken_after_close_is_read_on_its_own() -> None:
+    """After close, a range whose request was cancelled unsent (or never sent) is read on its
+    own with its exact bytes, never an untyped CancelledError."""
+    store = _Held()
+    blobs = [_blob(store, 1000) for _ in range(3)]
+    store.held = blobs[1][0]
+    ranges = [KeptRange(f"k{i}", digest, 0, 1000) for i, (digest, _) in enumerate(blobs)]
+    reads = RangeReads(store, ranges, threads=1)
+    try:
+        assert reads.take("k0", blobs[0][0], 0, 1000) == blobs[0][1]
+        reads.close()  # k2 waits behind k1 (held, or cancelled too): cancelled unsent
+        assert reads.take("k2", blobs[2][0], 0, 1000) == blobs[2][1]
+    finally:
+        store.go.set()
+    assert reads.take("k1", blobs[1][0], 0, 1000) == blobs[1][1]
+    assert reads.requests == 5  # three sent ahead, then k2 and k1 on their own
+
+
 class _Down(MemoryStore):
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
         raise StorageUnavailable("store down (test)", digest)
