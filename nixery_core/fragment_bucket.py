@@ -118,7 +118,7 @@ import attrs
 
 from nixery_core.chunked import MembersInflater
 from nixery_core.digests import validate_digest
-from nixery_core.errors import InvalidInput, LayerError, StorageError
+from nixery_core.errors import InvalidCacheRecord, InvalidInput, LayerError, StorageError
 from nixery_core.fragment_reads import KeptRange, RangeReads, reads_ranges_remotely
 from nixery_core.fragments import (
     CachedFragment,
@@ -228,7 +228,16 @@ class FragmentPointer:
 
     @classmethod
     def from_json(cls, raw: bytes) -> FragmentPointer:
-        """Parse a pointer (ValueError or TypeError when it is not one)."""
+        """Parse a pointer; one that is not one raises
+        :class:`~nixery_core.errors.InvalidCacheRecord` naming what is wrong."""
+        try:
+            return cls._parse(raw)
+        except (TypeError, ValueError, RecursionError) as exc:  # JSON, base64, digest too
+            raise InvalidCacheRecord(f"fragment pointer: {exc}") from exc
+
+    @classmethod
+    def _parse(cls, raw: bytes) -> FragmentPointer:
+        """:meth:`from_json`, raising a bare ValueError or TypeError."""
         data = json.loads(raw)
         version = data.get("version") if isinstance(data, dict) else None
         if version not in (_POINTER_VERSION, _REFERENCE_VERSION):
@@ -531,7 +540,7 @@ class BucketFragments:
             return
         try:
             pointer = FragmentPointer.from_json(raw)
-        except (ValueError, TypeError, InvalidInput) as exc:
+        except InvalidCacheRecord as exc:
             self._reject(name, f"its pointer is unreadable ({exc})")
             return
         if pointer.offset is not None and self.ranges is not None:

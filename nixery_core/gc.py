@@ -587,7 +587,7 @@ def _drop_dangling_pointers(store: CollectableStore, stored: set[str], *, dry_ru
             continue
         try:
             digest: str | None = FragmentPointer.from_json(raw).digest
-        except (*_MALFORMED, InvalidInput):
+        except InvalidCacheRecord:
             digest = None
         if digest is not None and (digest in stored or store.blob_info(digest) is not None):
             continue

@@ -10,7 +10,8 @@ checks every body it is about to serve with :func:`record_blob_sizes`:
 * an image record (what :meth:`nixery_core.build.BuildResult.to_record`
   writes): ``manifest``, ``manifest_media_type`` and ``config`` strings and
   a list of ``layers`` objects, each with digest, diff_id, size,
-  media_type, paths, packages and kind of the right types; the manifest
+  media_type, paths, packages and kind of the right types (and
+  annotations, when present, an object of strings); the manifest
   must parse, name the config by its sha256 and size, and list exactly the
   entry's layers (digest, size, media type); ``sboms`` (optional: entries
   written before SBOMs have none) is a list of SBOM artifacts
@@ -100,6 +101,10 @@ def _image_sizes(body: Mapping[str, Any]) -> dict[str, int]:
         _strings(layer, "packages")
         if _field(layer, "kind", str) not in _LAYER_KINDS:
             raise _MalformedRecord(f"layer kind {str(layer['kind'])[:40]!r} is unknown")
+        if "annotations" in layer:
+            annotations = _field(layer, "annotations", dict)
+            if not all(isinstance(v, str) for v in annotations.values()):
+                raise _MalformedRecord("a layer's 'annotations' are not all strings")
         if sizes.setdefault(digest, size) != size:
             raise _MalformedRecord(f"{digest} is given two sizes")
         described.append((digest, size, layer_type))

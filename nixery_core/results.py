@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 import attrs
 
-from nixery_core.cache import CacheStats, annotated_json
+from nixery_core.cache import CacheStats, LayerRecord, annotated_json
 from nixery_core.comparison import BuildComparison, compare_layers
 from nixery_core.digests import sha256_digest
 from nixery_core.display import build_result_html
+from nixery_core.errors import InvalidCacheRecord
 from nixery_core.names import Image
 from nixery_core.protocols import ReadableStore
 from nixery_core.sbom import attach
@@ -82,20 +83,31 @@ class BuiltLayer:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, reused: bool) -> BuiltLayer:
-        kind = data["kind"]
+        """Parse a layer as :meth:`to_json` wrote it; a missing or malformed field raises
+        :class:`~nixery_core.errors.InvalidCacheRecord` naming it."""
+        record = LayerRecord.from_json(data)  # digest, diff_id, size, media type, annotations
+        kind = data.get("kind")
         if kind not in ("store", "customisation"):
-            raise TypeError(f"unknown layer kind {kind!r}")
+            raise InvalidCacheRecord(f"layer kind {str(kind)[:40]!r} is unknown")
         return cls(
-            digest=str(data["digest"]),
-            diff_id=str(data["diff_id"]),
-            size=int(data["size"]),
-            media_type=str(data["media_type"]),
-            paths=tuple(str(p) for p in data["paths"]),
-            packages=tuple(str(p) for p in data["packages"]),
+            digest=record.digest,
+            diff_id=record.diff_id,
+            size=record.size,
+            media_type=record.media_type,
+            paths=_strings(data, "paths"),
+            packages=_strings(data, "packages"),
             reused=reused,
             kind=kind,
-            annotations=tuple(sorted(dict(data.get("annotations", {})).items())),
+            annotations=record.annotations,
         )
+
+
+def _strings(data: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """A layer's field ``name``, a list of strings."""
+    value = data.get(name)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidCacheRecord(f"layer {name} is not a list of strings")
+    return tuple(value)
 
 
 @attrs.frozen

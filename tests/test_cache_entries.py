@@ -31,6 +31,7 @@ from nixery_core.errors import InvalidCacheRecord, InvalidInput
 from nixery_core.multiarch import MultiArchResult, build_multiarch
 from nixery_core.names import AMD64, ARM64, Image
 from nixery_core.record_schema import record_blob_sizes
+from nixery_core.results import BuiltLayer
 from nixery_core.testing.runners import FakeNix, default_fake_packages
 from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore
@@ -187,6 +188,31 @@ def test_missing_config_is_a_logged_corrupt_miss(
     assert "config" in json.loads(repaired)["body"]
 
 
+@pytest.mark.parametrize("annotations", [5, [["a", "b"]], {"a": 1}])
+def test_a_layer_with_malformed_annotations_is_a_logged_corrupt_miss(
+    built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture, annotations: object
+) -> None:
+    """A manifest entry whose layer annotations are not an object of strings is counted
+    corrupt, logged and rebuilt, never raised from the build."""
+    store = built.store
+    for entry, good in built.entries.items():
+        store.put_object(entry, good)
+    document = json.loads(built.entries[built.manifest_key])
+    document["body"]["layers"][0]["annotations"] = annotations
+    store.put_object(built.manifest_key, json.dumps(document).encode())
+    with (
+        BuildCache(tmp_path / "c") as cache,
+        caplog.at_level(logging.WARNING, logger="nixery_core.cache"),
+    ):
+        result = _build(store, built.fake, cache)
+    assert result.manifest_digest == built.digest
+    assert not result.from_cache
+    assert result.cache_stats.corrupt_entries >= 1
+    assert "'annotations'" in caplog.text
+    for entry, good in built.entries.items():
+        store.put_object(entry, good)
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
@@ -332,4 +358,32 @@ def test_parsing_a_malformed_record_raises_invalid_cache_record(
     with pytest.raises(InvalidCacheRecord, match=named) as raised:
         record.from_json(data)
     assert isinstance(raised.value, InvalidInput)
+    assert named in raised.value.detail
+
+
+_BUILT = {**_LAYER, "paths": ["/nix/store/" + "c" * 32 + "-x"], "packages": ["x"], "kind": "store"}
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({k: v for k, v in _BUILT.items() if k != "kind"}, "kind"),
+        ({**_BUILT, "kind": "other"}, "kind"),
+        ({**_BUILT, "paths": "/nix/store/x"}, "paths"),
+        ({k: v for k, v in _BUILT.items() if k != "packages"}, "packages"),
+        ({**_BUILT, "size": "10"}, "size"),
+        ({**_BUILT, "digest": 7}, "digest"),
+        ({**_BUILT, "annotations": [["a", "b"]]}, "annotations"),
+        ([], "object"),
+    ],
+)
+def test_parsing_a_malformed_built_layer_raises_invalid_cache_record(
+    data: Any, named: str
+) -> None:
+    """A build record's malformed layer raises InvalidCacheRecord naming the field, never a
+    bare KeyError or TypeError; a well-formed one round-trips."""
+    layer = BuiltLayer.from_json(_BUILT, reused=True)
+    assert BuiltLayer.from_json(layer.to_json(), reused=True) == layer
+    with pytest.raises(InvalidCacheRecord, match=named) as raised:
+        BuiltLayer.from_json(data, reused=True)
     assert named in raised.value.detail

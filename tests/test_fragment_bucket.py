@@ -25,7 +25,7 @@ from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
 from nixery_core.cli import main
-from nixery_core.errors import InvalidInput, StorageUnavailable
+from nixery_core.errors import InvalidCacheRecord, InvalidInput, StorageUnavailable
 from nixery_core.fragment_bucket import (
     FRAGMENT_MEDIA_TYPE,
     FRAGMENT_PREFIX,
@@ -307,8 +307,9 @@ def test_policy_refuses_nonsense() -> None:
 
 
 def test_malformed_pointers_do_not_parse() -> None:
-    """Pointer parsing refuses what a writer of version 1 or 2 never writes; a copy's pointer
-    stays version 1 (readable by earlier versions), a reference round-trips as version 2."""
+    """Pointer parsing refuses what a writer of version 1 or 2 never writes with
+    InvalidCacheRecord (chained); a copy's pointer stays version 1 (readable by earlier
+    versions), a reference round-trips as version 2."""
     good = FragmentPointer("sha256:" + "a" * 64, 10, 20, 30)
     assert FragmentPointer.from_json(good.to_json()) == good
     assert json.loads(good.to_json())["version"] == 1
@@ -321,9 +322,11 @@ def test_malformed_pointers_do_not_parse() -> None:
                 reference.to_json().replace(b'"offset": 5', b'"offset": -5'),
                 reference.to_json().replace(b'"offset": 5, ', b""),
                 reference.to_json().replace(b'"AAE="', b'"%%"'),
-                reference.to_json().replace(b'"AAE="', b"7")):
-        with pytest.raises((ValueError, TypeError, InvalidInput)):
+                reference.to_json().replace(b'"AAE="', b"7"),
+                b"\xff", b"[" * 100_000, b"{"):
+        with pytest.raises(InvalidCacheRecord, match="fragment pointer") as raised:
             FragmentPointer.from_json(bad)
+        assert raised.value.__cause__ is not None
 
 
 def _shared_layer(store: Path, bucket: MemoryStore, directory: Path,
