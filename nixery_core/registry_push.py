@@ -563,11 +563,7 @@ class _Pusher:
             content=data,
             headers={"Content-Type": _OCTET},
         )
-        answered = response.headers.get("Docker-Content-Digest")
-        if answered is not None and answered != digest:
-            raise RegistryError(
-                f"{what}: the registry stored it as {answered}", response.status_code, answered
-            )
+        _check_answered(response, digest, what)
 
     # -- manifests ------------------------------------------------------------------
 
@@ -594,15 +590,21 @@ class _Pusher:
             content=data,
             headers={"Content-Type": media_type},
         )
-        answered = response.headers.get("Docker-Content-Digest")
-        if answered is not None and answered != digest:
-            raise RegistryError(
-                f"manifest {reference}: the registry answered digest {answered}, sent {digest}",
-                response.status_code,
-                response.text,
-            )
+        _check_answered(response, digest, f"PUT manifest {reference}")
         self._count(manifests=1)
         return response
+
+
+def _check_answered(response: httpx.Response, digest: str, what: str) -> None:
+    """A blob's or manifest's ``Docker-Content-Digest`` answer, when there is one, is the
+    digest sent (:class:`~nixery_core.errors.RegistryError` otherwise)."""
+    answered = response.headers.get("Docker-Content-Digest")
+    if answered is not None and answered != digest:
+        raise RegistryError(
+            f"{what}: the registry answered digest {answered}, sent {digest}",
+            response.status_code,
+            response.text,
+        )
 
 
 def _check_blobs(store: ReadableStore, blobs: tuple[Descriptor, ...]) -> None:

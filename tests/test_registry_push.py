@@ -255,27 +255,36 @@ def test_index_push(registry: DockerRegistry, layer: tuple[bytes, str]) -> None:
 
 
 class _LyingTransport(httpx.BaseTransport):
-    """Forwards to the real registry but misreports the digest of stored manifests."""
+    """Forwards to the real registry but misreports the digest of what PUTs under ``part``
+    (``/manifests/`` or ``/blobs/uploads/``) store."""
 
-    def __init__(self) -> None:
+    def __init__(self, part: str) -> None:
         self._inner = httpx.HTTPTransport()
+        self._part = part
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = self._inner.handle_request(request)
-        if request.method == "PUT" and "/manifests/" in request.url.path:
-            response.headers["Docker-Content-Digest"] = sha256_digest(b"not the manifest")
+        if request.method == "PUT" and self._part in request.url.path:
+            response.headers["Docker-Content-Digest"] = _LIE
         return response
 
     def close(self) -> None:
         self._inner.close()
 
 
-def test_manifest_digest_is_checked(registry: DockerRegistry, layer: tuple[bytes, str]) -> None:
-    """A Docker-Content-Digest other than sha256(manifest) is a RegistryError."""
-    image = _image(layer, label="lie")
+_LIE = sha256_digest(b"not what was sent")
+
+
+@pytest.mark.parametrize("part", ["/manifests/", "/blobs/uploads/"])
+def test_answered_digest_is_checked(
+    registry: DockerRegistry, layer: tuple[bytes, str], part: str
+) -> None:
+    """A Docker-Content-Digest answer other than the digest of the manifest or blob sent is
+    a RegistryError saying so in the same words for both."""
+    image = _image(layer, label=f"lie{part.count('/blobs/')}")
     with (
-        httpx.Client(transport=_LyingTransport()) as client,
-        pytest.raises(RegistryError, match="answered digest"),
+        httpx.Client(transport=_LyingTransport(part)) as client,
+        pytest.raises(RegistryError, match=rf"the registry answered digest {_LIE}, sent sha256:"),
     ):
         _push(image, f"{registry.host}/lie:v1", client=client)
 
