@@ -337,3 +337,27 @@ def test_two_processes_never_expose_torn_content(tmp_path: Path) -> None:
     assert reads["blobs"] > 0
     assert {i.digest for i in store.list_blobs()} == set(blobs)
     assert store.staging_leftovers() == []
+
+
+def test_a_range_read_short_by_pread_is_read_to_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_range keeps reading when pread returns fewer bytes than asked (Linux caps one call
+    at about 2 GiB): the whole range, and short only where the blob ends."""
+    store = FilesystemStore(tmp_path / "store")
+    data = os.urandom(10_000)
+    digest = store.put_blob(data, OCTET_STREAM).digest
+    pread = os.pread
+    calls = 0
+
+    def short(fd: int, length: int, offset: int) -> bytes:
+        nonlocal calls
+        calls += 1
+        return pread(fd, min(length, 1000), offset)
+
+    monkeypatch.setattr(os, "pread", short)
+    assert store.read_range(digest, 123, 4567) == data[123:4690]
+    assert calls == 5
+    assert store.read_range(digest, 9_500, 4567) == data[9_500:]
+    assert store.read_range(digest, 10_000, 10) == b""
+    assert store.read_range(digest, 5, 0) == b""

@@ -288,11 +288,20 @@ class FilesystemStore:
                 raise BlobNotFound(digest) from None
 
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of the blob from ``offset`` (fewer at its end), one ``pread``:
-        :class:`~nixery_core.protocols.SupportsRangeReads`."""
+        """``length`` bytes of the blob from ``offset`` (fewer at its end):
+        :class:`~nixery_core.protocols.SupportsRangeReads`.  ``pread`` until they are read
+        or the blob ends (one call may return fewer: Linux reads at most about 2 GiB)."""
         validate_range(offset, length)
+        pieces: list[bytes] = []
         with self.open_blob(digest) as stream, _translated(digest):
-            return os.pread(stream.fileno(), length, offset) if length else b""
+            fd, end = stream.fileno(), offset + length
+            while offset < end:
+                piece = os.pread(fd, end - offset, offset)
+                if not piece:
+                    break
+                pieces.append(piece)
+                offset += len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def read_blob(self, digest: str) -> bytes:
         """The whole blob in memory (for configs and manifests, not big layers)."""
