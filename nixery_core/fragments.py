@@ -87,7 +87,10 @@ layer blob: a :class:`RangeWriter` keeps only the fragment's offset (set by
 the packer when its first byte is written), size and CRC-32, and
 :meth:`LayerRanges.stored`, called once the blob is committed, queues one
 row per fragment naming the blob's digest (no row for a layer whose commit
-failed).  A lookup through the view opens the blob in the store
+failed), written at once rather than batched; each row's layout was encoded
+by the writing thread while the pack went on, so little is left for the end
+of the pack (or a :meth:`FragmentCache.close` right after it).  A lookup
+through the view opens the blob in the store
 (:class:`~nixery_core.protocols.SupportsReading`), reads the range and
 checks its length and CRC-32 as for a copy; a blob gone, short or changed
 is a miss and the row is dropped (a store that does not answer,
@@ -303,6 +306,11 @@ class FragmentCache:
     #: queued since the writing thread last took a batch (both guarded by ``_written``).
     _urgent: int = attrs.field(init=False, default=0)
     _queued_bytes: int = attrs.field(init=False, default=0)
+    #: Whether what is queued is written without the batching delay (a stored layer's rows),
+    #: and the layouts of ranges recorded but not yet stored, to encode meanwhile (both
+    #: guarded by ``_written``; see :meth:`_encode_ahead`).
+    _now: bool = attrs.field(init=False, default=False)
+    _encoding: list[_EncodedAhead] = attrs.field(init=False, factory=list)
     #: The index, opened once (per-thread connections cost a packing thread its own open
     #: and schema read), used by one thread at a time: every statement takes microseconds.
     _con: sqlite3.Connection | None = attrs.field(init=False, default=None)
@@ -570,29 +578,68 @@ class FragmentCache:
 
     def _submit(self, key: str, item: _Pending) -> None:
         """Queue a committed fragment for the writing thread (waits while too much is queued)."""
+        self._submit_all([(key, item)])
+
+    def _submit_all(self, items: Sequence[tuple[str, _Pending]], *, now: bool = False) -> None:
+        """Queue committed fragments for the writing thread, in order; with ``now``, written
+        without the batching delay (a stored layer's rows: found by other processes at once,
+        and no later than when the build ends)."""
         with self._count_lock:
-            self._absent.discard(key)
+            self._absent.difference_update(key for key, _ in items)
         with self._written:
-            while self._pending_bytes > _MAX_PENDING and self._pending:
-                self._written.wait()
-            if self._closing:  # closed meanwhile: not kept
-                self._discard(item)
-                return
-            replaced = self._pending.get(key) if key in self._queued else None
-            if replaced is not None:  # the same path committed twice before either was written
-                self._pending_bytes -= replaced.memory
-                self._discard(replaced)
-            self._pending[key] = item
-            self._queued[key] = None
-            self._pending_bytes += item.memory
-            self._queued_bytes += item.size
-            self._start_writer()
-            if (
-                len(self._queued) == 1  # the first of a batch starts its delay
-                or self._queued_bytes >= _BATCH_BYTES
-                or self._pending_bytes > _MAX_PENDING // 2
-            ):
+            for key, item in items:
+                self._queue(key, item)
+            if now and self._queued:
+                self._now = True
                 self._written.notify_all()
+
+    def _queue(self, key: str, item: _Pending) -> None:
+        """Queue one committed fragment (called with ``_written`` held; waits while too much
+        is queued)."""
+        while self._pending_bytes > _MAX_PENDING and self._pending:
+            self._written.wait()
+        if self._closing:  # closed meanwhile: not kept
+            self._discard(item)
+            return
+        replaced = self._pending.get(key) if key in self._queued else None
+        if replaced is not None:  # the same path committed twice before either was written
+            self._pending_bytes -= replaced.memory
+            self._discard(replaced)
+        self._pending[key] = item
+        self._queued[key] = None
+        self._pending_bytes += item.memory
+        self._queued_bytes += item.size
+        self._start_writer()
+        if (
+            len(self._queued) == 1  # the first of a batch starts its delay
+            or self._queued_bytes >= _BATCH_BYTES
+            or self._pending_bytes > _MAX_PENDING // 2
+        ):
+            self._written.notify_all()
+
+    def _encode_ahead(self, layout: bytes | EncodesLayout | None) -> bytes | EncodesLayout | None:
+        """A range's layout, encoded by the writing thread while the pack goes on.
+
+        A range's row is queued only once its layer's blob is committed
+        (:meth:`LayerRanges.stored`), at the end of the pack: encoding every
+        layout then (deflating its header blocks: about 10 ms for the
+        300 MB benchmark closure's) was a serial tail before the rows could
+        be written, which closing the cache waited for.  Encoded now, with
+        the queue's next batch; whatever is not yet when its row is written
+        is encoded then, as before.  A layer never stored encoded its
+        layouts for nothing, and records nothing.
+        """
+        if layout is None or isinstance(layout, bytes):
+            return layout
+        ahead = _EncodedAhead(layout)
+        with self._written:
+            if self._closing:
+                return layout
+            self._encoding.append(ahead)
+            self._start_writer()
+            if len(self._encoding) == 1 and not self._queued:  # starts a batch's delay
+                self._written.notify_all()
+        return ahead
 
     def _start_writer(self) -> None:
         """Start the writing thread unless it runs (called with ``_written`` held)."""
@@ -606,22 +653,32 @@ class FragmentCache:
         """The writing thread: stores what is queued, several fragments per transaction."""
         while True:
             with self._written:
-                while not self._queued and not self._closing:
+                while not (self._queued or self._encoding or self._closing):
                     self._written.wait()
                 # A batch: _BATCH_BYTES, or what came within _BATCH_DELAY, or what someone
                 # waits for (fewer wake-ups and transactions while a pack runs).
                 deadline = time.monotonic() + _BATCH_DELAY
-                while not (self._closing or self._urgent) and self._queued_bytes < _BATCH_BYTES:
+                while (
+                    not (self._closing or self._urgent or self._now)
+                    and self._queued_bytes < _BATCH_BYTES
+                ):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._written.wait(left)
                 self._queued_bytes = 0
-                if not self._queued:
+                self._now = False
+                encoding, self._encoding = self._encoding, []
+                if not self._queued and self._closing:
                     self._thread = None
                     return
                 batch = [(key, self._pending[key]) for key in self._queued]
                 self._queued.clear()
+            if not self._closing:  # closing: only the rows queued count
+                for ahead in encoding:
+                    ahead.encode()
+            if not batch:
+                continue
             try:
                 self._store(batch)
             finally:
@@ -1355,6 +1412,24 @@ class FragmentWriter:
         self._close_file(remove=True)
 
 
+class _EncodedAhead:
+    """A range's layout, encoded once by whichever thread asks first (the writing thread,
+    while the pack goes on: :meth:`FragmentCache._encode_ahead`); the recorder is then let go."""
+
+    __slots__ = ("_encoded", "_layout")
+
+    def __init__(self, layout: EncodesLayout) -> None:
+        self._layout: EncodesLayout | None = layout
+        self._encoded: bytes | None = None
+
+    def encode(self) -> bytes | None:
+        layout = self._layout
+        if layout is not None:  # two threads at once encode it twice: the same bytes
+            self._encoded = layout.encode()
+            self._layout = None  # after the bytes are set: whoever sees None finds them
+        return self._encoded
+
+
 #: Stands in for a data file that could not be made: the pieces are dropped.
 _DISCARDED: tuple[str, int] = ("", -1)
 
@@ -1601,11 +1676,11 @@ class LayerRanges:
         recorded, self._recorded = self._recorded, []
         self.close()
         try:
-            for key, offset, size, uncompressed, crc, layout in recorded:
-                self._source.cache.keep_range(
-                    key, digest, offset=offset, size=size, uncompressed_size=uncompressed,
-                    crc=crc, layout=layout,
-                )
+            self._source.cache._submit_all([
+                (key, _Pending(None, None, size, uncompressed, crc, layout, memory=0,
+                               blob=digest, offset=offset))
+                for key, offset, size, uncompressed, crc, layout in recorded
+            ], now=True)
         except Exception as exc:  # noqa: BLE001 - the cache only saves work: never fail the layer
             log.warning("fragments of %s not kept (%s)", digest, exc)
             return []
@@ -1629,8 +1704,9 @@ class RangeWriter(FragmentWriter):
     def commit(self, uncompressed_size: int) -> None:
         if self.offset is None or not self._size:
             return
+        layout = self._cache._encode_ahead(self.layout)
         self._layer._recorded.append(
-            (self.key, self.offset, self._size, uncompressed_size, self._crc, self.layout)
+            (self.key, self.offset, self._size, uncompressed_size, self._crc, layout)
         )
 
     def discard(self) -> None:

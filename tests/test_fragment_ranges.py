@@ -6,13 +6,15 @@ import io
 import os
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, cast
 
 import pytest
 from test_fragments import PATHS, make_store
 
-from nixery_core import archive
+from nixery_core import archive, fragments
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
@@ -268,6 +270,82 @@ def test_a_failed_pack_stops_reading_its_ranges_ahead(
             thread.join(timeout=10)
         assert [thread.name for thread in ahead if thread.is_alive()] == []
         assert broken in str(raised.value)
+
+
+def _eventually(done: Callable[[], bool]) -> bool:
+    """Whether ``done()`` holds within ten seconds (polled)."""
+    deadline = time.monotonic() + 10
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_stored_layers_rows_are_written_without_waiting_for_the_batching_delay(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a layer's blob is committed, another connection to the index finds its ranges
+    before the cache is closed, however long the writing thread batches other writes."""
+    monkeypatch.setattr(fragments, "_BATCH_DELAY", 3600.0)
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        packed = _pack_into(blobs, store, PATHS, cache.on_store(blobs).layer())
+        assert _eventually(lambda: len(_rows(cache.directory)) == len(PATHS))
+        assert {blob for _, _, blob in _rows(cache.directory)} == {packed.digest}
+
+
+class _Layout:
+    """A layout still to encode, counting on which threads it is encoded."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def encode(self) -> bytes:
+        self.threads.append(threading.current_thread().name)
+        return b"layout"
+
+
+def test_a_ranges_layout_is_encoded_while_its_layer_is_still_being_packed(
+    tmp_path: Path,
+) -> None:
+    """A range's layout is encoded by the writing thread before its layer's blob is
+    committed (not in a serial tail after it), once, and its row keeps those bytes."""
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    digest = blobs.put_blob(b"frames of a layer", "application/octet-stream").digest
+    with FragmentCache(tmp_path / "fragments") as cache:
+        layer = cache.on_store(blobs).layer()
+        writer = layer.writer("k")
+        writer.offset = 0
+        writer.add(b"frames")
+        layout = _Layout()
+        writer.layout = layout
+        writer.commit(100)
+        assert _eventually(lambda: bool(layout.threads))
+        assert layout.threads == ["nixery-fragment-writer"]
+        layer.stored(digest)
+    assert layout.threads == ["nixery-fragment-writer"]
+    with sqlite3.connect(tmp_path / "fragments" / "index.sqlite") as con:
+        assert con.execute("SELECT layout, blob FROM fragments").fetchall() == [
+            (b"layout", digest)
+        ]
+
+
+def test_a_layer_never_stored_records_no_range_though_its_layouts_were_encoded(
+    tmp_path: Path,
+) -> None:
+    """A layer whose blob was never committed leaves no row, even once the writing thread
+    has encoded its layouts ahead."""
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        writer = cache.on_store(blobs).layer().writer("k")
+        writer.offset = 0
+        writer.add(b"frames")
+        layout = _Layout()
+        writer.layout = layout
+        writer.commit(100)
+        assert _eventually(lambda: bool(layout.threads))
+    assert _rows(tmp_path / "fragments") == []
 
 
 def _build(
