@@ -82,7 +82,13 @@ class SharedBuffers:
 
     def take(self, size: int) -> mmap.mmap | None:
         """A slot of at least ``size`` bytes nothing else refers to; ``None`` if none is left
-        (or the kernel will not map another)."""
+        (or the kernel will not map another).
+
+        The smallest free slot that fits, unless it is twice the size or more
+        (a chunking window's, asked for a tar block) and the file has room for
+        a new one: then a new one, so the large slot stays for a large need.
+        """
+        length = -(-size // _GRAIN) * _GRAIN
         with self._lock:
             found: mmap.mmap | None = None
             if EXACT_COUNTS:
@@ -90,15 +96,15 @@ class SharedBuffers:
                     fits = len(slot) >= size and (found is None or len(slot) < len(found))
                     if fits and sys.getrefcount(slot) == _FREE_REFERENCES:
                         found = slot
-            if found is not None:
+            room = self.fd >= 0 and self._end + length <= self.capacity
+            if found is not None and (len(found) < 2 * length or not room):
                 return found
-            length = -(-size // _GRAIN) * _GRAIN
-            if self.fd < 0 or self._end + length > self.capacity:
+            if not room:
                 return None
             try:
                 slot = mmap.mmap(self.fd, length, offset=self._end)
-            except OSError:  # refused (address-space limit, too many mappings): none here
-                return None
+            except OSError:  # refused (address-space limit, too many mappings): none new
+                return found
             marker = ctypes.c_char.from_buffer(slot)
             address = ctypes.addressof(marker)
             del marker  # a live export would pin the slot's count

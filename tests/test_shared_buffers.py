@@ -57,6 +57,31 @@ def test_a_full_file_gives_none_until_a_slot_is_free(buffers: SharedBuffers) -> 
     assert buffers.take(_SLOT) is not None
 
 
+def test_a_small_request_leaves_a_much_larger_free_slot_while_there_is_room(
+    buffers: SharedBuffers,
+) -> None:
+    """A small slot asked for while a slot twice its size or more is free is a new one while
+    the file has room (the large one stays for a large need), that large one once it has none;
+    a free slot of about its size is reused."""
+    large = buffers.take(2 * _SLOT)
+    assert large is not None
+    at = buffers.place(memoryview(large)[:1])
+    del large
+    small = buffers.take(_SLOT)
+    assert small is not None
+    assert buffers.place(memoryview(small)[:1]) != at  # new, the large one kept
+    del small
+    again = buffers.take(_SLOT)
+    assert again is not None
+    assert len(again) == _SLOT  # the small free one, reused (no new slot)
+    full = buffers.take(_SLOT)  # the file is full now (2 + 1 + 1 slots)
+    assert full is not None
+    last = buffers.take(_SLOT // 2)  # no room: the large free one after all
+    assert last is not None
+    assert len(last) == 2 * _SLOT
+    assert buffers.take(1) is None
+
+
 def test_place_is_where_a_worker_finds_the_same_bytes(buffers: SharedBuffers) -> None:
     """place gives the offset in the shared file at which a mapping of it holds the view's bytes."""
     first = buffers.take(_SLOT)  # held: the second slot starts past it
