@@ -62,6 +62,7 @@ worker for the next batch.
 
 from __future__ import annotations
 
+import array
 import atexit
 import contextlib
 import itertools
@@ -590,16 +591,24 @@ def serve(fd: int, shared_fd: int = -1, shared_size: int = 0) -> None:
     ``shared_fd`` (-1: none) is the pool's shared memory, ``shared_size`` bytes.
     """
     shared: mmap.mmap | None = None
+    unmapped = -1
     if shared_fd >= 0:
-        # Writable only so that the reference search reads it in place (_finder).
-        shared = mmap.mmap(shared_fd, shared_size)
-        os.close(shared_fd)
+        try:
+            # Writable only so that the reference search reads it in place (_finder).
+            shared = mmap.mmap(shared_fd, shared_size)
+        except OSError:
+            # Refused here (address-space limit, too many mappings): the frames placed
+            # in it are read from the file instead (_inlined), the same bytes.
+            unmapped = shared_fd
+        else:
+            os.close(shared_fd)
     # Closed on the way out, so the worker ends without an unclosed-socket warning.
     with socket.socket(fileno=fd) as sock, contextlib.suppress(EOFError, OSError):
-        _serve_tasks(sock, None if shared is None else memoryview(shared))
+        _serve_tasks(sock, None if shared is None else memoryview(shared), unmapped)
 
 
-def _serve_tasks(sock: socket.socket, shared: memoryview | None) -> None:
+def _serve_tasks(sock: socket.socket, shared: memoryview | None, unmapped: int = -1) -> None:
+    """Answer tasks; ``unmapped`` (-1: none) is the shared file when it could not be mapped."""
     from nixery_core.chunked import compress_packed, new_chunker  # noqa: PLC0415 - worker side
 
     chunker = new_chunker()
@@ -613,13 +622,16 @@ def _serve_tasks(sock: socket.socket, shared: memoryview | None) -> None:
             compress = compressors.get(settings)
             if compress is None:
                 compress = compressors[settings] = _frames_compressor(settings)
+            batch, where = payload, places
+            if unmapped >= 0 and places:
+                batch, where = memoryview(_inlined(payload, table, places, unmapped)), b""
             blob, lengths, digests, plans = compress_packed(
-                payload,
+                batch,
                 table,
                 compress_frames=compress,
                 chunker=chunker,
                 merge=settings[0] == "estargz",
-                places=places,
+                places=where,
                 shared=shared,
             )
         except Exception:  # noqa: BLE001 - every failure goes back to the caller
@@ -629,6 +641,40 @@ def _serve_tasks(sock: socket.socket, shared: memoryview | None) -> None:
             payload.release()
         answer = pickle.dumps((task, None, (lengths, digests, plans)), protocol=5)
         send_message(sock, answer, (blob,))
+
+
+def _inlined(payload: memoryview, table: bytes, places: bytes, fd: int) -> bytes:
+    """The batch as if every frame came in the socket: frames ``places`` puts in the shared
+    file (see :func:`~nixery_core.chunked.compress_packed`) read from ``fd`` into it."""
+    from nixery_core.chunked import PACKED_FRAME  # noqa: PLC0415 - worker side
+
+    where = iter(array.array("q", places))
+    pieces: list[_Buffer] = []
+    pos = 0
+    try:
+        for head_len, data_len, _size, _job in PACKED_FRAME.iter_unpack(table):
+            size = head_len + data_len
+            place = next(where)
+            if place == -1:
+                pieces.append(payload[pos : pos + size])
+                pos += size
+                continue
+            parts = [(place, size)] if place != -2 else [
+                (next(where), next(where)) for _ in range(next(where))
+            ]
+            if sum(length for _, length in parts) != size:
+                raise LayerError(f"a frame of {size} bytes placed in pieces of another size")
+            for at, length in parts:
+                piece = os.pread(fd, length, at) if at >= 0 and length >= 0 else b""
+                if len(piece) != length:
+                    raise LayerError(f"a frame at {at} outside the shared memory")
+                pieces.append(piece)
+    except StopIteration:
+        raise LayerError("fewer places than frames in a packed batch") from None
+    if next(where, None) is not None:
+        raise LayerError("more places than frames in a packed batch")
+    pieces.append(payload[pos:])  # compress_packed checks the batch's length
+    return b"".join(pieces)
 
 
 def _frames_compressor(settings: Settings) -> Any:

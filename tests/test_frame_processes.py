@@ -296,6 +296,47 @@ def test_frames_in_shared_memory_are_compressed_as_frames_sent(pool: FrameProces
     assert future.result(timeout=60) == here
 
 
+#: Prepended to the workers' start-up: the kernel refuses every mapping (as at an
+#: address-space limit), so a worker cannot map the pool's shared memory.
+_NO_MAPPING = """
+import mmap
+def _refused(*args, **kwargs):
+    raise OSError(12, "Cannot allocate memory (test)")
+mmap.mmap = _refused
+"""
+
+
+@pytest.mark.skipif(not shared_buffers.shared_memory_usable(), reason="no memfd_create here")
+def test_a_worker_that_cannot_map_the_shared_memory_reads_its_frames_from_the_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker the kernel will not let map the shared memory still answers, reading frames
+    placed there (whole or in pieces) from the shared file: what compress_packed gives here."""
+    monkeypatch.setattr(frame_processes, "_BOOTSTRAP", _NO_MAPPING + frame_processes._BOOTSTRAP)
+    chunk = bytes(range(256)) * 100
+    job = b"/nix/store/" + b"a" * 32 + bytes(5000)
+    table = _table((len(chunk), 0, len(chunk), -1), (0, 512, 0, -1), (len(job), 7, 0, 1))
+    here = compress_packed(
+        chunk + bytes(512) + job + b"padding",
+        table,
+        compress_frames=frames_compressor(resolve_compressor("zstd-chunked", 3)),
+        chunker=new_chunker(),
+        merge=False,
+    )
+    pool = FrameProcesses(1)
+    try:
+        places, views = _placed(pool, [chunk, job[:100], job[100:] + b"padding"])
+        whole, first, second = array.array("q", places)
+        where = array.array("q", [whole, -1, -2, 2, first, 100, second, len(job) - 93])
+        future = pool.submit(_SETTINGS, table, [bytes(512)], where.tobytes(), views)
+        assert future.result(timeout=60) == here
+        outside = array.array("q", [10 * pool.buffers.capacity if pool.buffers else 0])
+        with pytest.raises(LayerError, match="outside the shared memory"):
+            pool.submit(_SETTINGS, _table((10, 0, 10, -1)), [], outside.tobytes()).result(60)
+    finally:
+        pool.close()
+
+
 @pytest.mark.skipif(not shared_buffers.shared_memory_usable(), reason="no memfd_create here")
 def test_a_slot_in_a_workers_hands_is_not_reused_until_its_worker_is_gone(
     pool: FrameProcesses,
@@ -422,3 +463,21 @@ def test_a_layer_packed_while_the_shared_memory_runs_out_is_the_bytes_of_one_thr
         frame_processes.shutdown()
     assert 0 < sum(placed) < 8_000_000  # some of its files (8.5 MB) by place, not all
     assert shared == pack(1)
+
+
+@pytest.mark.skipif(not shared_buffers.shared_memory_usable(), reason="no memfd_create here")
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_layer_packed_by_workers_that_cannot_map_the_shared_memory_is_the_bytes_of_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """Workers the kernel will not let map the shared memory pack a chunked layer whose files
+    were placed there (no LayerError): the same bytes as one thread."""
+    pack, placed = _counting_pack(monkeypatch, tmp_path, make_store(tmp_path), compression)
+    monkeypatch.setattr(frame_processes, "_BOOTSTRAP", _NO_MAPPING + frame_processes._BOOTSTRAP)
+    frame_processes.shutdown()  # a pool of this test's own, its workers unable to map
+    try:
+        unmapped = pack(2)
+    finally:
+        frame_processes.shutdown()
+    assert sum(placed) > 8_000_000  # its files (8.5 MB) were placed in shared memory
+    assert unmapped == pack(1)
