@@ -455,6 +455,9 @@ class _Recording:
     uncompressed: int = 0
     #: A chunked layer's fragment also records its TOC entries here.
     toc: FragmentWriter | None = None
+    #: Its last, partial block, while its compressor still buffers it: the layout takes
+    #: its CRC-32 from the compressor once the member is finished (:meth:`_TarStream.end`).
+    tail: bytes | bytearray | memoryview | None = None
 
 
 class _TarStream:
@@ -611,6 +614,8 @@ class _TarStream:
             self._flush_block(partial=True)
         compressor.finish()
         compressor.close()
+        if self._recording is not None and self._recording.tail is not None:
+            self._record_tail(self._recording)
         self._compressor = None
         self._member_crc = None
         self._small = False
@@ -909,7 +914,7 @@ class _TarStream:
         # blocks in shared memory are for chunked layers only).
         chunks = compressor.compress(block)  # type: ignore[arg-type]
         if self._recording is not None:
-            self._record_block(self._recording, block)
+            self._record_block(self._recording, block, last=partial)
         if shared and self._pos < BLOCK_SIZE:
             self._start = self._pos  # only the part after it is written from now on
         else:
@@ -949,8 +954,16 @@ class _TarStream:
                 retired.popleft()  # still held: the holder keeps it alive, not us
         return bytearray(BLOCK_SIZE)
 
-    def _record_block(self, recording: _Recording, block: bytes | bytearray | memoryview) -> None:
-        """The layout's running CRC-32 after ``block``: the compressor's, when it has it."""
+    def _record_block(
+        self, recording: _Recording, block: bytes | bytearray | memoryview, *, last: bool = False
+    ) -> None:
+        """The layout's running CRC-32 after ``block``: the compressor's, when it has it.
+
+        A member's ``last`` block, partial, is buffered by its compressor
+        until the member is finished: its CRC-32 is taken from the
+        compressor then (:meth:`_record_tail`), not computed a second time
+        here (about 75 MB of tails, 3-4 ms, for the 300 MB benchmark closure).
+        """
         recording.uncompressed += len(block)
         reports = self._member_crc
         if reports is not None:
@@ -958,7 +971,23 @@ class _TarStream:
             if length == recording.uncompressed:  # it took the whole block (not buffered)
                 recording.layout.block_crc(crc, len(block))
                 return
+            if last:
+                recording.tail = block
+                return
         recording.layout.block(block)
+
+    def _record_tail(self, recording: _Recording) -> None:
+        """The last block's CRC-32, from the finished member's compressor (which counted it)."""
+        tail, recording.tail = recording.tail, None
+        reports = self._member_crc
+        if tail is None:
+            return
+        if reports is not None:
+            crc, length = reports.running_crc32
+            if length == recording.uncompressed:
+                recording.layout.block_crc(crc, len(tail))
+                return
+        recording.layout.block(tail)  # pragma: no cover - a compressor that did not count it
 
     def _emit(self, chunks: list[tuple[object, bytes]]) -> None:
         for tag, chunk in chunks:

@@ -461,6 +461,40 @@ def test_a_layout_records_its_block_crcs_wherever_the_pieces_are_cut() -> None:
     assert layouts[2] == layouts[0]
 
 
+@pytest.mark.parametrize("options", [ArchiveOptions(), ArchiveOptions(gzip_backend="zlib")],
+                         ids=["gzip", "gzip-zlib"])
+def test_a_gzip_layouts_block_crcs_all_come_from_its_compressor(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: ArchiveOptions
+) -> None:
+    """A gzip layer's fragment layouts take every block's CRC-32 from the member's compressor,
+    its last partial block's too once the member is finished, and equal the layouts of the
+    same bytes whose CRC-32s were computed from the blocks."""
+    from nixery_core.fragment_layout import LayoutRecorder
+
+    computed = []
+    block = LayoutRecorder.block
+
+    def counted(self: LayoutRecorder, data: bytes | bytearray | memoryview) -> None:
+        computed.append(len(data))
+        block(self, data)
+
+    monkeypatch.setattr(LayoutRecorder, "block", counted)
+    layouts = {}
+    for name in ("reported", "computed"):
+        if name == "computed":  # every compressor taken for one that keeps no CRC-32
+            monkeypatch.setattr(archive, "_reports_crc32", lambda compressor: False)
+        with FragmentCache(tmp_path / name) as cache:
+            pack(store, PATHS, options, cache)
+            cache.flush()
+        with sqlite3.connect(tmp_path / name / "index.sqlite") as con:
+            layouts[name] = dict(con.execute("SELECT key, layout FROM fragments"))
+        if name == "reported":
+            assert computed == []
+    assert computed  # the CRC-32s computed from the blocks, for the reference
+    assert len(layouts["reported"]) == len(PATHS)
+    assert layouts["reported"] == layouts["computed"]
+
+
 def test_fragments_committed_are_written_by_close_and_found_before_it(tmp_path: Path) -> None:
     """Fragments are written on a background thread: a lookup right after a commit finds the
     fragment, and closing the cache writes every one still queued (a new cache sees them)."""
