@@ -433,6 +433,64 @@ def test_layout_round_trips_and_refuses_paths_outside_the_store_path() -> None:
     assert FragmentLayout.decode(b"not a layout") is None
 
 
+def test_a_layout_of_any_calls_decodes_to_their_segments_and_literal_bytes() -> None:
+    """Literal bytes (bytes or a buffer reused after the call), files and whole members given
+    in any order are kept as given: the layout decodes to the literal bytes before each file,
+    its path and size, and the literal bytes in order."""
+    import random
+
+    from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder
+
+    rng = random.Random(18)  # noqa: S311 - seeded test calls, not secrets
+    top = b"nix/store/x-a"
+    recorder = LayoutRecorder(top)
+    literals, segments, run = bytearray(), [], 0
+    buffer = bytearray(600)
+    for n in range(2000):
+        kind = rng.choice(("literal", "buffer", "file", "member", "member"))
+        if kind in ("literal", "buffer"):
+            data = rng.randbytes(rng.choice((0, 1, 100, 512, 1024)))
+            if kind == "buffer":  # given as a view of a buffer written over afterwards
+                buffer[: len(data)] = data
+                recorder.literal(memoryview(buffer)[: len(data)])
+                buffer[: len(data)] = bytes(len(data))
+            else:
+                recorder.literal(data)
+            literals += data
+            run += len(data)
+            continue
+        size = rng.choice((0, 1, 511, 512, 5000))
+        path = b"/f%d" % n
+        if kind == "file":
+            recorder.file(top + path, size)
+            header, pad = b"", 0
+        else:
+            header, pad = rng.randbytes(512), -size % 512
+            recorder.member(header, top + path, size, pad)
+        literals += header
+        run += len(header)
+        if size:
+            segments.append((run, path, size))
+            run = 0
+        literals += bytes(pad)
+        run += pad
+    segments.append((run, b"", 0))
+    total = len(literals) + sum(size for _, _, size in segments)
+    recorder.block(bytes(total))  # the block CRCs are not what this pins
+    raw = recorder.encode()
+    assert raw is not None
+    layout = FragmentLayout.decode(raw)
+    assert layout is not None
+    assert layout.segments == tuple(segments)
+    assert layout.literals == bytes(literals)
+    assert recorder.encode() == raw  # encoding again gives the same bytes
+    empty = LayoutRecorder(top).encode()
+    assert empty is not None
+    decoded = FragmentLayout.decode(empty)
+    assert decoded is not None
+    assert decoded.segments == ((0, b"", 0),)
+
+
 def test_a_layout_records_its_block_crcs_wherever_the_pieces_are_cut() -> None:
     """Uncompressed bytes given in pieces of any length (a chunked layer's shared tar block
     goes on after a store path) record the running CRC-32 at every 1 MiB from the fragment's
