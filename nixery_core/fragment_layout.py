@@ -11,7 +11,9 @@ of the fragment's uncompressed bytes at the end of every 1 MiB block
 (blocks counted from the fragment's start, wherever the packer cut the
 pieces it gave; a gzip member's compressor computes that CRC for its
 trailer anyway at the same cuts, so the packer takes it from there,
-:class:`~nixery_core.compression.ReportsCrc32`).
+:class:`~nixery_core.compression.ReportsCrc32`; a chunked layer's blocks
+are CRC'd on the thread hashing the ``diff_id``, right after their sha256
+update, off the packing thread: :meth:`LayoutRecorder.deferred`).
 
 :func:`rebuild` makes the bytes again: literal bytes copied, files read from
 the store (page cache, for a store path packed recently), each block
@@ -98,6 +100,10 @@ class LayoutRecorder:
         self._fill = 0
         #: Past :data:`MAX_LITERALS`: nothing more is kept (memory stays bounded).
         self._overflow = False
+        #: Blocks come from another thread (:meth:`deferred`): what brings them all in, and
+        #: whether :meth:`seal` said they did.
+        self._settle: Callable[[], None] | None = None
+        self._sealed = False
 
     def literal(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes of the tar that are not file content (headers, padding)."""
@@ -162,6 +168,29 @@ class LayoutRecorder:
                 fill = 0
         self._crc, self._fill = crc, fill
 
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`block`, under the name a queue of ordered hash updates calls."""
+        self.block(data)
+
+    def deferred(self, settle: Callable[[], None]) -> None:
+        """Blocks are given by another thread from now on, and :meth:`seal` after the last.
+
+        A chunked layer's packer hands its blocks to the queue hashing the
+        ``diff_id`` (whose CRC-32 then reads them while they are still in
+        the CPU's cache), off the packing thread.  :meth:`encode` (on the
+        cache's writing thread, maybe before that queue is through) first
+        calls ``settle``, which applies whatever is queued on the calling
+        thread (never waiting for a pool that may be busy); a layout not
+        sealed by then gets none.
+        """
+        self._settle = settle
+
+    def seal(self, *, whole: bool = True) -> None:
+        """The last block was given (``whole=False``: some never will be, so no layout)."""
+        if not whole:
+            self._overflowed()
+        self._sealed = True
+
     def block_crc(self, running: int, length: int) -> None:
         """The next ``length`` bytes, given as the running CRC-32 of the fragment up to their
         end (a compressor's, for pieces cut at the 1 MiB boundaries; else no layout)."""
@@ -176,6 +205,10 @@ class LayoutRecorder:
 
     def encode(self) -> bytes | None:
         """The layout, compressed; ``None`` when it is too large to be worth keeping."""
+        if self._settle is not None:
+            self._settle()
+            if not self._sealed:  # some blocks never came: no layout rather than a short one
+                return None
         if self._overflow:
             return None
         runs, sizes, crcs = array("Q", self._runs), array("Q", self._sizes), array("I", self._crcs)

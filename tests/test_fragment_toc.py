@@ -27,6 +27,7 @@ from nixery_core.cache import BuildCache
 from nixery_core.chunked import ChunkedCompressor, compact_json
 from nixery_core.compression import frame_compressor, frame_stream
 from nixery_core.fragment_bucket import DEFAULT_MIN_SIZE, BucketFragments, FragmentBucketPolicy
+from nixery_core.fragment_layout import FragmentLayout, rebuild
 from nixery_core.fragment_toc import (
     TOC_PART_LAYOUT,
     TocPartWriter,
@@ -436,3 +437,32 @@ def test_toc_parts_on_reused_zstd_contexts_are_the_bytes_of_fresh_ones() -> None
     assert b"".join(second.pieces) == _fresh_part(big + small)
     assert b"".join(third.pieces) == _fresh_part(small)
     assert list(toc_part_lines(third.pieces, third.size)) == small
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_cold_chunked_pack_keeps_layouts_that_rebuild_every_fragment_whole(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
+) -> None:
+    """A chunked layer packed cold with a pool (its blocks' CRC-32s taken on the hashing
+    thread) keeps, for every store path, as a range and as a copy, a layout that decodes and
+    rebuilds the whole fragment from the store."""
+    root, paths = four_paths
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    kept: dict[str, bytes] = {}
+    for name in ("ranges", "copies"):
+        with FragmentCache(tmp_path / name) as cache:
+            if name == "ranges":
+                _stored(blobs, root, paths, compression, cache)
+            else:
+                _copied(root, paths, compression, cache)
+            cache.flush()
+            with sqlite3.connect(cache.directory / "index.sqlite") as con:
+                layouts = dict(con.execute("SELECT key, layout FROM fragments").fetchall())
+        for path in paths:
+            layout = FragmentLayout.decode(layouts[_keys(root, path, compression)[0]])
+            assert layout is not None
+            rebuilt = bytearray()
+            source = os.fsencode(root / path.lstrip("/"))
+            assert rebuild(source, layout, rebuilt.extend) == layout.size
+            kept[f"{name} {path}"] = bytes(rebuilt)
+    assert [kept[f"ranges {p}"] for p in paths] == [kept[f"copies {p}"] for p in paths]

@@ -787,3 +787,95 @@ def test_a_key_prefetched_as_absent_is_found_once_stored_or_committed_here(
             with cache.get(key) as found:
                 assert found is not None
                 assert b"".join(found.pieces()) == byte * 100
+
+
+def test_a_layout_given_its_blocks_by_another_thread_is_encoded_once_settled() -> None:
+    """A layout whose blocks are CRC'd on another thread (a chunked layer's hashing queue)
+    has that queue settled by encode itself, then holds every block's CRC-32 (the layout of
+    the same bytes recorded on one thread); one never sealed gets no layout, not a short one."""
+    from nixery_core.compression import BLOCK_SIZE
+    from nixery_core.fragment_layout import LayoutRecorder
+
+    data = os.urandom(2 * BLOCK_SIZE + 777)
+
+    def recorded() -> LayoutRecorder:
+        recorder = LayoutRecorder(b"nix/store/x-a")
+        recorder.literal(b"H" * 512)
+        recorder.file(b"nix/store/x-a/data", len(data) - 512)
+        return recorder
+
+    expected = recorded()
+    expected.block(data)
+    recorder = recorded()
+    queued = [data[:BLOCK_SIZE], data[BLOCK_SIZE:]]
+
+    def settle() -> None:  # what the hashing queue's wait does: apply what is queued
+        while queued:
+            recorder.update(queued.pop(0))
+        recorder.seal()
+
+    recorder.deferred(settle)
+    assert recorder.encode() == expected.encode()
+    unsealed = recorded()
+    unsealed.deferred(lambda: unsealed.update(data))
+    assert unsealed.encode() is None
+
+
+def test_a_failed_stream_seals_its_queued_layouts_as_incomplete() -> None:
+    """When a layer's stream fails with blocks and a layout's seal still queued for hashing,
+    closing the queue seals that layout as incomplete: encoding it gives no layout (the
+    fragment is inflated when reused) instead of waiting for ever."""
+    import threading
+    from concurrent.futures import Future
+
+    from nixery_core.fragment_layout import LayoutRecorder
+
+    class Stalled:
+        """A pool that never runs what it is given (a drain that never comes)."""
+
+        max_workers = 2
+
+        def submit(self, fn: object, *args: object) -> Future[None]:
+            return Future()
+
+    recorder = LayoutRecorder(b"nix/store/x-a")
+    hashing = archive._OrderedHashing(Stalled())  # type: ignore[arg-type]  # a stub pool
+    recorder.deferred(hashing.wait)
+    recorder.literal(b"H" * 512)
+    hashing.update(recorder, b"x" * 100)
+    hashing.update(archive._Seal(recorder), b"")
+    hashing.close()
+    encoded: list[bytes | None] = []
+    encoding = threading.Thread(target=lambda: encoded.append(recorder.encode()), daemon=True)
+    encoding.start()
+    encoding.join(10)
+    assert encoded == [None]
+
+
+def test_a_deferred_layout_settles_its_queue_on_the_encoding_thread() -> None:
+    """A layout whose blocks wait in a hashing queue no pool thread will drain (the pool busy
+    with packing threads that wait for the cache's writing thread) is encoded all the same:
+    encoding applies the queue itself, and the layout holds the blocks' CRC-32s."""
+    from concurrent.futures import Future
+
+    from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder
+
+    class Stalled:
+        """A pool that never runs what it is given."""
+
+        max_workers = 2
+
+        def submit(self, fn: object, *args: object) -> Future[None]:
+            return Future()
+
+    hashing = archive._OrderedHashing(Stalled())  # type: ignore[arg-type]  # a stub pool
+    recorder = LayoutRecorder(b"nix/store/x-a")
+    recorder.deferred(hashing.wait)
+    recorder.literal(b"H" * 100)
+    hashing.update(recorder, b"H" * 100)
+    hashing.update(archive._Seal(recorder), b"")
+    encoded = recorder.encode()
+    assert encoded is not None
+    layout = FragmentLayout.decode(encoded)
+    assert layout is not None
+    assert layout.crcs == (zlib.crc32(b"H" * 100),)
