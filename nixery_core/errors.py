@@ -44,8 +44,8 @@ logs what is wrong and rebuilds (:mod:`nixery_core.record_schema`); garbage
 collection reports it (``GcReport.unreadable``); a malformed bucket fragment
 pointer is a refused lookup (``BucketStats.rejected``) that gc deletes.  Only a
 caller parsing an entry itself (``LayerRecord.from_json``,
-``ManifestRecord.from_json``, ``BuiltLayer.from_json``,
-``FragmentPointer.from_json``) gets ``InvalidCacheRecord``.
+``ManifestRecord.from_json``, ``BuildResult.from_record``, ``BuiltLayer.from_json``,
+``SbomArtifact.from_json``, ``FragmentPointer.from_json``) gets ``InvalidCacheRecord``.
 Errors carry their context as attributes, so a registry can turn
 ``UnknownPackages.packages`` into a ``MANIFEST_UNKNOWN`` answer.
 """
@@ -180,8 +180,9 @@ class InvalidManifest(InvalidInput):
 
 
 class InvalidCacheRecord(InvalidInput):
-    """A cache entry (``LayerRecord``, ``ManifestRecord``, a ``BuiltLayer`` of a build's
-    record, a bucket's ``FragmentPointer``) lacks a field or has a bad one.
+    """A cache entry (``LayerRecord``, ``ManifestRecord``, a build's record with its
+    ``BuiltLayer`` and ``SbomArtifact`` entries, a bucket's ``FragmentPointer``) lacks a
+    field or has a bad one.
 
     Raised by their ``from_json`` to a caller parsing an entry itself; the
     cache's own reads turn it into a counted miss.

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nixery_core.digests import is_digest, sha256_digest
-from nixery_core.errors import InvalidManifest
+from nixery_core.errors import InvalidCacheRecord, InvalidManifest
 from nixery_core.manifest import parse_index, parse_manifest
 from nixery_core.sbom.referrers import EMPTY_DESCRIPTOR, SbomArtifact
 
@@ -127,13 +127,9 @@ def _sbom_sizes(data: object) -> list[tuple[str, int]]:
     if not isinstance(data, dict):
         raise _MalformedRecord(f"an SBOM entry is {type(data).__name__}, not an object")
     try:
-        artifact = SbomArtifact.from_json(data)
-    except (TypeError, KeyError) as exc:
-        raise _MalformedRecord(f"an SBOM entry is malformed: {str(exc)[:80]}") from exc
-    _digest(data, "manifest_digest")
-    _digest(data, "document_digest")
-    if artifact.manifest_size < 0 or artifact.document_size < 0:
-        raise _MalformedRecord("an SBOM size is negative")
+        artifact = SbomArtifact.from_json(data)  # every field: types, digests, sizes >= 0
+    except InvalidCacheRecord as exc:
+        raise _MalformedRecord(f"an SBOM entry is malformed: {exc.detail[:80]}") from exc
     return [
         (artifact.manifest_digest, artifact.manifest_size),
         (EMPTY_DESCRIPTOR.digest, EMPTY_DESCRIPTOR.size),

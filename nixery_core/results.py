@@ -110,6 +110,22 @@ def _strings(data: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _text(body: Mapping[str, Any], name: str) -> str:
+    """A build record's field ``name``, a string."""
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise InvalidCacheRecord(f"build record {name} is not a string")
+    return value
+
+
+def _list(body: Mapping[str, Any], name: str, *, optional: bool = False) -> list[Any]:
+    """A build record's field ``name``, a list (empty when ``optional`` and absent)."""
+    value = body.get(name, [] if optional else None)
+    if not isinstance(value, list):
+        raise InvalidCacheRecord(f"build record {name} is not a list")
+    return value
+
+
 @attrs.frozen
 class BuildResult:
     """Everything a registry or a notebook needs about one built image."""
@@ -163,21 +179,27 @@ class BuildResult:
         cls, image: Image, key: str, body: Mapping[str, Any], stats: CacheStats,
         timings: Mapping[str, float],
     ) -> BuildResult:
-        manifest = str(body["manifest"]).encode()
-        config = str(body["config"]).encode()
+        """Rebuild a result from the body :meth:`to_record` wrote; a missing or malformed
+        field raises :class:`~nixery_core.errors.InvalidCacheRecord` naming it."""
+        if not isinstance(body, Mapping):
+            raise InvalidCacheRecord(f"a build record is an object, not {type(body).__name__}")
+        manifest = _text(body, "manifest").encode()
+        config = _text(body, "config").encode()
+        layers = _list(body, "layers")
+        sboms = _list(body, "sboms", optional=True)  # none in entries written before SBOMs
         return cls(
             image=image,
             manifest=manifest,
             manifest_digest=sha256_digest(manifest),
-            manifest_media_type=str(body["manifest_media_type"]),
+            manifest_media_type=_text(body, "manifest_media_type"),
             config=config,
             config_digest=sha256_digest(config),
-            layers=tuple(BuiltLayer.from_json(layer, reused=True) for layer in body["layers"]),
+            layers=tuple(BuiltLayer.from_json(layer, reused=True) for layer in layers),
             cache_key=key,
             from_cache=True,
             timings=timings,
             cache_stats=stats,
-            sboms=tuple(attach.SbomArtifact.from_json(a) for a in body.get("sboms", [])),
+            sboms=tuple(attach.SbomArtifact.from_json(a) for a in sboms),
         )
 
     def compare(self, other: BuildResult) -> BuildComparison:

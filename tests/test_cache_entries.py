@@ -26,12 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nixery_core.build import BuildResult, build_image
-from nixery_core.cache import BuildCache, LayerRecord, ManifestRecord
+from nixery_core.cache import BuildCache, CacheStats, LayerRecord, ManifestRecord
 from nixery_core.errors import InvalidCacheRecord, InvalidInput
 from nixery_core.multiarch import MultiArchResult, build_multiarch
 from nixery_core.names import AMD64, ARM64, Image
 from nixery_core.record_schema import record_blob_sizes
 from nixery_core.results import BuiltLayer
+from nixery_core.sbom.referrers import SbomArtifact
 from nixery_core.testing.runners import FakeNix, default_fake_packages
 from nixery_core.testing.sources import FixedSource
 from nixery_core.testing.storage import MemoryStore
@@ -386,4 +387,78 @@ def test_parsing_a_malformed_built_layer_raises_invalid_cache_record(
     assert BuiltLayer.from_json(layer.to_json(), reused=True) == layer
     with pytest.raises(InvalidCacheRecord, match=named) as raised:
         BuiltLayer.from_json(data, reused=True)
+    assert named in raised.value.detail
+
+
+_SBOM = {
+    "format": "spdx",
+    "artifact_type": "application/spdx+json",
+    "manifest_digest": "sha256:" + "e" * 64,
+    "manifest_size": 300,
+    "document_digest": "sha256:" + "f" * 64,
+    "document_size": 900,
+    "created": "1970-01-01T00:00:01Z",
+}
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({k: v for k, v in _SBOM.items() if k != "created"}, "created"),
+        ({**_SBOM, "format": "swid"}, "format"),
+        ({**_SBOM, "format": []}, "format"),
+        ({**_SBOM, "manifest_size": True}, "manifest_size"),
+        ({**_SBOM, "document_size": -1}, "document_size"),
+        ({**_SBOM, "document_digest": "sha256:abc"}, "document_digest"),
+        ({**_SBOM, "artifact_type": None}, "artifact_type"),
+        ([], "object"),
+    ],
+)
+def test_parsing_a_malformed_sbom_artifact_raises_invalid_cache_record(
+    data: Any, named: str
+) -> None:
+    """A build record's malformed SBOM entry raises InvalidCacheRecord naming the field, chained
+    to nothing bare (no KeyError or TypeError); a well-formed one round-trips."""
+    artifact = SbomArtifact.from_json(_SBOM)
+    assert SbomArtifact.from_json(artifact.to_json()) == artifact
+    with pytest.raises(InvalidCacheRecord, match=named) as raised:
+        SbomArtifact.from_json(data)
+    assert named in raised.value.detail
+
+
+_RECORD = {
+    "manifest": "{}",
+    "manifest_media_type": "application/vnd.oci.image.manifest.v1+json",
+    "config": "{}",
+    "layers": [_BUILT],
+    "sboms": [_SBOM],
+}
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({k: v for k, v in _RECORD.items() if k != "manifest"}, "manifest"),
+        ({**_RECORD, "config": 7}, "config"),
+        ({**_RECORD, "manifest_media_type": None}, "manifest_media_type"),
+        ({**_RECORD, "layers": {}}, "layers"),
+        ({**_RECORD, "layers": [[]]}, "object"),
+        ({**_RECORD, "sboms": "spdx"}, "sboms"),
+        ({**_RECORD, "sboms": [{**_SBOM, "manifest_size": "1"}]}, "manifest_size"),
+        ([], "object"),
+    ],
+)
+def test_rebuilding_a_result_from_a_malformed_record_raises_invalid_cache_record(
+    body: Any, named: str
+) -> None:
+    """BuildResult.from_record given a malformed body raises InvalidCacheRecord naming the field
+    (never a bare KeyError or TypeError, nor a result built from a non-string manifest); a
+    well-formed body, without ``sboms`` too, gives a cached result."""
+    image = Image.from_name("shell/hello")
+    for good in (_RECORD, {k: v for k, v in _RECORD.items() if k != "sboms"}):
+        result = BuildResult.from_record(image, "key", good, CacheStats(), {})
+        assert result.from_cache
+        assert [layer.digest for layer in result.layers] == [_BUILT["digest"]]
+    with pytest.raises(InvalidCacheRecord, match=named) as raised:
+        BuildResult.from_record(image, "key", body, CacheStats(), {})
     assert named in raised.value.detail

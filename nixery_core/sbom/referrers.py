@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import attrs
 
+from nixery_core.digests import is_digest
+from nixery_core.errors import InvalidCacheRecord
 from nixery_core.image_json import canonical_json
 from nixery_core.manifest import Descriptor
 from nixery_core.media_types import OCI_INDEX, OCI_MANIFEST
@@ -105,17 +107,27 @@ class SbomArtifact:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SbomArtifact:
-        """Read :meth:`to_json`'s form; TypeError or KeyError on a bad shape."""
-        fmt = data["format"]
-        if fmt not in FORMATS:
-            raise TypeError(f"unknown SBOM format {fmt!r}")
+        """Read :meth:`to_json`'s form; a missing or malformed field raises
+        :class:`~nixery_core.errors.InvalidCacheRecord` naming it."""
+        if not isinstance(data, Mapping):
+            raise InvalidCacheRecord(f"an SBOM entry is an object, not {type(data).__name__}")
+        missing = [k for k in attrs.fields_dict(cls) if k not in data]
+        if missing:
+            raise InvalidCacheRecord(f"an SBOM entry lacks {', '.join(missing)}")
         values = {k: data[k] for k in attrs.fields_dict(cls)}
+        if not isinstance(values["format"], str) or values["format"] not in FORMATS:
+            raise InvalidCacheRecord(f"SBOM format {str(values['format'])[:40]!r} is unknown")
         for key in ("manifest_size", "document_size"):
             if not isinstance(values[key], int) or isinstance(values[key], bool):
-                raise TypeError(f"{key} is not an integer")
+                raise InvalidCacheRecord(f"SBOM {key} is not an integer")
+            if values[key] < 0:
+                raise InvalidCacheRecord(f"SBOM {key} is negative")
         for key in ("artifact_type", "manifest_digest", "document_digest", "created"):
             if not isinstance(values[key], str):
-                raise TypeError(f"{key} is not a string")
+                raise InvalidCacheRecord(f"SBOM {key} is not a string")
+        for key in ("manifest_digest", "document_digest"):
+            if not is_digest(values[key]):
+                raise InvalidCacheRecord(f"SBOM {key} is not a sha256 digest")
         return cls(**values)
 
 
