@@ -68,7 +68,9 @@ skipped uploads, with a warning: the bucket tier only saves work.
 **Uploading.**  Each fragment this instance packs (not one it fetched)
 whose compressed size is at least ``min_size`` (128 KiB by default) is
 uploaded once it is in the local cache, read back from there: blob first,
-pointer last.  By default this happens on one background thread per
+pointer last.  A chunked store path's TOC part goes with its frames, first and
+whatever its own size (references and copies alike): the frames are of no use
+without it.  By default this happens on one background thread per
 :class:`BucketFragments`, so a pack never waits on the bucket; the queue
 holds at most :data:`_MAX_QUEUED` jobs (more are dropped: a later pack
 uploads them), and :meth:`BucketFragments.close` (``BuildCache.close``)
@@ -389,14 +391,28 @@ class _Check:
 
 @attrs.define
 class _SharedWriter(FragmentWriter):
-    """A fragment being packed: kept locally, then offered to the bucket tier."""
+    """A fragment being packed: kept locally, then offered to the bucket tier.
+
+    A chunked store path's frames and TOC part are a pair (``_pair``): offered
+    together once both are kept, by the frames' size (see :meth:`BucketFragments.writer`).
+    """
 
     _tier: BucketFragments = attrs.field(kw_only=True)
+    #: The other part of a chunked store path (its TOC part, or the frames of this one).
+    _pair: _SharedWriter | None = attrs.field(init=False, default=None)
+    #: The compressed size kept, once committed.
+    _kept: int | None = attrs.field(init=False, default=None)
 
     def commit(self, uncompressed_size: int) -> None:
         size = self._size
         super().commit(uncompressed_size)
-        self._tier._packed(self.key, size)
+        self._kept = size
+        pair = self._pair
+        if pair is None:
+            self._tier._packed(self.key, size)
+        elif pair._kept is not None:  # both parts kept: the frames say whether to share
+            frames, part = (pair, self) if self.side else (self, pair)
+            self._tier._packed(frames.key, pair._kept if self.side else size, part.key)
 
 
 @attrs.define
@@ -425,6 +441,8 @@ class BucketFragments:
     )
     _worker: threading.Thread | None = attrs.field(init=False, default=None)
     _closed: bool = attrs.field(init=False, default=False)
+    #: Per packing thread, ``.writer``: the last fragment writer asked for (not a side part).
+    _last: threading.local = attrs.field(init=False, factory=threading.local)
 
     # --- FragmentSource ------------------------------------------------------
 
@@ -483,8 +501,17 @@ class BucketFragments:
         return SharedLayer(self, self.ranges.layer())
 
     def writer(self, key: str, *, side: bool = False) -> FragmentWriter:
-        """Record a fragment being packed; once kept locally it is uploaded."""
-        return _SharedWriter(self.local, key, side=side, tier=self)
+        """Record a fragment being packed; once kept locally it is uploaded (from
+        ``min_size`` bytes).  A side part (a chunked store path's TOC part) belongs to the
+        fragment whose writer this thread asked for just before it (the packer asks for
+        both of a store path in turn): it is uploaded, first, whenever that fragment is,
+        whatever its own size (the frames are of no use without it)."""
+        writer = _SharedWriter(self.local, key, side=side, tier=self)
+        frames: _SharedWriter | None = getattr(self._last, "writer", None)
+        self._last.writer = None if side else writer
+        if side and frames is not None:
+            writer._pair, frames._pair = frames, writer
+        return writer
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -599,9 +626,12 @@ class BucketFragments:
 
     # --- uploading ---------------------------------------------------------------
 
-    def _packed(self, key: str, size: int) -> None:
-        """A fragment this instance packed is in the local cache: upload it if worth it."""
+    def _packed(self, key: str, size: int, side: str | None = None) -> None:
+        """A fragment this instance packed is in the local cache: upload it if worth it,
+        after its ``side`` part whatever that part's size (so its pointer is found first)."""
         if size >= self.policy.min_size:
+            if side is not None:
+                self._offer("upload", side)
             self._offer("upload", key)
 
     def _offer(self, job: str, argument: str, pointer: _Reference | None = None) -> None:

@@ -27,6 +27,7 @@ from nixery_core.cache import BuildCache
 from nixery_core.cli import main
 from nixery_core.errors import InvalidCacheRecord, InvalidInput, StorageUnavailable
 from nixery_core.fragment_bucket import (
+    DEFAULT_MIN_SIZE,
     FRAGMENT_MEDIA_TYPE,
     FRAGMENT_PREFIX,
     BucketFragments,
@@ -607,3 +608,38 @@ def test_a_chunked_store_paths_toc_part_is_in_the_bucket_before_its_frames_refer
     for path in paths:
         frames, toc = (fragment_object_key(key) for key in _keys(root, path, compression))
         assert bucket.put.index(toc) < bucket.put.index(frames), path
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_chunked_store_paths_toc_part_is_shared_as_a_copy_with_its_frames(
+    store: Path, fake_gcs: FakeGcsServer, tmp_path: Path, compression: str
+) -> None:
+    """Sharing copies on a real GCS API, a chunked store path whose frames reach ``min_size``
+    has its TOC part uploaded too (however small), its pointer put first, so another instance
+    assembles that path without compressing it; smaller paths stay local."""
+    bucket_name = f"t-{uuid.uuid4().hex[:16]}"
+    raw_bucket = fake_gcs.make_bucket(bucket_name)
+    bucket = GcsStore(raw_bucket)
+    options = ArchiveOptions(compression=compression)  # type: ignore[arg-type]  # a parameter
+    local_a, tier_a = instance(tmp_path / "a", bucket, FragmentBucketPolicy(background=False))
+    with local_a, tier_a:
+        pack(store, PATHS, options, tier_a)
+    shared = {}
+    for path in PATHS:
+        frames, toc = (fragment_object_key(key) for key in _keys(store, path, compression))
+        found = [bucket.get_object(name) for name in (frames, toc)]
+        if found[0] is None:
+            assert found[1] is None, path  # a TOC part is shared only with its frames
+            continue
+        assert found[1] is not None, path
+        shared[path] = [FragmentPointer.from_json(raw).size for raw in found if raw is not None]
+        generations = [raw_bucket.get_blob(name).generation for name in (frames, toc)]
+        assert generations[1] < generations[0], path  # the TOC part's pointer is put first
+    assert list(shared) == [PATHS[3]]  # the path with 1.6 MB of hashes
+    assert shared[PATHS[3]][1] < DEFAULT_MIN_SIZE <= shared[PATHS[3]][0]
+    local_b, tier_b = instance(tmp_path / "b", GcsStore(fake_gcs.make_bucket(bucket_name)))
+    with local_b, tier_b:
+        alone = pack(store, [PATHS[3]], options, tier_b)
+        assert local_b.misses == 0  # not compressed again
+        assert tier_b.stats.hits == 2
+    assert alone == pack(store, [PATHS[3]], options)
