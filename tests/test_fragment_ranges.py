@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -386,6 +388,34 @@ def test_a_build_regrouped_from_ranges_or_copies_gives_the_same_image(
         assert fragments.hits > 0
     plain, _ = _build(tmp_path, "plain", "copy", MemoryStore(), budget=3)
     assert regrouped.manifest_digest == plain
+
+
+def test_a_builds_ranges_are_found_by_another_process_after_it_returns_and_after_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a cold build into a filesystem store returns, its layers' ranges are in the index
+    for another connection (without waiting for the writing thread's batching delay), and
+    once its cache is closed another process opening the fragment cache finds them all."""
+    monkeypatch.setattr(fragments, "_BATCH_DELAY", 3600.0)
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    _, cache = _build(tmp_path, "cache", "auto", blobs)
+    directory = tmp_path / "cache" / "fragments"
+    with cache:
+        assert _eventually(lambda: len(_rows(directory)) > 0 and all(
+            blob is not None and blobs.has_blob(blob) for _, _, blob in _rows(directory)
+        ))
+        rows = _rows(directory)
+    script = (
+        "import sys\n"
+        "from nixery_core.fragments import FragmentCache\n"
+        "with FragmentCache(sys.argv[1]) as cache:\n"
+        "    print('\\n'.join(cache.keys()))\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", script, str(directory)], check=True, capture_output=True,
+        text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    ).stdout.split()
+    assert sorted(found) == sorted(key for key, _, _ in rows)
 
 
 class _NoRangeReads:
