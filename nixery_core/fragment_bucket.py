@@ -45,7 +45,8 @@ every one of its keys the local cache lacks is looked up in the bucket, up
 to ``threads`` at once, in the order the pack needs them (one pointer read
 each; a miss costs only that); the pack goes on meanwhile and waits only
 for the fragment it needs next.  A
-fragment found is downloaded into the local cache and checked on the way:
+fragment found is downloaded into the local cache (written to its file as
+it comes, never held whole; its check inflates 64 KiB at a time) and checked on the way:
 its size, sha256 (the blob's digest) and CRC-32 against the pointer, and
 that it inflates to exactly the recorded number of bytes as complete gzip
 members or zstd frames (one for a gzip or zstd layer's fragment, one per
@@ -164,6 +165,8 @@ _POINTER_VERSION = 1
 #: A pointer that refers to a range of a layer blob (no fragment blob of its own).
 _REFERENCE_VERSION = 2
 _READ_SIZE = 1 << 20
+#: Compressed bytes a fetched fragment's check inflates at a time.
+_INFLATE_STEP = 64 << 10
 #: Upload and touch jobs waiting at most; more are dropped (a later pack uploads them).
 _MAX_QUEUED = 4096
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -366,7 +369,10 @@ class _Check:
             # one per frame (nixery_core.chunked).
             inflate = self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
         try:
-            self._produced += len(inflate.decompress(piece))
+            # A slice at a time: what a piece inflates to is not held at once (a TOC
+            # part's JSON is several times its compressed size).
+            for start in range(0, len(piece), _INFLATE_STEP):
+                self._produced += len(inflate.decompress(piece[start : start + _INFLATE_STEP]))
         except _INFLATE_ERRORS as exc:
             raise _Refused(f"does not decompress ({exc})") from exc
         if self._produced > pointer.uncompressed_size:
@@ -583,7 +589,9 @@ class BucketFragments:
             if on_reference is not None:
                 on_reference(key, KeptRange(key, pointer.digest, pointer.offset, pointer.size))
             return
-        writer = self.local.writer(key)
+        # Written to its data file as it comes (past 256 KiB, as a side part is): nothing
+        # reads it before it is kept, and up to ``threads`` fetches run at once.
+        writer = self.local.writer(key, side=True)
         writer.layout = pointer.layout
         try:
             problem = self._download(pointer, writer)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import sqlite3
+import tracemalloc
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from nixery_core.fragment_bucket import (
     FragmentPointer,
     fragment_object_key,
 )
+from nixery_core.fragment_toc import TocPartWriter
 from nixery_core.fragments import FragmentCache
 from nixery_core.gc import collect_garbage
 from nixery_core.names import Image
@@ -643,3 +647,47 @@ def test_a_chunked_store_paths_toc_part_is_shared_as_a_copy_with_its_frames(
         assert local_b.misses == 0  # not compressed again
         assert tier_b.stats.hits == 2
     assert alone == pack(store, [PATHS[3]], options)
+
+
+def test_a_toc_part_fetched_from_the_bucket_streams_into_the_local_cache(tmp_path: Path) -> None:
+    """A large TOC part fetched from the bucket (a copy, 8 MiB compressed) is checked and kept
+    while holding far less than its size in memory at once (it was held whole: up to 16 MiB)."""
+    pieces: list[bytes] = []
+
+    class Recorder:
+        def add(self, piece: bytes) -> None:
+            pieces.append(piece)
+
+        def commit(self, uncompressed_size: int) -> None:
+            recorded.append(uncompressed_size)
+
+        def discard(self) -> None:  # pragma: no cover - never discarded here
+            raise AssertionError
+
+    recorded: list[int] = []
+    part = TocPartWriter(Recorder())
+    part.start(0)
+    for index in range(200_000):  # about 20 MiB of entries, 13 MiB of them hex digests
+        digest = hashlib.sha256(b"%d" % index).hexdigest().encode()
+        part.add(b'{"name":"f%d","digest":"sha256:%s"}' % (index, digest))
+    part.commit()
+    data = b"".join(pieces)
+    assert len(data) > 6 << 20
+    bucket = MemoryStore()
+    info = bucket.put_blob(data, FRAGMENT_MEDIA_TYPE)
+    pointer = FragmentPointer(info.digest, len(data), recorded[0], zlib.crc32(data))
+    bucket.put_object(fragment_object_key("toc"), pointer.to_json())
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        tracemalloc.start()
+        try:
+            tier.prefetch(["toc"])
+            tier.wait("toc")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert tier.stats.hits == 1
+        with tier.get("toc", side=True) as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == data
+    assert peak < len(data) // 2, peak  # two 1 MiB reads at most (was the whole part and more)
