@@ -101,7 +101,8 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import FIRST_COMPLETED, Executor, Future
+from concurrent.futures import wait as wait_futures
 from typing import Any, Protocol, cast
 
 import attrs
@@ -174,6 +175,9 @@ _WINDOW = CHUNK_MAX + 4 * BATCH_BYTES
 #: Window buffers kept waiting to be filled again once released (see
 #: ChunkedCompressor._window_buffer).
 _WINDOW_BUFFERS = 4
+#: Uncollected bytes allowed, as a multiple of the bytes still to compress, when
+#: worker processes answer out of order (ChunkedCompressor._room_for_more).
+_HELD = 4
 #: A metadata piece (headers of directories, symlinks, links) is sealed into
 #: a frame of its own once it reaches this size, so it never grows unbounded.
 _META_LIMIT = 1 << 20
@@ -860,6 +864,9 @@ class ChunkedCompressor:
         # Bounded by bytes, not batches: a batch with a whole file in it (a
         # job) takes longer than one of chunks, and others go on meanwhile.
         self._max_in_flight = 4 * max(1, threads) * BATCH_BYTES
+        # With worker processes, batches compressed but not collected yet
+        # (waiting behind an older one) count up to this (see _room_for_more).
+        self._max_held = _HELD * self._max_in_flight
         self._modtime = modtime_rfc3339(mtime)
         self._chunker = _new_chunker()
         # Parser state.
@@ -1365,8 +1372,7 @@ class ChunkedCompressor:
         frame = _Frame(bytearray(), content, job=(file, self._split))
         if self._fmt.merge_metadata:
             # The headers that follow join its last chunk's frame.
-            self._seal_meta(out)
-            self._meta = frame
+            self._seal_meta(out, frame)
         else:
             self._queue(frame, out)
         self._file = None
@@ -1404,8 +1410,7 @@ class ChunkedCompressor:
         )
         if self._fmt.merge_metadata:
             # The headers that follow join this frame (see FrameFormat.merge_metadata).
-            self._seal_meta(out)
-            self._meta = frame
+            self._seal_meta(out, frame)
         else:
             self._queue(frame, out)
 
@@ -1423,10 +1428,18 @@ class ChunkedCompressor:
 
     # --- frames and batches ------------------------------------------------------
 
-    def _seal_meta(self, out: list[bytes]) -> None:
-        if self._meta.data or self._meta.head or self._meta.starts:
-            self._queue(self._meta, out)
-        self._meta = _Frame(bytearray())
+    def _seal_meta(self, out: list[bytes], then: _Frame | None = None) -> None:
+        """Queue the metadata frame if it holds anything; ``then`` (or a new, empty one) follows.
+
+        An empty one stays as it is (never queued, nothing refers to it): most
+        calls find it so, and a new frame for each was a tenth of the frames made.
+        """
+        meta = self._meta
+        if meta.data or meta.head or meta.starts:
+            self._queue(meta, out)
+            self._meta = _Frame(bytearray()) if then is None else then
+        elif then is not None:
+            self._meta = then
 
     def _queue(self, frame: _Frame, out: list[bytes]) -> None:
         if self._opening is not None:
@@ -1556,8 +1569,13 @@ class ChunkedCompressor:
             item = self._in_flight[0]
             pending = item.result
             if isinstance(pending, Future):
-                if not (wait or pending.done() or self._bytes_in_flight > self._max_in_flight):
-                    return
+                if not (wait or pending.done()):
+                    if self._bytes_in_flight <= self._max_in_flight:
+                        return
+                    if self._processes is not None and self._bytes_in_flight <= self._max_held:
+                        if self._room_for_more():
+                            return
+                        continue
                 batch = pending.result()
                 if item.hashing is not None:
                     item.hashing.result()  # runs it here if no thread has started it
@@ -1566,6 +1584,30 @@ class ChunkedCompressor:
                 batch = pending
             self._in_flight.popleft()
             self._take_collected(item, batch, out)
+
+    def _room_for_more(self) -> bool:
+        """Whether the batches not compressed yet leave room for more; if not, wait for any.
+
+        Worker processes answer in any order: while the oldest batch (a big
+        file cut in one, say) is still being compressed, the other workers
+        finish theirs.  Blocking on the oldest left them idle; instead the
+        bound is on the bytes still to compress (:attr:`_max_in_flight`), so
+        a worker done with its batches gets more at once, and on the bytes
+        not yet collected (:attr:`_max_held`: those of compressed batches
+        are only their output, their input given back), which waits for the
+        oldest.
+        """
+        waiting: list[Future[_Batch]] = []
+        size = 0
+        for item in self._in_flight:
+            result = item.result
+            if isinstance(result, Future) and not result.done():
+                waiting.append(result)
+                size += item.size
+        if size <= self._max_in_flight:
+            return True
+        wait_futures(waiting, return_when=FIRST_COMPLETED)
+        return False
 
     def _take_job(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -481,3 +482,88 @@ def test_a_layer_packed_by_workers_that_cannot_map_the_shared_memory_is_the_byte
         frame_processes.shutdown()
     assert sum(placed) > 8_000_000  # its files (8.5 MB) were placed in shared memory
     assert unmapped == pack(1)
+
+
+class _OldestHeld:
+    """Worker processes, faked in this process, that answer every batch at once but the
+    first, which they answer only once ``release_after`` more batches came (or after
+    ``timeout`` seconds, so that a packer waiting for it still ends)."""
+
+    buffers = None
+
+    def __init__(self, release_after: int, timeout: float) -> None:
+        self.release_after = release_after
+        self.submitted = 0
+        self.released_by_count = False
+        self._held: tuple[Any, Any] | None = None
+        self._timer = threading.Timer(timeout, self._release)
+        self._lock = threading.Lock()
+
+    def submit(
+        self, settings: Any, table: bytes, payload: Any, places: bytes = b"", hold: Any = ()
+    ) -> Any:
+        compression, level, backend = settings
+        result = compress_packed(
+            b"".join(payload),
+            table,
+            compress_frames=frames_compressor(resolve_compressor(compression, level, backend)),
+            chunker=new_chunker(),
+            merge=compression == "estargz",
+            places=places,
+        )
+        future: Any = concurrent.futures.Future()
+        with self._lock:
+            self.submitted += 1
+            if self.submitted == 1:
+                self._held = (future, result)
+                self._timer.start()
+                return future
+        future.set_result(result)
+        if self.submitted == 1 + self.release_after:
+            self.released_by_count = self._release()
+        return future
+
+    def _release(self) -> bool:
+        """Answer the first batch; whether it was still waiting."""
+        with self._lock:
+            held, self._held = self._held, None
+        if held is not None:
+            held[0].set_result(held[1])
+        return held is not None
+
+    def close(self) -> None:
+        self._timer.cancel()
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_batches_go_on_to_the_workers_while_the_oldest_is_still_compressed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """While the oldest batch is still in a worker, batches behind it that the workers
+    answered leave room for more (the packer waited for the oldest, leaving the other
+    workers idle), and the layer is the bytes of one thread."""
+    store = tmp_path / "nix" / "store" / ("p" * 32 + "-files")
+    store.mkdir(parents=True)
+    for number in range(20):  # 20 batches' worth (1 MiB each), past 2 threads' 8 MiB in flight
+        (store / f"f{number:02}").write_bytes(os.urandom(1 << 20))
+    paths = ["/nix/store/" + store.name]
+    fake = _OldestHeld(release_after=12, timeout=10)
+    monkeypatch.setattr(frame_processes, "shared", lambda count: fake)
+
+    def pack(threads: int) -> bytes:
+        out = io.BytesIO()
+        pack_store_paths(
+            paths,
+            out.write,
+            ArchiveOptions(compression=compression),  # type: ignore[arg-type]
+            store_root=tmp_path,
+            threads=threads,
+        )
+        return out.getvalue()
+
+    try:
+        two = pack(2)
+    finally:
+        fake.close()
+    assert fake.released_by_count  # 12 batches went on behind the oldest
+    assert two == pack(1)
