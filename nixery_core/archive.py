@@ -521,6 +521,7 @@ class _TarStream:
         self._compressor: StreamCompressor | None = None
         #: Shared memory the frame workers read blocks from in place (chunked layers).
         self._shared: SharedBuffers | None = None
+        self._hashing = _OrderedHashing(self._executor if count > 1 else None)
         if spec.chunked:
             # Frames are compressed in worker processes (frame_processes.py);
             # on the pool's threads only where none can be started.
@@ -536,8 +537,9 @@ class _TarStream:
                 processes=processes,
                 settings=(spec.compression, spec.level, spec.backend),
                 shared=self._shared,
+                # Recorded fragments' TOC parts are compressed in the hashing queue.
+                defer=(self._hashing.update, self._hashing.wait),
             )
-        self._hashing = _OrderedHashing(self._executor if count > 1 else None)
         self._write = write
         self._passthrough = spec.compression == "none"
         #: Blocks handed on, oldest first, until released and filled again (_next_block).
@@ -1087,16 +1089,21 @@ class _OrderedHashing:
     hashlib releases the GIL, so hashing the tar and the blob overlaps with
     reading files and compressing.  Updates queue up and one drain task at a
     time applies them in order (a drain holds ``_busy``); when more than a
-    few are queued, or at :meth:`wait`, the producing thread drains itself,
-    so memory stays bounded and a pool busy with other layers never stalls
-    the stream.  The caller never changes a buffer it handed over.
+    few blocks' bytes are queued, or at :meth:`wait`, the producing thread
+    drains itself, so memory stays bounded and a pool busy with other layers
+    never stalls the stream.  The caller never changes a buffer it handed
+    over.  Counted in bytes, not updates: a chunked layer also queues small
+    ones (a recorded fragment's TOC part lines, its layout's seal), which
+    must not make the producing thread drain sooner.
     """
 
-    _MAX_QUEUED = 8
+    _MAX_QUEUED = 8 * BLOCK_SIZE
 
     def __init__(self, executor: WorkerPool | None) -> None:
         self._executor = executor
         self._queue: deque[tuple[_Updated, bytes | bytearray | memoryview]] = deque()
+        #: Bytes of the updates queued.
+        self._bytes = 0
         self._lock = threading.Lock()
         self._busy = threading.Lock()
         self._scheduled = False
@@ -1107,7 +1114,8 @@ class _OrderedHashing:
             return
         with self._lock:
             self._queue.append((digest, data))
-            backlog = len(self._queue)
+            self._bytes += len(data)
+            backlog = self._bytes
             schedule = not self._scheduled
             self._scheduled = True
         if schedule:
@@ -1123,6 +1131,7 @@ class _OrderedHashing:
                         self._scheduled = False
                         return
                     digest, data = self._queue.popleft()
+                    self._bytes -= len(data)
                 digest.update(data)
 
     def wait(self) -> None:
@@ -1138,6 +1147,7 @@ class _OrderedHashing:
         with self._busy, self._lock:
             dropped = list(self._queue)
             self._queue.clear()
+            self._bytes = 0
         for digest, _data in dropped:
             if isinstance(digest, _Seal):
                 digest.layout.seal(whole=False)

@@ -110,7 +110,7 @@ import orjson
 
 from nixery_core.compression import FramesCompressor
 from nixery_core.errors import LayerError, MissingEncoder
-from nixery_core.fragment_toc import TocPartWriter
+from nixery_core.fragment_toc import Defer, TocPartWriter
 from nixery_core.released import released
 from nixery_core.toc_spool import TocSpool
 
@@ -804,8 +804,12 @@ class _Fragment:
     frames: FragmentRecorder
     toc: FragmentRecorder
     tar_start: int
+    #: Compresses its TOC part off the packing thread (see :class:`TocPartWriter`).
+    defer: Defer | None = None
     #: Its TOC part: each of its entries' JSON as the layer's TOC gets it, compressed.
-    toc_part: TocPartWriter = attrs.Factory(lambda self: TocPartWriter(self.toc), takes_self=True)
+    toc_part: TocPartWriter = attrs.Factory(
+        lambda self: TocPartWriter(self.toc, self.defer), takes_self=True
+    )
     tar_end: int = 0
 
     def dispose(self) -> None:
@@ -850,8 +854,14 @@ class ChunkedCompressor:
         processes: BatchProcesses | None = None,
         settings: tuple[str, int, str] = ("", 0, ""),
         shared: SharedSlots | None = None,
+        defer: tuple[Defer, Callable[[], None]] | None = None,
     ) -> None:
         self._fmt = fmt
+        #: Where recorded fragments' TOC parts are compressed, in order, off this thread, and
+        #: what applies all queued there (the packer's diff_id hashing queue); ``None``: here.
+        self._defer = defer
+        #: TOC parts committed, handed to their recorders once compressed (in this order).
+        self._handing: deque[TocPartWriter] = deque()
         self._executor = executor
         # Big files' windows are cut in shared memory, and frames found whole
         # there go to the workers by place, not through their sockets.
@@ -1048,7 +1058,10 @@ class ChunkedCompressor:
         self._boundary(out, marker=False)
         if recording is None:
             return
-        fragment = _Fragment(*recording, tar_start=self._tar_size)
+        fragment = _Fragment(
+            *recording, tar_start=self._tar_size,
+            defer=None if self._defer is None else self._defer[0],
+        )
         self._fragments.append(fragment)
         self._cutting_fragment = self._opening = fragment
 
@@ -1086,6 +1099,20 @@ class ChunkedCompressor:
             self._fragments.remove(fragment)
             fragment.frames.commit(fragment.tar_end - fragment.tar_start)
             fragment.toc_part.commit()
+            self._handing.append(fragment.toc_part)
+        self._hand_over()
+
+    def _hand_over(self, *, everything: bool = False) -> None:
+        """Keep the committed TOC parts compressed by now (``everything``: all, waiting)."""
+        handing = self._handing
+        if everything and handing and self._defer is not None:
+            self._defer[1]()
+        while handing and handing[0].hand_over():
+            handing.popleft()
+        if everything:
+            for part in handing:  # pragma: no cover - settled above
+                part.discard()
+            handing.clear()
 
     def _cut(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         out: list[bytes] = []
@@ -1175,6 +1202,7 @@ class ChunkedCompressor:
         self._spool_final()
         if self._entries:  # pragma: no cover - every frame is collected
             raise LayerError("a TOC entry still waits for its frame at the end")
+        self._hand_over(everything=True)
         try:
             return self._fmt.trailer(self._toc, self._offset, self._tar_size, write, tar)
         finally:
@@ -1213,6 +1241,9 @@ class ChunkedCompressor:
             fragment.dispose()
         self._fragments.clear()
         self._closed.clear()
+        for part in self._handing:
+            part.discard()
+        self._handing.clear()
         self._dispose()
 
     # --- tar parsing -----------------------------------------------------------

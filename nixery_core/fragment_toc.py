@@ -37,12 +37,19 @@ change: only where a fragment's entries are kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import zstandard
 
-__all__ = ["TOC_PART_LAYOUT", "TocPartWriter", "toc_part_lines", "toc_part_parameters"]
+__all__ = [
+    "TOC_PART_LAYOUT",
+    "Defer",
+    "TocPartWriter",
+    "Updated",
+    "toc_part_lines",
+    "toc_part_parameters",
+]
 
 #: The TOC part's layout version, in its fragment key (1: one JSON list, read whole).
 TOC_PART_LAYOUT = 3
@@ -85,15 +92,74 @@ class _Recorder(Protocol):
     def discard(self) -> None: ...
 
 
-class TocPartWriter:
-    """A TOC part being recorded: entries' JSON in, compressed pieces out to ``recorder``."""
+class Updated(Protocol):
+    """What a :data:`Defer` queue feeds: something taking bytes, in order."""
 
-    def __init__(self, recorder: _Recorder) -> None:
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+
+#: Queues ``target.update(data)`` to run later, in order with every call queued before, on
+#: whichever thread applies the queue (a chunked layer's: the one hashing its ``diff_id``).
+Defer = Callable[[Updated, bytearray], None]
+
+
+class _Compressing:
+    """A TOC part's compression, applied by a :data:`Defer` queue: the pieces, then done."""
+
+    __slots__ = ("compressor", "context", "done", "pieces")
+
+    def __init__(self, context: zstandard.ZstdCompressor) -> None:
+        self.context: zstandard.ZstdCompressor | None = context
+        self.compressor: Any = context.compressobj()
+        self.pieces: list[bytes] = []
+        self.done = False
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
+        piece = self.compressor.compress(data)
+        if piece:
+            self.pieces.append(piece)
+
+
+class _Finishing:
+    """Queued after a part's last lines: its frame ended, its context given back."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work: _Compressing) -> None:
+        self.work = work
+
+    def update(self, _data: bytes | bytearray | memoryview, /) -> None:
+        work = self.work
+        work.pieces.append(work.compressor.flush())
+        context, work.context = work.context, None
+        if context is not None and len(_IDLE) < _IDLE_MAX:
+            _IDLE.append(context)
+        work.done = True
+
+
+class TocPartWriter:
+    """A TOC part being recorded: entries' JSON in, compressed pieces out to ``recorder``.
+
+    With ``defer`` (a chunked layer's packer gives its hashing queue), the
+    lines are compressed by that queue, off the packing thread: :meth:`commit`
+    only queues the frame's end, and :meth:`hand_over` (on the packing
+    thread, called until it returns true) gives the recorder the pieces and
+    commits it once they are all compressed.  Same bytes either way.
+    """
+
+    def __init__(self, recorder: _Recorder, defer: Defer | None = None) -> None:
         self._recorder = recorder
         #: A compressor of the pool (its context reused: see :data:`_IDLE`), this part's own
         #: until :meth:`commit` or :meth:`discard` gives it back.
         self._context: zstandard.ZstdCompressor | None = _take_context()
-        self._compressor: Any = self._context.compressobj()
+        self._defer = defer
+        #: The compression a deferring part queues (its compressor is the queue's alone).
+        self._work = _Compressing(self._context) if defer is not None else None
+        self._compressor: Any = (
+            self._work.compressor if self._work is not None else self._context.compressobj()
+        )
+        if self._work is not None:
+            self._context = None  # given back by the queue (_Finishing), never by discard
         self._buffer = bytearray()
         self._size = 0
         self._done = False
@@ -115,23 +181,53 @@ class TocPartWriter:
 
     def _compress(self) -> None:
         self._size += len(self._buffer)
+        if self._work is not None and self._defer is not None:
+            if self._buffer:
+                self._defer(self._work, self._buffer)
+            self._buffer = bytearray()
+            return
         piece = self._compressor.compress(self._buffer)
         self._buffer = bytearray()
         if piece:
             self._recorder.add(piece)
 
     def commit(self) -> None:
-        """The last entry was added: the rest compressed, the part kept by its recorder."""
+        """The last entry was added: the rest compressed, the part kept by its recorder.
+
+        A deferring part is kept by :meth:`hand_over`, once its queue has
+        compressed it.
+        """
         self._compress()
-        self._recorder.add(self._compressor.flush())
         self._done = True
+        if self._work is not None and self._defer is not None:
+            self._defer(_Finishing(self._work), bytearray())
+            return
+        self._recorder.add(self._compressor.flush())
         self._give_back()
         self._recorder.commit(self._size)
 
+    def hand_over(self) -> bool:
+        """A deferring part committed: its pieces to its recorder, kept, once all compressed.
+
+        Returns whether it was (``False``: its queue is not through yet;
+        call again later).  A part that does not defer was kept by :meth:`commit`.
+        """
+        work = self._work
+        if work is None:
+            return True
+        if not work.done:
+            return False
+        self._work = None
+        for piece in work.pieces:
+            self._recorder.add(piece)
+        self._recorder.commit(self._size)
+        return True
+
     def discard(self) -> None:
-        """Drop the part (its recorder's bytes too); nothing after :meth:`commit`."""
-        if not self._done:
+        """Drop the part (its recorder's bytes too); nothing after it was kept."""
+        if not self._done or self._work is not None:
             self._done = True
+            self._work = None
             self._buffer = bytearray()
             self._give_back()
             self._recorder.discard()

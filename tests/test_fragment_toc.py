@@ -466,3 +466,73 @@ def test_a_cold_chunked_pack_keeps_layouts_that_rebuild_every_fragment_whole(
             assert rebuild(source, layout, rebuilt.extend) == layout.size
             kept[f"{name} {path}"] = bytes(rebuilt)
     assert [kept[f"ranges {p}"] for p in paths] == [kept[f"copies {p}"] for p in paths]
+
+
+def test_a_toc_part_compressed_by_a_deferring_queue_is_kept_once_compressed() -> None:
+    """A TOC part whose lines a queue compresses off the packing thread (a chunked packer's
+    hashing queue) is handed to its recorder only once the queue applied its frame's end,
+    then as the very frame compressed in place; one dropped before is never kept."""
+    queue: list[tuple[object, bytearray]] = []
+
+    def defer(target: object, data: bytearray) -> None:
+        queue.append((target, data))
+
+    def apply() -> None:
+        while queue:
+            target, data = queue.pop(0)
+            target.update(data)  # type: ignore[attr-defined]  # an Updated
+
+    big = list(_entries(2_000))  # several 64 KiB buffers: pieces queued mid-frame
+    kept, dropped = _Pieces(), _Pieces()
+    part, other = TocPartWriter(kept, defer), TocPartWriter(dropped, defer)
+    for line in big:
+        part.add(line)
+        other.add(line)
+    part.commit()
+    assert queue  # the compression waits in the queue, not done here
+    assert not part.hand_over()
+    assert kept.pieces == []
+    assert kept.size == -1
+    other.commit()
+    other.discard()
+    apply()
+    assert part.hand_over()
+    assert b"".join(kept.pieces) == _fresh_part(big)
+    assert kept.size == sum(len(line) + 1 for line in big)
+    assert dropped.pieces == []
+    assert dropped.size == -1
+    assert list(toc_part_lines(kept.pieces, kept.size)) == big
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_chunked_pack_keeps_every_toc_part_compressed_in_its_hashing_queue(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunked layer packed cold, with a pool or without, compresses its TOC parts in its
+    hashing queue and keeps every one, holding the same entries either way."""
+    from nixery_core import fragment_toc
+
+    compressed: list[int] = []
+    update = fragment_toc._Compressing.update
+
+    def recorded(self: fragment_toc._Compressing, data: bytes) -> None:
+        compressed.append(len(data))
+        update(self, data)
+
+    monkeypatch.setattr(fragment_toc._Compressing, "update", recorded)
+    root, paths = four_paths
+    entries: dict[int, list[bytes]] = {}
+    for threads in (2, 1):
+        with FragmentCache(tmp_path / f"t{threads}") as cache:
+            _copied(root, paths, compression, cache, threads)
+            assert compressed  # through the queue
+            compressed.clear()
+            entries[threads] = []
+            for path in paths:
+                with cache.get(_keys(root, path, compression)[1], side=True) as part:
+                    assert part is not None
+                    # Entries are grouped into lines as they were spooled: compare the entries.
+                    lines = toc_part_lines(part.pieces(), part.uncompressed_size)
+                    entries[threads].append(b",".join(lines))
+    assert entries[2] == entries[1]

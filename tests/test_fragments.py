@@ -879,3 +879,35 @@ def test_a_deferred_layout_settles_its_queue_on_the_encoding_thread() -> None:
     layout = FragmentLayout.decode(encoded)
     assert layout is not None
     assert layout.crcs == (zlib.crc32(b"H" * 100),)
+
+
+def test_the_hashing_queue_drains_on_the_producing_thread_by_bytes_not_by_updates() -> None:
+    """Many small updates queued for hashing (a chunked layer's TOC part lines and layout
+    seals) are left to the pool, while a few blocks' bytes make the producing thread drain
+    the queue itself (memory stays bounded)."""
+    from concurrent.futures import Future
+
+    from nixery_core.compression import BLOCK_SIZE
+
+    class Stalled:
+        """A pool that never runs what it is given."""
+
+        max_workers = 2
+
+        def submit(self, fn: object, *args: object) -> Future[None]:
+            return Future()
+
+    hashing = archive._OrderedHashing(Stalled())  # type: ignore[arg-type]  # a stub pool
+    small = hashlib.sha256()
+    for _ in range(100):
+        hashing.update(small, b"x" * 100)
+    assert small.digest() == hashlib.sha256().digest()  # nothing applied here
+    big = hashlib.sha256()
+    block = bytes(BLOCK_SIZE)
+    blocks = 0
+    while small.digest() == hashlib.sha256().digest() and blocks < 100:
+        hashing.update(big, block)
+        blocks += 1
+    assert 1 < blocks <= 9  # drained by the producing thread within a few blocks' bytes
+    assert small.digest() == hashlib.sha256(b"x" * 10_000).digest()
+    assert big.digest() == hashlib.sha256(block * blocks).digest()
