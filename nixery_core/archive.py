@@ -108,12 +108,14 @@ directories and contradictory entries raise
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import mmap
 import os
 import stat
 import threading
+import traceback
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -121,7 +123,7 @@ from concurrent.futures import Future
 from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, ParamSpec, Protocol, cast
 
 import attrs
 
@@ -1253,6 +1255,36 @@ def _read_error(path: str, exc: OSError) -> LayerError:
 # --- store paths -------------------------------------------------------------
 
 
+_P = ParamSpec("_P")
+
+
+def _drops_frames_on_failure(pack: Callable[_P, PackedLayer]) -> Callable[_P, PackedLayer]:
+    """``pack``, whose exceptions hold none of its buffers: the locals of the frames they
+    passed through are dropped (:func:`traceback.clear_frames`; the traceback still prints).
+
+    A caller keeping the exception (a registry's last error, a test) would otherwise keep
+    the pack's tar blocks and windows alive through its traceback, and with them a slot of
+    the frame workers' shared memory each (:mod:`nixery_core.shared_buffers`): a dozen
+    kept exceptions and shared memory was used up for the process.
+    """
+
+    @functools.wraps(pack)
+    def dropping(*args: _P.args, **kwargs: _P.kwargs) -> PackedLayer:
+        try:
+            return pack(*args, **kwargs)
+        except BaseException as exc:
+            seen: set[int] = set()
+            failure: BaseException | None = exc
+            while failure is not None and id(failure) not in seen:  # and what it was from
+                seen.add(id(failure))
+                traceback.clear_frames(failure.__traceback__)
+                failure = failure.__cause__ or failure.__context__
+            raise
+
+    return dropping
+
+
+@_drops_frames_on_failure
 def pack_store_paths(
     paths: Sequence[str],
     write: _WriteFn,
@@ -1651,6 +1683,7 @@ def _entry_key(entry: TarEntry) -> tuple[bytes, ...]:
     return tuple(os.fsencode(part) for part in entry.path.split("/"))
 
 
+@_drops_frames_on_failure
 def pack_entries(
     entries: Iterable[TarEntry],
     write: _WriteFn,

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from test_chunked_formats import FORMATS, make_store
 
-from nixery_core import frame_processes, shared_buffers
+from nixery_core import archive, frame_processes, shared_buffers
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 from nixery_core.chunked import compress_packed, new_chunker
 from nixery_core.compression import frames_compressor, resolve_compressor
-from nixery_core.errors import LayerError
+from nixery_core.errors import FileChangedDuringPacking, LayerError
 from nixery_core.frame_processes import FrameProcesses
 
 _SETTINGS = ("zstd-chunked", 3, "zstd")
@@ -567,3 +567,40 @@ def test_batches_go_on_to_the_workers_while_the_oldest_is_still_compressed(
         fake.close()
     assert fake.released_by_count  # 12 batches went on behind the oldest
     assert two == pack(1)
+
+
+@pytest.mark.skipif(not shared_buffers.shared_memory_usable(), reason="no memfd_create here")
+@pytest.mark.parametrize("compression", FORMATS)
+def test_kept_exceptions_of_failed_packs_hold_no_shared_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """Exceptions of failed chunked packs, kept by the caller, hold none of the shared memory:
+    with room for three tar blocks, after three kept failures every block is free and the
+    next pack sends frames by place (each kept exception pinned a slot, so none was left)."""
+    pack, placed = _counting_pack(monkeypatch, tmp_path, make_store(tmp_path), compression)
+    monkeypatch.setattr(frame_processes, "_SHARED_PER_WORKER", 3 << 19)  # 1.5 MiB each
+    checked = archive._check_unchanged
+
+    def changed(fd: int, before: os.stat_result, member: bytes) -> None:
+        raise FileChangedDuringPacking(member.decode())
+
+    frame_processes.shutdown()  # a pool of this test's own, with that little shared memory
+    try:
+        monkeypatch.setattr(archive, "_check_unchanged", changed)
+        kept = []
+        for _ in range(3):
+            with pytest.raises(FileChangedDuringPacking) as raised:
+                pack(2)
+            kept.append(raised.value)
+        buffers = frame_processes.shared(2).buffers
+        assert buffers is not None
+        held = [buffers.take(1) for _ in range(3)]  # the file's three 1 MiB blocks
+        assert None not in held
+        del held
+        monkeypatch.setattr(archive, "_check_unchanged", checked)
+        placed.clear()
+        pack(2)
+    finally:
+        frame_processes.shutdown()
+    assert sum(placed) > 0
+    assert len(kept) == 3
