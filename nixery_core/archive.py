@@ -161,7 +161,7 @@ from nixery_core.errors import (
 from nixery_core.estargz import EStargzFormat
 from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
 from nixery_core.fragment_toc import toc_part_lines, toc_part_parameters
-from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_key
+from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_keys
 from nixery_core.protocols import JSONValue
 from nixery_core.released import released
 from nixery_core.shared_buffers import SharedBuffers
@@ -1318,10 +1318,10 @@ def pack_store_paths(
     tops = [_top_level(path, store_root) for path in _store_names(paths)]
     cache = fragments if spec.compression != "none" else None
     parameters = options.parameters() if cache is not None else {}
-    keys = [fragment_key(full, parameters) for _, full, _ in tops] if cache is not None else []
+    keys = fragment_keys((full for _, full, _ in tops), parameters) if cache is not None else []
     # A chunked layer's fragment has a second part: its TOC entries (fragment_toc.py).
     toc_keys = (
-        [fragment_key(full, toc_part_parameters(parameters)) for _, full, _ in tops]
+        fragment_keys((full for _, full, _ in tops), toc_part_parameters(parameters))
         if cache is not None and spec.chunked
         else []
     )

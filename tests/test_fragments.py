@@ -22,7 +22,7 @@ from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
 from nixery_core.errors import LayerError, StorageUnavailable, UnsafeStoreContent
-from nixery_core.fragments import FragmentCache, fragment_key
+from nixery_core.fragments import FragmentCache, fragment_key, fragment_keys
 from nixery_core.names import Image
 from nixery_core.testing.runners import FakeNix, default_fake_packages
 from nixery_core.testing.sources import FixedSource
@@ -431,6 +431,37 @@ def test_layout_round_trips_and_refuses_paths_outside_the_store_path() -> None:
     assert escaped is not None
     assert FragmentLayout.decode(escaped) is None
     assert FragmentLayout.decode(b"not a layout") is None
+
+
+def test_fragment_keys_are_the_keys_of_every_earlier_version() -> None:
+    """A fragment's key, one at a time or many with the same options, is the sha256 of the
+    sorted compact JSON of its source path and options it always was: a cache filled
+    before finds its fragments (non-ASCII, quotes, backslashes, bytes that are not UTF-8)."""
+    import json
+    from collections.abc import Mapping
+
+    from nixery_core.protocols import JSONValue
+
+    def reference(source: bytes, parameters: Mapping[str, JSONValue]) -> str:
+        payload = json.dumps(
+            {"source": source.decode("utf-8", "surrogateescape"), "archive": parameters},
+            sort_keys=True, separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode("utf-8", "surrogateescape")).hexdigest()
+
+    tricky = b'/nix/store/abc-caf\xc3\xa9 "q"\\\xff'
+    nested: dict[str, JSONValue] = {"b": [1, "x\u00e9"], "a": {"z": 1, "y": None}}
+    assert fragment_key(tricky, nested) == (  # golden: computed before fragment_keys existed
+        "8e82fb6f530e5b637733b70b2bb630962f7c5db430045730e27d7598da0da84b"
+    )
+    sources = [tricky, b"/nix/store/x-a", b"/nix/store/\x00\x1f\x7f-\xe2\x82\xac\xed\xa0\x80"]
+    for options in (ArchiveOptions(), ArchiveOptions(compression="estargz")):
+        parameters = options.parameters()
+        expected = [reference(source, parameters) for source in sources]
+        assert fragment_keys(sources, parameters) == expected
+        assert [fragment_key(source, parameters) for source in sources] == expected
+    assert fragment_keys(sources, nested) == [reference(source, nested) for source in sources]
+    assert fragment_keys([], nested) == []
 
 
 def test_a_layout_of_any_calls_decodes_to_their_segments_and_literal_bytes() -> None:
