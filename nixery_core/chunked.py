@@ -811,10 +811,58 @@ class _Fragment:
         lambda self: TocPartWriter(self.toc, self.defer), takes_self=True
     )
     tar_end: int = 0
+    #: Its frames' recorder only checksums them (a range of the blob: ``checksums_only``),
+    #: so that is done in the ``defer`` queue too, its commit queued after it.
+    frames_deferred: bool = attrs.field(
+        default=attrs.Factory(
+            lambda self: self.defer is not None and getattr(self.frames, "checksums_only", False),
+            takes_self=True,
+        )
+    )
+
+    def add_frames(self, piece: bytes) -> None:
+        """Compressed bytes of its frames, in order, to its frames' recorder."""
+        if self.frames_deferred and self.defer is not None:
+            self.defer(_Adding(self.frames), piece)
+        else:
+            self.frames.add(piece)
+
+    def commit_frames(self) -> None:
+        """Its frames were all added: keep them (after the additions queued, if deferred)."""
+        size = self.tar_end - self.tar_start
+        if self.frames_deferred and self.defer is not None:
+            self.defer(_Committing(self.frames, size), b"")
+        else:
+            self.frames.commit(size)
 
     def dispose(self) -> None:
         self.frames.discard()
         self.toc_part.discard()
+
+
+class _Adding:
+    """A deferred frames recorder's next compressed bytes (see :attr:`_Fragment.defer`)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: FragmentRecorder) -> None:
+        self.frames = frames
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
+        self.frames.add(data)  # type: ignore[arg-type]  # the bytes queued by add_frames
+
+
+class _Committing:
+    """A deferred frames recorder's commit, queued after its last bytes."""
+
+    __slots__ = ("frames", "size")
+
+    def __init__(self, frames: FragmentRecorder, size: int) -> None:
+        self.frames = frames
+        self.size = size
+
+    def update(self, _data: bytes | bytearray | memoryview, /) -> None:
+        self.frames.commit(self.size)
 
 
 _NOTHING: _Batch = (b"", [], [], [])
@@ -1097,7 +1145,7 @@ class ChunkedCompressor:
                 return
             closed.popleft()
             self._fragments.remove(fragment)
-            fragment.frames.commit(fragment.tar_end - fragment.tar_start)
+            fragment.commit_frames()
             fragment.toc_part.commit()
             self._handing.append(fragment.toc_part)
         self._hand_over()
@@ -1725,13 +1773,13 @@ class ChunkedCompressor:
                 at += 1
             if frame.closes is not None:
                 if collecting is frame.closes:
-                    collecting.frames.add(blob[start : self._offset - base])
+                    collecting.add_frames(blob[start : self._offset - base])
                 # Kept between public calls, once its entries are spooled (_commit_closed).
                 self._closed.append(frame.closes)
                 collecting = None
         if blob:
             if collecting is not None:
-                collecting.frames.add(blob[start:] if start else blob)
+                collecting.add_frames(blob[start:] if start else blob)
             out.append(blob)
         self._collecting_fragment = collecting
 

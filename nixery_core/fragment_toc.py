@@ -100,7 +100,7 @@ class Updated(Protocol):
 
 #: Queues ``target.update(data)`` to run later, in order with every call queued before, on
 #: whichever thread applies the queue (a chunked layer's: the one hashing its ``diff_id``).
-Defer = Callable[[Updated, bytearray], None]
+Defer = Callable[[Updated, bytes | bytearray], None]
 
 
 class _Compressing:

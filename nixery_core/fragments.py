@@ -132,7 +132,7 @@ import time
 import zlib
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol, cast
+from typing import BinaryIO, ClassVar, Protocol, cast
 
 import attrs
 
@@ -1716,6 +1716,9 @@ class RangeWriter(FragmentWriter):
     """A fragment recorded as a range of the layer blob: its size and CRC-32, no bytes kept."""
 
     _layer: LayerRanges = attrs.field(kw_only=True)
+    #: It only checksums what it is given, and its commit only notes it (no IO, no wait): a
+    #: chunked packer may give it both from its hashing queue, off the packing thread.
+    checksums_only: ClassVar[bool] = True
 
     def add(self, piece: bytes) -> None:
         self._size += len(piece)

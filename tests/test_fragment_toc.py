@@ -472,9 +472,9 @@ def test_a_toc_part_compressed_by_a_deferring_queue_is_kept_once_compressed() ->
     """A TOC part whose lines a queue compresses off the packing thread (a chunked packer's
     hashing queue) is handed to its recorder only once the queue applied its frame's end,
     then as the very frame compressed in place; one dropped before is never kept."""
-    queue: list[tuple[object, bytearray]] = []
+    queue: list[tuple[object, bytes | bytearray]] = []
 
-    def defer(target: object, data: bytearray) -> None:
+    def defer(target: object, data: bytes | bytearray) -> None:
         queue.append((target, data))
 
     def apply() -> None:
@@ -536,3 +536,41 @@ def test_a_chunked_pack_keeps_every_toc_part_compressed_in_its_hashing_queue(
                     lines = toc_part_lines(part.pieces(), part.uncompressed_size)
                     entries[threads].append(b",".join(lines))
     assert entries[2] == entries[1]
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_chunked_ranges_are_checksummed_in_the_hashing_queue_and_copies_are_not(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunked layer packed cold into ranges hands its frames' bytes and commits to its
+    hashing queue (a range only checksums them), keeping the rows (offset, size, CRC-32) a
+    pack with one thread keeps; copies (bytes written to the cache) are never deferred."""
+    from nixery_core import chunked
+
+    deferred: list[int] = []
+    update = chunked._Adding.update
+
+    def counted(self: chunked._Adding, data: bytes) -> None:
+        deferred.append(len(data))
+        update(self, data)
+
+    monkeypatch.setattr(chunked._Adding, "update", counted)
+    root, paths = four_paths
+    rows = {}
+    for threads in (2, 1):
+        blobs = FilesystemStore(tmp_path / f"blobs{threads}", durable=False)
+        with FragmentCache(tmp_path / f"ranges{threads}") as cache:
+            _stored(blobs, root, paths, compression, cache, threads=threads)
+            cache.flush()
+            with sqlite3.connect(cache.directory / "index.sqlite") as con:
+                rows[threads] = sorted(con.execute(
+                    "SELECT key, blob, offset, size, crc FROM fragments WHERE blob IS NOT NULL"
+                ).fetchall())
+        assert len(rows[threads]) == len(paths)
+        assert deferred
+        deferred.clear()
+    assert rows[2] == rows[1]
+    with FragmentCache(tmp_path / "copies") as copies:
+        _copied(root, paths, compression, copies)
+    assert deferred == []
