@@ -18,7 +18,9 @@ never a raw newline; offsets counted in that layer), so recording costs no
 second serialization: each line one or more entries (up to 256), joined
 by commas as the TOC encoded them together.  :class:`TocPartWriter`
 compresses the lines as they come (a 64 KiB buffer, then the compressor's
-stream) and hands the compressed pieces to the fragment's recorder;
+stream; a chunked packer with a pool has its hashing queue do that, off the
+packing thread, and hands the part over once compressed) and hands the
+compressed pieces to the fragment's recorder;
 :func:`toc_part_lines` decompresses a kept TOC part 16 KiB of input at a
 time and yields it line by line, and
 :meth:`~nixery_core.chunked.ChunkedCompressor.put_fragment` moves each
