@@ -97,6 +97,7 @@ import hashlib
 import json
 import logging
 import mmap
+import os
 import struct
 import threading
 from collections import deque
@@ -682,6 +683,7 @@ def compress_packed(
     merge: bool,
     places: bytes = b"",
     shared: memoryview | None = None,
+    shared_fd: int = -1,
 ) -> _Batch:
     """A batch packed into one buffer, compressed as :func:`_compress_batch` would.
 
@@ -690,7 +692,9 @@ def compress_packed(
     int64s where each frame is: -1, in ``payload``; an offset, whole at that
     offset in ``shared`` (the pool's shared memory); -2 then a count ``n``
     and ``n`` (offset, length) pairs, in those pieces of ``shared`` (a file
-    read across blocks), joined here.  What a worker
+    read across blocks), joined here.  Without ``shared``, ``shared_fd``
+    (-1: none) is the shared memory's file, read with ``pread`` (a worker
+    the kernel would not let map it): the same frames.  What a worker
     process runs (:mod:`nixery_core.frame_processes`): chunks of files of
     several chunks join their file's digest in the calling process instead.
     """
@@ -699,7 +703,7 @@ def compress_packed(
     digests: list[str] = []
     plans: list[tuple[list[int], str] | None] = []
     pos = 0
-    where = _Places(places, shared)
+    where = _Places(places, shared, shared_fd)
     for head_len, data_len, chunk_size, job in PACKED_FRAME.iter_unpack(table):
         size = head_len + data_len
         frame = where.next(size)
@@ -731,9 +735,10 @@ def compress_packed(
 class _Places:
     """Reads the ``places`` of :func:`compress_packed`, frame by frame."""
 
-    def __init__(self, places: bytes, shared: memoryview | None) -> None:
+    def __init__(self, places: bytes, shared: memoryview | None, shared_fd: int = -1) -> None:
         self._places = array.array("q", places)
         self._shared = shared
+        self._fd = shared_fd
         self._at = 0
 
     def _take(self) -> int:
@@ -744,9 +749,14 @@ class _Places:
 
     def _slice(self, at: int, size: int) -> memoryview:
         shared = self._shared
-        if shared is None or at < 0 or size < 0 or at + size > len(shared):
-            raise LayerError(f"a frame at {at} outside the shared memory")
-        return shared[at : at + size]
+        if at >= 0 and size >= 0:
+            if shared is not None and at + size <= len(shared):
+                return shared[at : at + size]
+            if shared is None and self._fd >= 0:  # the file, where it could not be mapped
+                piece = os.pread(self._fd, size, at)
+                if len(piece) == size:
+                    return memoryview(piece)
+        raise LayerError(f"a frame at {at} outside the shared memory")
 
     def next(self, size: int) -> memoryview | None:
         """The next frame (``size`` bytes) in shared memory, or ``None``: it is in the payload."""

@@ -62,7 +62,6 @@ worker for the next batch.
 
 from __future__ import annotations
 
-import array
 import atexit
 import contextlib
 import itertools
@@ -598,7 +597,7 @@ def serve(fd: int, shared_fd: int = -1, shared_size: int = 0) -> None:
             shared = mmap.mmap(shared_fd, shared_size)
         except OSError:
             # Refused here (address-space limit, too many mappings): the frames placed
-            # in it are read from the file instead (_inlined), the same bytes.
+            # in it are read from the file instead (compress_packed's shared_fd).
             unmapped = shared_fd
         else:
             os.close(shared_fd)
@@ -622,17 +621,15 @@ def _serve_tasks(sock: socket.socket, shared: memoryview | None, unmapped: int =
             compress = compressors.get(settings)
             if compress is None:
                 compress = compressors[settings] = _frames_compressor(settings)
-            batch, where = payload, places
-            if unmapped >= 0 and places:
-                batch, where = memoryview(_inlined(payload, table, places, unmapped)), b""
             blob, lengths, digests, plans = compress_packed(
-                batch,
+                payload,
                 table,
                 compress_frames=compress,
                 chunker=chunker,
                 merge=settings[0] == "estargz",
-                places=where,
+                places=places,
                 shared=shared,
+                shared_fd=unmapped,
             )
         except Exception:  # noqa: BLE001 - every failure goes back to the caller
             send_message(sock, pickle.dumps((task, traceback.format_exc(), None)), ())
@@ -641,40 +638,6 @@ def _serve_tasks(sock: socket.socket, shared: memoryview | None, unmapped: int =
             payload.release()
         answer = pickle.dumps((task, None, (lengths, digests, plans)), protocol=5)
         send_message(sock, answer, (blob,))
-
-
-def _inlined(payload: memoryview, table: bytes, places: bytes, fd: int) -> bytes:
-    """The batch as if every frame came in the socket: frames ``places`` puts in the shared
-    file (see :func:`~nixery_core.chunked.compress_packed`) read from ``fd`` into it."""
-    from nixery_core.chunked import PACKED_FRAME  # noqa: PLC0415 - worker side
-
-    where = iter(array.array("q", places))
-    pieces: list[_Buffer] = []
-    pos = 0
-    try:
-        for head_len, data_len, _size, _job in PACKED_FRAME.iter_unpack(table):
-            size = head_len + data_len
-            place = next(where)
-            if place == -1:
-                pieces.append(payload[pos : pos + size])
-                pos += size
-                continue
-            parts = [(place, size)] if place != -2 else [
-                (next(where), next(where)) for _ in range(next(where))
-            ]
-            if sum(length for _, length in parts) != size:
-                raise LayerError(f"a frame of {size} bytes placed in pieces of another size")
-            for at, length in parts:
-                piece = os.pread(fd, length, at) if at >= 0 and length >= 0 else b""
-                if len(piece) != length:
-                    raise LayerError(f"a frame at {at} outside the shared memory")
-                pieces.append(piece)
-    except StopIteration:
-        raise LayerError("fewer places than frames in a packed batch") from None
-    if next(where, None) is not None:
-        raise LayerError("more places than frames in a packed batch")
-    pieces.append(payload[pos:])  # compress_packed checks the batch's length
-    return b"".join(pieces)
 
 
 def _frames_compressor(settings: Settings) -> Any:
