@@ -559,7 +559,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=300, help="closure size (default 300)")
     parser.add_argument("--rss-mb", type=int, default=2000, help="big layer for the RSS check")
     parser.add_argument("--layers", type=int, default=4, help="layers packed in parallel")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per contender (best kept)")
+    parser.add_argument(
+        "--repeats", type=int, default=None,
+        help="runs per contender (best kept; default 5, with --quick 2)",
+    )
     parser.add_argument("--quick", action="store_true", help="60 MB closure, 300 MB RSS layer")
     parser.add_argument(
         "--chunked-rss", action=argparse.BooleanOptionalAction, default=True,
@@ -576,9 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rss_child:
         _rss_child(*args.rss_child)
         return 0
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
     if args.quick:
         args.size_mb, args.rss_mb = min(args.size_mb, 60), min(args.rss_mb, 300)
-        args.repeats = min(args.repeats, 2)
     return in_work_dir(args.keep, "bench-pack-", lambda root: _run(root, args))
 
 
