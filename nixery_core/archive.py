@@ -160,7 +160,7 @@ from nixery_core.errors import (
 )
 from nixery_core.estargz import EStargzFormat
 from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
-from nixery_core.fragment_toc import toc_part_lines, toc_part_parameters
+from nixery_core.fragment_toc import Updated, toc_part_lines, toc_part_parameters
 from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_keys
 from nixery_core.protocols import JSONValue
 from nixery_core.released import released
@@ -1054,12 +1054,6 @@ def _reports_crc32(compressor: StreamCompressor) -> bool:
     return known
 
 
-class _Updated(Protocol):
-    """What :class:`_OrderedHashing` feeds: a hash, or anything else taking bytes in order."""
-
-    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
-
-
 class _DiffAndLayout:
     """A recorded chunked fragment's block, queued once: the ``diff_id``'s sha256, then the
     layout's CRC-32 (the block still in the CPU's cache)."""
@@ -1103,14 +1097,14 @@ class _OrderedHashing:
 
     def __init__(self, executor: WorkerPool | None) -> None:
         self._executor = executor
-        self._queue: deque[tuple[_Updated, bytes | bytearray | memoryview]] = deque()
+        self._queue: deque[tuple[Updated, bytes | bytearray | memoryview]] = deque()
         #: Bytes of the updates queued.
         self._bytes = 0
         self._lock = threading.Lock()
         self._busy = threading.Lock()
         self._scheduled = False
 
-    def update(self, digest: _Updated, data: bytes | bytearray | memoryview) -> None:
+    def update(self, digest: Updated, data: bytes | bytearray | memoryview) -> None:
         if self._executor is None:
             digest.update(data)
             return
