@@ -180,8 +180,10 @@ class LayoutRecorder:
         the CPU's cache), off the packing thread.  :meth:`encode` (on the
         cache's writing thread, maybe before that queue is through) first
         calls ``settle``, which applies whatever is queued on the calling
-        thread (never waiting for a pool that may be busy); a layout not
-        sealed by then gets none.
+        thread (never waiting for a pool that may be busy), unless the
+        layout is sealed already (a range's is: its commit is queued after
+        the seal), so the encoding thread neither drains the layer's hashing
+        nor waits on a drain running; a layout not sealed by then gets none.
         """
         self._settle = settle
 
@@ -205,7 +207,7 @@ class LayoutRecorder:
 
     def encode(self) -> bytes | None:
         """The layout, compressed; ``None`` when it is too large to be worth keeping."""
-        if self._settle is not None:
+        if self._settle is not None and not self._sealed:  # sealed: every block is in
             self._settle()
             if not self._sealed:  # some blocks never came: no layout rather than a short one
                 return None

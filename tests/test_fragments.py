@@ -852,6 +852,27 @@ def test_a_layout_given_its_blocks_by_another_thread_is_encoded_once_settled() -
     assert unsealed.encode() is None
 
 
+def test_a_sealed_deferred_layout_is_encoded_without_settling_its_queue() -> None:
+    """A deferred layout already sealed (a range's: its commit is queued after its seal) is
+    encoded without applying its hashing queue on the encoding thread, to the same bytes as
+    the layout of the same blocks recorded on one thread."""
+    from nixery_core.compression import BLOCK_SIZE
+    from nixery_core.fragment_layout import LayoutRecorder
+
+    data = os.urandom(BLOCK_SIZE + 333)
+    expected = LayoutRecorder(b"nix/store/x-a")
+    expected.file(b"nix/store/x-a/data", len(data))
+    expected.block(data)
+    settled: list[None] = []
+    recorder = LayoutRecorder(b"nix/store/x-a")
+    recorder.deferred(lambda: settled.append(None))
+    recorder.file(b"nix/store/x-a/data", len(data))
+    recorder.update(data)
+    recorder.seal()
+    assert recorder.encode() == expected.encode()
+    assert settled == []
+
+
 def test_a_failed_stream_seals_its_queued_layouts_as_incomplete() -> None:
     """When a layer's stream fails with blocks and a layout's seal still queued for hashing,
     closing the queue seals that layout as incomplete: encoding it gives no layout (the
