@@ -574,3 +574,27 @@ def test_chunked_ranges_are_checksummed_in_the_hashing_queue_and_copies_are_not(
     with FragmentCache(tmp_path / "copies") as copies:
         _copied(root, paths, compression, copies)
     assert deferred == []
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_chunked_pack_failing_midway_leaves_a_cache_that_packs_the_same_bytes(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
+) -> None:
+    """A chunked cold pack whose sink fails part way (TOC parts and layouts still in its
+    hashing queue) raises without hanging, and the cache it leaves gives the next pack the
+    bytes of a pack without a cache."""
+    root, paths = four_paths
+    expected = _plain(root, paths, compression)
+    written: list[int] = []
+
+    def failing(data: bytes) -> None:
+        written.append(len(data))
+        if sum(written) > len(expected[0]) // 2:
+            raise OSError("the sink broke")
+
+    with FragmentCache(tmp_path / "cache") as cache:
+        with pytest.raises(OSError, match="the sink broke"):
+            pack_store_paths(paths, failing, _options(compression), store_root=root,
+                             threads=2, fragments=cache)
+        cache.flush()
+        assert _copied(root, paths, compression, cache) == expected
