@@ -79,6 +79,12 @@ def _take_context() -> zstandard.ZstdCompressor:
         return zstandard.ZstdCompressor(level=_LEVEL, write_checksum=True)
 
 
+def _give_back_context(context: zstandard.ZstdCompressor | None) -> None:
+    """A context no part uses any more, kept idle for the next (up to :data:`_IDLE_MAX`)."""
+    if context is not None and len(_IDLE) < _IDLE_MAX:
+        _IDLE.append(context)
+
+
 def toc_part_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
     """The archive parameters that key a store path's TOC part (its frames' plus the part)."""
     return {**parameters, "part": "toc", "toc_layout": TOC_PART_LAYOUT}
@@ -134,8 +140,7 @@ class _Finishing:
         work = self.work
         work.pieces.append(work.compressor.flush())
         context, work.context = work.context, None
-        if context is not None and len(_IDLE) < _IDLE_MAX:
-            _IDLE.append(context)
+        _give_back_context(context)
         work.done = True
 
 
@@ -236,8 +241,7 @@ class TocPartWriter:
 
     def _give_back(self) -> None:
         context, self._context = self._context, None
-        if context is not None and len(_IDLE) < _IDLE_MAX:
-            _IDLE.append(context)
+        _give_back_context(context)
 
 
 def toc_part_lines(pieces: Iterable[bytes], uncompressed_size: int) -> Iterator[bytes]:
