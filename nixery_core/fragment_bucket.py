@@ -46,7 +46,8 @@ to ``threads`` at once, in the order the pack needs them (one pointer read
 each; a miss costs only that); the pack goes on meanwhile and waits only
 for the fragment it needs next.  A
 fragment found is downloaded into the local cache (written to its file as
-it comes, never held whole; its check inflates 64 KiB at a time) and checked on the way:
+it comes, never held whole; its check inflates 256 KiB at a time, however
+compressible: :mod:`nixery_core.inflated_size`) and checked on the way:
 its size, sha256 (the blob's digest) and CRC-32 against the pointer, and
 that it inflates to exactly the recorded number of bytes as complete gzip
 members or zstd frames (one for a gzip or zstd layer's fragment, one per
@@ -115,11 +116,10 @@ import threading
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import attrs
 
-from nixery_core.chunked import MembersInflater
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidCacheRecord, InvalidInput, LayerError, StorageError
 from nixery_core.fragment_reads import KeptRange, RangeReads, reads_ranges_remotely
@@ -133,6 +133,7 @@ from nixery_core.fragments import (
     StoreFragments,
     open_range,
 )
+from nixery_core.inflated_size import INFLATE_ERRORS, InflatedSize
 from nixery_core.protocols import ReadableStore, SupportsRefresh, SupportsWrittenDigest
 from nixery_core.tally import Tally
 
@@ -165,8 +166,6 @@ _POINTER_VERSION = 1
 #: A pointer that refers to a range of a layer blob (no fragment blob of its own).
 _REFERENCE_VERSION = 2
 _READ_SIZE = 1 << 20
-#: Compressed bytes a fetched fragment's check inflates at a time.
-_INFLATE_STEP = 64 << 10
 #: Upload and touch jobs waiting at most; more are dropped (a later pack uploads them).
 _MAX_QUEUED = 4096
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -318,24 +317,6 @@ _Counter = Literal[
 OnReference = Callable[[str, KeptRange], None]
 
 
-def _inflate_errors() -> tuple[type[Exception], ...]:
-    errors: list[type[Exception]] = [zlib.error]
-    try:
-        from isal import isal_zlib  # noqa: PLC0415 - a required dependency
-
-        errors.append(cast("type[Exception]", isal_zlib.error))  # a class; typed as an instance
-    except ImportError:  # pragma: no cover - isal is a required dependency
-        pass
-    try:
-        import zstandard  # noqa: PLC0415 - a required dependency
-
-        errors.append(zstandard.ZstdError)
-    except ImportError:  # pragma: no cover - zstandard is a required dependency
-        pass
-    return tuple(errors)
-
-
-_INFLATE_ERRORS = _inflate_errors()
 
 
 class _Refused(Exception):
@@ -352,9 +333,8 @@ class _Check:
     _digest: Any = attrs.field(init=False, factory=hashlib.sha256)
     _crc: int = attrs.field(init=False, default=0)
     _size: int = attrs.field(init=False, default=0)
-    _produced: int = attrs.field(init=False, default=0)
     #: Set by the first piece, whose first bytes say the format of every member.
-    _inflate: MembersInflater | None = attrs.field(init=False, default=None)
+    _inflate: InflatedSize | None = attrs.field(init=False, default=None)
 
     def add(self, piece: bytes) -> None:
         pointer = self.pointer
@@ -367,15 +347,14 @@ class _Check:
                 raise _Refused("is not a gzip member or a zstd frame")
             # As many members as there are: a chunked layer's fragment holds
             # one per frame (nixery_core.chunked).
-            inflate = self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
+            inflate = self._inflate = InflatedSize(zstd=piece.startswith(_ZSTD_MAGIC))
         try:
-            # A slice at a time: what a piece inflates to is not held at once (a TOC
-            # part's JSON is several times its compressed size).
-            for start in range(0, len(piece), _INFLATE_STEP):
-                self._produced += len(inflate.decompress(piece[start : start + _INFLATE_STEP]))
-        except _INFLATE_ERRORS as exc:
+            # Counted a bounded step at a time: what a piece inflates to is never held
+            # at once (a TOC part's JSON, or a hostile object's 1000:1 zeros).
+            inflate.add(piece)
+        except INFLATE_ERRORS as exc:
             raise _Refused(f"does not decompress ({exc})") from exc
-        if self._produced > pointer.uncompressed_size:
+        if inflate.produced > pointer.uncompressed_size:
             raise _Refused("decompresses to more than recorded")
         if self.whole:
             self._digest.update(piece)
@@ -388,9 +367,10 @@ class _Check:
         if (self._size, self._crc) != (pointer.size, pointer.crc32):
             raise _Refused("has another size or CRC-32 than its pointer records")
         inflate = self._inflate
-        if inflate is None or not inflate.eof or self._produced != pointer.uncompressed_size:
+        produced = 0 if inflate is None else inflate.produced
+        if inflate is None or not inflate.eof or produced != pointer.uncompressed_size:
             raise _Refused(
-                f"decompresses to {self._produced} bytes, not the "
+                f"decompresses to {produced} bytes, not the "
                 f"{pointer.uncompressed_size} recorded"
             )
 

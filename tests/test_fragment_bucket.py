@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 from conftest import OFFLINE_SET
 from partial_stores import UploaderOnly
 from servers import FakeGcsServer, fake_gcs
@@ -691,3 +692,54 @@ def test_a_toc_part_fetched_from_the_bucket_streams_into_the_local_cache(tmp_pat
             assert found is not None
             assert b"".join(found.pieces()) == data
     assert peak < len(data) // 2, peak  # two 1 MiB reads at most (was the whole part and more)
+
+
+def _zeros_fragment(zstd: bool, size: int) -> bytes:
+    """One gzip member (or zstd frame) of ``size`` zeros, compressed a MiB at a time."""
+    block = bytes(1 << 20)
+    writer: Any = (
+        zstandard.ZstdCompressor(level=3).compressobj() if zstd
+        else zlib.compressobj(9, zlib.DEFLATED, 31)
+    )
+    out = [writer.compress(block[: size - done]) for done in range(0, size, len(block))]
+    end: bytes = writer.flush()
+    return b"".join(out) + end
+
+
+@pytest.mark.parametrize("zstd", [False, True], ids=["gzip", "zstd"])
+def test_checking_a_fetched_fragment_holds_little_however_much_it_inflates(
+    tmp_path: Path, zstd: bool
+) -> None:
+    """A fetched fragment of 200 MB of zeros (about 1000:1) is checked holding under 8 MiB at
+    once, kept when its pointer is right and refused as a miss when its sizes or CRC are not."""
+    size = 200_000_000
+    data = _zeros_fragment(zstd, size)
+    bucket = MemoryStore()
+    digest = bucket.put_blob(data, FRAGMENT_MEDIA_TYPE).digest
+    crc = zlib.crc32(data)
+    cases = {
+        "right": FragmentPointer(digest, len(data), size, crc),
+        "fewer": FragmentPointer(digest, len(data), size - 1, crc),
+        "more": FragmentPointer(digest, len(data), size + 1, crc),
+        "crc": FragmentPointer(digest, len(data), size, crc ^ 1),
+    }
+    for name, pointer in cases.items():
+        bucket.put_object(fragment_object_key(name), pointer.to_json())
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        tracemalloc.start()
+        try:
+            for name in cases:
+                tier.prefetch([name])
+                tier.wait(name)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (tier.stats.hits, tier.stats.rejected) == (1, 3)
+        with tier.get("right") as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == data
+        for name in ("fewer", "more", "crc"):
+            with tier.get(name) as missing:
+                assert missing is None
+    assert peak < 8 << 20, peak  # was 134 MB (gzip: 64 MiB and its join) and 200 MB (zstd)
