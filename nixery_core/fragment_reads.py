@@ -226,9 +226,9 @@ class RangeReads:
                 request, kept = planned
                 self._send(request)
                 self._ahead()
+                future = request.future  # here: a close() after the lock lets go of it
         if request is None:
             return self._read(blob, offset, size)
-        future = request.future
         if future is None:  # pragma: no cover - sent above, let go only when done
             raise RuntimeError("a range request was let go before its fragments were taken")
         try:

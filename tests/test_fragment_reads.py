@@ -158,6 +158,32 @@ def test_a_range_taken_after_close_is_read_on_its_own() -> None:
     assert reads.requests == 5  # three sent ahead, then k2 and k1 on their own
 
 
+def test_a_range_whose_reads_close_while_it_is_taken_is_read_on_its_own() -> None:
+    """A close() landing just after take() planned its range (another thread ending the
+    pack) lets the take read the range on its own with its exact bytes, not fail."""
+    store = MemoryStore()
+    digest, data = _blob(store, 1000)
+    reads = RangeReads(store, [KeptRange("k", digest, 0, 1000)], threads=1)
+    lock = threading.Lock()
+
+    class ClosingAfterRelease:
+        """The reads' lock; the first time take() lets it go, close() runs."""
+
+        armed = True
+
+        def __enter__(self) -> None:
+            lock.acquire()
+
+        def __exit__(self, *_: object) -> None:
+            lock.release()
+            if self.armed:
+                self.armed = False
+                reads.close()
+
+    reads._lock = ClosingAfterRelease()  # type: ignore[assignment]  # a lock that closes
+    assert reads.take("k", digest, 0, 1000) == data
+
+
 class _Down(MemoryStore):
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
         raise StorageUnavailable("store down (test)", digest)
