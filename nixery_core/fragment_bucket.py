@@ -317,8 +317,6 @@ _Counter = Literal[
 OnReference = Callable[[str, KeptRange], None]
 
 
-
-
 class _Refused(Exception):
     """What is wrong with a fragment fetched from the bucket."""
 
