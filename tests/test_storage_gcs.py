@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import threading
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -562,3 +564,34 @@ def test_a_ranged_read_is_retried_for_a_short_while_only(
     [policy] = policies
     assert policy is not None
     assert policy.timeout == RANGE_RETRY_SECONDS < DEFAULT_RETRY.timeout
+
+
+def test_streaming_a_large_blob_holds_little_and_makes_few_requests(bucket: Any) -> None:
+    """Reading a 40 MB blob 64 KiB at a time through open_blob (default chunk size) holds one
+    16 MiB range at once, not two, in one ranged request per range."""
+    store = GcsStore(bucket)
+    data = random.Random(0).randbytes(40_000_000)  # noqa: S311 - test bytes, not secrets
+    digest = store.put_blob(data, LAYER).digest
+    session = bucket.client._http
+    requests: list[str] = []
+    real = session.request
+
+    def counting(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        requests.append(method)
+        return real(method, url, *args, **kwargs)
+
+    session.request = counting
+    read = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        with store.open_blob(digest) as stream:
+            while piece := stream.read(64 << 10):
+                read.update(piece)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        del session.request
+    assert f"sha256:{read.hexdigest()}" == digest
+    # One 16 MiB range held (was held twice: the fetched range and a buffer of its size).
+    assert peak < 20 << 20, peak
+    assert len(requests) <= 5, requests  # the metadata, then three 16 MiB ranges

@@ -39,8 +39,9 @@ checksum errors) is translated into
 :class:`~nixery_core.errors.StorageUnavailable`, chained with ``from``.
 
 Downloads pin the object generation seen at open, read ranges of
-``chunk_size`` and check the CRC32C of the whole object when it was read
-from start to end; :meth:`GcsStore.read_blob` also checks the sha256.
+``chunk_size`` (a reader holds the last one, once: reads are copied out of
+it) and check the CRC32C of the whole object when it was read from start
+to end; :meth:`GcsStore.read_blob` also checks the sha256.
 
 An abandoned resumable upload leaves no object (GCS expires the session);
 :meth:`GcsBlobWriter.abort` cancels it and deletes any staging object.
@@ -105,6 +106,8 @@ DEFAULT_CONCURRENT_CHECKS: Final = 10
 #: Resumable-upload and download piece size; GCS wants a multiple of 256 KiB.
 DEFAULT_CHUNK_SIZE: Final = 16 * 1024 * 1024
 _CHUNK_MULTIPLE: Final = 256 * 1024
+#: The buffer in front of a blob reader (which holds its last ``chunk_size`` range itself).
+_SMALL_BUFFER: Final = 64 * 1024
 #: A ranged read (a fragment cache's) is retried for at most this long: compressing the
 #: store path again costs less than waiting out an outage of up to the default 120 s.
 RANGE_RETRY_SECONDS: Final = 10.0
@@ -407,7 +410,9 @@ class GcsStore:
             raise BlobNotFound(digest)
         pinned = self._bucket.blob(name, generation=meta.generation)
         raw = _GcsRawReader(self, pinned, digest, int(meta.size), meta.crc32c)
-        return io.BufferedReader(raw, buffer_size=self._chunk_size)
+        # The raw reader holds the range it fetched last (``chunk_size`` bytes, one request)
+        # and copies reads out of it: a buffer of that size in front would hold it twice.
+        return io.BufferedReader(raw, buffer_size=_SMALL_BUFFER)
 
     def read_blob(self, digest: str) -> bytes:
         """All of a blob's bytes, CRC32C- and sha256-checked."""
@@ -819,7 +824,12 @@ class GcsBlobWriter(BaseBlobWriter):
 
 
 class _GcsRawReader(io.RawIOBase):
-    """Ranged reads of one object generation; CRC32C checked when read start to end."""
+    """Ranged reads of one object generation; CRC32C checked when read start to end.
+
+    Each request asks for ``chunk_size`` bytes (few requests for a whole
+    blob); the range fetched last is held and reads are copied out of it,
+    so a reader holds one range however small its reads are.
+    """
 
     def __init__(self, store: GcsStore, blob: Any, key: str, size: int, crc32c: str | None) -> None:
         super().__init__()
@@ -831,6 +841,9 @@ class _GcsRawReader(io.RawIOBase):
         self._pos = 0
         self._crc: Any = _Crc32c()
         self._sequential = True
+        #: The range fetched last, and where it starts in the blob.
+        self._held: bytes = b""
+        self._held_at = 0
 
     def readable(self) -> bool:
         return True
@@ -870,10 +883,21 @@ class _GcsRawReader(io.RawIOBase):
             )
         if self._sequential:
             self._crc.update(data)
-        self._pos = start + len(data)
-        if self._sequential and self._pos >= self._size:
-            self._verify()
+            if start + len(data) >= self._size:
+                self._verify()
         return data
+
+    def _take(self, limit: int) -> memoryview:
+        """Up to ``limit`` bytes at the position (at least one before the end), from the
+        range held, fetching the next one first when the position is outside it."""
+        offset = self._pos - self._held_at
+        if not 0 <= offset < len(self._held):
+            self._held = b""  # dropped before the next range arrives
+            self._held = self._fetch(self._pos, min(self._store.chunk_size, self._size - self._pos))
+            self._held_at, offset = self._pos, 0
+        piece = memoryview(self._held)[offset : offset + limit]
+        self._pos += len(piece)
+        return piece
 
     def _verify(self) -> None:
         actual = _crc32c_b64(self._crc)
@@ -889,14 +913,16 @@ class _GcsRawReader(io.RawIOBase):
         want = min(len(view), self._size - self._pos)
         if want <= 0:
             return 0
-        data = self._fetch(self._pos, want)
-        view[: len(data)] = data
-        return len(data)
+        done = 0
+        while done < want:
+            piece = self._take(want - done)
+            view[done : done + len(piece)] = piece
+            done += len(piece)
+        return done
 
     def readall(self) -> bytes:
         parts = []
         while self._pos < self._size:
-            parts.append(
-                self._fetch(self._pos, min(self._store.chunk_size, self._size - self._pos))
-            )
+            parts.append(bytes(self._take(self._size - self._pos)))
+        self._held = b""
         return b"".join(parts)
