@@ -696,7 +696,9 @@ class FragmentCache:
                 self._queued.clear()
             if not self._closing:  # closing: only the rows queued count
                 for ahead in encoding:
-                    ahead.encode()
+                    # A failure costs only its row: met again, and reported, by _row.
+                    with contextlib.suppress(Exception):
+                        ahead.encode()
             if not batch:
                 continue
             try:

@@ -333,6 +333,39 @@ def test_a_ranges_layout_is_encoded_while_its_layer_is_still_being_packed(
         ]
 
 
+class _Failing(_Layout):
+    """A layout whose encoding fails (a bug, or memory exhausted)."""
+
+    def encode(self) -> bytes:
+        super().encode()
+        raise RuntimeError("cannot encode (test)")
+
+
+def test_a_layout_failing_to_encode_ahead_leaves_the_writing_thread_writing(
+    tmp_path: Path,
+) -> None:
+    """A range's layout whose encoding ahead fails costs that range its row only: the
+    writing thread goes on, and the layer's other ranges are written and flushed."""
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    digest = blobs.put_blob(b"frames of a layer", "application/octet-stream").digest
+    with FragmentCache(tmp_path / "fragments") as cache:
+        layer = cache.on_store(blobs).layer()
+        layouts = {"bad": _Failing(), "good": _Layout()}
+        for key, layout in layouts.items():
+            writer = layer.writer(key)
+            writer.offset = 0
+            writer.add(b"frames")
+            writer.layout = layout
+            writer.commit(100)
+        assert _eventually(lambda: bool(layouts["bad"].threads))
+        layer.stored(digest)
+        flushing = threading.Thread(target=cache.flush, daemon=True)
+        flushing.start()
+        flushing.join(10)
+        assert not flushing.is_alive()
+        assert _rows(tmp_path / "fragments") == [("good", None, digest)]
+
+
 def test_a_layer_never_stored_records_no_range_though_its_layouts_were_encoded(
     tmp_path: Path,
 ) -> None:
