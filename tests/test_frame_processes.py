@@ -25,6 +25,7 @@ from nixery_core.archive import ArchiveOptions, pack_store_paths
 from nixery_core.chunked import compress_packed, new_chunker
 from nixery_core.compression import frames_compressor, resolve_compressor
 from nixery_core.errors import FileChangedDuringPacking, LayerError
+from nixery_core.fragments import FragmentCache
 from nixery_core.frame_processes import FrameProcesses
 
 _SETTINGS = ("zstd-chunked", 3, "zstd")
@@ -604,3 +605,31 @@ def test_kept_exceptions_of_failed_packs_hold_no_shared_memory(
         frame_processes.shutdown()
     assert sum(placed) > 0
     assert len(kept) == 3
+
+
+@pytest.mark.parametrize("compression", ["gzip", *FORMATS])
+def test_a_pack_leaves_no_thread_behind_for_the_next(tmp_path: Path, compression: str) -> None:
+    """Once a pack returns (one layer, two in threads, one cold into a fragment cache that is
+    then closed), no thread it started is still running, so a long-lived process's next pack
+    shares the cores with nothing of it (the frame workers' I/O thread lives with the pool)."""
+    paths = make_store(tmp_path)
+    options = ArchiveOptions(compression=compression)  # type: ignore[arg-type]
+
+    def pack(group: list[str], fragments: FragmentCache | None = None) -> int:
+        out = io.BytesIO()
+        pack_store_paths(group, out.write, options, store_root=tmp_path, threads=2,
+                         fragments=fragments)
+        return len(out.getvalue())
+
+    pack(paths)  # the frame workers and their I/O thread start once per process
+    before = set(threading.enumerate())
+    pack(paths)
+    assert set(threading.enumerate()) <= before
+    with concurrent.futures.ThreadPoolExecutor(2) as layers:
+        assert all(layers.map(pack, [paths[::2], paths[1::2]]))
+    assert set(threading.enumerate()) <= before
+    cache = FragmentCache(tmp_path / "fragments")
+    pack(paths, cache)
+    cache.close()
+    assert set(threading.enumerate()) <= before
+    assert FragmentCache(tmp_path / "fragments").keys()  # the cache did record the paths
