@@ -113,6 +113,7 @@ import json
 import logging
 import queue
 import threading
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -382,21 +383,29 @@ class _SharedWriter(FragmentWriter):
     """
 
     _tier: BucketFragments = attrs.field(kw_only=True)
-    #: The other part of a chunked store path (its TOC part, or the frames of this one).
-    _pair: _SharedWriter | None = attrs.field(init=False, default=None)
-    #: The compressed size kept, once committed.
-    _kept: int | None = attrs.field(init=False, default=None)
+    #: A chunked store path's two parts, this one of them (held by both, holding neither).
+    _pair: _Pair | None = attrs.field(init=False, default=None)
 
     def commit(self, uncompressed_size: int) -> None:
         size = self._size
         super().commit(uncompressed_size)
-        self._kept = size
         pair = self._pair
         if pair is None:
             self._tier._packed(self.key, size)
-        elif pair._kept is not None:  # both parts kept: the frames say whether to share
-            frames, part = (pair, self) if self.side else (self, pair)
-            self._tier._packed(frames.key, pair._kept if self.side else size, part.key)
+            return
+        pair.kept[self.side] = size
+        if len(pair.kept) == 2:  # both parts kept: the frames say whether to share
+            self._tier._packed(pair.frames, pair.kept[False], pair.part)
+
+
+@attrs.define
+class _Pair:
+    """A chunked store path's frames and TOC part (their keys), and the compressed size of
+    each kept so far (by ``side``: true for the TOC part)."""
+
+    frames: str
+    part: str
+    kept: dict[bool, int] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -425,7 +434,8 @@ class BucketFragments:
     )
     _worker: threading.Thread | None = attrs.field(init=False, default=None)
     _closed: bool = attrs.field(init=False, default=False)
-    #: Per packing thread, ``.writer``: the last fragment writer asked for (not a side part).
+    #: Per packing thread, ``.writer``: the last fragment writer asked for (not a side part),
+    #: a weak reference.
     _last: threading.local = attrs.field(init=False, factory=threading.local)
 
     # --- FragmentSource ------------------------------------------------------
@@ -491,10 +501,12 @@ class BucketFragments:
         both of a store path in turn): it is uploaded, first, whenever that fragment is,
         whatever its own size (the frames are of no use without it)."""
         writer = _SharedWriter(self.local, key, side=side, tier=self)
-        frames: _SharedWriter | None = getattr(self._last, "writer", None)
-        self._last.writer = None if side else writer
+        last: weakref.ref[_SharedWriter] | None = getattr(self._last, "writer", None)
+        frames = None if last is None else last()
+        # Weakly: the packer holds the writer while it records; the tier never keeps one.
+        self._last.writer = None if side else weakref.ref(writer)
         if side and frames is not None:
-            writer._pair, frames._pair = frames, writer
+            writer._pair = frames._pair = _Pair(frames.key, key)
         return writer
 
     # --- lifecycle -------------------------------------------------------------

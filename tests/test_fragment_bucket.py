@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -648,6 +649,33 @@ def test_a_chunked_store_paths_toc_part_is_shared_as_a_copy_with_its_frames(
         assert local_b.misses == 0  # not compressed again
         assert tier_b.stats.hits == 2
     assert alone == pack(store, [PATHS[3]], options)
+
+
+@pytest.mark.parametrize("compression", ["gzip", *FORMATS])
+def test_no_fragment_writer_outlives_its_pack(
+    store: Path, tmp_path: Path, compression: str
+) -> None:
+    """Once a pack into the bucket tier returns, none of its fragment writers (nor the
+    layouts they hold) is still alive, cyclic garbage collection off: the tier neither keeps
+    its thread's last one nor ties a chunked path's frames and TOC part in a cycle."""
+    from nixery_core import fragment_bucket
+
+    options = ArchiveOptions(compression=compression)  # type: ignore[arg-type]  # a parameter
+    policy = FragmentBucketPolicy(min_size=0, background=False)
+    local, tier = instance(tmp_path / "a", MemoryStore(), policy)
+    with local, tier:
+        gc.collect()
+        gc.disable()
+        try:
+            pack(store, PATHS, options, tier)
+            alive = [
+                obj for obj in gc.get_objects() if isinstance(obj, fragment_bucket._SharedWriter)
+            ]
+        finally:
+            gc.enable()
+        assert alive == []
+        # Every path's fragment shared, a chunked one's TOC part with it (the pairs held).
+        assert tier.stats.uploaded == (2 if compression in FORMATS else 1) * len(PATHS)
 
 
 def test_a_toc_part_fetched_from_the_bucket_streams_into_the_local_cache(tmp_path: Path) -> None:
