@@ -594,16 +594,29 @@ class BuildCache:
     # --- manifests ---------------------------------------------------------
 
     def get_manifest(
-        self, store: Uploader, key: str, *, on_count: Counted | None = None
+        self, store: Uploader, key: str, *, on_count: Counted | None = None,
+        check: Callable[[Mapping[str, Any]], object] | None = None,
     ) -> ManifestRecord | None:
         """The cached build for ``key``, if every blob it names is stored with its size.
 
         ``on_count`` receives the name of each :class:`CacheStats` counter
         this lookup adds to, so a caller can tally its own lookups exactly
-        while other threads use the same cache.
+        while other threads use the same cache.  ``check`` is given the
+        body of an entry that passed :mod:`~nixery_core.record_schema`; a
+        ValueError, TypeError or KeyError from it makes the entry corrupt
+        like any other (counted, logged, a miss): what a caller reads from
+        the body beyond the schema (a multi-architecture index's entries
+        matching its request).
         """
         count = self._counter(on_count)
-        record, tier = self._get(store, f"manifests/{key}", _served_manifest, count)
+        parse = _served_manifest
+        if check is not None:
+            def parse(data: Mapping[str, Any]) -> ManifestRecord:
+                record = _served_manifest(data)
+                check(record.body)
+                return record
+
+        record, tier = self._get(store, f"manifests/{key}", parse, count)
         if record is None:
             count("manifest_misses")
             return None

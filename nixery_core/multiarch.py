@@ -133,6 +133,8 @@ class _IndexBuild:
     key: str
     start: float
     timings: dict[str, float] = attrs.field(factory=dict)
+    #: Stale and corrupt entries earlier lookups met (they count in the result's stats).
+    met: CacheStats = attrs.field(factory=CacheStats)
 
     @property
     def store(self) -> Uploader:
@@ -143,20 +145,28 @@ class _IndexBuild:
         return self.settings.cache
 
     def lookup(self) -> MultiArchResult | None:
-        """The cached index, or None (a corrupt entry is a miss, logged)."""
+        """The cached index, or None.
+
+        An entry :meth:`_from_record` cannot read is corrupt to the cache
+        (its check, so counted and logged there, a miss); as for an image,
+        the stale and corrupt entries a lookup met count in the result's
+        stats (:attr:`met`), its misses only in the per-architecture builds.
+        """
         if self.cache is None:
             return None
         counted: list[str] = []
-        record = self.cache.get_manifest(self.store, self.key, on_count=counted.append)
-        delta = CacheStats(**{field: counted.count(field) for field in set(counted)})
+        record = self.cache.get_manifest(
+            self.store, self.key, on_count=counted.append,
+            check=lambda body: self._from_record(body, CacheStats()),
+        )
         if record is None:
+            self.met = self.met + CacheStats(
+                **{f: counted.count(f) for f in set(counted) if f != "manifest_misses"}
+            )
             return None
+        delta = self.met + CacheStats(**{field: counted.count(field) for field in set(counted)})
         self.timings["resolve"] = self.settings.clock() - self.start
-        try:
-            return self._from_record(record.body, delta)
-        except (TypeError, KeyError, ValueError) as exc:
-            log.warning("corrupt index cache entry %s (%s); rebuilding", self.key, exc)
-            return None
+        return self._from_record(record.body, delta)
 
     def _from_record(self, body: Mapping[str, Any], stats: CacheStats) -> MultiArchResult:
         """Rebuild a result from an index cache entry (TypeError/KeyError if malformed)."""
@@ -181,7 +191,7 @@ class _IndexBuild:
     def build(self) -> MultiArchResult:
         """Build every architecture, store the index, then write the index entry."""
         results: dict[str, BuildResult] = {}
-        stats = CacheStats()
+        stats = self.met
         for arch in self.archs:
             built = run_build(
                 self.settings, self.executor, self.image.with_arch(arch), self.source,

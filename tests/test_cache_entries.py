@@ -327,6 +327,35 @@ def test_malformed_index_entry_is_a_repaired_miss(
         assert again.index_digest == built_index.digest
 
 
+def test_an_index_entry_for_another_request_is_a_counted_corrupt_miss(
+    built_index: BuiltIndex, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An index entry that passes the record schema but names another manifest key than the
+    request's is counted corrupt (in the cache and the result), logged, rebuilt and repaired."""
+    store = built_index.store
+    document = json.loads(built_index.raw)
+    entries = document["body"]["manifests"]
+    entries[0]["cache_key"] = entries[1]["cache_key"]
+    record_blob_sizes(document["body"])  # the schema accepts it
+    store.put_object(built_index.name, json.dumps(document).encode())
+    try:
+        with (
+            BuildCache(tmp_path / "c") as cache,
+            caplog.at_level(logging.WARNING, logger="nixery_core.cache"),
+        ):
+            result = _build_index(store, built_index.fake, cache)
+            corrupt = cache.stats.corrupt_entries
+        assert not result.from_cache
+        assert result.index_digest == built_index.digest
+        assert corrupt >= 1
+        assert result.cache_stats.corrupt_entries >= 1
+        assert "names another manifest key" in caplog.text
+        with BuildCache(tmp_path / "fresh") as cache:
+            assert _build_index(store, built_index.fake, cache).from_cache  # repaired
+    finally:
+        store.put_object(built_index.name, built_index.raw)
+
+
 _LAYER = {
     "digest": "sha256:" + "a" * 64,
     "diff_id": "sha256:" + "b" * 64,
