@@ -671,45 +671,51 @@ class FragmentCache:
 
     def _write_queued(self) -> None:
         """The writing thread: stores what is queued, several fragments per transaction."""
-        while True:
+        while self._write_batch():
+            pass
+
+    def _write_batch(self) -> bool:
+        """Wait for a batch and store it; ``False``: closed, the thread ends.  One batch per
+        call, so that what it wrote (bytes, layouts) is let go before waiting for the next."""
+        with self._written:
+            while not (self._queued or self._encoding or self._closing):
+                self._written.wait()
+            # A batch: _BATCH_BYTES, or what came within _BATCH_DELAY, or what someone
+            # waits for (fewer wake-ups and transactions while a pack runs).
+            deadline = time.monotonic() + (_BATCH_DELAY if self._queued else _ENCODE_DELAY)
+            while (
+                not (self._closing or self._urgent or self._now)
+                and self._queued_bytes < _BATCH_BYTES
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._written.wait(left)
+            self._queued_bytes = 0
+            self._now = False
+            encoding, self._encoding = self._encoding, []
+            if not self._queued and self._closing:
+                self._thread = None
+                return False
+            batch = [(key, self._pending[key]) for key in self._queued]
+            self._queued.clear()
+        if not self._closing:  # closing: only the rows queued count
+            for ahead in encoding:
+                # A failure costs only its row: met again, and reported, by _row.
+                with contextlib.suppress(Exception):
+                    ahead.encode()
+        if not batch:
+            return True
+        try:
+            self._store(batch)
+        finally:
             with self._written:
-                while not (self._queued or self._encoding or self._closing):
-                    self._written.wait()
-                # A batch: _BATCH_BYTES, or what came within _BATCH_DELAY, or what someone
-                # waits for (fewer wake-ups and transactions while a pack runs).
-                deadline = time.monotonic() + (_BATCH_DELAY if self._queued else _ENCODE_DELAY)
-                while (
-                    not (self._closing or self._urgent or self._now)
-                    and self._queued_bytes < _BATCH_BYTES
-                ):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._written.wait(left)
-                self._queued_bytes = 0
-                self._now = False
-                encoding, self._encoding = self._encoding, []
-                if not self._queued and self._closing:
-                    self._thread = None
-                    return
-                batch = [(key, self._pending[key]) for key in self._queued]
-                self._queued.clear()
-            if not self._closing:  # closing: only the rows queued count
-                for ahead in encoding:
-                    # A failure costs only its row: met again, and reported, by _row.
-                    with contextlib.suppress(Exception):
-                        ahead.encode()
-            if not batch:
-                continue
-            try:
-                self._store(batch)
-            finally:
-                with self._written:
-                    for key, item in batch:
-                        if self._pending.get(key) is item:
-                            del self._pending[key]
-                        self._pending_bytes -= item.memory
-                    self._written.notify_all()
+                for key, item in batch:
+                    if self._pending.get(key) is item:
+                        del self._pending[key]
+                    self._pending_bytes -= item.memory
+                self._written.notify_all()
+        return True
 
     def _store(self, batch: list[tuple[str, _Pending]]) -> None:
         """Write a batch's files, then its rows in one transaction (evicting past the limit)."""

@@ -584,6 +584,28 @@ def test_a_gzip_layouts_block_crcs_all_come_from_its_compressor(
     assert layouts["reported"] == layouts["computed"]
 
 
+def test_the_writing_thread_lets_go_of_what_it_wrote(tmp_path: Path) -> None:
+    """Once flush() returns, the writing thread holds none of the fragments it wrote (their
+    bytes, their layouts) while it waits for more, cyclic garbage collection off."""
+    import gc
+
+    with FragmentCache(tmp_path / "fragments") as cache:
+        gc.collect()
+        gc.disable()
+        try:
+            for n in range(3):
+                writer = cache.writer(f"k{n}")
+                writer.add(os.urandom(40_000))
+                writer.commit(40_000)
+            cache.flush()
+            held = [obj for obj in gc.get_objects() if isinstance(obj, fragments_module._Pending)]
+        finally:
+            gc.enable()
+        assert held == []
+        with cache.get("k2") as found:  # written, all the same
+            assert found is not None
+
+
 def test_fragments_committed_are_written_by_close_and_found_before_it(tmp_path: Path) -> None:
     """Fragments are written on a background thread: a lookup right after a commit finds the
     fragment, and closing the cache writes every one still queued (a new cache sees them)."""
