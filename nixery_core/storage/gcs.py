@@ -923,6 +923,6 @@ class _GcsRawReader(io.RawIOBase):
     def readall(self) -> bytes:
         parts = []
         while self._pos < self._size:
-            parts.append(bytes(self._take(self._size - self._pos)))
+            parts.append(self._take(self._size - self._pos))  # views, joined once
         self._held = b""
         return b"".join(parts)
