@@ -49,7 +49,15 @@ from pathlib import Path
 
 import attrs
 
-from benchmarks.bench_pack import _HashingSink, build_corpus, closure_main, tool, warm, workers_cpu
+from benchmarks.bench_pack import (
+    _cpu,
+    _HashingSink,
+    build_corpus,
+    closure_main,
+    tool,
+    warm,
+    workers_cpu,
+)
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 
 
@@ -68,17 +76,11 @@ class Run:
         return self.packing + self.threads + self.workers
 
 
-def _process_cpu() -> float:
-    """User + system seconds of every thread of this process, ended ones included."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def pack_once(root: Path, paths: Sequence[str], compression: str, threads: int) -> Run:
     """Pack ``paths`` as one layer and measure it (see the module docstring)."""
     workers = workers_cpu()
     sink = _HashingSink()
-    process = _process_cpu()
+    process = _cpu(resource.RUSAGE_SELF)  # every thread's, ended ones included
     start, cpu = time.perf_counter(), time.thread_time()
     packed = pack_store_paths(
         paths,
@@ -89,7 +91,7 @@ def pack_once(root: Path, paths: Sequence[str], compression: str, threads: int) 
         blob_digest=sink.written_digest,
     )
     wall, packing = time.perf_counter() - start, time.thread_time() - cpu
-    others = _process_cpu() - process - packing
+    others = _cpu(resource.RUSAGE_SELF) - process - packing
     return Run(wall, packing, others, workers_cpu() - workers, packed.digest)
 
 
