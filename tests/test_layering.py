@@ -426,8 +426,9 @@ def test_with_prior_layers_tells_ours_the_registry_keeps_a_record() -> None:
     assert told.parameters() == {
         **DEFAULT_STRATEGY.parameters(),
         "told_registry": True,
-        "told_form": 2,
+        "told_form": 3,
         "root_scale": DEFAULT_STRATEGY.root_scale,
+        "big_dependency_ratio": DEFAULT_STRATEGY.big_dependency_ratio,
     }
     assert "told_registry" not in DEFAULT_STRATEGY.parameters()
     assert not ChurnAwareDominators(prior_layers=[["/nix/store/a-x"]]).told_registry
@@ -580,6 +581,45 @@ def test_ours_told_the_registry_keeps_a_tool_with_its_own_dependency() -> None:
             assert ["dep0", "tool0"] in names(first)
             assert ["dep1", "tool1"] in names(second)
     assert stored_again == {False: 12 * MB, True: 0}
+
+
+def test_ours_told_keeps_a_big_runtime_out_of_the_layer_of_a_small_module_only_it_uses() -> None:
+    """Told the registry's record, a tight image does not merge a 50 MB runtime under a tiny
+    module that alone uses it here (``big_dependency_ratio``, step 10), so a later image of
+    the runtime without the module reuses its stored layer; with the rule off it stores the
+    runtime again."""
+    spec: dict[str, tuple[int, Sequence[str]]] = {"libc": (30 * MB, ())}
+    spec["perl"] = (50 * MB, ("libc",))
+    spec["permod"] = (100_000, ("perl",))
+    spec["tool"] = (1 * MB, ("libc", "permod"))
+    for i in range(10):
+        spec[f"lib{i}"] = (2 * MB, ("libc",))
+        spec[f"app{i}"] = (1 * MB, ("libc", f"lib{i}"))
+    spec["perlapp"] = (1 * MB, ("perl",))
+    graph, paths = make(spec)
+    requested = ["tool", *(f"app{i}" for i in range(10))]
+    shell = RuntimeGraph.build(
+        [graph.paths[paths[n]] for n in spec if n != "perlapp"],
+        {n: (paths[n],) for n in requested},
+    )
+    runtime = RuntimeGraph.build(
+        [graph.paths[paths[n]] for n in ("libc", "perl", "perlapp")],
+        {"perlapp": (paths["perlapp"],)},
+    )
+    stored_again = {}
+    for ratio in (0.0, DEFAULT_STRATEGY.big_dependency_ratio):
+        strategy = ChurnAwareDominators(big_dependency_ratio=ratio).with_prior_layers([])
+        first = strategy.group(shell, 23)  # 11 roots apart, 13 paths in 12 layers
+        validate_grouping(shell, first, 23)
+        record = {g.paths for g in first}
+        second = strategy.with_prior_layers(record).group(runtime, 3)
+        validate_grouping(runtime, second, 3)
+        stored_again[ratio] = sum(
+            runtime.paths[p].nar_size for g in second if g.paths not in record for p in g.paths
+        )
+        if ratio:
+            assert ["permod"] in names(first)
+    assert stored_again == {0.0: 51 * MB, DEFAULT_STRATEGY.big_dependency_ratio: 1 * MB}
 
 
 def test_ours_told_the_registry_keeps_a_stored_layer_that_holds_a_requested_root() -> None:

@@ -89,6 +89,16 @@ The strategy is an agglomerative clustering on that cost:
    merge (step 6) keeps its full weight: that blob is certainly stored,
    whatever the estimate says.  Not told, or with roots set apart, it
    changes nothing.
+10. ``big_dependency_ratio`` (``r``; 20 by default since the eighth
+   issue-17 round, 0 turns it off): told the registry, a group of at least
+   10 MB joining a group that uses it (its tops are in the other's
+   closure) whose tops hold ``r`` times fewer bytes is costed as if it were
+   elsewhere with a chance of at least 0.9: a big library or runtime that
+   few paths here use looks unlikely elsewhere, so merging it under a small
+   package only this image holds looked free, and every later image holding
+   the big path but not the package stored it again.  A tool with a
+   dependency about as big as itself (under ``r`` times) still goes with
+   it.  Not told, it changes nothing.
 
 Costs depend only on the closures below the groups and their sizes, and
 ties are broken by store path names without hashes, so the same package
@@ -125,6 +135,12 @@ _WHOLE_IMAGE_WEIGHT = 0.5
 
 #: ``root_scale``'s default, chosen on tuning seeds (``docs/layering.md``, sixth round).
 _ROOT_SCALE = 10.0
+
+#: ``big_dependency_ratio``'s default, the least bytes it applies to and the chance of being
+#: elsewhere it gives, chosen on tuning seeds (``docs/layering.md``, eighth round).
+_BIG_DEPENDENCY_RATIO = 20.0
+_BIG_DEPENDENCY_BYTES = 10_000_000
+_BIG_DEPENDENCY_ELSEWHERE = 0.9
 
 
 def _non_negative_int(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -223,7 +239,11 @@ class ChurnAwareDominators:
     at least ``1 - exp(-j / root_scale)``, that estimate at half the sharing
     weight, a stored layer at full weight (step 9); 10 by default, 0 leaves
     it out.  Untold it changes nothing, and :meth:`parameters` names it only
-    when told or when it is not the default.
+    when told or when it is not the default.  ``big_dependency_ratio``: told
+    the registry, a group of 10 MB or more joining a group that uses it and
+    whose tops hold this many times fewer bytes is costed as likely elsewhere
+    (step 10); 20 by default, 0 leaves it out, named in :meth:`parameters` as
+    ``root_scale`` is.
     """
 
     change_rate: float = attrs.field(default=0.003, validator=_rate)
@@ -238,6 +258,7 @@ class ChurnAwareDominators:
     told_registry: bool = attrs.field(default=False, validator=_flag)
     reference_scale: float = attrs.field(default=0.0, validator=_weight)
     root_scale: float = attrs.field(default=_ROOT_SCALE, validator=_weight)
+    big_dependency_ratio: float = attrs.field(default=_BIG_DEPENDENCY_RATIO, validator=_weight)
 
     @property
     def name(self) -> str:
@@ -253,14 +274,20 @@ class ChurnAwareDominators:
             "stored_copy": self.stored_copy,
             **({"prior_layers_sha256": self.prior_digest()} if self.prior_layers else {}),
             # The told grouping's form: 2 since the sixth session (a stored
-            # layer's first merge at full weight, roots counted less one).
-            **({"told_registry": True, "told_form": 2} if self.told_registry else {}),
+            # layer's first merge at full weight, roots counted less one), 3
+            # since the eighth issue-17 round (big_dependency_ratio).
+            **({"told_registry": True, "told_form": 3} if self.told_registry else {}),
             **({"reference_scale": self.reference_scale} if self.reference_scale else {}),
             # Only told does root_scale group differently: the default's
             # parameters (so cache keys) untold are as before it was on.
             **(
                 {"root_scale": self.root_scale}
                 if self.told_registry or self.root_scale != _ROOT_SCALE
+                else {}
+            ),
+            **(
+                {"big_dependency_ratio": self.big_dependency_ratio}
+                if self.told_registry or self.big_dependency_ratio != _BIG_DEPENDENCY_RATIO
                 else {}
             ),
         }
@@ -417,8 +444,12 @@ class _Clustering:
         # that blob is certainly stored, whatever the estimate.
         scale = _WHOLE_IMAGE_WEIGHT if whole else 1.0
         weight = [scale * self.weight_of(v) for v in range(n)]
-        model = _Containment if strategy.told_registry else _FirstForm
-        self.sharing: _FirstForm | _Containment = model(self, elsewhere, weight)
+        if strategy.told_registry:
+            self.sharing: _FirstForm | _Containment = _Containment(
+                self, elsewhere, weight, strategy.big_dependency_ratio
+            )
+        else:
+            self.sharing = _FirstForm(self, elsewhere, weight)
 
     def weight_of(self, g: int) -> float:
         """What regrouping group ``g`` costs other images, per image (its full weight).
@@ -582,11 +613,21 @@ class _Containment:
     user, its weight when a widely used path joins a rarely used one, and
     again when a group that already lost its first form takes in another
     top.  A prior layer also pays its whole weight once, on its first merge
-    (that exact blob is stored already), as in :class:`_FirstForm`.
+    (that exact blob is stored already), as in :class:`_FirstForm`.  With
+    ``ratio`` (step 10), a big group joining a group that uses it, whose
+    tops hold ``ratio`` times fewer bytes, also pays its weight times what
+    its chance falls short of ``_BIG_DEPENDENCY_ELSEWHERE``.
     """
 
-    def __init__(self, c: _Clustering, elsewhere: Sequence[float], weight: Sequence[float]):
+    def __init__(
+        self,
+        c: _Clustering,
+        elsewhere: Sequence[float],
+        weight: Sequence[float],
+        ratio: float = 0.0,
+    ):
         self.c = c
+        self.ratio = ratio
         self.elsewhere = elsewhere
         self.weight = list(weight)
         #: Each group's tops, sorted (the product below multiplies in that order).
@@ -623,7 +664,24 @@ class _Containment:
             + weight[b] * (self.held[b] - held)
             + prior.get(a, 0.0)
             + prior.get(b, 0.0)
+            + self._big_dependency(a, b)
         )
+
+    def _big_dependency(self, a: int, b: int) -> float:
+        """Step 10: a big group joining a much smaller user costs as if likely elsewhere."""
+        if not self.ratio:
+            return 0.0
+        size = self.c.size
+        big, small = (a, b) if size[a] >= size[b] else (b, a)
+        if size[big] < _BIG_DEPENDENCY_BYTES:
+            return 0.0
+        sizes = self.c.ig.sizes
+        if size[big] < self.ratio * sum(sizes[t] for t in self.tops[small]):
+            return 0.0
+        closure = self.c.closure[small]
+        if not all(closure >> t & 1 for t in self.tops[big]):
+            return 0.0
+        return self.weight[big] * max(0.0, _BIG_DEPENDENCY_ELSEWHERE - self.held[big])
 
     def merge(self, a: int, b: int) -> None:
         """``b`` joins ``a``."""
