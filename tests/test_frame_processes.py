@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import concurrent.futures
 import contextlib
+import functools
 import io
 import os
 import signal
@@ -33,6 +34,23 @@ _SETTINGS = ("zstd-chunked", 3, "zstd")
 
 def _table(*frames: tuple[int, int, int, int]) -> bytes:
     return array.array("q", [field for frame in frames for field in frame]).tobytes()
+
+
+def _layer(
+    paths: list[str], root: Path, compression: str, threads: int,
+    fragments: FragmentCache | None = None,
+) -> bytes:
+    """``paths`` packed as one layer in ``compression`` with ``threads``: its bytes."""
+    out = io.BytesIO()
+    pack_store_paths(
+        paths,
+        out.write,
+        ArchiveOptions(compression=compression),  # type: ignore[arg-type]
+        store_root=root,
+        threads=threads,
+        fragments=fragments,
+    )
+    return out.getvalue()
 
 
 @pytest.fixture
@@ -100,21 +118,9 @@ def test_threads_and_processes_write_the_same_bytes(
 ) -> None:
     """Where no worker process can start, the pool's threads write the same layer."""
     paths = make_store(tmp_path)
-
-    def pack() -> bytes:
-        out = io.BytesIO()
-        pack_store_paths(
-            paths,
-            out.write,
-            ArchiveOptions(compression=compression),  # type: ignore[arg-type]
-            store_root=tmp_path,
-            threads=2,
-        )
-        return out.getvalue()
-
-    with_processes = pack()
+    with_processes = _layer(paths, tmp_path, compression, 2)
     monkeypatch.setattr(frame_processes, "usable", lambda: False)
-    assert pack() == with_processes
+    assert _layer(paths, tmp_path, compression, 2) == with_processes
 
 
 def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
@@ -407,19 +413,8 @@ def _counting_pack(
         placed.append(sum(len(view) for view in (rest[2] if len(rest) > 2 else ())))
         return submit(self, settings, table, *rest)
 
-    def pack(threads: int) -> bytes:
-        out = io.BytesIO()
-        pack_store_paths(
-            paths,
-            out.write,
-            ArchiveOptions(compression=compression),  # type: ignore[arg-type]
-            store_root=root,
-            threads=threads,
-        )
-        return out.getvalue()
-
     monkeypatch.setattr(FrameProcesses, "submit", counting)
-    return pack, placed
+    return functools.partial(_layer, paths, root, compression), placed
 
 
 @pytest.mark.parametrize("compression", FORMATS)
@@ -551,23 +546,12 @@ def test_batches_go_on_to_the_workers_while_the_oldest_is_still_compressed(
     fake = _OldestHeld(release_after=12, timeout=10)
     monkeypatch.setattr(frame_processes, "shared", lambda count: fake)
 
-    def pack(threads: int) -> bytes:
-        out = io.BytesIO()
-        pack_store_paths(
-            paths,
-            out.write,
-            ArchiveOptions(compression=compression),  # type: ignore[arg-type]
-            store_root=tmp_path,
-            threads=threads,
-        )
-        return out.getvalue()
-
     try:
-        two = pack(2)
+        two = _layer(paths, tmp_path, compression, 2)
     finally:
         fake.close()
     assert fake.released_by_count  # 12 batches went on behind the oldest
-    assert two == pack(1)
+    assert two == _layer(paths, tmp_path, compression, 1)
 
 
 @pytest.mark.skipif(not shared_buffers.shared_memory_usable(), reason="no memfd_create here")
@@ -613,13 +597,9 @@ def test_a_pack_leaves_no_thread_behind_for_the_next(tmp_path: Path, compression
     then closed), no thread it started is still running, so a long-lived process's next pack
     shares the cores with nothing of it (the frame workers' I/O thread lives with the pool)."""
     paths = make_store(tmp_path)
-    options = ArchiveOptions(compression=compression)  # type: ignore[arg-type]
 
     def pack(group: list[str], fragments: FragmentCache | None = None) -> int:
-        out = io.BytesIO()
-        pack_store_paths(group, out.write, options, store_root=tmp_path, threads=2,
-                         fragments=fragments)
-        return len(out.getvalue())
+        return len(_layer(group, tmp_path, compression, 2, fragments))
 
     pack(paths)  # the frame workers and their I/O thread start once per process
     before = set(threading.enumerate())
