@@ -165,21 +165,32 @@ def test_malformed_entry_is_a_repaired_miss(
         assert again.cache_stats.corrupt_entries == 0
 
 
+def _build_after_damaging_the_manifest_entry(
+    built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    damage: Callable[[dict[str, Any]], None],
+) -> BuildResult:
+    """Every entry stored well-formed but the manifest entry, whose body ``damage`` changed,
+    then one build with a new local cache, logging warnings into ``caplog``."""
+    for entry, good in built.entries.items():
+        built.store.put_object(entry, good)
+    document = json.loads(built.entries[built.manifest_key])
+    damage(document["body"])
+    built.store.put_object(built.manifest_key, json.dumps(document).encode())
+    with (
+        BuildCache(tmp_path / "c") as cache,
+        caplog.at_level(logging.WARNING, logger="nixery_core.cache"),
+    ):
+        return _build(built.store, built.fake, cache)
+
+
 def test_missing_config_is_a_logged_corrupt_miss(
     built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The reported case: an entry without ``config`` is counted corrupt, logged and rebuilt."""
     store = built.store
-    for entry, good in built.entries.items():
-        store.put_object(entry, good)
-    document = json.loads(built.entries[built.manifest_key])
-    del document["body"]["config"]
-    store.put_object(built.manifest_key, json.dumps(document).encode())
-    with (
-        BuildCache(tmp_path / "c") as cache,
-        caplog.at_level(logging.WARNING, logger="nixery_core.cache"),
-    ):
-        result = _build(store, built.fake, cache)
+    result = _build_after_damaging_the_manifest_entry(
+        built, tmp_path, caplog, lambda body: body.pop("config")
+    )
     assert result.manifest_digest == built.digest
     assert not result.from_cache
     assert result.cache_stats.corrupt_entries >= 1
@@ -196,16 +207,10 @@ def test_a_layer_with_malformed_annotations_is_a_logged_corrupt_miss(
     """A manifest entry whose layer annotations are not an object of strings is counted
     corrupt, logged and rebuilt, never raised from the build."""
     store = built.store
-    for entry, good in built.entries.items():
-        store.put_object(entry, good)
-    document = json.loads(built.entries[built.manifest_key])
-    document["body"]["layers"][0]["annotations"] = annotations
-    store.put_object(built.manifest_key, json.dumps(document).encode())
-    with (
-        BuildCache(tmp_path / "c") as cache,
-        caplog.at_level(logging.WARNING, logger="nixery_core.cache"),
-    ):
-        result = _build(store, built.fake, cache)
+    result = _build_after_damaging_the_manifest_entry(
+        built, tmp_path, caplog,
+        lambda body: body["layers"][0].__setitem__("annotations", annotations),
+    )
     assert result.manifest_digest == built.digest
     assert not result.from_cache
     assert result.cache_stats.corrupt_entries >= 1
