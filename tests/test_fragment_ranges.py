@@ -25,7 +25,7 @@ from nixery_core.digests import sha256_digest
 from nixery_core.errors import LayerError, StorageError, StorageUnavailable
 from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy
 from nixery_core.fragment_reads import MAX_REQUEST
-from nixery_core.fragments import FragmentCache, FragmentSource, StoreFragments
+from nixery_core.fragments import FragmentCache, FragmentSource, LayerRanges, StoreFragments
 from nixery_core.names import Image
 from nixery_core.storage.filesystem import FilesystemBlobWriter, FilesystemStore
 from nixery_core.testing.runners import FakeNix, default_fake_packages
@@ -308,6 +308,15 @@ class _Layout:
         return b"layout"
 
 
+def _commit_range(layer: LayerRanges, key: str, layout: _Layout) -> None:
+    """A range ``key`` of ``layer`` committed at offset 0 with ``layout`` to encode."""
+    writer = layer.writer(key)
+    writer.offset = 0
+    writer.add(b"frames")
+    writer.layout = layout
+    writer.commit(100)
+
+
 def test_a_ranges_layout_is_encoded_while_its_layer_is_still_being_packed(
     tmp_path: Path,
 ) -> None:
@@ -317,12 +326,8 @@ def test_a_ranges_layout_is_encoded_while_its_layer_is_still_being_packed(
     digest = blobs.put_blob(b"frames of a layer", "application/octet-stream").digest
     with FragmentCache(tmp_path / "fragments") as cache:
         layer = cache.on_store(blobs).layer()
-        writer = layer.writer("k")
-        writer.offset = 0
-        writer.add(b"frames")
         layout = _Layout()
-        writer.layout = layout
-        writer.commit(100)
+        _commit_range(layer, "k", layout)
         assert _eventually(lambda: bool(layout.threads))
         assert layout.threads == ["nixery-fragment-writer"]
         layer.stored(digest)
@@ -352,11 +357,7 @@ def test_a_layout_failing_to_encode_ahead_leaves_the_writing_thread_writing(
         layer = cache.on_store(blobs).layer()
         layouts = {"bad": _Failing(), "good": _Layout()}
         for key, layout in layouts.items():
-            writer = layer.writer(key)
-            writer.offset = 0
-            writer.add(b"frames")
-            writer.layout = layout
-            writer.commit(100)
+            _commit_range(layer, key, layout)
         assert _eventually(lambda: bool(layouts["bad"].threads))
         layer.stored(digest)
         flushing = threading.Thread(target=cache.flush, daemon=True)
@@ -373,12 +374,8 @@ def test_a_layer_never_stored_records_no_range_though_its_layouts_were_encoded(
     has encoded its layouts ahead."""
     blobs = FilesystemStore(tmp_path / "blobs", durable=False)
     with FragmentCache(tmp_path / "fragments") as cache:
-        writer = cache.on_store(blobs).layer().writer("k")
-        writer.offset = 0
-        writer.add(b"frames")
         layout = _Layout()
-        writer.layout = layout
-        writer.commit(100)
+        _commit_range(cache.on_store(blobs).layer(), "k", layout)
         assert _eventually(lambda: bool(layout.threads))
     assert _rows(tmp_path / "fragments") == []
 
