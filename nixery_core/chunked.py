@@ -821,27 +821,28 @@ class _Fragment:
         lambda self: TocPartWriter(self.toc, self.defer), takes_self=True
     )
     tar_end: int = 0
-    #: Its frames' recorder only checksums them (a range of the blob: ``checksums_only``),
-    #: so that is done in the ``defer`` queue too, its commit queued after it.
-    frames_deferred: bool = attrs.field(
+    #: ``defer`` where its frames' recorder only checksums them (a range of the blob:
+    #: ``checksums_only``), so that is done in the queue too, its commit queued after it.
+    frames_defer: Defer | None = attrs.field(
+        init=False,
         default=attrs.Factory(
-            lambda self: self.defer is not None and getattr(self.frames, "checksums_only", False),
+            lambda self: self.defer if getattr(self.frames, "checksums_only", False) else None,
             takes_self=True,
-        )
+        ),
     )
 
     def add_frames(self, piece: bytes) -> None:
         """Compressed bytes of its frames, in order, to its frames' recorder."""
-        if self.frames_deferred and self.defer is not None:
-            self.defer(_Adding(self.frames), piece)
+        if self.frames_defer is not None:
+            self.frames_defer(_Adding(self.frames), piece)
         else:
             self.frames.add(piece)
 
     def commit_frames(self) -> None:
         """Its frames were all added: keep them (after the additions queued, if deferred)."""
         size = self.tar_end - self.tar_start
-        if self.frames_deferred and self.defer is not None:
-            self.defer(_Committing(self.frames, size), b"")
+        if self.frames_defer is not None:
+            self.frames_defer(_Committing(self.frames, size), b"")
         else:
             self.frames.commit(size)
 
