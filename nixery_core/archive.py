@@ -1091,6 +1091,13 @@ class _OrderedHashing:
     over.  Counted in bytes, not updates: a chunked layer also queues small
     ones (a recorded fragment's TOC part lines, its layout's seal), which
     must not make the producing thread drain sooner.
+
+    An update that raises (a recording's commit starting the cache's writing
+    thread, a TOC part's compression) does not stop the queue: the updates
+    after it are applied all the same (the ``diff_id`` misses none), and the
+    first failure is raised on the producing thread at its next
+    :meth:`update` or :meth:`wait`, as it would be if it had been applied
+    there (the pack fails, with that exception, whichever thread met it).
     """
 
     _MAX_QUEUED = 8 * BLOCK_SIZE
@@ -1103,11 +1110,15 @@ class _OrderedHashing:
         self._lock = threading.Lock()
         self._busy = threading.Lock()
         self._scheduled = False
+        #: The first exception an update raised, for the producing thread.
+        self._failure: Exception | None = None
 
     def update(self, digest: Updated, data: bytes | bytearray | memoryview) -> None:
         if self._executor is None:
             digest.update(data)
             return
+        if self._failure is not None:
+            raise self._failure
         with self._lock:
             self._queue.append((digest, data))
             self._bytes += len(data)
@@ -1128,11 +1139,17 @@ class _OrderedHashing:
                         return
                     digest, data = self._queue.popleft()
                     self._bytes -= len(data)
-                digest.update(data)
+                try:
+                    digest.update(data)
+                except Exception as exc:  # noqa: BLE001 - raised by wait() / update(), not here
+                    if self._failure is None:
+                        self._failure = exc
 
     def wait(self) -> None:
-        """Every update given so far is applied when this returns."""
+        """Every update given so far is applied when this returns (or one raised: raised)."""
         self._drain()
+        if self._failure is not None:
+            raise self._failure
 
     def close(self) -> None:
         """Drop what is queued (the stream failed); a running drain finishes first.

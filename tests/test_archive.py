@@ -1012,3 +1012,48 @@ def test_sizes_beyond_ustar_get_a_pax_size_record() -> None:
     assert (member.name, member.size, member.pax_headers) == (
         "nix/store/abc-big/blob", size, {"size": str(size)},
     )
+
+
+def test_an_update_raising_in_a_pool_drain_neither_wedges_the_hashing_queue_nor_goes_unseen() -> (
+    None
+):
+    """An update that raises on the pool (a recording's commit failing to start the cache's
+    writing thread) leaves the queue draining on the pool with every later diff_id update
+    applied, and its exception is raised on the producing thread at the next wait."""
+    from concurrent.futures import Future
+
+    class Manual:
+        """A pool that runs what it is given only when the test says."""
+
+        max_workers = 2
+
+        def __init__(self) -> None:
+            self.tasks: list[Callable[[], None]] = []
+
+        def submit(self, fn: Callable[[], None]) -> Future[None]:
+            self.tasks.append(fn)
+            return Future()
+
+        def run(self) -> None:
+            tasks, self.tasks = self.tasks, []
+            for task in tasks:
+                task()
+
+    class Failing:
+        def update(self, _data: bytes | bytearray | memoryview, /) -> None:
+            raise RuntimeError("can't start new thread")
+
+    pool = Manual()
+    hashing = archive._OrderedHashing(pool)  # type: ignore[arg-type]  # a stub pool
+    diff = hashlib.sha256()
+    hashing.update(diff, b"a")
+    hashing.update(Failing(), b"")
+    hashing.update(diff, b"b")
+    pool.run()
+    assert diff.digest() == hashlib.sha256(b"ab").digest()  # the update after it applied
+    assert pool.tasks == []  # and the drain ended with the queue empty
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        hashing.update(diff, b"c")
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        hashing.wait()
+
