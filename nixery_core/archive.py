@@ -126,6 +126,8 @@ from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, cast
 
 import attrs
+import zstandard
+from isal import isal_zlib
 
 from nixery_core import frame_processes
 from nixery_core.chunked import (
@@ -149,6 +151,7 @@ from nixery_core.compression import (
     frames_compressor,
     open_compressor,
     resolve_compressor,
+    zstd_window,
 )
 from nixery_core.entries import TarEntry
 from nixery_core.errors import (
@@ -728,7 +731,10 @@ class _TarStream:
         produced = 0
         for piece in fragment.pieces():
             self._copy_compressed(piece)
-            out = inflate.decompress(piece)
+            try:
+                out = inflate.decompress(piece)
+            except _INFLATE_ERRORS as exc:
+                raise _inflate_error(exc) from exc
             if out:
                 produced += len(out)
                 self._add_diff(out)
@@ -755,7 +761,10 @@ class _TarStream:
         inflate = _decompressor(self._spec)
         produced = 0
         for piece in fragment.pieces():
-            out = inflate.decompress(piece)
+            try:
+                out = inflate.decompress(piece)
+            except _INFLATE_ERRORS as exc:
+                raise _inflate_error(exc) from exc
             if out:
                 start = produced
                 produced += len(out)
@@ -1191,14 +1200,21 @@ class _Inflate(Protocol):
 
 
 def _decompressor(spec: CompressorSpec) -> _Inflate:
-    """A decompressor for one member of ``spec``'s format (any gzip backend reads gzip)."""
-    if spec.compression == "zstd":
-        import zstandard  # noqa: PLC0415 - zstd layers only; the spec was resolved with it
+    """A decompressor for one member of ``spec``'s format (any gzip backend reads gzip).
 
-        inflate: _Inflate = zstandard.ZstdDecompressor().decompressobj()
+    A zstd frame may declare no larger window than ``spec``'s level gives
+    (:func:`~nixery_core.compression.zstd_window`): one declaring more is
+    refused, never allocated (a :class:`~nixery_core.errors.LayerError`: see
+    :data:`_INFLATE_ERRORS`).
+    """
+    if spec.compression == "zstd":
+        window = zstd_window(spec.level)
+        inflate: _Inflate = zstandard.ZstdDecompressor(max_window_size=window).decompressobj()
         return inflate
     if spec.chunked:
-        return MembersInflater(zstd=spec.compression == "zstd-chunked")
+        if spec.compression == "zstd-chunked":
+            return MembersInflater(zstd=True, max_window=zstd_window(spec.level))
+        return MembersInflater(zstd=False)
     if spec.compression == "gzip":
         try:
             from isal import isal_zlib  # noqa: PLC0415 - faster than zlib at the same result
@@ -1221,10 +1237,28 @@ class _Identity:
 _PARALLEL_INFLATE = 8 << 20
 
 
+#: What a cached fragment's bytes that do not inflate raise (damaged, or a zstd frame
+#: declaring a larger window than its level gives).
+_INFLATE_ERRORS: tuple[type[Exception], ...] = (
+    zlib.error,
+    cast("type[Exception]", isal_zlib.error),  # a class; typed as an instance
+    zstandard.ZstdError,
+)
+
+
+def _inflate_error(exc: Exception) -> LayerError:
+    return LayerError(
+        f"a cached fragment does not decompress ({exc}); remove the fragment cache"
+    )
+
+
 def _inflate_whole(spec: CompressorSpec, data: bytes, expected: int) -> bytes:
     """One cached fragment inflated in one call (on a pool thread)."""
     inflate = _decompressor(spec)
-    out = inflate.decompress(data)
+    try:
+        out = inflate.decompress(data)
+    except _INFLATE_ERRORS as exc:
+        raise _inflate_error(exc) from exc
     _check_inflated(len(out), expected, eof=inflate.eof)
     return out
 

@@ -1802,8 +1802,10 @@ class MembersInflater:
     frame.  :attr:`eof` is true between members (where a whole fragment ends).
     """
 
-    def __init__(self, *, zstd: bool) -> None:
+    def __init__(self, *, zstd: bool, max_window: int = 0) -> None:
         self._zstd = zstd
+        #: The largest window a zstd frame may declare (0: libzstd's default, 128 MiB).
+        self._max_window = max_window
         self._inflate: Any = None
         self.eof = True
 
@@ -1811,7 +1813,7 @@ class MembersInflater:
         if self._zstd:
             import zstandard  # noqa: PLC0415 - zstd:chunked only; a required dependency
 
-            return zstandard.ZstdDecompressor().decompressobj()
+            return zstandard.ZstdDecompressor(max_window_size=self._max_window).decompressobj()
         from isal import isal_zlib  # noqa: PLC0415 - a required dependency
 
         return isal_zlib.decompressobj(31)

@@ -105,6 +105,7 @@ __all__ = [
     "open_compressor",
     "resolve_compressor",
     "zstd_available",
+    "zstd_window",
 ]
 
 Compression = Literal["gzip", "zstd", "none", "estargz", "zstd-chunked"]
@@ -181,6 +182,23 @@ def isal_available() -> bool:
 def zstd_available() -> bool:
     """Whether ``zstandard`` is importable (it is a required dependency)."""
     return _import_zstd() is not None
+
+
+@cache
+def zstd_window(level: int) -> int:
+    """The largest window a zstd frame of ours compressed at ``level`` declares.
+
+    libzstd picks the window by level (``windowLog``: 512 KiB at level 1,
+    2 MiB at 3, 8 MiB at 19, 128 MiB at 22); a frame whose size the encoder
+    knew (a chunked layer's, one-shot) declares at most its size instead.
+    A decoder of our own frames is bounded by it (``max_window_size``), so
+    a damaged or hostile frame declaring more (up to libzstd's default limit
+    of 128 MiB, allocated outside Python) is refused before any allocation.
+    """
+    zstandard = _import_zstd()
+    if zstandard is None:  # pragma: no cover - a required dependency
+        raise MissingEncoder("zstandard", "zstd frames")
+    return 1 << int(zstandard.ZstdCompressionParameters.from_level(level).window_log)
 
 
 @attrs.frozen

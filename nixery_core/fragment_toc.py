@@ -44,6 +44,8 @@ from typing import Any, Protocol
 
 import zstandard
 
+from nixery_core.compression import zstd_window
+
 __all__ = [
     "TOC_PART_LAYOUT",
     "Defer",
@@ -253,7 +255,8 @@ def toc_part_lines(pieces: Iterable[bytes], uncompressed_size: int) -> Iterator[
     yielded may then be wrong: the caller takes nothing from a part until
     it was read to its end).
     """
-    inflate = zstandard.ZstdDecompressor().decompressobj()
+    # No larger window than its level gives: a frame declaring more is refused unallocated.
+    inflate = zstandard.ZstdDecompressor(max_window_size=zstd_window(_LEVEL)).decompressobj()
     rest = b""
     produced = 0
     try:

@@ -10,6 +10,12 @@ for at most ``step`` bytes at a time (zlib's ``max_length`` and
 ``backports.zstd`` before Python 3.14, as ``zstandard``'s ``decompressobj``
 has no ``max_length``), counts them and drops them, so it holds about
 ``step`` inflated bytes however compressible its input is.
+
+A zstd frame may declare a window up to libzstd's default limit (128 MiB,
+allocated outside Python): the bucket tier checks fragments of every level
+without knowing which, and level 22's window is that large
+(:func:`~nixery_core.compression.zstd_window`).  The pack that copies a
+fetched fragment holds its frames to its own level's window.
 """
 
 from __future__ import annotations

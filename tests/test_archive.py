@@ -1057,3 +1057,23 @@ def test_an_update_raising_in_a_pool_drain_neither_wedges_the_hashing_queue_nor_
     with pytest.raises(RuntimeError, match="can't start new thread"):
         hashing.wait()
 
+
+
+@pytest.mark.parametrize("compression", ["zstd", "zstd-chunked"])
+def test_a_cached_zstd_fragment_declaring_a_larger_window_than_its_level_is_refused(
+    compression: str,
+) -> None:
+    """A cached fragment's zstd frame declaring a window beyond what its level gives (a
+    hostile one: 128 MiB, which libzstd would allocate outside Python) is a LayerError
+    naming the fragment cache, refused before any allocation; one declaring the level's
+    own window inflates."""
+    from hostile_frames import zstd_frame_declaring_window
+
+    from nixery_core.compression import zstd_window
+
+    spec = ArchiveOptions(compression=compression).compressor()  # type: ignore[arg-type]
+    hostile = zstd_frame_declaring_window(27, 1024)
+    with pytest.raises(LayerError, match=r"does not decompress.*remove the fragment cache"):
+        archive._inflate_whole(spec, hostile, 1024)
+    own = zstd_frame_declaring_window(zstd_window(spec.level).bit_length() - 1, 1024)
+    assert archive._inflate_whole(spec, own, 1024) == bytes(1024)

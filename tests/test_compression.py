@@ -330,3 +330,22 @@ def test_a_streamed_frame_refuses_another_size(settings_: tuple[str, int, str]) 
         frame.compress(given_)
         with pytest.raises(LayerError, match="given"):
             frame.finish()
+
+
+@pytest.mark.parametrize("level", [-7, 1, 2, 3, 12])
+def test_our_zstd_frames_declare_no_larger_window_than_their_level_gives(level: int) -> None:
+    """Every zstd frame we write (a streamed member, with and without threads; a chunked
+    layer's one-shot and streamed frames) declares at most compression.zstd_window(level),
+    the bound our decoders of cached frames hold them to: none of ours is refused."""
+    data = _sample(1 << 20, seed=level)
+    frames = [
+        _compress(resolve_compressor("zstd", level), data, threads=threads)
+        for threads in (1, 2)
+    ]
+    spec = resolve_compressor("zstd-chunked", level)
+    frames.append(frame_compressor(spec)(data[: 256 << 10]))
+    frames.append(_stream(("zstd-chunked", level, "auto"), data, [STREAM_PIECE]))
+    bound = compression.zstd_window(level)
+    declared = [zstandard.get_frame_parameters(frame).window_size for frame in frames]
+    assert max(declared) <= bound
+    assert declared[0] == bound  # a streamed member's: the bound is no looser than needed

@@ -598,3 +598,14 @@ def test_a_chunked_pack_failing_midway_leaves_a_cache_that_packs_the_same_bytes(
                              threads=2, fragments=cache)
         cache.flush()
         assert _copied(root, paths, compression, cache) == expected
+
+
+def test_a_toc_part_declaring_a_larger_window_than_its_level_is_damaged() -> None:
+    """A kept TOC part whose frame declares a window beyond what TOC parts' level gives (a
+    hostile part's 128 MiB, which libzstd would allocate outside Python) reads as a damaged
+    part (ValueError, a miss), refused before any allocation."""
+    from hostile_frames import zstd_frame_declaring_window
+
+    hostile = zstd_frame_declaring_window(27, 1024)
+    with pytest.raises(ValueError, match="does not decompress"):
+        list(toc_part_lines([hostile], 1024))
