@@ -116,9 +116,8 @@ import os
 import stat
 import threading
 import traceback
-import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from operator import attrgetter
 from pathlib import Path
@@ -126,15 +125,12 @@ from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, cast
 
 import attrs
-import zstandard
-from isal import isal_zlib
 
 from nixery_core import frame_processes
 from nixery_core.chunked import (
     ChunkedCompressor,
     FrameFormat,
     HeaderFields,
-    MembersInflater,
     chunker_parameters,
 )
 from nixery_core.compression import (
@@ -165,6 +161,7 @@ from nixery_core.estargz import EStargzFormat
 from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
 from nixery_core.fragment_toc import Updated, toc_part_lines, toc_part_parameters
 from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_keys
+from nixery_core.inflating import INFLATE_ERRORS, MembersInflater
 from nixery_core.protocols import JSONValue
 from nixery_core.released import released
 from nixery_core.shared_buffers import SharedBuffers
@@ -727,19 +724,13 @@ class _TarStream:
             self._inflating += 1
             self._drain_diff()
             return True
-        inflate = _decompressor(self._spec)
-        produced = 0
+        inflate = _FragmentInflater(self._spec, fragment.uncompressed_size)
         for piece in fragment.pieces():
             self._copy_compressed(piece)
-            try:
-                out = inflate.decompress(piece)
-            except _INFLATE_ERRORS as exc:
-                raise _inflate_error(exc) from exc
-            if out:
-                produced += len(out)
+            for out in inflate.inflate(piece):
                 self._add_diff(out)
                 self._drain_diff()
-        _check_inflated(produced, fragment.uncompressed_size, eof=inflate.eof)
+        inflate.finish()
         return True
 
     def _add_rebuilt(self, block: bytearray) -> None:
@@ -758,20 +749,14 @@ class _TarStream:
 
     def _inflate_rest(self, fragment: CachedFragment, skip: int) -> None:
         """Inflate a fragment here; its bytes after the first ``skip`` join the diff_id."""
-        inflate = _decompressor(self._spec)
-        produced = 0
+        inflate = _FragmentInflater(self._spec, fragment.uncompressed_size)
         for piece in fragment.pieces():
-            try:
-                out = inflate.decompress(piece)
-            except _INFLATE_ERRORS as exc:
-                raise _inflate_error(exc) from exc
-            if out:
-                start = produced
-                produced += len(out)
-                if produced > skip:
+            for out in inflate.inflate(piece):
+                start = inflate.produced - len(out)
+                if inflate.produced > skip:
                     self._add_diff(out[skip - start :] if start < skip else out)
                     self._drain_diff()
-        _check_inflated(produced, fragment.uncompressed_size, eof=inflate.eof)
+        inflate.finish()
 
     def _add_diff(self, data: bytes | bytearray | memoryview) -> None:
         """Uncompressed bytes for the ``diff_id``, after any still being inflated."""
@@ -1196,70 +1181,69 @@ class _Inflate(Protocol):
     @property
     def eof(self) -> bool: ...
 
-    def decompress(self, data: bytes) -> bytes: ...
+    def inflate(self, data: bytes) -> Iterator[bytes]: ...
 
 
 def _decompressor(spec: CompressorSpec) -> _Inflate:
-    """A decompressor for one member of ``spec``'s format (any gzip backend reads gzip).
+    """A decompressor for members of ``spec``'s format, a bounded step of output at a time
+    (:class:`~nixery_core.inflating.MembersInflater`; any gzip backend reads gzip).
 
     A zstd frame may declare no larger window than ``spec``'s level gives
     (:func:`~nixery_core.compression.zstd_window`): one declaring more is
-    refused, never allocated (a :class:`~nixery_core.errors.LayerError`: see
-    :data:`_INFLATE_ERRORS`).
+    refused, never allocated.
     """
-    if spec.compression == "zstd":
-        window = zstd_window(spec.level)
-        inflate: _Inflate = zstandard.ZstdDecompressor(max_window_size=window).decompressobj()
-        return inflate
-    if spec.chunked:
-        if spec.compression == "zstd-chunked":
-            return MembersInflater(zstd=True, max_window=zstd_window(spec.level))
+    if spec.compression in ("zstd", "zstd-chunked"):
+        return MembersInflater(zstd=True, max_window=zstd_window(spec.level))
+    if spec.compression in ("gzip", "estargz"):
         return MembersInflater(zstd=False)
-    if spec.compression == "gzip":
-        try:
-            from isal import isal_zlib  # noqa: PLC0415 - faster than zlib at the same result
-
-            inflate = isal_zlib.decompressobj(31)
-        except ImportError:
-            inflate = zlib.decompressobj(31)
-        return inflate
     return _Identity()
 
 
 class _Identity:
     eof = True
 
-    def decompress(self, data: bytes) -> bytes:
-        return data
+    def inflate(self, data: bytes) -> Iterator[bytes]:
+        if data:
+            yield data
+
+
+class _FragmentInflater:
+    """A cached fragment's uncompressed bytes: a bounded step at a time, never more than its
+    recorded size; bytes that do not inflate (damaged, or a zstd frame declaring a larger
+    window than its level gives) raise :class:`~nixery_core.errors.LayerError`."""
+
+    def __init__(self, spec: CompressorSpec, expected: int) -> None:
+        self._members = _decompressor(spec)
+        self._expected = expected
+        self.produced = 0
+
+    def inflate(self, data: bytes) -> Iterator[bytes]:
+        """What the fragment's next compressed bytes inflate to, in steps."""
+        try:
+            for out in self._members.inflate(data):
+                self.produced += len(out)
+                if self.produced > self._expected:
+                    _check_inflated(self.produced, self._expected, eof=False)
+                yield out
+        except INFLATE_ERRORS as exc:
+            raise LayerError(
+                f"a cached fragment does not decompress ({exc}); remove the fragment cache"
+            ) from exc
+
+    def finish(self) -> None:
+        """Every byte was given: raise unless the fragment inflated whole to its size."""
+        _check_inflated(self.produced, self._expected, eof=self._members.eof)
 
 
 #: Cached fragments up to this many uncompressed bytes are inflated whole on the pool.
 _PARALLEL_INFLATE = 8 << 20
 
 
-#: What a cached fragment's bytes that do not inflate raise (damaged, or a zstd frame
-#: declaring a larger window than its level gives).
-_INFLATE_ERRORS: tuple[type[Exception], ...] = (
-    zlib.error,
-    cast("type[Exception]", isal_zlib.error),  # a class; typed as an instance
-    zstandard.ZstdError,
-)
-
-
-def _inflate_error(exc: Exception) -> LayerError:
-    return LayerError(
-        f"a cached fragment does not decompress ({exc}); remove the fragment cache"
-    )
-
-
 def _inflate_whole(spec: CompressorSpec, data: bytes, expected: int) -> bytes:
-    """One cached fragment inflated in one call (on a pool thread)."""
-    inflate = _decompressor(spec)
-    try:
-        out = inflate.decompress(data)
-    except _INFLATE_ERRORS as exc:
-        raise _inflate_error(exc) from exc
-    _check_inflated(len(out), expected, eof=inflate.eof)
+    """One cached fragment inflated at once (on a pool thread)."""
+    inflate = _FragmentInflater(spec, expected)
+    out = b"".join(inflate.inflate(data))
+    inflate.finish()
     return out
 
 

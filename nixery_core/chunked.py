@@ -128,7 +128,6 @@ __all__ = [
     "FragmentRecorder",
     "FrameFormat",
     "HeaderFields",
-    "MembersInflater",
     "Sink",
     "chunker_parameters",
     "compress_packed",
@@ -1793,44 +1792,6 @@ class ChunkedCompressor:
                 collecting.add_frames(blob[start:] if start else blob)
             out.append(blob)
         self._collecting_fragment = collecting
-
-
-class MembersInflater:
-    """Decompresses concatenated gzip members (or zstd frames), piece by piece.
-
-    What a fragment of a chunked layer holds: one member or frame per
-    frame.  :attr:`eof` is true between members (where a whole fragment ends).
-    """
-
-    def __init__(self, *, zstd: bool, max_window: int = 0) -> None:
-        self._zstd = zstd
-        #: The largest window a zstd frame may declare (0: libzstd's default, 128 MiB).
-        self._max_window = max_window
-        self._inflate: Any = None
-        self.eof = True
-
-    def _new(self) -> Any:
-        if self._zstd:
-            import zstandard  # noqa: PLC0415 - zstd:chunked only; a required dependency
-
-            return zstandard.ZstdDecompressor(max_window_size=self._max_window).decompressobj()
-        from isal import isal_zlib  # noqa: PLC0415 - a required dependency
-
-        return isal_zlib.decompressobj(31)
-
-    def decompress(self, data: bytes) -> bytes:
-        out = []
-        while data:
-            if self._inflate is None:
-                self._inflate = self._new()
-            out.append(self._inflate.decompress(data))
-            if self._inflate.eof:
-                data = self._inflate.unused_data
-                self._inflate = None
-            else:
-                data = b""
-        self.eof = self._inflate is None
-        return b"".join(out)
 
 
 _ENTRY_TYPES = frozenset({"reg", "dir", "symlink", "hardlink", "chunk"})

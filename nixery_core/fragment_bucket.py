@@ -47,7 +47,7 @@ each; a miss costs only that); the pack goes on meanwhile and waits only
 for the fragment it needs next.  A
 fragment found is downloaded into the local cache (written to its file as
 it comes, never held whole; its check inflates 256 KiB at a time, however
-compressible: :mod:`nixery_core.inflated_size`) and checked on the way:
+compressible: :mod:`nixery_core.inflating`) and checked on the way:
 its size, sha256 (the blob's digest) and CRC-32 against the pointer, and
 that it inflates to exactly the recorded number of bytes as complete gzip
 members or zstd frames (one for a gzip or zstd layer's fragment, one per
@@ -134,7 +134,7 @@ from nixery_core.fragments import (
     StoreFragments,
     open_range,
 )
-from nixery_core.inflated_size import INFLATE_ERRORS, InflatedSize
+from nixery_core.inflating import INFLATE_ERRORS, MembersInflater
 from nixery_core.protocols import ReadableStore, SupportsRefresh, SupportsWrittenDigest
 from nixery_core.tally import Tally
 
@@ -333,7 +333,9 @@ class _Check:
     _crc: int = attrs.field(init=False, default=0)
     _size: int = attrs.field(init=False, default=0)
     #: Set by the first piece, whose first bytes say the format of every member.
-    _inflate: InflatedSize | None = attrs.field(init=False, default=None)
+    _inflate: MembersInflater | None = attrs.field(init=False, default=None)
+    #: What the pieces so far inflate to, counted.
+    _produced: int = attrs.field(init=False, default=0)
 
     def add(self, piece: bytes) -> None:
         pointer = self.pointer
@@ -346,15 +348,19 @@ class _Check:
                 raise _Refused("is not a gzip member or a zstd frame")
             # As many members as there are: a chunked layer's fragment holds
             # one per frame (nixery_core.chunked).
-            inflate = self._inflate = InflatedSize(zstd=piece.startswith(_ZSTD_MAGIC))
+            # A zstd frame may declare any window up to libzstd's default limit (128 MiB):
+            # fragments of every level are checked here without knowing which, and level
+            # 22's window is that large; the pack that copies it holds it to its level's.
+            inflate = self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
         try:
             # Counted a bounded step at a time: what a piece inflates to is never held
             # at once (a TOC part's JSON, or a hostile object's 1000:1 zeros).
-            inflate.add(piece)
+            for out in inflate.inflate(piece):
+                self._produced += len(out)
+                if self._produced > pointer.uncompressed_size:
+                    raise _Refused("decompresses to more than recorded")
         except INFLATE_ERRORS as exc:
             raise _Refused(f"does not decompress ({exc})") from exc
-        if inflate.produced > pointer.uncompressed_size:
-            raise _Refused("decompresses to more than recorded")
         if self.whole:
             self._digest.update(piece)
         self._crc = _crc32(piece, self._crc)
@@ -365,8 +371,7 @@ class _Check:
             raise _Refused("does not hash to its digest")
         if (self._size, self._crc) != (pointer.size, pointer.crc32):
             raise _Refused("has another size or CRC-32 than its pointer records")
-        inflate = self._inflate
-        produced = 0 if inflate is None else inflate.produced
+        inflate, produced = self._inflate, self._produced
         if inflate is None or not inflate.eof or produced != pointer.uncompressed_size:
             raise _Refused(
                 f"decompresses to {produced} bytes, not the "

@@ -985,3 +985,41 @@ def test_the_hashing_queue_drains_on_the_producing_thread_by_bytes_not_by_update
     assert 1 < blocks <= 9  # drained by the producing thread within a few blocks' bytes
     assert small.digest() == hashlib.sha256(b"x" * 10_000).digest()
     assert big.digest() == hashlib.sha256(block * blocks).digest()
+
+
+@pytest.mark.parametrize("options", OPTIONS[:2])
+@pytest.mark.parametrize("way", ["no-layout", "store-changed"])
+def test_inflating_a_cached_zero_run_holds_a_step_not_the_whole_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: ArchiveOptions, way: str
+) -> None:
+    """A cached fragment of 64 MiB of zeros (a piece of it read from the cache inflates about
+    1000:1) is inflated for the diff_id a bounded step at a time, whether it has no layout
+    or its store path changed since: the pack holds a few MiB, not the 64 MiB the piece
+    inflates to, and gives the layer packed without a cache."""
+    import tracemalloc
+
+    from nixery_core import fragment_layout
+
+    path = f"/nix/store/{'z' * 32}-zeros"
+    zeros = tmp_path / "store" / path.lstrip("/") / "zeros"
+    zeros.parent.mkdir(parents=True)
+    with zeros.open("wb") as file:
+        file.truncate(64 << 20)  # sparse: nothing held to write it
+    store = tmp_path / "store"
+    expected = pack(store, [path], options)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, [path], options, cache)
+        if way == "no-layout":
+            monkeypatch.setattr(fragment_layout.FragmentLayout, "decode", lambda _raw: None)
+        else:  # a different first block: rebuilt from nothing, inflated from its start
+            with zeros.open("r+b") as file:
+                file.write(b"\1")
+        tracemalloc.start()
+        try:
+            again = pack(store, [path], options, cache)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert cache.hits == 1
+    assert again == expected
+    assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB held"
