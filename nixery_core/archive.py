@@ -114,6 +114,7 @@ import logging
 import mmap
 import os
 import stat
+import sys
 import threading
 import traceback
 from collections import deque
@@ -1294,17 +1295,21 @@ def _drops_frames_on_failure(pack: Callable[_P, PackedLayer]) -> Callable[_P, Pa
     A caller keeping the exception (a registry's last error, a test) would otherwise keep
     the pack's tar blocks and windows alive through its traceback, and with them a slot of
     the frame workers' shared memory each (:mod:`nixery_core.shared_buffers`): a dozen
-    kept exceptions and shared memory was used up for the process.
+    kept exceptions and shared memory was used up for the process.  Only the exceptions
+    raised within the pack: the chain stops at the one the caller was handling when it
+    called (a pack inside an ``except`` block), whose frames are the caller's.
     """
 
     @functools.wraps(pack)
     def dropping(*args: _P.args, **kwargs: _P.kwargs) -> PackedLayer:
+        handling = sys.exc_info()[1]
         try:
             return pack(*args, **kwargs)
         except BaseException as exc:
             seen: set[int] = set()
             failure: BaseException | None = exc
-            while failure is not None and id(failure) not in seen:  # and what it was from
+            # And what it was raised from, back to what the caller was handling.
+            while failure is not None and failure is not handling and id(failure) not in seen:
                 seen.add(id(failure))
                 traceback.clear_frames(failure.__traceback__)
                 failure = failure.__cause__ or failure.__context__

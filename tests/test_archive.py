@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from unittest import mock
 
 import pytest
@@ -1077,3 +1078,41 @@ def test_a_cached_zstd_fragment_declaring_a_larger_window_than_its_level_is_refu
         archive._inflate_whole(spec, hostile, 1024)
     own = zstd_frame_declaring_window(zstd_window(spec.level).bit_length() - 1, 1024)
     assert archive._inflate_whole(spec, own, 1024) == bytes(1024)
+
+
+def _frames(exc: BaseException) -> list[FrameType]:
+    """The frames ``exc``'s traceback passed through, outermost first."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
+
+
+def test_a_pack_failing_inside_a_callers_except_block_keeps_the_callers_frames(
+    tmp_path: Path,
+) -> None:
+    """A pack called while its caller handles an exception of its own drops the locals of
+    its own failure's frames but not those of the caller's exception (a debugger still sees
+    them), which its failure's context names."""
+
+    def callers_step() -> None:
+        kept = "the caller's local"
+        raise ValueError(kept)
+
+    handled: list[BaseException] = []
+    try:
+        callers_step()
+    except ValueError as own:
+        handled.append(own)
+        with pytest.raises(StorePathMissing) as failed:
+            pack_store_paths([HELLO], Sink().write, ArchiveOptions(), store_root=tmp_path)
+    chain: list[BaseException] = []
+    link: BaseException | None = failed.value
+    while link is not None:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    assert chain[-1] is handled[0]
+    assert _frames(handled[0])[-1].f_locals.get("kept") == "the caller's local"
+    assert _frames(failed.value)[-1].f_locals == {}  # the pack's own frames are dropped still
