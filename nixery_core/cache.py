@@ -79,6 +79,7 @@ from nixery_core.protocols import (
     SupportsReading,
     Uploader,
 )
+from nixery_core.record_fields import int_field, json_object, malformed, str_field
 from nixery_core.record_schema import record_blob_sizes
 from nixery_core.tally import Tally
 
@@ -119,16 +120,16 @@ class LayerRecord:
     def from_json(cls, data: Mapping[str, Any]) -> LayerRecord:
         """Parse an entry; a missing or malformed field raises
         :class:`~nixery_core.errors.InvalidCacheRecord` naming it."""
-        _object(data, "layer record")
-        with _malformed():
-            size = _int(data, "size")
+        json_object(data, "layer record")
+        with malformed():
+            size = int_field(data, "size")
             if size < 0:
                 raise ValueError("size is negative")
             return cls(
-                digest=validate_digest(_str(data, "digest")),
-                diff_id=validate_digest(_str(data, "diff_id")),
+                digest=validate_digest(str_field(data, "digest")),
+                diff_id=validate_digest(str_field(data, "diff_id")),
                 size=size,
-                media_type=_str(data, "media_type"),
+                media_type=str_field(data, "media_type"),
                 annotations=_annotations(data),
             )
 
@@ -145,21 +146,6 @@ def annotated_json(
     else:
         del data["annotations"]
     return data
-
-
-def _object(data: object, what: str) -> None:
-    """Raise :class:`InvalidCacheRecord` unless ``data`` is a JSON object."""
-    if not isinstance(data, Mapping):
-        raise InvalidCacheRecord(f"a {what} is an object, not {type(data).__name__}")
-
-
-@contextlib.contextmanager
-def _malformed() -> Iterator[None]:
-    """A record's parsing errors (a field's) as :class:`InvalidCacheRecord`, chained."""
-    try:
-        yield
-    except (TypeError, ValueError) as exc:
-        raise InvalidCacheRecord(str(exc)) from exc
 
 
 def _annotations(data: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -195,7 +181,7 @@ class ManifestRecord:
     def from_json(cls, data: Mapping[str, Any]) -> ManifestRecord:
         """Parse an entry's outline (its body is checked where it is served); a missing or
         malformed field raises :class:`~nixery_core.errors.InvalidCacheRecord` naming it."""
-        _object(data, "manifest record")
+        json_object(data, "manifest record")
         body = data.get("body")
         blobs = data.get("blobs")
         expires_at = data.get("expires_at")
@@ -247,20 +233,6 @@ def _stored_size(store: Uploader, digest: str) -> int | None:
         return size if isinstance(size, int) else None
     info = store.blob_info(digest)
     return None if info is None else info.size
-
-
-def _str(data: Mapping[str, Any], key: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str):
-        raise TypeError(f"{key} is not a string")
-    return value
-
-
-def _int(data: Mapping[str, Any], key: str) -> int:
-    value = data.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{key} is not an integer")
-    return value
 
 
 def _same_file(fd: int, path: Path) -> bool:

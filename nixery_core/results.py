@@ -20,6 +20,7 @@ from nixery_core.display import build_result_html
 from nixery_core.errors import InvalidCacheRecord
 from nixery_core.names import Image
 from nixery_core.protocols import ReadableStore
+from nixery_core.record_fields import json_object, malformed, str_field
 from nixery_core.sbom import attach
 
 __all__ = [
@@ -110,14 +111,6 @@ def _strings(data: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _text(body: Mapping[str, Any], name: str) -> str:
-    """A build record's field ``name``, a string."""
-    value = body.get(name)
-    if not isinstance(value, str):
-        raise InvalidCacheRecord(f"build record {name} is not a string")
-    return value
-
-
 def _list(body: Mapping[str, Any], name: str, *, optional: bool = False) -> list[Any]:
     """A build record's field ``name``, a list (empty when ``optional`` and absent)."""
     value = body.get(name, [] if optional else None)
@@ -181,17 +174,18 @@ class BuildResult:
     ) -> BuildResult:
         """Rebuild a result from the body :meth:`to_record` wrote; a missing or malformed
         field raises :class:`~nixery_core.errors.InvalidCacheRecord` naming it."""
-        if not isinstance(body, Mapping):
-            raise InvalidCacheRecord(f"a build record is an object, not {type(body).__name__}")
-        manifest = _text(body, "manifest").encode()
-        config = _text(body, "config").encode()
+        json_object(body, "build record")
+        with malformed():
+            manifest = str_field(body, "manifest").encode()
+            config = str_field(body, "config").encode()
+            media_type = str_field(body, "manifest_media_type")
         layers = _list(body, "layers")
         sboms = _list(body, "sboms", optional=True)  # none in entries written before SBOMs
         return cls(
             image=image,
             manifest=manifest,
             manifest_digest=sha256_digest(manifest),
-            manifest_media_type=_text(body, "manifest_media_type"),
+            manifest_media_type=media_type,
             config=config,
             config_digest=sha256_digest(config),
             layers=tuple(BuiltLayer.from_json(layer, reused=True) for layer in layers),
