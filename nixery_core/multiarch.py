@@ -155,9 +155,11 @@ class _IndexBuild:
         if self.cache is None:
             return None
         counted: list[str] = []
+        #: The result the check read from the entry returned (none when it was memoised).
+        read: list[MultiArchResult] = []
         record = self.cache.get_manifest(
             self.store, self.key, on_count=counted.append,
-            check=lambda body: self._from_record(body, CacheStats()),
+            check=lambda body: read.append(self._from_record(body, CacheStats())),
         )
         if record is None:
             self.met = self.met + CacheStats(
@@ -166,7 +168,13 @@ class _IndexBuild:
             return None
         delta = self.met + CacheStats(**{field: counted.count(field) for field in set(counted)})
         self.timings["resolve"] = self.settings.clock() - self.start
-        return self._from_record(record.body, delta)
+        if not read:
+            return self._from_record(record.body, delta)
+        result = read[-1]  # read once: its stats are the lookup's, known only now
+        return attrs.evolve(result, cache_stats=delta, manifests={
+            arch: attrs.evolve(built, cache_stats=delta)
+            for arch, built in result.manifests.items()
+        })
 
     def _from_record(self, body: Mapping[str, Any], stats: CacheStats) -> MultiArchResult:
         """Rebuild a result from an index cache entry (TypeError/KeyError if malformed)."""
