@@ -540,8 +540,8 @@ class _TarStream:
                 processes=processes,
                 settings=(spec.compression, spec.level, spec.backend),
                 shared=self._shared,
-                # Recorded fragments' TOC parts are compressed in the hashing queue.
-                defer=(self._hashing.update, self._hashing.wait),
+                # Recorded fragments' ranges are checksummed in the hashing queue.
+                defer=self._hashing.update,
             )
         self._write = write
         self._passthrough = spec.compression == "none"
@@ -1084,11 +1084,11 @@ class _OrderedHashing:
     drains itself, so memory stays bounded and a pool busy with other layers
     never stalls the stream.  The caller never changes a buffer it handed
     over.  Counted in bytes, not updates: a chunked layer also queues small
-    ones (a recorded fragment's TOC part lines, its layout's seal), which
+    ones (a recorded range's checksums and commit, its layout's seal), which
     must not make the producing thread drain sooner.
 
     An update that raises (a recording's commit starting the cache's writing
-    thread, a TOC part's compression) does not stop the queue: the updates
+    thread) does not stop the queue: the updates
     after it are applied all the same (the ``diff_id`` misses none), and the
     first failure is raised on the producing thread at its next
     :meth:`update` or :meth:`wait`, as it would be if it had been applied

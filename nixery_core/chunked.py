@@ -47,7 +47,7 @@ a layer.  A recorded fragment is those frames (their recorder learns where
 the first one starts in the blob, so they can be kept as a byte range of
 it) plus, as a part of its own, where it started and its TOC entries, the
 very JSON the layer's TOC got (:mod:`nixery_core.fragment_toc`: JSON
-Lines, compressed as they come); :meth:`~ChunkedCompressor.put_fragment`
+Lines, kept as they come); :meth:`~ChunkedCompressor.put_fragment`
 takes that part back a line at a time, moving the offsets to where the
 frames land, before the frames are copied.  The TOC and footer are written at the end as always,
 so a layer is byte-identical whether its store paths were compressed now
@@ -111,7 +111,7 @@ import orjson
 
 from nixery_core.compression import FramesCompressor
 from nixery_core.errors import LayerError, MissingEncoder
-from nixery_core.fragment_toc import Defer, TocPartWriter
+from nixery_core.fragment_toc import MAX_LINE_ENTRIES, Defer, TocPartWriter
 from nixery_core.released import released
 from nixery_core.toc_spool import TocSpool
 
@@ -813,12 +813,10 @@ class _Fragment:
     frames: FragmentRecorder
     toc: FragmentRecorder
     tar_start: int
-    #: Compresses its TOC part off the packing thread (see :class:`TocPartWriter`).
+    #: The packer's queue off the packing thread (see :attr:`frames_defer`).
     defer: Defer | None = None
-    #: Its TOC part: each of its entries' JSON as the layer's TOC gets it, compressed.
-    toc_part: TocPartWriter = attrs.Factory(
-        lambda self: TocPartWriter(self.toc, self.defer), takes_self=True
-    )
+    #: Its TOC part: each of its entries' JSON as the layer's TOC gets it.
+    toc_part: TocPartWriter = attrs.Factory(lambda self: TocPartWriter(self.toc), takes_self=True)
     tar_end: int = 0
     #: ``defer`` where its frames' recorder only checksums them (a range of the blob:
     #: ``checksums_only``), so that is done in the queue too, its commit queued after it.
@@ -912,14 +910,12 @@ class ChunkedCompressor:
         processes: BatchProcesses | None = None,
         settings: tuple[str, int, str] = ("", 0, ""),
         shared: SharedSlots | None = None,
-        defer: tuple[Defer, Callable[[], None]] | None = None,
+        defer: Defer | None = None,
     ) -> None:
         self._fmt = fmt
-        #: Where recorded fragments' TOC parts are compressed, in order, off this thread, and
-        #: what applies all queued there (the packer's diff_id hashing queue); ``None``: here.
+        #: Where recorded fragments' ranges are checksummed and committed, in order, off this
+        #: thread (the packer's diff_id hashing queue); ``None``: here.
         self._defer = defer
-        #: TOC parts committed, handed to their recorders once compressed (in this order).
-        self._handing: deque[TocPartWriter] = deque()
         self._executor = executor
         # Big files' windows are cut in shared memory, and frames found whole
         # there go to the workers by place, not through their sockets.
@@ -1118,7 +1114,7 @@ class ChunkedCompressor:
             return
         fragment = _Fragment(
             *recording, tar_start=self._tar_size,
-            defer=None if self._defer is None else self._defer[0],
+            defer=self._defer,
         )
         self._fragments.append(fragment)
         self._cutting_fragment = self._opening = fragment
@@ -1157,20 +1153,6 @@ class ChunkedCompressor:
             self._fragments.remove(fragment)
             fragment.commit_frames()
             fragment.toc_part.commit()
-            self._handing.append(fragment.toc_part)
-        self._hand_over()
-
-    def _hand_over(self, *, everything: bool = False) -> None:
-        """Keep the committed TOC parts compressed by now (``everything``: all, waiting)."""
-        handing = self._handing
-        if everything and handing and self._defer is not None:
-            self._defer[1]()
-        while handing and handing[0].hand_over():
-            handing.popleft()
-        if everything:
-            for part in handing:  # pragma: no cover - settled above
-                part.discard()
-            handing.clear()
 
     def _cut(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         out: list[bytes] = []
@@ -1260,7 +1242,6 @@ class ChunkedCompressor:
         self._spool_final()
         if self._entries:  # pragma: no cover - every frame is collected
             raise LayerError("a TOC entry still waits for its frame at the end")
-        self._hand_over(everything=True)
         try:
             return self._fmt.trailer(self._toc, self._offset, self._tar_size, write, tar)
         finally:
@@ -1299,9 +1280,6 @@ class ChunkedCompressor:
             fragment.dispose()
         self._fragments.clear()
         self._closed.clear()
-        for part in self._handing:
-            part.discard()
-        self._handing.clear()
         self._dispose()
 
     # --- tar parsing -----------------------------------------------------------
@@ -1884,12 +1862,15 @@ def _spool_front(
             part = owner
         entries.popleft()
         final.append(_toc_entry(entry, keys))
-        final.extend(_toc_entry(chunk, keys) for chunk in entry.get(_CHUNKS, ()))
+        for chunk in entry.get(_CHUNKS, ()):
+            if len(final) >= _GROUP:  # a line of a TOC part holds no more (its reader's bound)
+                _spool_group(final, spool, part)
+            final.append(_toc_entry(chunk, keys))
     _spool_group(final, spool, part)
 
 
 #: Entries encoded in one call at most (a TOC part's line holds as many).
-_GROUP = 256
+_GROUP = MAX_LINE_ENTRIES
 
 
 def _spool_group(

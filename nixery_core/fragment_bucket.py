@@ -124,6 +124,7 @@ import attrs
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidCacheRecord, InvalidInput, LayerError, StorageError
 from nixery_core.fragment_reads import KeptRange, RangeReads, reads_ranges_remotely
+from nixery_core.fragment_toc import PART_START
 from nixery_core.fragments import (
     CachedFragment,
     EncodesLayout,
@@ -336,31 +337,39 @@ class _Check:
     _inflate: MembersInflater | None = attrs.field(init=False, default=None)
     #: What the pieces so far inflate to, counted.
     _produced: int = attrs.field(init=False, default=0)
+    #: Whether the first piece began a TOC part (kept plain: nothing to inflate).
+    _plain: bool = attrs.field(init=False, default=False)
 
     def add(self, piece: bytes) -> None:
         pointer = self.pointer
+        first = not self._size
         self._size += len(piece)
         if self._size > pointer.size:
             raise _Refused(f"is longer than the {pointer.size} bytes recorded")
+        if first:
+            if piece.startswith(PART_START):
+                self._plain = True  # a chunked store path's TOC part (fragment_toc.py)
+            elif piece.startswith((_GZIP_MAGIC, _ZSTD_MAGIC)):
+                # As many members as there are: a chunked layer's fragment holds
+                # one per frame (nixery_core.chunked).
+                # A zstd frame may declare any window up to libzstd's default limit
+                # (128 MiB): fragments of every level are checked here without knowing
+                # which, and level 22's window is that large; the pack that copies it
+                # holds it to its level's.
+                self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
+            else:
+                raise _Refused("is not a gzip member, a zstd frame or a TOC part")
         inflate = self._inflate
-        if inflate is None:
-            if not piece.startswith((_GZIP_MAGIC, _ZSTD_MAGIC)):
-                raise _Refused("is not a gzip member or a zstd frame")
-            # As many members as there are: a chunked layer's fragment holds
-            # one per frame (nixery_core.chunked).
-            # A zstd frame may declare any window up to libzstd's default limit (128 MiB):
-            # fragments of every level are checked here without knowing which, and level
-            # 22's window is that large; the pack that copies it holds it to its level's.
-            inflate = self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
-        try:
-            # Counted a bounded step at a time: what a piece inflates to is never held
-            # at once (a TOC part's JSON, or a hostile object's 1000:1 zeros).
-            for out in inflate.inflate(piece):
-                self._produced += len(out)
-                if self._produced > pointer.uncompressed_size:
-                    raise _Refused("decompresses to more than recorded")
-        except INFLATE_ERRORS as exc:
-            raise _Refused(f"does not decompress ({exc})") from exc
+        if inflate is not None:
+            try:
+                # Counted a bounded step at a time: what a piece inflates to is never held
+                # at once (a hostile object's 1000:1 zeros).
+                for out in inflate.inflate(piece):
+                    self._produced += len(out)
+                    if self._produced > pointer.uncompressed_size:
+                        raise _Refused("decompresses to more than recorded")
+            except INFLATE_ERRORS as exc:
+                raise _Refused(f"does not decompress ({exc})") from exc
         if self.whole:
             self._digest.update(piece)
         self._crc = _crc32(piece, self._crc)
@@ -371,6 +380,10 @@ class _Check:
             raise _Refused("does not hash to its digest")
         if (self._size, self._crc) != (pointer.size, pointer.crc32):
             raise _Refused("has another size or CRC-32 than its pointer records")
+        if self._plain:  # a TOC part: its lines are checked as they are read (chunked.py)
+            if pointer.uncompressed_size != pointer.size:
+                raise _Refused("is a TOC part recorded with another size")
+            return
         inflate, produced = self._inflate, self._produced
         if inflate is None or not inflate.eof or produced != pointer.uncompressed_size:
             raise _Refused(

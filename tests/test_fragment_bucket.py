@@ -679,8 +679,8 @@ def test_no_fragment_writer_outlives_its_pack(
 
 
 def test_a_toc_part_fetched_from_the_bucket_streams_into_the_local_cache(tmp_path: Path) -> None:
-    """A large TOC part fetched from the bucket (a copy, 8 MiB compressed) is checked and kept
-    while holding far less than its size in memory at once (it was held whole: up to 16 MiB)."""
+    """A large TOC part fetched from the bucket (a copy, about 20 MiB of lines) is checked and
+    kept while holding far less than its size in memory at once (it was held whole)."""
     pieces: list[bytes] = []
 
     class Recorder:
@@ -720,6 +720,57 @@ def test_a_toc_part_fetched_from_the_bucket_streams_into_the_local_cache(tmp_pat
             assert found is not None
             assert b"".join(found.pieces()) == data
     assert peak < len(data) // 2, peak  # two 1 MiB reads at most (was the whole part and more)
+
+
+@pytest.mark.parametrize("damage", ["size", "crc", "kind"])
+def test_a_toc_part_in_the_bucket_is_kept_only_as_recorded(tmp_path: Path, damage: str) -> None:
+    """A TOC part in the bucket (plain lines, layout 4) is kept locally when its pointer
+    records its size, digest and CRC-32, and is refused (a miss, nothing kept) when its
+    pointer records another uncompressed size, or the CRC-32 of other bytes, or when bytes
+    that are neither a TOC part nor compressed stand in its place."""
+    recorded: list[bytes] = []
+
+    class Recorder:
+        def add(self, piece: bytes) -> None:
+            recorded.append(piece)
+
+        def commit(self, uncompressed_size: int) -> None:
+            assert uncompressed_size == sum(map(len, recorded))
+
+        def discard(self) -> None:  # pragma: no cover - never discarded here
+            raise AssertionError
+
+    part = TocPartWriter(Recorder())
+    part.start(0)
+    part.add(b'{"name":"f","type":"reg","size":0}')
+    part.commit()
+    data = b"".join(recorded)
+    bucket = MemoryStore()
+    good = bucket.put_blob(data, FRAGMENT_MEDIA_TYPE)
+    pointer = FragmentPointer(good.digest, len(data), len(data), zlib.crc32(data))
+    bucket.put_object(fragment_object_key("good"), pointer.to_json())
+    bad = {
+        "size": (data, len(data) + 1),
+        "crc": (data.replace(b"f", b"g"), len(data)),
+        "kind": (b"[" + data[1:], len(data)),
+    }[damage]
+    info = bucket.put_blob(bad[0], FRAGMENT_MEDIA_TYPE)
+    damaged = FragmentPointer(
+        info.digest if damage != "crc" else good.digest, len(bad[0]), bad[1],
+        zlib.crc32(bad[0]),
+    )
+    bucket.put_object(fragment_object_key("bad"), damaged.to_json())
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        tier.prefetch(["good", "bad"])
+        tier.wait("good")
+        tier.wait("bad")
+        assert (tier.stats.hits, tier.stats.rejected) == (1, 1)
+        with tier.get("good", side=True) as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == data
+        with tier.get("bad", side=True) as found:
+            assert found is None
 
 
 def _zeros_fragment(zstd: bool, size: int) -> bytes:

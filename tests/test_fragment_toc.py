@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import zstandard
 from test_chunked_formats import FORMATS, make_store
@@ -29,6 +31,8 @@ from nixery_core.compression import frame_compressor, frame_stream
 from nixery_core.fragment_bucket import DEFAULT_MIN_SIZE, BucketFragments, FragmentBucketPolicy
 from nixery_core.fragment_layout import FragmentLayout, rebuild
 from nixery_core.fragment_toc import (
+    MAX_LINE,
+    MAX_LINE_ENTRIES,
     TOC_PART_LAYOUT,
     TocPartWriter,
     toc_part_lines,
@@ -128,7 +132,8 @@ def test_chunked_layers_are_the_same_bytes_cold_from_ranges_or_from_copies(
         rows = _rows(cache.directory)
         frames = [_keys(root, path, compression)[0] for path in paths]
         assert sorted(key for key, _, blob in rows if blob is not None) == sorted(frames)
-        assert all(file is None for _, file, _ in rows)  # TOC parts are small: in their rows
+        # No frames copied: only TOC parts (plain, layout 4) past 32 KiB have files.
+        assert all(file is None for _, file, blob in rows if blob is not None)
         assert len(rows) == 2 * len(paths)
         misses = cache.misses
         warm = [_stored(blobs, root, g, compression, cache, threads=threads) for g in regroups]
@@ -228,9 +233,9 @@ def test_toc_parts_of_the_earlier_layout_are_misses(
     four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
 ) -> None:
     """A cache holding only TOC parts of earlier layouts (one JSON list under the key without
-    ``toc_layout``; layout 2) misses every store path: they are packed again, to the same
-    bytes."""
-    assert toc_part_parameters({})["toc_layout"] == TOC_PART_LAYOUT == 3
+    ``toc_layout``; layout 2; layout 3, the lines as one zstd frame) misses every store path:
+    they are packed again, to the same bytes."""
+    assert toc_part_parameters({})["toc_layout"] == TOC_PART_LAYOUT == 4
     root, paths = four_paths
     options = _options(compression)
     compress = frame_compressor(options.compressor())
@@ -248,6 +253,9 @@ def test_toc_parts_of_the_earlier_layout_are_misses(
             cache.put(old, [compress(document)], len(document))
             two = fragment_key(full, {**options.parameters(), "part": "toc", "toc_layout": 2})
             _replace_toc_part(cache, two, lines)
+            three = fragment_key(full, {**options.parameters(), "part": "toc", "toc_layout": 3})
+            frame = _zstd_part(lines)
+            cache.put(three, [frame], sum(len(line) + 1 for line in lines))
         misses = cache.misses
         assert _copied(root, paths, compression, cache) == _plain(root, paths, compression)
         assert cache.misses == misses + len(paths)
@@ -388,7 +396,7 @@ def test_chunked_fragments_are_shared_through_a_bucket_as_references(
 
 
 class _Pieces:
-    """A recorder keeping a TOC part's compressed pieces in memory."""
+    """A recorder keeping a TOC part's pieces in memory."""
 
     def __init__(self) -> None:
         self.pieces: list[bytes] = []
@@ -404,24 +412,27 @@ class _Pieces:
         self.pieces = []
 
 
-def _fresh_part(lines: list[bytes]) -> bytes:
-    """The part's frame from a zstd context of its own (what every part got before reuse)."""
+def _zstd_part(lines: list[bytes]) -> bytes:
+    """The lines as layout 3 kept them: one zstd frame (level 1, with its checksum)."""
     stream = zstandard.ZstdCompressor(level=1, write_checksum=True).compressobj()
     data = b"".join(line + b"\n" for line in lines)
     return stream.compress(data) + stream.flush()
 
 
-def test_toc_parts_on_reused_zstd_contexts_are_the_bytes_of_fresh_ones() -> None:
-    """TOC parts recorded one after another, two at once, and after one dropped mid-frame (the
-    contexts reused between them) are each the very frame a context of its own gives."""
-    big = list(_entries(2_000))  # several 64 KiB buffers: pieces leave mid-frame
+def test_toc_parts_recorded_at_once_or_after_one_dropped_are_each_their_lines() -> None:
+    """TOC parts recorded two at once and after one dropped midway are each exactly their lines
+    (newline-terminated, committed with their size, handed on in pieces of about 64 KiB, not
+    held whole), read back line for line; the dropped one's recorder keeps nothing."""
+    big = list(_entries(2_000))  # several 64 KiB pieces
     small = list(_entries(3))
-    dropped = TocPartWriter(_Pieces())
+    lost = _Pieces()
+    dropped = TocPartWriter(lost)
     for line in big[:1_000]:
         dropped.add(line)
-    dropped.discard()  # its context goes back holding half a frame
+    assert lost.pieces  # handed on as it came
+    dropped.discard()
     first, second, third = _Pieces(), _Pieces(), _Pieces()
-    one, two = TocPartWriter(first), TocPartWriter(second)  # at once: two contexts
+    one, two = TocPartWriter(first), TocPartWriter(second)
     for line in big:
         one.add(line)
         two.add(line)
@@ -433,10 +444,113 @@ def test_toc_parts_on_reused_zstd_contexts_are_the_bytes_of_fresh_ones() -> None
     for line in small:
         three.add(line)
     three.commit()
-    assert b"".join(first.pieces) == _fresh_part(big)
-    assert b"".join(second.pieces) == _fresh_part(big + small)
-    assert b"".join(third.pieces) == _fresh_part(small)
-    assert list(toc_part_lines(third.pieces, third.size)) == small
+    assert (lost.pieces, lost.size) == ([], -1)
+    for recorder, lines in ((first, big), (second, big + small), (third, small)):
+        data = b"".join(line + b"\n" for line in lines)
+        assert b"".join(recorder.pieces) == data
+        assert recorder.size == len(data)
+        assert max(map(len, recorder.pieces)) < (64 << 10) + 1024
+        assert list(toc_part_lines(recorder.pieces, recorder.size)) == lines
+    assert len(first.pieces) > 5
+
+
+@pytest.mark.parametrize(
+    ("pieces", "size"),
+    [
+        ([b'{"start":0}\n{"name":"a"'], 23),  # no line's end
+        ([b'{"start":0}\n'], 13),  # shorter than recorded
+        ([b'{"start":0}\n', b"{}\n"], 12),  # longer than recorded
+        ([], 1),
+    ],
+    ids=["unended", "short", "long", "empty"],
+)
+def test_a_toc_part_of_another_size_or_not_whole_lines_is_refused(
+    pieces: list[bytes], size: int
+) -> None:
+    """A kept TOC part that does not hold exactly its recorded size in whole lines raises
+    ValueError (the packer's damaged-part miss) by the time it is read to its end."""
+    with pytest.raises(ValueError, match="TOC part"):
+        list(toc_part_lines(pieces, size))
+
+
+def test_a_toc_part_without_line_ends_is_refused_holding_at_most_a_line() -> None:
+    """A damaged TOC part of 1 GiB recorded and no newline is refused once its first line
+    outgrows any line of entries (MAX_LINE): about that much is read and held, never 1 GiB."""
+    taken = []
+
+    def pieces() -> Iterator[bytes]:
+        for _ in range(1024):
+            taken.append(1)
+            yield b"x" * (1 << 20)
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="longer than any line"):
+            for _ in toc_part_lines(pieces(), 1 << 30):
+                pass  # pragma: no cover - no line ends
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(taken) <= MAX_LINE // (1 << 20) + 1
+    assert peak < MAX_LINE + (4 << 20)
+
+
+def test_a_line_of_a_toc_part_holds_no_more_than_its_bound_of_entries(
+    tmp_path: Path,
+) -> None:
+    """A store path holding a file of more than 256 chunks keeps its TOC part in lines of at
+    most MAX_LINE_ENTRIES entries (a file's chunks were one line, however many), and the
+    layer reusing it is the bytes of a pack without a cache."""
+    root = tmp_path / "root"
+    store = root / "nix" / "store"
+    (store / ("e" * 32 + "-big")).mkdir(parents=True)
+    data = random.Random(7).randbytes(14_000_000)  # noqa: S311 - noise: ~350 chunks
+    (store / ("e" * 32 + "-big") / "blob").write_bytes(data)
+    paths = ["/nix/store/" + "e" * 32 + "-big"]
+    compression = "zstd-chunked"
+    with FragmentCache(tmp_path / "fragments") as cache:
+        _copied(root, paths, compression, cache)
+        cache.flush()
+        lines = _toc_part(cache, _keys(root, paths[0], compression)[1])
+        counts = [len(orjson.loads(b"[" + line + b"]")) for line in lines[1:]]
+        assert sum(counts) > MAX_LINE_ENTRIES + 50
+        assert max(counts) <= MAX_LINE_ENTRIES
+        misses = cache.misses
+        assert _copied(root, paths, compression, cache) == _plain(root, paths, compression)
+        assert cache.misses == misses
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_toc_part_whose_kept_bytes_changed_is_a_miss_never_wrong_bytes(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
+) -> None:
+    """A TOC part kept plain whose bytes changed in the cache (a digit of a mode, in its row
+    or its file: still JSON, every entry still one a TOC may hold) fails its CRC-32: the
+    store path is packed again, to the bytes of a pack without a cache."""
+    root, paths = four_paths
+    with FragmentCache(tmp_path / "fragments") as cache:
+        _copied(root, paths, compression, cache)
+        cache.flush()
+        changed = 0
+        with sqlite3.connect(cache.directory / "index.sqlite") as con:
+            for path in paths:
+                key = _keys(root, path, compression)[1]
+                file, data = con.execute(
+                    "SELECT file, data FROM fragments WHERE key = ?", (key,)
+                ).fetchone()
+                raw = (cache.directory / "data" / file).read_bytes() if file else data
+                at = raw.index(b'"mode":') + len(b'"mode":')
+                digit = b"1" if raw[at : at + 1] == b"4" else b"4"
+                damaged = raw[:at] + digit + raw[at + 1 :]  # another mode, still an entry
+                assert damaged != raw
+                if file:
+                    (cache.directory / "data" / file).write_bytes(damaged)
+                else:
+                    con.execute("UPDATE fragments SET data = ? WHERE key = ?", (damaged, key))
+                changed += 1
+        misses = cache.misses
+        assert _copied(root, paths, compression, cache) == _plain(root, paths, compression)
+        assert cache.misses == misses + changed
 
 
 @pytest.mark.parametrize("compression", FORMATS)
@@ -468,66 +582,17 @@ def test_a_cold_chunked_pack_keeps_layouts_that_rebuild_every_fragment_whole(
     assert [kept[f"ranges {p}"] for p in paths] == [kept[f"copies {p}"] for p in paths]
 
 
-def test_a_toc_part_compressed_by_a_deferring_queue_is_kept_once_compressed() -> None:
-    """A TOC part whose lines a queue compresses off the packing thread (a chunked packer's
-    hashing queue) is handed to its recorder only once the queue applied its frame's end,
-    then as the very frame compressed in place; one dropped before is never kept."""
-    queue: list[tuple[object, bytes | bytearray]] = []
-
-    def defer(target: object, data: bytes | bytearray) -> None:
-        queue.append((target, data))
-
-    def apply() -> None:
-        while queue:
-            target, data = queue.pop(0)
-            target.update(data)  # type: ignore[attr-defined]  # an Updated
-
-    big = list(_entries(2_000))  # several 64 KiB buffers: pieces queued mid-frame
-    kept, dropped = _Pieces(), _Pieces()
-    part, other = TocPartWriter(kept, defer), TocPartWriter(dropped, defer)
-    for line in big:
-        part.add(line)
-        other.add(line)
-    part.commit()
-    assert queue  # the compression waits in the queue, not done here
-    assert not part.hand_over()
-    assert kept.pieces == []
-    assert kept.size == -1
-    other.commit()
-    other.discard()
-    apply()
-    assert part.hand_over()
-    assert b"".join(kept.pieces) == _fresh_part(big)
-    assert kept.size == sum(len(line) + 1 for line in big)
-    assert dropped.pieces == []
-    assert dropped.size == -1
-    assert list(toc_part_lines(kept.pieces, kept.size)) == big
-
-
 @pytest.mark.parametrize("compression", FORMATS)
-def test_a_chunked_pack_keeps_every_toc_part_compressed_in_its_hashing_queue(
-    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str,
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_chunked_pack_keeps_the_same_toc_parts_with_a_pool_or_without(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, compression: str
 ) -> None:
-    """A chunked layer packed cold, with a pool or without, compresses its TOC parts in its
-    hashing queue and keeps every one, holding the same entries either way."""
-    from nixery_core import fragment_toc
-
-    compressed: list[int] = []
-    update = fragment_toc._Compressing.update
-
-    def recorded(self: fragment_toc._Compressing, data: bytes) -> None:
-        compressed.append(len(data))
-        update(self, data)
-
-    monkeypatch.setattr(fragment_toc._Compressing, "update", recorded)
+    """A chunked layer packed cold, with a pool or without, keeps every TOC part, holding the
+    same entries either way."""
     root, paths = four_paths
     entries: dict[int, list[bytes]] = {}
     for threads in (2, 1):
         with FragmentCache(tmp_path / f"t{threads}") as cache:
             _copied(root, paths, compression, cache, threads)
-            assert compressed  # through the queue
-            compressed.clear()
             entries[threads] = []
             for path in paths:
                 with cache.get(_keys(root, path, compression)[1], side=True) as part:
@@ -601,11 +666,11 @@ def test_a_chunked_pack_failing_midway_leaves_a_cache_that_packs_the_same_bytes(
 
 
 def test_a_toc_part_declaring_a_larger_window_than_its_level_is_damaged() -> None:
-    """A kept TOC part whose frame declares a window beyond what TOC parts' level gives (a
-    hostile part's 128 MiB, which libzstd would allocate outside Python) reads as a damaged
-    part (ValueError, a miss), refused before any allocation."""
+    """A kept TOC part holding a zstd frame (a hostile one declaring a 128 MiB window, which
+    libzstd would allocate outside Python) reads as a damaged part (ValueError, a miss):
+    layout 4 parts are plain lines, never decompressed, so nothing is allocated for it."""
     from hostile_frames import zstd_frame_declaring_window
 
     hostile = zstd_frame_declaring_window(27, 1024)
-    with pytest.raises(ValueError, match="does not decompress"):
-        list(toc_part_lines([hostile], 1024))
+    with pytest.raises(ValueError, match="not whole lines"):
+        list(toc_part_lines([hostile], len(hostile)))
