@@ -12,7 +12,10 @@ on loopback with private state:
   ``p0000``, which every other package depends on, directly or not, so every
   store path of the image changes while most file contents do not);
 * :class:`CountingProxy` relays TCP connections to a registry and counts
-  the bytes the registry sends back (headers included);
+  the bytes the registry sends back (headers included; with them, per pull,
+  the ``400`` a plain-HTTP registry answers podman's TLS probe with: 118
+  bytes from the example registry, which logs it as uvicorn's ``Invalid
+  HTTP request received.``, see ``docs/operating.md``);
 * :class:`PartialPodman` is podman with private storage configured for
   partial pulls (:mod:`benchmarks.private_podman`: overlay driver,
   ``enable_partial_images``, no hard links), which logs ``Retrieved
