@@ -332,6 +332,28 @@ def test_malformed_index_entry_is_a_repaired_miss(
         assert again.index_digest == built_index.digest
 
 
+def test_an_index_hit_reads_its_entry_once_with_the_lookups_stats(
+    built_index: BuiltIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index hit in a fresh cache (its entry not memoised) reads each architecture's
+    record once, though the cache's check read it first, and the result and each
+    architecture's result carry the lookup's stats (a shared hit)."""
+    read: list[str] = []
+    from_record = BuildResult.from_record.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[BuildResult], image: Image, *args: Any) -> BuildResult:
+        read.append(image.arch.oci_arch if image.arch is not None else "")
+        return from_record(cls, image, *args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(BuildResult, "from_record", classmethod(counting))
+    with BuildCache(tmp_path / "c", shared=True) as cache:
+        result = _build_index(built_index.store, built_index.fake, cache)
+    assert result.from_cache
+    assert sorted(read) == ["amd64", "arm64"]  # was each twice
+    assert result.cache_stats.manifest_shared_hits == 1
+    assert all(built.cache_stats == result.cache_stats for built in result.manifests.values())
+
+
 def test_an_index_entry_for_another_request_is_a_counted_corrupt_miss(
     built_index: BuiltIndex, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
