@@ -508,6 +508,9 @@ class _TarStream:
         self._diff_pending: deque[bytes | bytearray | memoryview | Future[bytes]] = deque()
         self._inflating = 0
         self._max_inflating = count
+        #: Bytes in ``_diff_pending`` waiting for a fragment inflating on the pool, at most
+        #: :data:`_MAX_DIFF_WAITING` (then the oldest inflation is waited for).
+        self._diff_waiting = 0
         self._recording: _Recording | None = None
         #: The open recording's layout: told which bytes are files and which are not.
         self._layout: LayoutRecorder | None = None
@@ -763,6 +766,7 @@ class _TarStream:
         """Uncompressed bytes for the ``diff_id``, after any still being inflated."""
         if self._diff_pending:
             self._diff_pending.append(data)
+            self._diff_waiting += len(data)
         else:
             self._hashing.update(self._diff, data)
 
@@ -772,13 +776,17 @@ class _TarStream:
         while queue:
             head = queue[0]
             if isinstance(head, Future):
-                if not (everything or head.done() or self._inflating > self._max_inflating):
+                if not (
+                    everything or head.done() or self._inflating > self._max_inflating
+                    or self._diff_waiting > _MAX_DIFF_WAITING
+                ):
                     return
                 queue.popleft()
                 self._inflating -= 1
                 self._hashing.update(self._diff, head.result())
             else:
                 queue.popleft()
+                self._diff_waiting -= len(head)
                 self._hashing.update(self._diff, head)
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
@@ -1238,6 +1246,10 @@ class _FragmentInflater:
 
 #: Cached fragments up to this many uncompressed bytes are inflated whole on the pool.
 _PARALLEL_INFLATE = 8 << 20
+#: Uncompressed bytes (rebuilt or inflated here) that may wait for a fragment still
+#: inflating on the pool before the packing thread waits for it: memory stays bounded
+#: however fast the bytes after it come.
+_MAX_DIFF_WAITING = 8 << 20
 
 
 def _inflate_whole(spec: CompressorSpec, data: bytes, expected: int) -> bytes:

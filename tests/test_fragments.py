@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import require_tools, threads_started
@@ -1023,3 +1024,45 @@ def test_inflating_a_cached_zero_run_holds_a_step_not_the_whole_piece(
         assert cache.hits == 1
     assert again == expected
     assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB held"
+
+
+def test_bytes_waiting_behind_a_fragment_inflating_on_the_pool_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a small cached fragment is still inflating on the pool, the bytes of the big one
+    after it (64 MiB of zeros, inflated on the packing thread) wait for it a few MiB at a
+    time, not all of them: the pack holds a few MiB, and gives the layer packed without a
+    cache."""
+    import time
+    import tracemalloc
+
+    from nixery_core import fragment_layout
+
+    options = ArchiveOptions()
+    small, big = f"/nix/store/{'a' * 32}-small", f"/nix/store/{'b' * 32}-zeros"
+    store = tmp_path / "store"
+    (store / small.lstrip("/")).mkdir(parents=True)
+    (store / small.lstrip("/") / "data").write_bytes(b"small " * 1000)
+    (store / big.lstrip("/")).mkdir(parents=True)
+    with (store / big.lstrip("/") / "zeros").open("wb") as file:
+        file.truncate(64 << 20)  # sparse: nothing held to write it
+    expected = pack(store, [small, big], options)
+    inflate_whole = archive._inflate_whole
+
+    def slow(*args: Any) -> bytes:
+        time.sleep(1)  # a busy pool: the big fragment is inflated meanwhile
+        return inflate_whole(*args)
+
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, [small, big], options, cache)
+        monkeypatch.setattr(fragment_layout.FragmentLayout, "decode", lambda _raw: None)
+        monkeypatch.setattr(archive, "_inflate_whole", slow)
+        tracemalloc.start()
+        try:
+            again = pack(store, [small, big], options, cache)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert cache.hits == 2
+    assert again == expected
+    assert peak < 24 << 20, f"{peak / 2**20:.1f} MiB held"
