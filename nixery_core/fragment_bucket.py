@@ -597,7 +597,7 @@ class BucketFragments:
             if on_reference is not None:
                 on_reference(key, KeptRange(key, pointer.digest, pointer.offset, pointer.size))
             return
-        # Written to its data file as it comes (past 256 KiB, as a side part is): nothing
+        # Written to its data file as it comes (past 1 MiB, as a side part is): nothing
         # reads it before it is kept, and up to ``threads`` fetches run at once.
         writer = self.local.writer(key, side=True)
         writer.layout = pointer.layout
