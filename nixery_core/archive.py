@@ -992,7 +992,7 @@ class _TarStream:
         """
         recording.uncompressed += len(block)
         if self._chunked is not None:
-            self._hashing.update(recording.layout, block)
+            self._hashing.update(_LayoutBlocks(recording.layout), block)
             return
         reports = self._member_crc
         if reports is not None:
@@ -1022,7 +1022,7 @@ class _TarStream:
         for tag, chunk in chunks:
             if isinstance(tag, _Done):
                 self._recordings.remove(tag.recording)
-                tag.recording.writer.commit(tag.recording.uncompressed)
+                _keep(tag.recording)
                 continue
             if isinstance(tag, _Recording):
                 writer = tag.writer
@@ -1044,6 +1044,17 @@ class _TarStream:
         self._write(data)
 
 
+def _keep(recording: _Recording) -> None:
+    """Keep a recorded member's fragment: a failure to (the cache's writing thread cannot be
+    started, a bug) drops it, logged; the pack goes on (the cache only saves work)."""
+    writer = recording.writer
+    try:
+        writer.commit(recording.uncompressed)
+    except Exception as exc:  # noqa: BLE001 - a recording's failure is a miss, never the pack's
+        log.warning("fragment %s not kept: recording it failed (%s)", writer.key, exc)
+        writer.discard()
+
+
 #: Whether compressors of a type keep their input's CRC-32, by type: checking a
 #: Protocol with isinstance takes about 14 microseconds, once per fragment.
 _REPORTS_CRC32: dict[type, bool] = {}
@@ -1057,29 +1068,64 @@ def _reports_crc32(compressor: StreamCompressor) -> bool:
     return known
 
 
-class _DiffAndLayout:
-    """A recorded chunked fragment's block, queued once: the ``diff_id``'s sha256, then the
-    layout's CRC-32 (the block still in the CPU's cache)."""
+def _layout_failed(layout: LayoutRecorder, exc: Exception) -> None:
+    """Recording a fragment's layout failed: it keeps none (logged), the pack goes on."""
+    log.warning("a fragment's layout not kept: recording it failed (%s)", exc)
+    layout.seal(whole=False)
 
-    __slots__ = ("diff", "layout")
+
+class _LayoutBlocks:
+    """A recorded chunked fragment's blocks, queued: the layout's CRC-32s (a failure costs
+    the fragment its layout, never the pack)."""
+
+    __slots__ = ("failed", "layout")
+
+    def __init__(self, layout: LayoutRecorder) -> None:
+        self.layout = layout
+        self.failed = False
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
+        if self.failed:
+            return
+        try:
+            self.layout.block(data)
+        except Exception as exc:  # noqa: BLE001 - a recording's failure is a miss, never the pack's
+            self.failed = True
+            _layout_failed(self.layout, exc)
+
+
+class _DiffAndLayout(_LayoutBlocks):
+    """A recorded chunked fragment's block, queued once: the ``diff_id``'s sha256 (its
+    failure fails the pack), then the layout's CRC-32 (the block still in the CPU's cache)."""
+
+    __slots__ = ("diff",)
 
     def __init__(self, diff: hashlib._Hash, layout: LayoutRecorder) -> None:
+        super().__init__(layout)
         self.diff = diff
-        self.layout = layout
 
     def update(self, data: bytes | bytearray | memoryview, /) -> None:
         self.diff.update(data)
-        self.layout.block(data)
+        super().update(data)
 
 
 class _Seal:
     """Queued after a recorded fragment's last block: its layout has every block's CRC-32."""
 
+    __slots__ = ("layout",)
+
     def __init__(self, layout: LayoutRecorder) -> None:
         self.layout = layout
 
     def update(self, _data: bytes | bytearray | memoryview, /) -> None:
-        self.layout.seal()
+        try:
+            self.layout.seal()
+        except Exception as exc:  # noqa: BLE001 - a recording's failure is a miss, never the pack's
+            _layout_failed(self.layout, exc)
+
+    def drop(self) -> None:
+        """Dropped unapplied (the stream failed): sealed as incomplete, so nothing waits."""
+        self.layout.seal(whole=False)
 
 
 class _OrderedHashing:
@@ -1095,8 +1141,9 @@ class _OrderedHashing:
     ones (a recorded range's checksums and commit, its layout's seal), which
     must not make the producing thread drain sooner.
 
-    An update that raises (a recording's commit starting the cache's writing
-    thread) does not stop the queue: the updates
+    An update that raises (the ``diff_id``'s or the blob's hash; a recording's
+    items catch their own failures, dropping what they recorded: the cache
+    only saves work) does not stop the queue: the updates
     after it are applied all the same (the ``diff_id`` misses none), and the
     first failure is raised on the producing thread at its next
     :meth:`update` or :meth:`wait`, as it would be if it had been applied
@@ -1157,16 +1204,19 @@ class _OrderedHashing:
     def close(self) -> None:
         """Drop what is queued (the stream failed); a running drain finishes first.
 
-        A layout sealed after dropped blocks is sealed as incomplete (none is
-        kept), so nothing waits for it.
+        A dropped update with a ``drop`` method (a recording's) is told so: a
+        layout sealed after dropped blocks is sealed as incomplete (none is
+        kept), so nothing waits for it; a fragment's commit drops what it
+        recorded (its TOC part's file, if written).
         """
         with self._busy, self._lock:
             dropped = list(self._queue)
             self._queue.clear()
             self._bytes = 0
         for digest, _data in dropped:
-            if isinstance(digest, _Seal):
-                digest.layout.seal(whole=False)
+            drop = getattr(digest, "drop", None)  # a recording's: dropped with what it kept
+            if drop is not None:
+                drop()
 
 
 def _frame_format(spec: CompressorSpec, mtime: int) -> FrameFormat:

@@ -818,8 +818,11 @@ class _Fragment:
     #: Its TOC part: each of its entries' JSON as the layer's TOC gets it.
     toc_part: TocPartWriter = attrs.Factory(lambda self: TocPartWriter(self.toc), takes_self=True)
     tar_end: int = 0
+    #: Recording it failed: nothing of it is kept (:meth:`fail`).
+    failed: bool = attrs.field(init=False, default=False)
     #: ``defer`` where its frames' recorder only checksums them (a range of the blob:
-    #: ``checksums_only``), so that is done in the queue too, its commit queued after it.
+    #: ``checksums_only``), so that is done in the queue too, its commit (and its TOC
+    #: part's, so that a failure of either drops both) queued after it.
     frames_defer: Defer | None = attrs.field(
         init=False,
         default=attrs.Factory(
@@ -831,46 +834,86 @@ class _Fragment:
     def add_frames(self, piece: bytes) -> None:
         """Compressed bytes of its frames, in order, to its frames' recorder."""
         if self.frames_defer is not None:
-            self.frames_defer(_Adding(self.frames), piece)
+            self.frames_defer(_Adding(self), piece)
         else:
             self.frames.add(piece)
 
-    def commit_frames(self) -> None:
-        """Its frames were all added: keep them (after the additions queued, if deferred)."""
-        size = self.tar_end - self.tar_start
+    def commit(self) -> None:
+        """Its frames were all added and its TOC part's entries too: keep both (after the
+        frames' additions queued, if deferred)."""
         if self.frames_defer is not None:
-            self.frames_defer(_Committing(self.frames, size), b"")
+            self.frames_defer(_Committing(self), b"")
         else:
-            self.frames.commit(size)
+            self.keep()
+
+    def keep(self) -> None:
+        """Keep its frames, then its TOC part: a failure to keep either (the cache's
+        writing thread cannot be started, a bug) drops both, logged; the pack goes on
+        (the cache only saves work, and one part is of no use without the other).
+
+        A range's commit is withdrawn until its layer is stored; a copy's, once queued,
+        is not (its TOC part failing after it leaves a row whose lookup misses its part:
+        packed again, never wrong bytes).
+        """
+        if self.failed:
+            self.dispose()
+            return
+        try:
+            self.frames.commit(self.tar_end - self.tar_start)
+            self.toc_part.commit()
+        except Exception as exc:  # noqa: BLE001 - a recording's failure is a miss, never the pack's
+            self.fail(exc)
+
+    def fail(self, exc: Exception) -> None:
+        """Recording it failed: drop what it recorded (once), logged."""
+        if not self.failed:
+            self.failed = True
+            log.warning("fragment %s not kept: recording it failed (%s)", _key(self.frames), exc)
+        self.dispose()
 
     def dispose(self) -> None:
         self.frames.discard()
         self.toc_part.discard()
 
 
+def _key(recorder: FragmentRecorder) -> str:
+    return str(getattr(recorder, "key", "?"))
+
+
 class _Adding:
-    """A deferred frames recorder's next compressed bytes (see :attr:`_Fragment.defer`)."""
+    """A deferred frames recorder's next compressed bytes (see :attr:`_Fragment.defer`);
+    a failure drops the fragment (:meth:`_Fragment.fail`), never the pack."""
 
-    __slots__ = ("frames",)
+    __slots__ = ("fragment",)
 
-    def __init__(self, frames: FragmentRecorder) -> None:
-        self.frames = frames
+    def __init__(self, fragment: _Fragment) -> None:
+        self.fragment = fragment
 
     def update(self, data: bytes | bytearray | memoryview, /) -> None:
-        self.frames.add(data)  # type: ignore[arg-type]  # the bytes queued by add_frames
+        fragment = self.fragment
+        if fragment.failed:
+            return
+        try:
+            fragment.frames.add(data)  # type: ignore[arg-type]  # the bytes queued by add_frames
+        except Exception as exc:  # noqa: BLE001 - a recording's failure is a miss, never the pack's
+            fragment.fail(exc)
 
 
 class _Committing:
-    """A deferred frames recorder's commit, queued after its last bytes."""
+    """A deferred fragment's commit, queued after its frames' last bytes (see
+    :meth:`_Fragment.keep`)."""
 
-    __slots__ = ("frames", "size")
+    __slots__ = ("fragment",)
 
-    def __init__(self, frames: FragmentRecorder, size: int) -> None:
-        self.frames = frames
-        self.size = size
+    def __init__(self, fragment: _Fragment) -> None:
+        self.fragment = fragment
 
     def update(self, _data: bytes | bytearray | memoryview, /) -> None:
-        self.frames.commit(self.size)
+        self.fragment.keep()
+
+    def drop(self) -> None:
+        """Dropped unapplied (the pack failed): nothing of the fragment is kept."""
+        self.fragment.dispose()
 
 
 _NOTHING: _Batch = (b"", [], [], [])
@@ -1151,8 +1194,7 @@ class ChunkedCompressor:
                 return
             closed.popleft()
             self._fragments.remove(fragment)
-            fragment.commit_frames()
-            fragment.toc_part.commit()
+            fragment.commit()
 
     def _cut(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         out: list[bytes] = []

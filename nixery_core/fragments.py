@@ -624,6 +624,7 @@ class FragmentCache:
         if self._closing:  # closed meanwhile: not kept
             self._discard(item)
             return
+        self._start_writer()  # first: when it cannot start, nothing is queued (the caller's)
         replaced = self._pending.get(key) if key in self._queued else None
         if replaced is not None:  # the same path committed twice before either was written
             self._pending_bytes -= replaced.memory
@@ -632,7 +633,6 @@ class FragmentCache:
         self._queued[key] = None
         self._pending_bytes += item.memory
         self._queued_bytes += item.size
-        self._start_writer()
         if (
             len(self._queued) == 1  # the first of a batch starts its delay
             or self._queued_bytes >= _BATCH_BYTES
@@ -658,19 +658,24 @@ class FragmentCache:
         with self._written:
             if self._closing:
                 return layout
+            self._start_writer()  # first: when it cannot start, nothing is queued
             self._encoding.append(ahead)
-            self._start_writer()
             if len(self._encoding) == 1 and not self._queued:  # starts a batch's delay
                 self._written.notify_all()
         return ahead
 
     def _start_writer(self) -> None:
-        """Start the writing thread unless it runs (called with ``_written`` held)."""
+        """Start the writing thread unless it runs (called with ``_written`` held).
+
+        Raises what :meth:`threading.Thread.start` raises (no thread can be started), the
+        cache then as before: the next call tries again.
+        """
         if self._thread is None:
-            self._thread = threading.Thread(
+            thread = threading.Thread(
                 target=self._write_queued, name="nixery-fragment-writer", daemon=True
             )
-            self._thread.start()
+            thread.start()
+            self._thread = thread  # only once started (it ends under _written, held here)
 
     def _write_queued(self) -> None:
         """The writing thread: stores what is queued, several fragments per transaction."""
@@ -1406,7 +1411,9 @@ class FragmentWriter:
         """Keep the fragment: queued, written by the cache's writing thread.
 
         Looking the key up waits until it is written; a failure to write is
-        a warning (the cache only saves work).
+        a warning (the cache only saves work).  A failure to queue it (the
+        writing thread cannot be started) is raised, nothing of it kept (its
+        file removed): the packer's recording logs it and packs on.
         """
         if self._file is _DISCARDED:
             self._file = None
@@ -1417,7 +1424,11 @@ class FragmentWriter:
             item = _Pending(None, self._close_file(remove=False), *fields, memory=0)
         else:
             item = _Pending(pieces, None, *fields, memory=self._size)
-        self._cache._submit(self.key, item)
+        try:
+            self._cache._submit(self.key, item)
+        except BaseException:
+            self._cache._discard(item)
+            raise
 
     def _commit_readable(self, uncompressed_size: int) -> tuple[bytes, ...] | BinaryIO | None:
         """:meth:`commit`, and the bytes committed to read them again: the pieces held, or
@@ -1735,13 +1746,23 @@ class RangeWriter(FragmentWriter):
         self._size += len(piece)
         self._crc = _crc32(piece, self._crc)
 
+    #: What :meth:`commit` recorded, until the layer is stored (dropped by :meth:`discard`).
+    _record: RangeRecord | None = attrs.field(init=False, default=None)
+
     def commit(self, uncompressed_size: int) -> None:
         if self.offset is None or not self._size:
             return
-        layout = self._cache._encode_ahead(self.layout)
-        self._layer._recorded.append(
-            (self.key, self.offset, self._size, uncompressed_size, self._crc, layout)
-        )
+        layout = self._cache._encode_ahead(self.layout)  # raising: nothing recorded
+        self._record = (self.key, self.offset, self._size, uncompressed_size, self._crc, layout)
+        self._layer._recorded.append(self._record)
 
     def discard(self) -> None:
-        return
+        """Drop the range, even once committed (its pair's other part failed), until the
+        layer is stored."""
+        record, self._record = self._record, None
+        if record is not None:
+            recorded = self._layer._recorded
+            for index in range(len(recorded) - 1, -1, -1):  # the last ones, most likely
+                if recorded[index] is record:
+                    del recorded[index]
+                    break

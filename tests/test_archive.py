@@ -1060,6 +1060,50 @@ def test_an_update_raising_in_a_pool_drain_neither_wedges_the_hashing_queue_nor_
 
 
 
+def test_a_queued_blocks_layout_failing_costs_its_layout_and_its_diff_id_failing_the_pack() -> (
+    None
+):
+    """A chunked recorded block queued once for the diff_id and the layout: the layout's
+    CRC-32 raising on the pool leaves the diff_id updated, the layout unkept and the pack
+    going on; the diff_id's update raising is raised on the producing thread."""
+    from concurrent.futures import Future
+
+    from nixery_core.fragment_layout import LayoutRecorder
+
+    class Inline:
+        """A pool that runs each task at once, on this thread."""
+
+        max_workers = 2
+
+        def submit(self, fn: Callable[[], None]) -> Future[None]:
+            fn()
+            return Future()
+
+    class Broken(LayoutRecorder):
+        def block(self, data: bytes | bytearray | memoryview) -> None:
+            raise MemoryError("no room for its CRC-32s (test)")
+
+    class FailingDiff:
+        def update(self, _data: bytes | bytearray | memoryview, /) -> None:
+            raise OSError("the diff_id's hash failed (test)")
+
+    hashing = archive._OrderedHashing(Inline())  # type: ignore[arg-type]  # a stub pool
+    diff = hashlib.sha256()
+    layout = Broken(b"nix/store/x")
+    layout.deferred(hashing.wait)
+    hashing.update(archive._DiffAndLayout(diff, layout), b"block")
+    hashing.update(archive._Seal(layout), b"")
+    hashing.wait()
+    assert diff.digest() == hashlib.sha256(b"block").digest()
+    assert layout.encode() is None
+    hashing.update(
+        archive._DiffAndLayout(FailingDiff(), LayoutRecorder(b"nix/store/y")),  # type: ignore[arg-type]  # a stub hash
+        b"block",
+    )
+    with pytest.raises(OSError, match="the diff_id's hash failed"):
+        hashing.wait()
+
+
 @pytest.mark.parametrize("compression", ["zstd", "zstd-chunked"])
 def test_a_cached_zstd_fragment_declaring_a_larger_window_than_its_level_is_refused(
     compression: str,

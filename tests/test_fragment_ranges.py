@@ -754,3 +754,52 @@ def test_gc_drops_the_local_ranges_of_the_blobs_it_deleted(
     assert _rows(directory) == []
     with FragmentCache(directory) as fragments:
         assert fragments.volume() == 0
+
+
+@pytest.mark.parametrize("mode", ["range", "copy"])
+def test_a_pack_whose_fragment_commit_fails_is_a_miss_for_that_path_only(
+    store: Path, tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gzip pack whose commit of one store path's fragment raises (a range's layout
+    encoded ahead, a copy queued for the writing thread: neither can start it) gives the
+    bytes of a pack without a cache, and keeps no row or file for that path, the others'
+    rows all the same."""
+    expected = _plain(store, PATHS)
+    monkeypatch.setattr(fragments, "_SPILL_SIZE", 1 << 10)  # copies written as they come
+    ahead = fragments.FragmentCache._encode_ahead
+    submit = fragments.FragmentCache._submit
+    calls: list[None] = []
+
+    def first_fails() -> None:
+        calls.append(None)
+        if len(calls) == 1:  # the first store path's commit
+            raise RuntimeError("can't start new thread")
+
+    def encode_ahead(
+        self: FragmentCache, layout: bytes | fragments.EncodesLayout | None
+    ) -> bytes | fragments.EncodesLayout | None:
+        first_fails()
+        return ahead(self, layout)
+
+    def submitting(self: FragmentCache, key: str, item: fragments._Pending) -> None:
+        first_fails()
+        submit(self, key, item)
+
+    if mode == "range":
+        monkeypatch.setattr(fragments.FragmentCache, "_encode_ahead", encode_ahead)
+    else:
+        monkeypatch.setattr(fragments.FragmentCache, "_submit", submitting)
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        source = cache.on_store(blobs).layer() if mode == "range" else cache
+        packed = _pack_into(blobs, store, PATHS, source)
+        cache.flush()
+        rows = _rows(cache.directory)
+        files = {path.relative_to(cache.directory / "data").as_posix()
+                 for path in _data_files(cache.directory)}
+    assert (packed, blobs.read_blob(packed.digest)) == expected
+    parameters = OPTIONS.parameters()
+    keys = [fragments.fragment_key(os.fsencode(store / path.lstrip("/")), parameters)
+            for path in PATHS]
+    assert sorted(key for key, _, _ in rows) == sorted(keys[1:])
+    assert files == {file for _, file, _ in rows if file is not None}

@@ -674,3 +674,69 @@ def test_a_toc_part_declaring_a_larger_window_than_its_level_is_damaged() -> Non
     hostile = zstd_frame_declaring_window(27, 1024)
     with pytest.raises(ValueError, match="not whole lines"):
         list(toc_part_lines([hostile], len(hostile)))
+
+
+def _fail_recording(
+    monkeypatch: pytest.MonkeyPatch, failing: str, frames_key: str, part_key: str
+) -> None:
+    """Make recording one store path fail where ``failing`` says (its frames' range commit,
+    its layout's encoding ahead: the writing thread failing to start, its TOC part's commit)."""
+    from nixery_core import fragment_toc, fragments
+
+    if failing == "range-commit":
+        commit = fragments.RangeWriter.commit
+
+        def range_commit(self: fragments.RangeWriter, uncompressed_size: int) -> None:
+            if self.key == frames_key:
+                raise RuntimeError("range commit failed (test)")
+            commit(self, uncompressed_size)
+
+        monkeypatch.setattr(fragments.RangeWriter, "commit", range_commit)
+    elif failing == "encode-ahead":
+        ahead = FragmentCache._encode_ahead
+        calls: list[None] = []
+
+        def encode_ahead(
+            self: FragmentCache, layout: bytes | fragments.EncodesLayout | None
+        ) -> bytes | fragments.EncodesLayout | None:
+            calls.append(None)
+            if len(calls) == 1:  # the first path's range: commits are queued in order
+                raise RuntimeError("can't start new thread")
+            return ahead(self, layout)
+
+        monkeypatch.setattr(FragmentCache, "_encode_ahead", encode_ahead)
+    else:
+        part_commit = fragment_toc.TocPartWriter.commit
+
+        def toc_commit(self: TocPartWriter) -> None:
+            if getattr(self._recorder, "key", None) == part_key:
+                raise RuntimeError("TOC part commit failed (test)")
+            part_commit(self)
+
+        monkeypatch.setattr(fragment_toc.TocPartWriter, "commit", toc_commit)
+
+
+@pytest.mark.parametrize("failing", ["range-commit", "encode-ahead", "toc-part-commit"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_chunked_pack_whose_recording_fails_is_a_miss_for_that_path_only(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
+    compression: str, threads: int, failing: str,
+) -> None:
+    """A chunked cold pack into ranges whose recording of one store path raises (in the
+    hashing queue with a pool) gives the bytes and digests of a pack without a cache, and
+    keeps no row (frames or TOC part) and no file for that path, every other path's both."""
+    root, paths = four_paths
+    expected = _plain(root, paths, compression)
+    keys = [_keys(root, path, compression) for path in paths]
+    _fail_recording(monkeypatch, failing, *keys[0])
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with FragmentCache(tmp_path / "cache") as cache:
+        blob, packed = _stored(blobs, root, paths, compression, cache, threads=threads)
+        cache.flush()
+        rows = _rows(cache.directory)
+        files = {path.relative_to(cache.directory / "data").as_posix()
+                 for path in (cache.directory / "data").rglob("*") if path.is_file()}
+    assert (blob, packed) == expected
+    assert sorted(key for key, _, _ in rows) == sorted(key for pair in keys[1:] for key in pair)
+    assert files == {file for _, file, _ in rows if file is not None}
