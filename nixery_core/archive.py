@@ -132,6 +132,7 @@ from nixery_core.chunked import (
     ChunkedCompressor,
     FrameFormat,
     HeaderFields,
+    Updated,
     chunker_parameters,
 )
 from nixery_core.compression import (
@@ -160,7 +161,7 @@ from nixery_core.errors import (
 )
 from nixery_core.estargz import EStargzFormat
 from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
-from nixery_core.fragment_toc import Updated, toc_part_lines, toc_part_parameters
+from nixery_core.fragment_toc import toc_part_lines, toc_part_parameters
 from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_keys
 from nixery_core.inflating import INFLATE_ERRORS, MembersInflater
 from nixery_core.protocols import JSONValue

@@ -111,7 +111,7 @@ import orjson
 
 from nixery_core.compression import FramesCompressor
 from nixery_core.errors import LayerError, MissingEncoder
-from nixery_core.fragment_toc import MAX_LINE_ENTRIES, Defer, TocPartWriter
+from nixery_core.fragment_toc import MAX_LINE_ENTRIES, TocPartWriter
 from nixery_core.released import released
 from nixery_core.toc_spool import TocSpool
 
@@ -125,10 +125,12 @@ __all__ = [
     "Annotations",
     "BatchProcesses",
     "ChunkedCompressor",
+    "Defer",
     "FragmentRecorder",
     "FrameFormat",
     "HeaderFields",
     "Sink",
+    "Updated",
     "chunker_parameters",
     "compress_packed",
     "cut_points",
@@ -785,6 +787,17 @@ _HEADER = 512
 def _octal(field: bytes) -> int:
     text = field.split(b"\0", 1)[0].strip(b" ")
     return int(text, 8) if text else 0
+
+
+class Updated(Protocol):
+    """What a :data:`Defer` queue feeds: something taking bytes, in order."""
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+
+#: Queues ``target.update(data)`` to run later, in order with every call queued before, on
+#: whichever thread applies the queue (a chunked layer's: the one hashing its ``diff_id``).
+Defer = Callable[[Updated, bytes | bytearray], None]
 
 
 class FragmentRecorder(Protocol):

@@ -49,7 +49,7 @@ fragment's entries are kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 __all__ = [
@@ -57,9 +57,7 @@ __all__ = [
     "MAX_LINE_ENTRIES",
     "PART_START",
     "TOC_PART_LAYOUT",
-    "Defer",
     "TocPartWriter",
-    "Updated",
     "toc_part_lines",
     "toc_part_parameters",
 ]
@@ -93,17 +91,6 @@ class _Recorder(Protocol):
     def commit(self, uncompressed_size: int) -> None: ...
 
     def discard(self) -> None: ...
-
-
-class Updated(Protocol):
-    """What a :data:`Defer` queue feeds: something taking bytes, in order."""
-
-    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
-
-
-#: Queues ``target.update(data)`` to run later, in order with every call queued before, on
-#: whichever thread applies the queue (a chunked layer's: the one hashing its ``diff_id``).
-Defer = Callable[[Updated, bytes | bytearray], None]
 
 
 class TocPartWriter:
