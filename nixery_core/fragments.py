@@ -1165,8 +1165,18 @@ class FragmentCache:
     ) -> None:
         """Keep a fragment as ``size`` bytes of the stored blob ``blob`` from ``offset``
         (queued like a copy; its bytes are read and checked when it is reused)."""
-        self._submit(key, _Pending(None, None, size, uncompressed_size, crc, layout, memory=0,
-                                   blob=blob, offset=offset))
+        self._keep_ranges(blob, [(key, offset, size, uncompressed_size, crc, layout)])
+
+    def _keep_ranges(
+        self, blob: str, records: Iterable[RangeRecord], *, now: bool = False
+    ) -> None:
+        """:meth:`keep_range` for each of ``records``, queued at once; with ``now``, written
+        without the batching delay (see :meth:`_submit_all`)."""
+        self._submit_all([
+            (key, _Pending(None, None, size, uncompressed, crc, layout, memory=0,
+                           blob=blob, offset=offset))
+            for key, offset, size, uncompressed, crc, layout in records
+        ], now=now)
 
     def put(self, key: str, pieces: Sequence[bytes], uncompressed_size: int) -> None:
         """Keep a fragment of ``pieces`` (its compressed bytes, in order); written on return."""
@@ -1718,11 +1728,7 @@ class LayerRanges:
         recorded, self._recorded = self._recorded, []
         self.close()
         try:
-            self._source.cache._submit_all([
-                (key, _Pending(None, None, size, uncompressed, crc, layout, memory=0,
-                               blob=digest, offset=offset))
-                for key, offset, size, uncompressed, crc, layout in recorded
-            ], now=True)
+            self._source.cache._keep_ranges(digest, recorded, now=True)
         except Exception as exc:  # noqa: BLE001 - the cache only saves work: never fail the layer
             log.warning("fragments of %s not kept (%s)", digest, exc)
             return []
