@@ -1465,20 +1465,31 @@ class FragmentWriter:
 
 
 class _EncodedAhead:
-    """A range's layout, encoded once by whichever thread asks first (the writing thread,
-    while the pack goes on: :meth:`FragmentCache._encode_ahead`); the recorder is then let go."""
+    """A range's layout, encoded once by whichever thread asks first; the recorder is then
+    let go.
 
-    __slots__ = ("_encoded", "_layout")
+    The cache's writing thread asks (ahead, while the pack goes on:
+    :meth:`FragmentCache._encode_ahead`; then for its row), and so does a
+    bucket tier sharing the range as a reference, on its own thread
+    (:mod:`nixery_core.fragment_bucket`), maybe at the same time: one
+    encodes, the other waits for its bytes.
+    """
+
+    __slots__ = ("_encoded", "_layout", "_lock")
 
     def __init__(self, layout: EncodesLayout) -> None:
         self._layout: EncodesLayout | None = layout
         self._encoded: bytes | None = None
+        self._lock = threading.Lock()
 
     def encode(self) -> bytes | None:
-        layout = self._layout
-        if layout is not None:  # two threads at once encode it twice: the same bytes
-            self._encoded = layout.encode()
-            self._layout = None  # after the bytes are set: whoever sees None finds them
+        if self._layout is None:  # encoded already: the bytes were set before this
+            return self._encoded
+        with self._lock:
+            layout = self._layout
+            if layout is not None:  # raising: asked again, encoded again
+                self._encoded = layout.encode()
+                self._layout = None  # after the bytes are set: whoever sees None finds them
         return self._encoded
 
 

@@ -803,3 +803,30 @@ def test_a_pack_whose_fragment_commit_fails_is_a_miss_for_that_path_only(
             for path in PATHS]
     assert sorted(key for key, _, _ in rows) == sorted(keys[1:])
     assert files == {file for _, file, _ in rows if file is not None}
+
+
+def test_a_layout_encoded_ahead_asked_by_two_threads_at_once_is_encoded_once() -> None:
+    """A range's layout asked for by the writing thread and a bucket tier's sharing thread
+    at the same time is encoded once, and both get its bytes."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(_Layout):
+        def encode(self) -> bytes:
+            entered.set()
+            release.wait(10)
+            return super().encode()
+
+    layout = Slow()
+    ahead = fragments._EncodedAhead(layout)
+    results: list[bytes | None] = []
+    first = threading.Thread(target=lambda: results.append(ahead.encode()))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=lambda: results.append(ahead.encode()))
+    second.start()
+    time.sleep(0.2)  # the second asks while the first encodes
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results == [b"layout", b"layout"]
+    assert len(layout.threads) == 1
