@@ -517,6 +517,9 @@ class _TarStream:
         self._layout: LayoutRecorder | None = None
         #: A chunked layer's open recording: its blocks' one queued update (_flush_block).
         self._diff_and_layout: _DiffAndLayout | None = None
+        #: A chunked layer's open recording: where each header announced and what it says
+        #: go too, instead of the layout's calls (LayoutRecorder.announced).
+        self._announced: tuple[list[bytes], list[HeaderFields]] | None = None
         #: The open member's compressor when it keeps the CRC-32 the layout records.
         self._member_crc: ReportsCrc32 | None = None
         #: The open member is hashed on this thread (see :meth:`begin`).
@@ -647,11 +650,12 @@ class _TarStream:
             self._flush_block(partial=True)
         if begin:
             self._recording = recording
-            self._layout = None if recording is None else recording.layout
             if recording is not None:
-                # Its blocks' CRC-32s are taken on the hashing thread (_flush_block).
+                # Its blocks' CRC-32s are taken on the hashing thread (_flush_block), and
+                # its members are the headers announced to the chunked compressor (put).
                 recording.layout.deferred(self._hashing.wait)
                 self._diff_and_layout = _DiffAndLayout(self._diff, recording.layout)
+                self._announced = recording.layout.announced()
             if recording is None or recording.toc is None:
                 chunks = chunked.begin_fragment()
             else:
@@ -662,7 +666,7 @@ class _TarStream:
                 self._hashing.update(_Seal(self._recording.layout), b"")
             self._recording = None
             self._diff_and_layout = None
-            self._layout = None
+            self._announced = None
             chunks = chunked.end_fragment()
         self._emit([(None, chunk) for chunk in chunks])
 
@@ -795,9 +799,11 @@ class _TarStream:
         if self._layout is not None:
             self._layout.literal(data)
         if self._chunked is not None and data is self.headers.made:
-            self._chunked.announce(
-                self._pos - self._start, self.headers.made, self.headers.made_fields
-            )
+            fields = self.headers.made_fields
+            self._chunked.announce(self._pos - self._start, data, fields)
+            if self._announced is not None:
+                self._announced[0].append(data)
+                self._announced[1].append(fields)
         self._put(data)
 
     def put_file(self, data: bytes | bytearray | memoryview, member: bytes) -> None:
@@ -867,7 +873,11 @@ class _TarStream:
             self._layout.member(header, member, size, pad)  # one call: most files come here
         pos = self._pos
         if self._chunked is not None and header is self.headers.made:
-            self._chunked.announce(pos - self._start, header, self.headers.made_fields)
+            fields = self.headers.made_fields
+            self._chunked.announce(pos - self._start, header, fields)
+            if self._announced is not None:
+                self._announced[0].append(header)
+                self._announced[1].append(fields)
         self._block[pos : pos + len(header)] = header
         self._pos = pos + len(header) + size
         if pad:
@@ -928,6 +938,7 @@ class _TarStream:
             # diff_id, then takes the layout's CRC-32 while it is in the CPU's cache.
             recording.uncompressed += len(block)
             self._hashing.update(self._diff_and_layout, block)
+            recording.layout.bound(recording.uncompressed)  # the headers announced, in check
             recording = None
         else:
             self._add_diff(block)

@@ -41,6 +41,30 @@ bytes before the file, ``<I`` each length of its path, ``<Q`` each its size
 (size 0: no file), then the running CRC-32s (``<I`` each), the paths, and
 the literal bytes (arrays, so that encoding a layout is a few calls
 whatever its number of files).
+
+A chunked layer's fragment (eStargz, zstd:chunked) is recorded with no
+call per file at all: the packer already announces every header it writes
+to the chunked compressor (the header and what it says, so that it is not
+parsed back), and while a fragment is recorded it also appends both to the
+layout's two lists (:meth:`LayoutRecorder.announced`: two ``append`` per
+member, about a tenth of a :meth:`~LayoutRecorder.member` call, on the
+busiest thread).  Every byte of such a fragment is an announced header, the
+content of the regular file it announces (its size), or that file's
+padding to 512 bytes, so the layout is the headers in order, encoded by the
+cache's writing thread with C-level iterations only.  Format ``NXL3``:
+header ``<4sIIQII`` (magic, members, blocks, literal bytes, name bytes,
+length of the store path's member name), then ``<I`` each member's header
+length, ``<Q`` each its size (0: no content), the running CRC-32s (``<I``
+each, as ``NXL2``), the member names of the files with content joined by
+NUL bytes (cut below the store path when decoded), and the headers.  The
+padding after a file is not stored: :func:`rebuild` leaves it as the zeros
+its new block holds.  A header written without an announcement would make
+the layout's size differ from the fragment's, and a layout whose size is
+not its fragment's is never used (nor one whose block CRC-32s differ: the
+fragment is inflated from there).  A ``NXL2`` layout (a gzip or zstd
+layer's, or a chunked one kept before) decodes as before; a version without
+``NXL3`` finds no layout there and inflates the fragment (the same bytes),
+so no fragment key changed.
 """
 
 from __future__ import annotations
@@ -51,11 +75,14 @@ import sys
 import zlib
 from array import array
 from collections.abc import Callable
+from itertools import accumulate, chain, compress, repeat
+from operator import itemgetter, mod, neg, sub
 from typing import cast
 
 import attrs
 from isal import isal_zlib
 
+from nixery_core.chunked import HeaderFields
 from nixery_core.compression import BLOCK_SIZE
 
 __all__ = ["MAX_LITERALS", "FragmentLayout", "LayoutRecorder", "rebuild"]
@@ -75,6 +102,10 @@ MAX_LITERALS = 16 << 20
 _MAGIC = b"NXL2"
 _NULS = bytes(512)
 _HEAD = struct.Struct("<4sIIQ")
+#: A layout of announced headers (a chunked layer's fragment), padding left out.
+_MAGIC_HEADERS = b"NXL3"
+_HEAD_HEADERS = struct.Struct("<4sIIQII")
+_NAME, _SIZE = itemgetter(0), itemgetter(2)
 #: Arrays are kept in this byte order (swapped on a big-endian host).
 _LITTLE = sys.byteorder == "little"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -104,6 +135,12 @@ class LayoutRecorder:
         #: whether :meth:`seal` said they did.
         self._settle: Callable[[], None] | None = None
         self._sealed = False
+        #: Members announced instead (:meth:`announced`): their headers and what each says;
+        #: how many headers :meth:`bound` counted, and their bytes.
+        self._headers: list[bytes] | None = None
+        self._fields: list[HeaderFields] = []
+        self._counted = 0
+        self._counted_bytes = 0
 
     def literal(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes of the tar that are not file content (headers, padding)."""
@@ -118,6 +155,41 @@ class LayoutRecorder:
         self._overflow = True
         self._literals, self._paths = bytearray(), []
         self._runs, self._sizes, self._crcs = array("Q"), array("Q"), array("I")
+        if self._headers is not None:
+            self._headers.clear()
+            self._fields.clear()
+
+    def announced(self) -> tuple[list[bytes], list[HeaderFields]]:
+        """The lists the packer appends each member's header and what it says to, in order.
+
+        Instead of :meth:`literal`, :meth:`file` and :meth:`member`, for a
+        fragment whose every header is announced (a chunked layer's: see the
+        module docstring); the content and padding of each regular file are
+        implied by its size.  :meth:`bound` keeps memory in check.
+        """
+        self._headers, self._fields = [], []
+        return self._headers, self._fields
+
+    def bound(self, given: int) -> None:
+        """Past :data:`MAX_LITERALS` bytes of announced headers, no layout (nothing more kept).
+
+        Called by the packer now and then (every block), ``given`` the
+        fragment's bytes so far: headers are among them, so only past
+        :data:`MAX_LITERALS` of those are the headers since the last call
+        counted (memory holds at most a block's more).
+        """
+        headers = self._headers
+        if headers is None or (given <= MAX_LITERALS and not self._overflow):
+            return
+        if self._overflow:  # kept none (or another thread failed it): what came since goes
+            headers.clear()
+            self._fields.clear()
+            return
+        count = len(headers)
+        self._counted_bytes += sum(map(len, headers[self._counted : count]))
+        self._counted = count
+        if self._counted_bytes > MAX_LITERALS:
+            self._overflowed()
 
     def file(self, member: bytes, size: int) -> None:
         """``size`` bytes of the file ``member`` (a member name under the store path)."""
@@ -213,6 +285,8 @@ class LayoutRecorder:
                 return None
         if self._overflow:
             return None
+        if self._headers is not None:
+            return self._encode_announced(self._headers, self._fields)
         runs, sizes, crcs = array("Q", self._runs), array("Q", self._sizes), array("I", self._crcs)
         if self._fill:  # the last, partial block
             crcs.append(self._crc)
@@ -230,29 +304,105 @@ class LayoutRecorder:
         parts.append(self._literals)
         return _compress(b"".join(parts), 1)
 
+    def _encode_announced(self, headers: list[bytes], fields: list[HeaderFields]) -> bytes | None:
+        """``NXL3``: the announced headers, with C-level iterations only (no loop per member)."""
+        if len(headers) != len(fields):  # pragma: no cover - appended in pairs
+            return None
+        lengths = array("I", map(len, headers))
+        sizes = array("Q", map(_SIZE, fields))
+        crcs = array("I", self._crcs)
+        if self._fill:  # the last, partial block
+            crcs.append(self._crc)
+        literal_size = sum(lengths)
+        if literal_size > MAX_LITERALS:
+            return None
+        # Whole member names: cut below the store path when decoded (fewer objects made here).
+        paths = b"\0".join(compress(map(_NAME, fields), sizes))
+        arrays = (lengths, sizes, crcs)
+        if not _LITTLE:  # pragma: no cover - every supported host is little-endian
+            for values in arrays:
+                values.byteswap()
+        head = _HEAD_HEADERS.pack(
+            _MAGIC_HEADERS, len(sizes), len(crcs), literal_size, len(paths), self._cut
+        )
+        return _compress(b"".join((head, *(values.tobytes() for values in arrays), paths,
+                                   *headers)), 1)
+
 
 @attrs.frozen
 class FragmentLayout:
-    """A decoded layout: segments (literal bytes before, path, size), block CRCs, literals."""
+    """A decoded layout: segments (literal bytes before, path, size), block CRCs, literals.
+
+    ``padding``: the bytes of the files' padding to 512 bytes, when it
+    follows each file without being among the literal bytes (an ``NXL3``
+    layout's; 0 for ``NXL2``, whose literal bytes hold it).
+    """
 
     segments: tuple[tuple[int, bytes, int], ...]
     crcs: tuple[int, ...]
     literals: bytes
+    padding: int = 0
 
     @property
     def size(self) -> int:
         """The fragment's uncompressed size."""
-        return len(self.literals) + sum(size for _run, _path, size in self.segments)
+        return len(self.literals) + sum(size for _run, _path, size in self.segments) + self.padding
 
     @classmethod
     def decode(cls, raw: bytes) -> FragmentLayout | None:
         """The layout in ``raw``, or ``None`` when it is not a well-formed one."""
         try:
-            return cls._decode(_decompress(raw))
+            data = _decompress(raw)
+            if data[:4] == _MAGIC_HEADERS:
+                return cls._decode_announced(data)
+            return cls._decode(data)
         except _DECODE_ERRORS:
             return None
         except _Malformed:
             return None
+
+    @classmethod
+    def _decode_announced(cls, data: bytes) -> FragmentLayout:
+        """An ``NXL3`` layout (see the module docstring), into segments as ``NXL2`` has them
+        but for the padding, which :func:`rebuild` leaves as zeros."""
+        _magic, count, blocks, literal_size, path_size, cut = _HEAD_HEADERS.unpack_from(data)
+        offset = _HEAD_HEADERS.size
+        arrays = []
+        for code, length in (("I", count), ("Q", count), ("I", blocks)):
+            values = array(code)
+            end = offset + values.itemsize * length
+            if end > len(data):
+                raise _Malformed
+            values.frombytes(data[offset:end])
+            if not _LITTLE:  # pragma: no cover - every supported host is little-endian
+                values.byteswap()
+            arrays.append(values)
+            offset = end
+        lengths, sizes, crcs = arrays
+        paths_end = offset + path_size
+        literals = data[paths_end:]
+        if paths_end > len(data) or len(literals) != literal_size or sum(lengths) != literal_size:
+            raise _Malformed
+        files = [size for size in sizes if size]
+        names = data[offset:paths_end].split(b"\0") if files else []
+        if len(names) != len(files) or (not files and path_size):
+            raise _Malformed
+        paths = []
+        for name in names:
+            path = name[cut:]
+            if len(name) < cut or (path and not path.startswith(b"/")) or b"/.." in path:
+                raise _Malformed  # only ever a path below the store path
+            paths.append(path)
+        # Where each file goes among the literal bytes: after its header.
+        ends = list(compress(accumulate(lengths), sizes))
+        runs = map(sub, ends, chain((0,), ends))
+        tail = literal_size - (ends[-1] if ends else 0)
+        segments = (*zip(runs, paths, files, strict=True), (tail, b"", 0))
+        padding = sum(map(mod, map(neg, files), repeat(512)))
+        layout = cls(segments, tuple(crcs), literals, padding)
+        if -(-layout.size // BLOCK_SIZE) != blocks:
+            raise _Malformed
+        return layout
 
     @classmethod
     def _decode(cls, data: bytes) -> FragmentLayout:
@@ -303,6 +453,7 @@ def rebuild(source: bytes, layout: FragmentLayout, emit: Callable[[bytearray], N
     """
     blocks = _Blocks(layout.crcs, emit)
     literals = memoryview(layout.literals)
+    padded = layout.padding > 0
     taken = 0
     try:
         for run, path, size in layout.segments:
@@ -310,7 +461,7 @@ def rebuild(source: bytes, layout: FragmentLayout, emit: Callable[[bytearray], N
                 blocks.copy(literals[taken : taken + run])
                 taken += run
             if size:
-                blocks.read(source + path, size)
+                blocks.read(source + path, size, -size % 512 if padded else 0)
         blocks.close()
     except _Differs:
         pass
@@ -344,7 +495,8 @@ class _Blocks:
             if self._pos == BLOCK_SIZE:
                 self._full()
 
-    def read(self, path: bytes, size: int) -> None:
+    def read(self, path: bytes, size: int, padding: int = 0) -> None:
+        """``size`` bytes of the file at ``path``, then ``padding`` zeros (an ``NXL3`` layout's)."""
         try:
             fd = os.open(path, _OPEN_FLAGS)
         except OSError as exc:
@@ -364,6 +516,15 @@ class _Blocks:
             raise _Differs from exc
         finally:
             os.close(fd)
+        if padding:
+            # Zeros already: every block is new.  Padding ends where a 512-byte record
+            # does, so at a block's end at the furthest (fragments start on one).
+            self._pos += padding
+            if self._pos >= BLOCK_SIZE:
+                over = self._pos - BLOCK_SIZE
+                self._pos = BLOCK_SIZE
+                self._full()
+                self._pos = over
 
     def _full(self) -> None:
         self._crc = _crc32(self._view, self._crc)
