@@ -585,18 +585,32 @@ class BucketFragments:
             self._reject(name, f"its pointer is unreadable ({exc})")
             return
         if pointer.offset is not None and self.ranges is not None:
-            # A range of a layer blob in this bucket: kept as a range, read (and checked
-            # against its size and CRC-32) when the pack needs it.
+            self._keep_reference(key, name, pointer, pointer.offset, on_reference)
+        else:
+            self._keep_copy(key, name, pointer)
+
+    def _keep_reference(
+        self, key: str, name: str, pointer: FragmentPointer, offset: int,
+        on_reference: OnReference | None,
+    ) -> None:
+        """A range of a layer blob in this bucket (from ``offset``, the pointer's): kept as
+        a range, read (and checked against its size and CRC-32) when the pack needs it."""
+        try:
             self.local.keep_range(
-                key, pointer.digest, offset=pointer.offset, size=pointer.size,
+                key, pointer.digest, offset=offset, size=pointer.size,
                 uncompressed_size=pointer.uncompressed_size, crc=pointer.crc32,
                 layout=pointer.layout,
             )
-            self._count("hits")
-            self._count("referenced")
-            if on_reference is not None:
-                on_reference(key, KeptRange(key, pointer.digest, pointer.offset, pointer.size))
+        except Exception as exc:  # noqa: BLE001 - the cache only saves work: a miss
+            self._not_kept(name, exc)
             return
+        self._count("hits")
+        self._count("referenced")
+        if on_reference is not None:
+            on_reference(key, KeptRange(key, pointer.digest, offset, pointer.size))
+
+    def _keep_copy(self, key: str, name: str, pointer: FragmentPointer) -> None:
+        """Download the fragment (a blob, or a range of one) into a checked local copy."""
         # Written to its data file as it comes (past 1 MiB, as a side part is): nothing
         # reads it before it is kept, and up to ``threads`` fetches run at once.
         writer = self.local.writer(key, side=True)
@@ -614,10 +628,21 @@ class BucketFragments:
             writer.discard()
             self._reject(name, f"its blob {pointer.digest} {problem}")
             return
-        writer.commit(pointer.uncompressed_size)
+        try:
+            writer.commit(pointer.uncompressed_size)
+        except Exception as exc:  # noqa: BLE001 - the cache only saves work: a miss
+            self._not_kept(name, exc)
+            return
         self._count("hits")
         if pointer.offset is None and isinstance(self.store, SupportsRefresh):
             self._enqueue("touch", pointer.digest)
+
+    def _not_kept(self, name: str, exc: Exception) -> None:
+        """A fragment fetched could not be kept locally (the local cache's writing thread
+        cannot be started, say): a miss, counted as a failed lookup, never the pack's failure
+        (which :meth:`wait` would raise)."""
+        log.warning("bucket fragment %s not kept locally (%s); packing it", name, exc)
+        self._count("failed")
 
     def _reject(self, name: str, why: str) -> None:
         log.warning("bucket fragment %s refused: %s; packing it again", name, why)

@@ -822,3 +822,37 @@ def test_checking_a_fetched_fragment_holds_little_however_much_it_inflates(
             with tier.get(name) as missing:
                 assert missing is None
     assert peak < 8 << 20, peak  # was 134 MB (gzip: 64 MiB and its join) and 200 MB (zstd)
+
+
+@pytest.mark.parametrize("mode", ["copy", "range"])
+def test_a_fetched_fragment_the_local_cache_cannot_keep_is_a_miss(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A fragment fetched from the bucket that the local cache fails to keep (its writing
+    thread cannot be started) is a miss, counted as a failed lookup: the pack compresses
+    that path and gives the bytes of a pack without a cache, never fails."""
+    bucket = MemoryStore()
+    if mode == "range":
+        local_a, tier_a = _shared_layer(store, bucket, tmp_path / "a", PATHS)
+        with local_a, tier_a:
+            pass
+    else:
+        local_a, tier_a = instance(tmp_path / "a", bucket)
+        with local_a, tier_a:
+            pack(store, PATHS, OPTIONS, tier_a)
+    submit_all = FragmentCache._submit_all
+    calls: list[None] = []
+
+    def first_fails(self: FragmentCache, items: Any, *, now: bool = False) -> None:
+        calls.append(None)
+        if len(calls) == 1:
+            raise RuntimeError("can't start new thread")
+        submit_all(self, items, now=now)
+
+    monkeypatch.setattr(FragmentCache, "_submit_all", first_fails)
+    local_b = FragmentCache(tmp_path / "b")
+    blobs = local_b.on_store(bucket) if mode == "range" else None
+    tier_b = BucketFragments(local_b, bucket, EVERY, ranges=blobs)
+    with local_b, tier_b:
+        assert pack(store, PATHS, OPTIONS, tier_b) == pack(store, PATHS, OPTIONS)
+        assert (tier_b.stats.failed, tier_b.stats.hits) == (1, len(PATHS) - 1)
