@@ -51,7 +51,10 @@ compressible: :mod:`nixery_core.inflating`) and checked on the way:
 its size, sha256 (the blob's digest) and CRC-32 against the pointer, and
 that it inflates to exactly the recorded number of bytes as complete gzip
 members or zstd frames (one for a gzip or zstd layer's fragment, one per
-frame for an eStargz or zstd:chunked layer's).  Only a fragment passing
+frame for an eStargz or zstd:chunked layer's; a chunked store path's TOC
+part is plain lines, :mod:`nixery_core.fragment_toc`, recorded with its
+own size as its uncompressed size, its entries checked as the pack reads
+them).  Only a fragment passing
 every check is kept; the pack then copies it from the local cache like any
 local hit, so a layer's bytes are the same whether its fragments came from
 the local cache, the bucket or fresh packing.  A bucket hit also restarts
@@ -418,8 +421,8 @@ class _SharedWriter(FragmentWriter):
 
 @attrs.define
 class _Pair:
-    """A chunked store path's frames and TOC part (their keys), and the compressed size of
-    each kept so far (by ``side``: true for the TOC part)."""
+    """A chunked store path's frames and TOC part (their keys), and the size of each kept so
+    far (by ``side``: true for the TOC part)."""
 
     frames: str
     part: str
