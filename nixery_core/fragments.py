@@ -1446,16 +1446,27 @@ class FragmentWriter:
         ``None`` when they are not kept (a failure to write them)."""
         if self._file is None:
             pieces = tuple(self._pieces)
-            self.commit(uncompressed_size)
-            return pieces
+            return pieces if self._committed(uncompressed_size) else None
         again: BinaryIO | None = None
         if self._file is not _DISCARDED:
             try:
                 again = (self._cache._data / self._file[0]).open("rb")
             except OSError as exc:
                 log.warning("cannot read fragment %s back (%s)", self.key, exc)
-        self.commit(uncompressed_size)
+        if not self._committed(uncompressed_size) and again is not None:
+            again.close()
+            again = None
         return again
+
+    def _committed(self, uncompressed_size: int) -> bool:
+        """:meth:`commit`, a failure to queue it logged (the copy is not kept; whoever
+        read the bytes being copied goes on with them)."""
+        try:
+            self.commit(uncompressed_size)
+        except Exception as exc:  # noqa: BLE001 - the cache only saves work: a copy not kept
+            log.warning("fragment %s: its copy not kept (%s)", self.key, exc)
+            return False
+        return True
 
     def discard(self) -> None:
         self._pieces = []

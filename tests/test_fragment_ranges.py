@@ -830,3 +830,31 @@ def test_a_layout_encoded_ahead_asked_by_two_threads_at_once_is_encoded_once() -
     second.join(10)
     assert results == [b"layout", b"layout"]
     assert len(layout.threads) == 1
+
+
+@pytest.mark.parametrize("size", [_BIG, 17 << 20], ids=["held-copy", "spilled-copy"])
+def test_a_range_whose_copy_at_first_reuse_cannot_be_kept_is_read_from_its_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A range reused on a store without blob files whose copy cannot be kept (the cache's
+    writing thread cannot be started) is still a hit, read from its store: the same bytes,
+    no copy's row and no copy's file left."""
+    blobs = MemoryStore()
+    with FragmentCache(tmp_path / "fragments") as cache:
+        key, data = _big_range(cache, blobs, size)
+
+        def failing(self: FragmentCache, key: str, item: fragments._Pending) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(fragments.FragmentCache, "_submit", failing)
+        view = cache.on_store(blobs)
+        with view.get(key) as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == data
+            assert found.blob is not None  # read from the store, not from a copy
+        monkeypatch.undo()
+        cache.flush()
+        assert [(file, blob) for _, file, blob in _rows(cache.directory)] == [
+            (None, found.blob)
+        ]
+        assert _data_files(cache.directory) == []
