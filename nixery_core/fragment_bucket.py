@@ -687,14 +687,28 @@ class BucketFragments:
             self._run(job, argument, pointer)
 
     def _enqueue(self, job: str, argument: str, pointer: _Reference | None = None) -> None:
+        """Queue a job for the upload thread, started by the first; a thread that cannot
+        be started skips the job (logged; tried again by the next), never the pack."""
         with self._lock:
             if self._closed:
                 return
+            failed = None
             if self._worker is None:
-                self._worker = threading.Thread(
+                worker = threading.Thread(
                     target=self._work, name="nixery-fragment-upload", daemon=True
                 )
-                self._worker.start()
+                try:
+                    worker.start()
+                except RuntimeError as exc:
+                    failed = exc
+                else:
+                    self._worker = worker  # only once started: flush and close wait for it
+        if failed is not None:
+            log.warning("fragment upload thread cannot be started (%s); %s of %s skipped",
+                        failed, job, argument)
+            if job == "upload":
+                self._count("upload_failures")
+            return
         try:
             self._jobs.put_nowait((job, argument, pointer))
         except queue.Full:

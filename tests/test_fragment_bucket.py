@@ -856,3 +856,30 @@ def test_a_fetched_fragment_the_local_cache_cannot_keep_is_a_miss(
     with local_b, tier_b:
         assert pack(store, PATHS, OPTIONS, tier_b) == pack(store, PATHS, OPTIONS)
         assert (tier_b.stats.failed, tier_b.stats.hits) == (1, len(PATHS) - 1)
+
+
+def test_an_upload_thread_that_cannot_start_skips_its_uploads_never_the_pack(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket tier whose upload thread cannot be started skips the uploads (counted as
+    failures) while the pack gives the bytes of a pack without a cache, and flush and close
+    return."""
+    import threading
+
+    class NoUploadThread(threading.Thread):
+        def start(self) -> None:
+            if self.name == "nixery-fragment-upload":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(threading, "Thread", NoUploadThread)
+    bucket = MemoryStore()
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        assert pack(store, PATHS, OPTIONS, tier) == pack(store, PATHS, OPTIONS)
+        flushing = threading.Thread(target=tier.flush, daemon=True)
+        flushing.start()
+        flushing.join(10)
+        assert not flushing.is_alive()
+        assert tier.stats.upload_failures == len(PATHS)
+    assert pointers(bucket) == []
