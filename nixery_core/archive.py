@@ -1180,6 +1180,7 @@ class _OrderedHashing:
             digest.update(data)
             return
         if self._failure is not None:
+            _drop(digest)  # refused, as close() drops what is queued: nothing waits for it
             raise self._failure
         with self._lock:
             self._queue.append((digest, data))
@@ -1226,9 +1227,15 @@ class _OrderedHashing:
             self._queue.clear()
             self._bytes = 0
         for digest, _data in dropped:
-            drop = getattr(digest, "drop", None)  # a recording's: dropped with what it kept
-            if drop is not None:
-                drop()
+            _drop(digest)
+
+
+def _drop(digest: Updated) -> None:
+    """An update never applied: one with a ``drop`` method (a recording's) is told, and drops
+    what it kept (a layout sealed as incomplete, a fragment's recorded parts)."""
+    drop = getattr(digest, "drop", None)
+    if drop is not None:
+        drop()
 
 
 def _frame_format(spec: CompressorSpec, mtime: int) -> FrameFormat:

@@ -1059,6 +1059,45 @@ def test_an_update_raising_in_a_pool_drain_neither_wedges_the_hashing_queue_nor_
         hashing.wait()
 
 
+def test_an_update_refused_after_a_pool_drain_failed_is_dropped() -> None:
+    """An update handed to the hashing queue after an earlier one raised on the pool is
+    refused with that exception and, as one dropped by close(), told so with its drop()
+    (a chunked fragment's commit then drops its parts, never left half-recorded)."""
+    from concurrent.futures import Future
+
+    class Inline:
+        """A pool that runs each task at once, on this thread."""
+
+        max_workers = 2
+
+        def submit(self, fn: Callable[[], None]) -> Future[None]:
+            fn()
+            return Future()
+
+    class Failing:
+        def update(self, _data: bytes | bytearray | memoryview, /) -> None:
+            raise RuntimeError("the diff_id's update failed")
+
+    class Commit:
+        """A recording's queued commit: applied, or dropped."""
+
+        def __init__(self) -> None:
+            self.applied = self.dropped = False
+
+        def update(self, _data: bytes | bytearray | memoryview, /) -> None:
+            self.applied = True
+
+        def drop(self) -> None:
+            self.dropped = True
+
+    hashing = archive._OrderedHashing(Inline())  # type: ignore[arg-type]  # a stub pool
+    hashing.update(Failing(), b"")
+    commit = Commit()
+    with pytest.raises(RuntimeError, match="the diff_id's update failed"):
+        hashing.update(commit, b"")
+    assert (commit.applied, commit.dropped) == (False, True)
+
+
 
 def test_a_queued_blocks_layout_failing_costs_its_layout_and_its_diff_id_failing_the_pack() -> (
     None
