@@ -74,7 +74,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import accumulate, chain, compress, repeat
 from operator import itemgetter, mod, neg, sub
 from typing import cast
@@ -287,19 +287,13 @@ class LayoutRecorder:
             return None
         if self._headers is not None:
             return self._encode_announced(self._headers, self._fields)
-        runs, sizes, crcs = array("Q", self._runs), array("Q", self._sizes), array("I", self._crcs)
-        if self._fill:  # the last, partial block
-            crcs.append(self._crc)
+        runs, sizes, crcs = array("Q", self._runs), array("Q", self._sizes), self._block_crcs()
         runs.append(self._run)
         sizes.append(0)
         lengths = array("I", map(len, self._paths))
         lengths.append(0)
-        arrays = (runs, lengths, sizes, crcs)
-        if not _LITTLE:  # pragma: no cover - every supported host is little-endian
-            for values in arrays:
-                values.byteswap()
         head = _HEAD.pack(_MAGIC, len(runs), len(crcs), len(self._literals))
-        parts: list[bytes | bytearray] = [head, *(values.tobytes() for values in arrays)]
+        parts: list[bytes | bytearray] = [head, *_stored((runs, lengths, sizes, crcs))]
         parts += self._paths
         parts.append(self._literals)
         return _compress(b"".join(parts), 1)
@@ -310,23 +304,23 @@ class LayoutRecorder:
             return None
         lengths = array("I", map(len, headers))
         sizes = array("Q", map(_SIZE, fields))
-        crcs = array("I", self._crcs)
-        if self._fill:  # the last, partial block
-            crcs.append(self._crc)
+        crcs = self._block_crcs()
         literal_size = sum(lengths)
         if literal_size > MAX_LITERALS:
             return None
         # Whole member names: cut below the store path when decoded (fewer objects made here).
         paths = b"\0".join(compress(map(_NAME, fields), sizes))
-        arrays = (lengths, sizes, crcs)
-        if not _LITTLE:  # pragma: no cover - every supported host is little-endian
-            for values in arrays:
-                values.byteswap()
         head = _HEAD_HEADERS.pack(
             _MAGIC_HEADERS, len(sizes), len(crcs), literal_size, len(paths), self._cut
         )
-        return _compress(b"".join((head, *(values.tobytes() for values in arrays), paths,
-                                   *headers)), 1)
+        return _compress(b"".join((head, *_stored((lengths, sizes, crcs)), paths, *headers)), 1)
+
+    def _block_crcs(self) -> array[int]:
+        """The running CRC-32 at the end of every block, the last, partial one's included."""
+        crcs = array("I", self._crcs)
+        if self._fill:  # the last, partial block
+            crcs.append(self._crc)
+        return crcs
 
 
 @attrs.frozen
@@ -366,19 +360,9 @@ class FragmentLayout:
         """An ``NXL3`` layout (see the module docstring), into segments as ``NXL2`` has them
         but for the padding, which :func:`rebuild` leaves as zeros."""
         _magic, count, blocks, literal_size, path_size, cut = _HEAD_HEADERS.unpack_from(data)
-        offset = _HEAD_HEADERS.size
-        arrays = []
-        for code, length in (("I", count), ("Q", count), ("I", blocks)):
-            values = array(code)
-            end = offset + values.itemsize * length
-            if end > len(data):
-                raise _Malformed
-            values.frombytes(data[offset:end])
-            if not _LITTLE:  # pragma: no cover - every supported host is little-endian
-                values.byteswap()
-            arrays.append(values)
-            offset = end
-        lengths, sizes, crcs = arrays
+        (lengths, sizes, crcs), offset = _arrays(
+            data, _HEAD_HEADERS.size, (("I", count), ("Q", count), ("I", blocks))
+        )
         paths_end = offset + path_size
         literals = data[paths_end:]
         if paths_end > len(data) or len(literals) != literal_size or sum(lengths) != literal_size:
@@ -409,19 +393,9 @@ class FragmentLayout:
         magic, count, blocks, literal_size = _HEAD.unpack_from(data)
         if magic != _MAGIC:
             raise _Malformed
-        offset = _HEAD.size
-        arrays = []
-        for code, length in (("Q", count), ("I", count), ("Q", count), ("I", blocks)):
-            values = array(code)
-            end = offset + values.itemsize * length
-            if end > len(data):
-                raise _Malformed
-            values.frombytes(data[offset:end])
-            if not _LITTLE:  # pragma: no cover - every supported host is little-endian
-                values.byteswap()
-            arrays.append(values)
-            offset = end
-        runs, lengths, sizes, crcs = arrays
+        (runs, lengths, sizes, crcs), offset = _arrays(
+            data, _HEAD.size, (("Q", count), ("I", count), ("Q", count), ("I", blocks))
+        )
         segments = []
         for run, length, size in zip(runs, lengths, sizes, strict=True):
             path = data[offset : offset + length]
@@ -440,6 +414,33 @@ class FragmentLayout:
 
 class _Malformed(Exception):
     """Raised inside :meth:`FragmentLayout.decode` for bytes that are not a layout."""
+
+
+def _stored(arrays: tuple[array[int], ...]) -> Iterator[bytes]:
+    """Each of ``arrays``' bytes as a layout keeps them (little-endian; swapped in place)."""
+    for values in arrays:
+        if not _LITTLE:  # pragma: no cover - every supported host is little-endian
+            values.byteswap()
+        yield values.tobytes()
+
+
+def _arrays(
+    data: bytes, offset: int, shapes: tuple[tuple[str, int], ...]
+) -> tuple[list[array[int]], int]:
+    """The arrays of ``shapes`` (type code, length) stored in ``data`` from ``offset`` on,
+    and the offset after them."""
+    arrays = []
+    for code, length in shapes:
+        values = array(code)
+        end = offset + values.itemsize * length
+        if end > len(data):
+            raise _Malformed
+        values.frombytes(data[offset:end])
+        if not _LITTLE:  # pragma: no cover - every supported host is little-endian
+            values.byteswap()
+        arrays.append(values)
+        offset = end
+    return arrays, offset
 
 
 def rebuild(source: bytes, layout: FragmentLayout, emit: Callable[[bytearray], None]) -> int:
