@@ -13,6 +13,7 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -1059,21 +1060,20 @@ def test_an_update_raising_in_a_pool_drain_neither_wedges_the_hashing_queue_nor_
         hashing.wait()
 
 
+class _InlinePool:
+    """A pool that runs each task at once, on the thread submitting it."""
+
+    max_workers = 2
+
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        fn()
+        return Future()
+
+
 def test_an_update_refused_after_a_pool_drain_failed_is_dropped() -> None:
     """An update handed to the hashing queue after an earlier one raised on the pool is
     refused with that exception and, as one dropped by close(), told so with its drop()
     (a chunked fragment's commit then drops its parts, never left half-recorded)."""
-    from concurrent.futures import Future
-
-    class Inline:
-        """A pool that runs each task at once, on this thread."""
-
-        max_workers = 2
-
-        def submit(self, fn: Callable[[], None]) -> Future[None]:
-            fn()
-            return Future()
-
     class Failing:
         def update(self, _data: bytes | bytearray | memoryview, /) -> None:
             raise RuntimeError("the diff_id's update failed")
@@ -1090,13 +1090,12 @@ def test_an_update_refused_after_a_pool_drain_failed_is_dropped() -> None:
         def drop(self) -> None:
             self.dropped = True
 
-    hashing = archive._OrderedHashing(Inline())  # type: ignore[arg-type]  # a stub pool
+    hashing = archive._OrderedHashing(_InlinePool())  # type: ignore[arg-type]  # a stub pool
     hashing.update(Failing(), b"")
     commit = Commit()
     with pytest.raises(RuntimeError, match="the diff_id's update failed"):
         hashing.update(commit, b"")
     assert (commit.applied, commit.dropped) == (False, True)
-
 
 
 def test_a_queued_blocks_layout_failing_costs_its_layout_and_its_diff_id_failing_the_pack() -> (
@@ -1105,18 +1104,7 @@ def test_a_queued_blocks_layout_failing_costs_its_layout_and_its_diff_id_failing
     """A chunked recorded block queued once for the diff_id and the layout: the layout's
     CRC-32 raising on the pool leaves the diff_id updated, the layout unkept and the pack
     going on; the diff_id's update raising is raised on the producing thread."""
-    from concurrent.futures import Future
-
     from nixery_core.fragment_layout import LayoutRecorder
-
-    class Inline:
-        """A pool that runs each task at once, on this thread."""
-
-        max_workers = 2
-
-        def submit(self, fn: Callable[[], None]) -> Future[None]:
-            fn()
-            return Future()
 
     class Broken(LayoutRecorder):
         def block(self, data: bytes | bytearray | memoryview) -> None:
@@ -1126,7 +1114,7 @@ def test_a_queued_blocks_layout_failing_costs_its_layout_and_its_diff_id_failing
         def update(self, _data: bytes | bytearray | memoryview, /) -> None:
             raise OSError("the diff_id's hash failed (test)")
 
-    hashing = archive._OrderedHashing(Inline())  # type: ignore[arg-type]  # a stub pool
+    hashing = archive._OrderedHashing(_InlinePool())  # type: ignore[arg-type]  # a stub pool
     diff = hashlib.sha256()
     layout = Broken(b"nix/store/x")
     layout.deferred(hashing.wait)
