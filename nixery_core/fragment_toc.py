@@ -123,10 +123,16 @@ class TocPartWriter:
             self._hand_on()
 
     def _hand_on(self) -> None:
-        """The lines buffered to the recorder, joined: one piece (one copy of them)."""
+        """The lines buffered to the recorder, joined: one piece (one copy of them).
+
+        None once the part is discarded: its fragment may be dropped in the packer's
+        queue (a failure there) while the packer still adds its entries here, and its
+        recorder, given more, would hold them again (past 1 MiB in a file no one removes).
+        """
         if self._lines:
-            self._size += self._buffered
-            self._recorder.add(b"".join(self._lines))
+            if not self._done:
+                self._size += self._buffered
+                self._recorder.add(b"".join(self._lines))
             self._lines, self._buffered = [], 0
 
     def commit(self) -> None:

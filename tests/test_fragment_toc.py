@@ -454,6 +454,25 @@ def test_toc_parts_recorded_at_once_or_after_one_dropped_are_each_their_lines() 
     assert len(first.pieces) > 5
 
 
+def test_a_toc_part_discarded_while_its_entries_still_come_keeps_none_of_them(
+    tmp_path: Path,
+) -> None:
+    """A TOC part dropped while the packer still adds its fragment's entries (the fragment
+    failed in the packer's hashing queue) hands its recorder nothing more: no data file is
+    left in the cache, however many entries come after."""
+    with FragmentCache(tmp_path / "fragments") as cache:
+        before = sorted(os.walk(cache.directory))
+        recorder = cache.writer("toc", side=True)
+        part = TocPartWriter(recorder)
+        lines = _entries(10_000)  # about 2.7 MB: past a side part's 1 MiB held in memory
+        part.add(next(lines))
+        part.discard()
+        for line in lines:
+            part.add(line)
+        assert sorted(os.walk(cache.directory)) == before
+        assert recorder._pieces == []
+
+
 @pytest.mark.parametrize(
     ("pieces", "size"),
     [
