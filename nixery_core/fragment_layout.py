@@ -226,8 +226,12 @@ class LayoutRecorder:
         The running CRC-32 is kept at every 1 MiB counted from the
         fragment's start, wherever the pieces are cut (a chunked layer's
         shared tar block goes on after a store path's end, so the next one's
-        first piece is shorter), and at its end (:meth:`encode`).
+        first piece is shorter), and at its end (:meth:`encode`).  None once the
+        layout is given up (too many literal bytes, or its recording failed):
+        nothing of it is kept.
         """
+        if self._overflow:
+            return
         view = memoryview(data)
         crc, fill = self._crc, self._fill
         while view:

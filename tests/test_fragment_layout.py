@@ -178,6 +178,29 @@ def test_announced_headers_past_the_limit_leave_no_layout(
     assert recorder.encode() is None
 
 
+def test_a_layout_given_up_takes_no_more_crcs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a fragment's layout is given up (its headers past the limit, or its recording
+    failed: sealed as incomplete), its later blocks cost no CRC-32 (nothing of it is kept);
+    before, each does."""
+    taken: list[int] = []
+    crc32 = fragment_layout._crc32
+
+    def counting(data: memoryview, crc: int = 0) -> int:
+        taken.append(len(data))
+        return crc32(data, crc)
+
+    monkeypatch.setattr(fragment_layout, "_crc32", counting)
+    recorder = LayoutRecorder(TOP)
+    recorder.announced()
+    recorder.block(bytes(BLOCK_SIZE))
+    assert taken == [BLOCK_SIZE]
+    recorder.seal(whole=False)
+    recorder.block(bytes(BLOCK_SIZE))
+    recorder.block(b"tail")
+    assert taken == [BLOCK_SIZE]
+    assert recorder.encode() is None
+
+
 def _packed(root: Path, paths: list[str], compression: str,
             cache: FragmentCache | None = None) -> tuple[bytes, PackedLayer]:
     out = io.BytesIO()
