@@ -408,6 +408,8 @@ class _SharedWriter(FragmentWriter):
     _pair: _Pair | None = attrs.field(init=False, default=None)
 
     def commit(self, uncompressed_size: int) -> None:
+        if self.discarded:  # nothing kept locally: nothing to offer
+            return
         size = self._size
         super().commit(uncompressed_size)
         pair = self._pair

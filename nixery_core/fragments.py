@@ -1367,7 +1367,7 @@ class FragmentWriter:
     _size: int = attrs.field(init=False, default=0)
     _crc: int = attrs.field(init=False, default=0)
     #: Its data file (name, descriptor) once past :data:`_SPILL_SIZE`; ``_DISCARDED``: could
-    #: not be made, the fragment is not kept.
+    #: not be made or written, or :meth:`discard` was called: the fragment is not kept.
     _file: tuple[str, int] | None = attrs.field(init=False, default=None)
     #: Kept with the fragment: how its uncompressed bytes are rebuilt from the store
     #: (:mod:`nixery_core.fragment_layout`), set by the packer before :meth:`commit`;
@@ -1424,9 +1424,12 @@ class FragmentWriter:
         a warning (the cache only saves work).  A failure to queue it (the
         writing thread cannot be started) is raised, nothing of it kept (its
         file removed): the packer's recording logs it and packs on.
+
+        After :meth:`discard` (or a failure to write it) it keeps nothing and
+        raises nothing: a no-op, as a fragment dropped on one thread (the
+        packer's hashing queue) may still be committed by its packer.
         """
         if self._file is _DISCARDED:
-            self._file = None
             return
         pieces, self._pieces = self._pieces, []
         fields = (self._size, uncompressed_size, self._crc, self.layout)
@@ -1468,11 +1471,20 @@ class FragmentWriter:
             return False
         return True
 
+    @property
+    def discarded(self) -> bool:
+        """Whether nothing of it will be kept: :meth:`discard` was called, or writing it
+        failed (then :meth:`commit` is a no-op)."""
+        return self._file is _DISCARDED
+
     def discard(self) -> None:
+        """Drop the fragment: its pieces, its data file (removed).  For good: bytes added
+        after it are not kept (no data file is made for them) and :meth:`commit` after it
+        keeps no row (a no-op: see there)."""
         self._pieces = []
-        if self._file is _DISCARDED:
-            self._file = None
-        self._close_file(remove=True)
+        if self._file is not _DISCARDED:
+            self._close_file(remove=True)
+            self._file = _DISCARDED
 
 
 class _EncodedAhead:
@@ -1778,7 +1790,7 @@ class RangeWriter(FragmentWriter):
     _record: RangeRecord | None = attrs.field(init=False, default=None)
 
     def commit(self, uncompressed_size: int) -> None:
-        if self.offset is None or not self._size:
+        if self.offset is None or not self._size or self._file is _DISCARDED:
             return
         layout = self._cache._encode_ahead(self.layout)  # raising: nothing recorded
         self._record = (self.key, self.offset, self._size, uncompressed_size, self._crc, layout)
@@ -1786,7 +1798,8 @@ class RangeWriter(FragmentWriter):
 
     def discard(self) -> None:
         """Drop the range, even once committed (its pair's other part failed), until the
-        layer is stored."""
+        layer is stored; a :meth:`commit` after it records nothing."""
+        self._file = _DISCARDED
         record, self._record = self._record, None
         if record is not None:
             recorded = self._layer._recorded

@@ -150,6 +150,30 @@ def test_inline_uploads_are_done_when_the_pack_returns(store: Path, tmp_path: Pa
         assert len(pointers(bucket)) == len(PATHS)
 
 
+def test_a_fragment_discarded_then_committed_is_neither_kept_nor_offered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fragment being packed that was dropped (its recording failed) and committed after
+    that by its packer keeps no row locally and is never offered to the bucket."""
+    bucket = MemoryStore()
+    local, tier = instance(tmp_path / "a", bucket, FragmentBucketPolicy(min_size=0,
+                                                                        background=False))
+    offered: list[str] = []
+    monkeypatch.setattr(
+        BucketFragments, "_offer",
+        lambda _self, _job, argument, _pointer=None: offered.append(argument),
+    )
+    with local, tier:
+        writer = tier.writer("dropped")
+        writer.add(b"frames")
+        writer.discard()
+        writer.commit(100)
+        local.flush()
+        assert "dropped" not in local
+        assert offered == []
+        assert pointers(bucket) == []
+
+
 def _damage(bucket: FilesystemStore) -> dict[str, str]:
     """Break three of the four fragments in three ways; name what was done to which pointer."""
     keys = sorted(pointers(bucket))

@@ -317,6 +317,24 @@ def _commit_range(layer: LayerRanges, key: str, layout: _Layout) -> None:
     writer.commit(100)
 
 
+def test_a_range_discarded_then_committed_records_nothing(tmp_path: Path) -> None:
+    """A range whose recording was dropped (its fragment failed in the packer's queue)
+    and committed after that by its packer keeps no row once its layer is stored."""
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    digest = blobs.put_blob(b"frames of a layer", "application/octet-stream").digest
+    with FragmentCache(tmp_path / "fragments") as cache:
+        layer = cache.on_store(blobs).layer()
+        writer = layer.writer("k")
+        writer.offset = 0
+        writer.add(b"frames")
+        writer.discard()
+        writer.add(b"more")
+        writer.commit(100)
+        layer.stored(digest)
+        cache.flush()
+        assert "k" not in cache
+
+
 def test_a_ranges_layout_is_encoded_while_its_layer_is_still_being_packed(
     tmp_path: Path,
 ) -> None:

@@ -264,6 +264,40 @@ def test_large_fragments_spill_to_disk_and_read_back(
         assert cache.check() == []  # every file written while recorded is named by its row
 
 
+@pytest.mark.parametrize("spilled", [False, True], ids=["held", "spilled"])
+def test_a_discarded_writer_given_more_than_its_limit_keeps_no_file_and_no_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, spilled: bool
+) -> None:
+    """A fragment writer discarded (held in memory or already in its data file) keeps
+    nothing of the bytes still given to it past its in-memory limit, opens no data file
+    for them, and its commit after the discard keeps no row."""
+    monkeypatch.setattr(fragments_module, "_SPILL_SIZE", 1000)
+    opened: list[int] = []
+    real_open = os.open
+
+    def counting_open(*args: Any, **kwargs: Any) -> int:
+        fd = real_open(*args, **kwargs)
+        opened.append(fd)
+        return fd
+
+    with FragmentCache(tmp_path / "fragments") as cache:
+        before = sorted(os.walk(cache.directory))
+        writer = cache.writer("dropped")
+        writer.add(b"x" * (1500 if spilled else 500))
+        writer.discard()
+        monkeypatch.setattr(os, "open", counting_open)
+        for _ in range(10):
+            writer.add(b"y" * 800)
+        writer.commit(9000)
+        monkeypatch.setattr(os, "open", real_open)
+        assert opened == []
+        assert writer._pieces == []
+        cache.flush()
+        assert "dropped" not in cache
+        assert cache.keys() == []
+        assert sorted(os.walk(cache.directory)) == before
+
+
 def test_failed_pack_keeps_no_fragment_of_the_failing_path(store: Path, tmp_path: Path) -> None:
     """A store path refused mid-walk (a fifo) leaves no fragment for it in the cache."""
     root = tmp_path / "root"
