@@ -1443,7 +1443,7 @@ def pack_store_paths(
     if cache is not None:
         # A remote tier fetches what it has, in the order the pack needs it.
         pairs = zip(keys, toc_keys, strict=True) if toc_keys else ((key,) for key in keys)
-        cache.prefetch([key for pair in pairs for key in pair])
+        cache.prefetch([key for pair in pairs for key in pair], sides=toc_keys)
     with _TarStream(write, spec, threads, options.mtime, executor, blob_digest=blob_digest) as tar:
         scratch = memoryview(bytearray(max(_SMALL_FILE, _HASH_CHUNK)))
         tar.begin(small=True)

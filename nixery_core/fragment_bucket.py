@@ -118,7 +118,7 @@ import queue
 import threading
 import weakref
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -333,6 +333,10 @@ class _Check:
     pointer: FragmentPointer
     #: Whether the bytes are a whole blob, hashing to the pointer's digest (not a range).
     whole: bool = True
+    #: Whether the caller fetches a side part (a chunked store path's TOC part: plain lines,
+    #: nothing to inflate) rather than frames (inflated to their recorded size), whatever
+    #: the bytes begin with.
+    side: bool = attrs.field(default=False, kw_only=True)
     _digest: Any = attrs.field(init=False, factory=hashlib.sha256)
     _crc: int = attrs.field(init=False, default=0)
     _size: int = attrs.field(init=False, default=0)
@@ -340,8 +344,6 @@ class _Check:
     _inflate: MembersInflater | None = attrs.field(init=False, default=None)
     #: What the pieces so far inflate to, counted.
     _produced: int = attrs.field(init=False, default=0)
-    #: Whether the first piece began a TOC part (kept plain: nothing to inflate).
-    _plain: bool = attrs.field(init=False, default=False)
 
     def add(self, piece: bytes) -> None:
         pointer = self.pointer
@@ -350,8 +352,9 @@ class _Check:
         if self._size > pointer.size:
             raise _Refused(f"is longer than the {pointer.size} bytes recorded")
         if first:
-            if piece.startswith(PART_START):
-                self._plain = True  # a chunked store path's TOC part (fragment_toc.py)
+            if self.side:  # a chunked store path's TOC part (fragment_toc.py)
+                if not piece.startswith(PART_START):
+                    raise _Refused("is not a TOC part")
             elif piece.startswith((_GZIP_MAGIC, _ZSTD_MAGIC)):
                 # As many members as there are: a chunked layer's fragment holds
                 # one per frame (nixery_core.chunked).
@@ -361,7 +364,7 @@ class _Check:
                 # holds it to its level's.
                 self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
             else:
-                raise _Refused("is not a gzip member, a zstd frame or a TOC part")
+                raise _Refused("is not a gzip member or a zstd frame")
         inflate = self._inflate
         if inflate is not None:
             try:
@@ -383,7 +386,7 @@ class _Check:
             raise _Refused("does not hash to its digest")
         if (self._size, self._crc) != (pointer.size, pointer.crc32):
             raise _Refused("has another size or CRC-32 than its pointer records")
-        if self._plain:  # a TOC part: its lines are checked as they are read (chunked.py)
+        if self.side:  # a TOC part: its lines are checked as they are read (chunked.py)
             if pointer.uncompressed_size != pointer.size:
                 raise _Refused("is a TOC part recorded with another size")
             return
@@ -463,15 +466,21 @@ class BucketFragments:
 
     # --- FragmentSource ------------------------------------------------------
 
-    def prefetch(self, keys: Sequence[str], on_reference: OnReference | None = None) -> None:
+    def prefetch(
+        self, keys: Sequence[str], on_reference: OnReference | None = None, *,
+        sides: Collection[str] = (),
+    ) -> None:
         """Start fetching every fragment of ``keys`` the local cache lacks; returns at once.
 
         Fetches run ``threads`` at a time, in the order given (the order the
         pack needs them); :meth:`get` waits only for its own key.
         ``on_reference`` is told of each reference found by the fetches started
-        here, once it is kept locally as a range.
+        here, once it is kept locally as a range.  Those of ``keys`` in
+        ``sides`` are side parts (TOC parts), checked as plain lines; any
+        other is checked as compressed frames, whatever its bytes look like.
         """
         started = []
+        sides = frozenset(sides) if sides else frozenset()
         with self._lock:
             if self._closed:
                 return
@@ -483,7 +492,9 @@ class BucketFragments:
                     self._pool = ThreadPoolExecutor(
                         self.policy.threads, thread_name_prefix="nixery-fragment-fetch"
                     )
-                self._pending[key] = future = self._pool.submit(self._fetch, key, on_reference)
+                self._pending[key] = future = self._pool.submit(
+                    self._fetch, key, on_reference, side=key in sides
+                )
                 started.append((key, future))
         for key, future in started:
             future.add_done_callback(functools.partial(self._forget, key))
@@ -572,8 +583,11 @@ class BucketFragments:
     def _count(self, name: _Counter) -> None:
         self._counts.add(name)
 
-    def _fetch(self, key: str, on_reference: OnReference | None = None) -> None:
-        """Look ``key`` up in the bucket; keep the fragment locally if it checks out."""
+    def _fetch(
+        self, key: str, on_reference: OnReference | None = None, *, side: bool = False
+    ) -> None:
+        """Look ``key`` up in the bucket; keep the fragment locally if it checks out (as a
+        ``side`` part's plain lines, or else as compressed frames)."""
         name = fragment_object_key(key)
         try:
             raw = self.store.get_object(name)
@@ -592,7 +606,7 @@ class BucketFragments:
         if pointer.offset is not None and self.ranges is not None:
             self._keep_reference(key, name, pointer, pointer.offset, on_reference)
         else:
-            self._keep_copy(key, name, pointer)
+            self._keep_copy(key, name, pointer, side=side)
 
     def _keep_reference(
         self, key: str, name: str, pointer: FragmentPointer, offset: int,
@@ -614,14 +628,14 @@ class BucketFragments:
         if on_reference is not None:
             on_reference(key, KeptRange(key, pointer.digest, offset, pointer.size))
 
-    def _keep_copy(self, key: str, name: str, pointer: FragmentPointer) -> None:
+    def _keep_copy(self, key: str, name: str, pointer: FragmentPointer, *, side: bool) -> None:
         """Download the fragment (a blob, or a range of one) into a checked local copy."""
         # Written to its data file as it comes (past 1 MiB, as a side part is): nothing
         # reads it before it is kept, and up to ``threads`` fetches run at once.
         writer = self.local.writer(key, side=True)
         writer.layout = pointer.layout
         try:
-            problem = self._download(pointer, writer)
+            problem = self._download(pointer, writer, side=side)
         except StorageError as exc:  # BlobNotFound included: collected meanwhile
             writer.discard()
             self._reject(name, f"its blob {pointer.digest} cannot be read ({exc})")
@@ -653,9 +667,12 @@ class BucketFragments:
         log.warning("bucket fragment %s refused: %s; packing it again", name, why)
         self._count("rejected")
 
-    def _download(self, pointer: FragmentPointer, writer: FragmentWriter) -> str | None:
-        """Stream the blob into ``writer``; what is wrong with it, or ``None``."""
-        check = _Check(pointer, whole=pointer.offset is None)
+    def _download(
+        self, pointer: FragmentPointer, writer: FragmentWriter, *, side: bool
+    ) -> str | None:
+        """Stream the blob into ``writer``; what is wrong with it (checked as a ``side``
+        part, or as frames), or ``None``."""
+        check = _Check(pointer, whole=pointer.offset is None, side=side)
         try:
             with (
                 self.store.open_blob(pointer.digest) if pointer.offset is None
@@ -825,10 +842,10 @@ class SharedLayer:
     #: The pack ended (:meth:`close`): a reference fetched after is not read ahead.
     _closed: bool = attrs.field(init=False, default=False)
 
-    def prefetch(self, keys: Sequence[str]) -> None:
+    def prefetch(self, keys: Sequence[str], *, sides: Collection[str] = ()) -> None:
         self._positions = {key: index for index, key in enumerate(keys)}
         self._layer.prefetch(keys)  # plans the ranges kept locally now
-        self._tier.prefetch(keys, self._found)
+        self._tier.prefetch(keys, self._found, sides=sides)
 
     def _found(self, key: str, kept: KeptRange) -> None:
         """A reference fetched for this layer: read it ahead with the others."""

@@ -282,7 +282,10 @@ class FragmentSource(Protocol):
     :meth:`writer` committed keeps the fragment for later packs; a failure
     of the source itself is a miss or a skipped write, never an error.
     :meth:`prefetch` is told every key of a layer before it is packed, so a
-    remote tier can fetch the ones it has all at once.
+    remote tier can fetch the ones it has all at once, and which of them are
+    side parts (``sides``), so it checks what it fetches for each as what the
+    pack will read: a side part's plain lines, any other key's compressed
+    frames (inflated to the size recorded).
 
     A *side* part (``side=True``: a chunked layer's TOC part,
     :mod:`nixery_core.fragment_toc`) is kept beside a fragment but is no
@@ -291,7 +294,7 @@ class FragmentSource(Protocol):
     (never held whole), so its size costs no memory.
     """
 
-    def prefetch(self, keys: Sequence[str]) -> None: ...
+    def prefetch(self, keys: Sequence[str], *, sides: Collection[str] = ()) -> None: ...
 
     def get(
         self, key: str, *, side: bool = False
@@ -858,10 +861,11 @@ class FragmentCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def prefetch(self, keys: Sequence[str]) -> None:
+    def prefetch(self, keys: Sequence[str], *, sides: Collection[str] = ()) -> None:
         """Find which of ``keys`` are absent, in one query: their :meth:`get` is then a miss
         at once (a cold pack asks for every store path of its layer; one query each cost
-        it more than the rest of its lookups).
+        it more than the rest of its lookups).  ``sides`` do not matter here: nothing is
+        fetched (each kept part was checked as it was kept).
 
         A key stored by this process afterwards is looked up as usual; one another process
         stores meanwhile is missed (and packed again: the same bytes), never wrong.
@@ -1661,7 +1665,7 @@ class StoreFragments:
                               takes_self=True)
     )
 
-    def prefetch(self, keys: Sequence[str]) -> None:
+    def prefetch(self, keys: Sequence[str], *, sides: Collection[str] = ()) -> None:
         self.cache.prefetch(keys)
 
     def get(
@@ -1717,7 +1721,7 @@ class LayerRanges:
     #: The ranges this layer reuses, read ahead (a remote store), once prefetched.
     _reads: RangeReads | None = attrs.field(init=False, default=None)
 
-    def prefetch(self, keys: Sequence[str]) -> None:
+    def prefetch(self, keys: Sequence[str], *, sides: Collection[str] = ()) -> None:
         if self._reads is not None:
             self._reads.close()
         self._reads = self._source.plan(keys)  # prefetches too, in the same query

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import gzip
 import hashlib
 import io
 import json
@@ -734,7 +735,7 @@ def test_a_toc_part_fetched_from_the_bucket_streams_into_the_local_cache(tmp_pat
     with local, tier:
         tracemalloc.start()
         try:
-            tier.prefetch(["toc"])
+            tier.prefetch(["toc"], sides=["toc"])
             tier.wait("toc")
             peak = tracemalloc.get_traced_memory()[1]
         finally:
@@ -786,7 +787,7 @@ def test_a_toc_part_in_the_bucket_is_kept_only_as_recorded(tmp_path: Path, damag
     bucket.put_object(fragment_object_key("bad"), damaged.to_json())
     local, tier = instance(tmp_path / "a", bucket)
     with local, tier:
-        tier.prefetch(["good", "bad"])
+        tier.prefetch(["good", "bad"], sides=["good", "bad"])
         tier.wait("good")
         tier.wait("bad")
         assert (tier.stats.hits, tier.stats.rejected) == (1, 1)
@@ -794,6 +795,34 @@ def test_a_toc_part_in_the_bucket_is_kept_only_as_recorded(tmp_path: Path, damag
             assert found is not None
             assert b"".join(found.pieces()) == data
         with tier.get("bad", side=True) as found:
+            assert found is None
+
+
+@pytest.mark.parametrize("posing", ["frames-as-toc-part", "toc-part-as-frames"])
+def test_a_fetched_fragment_is_checked_as_what_its_key_is_not_by_its_first_bytes(
+    tmp_path: Path, posing: str
+) -> None:
+    """A frames fragment in the bucket whose bytes are a TOC part's lines (``{"start":``),
+    its pointer matching their size, digest and CRC-32 but not inflating to its recorded
+    size, is refused (a miss) and not kept; so is a TOC part fetched as one (a side part)
+    whose bytes are a gzip member inflating to its recorded size."""
+    lines = b'{"start":0}\n{"name":"f","type":"reg","size":0}\n'
+    member = gzip.compress(lines, mtime=0)
+    data, uncompressed, sides = {
+        "frames-as-toc-part": (lines, len(lines), []),
+        "toc-part-as-frames": (member, len(lines), ["k"]),
+    }[posing]
+    bucket = MemoryStore()
+    info = bucket.put_blob(data, FRAGMENT_MEDIA_TYPE)
+    pointer = FragmentPointer(info.digest, len(data), uncompressed, zlib.crc32(data))
+    bucket.put_object(fragment_object_key("k"), pointer.to_json())
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        tier.prefetch(["k"], sides=sides)
+        tier.wait("k")
+        assert (tier.stats.hits, tier.stats.rejected) == (0, 1)
+        assert "k" not in local
+        with tier.get("k", side=bool(sides)) as found:
             assert found is None
 
 
