@@ -743,15 +743,16 @@ class FragmentCache:
         now = time.time()
         try:
             with self._index() as con, _transaction(con):
-                gone = []
-                for row in rows:
-                    old = con.execute(
-                        "SELECT file FROM fragments WHERE key = ?", (row[0],)
-                    ).fetchone()
-                    if old is not None:  # the same path kept again (another process, a repair)
-                        con.execute("DELETE FROM fragments WHERE key = ?", (row[0],))
-                        if old[0] is not None:
-                            gone.append(old[0])
+                # The same paths kept again (by another process, a repair): their old rows
+                # go, found in one query per _KEYS_PER_QUERY rows, not one per row (a
+                # cold pack's batch finds none; one query each cost its writing thread
+                # about 10 microseconds a row).
+                old = _rows_of(con, [str(row[0]) for row in rows])
+                if old:
+                    con.executemany(
+                        "DELETE FROM fragments WHERE key = ?", [(key,) for key, _ in old]
+                    )
+                gone = [file for _, file in old if file is not None]
                 con.executemany(
                     "INSERT INTO fragments (key, file, data, size, uncompressed, crc, layout,"
                     " charge, blob, offset, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1253,6 +1254,20 @@ def _transaction(con: sqlite3.Connection) -> Iterator[None]:
         if con.in_transaction:
             con.execute("ROLLBACK")
         raise
+
+
+def _rows_of(con: sqlite3.Connection, keys: Sequence[str]) -> list[tuple[str, str | None]]:
+    """The key and file of each row kept under one of ``keys`` (distinct), one query per
+    :data:`_KEYS_PER_QUERY` keys."""
+    found: list[tuple[str, str | None]] = []
+    for start in range(0, len(keys), _KEYS_PER_QUERY):
+        chunk = keys[start : start + _KEYS_PER_QUERY]
+        marks = ",".join("?" * len(chunk))
+        found += con.execute(
+            f"SELECT key, file FROM fragments WHERE key IN ({marks})",  # noqa: S608 - only placeholders are interpolated
+            chunk,
+        ).fetchall()
+    return found
 
 
 def _write_all(fd: int, pieces: Sequence[bytes]) -> None:

@@ -662,6 +662,43 @@ def test_fragments_committed_are_written_by_close_and_found_before_it(tmp_path: 
                 assert b"".join(found.pieces()) == b"".join(parts)
 
 
+def test_paths_kept_again_replace_their_rows_and_files_found_in_one_query(
+    tmp_path: Path,
+) -> None:
+    """A batch keeping paths kept before (by another process, a repair) replaces their rows and
+    removes their old files, finding them with one index query for the whole batch."""
+    old = {"big": os.urandom(64 << 10), "small": b"s" * 100}
+    new = {"big": os.urandom(64 << 10), "small": b"t" * 100, "fresh": b"f" * 100}
+    with FragmentCache(tmp_path / "fragments") as cache:
+        for key, data in old.items():
+            cache.put(key, [data], len(data))
+        data_files = [p for p in (tmp_path / "fragments" / "data").rglob("*") if p.is_file()]
+        assert len(data_files) == 1  # "big"; "small" is kept in its row
+        statements: list[str] = []
+        con = cache._con
+        assert con is not None
+        con.set_trace_callback(statements.append)
+        with cache._written:  # every one queued before the writing thread takes a batch
+            for key, data in new.items():
+                writer = cache.writer(key)
+                writer.add(data)
+                writer.commit(len(data))
+        cache.flush()
+        con.set_trace_callback(None)
+        lookups = [s for s in statements if s.startswith("SELECT") and "FROM fragments" in s]
+        assert len(lookups) == 1
+        assert cache.keys() == sorted(new)
+        for key, data in new.items():
+            with cache.get(key) as found:
+                assert found is not None
+                assert b"".join(found.pieces()) == data
+        files = [p for p in (tmp_path / "fragments" / "data").rglob("*") if p.is_file()]
+        assert len(files) == 1
+        assert files[0] not in data_files  # the old file of "big" is gone
+        charges = sum(len(d) + fragments_module._ROW_CHARGE for d in new.values())
+        assert cache.volume() == charges  # the old rows' charges went with them
+
+
 def test_store_path_with_too_many_headers_gets_no_layout_and_is_inflated(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
