@@ -1033,8 +1033,9 @@ class _TarStream:
     def _emit(self, chunks: list[tuple[object, bytes]]) -> None:
         for tag, chunk in chunks:
             if isinstance(tag, _Done):
-                self._recordings.remove(tag.recording)
-                _keep(tag.recording)
+                recording = tag.recording
+                self._recordings.remove(recording)
+                recording.writer.keep(recording.uncompressed)  # a failure logged: a miss
                 continue
             if isinstance(tag, _Recording):
                 writer = tag.writer
@@ -1054,17 +1055,6 @@ class _TarStream:
         self._out = []
         self._out_len = 0
         self._write(data)
-
-
-def _keep(recording: _Recording) -> None:
-    """Keep a recorded member's fragment: a failure to (the cache's writing thread cannot be
-    started, a bug) drops it, logged; the pack goes on (the cache only saves work)."""
-    writer = recording.writer
-    try:
-        writer.commit(recording.uncompressed)
-    except Exception as exc:  # noqa: BLE001 - a recording's failure is a miss, never the pack's
-        log.warning("fragment %s not kept: recording it failed (%s)", writer.key, exc)
-        writer.discard()
 
 
 #: Whether compressors of a type keep their input's CRC-32, by type: checking a

@@ -1468,25 +1468,27 @@ class FragmentWriter:
         ``None`` when they are not kept (a failure to write them)."""
         if self._file is None:
             pieces = tuple(self._pieces)
-            return pieces if self._committed(uncompressed_size) else None
+            return pieces if self.keep(uncompressed_size) else None
         again: BinaryIO | None = None
         if self._file is not _DISCARDED:
             try:
                 again = (self._cache._data / self._file[0]).open("rb")
             except OSError as exc:
                 log.warning("cannot read fragment %s back (%s)", self.key, exc)
-        if not self._committed(uncompressed_size) and again is not None:
+        if not self.keep(uncompressed_size) and again is not None:
             again.close()
             again = None
         return again
 
-    def _committed(self, uncompressed_size: int) -> bool:
-        """:meth:`commit`, a failure to queue it logged (the copy is not kept; whoever
-        read the bytes being copied goes on with them)."""
+    def keep(self, uncompressed_size: int) -> bool:
+        """:meth:`commit`, a failure to (the cache's writing thread cannot be started, a
+        bug) logged: nothing of the fragment is kept (:meth:`commit` dropped it) and the
+        caller goes on (the cache only saves work: a pack, or whoever read the bytes
+        being copied, goes on with them).  Whether it was kept."""
         try:
             self.commit(uncompressed_size)
-        except Exception as exc:  # noqa: BLE001 - the cache only saves work: a copy not kept
-            log.warning("fragment %s: its copy not kept (%s)", self.key, exc)
+        except Exception as exc:  # noqa: BLE001 - a recording's failure is a miss, never the pack's
+            log.warning("fragment %s not kept: recording it failed (%s)", self.key, exc)
             return False
         return True
 
