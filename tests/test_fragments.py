@@ -699,6 +699,18 @@ def test_paths_kept_again_replace_their_rows_and_files_found_in_one_query(
         assert cache.volume() == charges  # the old rows' charges went with them
 
 
+def test_the_index_wal_stays_small_while_the_cache_is_open(tmp_path: Path) -> None:
+    """Fragments written one transaction after another keep the index's WAL within a few
+    hundred KiB (commits checkpoint it), so closing the cache has little left to copy."""
+    directory = tmp_path / "fragments"
+    with FragmentCache(directory) as cache:
+        for n in range(100):  # 2 MB kept in index rows, each put its own transaction
+            cache.put(f"k{n}", [os.urandom(20_000)], 20_000)
+        wal = (directory / "index.sqlite-wal").stat().st_size
+        assert wal < 1 << 20
+        assert len(cache.keys()) == 100
+
+
 def test_store_path_with_too_many_headers_gets_no_layout_and_is_inflated(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
