@@ -1071,6 +1071,19 @@ def test_the_hashing_queue_drains_on_the_producing_thread_by_bytes_not_by_update
     assert big.digest() == hashlib.sha256(block * blocks).digest()
 
 
+def _pack_traced(
+    store: Path, paths: list[str], options: ArchiveOptions, cache: FragmentCache
+) -> tuple[tuple[PackedLayer, bytes], int]:
+    """The layer packed, and the peak of the Python heap while it was (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return pack(store, paths, options, cache), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("options", OPTIONS[:2])
 @pytest.mark.parametrize("way", ["no-layout", "store-changed"])
 def test_inflating_a_cached_zero_run_holds_a_step_not_the_whole_piece(
@@ -1080,7 +1093,6 @@ def test_inflating_a_cached_zero_run_holds_a_step_not_the_whole_piece(
     1000:1) is inflated for the diff_id a bounded step at a time, whether it has no layout
     or its store path changed since: the pack holds a few MiB, not the 64 MiB the piece
     inflates to, and gives the layer packed without a cache."""
-    import tracemalloc
 
     from nixery_core import fragment_layout
 
@@ -1098,12 +1110,7 @@ def test_inflating_a_cached_zero_run_holds_a_step_not_the_whole_piece(
         else:  # a different first block: rebuilt from nothing, inflated from its start
             with zeros.open("r+b") as file:
                 file.write(b"\1")
-        tracemalloc.start()
-        try:
-            again = pack(store, [path], options, cache)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        again, peak = _pack_traced(store, [path], options, cache)
         assert cache.hits == 1
     assert again == expected
     assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB held"
@@ -1117,7 +1124,6 @@ def test_bytes_waiting_behind_a_fragment_inflating_on_the_pool_are_bounded(
     time, not all of them: the pack holds a few MiB, and gives the layer packed without a
     cache."""
     import time
-    import tracemalloc
 
     from nixery_core import fragment_layout
 
@@ -1140,12 +1146,7 @@ def test_bytes_waiting_behind_a_fragment_inflating_on_the_pool_are_bounded(
         pack(store, [small, big], options, cache)
         monkeypatch.setattr(fragment_layout.FragmentLayout, "decode", lambda _raw: None)
         monkeypatch.setattr(archive, "_inflate_whole", slow)
-        tracemalloc.start()
-        try:
-            again = pack(store, [small, big], options, cache)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        again, peak = _pack_traced(store, [small, big], options, cache)
         assert cache.hits == 2
     assert again == expected
     assert peak < 24 << 20, f"{peak / 2**20:.1f} MiB held"
