@@ -62,8 +62,9 @@ the blob's age (``touch_blob`` on a store with
 :class:`~nixery_core.protocols.SupportsRefresh`), in the background.
 
 **A bad fragment is a miss, then repaired.**  A pointer that does not
-parse, names an absent blob, or disagrees with its blob, and a blob whose
-bytes do not hash to its digest, are counted in
+parse, names an absent blob, or disagrees with its blob, a TOC part's
+pointer claiming an offset (TOC parts are shared only as copies), and a
+blob whose bytes do not hash to its digest, are counted in
 :attr:`BucketStats.rejected` and logged; the store path is packed, and the
 new fragment is uploaded like any other, which overwrites the pointer and
 replaces the damaged blob (every store replaces a stored copy that does
@@ -603,7 +604,11 @@ class BucketFragments:
         except InvalidCacheRecord as exc:
             self._reject(name, f"its pointer is unreadable ({exc})")
             return
-        if pointer.offset is not None and self.ranges is not None:
+        if pointer.offset is not None and side:
+            # TOC parts are shared only as copies (whole blobs, hashed on fetch): a reference
+            # would skip the plain check as a range, or the digest as a copy of one.
+            self._reject(name, "it is a TOC part's pointer claiming an offset")
+        elif pointer.offset is not None and self.ranges is not None:
             self._keep_reference(key, name, pointer, pointer.offset, on_reference)
         else:
             self._keep_copy(key, name, pointer, side=side)

@@ -826,6 +826,32 @@ def test_a_fetched_fragment_is_checked_as_what_its_key_is_not_by_its_first_bytes
             assert found is None
 
 
+@pytest.mark.parametrize("mode", ["copy", "range"])
+def test_a_toc_part_pointer_claiming_an_offset_is_refused(tmp_path: Path, mode: str) -> None:
+    """A TOC part's pointer that claims to be a reference (an offset into a layer blob whose
+    bytes there are plain TOC lines of the recorded size and CRC-32) is refused (a miss,
+    counted as rejected, nothing kept), whether the instance keeps ranges or copies: TOC
+    parts are shared only as copies, whole and hashed."""
+    lines = b'{"start":0}\n{"name":"f","type":"reg","size":0}\n'
+    blob = b"frames before it" + lines
+    bucket = MemoryStore()
+    info = bucket.put_blob(blob, OPTIONS.media_type)
+    offset = len(blob) - len(lines)
+    pointer = FragmentPointer(info.digest, len(lines), len(lines), zlib.crc32(lines), offset)
+    bucket.put_object(fragment_object_key("toc"), pointer.to_json())
+    local = FragmentCache(tmp_path / "a")
+    ranges = local.on_store(bucket) if mode == "range" else None
+    tier = BucketFragments(local, bucket, EVERY, ranges=ranges)
+    with local, tier:
+        tier.prefetch(["toc"], sides=["toc"])
+        tier.wait("toc")
+        assert (tier.stats.hits, tier.stats.rejected) == (0, 1)
+        local.flush()
+        assert "toc" not in local
+        with tier.get("toc", side=True) as found:
+            assert found is None
+
+
 def _zeros_fragment(zstd: bool, size: int) -> bytes:
     """One gzip member (or zstd frame) of ``size`` zeros, compressed a MiB at a time."""
     block = bytes(1 << 20)
