@@ -871,9 +871,8 @@ class _Fragment:
         writing thread cannot be started, a bug) drops both, logged; the pack goes on
         (the cache only saves work, and one part is of no use without the other).
 
-        A range's commit is withdrawn until its layer is stored; a copy's, once queued,
-        is not (its TOC part failing after it leaves a row whose lookup misses its part:
-        packed again, never wrong bytes).
+        A range's commit is withdrawn until its layer is stored; a copy's is withdrawn
+        from the cache's queue, or its row deleted once written (``FragmentWriter.discard``).
         """
         if self.failed:
             self.dispose()

@@ -96,7 +96,7 @@ class _Recorder(Protocol):
 class TocPartWriter:
     """A TOC part being recorded: entries' JSON in, pieces of lines out to ``recorder``."""
 
-    __slots__ = ("_buffered", "_done", "_lines", "_recorder", "_size", "started")
+    __slots__ = ("_buffered", "_done", "_dropped", "_lines", "_recorder", "_size", "started")
 
     def __init__(self, recorder: _Recorder) -> None:
         self._recorder = recorder
@@ -105,6 +105,7 @@ class TocPartWriter:
         self._buffered = 0
         self._size = 0
         self._done = False
+        self._dropped = False
         #: Whether :meth:`start` gave the first line (entries may follow).
         self.started = False
 
@@ -142,9 +143,10 @@ class TocPartWriter:
         self._recorder.commit(self._size)
 
     def discard(self) -> None:
-        """Drop the part (its recorder's bytes too); nothing after it was kept."""
-        if not self._done:
-            self._done = True
+        """Drop the part (its recorder's bytes too, withdrawn once committed: its frames
+        failed); nothing after it was kept."""
+        if not self._dropped:
+            self._done = self._dropped = True
             self._lines, self._buffered = [], 0
             self._recorder.discard()
 

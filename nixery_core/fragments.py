@@ -129,6 +129,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -829,6 +830,36 @@ class FragmentCache:
         if item.file is not None and item.pieces is None:
             self._unlink(item.file)
 
+    def _withdraw(self, key: str, item: _Pending | None) -> None:
+        """Take back the copy committed under ``key`` as ``item`` (``None``: let go by the
+        writing thread, written): unqueued while it waits, else its row deleted once
+        written (any copy's row under ``key``: at worst a later miss).  Never raises.
+
+        A chunked store path's frames are committed before its TOC part: a part that
+        then fails withdraws them, so the pair leaves neither row nor file.
+        """
+        if item is not None:
+            with self._written:
+                queued = key in self._queued and self._pending.get(key) is item
+                if queued:
+                    del self._queued[key], self._pending[key]
+                    self._pending_bytes -= item.memory
+                    self._queued_bytes -= item.size
+                    self._written.notify_all()  # a packer may wait for room
+            if queued:
+                self._discard(item)
+                return
+            self._settle(key)  # being written now: its row first
+        gone: list[tuple[str | None]] = []
+        with contextlib.suppress(OSError, sqlite3.Error), self._index() as con, \
+                _transaction(con):
+            gone = con.execute(
+                "DELETE FROM fragments WHERE key = ? AND blob IS NULL RETURNING file", (key,)
+            ).fetchall()
+        for (file,) in gone:
+            if file is not None:
+                self._unlink(file)
+
     def _evict(self, con: sqlite3.Connection) -> list[str]:
         """Delete the least recently used rows until the volume is within the limit; their files."""
         (volume,) = con.execute("SELECT bytes FROM volume").fetchone()
@@ -1404,6 +1435,9 @@ class FragmentWriter:
     layout: bytes | EncodesLayout | None = attrs.field(init=False, default=None)
     #: Where its first byte is in the layer blob, set by the packer when that byte is written.
     offset: int | None = attrs.field(init=False, default=None)
+    #: What :meth:`commit` queued, weakly (the writing thread lets it go once written),
+    #: for :meth:`discard` to withdraw; ``None``: not committed.
+    _queued: weakref.ref[_Pending] | None = attrs.field(init=False, default=None)
 
     def add(self, piece: bytes) -> None:
         self._size += len(piece)
@@ -1471,6 +1505,7 @@ class FragmentWriter:
         except BaseException:
             self._cache._discard(item)
             raise
+        self._queued = weakref.ref(item)
 
     def _commit_readable(self, uncompressed_size: int) -> tuple[bytes, ...] | BinaryIO | None:
         """:meth:`commit`, and the bytes committed to read them again: the pieces held, or
@@ -1511,11 +1546,15 @@ class FragmentWriter:
     def discard(self) -> None:
         """Drop the fragment: its pieces, its data file (removed).  For good: bytes added
         after it are not kept (no data file is made for them) and :meth:`commit` after it
-        keeps no row (a no-op: see there)."""
+        keeps no row (a no-op: see there).  After :meth:`commit` (its pair's other part
+        failed) the copy is withdrawn: unqueued, or its row deleted once written."""
         self._pieces = []
         if self._file is not _DISCARDED:
             self._close_file(remove=True)
             self._file = _DISCARDED
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            self._cache._withdraw(self.key, queued())
 
 
 class _EncodedAhead:

@@ -454,6 +454,21 @@ def test_toc_parts_recorded_at_once_or_after_one_dropped_are_each_their_lines() 
     assert len(first.pieces) > 5
 
 
+def test_a_toc_part_discarded_after_its_commit_is_withdrawn(tmp_path: Path) -> None:
+    """A TOC part discarded after its commit (its frames failed after it was kept) leaves
+    neither its row nor a data file in the cache."""
+    with FragmentCache(tmp_path / "cache") as cache:
+        before = sorted(os.walk(cache.directory))
+        part = TocPartWriter(cache.writer("part", side=True))
+        part.start(0)
+        part.add(b'{"name":"f","type":"reg","size":0}' * 40_000)  # past 1 MiB: spilled
+        part.commit()
+        part.discard()
+        cache.flush()
+        assert cache.keys() == []
+        assert sorted(os.walk(cache.directory)) == before
+
+
 def test_a_toc_part_discarded_while_its_entries_still_come_keeps_none_of_them(
     tmp_path: Path,
 ) -> None:
@@ -757,6 +772,43 @@ def test_a_chunked_pack_whose_recording_fails_is_a_miss_for_that_path_only(
         files = {path.relative_to(cache.directory / "data").as_posix()
                  for path in (cache.directory / "data").rglob("*") if path.is_file()}
     assert (blob, packed) == expected
+    assert sorted(key for key, _, _ in rows) == sorted(key for pair in keys[1:] for key in pair)
+    assert files == {file for _, file, _ in rows if file is not None}
+
+
+@pytest.mark.parametrize("frames", ["queued", "written"])
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_chunked_pack_into_copies_whose_toc_part_fails_keeps_neither_part(
+    four_paths: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
+    compression: str, frames: str,
+) -> None:
+    """A chunked cold pack into copies whose TOC part of one store path fails to be kept
+    after that path's frames were committed (still queued for the cache's writing thread,
+    or already written) gives the bytes of a pack without a cache and keeps no row and no
+    file of that path's frames, every other path's both parts."""
+    from nixery_core import fragment_toc
+
+    root, paths = four_paths
+    expected = _plain(root, paths, compression)
+    keys = [_keys(root, path, compression) for path in paths]
+    part_commit = fragment_toc.TocPartWriter.commit
+    cache = FragmentCache(tmp_path / "cache")
+
+    def toc_commit(self: TocPartWriter) -> None:
+        if getattr(self._recorder, "key", None) == keys[0][1]:
+            if frames == "written":
+                cache.flush()  # the frames' row is in the index before the part fails
+                assert keys[0][0] in cache
+            raise RuntimeError("TOC part commit failed (test)")
+        part_commit(self)
+
+    monkeypatch.setattr(fragment_toc.TocPartWriter, "commit", toc_commit)
+    with cache:
+        assert _copied(root, paths, compression, cache) == expected
+        cache.flush()
+        rows = _rows(cache.directory)
+        files = {path.relative_to(cache.directory / "data").as_posix()
+                 for path in (cache.directory / "data").rglob("*") if path.is_file()}
     assert sorted(key for key, _, _ in rows) == sorted(key for pair in keys[1:] for key in pair)
     assert files == {file for _, file, _ in rows if file is not None}
 

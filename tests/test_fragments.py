@@ -264,6 +264,40 @@ def test_large_fragments_spill_to_disk_and_read_back(
         assert cache.check() == []  # every file written while recorded is named by its row
 
 
+@pytest.mark.parametrize("written", [False, True], ids=["queued", "written"])
+@pytest.mark.parametrize("size", [100, 40_000, 200_000], ids=["inline", "held", "spilled"])
+def test_a_writer_discarded_after_its_commit_withdraws_its_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, size: int, written: bool
+) -> None:
+    """A fragment writer discarded after its commit (its pair's other part failed) keeps
+    neither row nor data file, whether its copy still waited for the writing thread or was
+    written already, small (in the index), held or spilled; another fragment stays kept."""
+    monkeypatch.setattr(fragments_module, "_SPILL_SIZE", 100_000)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        before = sorted(os.walk(cache.directory))
+        kept = cache.writer("kept")
+        kept.add(b"k" * size)
+        kept.commit(size)
+        writer = cache.writer("withdrawn")
+        writer.add(b"x" * size)
+        writer.commit(size)
+        if written:
+            cache.flush()
+            assert "withdrawn" in cache
+        writer.discard()
+        writer.discard()  # twice: nothing more
+        cache.flush()
+        assert "withdrawn" not in cache
+        assert cache.keys() == ["kept"]
+        with cache.get("kept") as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == b"k" * size
+        kept.discard()  # withdrawn too: the cache is as it was
+        cache.flush()
+        assert cache.keys() == []
+        assert sorted(os.walk(cache.directory)) == before
+
+
 @pytest.mark.parametrize("spilled", [False, True], ids=["held", "spilled"])
 def test_a_discarded_writer_given_more_than_its_limit_keeps_no_file_and_no_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, spilled: bool
