@@ -30,10 +30,18 @@ bucket does not have; for ISA-L
 at its default level and zlib at level 6.  This is what ``min_size`` is
 chosen from.
 
+For each bucket instance A filled, also printed: the bytes its fragments
+take in the bucket (the blobs its pointers name), those of chunked layers'
+TOC parts apart, and the CPU seconds its upload thread spent (thread time,
+every upload job: reading the local copy, compressing a TOC part, hashing,
+HTTP).  ``--fill-only`` prints only these (no instance B, no per-fragment
+table): for a chunked format, what sharing TOC parts costs.
+
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_fragment_bucket              # 100 MB corpus
     .venv/bin/python -m benchmarks.bench_fragment_bucket --size-mb 40 --repeats 2
+    .venv/bin/python -m benchmarks.bench_fragment_bucket --compression estargz --fill-only
 """
 
 from __future__ import annotations
@@ -60,7 +68,13 @@ from servers import FakeGcsServer  # noqa: E402 - tests/ is put on the path just
 
 from benchmarks.bench_pack import MB, build_corpus, in_work_dir, tar_size, warm  # noqa: E402 - as above
 from nixery_core.archive import ArchiveOptions, pack_store_paths  # noqa: E402 - as above
-from nixery_core.fragment_bucket import BucketFragments, FragmentBucketPolicy  # noqa: E402
+from nixery_core.fragment_bucket import (  # noqa: E402 - as above
+    BucketFragments,
+    FragmentBucketPolicy,
+    FragmentPointer,
+    fragment_object_key,
+)
+from nixery_core.fragment_toc import toc_part_parameters  # noqa: E402 - as above
 from nixery_core.fragments import FragmentCache, FragmentSource, fragment_key  # noqa: E402
 from nixery_core.storage.gcs import GcsStore  # noqa: E402 - as above
 
@@ -112,16 +126,57 @@ def pack_layers(
         return tuple(pool.map(one, groups))
 
 
+@attrs.frozen
+class Filled:
+    """What instance A put in a bucket: fragments uploaded, their blobs' bytes (chunked
+    layers' TOC parts apart) and the upload thread's CPU seconds."""
+
+    uploaded: int
+    blob_bytes: int
+    toc_parts: int
+    toc_bytes: int
+    upload_cpu: float
+
+
+class _TimedUploads(BucketFragments):
+    """A bucket tier adding up the thread time of its upload jobs."""
+
+    cpu = 0.0
+
+    def _run(self, *job: Any) -> None:
+        start = time.thread_time()
+        try:
+            super()._run(*job)
+        finally:
+            _TimedUploads.cpu += time.thread_time() - start
+
+
 def fill_bucket(root: Path, work: Path, groups: Sequence[Sequence[str]], bucket: GcsStore,
-                policy: FragmentBucketPolicy) -> int:
+                policy: FragmentBucketPolicy) -> Filled:
     """Instance A: pack ``groups`` with the bucket tier and wait for its uploads."""
     directory = work / f"instance-a-{policy.min_size}"
-    with FragmentCache(directory) as local, BucketFragments(local, bucket, policy) as tier:
+    _TimedUploads.cpu = 0.0
+    with FragmentCache(directory) as local, _TimedUploads(local, bucket, policy) as tier:
         pack_layers(root, groups, tier)
         tier.flush()
         uploaded = tier.stats.uploaded
     shutil.rmtree(directory)
-    return uploaded
+    parameters = toc_part_parameters(OPTIONS[0].parameters())
+    parts = {
+        fragment_object_key(fragment_key(os.fsencode(root / path.lstrip("/")), parameters))
+        for group in groups for path in group
+    }
+    blob_bytes = toc_parts = toc_bytes = 0
+    for name in bucket.list_objects("fragments/"):
+        raw = bucket.get_object(name)
+        if raw is None:
+            continue
+        size = FragmentPointer.from_json(raw).size
+        blob_bytes += size
+        if name in parts:
+            toc_parts += 1
+            toc_bytes += size
+    return Filled(uploaded, blob_bytes, toc_parts, toc_bytes, _TimedUploads.cpu)
 
 
 def instance_b(
@@ -217,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=100, help="corpus size (default 100)")
     parser.add_argument("--layers", type=int, default=4, help="layers per grouping (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per row; best kept")
-    parser.add_argument("--compression", choices=["gzip", "zstd"], default="gzip")
+    parser.add_argument("--compression", choices=["gzip", "zstd", "estargz", "zstd-chunked"],
+                        default="gzip")
+    parser.add_argument("--fill-only", action="store_true",
+                        help="only instance A's uploads: bucket bytes, upload thread CPU")
     parser.add_argument("--level", type=int, help="compression level (default: the backend's)")
     parser.add_argument("--gzip-backend", choices=["auto", "zlib"], default="auto",
                         help="auto: ISA-L (default); zlib: Python's zlib")
@@ -246,10 +304,24 @@ def _run(work: Path, args: argparse.Namespace) -> int:
             for policy in (default, every)
         }
         warm(root, paths)
-        uploaded = {
+        filled = {
             policy.min_size: fill_bucket(root, work, round_robin, buckets[policy.min_size], policy)
             for policy in (default, every)
         }
+        load = os.getloadavg()[0]
+        print(f"{len(paths)} store paths, {tar_bytes / MB:.0f} MB of tar, {n} layers, "
+              f"{OPTIONS[0].compressor().parameters()}; load average {load:.1f}")
+        print(f"{'instance A fills a bucket':36} {'uploaded':>9} {'blob MB':>8} "
+              f"{'TOC parts':>10} {'TOC MB':>7} {'upload CPU':>11}")
+        for shared in (default, every):
+            fill = filled[shared.min_size]
+            label = f"fragments >= {shared.min_size >> 10} KiB"
+            print(f"{label:36} {fill.uploaded:9d} "
+                  f"{fill.blob_bytes / MB:8.2f} {fill.toc_parts:10d} {fill.toc_bytes / MB:7.2f} "
+                  f"{fill.upload_cpu:10.2f}s")
+        if args.fill_only:
+            return 0
+        uploaded = {size: fill.uploaded for size, fill in filled.items()}
         rows: dict[str, Row] = {}
         contenders: list[tuple[str, GcsStore | None, FragmentBucketPolicy | None]] = [
             ("cold (no bucket tier)", None, None),
