@@ -1,9 +1,15 @@
-"""The benchmark's estimator of "no slower": rounds paired, not bests of different rounds."""
+"""The benchmark's estimators of "no slower": rounds paired, not bests of different rounds."""
 
 from __future__ import annotations
 
+import json
+import statistics
+from collections.abc import Callable
+
+import attrs
 import pytest
 
+from benchmarks import no_slower
 from benchmarks.bench_pack import Result, paired_rate_ratio
 
 
@@ -26,3 +32,146 @@ def test_a_paired_ratio_needs_the_same_rounds() -> None:
     """Results of a different number of rounds are not paired silently."""
     with pytest.raises(ValueError, match="longer"):
         paired_rate_ratio(_result((1.0, 1.0)), _result((1.0, 1.0, 1.0)))
+
+
+# --- the "no slower" rounds (benchmarks/no_slower.py) -------------------------------------
+
+
+def test_a_round_runs_without_in_the_middle_and_swaps_the_others_every_round() -> None:
+    """Each contender is adjacent to ``without`` and runs before it in every other round."""
+    orders = [no_slower.round_order(i) for i in range(4)]
+    assert orders == [
+        ("cold", "without", "copy"),
+        ("copy", "without", "cold"),
+        ("cold", "without", "copy"),
+        ("copy", "without", "cold"),
+    ]
+    assert {no_slower.round_order(i, "fixed") for i in range(4)} == {("cold", "without", "copy")}
+    with pytest.raises(ValueError, match="unknown order scheme 'abab'"):
+        no_slower.round_order(0, "abab")
+
+
+class _FakeHost:
+    """A clock whose runs take ``work[role] * speed[round]`` seconds (times ``drift`` per
+    position in the round), recording the hooks' calls."""
+
+    def __init__(self, work: dict[str, float], speed: list[float], drift: float = 1.0) -> None:
+        self.work, self.speed, self.drift = work, speed, drift
+        self.now = 0.0
+        self.calls: list[str] = []
+        self.round = 0
+        self.position = 0
+
+    def contender(self, role: str) -> Callable[[], object]:
+        def run() -> None:
+            self.calls.append(f"run {role}")
+            self.now += self.work[role] * self.speed[self.round] * self.drift**self.position
+            self.position += 1
+            if self.position == 3:
+                self.round, self.position = self.round + 1, 0
+
+        return run
+
+    def before(self, role: str) -> None:
+        self.calls.append(f"before {role}")
+
+    def rounds(self, count: int, scheme: str = "alternate") -> no_slower.Rounds:
+        return no_slower.run_rounds(
+            {role: self.contender(role) for role in self.work},
+            count,
+            scheme=scheme,
+            before=self.before,
+            clock=lambda: self.now,
+            cpu=lambda: self.now / 2,
+        )
+
+
+def test_rounds_pair_each_run_with_the_without_run_of_its_own_round() -> None:
+    """A round on a host twice as slow slows all three runs of it; each round's ratio cancels it."""
+    host = _FakeHost({"cold": 1.02, "without": 1.0, "copy": 1.0}, [1.0, 2.0, 1.0, 3.0])
+    rounds = host.rounds(4)
+    assert rounds.ratios("cold") == pytest.approx([1 / 1.02] * 4)
+    assert rounds.ratios("copy") == pytest.approx([1.0] * 4)
+    assert rounds.cpu_ratios("cold") == pytest.approx([1.02] * 4)
+    assert rounds.orders[1] == ("copy", "without", "cold")
+    # Every timed run follows its own untimed preparation, in the round's order.
+    assert host.calls[:6] == [
+        "before cold", "run cold", "before without", "run without", "before copy", "run copy",
+    ]
+
+
+def test_alternation_cancels_a_drift_within_the_round_that_a_fixed_order_keeps() -> None:
+    """Runs slowing down through a round bias a fixed order's A/A control; alternating does not."""
+    same = {"cold": 1.0, "without": 1.0, "copy": 1.0}
+    alternate = _FakeHost(same, [1.0] * 6, drift=1.05).rounds(6)
+    fixed = _FakeHost(same, [1.0] * 6, drift=1.05).rounds(6, "fixed")
+    assert statistics.median(alternate.ratios("copy")) == pytest.approx(1.0, abs=0.005)
+    assert statistics.median(alternate.ratios("cold")) == pytest.approx(1.0, abs=0.005)
+    assert statistics.median(fixed.ratios("copy")) == pytest.approx(1 / 1.05)
+    assert statistics.median(fixed.ratios("cold")) == pytest.approx(1.05)
+
+
+def test_rounds_need_at_least_one_round() -> None:
+    """Zero rounds is refused rather than judged on nothing."""
+    with pytest.raises(ValueError, match="at least 1"):
+        _FakeHost({"cold": 1.0, "without": 1.0, "copy": 1.0}, [1.0]).rounds(0)
+
+
+def test_the_spread_gives_the_extremes_quartiles_and_median() -> None:
+    """The five figures printed for the rounds' ratios are min, quartiles, median and max."""
+    spread = no_slower.Spread.of([1.05, 0.90, 1.00, 0.95, 1.10])
+    assert spread == no_slower.Spread(0.90, 0.95, 1.00, 1.05, 1.10)
+    assert no_slower.Spread.of([0.97]) == no_slower.Spread(0.97, 0.97, 0.97, 0.97, 0.97)
+    assert str(spread).startswith("min 0.900  q1 0.950  median 1.000")
+    with pytest.raises(ValueError, match="no values"):
+        no_slower.Spread.of([])
+
+
+def _rounds(cold: list[float], copy: list[float]) -> no_slower.Rounds:
+    def runs(seconds: list[float]) -> tuple[no_slower.Run, ...]:
+        return tuple(no_slower.Run(s, s) for s in seconds)
+
+    return no_slower.Rounds(
+        {"cold": runs(cold), "without": runs([1.0] * len(cold)), "copy": runs(copy)}
+    )
+
+
+def test_the_verdict_is_the_median_round_against_the_target_with_the_a_a_line() -> None:
+    """Cold's median ratio decides PASS or MISS at 0.95; the A/A median and spread print beside."""
+    lines = no_slower.verdict_lines(
+        "gzip", _rounds([1.0, 1.0, 2.0], [1.0, 0.98, 1.02]), main_table="paired 0.940"
+    )
+    assert lines[0].startswith("  PASS  gzip cold pack into fragments / without, 3 adjacent")
+    assert ": 1.000 (target >= 0.95)" in lines[0]
+    assert "rounds' ratios: min 0.500" in lines[1]
+    assert "CPU cold / without 1.000x" in lines[1]
+    assert "A/A without / without (noise floor): 1.000;  min 0.980" in lines[2]
+    assert lines[3].endswith("main table: paired 0.940")
+    slower = no_slower.verdict_lines("estargz", _rounds([1.06, 1.06, 0.9], [1.0, 1.0, 1.0]))
+    assert slower[0].startswith("  MISS  estargz")
+    assert "0.943 (target >= 0.95)" in slower[0]
+    assert len(slower) == 3
+
+
+def test_block_medians_are_what_shorter_runs_would_have_printed() -> None:
+    """A long A/A run splits into disjoint blocks of rounds, each block's median, a tail dropped."""
+    ratios = [1.0, 0.9, 1.1, 0.8, 0.7, 0.75, 1.3]
+    assert no_slower.block_medians(ratios, 3) == [1.0, 0.75]
+    assert no_slower.block_medians(ratios, 8) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        no_slower.block_medians(ratios, 0)
+
+
+def test_a_pairs_json_round_trips_into_rounds() -> None:
+    """The tuning report reads back the rounds bench_pack --pairs-json writes."""
+    rounds = _FakeHost({"cold": 1.1, "without": 1.0, "copy": 1.0}, [1.0, 2.0]).rounds(2)
+    data = {
+        "orders": rounds.orders,
+        **{role: [attrs.asdict(run) for run in runs] for role, runs in rounds.runs.items()},
+    }
+    again = no_slower.rounds_from_json(json.loads(json.dumps(data)))
+    assert again == rounds
+    report = no_slower.aa_report("gzip", again, [1, 5])
+    assert report[0].startswith("  gzip: 2 rounds; A/A per round: min 1.000")
+    assert report[1] == "      1 rounds: 2 blocks, medians 1.000 1.000  (worst |median - 1| 0.000)"
+    assert len(report) == 2

@@ -1,0 +1,249 @@
+"""Judging "no slower" on a noisy host: adjacent runs in alternating order, with an A/A control.
+
+``bench_pack``'s target "a cold pack into fragments no slower than one
+without" (>= 0.95) compares two packs whose costs differ by about 1% of
+instructions, on a shared 2-core VM whose speed moves by more than that
+from one second to the next.  The main table runs ~18 contenders per round
+in one fixed order, so the two runs of a pair are not adjacent, always in
+the same order, and a run's blob (100+ MB of dirty pages) is written back
+by the kernel during whatever runs ~30 s later.  Here, per format:
+
+* every round runs three contenders back to back: ``cold`` (into an empty
+  fragment cache), ``without`` (the same pack into a store, no cache) and
+  ``copy`` (a second, identical ``without``: the A/A control);
+* ``without`` is always in the middle, so each of the others is adjacent to
+  it; round to round the outer two swap (``cold, without, copy`` then
+  ``copy, without, cold``), so each of them runs before ``without`` in half
+  the rounds and after it in the other half (``--pair-order fixed`` keeps
+  the first order, for comparison);
+* before every timed run, untimed: the corpus read once (the page cache),
+  the contender prepared (its cache opened and read) and, with ``sync``,
+  every dirty page written back (:func:`os.sync`), so no earlier run's
+  writeback lands in a timed one;
+* a round's ratio is ``without`` seconds / ``cold`` seconds (a rate ratio:
+  >= 1 means cold is no slower); the verdict is the median over the rounds,
+  printed with the rounds' spread (min / quartiles / max), the median of the
+  rounds' CPU ratios, and the same figures for ``copy``: the A/A line, the
+  method's own noise floor (its median would be 1.00 with no noise).
+
+Only the pure parts live here (round orders, the rounds loop with injected
+clocks and hooks, statistics, the printed lines); ``bench_pack`` builds
+the contenders.  The design's parameters were chosen from A/A data alone
+(``docs/performance.md``, "Judging 'no slower' on a noisy host").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+#: The contender every other is paired with (always run in the middle of a round).
+WITHOUT = "without"
+#: The contender judged: the same pack into an empty fragment cache.
+COLD = "cold"
+#: A second copy of ``WITHOUT``: the A/A control.
+COPY = "copy"
+
+ORDERS = ("alternate", "fixed")
+
+
+def round_order(index: int, scheme: str = "alternate") -> tuple[str, str, str]:
+    """The contenders of round ``index`` in the order they run.
+
+    ``without`` runs in the middle, adjacent to both others; with
+    ``"alternate"`` the outer two swap every round, with ``"fixed"`` they
+    never do.
+    """
+    if scheme not in ORDERS:
+        msg = f"unknown order scheme {scheme!r}; expected one of {', '.join(ORDERS)}"
+        raise ValueError(msg)
+    if scheme == "alternate" and index % 2:
+        return (COPY, WITHOUT, COLD)
+    return (COLD, WITHOUT, COPY)
+
+
+@attrs.frozen
+class Run:
+    """One timed run: wall seconds and CPU seconds (all threads and worker processes)."""
+
+    seconds: float
+    cpu: float
+
+
+@attrs.frozen
+class Rounds:
+    """Every round's run of each contender, in round order."""
+
+    runs: Mapping[str, tuple[Run, ...]]
+    #: The order each round ran in (the first contender first).
+    orders: tuple[tuple[str, ...], ...] = ()
+
+    def ratios(self, role: str) -> list[float]:
+        """Per round: ``without`` seconds / ``role`` seconds (the rate ratio; >= 1 is no slower)."""
+        return [
+            base.seconds / own.seconds
+            for own, base in zip(self.runs[role], self.runs[WITHOUT], strict=True)
+        ]
+
+    def cpu_ratios(self, role: str) -> list[float]:
+        """Per round: ``role`` CPU seconds / ``without`` CPU seconds (> 1 is more CPU)."""
+        return [
+            own.cpu / base.cpu
+            for own, base in zip(self.runs[role], self.runs[WITHOUT], strict=True)
+        ]
+
+
+def run_rounds(
+    contenders: Mapping[str, Callable[[], object]],
+    rounds: int,
+    *,
+    scheme: str = "alternate",
+    before: Callable[[str], None] = lambda _role: None,
+    clock: Callable[[], float],
+    cpu: Callable[[], float],
+) -> Rounds:
+    """Run ``rounds`` rounds of ``contenders`` (keyed ``cold``, ``without``, ``copy``).
+
+    Each run is preceded by ``before(role)`` (untimed: warm, prepare, sync)
+    and timed by ``clock`` (wall) and ``cpu`` (CPU seconds), read right
+    before and right after it.
+    """
+    if rounds < 1:
+        msg = f"rounds must be at least 1, not {rounds}"
+        raise ValueError(msg)
+    runs: dict[str, list[Run]] = {role: [] for role in contenders}
+    orders = []
+    for index in range(rounds):
+        order = round_order(index, scheme)
+        orders.append(order)
+        for role in order:
+            before(role)
+            cpu_before = cpu()
+            start = clock()
+            contenders[role]()
+            seconds = clock() - start
+            runs[role].append(Run(seconds, cpu() - cpu_before))
+    return Rounds({role: tuple(done) for role, done in runs.items()}, tuple(orders))
+
+
+@attrs.frozen
+class Spread:
+    """Five figures of a sample: lowest, lower quartile, median, upper quartile, highest."""
+
+    low: float
+    q1: float
+    median: float
+    q3: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        """The spread of ``values`` (quartiles by linear interpolation between order statistics)."""
+        if not values:
+            msg = "the spread of no values"
+            raise ValueError(msg)
+        ordered = sorted(values)
+        if len(ordered) == 1:
+            q1 = q3 = ordered[0]
+        else:
+            q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        return cls(ordered[0], q1, statistics.median(ordered), q3, ordered[-1])
+
+    def __str__(self) -> str:
+        return (
+            f"min {self.low:.3f}  q1 {self.q1:.3f}  median {self.median:.3f}  "
+            f"q3 {self.q3:.3f}  max {self.high:.3f}"
+        )
+
+
+def verdict_lines(
+    name: str,
+    rounds: Rounds,
+    *,
+    target: float = 0.95,
+    main_table: str = "",
+) -> list[str]:
+    """The printed verdict of one format: cold's paired median against ``target``, its spread
+    and CPU, the A/A control's median and spread beside it, and ``main_table``'s figures."""
+    cold = Spread.of(rounds.ratios(COLD))
+    control = Spread.of(rounds.ratios(COPY))
+    verdict = "PASS" if cold.median >= target else "MISS"
+    lines = [
+        f"  {verdict}  {name} cold pack into fragments / without, {len(rounds.runs[COLD])} "
+        f"adjacent pairs: {cold.median:.3f} (target >= {target})",
+        f"          rounds' ratios: {cold};  CPU cold / without "
+        f"{statistics.median(rounds.cpu_ratios(COLD)):.3f}x (median)",
+        f"          A/A without / without (noise floor): {control.median:.3f};  {control};  "
+        f"CPU {statistics.median(rounds.cpu_ratios(COPY)):.3f}x",
+    ]
+    if main_table:
+        lines.append(f"          main table: {main_table}")
+    return lines
+
+
+def block_medians(ratios: Sequence[float], size: int) -> list[float]:
+    """The medians of consecutive, disjoint blocks of ``size`` rounds (a short tail dropped).
+
+    Used to tune the number of rounds from a long A/A run: each block is
+    what a run of ``size`` rounds would have printed.
+    """
+    if size < 1:
+        msg = f"block size must be at least 1, not {size}"
+        raise ValueError(msg)
+    return [
+        statistics.median(ratios[start : start + size])
+        for start in range(0, len(ratios) - size + 1, size)
+    ]
+
+
+
+def rounds_from_json(data: Mapping[str, Any]) -> Rounds:
+    """The rounds of one format as ``bench_pack --pairs-json`` wrote them."""
+    runs = {
+        role: tuple(Run(float(run["seconds"]), float(run["cpu"])) for run in data[role])
+        for role in (COLD, WITHOUT, COPY)
+    }
+    return Rounds(runs, tuple(tuple(order) for order in data.get("orders", ())))
+
+
+def aa_report(name: str, rounds: Rounds, sizes: Sequence[int]) -> list[str]:
+    """The A/A control of a long tuning run: every round's ratio, and for each number of
+    rounds in ``sizes`` the medians that runs of that many rounds would have printed."""
+    ratios = rounds.ratios(COPY)
+    lines = [f"  {name}: {len(ratios)} rounds; A/A per round: {Spread.of(ratios)}"]
+    for size in sizes:
+        medians = block_medians(ratios, size)
+        if not medians:
+            continue
+        worst = max(abs(m - 1) for m in medians)
+        lines.append(
+            f"    {size:3d} rounds: {len(medians)} blocks, medians "
+            f"{' '.join(f'{m:.3f}' for m in medians)}  (worst |median - 1| {worst:.3f})"
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print :func:`aa_report` for each format of each ``--pairs-json`` file given."""
+    parser = argparse.ArgumentParser(description="A/A figures of bench_pack --pairs-json files")
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[5, 9, 15])
+    args = parser.parse_args(argv)
+    for file in args.files:
+        data = json.loads(file.read_text())
+        print(f"{file}: order {data['order']}, sync {data['sync']}")
+        for name, rounds in data["formats"].items():
+            for line in aa_report(name, rounds_from_json(rounds), args.sizes):
+                print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
