@@ -626,6 +626,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "(default: on)")
     pairs.add_argument("--pair-formats", nargs="+", choices=_PAIR_FORMATS,
                        default=list(_PAIR_FORMATS), help="formats measured (default: all)")
+    pairs.add_argument(
+        "--quiet-wait", type=float, default=5.0,
+        help="before each timed run, wait up to this many seconds for the host's CPU to be "
+             f"less than {_QUIET:.0%} busy over {_QUIET_WINDOW} s (default 5; 0: no wait)",
+    )
     pairs.add_argument("--only-pairs", action="store_true",
                        help="only these rounds: no main table, no memory rows")
     pairs.add_argument("--pairs-json", type=Path,
@@ -868,6 +873,38 @@ def _main_table_figures(cold: Result, stored: Result, args: argparse.Namespace) 
 #: Rounds of the "no slower" measurement (chosen from A/A data, docs/performance.md).
 _PAIRS = 9
 _PAIRS_QUICK = 15
+#: A host is quiet when less than this share of its CPU time was busy (anything but idle and
+#: iowait, steal included) over the last _QUIET_WINDOW seconds.
+_QUIET = 0.2
+_QUIET_WINDOW = 0.1
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """Busy and total CPU ticks of the host so far (``/proc/stat``, all CPUs, steal busy)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def host_busy(window: float = _QUIET_WINDOW) -> float:
+    """The share of the host's CPU time busy over the next ``window`` seconds (we sleep)."""
+    busy, total = _cpu_ticks()
+    time.sleep(window)
+    busy_after, total_after = _cpu_ticks()
+    return (busy_after - busy) / max(total_after - total, 1)
+
+
+def wait_quiet(limit: float) -> float:
+    """Wait up to ``limit`` seconds for a quiet host (:data:`_QUIET`); its last busy share."""
+    if limit <= 0:
+        return 0.0
+    deadline = time.monotonic() + limit
+    busy = host_busy()
+    while busy >= _QUIET and time.monotonic() < deadline:
+        busy = host_busy()
+    return busy
+
+
 #: Formats of the "no slower" measurement, as ArchiveOptions.compression.
 _PAIR_FORMATS = ("gzip", "estargz", "zstd-chunked")
 
@@ -895,11 +932,12 @@ def _no_slower(
                                  blobs=cold_blobs(root, f"pairs-{name}-ranges")),
         }
 
-        def before(role: str, contenders: dict[str, ours] = contenders) -> None:
+        def before(role: str, contenders: dict[str, ours] = contenders) -> float:
             warm(root, paths)
             contenders[role].prepare()
             if args.pair_sync:
                 os.sync()
+            return wait_quiet(args.quiet_wait)
 
         start = time.perf_counter()
         rounds = no_slower.run_rounds(contenders, args.pairs, scheme=args.pair_order,

@@ -75,6 +75,8 @@ class Run:
 
     seconds: float
     cpu: float
+    #: The share of the host's CPU busy (other processes, steal) right before it, if measured.
+    busy: float = 0.0
 
 
 @attrs.frozen
@@ -105,13 +107,14 @@ def run_rounds(
     rounds: int,
     *,
     scheme: str = "alternate",
-    before: Callable[[str], None] = lambda _role: None,
+    before: Callable[[str], float] = lambda _role: 0.0,
     clock: Callable[[], float],
     cpu: Callable[[], float],
 ) -> Rounds:
     """Run ``rounds`` rounds of ``contenders`` (keyed ``cold``, ``without``, ``copy``).
 
-    Each run is preceded by ``before(role)`` (untimed: warm, prepare, sync)
+    Each run is preceded by ``before(role)`` (untimed: warm, prepare, sync,
+    wait for a quiet host; it returns the host's busy share it ended with)
     and timed by ``clock`` (wall) and ``cpu`` (CPU seconds), read right
     before and right after it.
     """
@@ -124,12 +127,12 @@ def run_rounds(
         order = round_order(index, scheme)
         orders.append(order)
         for role in order:
-            before(role)
+            busy = before(role)
             cpu_before = cpu()
             start = clock()
             contenders[role]()
             seconds = clock() - start
-            runs[role].append(Run(seconds, cpu() - cpu_before))
+            runs[role].append(Run(seconds, cpu() - cpu_before, busy))
     return Rounds({role: tuple(done) for role, done in runs.items()}, tuple(orders))
 
 
@@ -183,6 +186,12 @@ def verdict_lines(
         f"          A/A without / without (noise floor): {control.median:.3f};  {control};  "
         f"CPU {statistics.median(rounds.cpu_ratios(COPY)):.3f}x",
     ]
+    busy = [run.busy for runs in rounds.runs.values() for run in runs]
+    if any(busy):
+        lines.append(
+            f"          host busy right before a run (others, steal): median "
+            f"{statistics.median(busy):.0%}, max {max(busy):.0%}"
+        )
     if main_table:
         lines.append(f"          main table: {main_table}")
     return lines
@@ -207,7 +216,10 @@ def block_medians(ratios: Sequence[float], size: int) -> list[float]:
 def rounds_from_json(data: Mapping[str, Any]) -> Rounds:
     """The rounds of one format as ``bench_pack --pairs-json`` wrote them."""
     runs = {
-        role: tuple(Run(float(run["seconds"]), float(run["cpu"])) for run in data[role])
+        role: tuple(
+            Run(float(run["seconds"]), float(run["cpu"]), float(run.get("busy", 0.0)))
+            for run in data[role]
+        )
         for role in (COLD, WITHOUT, COPY)
     }
     return Rounds(runs, tuple(tuple(order) for order in data.get("orders", ())))

@@ -72,8 +72,9 @@ class _FakeHost:
 
         return run
 
-    def before(self, role: str) -> None:
+    def before(self, role: str) -> float:
         self.calls.append(f"before {role}")
+        return 0.1 * self.round  # the host's busy share the wait for quiet ended with
 
     def rounds(self, count: int, scheme: str = "alternate") -> no_slower.Rounds:
         return no_slower.run_rounds(
@@ -94,6 +95,7 @@ def test_rounds_pair_each_run_with_the_without_run_of_its_own_round() -> None:
     assert rounds.ratios("copy") == pytest.approx([1.0] * 4)
     assert rounds.cpu_ratios("cold") == pytest.approx([1.02] * 4)
     assert rounds.orders[1] == ("copy", "without", "cold")
+    assert [run.busy for run in rounds.runs["cold"]] == pytest.approx([0.0, 0.1, 0.2, 0.3])
     # Every timed run follows its own untimed preparation, in the round's order.
     assert host.calls[:6] == [
         "before cold", "run cold", "before without", "run without", "before copy", "run copy",
@@ -127,9 +129,9 @@ def test_the_spread_gives_the_extremes_quartiles_and_median() -> None:
         no_slower.Spread.of([])
 
 
-def _rounds(cold: list[float], copy: list[float]) -> no_slower.Rounds:
+def _rounds(cold: list[float], copy: list[float], busy: float = 0.0) -> no_slower.Rounds:
     def runs(seconds: list[float]) -> tuple[no_slower.Run, ...]:
-        return tuple(no_slower.Run(s, s) for s in seconds)
+        return tuple(no_slower.Run(s, s, busy) for s in seconds)
 
     return no_slower.Rounds(
         {"cold": runs(cold), "without": runs([1.0] * len(cold)), "copy": runs(copy)}
@@ -139,14 +141,15 @@ def _rounds(cold: list[float], copy: list[float]) -> no_slower.Rounds:
 def test_the_verdict_is_the_median_round_against_the_target_with_the_a_a_line() -> None:
     """Cold's median ratio decides PASS or MISS at 0.95; the A/A median and spread print beside."""
     lines = no_slower.verdict_lines(
-        "gzip", _rounds([1.0, 1.0, 2.0], [1.0, 0.98, 1.02]), main_table="paired 0.940"
+        "gzip", _rounds([1.0, 1.0, 2.0], [1.0, 0.98, 1.02], busy=0.05), main_table="paired 0.940"
     )
     assert lines[0].startswith("  PASS  gzip cold pack into fragments / without, 3 adjacent")
     assert ": 1.000 (target >= 0.95)" in lines[0]
     assert "rounds' ratios: min 0.500" in lines[1]
     assert "CPU cold / without 1.000x" in lines[1]
     assert "A/A without / without (noise floor): 1.000;  min 0.980" in lines[2]
-    assert lines[3].endswith("main table: paired 0.940")
+    assert lines[3].endswith("(others, steal): median 5%, max 5%")
+    assert lines[4].endswith("main table: paired 0.940")
     slower = no_slower.verdict_lines("estargz", _rounds([1.06, 1.06, 0.9], [1.0, 1.0, 1.0]))
     assert slower[0].startswith("  MISS  estargz")
     assert "0.943 (target >= 0.95)" in slower[0]
