@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -229,17 +230,33 @@ def aa_report(name: str, rounds: Rounds, sizes: Sequence[int]) -> list[str]:
     """The A/A control of a long tuning run: every round's ratio, and for each number of
     rounds in ``sizes`` the medians that runs of that many rounds would have printed."""
     ratios = rounds.ratios(COPY)
-    lines = [f"  {name}: {len(ratios)} rounds; A/A per round: {Spread.of(ratios)}"]
+    spread = Spread.of(ratios)
+    sigma = robust_sigma(ratios)
+    lines = [
+        f"  {name}: {len(ratios)} rounds; A/A per round: {spread}; robust sigma {sigma:.3f}"
+    ]
     for size in sizes:
         medians = block_medians(ratios, size)
-        if not medians:
-            continue
-        worst = max(abs(m - 1) for m in medians)
+        worst = max((abs(m - 1) for m in medians), default=float("nan"))
         lines.append(
-            f"    {size:3d} rounds: {len(medians)} blocks, medians "
-            f"{' '.join(f'{m:.3f}' for m in medians)}  (worst |median - 1| {worst:.3f})"
+            f"    {size:3d} rounds: +-{median_error(sigma, size):.3f} (2 s.e. of the median); "
+            f"{len(medians)} blocks, medians {' '.join(f'{m:.3f}' for m in medians)}  "
+            f"(worst |median - 1| {worst:.3f})"
         )
     return lines
+
+
+def robust_sigma(values: Sequence[float]) -> float:
+    """The standard deviation of ``values`` estimated from their interquartile range (IQR /
+    1.349, as for a normal sample), so that a few rounds hit by something else weigh little."""
+    spread = Spread.of(values)
+    return (spread.q3 - spread.q1) / 1.349
+
+
+def median_error(sigma: float, rounds: int) -> float:
+    """Twice the standard error of the median of ``rounds`` values of deviation ``sigma``
+    (1.2533 sigma / sqrt(n) for a normal sample): about a 95% band around the true ratio."""
+    return 2 * 1.2533 * sigma / math.sqrt(rounds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -176,5 +176,18 @@ def test_a_pairs_json_round_trips_into_rounds() -> None:
     assert again == rounds
     report = no_slower.aa_report("gzip", again, [1, 5])
     assert report[0].startswith("  gzip: 2 rounds; A/A per round: min 1.000")
-    assert report[1] == "      1 rounds: 2 blocks, medians 1.000 1.000  (worst |median - 1| 0.000)"
-    assert len(report) == 2
+    assert report[0].endswith("robust sigma 0.000")
+    assert report[1] == (
+        "      1 rounds: +-0.000 (2 s.e. of the median); 2 blocks, medians 1.000 1.000  "
+        "(worst |median - 1| 0.000)"
+    )
+    assert "0 blocks, medians   (worst |median - 1| nan)" in report[2]
+
+
+def test_the_band_of_a_median_narrows_with_the_square_root_of_the_rounds() -> None:
+    """The A/A tuning figure: sigma from the quartiles, 2 s.e. of a median of n rounds."""
+    assert no_slower.robust_sigma([0.9, 1.0, 1.1, 1.0, 0.95, 1.05]) == pytest.approx(
+        (1.0375 - 0.9625) / 1.349
+    )
+    assert no_slower.median_error(0.05, 4) == pytest.approx(2 * 1.2533 * 0.05 / 2)
+    assert no_slower.median_error(0.05, 16) == pytest.approx(no_slower.median_error(0.05, 4) / 2)
