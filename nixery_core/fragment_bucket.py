@@ -23,6 +23,24 @@ It is opt-in: ``BuildCache(directory, fragment_bucket=FragmentBucketPolicy())``.
 
 The same compressed bytes under two keys are one blob.
 
+**TOC parts compressed in the bucket** (pointer version 3).  A chunked
+store path's TOC part (:mod:`nixery_core.fragment_toc`) is kept plain in
+the local cache (compressing it cost the cold pack CPU), which made it
+about 6x larger in the bucket than layout 3's zstd frame.  The upload
+thread compresses it on the way, off the packing path, into one zstd frame
+at level :data:`_PART_LEVEL` (its plain size pledged in the frame's
+header): ``{"version": 3, "digest", "size", "crc32"}`` of that blob and
+``"uncompressed_size"``, the plain lines' size.  A reader inflates it into
+its local cache as it downloads it, plain as a part packed there, 256 KiB
+at a time, holding the decoder to that level's window (a frame declaring
+more, up to libzstd's 128 MiB, is refused before anything is allocated for
+it).  A version 3 pointer names a TOC part only: fetched for frames, or
+claiming an offset, it is refused.  Plain (version 1) TOC parts written
+before are still read; an instance of an earlier version refuses a
+version 3 pointer (a miss: it packs the path and shares its part plain,
+replacing the pointer; correct either way, until every instance is
+upgraded).
+
 **References instead of copies.**  Where the layers packed into the store
 keep their fragments as byte ranges of their blobs (``ranges`` given:
 :class:`~nixery_core.fragments.StoreFragments`, which ``BuildCache`` gives
@@ -52,9 +70,10 @@ its size, sha256 (the blob's digest) and CRC-32 against the pointer, and
 that it inflates to exactly the recorded number of bytes as complete gzip
 members or zstd frames (one for a gzip or zstd layer's fragment, one per
 frame for an eStargz or zstd:chunked layer's; a chunked store path's TOC
-part is plain lines, :mod:`nixery_core.fragment_toc`, recorded with its
-own size as its uncompressed size, its entries checked as the pack reads
-them).  Only a fragment passing
+part is one zstd frame inflating to plain lines beginning as a part does,
+or, from earlier versions, plain lines recorded with their own size as
+their uncompressed size: :mod:`nixery_core.fragment_toc`, its entries
+checked as the pack reads them).  Only a fragment passing
 every check is kept; the pack then copies it from the local cache like any
 local hit, so a layer's bytes are the same whether its fragments came from
 the local cache, the bucket or fresh packing.  A bucket hit also restarts
@@ -63,7 +82,8 @@ the blob's age (``touch_blob`` on a store with
 
 **A bad fragment is a miss, then repaired.**  A pointer that does not
 parse, names an absent blob, or disagrees with its blob, a TOC part's
-pointer claiming an offset (TOC parts are shared only as copies), and a
+pointer claiming an offset (TOC parts are shared only as copies) or fetched
+for frames, and a
 blob whose bytes do not hash to its digest, are counted in
 :attr:`BucketStats.rejected` and logged; the store path is packed, and the
 new fragment is uploaded like any other, which overwrites the pointer and
@@ -75,8 +95,8 @@ skipped uploads, with a warning: the bucket tier only saves work.
 whose compressed size is at least ``min_size`` (128 KiB by default) is
 uploaded once it is in the local cache, read back from there: blob first,
 pointer last.  A chunked store path's TOC part goes with its frames, first and
-whatever its own size (references and copies alike): the frames are of no use
-without it.  By default this happens on one background thread per
+whatever its own size (references and copies alike; compressed on the way):
+the frames are of no use without it.  By default this happens on one background thread per
 :class:`BucketFragments`, so a pack never waits on the bucket; the queue
 holds at most :data:`_MAX_QUEUED` jobs (more are dropped: a later pack
 uploads them), and :meth:`BucketFragments.close` (``BuildCache.close``)
@@ -119,12 +139,14 @@ import queue
 import threading
 import weakref
 import zlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import attrs
+import zstandard
 
+from nixery_core.compression import zstd_window
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidCacheRecord, InvalidInput, LayerError, StorageError
 from nixery_core.fragment_reads import KeptRange, RangeReads, reads_ranges_remotely
@@ -171,6 +193,11 @@ DEFAULT_MIN_SIZE = 128 << 10
 _POINTER_VERSION = 1
 #: A pointer that refers to a range of a layer blob (no fragment blob of its own).
 _REFERENCE_VERSION = 2
+#: A pointer to a chunked store path's TOC part compressed in the bucket (one zstd frame).
+_PART_VERSION = 3
+#: zstd level of a TOC part in the bucket (layout 3's, in the local cache: twice as fast as
+#: 3 on TOC lines, and smaller).
+_PART_LEVEL = 1
 _READ_SIZE = 1 << 20
 #: Upload and touch jobs waiting at most; more are dropped (a later pack uploads them).
 _MAX_QUEUED = 4096
@@ -215,7 +242,10 @@ class FragmentPointer:
     A *reference* (``offset`` set; version 2) names a layer blob the
     fragment is ``size`` bytes of, from ``offset``, and may carry the
     fragment's layout (:mod:`nixery_core.fragment_layout`, encoded); a copy
-    (version 1) names a fragment blob of its own.
+    (version 1) names a fragment blob of its own.  A chunked store path's
+    TOC part is a copy compressed in the bucket (``part``; version 3): its
+    blob (``size`` bytes, their CRC-32) is one zstd frame of the part's
+    ``uncompressed_size`` bytes of plain lines, kept plain locally.
     """
 
     digest: str
@@ -224,13 +254,18 @@ class FragmentPointer:
     crc32: int
     offset: int | None = None
     layout: bytes | None = None
+    part: bool = attrs.field(default=False, kw_only=True)
 
     def to_json(self) -> bytes:
         fields: dict[str, object] = {
             "version": _POINTER_VERSION, "digest": self.digest, "size": self.size,
             "uncompressed_size": self.uncompressed_size, "crc32": self.crc32,
         }
-        if self.offset is not None:
+        if self.part:
+            if self.offset is not None:
+                raise ValueError("a TOC part is shared as a copy, never a reference")
+            fields["version"] = _PART_VERSION
+        elif self.offset is not None:
             fields.update(version=_REFERENCE_VERSION, offset=self.offset)
             if self.layout is not None:
                 fields["layout"] = base64.b64encode(self.layout).decode("ascii")
@@ -250,8 +285,8 @@ class FragmentPointer:
         """:meth:`from_json`, raising a bare ValueError or TypeError."""
         data = json.loads(raw)
         version = data.get("version") if isinstance(data, dict) else None
-        if version not in (_POINTER_VERSION, _REFERENCE_VERSION):
-            raise ValueError("not a version 1 or 2 fragment pointer")
+        if version not in (_POINTER_VERSION, _REFERENCE_VERSION, _PART_VERSION):
+            raise ValueError("not a version 1, 2 or 3 fragment pointer")
         digest = data.get("digest")
         if not isinstance(digest, str):
             raise TypeError("digest must be a string")
@@ -270,6 +305,7 @@ class FragmentPointer:
             _count_field(data, "crc32"),
             offset,
             layout,
+            part=version == _PART_VERSION,
         )
 
 
@@ -341,10 +377,15 @@ class _Check:
     _digest: Any = attrs.field(init=False, factory=hashlib.sha256)
     _crc: int = attrs.field(init=False, default=0)
     _size: int = attrs.field(init=False, default=0)
+    #: Where the bytes to keep locally go: the pieces as they come, or, for a TOC part
+    #: compressed in the bucket, its plain lines as they are inflated.
+    keep: Callable[[bytes], None] = attrs.field(default=lambda _: None, kw_only=True)
     #: Set by the first piece, whose first bytes say the format of every member.
     _inflate: MembersInflater | None = attrs.field(init=False, default=None)
     #: What the pieces so far inflate to, counted.
     _produced: int = attrs.field(init=False, default=0)
+    #: A compressed TOC part's first inflated bytes, until they are :data:`PART_START`'s.
+    _head: bytes | None = attrs.field(init=False, default=None)
 
     def add(self, piece: bytes) -> None:
         pointer = self.pointer
@@ -353,19 +394,7 @@ class _Check:
         if self._size > pointer.size:
             raise _Refused(f"is longer than the {pointer.size} bytes recorded")
         if first:
-            if self.side:  # a chunked store path's TOC part (fragment_toc.py)
-                if not piece.startswith(PART_START):
-                    raise _Refused("is not a TOC part")
-            elif piece.startswith((_GZIP_MAGIC, _ZSTD_MAGIC)):
-                # As many members as there are: a chunked layer's fragment holds
-                # one per frame (nixery_core.chunked).
-                # A zstd frame may declare any window up to libzstd's default limit
-                # (128 MiB): fragments of every level are checked here without knowing
-                # which, and level 22's window is that large; the pack that copies it
-                # holds it to its level's.
-                self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
-            else:
-                raise _Refused("is not a gzip member or a zstd frame")
+            self._start(piece)
         inflate = self._inflate
         if inflate is not None:
             try:
@@ -375,11 +404,36 @@ class _Check:
                     self._produced += len(out)
                     if self._produced > pointer.uncompressed_size:
                         raise _Refused("decompresses to more than recorded")
+                    if self._head is not None:
+                        self._plain(out)
             except INFLATE_ERRORS as exc:
                 raise _Refused(f"does not decompress ({exc})") from exc
+        if self._head is None:
+            self.keep(piece)
         if self.whole:
             self._digest.update(piece)
         self._crc = _crc32(piece, self._crc)
+
+    def _start(self, piece: bytes) -> None:
+        """The first piece: what the bytes must be, and how they are inflated."""
+        if self.side and self.pointer.part:  # compressed in the bucket: one zstd frame
+            # No larger window than our level's: a hostile frame declaring more is
+            # refused before libzstd allocates it.
+            self._inflate = MembersInflater(zstd=True, max_window=zstd_window(_PART_LEVEL))
+            self._head = b""
+        elif self.side:  # a chunked store path's TOC part (fragment_toc.py)
+            if not piece.startswith(PART_START):
+                raise _Refused("is not a TOC part")
+        elif piece.startswith((_GZIP_MAGIC, _ZSTD_MAGIC)):
+            # As many members as there are: a chunked layer's fragment holds
+            # one per frame (nixery_core.chunked).
+            # A zstd frame may declare any window up to libzstd's default limit
+            # (128 MiB): fragments of every level are checked here without knowing
+            # which, and level 22's window is that large; the pack that copies it
+            # holds it to its level's.
+            self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
+        else:
+            raise _Refused("is not a gzip member or a zstd frame")
 
     def finish(self) -> None:
         pointer = self.pointer
@@ -387,16 +441,28 @@ class _Check:
             raise _Refused("does not hash to its digest")
         if (self._size, self._crc) != (pointer.size, pointer.crc32):
             raise _Refused("has another size or CRC-32 than its pointer records")
-        if self.side:  # a TOC part: its lines are checked as they are read (chunked.py)
+        if self.side and not pointer.part:  # a TOC part: lines checked as read (chunked.py)
             if pointer.uncompressed_size != pointer.size:
                 raise _Refused("is a TOC part recorded with another size")
             return
+        if self._head is not None and len(self._head) < len(PART_START):
+            raise _Refused("is not a TOC part")
         inflate, produced = self._inflate, self._produced
         if inflate is None or not inflate.eof or produced != pointer.uncompressed_size:
             raise _Refused(
                 f"decompresses to {produced} bytes, not the "
                 f"{pointer.uncompressed_size} recorded"
             )
+
+    def _plain(self, out: bytes) -> None:
+        """A compressed TOC part's next plain bytes: kept once its start is a part's."""
+        head = self._head
+        if head is not None and len(head) < len(PART_START):
+            head = (head + out[: len(PART_START)])[: len(PART_START)]
+            if not PART_START.startswith(head):
+                raise _Refused("is not a TOC part")
+            self._head = head
+        self.keep(out)
 
 
 @attrs.define
@@ -608,6 +674,8 @@ class BucketFragments:
             # TOC parts are shared only as copies (whole blobs, hashed on fetch): a reference
             # would skip the plain check as a range, or the digest as a copy of one.
             self._reject(name, "it is a TOC part's pointer claiming an offset")
+        elif pointer.part and not side:
+            self._reject(name, "it is a TOC part's pointer, not frames'")
         elif pointer.offset is not None and self.ranges is not None:
             self._keep_reference(key, name, pointer, pointer.offset, on_reference)
         else:
@@ -677,7 +745,7 @@ class BucketFragments:
     ) -> str | None:
         """Stream the blob into ``writer``; what is wrong with it (checked as a ``side``
         part, or as frames), or ``None``."""
-        check = _Check(pointer, whole=pointer.offset is None, side=side)
+        check = _Check(pointer, whole=pointer.offset is None, side=side, keep=writer.add)
         try:
             with (
                 self.store.open_blob(pointer.digest) if pointer.offset is None
@@ -685,8 +753,7 @@ class BucketFragments:
                 else open_range(self.store, pointer.digest, pointer.offset, pointer.size)
             ) as stream:
                 while piece := stream.read(_READ_SIZE):
-                    check.add(piece)
-                    writer.add(piece)
+                    check.add(piece)  # kept (plain) as it is checked
             check.finish()
         except _Refused as refused:
             return str(refused)
@@ -699,7 +766,7 @@ class BucketFragments:
         after its ``side`` part whatever that part's size (so its pointer is found first)."""
         if size >= self.policy.min_size:
             if side is not None:
-                self._offer("upload", side)
+                self._offer("part", side)
             self._offer("upload", key)
 
     def _offer(self, job: str, argument: str, pointer: _Reference | None = None) -> None:
@@ -730,7 +797,7 @@ class BucketFragments:
         if failed is not None:
             log.warning("fragment upload thread cannot be started (%s); %s of %s skipped",
                         failed, job, argument)
-            if job == "upload":
+            if job in ("upload", "part"):
                 self._count("upload_failures")
             return
         try:
@@ -749,9 +816,9 @@ class BucketFragments:
                 self._jobs.task_done()
 
     def _run(self, job: str, argument: str, pointer: _Reference | None) -> None:
-        """Upload a kept fragment, share a reference, or touch a fetched blob."""
-        if job == "upload":
-            self._upload(argument)
+        """Upload a kept fragment or TOC part, share a reference, or touch a fetched blob."""
+        if job in ("upload", "part"):
+            self._upload(argument, part=job == "part")
         elif pointer is not None:
             self._share(argument, pointer)
         else:
@@ -774,7 +841,7 @@ class BucketFragments:
         if size < self.policy.min_size:
             return
         if side is not None:
-            self._offer("upload", side)
+            self._offer("part", side)
         self._offer("reference", key, _Reference(digest, size, uncompressed, crc, offset, layout))
 
     def _share(self, key: str, reference: _Reference) -> None:
@@ -791,13 +858,14 @@ class BucketFragments:
             return
         self._count("references_shared")
 
-    def _upload(self, key: str) -> None:
-        """Store the locally kept fragment ``key`` in the bucket: blob, then pointer."""
+    def _upload(self, key: str, *, part: bool = False) -> None:
+        """Store the locally kept fragment ``key`` in the bucket: blob, then pointer.  A TOC
+        ``part`` is compressed on the way (kept plain locally)."""
         try:
             with self.local.peek(key) as found:
                 if found is None:  # evicted or dropped meanwhile
                     return
-                pointer = self._store_blob(found)
+                pointer = self._store_blob(found, part=part)
             self.store.put_object(fragment_object_key(key), pointer.to_json())
         except (StorageError, LayerError) as exc:  # LayerError: its file changed since its check
             log.warning("fragment %s not uploaded (%s)", key, exc)
@@ -805,19 +873,40 @@ class BucketFragments:
             return
         self._count("uploaded")
 
-    def _store_blob(self, found: CachedFragment) -> FragmentPointer:
+    def _store_blob(self, found: CachedFragment, *, part: bool = False) -> FragmentPointer:
+        """Its bytes as a blob (a TOC ``part``'s lines compressed into one zstd frame, the
+        plain size pledged in it); the pointer to it."""
+        pieces: Iterable[bytes] = found.pieces()
+        if part:
+            pieces = _compressed(pieces, found.size)
+        size = crc = 0
         with self.store.open_blob_writer(FRAGMENT_MEDIA_TYPE) as writer:
             # A writer that hashes what it is given saves hashing the fragment again.
             written = writer.written_digest if isinstance(writer, SupportsWrittenDigest) else None
             digest = hashlib.sha256()
-            for piece in found.pieces():
+            for piece in pieces:
                 if written is None:
                     digest.update(piece)
+                if part:
+                    size += len(piece)
+                    crc = _crc32(piece, crc)
                 writer.write(piece)
             info = writer.commit(
                 written() if written is not None else f"sha256:{digest.hexdigest()}"
             )
+        if part:
+            return FragmentPointer(info.digest, size, found.size, crc, part=True)
         return FragmentPointer(info.digest, found.size, found.uncompressed_size, found.crc32)
+
+
+def _compressed(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """``pieces`` (``size`` bytes in all) as one zstd frame at :data:`_PART_LEVEL`, a piece
+    at a time (never held whole)."""
+    compressor = zstandard.ZstdCompressor(level=_PART_LEVEL).compressobj(size=size)
+    for piece in pieces:
+        if out := compressor.compress(piece):
+            yield out
+    yield compressor.flush()
 
 
 @attrs.define

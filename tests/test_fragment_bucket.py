@@ -703,9 +703,13 @@ def test_no_fragment_writer_outlives_its_pack(
         assert tier.stats.uploaded == (2 if compression in FORMATS else 1) * len(PATHS)
 
 
-def test_a_toc_part_fetched_from_the_bucket_streams_into_the_local_cache(tmp_path: Path) -> None:
-    """A large TOC part fetched from the bucket (a copy, about 20 MiB of lines) is checked and
-    kept while holding far less than its size in memory at once (it was held whole)."""
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "compressed"])
+def test_a_toc_part_fetched_from_the_bucket_streams_into_the_local_cache(
+    tmp_path: Path, compressed: bool
+) -> None:
+    """A large TOC part fetched from the bucket (a copy, about 20 MiB of lines, plain or
+    compressed into one zstd frame) is checked and kept plain while holding far less than
+    its size in memory at once (it was held whole)."""
     pieces: list[bytes] = []
 
     class Recorder:
@@ -728,9 +732,12 @@ def test_a_toc_part_fetched_from_the_bucket_streams_into_the_local_cache(tmp_pat
     data = b"".join(pieces)
     assert len(data) > 6 << 20
     bucket = MemoryStore()
-    info = bucket.put_blob(data, FRAGMENT_MEDIA_TYPE)
-    pointer = FragmentPointer(info.digest, len(data), recorded[0], zlib.crc32(data))
+    blob = zstandard.ZstdCompressor(level=1).compress(data) if compressed else data
+    info = bucket.put_blob(blob, FRAGMENT_MEDIA_TYPE)
+    pointer = FragmentPointer(info.digest, len(blob), recorded[0], zlib.crc32(blob),
+                              part=compressed)
     bucket.put_object(fragment_object_key("toc"), pointer.to_json())
+    del blob
     local, tier = instance(tmp_path / "a", bucket)
     with local, tier:
         tracemalloc.start()
@@ -850,6 +857,94 @@ def test_a_toc_part_pointer_claiming_an_offset_is_refused(tmp_path: Path, mode: 
         assert "toc" not in local
         with tier.get("toc", side=True) as found:
             assert found is None
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_toc_part_is_compressed_in_the_bucket_and_kept_plain_by_its_reader(
+    store: Path, tmp_path: Path, compression: str
+) -> None:
+    """A chunked store path's TOC part is uploaded as one zstd frame of its plain lines (a
+    version 3 pointer recording the blob's size and CRC-32 and the lines' size), smaller
+    than the lines; another instance keeps the lines plain, byte for byte the packer's, and
+    assembles every path without compressing it."""
+    options = ArchiveOptions(compression=compression)  # type: ignore[arg-type]  # a parameter
+    bucket = MemoryStore()
+    parts: dict[str, bytes] = {}
+    local_a, tier_a = instance(tmp_path / "a", bucket)
+    with local_a, tier_a:
+        pack(store, PATHS, options, tier_a)
+        tier_a.flush()
+        for path in PATHS:
+            toc = _keys(store, path, compression)[1]
+            with local_a.get(toc, side=True) as found:
+                assert found is not None
+                parts[toc] = b"".join(found.pieces())
+    blobs = 0
+    for toc, lines in parts.items():
+        raw = bucket.get_object(fragment_object_key(toc))
+        assert raw is not None
+        assert json.loads(raw)["version"] == 3
+        pointer = FragmentPointer.from_json(raw)
+        blob = bucket.read_blob(pointer.digest)
+        assert pointer.part
+        assert (pointer.size, pointer.crc32, pointer.uncompressed_size) == (
+            len(blob), zlib.crc32(blob), len(lines)
+        )
+        assert zstandard.ZstdDecompressor().decompress(blob) == lines
+        blobs += len(blob)
+    assert blobs < sum(map(len, parts.values())) // 2
+    local_b, tier_b = instance(tmp_path / "b", bucket)
+    with local_b, tier_b:
+        assert pack(store, PATHS, options, tier_b) == pack(store, PATHS, options)
+        assert local_b.misses == 0
+        assert tier_b.stats.hits == 2 * len(PATHS)
+        for toc, lines in parts.items():
+            with local_b.get(toc, side=True) as found:
+                assert found is not None
+                assert (b"".join(found.pieces()), found.uncompressed_size) == (lines, len(lines))
+
+
+@pytest.mark.parametrize(
+    "damage", ["window", "not-a-part", "fewer", "more", "as-frames", "short"]
+)
+def test_a_compressed_toc_part_is_kept_only_as_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """A TOC part compressed in the bucket is refused (a miss, nothing kept) when its frame
+    declares a larger window than the level it is written at (a hostile one: 128 MiB,
+    refused before libzstd allocates it), inflates to no TOC part's lines, to fewer or more
+    bytes than recorded, or ends mid-frame, or when its pointer is fetched for frames; the
+    right one beside it is kept plain."""
+    from hostile_frames import zstd_frame_declaring_window
+
+    lines = b'{"start":0}\n{"name":"f","type":"reg","size":0}\n'
+    frame = zstandard.ZstdCompressor(level=1).compress(lines)
+    data, uncompressed, sides, why = {
+        "window": (zstd_frame_declaring_window(27, 1024), 1024, ["bad"], "does not decompress"),
+        "not-a-part": (
+            zstandard.ZstdCompressor(level=1).compress(b"[" + lines[1:]), len(lines), ["bad"],
+            "is not a TOC part",
+        ),
+        "fewer": (frame, len(lines) + 1, ["bad"], "decompresses to"),
+        "more": (frame, len(lines) - 1, ["bad"], "decompresses to more than recorded"),
+        "as-frames": (frame, len(lines), [], "not frames'"),
+        "short": (frame[:-3], len(lines), ["bad"], "decompresses to"),
+    }[damage]
+    bucket = MemoryStore()
+    for name, blob, size in (("good", frame, len(lines)), ("bad", data, uncompressed)):
+        digest = bucket.put_blob(blob, FRAGMENT_MEDIA_TYPE).digest
+        pointer = FragmentPointer(digest, len(blob), size, zlib.crc32(blob), part=True)
+        bucket.put_object(fragment_object_key(name), pointer.to_json())
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        tier.prefetch(["good", "bad"], sides=["good", *sides])
+        tier.flush()
+        assert (tier.stats.hits, tier.stats.rejected) == (1, 1)
+        assert why in caplog.text
+        with tier.get("good", side=True) as found:
+            assert found is not None
+            assert b"".join(found.pieces()) == lines
+        assert "bad" not in local
 
 
 def _zeros_fragment(zstd: bool, size: int) -> bytes:
