@@ -513,12 +513,10 @@ class _TarStream:
         #: :data:`_MAX_DIFF_WAITING` (then the oldest inflation is waited for).
         self._diff_waiting = 0
         self._recording: _Recording | None = None
-        #: The open recording's layout: told which bytes are files and which are not.
-        self._layout: LayoutRecorder | None = None
         #: A chunked layer's open recording: its blocks' one queued update (_flush_block).
         self._diff_and_layout: _DiffAndLayout | None = None
-        #: A chunked layer's open recording: where each header announced and what it says
-        #: go too, instead of the layout's calls (LayoutRecorder.announced).
+        #: The open recording's layout: each header put and what it says go here, in order
+        #: (LayoutRecorder.announced): two appends a member, no call per member or file.
         self._announced: tuple[list[bytes], list[HeaderFields]] | None = None
         #: The open member's compressor when it keeps the CRC-32 the layout records.
         self._member_crc: ReportsCrc32 | None = None
@@ -604,9 +602,9 @@ class _TarStream:
         if self._compressor is not None:
             raise RuntimeError("a member is already open")  # a bug in this module, not input
         self._recording = recording
-        self._layout = None if recording is None else recording.layout
         if recording is not None:
             self._recordings.append(recording)
+            self._announced = recording.layout.announced()
         compressor = open_compressor(
             self._spec, executor=None if small else self._parallel,
             threads=1 if small else self._member_threads, output=self._output, tag=recording,
@@ -638,7 +636,7 @@ class _TarStream:
             self._recording.writer.layout = self._recording.layout
             self._output.add(_Done(self._recording), b"")
             self._recording = None
-            self._layout = None
+            self._announced = None
         self._emit(self._output.take_ready())
 
     def _chunked_boundary(self, recording: _Recording | None, *, begin: bool) -> None:
@@ -795,12 +793,16 @@ class _TarStream:
                 self._hashing.update(self._diff, head)
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
-        """Tar bytes that are not file content (headers, padding), or content noted already."""
-        if self._layout is not None:
-            self._layout.literal(data)
-        if self._chunked is not None and data is self.headers.made:
+        """Tar bytes that are not file content (headers, padding), or content noted already.
+
+        A header :attr:`headers` just made is announced: to a chunked layer's
+        compressor, and to the open recording's layout (whose every other
+        byte is a file's content or its padding, implied by the sizes).
+        """
+        if data is self.headers.made:
             fields = self.headers.made_fields
-            self._chunked.announce(self._pos - self._start, data, fields)
+            if self._chunked is not None:
+                self._chunked.announce(self._pos - self._start, data, fields)
             if self._announced is not None:
                 self._announced[0].append(data)
                 self._announced[1].append(fields)
@@ -808,8 +810,6 @@ class _TarStream:
 
     def put_file(self, data: bytes | bytearray | memoryview, member: bytes) -> None:
         """The whole content of the file ``member``."""
-        if self._layout is not None:
-            self._layout.file(member, len(data))
         self._put(data)
 
     def _put(self, data: bytes | bytearray | memoryview) -> None:
@@ -851,8 +851,6 @@ class _TarStream:
             remaining -= got
             if self._pos == BLOCK_SIZE:
                 self._flush_block()
-        if self._layout is not None:
-            self._layout.file(member, size - remaining)
         return size - remaining
 
     def staging(self, offset: int, size: int) -> memoryview | None:
@@ -869,12 +867,11 @@ class _TarStream:
     def commit(self, header: bytes, size: int, member: bytes) -> None:
         """Put ``header`` in front of the ``size`` bytes of ``member`` staged after it, and pad."""
         pad = -size % 512
-        if self._layout is not None:
-            self._layout.member(header, member, size, pad)  # one call: most files come here
         pos = self._pos
-        if self._chunked is not None and header is self.headers.made:
+        if header is self.headers.made:
             fields = self.headers.made_fields
-            self._chunked.announce(pos - self._start, header, fields)
+            if self._chunked is not None:
+                self._chunked.announce(pos - self._start, header, fields)
             if self._announced is not None:
                 self._announced[0].append(header)
                 self._announced[1].append(fields)
@@ -949,6 +946,7 @@ class _TarStream:
         chunks = compressor.compress(block)  # type: ignore[arg-type]
         if recording is not None:
             self._record_block(recording, block, last=partial)
+            recording.layout.bound(recording.uncompressed)  # the headers announced, in check
         if shared and self._pos < BLOCK_SIZE:
             self._start = self._pos  # only the part after it is written from now on
         else:

@@ -42,29 +42,31 @@ bytes before the file, ``<I`` each length of its path, ``<Q`` each its size
 the literal bytes (arrays, so that encoding a layout is a few calls
 whatever its number of files).
 
-A chunked layer's fragment (eStargz, zstd:chunked) is recorded with no
-call per file at all: the packer already announces every header it writes
-to the chunked compressor (the header and what it says, so that it is not
-parsed back), and while a fragment is recorded it also appends both to the
-layout's two lists (:meth:`LayoutRecorder.announced`: two ``append`` per
-member, about a tenth of a :meth:`~LayoutRecorder.member` call, on the
-busiest thread).  Every byte of such a fragment is an announced header, the
-content of the regular file it announces (its size), or that file's
-padding to 512 bytes, so the layout is the headers in order, encoded by the
-cache's writing thread with C-level iterations only.  Format ``NXL3``:
-header ``<4sIIQII`` (magic, members, blocks, literal bytes, name bytes,
-length of the store path's member name), then ``<I`` each member's header
-length, ``<Q`` each its size (0: no content), the running CRC-32s (``<I``
-each, as ``NXL2``), the member names of the files with content joined by
-NUL bytes (cut below the store path when decoded), and the headers.  The
-padding after a file is not stored: :func:`rebuild` leaves it as the zeros
-its new block holds.  A header written without an announcement would make
-the layout's size differ from the fragment's, and a layout whose size is
-not its fragment's is never used (nor one whose block CRC-32s differ: the
-fragment is inflated from there).  A ``NXL2`` layout (a gzip or zstd
-layer's, or a chunked one kept before) decodes as before; a version without
-``NXL3`` finds no layout there and inflates the fragment (the same bytes),
-so no fragment key changed.
+A fragment is recorded with no call per file at all: the packer already
+announces every header it writes to a chunked layer's compressor (the
+header and what it says, so that it is not parsed back), and while a
+fragment is recorded, in any layer, it also appends both to the layout's
+two lists (:meth:`LayoutRecorder.announced`: two ``append`` per member,
+about a tenth of a :meth:`~LayoutRecorder.member` call, on the busiest
+thread).  Every byte of a fragment is an announced header, the content of
+the regular file it announces (its size), or that file's padding to 512
+bytes, so the layout is the headers in order, encoded by the cache's
+writing thread with C-level iterations only.  Format ``NXL3``: header
+``<4sIIQII`` (magic, members, blocks, literal bytes, name bytes, length of
+the store path's member name), then ``<I`` each member's header length,
+``<Q`` each its size (0: no content), the running CRC-32s (``<I`` each, as
+``NXL2``), the member names of the files with content joined by NUL bytes
+(cut below the store path when decoded), and the headers.  The padding
+after a file is not stored: :func:`rebuild` leaves it as the zeros its new
+block holds.  A header written without an announcement would make the
+layout's size differ from the fragment's, and a layout whose size is not
+its fragment's is never used (nor one whose block CRC-32s differ: the
+fragment is inflated from there).  Chunked layers' fragments were recorded
+so first, gzip and zstd layers' are too now; an ``NXL2`` layout (one of
+those kept before, or one recorded by :meth:`~LayoutRecorder.literal`,
+:meth:`~LayoutRecorder.file` and :meth:`~LayoutRecorder.member`) decodes
+as before; a version without ``NXL3`` finds no layout there and inflates
+the fragment (the same bytes), so no fragment key changed.
 """
 
 from __future__ import annotations
@@ -163,9 +165,9 @@ class LayoutRecorder:
         """The lists the packer appends each member's header and what it says to, in order.
 
         Instead of :meth:`literal`, :meth:`file` and :meth:`member`, for a
-        fragment whose every header is announced (a chunked layer's: see the
-        module docstring); the content and padding of each regular file are
-        implied by its size.  :meth:`bound` keeps memory in check.
+        fragment whose every header is announced (every one the packer
+        records: see the module docstring); the content and padding of each
+        regular file are implied by its size.  :meth:`bound` keeps memory in check.
         """
         self._headers, self._fields = [], []
         return self._headers, self._fields

@@ -420,6 +420,32 @@ def test_regrouped_layers_rebuild_the_tar_from_the_store_not_by_decompressing(
     assert regrouped == expected
 
 
+@pytest.mark.parametrize("options", OPTIONS)
+def test_a_members_layout_is_the_headers_the_packer_puts_with_no_call_per_member(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: ArchiveOptions
+) -> None:
+    """A gzip or zstd layer's fragment keeps the layout of the headers announced as they are put
+    (NXL3, as a chunked layer's), no layout call per member or file, and a regroup rebuilds
+    from it the layer packed without a cache."""
+    from nixery_core.fragment_layout import LayoutRecorder
+
+    def refuse(*_args: object) -> None:
+        raise AssertionError("a layout call per member on the packing thread")
+
+    for name in ("member", "literal", "file"):
+        monkeypatch.setattr(LayoutRecorder, name, refuse)
+    expected = pack(store, PATHS[1:3], options)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS, options, cache)
+        cache.flush()
+        with sqlite3.connect(tmp_path / "fragments" / "index.sqlite") as index:
+            layouts = [layout for (layout,) in index.execute("SELECT layout FROM fragments")]
+        assert len(layouts) == len(PATHS)
+        assert {zlib.decompress(layout)[:4] for layout in layouts} == {b"NXL3"}
+        _no_inflating(monkeypatch)
+        assert pack(store, PATHS[1:3], options, cache) == expected
+
+
 @pytest.mark.parametrize("change", ["first-block", "last-block", "shorter", "removed"])
 def test_store_changed_since_its_fragment_was_cached_still_gives_the_shipped_diff_id(
     store: Path, tmp_path: Path, change: str, caplog: pytest.LogCaptureFixture
