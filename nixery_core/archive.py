@@ -162,7 +162,13 @@ from nixery_core.errors import (
 from nixery_core.estargz import EStargzFormat
 from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
 from nixery_core.fragment_toc import toc_part_lines, toc_part_parameters
-from nixery_core.fragments import CachedFragment, FragmentSource, FragmentWriter, fragment_keys
+from nixery_core.fragments import (
+    CachedFragment,
+    FragmentSource,
+    FragmentWriter,
+    SupportsFrameWindow,
+    fragment_keys,
+)
 from nixery_core.inflating import INFLATE_ERRORS, MembersInflater
 from nixery_core.protocols import JSONValue
 from nixery_core.released import released
@@ -1431,7 +1437,12 @@ def pack_store_paths(
     if cache is not None:
         # A remote tier fetches what it has, in the order the pack needs it.
         pairs = zip(keys, toc_keys, strict=True) if toc_keys else ((key,) for key in keys)
-        cache.prefetch([key for pair in pairs for key in pair], sides=toc_keys)
+        wanted = [key for pair in pairs for key in pair]
+        if spec.backend == "zstd" and isinstance(cache, SupportsFrameWindow):
+            # Fetched frames are held to this level's window, as the pack holds them.
+            cache.prefetch_window(wanted, sides=toc_keys, window=zstd_window(spec.level))
+        else:
+            cache.prefetch(wanted, sides=toc_keys)
     with _TarStream(write, spec, threads, options.mtime, executor, blob_digest=blob_digest) as tar:
         scratch = memoryview(bytearray(max(_SMALL_FILE, _HASH_CHUNK)))
         tar.begin(small=True)

@@ -68,7 +68,11 @@ it comes, never held whole; its check inflates 256 KiB at a time, however
 compressible: :mod:`nixery_core.inflating`) and checked on the way:
 its size, sha256 (the blob's digest) and CRC-32 against the pointer, and
 that it inflates to exactly the recorded number of bytes as complete gzip
-members or zstd frames (one for a gzip or zstd layer's fragment, one per
+members or zstd frames, a zstd frame declaring no larger window than the
+pack's level gives (the pack says so:
+:class:`~nixery_core.fragments.SupportsFrameWindow`; a frame declaring more
+is refused before libzstd allocates it, where it was kept and then failed
+the pack copying it) (one for a gzip or zstd layer's fragment, one per
 frame for an eStargz or zstd:chunked layer's; a chunked store path's TOC
 part is one zstd frame inflating to plain lines beginning as a part does,
 or, from earlier versions, plain lines recorded with their own size as
@@ -374,6 +378,9 @@ class _Check:
     #: nothing to inflate) rather than frames (inflated to their recorded size), whatever
     #: the bytes begin with.
     side: bool = attrs.field(default=False, kw_only=True)
+    #: The largest window a zstd frame of frames may declare (the pack's level's); 0:
+    #: libzstd's default limit, 128 MiB (a caller that did not say).
+    window: int = attrs.field(default=0, kw_only=True)
     _digest: Any = attrs.field(init=False, factory=hashlib.sha256)
     _crc: int = attrs.field(init=False, default=0)
     _size: int = attrs.field(init=False, default=0)
@@ -426,12 +433,11 @@ class _Check:
                 raise _Refused("is not a TOC part")
         elif piece.startswith((_GZIP_MAGIC, _ZSTD_MAGIC)):
             # As many members as there are: a chunked layer's fragment holds
-            # one per frame (nixery_core.chunked).
-            # A zstd frame may declare any window up to libzstd's default limit
-            # (128 MiB): fragments of every level are checked here without knowing
-            # which, and level 22's window is that large; the pack that copies it
-            # holds it to its level's.
-            self._inflate = MembersInflater(zstd=piece.startswith(_ZSTD_MAGIC))
+            # one per frame (nixery_core.chunked).  A zstd frame may declare no larger
+            # window than the pack's level gives, as the pack that copies it holds it to.
+            self._inflate = MembersInflater(
+                zstd=piece.startswith(_ZSTD_MAGIC), max_window=self.window
+            )
         else:
             raise _Refused("is not a gzip member or a zstd frame")
 
@@ -535,7 +541,7 @@ class BucketFragments:
 
     def prefetch(
         self, keys: Sequence[str], on_reference: OnReference | None = None, *,
-        sides: Collection[str] = (),
+        sides: Collection[str] = (), window: int = 0,
     ) -> None:
         """Start fetching every fragment of ``keys`` the local cache lacks; returns at once.
 
@@ -544,7 +550,9 @@ class BucketFragments:
         ``on_reference`` is told of each reference found by the fetches started
         here, once it is kept locally as a range.  Those of ``keys`` in
         ``sides`` are side parts (TOC parts), checked as plain lines; any
-        other is checked as compressed frames, whatever its bytes look like.
+        other is checked as compressed frames, whatever its bytes look like,
+        a zstd frame declaring no larger window than ``window`` bytes (0:
+        libzstd's default limit, 128 MiB).
         """
         started = []
         sides = frozenset(sides) if sides else frozenset()
@@ -560,11 +568,18 @@ class BucketFragments:
                         self.policy.threads, thread_name_prefix="nixery-fragment-fetch"
                     )
                 self._pending[key] = future = self._pool.submit(
-                    self._fetch, key, on_reference, side=key in sides
+                    self._fetch, key, on_reference, side=key in sides, window=window
                 )
                 started.append((key, future))
         for key, future in started:
             future.add_done_callback(functools.partial(self._forget, key))
+
+    def prefetch_window(
+        self, keys: Sequence[str], *, sides: Collection[str] = (), window: int
+    ) -> None:
+        """:meth:`prefetch` for a pack of zstd frames at a level whose window is ``window``
+        (:class:`~nixery_core.fragments.SupportsFrameWindow`)."""
+        self.prefetch(keys, sides=sides, window=window)
 
     def _forget(self, key: str, future: Future[None]) -> None:
         """Drop a finished fetch from the ones in flight."""
@@ -651,10 +666,11 @@ class BucketFragments:
         self._counts.add(name)
 
     def _fetch(
-        self, key: str, on_reference: OnReference | None = None, *, side: bool = False
+        self, key: str, on_reference: OnReference | None = None, *, side: bool = False,
+        window: int = 0,
     ) -> None:
         """Look ``key`` up in the bucket; keep the fragment locally if it checks out (as a
-        ``side`` part's plain lines, or else as compressed frames)."""
+        ``side`` part's plain lines, or else as compressed frames within ``window``)."""
         name = fragment_object_key(key)
         try:
             raw = self.store.get_object(name)
@@ -679,7 +695,7 @@ class BucketFragments:
         elif pointer.offset is not None and self.ranges is not None:
             self._keep_reference(key, name, pointer, pointer.offset, on_reference)
         else:
-            self._keep_copy(key, name, pointer, side=side)
+            self._keep_copy(key, name, pointer, side=side, window=window)
 
     def _keep_reference(
         self, key: str, name: str, pointer: FragmentPointer, offset: int,
@@ -701,14 +717,16 @@ class BucketFragments:
         if on_reference is not None:
             on_reference(key, KeptRange(key, pointer.digest, offset, pointer.size))
 
-    def _keep_copy(self, key: str, name: str, pointer: FragmentPointer, *, side: bool) -> None:
+    def _keep_copy(
+        self, key: str, name: str, pointer: FragmentPointer, *, side: bool, window: int
+    ) -> None:
         """Download the fragment (a blob, or a range of one) into a checked local copy."""
         # Written to its data file as it comes (past 1 MiB, as a side part is): nothing
         # reads it before it is kept, and up to ``threads`` fetches run at once.
         writer = self.local.writer(key, side=True)
         writer.layout = pointer.layout
         try:
-            problem = self._download(pointer, writer, side=side)
+            problem = self._download(pointer, writer, side=side, window=window)
         except StorageError as exc:  # BlobNotFound included: collected meanwhile
             writer.discard()
             self._reject(name, f"its blob {pointer.digest} cannot be read ({exc})")
@@ -741,11 +759,12 @@ class BucketFragments:
         self._count("rejected")
 
     def _download(
-        self, pointer: FragmentPointer, writer: FragmentWriter, *, side: bool
+        self, pointer: FragmentPointer, writer: FragmentWriter, *, side: bool, window: int
     ) -> str | None:
         """Stream the blob into ``writer``; what is wrong with it (checked as a ``side``
-        part, or as frames), or ``None``."""
-        check = _Check(pointer, whole=pointer.offset is None, side=side, keep=writer.add)
+        part, or as frames within ``window``), or ``None``."""
+        check = _Check(pointer, whole=pointer.offset is None, side=side, window=window,
+                       keep=writer.add)
         try:
             with (
                 self.store.open_blob(pointer.digest) if pointer.offset is None
@@ -936,10 +955,19 @@ class SharedLayer:
     #: The pack ended (:meth:`close`): a reference fetched after is not read ahead.
     _closed: bool = attrs.field(init=False, default=False)
 
-    def prefetch(self, keys: Sequence[str], *, sides: Collection[str] = ()) -> None:
+    def prefetch(
+        self, keys: Sequence[str], *, sides: Collection[str] = (), window: int = 0
+    ) -> None:
         self._positions = {key: index for index, key in enumerate(keys)}
         self._layer.prefetch(keys)  # plans the ranges kept locally now
-        self._tier.prefetch(keys, self._found, sides=sides)
+        self._tier.prefetch(keys, self._found, sides=sides, window=window)
+
+    def prefetch_window(
+        self, keys: Sequence[str], *, sides: Collection[str] = (), window: int
+    ) -> None:
+        """:meth:`prefetch`, fetched zstd frames held to ``window`` (see
+        :class:`~nixery_core.fragments.SupportsFrameWindow`)."""
+        self.prefetch(keys, sides=sides, window=window)
 
     def _found(self, key: str, kept: KeptRange) -> None:
         """A reference fetched for this layer: read it ahead with the others."""

@@ -133,7 +133,7 @@ import weakref
 import zlib
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, ClassVar, Protocol, cast
+from typing import BinaryIO, ClassVar, Protocol, cast, runtime_checkable
 
 import attrs
 
@@ -158,6 +158,7 @@ __all__ = [
     "RangeRecord",
     "RangeWriter",
     "StoreFragments",
+    "SupportsFrameWindow",
     "fragment_key",
     "fragment_keys",
     "open_range",
@@ -309,6 +310,23 @@ class FragmentSource(Protocol):
     ) -> contextlib.AbstractContextManager[CachedFragment | None]: ...
 
     def writer(self, key: str, *, side: bool = False) -> FragmentWriter: ...
+
+
+@runtime_checkable
+class SupportsFrameWindow(Protocol):
+    """A :class:`FragmentSource` that checks the fragments it fetches against the zstd
+    window the pack's level gives (the bucket tier, :mod:`nixery_core.fragment_bucket`).
+
+    It promises: :meth:`prefetch_window` is :meth:`FragmentSource.prefetch`, and a
+    fetched fragment of zstd frames declaring a larger window than ``window`` bytes is
+    refused (a miss) before the decoder allocates it, never kept to fail the pack that
+    would copy it.  An optional ability: a pack of a zstd layer checks for it and
+    otherwise calls :meth:`~FragmentSource.prefetch`.
+    """
+
+    def prefetch_window(
+        self, keys: Sequence[str], *, sides: Collection[str] = (), window: int
+    ) -> None: ...
 
 
 @attrs.define

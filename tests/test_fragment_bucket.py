@@ -42,7 +42,7 @@ from nixery_core.fragment_bucket import (
     fragment_object_key,
 )
 from nixery_core.fragment_toc import TocPartWriter
-from nixery_core.fragments import FragmentCache
+from nixery_core.fragments import FragmentCache, fragment_key
 from nixery_core.gc import collect_garbage
 from nixery_core.names import Image
 from nixery_core.protocols import ReadableStore
@@ -945,6 +945,42 @@ def test_a_compressed_toc_part_is_kept_only_as_recorded(
             assert found is not None
             assert b"".join(found.pieces()) == lines
         assert "bad" not in local
+
+
+@pytest.mark.parametrize("shared", ["copies", "layer"])
+def test_a_fetched_zstd_fragment_declaring_a_larger_window_than_the_packs_level_is_a_miss(
+    store: Path, tmp_path: Path, shared: str
+) -> None:
+    """A zstd fragment in the bucket whose frame declares a larger window than the pack's
+    level gives (a hostile one: 128 MiB, which libzstd would allocate outside Python), its
+    pointer matching its size, digest, CRC-32 and what it inflates to, is refused at fetch
+    (a miss: the path is compressed, the bytes those of a pack without a cache), never kept
+    to fail the pack that copies it; one declaring the level's own window is kept."""
+    from hostile_frames import zstd_frame_declaring_window
+
+    from nixery_core.compression import zstd_window
+
+    options = ArchiveOptions(compression="zstd", level=3)
+    own = zstd_window(3).bit_length() - 1
+    bucket = MemoryStore()
+    for path, window_log in ((PATHS[0], 27), (PATHS[1], own)):
+        frame = zstd_frame_declaring_window(window_log, 1024)
+        digest = bucket.put_blob(frame, FRAGMENT_MEDIA_TYPE).digest
+        key = fragment_key(os.fsencode(store / path.lstrip("/")), options.parameters())
+        pointer = FragmentPointer(digest, len(frame), 1024, zlib.crc32(frame))
+        bucket.put_object(fragment_object_key(key), pointer.to_json())
+    local = FragmentCache(tmp_path / "b")
+    ranges = local.on_store(bucket) if shared == "layer" else None
+    tier = BucketFragments(local, bucket, EVERY, ranges=ranges)
+    with local, tier:
+        source = tier.layer() if ranges is not None else tier
+        assert pack(store, [PATHS[0]], options, source) == pack(store, [PATHS[0]], options)
+        assert (tier.stats.hits, tier.stats.rejected) == (0, 1)
+        tier.prefetch([fragment_key(os.fsencode(store / PATHS[1].lstrip("/")),
+                                    options.parameters())],
+                      window=zstd_window(3))
+        tier.flush()
+        assert (tier.stats.hits, tier.stats.rejected) == (1, 1)
 
 
 def _zeros_fragment(zstd: bool, size: int) -> bytes:
