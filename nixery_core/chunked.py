@@ -807,9 +807,11 @@ class FragmentRecorder(Protocol):
     :meth:`commit` keeps them with the uncompressed size given, and
     :meth:`discard` drops them.  A frames recorder's :attr:`offset` is set
     to where its first byte is in the layer blob before that byte is added
-    (what keeping the frames as a byte range of the blob needs).
+    (what keeping the frames as a byte range of the blob needs).  :attr:`key`
+    names the fragment (its cache key) where a failure to record it is logged.
     """
 
+    key: str
     offset: int | None
 
     def add(self, piece: bytes) -> None: ...
@@ -887,16 +889,12 @@ class _Fragment:
         """Recording it failed: drop what it recorded (once), logged."""
         if not self.failed:
             self.failed = True
-            log.warning("fragment %s not kept: recording it failed (%s)", _key(self.frames), exc)
+            log.warning("fragment %s not kept: recording it failed (%s)", self.frames.key, exc)
         self.dispose()
 
     def dispose(self) -> None:
         self.frames.discard()
         self.toc_part.discard()
-
-
-def _key(recorder: FragmentRecorder) -> str:
-    return str(getattr(recorder, "key", "?"))
 
 
 class _Adding:

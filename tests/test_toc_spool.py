@@ -176,6 +176,7 @@ class _FileRecorder:
 
     def __init__(self) -> None:
         self.file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the test
+        self.key = "recorded"
         self.offset: int | None = None
         self.committed: int | None = None
 
