@@ -18,7 +18,14 @@ each right after reading the store once; best of ``--repeats``.
 Printed per run: wall, CPU, cores used (CPU / wall), the packing (calling)
 thread's CPU, and for the cold one the writing thread's CPU and how long
 closing the cache took (writing what was still queued).  Then the extra CPU
-of the cold pack.  ``--split`` adds a third pack, ``recorded``: every
+of the cold pack, and medians of every thread's CPU by name (the hashing
+and compressing pool ``nixery-deflate``, the cache's writing thread, the
+frame workers' I/O thread, the frame worker processes read exactly, not in
+clock ticks) and of the packing thread's *wait*: its wall time less its
+CPU time (reads, writes, a full pipe, Python's lock, the other
+processes on the machine).  A cold pack whose extra wall time exceeds
+its extra CPU over the cores it had shows there as more waiting.
+``--split`` adds a third pack, ``recorded``: every
 fragment recorded (layout, pieces kept until committed) but dropped at its
 commit, never written: what recording costs the packing threads, apart
 from writing.
@@ -67,6 +74,7 @@ from benchmarks.bench_pack import (
     warm_fragments,
     workers_cpu,
 )
+from nixery_core import frame_processes
 from nixery_core.archive import ArchiveOptions
 from nixery_core.fragments import FragmentCache
 from nixery_core.storage.filesystem import FilesystemStore
@@ -81,6 +89,13 @@ class Run:
     packing_cpu: float
     writer_cpu: float = 0.0
     close: float = 0.0
+    #: CPU seconds of each kind of thread (by name) and of the frame worker processes.
+    threads: dict[str, float] = attrs.field(factory=dict)
+
+    @property
+    def packing_wait(self) -> float:
+        """The packing thread's wall time less its CPU time: what it waited for."""
+        return self.wall - self.packing_cpu
 
 
 class _Counted(FragmentCache):
@@ -111,6 +126,82 @@ class _Unwritten(_Counted):
         return
 
 
+class _ThreadClocks:
+    """CPU seconds of every thread of this process over a run, summed by thread name.
+
+    Threads alive at both ends are read through their CPU clocks; one that
+    ends within the run (a layer's pool, the cache's writing thread, maybe
+    started before it) reports its own at its end (``threading.Thread.run``
+    wrapped while this is entered: enter it before any thread of the runs
+    starts, :meth:`mark` each run's start).  Threads are told apart as
+    objects: a thread's id is reused by the next.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ended: dict[threading.Thread, float] = {}
+        self._start: dict[threading.Thread, float] = {}
+        self._workers = 0.0
+        self._run = threading.Thread.run
+
+    def __enter__(self) -> _ThreadClocks:
+        run, ended, lock = self._run, self._ended, self._lock
+
+        def counted(thread: threading.Thread) -> None:
+            try:
+                run(thread)
+            finally:
+                with lock:
+                    ended[thread] = time.thread_time()
+
+        threading.Thread.run = counted  # type: ignore[method-assign,assignment]  # undone on exit
+        return self
+
+    def mark(self) -> None:
+        """A run starts: CPU is counted from here."""
+        with self._lock:
+            self._ended.clear()
+        self._start = _thread_clocks()
+        self._workers = _workers_cpu()
+
+    def __exit__(self, *_exc: object) -> None:
+        threading.Thread.run = self._run  # type: ignore[method-assign]
+
+    def read(self) -> dict[str, float]:
+        """CPU seconds since entering, by thread name (numbers cut off), and ``workers``."""
+        by_name: dict[str, float] = {"workers": _workers_cpu() - self._workers}
+        with self._lock:
+            now = {**_thread_clocks(), **self._ended}
+        for thread, cpu in now.items():
+            kind = thread.name.split("_")[0].split(" ")[0].rstrip("0123456789-")
+            by_name[kind] = by_name.get(kind, 0.0) + cpu - self._start.get(thread, 0.0)
+        return by_name
+
+
+def _thread_clocks() -> dict[threading.Thread, float]:
+    """Every other live thread's CPU seconds."""
+    clocks = {}
+    for thread in threading.enumerate():
+        if thread.ident is None or thread is threading.current_thread():
+            continue
+        try:
+            clocks[thread] = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except (OSError, AttributeError):  # it just ended (counted at its end), or no such clock
+            continue
+    return clocks
+
+
+def _workers_cpu() -> float:
+    """CPU seconds of the live frame worker processes, exactly where Linux lets a process read
+    another's CPU clock (its clock id made as the kernel does), else in clock ticks."""
+    try:
+        return sum(
+            time.clock_gettime((~pid << 3) | 2) for pid in frame_processes.shared_pids()
+        )
+    except OSError:
+        return workers_cpu()
+
+
 def _store_at(directory: Path) -> Callable[[], FilesystemStore]:
     """A new blob store in ``directory`` (no fsync: every contender alike)."""
     return lambda: FilesystemStore(directory, durable=False)
@@ -119,7 +210,7 @@ def _store_at(directory: Path) -> Callable[[], FilesystemStore]:
 def _cpu() -> float:
     """CPU seconds of this process and its live frame worker processes (chunked layers)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime + workers_cpu()
+    return usage.ru_utime + usage.ru_stime + _workers_cpu()
 
 
 def measure(
@@ -131,40 +222,53 @@ def measure(
     runs: dict[str, list[Run]] = {"without": [], "cold": [], "copies": []}
     if split:
         runs["recorded"] = []
+    with _ThreadClocks() as clocks:
+        for index in range(repeats):
+            _measure_round(
+                root, paths, index, caches, options=options, runs=runs, clocks=clocks
+            )
+    return runs
+
+
+def _measure_round(
+    root: Path, paths: Sequence[str], index: int, caches: Path, *, options: ArchiveOptions,
+    runs: dict[str, list[Run]], clocks: _ThreadClocks,
+) -> None:
+    """One run of each contender, in order."""
     kinds: dict[str, type[_Counted]] = {
         "cold": _Counted, "copies": _Counted, "recorded": _Unwritten
     }
-    for index in range(repeats):
-        for name, done in runs.items():
-            # A new directory each run; all removed at the end.
-            directory = caches / f"{name}-{index}"
-            kind = kinds.get(name)
-            fragments = (
-                (lambda directory=directory, kind=kind: kind(directory))
-                if kind is not None
-                else (lambda: None)
-            )
-            blobs = caches / f"blobs-{name}-{index}"
-            contender = ours(
-                root, [paths], options, fragments,
-                blobs=_store_at(blobs),
-                mode="ranges" if name == "cold" else "copy",
-            )
-            warm(root, paths)
-            contender.prepare()
-            _Counted.writer_cpu = _Counted.closing = 0.0
-            cpu, packing, start = _cpu(), time.thread_time(), time.perf_counter()
-            contender()
-            wall, cpu = time.perf_counter() - start, _cpu() - cpu
-            packing = time.thread_time() - packing
-            done.append(Run(wall, cpu, packing, _Counted.writer_cpu, _Counted.closing))
-            print(f"  {name:8} wall {wall:.3f} s  cpu {cpu:.3f} s  cores {cpu / wall:.2f}"
-                  f"  packing thread {packing:.3f} cpu-s"
-                  + (f"  writing thread {_Counted.writer_cpu:.3f} cpu-s,"
-                     f" close {1000 * _Counted.closing:.1f} ms"
-                     if name in ("cold", "copies") else ""),
-                  flush=True)
-    return runs
+    for name, done in runs.items():
+        # A new directory each run; all removed at the end.
+        directory = caches / f"{name}-{index}"
+        kind = kinds.get(name)
+        fragments = (
+            (lambda directory=directory, kind=kind: kind(directory))
+            if kind is not None
+            else (lambda: None)
+        )
+        blobs = caches / f"blobs-{name}-{index}"
+        contender = ours(
+            root, [paths], options, fragments,
+            blobs=_store_at(blobs),
+            mode="ranges" if name == "cold" else "copy",
+        )
+        warm(root, paths)
+        contender.prepare()
+        _Counted.writer_cpu = _Counted.closing = 0.0
+        clocks.mark()
+        cpu, packing, start = _cpu(), time.thread_time(), time.perf_counter()
+        contender()
+        wall, cpu = time.perf_counter() - start, _cpu() - cpu
+        packing = time.thread_time() - packing
+        threads = clocks.read()
+        done.append(Run(wall, cpu, packing, _Counted.writer_cpu, _Counted.closing, threads))
+        print(f"  {name:8} wall {wall:.3f} s  cpu {cpu:.3f} s  cores {cpu / wall:.2f}"
+              f"  packing thread {packing:.3f} cpu-s"
+              + (f"  writing thread {_Counted.writer_cpu:.3f} cpu-s,"
+                 f" close {1000 * _Counted.closing:.1f} ms"
+                 if name in ("cold", "copies") else ""),
+              flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,6 +360,15 @@ def _run(root: Path, args: argparse.Namespace) -> int:
         values = _medians(done)
         pairs = zip(values, base, strict=True)
         print(f"  {name:8} " + "  ".join(f"{v:.3f} ({v - before:+.3f})" for v, before in pairs))
+    print("medians, CPU seconds by thread, and the packing thread's wait (wall less CPU):")
+    kinds = sorted({kind for done in runs.values() for r in done for kind in r.threads})
+    for name, done in runs.items():
+        parts = [f"packing wait {statistics.median(r.packing_wait for r in done):.3f}"]
+        parts += [
+            f"{kind} {statistics.median(r.threads.get(kind, 0.0) for r in done):.3f}"
+            for kind in kinds
+        ]
+        print(f"  {name:8} " + "  ".join(parts))
     return 0
 
 
