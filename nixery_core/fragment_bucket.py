@@ -794,7 +794,7 @@ class BucketFragments:
         if self.policy.background:
             self._enqueue(job, argument, pointer)
         else:
-            self._run(job, argument, pointer)
+            self._attempt(job, argument, pointer)
 
     def _enqueue(self, job: str, argument: str, pointer: _Reference | None = None) -> None:
         """Queue a job for the upload thread, started by the first; a thread that cannot
@@ -830,9 +830,21 @@ class BucketFragments:
             try:
                 if job is None:
                     return
-                self._run(*job)
+                self._attempt(*job)
             finally:
                 self._jobs.task_done()
+
+    def _attempt(self, job: str, argument: str, pointer: _Reference | None) -> None:
+        """:meth:`_run`, a job raising unexpectedly (a bug, a compressor's error) logged
+        and counted as a failed upload, never more: the thread goes on with the next (it
+        ended, and no later job ran), and an upload on the packing thread never fails a
+        fragment already kept locally."""
+        try:
+            self._run(job, argument, pointer)
+        except Exception as exc:  # noqa: BLE001 - the bucket tier only saves work
+            log.warning("fragment %s of %s failed (%s); skipped", job, argument, exc)
+            if job != "touch":
+                self._count("upload_failures")
 
     def _run(self, job: str, argument: str, pointer: _Reference | None) -> None:
         """Upload a kept fragment or TOC part, share a reference, or touch a fetched blob."""

@@ -1093,3 +1093,38 @@ def test_an_upload_thread_that_cannot_start_skips_its_uploads_never_the_pack(
         assert not flushing.is_alive()
         assert tier.stats.upload_failures == len(PATHS)
     assert pointers(bucket) == []
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "inline"])
+def test_an_upload_job_that_raises_is_skipped_and_the_uploads_go_on(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    """An upload job raising unexpectedly (here compressing a TOC part: a zstd error) is
+    logged and counted as a failed upload, never the pack's failure: the other fragments
+    are still uploaded and flush returns."""
+    import threading
+
+    from nixery_core import fragment_bucket
+
+    compressed = fragment_bucket._compressed
+    calls: list[None] = []
+
+    def first_fails(pieces: Any, size: int) -> Any:
+        calls.append(None)
+        if len(calls) == 1:
+            raise zstandard.ZstdError("compressing failed (test)")
+        return compressed(pieces, size)
+
+    monkeypatch.setattr(fragment_bucket, "_compressed", first_fails)
+    options = ArchiveOptions(compression="zstd-chunked")
+    bucket = MemoryStore()
+    local, tier = instance(tmp_path / "a", bucket,
+                           FragmentBucketPolicy(min_size=0, background=background))
+    with local, tier:
+        assert pack(store, PATHS, options, tier) == pack(store, PATHS, options)
+        flushing = threading.Thread(target=tier.flush, daemon=True)
+        flushing.start()
+        flushing.join(10)
+        assert not flushing.is_alive()
+        assert (tier.stats.upload_failures, tier.stats.uploaded) == (1, 2 * len(PATHS) - 1)
+    assert len(pointers(bucket)) == 2 * len(PATHS) - 1
