@@ -12,6 +12,7 @@ from nixery_core.build import BuildSettings, build_image
 from nixery_core.builder import Builder
 from nixery_core.cache import BuildCache, CacheStats
 from nixery_core.errors import (
+    BadCachedFragment,
     BlobNotFound,
     CommandNotFound,
     DigestMismatch,
@@ -74,6 +75,7 @@ __all__ = [
     "ARM64",
     "Architecture",
     "ArchiveOptions",
+    "BadCachedFragment",
     "BlobInfo",
     "BlobNotFound",
     "BlobWriter",

@@ -723,7 +723,7 @@ class _TarStream:
                     "%s differs from its cached fragment from byte %d on; decompressing it",
                     os.fsdecode(source), done,
                 )
-                self._inflate_rest(fragment, done)
+                self._inflate_rest(fragment, source, done)
             return True
         pool = self._executor
         if pool is not None and fragment.uncompressed_size <= _PARALLEL_INFLATE:
@@ -732,12 +732,12 @@ class _TarStream:
                 self._copy_compressed(piece)
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             self._diff_pending.append(
-                pool.submit(_inflate_whole, self._spec, data, fragment.uncompressed_size)
+                pool.submit(_inflate_whole, self._spec, data, fragment, source)
             )
             self._inflating += 1
             self._drain_diff()
             return True
-        inflate = _FragmentInflater(self._spec, fragment.uncompressed_size)
+        inflate = _FragmentInflater(self._spec, fragment, source)
         for piece in fragment.pieces():
             self._copy_compressed(piece)
             for out in inflate.inflate(piece):
@@ -760,9 +760,9 @@ class _TarStream:
         self._hashing.wait()  # and whatever was queued before
         self._diff.update(block)
 
-    def _inflate_rest(self, fragment: CachedFragment, skip: int) -> None:
+    def _inflate_rest(self, fragment: CachedFragment, source: bytes, skip: int) -> None:
         """Inflate a fragment here; its bytes after the first ``skip`` join the diff_id."""
-        inflate = _FragmentInflater(self._spec, fragment.uncompressed_size)
+        inflate = _FragmentInflater(self._spec, fragment, source)
         for piece in fragment.pieces():
             for out in inflate.inflate(piece):
                 start = inflate.produced - len(out)
@@ -1281,12 +1281,16 @@ class _Identity:
 
 class _FragmentInflater:
     """A cached fragment's uncompressed bytes: a bounded step at a time, never more than its
-    recorded size; bytes that do not inflate (damaged, or a zstd frame declaring a larger
-    window than its level gives) raise :class:`~nixery_core.errors.LayerError`."""
+    recorded size.  Bytes that do not inflate (damaged, or a zstd frame declaring a larger
+    window than its level gives), or to another size, drop the fragment from its cache and
+    raise :class:`~nixery_core.errors.BadCachedFragment` naming it (a fragment kept without
+    inflating it: a bucket reference, a range of a blob)."""
 
-    def __init__(self, spec: CompressorSpec, expected: int) -> None:
+    def __init__(self, spec: CompressorSpec, fragment: CachedFragment, source: bytes) -> None:
         self._members = _decompressor(spec)
-        self._expected = expected
+        self._fragment = fragment
+        self._source = source
+        self._expected = fragment.uncompressed_size
         self.produced = 0
 
     def inflate(self, data: bytes) -> Iterator[bytes]:
@@ -1295,16 +1299,24 @@ class _FragmentInflater:
             for out in self._members.inflate(data):
                 self.produced += len(out)
                 if self.produced > self._expected:
-                    _check_inflated(self.produced, self._expected, eof=False)
+                    self._check(eof=False)
                 yield out
         except INFLATE_ERRORS as exc:
-            raise LayerError(
-                f"a cached fragment does not decompress ({exc}); remove the fragment cache"
+            raise self._fragment.refused(
+                f"does not decompress ({exc})", os.fsdecode(self._source)
             ) from exc
 
     def finish(self) -> None:
         """Every byte was given: raise unless the fragment inflated whole to its size."""
-        _check_inflated(self.produced, self._expected, eof=self._members.eof)
+        self._check(eof=self._members.eof)
+
+    def _check(self, *, eof: bool) -> None:
+        if self.produced != self._expected or not eof:
+            raise self._fragment.refused(
+                f"decompresses to {self.produced}{'' if eof else ' or more'} bytes, not the "
+                f"{self._expected} recorded",
+                os.fsdecode(self._source),
+            )
 
 
 #: Cached fragments up to this many uncompressed bytes are inflated whole on the pool.
@@ -1315,20 +1327,14 @@ _PARALLEL_INFLATE = 8 << 20
 _MAX_DIFF_WAITING = 8 << 20
 
 
-def _inflate_whole(spec: CompressorSpec, data: bytes, expected: int) -> bytes:
+def _inflate_whole(
+    spec: CompressorSpec, data: bytes, fragment: CachedFragment, source: bytes
+) -> bytes:
     """One cached fragment inflated at once (on a pool thread)."""
-    inflate = _FragmentInflater(spec, expected)
+    inflate = _FragmentInflater(spec, fragment, source)
     out = b"".join(inflate.inflate(data))
     inflate.finish()
     return out
-
-
-def _check_inflated(produced: int, expected: int, *, eof: bool) -> None:
-    if produced != expected or not eof:
-        raise LayerError(
-            f"a cached fragment decompressed to {produced} bytes, not the {expected} "
-            "recorded; remove the fragment cache"
-        )
 
 
 def _thread_count(threads: int | None) -> int:

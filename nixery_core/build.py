@@ -42,7 +42,7 @@ from nixery_core.archive import ArchiveOptions, PackedLayer, pack_entries, pack_
 from nixery_core.cache import LAYOUT_VERSION, BuildCache, CacheStats, LayerRecord
 from nixery_core.customisation import customisation_entries
 from nixery_core.entries import TarEntry
-from nixery_core.errors import InvalidInput, StorePathMissing
+from nixery_core.errors import BadCachedFragment, InvalidInput, StorePathMissing
 from nixery_core.expressions import NixExpression
 from nixery_core.gc_roots import BuildRoots
 from nixery_core.graph import RuntimeGraph, store_path_name
@@ -746,6 +746,19 @@ def _pack_layers(
     )
 
     def store_layer(paths: tuple[str, ...]) -> BuiltLayer:
+        refused: set[str] = set()
+        while True:
+            try:
+                return pack_layer(paths)
+            except BadCachedFragment as exc:
+                # Dropped from the cache: packed again, the store path is compressed here.
+                # A key refused twice is no cached fragment's fault: raised.
+                if exc.key in refused:
+                    raise
+                refused.add(exc.key)
+                log.warning("%s; packing the layer again", exc)
+
+    def pack_layer(paths: tuple[str, ...]) -> BuiltLayer:
         layer_ranges = ranges.layer() if ranges is not None else None
         try:
             return build.layer(

@@ -20,7 +20,8 @@ The tree is small on purpose; catch the branch you can act on::
     │   ├── MissingEncoder           .package (a compressor that defines layer bytes)
     │   ├── StorePathMissing         .path
     │   ├── UnsafeStoreContent       .path, .detail (escapes, device files)
-    │   └── FileChangedDuringPacking .path
+    │   ├── FileChangedDuringPacking .path
+    │   └── BadCachedFragment        .path, .key, .blob, .detail (dropped: pack again)
     ├── StorageError                 the uploader failed; .key names the object
     │   ├── BlobNotFound             .key
     │   ├── DigestMismatch           .expected, .actual
@@ -42,7 +43,10 @@ A malformed cache entry read by :class:`~nixery_core.cache.BuildCache`
 reaches no caller: the cache counts it (``CacheStats.corrupt_entries``),
 logs what is wrong and rebuilds (:mod:`nixery_core.record_schema`); garbage
 collection reports it (``GcReport.unreadable``); a malformed bucket fragment
-pointer is a refused lookup (``BucketStats.rejected``) that gc deletes.  Only a
+pointer is a refused lookup (``BucketStats.rejected``) that gc deletes.  A cached
+fragment that passed its check but fails as a pack copies it is dropped, then
+raised as ``BadCachedFragment`` by ``pack_store_paths``; ``build_image`` packs
+that layer again, compressing the path, and succeeds.  Only a
 caller parsing an entry itself (``LayerRecord.from_json``,
 ``ManifestRecord.from_json``, ``BuildResult.from_record``, ``BuiltLayer.from_json``,
 ``SbomArtifact.from_json``, ``FragmentPointer.from_json``) gets ``InvalidCacheRecord``.
@@ -57,6 +61,7 @@ from collections.abc import Sequence
 from typing import Final
 
 __all__ = [
+    "BadCachedFragment",
     "BlobNotFound",
     "CommandNotFound",
     "DigestMismatch",
@@ -307,6 +312,30 @@ class FileChangedDuringPacking(LayerError):
     def __init__(self, path: str) -> None:
         self.path = path
         super().__init__(f"file changed while it was being packed: {path}")
+
+
+class BadCachedFragment(LayerError):
+    """A cached fragment passed its CRC-32 check but failed as the pack copied it (it does
+    not inflate, or to another size than recorded, or its file changed meanwhile).
+
+    Its bytes may already be in the layer being packed, so that pack fails; the fragment
+    was dropped from the cache before this was raised, so packing the layer again
+    compresses the store path itself (``build_image`` does so once by itself).
+    ``path``: the store path as read; ``key``: the fragment's cache key; ``blob``: the
+    layer blob it was a range of (a bucket reference's digest, or a layer packed here),
+    ``None`` for a copy kept by the cache; ``detail``: what is wrong.
+    """
+
+    def __init__(self, path: str, key: str, blob: str | None, detail: str) -> None:
+        self.path = path
+        self.key = key
+        self.blob = blob
+        self.detail = detail
+        origin = f"a range of blob {blob}" if blob is not None else "a copy in the cache"
+        super().__init__(
+            f"the cached fragment of {path} (key {key}, {origin}) {detail}; it was dropped "
+            "from the fragment cache, so packing again compresses the store path"
+        )
 
 
 # --- storage -----------------------------------------------------------------

@@ -51,8 +51,13 @@ each of its fragments of at least ``min_size`` bytes a pointer version 2,
 "uncompressed_size", "crc32", "layout"}``.  A reader keeps a reference it
 finds as a local range (no download) and reads it with its layer's other
 ranges (:mod:`nixery_core.fragment_reads`), checked by length and CRC-32
-before use; a reader without ranges downloads the range as a copy, checked
-by size, CRC-32 and decompression.  A reference names a layer blob, which
+before use (not inflated: one that then does not inflate as its pointer
+records fails the pack copying it with
+:class:`~nixery_core.errors.BadCachedFragment`, dropped first and not
+fetched again by this process, so the layer packed again compresses the
+path and replaces the pointer; ``build_image`` does so by itself); a reader
+without ranges downloads the range as a copy, checked by size, CRC-32 and
+decompression.  A reference names a layer blob, which
 lives while an entry names it; gc drops references whose blob is gone like
 any other pointer.  An instance of an earlier version refuses a version 2
 pointer (a miss: it packs the path and shares a copy, replacing the
@@ -560,8 +565,10 @@ class BucketFragments:
             if self._closed:
                 return
             for key in dict.fromkeys(keys):
-                # In flight, or else (a fetch is forgotten only after it stored) local?
-                if key in self._pending or key in self.local:
+                # In flight, or else (a fetch is forgotten only after it stored) local?  Or
+                # refused by a pack here (fetched again, its pointer would fail it again):
+                # packed, and shared in its stead.
+                if key in self._pending or key in self.local or self.local.was_refused(key):
                     continue
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(

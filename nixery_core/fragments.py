@@ -120,6 +120,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -131,13 +132,19 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Protocol, cast, runtime_checkable
 
 import attrs
 
-from nixery_core.errors import LayerError, NixeryError, StorageError, StorageUnavailable
+from nixery_core.errors import (
+    BadCachedFragment,
+    LayerError,
+    NixeryError,
+    StorageError,
+    StorageUnavailable,
+)
 from nixery_core.fragment_reads import MAX_REQUEST, KeptRange, RangeReads, reads_ranges_remotely
 from nixery_core.protocols import (
     JSONValue,
@@ -253,14 +260,31 @@ class CachedFragment:
     layout: bytes | None = None
     #: The layer blob it is a range of (``None``: a copy kept by the cache).
     blob: str | None = None
+    #: Its cache key, and what drops it from the cache it was found in (:meth:`refused`).
+    key: str = ""
+    #: The layer blob a copy was made from as it was found (a range's first reuse).
+    copied_from: str | None = None
+    _drop: Callable[[str], None] | None = attrs.field(
+        default=None, eq=False, repr=False, alias="drop"
+    )
+
+    def refused(self, detail: str, path: str = "") -> BadCachedFragment:
+        """What to raise when the fragment fails as it is copied (``detail``: how), once it
+        is dropped from its cache: packing the layer again compresses the store path
+        (``path``, as read) rather than failing on the same row again."""
+        if self._drop is not None:
+            self._drop(detail)
+        blob = self.blob if self.blob is not None else self.copied_from
+        return BadCachedFragment(path or "a store path", self.key, blob, detail)
 
     def pieces(self) -> Iterator[bytes]:
         """The compressed bytes, in pieces, from the start.
 
         Bytes not held are read again, and checked against the CRC-32 as they
         are: a file changed since its check raises
-        :class:`~nixery_core.errors.LayerError` after its last piece (its bytes
-        are copied already, so the layer being packed must fail).  A failure
+        :class:`~nixery_core.errors.BadCachedFragment` after its last piece,
+        the fragment dropped (its bytes are copied already, so the layer being
+        packed must fail; packed again, it compresses the store path).  A failure
         to read them again (the disk's, or the store's for a range) raises
         :class:`~nixery_core.errors.LayerError` too, chained to it.
         """
@@ -277,10 +301,7 @@ class CachedFragment:
         except (OSError, StorageError) as exc:
             raise LayerError(f"a cached fragment could not be read again: {exc}") from exc
         if (size, crc) != (self.size, self.crc32):
-            raise LayerError(
-                "a cached fragment's file changed between its check and its copy; "
-                "remove the fragment cache"
-            )
+            raise self.refused("changed between its check and its copy")
 
 
 class FragmentSource(Protocol):
@@ -340,6 +361,11 @@ class FragmentCache:
     misses: int = attrs.field(init=False, default=0)
     #: Stray data files removed by sweeps (the one at open included).
     swept: int = attrs.field(init=False, default=0)
+    #: Fragments that passed their check but failed as a pack copied them, dropped
+    #: (:meth:`CachedFragment.refused`); their keys, for the bucket tier not to fetch
+    #: the same pointer again (guarded by ``_count_lock``).
+    refused: int = attrs.field(init=False, default=0)
+    _refused_keys: set[str] = attrs.field(init=False, factory=set)
     _count_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     #: Keys hit since access times were last recorded (guarded by ``_count_lock``).
     _touched: list[str] = attrs.field(init=False, factory=list)
@@ -1154,6 +1180,7 @@ class FragmentCache:
             self._unreadable(key, file, blob, exc)
             return None
         copier = self.writer(key) if copy and blob is not None else None
+        copied_from = None
         try:
             held = _read_checking(stream, (expected, crc), copier, hold=hold)
         except (OSError, NixeryError, _Changed) as exc:
@@ -1169,11 +1196,14 @@ class FragmentCache:
             copier.layout = layout or None
             again = copier._commit_readable(uncompressed)
             if isinstance(again, tuple):
-                held, blob = again, None
+                held, blob, copied_from = again, None, blob
             elif again is not None:  # read from the copy's file (re-checked as it is)
                 stream.close()
-                stream, blob = again, None
-        return CachedFragment(stream, expected, uncompressed, crc, held, layout or None, blob)
+                stream, blob, copied_from = again, None, blob
+        return CachedFragment(
+            stream, expected, uncompressed, crc, held, layout or None, blob, key, copied_from,
+            drop=functools.partial(self._refuse, key),
+        )
 
     def _open(
         self,
@@ -1222,6 +1252,33 @@ class FragmentCache:
             )
         if file is not None:
             self._unlink(file)
+
+    def _refuse(self, key: str, why: str) -> None:
+        """Drop the fragment under ``key`` (its row, a copy's file): it passed its check but
+        failed as a pack copied it.  Counted in :attr:`refused`; never raises."""
+        log.warning("dropping cached fragment %s: %s", key, why)
+        with self._count_lock:
+            self.refused += 1
+            if len(self._refused_keys) >= _MAX_ABSENT:
+                self._refused_keys.clear()
+            self._refused_keys.add(key)
+        self._settle(key)
+        gone: list[tuple[str | None]] = []
+        with contextlib.suppress(OSError, sqlite3.Error), self._index() as con, \
+                _transaction(con):
+            gone = con.execute(
+                "DELETE FROM fragments WHERE key = ? RETURNING file", (key,)
+            ).fetchall()
+        for (file,) in gone:
+            if file is not None:
+                self._unlink(file)
+
+    def was_refused(self, key: str) -> bool:
+        """Whether a fragment under ``key`` failed a pack in this process (dropped then):
+        a remote tier does not fetch it again (the pack compresses the store path, and
+        shares that fragment in its stead)."""
+        with self._count_lock:
+            return key in self._refused_keys
 
     def keep_range(
         self, key: str, blob: str, *, offset: int, size: int, uncompressed_size: int,

@@ -34,12 +34,14 @@ from nixery_core.archive import (
 )
 from nixery_core.entries import TarEntry
 from nixery_core.errors import (
+    BadCachedFragment,
     FileChangedDuringPacking,
     InvalidInput,
     LayerError,
     StorePathMissing,
     UnsafeStoreContent,
 )
+from nixery_core.fragments import CachedFragment
 
 pytest.importorskip("isal", reason="the isal backend is tested where isal is installed")
 
@@ -1136,19 +1138,22 @@ def test_a_cached_zstd_fragment_declaring_a_larger_window_than_its_level_is_refu
     compression: str,
 ) -> None:
     """A cached fragment's zstd frame declaring a window beyond what its level gives (a
-    hostile one: 128 MiB, which libzstd would allocate outside Python) is a LayerError
-    naming the fragment cache, refused before any allocation; one declaring the level's
-    own window inflates."""
+    hostile one: 128 MiB, which libzstd would allocate outside Python) is a BadCachedFragment
+    naming the store path and the fragment's key, refused before any allocation; one
+    declaring the level's own window inflates."""
     from hostile_frames import zstd_frame_declaring_window
 
     from nixery_core.compression import zstd_window
 
     spec = ArchiveOptions(compression=compression).compressor()  # type: ignore[arg-type]
     hostile = zstd_frame_declaring_window(27, 1024)
-    with pytest.raises(LayerError, match=r"does not decompress.*remove the fragment cache"):
-        archive._inflate_whole(spec, hostile, 1024)
+    fragment = CachedFragment(io.BytesIO(), len(hostile), 1024, 0, key="k")
+    with pytest.raises(BadCachedFragment, match=r"/nix/store/x \(key k, a copy in the cache\) "
+                       r"does not decompress.*dropped") as raised:
+        archive._inflate_whole(spec, hostile, fragment, b"/nix/store/x")
+    assert (raised.value.path, raised.value.key, raised.value.blob) == ("/nix/store/x", "k", None)
     own = zstd_frame_declaring_window(zstd_window(spec.level).bit_length() - 1, 1024)
-    assert archive._inflate_whole(spec, own, 1024) == bytes(1024)
+    assert archive._inflate_whole(spec, own, fragment, b"/nix/store/x") == bytes(1024)
 
 
 def _frames(exc: BaseException) -> list[FrameType]:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import zstandard
 from conftest import OFFLINE_SET
@@ -31,7 +32,12 @@ from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import BuildResult, build_image
 from nixery_core.cache import BuildCache
 from nixery_core.cli import main
-from nixery_core.errors import InvalidCacheRecord, InvalidInput, StorageUnavailable
+from nixery_core.errors import (
+    BadCachedFragment,
+    InvalidCacheRecord,
+    InvalidInput,
+    StorageUnavailable,
+)
 from nixery_core.fragment_bucket import (
     DEFAULT_MIN_SIZE,
     FRAGMENT_MEDIA_TYPE,
@@ -1128,3 +1134,102 @@ def test_an_upload_job_that_raises_is_skipped_and_the_uploads_go_on(
         assert not flushing.is_alive()
         assert (tier.stats.upload_failures, tier.stats.uploaded) == (1, 2 * len(PATHS) - 1)
     assert len(pointers(bucket)) == 2 * len(PATHS) - 1
+
+
+# --- a reference that passes its CRC-32 but not its inflation ------------------------
+
+
+def _not_inflating_as_recorded(case: str, zstd: bool) -> tuple[bytes, int]:
+    """A fragment's bytes and the uncompressed size a hostile pointer records for them:
+    a zstd frame declaring a 128 MiB window ("window"), another size ("size"), or a
+    damaged member whose own checksum fails ("damaged")."""
+    from hostile_frames import zstd_frame_declaring_window
+
+    if case == "window":
+        return zstd_frame_declaring_window(27, 1024), 1024
+    data = (
+        zstandard.ZstdCompressor(level=3, write_checksum=True).compress(bytes(1024)) if zstd
+        else gzip.compress(bytes(1024), mtime=0)
+    )
+    if case == "size":
+        return data, 1025
+    return data[:-6] + bytes([data[-6] ^ 0xFF]) + data[-5:], 1024  # a checksum byte
+
+
+@pytest.mark.parametrize(
+    ("compression", "case"),
+    [("zstd", "window"), ("zstd", "size"), ("zstd", "damaged"), ("gzip", "size"),
+     ("gzip", "damaged")],
+)
+def test_a_reference_not_inflating_as_recorded_fails_one_pack_and_is_dropped(
+    store: Path, tmp_path: Path, compression: str, case: str
+) -> None:
+    """A bucket reference whose range matches its CRC-32 but does not inflate as recorded
+    fails the pack copying it with BadCachedFragment naming its key and layer blob (not
+    "remove the fragment cache"), is dropped, and the next pack compresses the path:
+    byte-identical to a pack without a cache, with no row or file left of it."""
+    options = ArchiveOptions(compression=compression)  # type: ignore[arg-type]  # a str from the parameters
+    data, uncompressed = _not_inflating_as_recorded(case, compression == "zstd")
+    bucket = MemoryStore()
+    digest = bucket.put_blob(b"x" * 100 + data, "application/octet-stream").digest
+    key = fragment_key(os.fsencode(store / PATHS[0].lstrip("/")), options.parameters())
+    pointer = FragmentPointer(digest, len(data), uncompressed, zlib.crc32(data), 100)
+    bucket.put_object(fragment_object_key(key), pointer.to_json())
+    local = FragmentCache(tmp_path / "c")
+    tier = BucketFragments(local, bucket, EVERY, ranges=local.on_store(bucket))
+    with local, tier:
+        with pytest.raises(BadCachedFragment) as raised:
+            pack(store, [PATHS[0]], options, tier.layer())
+        assert (raised.value.key, raised.value.blob) == (key, digest)
+        assert raised.value.path.endswith(PATHS[0])
+        assert "remove the fragment cache" not in str(raised.value)
+        assert (key not in local, local.refused) == (True, 1)
+        assert pack(store, [PATHS[0]], options, tier.layer()) == pack(store, [PATHS[0]], options)
+        assert local.refused == 1
+        assert tier.stats.referenced == 1  # the bad pointer was not fetched again
+        assert local.check(bucket) == []
+    assert not list((tmp_path / "c" / "data").rglob("*.*"))
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "estargz", "zstd-chunked"])
+def test_a_build_given_a_reference_of_another_size_repacks_and_replaces_it(
+    tmp_path: Path, compression: str
+) -> None:
+    """A build whose layer copies a bucket reference recording another uncompressed size
+    than its range inflates to (a hostile pointer, its CRC-32 right) drops it and packs
+    the layer again, compressing that path: the image is byte-identical to one built
+    without any cache, and the pointer is replaced by this instance's own."""
+    runner = FakeNix(tmp_path / "root", default_fake_packages())
+    options = ArchiveOptions(compression=compression)  # type: ignore[arg-type]  # a str from the parameters
+    bucket = MemoryStore()
+
+    def build(cache: BuildCache, budget: int) -> BuildResult:
+        return build_image(Image.from_name("shell/hello/coreutils"), FixedSource(),
+                           runner=runner, uploader=bucket, cache=cache, archive=options,
+                           store_root=runner.store_root, layer_budget=budget)
+
+    def host(name: str) -> BuildCache:
+        return BuildCache(tmp_path / name, shared=False, fragment_bucket=EVERY)
+
+    with host("a") as first:
+        build(first, budget=8)
+    references = {}
+    for name in bucket.list_objects(FRAGMENT_PREFIX):
+        raw = bucket.get_object(name) or b""
+        if json.loads(raw)["version"] == 2:
+            references[name] = FragmentPointer.from_json(raw)
+    name, good = sorted(references.items())[0]
+    bad = attrs.evolve(good, uncompressed_size=good.uncompressed_size + 1)
+    bucket.put_object(name, bad.to_json())
+    with host("b") as second:
+        again = build(second, budget=3)
+        assert second.fragments is not None
+        assert second.fragments.refused == 1
+        assert second.fragments.check(bucket) == []
+    with BuildCache(tmp_path / "fresh", fragment_limit=0) as fresh:
+        reference = build_image(Image.from_name("shell/hello/coreutils"), FixedSource(),
+                                runner=runner, uploader=MemoryStore(), cache=fresh,
+                                archive=options, store_root=runner.store_root, layer_budget=3)
+    assert again.manifest_digest == reference.manifest_digest
+    assert FragmentPointer.from_json(bucket.get_object(name) or b"") not in (bad, None)
+    assert bucket.staged_blobs() == ()

@@ -22,7 +22,11 @@ from nixery_core import fragments as fragments_module
 from nixery_core.archive import ArchiveOptions, PackedLayer, pack_store_paths
 from nixery_core.build import build_image
 from nixery_core.cache import BuildCache
-from nixery_core.errors import LayerError, StorageUnavailable, UnsafeStoreContent
+from nixery_core.errors import (
+    BadCachedFragment,
+    StorageUnavailable,
+    UnsafeStoreContent,
+)
 from nixery_core.fragments import FragmentCache, fragment_key, fragment_keys
 from nixery_core.names import Image
 from nixery_core.testing.runners import FakeNix, default_fake_packages
@@ -204,7 +208,8 @@ def test_a_large_fragment_changed_between_its_check_and_its_copy_raises(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fragment too large to hold is checked again as it is copied: a file changed after
-    the lookup's check raises LayerError instead of giving wrong bytes."""
+    the lookup's check raises BadCachedFragment instead of giving wrong bytes, and is
+    dropped (row and file), so the next pack compresses the store path."""
     monkeypatch.setattr(fragments_module, "_HOLD_SIZE", 1000)  # not held: read twice
     data = os.urandom(300_000)
     with FragmentCache(tmp_path / "fragments") as cache:
@@ -217,8 +222,40 @@ def test_a_large_fragment_changed_between_its_check_and_its_copy_raises(
             with file.open("r+b") as damaged:  # in place: the open stream sees it
                 damaged.seek(len(data) // 2)
                 damaged.write(bytes([data[len(data) // 2] ^ 0xFF]))
-            with pytest.raises(LayerError, match="changed between its check and its copy"):
+            with pytest.raises(BadCachedFragment, match="changed between its check and its copy"):
                 b"".join(found.pieces())
+        assert "big" not in cache
+        assert cache.refused == 1
+        assert not [p for p in (tmp_path / "fragments" / "data").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "estargz", "zstd-chunked"])
+def test_a_local_fragment_whose_row_records_another_size_fails_one_pack_and_is_dropped(
+    store: Path, tmp_path: Path, compression: str
+) -> None:
+    """A local copy whose bytes pass their CRC-32 but whose row records another uncompressed
+    size (rewritten behind the cache's back) fails the pack copying it with
+    BadCachedFragment naming it, is dropped with its file, and the next pack compresses
+    the path: byte-identical to a pack without a cache."""
+    options = ArchiveOptions(compression=compression)  # type: ignore[arg-type]  # a str from the parameters
+    expected = pack(store, PATHS, options)
+    key = fragment_key(os.fsencode(store / PATHS[3].lstrip("/")), options.parameters())
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(store, PATHS, options, cache)
+    con = sqlite3.connect(tmp_path / "fragments" / "index.sqlite")
+    with con:
+        (file,) = con.execute("SELECT file FROM fragments WHERE key = ?", (key,)).fetchone()
+        con.execute("UPDATE fragments SET uncompressed = uncompressed + 1 WHERE key = ?", (key,))
+    con.close()
+    assert file is not None  # 1.6 MB of data.bin: a file of its own
+    with FragmentCache(tmp_path / "fragments") as cache:
+        with pytest.raises(BadCachedFragment, match="a copy in the cache") as raised:
+            pack(store, PATHS, options, cache)
+        assert (raised.value.key, raised.value.blob) == (key, None)
+        assert (key not in cache, cache.refused) == (True, 1)
+        assert not (tmp_path / "fragments" / "data" / file).exists()
+        assert pack(store, PATHS, options, cache) == expected
+        assert cache.check() == []
 
 
 def test_fragment_cache_stays_within_its_size_limit(store: Path, tmp_path: Path) -> None:
