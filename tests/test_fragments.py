@@ -483,6 +483,37 @@ def test_a_members_layout_is_the_headers_the_packer_puts_with_no_call_per_member
         assert pack(store, PATHS[1:3], options, cache) == expected
 
 
+@pytest.mark.parametrize("options", OPTIONS[:2])
+def test_headers_of_every_kind_rebuild_from_an_announced_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: ArchiveOptions
+) -> None:
+    """A store path whose members need a pax header (a long or non-ASCII name, a long link
+    target), a ustar prefix, or none (empty, small, larger than a tar block, a hard link)
+    is rebuilt from its announced layout, byte for byte the layer packed without a cache."""
+    path = "/nix/store/" + "e" * 32 + "-names"
+    base = tmp_path / "root" / path.lstrip("/")
+    deep = base / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    (deep / "prefixed").write_bytes(b"p" * 700)  # a name split into ustar's prefix
+    (base / ("n" * 180)).write_bytes(b"x" * 3000)  # no split fits: a pax path record
+    (base / "caf\u00e9").write_bytes(b"non-ascii")
+    (base / "empty").write_bytes(b"")
+    (base / "big").write_bytes(bytes(range(256)) * 5000)  # past the staging room: read in pieces
+    (base / "same").write_bytes(bytes(range(256)) * 5000)  # a hard link to big
+    (base / "link").symlink_to("t" * 150)  # a long link target: a pax linkpath record
+    root = tmp_path / "root"
+    other = PATHS[0]
+    make_store(tmp_path / "others")
+    shutil.copytree(tmp_path / "others" / "nix" / "store", root / "nix" / "store",
+                    dirs_exist_ok=True, symlinks=True)
+    expected = pack(root, [path], options)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        pack(root, [other, path], options, cache)
+        _no_inflating(monkeypatch)
+        assert pack(root, [path], options, cache) == expected
+        assert cache.hits == 1
+
+
 @pytest.mark.parametrize("change", ["first-block", "last-block", "shorter", "removed"])
 def test_store_changed_since_its_fragment_was_cached_still_gives_the_shipped_diff_id(
     store: Path, tmp_path: Path, change: str, caplog: pytest.LogCaptureFixture
