@@ -55,7 +55,8 @@ before use (not inflated: one that then does not inflate as its pointer
 records fails the pack copying it with
 :class:`~nixery_core.errors.BadCachedFragment`, dropped first and not
 fetched again by this process, so the layer packed again compresses the
-path and replaces the pointer; ``build_image`` does so by itself); a reader
+path and replaces the pointer, whatever the new fragment's size;
+``build_image`` does so by itself); a reader
 without ranges downloads the range as a copy, checked by size, CRC-32 and
 decompression.  A reference names a layer blob, which
 lives while an entry names it; gc drops references whose blob is gone like
@@ -788,9 +789,11 @@ class BucketFragments:
     # --- uploading ---------------------------------------------------------------
 
     def _packed(self, key: str, size: int, side: str | None = None) -> None:
-        """A fragment this instance packed is in the local cache: upload it if worth it,
-        after its ``side`` part whatever that part's size (so its pointer is found first)."""
-        if size >= self.policy.min_size:
+        """A fragment this instance packed is in the local cache: upload it if worth it
+        (or if it replaces one refused here, whose pointer would fail other instances' packs
+        too), after its ``side`` part whatever that part's size (so its pointer is found
+        first)."""
+        if size >= self.policy.min_size or self.local.was_refused(key):
             if side is not None:
                 self._offer("part", side)
             self._offer("upload", key)
@@ -874,9 +877,10 @@ class BucketFragments:
         """A fragment packed here is a range of the layer blob ``digest``, now in the bucket:
         share a reference to it (worth it from ``min_size`` bytes, as a copy), after
         uploading its ``side`` part whatever its size (the reference is of no use without
-        it, so it is never found first)."""
+        it, so it is never found first).  One replacing a fragment refused here is shared
+        whatever its size (its pointer would fail other instances' packs too)."""
         key, offset, size, uncompressed, crc, layout = record
-        if size < self.policy.min_size:
+        if size < self.policy.min_size and not self.local.was_refused(key):
             return
         if side is not None:
             self._offer("part", side)

@@ -1233,3 +1233,44 @@ def test_a_build_given_a_reference_of_another_size_repacks_and_replaces_it(
     assert again.manifest_digest == reference.manifest_digest
     assert FragmentPointer.from_json(bucket.get_object(name) or b"") not in (bad, None)
     assert bucket.staged_blobs() == ()
+
+
+@pytest.mark.parametrize("shared", ["copies", "layer"])
+def test_a_refused_reference_is_replaced_in_the_bucket_whatever_the_new_fragments_size(
+    store: Path, tmp_path: Path, shared: str
+) -> None:
+    """A store path whose bucket reference failed a pack here is packed again and its new
+    fragment shared (a copy, or a reference once the layer is stored) even below
+    min_size, so the bad pointer stops failing other instances' packs."""
+    options = ArchiveOptions(compression="zstd")
+    data, uncompressed = _not_inflating_as_recorded("size", zstd=True)
+    bucket = MemoryStore()
+    digest = bucket.put_blob(b"x" * 100 + data, "application/octet-stream").digest
+    key = fragment_key(os.fsencode(store / PATHS[0].lstrip("/")), options.parameters())
+    name = fragment_object_key(key)
+    bad = FragmentPointer(digest, len(data), uncompressed, zlib.crc32(data), 100)
+    bucket.put_object(name, bad.to_json())
+    local = FragmentCache(tmp_path / "c")
+    huge = FragmentBucketPolicy(min_size=1 << 40, background=False)
+    tier = BucketFragments(local, bucket, huge, ranges=local.on_store(bucket))
+    with local, tier:
+        with pytest.raises(BadCachedFragment):
+            pack(store, [PATHS[0]], options, tier.layer())
+        if shared == "layer":
+            layer = tier.layer()
+            out = io.BytesIO()
+            packed = pack_store_paths([PATHS[0]], out.write, options, store_root=store,
+                                      fragments=layer)
+            layer.stored(bucket.put_blob(out.getvalue(), options.media_type).digest)
+            assert packed.digest == pack(store, [PATHS[0]], options)[0].digest
+        else:
+            assert pack(store, [PATHS[0]], options, tier) == pack(store, [PATHS[0]], options)
+        tier.flush()
+        assert tier.stats.upload_failures == 0
+    now = FragmentPointer.from_json(bucket.get_object(name) or b"")
+    assert now != bad
+    assert (now.offset is not None) == (shared == "layer")
+    local_b, tier_b = instance(tmp_path / "b", bucket)
+    with local_b, tier_b:
+        assert pack(store, [PATHS[0]], options, tier_b) == pack(store, [PATHS[0]], options)
+        assert tier_b.stats.hits == 1
