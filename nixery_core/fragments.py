@@ -894,12 +894,18 @@ class FragmentCache:
                 self._discard(item)
                 return
             self._settle(key)  # being written now: its row first
+        self._delete_key(key, copies_only=True)
+
+    def _delete_key(self, key: str, *, copies_only: bool = False) -> None:
+        """Delete the rows under ``key`` (only copies', with ``copies_only``) and their data
+        files.  Never raises."""
+        query = "DELETE FROM fragments WHERE key = ?"
+        if copies_only:
+            query += " AND blob IS NULL"
         gone: list[tuple[str | None]] = []
         with contextlib.suppress(OSError, sqlite3.Error), self._index() as con, \
                 _transaction(con):
-            gone = con.execute(
-                "DELETE FROM fragments WHERE key = ? AND blob IS NULL RETURNING file", (key,)
-            ).fetchall()
+            gone = con.execute(query + " RETURNING file", (key,)).fetchall()
         for (file,) in gone:
             if file is not None:
                 self._unlink(file)
@@ -1263,15 +1269,7 @@ class FragmentCache:
                 self._refused_keys.clear()
             self._refused_keys.add(key)
         self._settle(key)
-        gone: list[tuple[str | None]] = []
-        with contextlib.suppress(OSError, sqlite3.Error), self._index() as con, \
-                _transaction(con):
-            gone = con.execute(
-                "DELETE FROM fragments WHERE key = ? RETURNING file", (key,)
-            ).fetchall()
-        for (file,) in gone:
-            if file is not None:
-                self._unlink(file)
+        self._delete_key(key)
 
     def was_refused(self, key: str) -> bool:
         """Whether a fragment under ``key`` failed a pack in this process (dropped then):
