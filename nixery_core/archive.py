@@ -814,8 +814,8 @@ class _TarStream:
                 self._announced[1].append(fields)
         self._put(data)
 
-    def put_file(self, data: bytes | bytearray | memoryview, member: bytes) -> None:
-        """The whole content of the file ``member``."""
+    def put_file(self, data: bytes | bytearray | memoryview) -> None:
+        """The whole content of a file."""
         self._put(data)
 
     def _put(self, data: bytes | bytearray | memoryview) -> None:
@@ -870,8 +870,8 @@ class _TarStream:
             return None
         return self._view[start : start + size]
 
-    def commit(self, header: bytes, size: int, member: bytes) -> None:
-        """Put ``header`` in front of the ``size`` bytes of ``member`` staged after it, and pad."""
+    def commit(self, header: bytes, size: int) -> None:
+        """Put ``header`` in front of the ``size`` bytes staged after it, and pad."""
         pad = -size % 512
         pos = self._pos
         if header is self.headers.made:
@@ -1726,10 +1726,10 @@ def _pack_whole(
     if first is not None:
         tar.put(tar.headers(member, mode, 0, _LNKTYPE, linkname=first))
     elif staged is not None:
-        tar.commit(header, size, member)
+        tar.commit(header, size)
     else:
         tar.put(header)
-        tar.put_file(data, member)
+        tar.put_file(data)
         tar.pad(size)
 
 
