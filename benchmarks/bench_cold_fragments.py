@@ -168,7 +168,7 @@ class _ThreadClocks:
         threading.Thread.run = self._run  # type: ignore[method-assign]
 
     def read(self) -> dict[str, float]:
-        """CPU seconds since entering, by thread name (numbers cut off), and ``workers``."""
+        """CPU seconds since :meth:`mark`, by thread name (numbers cut off), and ``workers``."""
         by_name: dict[str, float] = {"workers": _workers_cpu() - self._workers}
         with self._lock:
             now = {**_thread_clocks(), **self._ended}
