@@ -169,7 +169,7 @@ from nixery_core.fragments import (
     SupportsFrameWindow,
     fragment_keys,
 )
-from nixery_core.inflating import INFLATE_ERRORS, MembersInflater
+from nixery_core.inflating import INFLATE_ERRORS, MembersInflater, zstd_frames_problem
 from nixery_core.protocols import JSONValue
 from nixery_core.released import released
 from nixery_core.shared_buffers import SharedBuffers
@@ -699,8 +699,25 @@ class _TarStream:
         A chunked layer's fragment comes with its TOC part (``toc``), read a
         line at a time before any of its bytes are copied: ``False`` when
         that part is damaged, nothing copied (the caller packs the store
-        path instead); ``True`` once copied.
+        path instead); ``True`` once copied.  So is a fragment of zstd frames
+        to be decompressed, held in memory, whose headers say the decoder
+        would refuse it (too large a window) or give another size than
+        recorded (:func:`~nixery_core.inflating.zstd_frames_problem`): dropped
+        from its cache first, a miss.  What only inflating finds raises
+        :class:`~nixery_core.errors.BadCachedFragment` (the fragment dropped).
         """
+        layout = None if fragment.layout is None else FragmentLayout.decode(fragment.layout)
+        rebuilt = layout is not None and layout.size == fragment.uncompressed_size
+        held = None
+        if not rebuilt and fragment.held is not None and self._spec.backend == "zstd":
+            # Headers only, before a byte is copied: a frame the decoder would refuse is a miss.
+            held = fragment.held[0] if len(fragment.held) == 1 else b"".join(fragment.held)
+            problem = zstd_frames_problem(
+                held, max_window=zstd_window(self._spec.level), size=fragment.uncompressed_size
+            )
+            if problem is not None:
+                fragment.refused(problem, os.fsdecode(source))  # dropped: packed instead
+                return False
         if self._chunked is not None:
             if toc is None:  # pragma: no cover - the caller looks both up
                 raise RuntimeError("a chunked layer's fragment needs its TOC")
@@ -713,8 +730,7 @@ class _TarStream:
             self._emit([(None, chunk) for chunk in chunks])
         elif self._compressor is not None or self._pos > self._start:
             raise RuntimeError("a member is open")  # a bug in this module, not input
-        layout = None if fragment.layout is None else FragmentLayout.decode(fragment.layout)
-        if layout is not None and layout.size == fragment.uncompressed_size:
+        if layout is not None and rebuilt:
             for piece in fragment.pieces():
                 self._copy_compressed(piece)
             done = rebuild(source, layout, self._add_rebuilt)
@@ -725,18 +741,28 @@ class _TarStream:
                 )
                 self._inflate_rest(fragment, source, done)
             return True
+        self._copy_inflating(fragment, source, held)
+        return True
+
+    def _copy_inflating(
+        self, fragment: CachedFragment, source: bytes, held: bytes | None
+    ) -> None:
+        """Copy a cached fragment whose uncompressed bytes are decompressed (``held``: its
+        bytes joined, if they were for its check): on the pool when it is small."""
         pool = self._executor
         if pool is not None and fragment.uncompressed_size <= _PARALLEL_INFLATE:
             pieces = list(fragment.pieces())
             for piece in pieces:
                 self._copy_compressed(piece)
-            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            data = held if held is not None else (
+                pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            )
             self._diff_pending.append(
                 pool.submit(_inflate_whole, self._spec, data, fragment, source)
             )
             self._inflating += 1
             self._drain_diff()
-            return True
+            return
         inflate = _FragmentInflater(self._spec, fragment, source)
         for piece in fragment.pieces():
             self._copy_compressed(piece)
@@ -744,7 +770,6 @@ class _TarStream:
                 self._add_diff(out)
                 self._drain_diff()
         inflate.finish()
-        return True
 
     def _add_rebuilt(self, block: bytearray) -> None:
         """A block rebuilt from the store, hashed on this thread.
@@ -1461,9 +1486,9 @@ def pack_store_paths(
                 key = keys[index]
                 with cache.get(key) as found:
                     if found is not None and not toc_keys:
-                        tar.put_cached(found, full)
-                        continue
-                    if found is not None:
+                        if tar.put_cached(found, full):
+                            continue
+                    elif found is not None:
                         # The TOC part: a small copy beside the frames, read as a stream.
                         with cache.get(toc_keys[index], side=True) as toc:
                             if toc is not None and tar.put_cached(found, full, toc):

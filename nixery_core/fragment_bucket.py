@@ -51,8 +51,10 @@ each of its fragments of at least ``min_size`` bytes a pointer version 2,
 "uncompressed_size", "crc32", "layout"}``.  A reader keeps a reference it
 finds as a local range (no download) and reads it with its layer's other
 ranges (:mod:`nixery_core.fragment_reads`), checked by length and CRC-32
-before use (not inflated: one that then does not inflate as its pointer
-records fails the pack copying it with
+before use (not inflated: one whose zstd frame headers declare too large
+a window or another size is a miss before any byte is copied; one that
+otherwise does not inflate as its pointer records fails the pack copying it
+with
 :class:`~nixery_core.errors.BadCachedFragment`, dropped first and not
 fetched again by this process, so the layer packed again compresses the
 path and replaces the pointer, whatever the new fragment's size;
