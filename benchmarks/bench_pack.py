@@ -631,6 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="before each timed run, wait up to this many seconds for the host's CPU to be "
              f"less than {_QUIET:.0%} busy over {_QUIET_WINDOW} s (default 5; 0: no wait)",
     )
+    pairs.add_argument(
+        "--crowded", type=float, default=_CROWDED,
+        help="a round is not judged (another is run, up to twice --pairs in all) when the rest "
+             f"of the host used more than this many CPUs during one of its runs (default "
+             f"{_CROWDED}; inf: judge every round)",
+    )
     pairs.add_argument("--only-pairs", action="store_true",
                        help="only these rounds: no main table, no memory rows")
     pairs.add_argument("--pairs-json", type=Path,
@@ -879,6 +885,15 @@ _QUIET = 0.2
 _QUIET_WINDOW = 0.1
 
 
+#: See --crowded (chosen from A/A data, docs/performance.md).
+_CROWDED = 0.25
+
+
+def host_cpu() -> float:
+    """CPU seconds the whole host has been busy (all CPUs, steal included) since boot."""
+    return _cpu_ticks()[0] / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_ticks() -> tuple[int, int]:
     """Busy and total CPU ticks of the host so far (``/proc/stat``, all CPUs, steal busy)."""
     fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -917,7 +932,8 @@ def _no_slower(
     if args.pairs < 1:
         return
     print(f"\nno slower: {args.pairs} rounds per format of cold / without / A/A copy, "
-          f"adjacent, order {args.pair_order}, "
+          f"adjacent, order {args.pair_order}, rounds crowded by over {args.crowded} CPUs "
+          f"re-run, "
           f"{'os.sync() before each run' if args.pair_sync else 'no sync'}; load average "
           f"{os.getloadavg()[0]:.1f} ...", flush=True)
     dump: dict[str, object] = {}
@@ -941,12 +957,13 @@ def _no_slower(
 
         start = time.perf_counter()
         rounds = no_slower.run_rounds(contenders, args.pairs, scheme=args.pair_order,
-                                      before=before, clock=time.perf_counter, cpu=_cpu_all)
+                                      before=before, clock=time.perf_counter, cpu=_cpu_all,
+                                      host=host_cpu, crowded=args.crowded, most=2 * args.pairs)
         for line in no_slower.verdict_lines(name, rounds, main_table=main_table.get(name, "")):
             print(line)
         print(f"          ({time.perf_counter() - start:.0f} s; load average "
               f"{os.getloadavg()[0]:.1f})", flush=True)
-        dump[name] = {"orders": rounds.orders, "load": os.getloadavg()[0],
+        dump[name] = {"orders": rounds.orders, "kept": rounds.kept, "load": os.getloadavg()[0],
                       **{role: [attrs.asdict(run) for run in runs]
                          for role, runs in rounds.runs.items()}}
     remove_cold_fragments(root)

@@ -78,6 +78,12 @@ class Run:
     cpu: float
     #: The share of the host's CPU busy (other processes, steal) right before it, if measured.
     busy: float = 0.0
+    #: CPU seconds the rest of the host used (or the hypervisor took) during it, if measured.
+    others: float = 0.0
+
+    def crowded(self, limit: float) -> bool:
+        """Whether the rest of the host used more than ``limit`` CPUs on average during it."""
+        return self.others > limit * self.seconds
 
 
 @attrs.frozen
@@ -87,6 +93,24 @@ class Rounds:
     runs: Mapping[str, tuple[Run, ...]]
     #: The order each round ran in (the first contender first).
     orders: tuple[tuple[str, ...], ...] = ()
+    #: Per round: whether it is judged (no run of it crowded by the rest of the host); all
+    #: rounds when empty.
+    kept: tuple[bool, ...] = ()
+
+    def judged(self) -> Rounds:
+        """The rounds kept, or all of them when none was (and then :attr:`kept` is empty)."""
+        if not any(self.kept):
+            return attrs.evolve(self, kept=())
+        keep = self.kept
+        return Rounds(
+            {role: tuple(r for r, k in zip(runs, keep, strict=True) if k)
+             for role, runs in self.runs.items()},
+            tuple(o for o, k in zip(self.orders, keep, strict=True) if k),
+            tuple(k for k in keep if k),
+        )
+
+    def __len__(self) -> int:
+        return len(self.runs[WITHOUT])
 
     def ratios(self, role: str) -> list[float]:
         """Per round: ``without`` seconds / ``role`` seconds (the rate ratio; >= 1 is no slower)."""
@@ -111,30 +135,43 @@ def run_rounds(
     before: Callable[[str], float] = lambda _role: 0.0,
     clock: Callable[[], float],
     cpu: Callable[[], float],
+    host: Callable[[], float] = lambda: 0.0,
+    crowded: float = float("inf"),
+    most: int = 0,
 ) -> Rounds:
-    """Run ``rounds`` rounds of ``contenders`` (keyed ``cold``, ``without``, ``copy``).
+    """Run rounds of ``contenders`` (keyed ``cold``, ``without``, ``copy``) until ``rounds``
+    of them are kept, or ``most`` (at least ``rounds``) have run.
 
     Each run is preceded by ``before(role)`` (untimed: warm, prepare, sync,
     wait for a quiet host; it returns the host's busy share it ended with)
-    and timed by ``clock`` (wall) and ``cpu`` (CPU seconds), read right
-    before and right after it.
+    and timed by ``clock`` (wall), ``cpu`` (our CPU seconds) and ``host``
+    (the whole host's busy CPU seconds), read right before and right after
+    it.  A round is kept unless the rest of the host used more than
+    ``crowded`` CPUs during one of its runs; the order of a round is that of
+    the number of rounds kept so far, so the kept ones alternate exactly.
     """
     if rounds < 1:
         msg = f"rounds must be at least 1, not {rounds}"
         raise ValueError(msg)
     runs: dict[str, list[Run]] = {role: [] for role in contenders}
-    orders = []
-    for index in range(rounds):
-        order = round_order(index, scheme)
+    orders: list[tuple[str, str, str]] = []
+    kept: list[bool] = []
+    while sum(kept) < rounds and len(kept) < max(most, rounds):
+        order = round_order(sum(kept), scheme)
         orders.append(order)
+        fine = True
         for role in order:
             busy = before(role)
-            cpu_before = cpu()
+            cpu_before, host_before = cpu(), host()
             start = clock()
             contenders[role]()
             seconds = clock() - start
-            runs[role].append(Run(seconds, cpu() - cpu_before, busy))
-    return Rounds({role: tuple(done) for role, done in runs.items()}, tuple(orders))
+            used = cpu() - cpu_before
+            run = Run(seconds, used, busy, max(0.0, host() - host_before - used))
+            runs[role].append(run)
+            fine = fine and not run.crowded(crowded)
+        kept.append(fine)
+    return Rounds({role: tuple(done) for role, done in runs.items()}, tuple(orders), tuple(kept))
 
 
 @attrs.frozen
@@ -175,23 +212,33 @@ def verdict_lines(
     main_table: str = "",
 ) -> list[str]:
     """The printed verdict of one format: cold's paired median against ``target``, its spread
-    and CPU, the A/A control's median and spread beside it, and ``main_table``'s figures."""
+    and CPU, the A/A control's median and spread beside it, and ``main_table``'s figures;
+    judged on the rounds kept (all when none was)."""
+    every = rounds
+    rounds = rounds.judged()
     cold = Spread.of(rounds.ratios(COLD))
     control = Spread.of(rounds.ratios(COPY))
     verdict = "PASS" if cold.median >= target else "MISS"
     lines = [
-        f"  {verdict}  {name} cold pack into fragments / without, {len(rounds.runs[COLD])} "
+        f"  {verdict}  {name} cold pack into fragments / without, {len(rounds)} "
         f"adjacent pairs: {cold.median:.3f} (target >= {target})",
         f"          rounds' ratios: {cold};  CPU cold / without "
         f"{statistics.median(rounds.cpu_ratios(COLD)):.3f}x (median)",
         f"          A/A without / without (noise floor): {control.median:.3f};  {control};  "
         f"CPU {statistics.median(rounds.cpu_ratios(COPY)):.3f}x",
     ]
-    busy = [run.busy for runs in rounds.runs.values() for run in runs]
+    busy = [run.busy for runs in every.runs.values() for run in runs]
     if any(busy):
         lines.append(
             f"          host busy right before a run (others, steal): median "
             f"{statistics.median(busy):.0%}, max {max(busy):.0%}"
+        )
+    if every.kept and not all(every.kept):
+        dropped = len(every) - sum(every.kept)
+        lines.append(
+            f"          {dropped} of {len(every)} rounds not judged: the rest of the host used "
+            f"CPU during one of their runs"
+            + ("" if rounds.kept else "; none was left, so all are judged")
         )
     if main_table:
         lines.append(f"          main table: {main_table}")
@@ -218,12 +265,30 @@ def rounds_from_json(data: Mapping[str, Any]) -> Rounds:
     """The rounds of one format as ``bench_pack --pairs-json`` wrote them."""
     runs = {
         role: tuple(
-            Run(float(run["seconds"]), float(run["cpu"]), float(run.get("busy", 0.0)))
+            Run(
+                float(run["seconds"]),
+                float(run["cpu"]),
+                float(run.get("busy", 0.0)),
+                float(run.get("others", 0.0)),
+            )
             for run in data[role]
         )
         for role in (COLD, WITHOUT, COPY)
     }
-    return Rounds(runs, tuple(tuple(order) for order in data.get("orders", ())))
+    return Rounds(
+        runs,
+        tuple(tuple(order) for order in data.get("orders", ())),
+        tuple(bool(k) for k in data.get("kept", ())),
+    )
+
+
+def recrowd(rounds: Rounds, limit: float) -> Rounds:
+    """``rounds`` with each kept again by ``limit`` (CPUs the rest of the host may use)."""
+    kept = [
+        not any(run.crowded(limit) for run in runs)
+        for runs in zip(*(rounds.runs[role] for role in (COLD, WITHOUT, COPY)), strict=True)
+    ]
+    return attrs.evolve(rounds, kept=tuple(kept))
 
 
 def aa_report(name: str, rounds: Rounds, sizes: Sequence[int]) -> list[str]:
@@ -264,13 +329,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A/A figures of bench_pack --pairs-json files")
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--sizes", nargs="+", type=int, default=[5, 9, 15])
+    parser.add_argument("--crowded", nargs="*", type=float, default=[],
+                        help="also the rounds kept by each of these limits (CPUs of the rest)")
     args = parser.parse_args(argv)
     for file in args.files:
         data = json.loads(file.read_text())
         print(f"{file}: order {data['order']}, sync {data['sync']}")
         for name, rounds in data["formats"].items():
-            for line in aa_report(name, rounds_from_json(rounds), args.sizes):
+            every = rounds_from_json(rounds)
+            for line in aa_report(name, every, args.sizes):
                 print(line)
+            for limit in args.crowded:
+                kept = recrowd(every, limit).judged()
+                if kept.kept:
+                    for line in aa_report(f"{name}, kept at {limit} CPUs", kept, args.sizes):
+                        print(line)
     return 0
 
 

@@ -55,9 +55,13 @@ class _FakeHost:
     """A clock whose runs take ``work[role] * speed[round]`` seconds (times ``drift`` per
     position in the round), recording the hooks' calls."""
 
-    def __init__(self, work: dict[str, float], speed: list[float], drift: float = 1.0) -> None:
-        self.work, self.speed, self.drift = work, speed, drift
+    def __init__(
+        self, work: dict[str, float], speed: list[float], drift: float = 1.0,
+        crowded: frozenset[int] = frozenset(),
+    ) -> None:
+        self.work, self.speed, self.drift, self.crowded = work, speed, drift, crowded
         self.now = 0.0
+        self.others = 0.0  # CPU seconds the rest of the host used
         self.calls: list[str] = []
         self.round = 0
         self.position = 0
@@ -65,7 +69,10 @@ class _FakeHost:
     def contender(self, role: str) -> Callable[[], object]:
         def run() -> None:
             self.calls.append(f"run {role}")
-            self.now += self.work[role] * self.speed[self.round] * self.drift**self.position
+            seconds = self.work[role] * self.speed[self.round] * self.drift**self.position
+            self.now += seconds
+            if self.round in self.crowded:
+                self.others += seconds  # another process took a whole CPU meanwhile
             self.position += 1
             if self.position == 3:
                 self.round, self.position = self.round + 1, 0
@@ -76,7 +83,7 @@ class _FakeHost:
         self.calls.append(f"before {role}")
         return 0.1 * self.round  # the host's busy share the wait for quiet ended with
 
-    def rounds(self, count: int, scheme: str = "alternate") -> no_slower.Rounds:
+    def rounds(self, count: int, scheme: str = "alternate", most: int = 0) -> no_slower.Rounds:
         return no_slower.run_rounds(
             {role: self.contender(role) for role in self.work},
             count,
@@ -84,6 +91,9 @@ class _FakeHost:
             before=self.before,
             clock=lambda: self.now,
             cpu=lambda: self.now / 2,
+            host=lambda: self.now / 2 + self.others,
+            crowded=0.25,
+            most=most,
         )
 
 
@@ -170,6 +180,7 @@ def test_a_pairs_json_round_trips_into_rounds() -> None:
     rounds = _FakeHost({"cold": 1.1, "without": 1.0, "copy": 1.0}, [1.0, 2.0]).rounds(2)
     data = {
         "orders": rounds.orders,
+        "kept": rounds.kept,
         **{role: [attrs.asdict(run) for run in runs] for role, runs in rounds.runs.items()},
     }
     again = no_slower.rounds_from_json(json.loads(json.dumps(data)))
@@ -191,3 +202,37 @@ def test_the_band_of_a_median_narrows_with_the_square_root_of_the_rounds() -> No
     )
     assert no_slower.median_error(0.05, 4) == pytest.approx(2 * 1.2533 * 0.05 / 2)
     assert no_slower.median_error(0.05, 16) == pytest.approx(no_slower.median_error(0.05, 4) / 2)
+
+
+def test_a_round_crowded_by_the_rest_of_the_host_is_run_again_and_not_judged() -> None:
+    """A round during which another process took a CPU is re-run in the same order, unjudged."""
+    host = _FakeHost(
+        {"cold": 1.0, "without": 1.0, "copy": 1.0}, [1.0, 1.0, 1.0, 1.0], crowded=frozenset({1})
+    )
+    rounds = host.rounds(3, most=6)
+    assert rounds.kept == (True, False, True, True)
+    # The re-run repeats the order the crowded round had, so the kept rounds alternate.
+    assert rounds.orders[1] == rounds.orders[2] == ("copy", "without", "cold")
+    assert rounds.runs["cold"][1].others == pytest.approx(1.0)
+    judged = rounds.judged()
+    assert len(judged) == 3
+    assert judged.orders == tuple(no_slower.round_order(i) for i in range(3))
+    lines = no_slower.verdict_lines("gzip", rounds)
+    assert "3 adjacent pairs" in lines[0]
+    assert lines[-1].endswith("1 of 4 rounds not judged: the rest of the host used CPU during "
+                              "one of their runs")
+
+
+def test_when_every_round_is_crowded_all_of_them_are_judged_and_it_says_so() -> None:
+    """No round is dropped silently: with none left, all are judged and the line says so."""
+    host = _FakeHost(
+        {"cold": 1.0, "without": 1.0, "copy": 1.0}, [1.0] * 4, crowded=frozenset(range(4))
+    )
+    rounds = host.rounds(2, most=4)
+    assert rounds.kept == (False, False, False, False)
+    assert len(rounds.judged()) == 4
+    lines = no_slower.verdict_lines("gzip", rounds)
+    assert "4 adjacent pairs" in lines[0]
+    assert lines[-1].endswith("none was left, so all are judged")
+    recrowded = no_slower.recrowd(rounds, 2.0)
+    assert recrowded.kept == (True, True, True, True)
