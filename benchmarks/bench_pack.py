@@ -819,7 +819,8 @@ def _run(root: Path, args: argparse.Namespace) -> int:
     print(_check("regrouped from fragments / tar read throughput",
                  regrouped.rate / read.rate, 0.5))
     main_table = {"gzip": _main_table_figures(cold, stored, args)}
-    print(f"  ----  cold pack into fragments / without: {main_table['gzip']} (judged below)")
+    print(f"  ----  cold pack into fragments / without: {main_table['gzip']} "
+          "(judged by the rounds below)")
     print(_check("regrouped output / pigz -6 size", regrouped.output_bytes / pigz.output_bytes,
                  1.10, below=True))
     print("\ntargets (file-granular formats, issue 17):")
@@ -835,7 +836,7 @@ def _run(root: Path, args: argparse.Namespace) -> int:
               f"{again.rate / read.rate:.2f} (no target; CPU {again.cpu / one.cpu:.2f}x 1 layer)")
         main_table[name] = _main_table_figures(cold_chunked, into_store, args)
         print(f"  ----  {name} cold pack into fragments / without (issue 18): "
-              f"{main_table[name]} (judged below)")
+              f"{main_table[name]} (judged by the rounds below)")
     _no_slower(root, paths, args, main_table)
     if args.chunked_rss:
         _chunked_memory(root, big, chunked)
@@ -936,16 +937,33 @@ def _no_slower(
           f"re-run, "
           f"{'os.sync() before each run' if args.pair_sync else 'no sync'}; load average "
           f"{os.getloadavg()[0]:.1f} ...", flush=True)
+    # The stores and caches in a directory of this run's own: another run on a kept corpus
+    # removes cold-blobs-* and cold-fragments-* under its root.
+    work = Path(tempfile.mkdtemp(prefix="no-slower-", dir=root))
+    try:
+        dump = _rounds_of_formats(root, work, paths, args, main_table)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.pairs_json is not None:
+        args.pairs_json.write_text(json.dumps(
+            {"order": args.pair_order, "sync": args.pair_sync, "formats": dump}, indent=1))
+
+
+def _rounds_of_formats(
+    root: Path, work: Path, paths: Sequence[str], args: argparse.Namespace,
+    main_table: dict[str, str],
+) -> dict[str, object]:
+    """:func:`_no_slower`'s rounds and verdicts, stores and caches under ``work``; each
+    format's rounds as ``--pairs-json`` writes them."""
     dump: dict[str, object] = {}
     for name in args.pair_formats:
         options = ArchiveOptions(compression=name)
         contenders = {
             no_slower.WITHOUT: ours(root, [paths], options,
-                                    blobs=cold_blobs(root, f"pairs-{name}-without")),
-            no_slower.COPY: ours(root, [paths], options,
-                                 blobs=cold_blobs(root, f"pairs-{name}-copy")),
-            no_slower.COLD: ours(root, [paths], options, cold_fragments(root, f"-pairs-{name}"),
-                                 blobs=cold_blobs(root, f"pairs-{name}-ranges")),
+                                    blobs=cold_blobs(work, f"{name}-without")),
+            no_slower.COPY: ours(root, [paths], options, blobs=cold_blobs(work, f"{name}-copy")),
+            no_slower.COLD: ours(root, [paths], options, cold_fragments(work, f"-{name}"),
+                                 blobs=cold_blobs(work, f"{name}-ranges")),
         }
 
         def before(role: str, contenders: dict[str, ours] = contenders) -> float:
@@ -966,10 +984,7 @@ def _no_slower(
         dump[name] = {"orders": rounds.orders, "kept": rounds.kept, "load": os.getloadavg()[0],
                       **{role: [attrs.asdict(run) for run in runs]
                          for role, runs in rounds.runs.items()}}
-    remove_cold_fragments(root)
-    if args.pairs_json is not None:
-        args.pairs_json.write_text(json.dumps(
-            {"order": args.pair_order, "sync": args.pair_sync, "formats": dump}, indent=1))
+    return dump
 
 
 def _memory(
