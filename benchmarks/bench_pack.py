@@ -878,8 +878,8 @@ def _main_table_figures(cold: Result, stored: Result, args: argparse.Namespace) 
 
 
 #: Rounds of the "no slower" measurement (chosen from A/A data, docs/performance.md).
-_PAIRS = 9
-_PAIRS_QUICK = 15
+_PAIRS = 8
+_PAIRS_QUICK = 12
 #: A host is quiet when less than this share of its CPU time was busy (anything but idle and
 #: iowait, steal included) over the last _QUIET_WINDOW seconds.
 _QUIET = 0.2
