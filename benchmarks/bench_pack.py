@@ -68,8 +68,10 @@ That last target is judged after the main table, per format, by
 :mod:`benchmarks.no_slower`: ``--pairs`` rounds of three adjacent runs,
 cold / without / a second copy of without (the A/A control), ``without``
 in the middle and the other two swapping places every round, each run
-preceded (untimed) by the corpus read once, the contender prepared and
-``os.sync()`` (no earlier run's writeback lands in a timed one).  The
+preceded (untimed) by the corpus read once, the contender prepared,
+``os.sync()`` (no earlier run's writeback lands in a timed one) and a short
+wait for a quiet host; a round during which the rest of the host used more
+than ``--crowded`` CPUs is not judged and another is run.  The
 verdict is the median over the rounds of each round's without / cold
 seconds, printed with the rounds' spread, the median CPU ratio and the A/A
 control's median and spread: the method's noise floor.  The main table's
