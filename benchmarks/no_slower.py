@@ -212,20 +212,23 @@ def verdict_lines(
     main_table: str = "",
 ) -> list[str]:
     """The printed verdict of one format: cold's paired median against ``target``, its spread
-    and CPU, the A/A control's median and spread beside it, and ``main_table``'s figures;
-    judged on the rounds kept (all when none was)."""
+    and CPU, the A/A control's median, spread and noise band beside it, and ``main_table``'s
+    figures; judged on the rounds kept (all when none was)."""
     every = rounds
     rounds = rounds.judged()
     cold = Spread.of(rounds.ratios(COLD))
     control = Spread.of(rounds.ratios(COPY))
+    band = noise_band(rounds.ratios(COPY))
     verdict = "PASS" if cold.median >= target else "MISS"
+    unsure = "  (within the A/A noise band of the target: cannot tell)"
     lines = [
         f"  {verdict}  {name} cold pack into fragments / without, {len(rounds)} "
-        f"adjacent pairs: {cold.median:.3f} (target >= {target})",
+        f"adjacent pairs: {cold.median:.3f} (target >= {target})"
+        + (unsure if abs(cold.median - target) < band else ""),
         f"          rounds' ratios: {cold};  CPU cold / without "
         f"{statistics.median(rounds.cpu_ratios(COLD)):.3f}x (median)",
         f"          A/A without / without (noise floor): {control.median:.3f};  {control};  "
-        f"CPU {statistics.median(rounds.cpu_ratios(COPY)):.3f}x",
+        f"CPU {statistics.median(rounds.cpu_ratios(COPY)):.3f}x;  noise band +-{band:.3f}",
     ]
     busy = [run.busy for runs in every.runs.values() for run in runs]
     if any(busy):
@@ -243,6 +246,15 @@ def verdict_lines(
     if main_table:
         lines.append(f"          main table: {main_table}")
     return lines
+
+
+def noise_band(control: Sequence[float]) -> float:
+    """How far a median of these rounds may land from the truth by noise alone: the A/A
+    control's distance from 1 or twice the standard error of a median of as many rounds
+    with the A/A rounds' spread (:func:`median_error`), whichever is larger."""
+    return max(
+        abs(statistics.median(control) - 1), median_error(robust_sigma(control), len(control))
+    )
 
 
 def block_medians(ratios: Sequence[float], size: int) -> list[float]:

@@ -158,6 +158,8 @@ def test_the_verdict_is_the_median_round_against_the_target_with_the_a_a_line() 
     assert "rounds' ratios: min 0.500" in lines[1]
     assert "CPU cold / without 1.000x" in lines[1]
     assert "A/A without / without (noise floor): 1.000;  min 0.980" in lines[2]
+    assert lines[2].endswith("noise band +-0.021")
+    assert "cannot tell" not in lines[0]
     assert lines[3].endswith("(others, steal): median 5%, max 5%")
     assert lines[4].endswith("main table: paired 0.940")
     slower = no_slower.verdict_lines("estargz", _rounds([1.06, 1.06, 0.9], [1.0, 1.0, 1.0]))
@@ -236,3 +238,17 @@ def test_when_every_round_is_crowded_all_of_them_are_judged_and_it_says_so() -> 
     assert lines[-1].endswith("none was left, so all are judged")
     recrowded = no_slower.recrowd(rounds, 2.0)
     assert recrowded.kept == (True, True, True, True)
+
+
+def test_a_verdict_within_the_a_a_noise_band_of_the_target_says_it_cannot_tell() -> None:
+    """PASS or MISS still follows the 0.95 threshold; within the A/A band it adds 'cannot tell'."""
+    noisy = _rounds([1.06, 1.07, 1.055, 1.04, 1.08], [0.95, 1.0, 1.05, 1.1, 0.9])
+    band = no_slower.noise_band(noisy.ratios("copy"))
+    assert band == pytest.approx(2 * 1.2533 * no_slower.robust_sigma(noisy.ratios("copy")) / 5**0.5)
+    lines = no_slower.verdict_lines("gzip", noisy)
+    assert lines[0].startswith("  MISS  gzip")
+    assert lines[0].endswith("(within the A/A noise band of the target: cannot tell)")
+    # An A/A median off 1 widens the band to that distance.
+    skewed = _rounds([1.0] * 3, [0.9, 0.9, 0.9])
+    assert no_slower.noise_band(skewed.ratios("copy")) == pytest.approx(1 / 0.9 - 1)
+    assert no_slower.verdict_lines("gzip", skewed)[0].endswith("cannot tell)")
