@@ -631,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs.add_argument(
         "--quiet-wait", type=float, default=5.0,
         help="before each timed run, wait up to this many seconds for the host's CPU to be "
-             f"less than {_QUIET:.0%} busy over {_QUIET_WINDOW} s (default 5; 0: no wait)",
+             f"less than {_QUIET:.0%}% busy over {_QUIET_WINDOW} s (default 5; 0: no wait)",
     )
     pairs.add_argument(
         "--crowded", type=float, default=_CROWDED,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import attrs
 import pytest
 
-from benchmarks import no_slower
+from benchmarks import bench_pack, no_slower
 from benchmarks.bench_pack import Result, paired_rate_ratio
 
 
@@ -252,3 +252,15 @@ def test_a_verdict_within_the_a_a_noise_band_of_the_target_says_it_cannot_tell()
     skewed = _rounds([1.0] * 3, [0.9, 0.9, 0.9])
     assert no_slower.noise_band(skewed.ratios("copy")) == pytest.approx(1 / 0.9 - 1)
     assert no_slower.verdict_lines("gzip", skewed)[0].endswith("cannot tell)")
+
+
+def test_the_command_lines_help_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` of bench_pack and of the tuning report prints their options (argparse '%')."""
+    for main in (bench_pack.main, no_slower.main):
+        with pytest.raises(SystemExit) as exited:
+            main(["--help"])
+        assert exited.value.code == 0
+    printed = capsys.readouterr().out
+    assert "less than 20% busy over 0.1 s" in printed
+    assert "--crowded" in printed
+    assert "--sizes" in printed
