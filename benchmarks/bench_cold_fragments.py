@@ -74,7 +74,6 @@ from benchmarks.bench_pack import (
     warm_fragments,
     workers_cpu,
 )
-from nixery_core import frame_processes
 from nixery_core.archive import ArchiveOptions
 from nixery_core.fragments import FragmentCache
 from nixery_core.storage.filesystem import FilesystemStore
@@ -162,14 +161,14 @@ class _ThreadClocks:
         with self._lock:
             self._ended.clear()
         self._start = _thread_clocks()
-        self._workers = _workers_cpu()
+        self._workers = workers_cpu()
 
     def __exit__(self, *_exc: object) -> None:
         threading.Thread.run = self._run  # type: ignore[method-assign]
 
     def read(self) -> dict[str, float]:
         """CPU seconds since :meth:`mark`, by thread name (numbers cut off), and ``workers``."""
-        by_name: dict[str, float] = {"workers": _workers_cpu() - self._workers}
+        by_name: dict[str, float] = {"workers": workers_cpu() - self._workers}
         with self._lock:
             now = {**_thread_clocks(), **self._ended}
         for thread, cpu in now.items():
@@ -191,17 +190,6 @@ def _thread_clocks() -> dict[threading.Thread, float]:
     return clocks
 
 
-def _workers_cpu() -> float:
-    """CPU seconds of the live frame worker processes, exactly where Linux lets a process read
-    another's CPU clock (its clock id made as the kernel does), else in clock ticks."""
-    try:
-        return sum(
-            time.clock_gettime((~pid << 3) | 2) for pid in frame_processes.shared_pids()
-        )
-    except OSError:
-        return workers_cpu()
-
-
 def _store_at(directory: Path) -> Callable[[], FilesystemStore]:
     """A new blob store in ``directory`` (no fsync: every contender alike)."""
     return lambda: FilesystemStore(directory, durable=False)
@@ -210,7 +198,7 @@ def _store_at(directory: Path) -> Callable[[], FilesystemStore]:
 def _cpu() -> float:
     """CPU seconds of this process and its live frame worker processes (chunked layers)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime + _workers_cpu()
+    return usage.ru_utime + usage.ru_stime + workers_cpu()
 
 
 def measure(

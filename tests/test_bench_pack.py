@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import time
 from collections.abc import Callable
 
 import attrs
@@ -11,6 +13,7 @@ import pytest
 
 from benchmarks import bench_pack, no_slower
 from benchmarks.bench_pack import Result, paired_rate_ratio
+from nixery_core import frame_processes
 
 
 def _result(runs: tuple[float, ...]) -> Result:
@@ -264,3 +267,29 @@ def test_the_command_lines_help_prints(capsys: pytest.CaptureFixture[str]) -> No
     assert "less than 20% busy over 0.1 s" in printed
     assert "--crowded" in printed
     assert "--sizes" in printed
+
+
+def test_frame_workers_cpu_is_read_from_their_clocks_not_in_ticks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's CPU is its clock's reading, not ``/proc`` ticks 10 ms coarse."""
+    monkeypatch.setattr(frame_processes, "shared_pids", lambda: [os.getpid()])
+    sum(range(300_000))  # some CPU, so the reading is no multiple of a tick by chance
+    before = time.process_time()
+    reading = bench_pack.workers_cpu()
+    after = time.process_time()
+    assert before <= reading <= after
+
+
+def test_frame_workers_cpu_falls_back_to_ticks_without_their_clocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where a worker's clock cannot be read its ``/proc`` ticks count, not nothing."""
+    def no_clock(clock: int) -> float:
+        raise OSError("no such clock")
+
+    monkeypatch.setattr(frame_processes, "shared_pids", lambda: [os.getpid()])
+    monkeypatch.setattr(time, "clock_gettime", no_clock)
+    fields = bench_pack._proc_fields(os.getpid())
+    ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    assert bench_pack.workers_cpu() == pytest.approx(ticks, abs=0.05)
