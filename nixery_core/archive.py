@@ -138,6 +138,7 @@ from nixery_core.chunked import (
 from nixery_core.compression import (
     BLOCK_SIZE,
     CHUNKED,
+    Checksummed,
     Compression,
     CompressorSpec,
     GzipBackend,
@@ -468,6 +469,10 @@ class _Recording:
     #: Its last, partial block, while its compressor still buffers it: the layout takes
     #: its CRC-32 from the compressor once the member is finished (:meth:`_TarStream.end`).
     tail: bytes | bytearray | memoryview | None = None
+    #: Its writer's :meth:`~nixery_core.fragments.RangeWriter.add_checksummed` when it only
+    #: checksums what it is given: the pool's threads then take the CRC-32 of the blocks
+    #: they deflate (:class:`~nixery_core.compression.Checksummed`), not this thread.
+    checksummed: Callable[[int, int], None] | None = None
 
 
 class _TarStream:
@@ -611,9 +616,15 @@ class _TarStream:
         if recording is not None:
             self._recordings.append(recording)
             self._announced = recording.layout.announced()
+        checksummed = None
+        if recording is not None and getattr(recording.writer, "checksums_only", False):
+            checksummed = getattr(recording.writer, "add_checksummed", None)
+        if recording is not None:
+            recording.checksummed = checksummed
         compressor = open_compressor(
             self._spec, executor=None if small else self._parallel,
             threads=1 if small else self._member_threads, output=self._output, tag=recording,
+            checksummed=checksummed is not None,
         )
         self._compressor = compressor
         self._small = small
@@ -1060,7 +1071,10 @@ class _TarStream:
         recording.layout.block(tail)  # pragma: no cover - a compressor that did not count it
 
     def _emit(self, chunks: list[tuple[object, bytes]]) -> None:
-        for tag, chunk in chunks:
+        for given, chunk in chunks:
+            tag, crc = given, None
+            if type(given) is Checksummed:  # its CRC-32 taken on the pool (begin)
+                tag, crc = given.tag, given.crc
             if isinstance(tag, _Done):
                 recording = tag.recording
                 self._recordings.remove(recording)
@@ -1070,7 +1084,10 @@ class _TarStream:
                 writer = tag.writer
                 if writer.offset is None:  # its first byte: where it starts in the blob
                     writer.offset = self._size
-                writer.add(chunk)
+                if crc is not None and tag.checksummed is not None:
+                    tag.checksummed(len(chunk), crc)
+                else:
+                    writer.add(chunk)
             if not self._passthrough and self._blob_digest is None:
                 self._hashing.update(self._digest, chunk)
             self._size += len(chunk)

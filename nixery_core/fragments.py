@@ -177,6 +177,8 @@ try:  # ISA-L's CRC-32 is about ten times zlib's, with the same values
     from isal.isal_zlib import crc32 as _crc32
 except ImportError:  # pragma: no cover - isal is a required dependency
     _crc32 = zlib.crc32
+# The CRC-32 of two runs of bytes joined, from theirs (ISA-L, a required dependency).
+from isal.isal_zlib import crc32_combine as _crc32_combine  # noqa: E402 - after the CRC-32's
 
 #: Bytes of compressed fragments kept by default.
 DEFAULT_FRAGMENT_LIMIT = 4 << 30
@@ -1928,6 +1930,11 @@ class RangeWriter(FragmentWriter):
     def add(self, piece: bytes) -> None:
         self._size += len(piece)
         self._crc = _crc32(piece, self._crc)
+
+    def add_checksummed(self, size: int, crc: int) -> None:
+        """The next ``size`` bytes, given by their CRC-32 (taken where they were compressed)."""
+        self._size += size
+        self._crc = _crc32_combine(self._crc, crc, size)
 
     #: What :meth:`commit` recorded, until the layer is stored (dropped by :meth:`discard`).
     _record: RangeRecord | None = attrs.field(init=False, default=None)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -876,3 +877,36 @@ def test_a_range_whose_copy_at_first_reuse_cannot_be_kept_is_read_from_its_store
             (None, found.blob)
         ]
         assert _data_files(cache.directory) == []
+
+
+def test_a_gzip_ranges_crc_is_taken_where_its_blocks_are_deflated_and_is_its_bytes(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold gzip pack on a pool records each range's CRC-32 from the pool's threads (the
+    packing thread checksums only the members' few header and trailer bytes), and every
+    recorded CRC-32 is that of the range's bytes in the stored blob."""
+    given = []
+    add = fragments.RangeWriter.add
+
+    def counted(self: fragments.RangeWriter, piece: bytes) -> None:
+        given.append(len(piece))
+        add(self, piece)
+
+    monkeypatch.setattr(fragments.RangeWriter, "add", counted)
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with FragmentCache(tmp_path / "fragments") as cache:
+        layer = cache.on_store(blobs).layer()
+        with blobs.open_blob_writer(OPTIONS.media_type) as writer:
+            packed = pack_store_paths(PATHS, writer.write, OPTIONS, store_root=store,
+                                      fragments=layer, threads=2)
+            writer.commit(packed.digest)
+        layer.stored(packed.digest)
+        cache.flush()
+        with sqlite3.connect(cache.directory / "index.sqlite") as con:
+            rows = con.execute("SELECT offset, size, crc, blob FROM fragments").fetchall()
+    assert len(rows) == len(PATHS)
+    assert all(blob == packed.digest for *_, blob in rows)
+    for offset, size, crc, blob in rows:
+        assert zlib.crc32(blobs.read_range(blob, offset, size)) == crc
+    # Each member's 10-byte header and 10-byte end; its deflated blocks come checksummed.
+    assert sum(given) <= 20 * len(rows) < sum(size for _, size, _, _ in rows)
