@@ -632,6 +632,32 @@ def test_fragment_keys_are_the_keys_of_every_earlier_version() -> None:
     assert fragment_keys([], nested) == []
 
 
+@pytest.mark.parametrize("kind", ["announced", "calls"])
+def test_a_layout_is_deflated_at_the_fastest_level_and_decodes(kind: str) -> None:
+    """A layout, of announced headers (NXL3) or of calls (NXL2), is deflated at ISA-L's
+    fastest level (level 0: its zlib header says so; the writing thread's encode, in a cold
+    pack) and decodes to its members, so older readers inflate it as before."""
+    from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder
+
+    top = b"nix/store/x-a"
+    recorder = LayoutRecorder(top)
+    header = bytes(range(256)) * 2
+    if kind == "announced":
+        headers, fields = recorder.announced()
+        headers.append(header)
+        fields.append((top + b"/f", 0o644, 5, b"0", 0, 0, b""))
+    else:
+        recorder.member(header, top + b"/f", 5, 507)
+    recorder.block(bytes(1024))
+    raw = recorder.encode()
+    assert raw is not None
+    assert raw[:2] == b"\x78\x01"  # zlib's header: the fastest compression level
+    layout = FragmentLayout.decode(raw)
+    assert layout is not None
+    assert layout.segments == ((512, b"/f", 5), (0 if kind == "announced" else 507, b"", 0))
+    assert layout.literals.startswith(header)
+
+
 def test_a_layout_of_any_calls_decodes_to_their_segments_and_literal_bytes() -> None:
     """Literal bytes (bytes or a buffer reused after the call), files and whole members given
     in any order are kept as given: the layout decodes to the literal bytes before each file,
