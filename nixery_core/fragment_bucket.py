@@ -394,7 +394,7 @@ class _Check:
     _size: int = attrs.field(init=False, default=0)
     #: Where the bytes to keep locally go: the pieces as they come, or, for a TOC part
     #: compressed in the bucket, its plain lines as they are inflated.
-    keep: Callable[[bytes], None] = attrs.field(default=lambda _: None, kw_only=True)
+    keep: Callable[[bytes], None] = attrs.field(kw_only=True)
     #: Set by the first piece, whose first bytes say the format of every member.
     _inflate: MembersInflater | None = attrs.field(init=False, default=None)
     #: What the pieces so far inflate to, counted.
