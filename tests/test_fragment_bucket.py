@@ -1074,6 +1074,16 @@ def test_a_fetched_fragment_the_local_cache_cannot_keep_is_a_miss(
         assert (tier_b.stats.failed, tier_b.stats.hits) == (1, len(PATHS) - 1)
 
 
+def _assert_flush_returns(tier: BucketFragments) -> None:
+    """``tier.flush()`` returns within 10 s (run on a thread, so a hang fails the test)."""
+    import threading
+
+    flushing = threading.Thread(target=tier.flush, daemon=True)
+    flushing.start()
+    flushing.join(10)
+    assert not flushing.is_alive()
+
+
 def test_an_upload_thread_that_cannot_start_skips_its_uploads_never_the_pack(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1093,10 +1103,7 @@ def test_an_upload_thread_that_cannot_start_skips_its_uploads_never_the_pack(
     local, tier = instance(tmp_path / "a", bucket)
     with local, tier:
         assert pack(store, PATHS, OPTIONS, tier) == pack(store, PATHS, OPTIONS)
-        flushing = threading.Thread(target=tier.flush, daemon=True)
-        flushing.start()
-        flushing.join(10)
-        assert not flushing.is_alive()
+        _assert_flush_returns(tier)
         assert tier.stats.upload_failures == len(PATHS)
     assert pointers(bucket) == []
 
@@ -1108,7 +1115,6 @@ def test_an_upload_job_that_raises_is_skipped_and_the_uploads_go_on(
     """An upload job raising unexpectedly (here compressing a TOC part: a zstd error) is
     logged and counted as a failed upload, never the pack's failure: the other fragments
     are still uploaded and flush returns."""
-    import threading
 
     from nixery_core import fragment_bucket
 
@@ -1128,10 +1134,7 @@ def test_an_upload_job_that_raises_is_skipped_and_the_uploads_go_on(
                            FragmentBucketPolicy(min_size=0, background=background))
     with local, tier:
         assert pack(store, PATHS, options, tier) == pack(store, PATHS, options)
-        flushing = threading.Thread(target=tier.flush, daemon=True)
-        flushing.start()
-        flushing.join(10)
-        assert not flushing.is_alive()
+        _assert_flush_returns(tier)
         assert (tier.stats.upload_failures, tier.stats.uploaded) == (1, 2 * len(PATHS) - 1)
     assert len(pointers(bucket)) == 2 * len(PATHS) - 1
 
