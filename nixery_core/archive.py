@@ -616,15 +616,12 @@ class _TarStream:
         if recording is not None:
             self._recordings.append(recording)
             self._announced = recording.layout.announced()
-        checksummed = None
-        if recording is not None and getattr(recording.writer, "checksums_only", False):
-            checksummed = getattr(recording.writer, "add_checksummed", None)
-        if recording is not None:
-            recording.checksummed = checksummed
+            if getattr(recording.writer, "checksums_only", False):
+                recording.checksummed = getattr(recording.writer, "add_checksummed", None)
         compressor = open_compressor(
             self._spec, executor=None if small else self._parallel,
             threads=1 if small else self._member_threads, output=self._output, tag=recording,
-            checksummed=checksummed is not None,
+            checksummed=recording is not None and recording.checksummed is not None,
         )
         self._compressor = compressor
         self._small = small
