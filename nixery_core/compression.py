@@ -98,6 +98,7 @@ __all__ = [
     "OrderedOutput",
     "ReportsCrc32",
     "StreamCompressor",
+    "crc32",
     "frame_compressor",
     "frame_stream",
     "frames_compressor",
@@ -157,9 +158,9 @@ _Z_SYNC_FLUSH = zlib.Z_SYNC_FLUSH
 #: An empty deflate block with BFINAL set (fixed Huffman, just the end code).
 _FINAL_BLOCK = b"\x03\x00"
 try:  # ISA-L's CRC-32 (a required dependency): the same values as zlib's, several times as fast
-    from isal.isal_zlib import crc32 as _output_crc32
+    from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - isal is a required dependency
-    _output_crc32 = zlib.crc32
+    crc32 = zlib.crc32
 
 
 def _import_isal() -> ModuleType | None:
@@ -590,7 +591,7 @@ class Checksummed:
     ) -> bytes:
         """:func:`_deflate_block`, the CRC-32 of its output kept in :attr:`crc`."""
         out = _deflate_block(module, level, mem_level, block, zdict)
-        self.crc = _output_crc32(out)
+        self.crc = crc32(out)
         return out
 
 

@@ -150,7 +150,6 @@ import logging
 import queue
 import threading
 import weakref
-import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
@@ -158,6 +157,7 @@ from typing import Any, Literal
 import attrs
 import zstandard
 
+from nixery_core.compression import crc32 as _crc32
 from nixery_core.compression import zstd_window
 from nixery_core.digests import validate_digest
 from nixery_core.errors import InvalidCacheRecord, InvalidInput, LayerError, StorageError
@@ -191,10 +191,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-try:  # the same CRC-32 the local cache records, faster
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover - isal is a required dependency
-    _crc32 = zlib.crc32
 
 #: First segment of the pointer objects (``fragments/<key>``).
 FRAGMENT_PREFIX = "fragments/"

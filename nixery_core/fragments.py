@@ -131,13 +131,16 @@ import sqlite3
 import threading
 import time
 import weakref
-import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Protocol, cast, runtime_checkable
 
 import attrs
 
+# The CRC-32 of two runs of bytes joined, from theirs (ISA-L, a required dependency).
+from isal.isal_zlib import crc32_combine as _crc32_combine
+
+from nixery_core.compression import crc32 as _crc32
 from nixery_core.errors import (
     BadCachedFragment,
     LayerError,
@@ -173,12 +176,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-try:  # ISA-L's CRC-32 is about ten times zlib's, with the same values
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover - isal is a required dependency
-    _crc32 = zlib.crc32
-# The CRC-32 of two runs of bytes joined, from theirs (ISA-L, a required dependency).
-from isal.isal_zlib import crc32_combine as _crc32_combine  # noqa: E402 - after the CRC-32's
 
 #: Bytes of compressed fragments kept by default.
 DEFAULT_FRAGMENT_LIMIT = 4 << 30
