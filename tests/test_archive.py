@@ -1100,6 +1100,52 @@ def test_an_update_refused_after_a_pool_drain_failed_is_dropped() -> None:
     assert (commit.applied, commit.dropped) == (False, True)
 
 
+def test_updates_riding_along_wake_no_pool_thread_and_are_applied_in_order() -> None:
+    """A recording's small item given with ride_along submits no drain of its own and does
+    not count toward the producer's backlog: the next update's drain (or wait) applies it,
+    in order with the blocks around it."""
+
+    class Manual:
+        """A pool that runs what it is given only when the test says."""
+
+        max_workers = 2
+
+        def __init__(self) -> None:
+            self.tasks: list[Callable[[], None]] = []
+
+        def submit(self, fn: Callable[[], None]) -> Future[None]:
+            self.tasks.append(fn)
+            return Future()
+
+        def run(self) -> None:
+            tasks, self.tasks = self.tasks, []
+            for task in tasks:
+                task()
+
+    class Seen:
+        def __init__(self, name: str, log: list[str]) -> None:
+            self.name, self.log = name, log
+
+        def update(self, data: bytes | bytearray | memoryview, /) -> None:
+            self.log.append(f"{self.name}:{len(data)}")
+
+    pool = Manual()
+    hashing = archive._OrderedHashing(pool)  # type: ignore[arg-type]  # a stub pool
+    log: list[str] = []
+    hashing.ride_along(Seen("range", log), bytes(archive._OrderedHashing._MAX_QUEUED + 1))
+    hashing.ride_along(Seen("commit", log), b"")
+    assert pool.tasks == []  # no pool thread woken, and no drain here past the backlog
+    assert log == []
+    hashing.update(Seen("block", log), b"abc")
+    assert len(pool.tasks) == 1
+    pool.run()
+    assert log == [f"range:{archive._OrderedHashing._MAX_QUEUED + 1}", "commit:0", "block:3"]
+    hashing.ride_along(Seen("seal", log), b"")
+    hashing.wait()  # the end of a stream applies what rode along last
+    assert log[-1] == "seal:0"
+    assert pool.tasks == []
+
+
 def test_a_queued_blocks_layout_failing_costs_its_layout_and_its_diff_id_failing_the_pack() -> (
     None
 ):
