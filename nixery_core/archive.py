@@ -161,7 +161,7 @@ from nixery_core.errors import (
     UnsafeStoreContent,
 )
 from nixery_core.estargz import EStargzFormat
-from nixery_core.fragment_layout import FragmentLayout, LayoutRecorder, rebuild
+from nixery_core.fragment_layout import FragmentLayout, HeaderCapture, LayoutRecorder, rebuild
 from nixery_core.fragment_toc import toc_part_lines, toc_part_parameters
 from nixery_core.fragments import (
     CachedFragment,
@@ -526,9 +526,10 @@ class _TarStream:
         self._recording: _Recording | None = None
         #: A chunked layer's open recording: its blocks' one queued update (_flush_block).
         self._diff_and_layout: _DiffAndLayout | None = None
-        #: The open recording's layout: each header put and what it says go here, in order
-        #: (LayoutRecorder.announced): two appends a member, no call per member or file.
-        self._announced: tuple[list[bytes], list[HeaderFields]] | None = None
+        #: The open recording's layout: each header put, its length and size, and the name of
+        #: a file with content are appended here, in order (LayoutRecorder.captured): no call
+        #: per member or file, and no object kept per member.
+        self._captured: HeaderCapture | None = None
         #: The open member's compressor when it keeps the CRC-32 the layout records.
         self._member_crc: ReportsCrc32 | None = None
         #: The open member is hashed on this thread (see :meth:`begin`).
@@ -616,7 +617,7 @@ class _TarStream:
         self._recording = recording
         if recording is not None:
             self._recordings.append(recording)
-            self._announced = recording.layout.announced()
+            self._captured = recording.layout.captured()
             if getattr(recording.writer, "checksums_only", False):
                 recording.checksummed = getattr(recording.writer, "add_checksummed", None)
         compressor = open_compressor(
@@ -651,7 +652,7 @@ class _TarStream:
             self._recording.writer.layout = self._recording.layout
             self._output.add(_Done(self._recording), b"")
             self._recording = None
-            self._announced = None
+            self._captured = None
         self._emit(self._output.take_ready())
 
     def _chunked_boundary(self, recording: _Recording | None, *, begin: bool) -> None:
@@ -668,7 +669,7 @@ class _TarStream:
                 # its members are the headers announced to the chunked compressor (put).
                 recording.layout.deferred(self._hashing.wait)
                 self._diff_and_layout = _DiffAndLayout(self._diff, recording.layout)
-                self._announced = recording.layout.announced()
+                self._captured = recording.layout.captured()
             if recording is None or recording.toc is None:
                 chunks = chunked.begin_fragment()
             else:
@@ -679,7 +680,7 @@ class _TarStream:
                 self._hashing.ride_along(_Seal(self._recording.layout), b"")
             self._recording = None
             self._diff_and_layout = None
-            self._announced = None
+            self._captured = None
             chunks = chunked.end_fragment()
         self._emit([(None, chunk) for chunk in chunks])
 
@@ -843,9 +844,13 @@ class _TarStream:
             fields = self.headers.made_fields
             if self._chunked is not None:
                 self._chunked.announce(self._pos - self._start, data, fields)
-            if self._announced is not None:
-                self._announced[0].append(data)
-                self._announced[1].append(fields)
+            captured = self._captured
+            if captured is not None:  # HeaderCapture.add, inlined (the busiest thread)
+                captured.headers.append(data)
+                size = fields[2]
+                captured.sizes.append(size)
+                if size:
+                    captured.names.append(fields[0])
         self._put(data)
 
     def put_file(self, data: bytes | bytearray | memoryview) -> None:
@@ -912,9 +917,12 @@ class _TarStream:
             fields = self.headers.made_fields
             if self._chunked is not None:
                 self._chunked.announce(pos - self._start, header, fields)
-            if self._announced is not None:
-                self._announced[0].append(header)
-                self._announced[1].append(fields)
+            captured = self._captured
+            if captured is not None:  # HeaderCapture.add, inlined (the busiest thread)
+                captured.headers.append(header)
+                captured.sizes.append(size)
+                if size:
+                    captured.names.append(fields[0])
         self._block[pos : pos + len(header)] = header
         self._pos = pos + len(header) + size
         if pad:

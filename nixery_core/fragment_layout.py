@@ -45,13 +45,23 @@ whatever its number of files).
 A fragment is recorded with no call per file at all: the packer already
 announces every header it writes to a chunked layer's compressor (the
 header and what it says, so that it is not parsed back), and while a
-fragment is recorded, in any layer, it also appends both to the layout's
-two lists (:meth:`LayoutRecorder.announced`: two ``append`` per member,
-about a tenth of a :meth:`~LayoutRecorder.member` call, on the busiest
-thread).  Every byte of a fragment is an announced header, the content of
-the regular file it announces (its size), or that file's padding to 512
-bytes, so the layout is the headers in order, encoded by the cache's
-writing thread with C-level iterations only.  Format ``NXL3``: header
+fragment is recorded, in any layer, it also appends to the layout's
+:class:`HeaderCapture` (:meth:`LayoutRecorder.captured`) the header, its
+size (to an array) and, for a file with content, its name: a few
+appends per member on the busiest thread, and no object kept per member
+but the header and the name, neither tracked by the cyclic garbage
+collector (the tuple of what the header says is let go: kept, as until
+the tenth session, the 15k of a cold pack of the 300 MB benchmark closure
+each counted towards the collector's next young collection, and the
+encode took their sizes and names in two more passes; the layouts
+encoded are the same bytes either way).  Every byte of
+a fragment is an announced header, the content of the regular file it
+announces (its size), or that file's padding to 512 bytes, so the layout
+is the headers in order, encoded by the cache's writing thread with
+C-level iterations only (the headers' lengths, then one join and one
+deflate).  Appending the headers to one ``bytearray`` instead (no join
+later) cost the packing thread more than the join saves (its growth
+copies it again and again; docs/performance.md).  Format ``NXL3``: header
 ``<4sIIQII`` (magic, members, blocks, literal bytes, name bytes, length of
 the store path's member name), then ``<I`` each member's header length,
 ``<Q`` each its size (0: no content), the running CRC-32s (``<I`` each, as
@@ -78,7 +88,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from itertools import accumulate, chain, compress, repeat
-from operator import itemgetter, mod, neg, sub
+from operator import mod, neg, sub
 from typing import cast
 
 import attrs
@@ -87,7 +97,7 @@ from isal import isal_zlib
 from nixery_core.chunked import HeaderFields
 from nixery_core.compression import BLOCK_SIZE
 
-__all__ = ["MAX_LITERALS", "FragmentLayout", "LayoutRecorder", "rebuild"]
+__all__ = ["MAX_LITERALS", "FragmentLayout", "HeaderCapture", "LayoutRecorder", "rebuild"]
 
 # ISA-L (a required dependency): CRC-32 about ten times zlib's, deflate and
 # inflate several times as fast, with the same formats.
@@ -113,10 +123,41 @@ _HEAD = struct.Struct("<4sIIQ")
 #: A layout of announced headers (a chunked layer's fragment), padding left out.
 _MAGIC_HEADERS = b"NXL3"
 _HEAD_HEADERS = struct.Struct("<4sIIQII")
-_NAME, _SIZE = itemgetter(0), itemgetter(2)
 #: Arrays are kept in this byte order (swapped on a big-endian host).
 _LITTLE = sys.byteorder == "little"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class HeaderCapture:
+    """A fragment's announced members as the packer appends them (see the module docstring).
+
+    Per member, in order: its header (``headers``) and the size of its
+    content (``sizes``, 0: none); for a file with content, also its member
+    name (``names``).  The packing thread appends to these (:meth:`add`,
+    inlined there) and lets what else the header says go; encoding takes
+    the headers' lengths and joins them, with C-level iterations only.
+    """
+
+    __slots__ = ("headers", "names", "sizes")
+
+    def __init__(self) -> None:
+        self.headers: list[bytes] = []
+        self.sizes = array("Q")
+        self.names: list[bytes] = []
+
+    def add(self, header: bytes, fields: HeaderFields) -> None:
+        """A member announced: ``header`` and what it says (name, mode, size, ...)."""
+        self.headers.append(header)
+        size = fields[2]
+        self.sizes.append(size)
+        if size:
+            self.names.append(fields[0])
+
+    def clear(self) -> None:
+        """Drop everything captured (the layout is given up); appending may go on."""
+        self.headers.clear()
+        self.names.clear()
+        del self.sizes[:]
 
 
 class LayoutRecorder:
@@ -143,10 +184,10 @@ class LayoutRecorder:
         #: whether :meth:`seal` said they did.
         self._settle: Callable[[], None] | None = None
         self._sealed = False
-        #: Members announced instead (:meth:`announced`): their headers and what each says;
-        #: how many headers :meth:`bound` counted, and their bytes.
-        self._headers: list[bytes] | None = None
-        self._fields: list[HeaderFields] = []
+        #: Members announced instead (:meth:`captured`): their headers, lengths, sizes and
+        #: the names of the files with content, each in one buffer.
+        self._captured: HeaderCapture | None = None
+        #: How many captured headers :meth:`bound` counted, and their bytes.
         self._counted = 0
         self._counted_bytes = 0
 
@@ -163,36 +204,36 @@ class LayoutRecorder:
         self._overflow = True
         self._literals, self._paths = bytearray(), []
         self._runs, self._sizes, self._crcs = array("Q"), array("Q"), array("I")
-        if self._headers is not None:
-            self._headers.clear()
-            self._fields.clear()
+        if self._captured is not None:
+            self._captured.clear()
 
-    def announced(self) -> tuple[list[bytes], list[HeaderFields]]:
-        """The lists the packer appends each member's header and what it says to, in order.
+    def captured(self) -> HeaderCapture:
+        """Where the packer appends each member's header, its length and size, and the name of
+        each file with content, in order (:class:`HeaderCapture`).
 
         Instead of :meth:`literal`, :meth:`file` and :meth:`member`, for a
         fragment whose every header is announced (every one the packer
         records: see the module docstring); the content and padding of each
         regular file are implied by its size.  :meth:`bound` keeps memory in check.
         """
-        self._headers, self._fields = [], []
-        return self._headers, self._fields
+        self._captured = HeaderCapture()
+        return self._captured
 
     def bound(self, given: int) -> None:
         """Past :data:`MAX_LITERALS` bytes of announced headers, no layout (nothing more kept).
 
         Called by the packer now and then (every block), ``given`` the
         fragment's bytes so far: headers are among them, so only past
-        :data:`MAX_LITERALS` of those are the headers since the last call
-        counted (memory holds at most a block's more).
+        :data:`MAX_LITERALS` of those are the captured headers measured
+        (memory holds at most a block's more).
         """
-        headers = self._headers
-        if headers is None or (given <= MAX_LITERALS and not self._overflow):
+        captured = self._captured
+        if captured is None or (given <= MAX_LITERALS and not self._overflow):
             return
         if self._overflow:  # kept none (or another thread failed it): what came since goes
-            headers.clear()
-            self._fields.clear()
+            captured.clear()
             return
+        headers = captured.headers
         count = len(headers)
         self._counted_bytes += sum(map(len, headers[self._counted : count]))
         self._counted = count
@@ -297,8 +338,8 @@ class LayoutRecorder:
                 return None
         if self._overflow:
             return None
-        if self._headers is not None:
-            return self._encode_announced(self._headers, self._fields)
+        if self._captured is not None:
+            return self._encode_captured(self._captured)
         runs, sizes, crcs = array("Q", self._runs), array("Q", self._sizes), self._block_crcs()
         runs.append(self._run)
         sizes.append(0)
@@ -310,18 +351,18 @@ class LayoutRecorder:
         parts.append(self._literals)
         return _compress(b"".join(parts), _LEVEL)
 
-    def _encode_announced(self, headers: list[bytes], fields: list[HeaderFields]) -> bytes | None:
-        """``NXL3``: the announced headers, with C-level iterations only (no loop per member)."""
-        if len(headers) != len(fields):  # pragma: no cover - appended in pairs
+    def _encode_captured(self, captured: HeaderCapture) -> bytes | None:
+        """``NXL3`` from the captured members, with C-level iterations only (no loop per member)."""
+        headers, sizes = captured.headers, captured.sizes
+        if len(headers) != len(sizes):  # pragma: no cover - appended together
             return None
         lengths = array("I", map(len, headers))
-        sizes = array("Q", map(_SIZE, fields))
-        crcs = self._block_crcs()
         literal_size = sum(lengths)
         if literal_size > MAX_LITERALS:
             return None
+        crcs = self._block_crcs()
         # Whole member names: cut below the store path when decoded (fewer objects made here).
-        paths = b"\0".join(compress(map(_NAME, fields), sizes))
+        paths = b"\0".join(captured.names)
         head = _HEAD_HEADERS.pack(
             _MAGIC_HEADERS, len(sizes), len(crcs), literal_size, len(paths), self._cut
         )

@@ -9,10 +9,12 @@ other layers in tests/test_fragments.py.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import struct
 import tarfile
+import types
 import zlib
 from pathlib import Path
 
@@ -55,12 +57,11 @@ def _members(root: Path) -> list[tuple[bytes, bytes, int]]:
 def _recorded(members: list[tuple[bytes, bytes, int]], tar: bytes) -> LayoutRecorder:
     """A recorder given the members' announcements and the fragment's bytes as blocks."""
     recorder = LayoutRecorder(TOP)
-    headers, fields = recorder.announced()
+    captured = recorder.captured()
     names = [TOP + b"/", TOP + b"/bin/", TOP + b"/bin/link", TOP + b"/bin/tool",
              TOP + b"/bin/short", TOP + b"/even", TOP + b"/empty"]
     for (header, content, _pad), name in zip(members, names, strict=True):
-        headers.append(header)
-        fields.append((name, 0o444, len(content), b"0" if content else b"5", 0, 0, b""))
+        captured.add(header, (name, 0o444, len(content), b"0" if content else b"5", 0, 0, b""))
     for at in range(0, len(tar), BLOCK_SIZE):
         recorder.block(tar[at : at + BLOCK_SIZE])
     return recorder
@@ -166,15 +167,16 @@ def test_announced_headers_past_the_limit_leave_no_layout(
     tar = b"".join(header + content + bytes(pad) for header, content, pad in members)
     monkeypatch.setattr(fragment_layout, "MAX_LITERALS", 3 * 512)
     recorder = _recorded(members, tar)
-    held = recorder._headers  # what the packer appends to
+    held = recorder._captured  # what the packer appends to
     recorder.bound(3 * 512)  # its bytes so far cannot hold more: nothing counted
     assert held is not None
-    assert len(held) == len(members)
+    assert len(held.sizes) == len(members)
     recorder.bound(len(tar))
-    assert held == []
-    held.append(members[0][0])  # the packer goes on appending until the fragment ends
+    assert (held.headers, list(held.sizes), held.names) == ([], [], [])
+    # The packer goes on appending until the fragment ends.
+    held.add(members[3][0], (TOP + b"/bin/tool", 0o444, BIG, b"0", 0, 0, b""))
     recorder.bound(0)
-    assert held == []  # let go again at the next block
+    assert (held.headers, list(held.sizes), held.names) == ([], [], [])
     assert recorder.encode() is None
 
 
@@ -191,7 +193,7 @@ def test_a_layout_given_up_takes_no_more_crcs(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(fragment_layout, "_crc32", counting)
     recorder = LayoutRecorder(TOP)
-    recorder.announced()
+    recorder.captured()
     recorder.block(bytes(BLOCK_SIZE))
     assert taken == [BLOCK_SIZE]
     recorder.seal(whole=False)
@@ -234,3 +236,67 @@ def test_a_chunked_file_changed_since_its_fragment_is_inflated_from_the_block_th
     assert len(differs) == 1
     assert paths[0] in differs[0]
     assert "from byte 0 on" not in differs[0]
+
+
+def _tracked_reachable(start: object) -> int:
+    """How many objects the cyclic garbage collector tracks are reachable from ``start``
+    (classes, modules and functions aside: shared, not the recording's)."""
+    seen = {id(start)}
+    todo = [start]
+    tracked = 0
+    while todo:
+        item = todo.pop()
+        tracked += gc.is_tracked(item)
+        for referent in gc.get_referents(item):
+            if id(referent) in seen or isinstance(
+                referent, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+            ):
+                continue
+            seen.add(id(referent))
+            todo.append(referent)
+    return tracked
+
+
+@pytest.mark.parametrize(
+    "options",
+    [ArchiveOptions(), ArchiveOptions(compression="zstd"), ArchiveOptions(compression="estargz")],
+    ids=["gzip", "zstd", "estargz"],
+)
+def test_a_recorded_layout_holds_no_tracked_object_per_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: ArchiveOptions
+) -> None:
+    """While a fragment is recorded (a cold pack), its layout keeps what each member's header
+    says as plain bytes and arrays, no tuple or other object the cyclic garbage collector
+    tracks per member (so a cold pack of many files runs no more collections than one
+    without a cache), and the layer is the one packed without a cache."""
+    path = "/nix/store/" + "m" * 32 + "-many"
+    base = tmp_path / "root" / path.lstrip("/")
+    base.mkdir(parents=True)
+    for index in range(300):
+        (base / f"f{index:03}").write_bytes(b"%d\n" % index * (index % 7))
+    plain = io.BytesIO()
+    expected = pack_store_paths([path], plain.write, options, store_root=tmp_path / "root")
+    counts: list[int] = []
+    encode = LayoutRecorder.encode
+
+    def counting(self: LayoutRecorder) -> bytes | None:
+        counts.append(_tracked_reachable(self))
+        return encode(self)
+
+    monkeypatch.setattr(LayoutRecorder, "encode", counting)
+    out = io.BytesIO()
+    # No collection meanwhile: one would untrack tuples of bytes and ints it had looked at.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with FragmentCache(tmp_path / "fragments") as cache:
+            packed = pack_store_paths(
+                [path], out.write, options, store_root=tmp_path / "root", fragments=cache
+            )
+            cache.flush()
+    finally:
+        if enabled:
+            gc.enable()
+    assert (packed, out.getvalue()) == (expected, plain.getvalue())
+    assert counts  # the store path's layout, encoded
+    assert max(counts) < 60  # 301 members: before, a tuple each

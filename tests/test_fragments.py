@@ -643,9 +643,7 @@ def test_a_layout_is_deflated_at_the_fastest_level_and_decodes(kind: str) -> Non
     recorder = LayoutRecorder(top)
     header = bytes(range(256)) * 2
     if kind == "announced":
-        headers, fields = recorder.announced()
-        headers.append(header)
-        fields.append((top + b"/f", 0o644, 5, b"0", 0, 0, b""))
+        recorder.captured().add(header, (top + b"/f", 0o644, 5, b"0", 0, 0, b""))
     else:
         recorder.member(header, top + b"/f", 5, 507)
     recorder.block(bytes(1024))
