@@ -90,7 +90,7 @@ __all__ = ["FrameProcesses", "shared", "shared_pids", "shutdown", "usable", "usa
 Settings = tuple[str, int, str]
 _Buffer = bytes | bytearray | memoryview
 #: What a task returns: as :data:`nixery_core.chunked._Batch`.
-_Result = tuple[bytes, list[int], list[str], list[Any]]
+_Result = tuple[bytes, list[int], list[str], list[Any], int]
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 #: Imports nixery_core.chunked without the package's __init__ (which pulls in
@@ -344,6 +344,8 @@ class FrameProcesses:
         payload: Sequence[_Buffer],
         places: bytes = b"",
         hold: Sequence[memoryview] = (),
+        *,
+        checksum: bool = False,
     ) -> Future[_Result]:
         """Compress the frames ``table`` describes in ``payload`` (see :func:`compress_packed`).
 
@@ -352,6 +354,8 @@ class FrameProcesses:
         ``places`` (an int64 per frame, or empty: all in ``payload``) says
         which frames lie in :attr:`buffers` instead, and where; ``hold``
         holds views of those slots, kept until the worker is done with them.
+        ``checksum``: the result's CRC-32 of the compressed bytes is taken
+        (right after compressing them, in the worker), else -1.
         """
         size = sum(len(piece) for piece in payload) + sum(len(view) for view in hold)
         future: Future[_Result] = Future()
@@ -362,7 +366,7 @@ class FrameProcesses:
             worker = self._pick()
             task = self._next_task
             self._next_task += 1
-            header = pickle.dumps((task, settings, table, places), protocol=5)
+            header = pickle.dumps((task, settings, table, places, checksum), protocol=5)
             self._futures[task] = (future, worker, size, hold)
             worker.outstanding += size
             worker.tasks.append(task)
@@ -462,8 +466,8 @@ class FrameProcesses:
         if error is not None:
             future.set_exception(_failed(error))
             return
-        lengths, digests, plans = rest
-        future.set_result((blob, lengths, digests, plans))
+        lengths, digests, plans, crc = rest
+        future.set_result((blob, lengths, digests, plans, crc))
 
     def _lost(self, worker: _Worker, exc: BaseException) -> None:
         """A worker died (or its socket broke): fail every task it held."""
@@ -614,14 +618,14 @@ def _serve_tasks(sock: socket.socket, shared: memoryview | None, unmapped: int =
     compressors: dict[Settings, Any] = {}
     buffer = bytearray()
     while True:
-        (task, settings, table, places), payload = recv_message(sock, buffer)
+        (task, settings, table, places, checksum), payload = recv_message(sock, buffer)
         if payload.obj is not buffer:
             buffer = payload.obj  # type: ignore[assignment]  # a bigger one was made
         try:
             compress = compressors.get(settings)
             if compress is None:
                 compress = compressors[settings] = _frames_compressor(settings)
-            blob, lengths, digests, plans = compress_packed(
+            blob, lengths, digests, plans, crc = compress_packed(
                 payload,
                 table,
                 compress_frames=compress,
@@ -630,13 +634,14 @@ def _serve_tasks(sock: socket.socket, shared: memoryview | None, unmapped: int =
                 places=places,
                 shared=shared,
                 shared_fd=unmapped,
+                checksum=checksum,
             )
         except Exception:  # noqa: BLE001 - every failure goes back to the caller
             send_message(sock, pickle.dumps((task, traceback.format_exc(), None)), ())
             continue
         finally:
             payload.release()
-        answer = pickle.dumps((task, None, (lengths, digests, plans)), protocol=5)
+        answer = pickle.dumps((task, None, (lengths, digests, plans, crc)), protocol=5)
         send_message(sock, answer, (blob,))
 
 

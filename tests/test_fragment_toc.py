@@ -845,3 +845,52 @@ def test_a_chunked_range_checksums_its_frames_in_place_never_a_copy_of_them(
             root, regrouped, compression
         )
         assert cache.misses == misses
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_chunked_range_takes_whole_batches_crc32_from_where_they_were_compressed(
+    tmp_path: Path, compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store path spanning several batches, kept as a range, is not read again for the
+    batches it holds whole: their CRC-32 comes with them from the worker that compressed
+    them (combined, not recomputed), and its row's CRC-32 is still that of its bytes in the
+    blob, so a regroup copies it."""
+    from nixery_core.compression import crc32
+    from nixery_core.fragments import RangeWriter
+
+    store = tmp_path / "nix" / "store"
+    name = "e" * 32 + "-big"
+    (store / name).mkdir(parents=True)
+    (store / name / "data").write_bytes(with_references(4_000_000, 5, "kq"))
+    (store / name / "small").write_bytes(b"small\n")
+    paths = ["/nix/store/" + name]
+    read_again: list[int] = []
+    combined: list[int] = []
+    add, add_checksummed = RangeWriter.add, RangeWriter.add_checksummed
+
+    def reading(self: RangeWriter, piece: bytes) -> None:
+        read_again.append(len(piece))
+        add(self, piece)
+
+    def combining(self: RangeWriter, size: int, crc: int) -> None:
+        combined.append(size)
+        add_checksummed(self, size, crc)
+
+    monkeypatch.setattr(RangeWriter, "add", reading)
+    monkeypatch.setattr(RangeWriter, "add_checksummed", combining)
+    blobs = FilesystemStore(tmp_path / "blobs", durable=False)
+    with FragmentCache(tmp_path / "ranges") as cache:
+        blob, _ = _stored(blobs, tmp_path, paths, compression, cache, threads=2)
+        cache.flush()
+        with sqlite3.connect(cache.directory / "index.sqlite") as con:
+            ((offset, size, crc),) = con.execute(
+                "SELECT offset, size, crc FROM fragments WHERE blob IS NOT NULL"
+            ).fetchall()
+        assert combined  # whole batches given by their CRC-32
+        assert sum(combined) + sum(read_again) == size
+        assert crc == crc32(blob[offset : offset + size])
+        misses = cache.misses
+        assert _stored(blobs, tmp_path, paths, compression, cache) == _plain(
+            tmp_path, paths, compression
+        )
+        assert cache.misses == misses

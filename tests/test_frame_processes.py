@@ -409,9 +409,11 @@ def _counting_pack(
     placed: list[int] = []
     submit = FrameProcesses.submit
 
-    def counting(self: FrameProcesses, settings: Any, table: bytes, *rest: Any) -> Any:
+    def counting(
+        self: FrameProcesses, settings: Any, table: bytes, *rest: Any, **named: Any
+    ) -> Any:
         placed.append(sum(len(view) for view in (rest[2] if len(rest) > 2 else ())))
-        return submit(self, settings, table, *rest)
+        return submit(self, settings, table, *rest, **named)
 
     monkeypatch.setattr(FrameProcesses, "submit", counting)
     return functools.partial(_layer, paths, root, compression), placed
@@ -496,7 +498,14 @@ class _OldestHeld:
         self._lock = threading.Lock()
 
     def submit(
-        self, settings: Any, table: bytes, payload: Any, places: bytes = b"", hold: Any = ()
+        self,
+        settings: Any,
+        table: bytes,
+        payload: Any,
+        places: bytes = b"",
+        hold: Any = (),
+        *,
+        checksum: bool = False,
     ) -> Any:
         compression, level, backend = settings
         result = compress_packed(
@@ -506,6 +515,7 @@ class _OldestHeld:
             chunker=new_chunker(),
             merge=compression == "estargz",
             places=places,
+            checksum=checksum,
         )
         future: Any = concurrent.futures.Future()
         with self._lock:
