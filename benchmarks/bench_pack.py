@@ -103,9 +103,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 
@@ -117,6 +118,7 @@ from nixery_core.storage.filesystem import FilesystemStore
 
 _B32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's base32 alphabet
 MB = 1_000_000
+_T = TypeVar("_T")
 
 
 def _fake_hash(seed: str) -> str:
@@ -406,6 +408,8 @@ class ours:  # noqa: N801 - used like the function it was
         self.blobs, self.mode, self.read_from = blobs, mode, read_from
         self.cache: FragmentCache | None = None
         self.store: FilesystemStore | None = None
+        #: The directories the run prepared last writes into (its cache's and its store's).
+        self.writes: list[Path] = []
 
     def prepare(self) -> None:
         """Open the fragment cache and read its files once (as :func:`warm` reads the store)."""
@@ -413,6 +417,10 @@ class ours:  # noqa: N801 - used like the function it was
         if self.cache is not None:
             _read_tree(self.cache.directory)
         self.store = self.blobs() if self.blobs is not None else None
+        self.writes = [
+            *([self.cache.directory] if self.cache is not None else []),
+            *([self.store.root] if self.store is not None else []),
+        ]
         if self.read_from is not None:  # the blobs the ranges name, read once like the rest
             _read_tree(self.read_from.root)
 
@@ -634,15 +642,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs.add_argument("--pair-order", choices=no_slower.ORDERS, default="alternate",
                        help="the outer two of a round swap every round, or never (default: "
                             "alternate)")
-    pairs.add_argument("--pair-sync", action=argparse.BooleanOptionalAction, default=True,
-                       help="write back every dirty page (os.sync) before each timed run "
-                            "(default: on)")
+    pairs.add_argument("--pair-sync", choices=_SYNCS, default=_SYNC,
+                       help="before each timed run, write back what the earlier runs wrote "
+                            "(fsync of their files), every dirty page of the host (os.sync), "
+                            f"or nothing (default: {_SYNC})")
+    pairs.add_argument("--pair-warm", choices=_WARMS, default=_WARM,
+                       help="read the corpus once (the page cache) before every timed run or "
+                            f"before a round's first (default: {_WARM})")
+    pairs.add_argument("--aa-only", action="store_true",
+                       help="tuning: the cold contender replaced by a third copy of without "
+                            "(every run the same code), for position effects and the design's "
+                            "noise without looking at cold")
     pairs.add_argument("--pair-formats", nargs="+", choices=_PAIR_FORMATS,
                        default=list(_PAIR_FORMATS), help="formats measured (default: all)")
     pairs.add_argument(
-        "--quiet-wait", type=float, default=5.0,
+        "--quiet-wait", type=float, default=_QUIET_WAIT,
         help="before each timed run, wait up to this many seconds for the host's CPU to be "
-             f"less than {_QUIET:.0%}% busy over {_QUIET_WINDOW} s (default 5; 0: no wait)",
+             f"less than {_QUIET:.0%}% busy over {_QUIET_WINDOW} s (default {_QUIET_WAIT}; "
+             "0: no wait)",
     )
     pairs.add_argument(
         "--crowded", type=float, default=_CROWDED,
@@ -897,10 +914,37 @@ _PAIRS_QUICK = 12
 #: iowait, steal included) over the last _QUIET_WINDOW seconds.
 _QUIET = 0.2
 _QUIET_WINDOW = 0.1
+#: See --quiet-wait, --pair-sync and --pair-warm (chosen from A/A data, docs/performance.md).
+_QUIET_WAIT = 5.0
+_SYNCS = ("written", "all", "none")
+_SYNC = "all"
+_WARMS = ("run", "round")
+_WARM = "run"
 
 
 #: See --crowded (chosen from A/A data, docs/performance.md).
 _CROWDED = 0.25
+
+
+def sync_files(directories: Sequence[Path]) -> int:
+    """Write back every file under ``directories`` and the directories themselves (``fsync``):
+    what a run wrote, without the rest of the host's dirty pages (``os.sync``); the number of
+    files and directories synced."""
+    synced = 0
+    for top in directories:
+        for dirpath, _dirs, files in os.walk(top):
+            for name in (*files, "."):
+                full = Path(dirpath, name)
+                try:
+                    fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:  # a symlink, or removed meanwhile: nothing of ours to write
+                    continue
+                try:
+                    os.fsync(fd)
+                    synced += 1
+                finally:
+                    os.close(fd)
+    return synced
 
 
 def host_cpu() -> float:
@@ -948,7 +992,8 @@ def _no_slower(
     print(f"\nno slower: {args.pairs} rounds per format of cold / without / A/A copy, "
           f"adjacent, order {args.pair_order}, rounds crowded by over {args.crowded} CPUs "
           f"re-run, "
-          f"{'os.sync() before each run' if args.pair_sync else 'no sync'}; load average "
+          f"sync {args.pair_sync}, warm every {args.pair_warm}, quiet wait {args.quiet_wait} s; "
+          f"load average "
           f"{os.getloadavg()[0]:.1f} ...", flush=True)
     # The stores and caches in a directory of this run's own: another run on a kept corpus
     # removes cold-blobs-* and cold-fragments-* under its root.
@@ -959,7 +1004,9 @@ def _no_slower(
         shutil.rmtree(work, ignore_errors=True)
     if args.pairs_json is not None:
         args.pairs_json.write_text(json.dumps(
-            {"order": args.pair_order, "sync": args.pair_sync, "formats": dump}, indent=1))
+            {"order": args.pair_order, "sync": args.pair_sync, "warm": args.pair_warm,
+             "quiet_wait": args.quiet_wait, "aa_only": args.aa_only, "formats": dump},
+            indent=1))
 
 
 def _rounds_of_formats(
@@ -967,7 +1014,7 @@ def _rounds_of_formats(
     main_table: dict[str, str],
 ) -> dict[str, object]:
     """:func:`_no_slower`'s rounds and verdicts, stores and caches under ``work``; each
-    format's rounds as ``--pairs-json`` writes them."""
+    format's rounds as ``--pairs-json`` writes them, with the untimed steps' seconds."""
     dump: dict[str, object] = {}
     for name in args.pair_formats:
         options = ArchiveOptions(compression=name)
@@ -978,26 +1025,84 @@ def _rounds_of_formats(
             no_slower.COLD: ours(root, [paths], options, cold_fragments(work, f"-{name}"),
                                  blobs=cold_blobs(work, f"{name}-ranges")),
         }
-
-        def before(role: str, contenders: dict[str, ours] = contenders) -> float:
-            warm(root, paths)
-            contenders[role].prepare()
-            if args.pair_sync:
-                os.sync()
-            return wait_quiet(args.quiet_wait)
-
+        if args.aa_only:  # every run the same code: a third copy of without in cold's place
+            contenders[no_slower.COLD] = ours(root, [paths], options,
+                                              blobs=cold_blobs(work, f"{name}-third"))
+        steps = Steps()
+        before = untimed_steps(contenders, lambda: warm(root, paths), steps,
+                               warm_every=args.pair_warm, sync=args.pair_sync,
+                               quiet_wait=args.quiet_wait)
         start = time.perf_counter()
         rounds = no_slower.run_rounds(contenders, args.pairs, scheme=args.pair_order,
                                       before=before, clock=time.perf_counter, cpu=_cpu_all,
                                       host=host_cpu, crowded=args.crowded, most=2 * args.pairs)
-        for line in no_slower.verdict_lines(name, rounds, main_table=main_table.get(name, "")):
+        label = f"{name} (A/A/A: --aa-only)" if args.aa_only else name
+        for line in no_slower.verdict_lines(label, rounds, main_table=main_table.get(name, "")):
             print(line)
-        print(f"          ({time.perf_counter() - start:.0f} s; load average "
-              f"{os.getloadavg()[0]:.1f})", flush=True)
+        took = time.perf_counter() - start
+        timed = sum(run.seconds for runs in rounds.runs.values() for run in runs)
+        print(f"          ({took:.0f} s, {len(rounds.kept)} rounds run: timed runs {timed:.1f} s, "
+              f"{steps}; load average {os.getloadavg()[0]:.1f})", flush=True)
         dump[name] = {"orders": rounds.orders, "kept": rounds.kept, "load": os.getloadavg()[0],
+                      "seconds": took, "steps": steps.seconds, "each": steps.each,
                       **{role: [attrs.asdict(run) for run in runs]
                          for role, runs in rounds.runs.items()}}
     return dump
+
+
+def untimed_steps(
+    contenders: Mapping[str, ours],
+    warm_corpus: Callable[[], object],
+    steps: Steps,
+    *,
+    warm_every: str,
+    sync: str,
+    quiet_wait: float,
+) -> Callable[[str], float]:
+    """The untimed steps before each timed run of a round of three (``no_slower.run_rounds``'s
+    ``before``), each timed into ``steps``: the corpus read (``warm_every`` ``"run"``, or
+    ``"round"``: before a round's first run only), what the earlier runs wrote written back
+    (``sync`` ``"written"``; ``"all"``: ``os.sync()`` after the prepare), the contender
+    prepared, and a wait of up to ``quiet_wait`` seconds for a quiet host (its last busy share
+    returned)."""
+    runs = [0]
+
+    def before(role: str) -> float:
+        if warm_every == "run" or runs[0] % 3 == 0:
+            steps.time("warm", warm_corpus)
+        runs[0] += 1
+        if sync == "written":
+            written = [d for contender in contenders.values() for d in contender.writes]
+            steps.time("sync", lambda: sync_files(written))
+            for contender in contenders.values():
+                contender.writes = []
+        steps.time("prepare", contenders[role].prepare)
+        if sync == "all":
+            steps.time("sync", os.sync)
+        return steps.time("quiet", lambda: wait_quiet(quiet_wait))
+
+    return before
+
+
+class Steps:
+    """Seconds spent in each untimed step before the timed runs (warm, sync, prepare, quiet),
+    in all and each time (for tuning: how long a wait for quiet took, run by run)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.each: dict[str, list[float]] = {}
+
+    def time(self, step: str, work: Callable[[], _T]) -> _T:
+        start = time.perf_counter()
+        try:
+            return work()
+        finally:
+            took = time.perf_counter() - start
+            self.seconds[step] = self.seconds.get(step, 0.0) + took
+            self.each.setdefault(step, []).append(round(took, 4))
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.seconds.items())
 
 
 def _memory(

@@ -52,19 +52,33 @@ COLD = "cold"
 #: A second copy of ``WITHOUT``: the A/A control.
 COPY = "copy"
 
-ORDERS = ("alternate", "fixed")
+ORDERS = ("alternate", "fixed", "balanced")
+
+#: ``"balanced"``: all six orders, each one followed by its reverse, so that every six rounds
+#: each contender runs twice in each place and before and after each other one three times.
+BALANCED = (
+    (COLD, WITHOUT, COPY),
+    (COPY, WITHOUT, COLD),
+    (WITHOUT, COLD, COPY),
+    (COPY, COLD, WITHOUT),
+    (WITHOUT, COPY, COLD),
+    (COLD, COPY, WITHOUT),
+)
 
 
 def round_order(index: int, scheme: str = "alternate") -> tuple[str, str, str]:
     """The contenders of round ``index`` in the order they run.
 
-    ``without`` runs in the middle, adjacent to both others; with
-    ``"alternate"`` the outer two swap every round, with ``"fixed"`` they
-    never do.
+    With ``"alternate"`` and ``"fixed"``, ``without`` runs in the middle,
+    adjacent to both others; with ``"alternate"`` the outer two swap every
+    round, with ``"fixed"`` they never do.  With ``"balanced"`` every
+    contender takes every place equally often (:data:`BALANCED`).
     """
     if scheme not in ORDERS:
         msg = f"unknown order scheme {scheme!r}; expected one of {', '.join(ORDERS)}"
         raise ValueError(msg)
+    if scheme == "balanced":
+        return BALANCED[index % len(BALANCED)]
     if scheme == "alternate" and index % 2:
         return (COPY, WITHOUT, COLD)
     return (COLD, WITHOUT, COPY)
@@ -204,6 +218,48 @@ class Spread:
         )
 
 
+@attrs.frozen
+class Interval:
+    """A distribution-free confidence interval of a median: two order statistics of the sample."""
+
+    low: float
+    high: float
+    #: The chance that an interval made so holds the true median, for any continuous
+    #: distribution of independent values (exact, from the binomial distribution).
+    coverage: float
+    #: The 1-based ranks of ``low`` and ``high`` in the sorted sample.
+    ranks: tuple[int, int]
+
+    def __str__(self) -> str:
+        return f"[{self.low:.3f}, {self.high:.3f}] ({self.coverage:.0%} interval)"
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """The narrowest interval ``[x(k), x(n + 1 - k)]`` of the sorted ``values`` whose coverage of
+    their distribution's median is at least ``confidence``.
+
+    Each value lies below the true median with probability 1/2, so the count
+    below it is binomial (n, 1/2) and ``[x(k), x(n + 1 - k)]`` misses the
+    median only when fewer than ``k`` or more than ``n - k`` lie below it:
+    coverage ``1 - 2 P(B <= k - 1)``.  With too few values for
+    ``confidence`` (fewer than 6 for 95%) it is the whole range, its
+    coverage printed as what it is.
+    """
+    if not values:
+        msg = "the interval of no values"
+        raise ValueError(msg)
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / float(1 << n)
+
+    k = 1
+    while 2 * (k + 1) <= n + 1 and coverage(k + 1) >= confidence:
+        k += 1
+    return Interval(ordered[k - 1], ordered[n - k], coverage(k), (k, n + 1 - k))
+
+
 def verdict_lines(
     name: str,
     rounds: Rounds,
@@ -211,24 +267,32 @@ def verdict_lines(
     target: float = 0.95,
     main_table: str = "",
 ) -> list[str]:
-    """The printed verdict of one format: cold's paired median against ``target``, its spread
-    and CPU, the A/A control's median, spread and noise band beside it, and ``main_table``'s
-    figures; judged on the rounds kept (all when none was)."""
+    """The printed verdict of one format: cold's paired median against ``target`` with its
+    distribution-free 95% interval (:func:`median_interval`; "cannot tell" when it holds
+    ``target``, or when the A/A control's interval does not hold 1), its spread and CPU, the A/A
+    control's median, interval and spread beside it, and ``main_table``'s figures; judged on the
+    rounds kept (all when none was)."""
     every = rounds
     rounds = rounds.judged()
-    cold = Spread.of(rounds.ratios(COLD))
-    control = Spread.of(rounds.ratios(COPY))
-    band = noise_band(rounds.ratios(COPY))
+    ratios, control_ratios = rounds.ratios(COLD), rounds.ratios(COPY)
+    cold, control = Spread.of(ratios), Spread.of(control_ratios)
+    interval, control_interval = median_interval(ratios), median_interval(control_ratios)
     verdict = "PASS" if cold.median >= target else "MISS"
-    unsure = "  (within the A/A noise band of the target: cannot tell)"
+    biased = not control_interval.low <= 1 <= control_interval.high
+    if interval.low < target <= interval.high:
+        unsure = "  (the interval holds the target: cannot tell)"
+    elif biased:
+        unsure = "  (the A/A control's interval misses 1: cannot tell)"
+    else:
+        unsure = ""
     lines = [
         f"  {verdict}  {name} cold pack into fragments / without, {len(rounds)} "
-        f"adjacent pairs: {cold.median:.3f} (target >= {target})"
-        + (unsure if abs(cold.median - target) < band else ""),
+        f"rounds: {cold.median:.3f} {interval} (target >= {target}){unsure}",
         f"          rounds' ratios: {cold};  CPU cold / without "
         f"{statistics.median(rounds.cpu_ratios(COLD)):.3f}x (median)",
-        f"          A/A without / without (noise floor): {control.median:.3f};  {control};  "
-        f"CPU {statistics.median(rounds.cpu_ratios(COPY)):.3f}x;  noise band +-{band:.3f}",
+        f"          A/A without / without (control): {control.median:.3f} {control_interval}"
+        f"{' MISSES 1' if biased else ''};  {control};  "
+        f"CPU {statistics.median(rounds.cpu_ratios(COPY)):.3f}x",
     ]
     busy = [run.busy for runs in every.runs.values() for run in runs]
     if any(busy):
@@ -246,15 +310,6 @@ def verdict_lines(
     if main_table:
         lines.append(f"          main table: {main_table}")
     return lines
-
-
-def noise_band(control: Sequence[float]) -> float:
-    """How far a median of these rounds may land from the truth by noise alone: the A/A
-    control's distance from 1 or twice the standard error of a median of as many rounds
-    with the A/A rounds' spread (:func:`median_error`), whichever is larger."""
-    return max(
-        abs(statistics.median(control) - 1), median_error(robust_sigma(control), len(control))
-    )
 
 
 def block_medians(ratios: Sequence[float], size: int) -> list[float]:
@@ -312,6 +367,9 @@ def aa_report(name: str, rounds: Rounds, sizes: Sequence[int]) -> list[str]:
     lines = [
         f"  {name}: {len(ratios)} rounds; A/A per round: {spread}; robust sigma {sigma:.3f}"
     ]
+    lines.append(f"    A/A median {spread.median:.3f} {median_interval(ratios)}")
+    if rounds.orders:
+        lines += place_lines(rounds)
     for size in sizes:
         medians = block_medians(ratios, size)
         worst = max((abs(m - 1) for m in medians), default=float("nan"))
@@ -320,6 +378,45 @@ def aa_report(name: str, rounds: Rounds, sizes: Sequence[int]) -> list[str]:
             f"{len(medians)} blocks, medians {' '.join(f'{m:.3f}' for m in medians)}  "
             f"(worst |median - 1| {worst:.3f})"
         )
+    return lines
+
+
+def place_effects(rounds: Rounds) -> list[tuple[int, Spread, Interval]]:
+    """Per place in the round (0 first): each run's seconds over the mean of its round's three,
+    their spread and the interval of their median.  On ``--aa-only`` rounds (every run the
+    same code) a median off 1 is the place's own effect on a run."""
+    places: dict[int, list[float]] = {}
+    for index, order in enumerate(rounds.orders):
+        seconds = {role: rounds.runs[role][index].seconds for role in order}
+        mean = statistics.fmean(seconds.values())
+        for place, role in enumerate(order):
+            places.setdefault(place, []).append(seconds[role] / mean)
+    return [(place, Spread.of(v), median_interval(v)) for place, v in sorted(places.items())]
+
+
+def before_after(rounds: Rounds, role: str = COPY) -> tuple[list[float], list[float]]:
+    """``role``'s ratios (:meth:`Rounds.ratios`) in the rounds where it ran before ``without``,
+    and in those where it ran after it."""
+    before: list[float] = []
+    after: list[float] = []
+    for order, ratio in zip(rounds.orders, rounds.ratios(role), strict=True):
+        (before if order.index(role) < order.index(WITHOUT) else after).append(ratio)
+    return before, after
+
+
+def place_lines(rounds: Rounds) -> list[str]:
+    """:func:`place_effects` and :func:`before_after` of the A/A control, printed."""
+    lines = [
+        f"    place {place}: run / its round's mean: median {spread.median:.3f} {interval};  "
+        f"{spread}"
+        for place, spread, interval in place_effects(rounds)
+    ]
+    for name, ratios in zip(("before", "after"), before_after(rounds), strict=True):
+        if ratios:
+            lines.append(
+                f"    A/A with copy {name} without: {len(ratios)} rounds, median "
+                f"{statistics.median(ratios):.3f} {median_interval(ratios)}"
+            )
     return lines
 
 
@@ -346,7 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for file in args.files:
         data = json.loads(file.read_text())
-        print(f"{file}: order {data['order']}, sync {data['sync']}")
+        print(f"{file}: order {data['order']}, sync {data['sync']}, warm "
+              f"{data.get('warm', 'run')}, quiet wait {data.get('quiet_wait', 5.0)} s, "
+              f"aa-only {data.get('aa_only', False)}")
         for name, rounds in data["formats"].items():
             every = rounds_from_json(rounds)
             for line in aa_report(name, every, args.sizes):

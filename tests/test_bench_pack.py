@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import attrs
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from benchmarks import bench_pack, no_slower
 from benchmarks.bench_pack import Result, paired_rate_ratio
 from nixery_core import frame_processes
+from nixery_core.archive import ArchiveOptions
 
 
 def _result(runs: tuple[float, ...]) -> Result:
@@ -56,13 +59,15 @@ def test_a_round_runs_without_in_the_middle_and_swaps_the_others_every_round() -
 
 class _FakeHost:
     """A clock whose runs take ``work[role] * speed[round]`` seconds (times ``drift`` per
-    position in the round), recording the hooks' calls."""
+    position in the round and the position's factor in ``places``), recording the hooks'
+    calls."""
 
     def __init__(
         self, work: dict[str, float], speed: list[float], drift: float = 1.0,
-        crowded: frozenset[int] = frozenset(),
+        crowded: frozenset[int] = frozenset(), places: tuple[float, float, float] = (1, 1, 1),
     ) -> None:
         self.work, self.speed, self.drift, self.crowded = work, speed, drift, crowded
+        self.places = places
         self.now = 0.0
         self.others = 0.0  # CPU seconds the rest of the host used
         self.calls: list[str] = []
@@ -72,7 +77,8 @@ class _FakeHost:
     def contender(self, role: str) -> Callable[[], object]:
         def run() -> None:
             self.calls.append(f"run {role}")
-            seconds = self.work[role] * self.speed[self.round] * self.drift**self.position
+            seconds = (self.work[role] * self.speed[self.round] * self.drift**self.position
+                       * self.places[self.position])
             self.now += seconds
             if self.round in self.crowded:
                 self.others += seconds  # another process took a whole CPU meanwhile
@@ -156,19 +162,73 @@ def test_the_verdict_is_the_median_round_against_the_target_with_the_a_a_line() 
     lines = no_slower.verdict_lines(
         "gzip", _rounds([1.0, 1.0, 2.0], [1.0, 0.98, 1.02], busy=0.05), main_table="paired 0.940"
     )
-    assert lines[0].startswith("  PASS  gzip cold pack into fragments / without, 3 adjacent")
-    assert ": 1.000 (target >= 0.95)" in lines[0]
+    assert lines[0].startswith("  PASS  gzip cold pack into fragments / without, 3 rounds")
+    assert ": 1.000 [0.500, 1.000] (75% interval) (target >= 0.95)" in lines[0]
     assert "rounds' ratios: min 0.500" in lines[1]
     assert "CPU cold / without 1.000x" in lines[1]
-    assert "A/A without / without (noise floor): 1.000;  min 0.980" in lines[2]
-    assert lines[2].endswith("noise band +-0.021")
-    assert "cannot tell" not in lines[0]
+    assert "A/A without / without (control): 1.000 [0.980, 1.020] (75% interval);  min 0.980" \
+        in lines[2]
     assert lines[3].endswith("(others, steal): median 5%, max 5%")
     assert lines[4].endswith("main table: paired 0.940")
     slower = no_slower.verdict_lines("estargz", _rounds([1.06, 1.06, 0.9], [1.0, 1.0, 1.0]))
     assert slower[0].startswith("  MISS  estargz")
-    assert "0.943 (target >= 0.95)" in slower[0]
+    assert "0.943 [0.943, 1.111] (75% interval) (target >= 0.95)" in slower[0]
     assert len(slower) == 3
+
+
+def test_the_median_interval_is_the_binomial_order_statistics() -> None:
+    """The interval is [x(k), x(n+1-k)] for the largest k whose binomial coverage is >= 95%."""
+    twelve = no_slower.median_interval([float(v) for v in (12, 1, 11, 2, 10, 3, 9, 4, 8, 5, 7, 6)])
+    assert (twelve.low, twelve.high, twelve.ranks) == (3.0, 10.0, (3, 10))
+    # P(B <= 2) for B ~ Binomial(12, 1/2) is (1 + 12 + 66) / 4096.
+    assert twelve.coverage == pytest.approx(1 - 2 * 79 / 4096)
+    assert str(twelve) == "[3.000, 10.000] (96% interval)"
+    assert no_slower.median_interval([float(v) for v in range(1, 21)]).ranks == (6, 15)
+    assert no_slower.median_interval([float(v) for v in range(1, 61)]).ranks == (22, 39)
+    # Too few rounds for 95%: the whole range, its coverage said as it is.
+    five = no_slower.median_interval([0.9, 1.1, 1.0, 0.95, 1.05])
+    assert (five.low, five.high) == (0.9, 1.1)
+    assert five.coverage == pytest.approx(1 - 2 / 32)
+    assert no_slower.median_interval([1.0, 1.0], confidence=0.5).ranks == (1, 2)
+    with pytest.raises(ValueError, match="no values"):
+        no_slower.median_interval([])
+
+
+def test_the_median_interval_holds_the_true_median_as_often_as_it_says() -> None:
+    """On skewed samples with a known median the interval's printed coverage is its real one."""
+    rng = random.Random(18)  # noqa: S311 - a sample, not a secret
+    for n in (12, 30):
+        held = 0
+        trials = 3000
+        for _ in range(trials):
+            sample = [rng.lognormvariate(0.0, 0.5) for _ in range(n)]  # median exactly 1
+            interval = no_slower.median_interval(sample)
+            held += interval.low <= 1.0 <= interval.high
+        assert held / trials == pytest.approx(interval.coverage, abs=0.015)
+
+
+def test_a_verdict_whose_interval_holds_the_target_cannot_tell() -> None:
+    """PASS or MISS follows the median; an interval holding 0.95 adds 'cannot tell'."""
+    cold = [1 / r for r in (0.93, 0.94, 0.96, 0.97, 0.98, 0.99, 0.935, 0.945, 0.955, 0.965,
+                            0.975, 0.985)]
+    control = [1.0, 0.99, 1.01, 1.02, 0.98, 1.0, 1.0, 0.99, 1.01, 1.02, 0.98, 1.0]
+    lines = no_slower.verdict_lines("gzip", _rounds(cold, [1 / r for r in control]))
+    assert lines[0].startswith("  PASS  gzip")
+    assert lines[0].endswith("(the interval holds the target: cannot tell)")
+    sure = no_slower.verdict_lines("gzip", _rounds([1 / 0.97] * 12, [1 / r for r in control]))
+    assert sure[0].startswith("  PASS")
+    assert "cannot tell" not in sure[0]
+    missed = no_slower.verdict_lines("gzip", _rounds([1 / 0.93] * 12, [1 / r for r in control]))
+    assert missed[0].startswith("  MISS")
+    assert "cannot tell" not in missed[0]
+
+
+def test_a_verdict_beside_an_a_a_control_missing_1_cannot_tell() -> None:
+    """An A/A control whose interval misses 1 shows the method biased: no verdict is trusted."""
+    lines = no_slower.verdict_lines("gzip", _rounds([1 / 0.99] * 12, [1 / 1.04] * 12))
+    assert lines[0].startswith("  PASS  gzip")
+    assert lines[0].endswith("(the A/A control's interval misses 1: cannot tell)")
+    assert "1.040 [1.040, 1.040] (96% interval) MISSES 1" in lines[2]
 
 
 def test_block_medians_are_what_shorter_runs_would_have_printed() -> None:
@@ -193,11 +253,13 @@ def test_a_pairs_json_round_trips_into_rounds() -> None:
     report = no_slower.aa_report("gzip", again, [1, 5])
     assert report[0].startswith("  gzip: 2 rounds; A/A per round: min 1.000")
     assert report[0].endswith("robust sigma 0.000")
-    assert report[1] == (
+    assert report[1] == "    A/A median 1.000 [1.000, 1.000] (50% interval)"
+    assert report[2].startswith("    place 0: run / its round's mean: median ")
+    assert report[-2] == (
         "      1 rounds: +-0.000 (2 s.e. of the median); 2 blocks, medians 1.000 1.000  "
         "(worst |median - 1| 0.000)"
     )
-    assert "0 blocks, medians   (worst |median - 1| nan)" in report[2]
+    assert "0 blocks, medians   (worst |median - 1| nan)" in report[-1]
 
 
 def test_the_band_of_a_median_narrows_with_the_square_root_of_the_rounds() -> None:
@@ -223,7 +285,7 @@ def test_a_round_crowded_by_the_rest_of_the_host_is_run_again_and_not_judged() -
     assert len(judged) == 3
     assert judged.orders == tuple(no_slower.round_order(i) for i in range(3))
     lines = no_slower.verdict_lines("gzip", rounds)
-    assert "3 adjacent pairs" in lines[0]
+    assert "3 rounds" in lines[0]
     assert lines[-1].endswith("1 of 4 rounds not judged: the rest of the host used CPU during "
                               "one of their runs")
 
@@ -237,24 +299,117 @@ def test_when_every_round_is_crowded_all_of_them_are_judged_and_it_says_so() -> 
     assert rounds.kept == (False, False, False, False)
     assert len(rounds.judged()) == 4
     lines = no_slower.verdict_lines("gzip", rounds)
-    assert "4 adjacent pairs" in lines[0]
+    assert "4 rounds" in lines[0]
     assert lines[-1].endswith("none was left, so all are judged")
     recrowded = no_slower.recrowd(rounds, 2.0)
     assert recrowded.kept == (True, True, True, True)
 
 
-def test_a_verdict_within_the_a_a_noise_band_of_the_target_says_it_cannot_tell() -> None:
-    """PASS or MISS still follows the 0.95 threshold; within the A/A band it adds 'cannot tell'."""
-    noisy = _rounds([1.06, 1.07, 1.055, 1.04, 1.08], [0.95, 1.0, 1.05, 1.1, 0.9])
-    band = no_slower.noise_band(noisy.ratios("copy"))
-    assert band == pytest.approx(2 * 1.2533 * no_slower.robust_sigma(noisy.ratios("copy")) / 5**0.5)
-    lines = no_slower.verdict_lines("gzip", noisy)
-    assert lines[0].startswith("  MISS  gzip")
-    assert lines[0].endswith("(within the A/A noise band of the target: cannot tell)")
-    # An A/A median off 1 widens the band to that distance.
-    skewed = _rounds([1.0] * 3, [0.9, 0.9, 0.9])
-    assert no_slower.noise_band(skewed.ratios("copy")) == pytest.approx(1 / 0.9 - 1)
-    assert no_slower.verdict_lines("gzip", skewed)[0].endswith("cannot tell)")
+def test_the_balanced_order_puts_every_contender_in_every_place_equally_often() -> None:
+    """Every six rounds each contender runs twice in each place, before each other one thrice."""
+    orders = [no_slower.round_order(i, "balanced") for i in range(12)]
+    assert orders[:6] == orders[6:]
+    roles = ("cold", "without", "copy")
+    for role in roles:
+        assert [order.index(role) for order in orders[:6]].count(0) == 2
+        assert sorted(order.index(role) for order in orders[:6]) == [0, 0, 1, 1, 2, 2]
+        for other in roles:
+            if other != role:
+                assert sum(o.index(role) < o.index(other) for o in orders[:6]) == 3
+    # Each order is followed by its reverse: an even number of rounds is balanced before/after.
+    assert all(orders[i + 1] == orders[i][::-1] for i in range(0, 6, 2))
+
+
+def test_the_balanced_order_cancels_a_slow_middle_place_that_alternation_keeps() -> None:
+    """A run slower in the middle of a round biases the alternating order; balancing cancels it."""
+    same = {"cold": 1.0, "without": 1.0, "copy": 1.0}
+    slow_middle = (1.0, 1.03, 1.0)
+    alternate = _FakeHost(same, [1.0] * 6, places=slow_middle).rounds(6)
+    balanced = _FakeHost(same, [1.0] * 6, places=slow_middle).rounds(6, "balanced")
+    assert statistics.median(alternate.ratios("copy")) == pytest.approx(1.03)
+    assert statistics.median(alternate.ratios("cold")) == pytest.approx(1.03)
+    assert statistics.median(balanced.ratios("copy")) == pytest.approx(1.0)
+    assert statistics.median(balanced.ratios("cold")) == pytest.approx(1.0)
+
+
+def test_place_effects_show_which_place_of_a_round_is_slow() -> None:
+    """On rounds of the same code, each place's median run over its round's mean is its effect."""
+    same = {"cold": 1.0, "without": 1.0, "copy": 1.0}
+    rounds = _FakeHost(same, [1.0, 2.0] * 3, places=(1.0, 1.0, 1.06)).rounds(6, "balanced")
+    effects = no_slower.place_effects(rounds)
+    assert [place for place, _spread, _interval in effects] == [0, 1, 2]
+    assert [spread.median for _place, spread, _interval in effects] == pytest.approx(
+        [1 / 1.02, 1 / 1.02, 1.06 / 1.02]
+    )
+    before, after = no_slower.before_after(rounds)
+    assert len(before) == len(after) == 3
+    lines = no_slower.place_lines(rounds)
+    assert lines[2].startswith("    place 2: run / its round's mean: median 1.039")
+    assert lines[3].startswith("    A/A with copy before without: 3 rounds, median ")
+
+
+def test_untimed_steps_read_the_corpus_once_a_round_and_sync_what_earlier_runs_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With warm 'round' and sync 'written', a round reads the corpus once and each run is
+    preceded by writing back the stores the runs before it wrote into, not the host's pages."""
+    synced: list[list[Path]] = []
+
+    def sync_files(directories: Sequence[Path]) -> int:
+        synced.append(list(directories))
+        return 0
+
+    def no_os_sync() -> None:
+        pytest.fail("os.sync() with --pair-sync written")
+
+    monkeypatch.setattr(bench_pack, "sync_files", sync_files)
+    monkeypatch.setattr(os, "sync", no_os_sync)
+    contenders = {
+        role: bench_pack.ours(tmp_path, [[]], ArchiveOptions(),
+                              blobs=bench_pack.cold_blobs(tmp_path, role))
+        for role in ("cold", "without", "copy")
+    }
+    warmed: list[int] = []
+    steps = bench_pack.Steps()
+    before = bench_pack.untimed_steps(contenders, lambda: warmed.append(1), steps,
+                                      warm_every="round", sync="written", quiet_wait=0)
+    for role in ("cold", "without", "copy", "copy", "without"):
+        assert before(role) == 0.0
+    assert len(warmed) == 2
+    assert synced == [
+        [],
+        [tmp_path / "cold-blobs-cold-1"],
+        [tmp_path / "cold-blobs-without-1"],
+        [tmp_path / "cold-blobs-copy-1"],
+        [tmp_path / "cold-blobs-copy-2"],
+    ]
+    assert set(steps.seconds) == {"warm", "sync", "prepare", "quiet"}
+    assert len(steps.each["prepare"]) == 5
+
+
+def test_sync_files_writes_back_every_file_and_directory_under_the_ones_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every file and directory a run wrote is fsynced; symlinks and other trees are not."""
+    written = tmp_path / "run"
+    (written / "layers" / "sha256").mkdir(parents=True)
+    (written / "layers" / "sha256" / "blob").write_bytes(b"x" * 100)
+    (written / "index.sqlite").write_bytes(b"y")
+    (written / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").write_bytes(b"z")
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsynced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert bench_pack.sync_files([written]) == 5
+    assert sorted(fsynced) == sorted(str(p) for p in (
+        written, written / "layers", written / "layers" / "sha256",
+        written / "layers" / "sha256" / "blob", written / "index.sqlite",
+    ))
 
 
 def test_the_command_lines_help_prints(capsys: pytest.CaptureFixture[str]) -> None:
@@ -265,6 +420,7 @@ def test_the_command_lines_help_prints(capsys: pytest.CaptureFixture[str]) -> No
         assert exited.value.code == 0
     printed = capsys.readouterr().out
     assert "less than 20% busy over 0.1 s" in printed
+    assert "--pair-warm" in printed
     assert "--crowded" in printed
     assert "--sizes" in printed
 
