@@ -639,9 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"rounds of cold / without / A/A copy per format (default {_PAIRS}, "
              f"with --quick {_PAIRS_QUICK}; 0 skips them)",
     )
-    pairs.add_argument("--pair-order", choices=no_slower.ORDERS, default="alternate",
-                       help="the outer two of a round swap every round, or never (default: "
-                            "alternate)")
+    pairs.add_argument("--pair-order", choices=no_slower.ORDERS, default="balanced",
+                       help="balanced: every contender in every place of a round equally "
+                            "often; alternate: without in the middle, the outer two swapping "
+                            "every round; fixed: never (default: balanced)")
     pairs.add_argument("--pair-sync", choices=_SYNCS, default=_SYNC,
                        help="before each timed run, write back what the earlier runs wrote "
                             "(fsync of their files), every dirty page of the host (os.sync), "
@@ -908,18 +909,18 @@ def _main_table_figures(cold: Result, stored: Result, args: argparse.Namespace) 
 
 
 #: Rounds of the "no slower" measurement (chosen from A/A data, docs/performance.md).
-_PAIRS = 8
-_PAIRS_QUICK = 12
+_PAIRS = 30
+_PAIRS_QUICK = 48
 #: A host is quiet when less than this share of its CPU time was busy (anything but idle and
 #: iowait, steal included) over the last _QUIET_WINDOW seconds.
 _QUIET = 0.2
 _QUIET_WINDOW = 0.1
 #: See --quiet-wait, --pair-sync and --pair-warm (chosen from A/A data, docs/performance.md).
-_QUIET_WAIT = 5.0
+_QUIET_WAIT = 0.0
 _SYNCS = ("written", "all", "none")
-_SYNC = "all"
+_SYNC = "written"
 _WARMS = ("run", "round")
-_WARM = "run"
+_WARM = "round"
 
 
 #: See --crowded (chosen from A/A data, docs/performance.md).

@@ -417,7 +417,23 @@ def place_lines(rounds: Rounds) -> list[str]:
                 f"    A/A with copy {name} without: {len(ratios)} rounds, median "
                 f"{statistics.median(ratios):.3f} {median_interval(ratios)}"
             )
+    for name, ratios in zip(("adjacent to", "apart from"), adjacent_apart(rounds), strict=True):
+        if len(ratios) > 1:
+            lines.append(
+                f"    A/A with copy {name} without: {len(ratios)} rounds, median "
+                f"{statistics.median(ratios):.3f}, robust sigma {robust_sigma(ratios):.3f}"
+            )
     return lines
+
+
+def adjacent_apart(rounds: Rounds, role: str = COPY) -> tuple[list[float], list[float]]:
+    """``role``'s ratios in the rounds where it ran next to ``without``, and in the others."""
+    adjacent: list[float] = []
+    apart: list[float] = []
+    for order, ratio in zip(rounds.orders, rounds.ratios(role), strict=True):
+        near = abs(order.index(role) - order.index(WITHOUT)) == 1
+        (adjacent if near else apart).append(ratio)
+    return adjacent, apart
 
 
 def robust_sigma(values: Sequence[float]) -> float:

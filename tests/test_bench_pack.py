@@ -343,6 +343,8 @@ def test_place_effects_show_which_place_of_a_round_is_slow() -> None:
     )
     before, after = no_slower.before_after(rounds)
     assert len(before) == len(after) == 3
+    adjacent, apart = no_slower.adjacent_apart(rounds)
+    assert (len(adjacent), len(apart)) == (4, 2)  # copy and without apart in 2 of 6 orders
     lines = no_slower.place_lines(rounds)
     assert lines[2].startswith("    place 2: run / its round's mean: median 1.039")
     assert lines[3].startswith("    A/A with copy before without: 3 rounds, median ")
