@@ -65,16 +65,17 @@ rate, and a cold pack into the fragment cache >= 0.95x the rate of one
 without (no slower, within noise), for gzip and for each chunked format.
 
 That last target is judged after the main table, per format, by
-:mod:`benchmarks.no_slower`: ``--pairs`` rounds of three adjacent runs,
-cold / without / a second copy of without (the A/A control), ``without``
-in the middle and the other two swapping places every round, each run
-preceded (untimed) by the corpus read once, the contender prepared,
-``os.sync()`` (no earlier run's writeback lands in a timed one) and a short
-wait for a quiet host; a round during which the rest of the host used more
-than ``--crowded`` CPUs is not judged and another is run.  The
-verdict is the median over the rounds of each round's without / cold
-seconds, printed with the rounds' spread, the median CPU ratio and the A/A
-control's median and spread: the method's noise floor.  The main table's
+:mod:`benchmarks.no_slower`: ``--pairs`` rounds of three runs, cold /
+without / a second copy of without (the A/A control), in a balanced order
+(every contender in every place of a round equally often), each run
+preceded (untimed) by the corpus read at the round's start, the files the
+earlier runs wrote written back (``fsync``) and the contender prepared; a
+round during which the rest of the host used more than ``--crowded`` CPUs
+is not judged and another is run.  The verdict is the median over the
+rounds of each round's without / cold seconds with its distribution-free
+95% interval (order statistics; "cannot tell" when it holds 0.95 or the
+A/A control's misses 1), printed with the rounds' spread, the median CPU
+ratio and the A/A control's median, interval and spread.  The main table's
 figures (the median of its rounds' pairs, the ratio of the two bests, the
 CPU ratio) are printed too, labelled, but no longer judge: there the two
 runs of a pair are not adjacent, always in the same order, and its A/A
@@ -991,7 +992,7 @@ def _no_slower(
     if args.pairs < 1:
         return
     print(f"\nno slower: {args.pairs} rounds per format of cold / without / A/A copy, "
-          f"adjacent, order {args.pair_order}, rounds crowded by over {args.crowded} CPUs "
+          f"order {args.pair_order}, rounds crowded by over {args.crowded} CPUs "
           f"re-run, "
           f"sync {args.pair_sync}, warm every {args.pair_warm}, quiet wait {args.quiet_wait} s; "
           f"load average "

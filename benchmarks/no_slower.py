@@ -1,30 +1,28 @@
 """Judging "no slower" on a noisy host: adjacent runs in alternating order, with an A/A control.
 
 ``bench_pack``'s target "a cold pack into fragments no slower than one
-without" (>= 0.95) compares two packs whose costs differ by about 1% of
-instructions, on a shared 2-core VM whose speed moves by more than that
-from one second to the next.  The main table runs ~18 contenders per round
-in one fixed order, so the two runs of a pair are not adjacent, always in
-the same order, and a run's blob (100+ MB of dirty pages) is written back
-by the kernel during whatever runs ~30 s later.  Here, per format:
+without" (>= 0.95) compares two packs whose costs differ by a few percent
+of CPU, on a shared 2-core VM whose speed moves by more than that from one
+second to the next.  Here, per format:
 
-* every round runs three contenders back to back: ``cold`` (into an empty
-  fragment cache), ``without`` (the same pack into a store, no cache) and
-  ``copy`` (a second, identical ``without``: the A/A control);
-* ``without`` is always in the middle, so each of the others is adjacent to
-  it; round to round the outer two swap (``cold, without, copy`` then
-  ``copy, without, cold``), so each of them runs before ``without`` in half
-  the rounds and after it in the other half (``--pair-order fixed`` keeps
-  the first order, for comparison);
-* before every timed run, untimed: the corpus read once (the page cache),
-  the contender prepared (its cache opened and read) and, with ``sync``,
-  every dirty page written back (:func:`os.sync`), so no earlier run's
-  writeback lands in a timed one;
+* every round runs three contenders: ``cold`` (into an empty fragment
+  cache), ``without`` (the same pack into a store, no cache) and ``copy``
+  (a second, identical ``without``: the A/A control);
+* in the ``"balanced"`` order (:data:`BALANCED`) every contender runs in
+  every place of a round equally often, so no place's own effect favours
+  one (``"alternate"``: ``without`` in the middle, the other two swapping
+  every round; ``"fixed"``: never);
+* before every timed run, untimed steps (``bench_pack``: the corpus read at
+  a round's start, what earlier runs wrote written back, the contender
+  prepared);
 * a round's ratio is ``without`` seconds / ``cold`` seconds (a rate ratio:
-  >= 1 means cold is no slower); the verdict is the median over the rounds,
-  printed with the rounds' spread (min / quartiles / max), the median of the
-  rounds' CPU ratios, and the same figures for ``copy``: the A/A line, the
-  method's own noise floor (its median would be 1.00 with no noise).
+  >= 1 means cold is no slower); the verdict is the median over the rounds
+  with its distribution-free confidence interval (:func:`median_interval`),
+  "cannot tell" when the interval holds the target or the A/A control's
+  interval misses 1, printed with the rounds' spread (min / quartiles /
+  max), the median of the rounds' CPU ratios, and the same figures for
+  ``copy``: the A/A line, the method's own noise floor (its median would be
+  1.00 with no noise).
 
 Only the pure parts live here (round orders, the rounds loop with injected
 clocks and hooks, statistics, the printed lines); ``bench_pack`` builds
