@@ -881,13 +881,10 @@ class _Fragment:
         bytes again (about two thirds of a cold pack's compressed bytes).
         """
         if self.frames_defer is not None:
-            whole = not start and (end is None or end == len(blob))
-            if not whole:
+            if start or (end is not None and end != len(blob)):
                 self.frames_defer(_Adding(self), memoryview(blob)[start:end])
-            elif crc >= 0 and self.frames_combine is not None:
-                self.frames_defer(_AddingChecksummed(self, crc), blob)
             else:
-                self.frames_defer(_Adding(self), blob)
+                self.frames_defer(_Adding(self, crc), blob)
         else:
             self.frames.add(blob[start:end])
 
@@ -929,41 +926,27 @@ class _Fragment:
 
 
 class _Adding:
-    """A deferred frames recorder's next compressed bytes (see :attr:`_Fragment.defer`);
-    a failure drops the fragment (:meth:`_Fragment.fail`), never the pack."""
-
-    __slots__ = ("fragment",)
-
-    def __init__(self, fragment: _Fragment) -> None:
-        self.fragment = fragment
-
-    def update(self, data: bytes | bytearray | memoryview, /) -> None:
-        fragment = self.fragment
-        if fragment.failed:
-            return
-        try:
-            fragment.frames.add(data)  # type: ignore[arg-type]  # add_frames queued bytes or a view
-        except Exception as exc:  # noqa: BLE001 - a recording's failure is a miss, never the pack's
-            fragment.fail(exc)
-
-
-class _AddingChecksummed:
-    """A deferred frames recorder's next compressed bytes, a whole batch, given by the CRC-32
-    its compressing worker took (see :meth:`_Fragment.add_frames`); a failure drops the
-    fragment, never the pack."""
+    """A deferred frames recorder's next compressed bytes (see :attr:`_Fragment.defer`),
+    or, ``crc`` given (not -1) and the recorder able to combine it, a whole batch given
+    by the CRC-32 its compressing worker took (see :meth:`_Fragment.add_frames`); a
+    failure drops the fragment (:meth:`_Fragment.fail`), never the pack."""
 
     __slots__ = ("crc", "fragment")
 
-    def __init__(self, fragment: _Fragment, crc: int) -> None:
+    def __init__(self, fragment: _Fragment, crc: int = -1) -> None:
         self.fragment = fragment
         self.crc = crc
 
     def update(self, data: bytes | bytearray | memoryview, /) -> None:
         fragment = self.fragment
-        if fragment.failed or fragment.frames_combine is None:
+        if fragment.failed:
             return
+        combine = fragment.frames_combine
         try:
-            fragment.frames_combine(len(data), self.crc)
+            if self.crc >= 0 and combine is not None:
+                combine(len(data), self.crc)
+            else:
+                fragment.frames.add(data)  # type: ignore[arg-type]  # add_frames queued bytes or a view
         except Exception as exc:  # noqa: BLE001 - a recording's failure is a miss, never the pack's
             fragment.fail(exc)
 
