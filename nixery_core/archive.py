@@ -526,9 +526,9 @@ class _TarStream:
         self._recording: _Recording | None = None
         #: A chunked layer's open recording: its blocks' one queued update (_flush_block).
         self._diff_and_layout: _DiffAndLayout | None = None
-        #: The open recording's layout: each header put, its length and size, and the name of
-        #: a file with content are appended here, in order (LayoutRecorder.captured): no call
-        #: per member or file, and no object kept per member.
+        #: The open recording's layout: each header put, its size, and the name of a file
+        #: with content are appended here, in order (LayoutRecorder.captured): no call per
+        #: member or file, and no object kept per member but the header and the name.
         self._captured: HeaderCapture | None = None
         #: The open member's compressor when it keeps the CRC-32 the layout records.
         self._member_crc: ReportsCrc32 | None = None

@@ -184,8 +184,8 @@ class LayoutRecorder:
         #: whether :meth:`seal` said they did.
         self._settle: Callable[[], None] | None = None
         self._sealed = False
-        #: Members announced instead (:meth:`captured`): their headers, lengths, sizes and
-        #: the names of the files with content, each in one buffer.
+        #: Members announced instead (:meth:`captured`): their headers, sizes and the names
+        #: of the files with content.
         self._captured: HeaderCapture | None = None
         #: How many captured headers :meth:`bound` counted, and their bytes.
         self._counted = 0
@@ -208,8 +208,8 @@ class LayoutRecorder:
             self._captured.clear()
 
     def captured(self) -> HeaderCapture:
-        """Where the packer appends each member's header, its length and size, and the name of
-        each file with content, in order (:class:`HeaderCapture`).
+        """Where the packer appends each member's header and size, and the name of each file
+        with content, in order (:class:`HeaderCapture`).
 
         Instead of :meth:`literal`, :meth:`file` and :meth:`member`, for a
         fragment whose every header is announced (every one the packer

@@ -13,11 +13,12 @@ it, and two cores did the work of 1.5.
 ``if __name__ == "__main__"`` guard, a notebook or an embedding program is
 never imported again in the workers).  It talks over one Unix socket pair:
 a task is a small pickled header (task number, compression settings, the
-frame table, where frames lie in shared memory) and the bytes of the
-frames that do not; the answer is a pickled header (task number, frame
-lengths, chunk digests, how whole files were cut) and the compressed
-bytes, or an error text.  A worker imports only the modules it needs
-(:mod:`nixery_core.chunked` and what it imports), not the whole package.
+frame table, where frames lie in shared memory, whether to checksum) and
+the bytes of the frames that do not; the answer is a pickled header (task
+number, frame lengths, chunk digests, how whole files were cut, the
+compressed bytes' CRC-32 or -1) and the compressed bytes, or an error
+text.  A worker imports only the modules it needs (:mod:`nixery_core.chunked`
+and what it imports), not the whole package.
 
 **Shared memory.**  Where the platform has ``memfd_create``, the pool
 owns :class:`~nixery_core.shared_buffers.SharedBuffers` (:attr:`FrameProcesses.buffers`)
