@@ -633,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="build (or reuse) the corpus here, keep it")
     pairs = parser.add_argument_group(
         "'no slower' (benchmarks/no_slower.py)",
-        "the cold-pack target judged by adjacent runs in alternating order, with an A/A control",
+        "the cold-pack target judged by rounds of three runs in a balanced order, with an A/A "
+        "control",
     )
     pairs.add_argument(
         "--pairs", type=int, default=None,
@@ -987,8 +988,9 @@ _PAIR_FORMATS = ("gzip", "estargz", "zstd-chunked")
 def _no_slower(
     root: Path, paths: Sequence[str], args: argparse.Namespace, main_table: dict[str, str]
 ) -> None:
-    """Judge each format's cold pack against one without by adjacent runs in alternating
-    order with an A/A control (:mod:`benchmarks.no_slower`), and print the verdicts."""
+    """Judge each format's cold pack against one without by rounds of three runs in the
+    ``--pair-order`` (balanced by default) with an A/A control (:mod:`benchmarks.no_slower`),
+    and print the verdicts."""
     if args.pairs < 1:
         return
     print(f"\nno slower: {args.pairs} rounds per format of cold / without / A/A copy, "

@@ -1,4 +1,4 @@
-"""Judging "no slower" on a noisy host: adjacent runs in alternating order, with an A/A control.
+"""Judging "no slower" on a noisy host: rounds of three runs, balanced order, A/A control.
 
 ``bench_pack``'s target "a cold pack into fragments no slower than one
 without" (>= 0.95) compares two packs whose costs differ by a few percent
@@ -160,7 +160,7 @@ def run_rounds(
     (the whole host's busy CPU seconds), read right before and right after
     it.  A round is kept unless the rest of the host used more than
     ``crowded`` CPUs during one of its runs; the order of a round is that of
-    the number of rounds kept so far, so the kept ones alternate exactly.
+    the number of rounds kept so far, so the kept ones follow ``scheme`` exactly.
     """
     if rounds < 1:
         msg = f"rounds must be at least 1, not {rounds}"
