@@ -353,8 +353,9 @@ def test_place_effects_show_which_place_of_a_round_is_slow() -> None:
 def test_untimed_steps_read_the_corpus_once_a_round_and_sync_what_earlier_runs_wrote(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With warm 'round' and sync 'written', a round reads the corpus once and each run is
-    preceded by writing back the stores the runs before it wrote into, not the host's pages."""
+    """With warm 'round' and sync 'written', a round reads the corpus once, each run is preceded
+    by writing back the stores the runs before it wrote into (not the host's pages), and the
+    earlier rounds' stores are removed at a round's start (the disk does not fill)."""
     synced: list[list[Path]] = []
 
     def sync_files(directories: Sequence[Path]) -> int:
@@ -385,8 +386,12 @@ def test_untimed_steps_read_the_corpus_once_a_round_and_sync_what_earlier_runs_w
         [tmp_path / "cold-blobs-copy-1"],
         [tmp_path / "cold-blobs-copy-2"],
     ]
-    assert set(steps.seconds) == {"warm", "sync", "prepare", "quiet"}
+    assert set(steps.seconds) == {"warm", "sync", "prepare", "quiet", "remove"}
     assert len(steps.each["prepare"]) == 5
+    # The first round's stores are gone once the second round starts, this round's are kept.
+    assert not (tmp_path / "cold-blobs-cold-1").exists()
+    assert not (tmp_path / "cold-blobs-copy-1").exists()
+    assert (tmp_path / "cold-blobs-copy-2").is_dir()
 
 
 def test_sync_files_writes_back_every_file_and_directory_under_the_ones_given(
