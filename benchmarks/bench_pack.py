@@ -911,8 +911,8 @@ def _main_table_figures(cold: Result, stored: Result, args: argparse.Namespace) 
 
 
 #: Rounds of the "no slower" measurement (chosen from A/A data, docs/performance.md).
-_PAIRS = 30
-_PAIRS_QUICK = 48
+_PAIRS = 36
+_PAIRS_QUICK = 72
 #: A host is quiet when less than this share of its CPU time was busy (anything but idle and
 #: iowait, steal included) over the last _QUIET_WINDOW seconds.
 _QUIET = 0.2
