@@ -93,6 +93,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -1080,7 +1081,9 @@ def untimed_steps(
     ``before``), each timed into ``steps``: the corpus read (``warm_every`` ``"run"``, or
     ``"round"``: before a round's first run only), what the earlier runs wrote written back
     (``sync`` ``"written"``; ``"all"``: ``os.sync()`` after the prepare), the contender
-    prepared, and a wait of up to ``quiet_wait`` seconds for a quiet host (its last busy share
+    prepared, Python's cyclic garbage collected (``gc.collect()``: a full collection, tens of
+    ms in this process, otherwise lands in whichever run crosses its threshold, cold or not),
+    and a wait of up to ``quiet_wait`` seconds for a quiet host (its last busy share
     returned).  At a round's start the stores the earlier rounds' runs wrote their blobs into
     are removed (100+ MB each on 300 MB: a run of 30 rounds would otherwise fill the disk),
     the removal written back before anything is timed; their fragment caches are kept."""
@@ -1105,14 +1108,15 @@ def untimed_steps(
             stores.append(store.root)
         if sync == "all":
             steps.time("sync", os.sync)
+        steps.time("collect", gc.collect)  # no run pays for the garbage of the runs before it
         return steps.time("quiet", lambda: wait_quiet(quiet_wait))
 
     return before
 
 
 class Steps:
-    """Seconds spent in each untimed step before the timed runs (warm, sync, prepare, quiet),
-    in all and each time (for tuning: how long a wait for quiet took, run by run)."""
+    """Seconds spent in each untimed step before the timed runs (warm, sync, prepare, collect,
+    quiet), in all and each time (for tuning: how long a wait for quiet took, run by run)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

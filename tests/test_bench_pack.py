@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -386,12 +388,39 @@ def test_untimed_steps_read_the_corpus_once_a_round_and_sync_what_earlier_runs_w
         [tmp_path / "cold-blobs-copy-1"],
         [tmp_path / "cold-blobs-copy-2"],
     ]
-    assert set(steps.seconds) == {"warm", "sync", "prepare", "quiet", "remove"}
+    assert set(steps.seconds) == {"warm", "sync", "prepare", "collect", "quiet", "remove"}
     assert len(steps.each["prepare"]) == 5
     # The first round's stores are gone once the second round starts, this round's are kept.
     assert not (tmp_path / "cold-blobs-cold-1").exists()
     assert not (tmp_path / "cold-blobs-copy-1").exists()
     assert (tmp_path / "cold-blobs-copy-2").is_dir()
+
+
+def test_untimed_steps_collect_the_garbage_earlier_runs_left_before_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """A reference cycle left by an earlier run is collected before the next timed run starts,
+    so a full collection never lands inside one contender's run by chance."""
+
+    class Garbage:
+        def __init__(self) -> None:
+            self.me = self
+
+    contenders = {
+        role: bench_pack.ours(tmp_path, [[]], ArchiveOptions(),
+                              blobs=bench_pack.cold_blobs(tmp_path, role))
+        for role in ("cold", "without", "copy")
+    }
+    before = bench_pack.untimed_steps(contenders, lambda: None, bench_pack.Steps(),
+                                      warm_every="round", sync="none", quiet_wait=0)
+    gc.disable()  # only the step may collect it
+    try:
+        left = weakref.ref(Garbage())
+        assert left() is not None
+        before("cold")
+        assert left() is None
+    finally:
+        gc.enable()
 
 
 def test_sync_files_writes_back_every_file_and_directory_under_the_ones_given(
