@@ -1018,36 +1018,36 @@ def test_sizes_beyond_ustar_get_a_pax_size_record() -> None:
     )
 
 
+class _ManualPool:
+    """A pool that runs what it is given only when the test says."""
+
+    max_workers = 2
+
+    def __init__(self) -> None:
+        self.tasks: list[Callable[[], None]] = []
+
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        self.tasks.append(fn)
+        return Future()
+
+    def run(self) -> None:
+        tasks, self.tasks = self.tasks, []
+        for task in tasks:
+            task()
+
+
 def test_an_update_raising_in_a_pool_drain_neither_wedges_the_hashing_queue_nor_goes_unseen() -> (
     None
 ):
     """An update that raises on the pool (a recording's commit failing to start the cache's
     writing thread) leaves the queue draining on the pool with every later diff_id update
     applied, and its exception is raised on the producing thread at the next wait."""
-    from concurrent.futures import Future
-
-    class Manual:
-        """A pool that runs what it is given only when the test says."""
-
-        max_workers = 2
-
-        def __init__(self) -> None:
-            self.tasks: list[Callable[[], None]] = []
-
-        def submit(self, fn: Callable[[], None]) -> Future[None]:
-            self.tasks.append(fn)
-            return Future()
-
-        def run(self) -> None:
-            tasks, self.tasks = self.tasks, []
-            for task in tasks:
-                task()
 
     class Failing:
         def update(self, _data: bytes | bytearray | memoryview, /) -> None:
             raise RuntimeError("can't start new thread")
 
-    pool = Manual()
+    pool = _ManualPool()
     hashing = archive._OrderedHashing(pool)  # type: ignore[arg-type]  # a stub pool
     diff = hashlib.sha256()
     hashing.update(diff, b"a")
@@ -1105,23 +1105,6 @@ def test_updates_riding_along_wake_no_pool_thread_and_are_applied_in_order() -> 
     not count toward the producer's backlog: the next update's drain (or wait) applies it,
     in order with the blocks around it."""
 
-    class Manual:
-        """A pool that runs what it is given only when the test says."""
-
-        max_workers = 2
-
-        def __init__(self) -> None:
-            self.tasks: list[Callable[[], None]] = []
-
-        def submit(self, fn: Callable[[], None]) -> Future[None]:
-            self.tasks.append(fn)
-            return Future()
-
-        def run(self) -> None:
-            tasks, self.tasks = self.tasks, []
-            for task in tasks:
-                task()
-
     class Seen:
         def __init__(self, name: str, log: list[str]) -> None:
             self.name, self.log = name, log
@@ -1129,7 +1112,7 @@ def test_updates_riding_along_wake_no_pool_thread_and_are_applied_in_order() -> 
         def update(self, data: bytes | bytearray | memoryview, /) -> None:
             self.log.append(f"{self.name}:{len(data)}")
 
-    pool = Manual()
+    pool = _ManualPool()
     hashing = archive._OrderedHashing(pool)  # type: ignore[arg-type]  # a stub pool
     log: list[str] = []
     hashing.ride_along(Seen("range", log), bytes(archive._OrderedHashing._MAX_QUEUED + 1))
