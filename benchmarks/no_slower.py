@@ -395,11 +395,7 @@ def place_effects(rounds: Rounds) -> list[tuple[int, Spread, Interval]]:
 def before_after(rounds: Rounds, role: str = COPY) -> tuple[list[float], list[float]]:
     """``role``'s ratios (:meth:`Rounds.ratios`) in the rounds where it ran before ``without``,
     and in those where it ran after it."""
-    before: list[float] = []
-    after: list[float] = []
-    for order, ratio in zip(rounds.orders, rounds.ratios(role), strict=True):
-        (before if order.index(role) < order.index(WITHOUT) else after).append(ratio)
-    return before, after
+    return _split(rounds, role, lambda place, without: place < without)
 
 
 def place_lines(rounds: Rounds) -> list[str]:
@@ -426,12 +422,19 @@ def place_lines(rounds: Rounds) -> list[str]:
 
 def adjacent_apart(rounds: Rounds, role: str = COPY) -> tuple[list[float], list[float]]:
     """``role``'s ratios in the rounds where it ran next to ``without``, and in the others."""
-    adjacent: list[float] = []
-    apart: list[float] = []
+    return _split(rounds, role, lambda place, without: abs(place - without) == 1)
+
+
+def _split(
+    rounds: Rounds, role: str, first: Callable[[int, int], bool]
+) -> tuple[list[float], list[float]]:
+    """``role``'s ratios in the rounds where ``first(its place, without's place)`` holds, and
+    in the others."""
+    chosen: list[float] = []
+    others: list[float] = []
     for order, ratio in zip(rounds.orders, rounds.ratios(role), strict=True):
-        near = abs(order.index(role) - order.index(WITHOUT)) == 1
-        (adjacent if near else apart).append(ratio)
-    return adjacent, apart
+        (chosen if first(order.index(role), order.index(WITHOUT)) else others).append(ratio)
+    return chosen, others
 
 
 def robust_sigma(values: Sequence[float]) -> float:
