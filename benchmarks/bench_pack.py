@@ -1088,13 +1088,15 @@ def untimed_steps(
     are removed (100+ MB each on 300 MB: a run of 30 rounds would otherwise fill the disk),
     the removal written back before anything is timed; their fragment caches are kept."""
     runs = [0]
+    per_round = len(contenders)  # a round runs each contender once
     stores: list[Path] = []
 
     def before(role: str) -> float:
-        if runs[0] % 3 == 0 and stores:
+        starts = runs[0] % per_round == 0
+        if starts and stores:
             steps.time("remove", lambda: remove_stores(stores))
             stores.clear()
-        if warm_every == "run" or runs[0] % 3 == 0:
+        if warm_every == "run" or starts:
             steps.time("warm", warm_corpus)
         runs[0] += 1
         if sync == "written":
