@@ -343,7 +343,9 @@ class BucketStats:
     ``hits``: fragments fetched and kept locally; ``misses``: keys the bucket
     did not have; ``rejected``: fragments found but refused (bad pointer,
     absent or damaged blob); ``failed``: lookups the store failed;
-    ``uploaded``/``upload_failures``: fragments stored, or not, in the bucket.
+    ``uploaded``/``upload_failures``: fragments and TOC parts stored, or not, in the
+    bucket (a reference that could not be shared, or a job skipped because the upload
+    queue was full or its thread could not start, is a failure too).
     ``referenced``: references found (ranges of layer blobs in the bucket, kept
     locally as ranges; also counted in ``hits``); ``references_shared``:
     references this instance wrote.
@@ -824,13 +826,20 @@ class BucketFragments:
         if failed is not None:
             log.warning("fragment upload thread cannot be started (%s); %s of %s skipped",
                         failed, job, argument)
-            if job in ("upload", "part"):
-                self._count("upload_failures")
+            self._skipped(job)
             return
         try:
             self._jobs.put_nowait((job, argument, pointer))
         except queue.Full:
             log.info("fragment upload queue full; %s of %s skipped", job, argument)
+            self._skipped(job)
+
+    def _skipped(self, job: str) -> None:
+        """A job never run (no upload thread, a full queue): counted as ``_attempt`` counts
+        one that fails, so that every upload, TOC part and reference offered ends as one
+        ``uploaded``, ``references_shared`` or ``upload_failures`` (a touch counts none)."""
+        if job != "touch":
+            self._count("upload_failures")
 
     def _work(self) -> None:
         while True:

@@ -1108,6 +1108,38 @@ def test_an_upload_thread_that_cannot_start_skips_its_uploads_never_the_pack(
     assert pointers(bucket) == []
 
 
+def test_uploads_a_full_queue_skips_are_counted_as_failures(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads skipped because the upload queue is full (here one job long, its thread held
+    on the first) are counted as failed uploads: every fragment offered ends as uploaded
+    or as a failure, and the bucket holds a pointer for each one uploaded."""
+    import threading
+
+    from nixery_core import fragment_bucket
+
+    monkeypatch.setattr(fragment_bucket, "_MAX_QUEUED", 1)
+    release = threading.Event()
+    peek = fragments_module.FragmentCache.peek
+
+    def held(self: FragmentCache, *args: Any, **kwargs: Any) -> Any:
+        release.wait(10)
+        return peek(self, *args, **kwargs)
+
+    monkeypatch.setattr(fragments_module.FragmentCache, "peek", held)
+    bucket = MemoryStore()
+    local, tier = instance(tmp_path / "a", bucket)
+    with local, tier:
+        assert pack(store, PATHS, OPTIONS, tier) == pack(store, PATHS, OPTIONS)
+        release.set()
+        _assert_flush_returns(tier)
+        stats = tier.stats
+        # One job taken by the held thread, at most one queued behind it: the rest skipped.
+        assert stats.upload_failures >= len(PATHS) - 2
+        assert stats.uploaded + stats.upload_failures == len(PATHS)
+    assert len(pointers(bucket)) == tier.stats.uploaded
+
+
 @pytest.mark.parametrize("background", [True, False], ids=["background", "inline"])
 def test_an_upload_job_that_raises_is_skipped_and_the_uploads_go_on(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
