@@ -1015,7 +1015,7 @@ def _no_slower(
           f"{os.getloadavg()[0]:.1f} ...", flush=True)
     # The stores and caches in a directory of this run's own: another run on a kept corpus
     # removes cold-blobs-* and cold-fragments-* under its root.
-    work = Path(tempfile.mkdtemp(prefix="no-slower-", dir=root))
+    work = no_slower_work_dir(root)
     try:
         dump = _rounds_of_formats(root, work, paths, args, main_table)
     finally:
@@ -1025,6 +1025,28 @@ def _no_slower(
             {"order": args.pair_order, "sync": args.pair_sync, "warm": args.pair_warm,
              "quiet_wait": args.quiet_wait, "aa_only": args.aa_only, "formats": dump},
             indent=1))
+
+
+def no_slower_work_dir(root: Path) -> Path:
+    """A new directory of this run's own under ``root`` (``no-slower-<pid>-*``), for the
+    rounds' stores and caches; those a run stopped before its end left (its process gone)
+    are removed first, hundreds of MB each on the 300 MB corpus.  Another live run's are
+    kept."""
+    for left in root.glob("no-slower-*-*"):
+        pid = left.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"no-slower-{os.getpid()}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _rounds_of_formats(

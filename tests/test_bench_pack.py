@@ -485,3 +485,25 @@ def test_frame_workers_cpu_falls_back_to_ticks_without_their_clocks(
     fields = bench_pack._proc_fields(os.getpid())
     ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     assert bench_pack.workers_cpu() == pytest.approx(ticks, abs=0.05)
+
+
+def test_a_no_slower_run_removes_what_stopped_runs_left_and_keeps_live_ones(
+    tmp_path: Path,
+) -> None:
+    """The rounds' directory of a run stopped before its end (its process gone) is removed
+    when the next run starts; a live run's, and one named without a process, stay."""
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stopped = tmp_path / f"no-slower-{gone.pid}-abc"
+    live = tmp_path / f"no-slower-{os.getpid()}-def"
+    unnamed = tmp_path / "no-slower-xyz"
+    for directory in (stopped, live, unnamed):
+        (directory / "cold-blobs-gzip-1").mkdir(parents=True)
+    work = bench_pack.no_slower_work_dir(tmp_path)
+    assert work.is_dir()
+    assert work.name.startswith(f"no-slower-{os.getpid()}-")
+    assert not stopped.exists()
+    assert live.is_dir()
+    assert unnamed.is_dir()
