@@ -1108,7 +1108,7 @@ def test_an_upload_thread_that_cannot_start_skips_its_uploads_never_the_pack(
     assert pointers(bucket) == []
 
 
-def test_uploads_a_full_queue_skips_are_counted_as_failures(
+def test_uploads_skipped_by_a_full_queue_are_counted_as_failures(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Uploads skipped because the upload queue is full (here one job long, its thread held
