@@ -115,6 +115,7 @@ import attrs
 from benchmarks import no_slower
 from nixery_core import frame_processes
 from nixery_core.archive import ArchiveOptions, pack_store_paths
+from nixery_core.durable import fsync_dir
 from nixery_core.fragments import FragmentCache, FragmentSource
 from nixery_core.storage.filesystem import FilesystemStore
 
@@ -936,11 +937,7 @@ def remove_stores(roots: Sequence[Path]) -> None:
     for root in roots:
         shutil.rmtree(root, ignore_errors=True)
     for parent in {root.parent for root in roots}:
-        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(parent)
 
 
 def sync_files(directories: Sequence[Path]) -> int:
