@@ -108,11 +108,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import attrs
 
 from benchmarks import no_slower
+from benchmarks.remote_pack import HERE, ISSUE_18_BASE, RemotePack, export_revision
 from nixery_core import frame_processes
 from nixery_core.archive import ArchiveOptions, pack_store_paths
 from nixery_core.durable import fsync_dir
@@ -672,6 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"of the host used more than this many CPUs during one of its runs (default "
              f"{_CROWDED}; inf: judge every round)",
     )
+    pairs.add_argument(
+        "--today", nargs="?", const=ISSUE_18_BASE, metavar="REV",
+        help="judge the cold pack against the pack of the code at REV (default "
+             f"{ISSUE_18_BASE}: before issue 18's fragments) instead of this code's pack "
+             "without fragments; every contender packs in a server process "
+             "(benchmarks/pack_server.py); needs git and REV in the history",
+    )
     pairs.add_argument("--only-pairs", action="store_true",
                        help="only these rounds: no main table, no memory rows")
     pairs.add_argument("--pairs-json", type=Path,
@@ -1054,8 +1062,11 @@ def _rounds_of_formats(
     format's rounds as ``--pairs-json`` writes them, with the untimed steps' seconds."""
     dump: dict[str, object] = {}
     for name in args.pair_formats:
+        if args.today:
+            dump[name] = _rounds_against(root, work, paths, args, name)
+            continue
         options = ArchiveOptions(compression=name)
-        contenders = {
+        contenders: dict[str, RoundContender] = {
             no_slower.WITHOUT: ours(root, [paths], options,
                                     blobs=cold_blobs(work, f"{name}-without")),
             no_slower.COPY: ours(root, [paths], options, blobs=cold_blobs(work, f"{name}-copy")),
@@ -1087,8 +1098,73 @@ def _rounds_of_formats(
     return dump
 
 
+def _rounds_against(
+    root: Path, work: Path, paths: Sequence[str], args: argparse.Namespace, name: str
+) -> dict[str, object]:
+    """``--today``: one format's rounds of this code's cold pack into fragments against the
+    pack of the code at ``args.today`` (and an A/A copy of that), each contender a server
+    process (:class:`~benchmarks.remote_pack.RemotePack`); printed as :func:`_rounds_of_formats`
+    prints its verdicts, and returned as it dumps them."""
+    old = export_revision(args.today, work)
+    contenders: dict[str, RoundContender] = {}
+    servers: list[RemotePack] = []
+    try:
+        for role, code, cold in ((no_slower.COLD, None, True), (no_slower.WITHOUT, old, False),
+                                 (no_slower.COPY, old, False)):
+            server = RemotePack(code or HERE, root, paths, compression=name,
+                                work=work / "runs", name=f"{name}-{role}", fragments=cold)
+            servers.append(server)
+            contenders[role] = server
+        steps = Steps()
+        before = untimed_steps(contenders, lambda: warm(root, paths), steps,
+                               warm_every=args.pair_warm, sync=args.pair_sync,
+                               quiet_wait=args.quiet_wait)
+        start = time.perf_counter()
+        rounds = no_slower.run_rounds(
+            contenders, args.pairs, scheme=args.pair_order, before=before,
+            clock=time.perf_counter, cpu=lambda: _cpu_all() + sum(s.cpu for s in servers),
+            host=host_cpu, crowded=args.crowded, most=2 * args.pairs)
+        digests = {role: server.last.get("digest") for role, server in contenders.items()
+                   if isinstance(server, RemotePack)}
+    finally:
+        for server in servers:
+            server.close()
+    for line in no_slower.verdict_lines(name, rounds, baseline=f"the pack at {args.today}"):
+        print(line)
+    took = time.perf_counter() - start
+    timed = sum(run.seconds for runs in rounds.runs.values() for run in runs)
+    print(f"          ({took:.0f} s, {len(rounds.kept)} rounds run: timed runs {timed:.1f} s, "
+          f"{steps}; load average {os.getloadavg()[0]:.1f}; blobs: this code's "
+          f"{digests[no_slower.COLD]}, {args.today}'s {digests[no_slower.WITHOUT]})",
+          flush=True)
+    return {"today": args.today, "orders": rounds.orders, "kept": rounds.kept,
+            "load": os.getloadavg()[0], "seconds": took, "steps": steps.seconds,
+            "each": steps.each, "digests": digests,
+            **{role: [attrs.asdict(run) for run in runs] for role, runs in rounds.runs.items()}}
+
+
+class RoundContender(Protocol):
+    """What the untimed steps need of a contender of the rounds (``ours``, ``RemotePack``)."""
+
+    #: Where the run prepared last writes its blob (``None``: nowhere kept).
+    @property
+    def store(self) -> _HasRoot | None: ...
+
+    #: The directories the run prepared last writes into.
+    writes: list[Path]
+
+    def prepare(self) -> None: ...
+
+    def __call__(self) -> object: ...
+
+
+class _HasRoot(Protocol):
+    @property
+    def root(self) -> Path: ...
+
+
 def untimed_steps(
-    contenders: Mapping[str, ours],
+    contenders: Mapping[str, RoundContender],
     warm_corpus: Callable[[], object],
     steps: Steps,
     *,

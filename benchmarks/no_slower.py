@@ -264,12 +264,14 @@ def verdict_lines(
     *,
     target: float = 0.95,
     main_table: str = "",
+    baseline: str = "without",
 ) -> list[str]:
     """The printed verdict of one format: cold's paired median against ``target`` with its
     distribution-free 95% interval (:func:`median_interval`; "cannot tell" when it holds
     ``target``, or when the A/A control's interval does not hold 1), its spread and CPU, the A/A
     control's median, interval and spread beside it, and ``main_table``'s figures; judged on the
-    rounds kept (all when none was)."""
+    rounds kept (all when none was); ``baseline`` names the ``without`` contender in the
+    lines."""
     every = rounds
     rounds = rounds.judged()
     ratios, control_ratios = rounds.ratios(COLD), rounds.ratios(COPY)
@@ -284,11 +286,12 @@ def verdict_lines(
     else:
         unsure = ""
     lines = [
-        f"  {verdict}  {name} cold pack into fragments / without, {len(rounds)} "
+        f"  {verdict}  {name} cold pack into fragments / {baseline}, {len(rounds)} "
         f"rounds: {cold.median:.3f} {interval} (target >= {target}){unsure}",
-        f"          rounds' ratios: {cold};  CPU cold / without "
+        f"          rounds' ratios: {cold};  CPU cold / {baseline} "
         f"{statistics.median(rounds.cpu_ratios(COLD)):.3f}x (median)",
-        f"          A/A without / without (control): {control.median:.3f} {control_interval}"
+        f"          A/A {baseline} / {baseline} (control): {control.median:.3f} "
+        f"{control_interval}"
         f"{' MISSES 1' if biased else ''};  {control};  "
         f"CPU {statistics.median(rounds.cpu_ratios(COPY)):.3f}x",
     ]
