@@ -387,31 +387,53 @@ class OrderedOutput:
 
     Each piece carries the tag of its member.  :meth:`take_ready` hands back
     the finished pieces at the front, waiting for the oldest piece while
-    more than ``max_in_flight`` are being compressed, so memory stays bounded.
+    more than ``max_in_flight`` blocks' worth of input (:data:`BLOCK_SIZE`
+    bytes each) is being compressed, so memory stays bounded.  Counted in
+    bytes, not pieces: a layer of many small store paths hands over one
+    small partial block per member, and with at most ``2 * threads`` pieces
+    in flight (the limit until the twelfth session) the packing thread waited
+    for the oldest of a few tiny ones while the deflate threads ran dry.  In
+    the first fifth of the quick benchmark closure's gzip pack (its small
+    store paths) the pool's threads were busy 1.2-1.6 of 2 cores with that
+    limit, 1.5-1.7 with this one, as for the pack before fragments (one
+    stream of full blocks: 1.6-1.8; ``perf``, docs/performance.md).  At most
+    :data:`_MAX_PIECES` pieces per block of the limit are in flight whatever
+    their sizes.
     """
 
     def __init__(self, max_in_flight: int) -> None:
-        self._items: deque[tuple[object, bytes | Future[bytes]]] = deque()
+        self._items: deque[tuple[object, bytes | Future[bytes], int]] = deque()
         self._pending = 0
+        self._pending_bytes = 0
         self._max = max(1, max_in_flight)
+        self._max_bytes = self._max * BLOCK_SIZE
 
-    def add(self, tag: object, item: bytes | Future[bytes]) -> None:
-        if not isinstance(item, bytes):
+    def add(self, tag: object, item: bytes | Future[bytes], size: int = BLOCK_SIZE) -> None:
+        """Queue ``item``; one still being compressed counts ``size`` bytes of input (a
+        block's unless said) until it is taken."""
+        if isinstance(item, bytes):
+            size = 0
+        else:
             self._pending += 1
-        self._items.append((tag, item))
+            self._pending_bytes += size
+        self._items.append((tag, item, size))
 
     def _pop(self) -> tuple[object, bytes]:
-        tag, item = self._items.popleft()
+        tag, item, size = self._items.popleft()
         if isinstance(item, bytes):
             return tag, item
         self._pending -= 1
+        self._pending_bytes -= size
         return tag, item.result()
+
+    def _full(self) -> bool:
+        return self._pending_bytes > self._max_bytes or self._pending > _MAX_PIECES * self._max
 
     def take_ready(self) -> list[tuple[object, bytes]]:
         out: list[tuple[object, bytes]] = []
         items = self._items
         while items and (
-            isinstance(items[0][1], bytes) or items[0][1].done() or self._pending > self._max
+            isinstance(items[0][1], bytes) or items[0][1].done() or self._full()
         ):
             out.append(self._pop())
         return out
@@ -421,10 +443,14 @@ class OrderedOutput:
 
     def cancel(self) -> None:
         while self._items:
-            _tag, item = self._items.popleft()
+            _tag, item, _size = self._items.popleft()
             if not isinstance(item, bytes):
                 item.cancel()
-        self._pending = 0
+        self._pending = self._pending_bytes = 0
+
+
+#: Pieces in flight in an :class:`OrderedOutput` at most, per block of its limit.
+_MAX_PIECES = 16
 
 
 def open_compressor(
@@ -685,13 +711,13 @@ class _GzipBlocks:
             cell = Checksummed(self._tag)
             self._output.add(cell, self._executor.submit(
                 cell.deflate, self._module, self._level, self._mem_level, block, zdict
-            ))
+            ), len(block))
             return
         future = self._executor.submit(
             _deflate_block, self._module, self._level, self._mem_level, block, zdict
         )
         if self._output is not None:
-            self._output.add(self._tag, future)
+            self._output.add(self._tag, future, len(block))
             return
         self._in_flight.append(future)
         # Hand back every block already done, in order; wait when too many are queued.

@@ -10,9 +10,10 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -349,3 +350,47 @@ def test_our_zstd_frames_declare_no_larger_window_than_their_level_gives(level: 
     declared = [zstandard.get_frame_parameters(frame).window_size for frame in frames]
     assert max(declared) <= bound
     assert declared[0] == bound  # a streamed member's: the bound is no looser than needed
+
+
+def _unfinished(count: int) -> list[Future[bytes]]:
+    return [Future() for _ in range(count)]
+
+
+def test_ordered_output_keeps_small_pieces_in_flight_up_to_its_bytes_not_its_count() -> None:
+    # A layer of many small store paths hands over one small partial block per member: the
+    # packing thread must not wait for the oldest while their bytes are under the limit.
+    output = compression.OrderedOutput(2)
+    small = _unfinished(12)
+    for index, future in enumerate(small):
+        output.add(index, future, 40_000)
+    finisher = threading.Timer(0.3, lambda: [f.set_result(b"x") for f in small])
+    finisher.start()
+    try:
+        assert output.take_ready() == []  # nothing done, 480 kB in flight: no wait
+    finally:
+        finisher.join()
+    assert [tag for tag, _piece in output.take_ready()] == list(range(12))
+
+
+def test_ordered_output_waits_for_the_oldest_once_its_bytes_exceed_the_limit() -> None:
+    output = compression.OrderedOutput(2)
+    blocks = _unfinished(3)
+    for index, future in enumerate(blocks):
+        output.add(index, future, compression.BLOCK_SIZE)  # 3 MiB against a 2 MiB limit
+    threading.Timer(0.05, lambda: blocks[0].set_result(b"first")).start()
+    assert output.take_ready() == [(0, b"first")]  # waited for it; 2 MiB left: no more
+    blocks[2].set_result(b"third")
+    assert output.take_ready() == []  # in order: the second is not done
+    blocks[1].set_result(b"second")
+    assert output.take_ready() == [(1, b"second"), (2, b"third")]
+
+
+def test_ordered_output_bounds_the_number_of_pieces_in_flight_too() -> None:
+    output = compression.OrderedOutput(1)
+    tiny = _unfinished(compression._MAX_PIECES + 1)
+    for index, future in enumerate(tiny):
+        output.add(index, future, 1)
+    threading.Timer(0.05, lambda: tiny[0].set_result(b"a")).start()
+    assert [tag for tag, _piece in output.take_ready()] == [0]
+    for future in tiny[1:]:
+        future.cancel()
