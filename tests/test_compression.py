@@ -363,7 +363,12 @@ def test_ordered_output_keeps_small_pieces_in_flight_up_to_its_bytes_not_its_cou
     small = _unfinished(12)
     for index, future in enumerate(small):
         output.add(index, future, 40_000)
-    finisher = threading.Timer(0.3, lambda: [f.set_result(b"x") for f in small])
+
+    def finish() -> None:
+        for future in small:
+            future.set_result(b"x")
+
+    finisher = threading.Timer(0.3, finish)
     finisher.start()
     try:
         assert output.take_ready() == []  # nothing done, 480 kB in flight: no wait
