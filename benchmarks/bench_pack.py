@@ -1124,8 +1124,8 @@ def _rounds_against(
             contenders, args.pairs, scheme=args.pair_order, before=before,
             clock=time.perf_counter, cpu=lambda: _cpu_all() + sum(s.cpu for s in servers),
             host=host_cpu, crowded=args.crowded, most=2 * args.pairs)
-        digests = {role: server.last.get("digest") for role, server in contenders.items()
-                   if isinstance(server, RemotePack)}
+        digests = {role: server.last.get("digest")
+                   for role, server in zip(contenders, servers, strict=True)}
     finally:
         for server in servers:
             server.close()
