@@ -1076,26 +1076,44 @@ def _rounds_of_formats(
         if args.aa_only:  # every run the same code: a third copy of without in cold's place
             contenders[no_slower.COLD] = ours(root, [paths], options,
                                               blobs=cold_blobs(work, f"{name}-third"))
-        steps = Steps()
-        before = untimed_steps(contenders, lambda: warm(root, paths), steps,
-                               warm_every=args.pair_warm, sync=args.pair_sync,
-                               quiet_wait=args.quiet_wait)
-        start = time.perf_counter()
-        rounds = no_slower.run_rounds(contenders, args.pairs, scheme=args.pair_order,
-                                      before=before, clock=time.perf_counter, cpu=_cpu_all,
-                                      host=host_cpu, crowded=args.crowded, most=2 * args.pairs)
         label = f"{name} (A/A/A: --aa-only)" if args.aa_only else name
-        for line in no_slower.verdict_lines(label, rounds, main_table=main_table.get(name, "")):
-            print(line)
-        took = time.perf_counter() - start
-        timed = sum(run.seconds for runs in rounds.runs.values() for run in runs)
-        print(f"          ({took:.0f} s, {len(rounds.kept)} rounds run: timed runs {timed:.1f} s, "
-              f"{steps}; load average {os.getloadavg()[0]:.1f})", flush=True)
-        dump[name] = {"orders": rounds.orders, "kept": rounds.kept, "load": os.getloadavg()[0],
-                      "seconds": took, "steps": steps.seconds, "each": steps.each,
-                      **{role: [attrs.asdict(run) for run in runs]
-                         for role, runs in rounds.runs.items()}}
+        dump[name] = _judge(root, paths, args, contenders, label=label,
+                            main_table=main_table.get(name, ""))
     return dump
+
+
+def _judge(
+    root: Path,
+    paths: Sequence[str],
+    args: argparse.Namespace,
+    contenders: Mapping[str, RoundContender],
+    *,
+    label: str,
+    cpu: Callable[[], float] = _cpu_all,
+    baseline: str = no_slower.WITHOUT,
+    main_table: str = "",
+    tail: Callable[[], str] = str,
+) -> dict[str, object]:
+    """One format's rounds of ``contenders`` (after the untimed steps ``args`` asks for),
+    their verdict printed (``baseline`` naming the ``without`` contender) with where the time
+    went, and ``tail()`` at the end of that line; returned as ``--pairs-json`` dumps them."""
+    steps = Steps()
+    before = untimed_steps(contenders, lambda: warm(root, paths), steps,
+                           warm_every=args.pair_warm, sync=args.pair_sync,
+                           quiet_wait=args.quiet_wait)
+    start = time.perf_counter()
+    rounds = no_slower.run_rounds(contenders, args.pairs, scheme=args.pair_order,
+                                  before=before, clock=time.perf_counter, cpu=cpu,
+                                  host=host_cpu, crowded=args.crowded, most=2 * args.pairs)
+    for line in no_slower.verdict_lines(label, rounds, main_table=main_table, baseline=baseline):
+        print(line)
+    took = time.perf_counter() - start
+    timed = sum(run.seconds for runs in rounds.runs.values() for run in runs)
+    print(f"          ({took:.0f} s, {len(rounds.kept)} rounds run: timed runs {timed:.1f} s, "
+          f"{steps}; load average {os.getloadavg()[0]:.1f}{tail()})", flush=True)
+    return {"orders": rounds.orders, "kept": rounds.kept, "load": os.getloadavg()[0],
+            "seconds": took, "steps": steps.seconds, "each": steps.each,
+            **{role: [attrs.asdict(run) for run in runs] for role, runs in rounds.runs.items()}}
 
 
 def _rounds_against(
@@ -1103,44 +1121,31 @@ def _rounds_against(
 ) -> dict[str, object]:
     """``--today``: one format's rounds of this code's cold pack into fragments against the
     pack of the code at ``args.today`` (and an A/A copy of that), each contender a server
-    process (:class:`~benchmarks.remote_pack.RemotePack`); printed as :func:`_rounds_of_formats`
-    prints its verdicts, and returned as it dumps them."""
+    process (:class:`~benchmarks.remote_pack.RemotePack`), judged and dumped by
+    :func:`_judge` with the blobs' digests each wrote."""
     old = export_revision(args.today, work)
-    contenders: dict[str, RoundContender] = {}
-    servers: list[RemotePack] = []
+    servers: dict[str, RemotePack] = {}
     try:
-        for role, code, cold in ((no_slower.COLD, None, True), (no_slower.WITHOUT, old, False),
+        for role, code, cold in ((no_slower.COLD, HERE, True), (no_slower.WITHOUT, old, False),
                                  (no_slower.COPY, old, False)):
-            server = RemotePack(code or HERE, root, paths, compression=name,
-                                work=work / "runs", name=f"{name}-{role}", fragments=cold)
-            servers.append(server)
-            contenders[role] = server
-        steps = Steps()
-        before = untimed_steps(contenders, lambda: warm(root, paths), steps,
-                               warm_every=args.pair_warm, sync=args.pair_sync,
-                               quiet_wait=args.quiet_wait)
-        start = time.perf_counter()
-        rounds = no_slower.run_rounds(
-            contenders, args.pairs, scheme=args.pair_order, before=before,
-            clock=time.perf_counter, cpu=lambda: _cpu_all() + sum(s.cpu for s in servers),
-            host=host_cpu, crowded=args.crowded, most=2 * args.pairs)
-        digests = {role: server.last.get("digest")
-                   for role, server in zip(contenders, servers, strict=True)}
+            servers[role] = RemotePack(code, root, paths, compression=name,
+                                       work=work / "runs", name=f"{name}-{role}", fragments=cold)
+
+        def digest(role: str) -> object:
+            return servers[role].last.get("digest")
+
+        dump = _judge(
+            root, paths, args, dict(servers), label=name,
+            cpu=lambda: _cpu_all() + sum(server.cpu for server in servers.values()),
+            baseline=f"the pack at {args.today}",
+            tail=lambda: (f"; blobs: this code's {digest(no_slower.COLD)}, "
+                          f"{args.today}'s {digest(no_slower.WITHOUT)}"),
+        )
+        return {"today": args.today, "digests": {role: digest(role) for role in servers},
+                **dump}
     finally:
-        for server in servers:
+        for server in servers.values():
             server.close()
-    for line in no_slower.verdict_lines(name, rounds, baseline=f"the pack at {args.today}"):
-        print(line)
-    took = time.perf_counter() - start
-    timed = sum(run.seconds for runs in rounds.runs.values() for run in runs)
-    print(f"          ({took:.0f} s, {len(rounds.kept)} rounds run: timed runs {timed:.1f} s, "
-          f"{steps}; load average {os.getloadavg()[0]:.1f}; blobs: this code's "
-          f"{digests[no_slower.COLD]}, {args.today}'s {digests[no_slower.WITHOUT]})",
-          flush=True)
-    return {"today": args.today, "orders": rounds.orders, "kept": rounds.kept,
-            "load": os.getloadavg()[0], "seconds": took, "steps": steps.seconds,
-            "each": steps.each, "digests": digests,
-            **{role: [attrs.asdict(run) for run in runs] for role, runs in rounds.runs.items()}}
 
 
 class RoundContender(Protocol):

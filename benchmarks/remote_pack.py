@@ -49,12 +49,13 @@ def export_revision(revision: str, into: Path, *, repository: Path = HERE) -> Pa
     Needs ``git`` and the revision in the repository's history (a shallow
     clone may lack it: ``git fetch --unshallow``).
     """
-    commit = _git(repository, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
-    code = into / f"code-{commit.decode().strip()[:12]}"
+    commit = _git(repository, "rev-parse", "--verify", "--quiet",
+                  f"{revision}^{{commit}}").decode().strip()
+    code = into / f"code-{commit[:12]}"
     done = code / ".complete"
     if done.exists():
         return code
-    archive = _git(repository, "archive", "--format=tar", commit.decode().strip(), "nixery_core")
+    archive = _git(repository, "archive", "--format=tar", commit, "nixery_core")
     code.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(code, filter="data")
