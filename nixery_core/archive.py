@@ -124,6 +124,7 @@ from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, cast
+from zlib import adler32
 
 import attrs
 
@@ -364,7 +365,15 @@ class _Headers:
             fixed = self._fixed[key] = self._constant_part(key)
         owner_mode, constant_sum = fixed
         size_field = b"%011o\0" % size
-        checksum = constant_sum + sum(name) + sum(size_field) + sum(linkname) + sum(prefix)
+        # The sums of the variable fields: Adler-32's low half is 1 plus the sum
+        # of the bytes modulo 65521, exact here (name and prefix are at most 255
+        # ASCII bytes, link name and size 112), and several times faster than sum().
+        checksum = (
+            constant_sum
+            + (adler32(prefix, adler32(name)) & 0xFFFF)
+            + (adler32(size_field, adler32(linkname)) & 0xFFFF)
+            - 2
+        )
         block = b"".join(
             (
                 name.ljust(100, b"\0"),

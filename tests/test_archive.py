@@ -1004,6 +1004,44 @@ def test_random_trees_pack_deterministically_with_every_file_once(
     assert sorted(names[2:]) == sorted(n for n in on_disk if n.count("/") >= 2)
 
 
+def _checksum_holds(block: bytes) -> bool:
+    """POSIX: the checksum field is the sum of the header's bytes, itself read as spaces."""
+    return int(block[148:155].rstrip(b"\0 "), 8) == sum(block[:148]) + 8 * 32 + sum(block[156:512])
+
+
+_NAME_BYTES = st.binary(min_size=1, max_size=300).map(
+    lambda raw: bytes(b % 95 + 32 if b % 7 else 47 for b in raw)  # printable ASCII and "/"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=_NAME_BYTES | st.binary(min_size=1, max_size=120),
+    linkname=st.sampled_from([b"", b"~" * 100, b"a/b" * 40]) | st.binary(max_size=150),
+    size=st.integers(0, 8**12),
+)
+def test_every_header_block_carries_the_sum_of_its_bytes(
+    name: bytes, linkname: bytes, size: int
+) -> None:
+    """Names split into ustar's prefix, names and link names in pax records, the largest
+    sizes: each header block's checksum is what GNU tar and Python's tarfile check."""
+    made = archive._Headers(1_700_000_000)(name, 0o555, size, b"0", linkname=linkname)
+    blocks = [made[start : start + 512] for start in range(0, len(made), 512)]
+    assert _checksum_holds(blocks[-1])
+    if len(blocks) > 1:  # a pax header first
+        assert _checksum_holds(blocks[0])
+
+
+def test_the_longest_ustar_fields_keep_their_checksum() -> None:
+    """Prefix 155 and name 100 bytes of "~" (the largest ASCII sum ustar keeps in place)."""
+    name = b"~" * 155 + b"/" + b"~" * 100
+    made = archive._Headers(0)(name, 0o444, 8**11 - 1, b"0", linkname=b"~" * 100)
+    assert len(made) == 512  # no pax record: it all fits
+    assert _checksum_holds(made)
+    member = tarfile.TarInfo.frombuf(made, "utf-8", "surrogateescape")  # checks the sum too
+    assert (member.name, member.linkname, member.size) == (name.decode(), "~" * 100, 8**11 - 1)
+
+
 def test_sizes_beyond_ustar_get_a_pax_size_record() -> None:
     """A file of 8 GiB or more keeps its exact size in a pax record (ustar has 11 octal digits)."""
     from nixery_core.archive import _Headers
