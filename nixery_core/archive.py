@@ -202,6 +202,9 @@ MEDIA_TYPES: dict[str, str] = {
 WRITE_SIZE = 1 << 20
 #: Blocks kept waiting to be filled again once released (see _TarStream._next_block).
 _RETIRED_BLOCKS = 8
+#: A member's last, partial block of at least this many bytes is handed to its
+#: compressor as a view of the block (then retired until released), not copied.
+_PARTIAL_AS_VIEW = 256 << 10
 _MAX_MTIME = 8**11 - 1
 _STORE_PREFIX = "/nix/store/"
 _WriteFn = Callable[[bytes], object]
@@ -975,14 +978,7 @@ class _TarStream:
         if compressor is None:
             raise RuntimeError("tar bytes outside a member")  # a bug in this module
         shared = isinstance(self._block, mmap.mmap)
-        block: bytes | bytearray | memoryview
-        if shared:
-            # A block in shared memory goes on as a view, even a partial one (a
-            # worker reads it in place); filling goes on after it, or in a new
-            # block once this one is full.
-            block = memoryview(self._block)[self._start : self._pos]
-        else:
-            block = self._block[: self._pos] if partial else cast("bytearray", self._block)
+        block = self._handed_on(partial=partial, shared=shared)
         recording = self._recording
         if self._small and not self._diff_pending:
             self._hashing.wait()  # in order with whatever was queued before
@@ -998,22 +994,38 @@ class _TarStream:
             self._add_diff(block)
         if self._diff_pending:
             self._drain_diff()
-        # Empty unless chunked: members use the output (and never get a memoryview:
-        # blocks in shared memory are for chunked layers only).
-        chunks = compressor.compress(block)  # type: ignore[arg-type]
+        # Empty unless chunked: members use the output.
+        chunks = compressor.compress(block)
         if recording is not None:
             self._record_block(recording, block, last=partial)
             recording.layout.bound(recording.uncompressed)  # the headers announced, in check
         if shared and self._pos < BLOCK_SIZE:
             self._start = self._pos  # only the part after it is written from now on
         else:
-            if shared or not partial:  # a partial block went on as a copy: written over
+            if shared or not partial or isinstance(block, memoryview):
+                # (A partial block that went on as a copy is written over.)
                 # The compressor, the hashing or a worker's socket may still hold
                 # ``block``: write into one nobody holds any more, or a new one.
                 self._block = self._next_block(self._block)
                 self._view = memoryview(self._block)
             self._pos = self._start = 0
         self._emit([(None, chunk) for chunk in chunks] or self._output.take_ready())
+
+    def _handed_on(self, *, partial: bool, shared: bool) -> bytearray | memoryview:
+        """The bytes of the block to hand on: the block, a view of it, or a copy."""
+        if shared:
+            # A block in shared memory goes on as a view, even a partial one (a
+            # worker reads it in place); filling goes on after it, or in a new
+            # block once this one is full.
+            return memoryview(self._block)[self._start : self._pos]
+        if not partial:
+            return cast("bytearray", self._block)
+        if self._pos >= _PARTIAL_AS_VIEW and self._chunked is None:
+            # A member's big last block goes on as a view of the block, not a copy
+            # (the block is then retired like a full one); a small one is copied,
+            # cheaper than a block taken out of use.
+            return self._view[: self._pos]
+        return cast("bytearray", self._block[: self._pos])
 
     def _next_block(self, done: bytearray | mmap.mmap | None) -> bytearray | mmap.mmap:
         """The block to fill after ``done``: the oldest handed on and released since, or a new one.

@@ -363,7 +363,7 @@ class StreamCompressor(Protocol):
     releases workers and is safe after errors and after ``finish``.
     """
 
-    def compress(self, data: bytes | bytearray) -> list[bytes]: ...
+    def compress(self, data: bytes | bytearray | memoryview) -> list[bytes]: ...
 
     def finish(self) -> list[bytes]: ...
 
@@ -520,7 +520,7 @@ class _ToOutput:
     def __init__(self, inner: StreamCompressor, output: OrderedOutput, tag: object) -> None:
         self._inner, self._output, self._tag = inner, output, tag
 
-    def compress(self, data: bytes | bytearray) -> list[bytes]:
+    def compress(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         for piece in self._inner.compress(data):
             self._output.add(self._tag, piece)
         return []
@@ -535,7 +535,7 @@ class _ToOutput:
 
 
 class _Passthrough:
-    def compress(self, data: bytes | bytearray) -> list[bytes]:
+    def compress(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         return [bytes(data)] if data else []
 
     def finish(self) -> list[bytes]:
@@ -568,7 +568,7 @@ class _Zstd:
     def __init__(self, level: int, threads: int) -> None:
         self._obj = _zstd_context(level, threads).compressobj()
 
-    def compress(self, data: bytes | bytearray) -> list[bytes]:
+    def compress(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         out: bytes = self._obj.compress(data)
         return [out] if out else []
 
@@ -581,7 +581,8 @@ class _Zstd:
 
 
 def _deflate_block(
-    module: ModuleType, level: int, mem_level: int, block: bytes | bytearray, zdict: bytes
+    module: ModuleType, level: int, mem_level: int, block: bytes | bytearray | memoryview,
+    zdict: bytes,
 ) -> bytes:
     """Raw deflate of one block, primed with ``zdict``, ending on a sync flush."""
     if zdict:
@@ -612,8 +613,8 @@ class Checksummed:
         self.crc = 0
 
     def deflate(
-        self, module: ModuleType, level: int, mem_level: int, block: bytes | bytearray,
-        zdict: bytes,
+        self, module: ModuleType, level: int, mem_level: int,
+        block: bytes | bytearray | memoryview, zdict: bytes,
     ) -> bytes:
         """:func:`_deflate_block`, the CRC-32 of its output kept in :attr:`crc`."""
         out = _deflate_block(module, level, mem_level, block, zdict)
@@ -647,10 +648,13 @@ class _GzipBlocks:
         self._block_size = block_size
         self._executor = executor
         self._max_in_flight = 2 * threads
-        self._crc32: Callable[[bytes | bytearray, int], int] = module.crc32
+        self._crc32: Callable[[bytes | bytearray | memoryview, int], int] = module.crc32
         self._crc = 0
         self._length = 0
         self._pending = bytearray()
+        #: Input shorter than a block kept as handed over, not copied: a member's
+        #: last, partial block usually comes alone, and goes on to be deflated as is.
+        self._held: bytes | bytearray | memoryview | None = None
         self._previous_tail = b""
         self._in_flight: deque[Future[bytes]] = deque()
         self._started = False
@@ -666,15 +670,24 @@ class _GzipBlocks:
         else:
             self._output.add(self._tag, piece)
 
-    def compress(self, data: bytes | bytearray) -> list[bytes]:
+    def compress(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         out: list[bytes] = []
         if not self._started:
             self._started = True
             self._put(out, GZIP_HEADER)
         size = self._block_size
-        if not self._pending and len(data) == size:
-            # The archive writer hands over whole blocks: no copy.
-            self._submit(data, out)
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._pending += held
+        elif not self._pending and len(data) <= size:
+            if len(data) == size:
+                # The archive writer hands over whole blocks: no copy.
+                self._submit(data, out)
+            elif data:
+                # And a member's last, partial one: kept as it is (the protocol lets
+                # us), deflated as it is by finish unless more input comes first.
+                self._held = data
             return out
         self._pending += data
         while len(self._pending) >= size:
@@ -688,22 +701,31 @@ class _GzipBlocks:
         if not self._started:
             self._started = True
             self._put(out, GZIP_HEADER)
-        if self._pending:
-            block, self._pending = bytes(self._pending), bytearray()
-            self._submit(block, out)
+        held, self._held = self._held, None
+        if held is not None:
+            self._submit(held, out, last=True)
+        elif self._pending:
+            # Handed on as it is: nothing writes to it again.
+            block, self._pending = self._pending, bytearray()
+            self._submit(block, out, last=True)
         while self._in_flight:
             out.append(self._in_flight.popleft().result())
         self._put(out, _FINAL_BLOCK + struct.pack("<II", self._crc, self._length & 0xFFFFFFFF))
         return out
 
     def close(self) -> None:
+        self._held = None
         while self._in_flight:
             self._in_flight.popleft().cancel()
 
-    def _submit(self, block: bytes | bytearray, out: list[bytes]) -> None:
+    def _submit(
+        self, block: bytes | bytearray | memoryview, out: list[bytes], *, last: bool = False
+    ) -> None:
         self._crc = self._crc32(block, self._crc)
         self._length += len(block)
-        zdict, self._previous_tail = self._previous_tail, bytes(block[-WINDOW:])
+        zdict = self._previous_tail
+        if not last:  # the next block's dictionary; the last block has no next
+            self._previous_tail = bytes(block[-WINDOW:])
         if self._executor is None:
             self._put(out, _deflate_block(self._module, self._level, self._mem_level, block, zdict))
             return

@@ -13,7 +13,7 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -32,6 +32,7 @@ from nixery_core.archive import (
     pack_entries,
     pack_store_paths,
 )
+from nixery_core.compression import BLOCK_SIZE
 from nixery_core.entries import TarEntry
 from nixery_core.errors import (
     BadCachedFragment,
@@ -42,6 +43,7 @@ from nixery_core.errors import (
     UnsafeStoreContent,
 )
 from nixery_core.fragments import CachedFragment
+from nixery_core.workers import WorkerPool
 
 pytest.importorskip("isal", reason="the isal backend is tested where isal is installed")
 
@@ -520,6 +522,39 @@ def test_many_files_across_block_boundaries_keep_their_bytes(tmp_path: Path) -> 
     assert [m.linkname for m in found if m.islnk()] == [
         f"nix/store/abc-many/f{number:03d}" for number in range(30)
     ]
+
+
+class _Lazy(Executor):
+    """Runs nothing by itself: each task runs when its result is asked for (the pool's
+    futures help), long after the packer handed its block over and went on."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]  # Executor's own
+        return Future()
+
+
+def test_big_last_blocks_handed_over_in_place_are_never_written_over(tmp_path: Path) -> None:
+    """A member's big last block goes to its deflate task as a view of the packer's block;
+    the packer fills other blocks while that task waits, so a layer packed on a pool that
+    runs its tasks late is the same as one packed on a single thread."""
+    root = tmp_path / "r"
+    paths = []
+    for index, tail in enumerate((300_000, 700_000, 1_000_000, 262_144, 5_000)):
+        base = root / "nix" / "store" / f"{index:032d}-tail{index}"
+        base.mkdir(parents=True)
+        (base / "whole").write_bytes(os.urandom(BLOCK_SIZE - 2048))  # fills the first block
+        (base / "tail").write_bytes(os.urandom(tail))  # the member's last, partial block
+        paths.append(f"/nix/store/{base.name}")
+    expected, blob = pack(root, paths=paths, threads=1)
+    pool = WorkerPool.wrapping(_Lazy(), 2)
+    sink = Sink()
+    late = pack_store_paths(paths, sink.write, ArchiveOptions(), store_root=root, executor=pool)
+    assert (late, sink.data) == (expected, blob)
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(sink.data)), mode="r:") as tar:
+        for path in paths:
+            for name in ("whole", "tail"):
+                member = tar.extractfile(f"{path[1:]}/{name}")
+                assert member is not None
+                assert member.read() == (root / path[1:] / name).read_bytes()
 
 
 def test_empty_files_are_always_stored(tmp_path: Path) -> None:

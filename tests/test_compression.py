@@ -399,3 +399,43 @@ def test_ordered_output_bounds_the_number_of_pieces_in_flight_too() -> None:
     assert [tag for tag, _piece in output.take_ready()] == [0]
     for future in tiny[1:]:
         future.cancel()
+
+
+class _Recorder(ThreadPoolExecutor):
+    """Runs tasks at once and notes the block each deflate was handed."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.blocks: list[object] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]  # Executor's own
+        self.blocks.append(args[3])  # _deflate_block(module, level, mem_level, block, zdict)
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_a_members_last_partial_block_is_deflated_as_handed_over_not_copied(kind: type) -> None:
+    """The packer hands a member's last block over once; the member deflates that very
+    buffer (no copy into its own pending bytes and out again), with the same bytes."""
+    spec = resolve_compressor("gzip", None, "isal")
+    data = _sample(BLOCK_SIZE + 300_000, seed=3)
+    whole, tail = data[:BLOCK_SIZE], kind(bytearray(data[BLOCK_SIZE:]))
+    with _Recorder() as executor:
+        compressor = open_compressor(spec, executor=executor, threads=2)
+        out = [*compressor.compress(whole), *compressor.compress(tail), *compressor.finish()]
+        compressor.close()
+    assert executor.blocks[0] is whole
+    assert executor.blocks[1] is tail
+    assert b"".join(out) == _compress(spec, data)
+    assert gzip.decompress(b"".join(out)) == data
+
+
+def test_a_partial_piece_followed_by_more_input_is_joined_into_full_blocks() -> None:
+    """Input kept as handed over still joins what comes next: blocks are cut where they
+    would be had it all come at once (the bytes depend on the input only)."""
+    spec = resolve_compressor("gzip", None, "isal")
+    data = _sample(3 * BLOCK_SIZE + 5_000, seed=4)
+    pieces = [0, 200_000, 200_001, BLOCK_SIZE + 10, 2 * BLOCK_SIZE, 3 * BLOCK_SIZE]
+    assert _compress(spec, data, pieces) == _compress(spec, data)
+    assert _compress(spec, data, pieces, threads=2) == _compress(spec, data)
+    assert gzip.decompress(_compress(spec, data, pieces)) == data
