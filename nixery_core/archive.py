@@ -1002,10 +1002,10 @@ class _TarStream:
         if shared and self._pos < BLOCK_SIZE:
             self._start = self._pos  # only the part after it is written from now on
         else:
-            if shared or not partial or isinstance(block, memoryview):
-                # (A partial block that went on as a copy is written over.)
-                # The compressor, the hashing or a worker's socket may still hold
-                # ``block``: write into one nobody holds any more, or a new one.
+            if block is self._block or isinstance(block, memoryview):
+                # The block itself or a view of it went on (a copy did not: it is
+                # written over). The compressor, the hashing or a worker's socket may
+                # still hold it: write into one nobody holds any more, or a new one.
                 self._block = self._next_block(self._block)
                 self._view = memoryview(self._block)
             self._pos = self._start = 0
